@@ -1,0 +1,17 @@
+"""Test a checkpoint: `python eval.py ckpt_path=<run>/checkpoints/best.ckpt`."""
+
+import hydra
+from omegaconf import DictConfig
+
+import seqlab  # noqa: F401  (registers the config resolvers)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from seqlab.eval import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The backbone contract: the one seam between tasks and sequence models.
+
+Every backbone maps embedded sequences to contextual states (``encode``) and can decode causally
+with a state (``decode``), so a task never branches on the backbone type:
+
+- ``encode(x[B,T,D], pad_mask[B,T] | None) -> memory[B,T,D]``
+- ``decode(y[B,U,D], memory[B,S,D], memory_mask[B,S] | None, state=None) -> (out[B,U,D], state)``
+
+Masks are boolean and ``True`` marks padding (PyTorch's ``key_padding_mask`` convention); padding
+is on the right. ``decode`` is causal: feeding ``y`` in one call or one step at a time with the
+returned state gives the same outputs, so greedy and beam search cost O(U) decoder steps.
+A state is a dict of tensors whose first dimension is the batch (plus plain ints), which lets
+``reorder_state`` serve beam search for every backbone.
+
+Positional information belongs to the backbone (the Transformer adds sinusoidal positions,
+an RNN needs none): only the backbone knows the decoding position held in its state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+State = dict[str, Any]
+
+
+class Backbone(nn.Module):
+    """Base class of every sequence backbone; see the module docstring for the contract."""
+
+    #: width of inputs and outputs of ``encode`` and ``decode``
+    d_model: int
+    #: ``encode`` output at step t depends only on inputs up to t
+    causal: bool = False
+    #: the training step processes all time steps in parallel (documents the compute pattern)
+    supports_parallel_time: bool = False
+
+    def encode(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def decode(
+        self,
+        y: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor | None = None,
+        state: State | None = None,
+    ) -> tuple[Tensor, State]:
+        raise NotImplementedError
+
+    @staticmethod
+    def reorder_state(state: State, index: Tensor) -> State:
+        """Select (and repeat) batch entries of a decoding state, e.g. surviving beams."""
+        return {
+            key: value.index_select(0, index)
+            if isinstance(value, Tensor)
+            else [item.index_select(0, index) for item in value]
+            if isinstance(value, list)
+            else value
+            for key, value in state.items()
+        }
+
+    def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
+        return self.encode(x, pad_mask)
+
+
+def lengths_from_mask(pad_mask: Tensor) -> Tensor:
+    """Valid lengths of right-padded sequences; every sequence must hold at least one step."""
+    lengths = (~pad_mask).sum(dim=1)
+    if bool((lengths == 0).any()):
+        raise ValueError("a sequence in the batch is empty (all positions are padding)")
+    return lengths
+
+
+def masked_mean(x: Tensor, pad_mask: Tensor | None) -> Tensor:
+    """Mean over time of x[B,T,D], ignoring padded steps."""
+    if pad_mask is None:
+        return x.mean(dim=1)
+    keep = (~pad_mask).unsqueeze(-1).to(x.dtype)
+    return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+
+
+def key_padding_to_attn_mask(pad_mask: Tensor | None) -> Tensor | None:
+    """[B,S] padding mask (True = pad) -> [B,1,1,S] attention mask (True = attend) for SDPA."""
+    if pad_mask is None:
+        return None
+    return (~pad_mask)[:, None, None, :]
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = [
+    "Backbone",
+    "State",
+    "count_parameters",
+    "key_padding_to_attn_mask",
+    "lengths_from_mask",
+    "masked_mean",
+]

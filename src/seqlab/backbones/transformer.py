@@ -1,0 +1,217 @@
+"""Pre-LayerNorm Transformer encoder-decoder on ``scaled_dot_product_attention``.
+
+Readable top to bottom: sinusoidal positions, one attention module used for self- and
+cross-attention, encoder and decoder layers, and a decoder key/value cache so step-by-step
+decoding costs O(1) projections per new token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqlab.backbones.base import Backbone, State, key_padding_to_attn_mask
+
+
+def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
+    """Vaswani et al. (2017) encodings for integer ``positions`` [T] -> [T, d_model]."""
+    half = d_model // 2
+    freqs = torch.exp(
+        torch.arange(half, device=positions.device, dtype=torch.float32) * (-math.log(10000.0) / half)
+    )
+    angles = positions.to(torch.float32)[:, None] * freqs[None, :]
+    enc = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    if d_model % 2:
+        enc = F.pad(enc, (0, 1))
+    return enc
+
+
+class Attention(nn.Module):
+    """Multi-head attention; keys and values can be projected once and reused (caches)."""
+
+    def __init__(self, d_model: int, nhead: int, dropout: float) -> None:
+        super().__init__()
+        if d_model % nhead:
+            raise ValueError(f"d_model={d_model} must be divisible by nhead={nhead}")
+        self.nhead = nhead
+        self.dropout = dropout
+        self.query = nn.Linear(d_model, d_model)
+        self.key_value = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def _split(self, x: Tensor) -> Tensor:  # [B,T,D] -> [B,H,T,D/H]
+        batch, steps, width = x.shape
+        return x.view(batch, steps, self.nhead, width // self.nhead).transpose(1, 2)
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        key, value = self.key_value(x).chunk(2, dim=-1)
+        return self._split(key), self._split(value)
+
+    def forward(
+        self,
+        x: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        query = self._split(self.query(x))
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        batch, _, steps, _ = out.shape
+        return self.out(out.transpose(1, 2).reshape(batch, steps, -1))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__(
+            nn.Linear(d_model, dim_feedforward),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(dim_feedforward, d_model),
+        )
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, nhead, dropout)
+        self.norm_ff = nn.LayerNorm(d_model)
+        self.ff = FeedForward(d_model, dim_feedforward, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+        h = self.norm_attn(x)
+        x = x + self.dropout(self.attn(h, *self.attn.keys_values(h), attn_mask=attn_mask))
+        return x + self.dropout(self.ff(self.norm_ff(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_self = nn.LayerNorm(d_model)
+        self.self_attn = Attention(d_model, nhead, dropout)
+        self.norm_cross = nn.LayerNorm(d_model)
+        self.cross_attn = Attention(d_model, nhead, dropout)
+        self.norm_ff = nn.LayerNorm(d_model)
+        self.ff = FeedForward(d_model, dim_feedforward, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        y: Tensor,
+        cache: tuple[Tensor, Tensor] | None,
+        memory_kv: tuple[Tensor, Tensor],
+        memory_attn_mask: Tensor | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        h = self.norm_self(y)
+        key, value = self.self_attn.keys_values(h)
+        past = 0
+        if cache is not None:
+            past = cache[0].shape[2]
+            key, value = torch.cat([cache[0], key], dim=2), torch.cat([cache[1], value], dim=2)
+        steps = y.shape[1]
+        if past == 0:  # plain causal attention over the new block
+            attended = self.self_attn(h, key, value, is_causal=steps > 1)
+        else:  # new steps see every cached step and the new steps up to themselves
+            mask = torch.ones(steps, past + steps, dtype=torch.bool, device=y.device).tril(diagonal=past)
+            attended = self.self_attn(h, key, value, attn_mask=mask)
+        y = y + self.dropout(attended)
+        y = y + self.dropout(self.cross_attn(self.norm_cross(y), *memory_kv, attn_mask=memory_attn_mask))
+        y = y + self.dropout(self.ff(self.norm_ff(y)))
+        return y, (key, value)
+
+
+class TransformerBackbone(Backbone):
+    """Transformer encoder (and, with ``with_decoder``, decoder with cross-attention)."""
+
+    supports_parallel_time = True
+
+    def __init__(
+        self,
+        d_model: int = 128,
+        nhead: int = 4,
+        num_layers: int = 2,
+        num_decoder_layers: int | None = None,
+        dim_feedforward: int = 256,
+        dropout: float = 0.1,
+        causal: bool = False,
+        with_decoder: bool = False,
+    ) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.causal = causal
+        self.input_dropout = nn.Dropout(dropout)
+        self.encoder_layers = nn.ModuleList(
+            EncoderLayer(d_model, nhead, dim_feedforward, dropout) for _ in range(num_layers)
+        )
+        self.encoder_norm = nn.LayerNorm(d_model)
+        self.decoder_layers = nn.ModuleList()
+        if with_decoder:
+            self.decoder_layers.extend(
+                DecoderLayer(d_model, nhead, dim_feedforward, dropout)
+                for _ in range(num_decoder_layers if num_decoder_layers is not None else num_layers)
+            )
+            self.decoder_norm = nn.LayerNorm(d_model)
+
+    def _add_positions(self, x: Tensor, offset: int = 0) -> Tensor:
+        positions = torch.arange(offset, offset + x.shape[1], device=x.device)
+        return self.input_dropout(x + sinusoidal_positions(positions, self.d_model).to(x.dtype))
+
+    def encode(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
+        attn_mask = key_padding_to_attn_mask(pad_mask)
+        if self.causal:
+            steps = x.shape[1]
+            causal = torch.ones(steps, steps, dtype=torch.bool, device=x.device).tril()
+            attn_mask = causal if attn_mask is None else attn_mask & causal
+        h = self._add_positions(x)
+        for layer in self.encoder_layers:
+            h = layer(h, attn_mask)
+        return self.encoder_norm(h)
+
+    def decode(
+        self,
+        y: Tensor,
+        memory: Tensor,
+        memory_mask: Tensor | None = None,
+        state: State | None = None,
+    ) -> tuple[Tensor, State]:
+        if not len(self.decoder_layers):
+            raise RuntimeError("this backbone was built without a decoder (with_decoder=False)")
+        if state is None:  # project memory keys/values once for the whole decoding
+            state = {
+                "position": 0,
+                "self_k": [],
+                "self_v": [],
+                "memory_k": [],
+                "memory_v": [],
+            }
+            for layer in self.decoder_layers:
+                key, value = layer.cross_attn.keys_values(memory)
+                state["memory_k"].append(key)
+                state["memory_v"].append(value)
+        memory_attn_mask = key_padding_to_attn_mask(memory_mask)
+        h = self._add_positions(y, offset=state["position"])
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.decoder_layers):
+            cache = (state["self_k"][i], state["self_v"][i]) if state["self_k"] else None
+            h, (key, value) = layer(h, cache, (state["memory_k"][i], state["memory_v"][i]), memory_attn_mask)
+            new_k.append(key)
+            new_v.append(value)
+        new_state = {
+            **state,
+            "position": state["position"] + y.shape[1],
+            "self_k": new_k,
+            "self_v": new_v,
+        }
+        return self.decoder_norm(h), new_state

@@ -1,0 +1,3 @@
+from seqlab.callbacks.run_stats import RunStats
+
+__all__ = ["RunStats"]

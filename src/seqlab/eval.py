@@ -1,0 +1,69 @@
+"""Evaluation: rebuild data and model from a checkpoint alone, test, write ``metrics.json``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig
+
+from seqlab.errors import ConfigError, SeqlabError
+from seqlab.train import apply_extras, build_datamodule, build_loggers, build_trainer, split_baselines, to_plain
+from seqlab.utils.logging import route_lightning_logs_to_root
+from seqlab.utils.run import is_rank_zero, print_results, write_run_metadata, write_summary
+
+log = logging.getLogger(__name__)
+
+
+def load_run_info(ckpt_path: Path) -> dict[str, Any]:
+    """The ``seqlab`` section every seqlab checkpoint carries (task class, data config)."""
+    if not ckpt_path.is_file():
+        raise ConfigError(f"ckpt_path={str(ckpt_path)!r}: no such file")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise ConfigError(f"ckpt_path={str(ckpt_path)!r} is not a readable checkpoint: {err}") from None
+    info = checkpoint.get("seqlab") if isinstance(checkpoint, dict) else None
+    if not info or "task_target" not in info or "data" not in info:
+        raise ConfigError(f"ckpt_path={str(ckpt_path)!r} was not written by seqlab's train.py (no 'seqlab' section)")
+    return info
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    route_lightning_logs_to_root()
+    apply_extras(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = Path(cfg.ckpt_path).expanduser().resolve()
+    info = load_run_info(ckpt_path)
+    run_dir = Path(cfg.paths.output_dir)
+    if is_rank_zero():
+        write_run_metadata(cfg, run_dir)
+
+    data_cfg = {**info["data"], **to_plain(cfg.get("data") or {})}
+    if cfg.get("data_dir"):
+        data_cfg["data_dir"] = cfg.data_dir
+    datamodule = build_datamodule(data_cfg)
+    task_cls = get_class(info["task_target"])
+    task = task_cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    trainer = build_trainer(cfg, callbacks=[], loggers=build_loggers(cfg.get("logger"), run_dir))
+    trainer.test(task, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    model_metrics, baseline = split_baselines(metrics)
+    summary = {"ckpt_path": str(ckpt_path), "data": info.get("data_name"), "metrics": model_metrics, "baseline": baseline}
+    if trainer.is_global_zero:
+        write_summary(run_dir, summary)
+        print_results(model_metrics, baseline)
+    return metrics, {"datamodule": datamodule, "task": task, "trainer": trainer, "summary": summary}
+
+
+def run(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except SeqlabError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        raise SystemExit(1) from None

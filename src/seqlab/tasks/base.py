@@ -1,0 +1,108 @@
+"""What every task LightningModule shares: backbone construction, optimisation, best-metric tracking.
+
+A task receives its backbone as a plain config dict (``_target_`` plus arguments) and builds it,
+so checkpoints hold only plain hyperparameters and ``load_from_checkpoint`` rebuilds the model
+alone. Sizes that come from the data are constructor arguments, passed by the training script.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import get_class, instantiate
+from torchmetrics import MaxMetric, MinMetric
+
+from seqlab.backbones.base import Backbone
+from seqlab.errors import ConfigError
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def build_backbone(config: dict[str, Any], **task_requirements: Any) -> Backbone:
+    """Instantiate a backbone from its plain config; the task adds what it needs (e.g. a decoder)."""
+    backbone = instantiate({**config, **task_requirements}, _convert_="all")
+    if not isinstance(backbone, Backbone):
+        raise ConfigError(f"model._target_={config.get('_target_')!r} is not a seqlab Backbone")
+    return backbone
+
+
+def warmup_schedule(name: str, total_steps: int, warmup_steps: int, min_lr_ratio: float):
+    """Learning-rate multiplier per optimizer step: linear warm-up, then constant/cosine/linear decay."""
+    if name not in SCHEDULES:
+        raise ConfigError(f"task.scheduler.name={name!r}: expected one of {list(SCHEDULES)}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if name == "cosine" else 1 - progress
+        return min_lr_ratio + (1 - min_lr_ratio) * decay
+
+    return factor
+
+
+class SeqTask(L.LightningModule):
+    """Base of the task modules. Subclasses call ``save_hyperparameters()`` and define the steps.
+
+    ``monitor`` names the validation metric that selects checkpoints and is the sweep objective;
+    ``{monitor}_best`` is logged every validation epoch.
+    """
+
+    def __init__(self, monitor: str, monitor_mode: str) -> None:
+        super().__init__()
+        if monitor_mode not in ("min", "max"):
+            raise ConfigError(f"task.monitor_mode={monitor_mode!r}: expected 'min' or 'max'")
+        self.monitor_best = MinMetric() if monitor_mode == "min" else MaxMetric()
+        #: plain-data description of the run (data config, etc.) stored in every checkpoint
+        self.run_info: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- best metric
+    def on_train_start(self) -> None:
+        self.monitor_best.reset()  # forget values from the sanity check
+
+    def log_monitor_best(self, value: torch.Tensor) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.monitor_best.update(value)
+        self.log(f"{self.hparams.monitor}_best", self.monitor_best.compute(), sync_dist=True)
+
+    # ----------------------------------------------------------------- optimisation
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """No weight decay on biases, norms and embeddings' 1-d parameters."""
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> Any:
+        config = dict(self.hparams.optimizer)
+        optimizer_cls = get_class(config.pop("_target_"))
+        weight_decay = config.pop("weight_decay", 0.0)
+        optimizer = optimizer_cls(self.parameter_groups(weight_decay), **config)
+        schedule = self.hparams.get("scheduler")
+        if not schedule:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = int(schedule.get("warmup_ratio", 0.0) * total) or int(schedule.get("warmup_steps", 0))
+        factor = warmup_schedule(schedule["name"], total, max(warmup, 1), schedule.get("min_lr_ratio", 0.0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["seqlab"] = {"task_target": f"{type(self).__module__}.{type(self).__qualname__}"}
+        checkpoint["seqlab"].update(self.run_info)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+

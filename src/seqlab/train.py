@@ -1,0 +1,200 @@
+"""Training: compose -> instantiate data, task (with the backbone) and trainer -> fit -> test -> summary.
+
+``train(cfg)`` is what the entry point and the tests call; it returns the metrics and the objects
+it built. The top-level ``train.py`` is only the Hydra entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.loggers import CSVLogger, Logger
+from omegaconf import DictConfig, OmegaConf
+
+from seqlab.callbacks import RunStats
+from seqlab.errors import ConfigError, SeqlabError
+from seqlab.utils.checkpoint_io import AtomicCheckpointIO
+from seqlab.utils.logging import route_lightning_logs_to_root
+from seqlab.utils.run import (
+    hydra_choice,
+    hydra_overrides,
+    is_rank_zero,
+    print_config_tree,
+    print_results,
+    versions,
+    write_run_metadata,
+    write_summary,
+)
+
+log = logging.getLogger(__name__)
+
+
+def to_plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def build_datamodule(data_cfg: DictConfig | dict) -> L.LightningDataModule:
+    datamodule = instantiate(data_cfg, _convert_="all")
+    datamodule.prepare_data()  # every process: downloads are atomic, and no process group exists yet
+    return datamodule
+
+
+def datamodule_config(datamodule: L.LightningDataModule) -> dict[str, Any]:
+    """Plain config that rebuilds ``datamodule`` (its hyperparameters, with absolute paths)."""
+    cls = type(datamodule)
+    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **to_plain(dict(datamodule.hparams))}
+
+
+def build_task(task_cfg: DictConfig, model_cfg: DictConfig, datamodule: L.LightningDataModule):
+    """The task LightningModule, with the backbone config and the sizes the data dictates."""
+    task_kwargs = to_plain(task_cfg)
+    task_cls = get_class(task_kwargs.pop("_target_"))
+    return task_cls(backbone=to_plain(model_cfg), **task_kwargs, **datamodule.task_kwargs())
+
+
+def build_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
+    callbacks = [instantiate(c) for c in (callbacks_cfg or {}).values() if c is not None and "_target_" in c]
+    if not any(isinstance(c, RunStats) for c in callbacks):
+        callbacks.append(RunStats())
+    return callbacks
+
+
+def build_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list[Logger]:
+    """The configured loggers, plus a CSV logger (``metrics.csv``) that every run keeps."""
+    loggers = [instantiate(c) for c in (logger_cfg or {}).values() if c is not None and "_target_" in c]
+    if not any(isinstance(lg, CSVLogger) for lg in loggers):
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger]) -> L.Trainer:
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+
+
+def apply_extras(cfg: DictConfig) -> None:
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if extras.get("print_config") and is_rank_zero():
+        print_config_tree(cfg)
+    if extras.get("matmul_precision"):
+        torch.set_float32_matmul_precision(extras.matmul_precision)
+
+
+def best_checkpoint(trainer: L.Trainer) -> str | None:
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "best_model_path", "") if callback is not None else ""
+    return path if path and Path(path).is_file() else None
+
+
+def split_baselines(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """``test/baseline_<name>_<metric>`` keys -> {name: {metric: value}}; the rest stay metrics."""
+    model, baseline = {}, {}
+    for key, value in metrics.items():
+        if key.startswith("test/baseline_"):
+            name, _, metric = key.removeprefix("test/baseline_").partition("_")
+            baseline.setdefault(name, {})[metric] = value
+        else:
+            model[key] = value
+    return model, baseline
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train and test one configuration; returns (metrics, objects)."""
+    start = time.perf_counter()
+    route_lightning_logs_to_root()
+    apply_extras(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+    git = write_run_metadata(cfg, run_dir) if is_rank_zero() else {}
+
+    log.info("data <%s>", cfg.data._target_)
+    datamodule = build_datamodule(cfg.data)
+    log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)
+    task = build_task(cfg.task, cfg.model, datamodule)
+    task.run_info = {"data": datamodule_config(datamodule), "data_name": hydra_choice("data")}
+    callbacks = build_callbacks(cfg.get("callbacks"))
+    loggers = build_loggers(cfg.get("logger"), run_dir)
+    trainer = build_trainer(cfg, callbacks, loggers)
+    objects = {"cfg": cfg, "datamodule": datamodule, "task": task, "trainer": trainer}
+
+    for logger in loggers:
+        logger.log_hyperparams({"config": to_plain(cfg), "num_params": task.num_parameters})
+
+    if cfg.get("train"):
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test"):
+        ckpt = best_checkpoint(trainer)
+        if ckpt is None and cfg.get("train"):
+            log.warning("no best checkpoint was saved; testing the current weights")
+        log.info("testing %s", ckpt or "the current weights")
+        trainer.test(task, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False)
+        test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+
+    metrics, baseline = split_baselines(test_metrics)
+    stats = next(c for c in trainer.callbacks if isinstance(c, RunStats))
+    memory = stats.peak_memory_mb()
+    summary = {
+        "task": hydra_choice("task") or cfg.task._target_.rsplit(".", 1)[-1],
+        "data": hydra_choice("data") or cfg.data._target_.rsplit(".", 1)[-1],
+        "model": hydra_choice("model") or cfg.model._target_.rsplit(".", 1)[-1],
+        "trainer": {
+            "strategy": type(trainer.strategy).__name__,
+            "accelerator": type(trainer.accelerator).__name__,
+            "world_size": trainer.world_size,
+            "precision": str(trainer.precision),
+        },
+        "seed": cfg.get("seed"),
+        "overrides": hydra_overrides(),
+        "metrics": metrics,
+        "baseline": baseline,
+        "best": {k: v for k, v in train_metrics.items() if k.endswith("_best")},
+        "best_checkpoint": best_checkpoint(trainer),
+        "wall_s": round(time.perf_counter() - start, 2),
+        "train_samples_per_s": stats.samples_per_second,
+        "peak_memory_mb": memory.get("peak_gpu_memory_mb", memory["peak_host_memory_mb"]),
+        **memory,
+        "num_params": task.num_parameters,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "git": git,
+        "versions": versions(),
+    }
+    if trainer.is_global_zero:
+        write_summary(run_dir, summary)
+        if metrics:
+            print_results(metrics, baseline)
+        log.info("run directory: %s", run_dir)
+    return {**train_metrics, **test_metrics}, {**objects, "summary": summary}
+
+
+def objective(metrics: dict[str, float], name: str | None) -> float | None:
+    """The value a sweeper optimises; a name that was never logged is an error, not a silent None."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(
+            f"optimized_metric={name!r} was never logged; logged metrics are {sorted(metrics)}"
+        )
+    return metrics[name]
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Entry-point body: train, and turn seqlab's own errors into one clear line and exit code 1."""
+    try:
+        metrics, _ = train(cfg)
+        return objective(metrics, cfg.get("optimized_metric"))
+    except SeqlabError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        raise SystemExit(1) from None

@@ -1,0 +1,170 @@
+"""The run directory's owner: what every run writes besides checkpoints and metrics.
+
+Hydra creates the directory; these helpers fill it, on global rank 0 only:
+``config.yaml`` (resolved), ``overrides.yaml``, ``git.txt`` and ``git.diff``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from seqlab.utils.logging import process_rank
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+PRINTED_GROUPS = ("data", "model", "task", "trainer", "callbacks", "logger", "paths", "extras")
+
+
+def is_rank_zero() -> bool:
+    return process_rank() == 0
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def git_info(root: Path) -> tuple[dict[str, Any], str]:
+    """Commit, branch and dirty flag of the checkout, and its uncommitted diff."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=True
+        ).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None}, ""
+    branch = git("rev-parse", "--abbrev-ref", "HEAD").strip()
+    status = git("status", "--porcelain")
+    diff = git("diff", "HEAD")
+    return {"commit": commit, "branch": branch, "dirty": bool(status.strip()), "status": status}, diff
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("torch", "lightning", "hydra-core", "omegaconf", "torchmetrics", "numpy"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def write_run_metadata(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Resolved config, command-line overrides and git state; returns the git facts."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    overrides = hydra_overrides()
+    write_text_atomic(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    (run_dir / "cmd.txt").write_text(" ".join([sys.executable, *sys.argv]) + "\n")
+    info, diff = git_info(Path(cfg.paths.root_dir))
+    write_text_atomic(run_dir / "git.txt", "".join(f"{k}: {v}\n" for k, v in info.items() if k != "status"))
+    if diff:
+        write_text_atomic(run_dir / "git.diff", diff)
+    return {key: info.get(key) for key in ("commit", "dirty")}
+
+
+def hydra_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def hydra_choice(group: str) -> str | None:
+    """The option chosen for a config group (``model=gru`` -> ``gru``), when Hydra composed the run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get(group)
+
+
+def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
+    path = run_dir / SUMMARY_FILE
+    write_text_atomic(path, json.dumps(summary, indent=2, default=float) + "\n")
+    return path
+
+
+def read_summaries(sweep_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every job's summary below a multirun directory, in job order."""
+    found = []
+    for path in sorted(sweep_dir.glob(f"*/{SUMMARY_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        try:
+            found.append((path.parent, json.loads(path.read_text())))
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("skipping unreadable %s: %s", path, err)
+    return found
+
+
+# ----------------------------------------------------------------------------- console output
+def print_config_tree(cfg: DictConfig, order: Sequence[str] = PRINTED_GROUPS) -> None:
+    """The composed config as a rich tree, main groups first (rank 0 only)."""
+    import rich
+    import rich.syntax
+    import rich.tree
+
+    tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
+    keys = [k for k in order if k in cfg] + [k for k in cfg if k not in order and k != "hydra"]
+    for key in keys:
+        branch = tree.add(str(key), style="bold", guide_style="dim")
+        value = cfg[key]
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        branch.add(rich.syntax.Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+    rich.print(tree)
+
+
+def print_results(metrics: Mapping[str, float], baseline: Mapping[str, Mapping[str, float]]) -> None:
+    """Final test metrics beside each naive baseline's, as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="test metrics", title_justify="left")
+    table.add_column("metric")
+    table.add_column("model", justify="right")
+    for name in baseline:
+        table.add_column(name, justify="right")
+    for key, value in metrics.items():
+        short = key.removeprefix("test/")
+        cells = [f"{baseline[b][short]:.4f}" if short in baseline[b] else "" for b in baseline]
+        table.add_row(short, f"{value:.4f}", *cells)
+    Console().print(table)
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(format_cell(row.get(c)) for c in columns))
+    Console(width=max(120, 14 * len(columns))).print(table)
+
+
+def format_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,84 @@
+"""Weights & Biases without prompts or hangs.
+
+``mode: auto`` logs online only when an API key is configured *and* the W&B host answers
+within a few seconds; otherwise the run is written offline in the run directory and the log says
+how to ``wandb sync`` it later. Without this, W&B prompts for a key on a terminal (and blocks
+forever without one) and, with a key but no network, hangs for about 100 s before giving up.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from seqlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "online", "offline", "disabled")
+
+
+def wandb_host() -> str:
+    return urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+
+
+def has_api_key() -> bool:
+    """A key in WANDB_API_KEY or in the netrc file that ``wandb login`` writes."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(wandb_host()) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_mode(mode: str) -> tuple[str, str | None]:
+    """The W&B mode to use and, when it falls back to offline, why."""
+    if mode not in MODES:
+        raise ConfigError(f"logger.wandb.mode={mode!r}: expected one of {list(MODES)}")
+    env_mode = os.environ.get("WANDB_MODE")
+    if mode == "auto" and env_mode in ("online", "offline", "disabled", "dryrun"):
+        mode = "offline" if env_mode == "dryrun" else env_mode
+        if mode != "online":
+            return mode, None
+    if mode != "auto" and mode != "online":
+        return mode, None
+    if not has_api_key():
+        return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+    if not host_reachable(wandb_host()):
+        return "offline", f"{wandb_host()} is not reachable"
+    return "online", None
+
+
+def wandb_logger(save_dir: str, mode: str = "auto", **kwargs: Any):
+    """A Lightning ``WandbLogger`` whose mode is decided here; ``kwargs`` go to it (project, group, tags...)."""
+    try:
+        from lightning.pytorch.loggers import WandbLogger
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "logger=wandb needs the wandb package: `pip install wandb` (or `make install`, which adds it)"
+        ) from None
+    resolved, reason = resolve_mode(mode)
+    # online only with a key, so wandb never asks for one on stdin
+    os.environ["WANDB_MODE"] = resolved
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    if reason:
+        log.warning(
+            "W&B logs offline: %s. Upload later with: wandb sync %s/wandb/offline-run-*", reason, save_dir
+        )
+    return WandbLogger(save_dir=save_dir, offline=resolved == "offline", mode=resolved, **kwargs)
