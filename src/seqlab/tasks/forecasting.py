@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
+from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection
 
 from seqlab.errors import ConfigError
 from seqlab.tasks.base import SeqTask, build_backbone
@@ -59,7 +59,7 @@ class ForecastingTask(SeqTask):
 
     Args:
         backbone: the backbone's plain config (``_target_`` and arguments), from ``model=``.
-        num_channels, lookback, horizon, season_length, channel_names, scaler_mean, scaler_std:
+        num_channels, lookback, horizon, baseline_season, channel_names, scaler_mean, scaler_std:
             from the datamodule (``task_kwargs()``), never set by hand.
         patch_len, patch_stride: steps per input token and the step between tokens
             (1 and 1 give one token per time step).
@@ -74,7 +74,7 @@ class ForecastingTask(SeqTask):
         num_channels: int,
         lookback: int,
         horizon: int,
-        season_length: int | None = None,
+        baseline_season: int | None = None,
         channel_names: list[str] | None = None,
         scaler_mean: list[float] | None = None,
         scaler_std: list[float] | None = None,
@@ -114,11 +114,15 @@ class ForecastingTask(SeqTask):
         std = torch.tensor(scaler_std if scaler_std is not None else [1.0] * num_channels)
         self.register_buffer("scaler_mean", mean, persistent=False)
         self.register_buffer("scaler_std", std, persistent=False)
-        season = season_length if season_length and season_length <= lookback else None
+        # the seasonal-naive baseline needs a full season in the look-back
+        season = baseline_season if baseline_season and baseline_season <= lookback else None
         self.season_length = season
         if season:  # seasonal naive: step h repeats step L - s + (h mod s)
             index = lookback - season + torch.arange(horizon) % season
             self.register_buffer("seasonal_index", index, persistent=False)
+        # epoch-level values go through torchmetrics, which reduce across processes themselves
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
         self.val_metrics = metric_set("val/")
         self.test_metrics = metric_set("test/")
         self.test_orig_metrics = metric_set("test/orig_")
@@ -161,18 +165,21 @@ class ForecastingTask(SeqTask):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         inputs, targets = batch
         loss = F.mse_loss(self(inputs), targets)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.train_loss.update(loss.detach())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, targets = batch
         preds = self(inputs)
-        self.log("val/loss", F.mse_loss(preds, targets), prog_bar=False, on_epoch=True)
+        self.val_loss.update(F.mse_loss(preds, targets))
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
         self.val_metrics.update(preds, targets)
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
-        self.log_dict(values, prog_bar=True)
+        self.log_dict(values, prog_bar=True, sync_dist=True)  # already reduced: silences Lightning's hint
         self.val_metrics.reset()
         self.log_monitor_best(values[self.hparams.monitor])
 
@@ -191,7 +198,7 @@ class ForecastingTask(SeqTask):
 
     def on_test_epoch_end(self) -> None:
         for metrics in (self.test_metrics, self.test_orig_metrics, *self.baseline_metrics.values()):
-            self.log_dict(metrics.compute())
+            self.log_dict(metrics.compute(), sync_dist=True)
             metrics.reset()
         if self._plot_batch is not None and self.trainer.is_global_zero:
             self.plot_predictions(*self._plot_batch)
