@@ -1,0 +1,145 @@
+"""The backbone contract, for every backbone: shapes, padding, causal decoding with state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqlab.backbones import Backbone, RNNBackbone, TransformerBackbone
+
+WIDTH = 16
+
+
+def backbones(with_decoder: bool = True) -> dict[str, Backbone]:
+    kwargs = {"d_model": WIDTH, "dropout": 0.0, "with_decoder": with_decoder}
+    return {
+        "rnn": RNNBackbone(cell="rnn", **kwargs),
+        "lstm": RNNBackbone(cell="lstm", **kwargs),
+        "gru-bahdanau": RNNBackbone(cell="gru", attention="bahdanau", **kwargs),
+        "lstm-bidirectional": RNNBackbone(cell="lstm", bidirectional=True, **kwargs),
+        "transformer": TransformerBackbone(nhead=4, dim_feedforward=32, **kwargs),
+        "transformer-causal": TransformerBackbone(nhead=4, dim_feedforward=32, causal=True, **kwargs),
+    }
+
+
+@pytest.fixture(params=list(backbones()))
+def backbone(request) -> Backbone:
+    torch.manual_seed(0)
+    return backbones()[request.param].eval()
+
+
+def batch(lengths: list[int], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(len(lengths), steps, WIDTH)
+    pad = torch.arange(steps)[None, :] >= torch.tensor(lengths)[:, None]
+    return x, pad
+
+
+def test_encode_shape_and_width(backbone: Backbone) -> None:
+    x, pad = batch([7, 3, 1], 7)
+    memory = backbone.encode(x, pad)
+    assert memory.shape == (3, 7, WIDTH)
+    assert backbone.d_model == WIDTH
+    assert torch.isfinite(memory).all()
+
+
+def test_padding_changes_nothing(backbone: Backbone) -> None:
+    """Valid positions of a padded sequence equal the same sequence encoded alone."""
+    x, pad = batch([7, 4], 7)
+    x[1, 4:] = 1e3  # garbage in the padding must not leak
+    memory = backbone.encode(x, pad)
+    alone = backbone.encode(x[1:2, :4])
+    torch.testing.assert_close(memory[1, :4], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_causal_encoders_ignore_the_future(backbone: Backbone) -> None:
+    if not backbone.causal:
+        pytest.skip("not a causal encoder")
+    x, _ = batch([6], 6)
+    changed = x.clone()
+    changed[:, 4:] = torch.randn(1, 2, WIDTH)
+    torch.testing.assert_close(backbone.encode(x)[:, :4], backbone.encode(changed)[:, :4])
+
+
+def test_step_by_step_decoding_equals_full_decoding(backbone: Backbone) -> None:
+    """Teacher-forced decoding in one call equals decoding one step at a time with the state."""
+    x, pad = batch([5, 3], 5)
+    memory = backbone.encode(x, pad)
+    y = torch.randn(2, 6, WIDTH)
+    full, _ = backbone.decode(y, memory, pad)
+    state, outs = None, []
+    for step in range(6):
+        out, state = backbone.decode(y[:, step : step + 1], memory, pad, state)
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-4)
+    # two chunks (a prefix, then the rest) agree as well
+    first, state = backbone.decode(y[:, :2], memory, pad)
+    rest, _ = backbone.decode(y[:, 2:], memory, pad, state)
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_is_causal(backbone: Backbone) -> None:
+    x, _ = batch([4], 4)
+    memory = backbone.encode(x)
+    y = torch.randn(1, 5, WIDTH)
+    changed = y.clone()
+    changed[:, 3:] = torch.randn(1, 2, WIDTH)
+    torch.testing.assert_close(backbone.decode(y, memory)[0][:, :3], backbone.decode(changed, memory)[0][:, :3])
+
+
+def test_decoder_ignores_padded_memory(backbone: Backbone) -> None:
+    x, pad = batch([5, 2], 5)
+    memory = backbone.encode(x, pad)
+    y = torch.randn(2, 3, WIDTH)
+    out, _ = backbone.decode(y, memory, pad)
+    noisy = memory.clone()
+    noisy[1, 2:] = 1e3
+    out_noisy, _ = backbone.decode(y, noisy, pad)
+    torch.testing.assert_close(out[1], out_noisy[1])
+
+
+def test_reorder_state_selects_beams(backbone: Backbone) -> None:
+    """Reordering the state equals decoding the reordered batch (what beam search relies on)."""
+    x, pad = batch([4, 4, 2], 4)
+    memory = backbone.encode(x, pad)
+    y = torch.randn(3, 2, WIDTH)
+    _, state = backbone.decode(y, memory, pad)
+    index = torch.tensor([2, 2, 0])
+    reordered = backbone.reorder_state(state, index)
+    nxt = torch.randn(3, 1, WIDTH)
+    out, _ = backbone.decode(nxt, memory[index], pad[index], reordered)
+    _, ref_state = backbone.decode(y[index], memory[index], pad[index])
+    ref, _ = backbone.decode(nxt, memory[index], pad[index], ref_state)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_gradients_reach_every_parameter(backbone: Backbone) -> None:
+    backbone.train()
+    x, pad = batch([5, 3], 5)
+    memory = backbone.encode(x, pad)
+    out, _ = backbone.decode(torch.randn(2, 3, WIDTH), memory, pad)
+    out.sum().backward()
+    missing = [name for name, p in backbone.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_encoder_only_backbones_have_no_decoder_parameters() -> None:
+    """Forecasting and classification build no decoder, so DDP sees no unused parameters."""
+    for name, encoder_only in backbones(with_decoder=False).items():
+        full = backbones(with_decoder=True)[name]
+        assert sum(p.numel() for p in encoder_only.parameters()) < sum(p.numel() for p in full.parameters())
+        with pytest.raises(RuntimeError, match="without a decoder"):
+            encoder_only.decode(torch.randn(1, 1, WIDTH), torch.randn(1, 2, WIDTH))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: RNNBackbone(cell="transformer"), "model.cell"),
+        (lambda: RNNBackbone(attention="dot"), "model.attention"),
+        (lambda: RNNBackbone(d_model=15, bidirectional=True), "even d_model"),
+        (lambda: TransformerBackbone(d_model=30, nhead=4), "divisible by nhead"),
+    ],
+)
+def test_bad_backbone_settings_are_named(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -1,0 +1,91 @@
+"""Every config option composes and instantiates; the CLI lists them and rejects unknown ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from seqlab.train import build_callbacks, build_datamodule, build_loggers, build_task
+from tests.conftest import CONFIGS, ROOT, run_script
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("data", options("data"))
+def test_every_data_and_model_pair_instantiates(make_cfg, data: str, model: str, ett_dir: Path) -> None:
+    cfg = make_cfg(f"data={data}", f"model={model}", f"data.data_dir={ett_dir}" if data == "ett" else "seed=1", fast=False)
+    datamodule = build_datamodule(cfg.data)
+    task = build_task(cfg.task, cfg.model, datamodule)
+    assert task.hparams.num_channels == datamodule.num_channels
+    assert task.backbone.d_model == cfg.model.d_model
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_every_trainer_option_composes(make_cfg, trainer: str) -> None:
+    cfg = make_cfg(f"trainer={trainer}")
+    assert cfg.trainer.default_root_dir == cfg.paths.output_dir
+    if trainer in ("ddp", "ddp_spawn"):
+        assert cfg.trainer.strategy == trainer
+        assert cfg.trainer.devices == 2  # no GPU here: two CPU processes
+    if trainer not in ("gpu", "ddp", "ddp_spawn"):
+        assert instantiate(cfg.trainer).max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("logger", [o for o in options("logger") if o not in ("wandb", "many")])
+def test_every_logger_option_instantiates_and_csv_is_always_kept(make_cfg, logger: str, tmp_path: Path) -> None:
+    cfg = make_cfg(f"logger={logger}")
+    loggers = build_loggers(cfg.logger, tmp_path)
+    assert "CSVLogger" in [type(lg).__name__ for lg in loggers]
+    assert "CSVLogger" in [type(lg).__name__ for lg in build_loggers(None, tmp_path)]
+
+
+@pytest.mark.parametrize("callbacks", options("callbacks"))
+def test_every_callbacks_option_instantiates(make_cfg, callbacks: str) -> None:
+    built = build_callbacks(make_cfg(f"callbacks={callbacks}", fast=False).get("callbacks"))
+    assert "RunStats" in [type(c).__name__ for c in built]
+
+
+@pytest.mark.parametrize("debug", [o for o in options("debug") if o != "default"])
+def test_every_debug_preset_composes(make_cfg, debug: str) -> None:
+    cfg = make_cfg(f"debug={debug}")
+    assert cfg.task_name == "debug"
+    assert cfg.trainer.accelerator == "cpu"
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes(make_cfg, experiment: str, ett_dir: Path) -> None:
+    cfg = make_cfg(f"experiment={experiment}", f"data.data_dir={ett_dir}", fast=False)
+    datamodule = build_datamodule(cfg.data)
+    build_task(cfg.task, cfg.model, datamodule)
+
+
+def test_debug_fdr_runs_every_stage(make_cfg) -> None:
+    from seqlab.train import train
+
+    metrics, objects = train(make_cfg("debug=fdr"))
+    assert objects["trainer"].global_step == 1
+    assert "test/mse" in metrics
+
+
+@pytest.mark.slow
+def test_help_lists_groups_and_unknown_options_list_the_choices() -> None:
+    helped = run_script("train.py", "--help")
+    assert helped.returncode == 0
+    for group in ("data:", "model:", "trainer:", "logger:", "debug:", "experiment:"):
+        assert group in helped.stdout
+    assert "gru, lstm, rnn, transformer" in helped.stdout
+    unknown = run_script("train.py", "model=mamba")
+    assert unknown.returncode != 0
+    assert "Could not find 'model/mamba'" in unknown.stderr
+    assert "transformer" in unknown.stderr  # Hydra lists the available options
+    typo = run_script("train.py", "trainer.max_epoch=3")
+    assert typo.returncode != 0 and "max_epoch" in typo.stderr
+
+
+def test_configs_dir_is_the_repository_one() -> None:
+    assert (ROOT / "train.py").is_file() and (CONFIGS / "train.yaml").is_file()

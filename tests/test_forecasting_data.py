@@ -1,0 +1,164 @@
+"""Forecasting data: the ETT protocol, any CSV, the synthetic twin, and errors naming what is wrong."""
+
+from __future__ import annotations
+
+import socket
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from seqlab.data.forecasting import CSVSeriesDataModule, SyntheticSeriesDataModule
+from seqlab.data.readers import ensure_file, read_series_csv
+from seqlab.errors import DataError
+
+
+def write_csv(path: Path, rows: int, step: timedelta = timedelta(hours=1), columns=("a", "b", "OT")) -> Path:
+    start = datetime(2016, 7, 1)
+    rng = np.random.default_rng(0)
+    lines = ["date," + ",".join(columns)]
+    for i in range(rows):
+        values = ",".join(f"{v:.4f}" for v in rng.normal(size=len(columns)) + i * 0.001)
+        lines.append(f"{(start + i * step).isoformat(sep=' ')},{values}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def ett(data_dir: Path, file: str = "ETTh1.csv", **kwargs) -> CSVSeriesDataModule:
+    return CSVSeriesDataModule(data_dir=str(data_dir), file=file, download=False, split="calendar", **kwargs)
+
+
+def test_etth1_follows_the_published_protocol(ett_dir: Path) -> None:
+    dm = ett(ett_dir, lookback=96, horizon=96)
+    dm.setup()
+    # 12/4/4 months of 30 days of hourly rows; windows = rows (+ look-back for val/test) - L - H + 1
+    assert len(dm.datasets["train"]) == 8640 - 96 - 96 + 1
+    assert len(dm.datasets["val"]) == 2880 - 96 + 1
+    assert len(dm.datasets["test"]) == 2880 - 96 + 1
+    raw = read_series_csv(ett_dir / "ETTh1.csv").values
+    # z-score fitted on the 8,640 train rows only
+    np.testing.assert_allclose(dm.mean, raw[:8640].mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(dm.std, raw[:8640].std(axis=0), rtol=1e-5)
+    # the first test window starts its forecast exactly at row 8640 + 2880
+    _, target = dm.datasets["test"][0]
+    expected = (raw[11520 : 11520 + 96] - dm.mean) / dm.std
+    np.testing.assert_allclose(target.numpy(), expected, rtol=1e-4, atol=1e-5)
+    kwargs = dm.task_kwargs()
+    assert kwargs["num_channels"] == 7 and kwargs["baseline_season"] == 24
+    assert kwargs["channel_names"][-1] == "OT"
+
+
+def test_univariate_mode_reads_the_target_column(ett_dir: Path) -> None:
+    dm = ett(ett_dir, features="S", target="OT", lookback=96, horizon=24)
+    assert dm.num_channels == 1
+    dm.setup()
+    inputs, _ = dm.datasets["train"][0]
+    raw = read_series_csv(ett_dir / "ETTh1.csv", columns=["OT"]).values
+    np.testing.assert_allclose(inputs[:, 0].numpy(), (raw[:96, 0] - dm.mean[0]) / dm.std[0], rtol=1e-4, atol=1e-5)
+
+
+def test_fifteen_minute_files_get_four_times_the_rows(tmp_path: Path) -> None:
+    rows = 20 * 30 * 96
+    write_csv(tmp_path / "ETTm1.csv", rows, step=timedelta(minutes=15))
+    dm = ett(tmp_path, file="ETTm1.csv", lookback=96, horizon=96)
+    dm.setup()
+    assert len(dm.datasets["train"]) == 4 * 8640 - 96 - 96 + 1
+    assert len(dm.datasets["test"]) == 4 * 2880 - 96 + 1
+    assert dm.task_kwargs()["baseline_season"] == 96
+
+
+def test_any_csv_with_a_ratio_split(tmp_path: Path) -> None:
+    write_csv(tmp_path / "weather.csv", 1000, columns=("p", "T", "rh"))
+    dm = CSVSeriesDataModule(data_dir=str(tmp_path), file="weather.csv", split="ratio", lookback=24, horizon=12)
+    dm.setup()
+    assert dm.num_channels == 3
+    assert len(dm.datasets["train"]) == 700 - 24 - 12 + 1
+    assert len(dm.datasets["test"]) == 200 - 12 + 1
+
+
+def test_batches_gather_windows_in_one_step() -> None:
+    dm = SyntheticSeriesDataModule(num_steps=500, num_channels=3, lookback=20, horizon=5)
+    dm.setup()
+    dataset = dm.datasets["train"]
+    inputs, targets = dataset.__getitems__([0, 7])
+    assert inputs.shape == (2, 20, 3) and targets.shape == (2, 5, 3)
+    single_in, single_target = dataset[7]
+    torch.testing.assert_close(inputs[1], single_in)
+    torch.testing.assert_close(targets[1], single_target)
+    torch.testing.assert_close(dataset.series[7 + 20], targets[1, 0])
+
+
+def test_synthetic_series_is_seeded() -> None:
+    first = SyntheticSeriesDataModule(num_steps=300, generator_seed=5).load_series().values
+    again = SyntheticSeriesDataModule(num_steps=300, generator_seed=5).load_series().values
+    other = SyntheticSeriesDataModule(num_steps=300, generator_seed=6).load_series().values
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "is empty"),
+        ("date,a,b\n", "no data rows"),
+        ("time,a,b\n2016-07-01 00:00:00,1,2\n", "no date column 'date'"),
+        ("date,a,b\n2016-07-01 00:00:00,1,x\n", r"line 2, column 'b': 'x' is not a number"),
+        ("date,a,b\n2016-07-01 00:00:00,1,2\n2016-07-01 01:00:00,nan,2\n", r"line 3, column 'a'.*not finite"),
+        ("date,a,b\n2016-07-01 00:00:00,1,2\n2016-07-01 01:00:00,1\n", r"line 3: 2 fields, expected 3"),
+        ("date,a,b\nyesterday,1,2\n", r"line 2: cannot parse date 'yesterday'"),
+    ],
+)
+def test_malformed_csv_errors_name_file_line_and_column(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as err:
+        read_series_csv(path)
+    assert str(path) in str(err.value)
+
+
+def test_undecodable_bytes_are_reported(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("date,caf\xe9\n2016-07-01 00:00:00,1\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_series_csv(path)
+
+
+def test_missing_columns_are_listed(tmp_path: Path) -> None:
+    write_csv(tmp_path / "x.csv", 10)
+    with pytest.raises(DataError, match=r"column\(s\) \['load'\] not found; columns are \['date', 'a', 'b', 'OT'\]"):
+        read_series_csv(tmp_path / "x.csv", columns=["load"])
+    dm = ett(tmp_path, file="x.csv", features="S", target="load")
+    with pytest.raises(DataError, match="target column 'load'"):
+        dm.setup()
+
+
+def test_missing_file_says_where_and_how(tmp_path: Path) -> None:
+    dm = ett(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"data file not found: .*nowhere/ETTh1.csv.*data.data_dir"):
+        dm.prepare_data()
+
+
+def test_failed_download_names_the_url_and_leaves_nothing(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a local port with nothing listening: refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/ETTh1.csv"
+    with pytest.raises(DataError, match=f"downloading it from {url} failed"):
+        ensure_file(tmp_path / "ETTh1.csv", url, allow_download=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_windows_longer_than_a_split_give_the_numbers(tmp_path: Path) -> None:
+    write_csv(tmp_path / "short.csv", 30 * 24 * 21)
+    dm = ett(tmp_path, file="short.csv", lookback=2000, horizon=3000)
+    with pytest.raises(DataError, match=r"look-back 2000 \+ horizon 3000 = 5000 steps do not fit in the val split"):
+        dm.setup()
+
+
+def test_too_few_rows_for_the_calendar_split(tmp_path: Path) -> None:
+    write_csv(tmp_path / "month.csv", 30 * 24)
+    with pytest.raises(DataError, match=r"split_months=\[12, 4, 4\] needs 14400 rows .* the file has 720"):
+        ett(tmp_path, file="month.csv").setup()

@@ -1,0 +1,63 @@
+"""W&B never prompts or hangs: no key -> offline files in the run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seqlab.utils import wandb as wandb_utils
+
+
+@pytest.fixture
+def no_key(monkeypatch, tmp_path: Path) -> None:
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+
+
+def test_no_key_means_offline(no_key) -> None:
+    assert wandb_utils.resolve_mode("auto")[0] == "offline"
+    assert "no W&B API key" in wandb_utils.resolve_mode("online")[1]
+
+
+def test_key_without_network_means_offline_quickly(no_key, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # discard port: refused at once
+    mode, reason = wandb_utils.resolve_mode("auto")
+    assert mode == "offline" and "not reachable" in reason
+
+
+def test_netrc_key_is_found(no_key, tmp_path: Path) -> None:
+    netrc = tmp_path / "home" / ".netrc"
+    netrc.parent.mkdir(parents=True)
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.chmod(0o600)
+    assert wandb_utils.has_api_key()
+
+
+def test_explicit_modes_are_respected(no_key) -> None:
+    assert wandb_utils.resolve_mode("disabled") == ("disabled", None)
+    assert wandb_utils.resolve_mode("offline") == ("offline", None)
+    with pytest.raises(ValueError, match="logger.wandb.mode='sometimes'"):
+        wandb_utils.resolve_mode("sometimes")
+
+
+@pytest.mark.slow
+def test_training_with_wandb_and_no_key_writes_offline_run(tmp_path: Path) -> None:
+    from tests.conftest import FAST, run_script
+
+    home = tmp_path / "home"
+    home.mkdir()
+    run_dir = tmp_path / "run"
+    result = run_script(
+        "train.py", "logger=wandb", *FAST, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}",
+        env={"HOME": str(home), "NETRC": str(home / ".netrc")}, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert offline_runs, "an offline W&B run directory"
+    assert list(offline_runs[0].glob("*.wandb")), "the run's data file"
+    assert "wandb sync" in result.stdout + result.stderr
+    assert (run_dir / "metrics.csv").is_file(), "CSV stays on beside W&B"
