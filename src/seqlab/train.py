@@ -15,12 +15,14 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from seqlab.callbacks import RunStats
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.utils.checkpoint_io import AtomicCheckpointIO
+from seqlab.utils.csv_logger import CSVLogger
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.run import (
     hydra_choice,
@@ -69,7 +71,7 @@ def build_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
 def build_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list[Logger]:
     """The configured loggers, plus a CSV logger (``metrics.csv``) that every run keeps."""
     loggers = [instantiate(c) for c in (logger_cfg or {}).values() if c is not None and "_target_" in c]
-    if not any(isinstance(lg, CSVLogger) for lg in loggers):
+    if not any(isinstance(lg, LightningCSVLogger) for lg in loggers):
         loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
     return loggers
 
