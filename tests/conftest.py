@@ -69,7 +69,9 @@ def ett_dir() -> Path:
     return path
 
 
-def run_script(*args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    *args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run an entry point the way a user does, with no stdin and no W&B key."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     full_env.update({"PYTHONUNBUFFERED": "1", "SEQLAB_ROOT": str(ROOT)})

@@ -83,7 +83,9 @@ def test_decoder_is_causal(backbone: Backbone) -> None:
     y = torch.randn(1, 5, WIDTH)
     changed = y.clone()
     changed[:, 3:] = torch.randn(1, 2, WIDTH)
-    torch.testing.assert_close(backbone.decode(y, memory)[0][:, :3], backbone.decode(changed, memory)[0][:, :3])
+    torch.testing.assert_close(
+        backbone.decode(y, memory)[0][:, :3], backbone.decode(changed, memory)[0][:, :3]
+    )
 
 
 def test_decoder_ignores_padded_memory(backbone: Backbone) -> None:

@@ -18,7 +18,12 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("data", options("data"))
 def test_every_data_and_model_pair_instantiates(make_cfg, data: str, model: str, ett_dir: Path) -> None:
-    cfg = make_cfg(f"data={data}", f"model={model}", f"data.data_dir={ett_dir}" if data == "ett" else "seed=1", fast=False)
+    cfg = make_cfg(
+        f"data={data}",
+        f"model={model}",
+        f"data.data_dir={ett_dir}" if data == "ett" else "seed=1",
+        fast=False,
+    )
     datamodule = build_datamodule(cfg.data)
     task = build_task(cfg.task, cfg.model, datamodule)
     assert task.hparams.num_channels == datamodule.num_channels
@@ -37,7 +42,9 @@ def test_every_trainer_option_composes(make_cfg, trainer: str) -> None:
 
 
 @pytest.mark.parametrize("logger", [o for o in options("logger") if o not in ("wandb", "many")])
-def test_every_logger_option_instantiates_and_csv_is_always_kept(make_cfg, logger: str, tmp_path: Path) -> None:
+def test_every_logger_option_instantiates_and_csv_is_always_kept(
+    make_cfg, logger: str, tmp_path: Path
+) -> None:
     cfg = make_cfg(f"logger={logger}")
     loggers = build_loggers(cfg.logger, tmp_path)
     assert "CSVLogger" in [type(lg).__name__ for lg in loggers]

@@ -56,7 +56,9 @@ def test_univariate_mode_reads_the_target_column(ett_dir: Path) -> None:
     dm.setup()
     inputs, _ = dm.datasets["train"][0]
     raw = read_series_csv(ett_dir / "ETTh1.csv", columns=["OT"]).values
-    np.testing.assert_allclose(inputs[:, 0].numpy(), (raw[:96, 0] - dm.mean[0]) / dm.std[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        inputs[:, 0].numpy(), (raw[:96, 0] - dm.mean[0]) / dm.std[0], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_fifteen_minute_files_get_four_times_the_rows(tmp_path: Path) -> None:
@@ -71,7 +73,9 @@ def test_fifteen_minute_files_get_four_times_the_rows(tmp_path: Path) -> None:
 
 def test_any_csv_with_a_ratio_split(tmp_path: Path) -> None:
     write_csv(tmp_path / "weather.csv", 1000, columns=("p", "T", "rh"))
-    dm = CSVSeriesDataModule(data_dir=str(tmp_path), file="weather.csv", split="ratio", lookback=24, horizon=12)
+    dm = CSVSeriesDataModule(
+        data_dir=str(tmp_path), file="weather.csv", split="ratio", lookback=24, horizon=12
+    )
     dm.setup()
     assert dm.num_channels == 3
     assert len(dm.datasets["train"]) == 700 - 24 - 12 + 1
@@ -128,7 +132,9 @@ def test_undecodable_bytes_are_reported(tmp_path: Path) -> None:
 
 def test_missing_columns_are_listed(tmp_path: Path) -> None:
     write_csv(tmp_path / "x.csv", 10)
-    with pytest.raises(DataError, match=r"column\(s\) \['load'\] not found; columns are \['date', 'a', 'b', 'OT'\]"):
+    with pytest.raises(
+        DataError, match=r"column\(s\) \['load'\] not found; columns are \['date', 'a', 'b', 'OT'\]"
+    ):
         read_series_csv(tmp_path / "x.csv", columns=["load"])
     dm = ett(tmp_path, file="x.csv", features="S", target="load")
     with pytest.raises(DataError, match="target column 'load'"):
@@ -154,7 +160,9 @@ def test_failed_download_names_the_url_and_leaves_nothing(tmp_path: Path) -> Non
 def test_windows_longer_than_a_split_give_the_numbers(tmp_path: Path) -> None:
     write_csv(tmp_path / "short.csv", 30 * 24 * 21)
     dm = ett(tmp_path, file="short.csv", lookback=2000, horizon=3000)
-    with pytest.raises(DataError, match=r"look-back 2000 \+ horizon 3000 = 5000 steps do not fit in the val split"):
+    with pytest.raises(
+        DataError, match=r"look-back 2000 \+ horizon 3000 = 5000 steps do not fit in the val split"
+    ):
         dm.setup()
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqlab.eval import evaluate
 from seqlab.errors import ConfigError, DataError
+from seqlab.eval import evaluate
 from seqlab.train import train
 
 BACKBONES = ["rnn", "lstm", "gru", "transformer"]
@@ -72,9 +72,9 @@ def test_eval_reproduces_the_training_test_metrics(make_cfg, tmp_path: Path) -> 
     eval_metrics, _ = evaluate(eval_cfg)
     for key in ("test/mse", "test/mae", "test/orig_mse", "test/baseline_seasonal_mse"):
         assert eval_metrics[key] == pytest.approx(train_metrics[key], rel=1e-6), key
-    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["metrics"]["test/mse"] == pytest.approx(
-        train_metrics["test/mse"], rel=1e-6
-    )
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["metrics"][
+        "test/mse"
+    ] == pytest.approx(train_metrics["test/mse"], rel=1e-6)
 
 
 def test_eval_rejects_what_is_not_a_seqlab_checkpoint(make_cfg, tmp_path: Path) -> None:

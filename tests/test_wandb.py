@@ -40,7 +40,7 @@ def test_netrc_key_is_found(no_key, tmp_path: Path) -> None:
 def test_explicit_modes_are_respected(no_key) -> None:
     assert wandb_utils.resolve_mode("disabled") == ("disabled", None)
     assert wandb_utils.resolve_mode("offline") == ("offline", None)
-    with pytest.raises(ValueError, match="logger.wandb.mode='sometimes'"):
+    with pytest.raises(ValueError, match=r"logger\.wandb\.mode='sometimes'"):
         wandb_utils.resolve_mode("sometimes")
 
 

@@ -12,7 +12,14 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from seqlab.errors import ConfigError, SeqlabError
-from seqlab.train import apply_extras, build_datamodule, build_loggers, build_trainer, split_baselines, to_plain
+from seqlab.train import (
+    apply_extras,
+    build_datamodule,
+    build_loggers,
+    build_trainer,
+    split_baselines,
+    to_plain,
+)
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.run import is_rank_zero, print_results, write_run_metadata, write_summary
 
@@ -29,7 +36,9 @@ def load_run_info(ckpt_path: Path) -> dict[str, Any]:
         raise ConfigError(f"ckpt_path={str(ckpt_path)!r} is not a readable checkpoint: {err}") from None
     info = checkpoint.get("seqlab") if isinstance(checkpoint, dict) else None
     if not info or "task_target" not in info or "data" not in info:
-        raise ConfigError(f"ckpt_path={str(ckpt_path)!r} was not written by seqlab's train.py (no 'seqlab' section)")
+        raise ConfigError(
+            f"ckpt_path={str(ckpt_path)!r} was not written by seqlab's train.py (no 'seqlab' section)"
+        )
     return info
 
 
@@ -54,7 +63,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer.test(task, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     model_metrics, baseline = split_baselines(metrics)
-    summary = {"ckpt_path": str(ckpt_path), "data": info.get("data_name"), "metrics": model_metrics, "baseline": baseline}
+    summary = {
+        "ckpt_path": str(ckpt_path),
+        "data": info.get("data_name"),
+        "metrics": model_metrics,
+        "baseline": baseline,
+    }
     if trainer.is_global_zero:
         write_summary(run_dir, summary)
         print_results(model_metrics, baseline)

@@ -186,9 +186,7 @@ def objective(metrics: dict[str, float], name: str | None) -> float | None:
     if not name:
         return None
     if name not in metrics:
-        raise ConfigError(
-            f"optimized_metric={name!r} was never logged; logged metrics are {sorted(metrics)}"
-        )
+        raise ConfigError(f"optimized_metric={name!r} was never logged; logged metrics are {sorted(metrics)}")
     return metrics[name]
 
 

@@ -145,4 +145,3 @@ class RNNBackbone(Backbone):
             out, context = torch.cat(outputs, dim=1), torch.cat(contexts, dim=1)
         combined = torch.tanh(self.combine(torch.cat([out, context], dim=-1)))
         return self.output_dropout(combined), state
-

@@ -105,4 +105,3 @@ class SeqTask(L.LightningModule):
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-

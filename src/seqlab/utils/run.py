@@ -105,7 +105,9 @@ def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
 def read_summaries(sweep_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
     """Every job's summary below a multirun directory, in job order."""
     found = []
-    for path in sorted(sweep_dir.glob(f"*/{SUMMARY_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name)):
+    for path in sorted(
+        sweep_dir.glob(f"*/{SUMMARY_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name)
+    ):
         try:
             found.append((path.parent, json.loads(path.read_text())))
         except (OSError, json.JSONDecodeError) as err:

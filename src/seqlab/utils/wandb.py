@@ -67,8 +67,8 @@ def resolve_mode(mode: str) -> tuple[str, str | None]:
 def wandb_logger(save_dir: str, mode: str = "auto", **kwargs: Any):
     """A Lightning ``WandbLogger`` whose mode is decided here; ``kwargs`` go to it (project, group, tags...)."""
     try:
-        from lightning.pytorch.loggers import WandbLogger
         import wandb  # noqa: F401
+        from lightning.pytorch.loggers import WandbLogger
     except ImportError:
         raise ConfigError(
             "logger=wandb needs the wandb package: `pip install wandb` (or `make install`, which adds it)"
