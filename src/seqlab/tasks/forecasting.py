@@ -129,7 +129,7 @@ class ForecastingTask(SeqTask):
         self.baseline_metrics = nn.ModuleDict({"last": metric_set("test/baseline_last_")})
         if season:
             self.baseline_metrics["seasonal"] = metric_set("test/baseline_seasonal_")
-        self._plot_batch: tuple[Tensor, Tensor, Tensor] | None = None
+        self._plot_rows: list[tuple[Tensor, Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------ model
     def forward(self, x: Tensor) -> Tensor:
@@ -192,17 +192,19 @@ class ForecastingTask(SeqTask):
         self.baseline_metrics["last"].update(inputs[:, -1:].repeat(1, horizon, 1), targets)
         if self.season_length:
             self.baseline_metrics["seasonal"].update(inputs[:, self.seasonal_index], targets)
-        if batch_idx == 0:
-            keep = self.hparams.plot_samples
-            self._plot_batch = (inputs[:keep], targets[:keep], preds[:keep])
+        # plot windows spread over the test period: the first of every k-th batch
+        batches = self.trainer.num_test_batches[0] if self.trainer.num_test_batches else 1
+        every = max(1, int(batches) // max(1, self.hparams.plot_samples)) if batches != float("inf") else 1
+        if batch_idx % every == 0 and len(self._plot_rows) < self.hparams.plot_samples:
+            self._plot_rows.append((inputs[0], targets[0], preds[0]))
 
     def on_test_epoch_end(self) -> None:
         for metrics in (self.test_metrics, self.test_orig_metrics, *self.baseline_metrics.values()):
             self.log_dict(metrics.compute(), sync_dist=True)
             metrics.reset()
-        if self._plot_batch is not None and self.trainer.is_global_zero:
-            self.plot_predictions(*self._plot_batch)
-        self._plot_batch = None
+        if self._plot_rows and self.trainer.is_global_zero:
+            self.plot_predictions(*(torch.stack(column) for column in zip(*self._plot_rows)))
+        self._plot_rows = []
 
     # ------------------------------------------------------------------ report
     def plot_predictions(self, inputs: Tensor, targets: Tensor, preds: Tensor) -> Path | None:
