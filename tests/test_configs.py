@@ -94,5 +94,17 @@ def test_help_lists_groups_and_unknown_options_list_the_choices() -> None:
     assert typo.returncode != 0 and "max_epoch" in typo.stderr
 
 
+@pytest.mark.slow
+def test_data_errors_end_the_run_with_one_clear_line(tmp_path: Path) -> None:
+    result = run_script(
+        "train.py", "data=ett", f"data.data_dir={tmp_path / 'nope'}", "data.download=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"DataError: data file not found: {tmp_path / 'nope' / 'ETTh1.csv'}" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_configs_dir_is_the_repository_one() -> None:
     assert (ROOT / "train.py").is_file() and (CONFIGS / "train.yaml").is_file()

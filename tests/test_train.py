@@ -140,3 +140,21 @@ def test_csv_metrics_survive_a_second_writer(tmp_path: Path) -> None:
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines[0] == "step,test/mse,train/loss"
     assert lines[1:] == ["0,,1.0", "1,0.5,"]
+
+
+def test_a_failed_checkpoint_save_leaves_the_previous_file_intact(tmp_path: Path) -> None:
+    from seqlab.utils.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "best.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full, say")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "bad": Unpicklable()}, path)
+    kept = torch.load(path, weights_only=True)
+    torch.testing.assert_close(kept["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == ["best.ckpt"]
