@@ -1,0 +1,327 @@
+"""Forecasting data: look-back windows -> horizons over a multivariate series split by time.
+
+``SeriesDataModule`` holds everything shared (splits, scaling, windows, loaders); a dataset
+only says how to load its series: ``SyntheticSeriesDataModule`` generates one in memory,
+``CSVSeriesDataModule`` reads any CSV with a date column (ETT, weather, electricity, ...).
+
+Splits follow the published long-horizon protocol (Informer / Autoformer code): train, val and
+test are consecutive in time; val and test windows start ``lookback`` steps before their
+border so that the first forecast starts exactly at it; the z-score is fitted on train only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from seqlab.data.readers import Series, ensure_file, read_series_csv
+from seqlab.errors import ConfigError, DataError
+
+SPLITS = ("train", "val", "test")
+DAYS_PER_MONTH = 30  # the ETT protocol's month
+
+
+class WindowDataset(Dataset):
+    """All (look-back, horizon) windows of one split; batches are gathered in one indexing op."""
+
+    def __init__(self, series: Tensor, lookback: int, horizon: int) -> None:
+        self.series = series
+        self.lookback = lookback
+        self.horizon = horizon
+        self.offsets = torch.arange(lookback + horizon)
+
+    def __len__(self) -> int:
+        return max(0, self.series.shape[0] - self.lookback - self.horizon + 1)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        inputs, targets = self.__getitems__([index])
+        return inputs[0], targets[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        window = self.series[torch.as_tensor(indices)[:, None] + self.offsets]
+        return window[:, : self.lookback].contiguous(), window[:, self.lookback :].contiguous()
+
+
+def keep_batch(batch: Any) -> Any:
+    """Collate for datasets whose ``__getitems__`` already returns a batch."""
+    return batch
+
+
+class SeriesDataModule(L.LightningDataModule):
+    """Windows, splits, scaling and loaders for one multivariate series.
+
+    Args:
+        lookback: input window length L.
+        horizon: forecast length H.
+        batch_size: the global batch; each of N processes gets ``batch_size / N``.
+        features: ``M`` (all channels in, all out) or ``S`` (the ``target`` channel alone).
+        target: the channel forecast in ``S`` mode.
+        split: ``calendar`` (``split_months`` of 30 days; rows per day from the timestamps)
+            or ``ratio`` (``split_ratios`` of the rows).
+        season_length: period of the seasonal-naive baseline; default one day of rows.
+        scale: z-score every channel with train statistics.
+    """
+
+    default_season_length: int | None = None
+
+    def __init__(
+        self,
+        lookback: int = 96,
+        horizon: int = 96,
+        batch_size: int = 32,
+        features: str = "M",
+        target: str | None = None,
+        split: str = "ratio",
+        split_months: tuple[int, int, int] = (12, 4, 4),
+        split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
+        season_length: int | None = None,
+        scale: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if features not in ("M", "S"):
+            raise ConfigError(f"data.features={features!r}: expected 'M' (multivariate) or 'S' (univariate)")
+        if features == "S" and not target:
+            raise ConfigError("data.features=S needs data.target, the column to forecast")
+        if split not in ("calendar", "ratio"):
+            raise ConfigError(f"data.split={split!r}: expected 'calendar' or 'ratio'")
+        if lookback < 1 or horizon < 1:
+            raise ConfigError(f"data.lookback={lookback} and data.horizon={horizon} must be positive")
+        self.lookback = lookback
+        self.horizon = horizon
+        self.batch_size = batch_size
+        self.features = features
+        self.target = target
+        self.split = split
+        self.split_months = tuple(split_months)
+        self.split_ratios = tuple(split_ratios)
+        self.season_length = season_length
+        self.scale = scale
+        self.num_workers = num_workers
+        self.seed = seed
+        self.datasets: dict[str, WindowDataset] = {}
+        self._series: Series | None = None
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+
+    # --------------------------------------------------------------- to override
+    def load_series(self) -> Series:
+        raise NotImplementedError
+
+    @property
+    def source(self) -> str:
+        """Where the data comes from, for error messages."""
+        return type(self).__name__
+
+    # --------------------------------------------------------------- shared logic
+    def split_borders(self, series: Series) -> list[tuple[int, int]]:
+        """Row ranges of train/val/test, val and test extended back by the look-back."""
+        rows = len(series.values)
+        if self.split == "calendar":
+            per_day = series.rows_per_day
+            if per_day is None:
+                raise DataError(f"{self.source}: data.split=calendar needs timestamps; use data.split=ratio")
+            sizes = [round(m * DAYS_PER_MONTH * per_day) for m in self.split_months]
+            if sum(sizes) > rows:
+                raise DataError(
+                    f"{self.source}: data.split_months={list(self.split_months)} needs {sum(sizes)} rows "
+                    f"at {per_day:g} rows/day, the file has {rows}"
+                )
+        else:
+            n_train = int(rows * self.split_ratios[0])
+            n_test = int(rows * self.split_ratios[2])
+            sizes = [n_train, rows - n_train - n_test, n_test]
+        n_train, n_val, n_test = sizes
+        starts = [0, n_train - self.lookback, n_train + n_val - self.lookback]
+        ends = [n_train, n_train + n_val, n_train + n_val + n_test]
+        return [(max(s, 0), e) for s, e in zip(starts, ends)]
+
+    def _load(self) -> None:
+        if self._series is not None:
+            return
+        series = self.load_series()
+        if self.features == "S":
+            if self.target not in series.columns:
+                raise DataError(
+                    f"{self.source}: target column {self.target!r} (data.target) not found; "
+                    f"columns are {series.columns}"
+                )
+            index = series.columns.index(self.target)
+            series = Series(series.values[:, index : index + 1], [self.target], series.timestamps)
+        borders = self.split_borders(series)
+        train_start, train_end = borders[0]
+        train = series.values[train_start:train_end]
+        if self.scale:
+            self.mean = train.mean(axis=0)
+            std = train.std(axis=0)
+            self.std = np.where(std > 0, std, 1.0).astype(np.float32)
+        else:
+            self.mean = np.zeros(train.shape[1], dtype=np.float32)
+            self.std = np.ones(train.shape[1], dtype=np.float32)
+        scaled = torch.from_numpy((series.values - self.mean) / self.std).float()
+        for name, (start, end) in zip(SPLITS, borders):
+            dataset = WindowDataset(scaled[start:end], self.lookback, self.horizon)
+            if len(dataset) < 1:
+                raise DataError(
+                    f"{self.source}: look-back {self.lookback} + horizon {self.horizon} = "
+                    f"{self.lookback + self.horizon} steps do not fit in the {name} split "
+                    f"({end - start} rows including the look-back); shorten data.lookback or data.horizon"
+                )
+            self.datasets[name] = dataset
+        self._series = series
+
+    @property
+    def num_channels(self) -> int:
+        self._load()
+        return len(self._series.columns)
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """Sizes the forecasting task takes from the data (never copied into configs by hand)."""
+        self._load()
+        season = self.season_length or self.default_season_length
+        if season is None and self._series.rows_per_day:
+            season = round(self._series.rows_per_day)
+        return {
+            "num_channels": self.num_channels,
+            "lookback": self.lookback,
+            "horizon": self.horizon,
+            "baseline_season": season,
+            "channel_names": list(self._series.columns),
+            "scaler_mean": [float(v) for v in self.mean],
+            "scaler_std": [float(v) for v in self.std],
+        }
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load()
+
+    def per_device_batch_size(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is the global batch and must divide by the "
+                f"{world} processes of this run"
+            )
+        return self.batch_size // world
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.datasets["train"]
+        trainer = self.trainer
+        # A DistributedSampler even on one process: the global batch at each step is then the
+        # same set of windows whatever the number of processes (Lightning keeps this sampler).
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=True,
+        )
+        return self._loader(dataset, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["val"])
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["test"])
+
+    def _loader(self, dataset: Dataset, sampler=None, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.per_device_batch_size(),
+            sampler=sampler,
+            shuffle=False,
+            drop_last=drop_last,
+            collate_fn=keep_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class SyntheticSeriesDataModule(SeriesDataModule):
+    """A seeded synthetic multivariate series, generated in memory in milliseconds.
+
+    Each channel is a random linear trend, daily and weekly seasonalities (hourly rows) with
+    random amplitudes and phases, and Gaussian noise: structure a model can learn and that the
+    naive baselines only partly capture.
+    """
+
+    default_season_length = 24
+
+    def __init__(
+        self,
+        num_steps: int = 6000,
+        num_channels: int = 4,
+        periods: tuple[int, ...] = (24, 168),
+        noise_std: float = 0.3,
+        trend_scale: float = 1.0,
+        generator_seed: int = 1234,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.num_steps = num_steps
+        self.num_channels_ = num_channels
+        self.periods = tuple(periods)
+        self.noise_std = noise_std
+        self.trend_scale = trend_scale
+        self.generator_seed = generator_seed
+
+    def load_series(self) -> Series:
+        rng = np.random.default_rng(self.generator_seed)
+        time = np.arange(self.num_steps, dtype=np.float64)[:, None]
+        channels = self.num_channels_
+        values = rng.normal(0, self.trend_scale, channels) * time / self.num_steps
+        for period in self.periods:
+            amplitude = rng.uniform(0.5, 1.5, channels)
+            phase = rng.uniform(0, 2 * np.pi, channels)
+            values = values + amplitude * np.sin(2 * np.pi * time / period + phase)
+        values = values + rng.normal(0, self.noise_std, (self.num_steps, channels))
+        return Series(values.astype(np.float32), [f"x{i}" for i in range(channels)])
+
+
+class CSVSeriesDataModule(SeriesDataModule):
+    """Any CSV with a date column and numeric columns; ETT with ``data=ett``.
+
+    Offline it reads ``data_dir/file``; when the file is missing and ``url`` is set,
+    ``prepare_data`` downloads it first (atomically, on one process per node).
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        file: str,
+        url: str | None = None,
+        download: bool = True,
+        date_column: str | None = "date",
+        columns: list[str] | None = None,
+        date_format: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        # stored absolute, so a checkpoint rebuilds its data from any working directory
+        self.hparams.data_dir = str(Path(data_dir).expanduser().resolve())
+        self.path = Path(self.hparams.data_dir) / file
+        self.url = url
+        self.download = download
+        self.date_column = date_column
+        self.columns = list(columns) if columns is not None else None
+        self.date_format = date_format
+
+    @property
+    def source(self) -> str:
+        return str(self.path)
+
+    def prepare_data(self) -> None:
+        ensure_file(self.path, self.url, self.download)
+
+    def load_series(self) -> Series:
+        ensure_file(self.path, None, allow_download=False)
+        return read_series_csv(self.path, self.date_column, self.columns, self.date_format)

@@ -1,0 +1,165 @@
+"""Readers of raw data files into arrays, with errors that name the file, line, column and value."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from seqlab.errors import DataError
+
+DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y/%m/%d %H:%M", "%Y/%m/%d")
+
+
+@dataclass
+class Series:
+    """A multivariate time series: ``values[time, channel]`` with channel names and timestamps."""
+
+    values: np.ndarray
+    columns: list[str]
+    timestamps: list[datetime] | None = None
+
+    @property
+    def rows_per_day(self) -> float | None:
+        """Sampling rate inferred from the median spacing of the timestamps."""
+        if not self.timestamps or len(self.timestamps) < 2:
+            return None
+        steps = np.diff(np.array([t.timestamp() for t in self.timestamps[:1000]]))
+        step = float(np.median(steps))
+        return 86400.0 / step if step > 0 else None
+
+
+def parse_date(text: str, path: Path, line: int, date_format: str | None) -> datetime:
+    if date_format:
+        try:
+            return datetime.strptime(text, date_format)
+        except ValueError:
+            raise DataError(
+                f"{path}, line {line}: date {text!r} does not match data.date_format={date_format!r}"
+            ) from None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        pass
+    for fmt in DATE_FORMATS:
+        try:
+            return datetime.strptime(text, fmt)
+        except ValueError:
+            continue
+    raise DataError(
+        f"{path}, line {line}: cannot parse date {text!r}; expected ISO 8601 such as "
+        "'2016-07-01 00:00:00', or set data.date_format (a strptime pattern)"
+    )
+
+
+def read_series_csv(
+    path: str | Path,
+    date_column: str | None = "date",
+    columns: list[str] | None = None,
+    date_format: str | None = None,
+) -> Series:
+    """Read a CSV with a date column and numeric columns (ETT, weather, electricity, ...).
+
+    ``columns`` selects and orders the value columns; by default every column but the date.
+    Empty cells, text, NaN and infinite values are errors naming the line and column.
+    """
+    path = Path(path)
+    try:
+        handle = path.open(newline="", encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror}") from None
+    with handle:
+        try:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{path} is empty: expected a header line with column names")
+            header = [name.strip() for name in header]
+            if date_column is not None and date_column not in header:
+                raise DataError(
+                    f"{path}: no date column {date_column!r} (data.date_column); columns are {header}"
+                )
+            wanted = columns if columns is not None else [c for c in header if c != date_column]
+            missing = [c for c in wanted if c not in header]
+            if missing:
+                raise DataError(f"{path}: column(s) {missing} not found; columns are {header}")
+            if not wanted:
+                raise DataError(f"{path}: no value columns besides the date column {date_column!r}")
+            value_idx = [header.index(c) for c in wanted]
+            date_idx = header.index(date_column) if date_column is not None else None
+            rows: list[list[float]] = []
+            stamps: list[datetime] = []
+            for line_no, row in enumerate(reader, start=2):
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    raise DataError(
+                        f"{path}, line {line_no}: {len(row)} fields, expected {len(header)} "
+                        "(truncated or malformed line)"
+                    )
+                values = []
+                for name, idx in zip(wanted, value_idx):
+                    cell = row[idx].strip()
+                    try:
+                        value = float(cell)
+                    except ValueError:
+                        raise DataError(
+                            f"{path}, line {line_no}, column {name!r}: {cell!r} is not a number"
+                        ) from None
+                    if not math.isfinite(value):
+                        raise DataError(
+                            f"{path}, line {line_no}, column {name!r}: value {cell!r} is not finite "
+                            "(NaN or infinite); fill or drop missing values first"
+                        )
+                    values.append(value)
+                rows.append(values)
+                if date_idx is not None:
+                    stamps.append(parse_date(row[date_idx].strip(), path, line_no, date_format))
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except csv.Error as err:
+            raise DataError(f"{path}: malformed CSV ({err})") from None
+    if not rows:
+        raise DataError(f"{path} has a header but no data rows")
+    return Series(np.asarray(rows, dtype=np.float32), list(wanted), stamps or None)
+
+
+def download(url: str, destination: Path, timeout: float = 30.0) -> None:
+    """Fetch ``url`` into ``destination`` atomically: a failed download leaves nothing behind."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            shutil.copyfileobj(response, out)
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def ensure_file(path: Path, url: str | None, allow_download: bool) -> Path:
+    """Return ``path``; download it first when it is missing and a URL is known."""
+    if path.is_file():
+        return path
+    hint = f"put the file there, or point data.data_dir at the directory that holds {path.name}"
+    if url and allow_download:
+        try:
+            download(url, path)
+            return path
+        except (OSError, urllib.error.URLError) as err:
+            raise DataError(
+                f"data file not found: {path}, and downloading it from {url} failed ({err}); {hint}"
+            ) from None
+    source = f" (it can be downloaded from {url})" if url else ""
+    raise DataError(f"data file not found: {path}{source}; {hint}")
