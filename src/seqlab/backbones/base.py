@@ -86,14 +86,9 @@ def key_padding_to_attn_mask(pad_mask: Tensor | None) -> Tensor | None:
     return (~pad_mask)[:, None, None, :]
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 __all__ = [
     "Backbone",
     "State",
-    "count_parameters",
     "key_padding_to_attn_mask",
     "lengths_from_mask",
     "masked_mean",
