@@ -8,7 +8,7 @@ import pytest
 from hydra.utils import instantiate
 
 from seqlab.train import build_callbacks, build_datamodule, build_loggers, build_task
-from tests.conftest import CONFIGS, ROOT, run_script
+from tests.conftest import CONFIGS, run_script
 
 
 def options(group: str) -> list[str]:
@@ -102,7 +102,3 @@ def test_data_errors_end_the_run_with_one_clear_line(tmp_path: Path) -> None:
     assert f"DataError: data file not found: {tmp_path / 'nope' / 'ETTh1.csv'}" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_configs_dir_is_the_repository_one() -> None:
-    assert (ROOT / "train.py").is_file() and (CONFIGS / "train.yaml").is_file()

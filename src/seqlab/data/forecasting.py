@@ -267,7 +267,7 @@ class SyntheticSeriesDataModule(SeriesDataModule):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.num_steps = num_steps
-        self.num_channels_ = num_channels
+        self.generated_channels = num_channels
         self.periods = tuple(periods)
         self.noise_std = noise_std
         self.trend_scale = trend_scale
@@ -276,7 +276,7 @@ class SyntheticSeriesDataModule(SeriesDataModule):
     def load_series(self) -> Series:
         rng = np.random.default_rng(self.generator_seed)
         time = np.arange(self.num_steps, dtype=np.float64)[:, None]
-        channels = self.num_channels_
+        channels = self.generated_channels
         values = rng.normal(0, self.trend_scale, channels) * time / self.num_steps
         for period in self.periods:
             amplitude = rng.uniform(0.5, 1.5, channels)

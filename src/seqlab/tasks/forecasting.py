@@ -116,7 +116,7 @@ class ForecastingTask(SeqTask):
         self.register_buffer("scaler_std", std, persistent=False)
         # the seasonal-naive baseline needs a full season in the look-back
         season = baseline_season if baseline_season and baseline_season <= lookback else None
-        self.season_length = season
+        self.baseline_season = season
         if season:  # seasonal naive: step h repeats step L - s + (h mod s)
             index = lookback - season + torch.arange(horizon) % season
             self.register_buffer("seasonal_index", index, persistent=False)
@@ -130,6 +130,7 @@ class ForecastingTask(SeqTask):
         if season:
             self.baseline_metrics["seasonal"] = metric_set("test/baseline_seasonal_")
         self._plot_rows: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._plot_every = 1
 
     # ------------------------------------------------------------------ model
     def forward(self, x: Tensor) -> Tensor:
@@ -190,13 +191,16 @@ class ForecastingTask(SeqTask):
         self.test_orig_metrics.update(self.to_original_scale(preds), self.to_original_scale(targets))
         horizon = self.hparams.horizon
         self.baseline_metrics["last"].update(inputs[:, -1:].repeat(1, horizon, 1), targets)
-        if self.season_length:
+        if self.baseline_season:
             self.baseline_metrics["seasonal"].update(inputs[:, self.seasonal_index], targets)
-        # plot windows spread over the test period: the first of every k-th batch
-        batches = self.trainer.num_test_batches[0] if self.trainer.num_test_batches else 1
-        every = max(1, int(batches) // max(1, self.hparams.plot_samples)) if batches != float("inf") else 1
-        if batch_idx % every == 0 and len(self._plot_rows) < self.hparams.plot_samples:
+        if batch_idx % self._plot_every == 0 and len(self._plot_rows) < self.hparams.plot_samples:
             self._plot_rows.append((inputs[0], targets[0], preds[0]))
+
+    def on_test_epoch_start(self) -> None:
+        # plot windows spread over the test period: the first window of every k-th batch
+        batches = self.trainer.num_test_batches[0] if self.trainer.num_test_batches else 1
+        finite = batches != float("inf")
+        self._plot_every = max(1, int(batches) // max(1, self.hparams.plot_samples)) if finite else 1
 
     def on_test_epoch_end(self) -> None:
         for metrics in (self.test_metrics, self.test_orig_metrics, *self.baseline_metrics.values()):
