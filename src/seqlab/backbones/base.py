@@ -32,6 +32,8 @@ class Backbone(nn.Module):
     d_model: int
     #: ``encode`` output at step t depends only on inputs up to t
     causal: bool = False
+    #: the second half of the ``encode`` features reads right to left (bidirectional RNNs)
+    bidirectional: bool = False
     #: the training step processes all time steps in parallel (documents the compute pattern)
     supports_parallel_time: bool = False
 

@@ -42,6 +42,7 @@ class RNNBackbone(Backbone):
         self.cell = cell
         self.d_model = d_model
         self.causal = not bidirectional
+        self.bidirectional = bidirectional
         self.attention = attention
         recurrence = RECURRENCES[cell]
         self.encoder = recurrence(

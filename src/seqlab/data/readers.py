@@ -6,9 +6,12 @@ import csv
 import math
 import os
 import shutil
+import tarfile
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -163,3 +166,66 @@ def ensure_file(path: Path, url: str | None, allow_download: bool) -> Path:
             ) from None
     source = f" (it can be downloaded from {url})" if url else ""
     raise DataError(f"data file not found: {path}{source}; {hint}")
+
+
+def ensure_extracted(
+    data_dir: Path, needed: list[Path], url: str | None, allow_download: bool, strip_components: int = 0
+) -> None:
+    """Make sure every path in ``needed`` exists, downloading and unpacking ``url`` (zip / tar) if not.
+
+    Members are extracted into ``data_dir`` without their first ``strip_components`` path parts
+    (GLUE's ``SST-2/train.tsv`` becomes ``train.tsv``); the archive is removed afterwards.
+    """
+    missing = [path for path in needed if not path.exists()]
+    if not missing:
+        return
+    hint = f"point data.data_dir at a directory that holds {[p.name for p in needed]}"
+    if not (url and allow_download):
+        source = f" (downloadable from {url})" if url else ""
+        raise DataError(f"data not found: {missing[0]}{source}; {hint}")
+    archive = data_dir / f".download-{Path(urllib.parse.urlparse(url).path).name}"
+    try:
+        download(url, archive)
+    except (OSError, urllib.error.URLError) as err:
+        raise DataError(f"data not found: {missing[0]}, and downloading {url} failed ({err}); {hint}") from None
+    try:
+        extract(archive, data_dir, strip_components)
+    finally:
+        archive.unlink(missing_ok=True)
+    still_missing = [path for path in needed if not path.exists()]
+    if still_missing:
+        raise DataError(f"{url} did not contain {still_missing[0].relative_to(data_dir)}")
+
+
+def extract(archive: Path, destination: Path, strip_components: int = 0) -> None:
+    """Unpack a zip or tar archive; each member lands atomically (written aside, then renamed)."""
+
+    def target(name: str) -> Path | None:
+        parts = Path(name).parts[strip_components:]
+        if not parts or any(part in ("..", "") for part in parts) or Path(name).is_absolute():
+            return None
+        return destination.joinpath(*parts)
+
+    def write(stream, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.part")
+        with open(tmp, "wb") as out:
+            shutil.copyfileobj(stream, out)
+        os.replace(tmp, path)
+
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                path = target(info.filename)
+                if path is not None and not info.is_dir():
+                    with zf.open(info) as stream:
+                        write(stream, path)
+        return
+    try:
+        with tarfile.open(archive) as tf:
+            for member in tf:
+                path = target(member.name)
+                if path is not None and member.isfile():
+                    write(tf.extractfile(member), path)
+    except tarfile.TarError as err:
+        raise DataError(f"{archive} is neither a zip nor a tar archive ({err})") from None

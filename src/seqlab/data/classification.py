@@ -1,0 +1,459 @@
+"""Text classification data: labelled texts -> a tokenizer trained on train -> cached id tensors.
+
+``TextClassificationDataModule`` serves every dataset: GLUE SST-2 (``data=sst2``), IMDB
+(``data=imdb``, the aclImdb layout or a CSV) and any user TSV / CSV / JSONL
+(``data=text_classification``). ``SyntheticSentimentDataModule`` generates a small sentiment set
+(template sentences with sentiment words and negations) for tests and offline runs.
+
+``prepare_data`` reads the raw files (downloading them first when online and ``url`` is set),
+maps labels to class ids, holds out a seeded validation slice of train when there is no
+validation file, trains the tokenizer on the training examples only and writes everything to
+``cache_dir/<name>-<key>/``. The key hashes the sources (path, size, mtime) and every setting
+that changes the result, so a second run reuses the tokenizer and the ids instead of redoing
+them, and a changed file or setting gets a fresh cache. Tokenization never happens in the
+training loop: batches are gathered from the cached ids and padded on the right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from seqlab.data.forecasting import keep_batch
+from seqlab.data.readers import ensure_extracted
+from seqlab.data.samplers import BucketSampler
+from seqlab.data.text_readers import LabelledTexts, read_aclimdb, read_table
+from seqlab.data.tokenization import CLS_ID, PAD_ID, TokenizerSpec, encode, load_tokenizer, train_tokenizer
+from seqlab.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+CACHE_VERSION = 1
+
+
+class TokenizedTexts(Dataset):
+    """One split as token ids (flat, with offsets), class ids and the original texts."""
+
+    def __init__(self, ids: Tensor, offsets: Tensor, labels: Tensor, texts: list[str]) -> None:
+        self.ids = ids
+        self.offsets = offsets
+        self.labels = labels
+        self.texts = texts
+
+    @classmethod
+    def from_lists(cls, ids: list[list[int]], labels: list[int], texts: list[str]) -> TokenizedTexts:
+        lengths = torch.tensor([len(seq) for seq in ids], dtype=torch.long)
+        offsets = torch.zeros(len(ids) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        flat = torch.tensor([token for seq in ids for token in seq], dtype=torch.int32)
+        return cls(flat, offsets, torch.tensor(labels, dtype=torch.long), texts)
+
+    def state(self) -> dict[str, Any]:
+        return {"ids": self.ids, "offsets": self.offsets, "labels": self.labels, "texts": self.texts}
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
+        """A right-padded batch: input_ids [B,T], pad_mask [B,T] (True = padding), labels, index."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        starts, lengths = self.offsets[index], self.lengths[index]
+        steps = torch.arange(int(lengths.max()))
+        pad_mask = steps[None, :] >= lengths[:, None]
+        positions = (starts[:, None] + steps[None, :]).masked_fill(pad_mask, 0)
+        input_ids = self.ids[positions].long().masked_fill(pad_mask, PAD_ID)
+        return {"input_ids": input_ids, "pad_mask": pad_mask, "labels": self.labels[index], "index": index}
+
+
+def file_fingerprint(path: Path) -> list[Any]:
+    """Identity of a file or directory tree for the cache key: path, sizes and modification times."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return [str(path), len(files), sum(p.stat().st_size for p in files), max((p.stat().st_mtime_ns for p in files), default=0)]
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def _numeric_order(label: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(label))
+    except ValueError:
+        return (1, label)
+
+
+class TextClassificationDataModule(L.LightningDataModule):
+    """Labelled texts from files (or ``read_split``), tokenized once and cached.
+
+    Args:
+        data_dir: directory of the raw files (read-only is fine: nothing is written there
+            unless a download is needed).
+        train_file, val_file, test_file: paths relative to ``data_dir``; a missing ``val_file``
+            (or ``test_file``) is a seeded ``val_size`` (``test_size``) slice of train.
+            With ``format=aclimdb`` they name split directories holding ``pos/`` and ``neg/``.
+        text_column, label_column: column names (TSV/CSV header) or keys (JSONL).
+        format: ``tsv``, ``csv``, ``jsonl`` (default: from the file suffix) or ``aclimdb``.
+        classes: the label values, in class-id order; a label outside them is an error. ``null``
+            takes the sorted labels found in train.
+        label_names: display names of the classes (confusion matrix, tables); default the labels.
+        val_size, test_size: a fraction (< 1) or a number of training examples held out.
+        split_seed: seed of those slices (fixed, so runs with different seeds share them).
+        tokenizer: ``TokenizerSpec`` fields: kind word|wordpiece|bpe, vocab_size, min_frequency,
+            lowercase, max_length (tokens, including [CLS]; longer texts are truncated), wrap.
+        batch_size: the global batch; each of N processes gets ``batch_size / N``.
+        bucketing, pool_batches: batch texts of similar length together (see ``BucketSampler``).
+        cache_dir: where processed data and the tokenizer are stored.
+        url, download, strip_components: where ``prepare_data`` fetches missing raw files
+            (a zip or tar archive, unpacked into ``data_dir``).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        train_file: str = "train.tsv",
+        val_file: str | None = None,
+        test_file: str | None = "test.tsv",
+        text_column: str = "text",
+        label_column: str = "label",
+        format: str | None = None,
+        classes: list[Any] | None = None,
+        label_names: list[str] | None = None,
+        val_size: float = 0.1,
+        test_size: float = 0.1,
+        split_seed: int = 1234,
+        tokenizer: dict[str, Any] | None = None,
+        batch_size: int = 64,
+        bucketing: bool = True,
+        pool_batches: int = 50,
+        cache_dir: str = "data/processed",
+        url: str | None = None,
+        download: bool = True,
+        strip_components: int = 0,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._absolute_paths()
+        self.spec = TokenizerSpec.from_config(tokenizer)
+        if classes is not None and len(set(map(str, classes))) != len(classes):
+            raise ConfigError(f"data.classes={list(classes)} has duplicates")
+        if label_names is not None and classes is not None and len(label_names) != len(classes):
+            raise ConfigError(f"data.label_names has {len(label_names)} names for {len(classes)} data.classes")
+        self.classes = [str(c) for c in classes] if classes is not None else None
+        self.batch_size = batch_size
+        self.seed = seed
+        self.datasets: dict[str, TokenizedTexts] = {}
+        self.meta: dict[str, Any] | None = None
+
+    def _absolute_paths(self) -> None:
+        """Store paths absolute, so a checkpoint rebuilds its data from any working directory."""
+        hp = self.hparams
+        if hp.data_dir is not None:
+            hp.data_dir = str(Path(hp.data_dir).expanduser().resolve())
+        hp.cache_dir = str(Path(hp.cache_dir).expanduser().resolve())
+        self.data_dir = Path(hp.data_dir) if hp.data_dir is not None else None
+        self.cache_dir = Path(hp.cache_dir)
+
+    # ------------------------------------------------------------------ sources
+    def split_path(self, split: str) -> Path | None:
+        name = {"train": self.hparams.train_file, "val": self.hparams.val_file, "test": self.hparams.test_file}[split]
+        if name is None:
+            return None
+        if self.data_dir is None:
+            raise ConfigError(f"data.data_dir is not set; it should hold {name}")
+        return self.data_dir / name
+
+    def read_split(self, split: str) -> LabelledTexts | None:
+        """The raw examples of ``split`` (None when the split is carved out of train)."""
+        path = self.split_path(split)
+        if path is None:
+            return None
+        if self.hparams.format == "aclimdb":
+            return read_aclimdb(path.parent, path.name)
+        return read_table(path, self.hparams.text_column, self.hparams.label_column, self.hparams.format)
+
+    def source_fingerprint(self) -> list[Any]:
+        paths = [self.split_path(split) for split in SPLITS]
+        return [file_fingerprint(path) for path in paths if path is not None]
+
+    @property
+    def name(self) -> str:
+        path = self.split_path("train")
+        return path.parent.name if path is not None else type(self).__name__
+
+    def cache_key(self) -> str:
+        hp = self.hparams
+        settings = {
+            "version": CACHE_VERSION,
+            "class": type(self).__qualname__,
+            "sources": self.source_fingerprint(),
+            "columns": [hp.text_column, hp.label_column, hp.format],
+            "classes": self.classes,
+            "holdout": [hp.val_size, hp.test_size, hp.split_seed],
+            "tokenizer": self.spec.to_dict(),
+        }
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def processed_dir(self) -> Path:
+        return self.cache_dir / f"{self.name}-{self.cache_key()}"
+
+    # ------------------------------------------------------------------ preparation
+    def download_raw(self) -> None:
+        hp = self.hparams
+        needed = [path for path in (self.split_path(s) for s in SPLITS) if path is not None]
+        if needed:
+            ensure_extracted(self.data_dir, needed, hp.url, hp.download, hp.strip_components)
+
+    def prepare_data(self) -> None:
+        self.download_raw()
+        target = self.processed_dir
+        if (target / "meta.json").is_file():
+            log.info("processed data: %s (cached)", target)
+            return
+        raw = self.raw_splits()
+        self.write_processed(raw, target)
+
+    def raw_splits(self) -> dict[str, LabelledTexts]:
+        """Every split read, empty splits refused, missing val/test carved out of train."""
+        hp = self.hparams
+        raw = {split: self.read_split(split) for split in SPLITS}
+        train = raw["train"]
+        if train is None or len(train) == 0:
+            raise DataError(f"{self.split_path('train') or self.name}: the train split has no examples")
+        order = list(range(len(train)))
+        random.Random(hp.split_seed).shuffle(order)
+        carved: dict[str, list[int]] = {}
+        for split, size in (("val", hp.val_size), ("test", hp.test_size)):
+            if raw[split] is not None:
+                continue
+            count = int(round(size * len(train))) if 0 < size < 1 else int(size)
+            if count < 1 or count >= len(order):
+                raise ConfigError(
+                    f"data.{split}_size={size} holds out {count} of {len(train)} training examples; "
+                    f"expected at least 1 and fewer than {len(order)} (or set data.{split}_file)"
+                )
+            carved[split], order = order[:count], order[count:]
+        for split, indices in carved.items():
+            raw[split] = train.subset(sorted(indices))
+        if carved:
+            raw["train"] = train.subset(sorted(order))
+        for split in ("val", "test"):
+            if len(raw[split]) == 0:
+                raise DataError(f"{self.split_path(split) or self.name}: the {split} split has no examples")
+        return raw
+
+    def class_list(self, train: LabelledTexts) -> list[str]:
+        if self.classes is not None:
+            return self.classes
+        return sorted(set(train.labels), key=_numeric_order)
+
+    def write_processed(self, raw: dict[str, LabelledTexts], target: Path) -> None:
+        classes = self.class_list(raw["train"])
+        class_id = {label: i for i, label in enumerate(classes)}
+        label_ids: dict[str, list[int]] = {}
+        for split, examples in raw.items():
+            ids = []
+            for label, origin in zip(examples.labels, examples.origins):
+                if label not in class_id:
+                    expected = "data.classes" if self.classes is not None else "the labels found in train"
+                    raise DataError(f"{origin}: label {label!r} is not one of {classes} ({expected})")
+                ids.append(class_id[label])
+            label_ids[split] = ids
+        log.info("training a %s tokenizer on %d texts", self.spec.kind, len(raw["train"]))
+        tokenizer = train_tokenizer(raw["train"].texts, self.spec)
+        splits = {
+            split: TokenizedTexts.from_lists(encode(tokenizer, examples.texts), label_ids[split], examples.texts).state()
+            for split, examples in raw.items()
+        }
+        names = self.hparams.label_names
+        meta = {
+            "classes": classes,
+            "class_names": [str(n) for n in names] if names is not None else classes,
+            "vocab_size": tokenizer.get_vocab_size(),
+            "tokenizer": self.spec.to_dict(),
+            "sizes": {split: len(examples) for split, examples in raw.items()},
+            "sources": self.source_fingerprint(),
+        }
+        # written aside and renamed: concurrent processes (DDP) or an interrupted run never
+        # leave a half-written cache behind; whoever renames first wins, the other discards
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+            torch.save(splits, tmp / "splits.pt")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / "meta.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("processed data written to %s (%s)", target, meta["sizes"])
+
+    # ------------------------------------------------------------------ loading
+    def load_meta(self) -> dict[str, Any]:
+        if self.meta is None:
+            path = self.processed_dir / "meta.json"
+            if not path.is_file():
+                self.prepare_data()
+            self.meta = json.loads(path.read_text())
+        return self.meta
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.load_meta()
+        splits = torch.load(self.processed_dir / "splits.pt", weights_only=True)
+        self.datasets = {split: TokenizedTexts(**state) for split, state in splits.items()}
+
+    def tokenizer(self):
+        return load_tokenizer(self.processed_dir / "tokenizer.json")
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """What the classification task takes from the data (never copied into configs by hand)."""
+        meta = self.load_meta()
+        return {
+            "vocab_size": meta["vocab_size"],
+            "num_classes": len(meta["classes"]),
+            "class_names": meta["class_names"],
+            "pad_id": PAD_ID,
+            "cls_id": CLS_ID if meta["tokenizer"]["wrap"] == "cls" else None,
+        }
+
+    def texts(self, split: str) -> list[str]:
+        self.setup()
+        return self.datasets[split].texts
+
+    # ------------------------------------------------------------------ loaders
+    def per_device_batch_size(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is the global batch and must divide by the "
+                f"{world} processes of this run"
+            )
+        return self.batch_size // world
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        trainer = self.trainer
+        sampler = BucketSampler(
+            dataset.lengths.tolist(),
+            batch_size=self.batch_size,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            shuffle=train,
+            seed=self.seed,
+            drop_last=train,
+            bucketing=self.hparams.bucketing,
+            pool_batches=self.hparams.pool_batches,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.per_device_batch_size(),
+            sampler=sampler,
+            collate_fn=keep_batch,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+
+class SyntheticSentimentDataModule(TextClassificationDataModule):
+    """Template sentences with sentiment words: negative / neutral / positive, generated in memory.
+
+    ``not`` before an adjective flips its polarity (neutral stays neutral), so word order
+    matters a little; a model that learns the words and the negation scores well above 90%.
+    """
+
+    POSITIVE = ["good", "great", "wonderful", "charming", "brilliant", "moving", "funny", "delightful"]
+    NEGATIVE = ["bad", "awful", "boring", "dull", "terrible", "clumsy", "tedious", "painful"]
+    NEUTRAL = ["long", "french", "recent", "animated", "quiet", "black-and-white", "average", "ordinary"]
+    SUBJECTS = ["the film", "this movie", "the story", "the cast", "the ending", "the script", "it", "the plot"]
+    VERBS = ["is", "was", "seems", "feels"]
+    ADVERBS = ["", "", "really", "very", "quite", "rather"]
+    FILLERS = ["", "", "overall", "i think", "to be honest", "in the end"]
+
+    def __init__(
+        self,
+        num_train: int = 3000,
+        num_val: int = 300,
+        num_test: int = 600,
+        negation_rate: float = 0.2,
+        generator_seed: int = 1234,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("label_names", ["negative", "neutral", "positive"])
+        super().__init__(data_dir=None, val_file=None, test_file=None, classes=["negative", "neutral", "positive"], **kwargs)
+        self.save_hyperparameters()
+        self._absolute_paths()
+
+    @property
+    def name(self) -> str:
+        return "synthetic_sentiment"
+
+    def split_path(self, split: str) -> Path | None:
+        return None
+
+    def source_fingerprint(self) -> list[Any]:
+        hp = self.hparams
+        return [hp.num_train, hp.num_val, hp.num_test, hp.negation_rate, hp.generator_seed]
+
+    def download_raw(self) -> None:
+        pass
+
+    def sentence(self, rng: random.Random) -> tuple[str, str]:
+        polarity = rng.choice(["negative", "neutral", "positive"])
+        adjective = rng.choice({"negative": self.NEGATIVE, "neutral": self.NEUTRAL, "positive": self.POSITIVE}[polarity])
+        negated = polarity != "neutral" and rng.random() < self.hparams.negation_rate
+        label = {"negative": "positive", "positive": "negative"}[polarity] if negated else polarity
+        words = [rng.choice(self.FILLERS), rng.choice(self.SUBJECTS), rng.choice(self.VERBS)]
+        words += ["not" if negated else "", rng.choice(self.ADVERBS), adjective]
+        return " ".join(w for w in words if w), label
+
+    def raw_splits(self) -> dict[str, LabelledTexts]:
+        hp = self.hparams
+        rng = random.Random(hp.generator_seed)
+        raw = {}
+        for split, count in (("train", hp.num_train), ("val", hp.num_val), ("test", hp.num_test)):
+            examples = LabelledTexts()
+            for i in range(count):
+                text, label = self.sentence(rng)
+                examples.add(text, label, f"synthetic {split} example {i}")
+            if not len(examples):
+                raise ConfigError(f"data.num_{split}={count}: the {split} split has no examples")
+            raw[split] = examples
+        return raw
+
+
+__all__ = ["SyntheticSentimentDataModule", "TextClassificationDataModule", "TokenizedTexts"]

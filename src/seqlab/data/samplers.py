@@ -1,0 +1,100 @@
+"""Length-bucketed, distributed-aware ordering of variable-length examples.
+
+``BucketSampler`` is a ``DistributedSampler`` (so Lightning keeps it under DDP instead of injecting
+its own) that forms *global* batches and hands each process its share of every one: the set of
+examples in a step is the same whatever the number of processes, as for the forecasting data.
+
+With ``bucketing``, examples are shuffled, cut into pools of ``pool_batches`` global batches,
+sorted by length inside each pool, batched, and the batches shuffled again: similar lengths
+share a batch, so little compute goes to padding, while every epoch still mixes the data.
+Evaluation orders are deterministic (sorted by length when bucketing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import DistributedSampler
+
+
+class BucketSampler(DistributedSampler):
+    """Indices for one process: its slice of each global batch, batch after batch.
+
+    Args:
+        lengths: length (tokens) of every example.
+        batch_size: the global batch size; it must divide by ``num_replicas``.
+        shuffle: reshuffle every epoch (``set_epoch``, called by Lightning), seeded by ``seed``.
+        bucketing: group examples of similar length into batches.
+        pool_batches: how many global batches are sorted together (larger: less padding, less mixing).
+        drop_last: drop the last incomplete global batch (training); otherwise it is padded with
+            repeated examples so that every process gets the same number of steps.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        bucketing: bool = True,
+        pool_batches: int = 50,
+    ) -> None:
+        super().__init__(
+            range(len(lengths)),  # only its length is used
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
+        if batch_size % num_replicas:
+            raise ValueError(f"global batch size {batch_size} does not divide by {num_replicas} processes")
+        self.lengths = torch.as_tensor(list(lengths))
+        self.batch_size = batch_size
+        self.per_replica = batch_size // num_replicas
+        self.bucketing = bucketing
+        self.pool_batches = max(1, pool_batches)
+
+    def global_batches(self) -> list[torch.Tensor]:
+        """This epoch's global batches (identical on every process)."""
+        count = len(self.lengths)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(count, generator=generator) if self.shuffle else torch.arange(count)
+        if self.bucketing:
+            pool = self.pool_batches * self.batch_size if self.shuffle else count
+            pieces = []
+            for start in range(0, count, pool):
+                chunk = order[start : start + pool]
+                pieces.append(chunk[torch.argsort(self.lengths[chunk], stable=True)])
+            order = torch.cat(pieces) if pieces else order
+        batches = list(order.split(self.batch_size))
+        if batches and len(batches[-1]) < self.batch_size:
+            if self.drop_last:
+                batches.pop()
+            elif len(batches[-1]) % self.num_replicas:
+                last = batches[-1]
+                missing = self.num_replicas - len(last) % self.num_replicas
+                batches[-1] = torch.cat([last, order[:missing]])
+        if self.shuffle and self.bucketing:  # a short last batch stays last: loaders cut batches in order
+            full = len(batches) - (len(batches[-1]) < self.batch_size if batches else 0)
+            batches = [batches[i] for i in torch.randperm(full, generator=generator)] + batches[full:]
+        return batches
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in self.global_batches():
+            # strided, so each process gets lengths from across the (sorted) global batch
+            yield from batch[self.rank :: self.num_replicas].tolist()
+
+    def __len__(self) -> int:
+        count = len(self.lengths)
+        full, rest = divmod(count, self.batch_size)
+        if rest and not self.drop_last:
+            return full * self.per_replica + -(-rest // self.num_replicas)
+        return full * self.per_replica
+
+
+__all__ = ["BucketSampler"]

@@ -1,0 +1,146 @@
+"""Readers of labelled texts: TSV / CSV / JSONL tables and the aclImdb directory layout.
+
+Every reader returns ``LabelledTexts`` and remembers where each example came from, so that a
+bad example is reported as ``file, line N: what is wrong and what was expected``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from seqlab.errors import DataError
+
+FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+_HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+@dataclass
+class LabelledTexts:
+    texts: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    #: ``file, line N`` (or ``file``) of every example
+    origins: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def add(self, text: str, label: str, origin: str) -> None:
+        if not text:
+            raise DataError(f"{origin}: empty text")
+        if label == "":
+            raise DataError(f"{origin}: missing label")
+        self.texts.append(text)
+        self.labels.append(label)
+        self.origins.append(origin)
+
+    def subset(self, indices: list[int]) -> LabelledTexts:
+        return LabelledTexts(
+            [self.texts[i] for i in indices], [self.labels[i] for i in indices], [self.origins[i] for i in indices]
+        )
+
+
+def read_utf8(path: Path) -> str:
+    """The file's text; undecodable bytes are reported with their line and the bytes themselves."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        bad = data[err.start : err.end]
+        raise DataError(f"{path}, line {line}: bytes {bad!r} are not UTF-8 ({err.reason}); re-encode the file") from None
+
+
+def clean_text(text: str) -> str:
+    """HTML line breaks (IMDB) to spaces, runs of whitespace to one space."""
+    return " ".join(_HTML_BREAK.sub(" ", text).split())
+
+
+def table_format(path: Path, fmt: str | None) -> str:
+    if fmt:
+        if fmt not in FORMATS.values():
+            raise DataError(f"{path}: format {fmt!r} is not one of {sorted(set(FORMATS.values()))}")
+        return fmt
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise DataError(f"{path}: cannot tell the format from the suffix {suffix!r}; set data.format to tsv, csv or jsonl")
+    return FORMATS[suffix]
+
+
+def read_table(path: Path, text_column: str, label_column: str, fmt: str | None = None) -> LabelledTexts:
+    """Texts and labels from a TSV/CSV file with a header row, or from JSON lines."""
+    path = Path(path)
+    fmt = table_format(path, fmt)
+    content = read_utf8(path)
+    out = LabelledTexts()
+    if fmt == "jsonl":
+        for line_no, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {line_no}: not a JSON object ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}, line {line_no}: expected a JSON object, got {type(record).__name__}")
+            for column in (text_column, label_column):
+                if column not in record:
+                    raise DataError(
+                        f"{path}, line {line_no}: no key {column!r} (keys: {sorted(record)}); "
+                        "set data.text_column / data.label_column"
+                    )
+            label = record[label_column]
+            out.add(clean_text(str(record[text_column] or "")), "" if label is None else str(label), f"{path}, line {line_no}")
+        return out
+
+    if fmt == "tsv":  # GLUE-style: tab-separated, quotes are ordinary characters
+        reader = csv.reader(io.StringIO(content), delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(io.StringIO(content))
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path} is empty; expected a header row with {text_column!r} and {label_column!r}")
+        header = [name.strip() for name in header]
+        for column in (text_column, label_column):
+            if column not in header:
+                raise DataError(
+                    f"{path}, line 1: no column {column!r} in the header {header}; "
+                    "set data.text_column / data.label_column"
+                )
+        text_idx, label_idx = header.index(text_column), header.index(label_column)
+        line_no = 1
+        for row in reader:
+            line_no = reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path}, line {line_no}: {len(row)} fields, expected {len(header)} ({header})"
+                    + (" -- a tab inside the text?" if fmt == "tsv" else "")
+                )
+            out.add(clean_text(row[text_idx]), row[label_idx].strip(), f"{path}, line {line_no}")
+    except csv.Error as err:
+        raise DataError(f"{path}, line {reader.line_num}: malformed {fmt.upper()} ({err})") from None
+    return out
+
+
+def read_aclimdb(root: Path, split: str) -> LabelledTexts:
+    """The aclImdb layout: ``root/<split>/{pos,neg}/<id>_<rating>.txt``, one review per file."""
+    out = LabelledTexts()
+    for label in ("neg", "pos"):
+        folder = Path(root) / split / label
+        if not folder.is_dir():
+            raise DataError(f"{folder} is not a directory; expected the aclImdb layout {root}/{split}/{{pos,neg}}/*.txt")
+        for file in sorted(folder.glob("*.txt")):
+            out.add(clean_text(read_utf8(file)), label, str(file))
+    return out
+
+
+__all__ = ["LabelledTexts", "clean_text", "read_aclimdb", "read_table", "read_utf8"]

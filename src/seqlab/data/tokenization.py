@@ -1,0 +1,158 @@
+"""Tokenizers trained on a training split with the ``tokenizers`` library, saved and reloaded.
+
+Three kinds, chosen by ``data.tokenizer.kind``:
+
+- ``word``: whole words and punctuation (BERT pre-tokenization), the ``vocab_size`` most
+  frequent seen at least ``min_frequency`` times, the rest ``[UNK]``;
+- ``wordpiece``: BERT's subwords (``##`` continuations);
+- ``bpe``: byte-level BPE (GPT-2 style): no unknown tokens, and decoding restores the text exactly.
+
+Special tokens have fixed ids, the same for every kind: ``[PAD]=0, [UNK]=1, [CLS]=2, [BOS]=3,
+[EOS]=4``. The post-processor adds ``[CLS]`` in front (classification, for first-token pooling)
+or ``[BOS] ... [EOS]`` (translation targets) as asked, and truncates to ``max_length`` tokens
+including them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from seqlab.errors import ConfigError
+
+PAD, UNK, CLS, BOS, EOS = "[PAD]", "[UNK]", "[CLS]", "[BOS]", "[EOS]"
+SPECIAL_TOKENS = [PAD, UNK, CLS, BOS, EOS]
+PAD_ID, UNK_ID, CLS_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
+KINDS = ("word", "wordpiece", "bpe")
+WRAPS = ("none", "cls", "bos_eos")
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What ``data.tokenizer`` configures; part of the processed-data cache key."""
+
+    kind: str = "word"
+    vocab_size: int = 30000
+    min_frequency: int = 1
+    lowercase: bool = True
+    max_length: int | None = 128
+    #: ``cls`` prepends [CLS]; ``bos_eos`` wraps in [BOS] ... [EOS]; ``none`` adds nothing
+    wrap: str = "cls"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"data.tokenizer.kind={self.kind!r}: expected one of {list(KINDS)}")
+        if self.wrap not in WRAPS:
+            raise ConfigError(f"data.tokenizer.wrap={self.wrap!r}: expected one of {list(WRAPS)}")
+        if self.vocab_size <= len(SPECIAL_TOKENS):
+            raise ConfigError(
+                f"data.tokenizer.vocab_size={self.vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens"
+            )
+        specials = {"none": 0, "cls": 1, "bos_eos": 2}[self.wrap]
+        if self.max_length is not None and self.max_length <= specials:
+            raise ConfigError(f"data.tokenizer.max_length={self.max_length} leaves no room for text tokens")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | TokenizerSpec | None) -> TokenizerSpec:
+        if isinstance(config, TokenizerSpec):
+            return config
+        config = dict(config or {})
+        unknown = sorted(set(config) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(
+                f"data.tokenizer has unknown keys {unknown}; known: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _untrained(spec: TokenizerSpec) -> tuple[Tokenizer, Any]:
+    if spec.kind == "bpe":
+        tokenizer = Tokenizer(models.BPE(unk_token=None))
+        tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), *([normalizers.Lowercase()] if spec.lowercase else [])]
+        )
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=spec.vocab_size,
+            min_frequency=spec.min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        return tokenizer, trainer
+    if spec.kind == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
+        tokenizer.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=spec.vocab_size,
+            min_frequency=spec.min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            show_progress=False,
+        )
+    else:
+        tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=spec.vocab_size,
+            min_frequency=spec.min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            show_progress=False,
+        )
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=spec.lowercase
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tokenizer, trainer
+
+
+def _configure(tokenizer: Tokenizer, spec: TokenizerSpec) -> Tokenizer:
+    if spec.wrap == "cls":
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{CLS} $A", special_tokens=[(CLS, CLS_ID)]
+        )
+    elif spec.wrap == "bos_eos":
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A {EOS}", special_tokens=[(BOS, BOS_ID), (EOS, EOS_ID)]
+        )
+    if spec.max_length is not None:
+        tokenizer.enable_truncation(spec.max_length)
+    return tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec) -> Tokenizer:
+    """A tokenizer of ``spec.kind`` trained on ``texts`` (the training split only)."""
+    tokenizer, trainer = _untrained(spec)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == token_id, f"special token {token} did not get id {token_id}"
+    return _configure(tokenizer, spec)
+
+
+def load_tokenizer(path: Path | str) -> Tokenizer:
+    return Tokenizer.from_file(str(path))
+
+
+def encode(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of every text, batched in Rust (the only place text becomes ids)."""
+    return [encoding.ids for encoding in tokenizer.encode_batch(texts)]
+
+
+__all__ = [
+    "BOS_ID",
+    "CLS_ID",
+    "EOS_ID",
+    "PAD_ID",
+    "SPECIAL_TOKENS",
+    "UNK_ID",
+    "TokenizerSpec",
+    "encode",
+    "load_tokenizer",
+    "train_tokenizer",
+]

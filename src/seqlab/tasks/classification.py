@@ -1,0 +1,215 @@
+"""Sequence classification: token ids -> embeddings -> ``backbone.encode`` -> pooling -> classes.
+
+Padding never changes a prediction: RNN-family backbones run packed sequences, the Transformer
+masks padded keys, and every pooling ignores padded steps. ``last`` pooling of a bidirectional
+encoder takes the forward half at the last real token and the backward half at the first (each
+direction's final state). ``first`` pools the ``[CLS]`` token the tokenizer puts in front.
+
+Metrics (torchmetrics, reduced across processes): accuracy and macro-F1 per split, ``val/acc_best``;
+at test time a confusion matrix image and the most confident mistakes as a table, saved in the
+run directory and sent to the loggers that take images and tables (W&B, TensorBoard).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+from seqlab.backbones.base import lengths_from_mask, masked_mean
+from seqlab.errors import ConfigError
+from seqlab.tasks.base import SeqTask, build_backbone
+from seqlab.utils.figures import log_figure, log_table
+
+POOLINGS = ("mean", "max", "last", "first")
+
+
+def metric_set(prefix: str, num_classes: int) -> MetricCollection:
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
+        },
+        prefix=prefix,
+    )
+
+
+def pool(states: Tensor, pad_mask: Tensor | None, how: str, bidirectional: bool = False) -> Tensor:
+    """[B,T,D] encoder states -> [B,D], ignoring padded steps (``pad_mask`` True = padding)."""
+    if how == "mean":
+        return masked_mean(states, pad_mask)
+    if how == "max":
+        if pad_mask is None:
+            return states.max(dim=1).values
+        return states.masked_fill(pad_mask.unsqueeze(-1), float("-inf")).max(dim=1).values
+    if how == "first":
+        return states[:, 0]
+    # last real step; a bidirectional encoder's backward half ends at the first step
+    last = (
+        lengths_from_mask(pad_mask) - 1
+        if pad_mask is not None
+        else torch.full((states.shape[0],), states.shape[1] - 1, device=states.device)
+    )
+    final = states[torch.arange(states.shape[0], device=states.device), last]
+    if bidirectional:
+        half = states.shape[-1] // 2
+        final = torch.cat([final[:, :half], states[:, 0, half:]], dim=-1)
+    return final
+
+
+class ClassificationTask(SeqTask):
+    """Text (or any token sequence) classifier around any backbone's ``encode``.
+
+    Args:
+        backbone: the backbone's plain config (``_target_`` and arguments), from ``model=``.
+        vocab_size, num_classes, class_names, pad_id, cls_id: from the datamodule
+            (``task_kwargs()``), never set by hand.
+        pooling: ``mean``, ``max``, ``last`` or ``first`` (the [CLS] token).
+        embed_dropout: dropout on the token embeddings.
+        head_hidden: width of a tanh hidden layer before the output layer (0: a linear head).
+        head_dropout: dropout before the head.
+        label_smoothing: of the cross-entropy loss.
+        misclassified_samples: rows of the test table of the most confident mistakes.
+    """
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        vocab_size: int,
+        num_classes: int,
+        class_names: list[str] | None = None,
+        pad_id: int = 0,
+        cls_id: int | None = None,
+        pooling: str = "mean",
+        embed_dropout: float = 0.1,
+        head_hidden: int = 0,
+        head_dropout: float = 0.1,
+        label_smoothing: float = 0.0,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        monitor: str = "val/acc",
+        monitor_mode: str = "max",
+        misclassified_samples: int = 50,
+    ) -> None:
+        super().__init__(monitor=monitor, monitor_mode=monitor_mode)
+        self.save_hyperparameters()
+        if pooling not in POOLINGS:
+            raise ConfigError(f"task.pooling={pooling!r}: expected one of {list(POOLINGS)}")
+        if pooling == "first" and cls_id is None:
+            raise ConfigError("task.pooling=first pools the [CLS] token: set data.tokenizer.wrap=cls")
+        if num_classes < 2:
+            raise ConfigError(f"the data has {num_classes} class(es); classification needs at least 2")
+        self.backbone = build_backbone(backbone)
+        width = self.backbone.d_model
+        self.embed = nn.Embedding(vocab_size, width, padding_idx=pad_id)
+        self.embed_dropout = nn.Dropout(embed_dropout)
+        layers: list[nn.Module] = [nn.Dropout(head_dropout)]
+        if head_hidden:
+            layers += [nn.Linear(width, head_hidden), nn.Tanh(), nn.Dropout(head_dropout)]
+        layers.append(nn.Linear(head_hidden or width, num_classes))
+        self.head = nn.Sequential(*layers)
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.val_metrics = metric_set("val/", num_classes)
+        self.test_metrics = metric_set("test/", num_classes)
+        self.confusion = MulticlassConfusionMatrix(num_classes)
+        self._mistakes: list[Tensor] = []
+
+    # ------------------------------------------------------------------ model
+    def forward(self, input_ids: Tensor, pad_mask: Tensor | None = None) -> Tensor:
+        """input_ids [B,T] (right-padded), pad_mask [B,T] (True = padding) -> logits [B,C]."""
+        x = self.embed_dropout(self.embed(input_ids))
+        states = self.backbone.encode(x, pad_mask)
+        pooled = pool(states, pad_mask, self.hparams.pooling, getattr(self.backbone, "bidirectional", False))
+        return self.head(pooled)
+
+    def _logits_and_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        logits = self(batch["input_ids"], batch["pad_mask"])
+        loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.hparams.label_smoothing)
+        return logits, loss
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        _, loss = self._logits_and_loss(batch)
+        self.train_loss.update(loss.detach())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits, loss = self._logits_and_loss(batch)
+        self.val_loss.update(loss)
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
+        self.val_metrics.update(logits, batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.log_dict(values, prog_bar=True, sync_dist=True)  # already reduced: silences Lightning's hint
+        self.val_metrics.reset()
+        self.log_monitor_best(values[self.hparams.monitor])
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits = self(batch["input_ids"], batch["pad_mask"])
+        labels = batch["labels"]
+        self.test_metrics.update(logits, labels)
+        self.confusion.update(logits, labels)
+        probs = logits.float().softmax(dim=-1)
+        confidence, preds = probs.max(dim=-1)
+        wrong = preds != labels
+        if bool(wrong.any()):
+            rows = torch.stack([batch["index"][wrong], labels[wrong], preds[wrong]], dim=1).float()
+            self._mistakes.append(torch.cat([rows, confidence[wrong, None]], dim=1).cpu())
+
+    def on_test_epoch_start(self) -> None:
+        self._mistakes = []
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute(), sync_dist=True)
+        self.test_metrics.reset()
+        confusion = self.confusion.compute()  # summed over processes
+        self.confusion.reset()
+        if self.trainer.is_global_zero:
+            self.report_confusion(confusion)
+            self.report_mistakes()
+        self._mistakes = []
+
+    # ------------------------------------------------------------------ reports
+    def report_confusion(self, confusion: Tensor) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        size = max(4.0, 0.6 * len(self.class_names) + 2)
+        fig, ax = plt.subplots(figsize=(size, size))
+        self.confusion.plot(val=confusion.cpu(), ax=ax, labels=self.class_names)
+        ax.set_title("test confusion matrix", fontsize=10)
+        fig.tight_layout()
+        log_figure(self.trainer, fig, "test/confusion_matrix")
+
+    def report_mistakes(self) -> None:
+        """The most confident test mistakes (this process's share under DDP) as a table."""
+        if not self._mistakes:
+            return
+        rows = torch.cat(self._mistakes)
+        rows = rows[rows[:, 3].argsort(descending=True)][: self.hparams.misclassified_samples]
+        datamodule = getattr(self.trainer, "datamodule", None)
+        texts = datamodule.texts("test") if hasattr(datamodule, "texts") else None
+        table = [
+            [
+                int(index),
+                texts[int(index)] if texts is not None else "",
+                self.class_names[int(label)],
+                self.class_names[int(pred)],
+                round(float(confidence), 4),
+            ]
+            for index, label, pred, confidence in rows.tolist()
+        ]
+        log_table(
+            self.trainer, "test/misclassified", ["index", "text", "label", "predicted", "confidence"], table
+        )
