@@ -69,6 +69,37 @@ def ett_dir() -> Path:
     return path
 
 
+@pytest.fixture
+def sst2_dir() -> Path:
+    path = SHARED_DATA / "sst2"
+    if not (path / "train.tsv").is_file():
+        pytest.skip("../shared/data/sst2/train.tsv is not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_cache(tmp_path_factory) -> Path:
+    """One processed-data cache for the whole session (tokenizers are trained once per setting)."""
+    return tmp_path_factory.mktemp("text_cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_imdb(tmp_path_factory) -> Path:
+    """A few reviews in the aclImdb layout."""
+    root = tmp_path_factory.mktemp("imdb")
+    reviews = {
+        "pos": ["A great, moving film.<br />Loved it.", "Wonderful cast"],
+        "neg": ["Dull and awful.", "Boring"],
+    }
+    for split in ("train", "test"):
+        for label, texts in reviews.items():
+            folder = root / "aclImdb" / split / label
+            folder.mkdir(parents=True)
+            for i, text in enumerate(texts * 5):
+                (folder / f"{i}_5.txt").write_text(f"{text} ({i})")
+    return root
+
+
 def run_script(
     *args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:

@@ -15,16 +15,38 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
+def data_overrides(data: str, request, tmp_path: Path) -> list[str]:
+    """Where each data option reads from in the tests (real files only where ../shared/data is present)."""
+    if data == "ett":
+        return [f"data.data_dir={request.getfixturevalue('ett_dir')}"]
+    if data in ("timeseries",):
+        return []
+    cache = [f"data.cache_dir={request.getfixturevalue('text_cache')}"]
+    if data == "sst2":
+        return [*cache, f"data.data_dir={request.getfixturevalue('sst2_dir')}"]
+    if data == "imdb":
+        return [*cache, f"data.data_dir={request.getfixturevalue('tiny_imdb')}", "data.val_size=2"]
+    if data == "text_classification":
+        (tmp_path / "train.jsonl").write_text(
+            "".join(f'{{"text": "review {i}", "label": "{"abc"[i % 3]}"}}\n' for i in range(30))
+        )
+        return [*cache, f"data.data_dir={tmp_path}", "data.train_file=train.jsonl"]
+    return cache
+
+
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("data", options("data"))
-def test_every_data_and_model_pair_instantiates(make_cfg, data: str, model: str, request) -> None:
-    overrides = [f"data={data}", f"model={model}"]
-    if data == "ett":  # real files only where ../shared/data is present
-        overrides.append(f"data.data_dir={request.getfixturevalue('ett_dir')}")
-    cfg = make_cfg(*overrides, fast=False)
+def test_every_data_and_model_pair_instantiates(
+    make_cfg, data: str, model: str, request, tmp_path: Path
+) -> None:
+    cfg = make_cfg(f"data={data}", f"model={model}", *data_overrides(data, request, tmp_path), fast=False)
     datamodule = build_datamodule(cfg.data)
     task = build_task(cfg.task, cfg.model, datamodule)
-    assert task.hparams.num_channels == datamodule.num_channels
+    if cfg.task._target_.endswith("ForecastingTask"):
+        assert task.hparams.num_channels == datamodule.num_channels
+    else:
+        assert task.hparams.num_classes == len(datamodule.load_meta()["classes"])
+        assert task.embed.num_embeddings == datamodule.load_meta()["vocab_size"]
     assert task.backbone.d_model == cfg.model.d_model
 
 
@@ -63,8 +85,10 @@ def test_every_debug_preset_composes(make_cfg, debug: str) -> None:
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
-def test_every_experiment_composes(make_cfg, experiment: str, ett_dir: Path) -> None:
-    cfg = make_cfg(f"experiment={experiment}", f"data.data_dir={ett_dir}", fast=False)
+def test_every_experiment_composes(make_cfg, experiment: str, request, tmp_path: Path) -> None:
+    data = {"ett": "ett", "sst2": "sst2"}[experiment.split("_")[0]]
+    cfg = make_cfg(f"experiment={experiment}", *data_overrides(data, request, tmp_path), fast=False)
+    assert cfg.model._target_.endswith("TransformerBackbone") == experiment.endswith("transformer")
     datamodule = build_datamodule(cfg.data)
     build_task(cfg.task, cfg.model, datamodule)
 

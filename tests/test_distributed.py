@@ -74,3 +74,32 @@ def test_multirun_writes_a_table_of_every_job(tmp_path: Path) -> None:
     assert len(rows) == 3 and "mse" in rows[0]
     for job in ("0", "1"):
         assert (sweep / job / "summary.json").is_file()
+
+
+def test_text_ddp_matches_one_process(tmp_path: Path) -> None:
+    """Bucketed text batches: both processes build the cache at once and share each global batch."""
+    same = [
+        "data=sentiment_synthetic",
+        "data.num_train=800",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model=gru",
+        "model.d_model=32",
+        "model.dropout=0.0",
+        "task.embed_dropout=0.0",
+        "task.head_dropout=0.0",
+        "trainer.max_epochs=2",
+        "callbacks.early_stopping=null",
+        "extras.print_config=false",
+        "callbacks.rich_progress_bar=null",
+    ]
+    ddp = run_script("train.py", "trainer=ddp", *same, f"hydra.run.dir={tmp_path / 'ddp'}", timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = run_script("train.py", "trainer=cpu", *same, f"hydra.run.dir={tmp_path / 'one'}", timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert len(list((tmp_path / "cache").iterdir())) == 1, "one processed-data directory, no leftovers"
+    single_weights, ddp_weights = last_weights(tmp_path / "one"), last_weights(tmp_path / "ddp")
+    for name in single_weights:
+        torch.testing.assert_close(ddp_weights[name], single_weights[name], atol=2e-4, rtol=1e-3, msg=name)
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["trainer"]["world_size"] == 2
+    assert summary["metrics"]["test/acc"] > 0.5

@@ -61,3 +61,26 @@ def test_training_with_wandb_and_no_key_writes_offline_run(tmp_path: Path) -> No
     assert list(offline_runs[0].glob("*.wandb")), "the run's data file"
     assert "wandb sync" in result.stdout + result.stderr
     assert (run_dir / "metrics.csv").is_file(), "CSV stays on beside W&B"
+
+
+@pytest.mark.slow
+def test_classification_sends_its_confusion_matrix_and_mistakes_table_to_wandb(tmp_path: Path) -> None:
+    from tests.conftest import run_script
+
+    home = tmp_path / "home"
+    home.mkdir()
+    run_dir = tmp_path / "run"
+    result = run_script(
+        "train.py", "logger=wandb", "data=sentiment_synthetic", "data.num_train=600", "model=gru",
+        "model.d_model=16", "trainer.max_epochs=1", f"data.cache_dir={tmp_path / 'cache'}",
+        "extras.print_config=false", "callbacks.rich_progress_bar=null", f"hydra.run.dir={run_dir}",
+        env={"HOME": str(home), "NETRC": str(home / ".netrc")}, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    media = offline / "files" / "media"
+    tables = list(media.rglob("*misclassified*.table.json"))
+    assert tables, f"a W&B table of mistakes under {media}"
+    assert '"predicted"' in tables[0].read_text()
+    assert list(media.rglob("*confusion_matrix*.png")), "the confusion matrix image"
+    assert (run_dir / "tables" / "test_misclassified.csv").is_file()

@@ -56,7 +56,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     data_cfg = {**info["data"], **to_plain(cfg.get("data") or {})}
     if cfg.get("data_dir"):
         data_cfg["data_dir"] = cfg.data_dir
-    datamodule = build_datamodule(data_cfg)
+    datamodule = build_datamodule(data_cfg, info.get("data_artifacts"))
     task_cls = get_class(info["task_target"])
     task = task_cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     trainer = build_trainer(cfg, callbacks=[], loggers=build_loggers(cfg.get("logger"), run_dir))

@@ -42,8 +42,13 @@ def to_plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def build_datamodule(data_cfg: DictConfig | dict) -> L.LightningDataModule:
+def build_datamodule(
+    data_cfg: DictConfig | dict, artifacts: dict[str, Any] | None = None
+) -> L.LightningDataModule:
+    """Instantiate and prepare the data; ``artifacts`` (a checkpoint's tokenizer...) are reused, not rebuilt."""
     datamodule = instantiate(data_cfg, _convert_="all")
+    if artifacts and hasattr(datamodule, "use_artifacts"):
+        datamodule.use_artifacts(artifacts)
     datamodule.prepare_data()  # every process: downloads are atomic, and no process group exists yet
     return datamodule
 
@@ -123,6 +128,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)
     task = build_task(cfg.task, cfg.model, datamodule)
     task.run_info = {"data": datamodule_config(datamodule), "data_name": hydra_choice("data")}
+    if hasattr(datamodule, "artifacts"):  # e.g. the tokenizer: eval needs it from the checkpoint alone
+        task.run_info["data_artifacts"] = datamodule.artifacts()
     callbacks = build_callbacks(cfg.get("callbacks"))
     loggers = build_loggers(cfg.get("logger"), run_dir)
     trainer = build_trainer(cfg, callbacks, loggers)

@@ -29,13 +29,14 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
+from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from seqlab.data.forecasting import keep_batch
 from seqlab.data.readers import ensure_extracted
 from seqlab.data.samplers import BucketSampler
 from seqlab.data.text_readers import LabelledTexts, read_aclimdb, read_table
-from seqlab.data.tokenization import CLS_ID, PAD_ID, TokenizerSpec, encode, load_tokenizer, train_tokenizer
+from seqlab.data.tokenization import CLS_ID, PAD_ID, UNK_ID, TokenizerSpec, encode, load_tokenizer, train_tokenizer
 from seqlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.seed = seed
         self.datasets: dict[str, TokenizedTexts] = {}
         self.meta: dict[str, Any] | None = None
+        #: tokenizer and classes of a trained model (``use_artifacts``): reused, never retrained
+        self.fixed: dict[str, Any] | None = None
 
     def _absolute_paths(self) -> None:
         """Store paths absolute, so a checkpoint rebuilds its data from any working directory."""
@@ -211,6 +214,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             "classes": self.classes,
             "holdout": [hp.val_size, hp.test_size, hp.split_seed],
             "tokenizer": self.spec.to_dict(),
+            "fixed": hashlib.sha256(json.dumps(self.fixed, sort_keys=True).encode()).hexdigest() if self.fixed else None,
         }
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -264,6 +268,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         return raw
 
     def class_list(self, train: LabelledTexts) -> list[str]:
+        if self.fixed is not None:
+            return list(self.fixed["classes"])
         if self.classes is not None:
             return self.classes
         return sorted(set(train.labels), key=_numeric_order)
@@ -280,13 +286,18 @@ class TextClassificationDataModule(L.LightningDataModule):
                     raise DataError(f"{origin}: label {label!r} is not one of {classes} ({expected})")
                 ids.append(class_id[label])
             label_ids[split] = ids
-        log.info("training a %s tokenizer on %d texts", self.spec.kind, len(raw["train"]))
-        tokenizer = train_tokenizer(raw["train"].texts, self.spec)
+        if self.fixed is not None:
+            tokenizer = Tokenizer.from_str(self.fixed["tokenizer"])
+        else:
+            log.info("training a %s tokenizer on %d texts", self.spec.kind, len(raw["train"]))
+            tokenizer = train_tokenizer(raw["train"].texts, self.spec)
         splits = {
             split: TokenizedTexts.from_lists(encode(tokenizer, examples.texts), label_ids[split], examples.texts).state()
             for split, examples in raw.items()
         }
         names = self.hparams.label_names
+        if self.fixed is not None:
+            names = self.fixed["class_names"]
         meta = {
             "classes": classes,
             "class_names": [str(n) for n in names] if names is not None else classes,
@@ -340,7 +351,20 @@ class TextClassificationDataModule(L.LightningDataModule):
             "class_names": meta["class_names"],
             "pad_id": PAD_ID,
             "cls_id": CLS_ID if meta["tokenizer"]["wrap"] == "cls" else None,
+            "unk_id": UNK_ID,
         }
+
+    def artifacts(self) -> dict[str, Any]:
+        """What a trained model depends on beyond the config: saved in its checkpoints."""
+        meta = self.load_meta()
+        tokenizer = (self.processed_dir / "tokenizer.json").read_text()
+        return {"tokenizer": tokenizer, "classes": meta["classes"], "class_names": meta["class_names"]}
+
+    def use_artifacts(self, artifacts: dict[str, Any]) -> None:
+        """Encode with a checkpoint's tokenizer and classes (``eval.py``), whatever the files now hold."""
+        self.fixed = {key: artifacts[key] for key in ("tokenizer", "classes", "class_names")}
+        self.meta = None
+        self.datasets = {}
 
     def texts(self, split: str) -> list[str]:
         self.setup()
@@ -414,7 +438,9 @@ class SyntheticSentimentDataModule(TextClassificationDataModule):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("label_names", ["negative", "neutral", "positive"])
-        super().__init__(data_dir=None, val_file=None, test_file=None, classes=["negative", "neutral", "positive"], **kwargs)
+        # generated, not read: no files (a checkpoint's saved hparams pass these back unchanged)
+        kwargs.update(data_dir=None, val_file=None, test_file=None, classes=["negative", "neutral", "positive"])
+        super().__init__(**kwargs)
         self.save_hyperparameters()
         self._absolute_paths()
 

@@ -66,10 +66,12 @@ class ClassificationTask(SeqTask):
 
     Args:
         backbone: the backbone's plain config (``_target_`` and arguments), from ``model=``.
-        vocab_size, num_classes, class_names, pad_id, cls_id: from the datamodule
+        vocab_size, num_classes, class_names, pad_id, cls_id, unk_id: from the datamodule
             (``task_kwargs()``), never set by hand.
         pooling: ``mean``, ``max``, ``last`` or ``first`` (the [CLS] token).
         embed_dropout: dropout on the token embeddings.
+        word_dropout: while training, the probability that a text token is replaced by the
+            unknown token (Bowman et al. 2016), so the model cannot lean on single rare words.
         head_hidden: width of a tanh hidden layer before the output layer (0: a linear head).
         head_dropout: dropout before the head.
         label_smoothing: of the cross-entropy loss.
@@ -84,8 +86,10 @@ class ClassificationTask(SeqTask):
         class_names: list[str] | None = None,
         pad_id: int = 0,
         cls_id: int | None = None,
+        unk_id: int | None = None,
         pooling: str = "mean",
         embed_dropout: float = 0.1,
+        word_dropout: float = 0.0,
         head_hidden: int = 0,
         head_dropout: float = 0.1,
         label_smoothing: float = 0.0,
@@ -101,6 +105,8 @@ class ClassificationTask(SeqTask):
             raise ConfigError(f"task.pooling={pooling!r}: expected one of {list(POOLINGS)}")
         if pooling == "first" and cls_id is None:
             raise ConfigError("task.pooling=first pools the [CLS] token: set data.tokenizer.wrap=cls")
+        if word_dropout and unk_id is None:
+            raise ConfigError("task.word_dropout needs the data's unknown-token id (unk_id); this data has none")
         if num_classes < 2:
             raise ConfigError(f"the data has {num_classes} class(es); classification needs at least 2")
         self.backbone = build_backbone(backbone)
@@ -128,8 +134,18 @@ class ClassificationTask(SeqTask):
         pooled = pool(states, pad_mask, self.hparams.pooling, getattr(self.backbone, "bidirectional", False))
         return self.head(pooled)
 
+    def drop_words(self, input_ids: Tensor, pad_mask: Tensor) -> Tensor:
+        """Replace text tokens by the unknown token with probability ``word_dropout`` (training only)."""
+        rate = self.hparams.word_dropout
+        if not (self.training and rate):
+            return input_ids
+        drop = (torch.rand(input_ids.shape, device=input_ids.device) < rate) & ~pad_mask
+        if self.hparams.cls_id is not None:
+            drop &= input_ids != self.hparams.cls_id
+        return input_ids.masked_fill(drop, self.hparams.unk_id)
+
     def _logits_and_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        logits = self(batch["input_ids"], batch["pad_mask"])
+        logits = self(self.drop_words(batch["input_ids"], batch["pad_mask"]), batch["pad_mask"])
         loss = F.cross_entropy(logits, batch["labels"], label_smoothing=self.hparams.label_smoothing)
         return logits, loss
 

@@ -1,0 +1,184 @@
+"""The classification task: padding changes nothing, every backbone learns, eval reproduces, reports exist."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqlab.data import classification
+from seqlab.eval import evaluate
+from seqlab.tasks.classification import ClassificationTask, pool
+from seqlab.train import train
+from tests.conftest import SHARED_DATA, run_script
+
+BACKBONES = {
+    "rnn": {"_target_": "seqlab.backbones.rnn.RNNBackbone", "cell": "rnn", "d_model": 16, "num_layers": 2},
+    "lstm": {"_target_": "seqlab.backbones.rnn.RNNBackbone", "cell": "lstm", "d_model": 16, "num_layers": 2},
+    "bilstm": {
+        "_target_": "seqlab.backbones.rnn.RNNBackbone",
+        "cell": "lstm",
+        "d_model": 16,
+        "num_layers": 2,
+        "bidirectional": True,
+    },
+    "gru": {"_target_": "seqlab.backbones.rnn.RNNBackbone", "cell": "gru", "d_model": 16, "num_layers": 1},
+    "transformer": {
+        "_target_": "seqlab.backbones.transformer.TransformerBackbone",
+        "d_model": 16,
+        "nhead": 2,
+        "num_layers": 2,
+        "dim_feedforward": 32,
+    },
+}
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "last", "first"])
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_padding_changes_no_logit(backbone: str, pooling: str) -> None:
+    torch.manual_seed(0)
+    task = ClassificationTask(
+        BACKBONES[backbone], vocab_size=50, num_classes=3, cls_id=2, pooling=pooling
+    ).eval()
+    lengths = [7, 3, 1, 5]
+    seqs = [torch.randint(5, 50, (n,)) for n in lengths]
+    ids = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)] = seq
+    pad_mask = torch.arange(max(lengths))[None, :] >= torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        batched = task(ids, pad_mask)
+        one_by_one = torch.cat([task(seq[None], torch.zeros(1, len(seq), dtype=torch.bool)) for seq in seqs])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+def test_last_pooling_of_a_bidirectional_encoder_takes_each_direction_final_state() -> None:
+    states = torch.arange(2 * 4 * 4, dtype=torch.float).view(2, 4, 4)
+    pad_mask = torch.tensor([[False, False, False, True], [False, False, False, False]])
+    pooled = pool(states, pad_mask, "last", bidirectional=True)
+    assert pooled[0].tolist() == [*states[0, 2, :2].tolist(), *states[0, 0, 2:].tolist()]
+    assert pooled[1].tolist() == [*states[1, 3, :2].tolist(), *states[1, 0, 2:].tolist()]
+
+
+def test_word_dropout_replaces_only_text_tokens_and_only_in_training() -> None:
+    task = ClassificationTask(BACKBONES["gru"], vocab_size=50, num_classes=2, cls_id=2, unk_id=1, word_dropout=0.5)
+    ids = torch.randint(5, 50, (64, 40))
+    ids[:, 0] = 2
+    pad_mask = torch.zeros_like(ids, dtype=torch.bool)
+    pad_mask[:, 30:] = True
+    dropped = task.train().drop_words(ids, pad_mask)
+    changed = dropped != ids
+    assert (dropped[changed] == 1).all()
+    assert not changed[:, 0].any() and not changed[pad_mask].any()
+    assert 0.45 < changed[:, 1:30].float().mean() < 0.55
+    assert torch.equal(task.eval().drop_words(ids, pad_mask), ids)
+
+
+def test_bad_task_settings_are_named() -> None:
+    from seqlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"task.pooling='attention'"):
+        ClassificationTask(BACKBONES["gru"], vocab_size=10, num_classes=2, pooling="attention")
+    with pytest.raises(ConfigError, match=r"data.tokenizer.wrap=cls"):
+        ClassificationTask(BACKBONES["gru"], vocab_size=10, num_classes=2, pooling="first", cls_id=None)
+
+
+TEXT_FAST = [
+    "data=sentiment_synthetic",
+    "model.d_model=32",
+    "task.optimizer.lr=3e-3",
+    "trainer.max_epochs=5",
+    "trainer.accelerator=cpu",
+    "extras.print_config=false",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null",
+]
+
+
+@pytest.fixture
+def text_cfg(make_cfg, tmp_path: Path):
+    def make(*overrides: str, **kwargs):
+        return make_cfg(*TEXT_FAST, f"data.cache_dir={tmp_path / 'cache'}", *overrides, fast=False, **kwargs)
+
+    return make
+
+
+@pytest.mark.parametrize("model", ["rnn", "lstm", "gru", "transformer"])
+def test_every_backbone_learns_synthetic_sentiment(text_cfg, model: str) -> None:
+    metrics, objects = train(text_cfg(f"model={model}"))
+    assert metrics["test/acc"] > 0.9, metrics
+    assert metrics["test/f1"] > 0.85, metrics
+    assert metrics["val/acc_best"] >= metrics["val/acc"] - 1e-6
+    assert objects["summary"]["task"] == "classification"
+
+
+def test_reports_and_eval_reproduce_the_test_accuracy(
+    text_cfg, make_cfg, tmp_path: Path, monkeypatch
+) -> None:
+    metrics, objects = train(text_cfg("model=gru", "trainer.max_epochs=2"))
+    run_dir = tmp_path / "run"
+    assert (run_dir / "plots" / "test_confusion_matrix.png").stat().st_size > 1000
+    with open(run_dir / "tables" / "test_misclassified.csv") as f:
+        rows = list(csv.DictReader(f))
+    test_texts = objects["datamodule"].texts("test")
+    wrong = round((1 - metrics["test/acc"]) * len(test_texts))
+    assert len(rows) == min(wrong, 50)
+    for row in rows:
+        assert row["label"] != row["predicted"]
+        assert row["text"] == test_texts[int(row["index"])]
+    ckpt = objects["summary"]["best_checkpoint"]
+    # from the checkpoint alone: no processed data left, and no tokenizer may be trained again
+    shutil.rmtree(tmp_path / "cache")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("eval trained a new tokenizer instead of the checkpoint's")
+
+    monkeypatch.setattr(classification, "train_tokenizer", no_training)
+    eval_metrics, _ = evaluate(
+        make_cfg(f"ckpt_path={ckpt}", "extras.print_config=false", name="eval", output="eval")
+    )
+    for key in ("test/acc", "test/f1"):
+        assert eval_metrics[key] == pytest.approx(metrics[key], abs=1e-6), key
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["metrics"]["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+
+
+def test_checkpoint_reloads_to_the_same_logits(text_cfg) -> None:
+    _, objects = train(text_cfg("model=transformer", "trainer.max_epochs=1"))
+    ckpt = objects["summary"]["best_checkpoint"]
+    restored = ClassificationTask.load_from_checkpoint(ckpt, weights_only=True).eval()
+    trained = ClassificationTask.load_from_checkpoint(ckpt, weights_only=True).eval()
+    batch = objects["datamodule"].datasets["test"].__getitems__(list(range(16)))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            restored(batch["input_ids"], batch["pad_mask"]), trained(batch["input_ids"], batch["pad_mask"])
+        )
+    assert restored.hparams.vocab_size == objects["task"].hparams.vocab_size
+
+
+@pytest.mark.slow
+def test_sst2_from_the_shared_files_learns(tmp_path: Path) -> None:
+    if not (SHARED_DATA / "sst2" / "train.tsv").is_file():
+        pytest.skip("../shared/data/sst2 is not available")
+    result = run_script(
+        "train.py",
+        "data=sst2",
+        f"data.data_dir={SHARED_DATA / 'sst2'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model=gru",
+        "model.d_model=64",
+        "model.num_layers=1",
+        "trainer.limit_train_batches=150",
+        "trainer.max_epochs=1",
+        "extras.print_config=false",
+        "callbacks.rich_progress_bar=null",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["data"] == "sst2"
+    assert summary["metrics"]["test/acc"] > 0.7, summary["metrics"]

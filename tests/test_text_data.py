@@ -1,0 +1,308 @@
+"""Text data: tokenizers, readers and their errors, the processed-data cache, length-bucketed batches."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqlab.data import classification
+from seqlab.data.classification import SyntheticSentimentDataModule, TextClassificationDataModule
+from seqlab.data.samplers import BucketSampler
+from seqlab.data.text_readers import read_aclimdb, read_table
+from seqlab.data.tokenization import CLS_ID, PAD_ID, SPECIAL_TOKENS, TokenizerSpec, encode, train_tokenizer
+from seqlab.errors import ConfigError, DataError
+
+CORPUS = [
+    "the film is a charming and often affecting journey",
+    "unflinchingly bleak and desperate",
+    "it is not a good movie but the cast is wonderful",
+    "a dull , tedious and painfully long story",
+] * 5
+
+
+# ---------------------------------------------------------------- tokenizers
+@pytest.mark.parametrize("kind", ["word", "wordpiece", "bpe"])
+def test_tokenizer_round_trips_and_keeps_special_ids(kind: str) -> None:
+    tokenizer = train_tokenizer(CORPUS, TokenizerSpec(kind=kind, vocab_size=300, wrap="cls"))
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == token_id
+    ids = encode(tokenizer, CORPUS[:3])
+    assert all(seq[0] == CLS_ID for seq in ids)
+    decoded = [tokenizer.decode(seq).strip() for seq in ids]
+    assert decoded == CORPUS[:3]
+
+
+def test_byte_level_bpe_restores_raw_text_exactly() -> None:
+    raw = 'Hello, it\'s a tést -- "quoted"!'
+    tokenizer = train_tokenizer([raw, *CORPUS], TokenizerSpec(kind="bpe", vocab_size=300, lowercase=False))
+    assert tokenizer.decode(encode(tokenizer, [raw])[0]).strip() == raw
+
+
+def test_truncation_counts_the_special_token() -> None:
+    tokenizer = train_tokenizer(CORPUS, TokenizerSpec(kind="word", vocab_size=300, max_length=4))
+    assert [len(seq) for seq in encode(tokenizer, CORPUS[:2])] == [4, 4]
+
+
+def test_bad_tokenizer_settings_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"data.tokenizer.kind='sentencepiece'"):
+        TokenizerSpec(kind="sentencepiece")
+    with pytest.raises(ConfigError, match=r"unknown keys \['vocab'\]"):
+        TokenizerSpec.from_config({"vocab": 10})
+
+
+# ---------------------------------------------------------------- readers and their errors
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def test_tsv_csv_and_jsonl_read_the_same_examples(tmp_path: Path) -> None:
+    tsv = write(tmp_path / "a.tsv", 'sentence\tlabel\nit \'s "great"\t1\nbad\t0\n')
+    csv_file = write(tmp_path / "a.csv", 'sentence,label\n"it \'s ""great""",1\nbad,0\n')
+    jsonl = write(
+        tmp_path / "a.jsonl",
+        '{"sentence": "it \'s \\"great\\"", "label": 1}\n\n{"sentence": "bad", "label": 0}\n',
+    )
+    for path in (tsv, csv_file, jsonl):
+        examples = read_table(path, "sentence", "label")
+        assert examples.texts == ['it \'s "great"', "bad"]
+        assert examples.labels == ["1", "0"]
+    assert read_table(tsv, "sentence", "label").origins[1] == f"{tsv}, line 3"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("text\tlabel\nfine\t1\n", r"line 1: no column 'sentence' in the header \['text', 'label'\]"),
+        ("sentence\tlabel\nfine\t1\n \t0\n", "line 3: empty text"),
+        ("sentence\tlabel\nfine\t1\nno label\t\n", "line 3: missing label"),
+        ("sentence\tlabel\nfine\t1\ttoo many\n", "line 2: 3 fields, expected 2"),
+        (b"sentence\tlabel\nfine\t1\ncaf\xe9\t0\n", r"line 3: bytes b'\\xe9' are not UTF-8"),
+        ("", "is empty; expected a header row"),
+    ],
+)
+def test_bad_table_rows_name_file_and_line(tmp_path: Path, content, message: str) -> None:
+    path = write(tmp_path / "bad.tsv", content)
+    with pytest.raises(DataError, match=message) as err:
+        read_table(path, "sentence", "label")
+    assert str(path) in str(err.value)
+
+
+def test_bad_jsonl_line_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path / "bad.jsonl", '{"text": "ok", "label": "a"}\n{"text": "oops"\n')
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2: not a JSON object"):
+        read_table(path, "text", "label")
+    path = write(tmp_path / "nokey.jsonl", '{"text": "ok"}\n')
+    with pytest.raises(DataError, match=r"line 1: no key 'label'"):
+        read_table(path, "text", "label")
+
+
+def test_aclimdb_layout(tmp_path: Path) -> None:
+    for label, texts in {"pos": ["A great film.<br /><br />Loved it"], "neg": ["Awful.", "Dull"]}.items():
+        for i, text in enumerate(texts):
+            write(tmp_path / "aclImdb" / "train" / label / f"{i}_7.txt", text)
+    examples = read_aclimdb(tmp_path / "aclImdb", "train")
+    assert examples.labels == ["neg", "neg", "pos"]
+    assert examples.texts[2] == "A great film. Loved it"
+    with pytest.raises(DataError, match=r"aclImdb/test/neg is not a directory"):
+        read_aclimdb(tmp_path / "aclImdb", "test")
+
+
+# ---------------------------------------------------------------- the datamodule
+def three_class_files(root: Path) -> Path:
+    rows = [("what a great film", "positive"), ("awful and dull", "negative"), ("a french film", "neutral")]
+    write(
+        root / "train.csv",
+        "review,sentiment\n" + "".join(f"{t} {i},{s}\n" for i in range(30) for t, s in rows),
+    )
+    write(root / "test.csv", "review,sentiment\n" + "".join(f"{t},{s}\n" for t, s in rows))
+    return root
+
+
+def text_dm(root: Path, cache: Path, **kwargs) -> TextClassificationDataModule:
+    settings = {
+        "data_dir": str(root),
+        "train_file": "train.csv",
+        "test_file": "test.csv",
+        "text_column": "review",
+        "label_column": "sentiment",
+        "val_size": 0.2,
+        "tokenizer": {"kind": "wordpiece", "vocab_size": 200},
+        "batch_size": 8,
+        "cache_dir": str(cache),
+    }
+    return TextClassificationDataModule(**{**settings, **kwargs})
+
+
+def test_string_labels_become_saved_class_ids_and_val_is_held_out(tmp_path: Path) -> None:
+    dm = text_dm(three_class_files(tmp_path / "raw"), tmp_path / "cache")
+    dm.prepare_data()
+    dm.setup()
+    meta = json.loads((dm.processed_dir / "meta.json").read_text())
+    assert meta["classes"] == ["negative", "neutral", "positive"]
+    assert meta["sizes"] == {"train": 72, "val": 18, "test": 3}
+    assert dm.task_kwargs()["num_classes"] == 3
+    assert set(dm.texts("val")).isdisjoint(dm.texts("train"))
+    assert dm.datasets["test"].labels.tolist() == [2, 0, 1]
+    # the same seed holds out the same slice
+    again = text_dm(tmp_path / "raw", tmp_path / "cache2")
+    again.setup()
+    assert again.texts("val") == dm.texts("val")
+
+
+def test_second_run_reuses_the_tokenizer_and_changes_invalidate_it(tmp_path: Path, monkeypatch) -> None:
+    root = three_class_files(tmp_path / "raw")
+    first = text_dm(root, tmp_path / "cache")
+    first.prepare_data()
+    tokenizer_file = first.processed_dir / "tokenizer.json"
+    written = tokenizer_file.stat().st_mtime_ns
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained again")
+
+    monkeypatch.setattr(classification, "train_tokenizer", no_training)
+    second = text_dm(root, tmp_path / "cache")
+    second.prepare_data()
+    second.setup()
+    assert second.processed_dir == first.processed_dir
+    assert tokenizer_file.stat().st_mtime_ns == written
+    assert len(second.datasets["train"]) == 72
+    # another vocabulary size, or an edited file, is another cache entry
+    with pytest.raises(AssertionError, match="trained again"):
+        text_dm(root, tmp_path / "cache", tokenizer={"kind": "wordpiece", "vocab_size": 150}).prepare_data()
+    write(root / "train.csv", (root / "train.csv").read_text() + "one more great film,positive\n")
+    with pytest.raises(AssertionError, match="trained again"):
+        text_dm(root, tmp_path / "cache").prepare_data()
+
+
+def test_tokenizer_sees_only_the_training_split(tmp_path: Path, monkeypatch) -> None:
+    seen: list[str] = []
+    real = classification.train_tokenizer
+
+    def spy(texts, spec):
+        texts = list(texts)
+        seen.extend(texts)
+        return real(texts, spec)
+
+    monkeypatch.setattr(classification, "train_tokenizer", spy)
+    dm = text_dm(three_class_files(tmp_path / "raw"), tmp_path / "cache")
+    dm.setup()
+    assert sorted(seen) == sorted(dm.texts("train"))
+
+
+def test_labels_outside_the_classes_are_named(tmp_path: Path) -> None:
+    root = three_class_files(tmp_path / "raw")
+    dm = text_dm(root, tmp_path / "cache", classes=["negative", "positive"])
+    with pytest.raises(
+        DataError, match=r"train.csv, line 4: label 'neutral' is not one of \['negative', 'positive'\]"
+    ):
+        dm.prepare_data()
+    write(root / "test.csv", "review,sentiment\nfine,mixed\n")
+    with pytest.raises(DataError, match=r"test.csv, line 2: label 'mixed' .*labels found in train"):
+        text_dm(root, tmp_path / "cache").prepare_data()
+
+
+def test_empty_splits_are_clear_errors(tmp_path: Path) -> None:
+    root = three_class_files(tmp_path / "raw")
+    write(root / "test.csv", "review,sentiment\n")
+    with pytest.raises(DataError, match=r"test.csv: the test split has no examples"):
+        text_dm(root, tmp_path / "cache").prepare_data()
+    write(root / "train.csv", "review,sentiment\n")
+    with pytest.raises(DataError, match=r"train.csv: the train split has no examples"):
+        text_dm(root, tmp_path / "cache").prepare_data()
+    with pytest.raises(ConfigError, match=r"data.val_size=0 holds out 0 of"):
+        text_dm(three_class_files(tmp_path / "raw2"), tmp_path / "cache", val_size=0).prepare_data()
+
+
+def test_missing_files_without_a_url_name_the_path(tmp_path: Path) -> None:
+    dm = text_dm(tmp_path / "nowhere", tmp_path / "cache")
+    with pytest.raises(DataError, match=r"data not found: .*nowhere/train.csv"):
+        dm.prepare_data()
+
+
+def test_prepare_data_downloads_and_unpacks_a_missing_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "SST-2.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("SST-2/train.tsv", "sentence\tlabel\n" + "good\t1\nbad\t0\n" * 10)
+        zf.writestr("SST-2/dev.tsv", "sentence\tlabel\ngood\t1\n")
+    data_dir = tmp_path / "sst2"
+    dm = TextClassificationDataModule(
+        data_dir=str(data_dir),
+        test_file="dev.tsv",
+        text_column="sentence",
+        classes=[0, 1],
+        url=archive.as_uri(),
+        strip_components=1,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    dm.prepare_data()
+    assert sorted(p.name for p in data_dir.iterdir()) == ["dev.tsv", "train.tsv"]
+    dm.setup()
+    assert len(dm.datasets["train"]) + len(dm.datasets["val"]) == 20
+
+
+def test_batches_are_right_padded_with_a_mask(tmp_path: Path) -> None:
+    dm = SyntheticSentimentDataModule(num_train=50, num_val=10, num_test=10, cache_dir=str(tmp_path))
+    dm.setup()
+    dataset = dm.datasets["train"]
+    batch = dataset.__getitems__([0, 1, 2, 3])
+    lengths = dataset.lengths[:4]
+    assert batch["input_ids"].shape == (4, int(lengths.max()))
+    assert ((~batch["pad_mask"]).sum(1) == lengths).all()
+    assert (batch["input_ids"][batch["pad_mask"]] == PAD_ID).all()
+    assert (batch["input_ids"][:, 0] == CLS_ID).all()
+    start, end = dataset.offsets[2], dataset.offsets[3]
+    assert batch["input_ids"][2, : lengths[2]].tolist() == dataset.ids[start:end].tolist()
+
+
+# ---------------------------------------------------------------- bucketed, distributed batches
+def test_processes_share_each_global_batch() -> None:
+    lengths = torch.randint(1, 60, (203,)).tolist()
+    single = BucketSampler(lengths, batch_size=16, shuffle=True, seed=3, drop_last=True)
+    ranks = [
+        BucketSampler(lengths, 16, num_replicas=2, rank=r, shuffle=True, seed=3, drop_last=True)
+        for r in (0, 1)
+    ]
+    for sampler in (single, *ranks):
+        sampler.set_epoch(2)
+    one = list(single)
+    per_rank = [list(s) for s in ranks]
+    assert len(one) == len(single) == 12 * 16
+    assert all(len(p) == len(s) == 12 * 8 for p, s in zip(per_rank, ranks))
+    for step in range(12):
+        global_batch = set(one[step * 16 : (step + 1) * 16])
+        assert global_batch == set(per_rank[0][step * 8 : (step + 1) * 8]) | set(
+            per_rank[1][step * 8 : (step + 1) * 8]
+        )
+    single.set_epoch(3)
+    assert list(single) != one  # a new order every epoch
+
+
+def test_bucketing_cuts_padding_and_keeps_every_example() -> None:
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 100, (1000,), generator=generator).tolist()
+
+    def padded(sampler: BucketSampler) -> int:
+        return sum(len(b) * max(lengths[i] for i in b.tolist()) for b in sampler.global_batches())
+
+    bucketed = BucketSampler(lengths, 32, shuffle=True, bucketing=True)
+    plain = BucketSampler(lengths, 32, shuffle=True, bucketing=False)
+    assert padded(bucketed) < 0.7 * padded(plain)
+    evaluation = BucketSampler(lengths, 32, num_replicas=3 if False else 1, shuffle=False)
+    assert sorted(evaluation) == list(range(1000))
+    assert len(list(evaluation)) == len(evaluation)
+
+
+def test_evaluation_pads_the_last_batch_for_every_process() -> None:
+    lengths = list(range(1, 12))  # 11 examples, global batch 4 over 2 processes
+    ranks = [list(BucketSampler(lengths, 4, num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 6
+    assert set(ranks[0]) | set(ranks[1]) == set(range(11))
