@@ -87,6 +87,9 @@ def test_text_ddp_matches_one_process(tmp_path: Path) -> None:
         "model.dropout=0.0",
         "task.embed_dropout=0.0",
         "task.head_dropout=0.0",
+        # plain SGD: Adam's division by sqrt(v) blows float noise in near-zero gradients up to 1e-4
+        "task.optimizer._target_=torch.optim.SGD",
+        "task.optimizer.lr=0.5",
         "trainer.max_epochs=2",
         "callbacks.early_stopping=null",
         "extras.print_config=false",
@@ -98,8 +101,8 @@ def test_text_ddp_matches_one_process(tmp_path: Path) -> None:
     assert one.returncode == 0, one.stderr[-3000:]
     assert len(list((tmp_path / "cache").iterdir())) == 1, "one processed-data directory, no leftovers"
     single_weights, ddp_weights = last_weights(tmp_path / "one"), last_weights(tmp_path / "ddp")
-    for name in single_weights:
-        torch.testing.assert_close(ddp_weights[name], single_weights[name], atol=2e-4, rtol=1e-3, msg=name)
+    for name in single_weights:  # the same examples at every step of both epochs
+        torch.testing.assert_close(ddp_weights[name], single_weights[name], atol=1e-6, rtol=1e-5, msg=name)
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["trainer"]["world_size"] == 2
-    assert summary["metrics"]["test/acc"] > 0.5
+    assert summary["metrics"]["test/acc"] > 0.3
