@@ -65,7 +65,9 @@ def test_last_pooling_of_a_bidirectional_encoder_takes_each_direction_final_stat
 
 
 def test_word_dropout_replaces_only_text_tokens_and_only_in_training() -> None:
-    task = ClassificationTask(BACKBONES["gru"], vocab_size=50, num_classes=2, cls_id=2, unk_id=1, word_dropout=0.5)
+    task = ClassificationTask(
+        BACKBONES["gru"], vocab_size=50, num_classes=2, cls_id=2, unk_id=1, word_dropout=0.5
+    )
     ids = torch.randint(5, 50, (64, 40))
     ids[:, 0] = 2
     pad_mask = torch.zeros_like(ids, dtype=torch.bool)

@@ -106,7 +106,9 @@ class ClassificationTask(SeqTask):
         if pooling == "first" and cls_id is None:
             raise ConfigError("task.pooling=first pools the [CLS] token: set data.tokenizer.wrap=cls")
         if word_dropout and unk_id is None:
-            raise ConfigError("task.word_dropout needs the data's unknown-token id (unk_id); this data has none")
+            raise ConfigError(
+                "task.word_dropout needs the data's unknown-token id (unk_id); this data has none"
+            )
         if num_classes < 2:
             raise ConfigError(f"the data has {num_classes} class(es); classification needs at least 2")
         self.backbone = build_backbone(backbone)
