@@ -158,6 +158,59 @@ def test_string_labels_become_saved_class_ids_and_val_is_held_out(tmp_path: Path
     assert again.texts("val") == dm.texts("val")
 
 
+def phrase_treebank(root: Path) -> Path:
+    """An SST-like train file: every sentence and, with their own labels, its phrases."""
+    lines = []
+    for i in range(40):
+        sentence = f"film {i} is not bad at all"
+        lines.append(f"{sentence},positive")
+        lines += [f"film {i},neutral", "not bad at all,positive", "bad,negative", "is not bad,positive"]
+    write(root / "train.csv", "review,sentiment\n" + "\n".join(lines) + "\n")
+    write(root / "test.csv", "review,sentiment\nbad film,negative\n")
+    return root
+
+
+def test_maximal_examples_are_the_sentences() -> None:
+    texts = ["a  fine film", "fine film", "fine", "a fine", "another  story", "story", "film a"]
+    assert classification.maximal_examples(texts) == [0, 4, 6]
+    assert classification.word_spans("a b c") == {"a", "b", "c", "a b", "b c", "a b c"}
+
+
+def test_sentence_holdout_keeps_the_held_out_phrases_out_of_train(tmp_path: Path) -> None:
+    root = phrase_treebank(tmp_path / "raw")
+    classes = ["negative", "neutral", "positive"]
+    dm = text_dm(
+        root,
+        tmp_path / "cache",
+        val_size=10,
+        holdout="sentences",
+        classes=classes,
+        tokenizer={"kind": "word"},
+    )
+    dm.setup()
+    val, train = dm.texts("val"), dm.texts("train")
+    assert len(val) == 10 and all(text.startswith("film ") and text.endswith("at all") for text in val)
+    spans = set().union(*(classification.word_spans(text) for text in val))
+    assert not spans & set(train)
+    # the 30 other sentences and their own "film N" phrases stay; the shared phrases are gone
+    assert len(train) == 60 and "bad" not in train
+    assert all(" ".join(text.split()[:2]) in train for text in train if text.endswith("at all"))
+    # a random slice holds out phrases whose sentences stay in train: the leak this avoids
+    leaky = text_dm(root, tmp_path / "cache", val_size=10, tokenizer={"kind": "word"})
+    leaky.setup()
+    assert any(
+        span in leaky.texts("train")
+        for text in leaky.texts("val")
+        for span in classification.word_spans(text)
+    )
+    with pytest.raises(ConfigError, match=r"data.val_size=40 holds out 40 of 40 sentences"):
+        text_dm(root, tmp_path / "cache", val_size=40, holdout="sentences").prepare_data()
+    with pytest.raises(
+        ConfigError, match=r"data.holdout='phrases'; expected one of \['random', 'sentences'\]"
+    ):
+        text_dm(root, tmp_path / "cache", holdout="phrases")
+
+
 def test_second_run_reuses_the_tokenizer_and_changes_invalidate_it(tmp_path: Path, monkeypatch) -> None:
     root = three_class_files(tmp_path / "raw")
     first = text_dm(root, tmp_path / "cache")
@@ -259,8 +312,8 @@ def test_batches_are_right_padded_with_a_mask(tmp_path: Path) -> None:
     assert ((~batch["pad_mask"]).sum(1) == lengths).all()
     assert (batch["input_ids"][batch["pad_mask"]] == PAD_ID).all()
     assert (batch["input_ids"][:, 0] == CLS_ID).all()
-    start, end = dataset.offsets[2], dataset.offsets[3]
-    assert batch["input_ids"][2, : lengths[2]].tolist() == dataset.ids[start:end].tolist()
+    start, end = dataset.tokens.offsets[2], dataset.tokens.offsets[3]
+    assert batch["input_ids"][2, : lengths[2]].tolist() == dataset.tokens.ids[start:end].tolist()
 
 
 # ---------------------------------------------------------------- bucketed, distributed batches

@@ -19,55 +19,85 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch import Tensor
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, Dataset
+from torch import Tensor
+from torch.utils.data import Dataset
 
-from seqlab.data.forecasting import keep_batch
 from seqlab.data.readers import ensure_extracted
-from seqlab.data.samplers import BucketSampler
+from seqlab.data.text_base import BatchedTextDataModule, FlatSequences, file_fingerprint, publish
 from seqlab.data.text_readers import LabelledTexts, read_aclimdb, read_table
-from seqlab.data.tokenization import CLS_ID, PAD_ID, UNK_ID, TokenizerSpec, encode, load_tokenizer, train_tokenizer
+from seqlab.data.tokenization import (
+    CLS_ID,
+    PAD_ID,
+    UNK_ID,
+    TokenizerSpec,
+    encode,
+    load_tokenizer,
+    train_tokenizer,
+)
 from seqlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1
+HOLDOUTS = ("random", "sentences")
+
+
+def word_spans(text: str) -> set[str]:
+    """Every contiguous span of the text's whitespace-separated words, single-space joined."""
+    words = text.split()
+    return {" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
+
+
+def maximal_examples(texts: list[str]) -> list[int]:
+    """Indices of the texts that are not a word span of a longer text of the list.
+
+    In a phrase-level treebank such as SST (GLUE SST-2's train holds every phrase of every
+    sentence) these are the full sentences; the others are their phrases.
+    """
+    known = {" ".join(text.split()) for text in texts}
+    inside: set[str] = set()
+    for text in texts:
+        words = text.split()
+        n = len(words)
+        for i in range(n):
+            for j in range(i + 1, n + 1 if i else n):  # every span but the whole text
+                span = " ".join(words[i:j])
+                if span in known:
+                    inside.add(span)
+    return [i for i, text in enumerate(texts) if " ".join(text.split()) not in inside]
 
 
 class TokenizedTexts(Dataset):
     """One split as token ids (flat, with offsets), class ids and the original texts."""
 
     def __init__(self, ids: Tensor, offsets: Tensor, labels: Tensor, texts: list[str]) -> None:
-        self.ids = ids
-        self.offsets = offsets
+        self.tokens = FlatSequences(ids, offsets)
         self.labels = labels
         self.texts = texts
 
     @classmethod
     def from_lists(cls, ids: list[list[int]], labels: list[int], texts: list[str]) -> TokenizedTexts:
-        lengths = torch.tensor([len(seq) for seq in ids], dtype=torch.long)
-        offsets = torch.zeros(len(ids) + 1, dtype=torch.long)
-        offsets[1:] = torch.cumsum(lengths, 0)
-        flat = torch.tensor([token for seq in ids for token in seq], dtype=torch.int32)
-        return cls(flat, offsets, torch.tensor(labels, dtype=torch.long), texts)
+        flat = FlatSequences.from_lists(ids)
+        return cls(flat.ids, flat.offsets, torch.tensor(labels, dtype=torch.long), texts)
 
     def state(self) -> dict[str, Any]:
-        return {"ids": self.ids, "offsets": self.offsets, "labels": self.labels, "texts": self.texts}
+        return {
+            "ids": self.tokens.ids,
+            "offsets": self.tokens.offsets,
+            "labels": self.labels,
+            "texts": self.texts,
+        }
 
     @property
     def lengths(self) -> Tensor:
-        return self.offsets[1:] - self.offsets[:-1]
+        return self.tokens.lengths
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -78,21 +108,8 @@ class TokenizedTexts(Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
         """A right-padded batch: input_ids [B,T], pad_mask [B,T] (True = padding), labels, index."""
         index = torch.as_tensor(indices, dtype=torch.long)
-        starts, lengths = self.offsets[index], self.lengths[index]
-        steps = torch.arange(int(lengths.max()))
-        pad_mask = steps[None, :] >= lengths[:, None]
-        positions = (starts[:, None] + steps[None, :]).masked_fill(pad_mask, 0)
-        input_ids = self.ids[positions].long().masked_fill(pad_mask, PAD_ID)
+        input_ids, pad_mask = self.tokens.padded(index)
         return {"input_ids": input_ids, "pad_mask": pad_mask, "labels": self.labels[index], "index": index}
-
-
-def file_fingerprint(path: Path) -> list[Any]:
-    """Identity of a file or directory tree for the cache key: path, sizes and modification times."""
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        return [str(path), len(files), sum(p.stat().st_size for p in files), max((p.stat().st_mtime_ns for p in files), default=0)]
-    stat = path.stat()
-    return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
 def _numeric_order(label: str) -> tuple[int, float | str]:
@@ -102,7 +119,7 @@ def _numeric_order(label: str) -> tuple[int, float | str]:
         return (1, label)
 
 
-class TextClassificationDataModule(L.LightningDataModule):
+class TextClassificationDataModule(BatchedTextDataModule):
     """Labelled texts from files (or ``read_split``), tokenized once and cached.
 
     Args:
@@ -118,6 +135,12 @@ class TextClassificationDataModule(L.LightningDataModule):
         label_names: display names of the classes (confusion matrix, tables); default the labels.
         val_size, test_size: a fraction (< 1) or a number of training examples held out.
         split_seed: seed of those slices (fixed, so runs with different seeds share them).
+        holdout: ``random`` slices any training examples; ``sentences`` slices only examples
+            that are not a word span of another one (the full sentences of a phrase-level set
+            like SST-2) and drops from train every example that is a span of a held-out one.
+            A random slice of SST-2's phrases leaks: most of a held-out phrase's words and
+            sub-phrases, with their labels, stay in train, so validation accuracy runs ~8 points
+            above dev accuracy and rewards overfitting; held-out sentences track dev.
         tokenizer: ``TokenizerSpec`` fields: kind word|wordpiece|bpe, vocab_size, min_frequency,
             lowercase, max_length (tokens, including [CLS]; longer texts are truncated), wrap.
         batch_size: the global batch; each of N processes gets ``batch_size / N``.
@@ -141,6 +164,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         val_size: float = 0.1,
         test_size: float = 0.1,
         split_seed: int = 1234,
+        holdout: str = "random",
         tokenizer: dict[str, Any] | None = None,
         batch_size: int = 64,
         bucketing: bool = True,
@@ -159,7 +183,11 @@ class TextClassificationDataModule(L.LightningDataModule):
         if classes is not None and len(set(map(str, classes))) != len(classes):
             raise ConfigError(f"data.classes={list(classes)} has duplicates")
         if label_names is not None and classes is not None and len(label_names) != len(classes):
-            raise ConfigError(f"data.label_names has {len(label_names)} names for {len(classes)} data.classes")
+            raise ConfigError(
+                f"data.label_names has {len(label_names)} names for {len(classes)} data.classes"
+            )
+        if holdout not in HOLDOUTS:
+            raise ConfigError(f"data.holdout={holdout!r}; expected one of {list(HOLDOUTS)}")
         self.classes = [str(c) for c in classes] if classes is not None else None
         self.batch_size = batch_size
         self.seed = seed
@@ -179,7 +207,11 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ sources
     def split_path(self, split: str) -> Path | None:
-        name = {"train": self.hparams.train_file, "val": self.hparams.val_file, "test": self.hparams.test_file}[split]
+        name = {
+            "train": self.hparams.train_file,
+            "val": self.hparams.val_file,
+            "test": self.hparams.test_file,
+        }[split]
         if name is None:
             return None
         if self.data_dir is None:
@@ -212,9 +244,11 @@ class TextClassificationDataModule(L.LightningDataModule):
             "sources": self.source_fingerprint(),
             "columns": [hp.text_column, hp.label_column, hp.format],
             "classes": self.classes,
-            "holdout": [hp.val_size, hp.test_size, hp.split_seed],
+            "holdout": [hp.val_size, hp.test_size, hp.split_seed, hp.holdout],
             "tokenizer": self.spec.to_dict(),
-            "fixed": hashlib.sha256(json.dumps(self.fixed, sort_keys=True).encode()).hexdigest() if self.fixed else None,
+            "fixed": hashlib.sha256(json.dumps(self.fixed, sort_keys=True).encode()).hexdigest()
+            if self.fixed
+            else None,
         }
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -247,21 +281,38 @@ class TextClassificationDataModule(L.LightningDataModule):
             raise DataError(f"{self.split_path('train') or self.name}: the train split has no examples")
         order = list(range(len(train)))
         random.Random(hp.split_seed).shuffle(order)
+        candidates = order
+        if hp.holdout == "sentences" and (raw["val"] is None or raw["test"] is None):
+            maximal = set(maximal_examples(train.texts))
+            candidates = [i for i in order if i in maximal]
         carved: dict[str, list[int]] = {}
         for split, size in (("val", hp.val_size), ("test", hp.test_size)):
             if raw[split] is not None:
                 continue
-            count = int(round(size * len(train))) if 0 < size < 1 else int(size)
-            if count < 1 or count >= len(order):
+            pool = len(candidates)
+            count = int(round(size * pool)) if 0 < size < 1 else int(size)
+            if count < 1 or count >= pool:
+                what = "training examples" if hp.holdout == "random" else "sentences (data.holdout=sentences)"
                 raise ConfigError(
-                    f"data.{split}_size={size} holds out {count} of {len(train)} training examples; "
-                    f"expected at least 1 and fewer than {len(order)} (or set data.{split}_file)"
+                    f"data.{split}_size={size} holds out {count} of {pool} {what}; "
+                    f"expected at least 1 and fewer than {pool} (or set data.{split}_file)"
                 )
-            carved[split], order = order[:count], order[count:]
+            carved[split], candidates = candidates[:count], candidates[count:]
+        held = {i for indices in carved.values() for i in indices}
+        keep = [i for i in order if i not in held]
+        if carved and hp.holdout == "sentences":
+            spans = set().union(*(word_spans(train.texts[i]) for i in held))
+            before = len(keep)
+            keep = [i for i in keep if " ".join(train.texts[i].split()) not in spans]
+            log.info(
+                "held out %s sentences; dropped %d training examples that are phrases of them",
+                {split: len(indices) for split, indices in carved.items()},
+                before - len(keep),
+            )
         for split, indices in carved.items():
             raw[split] = train.subset(sorted(indices))
         if carved:
-            raw["train"] = train.subset(sorted(order))
+            raw["train"] = train.subset(sorted(keep))
         for split in ("val", "test"):
             if len(raw[split]) == 0:
                 raise DataError(f"{self.split_path(split) or self.name}: the {split} split has no examples")
@@ -292,7 +343,9 @@ class TextClassificationDataModule(L.LightningDataModule):
             log.info("training a %s tokenizer on %d texts", self.spec.kind, len(raw["train"]))
             tokenizer = train_tokenizer(raw["train"].texts, self.spec)
         splits = {
-            split: TokenizedTexts.from_lists(encode(tokenizer, examples.texts), label_ids[split], examples.texts).state()
+            split: TokenizedTexts.from_lists(
+                encode(tokenizer, examples.texts), label_ids[split], examples.texts
+            ).state()
             for split, examples in raw.items()
         }
         names = self.hparams.label_names
@@ -306,21 +359,13 @@ class TextClassificationDataModule(L.LightningDataModule):
             "sizes": {split: len(examples) for split, examples in raw.items()},
             "sources": self.source_fingerprint(),
         }
-        # written aside and renamed: concurrent processes (DDP) or an interrupted run never
-        # leave a half-written cache behind; whoever renames first wins, the other discards
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        try:
+
+        def write(tmp: Path) -> None:
             tokenizer.save(str(tmp / "tokenizer.json"))
             torch.save(splits, tmp / "splits.pt")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not (target / "meta.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        publish(target, write)
         log.info("processed data written to %s (%s)", target, meta["sizes"])
 
     # ------------------------------------------------------------------ loading
@@ -370,48 +415,6 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.setup()
         return self.datasets[split].texts
 
-    # ------------------------------------------------------------------ loaders
-    def per_device_batch_size(self) -> int:
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if self.batch_size % world:
-            raise ConfigError(
-                f"data.batch_size={self.batch_size} is the global batch and must divide by the "
-                f"{world} processes of this run"
-            )
-        return self.batch_size // world
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        dataset = self.datasets[split]
-        trainer = self.trainer
-        sampler = BucketSampler(
-            dataset.lengths.tolist(),
-            batch_size=self.batch_size,
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
-            shuffle=train,
-            seed=self.seed,
-            drop_last=train,
-            bucketing=self.hparams.bucketing,
-            pool_batches=self.hparams.pool_batches,
-        )
-        return DataLoader(
-            dataset,
-            batch_size=self.per_device_batch_size(),
-            sampler=sampler,
-            collate_fn=keep_batch,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
-
 
 class SyntheticSentimentDataModule(TextClassificationDataModule):
     """Template sentences with sentiment words: negative / neutral / positive, generated in memory.
@@ -423,7 +426,16 @@ class SyntheticSentimentDataModule(TextClassificationDataModule):
     POSITIVE = ["good", "great", "wonderful", "charming", "brilliant", "moving", "funny", "delightful"]
     NEGATIVE = ["bad", "awful", "boring", "dull", "terrible", "clumsy", "tedious", "painful"]
     NEUTRAL = ["long", "french", "recent", "animated", "quiet", "black-and-white", "average", "ordinary"]
-    SUBJECTS = ["the film", "this movie", "the story", "the cast", "the ending", "the script", "it", "the plot"]
+    SUBJECTS = [
+        "the film",
+        "this movie",
+        "the story",
+        "the cast",
+        "the ending",
+        "the script",
+        "it",
+        "the plot",
+    ]
     VERBS = ["is", "was", "seems", "feels"]
     ADVERBS = ["", "", "really", "very", "quite", "rather"]
     FILLERS = ["", "", "overall", "i think", "to be honest", "in the end"]
@@ -439,7 +451,9 @@ class SyntheticSentimentDataModule(TextClassificationDataModule):
     ) -> None:
         kwargs.setdefault("label_names", ["negative", "neutral", "positive"])
         # generated, not read: no files (a checkpoint's saved hparams pass these back unchanged)
-        kwargs.update(data_dir=None, val_file=None, test_file=None, classes=["negative", "neutral", "positive"])
+        kwargs.update(
+            data_dir=None, val_file=None, test_file=None, classes=["negative", "neutral", "positive"]
+        )
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self._absolute_paths()
@@ -460,7 +474,9 @@ class SyntheticSentimentDataModule(TextClassificationDataModule):
 
     def sentence(self, rng: random.Random) -> tuple[str, str]:
         polarity = rng.choice(["negative", "neutral", "positive"])
-        adjective = rng.choice({"negative": self.NEGATIVE, "neutral": self.NEUTRAL, "positive": self.POSITIVE}[polarity])
+        adjective = rng.choice(
+            {"negative": self.NEGATIVE, "neutral": self.NEUTRAL, "positive": self.POSITIVE}[polarity]
+        )
         negated = polarity != "neutral" and rng.random() < self.hparams.negation_rate
         label = {"negative": "positive", "positive": "negative"}[polarity] if negated else polarity
         words = [rng.choice(self.FILLERS), rng.choice(self.SUBJECTS), rng.choice(self.VERBS)]

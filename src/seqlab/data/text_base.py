@@ -1,0 +1,145 @@
+"""What every tokenized-text datamodule shares: flat id storage, padded batches, the cache, loaders.
+
+Text splits are stored as one flat ``int32`` tensor of token ids per split plus offsets
+(``FlatSequences``), gathered into right-padded batches in ``__getitems__``; processed data is
+written to ``cache_dir/<name>-<key>/`` atomically (``publish``); loaders cut each global batch
+into per-process slices with ``BucketSampler``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from seqlab.data.forecasting import keep_batch
+from seqlab.data.samplers import BucketSampler
+from seqlab.data.tokenization import PAD_ID
+from seqlab.errors import ConfigError
+
+
+class FlatSequences:
+    """Variable-length id sequences in one flat tensor with offsets (compact, fast to save and load)."""
+
+    def __init__(self, ids: Tensor, offsets: Tensor) -> None:
+        self.ids = ids
+        self.offsets = offsets
+
+    @classmethod
+    def from_lists(cls, sequences: list[list[int]]) -> FlatSequences:
+        lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.long)
+        offsets = torch.zeros(len(sequences) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        return cls(torch.tensor([token for seq in sequences for token in seq], dtype=torch.int32), offsets)
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def padded(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows ``index`` right-padded: ids [B,T] (``PAD_ID`` in the padding) and pad_mask [B,T] (True = pad)."""
+        starts, lengths = self.offsets[index], self.lengths[index]
+        steps = torch.arange(int(lengths.max()))
+        pad_mask = steps[None, :] >= lengths[:, None]
+        positions = (starts[:, None] + steps[None, :]).masked_fill(pad_mask, 0)
+        return self.ids[positions].long().masked_fill(pad_mask, PAD_ID), pad_mask
+
+
+def file_fingerprint(path: Path) -> list[Any]:
+    """Identity of a file or directory tree for the cache key: path, sizes and modification times."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return [
+            str(path),
+            len(files),
+            sum(p.stat().st_size for p in files),
+            max((p.stat().st_mtime_ns for p in files), default=0),
+        ]
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def publish(target: Path, write: Callable[[Path], None]) -> None:
+    """Fill a fresh directory with ``write(tmp)`` and rename it to ``target``.
+
+    Concurrent processes (DDP) or an interrupted run never leave a half-written cache behind:
+    whoever renames first wins and the others discard their copy.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class BatchedTextDataModule(L.LightningDataModule):
+    """Loaders over ``self.datasets`` (datasets with ``lengths`` and a batch-returning ``__getitems__``).
+
+    ``batch_size`` is the global batch: each of N processes gets ``batch_size / N`` of it, so
+    results compare whatever the device count.
+    """
+
+    batch_size: int
+    seed: int
+    datasets: dict[str, Dataset]
+
+    def per_device_batch_size(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is the global batch and must divide by the "
+                f"{world} processes of this run"
+            )
+        return self.batch_size // world
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        trainer = self.trainer
+        sampler = BucketSampler(
+            dataset.lengths.tolist(),
+            batch_size=self.batch_size,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            shuffle=train,
+            seed=self.seed,
+            drop_last=train,
+            bucketing=self.hparams.bucketing,
+            pool_batches=self.hparams.pool_batches,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.per_device_batch_size(),
+            sampler=sampler,
+            collate_fn=keep_batch,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+
+__all__ = ["BatchedTextDataModule", "FlatSequences", "file_fingerprint", "publish"]
