@@ -77,6 +77,31 @@ def sst2_dir() -> Path:
     return path
 
 
+@pytest.fixture
+def multi30k_dir() -> Path:
+    path = SHARED_DATA / "multi30k"
+    if not (path / "train.en").is_file():
+        pytest.skip("../shared/data/multi30k/train.en is not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_parallel(tmp_path_factory) -> Path:
+    """A few German-English pairs as train/valid/test .de/.en files."""
+    root = tmp_path_factory.mktemp("parallel")
+    pairs = [
+        ("Ein Mann fährt Fahrrad.", "A man rides a bike."),
+        ("Zwei Hunde spielen im Schnee.", "Two dogs play in the snow."),
+        ("Eine Frau liest ein Buch.", "A woman reads a book."),
+        ("Kinder laufen über die Straße.", "Children run across the street."),
+    ]
+    for prefix, count in (("train", 6), ("valid", 1), ("test", 1)):
+        rows = pairs * count
+        (root / f"{prefix}.de").write_text("".join(f"{de}\n" for de, _ in rows), encoding="utf-8")
+        (root / f"{prefix}.en").write_text("".join(f"{en}\n" for _, en in rows), encoding="utf-8")
+    return root
+
+
 @pytest.fixture(scope="session")
 def text_cache(tmp_path_factory) -> Path:
     """One processed-data cache for the whole session (tokenizers are trained once per setting)."""

@@ -31,6 +31,17 @@ def data_overrides(data: str, request, tmp_path: Path) -> list[str]:
             "".join(f'{{"text": "review {i}", "label": "{"abc"[i % 3]}"}}\n' for i in range(30))
         )
         return [*cache, f"data.data_dir={tmp_path}", "data.train_file=train.jsonl"]
+    if data == "multi30k":
+        return [*cache, f"data.data_dir={request.getfixturevalue('multi30k_dir')}"]
+    if data == "parallel_text":
+        root = request.getfixturevalue("tiny_parallel")
+        return [
+            *cache,
+            f"data.data_dir={root}",
+            "data.source_lang=de",
+            "data.target_lang=en",
+            "data.tokenizer.vocab_size=60",
+        ]
     return cache
 
 
@@ -44,6 +55,11 @@ def test_every_data_and_model_pair_instantiates(
     task = build_task(cfg.task, cfg.model, datamodule)
     if cfg.task._target_.endswith("ForecastingTask"):
         assert task.hparams.num_channels == datamodule.num_channels
+    elif cfg.task._target_.endswith("TranslationTask"):
+        datamodule.setup()
+        batch = datamodule.datasets["val"].__getitems__([0, 1])
+        logits = task(batch["src_ids"], batch["src_mask"], batch["tgt_ids"][:, :-1])
+        assert logits.shape[-1] == datamodule.load_meta()["target_vocab_size"]
     else:
         assert task.hparams.num_classes == len(datamodule.load_meta()["classes"])
         assert task.embed.num_embeddings == datamodule.load_meta()["vocab_size"]

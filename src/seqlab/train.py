@@ -167,6 +167,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "seed": cfg.get("seed"),
         "overrides": hydra_overrides(),
         "metrics": metrics,
+        **({"test_report": task.test_report} if getattr(task, "test_report", None) else {}),
         "baseline": baseline,
         "best": {k: v for k, v in train_metrics.items() if k.endswith("_best")},
         "best_checkpoint": best_checkpoint(trainer),

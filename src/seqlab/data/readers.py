@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import math
 import os
 import shutil
@@ -139,12 +140,16 @@ def read_series_csv(
 
 
 def download(url: str, destination: Path, timeout: float = 30.0) -> None:
-    """Fetch ``url`` into ``destination`` atomically: a failed download leaves nothing behind."""
+    """Fetch ``url`` into ``destination`` atomically: a failed download leaves nothing behind.
+
+    A ``.gz`` URL saved under a name without ``.gz`` is decompressed on the way.
+    """
     destination.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
+    gunzip = urllib.parse.urlparse(url).path.endswith(".gz") and destination.suffix != ".gz"
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, out)
+            shutil.copyfileobj(gzip.GzipFile(fileobj=response) if gunzip else response, out)
         os.replace(tmp, destination)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

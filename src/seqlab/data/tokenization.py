@@ -1,11 +1,13 @@
 """Tokenizers trained on a training split with the ``tokenizers`` library, saved and reloaded.
 
-Three kinds, chosen by ``data.tokenizer.kind``:
+Four kinds, chosen by ``data.tokenizer.kind``:
 
 - ``word``: whole words and punctuation (BERT pre-tokenization), the ``vocab_size`` most
   frequent seen at least ``min_frequency`` times, the rest ``[UNK]``;
 - ``wordpiece``: BERT's subwords (``##`` continuations);
-- ``bpe``: byte-level BPE (GPT-2 style): no unknown tokens, and decoding restores the text exactly.
+- ``bpe``: byte-level BPE (GPT-2 style): no unknown tokens, and decoding restores the text exactly;
+- ``unigram``: the unigram language model of SentencePiece (Kudo 2018) over ``▁``-marked words;
+  decoding restores the (NFC-normalised) text.
 
 Special tokens have fixed ids, the same for every kind: ``[PAD]=0, [UNK]=1, [CLS]=2, [BOS]=3,
 [EOS]=4``. The post-processor adds ``[CLS]`` in front (classification, for first-token pooling)
@@ -27,7 +29,7 @@ from seqlab.errors import ConfigError
 PAD, UNK, CLS, BOS, EOS = "[PAD]", "[UNK]", "[CLS]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, BOS, EOS]
 PAD_ID, UNK_ID, CLS_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
-KINDS = ("word", "wordpiece", "bpe")
+KINDS = ("word", "wordpiece", "bpe", "unigram")
 WRAPS = ("none", "cls", "bos_eos")
 
 
@@ -88,6 +90,17 @@ def _untrained(spec: TokenizerSpec) -> tuple[Tokenizer, Any]:
             show_progress=False,
         )
         return tokenizer, trainer
+    if spec.kind == "unigram":
+        tokenizer = Tokenizer(models.Unigram())
+        tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), *([normalizers.Lowercase()] if spec.lowercase else [])]
+        )
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=spec.vocab_size, special_tokens=SPECIAL_TOKENS, unk_token=UNK, show_progress=False
+        )
+        return tokenizer, trainer
     if spec.kind == "wordpiece":
         tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
         tokenizer.decoder = decoders.WordPiece()
@@ -139,9 +152,18 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def encode(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of every text, batched in Rust (the only place text becomes ids)."""
-    return [encoding.ids for encoding in tokenizer.encode_batch(texts)]
+def encode(tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of every text, batched in Rust (the only place text becomes ids).
+
+    ``add_special_tokens=False`` skips the post-processor's [CLS] / [BOS] ... [EOS] (truncation
+    to ``max_length`` still applies).
+    """
+    return [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+
+def decode(tokenizer: Tokenizer, ids: list[list[int]]) -> list[str]:
+    """Plain text of every id sequence: special tokens dropped, subwords joined (detokenised)."""
+    return [text.strip() for text in tokenizer.decode_batch(ids, skip_special_tokens=True)]
 
 
 __all__ = [
@@ -152,6 +174,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "UNK_ID",
     "TokenizerSpec",
+    "decode",
     "encode",
     "load_tokenizer",
     "train_tokenizer",

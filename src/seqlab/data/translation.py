@@ -1,0 +1,465 @@
+"""Parallel text for translation: aligned files -> subword tokenizers trained on train -> cached ids.
+
+``TranslationDataModule`` reads ``<prefix>.<lang>`` files, one sentence per line and the two
+languages aligned line by line (Multi30k's ``train.en`` / ``train.de``; IWSLT or WMT subsets in
+the same layout). ``prepare_data`` downloads missing files from ``url`` when online, drops
+empty pairs (every split) and, in train only, pairs longer than ``max_length`` tokens or with a
+length ratio above ``max_length_ratio`` (each count reported and saved in ``meta.json``), trains a
+joint (``shared_vocab``) or one tokenizer per language on the training pairs only, and caches
+the ids. Validation and test sources are truncated to ``max_length``; their references stay the
+raw text, so BLEU is computed on detokenised output against untouched references.
+
+Batches are dicts: ``src_ids``/``src_mask`` [B,S] (source + [EOS]), ``tgt_ids``/``tgt_mask`` [B,U]
+([BOS] target [EOS]), ``index`` (row of the split, to find the reference text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from seqlab.data.readers import ensure_file
+from seqlab.data.text_base import BatchedTextDataModule, FlatSequences, file_fingerprint, publish
+from seqlab.data.text_readers import read_utf8
+from seqlab.data.tokenization import BOS_ID, EOS_ID, PAD_ID, TokenizerSpec, decode, encode, train_tokenizer
+from seqlab.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+CACHE_VERSION = 1
+
+
+@dataclass
+class ParallelTexts:
+    sources: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+def read_lines(path: Path) -> list[str]:
+    """Lines of a UTF-8 file (``\\n`` or ``\\r\\n``; a final newline does not add an empty line)."""
+    text = read_utf8(path)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+def read_parallel(source: Path, target: Path) -> tuple[ParallelTexts, int]:
+    """Aligned sentence pairs of two files, and how many pairs had an empty side (dropped)."""
+    sources, targets = read_lines(source), read_lines(target)
+    if len(sources) != len(targets):
+        raise DataError(
+            f"{source} has {len(sources)} lines but {target} has {len(targets)}: "
+            "parallel files must be aligned line by line"
+        )
+    pairs = ParallelTexts()
+    empty = 0
+    for src, tgt in zip(sources, targets):
+        src, tgt = src.strip(), tgt.strip()
+        if not src or not tgt:
+            empty += 1
+            continue
+        pairs.sources.append(src)
+        pairs.targets.append(tgt)
+    return pairs, empty
+
+
+class ParallelDataset(Dataset):
+    """One split: source and target ids (flat, with offsets) and the raw texts."""
+
+    def __init__(self, source: FlatSequences, target: FlatSequences, sources: list[str], targets: list[str]):
+        self.source = source
+        self.target = target
+        self.sources = sources
+        self.targets = targets
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> ParallelDataset:
+        return cls(
+            FlatSequences(state["src_ids"], state["src_offsets"]),
+            FlatSequences(state["tgt_ids"], state["tgt_offsets"]),
+            state["sources"],
+            state["targets"],
+        )
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "src_ids": self.source.ids,
+            "src_offsets": self.source.offsets,
+            "tgt_ids": self.target.ids,
+            "tgt_offsets": self.target.offsets,
+            "sources": self.sources,
+            "targets": self.targets,
+        }
+
+    @property
+    def lengths(self) -> Tensor:
+        """The longer side of each pair (what a batch is padded to)."""
+        return torch.maximum(self.source.lengths, self.target.lengths)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        src_ids, src_mask = self.source.padded(index)
+        tgt_ids, tgt_mask = self.target.padded(index)
+        return {"src_ids": src_ids, "src_mask": src_mask, "tgt_ids": tgt_ids, "tgt_mask": tgt_mask, "index": index}
+
+
+class TranslationDataModule(BatchedTextDataModule):
+    """Sentence pairs from ``<prefix>.<lang>`` files, tokenized once and cached.
+
+    Args:
+        data_dir: directory of the raw files (read-only is fine unless a download is needed).
+        source_lang, target_lang: file suffixes of the two sides; swap them to reverse direction.
+        train_prefix, val_prefix, test_prefix: file names without the language suffix.
+        tokenizer: ``TokenizerSpec`` fields: kind bpe|unigram (or word|wordpiece), vocab_size,
+            min_frequency, lowercase. Lengths are ``max_length`` here, not the tokenizer's.
+        shared_vocab: one tokenizer for both languages (lets the task tie all embeddings), or one each.
+        max_length: tokens per side, specials included: longer training pairs are dropped,
+            longer validation / test sources truncated.
+        max_length_ratio: training pairs whose token counts differ by more than this factor
+            (misaligned lines, usually) are dropped.
+        batch_size: the global batch (sentence pairs); each of N processes gets ``batch_size / N``.
+        bucketing, pool_batches: batch pairs of similar length together (``BucketSampler``).
+        cache_dir: where the processed data and the tokenizers are stored.
+        url: where ``prepare_data`` fetches a missing file; ``{name}`` is the file name
+            (``train.en``); a ``.gz`` URL is decompressed.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        source_lang: str = "en",
+        target_lang: str = "de",
+        train_prefix: str = "train",
+        val_prefix: str = "val",
+        test_prefix: str = "test",
+        tokenizer: dict[str, Any] | None = None,
+        shared_vocab: bool = True,
+        max_length: int = 128,
+        max_length_ratio: float = 3.0,
+        batch_size: int = 128,
+        bucketing: bool = True,
+        pool_batches: int = 50,
+        cache_dir: str = "data/processed",
+        url: str | None = None,
+        download: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        settings = dict(tokenizer or {})
+        if settings.get("max_length") is not None:
+            raise ConfigError(
+                f"data.tokenizer.max_length={settings['max_length']}: set data.max_length instead "
+                "(translation filters long training pairs and truncates evaluation sources itself)"
+            )
+        settings.update(max_length=None, wrap="bos_eos")
+        settings.setdefault("lowercase", False)
+        self.spec = TokenizerSpec.from_config(settings)
+        if source_lang == target_lang:
+            raise ConfigError(f"data.source_lang and data.target_lang are both {source_lang!r}")
+        if max_length < 3:
+            raise ConfigError(f"data.max_length={max_length} leaves no room for [BOS], a token and [EOS]")
+        if max_length_ratio < 1:
+            raise ConfigError(f"data.max_length_ratio={max_length_ratio}: expected at least 1")
+        self._absolute_paths()
+        self.batch_size = batch_size
+        self.seed = seed
+        self.datasets: dict[str, ParallelDataset] = {}
+        self.meta: dict[str, Any] | None = None
+        #: tokenizers of a trained model (``use_artifacts``): reused, never retrained
+        self.fixed: dict[str, str] | None = None
+        self._tokenizers: dict[str, Tokenizer] = {}
+
+    def _absolute_paths(self) -> None:
+        """Store paths absolute, so a checkpoint rebuilds its data from any working directory."""
+        hp = self.hparams
+        if hp.data_dir is not None:
+            hp.data_dir = str(Path(hp.data_dir).expanduser().resolve())
+        hp.cache_dir = str(Path(hp.cache_dir).expanduser().resolve())
+        self.data_dir = Path(hp.data_dir) if hp.data_dir is not None else None
+        self.cache_dir = Path(hp.cache_dir)
+
+    # ------------------------------------------------------------------ sources
+    def split_files(self, split: str) -> tuple[Path, Path]:
+        hp = self.hparams
+        prefix = {"train": hp.train_prefix, "val": hp.val_prefix, "test": hp.test_prefix}[split]
+        if self.data_dir is None:
+            raise ConfigError(f"data.data_dir is not set; it should hold {prefix}.{hp.source_lang}")
+        return self.data_dir / f"{prefix}.{hp.source_lang}", self.data_dir / f"{prefix}.{hp.target_lang}"
+
+    def read_pairs(self, split: str) -> tuple[ParallelTexts, int]:
+        source, target = self.split_files(split)
+        return read_parallel(source, target)
+
+    def source_fingerprint(self) -> list[Any]:
+        return [file_fingerprint(path) for split in SPLITS for path in self.split_files(split)]
+
+    @property
+    def name(self) -> str:
+        hp = self.hparams
+        folder = self.data_dir.name if self.data_dir is not None else type(self).__name__
+        return f"{folder}-{hp.source_lang}-{hp.target_lang}"
+
+    def cache_key(self) -> str:
+        hp = self.hparams
+        settings = {
+            "version": CACHE_VERSION,
+            "class": type(self).__qualname__,
+            "sources": self.source_fingerprint(),
+            "direction": [hp.source_lang, hp.target_lang],
+            "tokenizer": self.spec.to_dict(),
+            "shared_vocab": hp.shared_vocab,
+            "filters": [hp.max_length, hp.max_length_ratio],
+            "fixed": hashlib.sha256(json.dumps(self.fixed, sort_keys=True).encode()).hexdigest() if self.fixed else None,
+        }
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def processed_dir(self) -> Path:
+        return self.cache_dir / f"{self.name}-{self.cache_key()}"
+
+    # ------------------------------------------------------------------ preparation
+    def download_raw(self) -> None:
+        hp = self.hparams
+        for split in SPLITS:
+            for path in self.split_files(split):
+                url = hp.url.format(name=path.name) if hp.url else None
+                ensure_file(path, url, hp.download)
+
+    def prepare_data(self) -> None:
+        self.download_raw()
+        target = self.processed_dir
+        if (target / "meta.json").is_file():
+            log.info("processed data: %s (cached)", target)
+            return
+        raw, dropped = {}, {}
+        for split in SPLITS:
+            pairs, empty = self.read_pairs(split)
+            if len(pairs) == 0:
+                raise DataError(f"{self.split_files(split)[0]}: the {split} split has no sentence pairs")
+            raw[split] = pairs
+            dropped[split] = {"empty": empty}
+            if empty:
+                log.warning("%s: dropped %d pairs with an empty side", split, empty)
+        self.write_processed(raw, dropped, target)
+
+    def train_tokenizers(self, train: ParallelTexts) -> tuple[Tokenizer, Tokenizer]:
+        if self.fixed is not None:
+            return Tokenizer.from_str(self.fixed["source_tokenizer"]), Tokenizer.from_str(self.fixed["target_tokenizer"])
+        if self.hparams.shared_vocab:
+            log.info("training a joint %s tokenizer on %d sentence pairs", self.spec.kind, len(train))
+            joint = train_tokenizer(train.sources + train.targets, self.spec)
+            return joint, joint
+        log.info("training %s tokenizers on %d sentence pairs", self.spec.kind, len(train))
+        return train_tokenizer(train.sources, self.spec), train_tokenizer(train.targets, self.spec)
+
+    def write_processed(self, raw: dict[str, ParallelTexts], dropped: dict[str, dict[str, int]], target: Path) -> None:
+        hp = self.hparams
+        source_tok, target_tok = self.train_tokenizers(raw["train"])
+        splits = {}
+        for split, pairs in raw.items():
+            sources = [ids + [EOS_ID] for ids in encode(source_tok, pairs.sources, add_special_tokens=False)]
+            targets = encode(target_tok, pairs.targets)
+            if split == "train":
+                keep = [
+                    i
+                    for i, (s, t) in enumerate(zip(sources, targets))
+                    if max(len(s), len(t)) <= hp.max_length
+                    and max(len(s), len(t)) <= hp.max_length_ratio * min(len(s), len(t))
+                ]
+                dropped[split]["too_long_or_ratio"] = len(sources) - len(keep)
+                if len(keep) < len(sources):
+                    log.warning(
+                        "train: dropped %d pairs longer than data.max_length=%d tokens or with a length "
+                        "ratio above data.max_length_ratio=%g",
+                        len(sources) - len(keep),
+                        hp.max_length,
+                        hp.max_length_ratio,
+                    )
+                if not keep:
+                    raise DataError(
+                        f"{self.split_files('train')[0]}: no training pair is within data.max_length="
+                        f"{hp.max_length} and data.max_length_ratio={hp.max_length_ratio}"
+                    )
+                sources, targets = [sources[i] for i in keep], [targets[i] for i in keep]
+                pairs = ParallelTexts([pairs.sources[i] for i in keep], [pairs.targets[i] for i in keep])
+            else:
+                truncated = sum(len(s) > hp.max_length for s in sources)
+                dropped[split]["truncated_sources"] = truncated
+                sources = [s if len(s) <= hp.max_length else s[: hp.max_length - 1] + [EOS_ID] for s in sources]
+                targets = [t if len(t) <= hp.max_length else t[: hp.max_length - 1] + [EOS_ID] for t in targets]
+            splits[split] = ParallelDataset(
+                FlatSequences.from_lists(sources), FlatSequences.from_lists(targets), pairs.sources, pairs.targets
+            ).state()
+        meta = {
+            "source_lang": hp.source_lang,
+            "target_lang": hp.target_lang,
+            "source_vocab_size": source_tok.get_vocab_size(),
+            "target_vocab_size": target_tok.get_vocab_size(),
+            "shared_vocab": bool(hp.shared_vocab) and source_tok.to_str() == target_tok.to_str(),
+            "tokenizer": self.spec.to_dict(),
+            "sizes": {split: len(state["sources"]) for split, state in splits.items()},
+            "dropped": dropped,
+            "sources": self.source_fingerprint(),
+        }
+
+        def write(tmp: Path) -> None:
+            source_tok.save(str(tmp / "source_tokenizer.json"))
+            target_tok.save(str(tmp / "target_tokenizer.json"))
+            torch.save(splits, tmp / "splits.pt")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+        publish(target, write)
+        log.info("processed data written to %s (%s)", target, meta["sizes"])
+
+    # ------------------------------------------------------------------ loading
+    def load_meta(self) -> dict[str, Any]:
+        if self.meta is None:
+            path = self.processed_dir / "meta.json"
+            if not path.is_file():
+                self.prepare_data()
+            self.meta = json.loads(path.read_text())
+        return self.meta
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.load_meta()
+        splits = torch.load(self.processed_dir / "splits.pt", weights_only=True)
+        self.datasets = {split: ParallelDataset.from_state(state) for split, state in splits.items()}
+
+    def tokenizer(self, side: str) -> Tokenizer:
+        """The ``source`` or ``target`` tokenizer (loaded once; a checkpoint's needs no data files)."""
+        if side not in self._tokenizers and self.fixed is not None:
+            self._tokenizers[side] = Tokenizer.from_str(self.fixed[f"{side}_tokenizer"])
+        if side not in self._tokenizers:
+            self.load_meta()
+            self._tokenizers[side] = Tokenizer.from_file(str(self.processed_dir / f"{side}_tokenizer.json"))
+        return self._tokenizers[side]
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """What the translation task takes from the data (never copied into configs by hand)."""
+        meta = self.load_meta()
+        return {
+            "src_vocab_size": meta["source_vocab_size"],
+            "tgt_vocab_size": meta["target_vocab_size"],
+            "shared_vocab": meta["shared_vocab"],
+            "pad_id": PAD_ID,
+            "bos_id": BOS_ID,
+            "eos_id": EOS_ID,
+        }
+
+    def artifacts(self) -> dict[str, Any]:
+        """The tokenizers: saved in checkpoints, so ``eval.py``/``translate.py`` need nothing else."""
+        self.load_meta()
+        return {
+            f"{side}_tokenizer": (self.processed_dir / f"{side}_tokenizer.json").read_text()
+            for side in ("source", "target")
+        }
+
+    def use_artifacts(self, artifacts: dict[str, Any]) -> None:
+        self.fixed = {key: artifacts[key] for key in ("source_tokenizer", "target_tokenizer")}
+        self.meta = None
+        self.datasets = {}
+        self._tokenizers = {}
+
+    # ------------------------------------------------------------------ text <-> ids
+    def encode_sources(self, texts: list[str]) -> list[list[int]]:
+        """Source ids as the model was trained on them ([EOS] appended, truncated to max_length)."""
+        limit = self.hparams.max_length
+        ids = encode(self.tokenizer("source"), texts, add_special_tokens=False)
+        return [seq[: limit - 1] + [EOS_ID] for seq in ids]
+
+    def detokenize(self, ids: list[list[int]]) -> list[str]:
+        """Plain target-language text of generated ids."""
+        return decode(self.tokenizer("target"), ids)
+
+    def references(self, split: str) -> list[str]:
+        self.setup()
+        return self.datasets[split].targets
+
+    def sources(self, split: str) -> list[str]:
+        self.setup()
+        return self.datasets[split].sources
+
+
+class SyntheticTranslationDataModule(TranslationDataModule):
+    """A generated task for tests and smoke runs: translate word by word, reversed.
+
+    Sources are ``num_words``-word sentences (``a0 a1 ...``); the target is the sentence reversed
+    with every ``aN`` written ``bN``. Solving it needs attention to the right source position,
+    and a working model reaches BLEU near 100 within seconds.
+    """
+
+    def __init__(
+        self,
+        num_train: int = 4000,
+        num_val: int = 200,
+        num_test: int = 200,
+        vocab: int = 16,
+        min_words: int = 3,
+        max_words: int = 8,
+        generator_seed: int = 1234,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("tokenizer", {"kind": "word", "vocab_size": 64})
+        kwargs.update(data_dir=None, url=None, source_lang="src", target_lang="tgt")
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self._absolute_paths()
+
+    @property
+    def name(self) -> str:
+        return "synthetic_reverse"
+
+    def source_fingerprint(self) -> list[Any]:
+        hp = self.hparams
+        return [hp.num_train, hp.num_val, hp.num_test, hp.vocab, hp.min_words, hp.max_words, hp.generator_seed]
+
+    def download_raw(self) -> None:
+        pass
+
+    def split_files(self, split: str) -> tuple[Path, Path]:
+        return Path(f"synthetic/{split}.src"), Path(f"synthetic/{split}.tgt")
+
+    def read_pairs(self, split: str) -> tuple[ParallelTexts, int]:
+        hp = self.hparams
+        count = {"train": hp.num_train, "val": hp.num_val, "test": hp.num_test}[split]
+        rng = random.Random(f"{hp.generator_seed}-{split}")
+        pairs = ParallelTexts()
+        for _ in range(count):
+            words = [rng.randrange(hp.vocab) for _ in range(rng.randint(hp.min_words, hp.max_words))]
+            pairs.sources.append(" ".join(f"a{w}" for w in words))
+            pairs.targets.append(" ".join(f"b{w}" for w in reversed(words)))
+        return pairs, 0
+
+
+__all__ = [
+    "ParallelDataset",
+    "ParallelTexts",
+    "SyntheticTranslationDataModule",
+    "TranslationDataModule",
+    "read_parallel",
+]

@@ -1,0 +1,123 @@
+"""Step-by-step sequence generation: greedy and beam search over any backbone's stateful ``decode``.
+
+Both take ``step(tokens[N,1], state) -> (log_probs[N,V], state)``: one decoder step for N
+hypotheses with the backbone's state (RNN hidden state, Transformer key/value cache), so a
+sequence of U tokens costs U decoder steps. Beam search keeps ``beam_size`` live hypotheses per
+sentence and selects surviving beams with ``reorder_state``; finished hypotheses are scored
+``log p / length ** length_penalty`` (length counts the [EOS]; fairseq's normalisation) and a
+sentence stops once it has ``beam_size`` of them. Every sentence ends at its own maximum
+length (``max_len_a * source length + max_len_b``) with a forced [EOS]. Padding and [BOS]
+are never generated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Step = Callable[[Tensor, Any], tuple[Tensor, Any]]
+Reorder = Callable[[Any, Tensor], Any]
+
+
+def _mask_scores(log_probs: Tensor, banned: list[int], eos_id: int, at_limit: Tensor) -> Tensor:
+    """Forbid ``banned`` tokens everywhere and everything but [EOS] where ``at_limit`` [N]."""
+    log_probs = log_probs.clone()
+    log_probs[:, banned] = float("-inf")
+    if bool(at_limit.any()):
+        eos = log_probs[at_limit, eos_id].clone()
+        log_probs[at_limit] = float("-inf")
+        log_probs[at_limit, eos_id] = eos
+    return log_probs
+
+
+@torch.no_grad()
+def greedy_search(
+    step: Step, batch_size: int, bos_id: int, eos_id: int, max_lengths: Tensor, banned: list[int], device
+) -> list[list[int]]:
+    """The most probable next token at every step; returns each sentence's tokens without [EOS]."""
+    tokens = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    outputs: list[list[int]] = [[] for _ in range(batch_size)]
+    state = None
+    max_lengths = max_lengths.to(device)
+    for t in range(int(max_lengths.max())):
+        log_probs, state = step(tokens, state)
+        log_probs = _mask_scores(log_probs, banned, eos_id, t + 1 >= max_lengths)
+        tokens = log_probs.argmax(dim=-1, keepdim=True)
+        for i in (~finished).nonzero().flatten().tolist():
+            token = int(tokens[i])
+            if token == eos_id:
+                finished[i] = True
+            else:
+                outputs[i].append(token)
+        if bool(finished.all()):
+            break
+    return outputs
+
+
+@torch.no_grad()
+def beam_search(
+    step: Step,
+    reorder: Reorder,
+    batch_size: int,
+    beam_size: int,
+    bos_id: int,
+    eos_id: int,
+    max_lengths: Tensor,
+    banned: list[int],
+    device,
+    length_penalty: float = 1.0,
+) -> list[list[int]]:
+    """The best finished hypothesis of each sentence (without [EOS]).
+
+    ``step`` sees ``batch_size * beam_size`` rows, sentence-major (rows ``b*K ... b*K+K-1`` are
+    sentence b's beams): the caller repeats the encoder memory that way before calling.
+    """
+    k = beam_size
+    scores = torch.full((batch_size, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: keep one so the first step does not pick duplicates
+    tokens = torch.full((batch_size * k, 1), bos_id, dtype=torch.long, device=device)
+    limits = max_lengths.to(device).repeat_interleave(k)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch_size)]
+    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    state = None
+    base = torch.arange(batch_size, device=device)[:, None] * k
+    for t in range(int(max_lengths.max())):
+        log_probs, state = step(tokens[:, -1:], state)
+        log_probs = _mask_scores(log_probs.float(), banned, eos_id, t + 1 >= limits)
+        vocab = log_probs.shape[-1]
+        candidates = (scores.view(-1, 1) + log_probs).view(batch_size, k * vocab)
+        top_scores, top_index = candidates.topk(2 * k, dim=-1)  # at most k of them end in [EOS]
+        beam, token = top_index // vocab, top_index % vocab
+        is_eos = token == eos_id
+        rank = torch.arange(2 * k, device=device).expand_as(token)
+        # hypotheses ending among the k best are finished (the others were outscored by live beams)
+        for b, j in (is_eos & (rank < k) & ~done[:, None] & top_scores.isfinite()).nonzero().tolist():
+            length = t + 1
+            hypothesis = tokens[b * k + beam[b, j], 1:].tolist()
+            finished[b].append((float(top_scores[b, j]) / length**length_penalty, hypothesis))
+        for b in range(batch_size):
+            if not done[b] and len(finished[b]) >= k:
+                done[b] = True
+        if bool(done.all()):
+            break
+        # the k best candidates that do not end the sentence continue
+        keep = torch.where(is_eos, rank + 2 * k, rank).topk(k, dim=-1, largest=False).indices
+        scores = top_scores.gather(1, keep)
+        scores = scores.masked_fill(done[:, None], float("-inf"))
+        rows = (base + beam.gather(1, keep)).flatten()
+        tokens = torch.cat([tokens[rows], token.gather(1, keep).reshape(-1, 1)], dim=1)
+        state = reorder(state, rows)
+    best = []
+    for b in range(batch_size):
+        if finished[b]:
+            best.append(max(finished[b], key=lambda item: item[0])[1])
+        else:  # unreachable: the limit forces [EOS] on every live beam
+            best.append(tokens[b * k, 1:].tolist())
+    return best
+
+
+__all__ = ["beam_search", "greedy_search"]

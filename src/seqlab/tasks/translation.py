@@ -1,0 +1,265 @@
+"""Translation: source ids -> ``backbone.encode`` -> stateful ``backbone.decode`` -> target tokens.
+
+Training is teacher forcing with label-smoothed cross-entropy. Evaluation generates step by step
+with the backbone's state (``tasks.generation``): greedy or beam search with a length penalty,
+each sentence limited to ``max_len_a * source length + max_len_b`` tokens. Hypotheses are
+detokenised by the datamodule's target tokenizer and scored against the raw references with
+sacreBLEU (BLEU with its signature, and chrF): on validation every epoch (the first
+``val_bleu_samples`` sentences, 0 = all) and on the whole test set, which also writes
+``translations/test.hyp`` (one line per test sentence, in order) and a table of samples
+(source, reference, hypothesis) to the run directory and to table-capable loggers.
+
+Embeddings are initialised N(0, d^-1/2) and scaled by sqrt(d) (unit variance inputs for every
+backbone); the output layer shares the target embedding's weights (``tie_output``) and, with a
+joint vocabulary, the source embedding is the same table (``share_embeddings``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from seqlab.errors import ConfigError
+from seqlab.tasks.base import SeqTask, build_backbone
+from seqlab.tasks.generation import beam_search, greedy_search
+from seqlab.utils.figures import log_table
+
+
+def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, Any]:
+    """sacreBLEU BLEU and chrF of detokenised hypotheses against one reference each."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    bleu, chrf = BLEU(), CHRF()
+    bleu_score = bleu.corpus_score(hypotheses, [references])
+    chrf_score = chrf.corpus_score(hypotheses, [references])
+    return {
+        "bleu": bleu_score.score,
+        "chrf": chrf_score.score,
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }
+
+
+def gather_pairs(pairs: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """(index, hypothesis) pairs of every process, each index once (evaluation padding repeats some)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, pairs)
+        pairs = [pair for part in everyone for pair in part]
+    return sorted(dict(pairs).items())
+
+
+class TranslationTask(SeqTask):
+    """Encoder-decoder translation around any backbone with a decoder.
+
+    Args:
+        backbone: the backbone's plain config; the task builds it with ``with_decoder=True``.
+        src_vocab_size, tgt_vocab_size, shared_vocab, pad_id, bos_id, eos_id: from the datamodule.
+        share_embeddings: one table for source and target tokens (needs a joint vocabulary).
+        tie_output: the output layer reuses the target embedding (Press & Wolf 2017).
+        embed_dropout: dropout on the (scaled) embeddings.
+        label_smoothing: of the training cross-entropy (0.1 in Vaswani et al. 2017).
+        beam_size, length_penalty, max_len_a, max_len_b: test-time search (beam 1 = greedy).
+        val_beam_size: search used for the validation BLEU (1: greedy, cheap).
+        val_bleu_samples: validation sentences translated each epoch (0: all).
+        sample_translations: rows of the test table of sample translations.
+    """
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        shared_vocab: bool = False,
+        pad_id: int = 0,
+        bos_id: int = 3,
+        eos_id: int = 4,
+        share_embeddings: bool = True,
+        tie_output: bool = True,
+        embed_dropout: float = 0.1,
+        label_smoothing: float = 0.1,
+        beam_size: int = 5,
+        length_penalty: float = 1.0,
+        max_len_a: float = 1.5,
+        max_len_b: int = 10,
+        val_beam_size: int = 1,
+        val_bleu_samples: int = 0,
+        sample_translations: int = 20,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        monitor: str = "val/bleu",
+        monitor_mode: str = "max",
+    ) -> None:
+        super().__init__(monitor=monitor, monitor_mode=monitor_mode)
+        self.save_hyperparameters()
+        if beam_size < 1 or val_beam_size < 1:
+            raise ConfigError(
+                f"task.beam_size={beam_size}, task.val_beam_size={val_beam_size}: expected >= 1"
+            )
+        if share_embeddings and not shared_vocab:
+            raise ConfigError(
+                "task.share_embeddings=true needs one vocabulary for both languages: set "
+                "data.shared_vocab=true, or task.share_embeddings=false"
+            )
+        self.backbone = build_backbone(backbone, with_decoder=True)
+        width = self.backbone.d_model
+        self.scale = math.sqrt(width)
+        self.tgt_embed = nn.Embedding(tgt_vocab_size, width, padding_idx=pad_id)
+        self.src_embed = (
+            self.tgt_embed if share_embeddings else nn.Embedding(src_vocab_size, width, padding_idx=pad_id)
+        )
+        for table in {id(m): m for m in (self.src_embed, self.tgt_embed)}.values():
+            nn.init.normal_(table.weight, std=width**-0.5)
+            nn.init.zeros_(table.weight[pad_id])
+        self.embed_dropout = nn.Dropout(embed_dropout)
+        self.output = nn.Linear(width, tgt_vocab_size, bias=False)
+        if tie_output:
+            self.output.weight = self.tgt_embed.weight
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.banned = sorted({pad_id, bos_id})
+        self._hypotheses: list[tuple[int, str]] = []
+        #: extra test results for summary.json (the sacreBLEU signatures)
+        self.test_report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ model
+    def encode(self, src_ids: Tensor, src_mask: Tensor) -> Tensor:
+        return self.backbone.encode(self.embed_dropout(self.src_embed(src_ids) * self.scale), src_mask)
+
+    def decode(
+        self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, state: Any = None
+    ) -> tuple[Tensor, Any]:
+        """Logits [B,U,V] of the next tokens after ``tgt_in`` [B,U], and the decoding state."""
+        y = self.embed_dropout(self.tgt_embed(tgt_in) * self.scale)
+        out, state = self.backbone.decode(y, memory, src_mask, state)
+        return self.output(out), state
+
+    def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing: logits [B,U,V] for every target position at once."""
+        logits, _ = self.decode(tgt_in, self.encode(src_ids, src_mask), src_mask)
+        return logits
+
+    def loss(self, batch: dict[str, Tensor], label_smoothing: float) -> Tensor:
+        tgt = batch["tgt_ids"]
+        logits = self(batch["src_ids"], batch["src_mask"], tgt[:, :-1])
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            tgt[:, 1:].reshape(-1),
+            ignore_index=self.hparams.pad_id,
+            label_smoothing=label_smoothing,
+        )
+
+    @torch.no_grad()
+    def generate(self, src_ids: Tensor, src_mask: Tensor, beam_size: int | None = None) -> list[list[int]]:
+        """Target ids (without [BOS]/[EOS]) for a batch of sources, step by step with state."""
+        hp = self.hparams
+        beam_size = hp.beam_size if beam_size is None else beam_size
+        memory = self.encode(src_ids, src_mask)
+        src_lengths = (~src_mask).sum(dim=1)
+        max_lengths = (hp.max_len_a * src_lengths.float() + hp.max_len_b).long().clamp_min(1)
+        if beam_size > 1:  # every sentence's beams side by side
+            memory = memory.repeat_interleave(beam_size, dim=0)
+            src_mask = src_mask.repeat_interleave(beam_size, dim=0)
+
+        def step(tokens: Tensor, state: Any) -> tuple[Tensor, Any]:
+            logits, state = self.decode(tokens, memory, src_mask, state)
+            return logits[:, -1].float().log_softmax(dim=-1), state
+
+        common = {"bos_id": hp.bos_id, "eos_id": hp.eos_id, "banned": self.banned, "device": src_ids.device}
+        if beam_size == 1:
+            return greedy_search(step, src_ids.shape[0], max_lengths=max_lengths, **common)
+        return beam_search(
+            step,
+            self.backbone.reorder_state,
+            src_ids.shape[0],
+            beam_size,
+            max_lengths=max_lengths,
+            length_penalty=hp.length_penalty,
+            **common,
+        )
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss(batch, self.hparams.label_smoothing)
+        self.train_loss.update(loss.detach())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
+        return loss
+
+    def _translate_batch(self, batch: dict[str, Tensor], beam_size: int) -> None:
+        datamodule = self.trainer.datamodule
+        texts = datamodule.detokenize(self.generate(batch["src_ids"], batch["src_mask"], beam_size))
+        self._hypotheses.extend(zip(batch["index"].tolist(), texts))
+
+    def on_validation_epoch_start(self) -> None:
+        self._hypotheses = []
+        self._val_seen = 0
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        loss = self.loss(batch, 0.0)  # plain cross-entropy: perplexity is comparable across settings
+        self.val_loss.update(loss, weight=(~batch["tgt_mask"][:, 1:]).sum())
+        limit = self.hparams.val_bleu_samples
+        if not limit or self._val_seen * self.trainer.world_size < limit:
+            self._translate_batch(batch, self.hparams.val_beam_size)
+        self._val_seen += len(batch["index"])
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        scores = self.score("val")
+        values = {
+            "val/loss": loss,
+            "val/ppl": loss.exp(),
+            "val/bleu": torch.tensor(scores["bleu"]),
+            "val/chrf": torch.tensor(scores["chrf"]),
+        }
+        self.log_dict(values, prog_bar=True, sync_dist=True)  # already identical on every process
+        if self.hparams.monitor not in values:
+            raise ConfigError(f"task.monitor={self.hparams.monitor!r}: expected one of {sorted(values)}")
+        self.log_monitor_best(values[self.hparams.monitor])
+
+    def on_test_epoch_start(self) -> None:
+        self._hypotheses = []
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._translate_batch(batch, self.hparams.beam_size)
+
+    def on_test_epoch_end(self) -> None:
+        scores = self.score("test")
+        self.log_dict({"test/bleu": scores["bleu"], "test/chrf": scores["chrf"]}, sync_dist=True)
+        if self.trainer.is_global_zero:
+            self.test_report = {
+                "bleu_signature": scores["bleu_signature"],
+                "chrf_signature": scores["chrf_signature"],
+            }
+            self.report_translations(scores)
+
+    # ------------------------------------------------------------------ scores and reports
+    def score(self, split: str) -> dict[str, Any]:
+        """sacreBLEU over this split's translated sentences (all processes' shares)."""
+        pairs = gather_pairs(self._hypotheses)
+        self._scored = (split, pairs)
+        if not pairs:
+            return {"bleu": 0.0, "chrf": 0.0, "bleu_signature": "", "chrf_signature": ""}
+        references = self.trainer.datamodule.references(split)
+        return corpus_scores([hyp for _, hyp in pairs], [references[i] for i, _ in pairs])
+
+    def report_translations(self, scores: dict[str, Any]) -> None:
+        split, pairs = self._scored
+        datamodule = self.trainer.datamodule
+        run_dir = Path(self.trainer.default_root_dir) / "translations"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / f"{split}.hyp").write_text("".join(f"{hyp}\n" for _, hyp in pairs))
+        (run_dir / f"{split}.signature").write_text(
+            f"BLEU {scores['bleu']:.2f} {scores['bleu_signature']}\nchrF {scores['chrf']:.2f} {scores['chrf_signature']}\n"
+        )
+        sources, references = datamodule.sources(split), datamodule.references(split)
+        rows = [[i, sources[i], references[i], hyp] for i, hyp in pairs[: self.hparams.sample_translations]]
+        log_table(self.trainer, f"{split}/translations", ["index", "source", "reference", "hypothesis"], rows)

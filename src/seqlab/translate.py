@@ -1,0 +1,86 @@
+"""Translate text with a trained checkpoint: ``python translate.py ckpt_path=... input=in.txt``.
+
+Everything comes from the checkpoint alone: the model, its data settings and its tokenizers.
+One sentence per input line (``input=-`` or unset: stdin); one translation per output line
+(``output=`` a file, or stdout), in input order. Empty lines stay empty.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig
+
+from seqlab.data.tokenization import PAD_ID
+from seqlab.errors import ConfigError, SeqlabError
+from seqlab.eval import load_run_info
+from seqlab.train import build_datamodule, to_plain
+
+log = logging.getLogger(__name__)
+
+
+def load_translator(ckpt_path: str | Path, data_overrides: dict[str, Any] | None = None, device: str = "cpu"):
+    """(task, datamodule) rebuilt from a translation checkpoint; the datamodule holds its tokenizers."""
+    ckpt_path = Path(ckpt_path).expanduser().resolve()
+    info = load_run_info(ckpt_path)
+    task_cls = get_class(info["task_target"])
+    if not hasattr(task_cls, "generate"):
+        raise ConfigError(
+            f"ckpt_path={str(ckpt_path)!r} is a {task_cls.__name__} checkpoint, not a translation model"
+        )
+    datamodule = build_datamodule({**info["data"], **(data_overrides or {})}, info.get("data_artifacts"))
+    task = task_cls.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
+    return task.eval(), datamodule
+
+
+def translate_texts(
+    task, datamodule, texts: list[str], beam_size: int | None = None, batch_size: int = 64
+) -> list[str]:
+    """Translations of ``texts`` in order, batched by length (beam search unless ``beam_size=1``)."""
+    outputs = [""] * len(texts)
+    todo = [i for i, text in enumerate(texts) if text.strip()]
+    ids = dict(zip(todo, datamodule.encode_sources([texts[i].strip() for i in todo])))
+    todo.sort(key=lambda i: len(ids[i]))
+    device = next(task.parameters()).device
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start : start + batch_size]
+        longest = max(len(ids[i]) for i in rows)
+        src = torch.full((len(rows), longest), PAD_ID, dtype=torch.long)
+        for r, i in enumerate(rows):
+            src[r, : len(ids[i])] = torch.tensor(ids[i])
+        src = src.to(device)
+        generated = task.generate(src, src == PAD_ID, beam_size)
+        for i, text in zip(rows, datamodule.detokenize(generated)):
+            outputs[i] = text
+    return outputs
+
+
+def run(cfg: DictConfig) -> None:
+    try:
+        source = cfg.get("input")
+        if source in (None, "-"):
+            lines = sys.stdin.read().split("\n")
+        else:
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"input={source!r}: no such file")
+            lines = path.read_text(encoding="utf-8").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        task, datamodule = load_translator(cfg.ckpt_path, to_plain(cfg.get("data") or {}), device)
+        translations = translate_texts(task, datamodule, lines, cfg.get("beam_size"), int(cfg.batch_size))
+        text = "".join(f"{line}\n" for line in translations)
+        if cfg.get("output"):
+            Path(cfg.output).expanduser().write_text(text, encoding="utf-8")
+            log.info("%d translations written to %s", len(translations), cfg.output)
+        else:
+            sys.stdout.write(text)
+    except SeqlabError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        raise SystemExit(1) from None

@@ -1,0 +1,342 @@
+"""Translation: parallel data and its errors, incremental decoding, greedy and beam search, BLEU, translate.py."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqlab.data.tokenization import BOS_ID, EOS_ID, PAD_ID, TokenizerSpec, decode, encode, train_tokenizer
+from seqlab.data.translation import TranslationDataModule, read_parallel
+from seqlab.errors import ConfigError, DataError
+from seqlab.tasks.generation import beam_search, greedy_search
+from seqlab.tasks.translation import TranslationTask, corpus_scores
+from tests.conftest import ROOT, run_script
+
+GERMAN = [
+    "Ein Mann mit einem orangefarbenen Hut, der etwas anstarrt.",
+    "Zwei junge, weiße Männer sind im Freien in der Nähe vieler Büsche.",
+    "Ein Boston Terrier läuft über saftig-grünes Gras vor einem weißen Zaun.",
+    "Mädchen   mit  „Anführungszeichen“ und Ümlauten: Äpfel, Öl, Straße!",
+]
+
+BACKBONES = {
+    "rnn": {"_target_": "seqlab.backbones.rnn.RNNBackbone", "cell": "rnn", "d_model": 16, "num_layers": 2},
+    "lstm": {
+        "_target_": "seqlab.backbones.rnn.RNNBackbone",
+        "cell": "lstm",
+        "d_model": 16,
+        "bidirectional": True,
+    },
+    "gru": {
+        "_target_": "seqlab.backbones.rnn.RNNBackbone",
+        "cell": "gru",
+        "d_model": 16,
+        "attention": "bahdanau",
+    },
+    "transformer": {
+        "_target_": "seqlab.backbones.transformer.TransformerBackbone",
+        "d_model": 16,
+        "nhead": 2,
+    },
+}
+
+
+# ---------------------------------------------------------------- tokenizers and files
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_subword_detokenisation_gives_back_the_text(kind: str) -> None:
+    spec = TokenizerSpec(kind=kind, vocab_size=200, lowercase=False, max_length=None, wrap="bos_eos")
+    tokenizer = train_tokenizer(GERMAN * 3, spec)
+    ids = encode(tokenizer, GERMAN)
+    assert all(seq[0] == BOS_ID and seq[-1] == EOS_ID for seq in ids)
+    back = decode(tokenizer, ids)
+    assert back == GERMAN
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def parallel_files(root: Path, pairs: dict[str, list[tuple[str, str]]]) -> Path:
+    for prefix, rows in pairs.items():
+        write(root / f"{prefix}.en", "".join(f"{en}\n" for en, _ in rows))
+        write(root / f"{prefix}.de", "".join(f"{de}\n" for _, de in rows))
+    return root
+
+
+PAIRS = [("A man rides a bike.", "Ein Mann fährt Fahrrad."), ("Two dogs play.", "Zwei Hunde spielen.")]
+
+
+def test_line_counts_must_match_and_empty_pairs_are_dropped_and_counted(tmp_path: Path) -> None:
+    write(tmp_path / "a.en", "one\ntwo\nthree\n")
+    write(tmp_path / "a.de", "eins\nzwei\n")
+    with pytest.raises(DataError, match=r"a.en has 3 lines but .*a.de has 2: parallel files must be aligned"):
+        read_parallel(tmp_path / "a.en", tmp_path / "a.de")
+    write(tmp_path / "b.en", "one\n\nthree\r\nfour\n")
+    write(tmp_path / "b.de", "eins\nzwei\ndrei\r\n \n")
+    pairs, empty = read_parallel(tmp_path / "b.en", tmp_path / "b.de")
+    assert (pairs.sources, pairs.targets, empty) == (["one", "three"], ["eins", "drei"], 2)
+    write(tmp_path / "c.en", b"fine\nbad \xff byte\n")
+    write(tmp_path / "c.de", "gut\nschlecht\n")
+    with pytest.raises(DataError, match=r"c.en, line 2: bytes b'\\xff' are not UTF-8"):
+        read_parallel(tmp_path / "c.en", tmp_path / "c.de")
+
+
+def translation_dm(root: Path, cache: Path, **kwargs) -> TranslationDataModule:
+    settings = {
+        "data_dir": str(root),
+        "test_prefix": "test",
+        "tokenizer": {"kind": "bpe", "vocab_size": 300},
+        "batch_size": 4,
+        "cache_dir": str(cache),
+    }
+    return TranslationDataModule(**{**settings, **kwargs})
+
+
+def test_long_pairs_are_filtered_in_train_and_truncated_in_evaluation(tmp_path: Path) -> None:
+    long_en = " ".join(["word"] * 40)
+    root = parallel_files(
+        tmp_path / "raw",
+        {
+            "train": PAIRS * 10 + [(long_en, "Lang."), ("", "leer"), ("Short.", " ".join(["Wort"] * 30))],
+            "val": [*PAIRS, (long_en, "Lang.")],
+            "test": PAIRS,
+        },
+    )
+    dm = translation_dm(root, tmp_path / "cache", max_length=24)
+    dm.setup()
+    meta = json.loads((dm.processed_dir / "meta.json").read_text())
+    assert meta["sizes"] == {"train": 20, "val": 3, "test": 2}
+    assert meta["dropped"]["train"] == {"empty": 1, "too_long_or_ratio": 2}
+    assert meta["dropped"]["val"] == {"empty": 0, "truncated_sources": 1}
+    val = dm.datasets["val"]
+    assert int(val.source.lengths.max()) == 24 and dm.references("val")[2] == "Lang."
+    batch = val.__getitems__([2])
+    assert batch["src_ids"][0, -1] == EOS_ID and batch["tgt_ids"][0, 0] == BOS_ID
+    # the direction is a setting; the same files give German->English
+    reverse = translation_dm(root, tmp_path / "cache", source_lang="de", target_lang="en", max_length=24)
+    assert reverse.sources("test") == [de for _, de in PAIRS] and reverse.references("test") == [
+        en for en, _ in PAIRS
+    ]
+
+
+def test_bad_splits_and_settings_are_named(tmp_path: Path) -> None:
+    root = parallel_files(tmp_path / "raw", {"train": PAIRS, "val": PAIRS})
+    with pytest.raises(DataError, match=r"data file not found: .*test.en"):
+        translation_dm(root, tmp_path / "cache").prepare_data()
+    parallel_files(root, {"test": [("", "")]})
+    with pytest.raises(DataError, match=r"test.en: the test split has no sentence pairs"):
+        translation_dm(root, tmp_path / "cache").prepare_data()
+    with pytest.raises(ConfigError, match=r"data.tokenizer.max_length=64: set data.max_length instead"):
+        translation_dm(root, tmp_path / "cache", tokenizer={"kind": "bpe", "max_length": 64})
+    with pytest.raises(ConfigError, match=r"data.source_lang and data.target_lang are both 'en'"):
+        translation_dm(root, tmp_path / "cache", target_lang="en")
+    with pytest.raises(ConfigError, match=r"task.share_embeddings=true needs one vocabulary"):
+        TranslationTask(BACKBONES["gru"], src_vocab_size=10, tgt_vocab_size=12, shared_vocab=False)
+
+
+def test_tokenizers_are_trained_once_and_separate_vocabularies_work(tmp_path: Path, monkeypatch) -> None:
+    from seqlab.data import translation
+
+    root = parallel_files(tmp_path / "raw", {"train": PAIRS * 5, "val": PAIRS, "test": PAIRS})
+    first = translation_dm(root, tmp_path / "cache", shared_vocab=False)
+    kwargs = first.task_kwargs()
+    assert kwargs["shared_vocab"] is False and kwargs["src_vocab_size"] != kwargs["tgt_vocab_size"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a tokenizer was trained again")
+
+    monkeypatch.setattr(translation, "train_tokenizer", no_training)
+    again = translation_dm(root, tmp_path / "cache", shared_vocab=False)
+    again.setup()
+    assert again.processed_dir == first.processed_dir
+    assert again.detokenize(again.encode_sources(["Two dogs play."])) != []
+
+
+# ---------------------------------------------------------------- decoding
+def tiny_task(name: str, vocab: int = 23) -> TranslationTask:
+    torch.manual_seed(0)
+    task = TranslationTask(BACKBONES[name], src_vocab_size=vocab, tgt_vocab_size=vocab, shared_vocab=True)
+    return task.eval()
+
+
+def source_batch(vocab: int = 23) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    src = torch.randint(5, vocab, (3, 7))
+    src[1, 5:] = PAD_ID
+    src[2, 3:] = PAD_ID
+    return src, src == PAD_ID
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_step_by_step_decoding_gives_the_teacher_forced_logits(name: str) -> None:
+    task = tiny_task(name)
+    src, src_mask = source_batch()
+    tgt = torch.cat([torch.full((3, 1), BOS_ID), torch.randint(5, 23, (3, 6))], dim=1)
+    with torch.no_grad():
+        full = task(src, src_mask, tgt)
+        memory = task.encode(src, src_mask)
+        state, steps = None, []
+        for t in range(tgt.shape[1]):
+            logits, state = task.decode(tgt[:, t : t + 1], memory, src_mask, state)
+            steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_beam_of_one_is_greedy_and_wider_beams_score_at_least_as_well(name: str) -> None:
+    task = tiny_task(name)
+    src, src_mask = source_batch()
+    greedy = task.generate(src, src_mask, beam_size=1)
+    assert all(
+        len(seq) <= task.hparams.max_len_a * n + task.hparams.max_len_b for seq, n in zip(greedy, [7, 5, 3])
+    )
+    beam_one = beam_search_with(task, src, src_mask, beam_size=1)
+    assert beam_one == greedy
+    # an untrained model's greedy output is long; the beam's best is at least as likely per token
+    wide = task.generate(src, src_mask, beam_size=4)
+    for g, w, row in zip(greedy, wide, range(3)):
+        assert normalised_log_prob(task, src[row : row + 1], src_mask[row : row + 1], w) >= (
+            normalised_log_prob(task, src[row : row + 1], src_mask[row : row + 1], g) - 1e-4
+        )
+
+
+def beam_search_with(task: TranslationTask, src, src_mask, beam_size: int) -> list[list[int]]:
+    """``task.generate``'s beam search forced even for a beam of one (it picks greedy search then)."""
+    memory = task.encode(src, src_mask)
+    lengths = (~src_mask).sum(1)
+    max_lengths = (task.hparams.max_len_a * lengths.float() + task.hparams.max_len_b).long()
+
+    def step(tokens, state):
+        logits, state = task.decode(tokens, memory, src_mask, state)
+        return logits[:, -1].log_softmax(-1), state
+
+    return beam_search(
+        step, task.backbone.reorder_state, 3, beam_size, BOS_ID, EOS_ID, max_lengths, task.banned, "cpu"
+    )
+
+
+def normalised_log_prob(task: TranslationTask, src, src_mask, tokens: list[int]) -> float:
+    tgt = torch.tensor([[BOS_ID, *tokens, EOS_ID]])
+    with torch.no_grad():
+        logits = task(src, src_mask, tgt[:, :-1]).log_softmax(-1)
+    return (
+        float(logits[0].gather(1, tgt[0, 1:, None]).sum()) / (len(tokens) + 1) ** task.hparams.length_penalty
+    )
+
+
+def test_a_wide_beam_finds_the_exhaustive_optimum() -> None:
+    """A position-dependent bigram model over 3 tokens + [EOS], 4 steps: every sequence enumerated."""
+    torch.manual_seed(3)
+    vocab, steps, banned = 8, 4, [PAD_ID, BOS_ID, 1, 2]  # tokens 5, 6, 7 and [EOS]=4 remain
+    table = torch.randn(steps, vocab, vocab).log_softmax(-1)  # table[t, previous token] -> next
+
+    def step(tokens, state):
+        t = 0 if state is None else state["t"]
+        return table[t, tokens[:, -1]], {"t": t + 1}
+
+    def score(sequence: tuple[int, ...], penalty: float) -> float:
+        previous, total = BOS_ID, 0.0
+        for t, token in enumerate(sequence):
+            total += float(table[t, previous, token])
+            previous = token
+        return total / len(sequence) ** penalty
+
+    for penalty in (0.0, 1.0):
+        candidates = [
+            (*body, EOS_ID) for n in range(steps) for body in itertools.product([5, 6, 7], repeat=n)
+        ]
+        best = max(candidates, key=lambda seq: score(seq, penalty))
+        found = beam_search(
+            step,
+            lambda state, rows: state,
+            1,
+            27,
+            BOS_ID,
+            EOS_ID,
+            torch.tensor([steps]),
+            banned,
+            "cpu",
+            penalty,
+        )
+        assert (*found[0], EOS_ID) == best
+        assert math.isfinite(score(best, penalty))
+    greedy = greedy_search(step, 1, BOS_ID, EOS_ID, torch.tensor([steps]), banned, "cpu")
+    assert len(greedy[0]) <= steps - 1
+
+
+def test_sacrebleu_scores_detokenised_text_with_its_signature() -> None:
+    refs = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee."]
+    perfect = corpus_scores(refs, refs)
+    assert perfect["bleu"] == pytest.approx(100.0) and perfect["chrf"] == pytest.approx(100.0)
+    assert "case:mixed" in perfect["bleu_signature"] and "tok:13a" in perfect["bleu_signature"]
+    lower = corpus_scores([r.lower() for r in refs], refs)
+    assert lower["bleu"] < 100.0  # cased
+
+
+# ---------------------------------------------------------------- training end to end
+TRANSLATION_FAST = [
+    "data=translation_synthetic",
+    "model.d_model=64",
+    "task.optimizer.lr=3e-3",
+    "task.beam_size=3",
+    "trainer.max_epochs=10",
+    "trainer.accelerator=cpu",
+    "extras.print_config=false",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null",
+]
+
+
+@pytest.mark.parametrize("model", ["gru", "transformer"])
+def test_synthetic_reversal_is_learned_to_near_perfect_bleu(make_cfg, tmp_path: Path, model: str) -> None:
+    from seqlab.train import train
+
+    cfg = make_cfg(*TRANSLATION_FAST, f"model={model}", f"data.cache_dir={tmp_path / 'cache'}", fast=False)
+    metrics, _ = train(cfg)
+    assert metrics["test/bleu"] > 90, metrics
+    run_dir = Path(cfg.paths.output_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test_report"]["bleu_signature"].startswith("nrefs:1|case:mixed")
+    hypotheses = (run_dir / "translations" / "test.hyp").read_text().splitlines()
+    assert len(hypotheses) == 200
+    table = (run_dir / "tables" / "test_translations.csv").read_text().splitlines()
+    assert table[0] == "index,source,reference,hypothesis" and len(table) == 21
+
+
+@pytest.mark.slow
+def test_eval_and_translate_reproduce_the_run_from_the_checkpoint_alone(make_cfg, tmp_path: Path) -> None:
+    from seqlab.train import train
+
+    cache = tmp_path / "cache"
+    cfg = make_cfg(
+        *TRANSLATION_FAST, "model=lstm", "trainer.max_epochs=4", f"data.cache_dir={cache}", fast=False
+    )
+    metrics, objects = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    hypotheses = (run_dir / "translations" / "test.hyp").read_text().splitlines()
+    sources = objects["datamodule"].sources("test")
+    shutil.rmtree(cache)  # nothing but the checkpoint: the processed data and tokenizers are gone
+    out = tmp_path / "eval"
+    result = run_script("eval.py", f"ckpt_path={ckpt}", f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    evaluated = json.loads((out / "summary.json").read_text())["metrics"]
+    assert evaluated["test/bleu"] == pytest.approx(metrics["test/bleu"], abs=1e-6)
+    (tmp_path / "in.txt").write_text("\n".join(sources) + "\n")
+    result = run_script(
+        str(ROOT / "translate.py"), f"ckpt_path={ckpt}", f"input={tmp_path / 'in.txt'}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == hypotheses
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", "eval", "in.txt", "run"])
