@@ -102,9 +102,9 @@ def test_every_debug_preset_composes(make_cfg, debug: str) -> None:
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes(make_cfg, experiment: str, request, tmp_path: Path) -> None:
-    data = {"ett": "ett", "sst2": "sst2"}[experiment.split("_")[0]]
+    data = {"ett": "ett", "sst2": "sst2", "multi30k": "multi30k"}[experiment.split("_")[0]]
     cfg = make_cfg(f"experiment={experiment}", *data_overrides(data, request, tmp_path), fast=False)
-    assert cfg.model._target_.endswith("TransformerBackbone") == experiment.endswith("transformer")
+    assert cfg.model._target_.endswith("TransformerBackbone") == ("transformer" in experiment)
     datamodule = build_datamodule(cfg.data)
     build_task(cfg.task, cfg.model, datamodule)
 

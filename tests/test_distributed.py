@@ -106,3 +106,42 @@ def test_text_ddp_matches_one_process(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["trainer"]["world_size"] == 2
     assert summary["metrics"]["test/acc"] > 0.3
+
+
+def test_translation_ddp_gathers_every_hypothesis_once(tmp_path: Path) -> None:
+    """Each process translates its share of the test set; BLEU is scored on all of it, once each."""
+    same = [
+        "data=translation_synthetic",
+        "data.num_train=600",
+        "data.num_test=101",  # odd: the evaluation sampler pads one process's share with a repeat
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model=gru",
+        "model.d_model=32",
+        "model.dropout=0.0",
+        "task.embed_dropout=0.0",
+        "task.label_smoothing=0.0",
+        "task.beam_size=2",
+        "task.optimizer._target_=torch.optim.SGD",
+        "task.optimizer.lr=0.5",
+        "~task.optimizer.betas",
+        "trainer.max_epochs=2",
+        "callbacks.early_stopping=null",
+        "extras.print_config=false",
+        "callbacks.rich_progress_bar=null",
+    ]
+    ddp = run_script("train.py", "trainer=ddp", *same, f"hydra.run.dir={tmp_path / 'ddp'}", timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = run_script("train.py", "trainer=cpu", *same, f"hydra.run.dir={tmp_path / 'one'}", timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    single_weights, ddp_weights = last_weights(tmp_path / "one"), last_weights(tmp_path / "ddp")
+    for name in single_weights:
+        torch.testing.assert_close(ddp_weights[name], single_weights[name], atol=1e-6, rtol=1e-5, msg=name)
+    hypotheses = {
+        run: (tmp_path / run / "translations" / "test.hyp").read_text().splitlines() for run in ("one", "ddp")
+    }
+    assert len(hypotheses["ddp"]) == 101 and hypotheses["ddp"] == hypotheses["one"]
+    bleu = {
+        run: json.loads((tmp_path / run / "summary.json").read_text())["metrics"]["test/bleu"]
+        for run in hypotheses
+    }
+    assert bleu["ddp"] == pytest.approx(bleu["one"], abs=1e-6)

@@ -67,6 +67,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "ckpt_path": str(ckpt_path),
         "data": info.get("data_name"),
         "metrics": model_metrics,
+        **({"test_report": task.test_report} if getattr(task, "test_report", None) else {}),
         "baseline": baseline,
     }
     if trainer.is_global_zero:

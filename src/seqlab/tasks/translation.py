@@ -146,15 +146,29 @@ class TranslationTask(SeqTask):
         logits, _ = self.decode(tgt_in, self.encode(src_ids, src_mask), src_mask)
         return logits
 
-    def loss(self, batch: dict[str, Tensor], label_smoothing: float) -> Tensor:
+    def loss(self, batch: dict[str, Tensor], label_smoothing: float, global_mean: bool = False) -> Tensor:
+        """Cross-entropy per target token.
+
+        ``global_mean`` divides by the target tokens of the whole global batch (summed over
+        processes, times the world size that DDP's gradient averaging divides by again), so N
+        processes take exactly the step one process takes on the same global batch; a per-process
+        mean would weight a process's tokens by how many its share happened to hold.
+        """
         tgt = batch["tgt_ids"]
+        labels = tgt[:, 1:]
         logits = self(batch["src_ids"], batch["src_mask"], tgt[:, :-1])
-        return F.cross_entropy(
+        total = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
-            tgt[:, 1:].reshape(-1),
+            labels.reshape(-1),
             ignore_index=self.hparams.pad_id,
             label_smoothing=label_smoothing,
+            reduction="sum",
         )
+        tokens = (labels != self.hparams.pad_id).sum().float()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if global_mean and world > 1:
+            return total * world / self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        return total / tokens.clamp_min(1.0)
 
     @torch.no_grad()
     def generate(self, src_ids: Tensor, src_mask: Tensor, beam_size: int | None = None) -> list[list[int]]:
@@ -187,7 +201,7 @@ class TranslationTask(SeqTask):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.loss(batch, self.hparams.label_smoothing)
+        loss = self.loss(batch, self.hparams.label_smoothing, global_mean=True)
         self.train_loss.update(loss.detach())
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
