@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -145,3 +146,109 @@ def test_translation_ddp_gathers_every_hypothesis_once(tmp_path: Path) -> None:
         for run in hypotheses
     }
     assert bleu["ddp"] == pytest.approx(bleu["one"], abs=1e-6)
+
+
+def test_fsdp2_shards_the_parameters_and_follows_ddp(tmp_path: Path) -> None:
+    """FSDP2 (ModelParallelStrategy + fully_shard) on 2 gloo processes: each rank holds about half
+    of the parameters, and training follows DDP's loss curve and weights."""
+    runs = {}
+    for strategy in ("ddp", "fsdp2"):
+        run_dir = tmp_path / strategy
+        result = run_script(
+            "train.py", f"trainer={strategy}", "model=transformer", *SAME_FUNCTION, f"hydra.run.dir={run_dir}",
+            timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[strategy] = run_dir
+    summary = json.loads((runs["fsdp2"] / "summary.json").read_text())
+    assert summary["trainer"]["strategy"] == "ModelParallelStrategy" and summary["trainer"]["world_size"] == 2
+    total, shards = summary["num_params"], summary["parameters_per_rank"]
+    assert len(shards) == 2 and all(0.4 * total < shard < 0.6 * total for shard in shards), (total, shards)
+    assert json.loads((runs["ddp"] / "summary.json").read_text())["parameters_per_rank"] == [total, total]
+
+    def losses(run_dir: Path) -> list[float]:
+        rows = csv.DictReader((run_dir / "metrics.csv").open())
+        return [float(row["train/loss"]) for row in rows if row.get("train/loss")]
+
+    assert len(losses(runs["ddp"])) >= 4
+    assert losses(runs["fsdp2"]) == pytest.approx(losses(runs["ddp"]), abs=1e-5)
+    # rank 0 gathers one ordinary checkpoint: it loads anywhere
+    ddp_weights, fsdp_weights = last_weights(runs["ddp"]), last_weights(runs["fsdp2"])
+    assert ddp_weights.keys() == fsdp_weights.keys()
+    for name in ddp_weights:
+        torch.testing.assert_close(fsdp_weights[name], ddp_weights[name], atol=1e-3, rtol=1e-3, msg=name)
+
+
+def test_fsdp2_translation_generates_from_sharded_weights(tmp_path: Path) -> None:
+    """Beam search calls the model outside forward: under FSDP2 it must gather the shards too."""
+    run_dir = tmp_path / "run"
+    result = run_script(
+        "train.py", "trainer=fsdp2", "data=translation_synthetic", "data.num_train=300", "data.num_test=41",
+        f"data.cache_dir={tmp_path / 'cache'}", "model=transformer", "model.d_model=32", "trainer.max_epochs=1",
+        "trainer.accelerator=cpu", "extras.print_config=false", "callbacks.rich_progress_bar=null",
+        f"hydra.run.dir={run_dir}", timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len((run_dir / "translations" / "test.hyp").read_text().splitlines()) == 41
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert max(summary["parameters_per_rank"]) < 0.6 * summary["num_params"]
+
+
+def test_multirun_with_ddp_runs_each_job_once_in_one_sweep_dir(tmp_path: Path) -> None:
+    """Lightning re-runs the command line in rank 1; inside a sweep that used to be the whole sweep
+    (a second sweep directory, every job twice). Rank 1 must run its own job, into its directory."""
+    logs = tmp_path / "logs"
+    result = run_script(
+        "train.py", "-m", "model=rnn,transformer", "trainer=ddp", *FAST, "trainer.max_epochs=1",
+        f"paths.log_dir={logs}", timeout=400,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (logs / "train" / "runs").exists(), "no rank started a single run of its own"
+    (sweep,) = list((logs / "train" / "multiruns").iterdir())
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    for job, model in (("0", "rnn"), ("1", "transformer")):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["model"] == model and summary["trainer"]["world_size"] == 2
+        rank1 = (sweep / job / "train_ddp_process_1.log").read_text()
+        assert rank1.count("Seed set to") == 1, "rank 1 ran this job once"
+        backbone = "transformer.TransformerBackbone" if model == "transformer" else "rnn.RNNBackbone"
+        assert f"backbone <seqlab.backbones.{backbone}>" in rank1, "rank 1 ran this job's config"
+    assert result.stdout.count("Seed set to") == 2, "rank 0 ran two jobs, rank 1 printed nothing"
+    assert len((sweep / "sweep_summary.csv").read_text().splitlines()) == 3
+
+
+def test_torchrun_ranks_share_one_run_directory(tmp_path: Path) -> None:
+    """Launched by torchrun (as on a multi-node cluster), every rank composes its own config: the
+    run directory comes from the rendezvous id, so all ranks write into one."""
+    logs = tmp_path / "logs"
+    result = run_script(
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "trainer=ddp", *FAST,
+        "trainer.max_epochs=1", f"paths.log_dir={logs}", timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = list((logs / "train" / "runs").iterdir())
+    assert run_dir.name.startswith("torchrun-")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["trainer"]["world_size"] == 2 and summary["trainer"]["strategy"] == "DDPStrategy"
+    assert "Seed set to" in (run_dir / "train_rank1.log").read_text()
+    assert result.stdout.count("run directory:") == 1
+
+
+def test_sharded_fsdp2_checkpoint_evaluates_anywhere(tmp_path: Path) -> None:
+    """Each rank writes its shard (a checkpoint directory); eval.py, one process, gathers it and
+    reproduces the run's test metric."""
+    run_dir = tmp_path / "run"
+    train = run_script(
+        "train.py", "trainer=fsdp2", "trainer.strategy.save_distributed_checkpoint=true", *FAST,
+        "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", timeout=300,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    best = run_dir / "checkpoints" / "best.ckpt"
+    assert best.is_dir() and len(list(best.glob("*.distcp"))) == 2, "one shard file per rank"
+    evaluation = run_script("eval.py", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'eval'}", timeout=300)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    trained = json.loads((run_dir / "summary.json").read_text())["metrics"]["test/mse"]
+    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())["metrics"]["test/mse"]
+    # 2 processes pad the test set with a repeated window; one process sees each window once
+    assert evaluated == pytest.approx(trained, rel=1e-3)
+    assert best.is_dir(), "the training run's checkpoint is left as it was"

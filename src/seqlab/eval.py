@@ -20,6 +20,7 @@ from seqlab.train import (
     split_baselines,
     to_plain,
 )
+from seqlab.utils.checkpoint_io import consolidate_checkpoint
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.run import is_rank_zero, print_results, write_run_metadata, write_summary
 
@@ -47,9 +48,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    ckpt_path = Path(cfg.ckpt_path).expanduser().resolve()
-    info = load_run_info(ckpt_path)
+    given = Path(cfg.ckpt_path).expanduser().resolve()
     run_dir = Path(cfg.paths.output_dir)
+    # a sharded checkpoint (FSDP, FSDP2, DeepSpeed: a directory) is gathered into one file first
+    ckpt_path = consolidate_checkpoint(given, run_dir / "consolidated.ckpt")
+    info = load_run_info(ckpt_path)
     if is_rank_zero():
         write_run_metadata(cfg, run_dir)
 
@@ -64,7 +67,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     model_metrics, baseline = split_baselines(metrics)
     summary = {
-        "ckpt_path": str(ckpt_path),
+        "ckpt_path": str(given),
         "data": info.get("data_name"),
         "metrics": model_metrics,
         **({"test_report": task.test_report} if getattr(task, "test_report", None) else {}),

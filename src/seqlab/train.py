@@ -23,6 +23,7 @@ from seqlab.callbacks import RunStats
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.utils.checkpoint_io import AtomicCheckpointIO
 from seqlab.utils.csv_logger import CSVLogger
+from seqlab.utils.distributed import build_strategy, check_hardware, finish_job, use_sweep_launcher
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.run import (
     hydra_choice,
@@ -82,7 +83,12 @@ def build_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list[Logger]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger]) -> L.Trainer:
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+    strategy = build_strategy(cfg.trainer, cfg.get("model"))
+    trainer = instantiate(
+        cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+    )
+    use_sweep_launcher(trainer)
+    return trainer
 
 
 def apply_extras(cfg: DictConfig) -> None:
@@ -98,7 +104,7 @@ def apply_extras(cfg: DictConfig) -> None:
 def best_checkpoint(trainer: L.Trainer) -> str | None:
     callback = trainer.checkpoint_callback
     path = getattr(callback, "best_model_path", "") if callback is not None else ""
-    return path if path and Path(path).is_file() else None
+    return path if path and Path(path).exists() else None  # a file, or a sharded checkpoint's directory
 
 
 def split_baselines(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -117,6 +123,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train and test one configuration; returns (metrics, objects)."""
     start = time.perf_counter()
     route_lightning_logs_to_root()
+    check_hardware(cfg)
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -127,6 +134,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule = build_datamodule(cfg.data)
     log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)
     task = build_task(cfg.task, cfg.model, datamodule)
+    num_params = task.num_parameters  # before any sharding strategy splits the parameters
     task.run_info = {"data": datamodule_config(datamodule), "data_name": hydra_choice("data")}
     if hasattr(datamodule, "artifacts"):  # e.g. the tokenizer: eval needs it from the checkpoint alone
         task.run_info["data_artifacts"] = datamodule.artifacts()
@@ -136,7 +144,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     objects = {"cfg": cfg, "datamodule": datamodule, "task": task, "trainer": trainer}
 
     for logger in loggers:
-        logger.log_hyperparams({"config": to_plain(cfg), "num_params": task.num_parameters})
+        logger.log_hyperparams({"config": to_plain(cfg), "num_params": num_params})
 
     if cfg.get("train"):
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -175,7 +183,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "train_samples_per_s": stats.samples_per_second,
         "peak_memory_mb": memory.get("peak_gpu_memory_mb", memory["peak_host_memory_mb"]),
         **memory,
-        "num_params": task.num_parameters,
+        "num_params": num_params,
+        "parameters_per_rank": stats.parameters_per_rank,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "git": git,
@@ -186,6 +195,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if metrics:
             print_results(metrics, baseline)
         log.info("run directory: %s", run_dir)
+    finish_job(trainer)
     return {**train_metrics, **test_metrics}, {**objects, "summary": summary}
 
 

@@ -36,6 +36,9 @@ class Backbone(nn.Module):
     bidirectional: bool = False
     #: the training step processes all time steps in parallel (documents the compute pattern)
     supports_parallel_time: bool = False
+    #: the repeated blocks: the units FSDP shards (``trainer=fsdp`` wraps them, ``trainer=fsdp2``
+    #: calls ``fully_shard`` on each) and activation checkpointing recomputes
+    layer_classes: tuple[type[nn.Module], ...] = ()
 
     def encode(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         raise NotImplementedError

@@ -21,6 +21,9 @@ ATTENTIONS = ("luong", "bahdanau")
 class RNNBackbone(Backbone):
     """Stacked RNN/LSTM/GRU encoder; with ``with_decoder``, an attention decoder of the same cell."""
 
+    # the encoder and decoder recurrences (each one fused multi-layer module)
+    layer_classes = (nn.RNNBase,)
+
     def __init__(
         self,
         cell: str = "lstm",

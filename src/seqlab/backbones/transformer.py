@@ -111,9 +111,13 @@ class DecoderLayer(nn.Module):
         self,
         y: Tensor,
         cache: tuple[Tensor, Tensor] | None,
-        memory_kv: tuple[Tensor, Tensor],
+        memory: Tensor | tuple[Tensor, Tensor],
         memory_attn_mask: Tensor | None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """-> (output, self-attention keys/values so far, memory keys/values). ``memory`` is the
+        encoder output on the first call and its projected keys/values (returned then) after, so
+        every projection runs inside ``forward`` (where FSDP gathers this layer's weights)."""
+        memory_kv = self.cross_attn.keys_values(memory) if isinstance(memory, Tensor) else memory
         h = self.norm_self(y)
         key, value = self.self_attn.keys_values(h)
         past = 0
@@ -129,13 +133,14 @@ class DecoderLayer(nn.Module):
         y = y + self.dropout(attended)
         y = y + self.dropout(self.cross_attn(self.norm_cross(y), *memory_kv, attn_mask=memory_attn_mask))
         y = y + self.dropout(self.ff(self.norm_ff(y)))
-        return y, (key, value)
+        return y, (key, value), memory_kv
 
 
 class TransformerBackbone(Backbone):
     """Transformer encoder (and, with ``with_decoder``, decoder with cross-attention)."""
 
     supports_parallel_time = True
+    layer_classes = (EncoderLayer, DecoderLayer)
 
     def __init__(
         self,
@@ -188,30 +193,18 @@ class TransformerBackbone(Backbone):
     ) -> tuple[Tensor, State]:
         if not len(self.decoder_layers):
             raise RuntimeError("this backbone was built without a decoder (with_decoder=False)")
-        if state is None:  # project memory keys/values once for the whole decoding
-            state = {
-                "position": 0,
-                "self_k": [],
-                "self_v": [],
-                "memory_k": [],
-                "memory_v": [],
-            }
-            for layer in self.decoder_layers:
-                key, value = layer.cross_attn.keys_values(memory)
-                state["memory_k"].append(key)
-                state["memory_v"].append(value)
+        if state is None:  # the first call projects memory keys/values once for the whole decoding
+            state = {"position": 0, "self_k": [], "self_v": [], "memory_k": [], "memory_v": []}
         memory_attn_mask = key_padding_to_attn_mask(memory_mask)
         h = self._add_positions(y, offset=state["position"])
-        new_k, new_v = [], []
+        new_state: State = {"position": state["position"] + y.shape[1]}
+        new_state.update(self_k=[], self_v=[], memory_k=[], memory_v=[])
         for i, layer in enumerate(self.decoder_layers):
             cache = (state["self_k"][i], state["self_v"][i]) if state["self_k"] else None
-            h, (key, value) = layer(h, cache, (state["memory_k"][i], state["memory_v"][i]), memory_attn_mask)
-            new_k.append(key)
-            new_v.append(value)
-        new_state = {
-            **state,
-            "position": state["position"] + y.shape[1],
-            "self_k": new_k,
-            "self_v": new_v,
-        }
+            memory_in = (state["memory_k"][i], state["memory_v"][i]) if state["memory_k"] else memory
+            h, (key, value), (memory_k, memory_v) = layer(h, cache, memory_in, memory_attn_mask)
+            for name, tensor in zip(
+                ("self_k", "self_v", "memory_k", "memory_v"), (key, value, memory_k, memory_v)
+            ):
+                new_state[name].append(tensor)
         return self.decoder_norm(h), new_state

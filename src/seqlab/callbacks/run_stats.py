@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities.data import extract_batch_size
+from torch.distributed.tensor import DTensor
 
 
 def peak_host_memory_mb() -> float:
@@ -18,15 +19,30 @@ def peak_host_memory_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def local_numel(param: torch.Tensor) -> int:
+    """Elements this process holds: its shard under FSDP2 (DTensor) or ZeRO-3, else the whole tensor."""
+    if isinstance(param, DTensor):
+        return param.to_local().numel()
+    partition = getattr(param, "ds_tensor", None)  # DeepSpeed ZeRO stage 3
+    return partition.numel() if partition is not None else param.numel()
+
+
 class RunStats(L.Callback):
-    """Training samples per second (all processes, validation excluded) and peak memory."""
+    """Training samples per second (all processes, validation excluded), peak memory, and the
+    parameters each process holds (sharding strategies hold a share)."""
 
     def __init__(self) -> None:
+        self.parameters_per_rank: list[int] = []
         self.samples = 0
         self.train_seconds = 0.0
         self._epoch_start: float | None = None
         self._val_seconds = 0.0
         self._val_start: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        local = sum(local_numel(p) for p in pl_module.parameters())
+        counts = trainer.strategy.all_gather(torch.tensor([local], device=pl_module.device))
+        self.parameters_per_rank = [int(c) for c in counts.reshape(-1).tolist()]
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()

@@ -17,6 +17,7 @@ from torchmetrics import MaxMetric, MinMetric
 
 from seqlab.backbones.base import Backbone
 from seqlab.errors import ConfigError
+from seqlab.utils.distributed import offloads_optimizer
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -53,6 +54,10 @@ class SeqTask(L.LightningModule):
     ``{monitor}_best`` is logged every validation epoch.
     """
 
+    #: methods that run the model without ``forward`` (e.g. generation); under FSDP2 they
+    #: all-gather the sharded weights as ``forward`` does
+    forward_methods: tuple[str, ...] = ()
+
     def __init__(self, monitor: str, monitor_mode: str) -> None:
         super().__init__()
         if monitor_mode not in ("min", "max"):
@@ -60,6 +65,33 @@ class SeqTask(L.LightningModule):
         self.monitor_best = MinMetric() if monitor_mode == "min" else MaxMetric()
         #: plain-data description of the run (data config, etc.) stored in every checkpoint
         self.run_info: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- sharding
+    def configure_model(self) -> None:
+        """``trainer=fsdp2`` (Lightning's ModelParallelStrategy): FSDP2 ``fully_shard`` over the
+        data-parallel mesh, one unit per backbone layer (``Backbone.layer_classes``), then the
+        rest of the task (embeddings, heads) as the root unit. No-op under every other strategy.
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+        if isinstance(self, FSDPModule):  # fit, then test: shard once
+            return
+        if mesh["tensor_parallel"].size() != 1:
+            raise ConfigError(
+                "trainer.strategy.tensor_parallel_size must be 1: seqlab's backbones have no "
+                "tensor-parallel plan (FSDP2 shards over data_parallel_size processes)"
+            )
+        data_parallel = mesh["data_parallel"]
+        layer_classes = self.backbone.layer_classes
+        for module in list(self.backbone.modules()):
+            if layer_classes and isinstance(module, layer_classes):
+                fully_shard(module, mesh=data_parallel)
+        fully_shard(self, mesh=data_parallel)
+        for name in self.forward_methods:  # entry points besides forward gather the root's weights too
+            register_fsdp_forward_method(self, name)
 
     # ----------------------------------------------------------------- best metric
     def on_train_start(self) -> None:
@@ -87,7 +119,16 @@ class SeqTask(L.LightningModule):
         config = dict(self.hparams.optimizer)
         optimizer_cls = get_class(config.pop("_target_"))
         weight_decay = config.pop("weight_decay", 0.0)
-        optimizer = optimizer_cls(self.parameter_groups(weight_decay), **config)
+        groups = self.parameter_groups(weight_decay)
+        if optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) and offloads_optimizer(
+            self.trainer.strategy
+        ):
+            # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (same update rule)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=optimizer_cls is torch.optim.AdamW, **config)
+        else:
+            optimizer = optimizer_cls(groups, **config)
         schedule = self.hparams.get("scheduler")
         if not schedule:
             return optimizer
@@ -99,7 +140,9 @@ class SeqTask(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["seqlab"] = {"task_target": f"{type(self).__module__}.{type(self).__qualname__}"}
+        # the task's own class: FSDP2 swaps in a generated subclass (FSDP<Task>) when it shards
+        cls = next(c for c in type(self).__mro__ if not c.__module__.startswith("torch."))
+        checkpoint["seqlab"] = {"task_target": f"{cls.__module__}.{cls.__qualname__}"}
         checkpoint["seqlab"].update(self.run_info)
 
     @property

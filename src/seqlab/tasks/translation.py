@@ -72,6 +72,8 @@ class TranslationTask(SeqTask):
         sample_translations: rows of the test table of sample translations.
     """
 
+    forward_methods = ("generate",)
+
     def __init__(
         self,
         backbone: dict[str, Any],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -24,6 +25,35 @@ def device_count(cpu_processes: int = 2) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else int(cpu_processes)
 
 
+def launch_id() -> str | None:
+    """The id every process of an external multi-process launch shares, or None: torchrun's
+    rendezvous id, or the SLURM job and step when ``srun`` started several tasks."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return f"torchrun-{run_id}"
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '0')}"
+    return None
+
+
+def run_stamp(pattern: str) -> str:
+    """Run directory name: the time (``strftime`` pattern), or the launch id when torchrun/srun
+    started every rank (each process composes its own config, and all must pick one directory)."""
+    return launch_id() or datetime.now().strftime(pattern)
+
+
+def rank_log_suffix() -> str:
+    """``_rank<N>`` for the log file of rank N > 0 started by torchrun or srun (Lightning's own
+    launcher names its ranks' jobs ``train_ddp_process_<N>`` instead)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ and (launch_id() or key == "RANK"):
+            rank = int(os.environ[key])
+            return f"_rank{rank}" if rank else ""
+    return ""
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("project_root", project_root, replace=True)
     OmegaConf.register_new_resolver("device_count", device_count, replace=True)
+    OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("rank_log_suffix", rank_log_suffix, replace=True)

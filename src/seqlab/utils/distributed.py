@@ -1,0 +1,181 @@
+"""Strategies chosen by config: what the hardware allows, the strategy object, sweeps with DDP.
+
+- ``check_hardware`` fails fast, before any data is prepared or process spawned, when the
+  ``trainer=`` choice cannot run here, and says what does.
+- ``build_strategy`` instantiates ``trainer.strategy``, filling FSDP's wrap and
+  activation-checkpointing policies from the backbone's ``layer_classes``.
+- ``SweepJobLauncher`` fixes DDP inside a Hydra multirun: Lightning's script launcher re-runs
+  ``sys.argv``, i.e. the whole sweep, in every other rank (Lightning #18175, Hydra #2070,
+  lightning-hydra-template #393). Here the other ranks re-run only the current job, with its
+  overrides and into its directory, and ``finish_job`` tears the process group down so the next
+  job starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any
+from unittest import mock
+
+import torch
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.strategies.launchers import subprocess_script
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from seqlab.errors import ConfigError
+
+#: what runs on a machine without CUDA (the message of every GPU-only refusal lists them)
+CPU_STRATEGIES = "trainer=cpu, trainer=ddp, trainer=ddp_spawn or trainer=fsdp2 (FSDP2 sharding over gloo)"
+GPU_ONLY = {"fsdp": "FSDP (Lightning's FSDPStrategy)", "deepspeed": "DeepSpeed"}
+STRATEGY_KINDS = {"FSDPStrategy": "fsdp", "DeepSpeedStrategy": "deepspeed", "ModelParallelStrategy": "fsdp2"}
+#: environment variables Lightning (its launcher, DeepSpeed) sets in the launching process
+LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK")
+
+
+def strategy_kind(strategy: Any) -> str:
+    """``fsdp`` | ``deepspeed`` | ``fsdp2`` | a Lightning registry name (``ddp``, ``auto``...)."""
+    if isinstance(strategy, str):
+        for prefix in GPU_ONLY:
+            if strategy.startswith(prefix):
+                return prefix
+        return strategy
+    if isinstance(strategy, dict | DictConfig) and "_target_" in strategy:
+        name = str(strategy["_target_"]).rsplit(".", 1)[-1]
+        return STRATEGY_KINDS.get(name, name)
+    return type(strategy).__name__ if strategy is not None else "auto"
+
+
+def runs_torch_rnn(model_cfg: DictConfig | dict[str, Any]) -> bool:
+    """Whether the backbone computes with ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (cuDNN/oneDNN kernels)."""
+    backbone_cls = get_class(model_cfg["_target_"])
+    return any(issubclass(cls, nn.RNNBase) for cls in getattr(backbone_cls, "layer_classes", ()))
+
+
+def check_hardware(cfg: DictConfig) -> None:
+    """Refuse, with what to use instead, a ``trainer=`` choice this machine cannot run."""
+    trainer = cfg.trainer
+    strategy = trainer.get("strategy", "auto")
+    kind = strategy_kind(OmegaConf.to_container(strategy) if OmegaConf.is_config(strategy) else strategy)
+    accelerator = str(trainer.get("accelerator") or "auto")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind in GPU_ONLY and not gpus:
+        raise ConfigError(
+            f"trainer.strategy: {GPU_ONLY[kind]} needs CUDA GPUs and none is visible here "
+            f"(Lightning refuses it on CPU). On this machine use {CPU_STRATEGIES}."
+        )
+    if kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            "trainer.strategy: DeepSpeed is an optional dependency and is not installed: "
+            "pip install -e '.[deepspeed]' (or use trainer=fsdp / trainer=fsdp2)"
+        )
+    if accelerator in ("gpu", "cuda"):
+        if not gpus:
+            raise ConfigError(
+                f"trainer.accelerator={accelerator!r} but no CUDA GPU is visible here; "
+                f"use trainer.accelerator=cpu or {CPU_STRATEGIES}"
+            )
+        devices = trainer.get("devices")
+        if isinstance(devices, int) and devices > gpus:
+            raise ConfigError(f"trainer.devices={devices} but this machine has {gpus} GPU(s)")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not gpus)
+    if on_cpu and "bf16" in str(trainer.get("precision")) and runs_torch_rnn(cfg.model):
+        raise ConfigError(
+            f"trainer.precision={trainer.precision!r} with the {cfg.model._target_.rsplit('.', 1)[-1]} "
+            "backbone on CPU: oneDNN has no bf16 kernel for nn.RNN/LSTM/GRU (it fails with 'could not "
+            "create a primitive descriptor'). Use trainer.precision=32-true on CPU; bf16 works on a GPU "
+            "(cuDNN) and with model=transformer on CPU."
+        )
+
+
+def build_strategy(trainer_cfg: DictConfig, model_cfg: DictConfig | None) -> Any:
+    """``trainer.strategy`` as Lightning takes it: a registry name, or an instantiated object.
+
+    For FSDP, ``auto_wrap_policy: null`` becomes one unit per backbone layer class and
+    ``checkpoint_layers: true`` recomputes those layers' activations in the backward pass.
+    """
+    strategy = trainer_cfg.get("strategy", "auto")
+    if not OmegaConf.is_config(strategy):
+        return strategy
+    kwargs = OmegaConf.to_container(strategy, resolve=True)
+    if strategy_kind(kwargs) == "fsdp":
+        backbone_cls = get_class(model_cfg._target_) if model_cfg is not None else None
+        layers = set(getattr(backbone_cls, "layer_classes", ())) or None
+        if kwargs.get("auto_wrap_policy") is None:
+            kwargs["auto_wrap_policy"] = layers
+        if kwargs.pop("checkpoint_layers", False) and kwargs.get("activation_checkpointing_policy") is None:
+            kwargs["activation_checkpointing_policy"] = layers
+    return instantiate(kwargs)
+
+
+def offloads_optimizer(strategy: Any) -> bool:
+    """DeepSpeed ZeRO-Offload: the optimizer steps on the CPU and wants DeepSpeed's CPU Adam."""
+    config = getattr(strategy, "config", None)
+    if type(strategy).__name__ != "DeepSpeedStrategy" or not isinstance(config, dict):
+        return False
+    return bool(config.get("zero_optimization", {}).get("offload_optimizer"))
+
+
+# ---------------------------------------------------------------------------- sweeps with DDP
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def job_command(local_rank: int) -> tuple[list[str], str]:
+    """The command that runs rank ``local_rank`` of the current sweep job (a single run)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    import __main__
+
+    hydra = HydraConfig.get()
+    if __main__.__spec__ is None:
+        command = [sys.executable, to_absolute_path(sys.argv[0])]
+    else:
+        command = [sys.executable, "-m", __main__.__spec__.name]
+    command += [
+        *hydra.overrides.task,
+        f'hydra.run.dir="{hydra.runtime.output_dir}"',
+        f"hydra.job.name={hydra.job.name}_ddp_process_{local_rank}",
+        "hydra.output_subdir=null",
+    ]
+    return command, get_original_cwd()
+
+
+class SweepJobLauncher(subprocess_script._SubprocessScriptLauncher):
+    """Lightning's script launcher whose other ranks run this sweep job, not the whole sweep."""
+
+    def _call_children_scripts(self) -> None:
+        # Lightning builds a Hydra child's command in this one function: swap in the job's
+        with mock.patch.object(subprocess_script, "_hydra_subprocess_cmd", job_command):
+            super()._call_children_scripts()
+
+
+def use_sweep_launcher(trainer: Any) -> None:
+    """Inside a multirun, give a script-launched strategy (DDP, FSDP, DeepSpeed) the job launcher."""
+    strategy = trainer.strategy
+    launcher = getattr(strategy, "_launcher", None)
+    if type(launcher) is subprocess_script._SubprocessScriptLauncher and in_multirun():
+        strategy._launcher = SweepJobLauncher(
+            launcher.cluster_environment, launcher.num_processes, launcher.num_nodes
+        )
+
+
+def finish_job(trainer: Any, timeout: float = 120.0) -> None:
+    """After a sweep job: wait for its other ranks, close the process group, forget the launch
+    environment, so that the next job launches its own processes."""
+    launcher = getattr(trainer.strategy, "_launcher", None)
+    if not isinstance(launcher, SweepJobLauncher) or not launcher.procs:
+        return
+    for proc in launcher.procs:
+        proc.wait(timeout=timeout)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key in LAUNCH_ENV:
+        os.environ.pop(key, None)
+    launcher.procs = []

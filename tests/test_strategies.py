@@ -1,0 +1,169 @@
+"""``trainer=`` choices: every strategy config composes and builds its strategy object, and what
+this machine cannot run is refused before anything is prepared or spawned."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from torch import nn
+
+from seqlab.backbones.transformer import DecoderLayer, EncoderLayer
+from seqlab.errors import ConfigError
+from seqlab.train import build_trainer, train
+from seqlab.utils.distributed import build_strategy, check_hardware, offloads_optimizer
+from tests.conftest import run_script
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a CPU-only machine")
+TRAINERS = ["default", "cpu", "gpu", "ddp", "ddp_spawn", "fsdp", "fsdp2"]
+DEEPSPEED = ["deepspeed", "deepspeed_stage_3", "deepspeed_offload"]
+
+
+@pytest.mark.parametrize("name", TRAINERS + DEEPSPEED)
+def test_every_trainer_config_builds_its_strategy(make_cfg, name: str) -> None:
+    if name in DEEPSPEED:
+        pytest.importorskip("deepspeed", reason="the optional deepspeed extra is not installed")
+    cfg = make_cfg(f"trainer={name}", "trainer.devices=4", "trainer.num_nodes=2", "model=lstm")
+    assert cfg.trainer.devices == 4 and cfg.trainer.num_nodes == 2  # overrides win over every file
+    strategy = build_strategy(cfg.trainer, cfg.model)
+    expected = {
+        "ddp": "ddp",
+        "ddp_spawn": "ddp_spawn",
+        "fsdp": FSDPStrategy,
+        "fsdp2": ModelParallelStrategy,
+        "deepspeed": DeepSpeedStrategy,
+        "deepspeed_stage_3": DeepSpeedStrategy,
+        "deepspeed_offload": DeepSpeedStrategy,
+    }.get(name)
+    if isinstance(expected, type):
+        assert isinstance(strategy, expected)
+    elif expected is not None:
+        assert strategy == expected
+    if name.startswith("deepspeed"):
+        zero = strategy.config["zero_optimization"]
+        assert zero["stage"] == (3 if name == "deepspeed_stage_3" else 2)
+        assert bool(zero.get("offload_optimizer")) == (name == "deepspeed_offload")
+        assert offloads_optimizer(strategy) == (name == "deepspeed_offload")
+    if name == "fsdp2":  # shards over every process: data_parallel_size follows trainer.devices
+        assert strategy._data_parallel_size == 4 and strategy._tensor_parallel_size == 1
+
+
+def test_fsdp_wraps_and_checkpoints_the_backbone_layers(make_cfg) -> None:
+    cfg = make_cfg("trainer=fsdp", "model=transformer", "trainer.strategy.checkpoint_layers=true")
+    strategy = build_strategy(cfg.trainer, cfg.model)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {EncoderLayer, DecoderLayer}
+    assert strategy.sharding_strategy.name == "FULL_SHARD"
+    policy = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
+    assert policy._module_classes == {EncoderLayer, DecoderLayer}
+    # RNN-family backbones: the fused recurrence modules are the units
+    lstm = build_strategy(make_cfg("trainer=fsdp", "model=lstm").trainer, make_cfg("model=lstm").model)
+    assert lstm.kwargs["auto_wrap_policy"]._module_classes == {nn.RNNBase}
+
+
+@NO_GPU
+@pytest.mark.parametrize("name", ["fsdp", "deepspeed", "deepspeed_stage_3", "deepspeed_offload", "gpu"])
+def test_gpu_only_choices_fail_fast_naming_what_works(make_cfg, tmp_path: Path, name: str) -> None:
+    cfg = make_cfg(f"trainer={name}", fast=False)
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "GPU" in message and "trainer=ddp" in message and "trainer=fsdp2" in message
+    assert not (tmp_path / "run").exists(), "refused before anything was written"
+
+
+@NO_GPU
+def test_bf16_with_an_rnn_on_cpu_is_refused_with_the_reason(make_cfg) -> None:
+    for model in ("rnn", "lstm", "gru"):
+        cfg = make_cfg(f"model={model}", "trainer=cpu", "trainer.precision=bf16-mixed")
+        with pytest.raises(ConfigError, match=r"precision='bf16-mixed'.*oneDNN.*32-true"):
+            check_hardware(cfg)
+    # the Transformer has CPU bf16 kernels: allowed, and it trains
+    check_hardware(make_cfg("model=transformer", "trainer=cpu", "trainer.precision=bf16-mixed"))
+
+
+@NO_GPU
+def test_more_gpus_than_exist_and_cpu_devices(make_cfg) -> None:
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        check_hardware(make_cfg("trainer=gpu", "trainer.devices=8", fast=False))
+    cfg = make_cfg("trainer=ddp")  # on a CPU-only machine: 2 gloo processes
+    assert cfg.trainer.devices == 2
+    check_hardware(cfg)
+    trainer = build_trainer(cfg, callbacks=[], loggers=[])
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2
+
+
+@NO_GPU
+def test_the_refusal_comes_before_any_process_or_file(tmp_path: Path) -> None:
+    """As a user sees it: one line, exit code 1, nothing spawned, no run directory."""
+    run_dir = tmp_path / "run"
+    result = run_script("train.py", "trainer=deepspeed", f"hydra.run.dir={run_dir}", timeout=120)
+    assert result.returncode == 1
+    assert "ConfigError: trainer.strategy: DeepSpeed needs CUDA GPUs" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    assert "Seed set" not in result.stdout + result.stderr
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "summary.json").exists()
+
+
+def test_slurm_launcher_submits_one_multi_gpu_job_per_sweep_job(
+    make_cfg, tmp_path: Path, monkeypatch
+) -> None:
+    """``hydra/launcher=slurm``: the submitit plugin loads, and the sbatch script of each sweep job
+    asks for num_nodes x devices tasks (one per GPU) and submitit's SIGUSR2 before the time limit."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the optional slurm extra")
+    import submitit
+    from hydra.utils import instantiate
+
+    fake_bin = tmp_path / "bin"  # submitit looks for srun before it builds a SLURM executor
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    cfg = make_cfg(
+        "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path / 'sweep'}", fast=False,
+    )  # fmt: skip
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"  # Hydra's plugin loader imports it on its own
+    assert launcher.params["nodes"] == 2 and launcher.params["tasks_per_node"] == 4
+    assert launcher.params["gpus_per_node"] == 4
+
+    submitted = {}
+
+    class Job:
+        def results(self):
+            return [None]
+
+    def map_array(executor, fn, *job_params):
+        submitted["script"] = executor._executor._make_submission_file_text("python -m submitit", "uid")
+        submitted["overrides"] = job_params[0]
+        return [Job() for _ in job_params[0]]
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", map_array)
+    launcher.setup(hydra_context=None, task_function=lambda cfg: None, config=cfg)
+    launcher.launch([["model=lstm"], ["model=transformer"]], initial_job_idx=0)
+    script = submitted["script"]
+    for line in (
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--partition=gpu",
+        "--signal=USR2@120",
+    ):
+        assert f"#SBATCH {line}" in script, line
+    assert "srun" in script
+    assert submitted["overrides"] == (["model=lstm"], ["model=transformer"])
+
+
+def test_a_directory_that_is_no_checkpoint_is_refused(tmp_path: Path) -> None:
+    from seqlab.utils.checkpoint_io import consolidate_checkpoint
+
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ConfigError, match=r"is a directory but not a sharded checkpoint"):
+        consolidate_checkpoint(tmp_path / "notes", tmp_path / "out.ckpt")
+    with pytest.raises(ConfigError, match="no such file"):
+        consolidate_checkpoint(tmp_path / "missing.ckpt", tmp_path / "out.ckpt")
+    assert not (tmp_path / "out.ckpt").exists()
