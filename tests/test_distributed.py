@@ -252,3 +252,24 @@ def test_sharded_fsdp2_checkpoint_evaluates_anywhere(tmp_path: Path) -> None:
     # 2 processes pad the test set with a repeated window; one process sees each window once
     assert evaluated == pytest.approx(trained, rel=1e-3)
     assert best.is_dir(), "the training run's checkpoint is left as it was"
+
+
+@pytest.mark.parametrize(
+    "data", ["data=timeseries", "data=sentiment_synthetic", "data=translation_synthetic"], ids=lambda d: d[5:]
+)
+def test_every_backbone_trains_sharded_under_fsdp2(tmp_path: Path, data: str) -> None:
+    """Every task x every backbone under FSDP2 on 2 CPU processes: one sweep of DDP-style jobs."""
+    sweep = tmp_path / "sweep"
+    small = ["data.num_train=400"] if "synthetic" in data else ["data.num_steps=1200", "data.lookback=48"]
+    result = run_script(
+        "train.py", "-m", "trainer=fsdp2", "model=rnn,lstm,gru,transformer", data, *small, "model.d_model=32",
+        "trainer.max_epochs=1", "trainer.accelerator=cpu", "extras.print_config=false",
+        "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", f"hydra.sweep.dir={sweep}",
+        f"data.cache_dir={tmp_path / 'cache'}" if "synthetic" in data else "data.horizon=12", timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, model in enumerate(("rnn", "lstm", "gru", "transformer")):
+        summary = json.loads((sweep / str(job) / "summary.json").read_text())
+        assert summary["model"] == model and summary["trainer"]["strategy"] == "ModelParallelStrategy"
+        assert summary["metrics"], f"{model}: tested"
+        assert max(summary["parameters_per_rank"]) < 0.75 * summary["num_params"], f"{model}: sharded"
