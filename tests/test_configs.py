@@ -145,3 +145,16 @@ def test_data_errors_end_the_run_with_one_clear_line(tmp_path: Path) -> None:
     assert f"DataError: data file not found: {tmp_path / 'nope' / 'ETTh1.csv'}" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("search", options("hparams_search"))
+def test_every_hparams_search_composes_for_its_task(make_cfg, search: str) -> None:
+    task = search.removesuffix("_optuna")
+    data = {"forecasting": "timeseries", "classification": "sentiment_synthetic"}.get(
+        task, "translation_synthetic"
+    )
+    cfg = make_cfg(f"hparams_search={search}", f"data={data}", fast=False)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.mode.name == "MULTIRUN"
+    assert cfg.hydra.sweeper.direction == cfg.task.monitor_mode
+    assert cfg.optimized_metric == f"{cfg.task.monitor}_best"
+    assert cfg.hydra.sweeper.params, "a search space"

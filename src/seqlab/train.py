@@ -23,7 +23,13 @@ from seqlab.callbacks import RunStats
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.utils.checkpoint_io import AtomicCheckpointIO
 from seqlab.utils.csv_logger import CSVLogger
-from seqlab.utils.distributed import build_strategy, check_hardware, finish_job, use_sweep_launcher
+from seqlab.utils.distributed import (
+    build_strategy,
+    check_hardware,
+    finish_job,
+    in_multirun,
+    use_sweep_launcher,
+)
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.run import (
     hydra_choice,
@@ -215,4 +221,6 @@ def run(cfg: DictConfig) -> float | None:
         return objective(metrics, cfg.get("optimized_metric"))
     except SeqlabError as err:
         log.error("%s: %s", type(err).__name__, err)
+        if in_multirun():
+            raise  # the sweep records this job as failed and goes on
         raise SystemExit(1) from None

@@ -7,20 +7,42 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from seqlab.utils.run import print_table, read_summaries, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 
+ERROR_FILE = "error.txt"
+
+
+def job_overrides(job_dir: Path) -> str:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    return " ".join(str(o) for o in (OmegaConf.load(path) or [])) if path.is_file() else ""
+
+
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job: its overrides, final test metrics, time, throughput and size."""
+    """One row per job: its status, overrides, final test metrics, time, throughput and size;
+    a failed job (no summary.json) gets its error instead."""
     rows = []
-    for job_dir, summary in read_summaries(sweep_dir):
+    summaries = dict(read_summaries(sweep_dir))
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()] if sweep_dir.is_dir() else []
+    for job_dir in sorted(jobs, key=lambda p: int(p.name)):
+        summary = summaries.get(job_dir)
+        if summary is None:
+            error = job_dir / ERROR_FILE
+            if error.is_file():
+                reason = error.read_text().strip().splitlines()[0] if error.read_text().strip() else ""
+                rows.append({"job": job_dir.name, "status": "failed", "overrides": job_overrides(job_dir),
+                             "error": reason})  # fmt: skip
+            continue  # still running, or not a job
         row: dict[str, Any] = {
             "job": job_dir.name,
+            "status": "ok",
             "overrides": " ".join(summary.get("overrides", [])),
             "model": summary.get("model"),
         }
@@ -43,14 +65,28 @@ def write_sweep_table(sweep_dir: Path) -> list[dict[str, Any]]:
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)) for v in row.values()]
+        values = [row.get(column) for column in columns]
+        cells = [f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)) for v in values]
         lines.append("| " + " | ".join(cells) + " |")
     write_text_atomic(sweep_dir / "sweep_summary.md", "\n".join(lines) + "\n")
     return rows
 
 
 class SweepSummary(Callback):
-    """After a multirun, tabulate every job's ``summary.json`` in the sweep directory."""
+    """Tabulate every job of a multirun in the sweep directory: updated after each job (so a
+    sweep that stops early still has its table; a failed job leaves ``error.txt`` and a
+    ``failed`` row) and printed at the end."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        job_dir = Path(config.hydra.runtime.output_dir)
+        if job_return.status == JobStatus.FAILED:
+            try:
+                _ = job_return.return_value  # re-raises the job's exception
+            except Exception as error:
+                write_text_atomic(job_dir / ERROR_FILE, f"{type(error).__name__}: {error}\n")
+        write_sweep_table(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -1,0 +1,99 @@
+"""Optuna search through seqlab's Hydra sweeper, failing jobs inside sweeps, and resuming a study."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import run_script
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "data.num_steps=1200",
+    "data.lookback=48",
+    "data.horizon=12",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "extras.print_config=false",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null",
+]
+
+
+def search(sweep: Path, *overrides: str) -> dict:
+    result = run_script(
+        "train.py",
+        "hparams_search=forecasting_optuna",
+        *TINY,
+        *overrides,
+        f"hydra.sweep.dir={sweep}",
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return OmegaConf.to_container(OmegaConf.load(sweep / "optimization_results.yaml"))
+
+
+def job_objective(job_dir: Path) -> float:
+    return json.loads((job_dir / "summary.json").read_text())["best"]["val/mse_best"]
+
+
+def test_optuna_search_finds_the_objective_and_keeps_its_study(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    results = search(sweep, "hydra.sweeper.n_trials=3", "hydra.sweeper.n_startup_trials=2")
+    objectives = {int(p.name): job_objective(p) for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()}
+    assert sorted(objectives) == [0, 1, 2]
+    # the study's best is the smallest val/mse_best any job reached (direction: minimize)
+    assert results["best_value"] == pytest.approx(min(objectives.values()))
+    assert results["best_job"] == min(objectives, key=objectives.get)
+    assert set(results["best_params"]) == {
+        "task.optimizer.lr", "model.d_model", "model.num_layers", "model.dropout", "task.patch_len"
+    }  # fmt: skip
+    # the best job really ran with the best parameters
+    best_overrides = OmegaConf.load(sweep / str(results["best_job"]) / ".hydra" / "overrides.yaml")
+    assert f"model.d_model={results['best_params']['model.d_model']}" in best_overrides
+    study = optuna.load_study(study_name="forecasting", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    assert "| ok |" in (sweep / "sweep_summary.md").read_text()
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path: Path) -> None:
+    """nhead=5 cannot split any d_model of the space: those trials fail, the others finish."""
+    sweep = tmp_path / "sweep"
+    results = search(
+        sweep, "model.nhead=choice(4,5)", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler=random",
+        "hydra.sweeper.seed=0",
+    )  # fmt: skip
+    failed = results["failed"]
+    assert 1 <= results["n_failed"] == len(failed) < 4 and results["n_trials"] == 4
+    assert all(f["params"]["model.nhead"] == 5 and "divisible by nhead=5" in f["error"] for f in failed)
+    assert results["best_params"]["model.nhead"] == 4
+    for entry in failed:  # the failed job left its error, and the sweep table lists it
+        assert "divisible by nhead=5" in (sweep / str(entry["job"]) / "error.txt").read_text()
+    table = (sweep / "sweep_summary.csv").read_text().splitlines()
+    assert len(table) == 5 and sum(",failed," in row for row in table) == len(failed)
+    study = optuna.load_study(study_name="forecasting", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    assert sum(t.state.name == "FAIL" for t in study.trials) == len(failed)
+
+
+def test_an_interrupted_search_resumes_from_its_study(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    first = search(sweep, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_startup_trials=2")
+    assert first["n_trials"] == 2
+    # a trial that was running when the search died (asked, never told)
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    optuna.load_study(study_name="forecasting", storage=storage).ask()
+    resumed = search(sweep, "hydra.sweeper.n_trials=3", "hydra.sweeper.n_startup_trials=2")
+    assert resumed["n_trials"] == 3 and resumed["n_failed"] == 0
+    study = optuna.load_study(study_name="forecasting", storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 3, states  # two kept, one new: not three new
+    assert [t.user_attrs.get("interrupted") for t in study.trials if t.state.name == "FAIL"] == [True]
+    # the new trial got a new job directory; the first two are untouched
+    jobs = sorted(int(p.name) for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert jobs == [0, 1, 3]
+    assert resumed["best_value"] <= first["best_value"]
