@@ -84,3 +84,25 @@ def test_classification_sends_its_confusion_matrix_and_mistakes_table_to_wandb(t
     assert '"predicted"' in tables[0].read_text()
     assert list(media.rglob("*confusion_matrix*.png")), "the confusion matrix image"
     assert (run_dir / "tables" / "test_misclassified.csv").is_file()
+
+
+@pytest.mark.slow
+def test_runs_of_one_sweep_are_separate_wandb_runs_in_one_group(tmp_path: Path) -> None:
+    """Each job of a multirun gets its own W&B run (Lightning leaves a run open, and the next job
+    in the same process used to log into it), grouped by the sweep."""
+    from tests.conftest import FAST, run_script
+
+    home = tmp_path / "home"
+    home.mkdir()
+    sweep = tmp_path / "sweep-7f3a"
+    result = run_script(
+        "train.py", "-m", "model=rnn,gru", "logger=wandb", *FAST, "trainer.max_epochs=1",
+        f"hydra.sweep.dir={sweep}", env={"HOME": str(home), "NETRC": str(home / ".netrc")}, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [list((sweep / job / "wandb").glob("offline-run-*/*.wandb")) for job in ("0", "1")]
+    assert all(len(found) == 1 for found in runs), runs
+    (first,), (second,) = runs
+    assert first.parent.name != second.parent.name, "two W&B runs, not one reused"
+    for data in (first.read_bytes(), second.read_bytes()):
+        assert b"train-sweep-7f3a" in data, "the sweep's group is recorded in the run"

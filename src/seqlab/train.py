@@ -41,6 +41,7 @@ from seqlab.utils.run import (
     write_run_metadata,
     write_summary,
 )
+from seqlab.utils.wandb import finish_runs
 
 log = logging.getLogger(__name__)
 
@@ -149,58 +150,60 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer = build_trainer(cfg, callbacks, loggers)
     objects = {"cfg": cfg, "datamodule": datamodule, "task": task, "trainer": trainer}
 
-    for logger in loggers:
-        logger.log_hyperparams({"config": to_plain(cfg), "num_params": num_params})
+    try:
+        for logger in loggers:
+            logger.log_hyperparams({"config": to_plain(cfg), "num_params": num_params})
+        if cfg.get("train"):
+            trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    if cfg.get("train"):
-        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        test_metrics: dict[str, float] = {}
+        if cfg.get("test"):
+            ckpt = best_checkpoint(trainer)
+            if ckpt is None and cfg.get("train"):
+                log.warning("no best checkpoint was saved; testing the current weights")
+            log.info("testing %s", ckpt or "the current weights")
+            trainer.test(task, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False)
+            test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
-    test_metrics: dict[str, float] = {}
-    if cfg.get("test"):
-        ckpt = best_checkpoint(trainer)
-        if ckpt is None and cfg.get("train"):
-            log.warning("no best checkpoint was saved; testing the current weights")
-        log.info("testing %s", ckpt or "the current weights")
-        trainer.test(task, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False)
-        test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-
-    metrics, baseline = split_baselines(test_metrics)
-    stats = next(c for c in trainer.callbacks if isinstance(c, RunStats))
-    memory = stats.peak_memory_mb()
-    summary = {
-        "task": hydra_choice("task") or cfg.task._target_.rsplit(".", 1)[-1],
-        "data": hydra_choice("data") or cfg.data._target_.rsplit(".", 1)[-1],
-        "model": hydra_choice("model") or cfg.model._target_.rsplit(".", 1)[-1],
-        "trainer": {
-            "strategy": type(trainer.strategy).__name__,
-            "accelerator": type(trainer.accelerator).__name__,
-            "world_size": trainer.world_size,
-            "precision": str(trainer.precision),
-        },
-        "seed": cfg.get("seed"),
-        "overrides": hydra_overrides(),
-        "metrics": metrics,
-        **({"test_report": task.test_report} if getattr(task, "test_report", None) else {}),
-        "baseline": baseline,
-        "best": {k: v for k, v in train_metrics.items() if k.endswith("_best")},
-        "best_checkpoint": best_checkpoint(trainer),
-        "wall_s": round(time.perf_counter() - start, 2),
-        "train_samples_per_s": stats.samples_per_second,
-        "peak_memory_mb": memory.get("peak_gpu_memory_mb", memory["peak_host_memory_mb"]),
-        **memory,
-        "num_params": num_params,
-        "parameters_per_rank": stats.parameters_per_rank,
-        "epochs": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "git": git,
-        "versions": versions(),
-    }
-    if trainer.is_global_zero:
-        write_summary(run_dir, summary)
-        if metrics:
-            print_results(metrics, baseline)
-        log.info("run directory: %s", run_dir)
+        metrics, baseline = split_baselines(test_metrics)
+        stats = next(c for c in trainer.callbacks if isinstance(c, RunStats))
+        memory = stats.peak_memory_mb()
+        summary = {
+            "task": hydra_choice("task") or cfg.task._target_.rsplit(".", 1)[-1],
+            "data": hydra_choice("data") or cfg.data._target_.rsplit(".", 1)[-1],
+            "model": hydra_choice("model") or cfg.model._target_.rsplit(".", 1)[-1],
+            "trainer": {
+                "strategy": type(trainer.strategy).__name__,
+                "accelerator": type(trainer.accelerator).__name__,
+                "world_size": trainer.world_size,
+                "precision": str(trainer.precision),
+            },
+            "seed": cfg.get("seed"),
+            "overrides": hydra_overrides(),
+            "metrics": metrics,
+            **({"test_report": task.test_report} if getattr(task, "test_report", None) else {}),
+            "baseline": baseline,
+            "best": {k: v for k, v in train_metrics.items() if k.endswith("_best")},
+            "best_checkpoint": best_checkpoint(trainer),
+            "wall_s": round(time.perf_counter() - start, 2),
+            "train_samples_per_s": stats.samples_per_second,
+            "peak_memory_mb": memory.get("peak_gpu_memory_mb", memory["peak_host_memory_mb"]),
+            **memory,
+            "num_params": num_params,
+            "parameters_per_rank": stats.parameters_per_rank,
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "git": git,
+            "versions": versions(),
+        }
+        if trainer.is_global_zero:
+            write_summary(run_dir, summary)
+            if metrics:
+                print_results(metrics, baseline)
+            log.info("run directory: %s", run_dir)
+    finally:
+        finish_runs(loggers)
     finish_job(trainer)
     return {**train_metrics, **test_metrics}, {**objects, "summary": summary}
 

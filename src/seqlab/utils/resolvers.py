@@ -52,8 +52,23 @@ def rank_log_suffix() -> str:
     return ""
 
 
+def sweep_id() -> str | None:
+    """Inside a Hydra multirun, ``<task_name>-<sweep directory name>``: the W&B group every job of
+    the sweep shares (a W&B sweep agent's runs are grouped by W&B itself). Else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.MULTIRUN:
+        return None
+    return f"{hydra.job.name}-{Path(hydra.sweep.dir).name}"
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("project_root", project_root, replace=True)
     OmegaConf.register_new_resolver("device_count", device_count, replace=True)
     OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("rank_log_suffix", rank_log_suffix, replace=True)
+    OmegaConf.register_new_resolver("sweep_id", sweep_id, replace=True)

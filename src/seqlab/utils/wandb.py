@@ -82,3 +82,14 @@ def wandb_logger(save_dir: str, mode: str = "auto", **kwargs: Any):
             "W&B logs offline: %s. Upload later with: wandb sync %s/wandb/offline-run-*", reason, save_dir
         )
     return WandbLogger(save_dir=save_dir, offline=resolved == "offline", mode=resolved, **kwargs)
+
+
+def finish_runs(loggers: list[Any]) -> None:
+    """Close the W&B run of this job. Lightning leaves it open, and the next job of a multirun
+    (same process) would then log into it instead of starting its own run."""
+    if not any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
