@@ -105,9 +105,20 @@ def test_every_debug_preset_composes(make_cfg, debug: str) -> None:
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes(make_cfg, experiment: str, request, tmp_path: Path) -> None:
-    data = {"ett": "ett", "sst2": "sst2", "multi30k": "multi30k"}[experiment.split("_")[0]]
-    cfg = make_cfg(f"experiment={experiment}", *data_overrides(data, request, tmp_path), fast=False)
-    assert cfg.model._target_.endswith("TransformerBackbone") == ("transformer" in experiment)
+    prefix = experiment.split("_")[0]
+    if prefix == "compare":  # a multirun over the four backbones of one task, then the report
+        data = {"forecasting": "timeseries", "classification": "sst2"}.get(experiment[8:], "multi30k")
+    else:
+        data = {"ett": "ett", "sst2": "sst2", "multi30k": "multi30k"}[prefix]
+    overrides = data_overrides(data, request, tmp_path)
+    cfg = make_cfg(f"experiment={experiment}", *overrides, fast=False)
+    if prefix == "compare":
+        assert (
+            cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params.model == "rnn,lstm,gru,transformer"
+        )
+        assert cfg.hydra.callbacks.compare_report._target_.endswith("CompareReport")
+    else:
+        assert cfg.model._target_.endswith("TransformerBackbone") == ("transformer" in experiment)
     datamodule = build_datamodule(cfg.data)
     build_task(cfg.task, cfg.model, datamodule)
 

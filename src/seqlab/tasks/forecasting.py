@@ -21,7 +21,7 @@ from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, Metric
 
 from seqlab.errors import ConfigError
 from seqlab.tasks.base import SeqTask, build_backbone
-from seqlab.utils.figures import log_figure
+from seqlab.utils.figures import log_figure, log_table
 
 HEADS = ("flatten", "mean", "last")
 
@@ -48,6 +48,10 @@ class RevIN(nn.Module):
             x = (x - self.bias) / (self.weight + self.eps * self.eps)
         mean, std = stats
         return x * std + mean
+
+
+#: test windows whose first-step forecast is saved (tables/test_first_predictions.csv) for compare.py
+FIRST_WINDOWS = 50
 
 
 def metric_set(prefix: str) -> MetricCollection:
@@ -130,6 +134,8 @@ class ForecastingTask(SeqTask):
         if season:
             self.baseline_metrics["seasonal"] = metric_set("test/baseline_seasonal_")
         self._plot_rows: list[tuple[Tensor, Tensor, Tensor]] = []
+        # (truth, forecast) of the first forecast step of the target, first test windows in order
+        self._first_windows: list[tuple[float, float]] = []
         self._plot_every = 1
 
     # ------------------------------------------------------------------ model
@@ -195,6 +201,11 @@ class ForecastingTask(SeqTask):
             self.baseline_metrics["seasonal"].update(inputs[:, self.seasonal_index], targets)
         if batch_idx % self._plot_every == 0 and len(self._plot_rows) < self.hparams.plot_samples:
             self._plot_rows.append((inputs[0], targets[0], preds[0]))
+        missing = FIRST_WINDOWS - len(self._first_windows)
+        if missing > 0:
+            truth = self.to_original_scale(targets[:missing, :1])[:, 0, -1]
+            forecast = self.to_original_scale(preds[:missing, :1])[:, 0, -1]
+            self._first_windows += list(zip(truth.float().tolist(), forecast.float().tolist()))
 
     def on_test_epoch_start(self) -> None:
         # plot windows spread over the test period: the first window of every k-th batch
@@ -208,7 +219,10 @@ class ForecastingTask(SeqTask):
             metrics.reset()
         if self._plot_rows and self.trainer.is_global_zero:
             self.plot_predictions(*(torch.stack(column) for column in zip(*self._plot_rows)))
-        self._plot_rows = []
+        if self._first_windows and self.trainer.is_global_zero:  # compare.py overlays backbones on these
+            rows = [[i, truth, forecast] for i, (truth, forecast) in enumerate(self._first_windows)]
+            log_table(self.trainer, "test/first_predictions", ["window", "truth", "prediction"], rows)
+        self._plot_rows, self._first_windows = [], []
 
     # ------------------------------------------------------------------ report
     def plot_predictions(self, inputs: Tensor, targets: Tensor, preds: Tensor) -> Path | None:

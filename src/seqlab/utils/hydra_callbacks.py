@@ -12,7 +12,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from seqlab.utils.run import print_table, read_summaries, write_text_atomic
+from seqlab.utils.run import markdown_table, print_table, read_summaries, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,7 @@ def write_sweep_table(sweep_dir: Path) -> list[dict[str, Any]]:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        values = [row.get(column) for column in columns]
-        cells = [f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)) for v in values]
-        lines.append("| " + " | ".join(cells) + " |")
-    write_text_atomic(sweep_dir / "sweep_summary.md", "\n".join(lines) + "\n")
+    write_text_atomic(sweep_dir / "sweep_summary.md", markdown_table(rows, columns) + "\n")
     return rows
 
 
@@ -96,3 +91,19 @@ class SweepSummary(Callback):
             log.info("sweep summary: %s", sweep_dir / "sweep_summary.md")
         else:
             log.warning("no job of the sweep in %s wrote a summary.json", sweep_dir)
+
+
+class CompareReport(Callback):
+    """After a multirun, write the comparison report (seqlab.compare) into the sweep directory
+    (the ``experiment=compare_*`` configs enable it)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from seqlab.compare import compare
+        from seqlab.errors import SeqlabError
+
+        try:
+            report = compare(Path(config.hydra.sweep.dir))
+        except SeqlabError as err:
+            log.warning("no comparison report: %s", err)
+            return
+        log.info("comparison report: %s", report)

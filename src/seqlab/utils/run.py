@@ -164,6 +164,14 @@ def print_table(rows: Sequence[Mapping[str, Any]], title: str) -> None:
     Console(width=max(120, 14 * len(columns))).print(table)
 
 
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A Markdown table of ``rows`` (cells formatted as on the console; ``|`` escaped)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(format_cell(row.get(c)).replace("|", "\\|") for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def format_cell(value: Any) -> str:
     if value is None:
         return ""

@@ -1,0 +1,237 @@
+"""The comparison report of a sweep: backbones side by side, seeds aggregated, noise marked.
+
+``python scripts/compare.py <sweep dir>`` (or ``experiment=compare_<task>``, which runs the
+backbones and then this) reads every job's ``summary.json`` and ``metrics.csv`` and writes into
+the sweep directory:
+
+- ``report.md``: per backbone, parameters, the test metrics (mean and standard deviation over
+  seeds), training wall time, training samples/s and peak memory; whether the gap to the best
+  backbone on the task's main metric exceeds seed noise; the plots below;
+- ``report_curves.png``: training and validation loss against the optimizer step, overlaid;
+- ``report_metric_vs_time.png``: the main test metric against training wall time, one point per job;
+- ``report_predictions.png`` (forecasting): truth and every backbone's forecast over the first
+  test windows (``tables/test_first_predictions.csv`` of each job);
+- ``report.csv``: the aggregated table.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from seqlab.errors import ConfigError
+from seqlab.utils.run import markdown_table, read_summaries, write_text_atomic
+
+#: the metric that ranks backbones, and whether higher is better
+MAIN_METRIC = {"forecasting": ("mse", False), "classification": ("acc", True), "translation": ("bleu", True)}
+COSTS = ("num_params", "wall_s", "train_samples_per_s", "peak_memory_mb")
+PREDICTIONS_TABLE = Path("tables") / "test_first_predictions.csv"
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def beyond_noise(a: list[float], b: list[float]) -> bool | None:
+    """Whether two seed samples differ by more than twice the standard error of their difference
+    (about a 95% two-sided test); None with a single seed on either side (noise unknown)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    error = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return abs(statistics.fmean(a) - statistics.fmean(b)) > 2 * error
+
+
+def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
+    jobs = []
+    for job_dir, summary in read_summaries(sweep_dir):
+        metrics = {k.removeprefix("test/"): v for k, v in summary.get("metrics", {}).items()}
+        jobs.append({"dir": job_dir, "summary": summary, "metrics": metrics, "model": summary.get("model")})
+    if not jobs:
+        raise ConfigError(f"{sweep_dir}: no job of the sweep wrote a summary.json (nothing to compare)")
+    tasks = {job["summary"].get("task") for job in jobs}
+    if len(tasks) > 1:
+        raise ConfigError(
+            f"{sweep_dir}: jobs of different tasks {sorted(map(str, tasks))} cannot be compared"
+        )
+    return jobs
+
+
+def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any]], str]:
+    """One row per backbone (jobs grouped by ``model``), best first; and the main metric's name."""
+    metric, higher = MAIN_METRIC.get(task, (next(iter(jobs[0]["metrics"]), ""), True))
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for job in jobs:
+        groups[str(job["model"])].append(job)
+    samples = {
+        name: [j["metrics"][metric] for j in group if metric in j["metrics"]]
+        for name, group in groups.items()
+    }
+    ranked = sorted(groups, key=lambda n: -math.inf if not samples[n] else statistics.fmean(samples[n]) * (-1 if higher else 1))  # fmt: skip
+    best = ranked[0]
+    rows = []
+    for name in ranked:
+        group = groups[name]
+        row: dict[str, Any] = {"backbone": name, "seeds": len(group)}
+        for key in sorted({k for j in group for k in j["metrics"] if not k.startswith("baseline")}):
+            mean, std = mean_std([j["metrics"][key] for j in group if key in j["metrics"]])
+            row[key] = mean
+            if std is not None:
+                row[f"{key}_std"] = std
+        for key in COSTS:
+            values = [j["summary"][key] for j in group if j["summary"].get(key) is not None]
+            row[key] = statistics.fmean(values) if values else None
+        if name == best:
+            row[f"vs best {metric}"] = "best"
+        else:
+            verdict = beyond_noise(samples[name], samples[best])
+            row[f"vs best {metric}"] = {True: "worse (beyond seed noise)", False: "within seed noise"}.get(
+                verdict, "one seed: noise unknown"
+            )
+        rows.append(row)
+    return rows, metric
+
+
+def read_curves(job_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """train/loss (per logged step; per epoch when fewer than 3 steps were logged) and val/loss
+    against the optimizer step, from the job's metrics.csv."""
+    keys = ("train/loss", "train/loss_epoch", "val/loss")
+    curves: dict[str, tuple[list[int], list[float]]] = {key: ([], []) for key in keys}
+    path = job_dir / "metrics.csv"
+    if path.is_file():
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                for key, (steps, values) in curves.items():
+                    if row.get(key):
+                        steps.append(int(row["step"]))
+                        values.append(float(row[key]))
+    per_epoch = curves.pop("train/loss_epoch")
+    if len(curves["train/loss"][0]) < 3:
+        curves["train/loss"] = per_epoch
+    return curves
+
+
+def plot_curves(jobs: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = color_map(jobs)
+    labelled = set()
+    for job in jobs:
+        curves = read_curves(job["dir"])
+        for ax, key in zip(axes, ("train/loss", "val/loss")):
+            steps, values = curves[key]
+            label = job["model"] if (job["model"], key) not in labelled else None
+            labelled.add((job["model"], key))
+            ax.plot(steps, values, color=colors[job["model"]], alpha=0.8, label=label, marker=".")
+    for ax, key in zip(axes, ("training loss", "validation loss")):
+        ax.set_title(key)
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metric_vs_time(jobs: list[dict[str, Any]], metric: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = color_map(jobs)
+    for model in colors:
+        points = [(j["summary"].get("wall_s"), j["metrics"].get(metric)) for j in jobs if j["model"] == model]
+        points = [(t, m) for t, m in points if t is not None and m is not None]
+        if points:
+            ax.scatter(*zip(*points), color=colors[model], label=model)
+    ax.set_xlabel("training wall time (s)")
+    ax.set_ylabel(f"test {metric}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_predictions(jobs: list[dict[str, Any]], path: Path) -> Path | None:
+    """Truth and each backbone's forecast (first seed) for the first test windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[float]] = {}
+    truth: list[float] = []
+    for job in jobs:
+        table = job["dir"] / PREDICTIONS_TABLE
+        if job["model"] in series or not table.is_file():
+            continue
+        with table.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        series[job["model"]] = [float(r["prediction"]) for r in rows]
+        truth = truth or [float(r["truth"]) for r in rows]
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.plot(truth, color="black", linewidth=2, label="truth")
+    colors = color_map(jobs)
+    for model, values in series.items():
+        ax.plot(values, color=colors[model], label=model)
+    ax.set_xlabel("test window")
+    ax.set_ylabel("first forecast step (target, original scale)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def color_map(jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"]
+    models = list(dict.fromkeys(str(j["model"]) for j in jobs))
+    return {model: palette(i % 10) for i, model in enumerate(models)}
+
+
+def compare(sweep_dir: Path) -> Path:
+    """Write the report of ``sweep_dir``; returns the path of ``report.md``."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise ConfigError(f"{sweep_dir}: no such sweep directory")
+    jobs = read_jobs(sweep_dir)
+    task = str(jobs[0]["summary"].get("task"))
+    rows, metric = aggregate(jobs, task)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with (sweep_dir / "report.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    plots = [plot_curves(jobs, sweep_dir / "report_curves.png")]
+    plots.append(plot_metric_vs_time(jobs, metric, sweep_dir / "report_metric_vs_time.png"))
+    if task == "forecasting":
+        plots.append(plot_predictions(jobs, sweep_dir / "report_predictions.png"))
+    lines = [
+        f"# {task}: {', '.join(r['backbone'] for r in rows)}",
+        "",
+        f"Sweep `{sweep_dir}`, {len(jobs)} jobs. Means over seeds (`_std`: standard deviation); "
+        f"ranked by test {metric} ({'higher' if MAIN_METRIC.get(task, ('', True))[1] else 'lower'} is better). "
+        "A gap to the best counts as beyond seed noise when it exceeds twice the standard error of "
+        "the difference (needs two seeds or more per backbone).",
+        "",
+        markdown_table(rows, columns),
+        "",
+    ]
+    lines += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
+    report = sweep_dir / "report.md"
+    write_text_atomic(report, "\n".join(lines) + "\n")
+    return report

@@ -1,0 +1,104 @@
+"""The comparison report: seeds aggregated per backbone, noise marked, plots written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from seqlab.compare import aggregate, beyond_noise, read_jobs
+from seqlab.errors import ConfigError
+from tests.conftest import FAST, run_script
+
+
+def fake_sweep(root: Path, results: dict[str, list[float]], task: str = "classification") -> Path:
+    """Job directories with the summary.json train.py writes (test/acc per seed)."""
+    job = 0
+    for model, values in results.items():
+        for seed, value in enumerate(values):
+            job_dir = root / str(job)
+            job_dir.mkdir(parents=True)
+            summary = {
+                "task": task, "model": model, "seed": seed, "metrics": {"test/acc": value, "test/f1": value - 0.01},
+                "wall_s": 10.0 + job, "train_samples_per_s": 100.0, "peak_memory_mb": 50.0, "num_params": 1000,
+            }  # fmt: skip
+            (job_dir / "summary.json").write_text(json.dumps(summary))
+            job += 1
+    return root
+
+
+def test_seeds_are_aggregated_and_noise_is_marked(tmp_path: Path) -> None:
+    results = {
+        "lstm": [0.84, 0.85, 0.86],  # clearly best
+        "gru": [0.845, 0.835, 0.855],  # overlaps lstm: within noise
+        "rnn": [0.70, 0.71, 0.72],  # far below
+        "transformer": [0.80],  # one seed: noise unknown
+    }
+    rows, metric = aggregate(read_jobs(fake_sweep(tmp_path, results)), "classification")
+    assert metric == "acc"
+    by_name = {row["backbone"]: row for row in rows}
+    assert [row["backbone"] for row in rows] == ["lstm", "gru", "transformer", "rnn"]  # by mean acc
+    assert by_name["lstm"]["seeds"] == 3
+    assert by_name["lstm"]["acc"] == pytest.approx(0.85)
+    assert by_name["lstm"]["acc_std"] == pytest.approx(statistics.stdev([0.84, 0.85, 0.86]))
+    assert by_name["gru"]["f1"] == pytest.approx(0.835)
+    assert by_name["lstm"]["wall_s"] == pytest.approx(11.0)  # jobs 0..2: 10, 11, 12 s
+    assert "acc_std" not in by_name["transformer"]
+    verdicts = {name: row["vs best acc"] for name, row in by_name.items()}
+    assert verdicts == {
+        "lstm": "best",
+        "gru": "within seed noise",
+        "rnn": "worse (beyond seed noise)",
+        "transformer": "one seed: noise unknown",
+    }
+    assert beyond_noise([1.0, 1.0], [1.0, 1.0]) is False and beyond_noise([1.0], [2.0, 2.1]) is None
+
+
+def test_lower_is_better_for_forecasting_and_bad_sweeps_are_refused(tmp_path: Path) -> None:
+    sweep = tmp_path / "forecast"
+    for i, (model, mse) in enumerate((("rnn", 0.3), ("gru", 0.2))):
+        (sweep / str(i)).mkdir(parents=True)
+        summary = {"task": "forecasting", "model": model, "metrics": {"test/mse": mse}}
+        (sweep / str(i) / "summary.json").write_text(json.dumps(summary))
+    rows, metric = aggregate(read_jobs(sweep), "forecasting")
+    assert metric == "mse" and rows[0]["backbone"] == "gru"
+    with pytest.raises(ConfigError, match=r"no job of the sweep wrote a summary\.json"):
+        read_jobs(tmp_path / "forecast" / "0" / "missing")
+    (sweep / "2").mkdir()
+    (sweep / "2" / "summary.json").write_text(
+        json.dumps({"task": "translation", "model": "lstm", "metrics": {}})
+    )
+    with pytest.raises(ConfigError, match="different tasks"):
+        read_jobs(sweep)
+
+
+@pytest.mark.slow
+def test_compare_builds_the_report_of_a_real_sweep(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = run_script(
+        "train.py", "-m", "model=rnn,transformer", "seed=1,2", *FAST, "trainer.max_epochs=2",
+        f"hydra.sweep.dir={sweep}", timeout=400,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = run_script("scripts/compare.py", str(sweep), timeout=120)
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = (sweep / "report.md").read_text()
+    for name in ("report_curves.png", "report_metric_vs_time.png", "report_predictions.png"):
+        assert (sweep / name).stat().st_size > 10_000, name
+        assert f"({name})" in text
+    with (sweep / "report.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["backbone"] for row in rows) == ["rnn", "transformer"]
+    for row in rows:
+        assert row["seeds"] == "2" and float(row["mse_std"]) >= 0 and float(row["num_params"]) > 0
+        jobs = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+        mses = [j["metrics"]["test/mse"] for j in jobs if j["model"] == row["backbone"]]
+        assert float(row["mse"]) == pytest.approx(statistics.fmean(mses))
+    assert sum(row["vs best mse"] == "best" for row in rows) == 1
+    # every job saved the first test windows for the predictions plot
+    assert len((sweep / "0" / "tables" / "test_first_predictions.csv").read_text().splitlines()) == 51
+    missing = run_script("scripts/compare.py", str(tmp_path / "nowhere"), timeout=60)
+    assert missing.returncode == 1 and "no such sweep directory" in missing.stderr
