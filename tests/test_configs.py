@@ -106,17 +106,19 @@ def test_every_debug_preset_composes(make_cfg, debug: str) -> None:
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes(make_cfg, experiment: str, request, tmp_path: Path) -> None:
     prefix = experiment.split("_")[0]
-    if prefix == "compare":  # a multirun over the four backbones of one task, then the report
-        data = {"forecasting": "timeseries", "classification": "sst2"}.get(experiment[8:], "multi30k")
+    if prefix in ("compare", "seeds"):  # a multirun over backbones (and seeds), then the report
+        data = {"compare_classification": "sst2", "compare_translation": "multi30k"}.get(
+            experiment, "timeseries"
+        )
     else:
         data = {"ett": "ett", "sst2": "sst2", "multi30k": "multi30k"}[prefix]
     overrides = data_overrides(data, request, tmp_path)
     cfg = make_cfg(f"experiment={experiment}", *overrides, fast=False)
-    if prefix == "compare":
-        assert (
-            cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params.model == "rnn,lstm,gru,transformer"
-        )
+    if prefix in ("compare", "seeds"):
+        assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params.seed == "1,2,3"
         assert cfg.hydra.callbacks.compare_report._target_.endswith("CompareReport")
+        if prefix == "compare":
+            assert cfg.hydra.sweeper.params.model == "rnn,lstm,gru,transformer"
     else:
         assert cfg.model._target_.endswith("TransformerBackbone") == ("transformer" in experiment)
     datamodule = build_datamodule(cfg.data)
@@ -169,3 +171,37 @@ def test_every_hparams_search_composes_for_its_task(make_cfg, search: str) -> No
     assert cfg.hydra.sweeper.direction == cfg.task.monitor_mode
     assert cfg.optimized_metric == f"{cfg.task.monitor}_best"
     assert cfg.hydra.sweeper.params, "a search space"
+
+
+@pytest.mark.parametrize("data", ["timeseries", "sentiment_synthetic", "translation_synthetic"])
+def test_model_size_gives_every_backbone_the_same_budget(make_cfg, data: str, tmp_path: Path) -> None:
+    cache = [] if data == "timeseries" else [f"data.cache_dir={tmp_path}"]
+    counts = {}
+    for model in ("rnn", "lstm", "gru", "transformer"):
+        cfg = make_cfg(f"data={data}", f"model={model}", "model.size=small", *cache, fast=False)
+        task = build_task(cfg.task, cfg.model, build_datamodule(cfg.data))
+        counts[model] = sum(p.numel() for p in task.backbone.parameters())
+    assert all(abs(n - 500_000) < 0.1 * 500_000 for n in counts.values()), counts
+    # the width really follows the size: a tiny transformer is narrower than the config's own
+    cfg = make_cfg(f"data={data}", "model=transformer", "model.size=tiny", *cache, fast=False)
+    tiny = build_task(cfg.task, cfg.model, build_datamodule(cfg.data)).backbone
+    assert sum(p.numel() for p in tiny.parameters()) < 60_000
+
+
+def test_unknown_model_size_is_refused(make_cfg) -> None:
+    from seqlab.errors import ConfigError
+
+    cfg = make_cfg("model=lstm", "model.size=huge")
+    with pytest.raises(ConfigError, match=r"model.size='huge': expected one of \['tiny', 'small', 'base'\]"):
+        build_task(cfg.task, cfg.model, build_datamodule(cfg.data))
+
+
+@pytest.mark.parametrize("backbone", options("study_backbone"))
+def test_seeds_study_backbones_are_the_studys(make_cfg, backbone: str) -> None:
+    cfg = make_cfg("experiment=seeds_study", f"+study_backbone={backbone}", fast=False)
+    task = build_task(cfg.task, cfg.model, build_datamodule(cfg.data))
+    assert task.backbone.d_model == 64 and cfg.task.optimizer.lr == 1e-3 and cfg.task.patch_len == 1
+    if backbone == "rnn64":
+        assert task.backbone.encoder.num_layers == 1 and task.backbone.encoder.hidden_size == 64
+    else:
+        assert len(task.backbone.encoder_layers) == 2 and task.backbone.encoder_layers[0].attn.nhead == 4

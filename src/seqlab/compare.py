@@ -28,7 +28,7 @@ from seqlab.utils.run import markdown_table, read_summaries, write_text_atomic
 
 #: the metric that ranks backbones, and whether higher is better
 MAIN_METRIC = {"forecasting": ("mse", False), "classification": ("acc", True), "translation": ("bleu", True)}
-COSTS = ("num_params", "wall_s", "train_samples_per_s", "peak_memory_mb")
+COSTS = ("num_params", "backbone_params", "wall_s", "train_samples_per_s", "peak_memory_mb")
 PREDICTIONS_TABLE = Path("tables") / "test_first_predictions.csv"
 
 

@@ -142,6 +142,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)
     task = build_task(cfg.task, cfg.model, datamodule)
     num_params = task.num_parameters  # before any sharding strategy splits the parameters
+    backbone_params = sum(p.numel() for p in task.backbone.parameters())
     task.run_info = {"data": datamodule_config(datamodule), "data_name": hydra_choice("data")}
     if hasattr(datamodule, "artifacts"):  # e.g. the tokenizer: eval needs it from the checkpoint alone
         task.run_info["data_artifacts"] = datamodule.artifacts()
@@ -191,6 +192,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "peak_memory_mb": memory.get("peak_gpu_memory_mb", memory["peak_host_memory_mb"]),
             **memory,
             "num_params": num_params,
+        "backbone_params": backbone_params,
             "parameters_per_rank": stats.parameters_per_rank,
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,

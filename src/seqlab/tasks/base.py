@@ -22,9 +22,52 @@ from seqlab.utils.distributed import offloads_optimizer
 SCHEDULES = ("constant", "cosine", "linear")
 
 
+#: backbone parameter budgets of ``model.size`` (the width that comes closest is solved per
+#: backbone and task, so every backbone of a comparison has about the same count)
+SIZES = {"tiny": 50_000, "small": 500_000, "base": 5_000_000}
+
+
+def count_parameters(config: dict[str, Any]) -> int:
+    """Parameters of a backbone config, built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        module = instantiate(config, _convert_="all")
+    return sum(p.numel() for p in module.parameters())
+
+
+def sized(config: dict[str, Any], size: str) -> dict[str, Any]:
+    """``config`` with ``d_model`` (and ``dim_feedforward`` in proportion) chosen so that the
+    backbone has about ``SIZES[size]`` parameters; depth and the rest are kept."""
+    if size not in SIZES:
+        raise ConfigError(f"model.size={size!r}: expected one of {list(SIZES)} (or null to keep model.d_model)")
+    step = math.lcm(int(config.get("nhead") or 1), 2 if config.get("bidirectional") else 1, 4)
+    ratio = config["dim_feedforward"] / config["d_model"] if config.get("dim_feedforward") else None
+
+    def with_width(width: int) -> dict[str, Any]:
+        scaled = {**config, "d_model": width}
+        if ratio is not None:
+            scaled["dim_feedforward"] = max(1, round(ratio * width))
+        return scaled
+
+    low, high = 1, 4096 // step  # parameters grow with the width: bisect on multiples of step
+    while low < high:
+        middle = (low + high) // 2
+        if count_parameters(with_width(middle * step)) < SIZES[size]:
+            low = middle + 1
+        else:
+            high = middle
+    candidates = [k * step for k in (low - 1, low) if k >= 1]
+    best = min(candidates, key=lambda w: abs(count_parameters(with_width(w)) - SIZES[size]))
+    return with_width(best)
+
+
 def build_backbone(config: dict[str, Any], **task_requirements: Any) -> Backbone:
-    """Instantiate a backbone from its plain config; the task adds what it needs (e.g. a decoder)."""
-    backbone = instantiate({**config, **task_requirements}, _convert_="all")
+    """Instantiate a backbone from its plain config; the task adds what it needs (e.g. a decoder).
+    ``size`` (tiny | small | base) replaces ``d_model`` with the width of that parameter budget."""
+    config = {**config, **task_requirements}
+    size = config.pop("size", None)
+    if size is not None:
+        config = sized(config, size)
+    backbone = instantiate(config, _convert_="all")
     if not isinstance(backbone, Backbone):
         raise ConfigError(f"model._target_={config.get('_target_')!r} is not a seqlab Backbone")
     return backbone
