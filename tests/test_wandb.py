@@ -106,3 +106,27 @@ def test_runs_of_one_sweep_are_separate_wandb_runs_in_one_group(tmp_path: Path) 
     assert first.parent.name != second.parent.name, "two W&B runs, not one reused"
     for data in (first.read_bytes(), second.read_bytes()):
         assert b"train-sweep-7f3a" in data, "the sweep's group is recorded in the run"
+
+
+def test_the_wandb_sweep_file_drives_train_py_with_hydra_overrides(make_cfg) -> None:
+    """The agent runs `python train.py logger=wandb ... key=value ...`: every swept key must be a
+    valid Hydra override of train.py, and the metric one that train.py logs."""
+    import yaml
+
+    from tests.conftest import ROOT
+
+    sweep = yaml.safe_load((ROOT / "scripts" / "wandb_sweep_forecasting.yaml").read_text())
+    assert sweep["program"] == "train.py" and "${args_no_hyphens}" in sweep["command"]
+    fixed = [arg for arg in sweep["command"] if "=" in arg]
+    for key, spec in sweep["parameters"].items():
+        value = spec["values"][-1] if "values" in spec else spec["min"]
+        cfg = make_cfg(*fixed, f"{key}={value}", fast=False)
+        node = cfg
+        for part in key.split(".")[:-1]:
+            node = node[part]
+        if key == "model":
+            assert cfg.model._target_.endswith("TransformerBackbone")
+        else:
+            assert node[key.split(".")[-1]] == value
+    assert cfg.logger.wandb.mode == "online"
+    assert sweep["metric"]["name"] == cfg.optimized_metric and sweep["metric"]["goal"] == "minimize"
