@@ -89,7 +89,8 @@ def test_classification_sends_its_confusion_matrix_and_mistakes_table_to_wandb(t
 @pytest.mark.slow
 def test_runs_of_one_sweep_are_separate_wandb_runs_in_one_group(tmp_path: Path) -> None:
     """Each job of a multirun gets its own W&B run (Lightning leaves a run open, and the next job
-    in the same process used to log into it), grouped by the sweep."""
+    in the same process used to log into it), grouped by the sweep; the comparison report joins
+    the group."""
     from tests.conftest import FAST, run_script
 
     home = tmp_path / "home"
@@ -97,6 +98,7 @@ def test_runs_of_one_sweep_are_separate_wandb_runs_in_one_group(tmp_path: Path) 
     sweep = tmp_path / "sweep-7f3a"
     result = run_script(
         "train.py", "-m", "model=rnn,gru", "logger=wandb", *FAST, "trainer.max_epochs=1",
+        "+hydra.callbacks.compare_report._target_=seqlab.utils.hydra_callbacks.CompareReport",
         f"hydra.sweep.dir={sweep}", env={"HOME": str(home), "NETRC": str(home / ".netrc")}, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -106,6 +108,12 @@ def test_runs_of_one_sweep_are_separate_wandb_runs_in_one_group(tmp_path: Path) 
     assert first.parent.name != second.parent.name, "two W&B runs, not one reused"
     for data in (first.read_bytes(), second.read_bytes()):
         assert b"train-sweep-7f3a" in data, "the sweep's group is recorded in the run"
+    # the comparison report went to the same group, as a run of its own with the table and plots
+    (report_run,) = list((sweep / "wandb").glob("offline-run-*/*.wandb"))
+    assert b"train-sweep-7f3a" in report_run.read_bytes() and b"compare" in report_run.read_bytes()
+    media = report_run.parent / "files" / "media"
+    assert list(media.rglob("comparison*.table.json")) and list(media.rglob("*report_curves*.png"))
+    assert (sweep / "report.md").is_file()
 
 
 def test_the_wandb_sweep_file_drives_train_py_with_hydra_overrides(make_cfg) -> None:

@@ -203,8 +203,24 @@ def color_map(jobs: list[dict[str, Any]]) -> dict[str, Any]:
     return {model: palette(i % 10) for i, model in enumerate(models)}
 
 
-def compare(sweep_dir: Path) -> Path:
-    """Write the report of ``sweep_dir``; returns the path of ``report.md``."""
+def publish_to_wandb(report_dir: Path, rows: list[dict[str, Any]], plots: list[Path], **init: Any) -> None:
+    """The report's table and plots as one W&B run (job type ``compare``) in the sweep's group."""
+    import wandb
+
+    from seqlab.utils.wandb import resolve_mode
+
+    mode, _ = resolve_mode(init.pop("mode", "auto"))
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with wandb.init(dir=str(report_dir), job_type="compare", mode=mode, **init) as run:
+        run.log(
+            {"comparison": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])}
+        )
+        run.log({f"comparison/{path.stem}": wandb.Image(str(path)) for path in plots})
+
+
+def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
+    """Write the report of ``sweep_dir``; returns the path of ``report.md``. With ``wandb_init``
+    (``project``, ``group``, ``mode``...), the table and plots also go to W&B."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise ConfigError(f"{sweep_dir}: no such sweep directory")
@@ -234,4 +250,6 @@ def compare(sweep_dir: Path) -> Path:
     lines += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
     report = sweep_dir / "report.md"
     write_text_atomic(report, "\n".join(lines) + "\n")
+    if wandb_init is not None:
+        publish_to_wandb(sweep_dir, rows, [p for p in plots if p is not None], **wandb_init)
     return report

@@ -192,7 +192,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "peak_memory_mb": memory.get("peak_gpu_memory_mb", memory["peak_host_memory_mb"]),
             **memory,
             "num_params": num_params,
-        "backbone_params": backbone_params,
+            "backbone_params": backbone_params,
             "parameters_per_rank": stats.parameters_per_rank,
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,

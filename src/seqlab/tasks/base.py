@@ -38,7 +38,9 @@ def sized(config: dict[str, Any], size: str) -> dict[str, Any]:
     """``config`` with ``d_model`` (and ``dim_feedforward`` in proportion) chosen so that the
     backbone has about ``SIZES[size]`` parameters; depth and the rest are kept."""
     if size not in SIZES:
-        raise ConfigError(f"model.size={size!r}: expected one of {list(SIZES)} (or null to keep model.d_model)")
+        raise ConfigError(
+            f"model.size={size!r}: expected one of {list(SIZES)} (or null to keep model.d_model)"
+        )
     step = math.lcm(int(config.get("nhead") or 1), 2 if config.get("bidirectional") else 1, 4)
     ratio = config["dim_feedforward"] / config["d_model"] if config.get("dim_feedforward") else None
 

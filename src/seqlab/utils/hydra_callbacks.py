@@ -12,6 +12,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from seqlab.utils.resolvers import sweep_group
 from seqlab.utils.run import markdown_table, print_table, read_summaries, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,19 @@ class CompareReport(Callback):
         from seqlab.compare import compare
         from seqlab.errors import SeqlabError
 
+        sweep_dir = Path(config.hydra.sweep.dir)
+        wandb_cfg = (config.get("logger") or {}).get("wandb")
+        wandb_init = None
+        if wandb_cfg:  # the same table and plots, in the sweep's W&B group
+            wandb_init = {
+                "project": wandb_cfg.get("project"),
+                "entity": wandb_cfg.get("entity"),
+                "group": sweep_group(config.hydra.job.name, sweep_dir),
+                "mode": wandb_cfg.get("mode", "auto"),
+                "name": f"compare-{sweep_dir.name}",
+            }
         try:
-            report = compare(Path(config.hydra.sweep.dir))
+            report = compare(sweep_dir, wandb_init)
         except SeqlabError as err:
             log.warning("no comparison report: %s", err)
             return

@@ -63,7 +63,12 @@ def sweep_id() -> str | None:
     hydra = HydraConfig.get()
     if hydra.mode != RunMode.MULTIRUN:
         return None
-    return f"{hydra.job.name}-{Path(hydra.sweep.dir).name}"
+    return sweep_group(hydra.job.name, hydra.sweep.dir)
+
+
+def sweep_group(job_name: str, sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep's runs and of its comparison report."""
+    return f"{job_name}-{Path(sweep_dir).name}"
 
 
 def register_resolvers() -> None:
