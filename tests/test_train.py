@@ -160,3 +160,15 @@ def test_a_failed_checkpoint_save_leaves_the_previous_file_intact(tmp_path: Path
     kept = torch.load(path, weights_only=True)
     torch.testing.assert_close(kept["state_dict"]["w"], torch.ones(3))
     assert [p.name for p in path.parent.iterdir()] == ["best.ckpt"]
+
+
+def test_a_diverged_run_stops_with_a_clear_error(make_cfg) -> None:
+    """NaN loss: the run fails at once (a sweep then records a failed trial) instead of training on."""
+    from seqlab.callbacks import TrainingDiverged
+    from seqlab.train import train
+
+    cfg = make_cfg("task.optimizer.lr=1e30", "trainer.log_every_n_steps=1", "callbacks.early_stopping=null")
+    with pytest.raises(
+        TrainingDiverged, match=r"the training loss is (nan|inf) at step \d+ .*task.optimizer.lr"
+    ):
+        train(cfg)

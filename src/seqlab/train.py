@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
-from seqlab.callbacks import RunStats
+from seqlab.callbacks import DivergenceGuard, RunStats
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.utils.checkpoint_io import AtomicCheckpointIO
 from seqlab.utils.csv_logger import CSVLogger
@@ -78,6 +78,8 @@ def build_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
     callbacks = [instantiate(c) for c in (callbacks_cfg or {}).values() if c is not None and "_target_" in c]
     if not any(isinstance(c, RunStats) for c in callbacks):
         callbacks.append(RunStats())
+    if not any(isinstance(c, DivergenceGuard) for c in callbacks):
+        callbacks.append(DivergenceGuard())
     return callbacks
 
 

@@ -1,0 +1,42 @@
+"""Stop a diverged run with a clear error instead of training on NaN for the remaining epochs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from seqlab.errors import SeqlabError
+
+
+class TrainingDiverged(SeqlabError, FloatingPointError):
+    """The training loss became NaN or infinite (the job fails; in a sweep, its trial fails)."""
+
+
+class DivergenceGuard(L.Callback):
+    """Checks the training loss every ``every_n_steps`` optimizer steps (default: whenever
+    Lightning logs, so the check adds no device synchronisation of its own)."""
+
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:  # fmt: skip
+        every = self.every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % max(1, every):
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            lr = (
+                f", learning rate {trainer.optimizers[0].param_groups[0]['lr']:.3g}"
+                if trainer.optimizers
+                else ""
+            )
+            raise TrainingDiverged(
+                f"the training loss is {value} at step {trainer.global_step} (epoch {trainer.current_epoch}{lr}): "
+                "lower task.optimizer.lr, keep trainer.gradient_clip_val, or check the data"
+            )
