@@ -249,8 +249,8 @@ def test_sharded_fsdp2_checkpoint_evaluates_anywhere(tmp_path: Path) -> None:
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     trained = json.loads((run_dir / "summary.json").read_text())["metrics"]["test/mse"]
     evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())["metrics"]["test/mse"]
-    # 2 processes pad the test set with a repeated window; one process sees each window once
-    assert evaluated == pytest.approx(trained, rel=1e-3)
+    # the same weights on 2 processes (each window once: no padding repeats) and on one
+    assert evaluated == pytest.approx(trained, rel=1e-5)
     assert best.is_dir(), "the training run's checkpoint is left as it was"
 
 

@@ -170,3 +170,12 @@ def test_too_few_rows_for_the_calendar_split(tmp_path: Path) -> None:
     write_csv(tmp_path / "month.csv", 30 * 24)
     with pytest.raises(DataError, match=r"split_months=\[12, 4, 4\] needs 14400 rows .* the file has 720"):
         ett(tmp_path, file="month.csv").setup()
+
+
+@pytest.mark.parametrize("size,world", [(10, 2), (11, 2), (7, 3), (2, 4), (5, 1)])
+def test_eval_shards_cover_every_example_once(size: int, world: int) -> None:
+    from seqlab.data.samplers import EvalShardSampler
+
+    shards = [list(EvalShardSampler(size, num_replicas=world, rank=rank)) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(size)), "no repeats, no gaps"
+    assert [len(EvalShardSampler(size, world, rank)) for rank in range(world)] == [len(s) for s in shards]

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from seqlab.data.readers import Series, ensure_file, read_series_csv
+from seqlab.data.samplers import EvalShardSampler
 from seqlab.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
@@ -226,10 +227,19 @@ class SeriesDataModule(L.LightningDataModule):
         return self._loader(dataset, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["val"])
+        return self._loader(self.datasets["val"], sampler=self._eval_sampler("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["test"])
+        return self._loader(self.datasets["test"], sampler=self._eval_sampler("test"))
+
+    def _eval_sampler(self, split: str) -> EvalShardSampler:
+        """Each window once over all processes (Lightning keeps a DistributedSampler it is given)."""
+        trainer = self.trainer
+        return EvalShardSampler(
+            len(self.datasets[split]),
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
 
     def _loader(self, dataset: Dataset, sampler=None, drop_last: bool = False) -> DataLoader:
         return DataLoader(

@@ -98,3 +98,22 @@ class BucketSampler(DistributedSampler):
 
 
 __all__ = ["BucketSampler"]
+
+
+class EvalShardSampler(DistributedSampler):
+    """Evaluation order for one process of N: every N-th example, in order, **without** the
+    padding of ``DistributedSampler`` (which repeats examples so that every process gets as many),
+    so the metrics gathered over the processes are those of the whole split, each example once:
+    a 2-process test equals a 1-process test. Evaluation runs no per-batch collective, so the
+    processes may see one batch more or less than each other."""
+
+    def __init__(self, dataset_size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.size = dataset_size
+        self.num_replicas, self.rank = num_replicas, rank
+        self.shuffle, self.epoch = False, 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.num_replicas))
