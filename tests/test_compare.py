@@ -63,8 +63,12 @@ def test_lower_is_better_for_forecasting_and_bad_sweeps_are_refused(tmp_path: Pa
         (sweep / str(i)).mkdir(parents=True)
         summary = {"task": "forecasting", "model": model, "metrics": {"test/mse": mse}}
         (sweep / str(i) / "summary.json").write_text(json.dumps(summary))
+    (sweep / "9").mkdir()  # a job without the main metric ranks last, never best
+    (sweep / "9" / "summary.json").write_text(
+        json.dumps({"task": "forecasting", "model": "lstm", "metrics": {}})
+    )
     rows, metric = aggregate(read_jobs(sweep), "forecasting")
-    assert metric == "mse" and rows[0]["backbone"] == "gru"
+    assert metric == "mse" and [row["backbone"] for row in rows] == ["gru", "rnn", "lstm"]
     with pytest.raises(ConfigError, match=r"no job of the sweep wrote a summary\.json"):
         read_jobs(tmp_path / "forecast" / "0" / "missing")
     (sweep / "2").mkdir()

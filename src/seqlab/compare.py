@@ -70,7 +70,14 @@ def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any
         name: [j["metrics"][metric] for j in group if metric in j["metrics"]]
         for name, group in groups.items()
     }
-    ranked = sorted(groups, key=lambda n: -math.inf if not samples[n] else statistics.fmean(samples[n]) * (-1 if higher else 1))  # fmt: skip
+
+    def rank(name: str) -> float:  # best first; a backbone without the metric last
+        if not samples[name]:
+            return math.inf
+        mean = statistics.fmean(samples[name])
+        return -mean if higher else mean
+
+    ranked = sorted(groups, key=rank)
     best = ranked[0]
     rows = []
     for name in ranked:
@@ -114,13 +121,26 @@ def read_curves(job_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     return curves
 
 
-def plot_curves(jobs: list[dict[str, Any]], path: Path) -> Path:
+def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    return plt.subplots(*args, **kwargs)
+
+
+def save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(jobs: list[dict[str, Any]], path: Path) -> Path:
+    fig, axes = subplots(1, 2, figsize=(11, 4))
     colors = color_map(jobs)
     labelled = set()
     for job in jobs:
@@ -134,19 +154,11 @@ def plot_curves(jobs: list[dict[str, Any]], path: Path) -> Path:
         ax.set_title(key)
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_metric_vs_time(jobs: list[dict[str, Any]], metric: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     colors = color_map(jobs)
     for model in colors:
         points = [(j["summary"].get("wall_s"), j["metrics"].get(metric)) for j in jobs if j["model"] == model]
@@ -156,19 +168,11 @@ def plot_metric_vs_time(jobs: list[dict[str, Any]], metric: str, path: Path) -> 
     ax.set_xlabel("training wall time (s)")
     ax.set_ylabel(f"test {metric}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_predictions(jobs: list[dict[str, Any]], path: Path) -> Path | None:
     """Truth and each backbone's forecast (first seed) for the first test windows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series: dict[str, list[float]] = {}
     truth: list[float] = []
     for job in jobs:
@@ -181,7 +185,7 @@ def plot_predictions(jobs: list[dict[str, Any]], path: Path) -> Path | None:
         truth = truth or [float(r["truth"]) for r in rows]
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = subplots(figsize=(10, 4))
     ax.plot(truth, color="black", linewidth=2, label="truth")
     colors = color_map(jobs)
     for model, values in series.items():
@@ -189,10 +193,7 @@ def plot_predictions(jobs: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_xlabel("test window")
     ax.set_ylabel("first forecast step (target, original scale)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def color_map(jobs: list[dict[str, Any]]) -> dict[str, Any]:

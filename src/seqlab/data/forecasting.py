@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from seqlab.data.readers import Series, ensure_file, read_series_csv
-from seqlab.data.samplers import EvalShardSampler
+from seqlab.data.samplers import EvalShardSampler, per_replica_batch_size, replicas
 from seqlab.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
@@ -203,23 +203,17 @@ class SeriesDataModule(L.LightningDataModule):
         self._load()
 
     def per_device_batch_size(self) -> int:
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if self.batch_size % world:
-            raise ConfigError(
-                f"data.batch_size={self.batch_size} is the global batch and must divide by the "
-                f"{world} processes of this run"
-            )
-        return self.batch_size // world
+        return per_replica_batch_size(self.batch_size, self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
-        trainer = self.trainer
+        world, rank = replicas(self.trainer)
         # A DistributedSampler even on one process: the global batch at each step is then the
         # same set of windows whatever the number of processes (Lightning keeps this sampler).
         sampler = DistributedSampler(
             dataset,
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
+            num_replicas=world,
+            rank=rank,
             shuffle=True,
             seed=self.seed,
             drop_last=True,
@@ -234,12 +228,8 @@ class SeriesDataModule(L.LightningDataModule):
 
     def _eval_sampler(self, split: str) -> EvalShardSampler:
         """Each window once over all processes (Lightning keeps a DistributedSampler it is given)."""
-        trainer = self.trainer
-        return EvalShardSampler(
-            len(self.datasets[split]),
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
-        )
+        world, rank = replicas(self.trainer)
+        return EvalShardSampler(len(self.datasets[split]), num_replicas=world, rank=rank)
 
     def _loader(self, dataset: Dataset, sampler=None, drop_last: bool = False) -> DataLoader:
         return DataLoader(

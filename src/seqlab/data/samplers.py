@@ -17,6 +17,23 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DistributedSampler
 
+from seqlab.errors import ConfigError
+
+
+def replicas(trainer) -> tuple[int, int]:
+    """(world size, global rank) of a datamodule's trainer; (1, 0) without one."""
+    return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+
+def per_replica_batch_size(batch_size: int, trainer) -> int:
+    """Each process's share of the global ``data.batch_size``."""
+    world, _ = replicas(trainer)
+    if batch_size % world:
+        raise ConfigError(
+            f"data.batch_size={batch_size} is the global batch and must divide by the {world} processes of this run"
+        )
+    return batch_size // world
+
 
 class BucketSampler(DistributedSampler):
     """Indices for one process: its slice of each global batch, batch after batch.

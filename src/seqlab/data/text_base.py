@@ -8,6 +8,7 @@ into per-process slices with ``BucketSampler``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -21,9 +22,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from seqlab.data.forecasting import keep_batch
-from seqlab.data.samplers import BucketSampler
+from seqlab.data.samplers import BucketSampler, per_replica_batch_size, replicas
 from seqlab.data.tokenization import PAD_ID
-from seqlab.errors import ConfigError
 
 
 class FlatSequences:
@@ -99,24 +99,42 @@ class BatchedTextDataModule(L.LightningDataModule):
     batch_size: int
     seed: int
     datasets: dict[str, Dataset]
+    #: contents of the processed directory's meta.json, once read
+    meta: dict[str, Any] | None
+    #: where prepare_data wrote meta.json and splits.pt (a cache entry)
+    processed_dir: Path
+
+    def dataset_from_state(self, state: dict[str, Any]) -> Dataset:
+        """One split's dataset from its saved state (an entry of splits.pt)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ loading
+    def load_meta(self) -> dict[str, Any]:
+        if self.meta is None:
+            path = self.processed_dir / "meta.json"
+            if not path.is_file():
+                self.prepare_data()
+            self.meta = json.loads(path.read_text())
+        return self.meta
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.load_meta()
+        splits = torch.load(self.processed_dir / "splits.pt", weights_only=True)
+        self.datasets = {split: self.dataset_from_state(state) for split, state in splits.items()}
 
     def per_device_batch_size(self) -> int:
-        world = self.trainer.world_size if self.trainer is not None else 1
-        if self.batch_size % world:
-            raise ConfigError(
-                f"data.batch_size={self.batch_size} is the global batch and must divide by the "
-                f"{world} processes of this run"
-            )
-        return self.batch_size // world
+        return per_replica_batch_size(self.batch_size, self.trainer)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.datasets[split]
-        trainer = self.trainer
+        world, rank = replicas(self.trainer)
         sampler = BucketSampler(
             dataset.lengths.tolist(),
             batch_size=self.batch_size,
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
+            num_replicas=world,
+            rank=rank,
             shuffle=train,
             seed=self.seed,
             drop_last=train,

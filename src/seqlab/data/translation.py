@@ -335,20 +335,8 @@ class TranslationDataModule(BatchedTextDataModule):
         log.info("processed data written to %s (%s)", target, meta["sizes"])
 
     # ------------------------------------------------------------------ loading
-    def load_meta(self) -> dict[str, Any]:
-        if self.meta is None:
-            path = self.processed_dir / "meta.json"
-            if not path.is_file():
-                self.prepare_data()
-            self.meta = json.loads(path.read_text())
-        return self.meta
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        self.load_meta()
-        splits = torch.load(self.processed_dir / "splits.pt", weights_only=True)
-        self.datasets = {split: ParallelDataset.from_state(state) for split, state in splits.items()}
+    def dataset_from_state(self, state: dict[str, Any]) -> Dataset:
+        return ParallelDataset.from_state(state)
 
     def tokenizer(self, side: str) -> Tokenizer:
         """The ``source`` or ``target`` tokenizer (loaded once; a checkpoint's needs no data files)."""

@@ -37,7 +37,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         if summary is None:
             error = job_dir / ERROR_FILE
             if error.is_file():
-                reason = error.read_text().strip().splitlines()[0] if error.read_text().strip() else ""
+                reason = next(iter(error.read_text().strip().splitlines()), "")
                 rows.append({"job": job_dir.name, "status": "failed", "overrides": job_overrides(job_dir),
                              "error": reason})  # fmt: skip
             continue  # still running, or not a job
