@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqlab.backbones import Backbone, RNNBackbone, TransformerBackbone
+from seqlab.backbones import Backbone, MinRNNBackbone, RNNBackbone, TransformerBackbone
 
 WIDTH = 16
 
@@ -19,6 +19,12 @@ def backbones(with_decoder: bool = True) -> dict[str, Backbone]:
         "lstm-bidirectional": RNNBackbone(cell="lstm", bidirectional=True, **kwargs),
         "transformer": TransformerBackbone(nhead=4, dim_feedforward=32, **kwargs),
         "transformer-causal": TransformerBackbone(nhead=4, dim_feedforward=32, causal=True, **kwargs),
+        "mingru": MinRNNBackbone(cell="mingru", dim_feedforward=32, **kwargs),
+        "minlstm-blocked": MinRNNBackbone(cell="minlstm", dim_feedforward=32, scan="blocked", **kwargs),
+        "mingru-log": MinRNNBackbone(cell="mingru", dim_feedforward=32, scan="log", **kwargs),
+        "minlstm-bidirectional": MinRNNBackbone(
+            cell="minlstm", dim_feedforward=32, bidirectional=True, expansion=2.0, **kwargs
+        ),
     }
 
 

@@ -34,6 +34,13 @@ BACKBONES = {
         "num_layers": 2,
         "dim_feedforward": 32,
     },
+    "biminlstm": {
+        "_target_": "seqlab.backbones.minrnn.MinRNNBackbone",
+        "cell": "minlstm",
+        "d_model": 16,
+        "dim_feedforward": 32,
+        "bidirectional": True,
+    },
 }
 
 
@@ -109,7 +116,7 @@ def text_cfg(make_cfg, tmp_path: Path):
     return make
 
 
-@pytest.mark.parametrize("model", ["rnn", "lstm", "gru", "transformer"])
+@pytest.mark.parametrize("model", ["rnn", "lstm", "gru", "transformer", "mingru", "minlstm"])
 def test_every_backbone_learns_synthetic_sentiment(text_cfg, model: str) -> None:
     metrics, objects = train(text_cfg(f"model={model}"))
     assert metrics["test/acc"] > 0.9, metrics

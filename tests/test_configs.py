@@ -139,7 +139,7 @@ def test_help_lists_groups_and_unknown_options_list_the_choices() -> None:
     assert helped.returncode == 0
     for group in ("data:", "model:", "trainer:", "logger:", "debug:", "experiment:"):
         assert group in helped.stdout
-    assert "gru, lstm, rnn, transformer" in helped.stdout
+    assert "gru, lstm, mingru, minlstm, rnn, transformer" in helped.stdout
     unknown = run_script("train.py", "model=mamba")
     assert unknown.returncode != 0
     assert "Could not find 'model/mamba'" in unknown.stderr
@@ -177,7 +177,7 @@ def test_every_hparams_search_composes_for_its_task(make_cfg, search: str) -> No
 def test_model_size_gives_every_backbone_the_same_budget(make_cfg, data: str, tmp_path: Path) -> None:
     cache = [] if data == "timeseries" else [f"data.cache_dir={tmp_path}"]
     counts = {}
-    for model in ("rnn", "lstm", "gru", "transformer"):
+    for model in ("rnn", "lstm", "gru", "transformer", "mingru", "minlstm"):
         cfg = make_cfg(f"data={data}", f"model={model}", "model.size=small", *cache, fast=False)
         task = build_task(cfg.task, cfg.model, build_datamodule(cfg.data))
         counts[model] = sum(p.numel() for p in task.backbone.parameters())

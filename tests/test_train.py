@@ -12,7 +12,7 @@ from seqlab.errors import ConfigError, DataError
 from seqlab.eval import evaluate
 from seqlab.train import train
 
-BACKBONES = ["rnn", "lstm", "gru", "transformer"]
+BACKBONES = ["rnn", "lstm", "gru", "transformer", "mingru", "minlstm"]
 
 
 @pytest.mark.parametrize("model", BACKBONES)

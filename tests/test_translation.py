@@ -44,6 +44,13 @@ BACKBONES = {
         "d_model": 16,
         "nhead": 2,
     },
+    "mingru": {
+        "_target_": "seqlab.backbones.minrnn.MinRNNBackbone",
+        "cell": "mingru",
+        "d_model": 16,
+        "nhead": 2,
+        "dim_feedforward": 32,
+    },
 }
 
 
