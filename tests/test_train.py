@@ -40,12 +40,20 @@ def test_run_directory_holds_everything(make_cfg, tmp_path: Path) -> None:
     assert not list(run.rglob("*.tmp")), "no temporary checkpoint files are left behind"
     summary = json.loads((run / "summary.json").read_text())
     required = {"task", "data", "model", "trainer", "metrics", "baseline", "wall_s", "train_samples_per_s",
-                "peak_memory_mb", "num_params", "epochs", "global_step"}  # fmt: skip
+                "train_tokens_per_s", "flops_per_token", "time_to_first_step_s", "peak_memory_mb",
+                "num_params", "epochs", "global_step"}  # fmt: skip
     assert required <= set(summary)
     assert summary["train_samples_per_s"] > 0 and summary["peak_memory_mb"] > 0
+    # a forecasting sample is 4 channels x 7 patch tokens (FAST: look-back 48, patches of 8, one
+    # stride of end padding)
+    assert summary["train_tokens_per_s"] == pytest.approx(28 * summary["train_samples_per_s"])
+    assert summary["flops_per_token"] > 6 * summary["backbone_params"] * 0.9
+    assert summary["time_to_first_step_s"] > 0
+    assert summary["mfu"] is None  # no peak FLOP/s is known for a CPU
     assert summary["num_params"] > 1000 and summary["global_step"] > 0
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"train/loss", "val/mse", "val/mse_best", "test/mse"} <= set(header)
+    assert {"train/loss", "train/loss_epoch", "val/mse", "val/mse_best", "test/mse"} <= set(header)
+    assert {"perf/samples_per_s", "perf/tokens_per_s", "perf/tflops_per_s"} <= set(header)
 
 
 def test_checkpoint_rebuilds_the_model_alone(make_cfg, tmp_path: Path) -> None:

@@ -190,7 +190,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "best": {k: v for k, v in train_metrics.items() if k.endswith("_best")},
             "best_checkpoint": best_checkpoint(trainer),
             "wall_s": round(time.perf_counter() - start, 2),
-            "train_samples_per_s": stats.samples_per_second,
+            **stats.summary(trainer.world_size),
             "peak_memory_mb": memory.get("peak_gpu_memory_mb", memory["peak_host_memory_mb"]),
             **memory,
             "num_params": num_params,

@@ -3,7 +3,7 @@
 This is the recurrence of the parallel-scan RNNs (minGRU, minLSTM: Feng et al. 2024): their gates
 depend only on the input, so ``a`` and ``b`` are computed for every step at once and only this
 cheap elementwise recurrence remains. How it is evaluated decides the speed, so there are three
-forms, chosen by ``method`` (``scripts/benchmark.py --scan`` measures them):
+forms, chosen by ``method`` (``scripts/benchmark.py scan`` measures them):
 
 - ``sequential``: one fused multiply-add per step, in place, without autograd recording the steps;
   the backward pass is the same recurrence run backwards (a custom ``autograd.Function``). T small

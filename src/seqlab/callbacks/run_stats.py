@@ -1,7 +1,10 @@
-"""Training throughput and peak memory, measured for ``summary.json`` and the comparison report."""
+"""Training throughput, FLOPs, model FLOPs utilisation, start-up time and peak memory, measured
+for the loggers, ``summary.json`` and the comparison report."""
 
 from __future__ import annotations
 
+import logging
+import os
 import resource
 import sys
 import time
@@ -9,8 +12,63 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch.distributed.tensor import DTensor
+
+log = logging.getLogger(__name__)
+
+#: dense (no sparsity) peak FLOP/s per GPU by compute dtype; Lightning's table lists the H200 at
+#: its 2:4-sparse figure and does not recognise the name "NVIDIA H200"
+DENSE_PEAK_FLOPS = {
+    "h200": {torch.bfloat16: 989e12, torch.float16: 989e12, "tfloat32": 494.7e12, torch.float32: 66.9e12},
+    "h100": {torch.bfloat16: 989e12, torch.float16: 989e12, "tfloat32": 494.7e12, torch.float32: 66.9e12},
+    "a100": {torch.bfloat16: 312e12, torch.float16: 312e12, "tfloat32": 156e12, torch.float32: 19.5e12},
+}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Dense peak FLOP/s of one ``device`` computing in ``dtype``; None where unknown (CPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for chip, table in DENSE_PEAK_FLOPS.items():
+        if chip in name:
+            key = dtype
+            if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+                key = "tfloat32"
+            return table.get(key)
+    return get_available_flops(device, dtype)
+
+
+def process_start_time() -> float | None:
+    """Wall-clock time (``time.time()`` scale) at which this process started."""
+    try:
+        import psutil
+
+        return psutil.Process(os.getpid()).create_time()
+    except ImportError:
+        return None
+
+
+def flops_per_token(task: L.LightningModule, batch: Any) -> float | None:
+    """Training FLOPs (forward + backward) per token of ``batch``, counted by torch's FLOP counter
+    on a copy of the task built on the meta device (no memory, no compute, the weights untouched).
+    None for modules without ``step_loss``/``batch_tokens`` or ops the counter cannot follow."""
+    if not (hasattr(task, "step_loss") and hasattr(task, "batch_tokens")):
+        return None
+    tokens = int(task.batch_tokens(batch))
+    try:
+        cls = task.task_class() if hasattr(task, "task_class") else type(task)
+        with torch.device("meta"):
+            copy = cls(**task.hparams)
+        meta_batch = move_data_to_device(batch, torch.device("meta"))
+        flops = measure_flops(copy, lambda: copy.step_loss(meta_batch), lambda loss: loss)
+    except Exception as err:  # counting is a report, never a reason to stop training
+        log.debug("FLOPs not counted: %s", err)
+        return None
+    return flops / tokens if tokens and flops else None
 
 
 def peak_host_memory_mb() -> float:
@@ -28,16 +86,41 @@ def local_numel(param: torch.Tensor) -> int:
 
 
 class RunStats(L.Callback):
-    """Training samples per second (all processes, validation excluded), peak memory, and the
-    parameters each process holds (sharding strategies hold a share)."""
+    """Training throughput (samples/s and tokens/s of all processes, validation excluded), FLOPs
+    per token and model FLOPs utilisation (MFU: achieved model FLOP/s over the devices' dense
+    peak), seconds from process start to the first optimizer step, peak memory, and the
+    parameters each process holds (sharding strategies hold a share).
 
-    def __init__(self) -> None:
+    Throughput and MFU are logged every training epoch as ``perf/*``. FLOPs per token are counted
+    once, on the first batch; for attention they grow with the length, so MFU is exact for
+    fixed-length batches and an estimate for batches of varying length.
+
+    Args:
+        peak_flops: dense peak FLOP/s of one device, for MFU where it is not known (CPUs, GPUs
+            missing from ``DENSE_PEAK_FLOPS`` and Lightning's table); null: look it up.
+    """
+
+    def __init__(self, peak_flops: float | None = None) -> None:
+        self.peak_flops = peak_flops
         self.parameters_per_rank: list[int] = []
         self.samples = 0
+        self.tokens: torch.Tensor | int = 0
         self.train_seconds = 0.0
+        self.flops_per_token: float | None = None
+        self.time_to_first_step_s: float | None = None
         self._epoch_start: float | None = None
+        self._epoch_samples = 0
+        self._epoch_tokens: torch.Tensor | int = 0
         self._val_seconds = 0.0
         self._val_start: float | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.peak_flops is None:
+            from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+
+            self.peak_flops = peak_flops(
+                trainer.strategy.root_device, _plugin_to_compute_dtype(trainer.precision_plugin)
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         local = sum(local_numel(p) for p in pl_module.parameters())
@@ -47,9 +130,16 @@ class RunStats(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
         self._val_seconds = 0.0
+        self._epoch_samples, self._epoch_tokens = 0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.samples += extract_batch_size(batch) * trainer.world_size
+        self._epoch_samples += extract_batch_size(batch) * trainer.world_size
+        if hasattr(pl_module, "batch_tokens"):  # a device tensor: summed without a host sync
+            self._epoch_tokens = self._epoch_tokens + pl_module.batch_tokens(batch) * trainer.world_size
+        if self.time_to_first_step_s is None and trainer.global_step >= 1:
+            started = process_start_time()
+            self.time_to_first_step_s = round(time.time() - started, 3) if started else None
+            self.flops_per_token = flops_per_token(pl_module, batch)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._val_start = time.perf_counter()
@@ -60,13 +150,47 @@ class RunStats(L.Callback):
         self._val_start = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._epoch_start is not None:
-            self.train_seconds += time.perf_counter() - self._epoch_start - self._val_seconds
+        if self._epoch_start is None:
+            return
+        seconds = time.perf_counter() - self._epoch_start - self._val_seconds
         self._epoch_start = None
+        tokens = int(self._epoch_tokens)
+        self.train_seconds += seconds
+        self.samples += self._epoch_samples
+        self.tokens += tokens
+        if seconds > 0 and self._epoch_samples:
+            metrics = {"perf/samples_per_s": self._epoch_samples / seconds}
+            if tokens:
+                metrics.update(self.token_rates(tokens / seconds, trainer.world_size))
+            pl_module.log_dict(metrics, on_step=False, on_epoch=True, rank_zero_only=True)
+
+    def token_rates(self, tokens_per_s: float, world_size: int) -> dict[str, float]:
+        """tokens/s, achieved model FLOP/s and MFU (when the FLOPs and the peak are known)."""
+        rates = {"perf/tokens_per_s": tokens_per_s}
+        if self.flops_per_token:
+            achieved = self.flops_per_token * tokens_per_s
+            rates["perf/tflops_per_s"] = achieved / 1e12
+            if self.peak_flops:
+                rates["perf/mfu"] = achieved / (self.peak_flops * world_size)
+        return rates
 
     @property
     def samples_per_second(self) -> float | None:
         return self.samples / self.train_seconds if self.train_seconds > 0 else None
+
+    def summary(self, world_size: int) -> dict[str, Any]:
+        """Throughput figures of the whole fit for ``summary.json``."""
+        tokens_per_s = self.tokens / self.train_seconds if self.train_seconds > 0 and self.tokens else None
+        rates = self.token_rates(tokens_per_s, world_size) if tokens_per_s else {}
+        return {
+            "train_samples_per_s": self.samples_per_second,
+            "train_tokens_per_s": tokens_per_s,
+            "flops_per_token": self.flops_per_token,
+            "achieved_tflops_per_s": rates.get("perf/tflops_per_s"),
+            "peak_flops_per_device": self.peak_flops,
+            "mfu": rates.get("perf/mfu"),
+            "time_to_first_step_s": self.time_to_first_step_s,
+        }
 
     @staticmethod
     def peak_memory_mb() -> dict[str, float]:

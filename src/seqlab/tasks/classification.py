@@ -121,7 +121,6 @@ class ClassificationTask(SeqTask):
         layers.append(nn.Linear(head_hidden or width, num_classes))
         self.head = nn.Sequential(*layers)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self.val_metrics = metric_set("val/", num_classes)
         self.test_metrics = metric_set("test/", num_classes)
@@ -152,12 +151,11 @@ class ClassificationTask(SeqTask):
         return logits, loss
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        _, loss = self._logits_and_loss(batch)
-        self.train_loss.update(loss.detach())
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
-        return loss
+    def step_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        return self._logits_and_loss(batch)[1]
+
+    def batch_tokens(self, batch: dict[str, Tensor]) -> Tensor:
+        return (~batch["pad_mask"]).sum()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits, loss = self._logits_and_loss(batch)

@@ -125,7 +125,6 @@ class ForecastingTask(SeqTask):
             index = lookback - season + torch.arange(horizon) % season
             self.register_buffer("seasonal_index", index, persistent=False)
         # epoch-level values go through torchmetrics, which reduce across processes themselves
-        self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self.val_metrics = metric_set("val/")
         self.test_metrics = metric_set("test/")
@@ -169,13 +168,14 @@ class ForecastingTask(SeqTask):
         return x * self.scaler_std + self.scaler_mean
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def step_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         inputs, targets = batch
-        loss = F.mse_loss(self(inputs), targets)
-        self.train_loss.update(loss.detach())
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
-        return loss
+        return F.mse_loss(self(inputs), targets)
+
+    def batch_tokens(self, batch: tuple[Tensor, Tensor]) -> int:
+        inputs = batch[0]
+        sequences = inputs.shape[0] * (inputs.shape[2] if self.hparams.channel_independence else 1)
+        return sequences * self.num_tokens
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, targets = batch

@@ -124,7 +124,6 @@ class TranslationTask(SeqTask):
         self.output = nn.Linear(width, tgt_vocab_size, bias=False)
         if tie_output:
             self.output.weight = self.tgt_embed.weight
-        self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self.banned = sorted({pad_id, bos_id})
         self._hypotheses: list[tuple[int, str]] = []
@@ -202,12 +201,12 @@ class TranslationTask(SeqTask):
         )
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.loss(batch, self.hparams.label_smoothing, global_mean=True)
-        self.train_loss.update(loss.detach())
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True)
-        return loss
+    def step_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.loss(batch, self.hparams.label_smoothing, global_mean=True)
+
+    def batch_tokens(self, batch: dict[str, Tensor]) -> Tensor:
+        """Source tokens read by the encoder plus target tokens fed to the decoder."""
+        return (~batch["src_mask"]).sum() + (batch["tgt_ids"][:, :-1] != self.hparams.pad_id).sum()
 
     def _translate_batch(self, batch: dict[str, Tensor], beam_size: int) -> None:
         datamodule = self.trainer.datamodule

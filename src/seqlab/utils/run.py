@@ -79,6 +79,27 @@ def write_run_metadata(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return {key: info.get(key) for key in ("commit", "dirty")}
 
 
+def compose_config(config_name: str, overrides: Sequence[str], output_dir: Path) -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` with ``overrides`` as ``python train.py`` would,
+    writing into ``output_dir`` (for tests and benchmarks that run the training path in-process)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from seqlab.utils.resolvers import project_root
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(project_root()) / "configs"), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
 def hydra_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 

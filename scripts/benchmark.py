@@ -1,0 +1,132 @@
+"""Measure seqlab's backbones and training path (implementation in seqlab.benchmark).
+
+  python scripts/benchmark.py scan       # minGRU/minLSTM layer per scan method vs nn.GRU
+  python scripts/benchmark.py lengths    # six backbones, tokens/s and memory vs T, JSON + plot
+  python scripts/benchmark.py overhead   # seqlab's Trainer path vs a plain PyTorch loop
+  python scripts/benchmark.py data       # share of step time waiting for data, per task
+  python scripts/benchmark.py startup    # python train.py to its first optimizer step
+  python scripts/benchmark.py all
+
+Results go to --out (default logs/benchmarks/<time>) as <name>.json (with date, hardware and
+versions) and, for lengths, lengths.png. Record what you publish in benchmarks/RESULTS.md.
+"""
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch
+
+from seqlab import benchmark as bench
+from seqlab.errors import SeqlabError
+from seqlab.utils.run import print_table
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("scan", "lengths", "overhead", "data", "startup")
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def words(text: str) -> list[str]:
+    return [v for v in text.split(",") if v]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", choices=[*COMMANDS, "all"])
+    parser.add_argument("--out", type=Path, default=None, help="output directory")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
+    parser.add_argument("--lengths", type=ints, default=None, help="comma-separated sequence lengths")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--width", type=int, default=128, help="lengths: d_model; scan: hidden width")
+    parser.add_argument("--d-in", type=int, default=64, help="scan: input width")
+    parser.add_argument("--layers", type=int, default=1, help="lengths: layers per backbone")
+    parser.add_argument("--backbones", type=words, default=list(bench.BACKBONES))
+    parser.add_argument(
+        "--methods", type=words, default=["sequential", "blocked", "log"], help="scan methods"
+    )
+    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="lengths: autocast dtype")
+    parser.add_argument("--compile", action="store_true", help="lengths: torch.compile each block")
+    parser.add_argument("--max-step-seconds", type=float, default=30.0)
+    parser.add_argument("--epochs", type=int, default=2, help="overhead: epochs per repeat")
+    parser.add_argument(
+        "--overrides",
+        nargs="*",
+        default=None,
+        help="overhead/startup: train.py overrides (replace the defaults)",
+    )
+    return parser.parse_args(argv)
+
+
+def run(command: str, args: argparse.Namespace, out: Path) -> None:
+    device = torch.device(args.device)
+    meta = {"command": command, "environment": bench.environment(device)}
+    if command == "scan":
+        rows = bench.bench_scan(
+            lengths=args.lengths or (256, 1024, 2048), batch=args.batch, d_in=args.d_in, hidden=args.width,
+            methods=args.methods, repeats=args.repeats or 5, device=args.device,
+        )  # fmt: skip
+        print_table(rows, f"training step, B={args.batch}, d_in={args.d_in}, hidden={args.width}")
+        payload = {**meta, "batch": args.batch, "d_in": args.d_in, "hidden": args.width, "rows": rows}
+    elif command == "lengths":
+        default = bench.GPU_LENGTHS if device.type == "cuda" else bench.CPU_LENGTHS
+        rows = bench.bench_lengths(
+            backbones=args.backbones, lengths=args.lengths or default, batch=args.batch, width=args.width,
+            num_layers=args.layers, repeats=args.repeats or 3, device=args.device, amp=args.amp,
+            max_step_seconds=args.max_step_seconds, compile=args.compile,
+        )  # fmt: skip
+        fitted = {"train": bench.exponents(rows, "train_ms"), "inference": bench.exponents(rows, "infer_ms")}
+        print_table(rows, f"{args.device}, B={args.batch}, width={args.width}, layers={args.layers}")
+        print_table([{"backbone": k, **{p: fitted[p].get(k) for p in fitted}} for k in fitted["train"]],
+                    "scaling exponent of time in T (upper half of the lengths)")  # fmt: skip
+        title = f"{meta['environment']['device_name'] or args.device}: B={args.batch}, width {args.width}"
+        bench.plot_lengths(rows, out / "lengths.png", title)
+        payload = {**meta, "batch": args.batch, "width": args.width, "layers": args.layers, "amp": args.amp,
+                   "compile": args.compile,
+                   "scaling_exponents": fitted, "rows": rows}  # fmt: skip
+    elif command == "overhead":
+        result = bench.bench_overhead(
+            overrides=args.overrides or bench.OVERHEAD_OVERRIDES,
+            epochs=args.epochs,
+            repeats=args.repeats or 3,
+        )
+        print_table(
+            [{k: v for k, v in result.items() if not isinstance(v, list)}], "Trainer path vs plain loop"
+        )
+        payload = {**meta, **result}
+    elif command == "data":
+        rows = bench.bench_data(epochs=args.epochs, repeats=args.repeats or 1)
+        print_table(rows, "share of the training step waiting for data (plain loop)")
+        payload = {**meta, "rows": rows}
+    else:
+        result = bench.bench_startup(
+            overrides=args.overrides or bench.STARTUP_OVERRIDES, repeats=args.repeats or 3
+        )
+        print_table([{k: v for k, v in result.items() if not isinstance(v, list)}], "start-up")
+        payload = {**meta, **result}
+    path = bench.write_json(out / f"{command}.json", payload)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.out or ROOT / "logs" / "benchmarks" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    try:
+        for command in COMMANDS if args.command == "all" else (args.command,):
+            run(command, args, out)
+    except SeqlabError as err:
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,584 @@
+"""Benchmarks behind ``scripts/benchmark.py``: what the README's performance tables are made of.
+
+- ``scan``: one minGRU / minLSTM layer (input projection, scan per method, output projection)
+  against ``nn.GRU`` of the same input width, hidden width and batch: a training step
+  (forward + backward) at each length.
+- ``lengths``: every backbone at T = 64 ... 2048 (longer on a GPU), one layer of the same width:
+  training-step and inference tokens/s and memory, written as JSON and a log-log plot, with the
+  scaling exponent of step time in T (about 1 for a recurrence, towards 2 for attention).
+- ``overhead``: the same model, data and optimizer trained through seqlab's Trainer path (the
+  default callbacks and loggers of ``python train.py``) and through a plain PyTorch loop,
+  interleaved in one process; the ratio of their per-step times.
+- ``data``: per task, the share of the training step spent waiting for the next batch.
+- ``startup``: ``python train.py`` from process start to its first optimizer step.
+
+Every timing is the median of several repeats after a warm-up; on CUDA each timed call ends with
+a synchronisation. Memory is the peak allocated by the timed call on CUDA; on CPU (no allocator
+statistics) it is the activation memory autograd keeps for the backward pass.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+
+from seqlab.errors import ConfigError
+from seqlab.utils.resolvers import project_root
+
+BACKBONES = ("rnn", "lstm", "gru", "transformer", "mingru", "minlstm")
+CPU_LENGTHS = (64, 128, 256, 512, 1024, 2048)
+GPU_LENGTHS = (*CPU_LENGTHS, 4096, 8192)
+
+
+# ----------------------------------------------------------------------------- measuring
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def saved_activation_bytes(fn: Callable[[], Any], exclude: Iterable[Tensor] = ()) -> int:
+    """Bytes of the tensors autograd saves for the backward pass while ``fn()`` runs (storages
+    counted once; ``exclude``, e.g. the parameters, not counted): the activation memory of a
+    training step, measurable on every device."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())
+
+
+def peak_cuda_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak memory allocated on ``device`` by ``fn()`` beyond what was allocated before it."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def scaling_exponent(lengths: Sequence[int], seconds: Sequence[float]) -> float | None:
+    """Least-squares slope of log(time) against log(T): 1 for linear, 2 for quadratic cost."""
+    if len(lengths) < 2:
+        return None
+    xs = [math.log(t) for t in lengths]
+    ys = [math.log(s) for s in seconds]
+    x_mean, y_mean = statistics.fmean(xs), statistics.fmean(ys)
+    denominator = sum((x - x_mean) ** 2 for x in xs)
+    return sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys)) / denominator
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a result depends on: date, hardware, threads and versions."""
+    import lightning
+
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+    }
+    if device.type == "cpu":
+        info["cpu_count"] = len(os.sched_getaffinity(0))
+    return info
+
+
+def autocast(device: torch.device, amp: str | None):
+    """bf16/fp16 autocast for the timed calls (``amp=None``: the parameters' float32)."""
+    if not amp:
+        return nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes:
+        raise ConfigError(f"--amp {amp!r}: expected one of {list(dtypes)}")
+    return torch.autocast(device.type, dtype=dtypes[amp])
+
+
+def _first(output: Tensor | tuple[Tensor, ...]) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def training_step(model: nn.Module, x: Tensor, amp: str | None = None) -> Callable[[], None]:
+    """Forward (``encode`` for a backbone) and backward of a scalar of every output; gradients
+    dropped after each call so that they do not accumulate."""
+    forward = getattr(model, "encode", model)
+    params = list(model.parameters())
+
+    def step() -> None:
+        with autocast(x.device, amp):
+            out = _first(forward(x))
+        out.float().square().mean().backward()
+        for p in params:
+            p.grad = None
+
+    return step
+
+
+def inference(model: nn.Module, x: Tensor, amp: str | None = None) -> Callable[[], None]:
+    forward = getattr(model, "encode", model)
+
+    def run() -> None:
+        with torch.inference_mode(), autocast(x.device, amp):
+            forward(x)
+
+    return run
+
+
+# ----------------------------------------------------------------------------- backbones
+def backbone_config(name: str, width: int, num_layers: int) -> dict[str, Any]:
+    """``configs/model/<name>.yaml`` at ``width`` and ``num_layers``, without dropout; the
+    Transformer's feed-forward (and the min-RNNs' MLP) at twice the width, 4 heads."""
+    path = Path(project_root()) / "configs" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"backbone {name!r}: no config {path}; expected one of {list(BACKBONES)}")
+    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    config.pop("size", None)
+    config.update(d_model=width, num_layers=num_layers, dropout=0.0)
+    if "dim_feedforward" in config:
+        config["dim_feedforward"] = 2 * width
+    if "nhead" in config:
+        config["nhead"] = 4
+    return config
+
+
+def build_backbone(
+    name: str, width: int, num_layers: int, device: torch.device, compile: bool = False
+) -> nn.Module:
+    from seqlab.tasks.base import build_backbone as build
+
+    return build({**backbone_config(name, width, num_layers), "compile": compile}).to(device)
+
+
+# ----------------------------------------------------------------------------- scan
+def bench_scan(
+    lengths: Sequence[int] = (256, 1024, 2048),
+    batch: int = 16,
+    d_in: int = 64,
+    hidden: int = 128,
+    methods: Sequence[str] = ("sequential", "blocked", "log"),
+    cells: Sequence[str] = ("mingru", "minlstm"),
+    repeats: int = 5,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Training-step time of ``nn.GRU`` and of one min-RNN layer per cell and scan method."""
+    from seqlab.backbones.minrnn import MinRNN
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    gru = nn.GRU(d_in, hidden, batch_first=True).to(dev)
+    rows = []
+    for steps in lengths:
+        x = torch.randn(batch, steps, d_in, device=dev)
+
+        gru_s = median_seconds(training_step(gru, x), dev, repeats)
+        rows.append({"T": steps, "layer": "nn.GRU", "scan": "", "train_ms": gru_s * 1e3, "speedup": 1.0})
+        for cell in cells:
+            for method in methods:
+                layer = MinRNN(cell, d_in, hidden, bidirectional=False, scan=method).to(dev)
+                seconds = median_seconds(training_step(layer, x), dev, repeats)
+                rows.append(
+                    {"T": steps, "layer": cell, "scan": method, "train_ms": seconds * 1e3,
+                     "speedup": gru_s / seconds}
+                )  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------- lengths
+def bench_lengths(
+    backbones: Sequence[str] = BACKBONES,
+    lengths: Sequence[int] = CPU_LENGTHS,
+    batch: int = 16,
+    width: int = 128,
+    num_layers: int = 1,
+    repeats: int = 3,
+    device: str = "cpu",
+    amp: str | None = None,
+    max_step_seconds: float = 30.0,
+    compile: bool = False,
+) -> list[dict[str, Any]]:
+    """Per backbone and length: training step (forward + backward) and inference (``encode``)
+    time, tokens/s and memory. A backbone whose training step exceeds ``max_step_seconds`` skips
+    the longer lengths (recorded as ``skipped``). ``compile``: as ``model.compile=true`` (the
+    compilation happens in the untimed warm-up call)."""
+    dev = torch.device(device)
+    rows = []
+    for name in backbones:
+        torch.manual_seed(0)
+        model = build_backbone(name, width, num_layers, dev, compile=compile)
+        params = list(model.parameters())
+        too_slow = False
+        for steps in lengths:
+            row: dict[str, Any] = {"backbone": name + ("+compile" if compile else ""), "T": steps,
+                                   "batch": batch, "width": width}  # fmt: skip
+            if too_slow:
+                rows.append({**row, "skipped": f"training step > {max_step_seconds:g} s at a shorter T"})
+                continue
+            x = torch.randn(batch, steps, width, device=dev)
+            train_step, infer = training_step(model, x, amp), inference(model, x, amp)
+            try:
+                train_s = median_seconds(train_step, dev, repeats)
+                infer_s = median_seconds(infer, dev, repeats)
+                if dev.type == "cuda":
+                    train_mem = peak_cuda_bytes(train_step, dev)
+                    infer_mem = peak_cuda_bytes(infer, dev)
+                else:
+                    train_mem = saved_activation_bytes(train_step, exclude=params)
+                    infer_mem = None
+            except torch.OutOfMemoryError:
+                rows.append({**row, "skipped": "out of memory"})
+                too_slow = True
+                torch.cuda.empty_cache()
+                continue
+            tokens = batch * steps
+            rows.append(
+                {
+                    **row,
+                    "train_ms": train_s * 1e3,
+                    "train_tokens_per_s": tokens / train_s,
+                    "infer_ms": infer_s * 1e3,
+                    "infer_tokens_per_s": tokens / infer_s,
+                    "train_memory_mb": train_mem / 2**20,
+                    "infer_memory_mb": None if infer_mem is None else infer_mem / 2**20,
+                }
+            )
+            too_slow = train_s > max_step_seconds
+    return rows
+
+
+def exponents(
+    rows: Sequence[dict[str, Any]], key: str = "train_ms", upper_half: bool = True
+) -> dict[str, float]:
+    """Scaling exponent of ``key`` in T per backbone, fitted over the upper half of the lengths
+    measured (where the T-dependent cost dominates fixed costs)."""
+    fitted = {}
+    for name in dict.fromkeys(r["backbone"] for r in rows):
+        points = sorted((r["T"], r[key]) for r in rows if r["backbone"] == name and r.get(key))
+        if upper_half:
+            points = points[max(0, min(len(points) // 2, len(points) - 2)) :]
+        slope = scaling_exponent([p[0] for p in points], [p[1] for p in points])
+        if slope is not None:
+            fitted[name] = round(slope, 2)
+    return fitted
+
+
+def plot_lengths(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Training and inference tokens/s and training memory vs T, log-log, one line per backbone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("train_tokens_per_s", "training tokens/s (fwd+bwd)"),
+        ("infer_tokens_per_s", "inference tokens/s"),
+        ("train_memory_mb", "training memory (MiB)"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, label) in zip(axes, panels):
+        for name in dict.fromkeys(r["backbone"] for r in rows):
+            points = sorted((r["T"], r[key]) for r in rows if r["backbone"] == name and r.get(key))
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- overhead
+#: the overhead benchmark's default run: a small LSTM forecaster on the synthetic series
+OVERHEAD_OVERRIDES = (
+    "model=lstm",
+    "model.d_model=64",
+    "model.num_layers=1",
+    "data.batch_size=64",
+    "trainer.accelerator=cpu",
+)
+
+
+class StepTimer:
+    """Wall time of every training step after the first ``skip`` of each epoch: from the start
+    of one step to the start of the next (forward, backward, optimizer step, whatever runs
+    around them, and fetching the next batch), the last step up to its end. Where the loop
+    reports its waits for data (``data_wait``), the share of the timed steps spent waiting."""
+
+    def __init__(self, skip: int = 3) -> None:
+        self.skip = skip
+        self.epochs: list[list[float]] = []
+        self.data_shares: list[float] = []
+        self._starts: list[float] = []
+        self._waits: list[float] = []
+        self._end: float | None = None
+
+    def epoch_start(self) -> None:
+        self._starts, self._waits, self._end = [], [], None
+
+    def step_start(self) -> None:
+        self._starts.append(time.perf_counter())
+
+    def data_wait(self, seconds: float) -> None:
+        """The batch of the step about to start took ``seconds`` to arrive."""
+        self._waits.append(seconds)
+
+    def step_end(self) -> None:
+        self._end = time.perf_counter()
+
+    def epoch_end(self) -> None:
+        marks = self._starts[self.skip :] + ([self._end] if self._end is not None else [])
+        if len(marks) < 2:
+            return
+        steps = [b - a for a, b in itertools.pairwise(marks)]
+        self.epochs.append(steps)
+        if self._waits:  # fetching batch k + 1 happens inside step k's interval
+            self.data_shares.append(sum(self._waits[self.skip + 1 :]) / sum(steps))
+
+    def per_epoch_mean(self) -> list[float]:
+        return [statistics.fmean(steps) for steps in self.epochs]
+
+
+def _timer_callback(timer: StepTimer):
+    import lightning as L
+
+    class StepTimerCallback(L.Callback):
+        """Appended after every other callback, so a step ends after their batch-end hooks."""
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            timer.epoch_start()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            timer.step_start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            timer.step_end()
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            timer.epoch_end()
+
+    return StepTimerCallback()
+
+
+def _trainer_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir: Path) -> nn.Module:
+    """One ``fit`` through seqlab's own builders, as ``python train.py`` makes it (default
+    callbacks and loggers); validation runs between epochs, outside the timed steps."""
+    import lightning as L
+
+    from seqlab.train import build_callbacks, build_datamodule, build_loggers, build_task, build_trainer
+    from seqlab.utils.run import compose_config
+
+    cfg = compose_config(
+        "train", [*overrides, f"trainer.max_epochs={epochs}", "extras.print_config=false"], workdir
+    )
+    L.seed_everything(cfg.seed, verbose=False)
+    datamodule = build_datamodule(cfg.data)
+    task = build_task(cfg.task, cfg.model, datamodule)
+    callbacks = [*build_callbacks(cfg.callbacks), _timer_callback(timer)]
+    trainer = build_trainer(cfg, callbacks, build_loggers(cfg.get("logger"), workdir))
+    trainer.fit(task, datamodule=datamodule)
+    return task
+
+
+def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir: Path) -> nn.Module:
+    """The same task module (its ``step_loss``), data, optimizer, learning-rate schedule and
+    gradient clipping in a hand-written loop: no Trainer, no callbacks, no logging, no metrics.
+    It also times each wait for a batch (the data-loading share)."""
+    import lightning as L
+    from hydra.utils import get_class
+
+    from seqlab.tasks.base import warmup_schedule
+    from seqlab.train import build_datamodule, build_task
+    from seqlab.utils.run import compose_config
+
+    cfg = compose_config("train", [*overrides, "extras.print_config=false"], workdir)
+    L.seed_everything(cfg.seed, verbose=False)
+    datamodule = build_datamodule(cfg.data)
+    datamodule.setup("fit")
+    task = build_task(cfg.task, cfg.model, datamodule)
+    loader = datamodule.train_dataloader()
+    settings = OmegaConf.to_container(cfg.task.optimizer, resolve=True)
+    optimizer_cls = get_class(settings.pop("_target_"))
+    optimizer = optimizer_cls(task.parameter_groups(settings.pop("weight_decay", 0.0)), **settings)
+    scheduler = None
+    if cfg.task.get("scheduler"):
+        schedule, total = cfg.task.scheduler, epochs * len(loader)
+        warmup = max(1, int(schedule.get("warmup_ratio", 0.0) * total))
+        factor = warmup_schedule(schedule.name, total, warmup, schedule.get("min_lr_ratio", 0.0))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    clip = cfg.trainer.get("gradient_clip_val")
+    task.train()
+    for _ in range(epochs):
+        timer.epoch_start()
+        batches = iter(loader)
+        while True:
+            fetch = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            timer.step_start()
+            timer.data_wait(time.perf_counter() - fetch)
+            loss = task.step_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(task.parameters(), clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            timer.step_end()
+        timer.epoch_end()
+    return task
+
+
+def bench_overhead(
+    overrides: Sequence[str] = OVERHEAD_OVERRIDES, epochs: int = 2, repeats: int = 3
+) -> dict[str, Any]:
+    """Trainer path vs plain loop, interleaved ``repeats`` times; medians of per-epoch means, and
+    the median share of the plain loop's step time spent waiting for data."""
+    results: dict[str, list[float]] = {"trainer": [], "plain": []}
+    data_shares: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="seqlab-overhead-") as tmp:
+        for repeat in range(repeats):
+            for name, run in (("trainer", _trainer_run), ("plain", _plain_run)):
+                timer = StepTimer()
+                run(list(overrides), epochs, timer, Path(tmp) / f"{name}{repeat}")
+                results[name].extend(timer.per_epoch_mean())
+                data_shares.extend(timer.data_shares)
+    trainer_ms = statistics.median(results["trainer"]) * 1e3
+    plain_ms = statistics.median(results["plain"]) * 1e3
+    return {
+        "overrides": list(overrides),
+        "trainer_step_ms": trainer_ms,
+        "plain_step_ms": plain_ms,
+        "ratio": trainer_ms / plain_ms,
+        "overhead_ms_per_step": trainer_ms - plain_ms,
+        "data_wait_share": statistics.median(data_shares),
+        "trainer_epoch_means_ms": [t * 1e3 for t in results["trainer"]],
+        "plain_epoch_means_ms": [t * 1e3 for t in results["plain"]],
+    }
+
+
+#: one small configuration per task for the data-loading benchmark (synthetic data: no files);
+#: point them at real data with ``--overrides data=sst2 data.data_dir=...``
+DATA_TASKS = {
+    "forecasting": ("data=timeseries",),
+    "classification": ("data=sentiment_synthetic",),
+    "translation": ("data=translation_synthetic",),
+}
+
+
+def bench_data(
+    tasks: dict[str, Sequence[str]] = DATA_TASKS,
+    common: Sequence[str] = (
+        "model=lstm",
+        "model.d_model=64",
+        "model.num_layers=1",
+        "trainer.accelerator=cpu",
+    ),
+    epochs: int = 2,
+    repeats: int = 1,
+) -> list[dict[str, Any]]:
+    """Per task: the share of training-step time spent waiting for the next batch (and the
+    template overhead on that task, which the same runs give)."""
+    rows = []
+    for task, overrides in tasks.items():
+        result = bench_overhead([*common, *overrides], epochs=epochs, repeats=repeats)
+        rows.append(
+            {"task": task, "data_wait_share": result["data_wait_share"], "plain_step_ms": result["plain_step_ms"],
+             "trainer_step_ms": result["trainer_step_ms"], "ratio": result["ratio"]}
+        )  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------- start-up
+STARTUP_OVERRIDES = (
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=1",
+    "test=false",
+    "trainer.accelerator=cpu",
+)
+
+
+def bench_startup(overrides: Sequence[str] = STARTUP_OVERRIDES, repeats: int = 3) -> dict[str, Any]:
+    """``python train.py`` in a fresh process: seconds from process start to the first optimizer
+    step (``time_to_first_step_s`` of its summary.json) and to exit."""
+    first_step, total = [], []
+    root = Path(project_root())
+    with tempfile.TemporaryDirectory(prefix="seqlab-startup-") as tmp:
+        for repeat in range(repeats):
+            run_dir = Path(tmp) / str(repeat)
+            command = [sys.executable, str(root / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
+            start = time.perf_counter()
+            done = subprocess.run(command, cwd=root, capture_output=True, text=True)
+            total.append(time.perf_counter() - start)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+            summary = json.loads((run_dir / "summary.json").read_text())
+            first_step.append(summary["time_to_first_step_s"])
+    return {
+        "overrides": list(overrides),
+        "time_to_first_step_s": statistics.median(first_step),
+        "process_wall_s": statistics.median(total),
+        "runs_first_step_s": first_step,
+    }
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    return path

@@ -1,0 +1,200 @@
+"""The benchmark harness (scripts/benchmark.py) and the throughput figures every run records.
+
+Timings themselves are never asserted (this machine is noisy); what is asserted is that each
+measurement measures what it says: activation memory grows with T, FLOPs match the analytic
+count, the plain loop and the Trainer path run the same work, the CLI writes its files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqlab import benchmark as bench
+from seqlab.backbones.transformer import TransformerBackbone
+from seqlab.callbacks.run_stats import flops_per_token
+from seqlab.tasks.base import SeqTask
+from seqlab.train import train
+from tests.conftest import ROOT, run_script
+
+
+def test_saved_activation_bytes_counts_each_saved_storage_once() -> None:
+    x = torch.randn(100, requires_grad=True)
+    y = torch.randn(100, requires_grad=True)
+    # x * y saves both inputs (400 bytes each); the second product saves the same storages again
+    assert bench.saved_activation_bytes(lambda: (x * y * 1.0 + x * y).sum()) >= 800
+    assert bench.saved_activation_bytes(lambda: (x * y).sum()) == 800
+    assert bench.saved_activation_bytes(lambda: (x * y).sum(), exclude=[x]) == 400
+
+
+def test_scaling_exponent_recovers_the_power() -> None:
+    lengths = [64, 128, 256, 512]
+    assert bench.scaling_exponent(lengths, [3e-6 * t**2 for t in lengths]) == pytest.approx(2.0)
+    assert bench.scaling_exponent(lengths, [0.1 * t for t in lengths]) == pytest.approx(1.0)
+    assert bench.scaling_exponent([64], [1.0]) is None
+
+
+def test_lengths_rows_and_memory_grow_with_length() -> None:
+    rows = bench.bench_lengths(
+        backbones=("gru", "transformer", "mingru"), lengths=(8, 32), batch=2, width=16, repeats=1
+    )
+    assert [(r["backbone"], r["T"]) for r in rows] == [
+        ("gru", 8), ("gru", 32), ("transformer", 8), ("transformer", 32), ("mingru", 8), ("mingru", 32),
+    ]  # fmt: skip
+    for short, long in zip(rows[::2], rows[1::2]):
+        assert short["train_tokens_per_s"] > 0 and short["infer_tokens_per_s"] > 0
+        # activations kept for backward are per step: 4x the steps, about 4x the memory
+        assert 3.0 < long["train_memory_mb"] / short["train_memory_mb"] <= 4.5
+    fitted = bench.exponents(rows)
+    assert set(fitted) == {"gru", "transformer", "mingru"} and all(math.isfinite(v) for v in fitted.values())
+
+
+def test_a_slow_backbone_skips_the_longer_lengths() -> None:
+    rows = bench.bench_lengths(
+        backbones=("rnn",), lengths=(4, 8), batch=1, width=8, repeats=1, max_step_seconds=0
+    )
+    assert "train_ms" in rows[0] and "skipped" in rows[1]
+
+
+class TinyTransformerTask(SeqTask):
+    """A task whose loss reads the backbone only, so its FLOPs have a closed form."""
+
+    def __init__(self, d_model: int = 32, num_layers: int = 2, dim_feedforward: int = 64) -> None:
+        super().__init__("val/loss", "min")
+        self.save_hyperparameters()
+        self.backbone = TransformerBackbone(
+            d_model=d_model, nhead=4, num_layers=num_layers, dim_feedforward=dim_feedforward, dropout=0.0
+        )
+
+    def step_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.backbone.encode(batch).square().mean()
+
+    def batch_tokens(self, batch: torch.Tensor) -> int:
+        return batch.shape[0] * batch.shape[1]
+
+
+def test_flops_per_token_match_the_transformer_formula() -> None:
+    """6 FLOPs per weight per token (forward 2, backward 4) plus attention's 12 * layers * T * d
+    (QK^T and AV, forward and backward): the count the MFU figures rest on."""
+    d, layers, ff, steps = 32, 2, 64, 50
+    task = TinyTransformerTask(d, layers, ff)
+    weights = layers * (4 * d * d + 2 * d * ff)
+    expected = 6 * weights + 12 * layers * steps * d
+    before = [p.detach().clone() for p in task.parameters()]
+    measured = flops_per_token(task, torch.randn(3, steps, d))
+    assert measured == pytest.approx(expected, rel=0.02)
+    # counted on a meta-device copy: the task's own weights and gradients are untouched
+    assert all(torch.equal(a, b) for a, b in zip(before, task.parameters()))
+    assert all(p.grad is None for p in task.parameters())
+
+
+def test_mfu_is_achieved_over_peak_flops(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("model=transformer", "trainer.max_epochs=1", "callbacks.run_stats.peak_flops=1e10")
+    _, objects = train(cfg)
+    summary = objects["summary"]
+    achieved = summary["flops_per_token"] * summary["train_tokens_per_s"]
+    assert summary["achieved_tflops_per_s"] == pytest.approx(achieved / 1e12)
+    assert summary["mfu"] == pytest.approx(achieved / 1e10)
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "perf/mfu" in header
+
+
+def test_train_loss_is_logged_at_logging_steps_only(make_cfg, monkeypatch) -> None:
+    """``self.log`` costs Python time on every step it is called: the per-step loss is logged on
+    the steps the loggers write (every log_every_n_steps), the epoch mean once per epoch."""
+    calls: list[str] = []
+    original = SeqTask.log
+
+    def counting_log(self, name, *args, **kwargs):
+        calls.append(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(SeqTask, "log", counting_log)
+    cfg = make_cfg("trainer.max_epochs=2", "trainer.log_every_n_steps=10", "trainer.limit_train_batches=25")
+    train(cfg)
+    assert calls.count("train/loss") == 5  # steps 10, 20, 30, 40, 50 of 2 x 25
+    assert calls.count("train/loss_epoch") == 2
+
+
+SMALL_LSTM = ["model=lstm", "model.d_model=16", "model.num_layers=1", "data.num_steps=1200", "data.lookback=48",
+              "data.horizon=12", "data.batch_size=32", "trainer.accelerator=cpu",
+              "callbacks.rich_progress_bar=null"]  # fmt: skip
+
+
+def test_the_plain_loop_trains_exactly_what_the_trainer_trains(tmp_path: Path) -> None:
+    """The overhead ratio compares like with like: same data order, loss, optimizer, schedule
+    and clipping give the same weights after an epoch, bit for bit."""
+    timers = bench.StepTimer(), bench.StepTimer()
+    by_trainer = bench._trainer_run(SMALL_LSTM, 1, timers[0], tmp_path / "trainer")
+    by_hand = bench._plain_run(SMALL_LSTM, 1, timers[1], tmp_path / "plain")
+    for (name, a), b in zip(by_trainer.state_dict().items(), by_hand.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert len(timers[0].epochs[0]) == len(timers[1].epochs[0]) > 0  # the same steps timed
+    assert 0 < timers[1].data_shares[0] < 1
+
+
+def test_overhead_and_data_share_results(tmp_path: Path) -> None:
+    result = bench.bench_overhead(SMALL_LSTM, epochs=1, repeats=1)
+    assert result["trainer_step_ms"] > 0 and result["plain_step_ms"] > 0
+    assert result["ratio"] == pytest.approx(result["trainer_step_ms"] / result["plain_step_ms"])
+    assert len(result["trainer_epoch_means_ms"]) == len(result["plain_epoch_means_ms"]) == 1
+    assert 0 < result["data_wait_share"] < 1
+
+
+def test_benchmark_cli_writes_json_and_plot(tmp_path: Path) -> None:
+    done = run_script(
+        str(ROOT / "scripts" / "benchmark.py"), "lengths", "--backbones", "lstm,mingru", "--lengths", "8,16",
+        "--batch", "2", "--width", "16", "--repeats", "1", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    payload = json.loads((tmp_path / "lengths.json").read_text())
+    assert payload["environment"]["torch"] == torch.__version__
+    assert {r["backbone"] for r in payload["rows"]} == {"lstm", "mingru"}
+    assert set(payload["scaling_exponents"]["train"]) == {"lstm", "mingru"}
+    assert (tmp_path / "lengths.png").stat().st_size > 10_000
+
+    done = run_script(
+        str(ROOT / "scripts" / "benchmark.py"), "scan", "--lengths", "16", "--batch", "2", "--d-in", "8",
+        "--width", "8", "--repeats", "1", "--methods", "sequential,blocked", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "scan.json").read_text())["rows"]
+    assert [(r["layer"], r["scan"]) for r in rows] == [
+        ("nn.GRU", ""), ("mingru", "sequential"), ("mingru", "blocked"), ("minlstm", "sequential"),
+        ("minlstm", "blocked"),
+    ]  # fmt: skip
+
+
+def test_benchmark_cli_rejects_an_unknown_backbone(tmp_path: Path) -> None:
+    done = run_script(
+        str(ROOT / "scripts" / "benchmark.py"), "lengths", "--backbones", "lstmx", "--out", str(tmp_path)
+    )
+    assert done.returncode == 1
+    assert "backbone 'lstmx'" in done.stderr and "expected one of" in done.stderr
+
+
+@pytest.mark.slow
+def test_startup_measures_time_to_first_step(tmp_path: Path) -> None:
+    overrides = [*bench.STARTUP_OVERRIDES, "data.num_steps=1200", "extras.print_config=false"]
+    result = bench.bench_startup(overrides, repeats=1)
+    assert 0 < result["time_to_first_step_s"] < result["process_wall_s"] + 1.0
+
+
+@pytest.mark.slow
+def test_compiled_blocks_compute_the_same_and_keep_their_names() -> None:
+    """``model.compile=true``: torch.compile on each block in place; checkpoints keep plain keys."""
+    from seqlab.tasks.base import build_backbone
+
+    config = bench.backbone_config("transformer", 32, 2)
+    torch.manual_seed(0)
+    plain = build_backbone(config)
+    torch.manual_seed(0)
+    compiled = build_backbone({**config, "compile": True})
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    assert not any("_orig_mod" in key for key in compiled.state_dict())
+    x = torch.randn(2, 10, 32)
+    torch.testing.assert_close(compiled.encode(x), plain.encode(x), atol=1e-5, rtol=1e-5)
