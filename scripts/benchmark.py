@@ -103,7 +103,8 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         )
         payload = {**meta, **result}
     elif command == "data":
-        rows = bench.bench_data(epochs=args.epochs, repeats=args.repeats or 1)
+        common = args.overrides if args.overrides is not None else bench.DATA_COMMON
+        rows = bench.bench_data(common=common, epochs=args.epochs, repeats=args.repeats or 1)
         print_table(rows, "share of the training step waiting for data (plain loop)")
         payload = {**meta, "rows": rows}
     else:

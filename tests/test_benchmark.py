@@ -185,11 +185,13 @@ def test_startup_measures_time_to_first_step(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_blocks_compute_the_same_and_keep_their_names() -> None:
-    """``model.compile=true``: torch.compile on each block in place; checkpoints keep plain keys."""
+@pytest.mark.parametrize("name", ["transformer", "mingru"])
+def test_compiled_blocks_compute_the_same_and_keep_their_names(name: str) -> None:
+    """``model.compile=true``: torch.compile on each block in place; checkpoints keep plain keys.
+    The min-RNN's scan runs eagerly inside the compiled block (its loop is not unrolled)."""
     from seqlab.tasks.base import build_backbone
 
-    config = bench.backbone_config("transformer", 32, 2)
+    config = bench.backbone_config(name, 32, 2)
     torch.manual_seed(0)
     plain = build_backbone(config)
     torch.manual_seed(0)

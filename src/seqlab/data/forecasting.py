@@ -35,17 +35,24 @@ class WindowDataset(Dataset):
         self.series = series
         self.lookback = lookback
         self.horizon = horizon
-        self.offsets = torch.arange(lookback + horizon)
+        span = lookback + horizon
+        # every window as a view [N, C, L + H] (no copy): a batch is one index_select, ~10x faster
+        # than gathering rows with an index tensor (scripts/benchmark.py data)
+        self.windows = (
+            series.unfold(0, span, 1)
+            if series.shape[0] >= span
+            else series.new_empty(0, series.shape[1], span)
+        )
 
     def __len__(self) -> int:
-        return max(0, self.series.shape[0] - self.lookback - self.horizon + 1)
+        return self.windows.shape[0]
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         inputs, targets = self.__getitems__([index])
         return inputs[0], targets[0]
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        window = self.series[torch.as_tensor(indices)[:, None] + self.offsets]
+        window = self.windows.index_select(0, torch.as_tensor(indices)).transpose(1, 2)  # [B, L + H, C]
         return window[:, : self.lookback].contiguous(), window[:, self.lookback :].contiguous()
 
 

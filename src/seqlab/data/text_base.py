@@ -49,7 +49,8 @@ class FlatSequences:
 
     def padded(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """Rows ``index`` right-padded: ids [B,T] (``PAD_ID`` in the padding) and pad_mask [B,T] (True = pad)."""
-        starts, lengths = self.offsets[index], self.lengths[index]
+        starts = self.offsets[index]
+        lengths = self.offsets[index + 1] - starts  # not self.lengths[index]: that is O(dataset) per batch
         steps = torch.arange(int(lengths.max()))
         pad_mask = steps[None, :] >= lengths[:, None]
         positions = (starts[:, None] + steps[None, :]).masked_fill(pad_mask, 0)
