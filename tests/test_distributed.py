@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,23 @@ def test_every_backbone_trains_sharded_under_fsdp2(tmp_path: Path, data: str) ->
         assert summary["model"] == model and summary["trainer"]["strategy"] == "ModelParallelStrategy"
         assert summary["metrics"], f"{model}: tested"
         assert max(summary["parameters_per_rank"]) < 0.75 * summary["num_params"], f"{model}: sharded"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("rank", "how"), [(1, "raise"), (0, "raise"), (1, "kill")])
+def test_a_failing_rank_ends_the_whole_job(tmp_path: Path, rank: int, how: str) -> None:
+    """One DDP rank raises or is killed mid-epoch: every process exits, the job returns non-zero
+    well within 60 s of the failure (no hang on a collective), and the failing rank's error is
+    what the user sees."""
+    start = time.monotonic()
+    done = run_script(
+        "train.py", "trainer=ddp", *FAST, "trainer.max_epochs=20", f"hydra.run.dir={tmp_path / 'run'}",
+        "+callbacks.fault._target_=tests.faults.FailOnRank", f"+callbacks.fault.rank={rank}",
+        "+callbacks.fault.step=5", f"+callbacks.fault.how={how}", timeout=180,
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert done.returncode != 0
+    assert elapsed < 90, f"the job took {elapsed:.0f} s to end after a rank failed"
+    if how == "raise":
+        assert f"injected failure on rank {rank} at step 5" in done.stdout + done.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()  # a failed run does not look finished

@@ -180,3 +180,21 @@ def test_a_diverged_run_stops_with_a_clear_error(make_cfg) -> None:
         TrainingDiverged, match=r"the training loss is (nan|inf) at step \d+ .*task.optimizer.lr"
     ):
         train(cfg)
+
+
+def test_same_seed_and_config_give_bitwise_identical_results(make_cfg) -> None:
+    """Reproducibility on CPU: every metric (losses, validation, test) equal bit for bit across two
+    runs; only the throughput figures (perf/*, wall-clock) differ. summary.json records what the
+    result depends on: versions and the git commit."""
+    overrides = ("model=gru", "trainer.max_epochs=2", "trainer.deterministic=true")
+    first, objects = train(make_cfg(*overrides, output="first"))
+    second, _ = train(make_cfg(*overrides, output="second"))
+
+    def results(metrics: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in metrics.items() if not k.startswith("perf/")}
+
+    assert results(first) == results(second)
+    assert {"train/loss_epoch", "val/mse_best", "test/mse"} <= set(results(first))
+    summary = objects["summary"]
+    assert {"python", "torch", "lightning", "hydra-core", "omegaconf"} <= set(summary["versions"])
+    assert "commit" in summary["git"]

@@ -41,6 +41,7 @@ from seqlab.utils.run import (
     write_run_metadata,
     write_summary,
 )
+from seqlab.utils.secrets import redact
 from seqlab.utils.wandb import finish_runs
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     try:
         for logger in loggers:
-            logger.log_hyperparams({"config": to_plain(cfg), "num_params": num_params})
+            logger.log_hyperparams({"config": redact(to_plain(cfg)), "num_params": num_params})
         if cfg.get("train"):
             trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -183,7 +184,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 "precision": str(trainer.precision),
             },
             "seed": cfg.get("seed"),
-            "overrides": hydra_overrides(),
+            "overrides": redact(hydra_overrides()),
             "metrics": metrics,
             **({"test_report": task.test_report} if getattr(task, "test_report", None) else {}),
             "baseline": baseline,

@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from seqlab.utils.logging import process_rank
+from seqlab.utils.secrets import redact, redact_text, scrub_hydra_files
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +67,19 @@ def versions() -> dict[str, str]:
 
 
 def write_run_metadata(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Resolved config, command-line overrides and git state; returns the git facts."""
+    """Resolved config, command-line overrides and git state, credentials redacted
+    (``seqlab.utils.secrets``); returns the git facts."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    overrides = hydra_overrides()
+    resolved = redact(OmegaConf.to_container(cfg, resolve=True))
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    overrides = redact(hydra_overrides())
     write_text_atomic(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
-    (run_dir / "cmd.txt").write_text(" ".join([sys.executable, *sys.argv]) + "\n")
+    (run_dir / "cmd.txt").write_text(redact_text(" ".join([sys.executable, *sys.argv])) + "\n")
+    scrub_hydra_files(run_dir)
     info, diff = git_info(Path(cfg.paths.root_dir))
     write_text_atomic(run_dir / "git.txt", "".join(f"{k}: {v}\n" for k, v in info.items() if k != "status"))
     if diff:
-        write_text_atomic(run_dir / "git.diff", diff)
+        write_text_atomic(run_dir / "git.diff", redact_text(diff))
     return {key: info.get(key) for key in ("commit", "dirty")}
 
 

@@ -1,0 +1,78 @@
+"""Keep credentials out of what a run writes (configs, overrides, the command line, logged
+hyperparameters, summary.json and Hydra's own ``.hydra`` copies).
+
+Two rules: a config key that names a credential (``api_key``, ``access_key``, ``token``,
+``secret``, ``password``, ``credentials``, with any prefix: ``wandb_api_key``, ``hf_token``)
+has its value replaced by ``***``; and the value of any environment variable that holds one
+(``*_KEY``, ``*_TOKEN``, ``*_SECRET``, ``*_PASSWORD``, e.g. ``WANDB_API_KEY``) is replaced
+wherever it appears in text. Special-token names of tokenizers (``unk_token``...) are not
+credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+REDACTED = "***"
+#: a config key (last component) that holds a credential
+_SECRET_KEY = re.compile(
+    r"^(?:.*[_-])?(?:api[_-]?key|access[_-]?key|secret(?:[_-]?key)?|token|password|passwd|credentials?)$",
+    re.IGNORECASE,
+)
+_SPECIAL_TOKENS = re.compile(r"^(?:unk|pad|bos|eos|cls|sep|mask|start|end)[_-]token$", re.IGNORECASE)
+#: an environment variable that holds a credential
+_SECRET_ENV = re.compile(r"(?:_KEY|_TOKEN|_SECRET|_PASSWORD|_PASSWD)$|API_KEY", re.IGNORECASE)
+#: ``key=value`` (a Hydra override, a command-line argument) whose key names a credential
+_ASSIGNMENT = re.compile(r"(?P<key>[\w.+~/-]+)=(?P<value>[^\s,]+)")
+
+
+def is_secret_key(name: Any) -> bool:
+    text = str(name).rsplit(".", 1)[-1].lstrip("+~")
+    return bool(_SECRET_KEY.match(text)) and not _SPECIAL_TOKENS.match(text)
+
+
+def secret_env_values(min_length: int = 8) -> list[str]:
+    """Values of the credential-holding environment variables (short values are skipped: they
+    would match ordinary text)."""
+    values = {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= min_length}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact_text(text: str) -> str:
+    for value in secret_env_values():
+        text = text.replace(value, REDACTED)
+
+    def assignment(match: re.Match[str]) -> str:
+        return f"{match['key']}={REDACTED}" if is_secret_key(match["key"]) else match[0]
+
+    return _ASSIGNMENT.sub(assignment, text)
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` (plain dicts, lists, strings) with credentials replaced."""
+    if isinstance(value, dict):
+        return {
+            key: REDACTED if is_secret_key(key) and item not in (None, "") else redact(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(item) for item in value)
+    if isinstance(value, str):
+        return redact_text(value)
+    return value
+
+
+def scrub_hydra_files(run_dir: Path) -> None:
+    """Redact the config copies Hydra wrote into ``<run>/.hydra`` before the job started."""
+    from omegaconf import OmegaConf
+
+    for path in sorted((run_dir / ".hydra").glob("*.yaml")):
+        original = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        cleaned = redact(original)
+        if cleaned != original:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(cleaned)))
+            os.replace(tmp, path)

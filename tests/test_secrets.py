@@ -1,0 +1,68 @@
+"""Credentials never reach what a run writes (issue: reliability, secrets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seqlab.utils.secrets import REDACTED, redact, redact_text
+
+FAKE_WANDB_KEY = "fake-wandb-key-0123456789abcdef0123"
+FAKE_TOKEN = "hf_fakeTokenValue987654321"
+LITERAL = "literal-secret-from-the-command-line-42"
+
+
+def test_credential_keys_are_redacted_and_ordinary_keys_kept(monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_WANDB_KEY)
+    config = {
+        "logger": {"wandb": {"api_key": "abc123", "project": "seqlab", "entity": None}},
+        "data": {"tokenizer": {"kind": "bpe", "unk_token": "[UNK]"}, "max_tokens": 5, "cache_key": "k1"},
+        "storage": {"aws_secret_access_key": "s3cr3t", "hf_token": "hf_x", "password": "pw", "token": None},
+        "note": f"key is {FAKE_WANDB_KEY}",
+        "overrides": ["+logger.wandb.api_key=abc123", "model=gru", "data.tokenizer.kind=bpe"],
+    }
+    cleaned = redact(config)
+    assert cleaned["logger"]["wandb"] == {"api_key": REDACTED, "project": "seqlab", "entity": None}
+    assert cleaned["data"] == config["data"]  # tokenizers, token counts and cache keys are not credentials
+    assert cleaned["storage"] == {
+        "aws_secret_access_key": REDACTED, "hf_token": REDACTED, "password": REDACTED, "token": None
+    }  # fmt: skip
+    assert cleaned["note"] == f"key is {REDACTED}"
+    assert cleaned["overrides"] == [
+        f"+logger.wandb.api_key={REDACTED}",
+        "model=gru",
+        "data.tokenizer.kind=bpe",
+    ]
+    assert (
+        redact_text(f"python train.py hf_token={FAKE_TOKEN} model=gru")
+        == f"python train.py hf_token={REDACTED} model=gru"
+    )
+
+
+@pytest.mark.slow
+def test_no_secret_in_any_file_of_the_run_directory(tmp_path: Path) -> None:
+    """A fake W&B key and token in the environment appear in no file of the run directory
+    (configs, .hydra, logs, metrics, summary, checkpoints, the offline W&B run). A credential
+    passed on the command line is redacted everywhere seqlab and Hydra write; W&B's own run
+    record keeps the raw command line (its ``args`` metadata), so credentials belong in the
+    environment, as the README says."""
+    from tests.conftest import FAST, run_script
+
+    run_dir = tmp_path / "run"
+    done = run_script(
+        "train.py", "logger=wandb", "logger.wandb.mode=offline", *FAST, "trainer.max_epochs=1",
+        f"+extras.api_key={LITERAL}", f"hydra.run.dir={run_dir}",
+        env={"WANDB_API_KEY": FAKE_WANDB_KEY, "HF_TOKEN": FAKE_TOKEN},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ckpt" for p in files) and any(p.name == "summary.json" for p in files)
+    leaks = {
+        str(p.relative_to(run_dir)): secret
+        for p in files
+        for secret in (FAKE_WANDB_KEY, FAKE_TOKEN, LITERAL)
+        if secret.encode() in p.read_bytes() and not (secret == LITERAL and p.suffix == ".wandb")
+    }
+    assert not leaks, leaks
+    assert f"api_key: '{REDACTED}'" in (run_dir / "config.yaml").read_text()
