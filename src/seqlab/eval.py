@@ -34,7 +34,11 @@ def load_run_info(ckpt_path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ConfigError(f"ckpt_path={str(ckpt_path)!r} is not a readable checkpoint: {err}") from None
+        raise ConfigError(
+            f"ckpt_path={str(ckpt_path)!r} is not a readable checkpoint ({type(err).__name__}): the file "
+            "is truncated or corrupt, was not written by torch.save, or holds objects that cannot be "
+            "loaded safely (seqlab loads checkpoints with weights_only=True)"
+        ) from None
     info = checkpoint.get("seqlab") if isinstance(checkpoint, dict) else None
     if not info or "task_target" not in info or "data" not in info:
         raise ConfigError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from typing import Any
 from unittest import mock
@@ -54,12 +55,39 @@ def runs_torch_rnn(model_cfg: DictConfig | dict[str, Any]) -> bool:
     return any(issubclass(cls, nn.RNNBase) for cls in getattr(backbone_cls, "layer_classes", ()))
 
 
+def check_device_count(value: Any, key: str, allow_auto: bool = True) -> None:
+    """``trainer.devices``: a positive int, -1 or 'auto' (all), a list of device ids, or
+    Lightning's string forms ("2", "0,1"); ``trainer.num_nodes``: a positive int. Anything else
+    is refused before a run starts."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, bool):
+        valid = False
+    elif isinstance(value, int):
+        valid = value >= 1 or (allow_auto and value == -1)
+    elif isinstance(value, str):
+        valid = allow_auto and (value == "auto" or re.fullmatch(r"-?\d+(,\d+)*,?", value) is not None)
+    elif isinstance(value, list):
+        valid = allow_auto and bool(value) and all(isinstance(v, int) and v >= 0 for v in value)
+    else:
+        valid = False
+    if not valid:
+        expected = (
+            "a positive integer, -1 or 'auto' (every device), or a list of device ids"
+            if allow_auto
+            else "a positive integer"
+        )
+        raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
 def check_hardware(cfg: DictConfig) -> None:
     """Refuse, with what to use instead, a ``trainer=`` choice this machine cannot run."""
     trainer = cfg.trainer
     strategy = trainer.get("strategy", "auto")
     kind = strategy_kind(OmegaConf.to_container(strategy) if OmegaConf.is_config(strategy) else strategy)
     accelerator = str(trainer.get("accelerator") or "auto")
+    check_device_count(trainer.get("devices"), "trainer.devices")
+    check_device_count(trainer.get("num_nodes", 1), "trainer.num_nodes", allow_auto=False)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if kind in GPU_ONLY and not gpus:
         raise ConfigError(

@@ -1,0 +1,62 @@
+"""Bad input as a user types it: one clear line naming the key or file and what was expected,
+a non-zero exit, no traceback, and nothing written into an existing good run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seqlab.errors import ConfigError
+from seqlab.utils.distributed import check_device_count
+from tests.conftest import FAST, run_script
+
+
+@pytest.mark.parametrize("value", [1, 4, -1, "auto", [0, 1], "2", "0,1"])
+def test_valid_device_counts_pass(value) -> None:
+    check_device_count(value, "trainer.devices")
+
+
+@pytest.mark.parametrize("value", ["abc", 0, -2, 1.5, True, [], ["a"], None])
+def test_invalid_device_counts_name_the_key_and_value(value) -> None:
+    with pytest.raises(ConfigError, match=r"trainer\.devices=.*expected a positive integer"):
+        check_device_count(value, "trainer.devices")
+
+
+def _assert_clear_failure(done, *expected: str) -> None:
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-2000:]
+    for text in expected:
+        assert text in output, output[-2000:]
+    assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_wrong_type_unknown_key_and_unknown_option_are_refused_before_training(tmp_path: Path) -> None:
+    done = run_script("train.py", *FAST, "trainer.devices=abc", f"hydra.run.dir={tmp_path / 'a'}")
+    _assert_clear_failure(done, "trainer.devices='abc': expected a positive integer")
+    assert not (tmp_path / "a" / "config.yaml").exists()  # refused before the run wrote anything
+
+    done = run_script("train.py", *FAST, "trainer.devicez=2", f"hydra.run.dir={tmp_path / 'b'}")
+    _assert_clear_failure(done, "Could not override 'trainer.devicez'", "Key 'devicez' is not in struct")
+
+    done = run_script("train.py", *FAST, "model=lstmm", f"hydra.run.dir={tmp_path / 'c'}")
+    _assert_clear_failure(done, "Could not find 'model/lstmm'", "lstm")
+
+
+@pytest.mark.slow
+def test_a_corrupt_or_truncated_checkpoint_is_named(make_cfg, tmp_path: Path) -> None:
+    from seqlab.train import train
+
+    train(make_cfg("trainer.max_epochs=1", "test=false"))
+    good = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    for path in (truncated, garbage):
+        done = run_script("eval.py", f"ckpt_path={path}", f"hydra.run.dir={tmp_path / ('eval_' + path.stem)}")
+        _assert_clear_failure(
+            done, f"ckpt_path='{path}' is not a readable checkpoint", "truncated or corrupt"
+        )
+    assert good.stat().st_size > 0 and good.read_bytes()[:2] == b"PK"  # the good checkpoint is untouched
