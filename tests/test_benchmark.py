@@ -200,3 +200,18 @@ def test_compiled_blocks_compute_the_same_and_keep_their_names(name: str) -> Non
     assert not any("_orig_mod" in key for key in compiled.state_dict())
     x = torch.randn(2, 10, 32)
     torch.testing.assert_close(compiled.encode(x), plain.encode(x), atol=1e-5, rtol=1e-5)
+
+
+def test_process_start_time_without_psutil(monkeypatch) -> None:
+    """time_to_first_step_s counts from the process start: psutil's figure, or /proc's without it."""
+    import os
+    import sys
+
+    import psutil
+
+    from seqlab.callbacks import run_stats
+
+    expected = psutil.Process(os.getpid()).create_time()
+    assert run_stats.process_start_time() == pytest.approx(expected, abs=0.05)
+    monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` now raises ImportError
+    assert run_stats.process_start_time() == pytest.approx(expected, abs=0.05)

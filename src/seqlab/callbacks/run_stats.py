@@ -8,6 +8,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -42,13 +43,30 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     return get_available_flops(device, dtype)
 
 
+def compute_dtype(trainer: L.Trainer) -> torch.dtype:
+    """The dtype the precision plugin computes in (Lightning's private helper; float32 if it moves)."""
+    try:
+        from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+
+        return _plugin_to_compute_dtype(trainer.precision_plugin)
+    except (ImportError, RuntimeError):
+        return torch.float32
+
+
 def process_start_time() -> float | None:
     """Wall-clock time (``time.time()`` scale) at which this process started."""
     try:
-        import psutil
+        import psutil  # installed with W&B; the same figure from /proc on Linux otherwise
 
         return psutil.Process(os.getpid()).create_time()
     except ImportError:
+        pass
+    try:
+        ticks = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        stat = Path("/proc/stat").read_text().splitlines()
+        boot = next(int(line.split()[1]) for line in stat if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
         return None
 
 
@@ -108,6 +126,7 @@ class RunStats(L.Callback):
         self.train_seconds = 0.0
         self.flops_per_token: float | None = None
         self.time_to_first_step_s: float | None = None
+        self._first_step_done = False
         self._epoch_start: float | None = None
         self._epoch_samples = 0
         self._epoch_tokens: torch.Tensor | int = 0
@@ -116,11 +135,7 @@ class RunStats(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.peak_flops is None:
-            from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
-
-            self.peak_flops = peak_flops(
-                trainer.strategy.root_device, _plugin_to_compute_dtype(trainer.precision_plugin)
-            )
+            self.peak_flops = peak_flops(trainer.strategy.root_device, compute_dtype(trainer))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         local = sum(local_numel(p) for p in pl_module.parameters())
@@ -136,7 +151,8 @@ class RunStats(L.Callback):
         self._epoch_samples += extract_batch_size(batch) * trainer.world_size
         if hasattr(pl_module, "batch_tokens"):  # a device tensor: summed without a host sync
             self._epoch_tokens = self._epoch_tokens + pl_module.batch_tokens(batch) * trainer.world_size
-        if self.time_to_first_step_s is None and trainer.global_step >= 1:
+        if not self._first_step_done and trainer.global_step >= 1:
+            self._first_step_done = True
             started = process_start_time()
             self.time_to_first_step_s = round(time.time() - started, 3) if started else None
             self.flops_per_token = flops_per_token(pl_module, batch)
