@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,21 @@ def test_no_secret_in_any_file_of_the_run_directory(tmp_path: Path) -> None:
     }
     assert not leaks, leaks
     assert f"api_key: '{REDACTED}'" in (run_dir / "config.yaml").read_text()
+
+
+def test_env_file_sets_missing_variables_only(tmp_path: Path, monkeypatch) -> None:
+    from seqlab.utils.resolvers import project_root
+    from seqlab.utils.secrets import load_env_file
+
+    env = tmp_path / ".env"
+    env.write_text("SEQLAB_TEST_TOKEN=from-the-file\nSEQLAB_TEST_SET=from-the-file\n# a comment\n")
+    monkeypatch.delenv("SEQLAB_TEST_TOKEN", raising=False)
+    monkeypatch.setenv("SEQLAB_TEST_SET", "from-the-environment")
+    assert load_env_file(env) == ["SEQLAB_TEST_TOKEN"]
+    assert os.environ["SEQLAB_TEST_TOKEN"] == "from-the-file"
+    assert os.environ["SEQLAB_TEST_SET"] == "from-the-environment"  # the environment wins
+    assert load_env_file(tmp_path / "missing.env") == []
+    monkeypatch.delenv("SEQLAB_TEST_TOKEN")
+    # the project's own .env is never committed
+    ignored = (Path(project_root()) / ".gitignore").read_text().splitlines()
+    assert ".env" in ignored

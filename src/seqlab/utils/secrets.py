@@ -7,6 +7,10 @@ has its value replaced by ``***``; and the value of any environment variable tha
 (``*_KEY``, ``*_TOKEN``, ``*_SECRET``, ``*_PASSWORD``, e.g. ``WANDB_API_KEY``) is replaced
 wherever it appears in text. Special-token names of tokenizers (``unk_token``...) are not
 credentials.
+
+Credentials can live in a git-ignored ``.env`` file at the project root (``WANDB_API_KEY=...``),
+read when ``seqlab`` is imported (before Hydra composes a config); variables already set in the
+environment win.
 """
 
 from __future__ import annotations
@@ -76,3 +80,18 @@ def scrub_hydra_files(run_dir: Path) -> None:
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(cleaned)))
             os.replace(tmp, path)
+
+
+def load_env_file(path: Path) -> list[str]:
+    """Set the variables of a ``.env`` file that the environment does not already define;
+    returns their names (never the values)."""
+    if not path.is_file():
+        return []
+    from dotenv import dotenv_values
+
+    added = []
+    for key, value in dotenv_values(path).items():
+        if value is not None and key not in os.environ:
+            os.environ[key] = value
+            added.append(key)
+    return added
