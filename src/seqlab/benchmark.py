@@ -438,9 +438,8 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     gradient clipping in a hand-written loop: no Trainer, no callbacks, no logging, no metrics.
     It also times each wait for a batch (the data-loading share)."""
     import lightning as L
-    from hydra.utils import get_class
+    from lightning.fabric.utilities.apply_func import move_data_to_device
 
-    from seqlab.tasks.base import warmup_schedule
     from seqlab.train import build_datamodule, build_task
     from seqlab.utils.run import compose_config
 
@@ -450,15 +449,10 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     datamodule.setup("fit")
     task = build_task(cfg.task, cfg.model, datamodule)
     loader = datamodule.train_dataloader()
-    settings = OmegaConf.to_container(cfg.task.optimizer, resolve=True)
-    optimizer_cls = get_class(settings.pop("_target_"))
-    optimizer = optimizer_cls(task.parameter_groups(settings.pop("weight_decay", 0.0)), **settings)
-    scheduler = None
-    if cfg.task.get("scheduler"):
-        schedule, total = cfg.task.scheduler, epochs * len(loader)
-        warmup = max(1, int(schedule.get("warmup_ratio", 0.0) * total))
-        factor = warmup_schedule(schedule.name, total, warmup, schedule.get("min_lr_ratio", 0.0))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # the device the Trainer path picks for the same overrides (accelerator cpu, or a visible GPU)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+    task.to(device)
+    optimizer, scheduler = task.build_optimizer(epochs * len(loader))  # as configure_optimizers does
     clip = cfg.trainer.get("gradient_clip_val")
     task.train()
     for _ in range(epochs):
@@ -471,7 +465,7 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
                 break
             timer.step_start()
             timer.data_wait(time.perf_counter() - fetch)
-            loss = task.step_loss(batch)
+            loss = task.step_loss(move_data_to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip:
@@ -579,6 +573,8 @@ def bench_startup(overrides: Sequence[str] = STARTUP_OVERRIDES, repeats: int = 3
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    from seqlab.utils.run import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    write_text_atomic(path, json.dumps(payload, indent=2, default=float) + "\n")
     return path

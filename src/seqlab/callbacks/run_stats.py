@@ -73,7 +73,8 @@ def process_start_time() -> float | None:
 def flops_per_token(task: L.LightningModule, batch: Any) -> float | None:
     """Training FLOPs (forward + backward) per token of ``batch``, counted by torch's FLOP counter
     on a copy of the task built on the meta device (no memory, no compute, the weights untouched).
-    None for modules without ``step_loss``/``batch_tokens`` or ops the counter cannot follow."""
+    None for modules without ``step_loss``/``batch_tokens`` or models that read values from the
+    data (packed or masked RNN-family batches call ``.item()``, impossible on meta tensors)."""
     if not (hasattr(task, "step_loss") and hasattr(task, "batch_tokens")):
         return None
     tokens = int(task.batch_tokens(batch))

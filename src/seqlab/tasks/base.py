@@ -203,14 +203,21 @@ class SeqTask(L.LightningModule):
         ]
 
     def configure_optimizers(self) -> Any:
+        optimizer, scheduler = self.build_optimizer(
+            int(self.trainer.estimated_stepping_batches), offload=offloads_optimizer(self.trainer.strategy)
+        )
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def build_optimizer(self, total_steps: int, offload: bool = False) -> tuple[Any, Any]:
+        """``task.optimizer`` over the parameter groups, and the per-step warm-up/decay schedule
+        over ``total_steps`` (None without ``task.scheduler``). ``offload``: ZeRO-Offload steps on
+        the CPU with DeepSpeed's vectorised Adam (same update rule)."""
         config = dict(self.hparams.optimizer)
         optimizer_cls = get_class(config.pop("_target_"))
-        weight_decay = config.pop("weight_decay", 0.0)
-        groups = self.parameter_groups(weight_decay)
-        if optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) and offloads_optimizer(
-            self.trainer.strategy
-        ):
-            # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (same update rule)
+        groups = self.parameter_groups(config.pop("weight_decay", 0.0))
+        if offload and optimizer_cls in (torch.optim.Adam, torch.optim.AdamW):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer = DeepSpeedCPUAdam(groups, adamw_mode=optimizer_cls is torch.optim.AdamW, **config)
@@ -218,12 +225,12 @@ class SeqTask(L.LightningModule):
             optimizer = optimizer_cls(groups, **config)
         schedule = self.hparams.get("scheduler")
         if not schedule:
-            return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(schedule.get("warmup_ratio", 0.0) * total) or int(schedule.get("warmup_steps", 0))
-        factor = warmup_schedule(schedule["name"], total, max(warmup, 1), schedule.get("min_lr_ratio", 0.0))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            return optimizer, None
+        warmup = int(schedule.get("warmup_ratio", 0.0) * total_steps) or int(schedule.get("warmup_steps", 0))
+        factor = warmup_schedule(
+            schedule["name"], total_steps, max(warmup, 1), schedule.get("min_lr_ratio", 0.0)
+        )
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

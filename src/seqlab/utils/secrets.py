@@ -45,8 +45,8 @@ def secret_env_values(min_length: int = 8) -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
-def redact_text(text: str) -> str:
-    for value in secret_env_values():
+def redact_text(text: str, env_values: list[str] | None = None) -> str:
+    for value in secret_env_values() if env_values is None else env_values:
         text = text.replace(value, REDACTED)
 
     def assignment(match: re.Match[str]) -> str:
@@ -55,17 +55,19 @@ def redact_text(text: str) -> str:
     return _ASSIGNMENT.sub(assignment, text)
 
 
-def redact(value: Any) -> Any:
+def redact(value: Any, env_values: list[str] | None = None) -> Any:
     """A copy of ``value`` (plain dicts, lists, strings) with credentials replaced."""
+    if env_values is None:  # read the environment once per call, not once per string
+        env_values = secret_env_values()
     if isinstance(value, dict):
         return {
-            key: REDACTED if is_secret_key(key) and item not in (None, "") else redact(item)
+            key: REDACTED if is_secret_key(key) and item not in (None, "") else redact(item, env_values)
             for key, item in value.items()
         }
     if isinstance(value, (list, tuple)):
-        return type(value)(redact(item) for item in value)
+        return type(value)(redact(item, env_values) for item in value)
     if isinstance(value, str):
-        return redact_text(value)
+        return redact_text(value, env_values)
     return value
 
 
