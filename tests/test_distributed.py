@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from seqlab.utils.checkpoint_io import AtomicCheckpointIO
 from tests.conftest import FAST, ROOT, run_script
 
 pytestmark = pytest.mark.slow
@@ -253,6 +254,42 @@ def test_sharded_fsdp2_checkpoint_evaluates_anywhere(tmp_path: Path) -> None:
     # the same weights on 2 processes (each window once: no padding repeats) and on one
     assert evaluated == pytest.approx(trained, rel=1e-5)
     assert best.is_dir(), "the training run's checkpoint is left as it was"
+
+
+def test_training_resumes_across_strategies(tmp_path: Path) -> None:
+    """A DDP checkpoint resumes under FSDP2 and a sharded FSDP2 checkpoint under DDP, optimizer
+    state and loops included: the resumed second epoch is the uninterrupted run's second epoch."""
+    every_epoch = [
+        "callbacks.model_checkpoint.filename='e{epoch}'",
+        "callbacks.model_checkpoint.save_top_k=-1",
+    ]
+    sharded = "trainer.strategy.save_distributed_checkpoint=true"
+
+    def train(name: str, *overrides: str) -> Path:
+        result = run_script(
+            "train.py", "model=transformer", *SAME_FUNCTION, *overrides, f"hydra.run.dir={tmp_path / name}",
+            timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return tmp_path / name
+
+    def losses(run_dir: Path) -> dict[str, float]:
+        rows = csv.DictReader((run_dir / "metrics.csv").open())
+        return {row["step"]: float(row["train/loss"]) for row in rows if row.get("train/loss")}
+
+    for saved_under, resumed_under, extra in (("ddp", "fsdp2", ()), ("fsdp2", "ddp", (sharded,))):
+        whole = train(f"{saved_under}-whole", f"trainer={saved_under}", *every_epoch, *extra)
+        first_epoch = whole / "checkpoints" / "e0.ckpt"
+        assert first_epoch.is_dir() == bool(extra), "FSDP2 with save_distributed_checkpoint writes shards"
+        resumed = train(f"{resumed_under}-resumed", f"trainer={resumed_under}", f"ckpt_path={first_epoch}")
+        expected, got = losses(whole), losses(resumed)
+        assert got and set(got) < set(expected), "the resumed run logs only the second epoch's steps"
+        # a fresh optimizer (Adam's first steps are ~lr per weight) or shuffled moments move these
+        assert got == pytest.approx({step: expected[step] for step in got}, abs=1e-6), (saved_under, got)
+        final = AtomicCheckpointIO().load_checkpoint(resumed / "checkpoints" / "last.ckpt")["state_dict"]
+        reference = AtomicCheckpointIO().load_checkpoint(whole / "checkpoints" / "last.ckpt")["state_dict"]
+        for name in reference:
+            torch.testing.assert_close(final[name], reference[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize(

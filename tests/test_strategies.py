@@ -167,3 +167,50 @@ def test_a_directory_that_is_no_checkpoint_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         consolidate_checkpoint(tmp_path / "missing.ckpt", tmp_path / "out.ckpt")
     assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_optimizer_state_converts_between_positional_and_by_name_forms(tmp_path: Path) -> None:
+    """torch numbers an optimizer's parameters in param_groups order; FSDP/FSDP2 key them by name.
+    The conversions pair by the groups, so groups that reorder the parameters (weight decay / no
+    decay, as every task builds them) keep each moment with its own tensor."""
+    from seqlab.utils.checkpoint_io import (
+        optimizer_param_names,
+        optimizer_state_by_name,
+        optimizer_state_by_position,
+        read_sharded_checkpoint,
+    )
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+        decay = [p for p in module.parameters() if p.ndim == 2]
+        no_decay = [p for p in module.parameters() if p.ndim == 1]
+        return module, torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+
+    module, optimizer = build()
+    module(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    names = optimizer_param_names(module, optimizer)
+    assert names == [["0.weight", "2.weight"], ["0.bias", "1.weight", "1.bias", "2.bias"]]
+    by_name = optimizer_state_by_name(optimizer.state_dict(), names)
+    params = dict(module.named_parameters())
+    for name, state in by_name["state"].items():  # every moment has its parameter's shape
+        assert state["exp_avg"].shape == params[name].shape, name
+        torch.testing.assert_close(state["exp_avg"], optimizer.state[params[name]]["exp_avg"])
+    assert by_name["param_groups"][1]["weight_decay"] == 0.0
+    # a module.parameters()-order pairing (what Lightning assumes) would give "0.bias" the
+    # moments of "2.weight"; the round trip through names restores torch's form exactly
+    fresh_module, fresh = build()
+    fresh.load_state_dict(optimizer_state_by_position(by_name))
+    for name, param in fresh_module.named_parameters():
+        torch.testing.assert_close(
+            fresh.state[param]["exp_avg_sq"], optimizer.state[params[name]]["exp_avg_sq"]
+        )
+    assert optimizer_state_by_position(optimizer.state_dict()) == optimizer.state_dict()
+    with pytest.raises(ConfigError, match=r"groups of sizes \[2, 4\], this run's optimizer \[3, 3\]"):
+        optimizer_state_by_name(optimizer.state_dict(), [names[0] + ["x"], names[1][:3]])
+    deepspeed_dir = tmp_path / "ds.ckpt"
+    deepspeed_dir.mkdir()
+    (deepspeed_dir / "latest").write_text("global_step10")
+    with pytest.raises(ConfigError, match="DeepSpeed ZeRO checkpoint: training resumes from it under"):
+        read_sharded_checkpoint(deepspeed_dir)

@@ -1,8 +1,12 @@
-"""Checkpoints written atomically: a crash while saving never leaves a half-written file."""
+"""Checkpoints written atomically (a crash while saving never leaves a half-written file) and
+read under any strategy: a sharded checkpoint directory loads into one process, and optimizer
+states convert between torch's positional form (single process, DDP) and the by-name form of
+``torch.distributed.checkpoint`` (FSDP, FSDP2), so training resumes across strategies."""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,22 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Save to a temporary file in the same directory, fsync, then rename over the target."""
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """A checkpoint file, or a sharded FSDP/FSDP2 directory gathered into one process; optimizer
+        states in torch's positional form either way."""
+        path = Path(path)
+        if path.is_dir():
+            return read_sharded_checkpoint(path)
+        location = {} if map_location is None else {"map_location": map_location}
+        checkpoint = super().load_checkpoint(path, weights_only=weights_only, **location)
+        if "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = [
+                optimizer_state_by_position(s) for s in checkpoint["optimizer_states"]
+            ]
+        return checkpoint
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
@@ -42,19 +62,93 @@ def consolidate_checkpoint(path: Path, output: Path) -> Path:
     if not path.is_dir():
         raise ConfigError(f"ckpt_path={str(path)!r}: no such file or checkpoint directory")
     output.parent.mkdir(parents=True, exist_ok=True)
-    if (path / "latest").is_file() or (path / "checkpoint").is_dir():  # DeepSpeed
+    if is_deepspeed_checkpoint(path):
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
         convert_zero_checkpoint_to_fp32_state_dict(str(path), str(output))
         return output
+    checkpoint = read_sharded_checkpoint(path)
+    checkpoint.pop("optimizer_states", None)
+    AtomicCheckpointIO().save_checkpoint(checkpoint, output)
+    return output
+
+
+def is_deepspeed_checkpoint(path: Path) -> bool:
+    return (path / "latest").is_file() or (path / "checkpoint").is_dir()
+
+
+def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
+    """An FSDP/FSDP2 checkpoint directory (``torch.distributed.checkpoint`` shards) as the dict an
+    ordinary checkpoint file holds: full weights, metadata and ``optimizer_states`` in torch's
+    positional form."""
     from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
 
+    from seqlab.errors import ConfigError
+
+    if is_deepspeed_checkpoint(path):
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} is a DeepSpeed ZeRO checkpoint: training resumes from it under "
+            "trainer=deepspeed* only; eval.py and translate.py read its weights anywhere"
+        )
     if not (path / _METADATA_FILENAME).is_file():
         raise ConfigError(
             f"ckpt_path={str(path)!r} is a directory but not a sharded checkpoint (no {_METADATA_FILENAME} "
             "of an FSDP/FSDP2 checkpoint, no 'latest' of a DeepSpeed one)"
         )
     checkpoint = _load_distributed_checkpoint(path)
-    checkpoint = {k: v for k, v in checkpoint.items() if not k.startswith("optimizer_")}
-    AtomicCheckpointIO().save_checkpoint(checkpoint, output)
-    return output
+    count = sum(1 for key in checkpoint if re.fullmatch(r"optimizer_\d+", key))
+    if count:
+        checkpoint["optimizer_states"] = [
+            optimizer_state_by_position(checkpoint.pop(f"optimizer_{i}")) for i in range(count)
+        ]
+    return checkpoint
+
+
+# ----------------------------------------------------------------- optimizer state layouts
+# torch's ``Optimizer.state_dict()`` numbers the parameters in param_groups order and
+# ``load_state_dict`` pairs the saved groups' numbers with the current groups' parameters by
+# position. ``torch.distributed.checkpoint`` (FSDP, FSDP2) keys the same state by parameter name.
+# Lightning converts between the two assuming ``module.parameters()`` order, which is wrong for
+# any optimizer whose groups reorder the parameters (ours: weight decay / no weight decay), so
+# the conversions below pair by the groups, as torch does.
+def optimizer_state_by_position(state: dict[str, Any]) -> dict[str, Any]:
+    """By-name optimizer state -> torch's positional form (unchanged if already positional)."""
+    groups = state.get("param_groups", [])
+    names = [name for group in groups for name in group["params"]]
+    if not names or not isinstance(names[0], str):
+        return state
+    index = {name: i for i, name in enumerate(names)}
+    return {
+        **state,
+        "state": {index[name]: value for name, value in state["state"].items()},
+        "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in groups],
+    }
+
+
+def optimizer_state_by_name(state: dict[str, Any], names: list[list[str]]) -> dict[str, Any]:
+    """Positional optimizer state -> keyed by parameter name, pairing the saved groups with
+    ``names`` (this run's optimizer's parameter names, group by group) as torch pairs them."""
+    from seqlab.errors import ConfigError
+
+    groups = state.get("param_groups", [])
+    if [len(group["params"]) for group in groups] != [len(group) for group in names]:
+        raise ConfigError(
+            "the checkpoint's optimizer has parameter groups of sizes "
+            f"{[len(group['params']) for group in groups]}, this run's optimizer {[len(g) for g in names]}: "
+            "not the same model or optimizer configuration"
+        )
+    keys = [key for group in groups for key in group["params"]]
+    if keys and isinstance(keys[0], str):
+        return state
+    name_of = dict(zip(keys, (name for group in names for name in group)))
+    return {
+        **state,
+        "state": {name_of[key]: value for key, value in state["state"].items()},
+        "param_groups": [{**group, "params": list(group_names)} for group, group_names in zip(groups, names)],
+    }
+
+
+def optimizer_param_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """The names of ``optimizer``'s parameters in ``module``, group by group."""
+    name_of = {id(param): name for name, param in module.named_parameters()}
+    return [[name_of[id(param)] for param in group["params"]] for group in optimizer.param_groups]

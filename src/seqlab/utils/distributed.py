@@ -22,6 +22,7 @@ from unittest import mock
 
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.pytorch import strategies
 from lightning.pytorch.strategies.launchers import subprocess_script
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -136,6 +137,34 @@ def build_strategy(trainer_cfg: DictConfig, model_cfg: DictConfig | None) -> Any
         if kwargs.pop("checkpoint_layers", False) and kwargs.get("activation_checkpointing_policy") is None:
             kwargs["activation_checkpointing_policy"] = layers
     return instantiate(kwargs)
+
+
+class ModelParallelStrategy(strategies.ModelParallelStrategy):
+    """Lightning's FSDP2 strategy (``trainer=fsdp2``) resuming from any checkpoint *file*, such as
+    one saved by DDP or one process: Lightning re-keys a positional optimizer state by
+    ``module.parameters()`` order, which pairs the wrong tensors when the optimizer's groups
+    reorder the parameters (size-mismatch errors, or silently wrong moments); here the saved groups
+    pair with this run's groups, as ``torch.optim.Optimizer.load_state_dict`` pairs them."""
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        from pathlib import Path
+
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        from seqlab.utils.checkpoint_io import optimizer_param_names, optimizer_state_by_name
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_file():  # a sharded directory: Lightning reads it by name already
+            return super().load_checkpoint(path, weights_only=weights_only)
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        strict = self.lightning_module.strict_loading
+        _load_raw_module_state(checkpoint.pop("state_dict"), self.model, self.world_size, strict=strict)
+        options = StateDictOptions(broadcast_from_rank0=True, full_state_dict=True, strict=strict)
+        for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", []), strict=False):
+            state = optimizer_state_by_name(state, optimizer_param_names(self.model, optimizer))
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state, options=options)
+        return checkpoint
 
 
 def offloads_optimizer(strategy: Any) -> bool:
