@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import lightning as L
 
 
 class FailOnRank(L.Callback):
-    """At optimizer step ``step``, global rank ``rank`` raises (``how=raise``) or is killed
-    with SIGKILL (``how=kill``), as a crash or an out-of-memory kill would."""
+    """At optimizer step ``step``, global rank ``rank`` raises (``how=raise``), is killed with
+    SIGKILL (``how=kill``, as a crash or an out-of-memory kill would) or gets SIGTERM / SIGUSR1
+    (``how=term`` / ``usr1``, a pre-emption: Lightning stops at the end of the step; ``usr1_kill``:
+    SLURM's warning signal, then the kill that follows a requeue). With
+    ``once=<file>`` it fires only if that file does not exist (and creates it), so the same
+    command run again is the restart after the fault."""
 
-    def __init__(self, rank: int, step: int, how: str = "raise") -> None:
-        self.rank, self.step, self.how = rank, step, how
+    def __init__(self, rank: int, step: int, how: str = "raise", once: str | None = None) -> None:
+        self.rank, self.step, self.how, self.once = rank, step, how, once
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_rank != self.rank or trainer.global_step < self.step:
             return
-        if self.how == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.once is not None:
+            if Path(self.once).exists():
+                return
+            Path(self.once).write_text(f"fired at step {trainer.global_step}\n")
+        signals = {"kill": [signal.SIGKILL], "term": [signal.SIGTERM], "usr1": [signal.SIGUSR1],
+                   "usr1_kill": [signal.SIGUSR1, signal.SIGKILL]}  # fmt: skip
+        if self.how in signals:
+            for sig in signals[self.how]:  # a Python handler runs before the next line does
+                os.kill(os.getpid(), sig)
+            return
         raise RuntimeError(f"injected failure on rank {self.rank} at step {trainer.global_step}")

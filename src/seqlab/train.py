@@ -17,9 +17,10 @@ import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from seqlab.callbacks import DivergenceGuard, RunStats
+from seqlab.callbacks import DivergenceGuard, ExactResume, RunStats, SaveOnSigterm
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.utils.checkpoint_io import AtomicCheckpointIO
 from seqlab.utils.csv_logger import CSVLogger
@@ -31,6 +32,7 @@ from seqlab.utils.distributed import (
     use_sweep_launcher,
 )
 from seqlab.utils.logging import route_lightning_logs_to_root
+from seqlab.utils.resume import check_checkpoint_fits, resume_checkpoint
 from seqlab.utils.run import (
     hydra_choice,
     hydra_overrides,
@@ -76,11 +78,12 @@ def build_task(task_cfg: DictConfig, model_cfg: DictConfig, datamodule: L.Lightn
 
 
 def build_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
+    """The configured callbacks, plus those every run keeps (throughput, NaN guard, what resuming
+    needs)."""
     callbacks = [instantiate(c) for c in (callbacks_cfg or {}).values() if c is not None and "_target_" in c]
-    if not any(isinstance(c, RunStats) for c in callbacks):
-        callbacks.append(RunStats())
-    if not any(isinstance(c, DivergenceGuard) for c in callbacks):
-        callbacks.append(DivergenceGuard())
+    for required in (RunStats, DivergenceGuard, ExactResume, SaveOnSigterm):
+        if not any(isinstance(c, required) for c in callbacks):
+            callbacks.append(required())
     return callbacks
 
 
@@ -138,6 +141,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resume_checkpoint(cfg, run_dir)  # refuses a directory it must not write into
+    if ckpt_path:
+        check_checkpoint_fits(ckpt_path, cfg)
     git = write_run_metadata(cfg, run_dir) if is_rank_zero() else {}
 
     log.info("data <%s>", cfg.data._target_)
@@ -158,7 +164,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         for logger in loggers:
             logger.log_hyperparams({"config": redact(to_plain(cfg)), "num_params": num_params})
         if cfg.get("train"):
-            trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
         train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
         test_metrics: dict[str, float] = {}
@@ -232,3 +238,7 @@ def run(cfg: DictConfig) -> float | None:
         if in_multirun():
             raise  # the sweep records this job as failed and goes on
         raise SystemExit(1) from None
+    except SIGTERMException:
+        # SaveOnSigterm wrote last.ckpt; 128 + SIGTERM, as a shell reports a terminated process
+        log.warning("stopped by SIGTERM; the same command resumes this run (resume=auto)")
+        raise SystemExit(143) from None

@@ -1,4 +1,5 @@
 from seqlab.callbacks.divergence import DivergenceGuard, TrainingDiverged
+from seqlab.callbacks.resume import ExactResume, SaveOnSigterm
 from seqlab.callbacks.run_stats import RunStats
 
-__all__ = ["DivergenceGuard", "RunStats", "TrainingDiverged"]
+__all__ = ["DivergenceGuard", "ExactResume", "RunStats", "SaveOnSigterm", "TrainingDiverged"]

@@ -18,10 +18,16 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from seqlab.data.readers import Series, ensure_file, read_series_csv
-from seqlab.data.samplers import EvalShardSampler, per_replica_batch_size, replicas
+from seqlab.data.samplers import (
+    EvalShardSampler,
+    ResumableLoader,
+    ResumableSampler,
+    per_replica_batch_size,
+    replicas,
+)
 from seqlab.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
@@ -217,7 +223,7 @@ class SeriesDataModule(L.LightningDataModule):
         world, rank = replicas(self.trainer)
         # A DistributedSampler even on one process: the global batch at each step is then the
         # same set of windows whatever the number of processes (Lightning keeps this sampler).
-        sampler = DistributedSampler(
+        sampler = ResumableSampler(
             dataset,
             num_replicas=world,
             rank=rank,
@@ -225,7 +231,7 @@ class SeriesDataModule(L.LightningDataModule):
             seed=self.seed,
             drop_last=True,
         )
-        return self._loader(dataset, sampler=sampler, drop_last=True)
+        return self._loader(dataset, sampler=sampler, drop_last=True, loader=ResumableLoader)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["val"], sampler=self._eval_sampler("val"))
@@ -238,8 +244,8 @@ class SeriesDataModule(L.LightningDataModule):
         world, rank = replicas(self.trainer)
         return EvalShardSampler(len(self.datasets[split]), num_replicas=world, rank=rank)
 
-    def _loader(self, dataset: Dataset, sampler=None, drop_last: bool = False) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: Dataset, sampler=None, drop_last: bool = False, loader=DataLoader) -> DataLoader:
+        return loader(
             dataset,
             batch_size=self.per_device_batch_size(),
             sampler=sampler,

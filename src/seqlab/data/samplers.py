@@ -8,14 +8,22 @@ With ``bucketing``, examples are shuffled, cut into pools of ``pool_batches`` gl
 sorted by length inside each pool, batched, and the batches shuffled again: similar lengths
 share a batch, so little compute goes to padding, while every epoch still mixes the data.
 Evaluation orders are deterministic (sorted by length when bucketing).
+
+``ResumableLoader`` + ``ResumableSampler`` make training resumable *mid-epoch*: Lightning stores
+the loader's ``state_dict`` (epoch, batches handed out) in every checkpoint and gives it back on
+resume; the sampler then starts that epoch after those batches (their indices skipped, nothing
+loaded). Epoch orders are seeded by (seed, epoch), so the resumed run sees exactly the batches
+the uninterrupted run saw.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from seqlab.errors import ConfigError
 
@@ -35,7 +43,51 @@ def per_replica_batch_size(batch_size: int, trainer) -> int:
     return batch_size // world
 
 
-class BucketSampler(DistributedSampler):
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (shuffled per epoch from ``seed + epoch``) whose next epoch can start
+    ``skip`` indices in; subclasses order the epoch in ``indices``."""
+
+    skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip, 0
+        return itertools.islice(self.indices(), skip, None)
+
+    def indices(self) -> Iterator[int]:
+        return super().__iter__()
+
+
+class ResumableLoader(DataLoader):
+    """A training ``DataLoader`` over a ``ResumableSampler`` that resumes where a checkpoint was
+    taken, mid-epoch included (Lightning calls ``state_dict``/``load_state_dict``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, ResumableSampler) or self.batch_size is None:
+            raise TypeError("ResumableLoader needs a ResumableSampler and a batch_size")
+        self.batches_done = 0
+        self.resume_at: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.sampler.epoch
+        skip = 0
+        if self.resume_at is not None and self.resume_at[0] == epoch:
+            skip = min(self.resume_at[1], len(self))
+        self.resume_at = None
+        self.sampler.skip = skip * self.batch_size
+        self.batches_done = skip
+        for batch in super().__iter__():
+            self.batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at = (int(state["epoch"]), int(state["batches"]))
+
+
+class BucketSampler(ResumableSampler):
     """Indices for one process: its slice of each global batch, batch after batch.
 
     Args:
@@ -101,7 +153,7 @@ class BucketSampler(DistributedSampler):
             batches = [batches[i] for i in torch.randperm(full, generator=generator)] + batches[full:]
         return batches
 
-    def __iter__(self) -> Iterator[int]:
+    def indices(self) -> Iterator[int]:
         for batch in self.global_batches():
             # strided, so each process gets lengths from across the (sorted) global batch
             yield from batch[self.rank :: self.num_replicas].tolist()
@@ -114,7 +166,7 @@ class BucketSampler(DistributedSampler):
         return full * self.per_replica
 
 
-__all__ = ["BucketSampler"]
+__all__ = ["BucketSampler", "ResumableLoader", "ResumableSampler"]
 
 
 class EvalShardSampler(DistributedSampler):

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from seqlab.data.forecasting import keep_batch
-from seqlab.data.samplers import BucketSampler, per_replica_batch_size, replicas
+from seqlab.data.samplers import BucketSampler, ResumableLoader, per_replica_batch_size, replicas
 from seqlab.data.tokenization import PAD_ID
 
 
@@ -142,7 +142,7 @@ class BatchedTextDataModule(L.LightningDataModule):
             bucketing=self.hparams.bucketing,
             pool_batches=self.hparams.pool_batches,
         )
-        return DataLoader(
+        return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=self.per_device_batch_size(),
             sampler=sampler,

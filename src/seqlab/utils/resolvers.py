@@ -36,10 +36,24 @@ def launch_id() -> str | None:
     return None
 
 
-def run_stamp(pattern: str) -> str:
-    """Run directory name: the time (``strftime`` pattern), or the launch id when torchrun/srun
-    started every rank (each process composes its own config, and all must pick one directory)."""
-    return launch_id() or datetime.now().strftime(pattern)
+def run_stamp(pattern: str, runs_dir: str | None = None, resume: str | None = None) -> str:
+    """Run directory name: the launch id when torchrun/srun started every rank (each process
+    composes its own config, and all must pick one directory); with ``resume=auto``, the name of
+    the newest interrupted run in ``runs_dir`` started with the same overrides
+    (``seqlab.utils.resume``); else the time (``strftime`` pattern)."""
+    stamp = launch_id()
+    if stamp:
+        return stamp
+    if runs_dir and resume == "auto":
+        from hydra.core.hydra_config import HydraConfig
+
+        from seqlab.utils.resume import find_interrupted_run
+
+        if HydraConfig.initialized():
+            previous = find_interrupted_run(Path(runs_dir), list(HydraConfig.get().overrides.task))
+            if previous is not None:
+                return previous.name
+    return datetime.now().strftime(pattern)
 
 
 def rank_log_suffix() -> str:

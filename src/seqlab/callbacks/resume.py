@@ -1,0 +1,82 @@
+"""What a checkpoint needs beyond Lightning's own state for a resumed run to equal an
+uninterrupted one, and the checkpoint a pre-empted run leaves behind.
+
+- ``ExactResume``: the random generators' state (dropout masks, word dropout) goes into every
+  checkpoint and is put back where the uninterrupted run stood (a data iterator draws a seed
+  from the global generator when an epoch starts, so the place matters); and the training
+  loader's position (``seqlab.data.samplers.ResumableLoader``) is handed back to it, which
+  Lightning skips when ``configure_optimizers`` asked for ``trainer.estimated_stepping_batches``
+  (that sets the data up before the checkpoint is restored, and the later set-up returns early:
+  Lightning #20550, open in 2.6).
+- ``SaveOnSigterm``: on SIGTERM (a pre-emption, ``kill``, a scheduler's time limit) Lightning
+  stops after the current step; this saves ``last.ckpt`` there, so the same command resumes
+  (``resume=auto``) without losing the steps since the last periodic checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+class ExactResume(L.Callback):
+    """Save the CPU (and CUDA) generator states with every checkpoint and put them back where the
+    uninterrupted run was when it saved: before the next training step for a mid-epoch checkpoint,
+    at the start of the next epoch (before its data iterator draws a seed) for an end-of-epoch one.
+    Give the training loaders their saved position before the first epoch."""
+
+    def __init__(self) -> None:
+        self.in_epoch = False
+        self.pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"cpu": torch.get_rng_state(), "mid_epoch": self.in_epoch}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.pending = dict(state_dict)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.pending["cpu"])
+        if "cuda" in self.pending and torch.cuda.is_available():
+            torch.cuda.set_rng_state(self.pending["cuda"])
+        self.pending = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        trainer.fit_loop._load_combined_loader_states()  # no-op unless restarting with saved states
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.pending is not None and not self.pending.get("mid_epoch"):
+            self.restore()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.pending is not None:
+            self.restore()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # runs before the checkpoint callbacks' (Lightning orders those last); after the epoch's
+        # last batch, what a checkpoint holds is the state the next epoch starts from
+        self.in_epoch = batch_idx + 1 < trainer.num_training_batches
+
+
+class SaveOnSigterm(L.Callback):
+    """Write ``<checkpoint dir>/last.ckpt`` when training stops on SIGTERM."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:
+            return
+        directory = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
+        path = Path(directory) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        log.warning(
+            "SIGTERM: stopped at step %d, saved %s; the same command resumes it", trainer.global_step, path
+        )

@@ -1,0 +1,182 @@
+"""``resume=auto``: the same command continues an interrupted run, in its own directory.
+
+- Picking the directory (the ``run_stamp`` resolver, before Hydra creates one): with the
+  default timestamped run directories, the newest run of ``logs/<task_name>/runs`` that was
+  started with the same command-line overrides, never finished (no ``summary.json``) and left a
+  checkpoint is reused instead of a new timestamp. torchrun and multi-task srun launches name
+  the directory after the launch id, so a requeued SLURM job finds its directory the same way.
+- Guarding it (``resume_checkpoint``, first thing in ``train()``, before anything is written):
+  a directory that already holds a run is resumed only if the run is unfinished and its saved
+  configuration equals this one (apart from ``RESUME_IGNORES``); a finished run or a different
+  configuration is refused with the differing keys, so two configurations are never mixed and
+  a good run is never written over. ``resume=never`` refuses any directory that holds a run.
+
+The checkpoint resumed is the newest of ``checkpoints/last.ckpt`` (end of epoch, every
+``callbacks.step_checkpoint`` interval, on SIGTERM) and Lightning's SLURM ``hpc_ckpt_<n>.ckpt``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from seqlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RESUME_MODES = ("auto", "never")
+#: keys that may differ between the interrupted run and its resumption (how it is shown or
+#: logged, where it resumes from), with their sub-keys
+RESUME_IGNORES = (
+    "hydra",
+    "resume",
+    "ckpt_path",
+    "extras",
+    "logger",
+    "tags",
+    "callbacks.rich_progress_bar",
+    "callbacks.model_summary",
+)
+
+
+def check_mode(value: Any) -> str:
+    if value not in RESUME_MODES:
+        raise ConfigError(f"resume={value!r}: expected one of {', '.join(RESUME_MODES)}")
+    return value
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a resumed run starts from: the newest of ``checkpoints/last.ckpt`` (a file,
+    or a sharded directory) and Lightning's ``hpc_ckpt_<n>.ckpt`` (SLURM requeue)."""
+    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [path for path in candidates if path.exists()]
+    return max(existing, key=lambda path: path.stat().st_mtime) if existing else None
+
+
+def is_interrupted(run_dir: Path) -> bool:
+    """A run that wrote its configuration and a checkpoint but not its summary."""
+    return (
+        (run_dir / "config.yaml").is_file()
+        and not (run_dir / "summary.json").exists()
+        and newest_checkpoint(run_dir) is not None
+    )
+
+
+def comparable(overrides: list[str]) -> list[str]:
+    return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("resume", "ckpt_path"))
+
+
+def find_interrupted_run(runs_dir: Path, overrides: list[str]) -> Path | None:
+    """The newest interrupted run in ``runs_dir`` started with the same overrides."""
+    from seqlab.utils.secrets import redact
+
+    if not runs_dir.is_dir():
+        return None
+    wanted = comparable(redact(list(overrides)))
+    for run_dir in sorted(runs_dir.iterdir(), key=lambda path: path.name, reverse=True):
+        saved = run_dir / "overrides.yaml"
+        if not saved.is_file() or not is_interrupted(run_dir):
+            continue
+        try:
+            previous = OmegaConf.to_container(OmegaConf.load(saved))
+        except Exception:  # an unreadable record is not a run to resume
+            continue
+        if isinstance(previous, list) and comparable([str(o) for o in previous]) == wanted:
+            return run_dir
+    return None
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        items: dict[str, Any] = {}
+        for key, value in node.items():
+            items.update(flatten(value, f"{prefix}{key}."))
+        return items or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): node}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: <saved> -> <current>`` for every key that differs, ignored keys left out."""
+    old, new = flatten(saved), flatten(current)
+
+    def ignored(key: str) -> bool:
+        return any(key == prefix or key.startswith(prefix + ".") for prefix in RESUME_IGNORES)
+
+    keys = sorted(
+        k
+        for k in old.keys() | new.keys()
+        if not ignored(k) and old.get(k, "<absent>") != new.get(k, "<absent>")
+    )
+    return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys]
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """What this run does with ``run_dir`` (see the module docstring): the checkpoint to resume
+    from, or None for a fresh start; ConfigError when the directory holds a run it must not touch.
+    An explicit ``ckpt_path`` is used as given (a fresh directory, or this run's own)."""
+    from seqlab.utils.run import is_rank_zero
+    from seqlab.utils.secrets import redact
+
+    mode = check_mode(cfg.get("resume", "auto"))
+    saved_config = run_dir / "config.yaml"
+    if not saved_config.is_file():
+        return cfg.get("ckpt_path")
+    if not is_rank_zero():  # the other ranks of a run that rank 0 has just checked and started
+        checkpoint = cfg.get("ckpt_path") or newest_checkpoint(run_dir)
+        return str(checkpoint) if checkpoint is not None and mode == "auto" else None
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(
+            f"{run_dir} holds a finished run (summary.json); it is left as it is. Train into a new "
+            "directory (leave hydra.run.dir unset for a timestamped one), or continue from its "
+            f"weights there with ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
+        )
+    if mode == "never":
+        raise ConfigError(
+            f"{run_dir} already holds a run (config.yaml) and resume=never: choose another hydra.run.dir, "
+            "or resume=auto to continue it"
+        )
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(saved_config))
+    except Exception as error:
+        raise ConfigError(
+            f"{saved_config}: cannot read the saved configuration of this run directory: {error}"
+        ) from None
+    differences = config_differences(saved, redact(OmegaConf.to_container(cfg, resolve=True)))
+    if differences:
+        shown = "; ".join(differences[:12]) + (
+            f"; and {len(differences) - 12} more" if len(differences) > 12 else ""
+        )
+        raise ConfigError(
+            f"{run_dir} holds an interrupted run with another configuration ({saved_config}): {shown}. "
+            "resume=auto never mixes two configurations: run with the same settings to resume it, "
+            "or train into another directory"
+        )
+    if cfg.get("ckpt_path"):
+        return cfg.ckpt_path
+    checkpoint = newest_checkpoint(run_dir)
+    if checkpoint is not None:
+        log.info("resuming the interrupted run in %s from %s (resume=auto)", run_dir, checkpoint)
+    return str(checkpoint) if checkpoint is not None else None
+
+
+def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> None:
+    """A checkpoint given to (or found for) a training run must hold this run's task and
+    backbone: anything else is refused by name before any weight is loaded. Sharded checkpoint
+    directories are read by their strategy and not checked here."""
+    from seqlab.utils.checkpoint_io import load_run_info
+
+    path = Path(ckpt_path)
+    if path.is_dir():
+        return
+    info = load_run_info(path)
+    saved = (info["task_target"].rsplit(".", 1)[-1], str(info.get("backbone_target")).rsplit(".", 1)[-1])
+    wanted = (cfg.task._target_.rsplit(".", 1)[-1], cfg.model._target_.rsplit(".", 1)[-1])
+    if saved != wanted:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} holds a {saved[0]} with a {saved[1]} backbone, but this run trains a "
+            f"{wanted[0]} with a {wanted[1]} backbone (data=/model= choose them); resume with the "
+            "configuration the checkpoint was trained with"
+        )

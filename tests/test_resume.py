@@ -1,0 +1,191 @@
+"""Resuming: a killed, terminated or requeued run continues to the result of an uninterrupted
+one; a run directory holding a finished run or another configuration is refused untouched; a
+kill while a checkpoint is being written leaves the previous one intact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqlab.errors import ConfigError
+from seqlab.train import train
+from seqlab.utils.resume import config_differences, find_interrupted_run, newest_checkpoint
+from tests.conftest import FAST, ROOT, run_script
+
+# checkpoints every 7 steps (mid-epoch), dropout on: resuming must restore the data position and
+# the random state, not only weights and optimizer
+EVERY_7_STEPS = [
+    *FAST,
+    "trainer.max_epochs=2",
+    "callbacks.step_checkpoint.every_n_train_steps=7",
+    "callbacks.step_checkpoint.train_time_interval=null",
+]
+
+
+def fault(how: str, step: int, marker: Path) -> list[str]:
+    """FailOnRank on rank 0 at ``step``, once: the same command run again is the restart."""
+    return [
+        "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0",
+        f"+callbacks.fault.step={step}", f"+callbacks.fault.how={how}", f"+callbacks.fault.once={marker}",
+    ]  # fmt: skip
+
+
+def final_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    weights = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
+    return weights, json.loads((run_dir / "summary.json").read_text())["metrics"]
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    weights, metrics = final_state(resumed)
+    expected_weights, expected_metrics = final_state(reference)
+    assert weights.keys() == expected_weights.keys()
+    for name, tensor in expected_weights.items():
+        assert torch.equal(weights[name], tensor), f"{name} differs after the resume"
+    assert metrics == expected_metrics
+
+
+@pytest.mark.slow
+def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    """SIGKILL mid-epoch, SIGTERM (pre-emption) and SLURM's SIGUSR1 + requeue: running the same
+    command again continues in the same directory and ends bitwise equal to an uninterrupted run
+    (CPU, same seed): weights, test metrics."""
+    reference = tmp_path / "reference"
+    result = run_script("train.py", *EVERY_7_STEPS, f"hydra.run.dir={reference}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    scontrol = fake_bin / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.calls"}\n')
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    slurm["PATH"] = f"{fake_bin}:{os.environ['PATH']}"
+
+    # (fault, step, expected exit code of the interrupted process, environment)
+    cases = [("kill", 75, -9, None), ("term", 64, 143, None), ("usr1_kill", 31, -9, slurm)]
+    for how, step, exit_code, env in cases:
+        logs = tmp_path / how
+        command = [
+            "train.py",
+            *EVERY_7_STEPS,
+            *fault(how, step, tmp_path / f"{how}.fired"),
+            f"paths.log_dir={logs}",
+        ]
+        first = run_script(*command, env=env)
+        assert first.returncode == exit_code, (how, first.returncode, first.stderr[-3000:])
+        (run_dir,) = (logs / "train" / "runs").iterdir()
+        assert not (run_dir / "summary.json").exists()
+        checkpoint = newest_checkpoint(run_dir)
+        saved_at = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+        if how == "kill":  # the last periodic checkpoint, mid-epoch (50 steps an epoch)
+            assert checkpoint.name == "last.ckpt" and saved_at == 70
+        elif how == "term":  # saved where SIGTERM stopped it
+            assert checkpoint.name == "last.ckpt" and saved_at == step
+            assert "stopped by SIGTERM" in first.stdout + first.stderr
+        else:  # Lightning's SLURM handler: hpc checkpoint, then `scontrol requeue <job>`
+            assert checkpoint.name == "hpc_ckpt_1.ckpt" and saved_at == step
+            assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+
+        again = run_script(*command, env=env)
+        assert again.returncode == 0, (how, again.stderr[-3000:])
+        assert [p.name for p in (logs / "train" / "runs").iterdir()] == [run_dir.name], "same directory"
+        assert f"resuming the interrupted run in {run_dir}" in again.stdout + again.stderr
+        assert_same_run(run_dir, reference)
+
+
+def test_a_run_directory_is_resumed_only_by_its_own_configuration(make_cfg, tmp_path: Path) -> None:
+    """A crashed run's directory refuses another configuration (naming the keys) and a finished
+    run refuses any; nothing in the directory changes. The same configuration resumes it."""
+    crash = [*EVERY_7_STEPS, "trainer.max_epochs=1", *fault("raise", 10, tmp_path / "fired")]
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(make_cfg(*crash))
+    run_dir = tmp_path / "run"
+    assert newest_checkpoint(run_dir) is not None and not (run_dir / "summary.json").exists()
+
+    def snapshot() -> dict[str, str]:
+        return {
+            str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*"))
+            if p.is_file()
+        }
+
+    before = snapshot()
+    with pytest.raises(ConfigError, match=r"another configuration .*model\.d_model: 32 -> 48; seed: 42 -> 7"):
+        train(make_cfg(*crash, "model.d_model=48", "seed=7"))
+    with pytest.raises(ConfigError, match=r"already holds a run .* resume=never"):
+        train(make_cfg(*crash, "resume=never"))
+    with pytest.raises(ConfigError, match=r"resume='sometimes': expected one of auto, never"):
+        train(make_cfg(*crash, "resume=sometimes"))
+    assert snapshot() == before, "a refused run wrote into the directory"
+
+    metrics, objects = train(make_cfg(*crash))  # the same configuration: resumed and finished
+    assert objects["summary"]["global_step"] == 50 and "test/mse" in metrics
+    finished = snapshot()
+    with pytest.raises(ConfigError, match="holds a finished run"):
+        train(make_cfg(*crash))
+    assert snapshot() == finished
+
+
+def test_the_same_overrides_find_the_newest_interrupted_run(tmp_path: Path) -> None:
+    def run(name: str, overrides: list[str], checkpoint: bool = True, finished: bool = False) -> Path:
+        run_dir = tmp_path / name
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "config.yaml").write_text("seed: 1\n")
+        (run_dir / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        if checkpoint:
+            (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        if finished:
+            (run_dir / "summary.json").write_text("{}")
+        return run_dir
+
+    run("2026-01-01_00-00-00", ["model=lstm"])
+    newest = run("2026-01-02_00-00-00", ["model=lstm", "resume=auto"])
+    run("2026-01-03_00-00-00", ["model=lstm"], finished=True)
+    run("2026-01-04_00-00-00", ["model=lstm"], checkpoint=False)
+    run("2026-01-05_00-00-00", ["model=gru"])
+    assert find_interrupted_run(tmp_path, ["model=lstm"]) == newest
+    assert find_interrupted_run(tmp_path, ["model=lstm", "seed=2"]) is None
+    assert find_interrupted_run(tmp_path / "missing", ["model=lstm"]) is None
+    differences = config_differences(
+        {"model": {"d_model": 32}, "extras": {"print_config": True}, "tags": ["a"], "seed": 1},
+        {"model": {"d_model": 64}, "extras": {"print_config": False}, "tags": ["b"], "seed": 1, "new": 2},
+    )
+    assert differences == ["model.d_model: 32 -> 64", "new: '<absent>' -> 2"]
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_intact(tmp_path: Path) -> None:
+    """SIGKILL in the middle of writing last.ckpt: the previous last.ckpt loads unchanged."""
+    target = tmp_path / "last.ckpt"
+    script = f"""
+import os, signal, torch
+from seqlab.utils.checkpoint_io import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+io.save_checkpoint({{"step": 1, "w": torch.ones(1000)}}, {str(target)!r})
+real_save = torch.save
+def dying_save(obj, handle, *args, **kwargs):
+    handle.write(b"half a checkpoint")
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = dying_save
+io.save_checkpoint({{"step": 2, "w": torch.zeros(1000)}}, {str(target)!r})
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == -9, result.stderr
+    saved = torch.load(target, weights_only=True)
+    assert saved["step"] == 1 and torch.equal(saved["w"], torch.ones(1000))
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.") and leftovers[0].endswith(".tmp")
