@@ -3,6 +3,7 @@ a non-zero exit, no traceback, and nothing written into an existing good run."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,34 @@ def test_a_corrupt_or_truncated_checkpoint_is_named(make_cfg, tmp_path: Path) ->
             done, f"ckpt_path='{path}' is not a readable checkpoint", "truncated or corrupt"
         )
     assert good.stat().st_size > 0 and good.read_bytes()[:2] == b"PK"  # the good checkpoint is untouched
+
+
+def test_more_devices_than_this_machine_has_are_refused(make_cfg, tmp_path: Path) -> None:
+    from seqlab.train import train
+
+    too_many = (os.cpu_count() or 1) + 1
+    with pytest.raises(ConfigError, match=rf"trainer\.devices={too_many} but this machine has \d+ CPU cores"):
+        train(make_cfg("trainer=ddp", f"trainer.devices={too_many}", "trainer.accelerator=cpu"))
+    assert not (tmp_path / "run").exists(), "refused before anything was written or spawned"
+
+
+def test_a_checkpoint_of_another_task_or_backbone_is_refused_by_name(make_cfg, tmp_path: Path) -> None:
+    from seqlab.train import train
+
+    train(make_cfg("trainer.max_epochs=1", "test=false", "model=gru", output="gru"))
+    checkpoint = tmp_path / "gru" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"holds a ForecastingTask with a RNNBackbone backbone, but this run "
+                       r"trains a ForecastingTask with a TransformerBackbone"):  # fmt: skip
+        train(make_cfg("model=transformer", f"ckpt_path={checkpoint}", output="other"))
+    with pytest.raises(
+        ConfigError, match=r"holds a ForecastingTask .* but this run trains a ClassificationTask"
+    ):
+        train(
+            make_cfg(
+                "data=sentiment_synthetic", "model=gru", f"ckpt_path={checkpoint}", fast=False, output="o2"
+            )
+        )
+    with pytest.raises(ConfigError, match="is not a readable checkpoint"):
+        (tmp_path / "junk.ckpt").write_bytes(b"junk")
+        train(make_cfg(f"ckpt_path={tmp_path / 'junk.ckpt'}", output="other3"))
+    assert not (tmp_path / "other" / "config.yaml").exists()

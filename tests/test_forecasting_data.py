@@ -111,6 +111,7 @@ def test_synthetic_series_is_seeded() -> None:
         ("time,a,b\n2016-07-01 00:00:00,1,2\n", "no date column 'date'"),
         ("date,a,b\n2016-07-01 00:00:00,1,x\n", r"line 2, column 'b': 'x' is not a number"),
         ("date,a,b\n2016-07-01 00:00:00,1,2\n2016-07-01 01:00:00,nan,2\n", r"line 3, column 'a'.*not finite"),
+        ("date,a,b\n2016-07-01 00:00:00,1,-inf\n", r"line 2, column 'b'.*not finite"),
         ("date,a,b\n2016-07-01 00:00:00,1,2\n2016-07-01 01:00:00,1\n", r"line 3: 2 fields, expected 3"),
         ("date,a,b\nyesterday,1,2\n", r"line 2: cannot parse date 'yesterday'"),
     ],

@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from seqlab.errors import ConfigError, SeqlabError
+from seqlab.errors import SeqlabError
 from seqlab.train import (
     apply_extras,
     build_datamodule,
@@ -20,31 +19,11 @@ from seqlab.train import (
     split_baselines,
     to_plain,
 )
-from seqlab.utils.checkpoint_io import consolidate_checkpoint
+from seqlab.utils.checkpoint_io import consolidate_checkpoint, load_run_info
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.run import is_rank_zero, print_results, write_run_metadata, write_summary
 
 log = logging.getLogger(__name__)
-
-
-def load_run_info(ckpt_path: Path) -> dict[str, Any]:
-    """The ``seqlab`` section every seqlab checkpoint carries (task class, data config)."""
-    if not ckpt_path.is_file():
-        raise ConfigError(f"ckpt_path={str(ckpt_path)!r}: no such file")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r} is not a readable checkpoint ({type(err).__name__}): the file "
-            "is truncated or corrupt, was not written by torch.save, or holds objects that cannot be "
-            "loaded safely (seqlab loads checkpoints with weights_only=True)"
-        ) from None
-    info = checkpoint.get("seqlab") if isinstance(checkpoint, dict) else None
-    if not info or "task_target" not in info or "data" not in info:
-        raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r} was not written by seqlab's train.py (no 'seqlab' section)"
-        )
-    return info
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:

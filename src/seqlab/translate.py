@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 
 from seqlab.data.tokenization import PAD_ID
 from seqlab.errors import ConfigError, SeqlabError
-from seqlab.eval import load_run_info
 from seqlab.train import build_datamodule, to_plain
+from seqlab.utils.checkpoint_io import load_run_info
 
 log = logging.getLogger(__name__)
 

@@ -152,3 +152,28 @@ def optimizer_param_names(module: torch.nn.Module, optimizer: torch.optim.Optimi
     """The names of ``optimizer``'s parameters in ``module``, group by group."""
     name_of = {id(param): name for name, param in module.named_parameters()}
     return [[name_of[id(param)] for param in group["params"]] for group in optimizer.param_groups]
+
+
+def load_run_info(ckpt_path: Path) -> dict[str, Any]:
+    """The ``seqlab`` section every seqlab checkpoint carries (task class, data config), with the
+    backbone's class as ``backbone_target``; a clear ConfigError for a missing, corrupt or
+    foreign file."""
+    from seqlab.errors import ConfigError
+
+    if not ckpt_path.is_file():
+        raise ConfigError(f"ckpt_path={str(ckpt_path)!r}: no such file")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise ConfigError(
+            f"ckpt_path={str(ckpt_path)!r} is not a readable checkpoint ({type(err).__name__}): the file "
+            "is truncated or corrupt, was not written by torch.save, or holds objects that cannot be "
+            "loaded safely (seqlab loads checkpoints with weights_only=True)"
+        ) from None
+    info = checkpoint.get("seqlab") if isinstance(checkpoint, dict) else None
+    if not info or "task_target" not in info or "data" not in info:
+        raise ConfigError(
+            f"ckpt_path={str(ckpt_path)!r} was not written by seqlab's train.py (no 'seqlab' section)"
+        )
+    backbone = (checkpoint.get("hyper_parameters") or {}).get("backbone") or {}
+    return {**info, "backbone_target": backbone.get("_target_")}

@@ -100,16 +100,23 @@ def check_hardware(cfg: DictConfig) -> None:
             "trainer.strategy: DeepSpeed is an optional dependency and is not installed: "
             "pip install -e '.[deepspeed]' (or use trainer=fsdp / trainer=fsdp2)"
         )
-    if accelerator in ("gpu", "cuda"):
-        if not gpus:
-            raise ConfigError(
-                f"trainer.accelerator={accelerator!r} but no CUDA GPU is visible here; "
-                f"use trainer.accelerator=cpu or {CPU_STRATEGIES}"
-            )
-        devices = trainer.get("devices")
-        if isinstance(devices, int) and devices > gpus:
-            raise ConfigError(f"trainer.devices={devices} but this machine has {gpus} GPU(s)")
+    if accelerator in ("gpu", "cuda") and not gpus:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator!r} but no CUDA GPU is visible here; "
+            f"use trainer.accelerator=cpu or {CPU_STRATEGIES}"
+        )
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not gpus)
+    devices = trainer.get("devices")
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        available, unit = (os.cpu_count() or 1, "CPU cores") if on_cpu else (gpus, "GPU(s)")
+        if devices > available:
+            advice = " (one process per core at most)" if on_cpu else ""
+            raise ConfigError(
+                f"trainer.devices={devices} but this machine has {available} {unit}{advice}: "
+                f"use trainer.devices={available} or fewer"
+            )
     if on_cpu and "bf16" in str(trainer.get("precision")) and runs_torch_rnn(cfg.model):
         raise ConfigError(
             f"trainer.precision={trainer.precision!r} with the {cfg.model._target_.rsplit('.', 1)[-1]} "

@@ -1,0 +1,111 @@
+"""Property-based tests of the data readers: whatever bytes a file holds, a reader returns data
+or raises seqlab's own DataError naming the file, never another exception."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seqlab.data.readers import read_series_csv
+from seqlab.data.text_readers import read_table
+from seqlab.data.translation import read_parallel
+from seqlab.errors import DataError
+
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# random bytes, and text built from the characters that matter to these formats, so that many
+# examples get past the first line into the rows
+CSV_LIKE = st.text(alphabet="date,ab01.-e\n\t\"'x:nNaIf ", max_size=200)
+ROWS = st.lists(
+    st.tuples(
+        st.sampled_from(["2016-07-01 00:00:00", "2016-07-01 01:00:00", "yesterday", ""]),
+        st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4)),
+        st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4)),
+    ),
+    max_size=6,
+)
+CONTENT = st.one_of(st.binary(max_size=200), CSV_LIKE.map(str.encode))
+
+
+def _write(data: bytes, suffix: str) -> Path:
+    with tempfile.NamedTemporaryFile(delete=False, suffix=suffix) as handle:
+        handle.write(data)
+    return Path(handle.name)
+
+
+def _named_error(error: DataError, path: Path) -> None:
+    assert str(path) in str(error), f"the error does not name the file: {error}"
+
+
+@PROPERTY
+@given(CONTENT)
+def test_series_csv_reader_returns_finite_series_or_names_the_file(data: bytes) -> None:
+    path = _write(data, ".csv")
+    try:
+        series = read_series_csv(path)
+    except DataError as error:
+        _named_error(error, path)
+    else:
+        assert series.values.size > 0 and bool(np.isfinite(series.values).all())
+    finally:
+        path.unlink()
+
+
+@PROPERTY
+@given(ROWS)
+def test_series_csv_rows_with_any_values(rows) -> None:
+    lines = ["date,a,b", *(f"{date},{a},{b}" for date, a, b in rows)]
+    path = _write("\n".join(lines).encode(), ".csv")
+    try:
+        series = read_series_csv(path)
+    except DataError as error:
+        _named_error(error, path)
+    else:  # only all-valid rows are accepted
+        assert len(rows) > 0
+        for date, a, b in rows:
+            assert date not in ("", "yesterday")
+            for value in (a, b):
+                assert not isinstance(value, float) or math.isfinite(value)
+        assert bool(np.isfinite(series.values).all())
+    finally:
+        path.unlink()
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
+def test_table_reader_on_arbitrary_content(suffix: str) -> None:
+    @PROPERTY
+    @given(st.one_of(CONTENT, st.text(alphabet='sentence\tlabel,{}":01 \n', max_size=200).map(str.encode)))
+    def check(data: bytes) -> None:
+        path = _write(data, suffix)
+        try:
+            texts = read_table(path, "sentence", "label")
+        except DataError as error:
+            _named_error(error, path)
+        else:
+            assert len(texts.texts) == len(texts.labels)
+        finally:
+            path.unlink()
+
+    check()
+
+
+@PROPERTY
+@given(CONTENT, CONTENT)
+def test_parallel_reader_on_arbitrary_content(source_data: bytes, target_data: bytes) -> None:
+    source, target = _write(source_data, ".en"), _write(target_data, ".de")
+    try:
+        pairs, empty = read_parallel(source, target)
+    except DataError as error:
+        assert str(source) in str(error) or str(target) in str(error), str(error)
+    else:
+        assert len(pairs.sources) == len(pairs.targets) and empty >= 0
+        assert all(s.strip() and t.strip() for s, t in zip(pairs.sources, pairs.targets))
+    finally:
+        source.unlink()
+        target.unlink()
