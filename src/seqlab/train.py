@@ -164,7 +164,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         for logger in loggers:
             logger.log_hyperparams({"config": redact(to_plain(cfg)), "num_params": num_params})
         if cfg.get("train"):
-            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
         test_metrics: dict[str, float] = {}
