@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from seqlab.errors import ConfigError
 from seqlab.utils.distributed import check_device_count
@@ -92,3 +93,21 @@ def test_a_checkpoint_of_another_task_or_backbone_is_refused_by_name(make_cfg, t
         (tmp_path / "junk.ckpt").write_bytes(b"junk")
         train(make_cfg(f"ckpt_path={tmp_path / 'junk.ckpt'}", output="other3"))
     assert not (tmp_path / "other" / "config.yaml").exists()
+
+
+def test_windows_longer_than_the_model_was_built_for_are_refused_by_name(make_cfg, tmp_path: Path) -> None:
+    """A forecasting model's head is sized by the look-back window: evaluating a checkpoint on
+    longer windows (the model's maximum, for this task) names both lengths."""
+    from seqlab.errors import DataError
+    from seqlab.eval import evaluate
+    from seqlab.train import train
+
+    train(make_cfg("trainer.max_epochs=1", "test=false"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    longer = make_cfg(f"ckpt_path={checkpoint}", "+data.lookback=96", name="eval", output="eval")
+    with pytest.raises(ConfigError, match=r"data.lookback=96 \(the model was built for 48\): the checkpoint"):
+        evaluate(longer)
+    task = evaluate(make_cfg(f"ckpt_path={checkpoint}", name="eval", output="eval2"))[1]["task"]
+    with pytest.raises(DataError, match=r"input windows of 96 steps x \d+ channels, but this model was built for "
+                       r"data.lookback=48 steps"):  # fmt: skip
+        task(torch.zeros(2, 96, task.hparams.num_channels))

@@ -10,7 +10,7 @@ import lightning as L
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from seqlab.errors import SeqlabError
+from seqlab.errors import ConfigError, SeqlabError
 from seqlab.train import (
     apply_extras,
     build_datamodule,
@@ -45,6 +45,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule = build_datamodule(data_cfg, info.get("data_artifacts"))
     task_cls = get_class(info["task_target"])
     task = task_cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    check_data_fits(task, datamodule, given)
     trainer = build_trainer(cfg, callbacks=[], loggers=build_loggers(cfg.get("logger"), run_dir))
     trainer.test(task, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
@@ -60,6 +61,21 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         write_summary(run_dir, summary)
         print_results(model_metrics, baseline)
     return metrics, {"datamodule": datamodule, "task": task, "trainer": trainer, "summary": summary}
+
+
+def check_data_fits(task: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Path) -> None:
+    """Settings both the data and the model carry (look-back, horizon, vocabulary...) must agree:
+    the model's layers were sized by them at training."""
+    shared = set(datamodule.hparams) & set(task.hparams)
+    differing = sorted(key for key in shared if datamodule.hparams[key] != task.hparams[key])
+    if differing:
+        shown = ", ".join(
+            f"data.{k}={datamodule.hparams[k]!r} (the model was built for {task.hparams[k]!r})"
+            for k in differing
+        )
+        raise ConfigError(
+            f"{shown}: the checkpoint {str(ckpt_path)!r} cannot run on these data settings; drop the override"
+        )
 
 
 def run(cfg: DictConfig) -> None:

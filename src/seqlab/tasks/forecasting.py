@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection
 
-from seqlab.errors import ConfigError
+from seqlab.errors import ConfigError, DataError
 from seqlab.tasks.base import SeqTask, build_backbone
 from seqlab.utils.figures import log_figure, log_table
 
@@ -140,8 +140,14 @@ class ForecastingTask(SeqTask):
     # ------------------------------------------------------------------ model
     def forward(self, x: Tensor) -> Tensor:
         """x [B, L, C] on the dataset scale -> forecast [B, H, C]."""
-        batch, _, channels = x.shape
+        batch, length, channels = x.shape
         hp = self.hparams
+        if length != hp.lookback or channels != hp.num_channels:
+            raise DataError(
+                f"input windows of {length} steps x {channels} channels, but this model was built for "
+                f"data.lookback={hp.lookback} steps x {hp.num_channels} channels (its head's size depends "
+                "on both): evaluate with the data settings it was trained with"
+            )
         stats = None
         if self.revin is not None:
             x, stats = self.revin.normalize(x)
