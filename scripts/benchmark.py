@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="lengths: autocast dtype")
     parser.add_argument("--compile", action="store_true", help="lengths: torch.compile each block")
+    parser.add_argument("--tbptt", type=int, default=None, help="lengths: model.tbptt_steps for rnn/lstm/gru")
     parser.add_argument("--max-step-seconds", type=float, default=30.0)
     parser.add_argument("--epochs", type=int, default=2, help="overhead: epochs per repeat")
     parser.add_argument(
@@ -81,7 +82,7 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         rows = bench.bench_lengths(
             backbones=args.backbones, lengths=args.lengths or default, batch=args.batch, width=args.width,
             num_layers=args.layers, repeats=args.repeats or 3, device=args.device, amp=args.amp,
-            max_step_seconds=args.max_step_seconds, compile=args.compile,
+            max_step_seconds=args.max_step_seconds, compile=args.compile, tbptt=args.tbptt,
         )  # fmt: skip
         fitted = {"train": bench.exponents(rows, "train_ms"), "inference": bench.exponents(rows, "infer_ms")}
         print_table(rows, f"{args.device}, B={args.batch}, width={args.width}, layers={args.layers}")
@@ -90,7 +91,7 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         title = f"{meta['environment']['device_name'] or args.device}: B={args.batch}, width {args.width}"
         bench.plot_lengths(rows, out / "lengths.png", title)
         payload = {**meta, "batch": args.batch, "width": args.width, "layers": args.layers, "amp": args.amp,
-                   "compile": args.compile,
+                   "compile": args.compile, "tbptt": args.tbptt,
                    "scaling_exponents": fitted, "rows": rows}  # fmt: skip
     elif command == "overhead":
         result = bench.bench_overhead(

@@ -151,3 +151,27 @@ def test_encoder_only_backbones_have_no_decoder_parameters() -> None:
 def test_bad_backbone_settings_are_named(make, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_truncated_bptt_keeps_the_outputs_and_cuts_the_gradient(cell: str) -> None:
+    """tbptt_steps=k: the same outputs; the input gradient of the last k steps is full BPTT's,
+    the earlier steps get none; evaluation is untouched."""
+    torch.manual_seed(0)
+    full = RNNBackbone(cell=cell, d_model=16, num_layers=2, dropout=0.0).train()
+    truncated = RNNBackbone(cell=cell, d_model=16, num_layers=2, dropout=0.0, tbptt_steps=5).train()
+    truncated.load_state_dict(full.state_dict())
+    x = torch.randn(3, 12, 16, dtype=torch.float64, requires_grad=True)
+    full.double(), truncated.double()
+    expected = full.encode(x)
+    (grad_full,) = torch.autograd.grad(expected.square().sum(), x)
+    got = truncated.encode(x)
+    torch.testing.assert_close(got, expected)
+    (grad_cut,) = torch.autograd.grad(got.square().sum(), x)
+    torch.testing.assert_close(grad_cut[:, -5:], grad_full[:, -5:])
+    assert torch.count_nonzero(grad_cut[:, :-5]) == 0 and torch.count_nonzero(grad_full[:, :-5]) > 0
+    truncated.eval()
+    (grad_eval,) = torch.autograd.grad(truncated.encode(x).square().sum(), x)
+    torch.testing.assert_close(grad_eval, grad_full)
+    with pytest.raises(ValueError, match=r"model.tbptt_steps=4: expected a positive number of steps"):
+        RNNBackbone(cell=cell, d_model=16, bidirectional=True, tbptt_steps=4)

@@ -190,11 +190,20 @@ def backbone_config(name: str, width: int, num_layers: int) -> dict[str, Any]:
 
 
 def build_backbone(
-    name: str, width: int, num_layers: int, device: torch.device, compile: bool = False
+    name: str,
+    width: int,
+    num_layers: int,
+    device: torch.device,
+    compile: bool = False,
+    tbptt: int | None = None,
 ) -> nn.Module:
+    """``tbptt``: truncated BPTT steps for the backbones that have the option (the RNN family)."""
     from seqlab.tasks.base import build_backbone as build
 
-    return build({**backbone_config(name, width, num_layers), "compile": compile}).to(device)
+    config = {**backbone_config(name, width, num_layers), "compile": compile}
+    if tbptt is not None and "tbptt_steps" in config:
+        config["tbptt_steps"] = tbptt
+    return build(config).to(device)
 
 
 # ----------------------------------------------------------------------------- scan
@@ -243,21 +252,27 @@ def bench_lengths(
     amp: str | None = None,
     max_step_seconds: float = 30.0,
     compile: bool = False,
+    tbptt: int | None = None,
 ) -> list[dict[str, Any]]:
     """Per backbone and length: training step (forward + backward) and inference (``encode``)
     time, tokens/s and memory. A backbone whose training step exceeds ``max_step_seconds`` skips
     the longer lengths (recorded as ``skipped``). ``compile``: as ``model.compile=true`` (the
-    compilation happens in the untimed warm-up call)."""
+    compilation happens in the untimed warm-up call). ``tbptt``: as ``model.tbptt_steps`` for
+    the RNN family (other backbones run unchanged)."""
     dev = torch.device(device)
     rows = []
     for name in backbones:
         torch.manual_seed(0)
-        model = build_backbone(name, width, num_layers, dev, compile=compile)
+        model = build_backbone(name, width, num_layers, dev, compile=compile, tbptt=tbptt)
+        label = (
+            name
+            + ("+compile" if compile else "")
+            + (f"+tbptt{tbptt}" if getattr(model, "tbptt_steps", None) else "")
+        )
         params = list(model.parameters())
         too_slow = False
         for steps in lengths:
-            row: dict[str, Any] = {"backbone": name + ("+compile" if compile else ""), "T": steps,
-                                   "batch": batch, "width": width}  # fmt: skip
+            row: dict[str, Any] = {"backbone": label, "T": steps, "batch": batch, "width": width}
             if too_slow:
                 rows.append({**row, "skipped": f"training step > {max_step_seconds:g} s at a shorter T"})
                 continue

@@ -4,6 +4,12 @@ The encoder is cuDNN-friendly ``nn.RNN``/``nn.LSTM``/``nn.GRU`` over packed sequ
 padding changes nothing. The decoder is the same recurrence attending over the encoder
 memory, with Luong (multiplicative, after the recurrence: parallel over time under teacher
 forcing) or Bahdanau (additive, before it: the context is an input of each step) attention.
+
+Truncated backpropagation through time (``tbptt_steps``): in training, the encoder runs all but
+the last ``tbptt_steps`` steps of an unpadded sequence without autograd and backpropagates
+through the last ``tbptt_steps`` only, so a long look-back costs a no-grad forward plus a short
+forward/backward, and activation memory stops growing with the length. The earlier steps still
+shape the state (and the outputs a head may pool) but receive no gradient.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class RNNBackbone(Backbone):
         bidirectional: bool = False,
         attention: str = "luong",
         with_decoder: bool = False,
+        tbptt_steps: int | None = None,
     ) -> None:
         super().__init__()
         if cell not in RECURRENCES:
@@ -42,6 +49,12 @@ class RNNBackbone(Backbone):
             raise ValueError(f"model.attention={attention!r} is not one of {list(ATTENTIONS)}")
         if bidirectional and d_model % 2:
             raise ValueError(f"a bidirectional encoder needs an even d_model, got {d_model}")
+        if tbptt_steps is not None and (tbptt_steps < 1 or bidirectional):
+            raise ValueError(
+                f"model.tbptt_steps={tbptt_steps}: expected a positive number of steps with a "
+                "unidirectional encoder (a backward direction needs the whole sequence), or null"
+            )
+        self.tbptt_steps = tbptt_steps
         self.cell = cell
         self.d_model = d_model
         self.causal = not bidirectional
@@ -81,6 +94,12 @@ class RNNBackbone(Backbone):
     # ------------------------------------------------------------------ encoder
     def encode(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         if pad_mask is None or not bool(pad_mask.any()):
+            keep = self.tbptt_steps
+            if keep is not None and x.shape[1] > keep and self.training and torch.is_grad_enabled():
+                with torch.no_grad():  # the steps the gradient does not reach
+                    early, state = self.encoder(x[:, :-keep])
+                late, _ = self.encoder(x[:, -keep:], state)
+                return self.output_dropout(torch.cat([early, late], dim=1))
             out, _ = self.encoder(x)
             return self.output_dropout(out)
         lengths = lengths_from_mask(pad_mask).cpu()
