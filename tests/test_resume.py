@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -189,3 +190,26 @@ io.save_checkpoint({{"step": 2, "w": torch.zeros(1000)}}, {str(target)!r})
     assert saved["step"] == 1 and torch.equal(saved["w"], torch.ones(1000))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
     assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.") and leftovers[0].endswith(".tmp")
+
+
+def test_a_run_still_training_is_neither_resumed_nor_joined(make_cfg, tmp_path: Path) -> None:
+    """The same command started while the first is still training gets its own directory, and an
+    explicit hydra.run.dir of a live run is refused; once that process is gone, it is resumable."""
+    run_dir = tmp_path / "runs" / "2026-01-01_00-00-00"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 1\n")
+    (run_dir / "overrides.yaml").write_text("- model=lstm\n")
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / ".running").write_text(f"{socket.gethostname()} {live.pid}\n")
+        assert find_interrupted_run(tmp_path / "runs", ["model=lstm"]) is None
+        cfg = make_cfg(output="runs/2026-01-01_00-00-00")
+        with pytest.raises(
+            ConfigError, match=rf"is in use: process {live.pid} on this host is training there"
+        ):
+            train(cfg)
+    finally:
+        live.kill()
+        live.wait()
+    assert find_interrupted_run(tmp_path / "runs", ["model=lstm"]) == run_dir  # its process is gone

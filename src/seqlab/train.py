@@ -32,7 +32,7 @@ from seqlab.utils.distributed import (
     use_sweep_launcher,
 )
 from seqlab.utils.logging import route_lightning_logs_to_root
-from seqlab.utils.resume import check_checkpoint_fits, resume_checkpoint
+from seqlab.utils.resume import check_checkpoint_fits, mark_running, mark_stopped, resume_checkpoint
 from seqlab.utils.run import (
     hydra_choice,
     hydra_overrides,
@@ -145,6 +145,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if ckpt_path:
         check_checkpoint_fits(ckpt_path, cfg)
     git = write_run_metadata(cfg, run_dir) if is_rank_zero() else {}
+    if is_rank_zero():
+        mark_running(run_dir)
 
     log.info("data <%s>", cfg.data._target_)
     datamodule = build_datamodule(cfg.data)
@@ -215,6 +217,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             log.info("run directory: %s", run_dir)
     finally:
         finish_runs(loggers)
+        mark_stopped(run_dir)
     finish_job(trainer)
     return {**train_metrics, **test_metrics}, {**objects, "summary": summary}
 

@@ -6,8 +6,9 @@
   checkpoint is reused instead of a new timestamp. torchrun and multi-task srun launches name
   the directory after the launch id, so a requeued SLURM job finds its directory the same way.
 - Guarding it (``resume_checkpoint``, first thing in ``train()``, before anything is written):
-  a directory that already holds a run is resumed only if the run is unfinished and its saved
-  configuration equals this one (apart from ``RESUME_IGNORES``); a finished run or a different
+  a directory that already holds a run is resumed only if the run is unfinished, its process is
+  gone (``.running`` names the host and pid while it trains) and its saved configuration
+  equals this one (apart from ``RESUME_IGNORES``); a live run, a finished run or a different
   configuration is refused with the differing keys, so two configurations are never mixed and
   a good run is never written over. ``resume=never`` refuses any directory that holds a run.
 
@@ -18,6 +19,8 @@ The checkpoint resumed is the newest of ``checkpoints/last.ckpt`` (end of epoch,
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +60,48 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def is_interrupted(run_dir: Path) -> bool:
-    """A run that wrote its configuration and a checkpoint but not its summary."""
+    """A run that wrote its configuration and a checkpoint but not its summary, and whose
+    process is not running any more."""
     return (
         (run_dir / "config.yaml").is_file()
         and not (run_dir / "summary.json").exists()
         and newest_checkpoint(run_dir) is not None
+        and running_process(run_dir) is None
     )
+
+
+RUNNING = ".running"
+
+
+def mark_running(run_dir: Path) -> None:
+    """``<run>/.running``: this host and process, while the run trains (rank 0 writes it)."""
+    (run_dir / RUNNING).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+
+
+def mark_stopped(run_dir: Path) -> None:
+    marker = run_dir / RUNNING
+    if marker.is_file() and marker.read_text().split()[-1:] == [str(os.getpid())]:
+        marker.unlink()
+
+
+def running_process(run_dir: Path) -> int | None:
+    """The pid of a live process on this host that is training in ``run_dir``, else None. A
+    marker from another host counts as stale (a requeued job lands on another node; its old
+    process is gone)."""
+    try:
+        host, pid = (run_dir / RUNNING).read_text().split()
+        pid_number = int(pid)
+    except (OSError, ValueError):
+        return None
+    if host != socket.gethostname() or pid_number == os.getpid():
+        return None
+    try:
+        os.kill(pid_number, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid_number
+    return pid_number
 
 
 def comparable(overrides: list[str]) -> list[str]:
@@ -127,6 +166,13 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     if not is_rank_zero():  # the other ranks of a run that rank 0 has just checked and started
         checkpoint = cfg.get("ckpt_path") or newest_checkpoint(run_dir)
         return str(checkpoint) if checkpoint is not None and mode == "auto" else None
+    live = running_process(run_dir)
+    if live is not None:
+        raise ConfigError(
+            f"{run_dir} is in use: process {live} on this host is training there ({run_dir / RUNNING}); "
+            "wait for it or stop it, or train into another directory (if no such run is going on, "
+            f"delete {RUNNING})"
+        )
     if (run_dir / "summary.json").exists():
         raise ConfigError(
             f"{run_dir} holds a finished run (summary.json); it is left as it is. Train into a new "
