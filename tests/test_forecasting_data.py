@@ -112,6 +112,10 @@ def test_synthetic_series_is_seeded() -> None:
         ("date,a,b\n2016-07-01 00:00:00,1,x\n", r"line 2, column 'b': 'x' is not a number"),
         ("date,a,b\n2016-07-01 00:00:00,1,2\n2016-07-01 01:00:00,nan,2\n", r"line 3, column 'a'.*not finite"),
         ("date,a,b\n2016-07-01 00:00:00,1,-inf\n", r"line 2, column 'b'.*not finite"),
+        (
+            "date,a,b\n2016-07-01 00:00:00,1,3.5e38\n",
+            r"line 2, column 'b': value '3.5e38' is beyond float32's range",
+        ),
         ("date,a,b\n2016-07-01 00:00:00,1,2\n2016-07-01 01:00:00,1\n", r"line 3: 2 fields, expected 3"),
         ("date,a,b\nyesterday,1,2\n", r"line 2: cannot parse date 'yesterday'"),
     ],

@@ -42,6 +42,9 @@ class Series:
         return 86400.0 / step if step > 0 else None
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def parse_date(text: str, path: Path, line: int, date_format: str | None) -> datetime:
     if date_format:
         try:
@@ -125,6 +128,11 @@ def read_series_csv(
                         raise DataError(
                             f"{path}, line {line_no}, column {name!r}: value {cell!r} is not finite "
                             "(NaN or infinite); fill or drop missing values first"
+                        )
+                    if abs(value) > FLOAT32_MAX:  # stored as float32: it would become infinite
+                        raise DataError(
+                            f"{path}, line {line_no}, column {name!r}: value {cell!r} is beyond float32's "
+                            f"range (|x| <= {FLOAT32_MAX:.4g}); rescale the column"
                         )
                     values.append(value)
                 rows.append(values)
