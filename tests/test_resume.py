@@ -213,3 +213,22 @@ def test_a_run_still_training_is_neither_resumed_nor_joined(make_cfg, tmp_path: 
         live.kill()
         live.wait()
     assert find_interrupted_run(tmp_path / "runs", ["model=lstm"]) == run_dir  # its process is gone
+
+
+def test_other_ranks_follow_rank_zero(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """Rank 1 starts after rank 0 wrote config.yaml into the directory: it takes an explicit
+    ckpt_path as given (whatever resume says) and otherwise the checkpoint rank 0 resumes."""
+    from seqlab.utils.resume import resume_checkpoint
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 1\n")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert (
+        resume_checkpoint(make_cfg("resume=never", "ckpt_path=/elsewhere/e0.ckpt"), run_dir)
+        == "/elsewhere/e0.ckpt"
+    )
+    assert resume_checkpoint(make_cfg(), run_dir) is None
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert resume_checkpoint(make_cfg(), run_dir) == str(run_dir / "checkpoints" / "last.ckpt")
+    assert resume_checkpoint(make_cfg("resume=never"), run_dir) is None

@@ -109,7 +109,7 @@ def check_hardware(cfg: DictConfig) -> None:
     devices = trainer.get("devices")
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
-    if isinstance(devices, int) and not isinstance(devices, bool):
+    if isinstance(devices, int):  # check_device_count has refused booleans
         available, unit = (os.cpu_count() or 1, "CPU cores") if on_cpu else (gpus, "GPU(s)")
         if devices > available:
             advice = " (one process per core at most)" if on_cpu else ""

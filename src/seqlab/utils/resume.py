@@ -160,12 +160,14 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     from seqlab.utils.secrets import redact
 
     mode = check_mode(cfg.get("resume", "auto"))
+    if cfg.get("ckpt_path") and not is_rank_zero():
+        return cfg.ckpt_path
     saved_config = run_dir / "config.yaml"
     if not saved_config.is_file():
         return cfg.get("ckpt_path")
-    if not is_rank_zero():  # the other ranks of a run that rank 0 has just checked and started
-        checkpoint = cfg.get("ckpt_path") or newest_checkpoint(run_dir)
-        return str(checkpoint) if checkpoint is not None and mode == "auto" else None
+    if not is_rank_zero():  # rank 0 has checked this directory (and written into it): follow it
+        checkpoint = newest_checkpoint(run_dir) if mode == "auto" else None
+        return str(checkpoint) if checkpoint is not None else None
     live = running_process(run_dir)
     if live is not None:
         raise ConfigError(
