@@ -184,3 +184,21 @@ def test_eval_shards_cover_every_example_once(size: int, world: int) -> None:
     shards = [list(EvalShardSampler(size, num_replicas=world, rank=rank)) for rank in range(world)]
     assert sorted(i for shard in shards for i in shard) == list(range(size)), "no repeats, no gaps"
     assert [len(EvalShardSampler(size, world, rank)) for rank in range(world)] == [len(s) for s in shards]
+
+
+@pytest.mark.parametrize("size,world", [(203, 1), (203, 2), (200, 4), (64, 2)])
+def test_training_batches_are_those_of_distributed_sampler(size: int, world: int) -> None:
+    """The batch sampler gives each process, step by step, exactly the indices Lightning's usual
+    ``DistributedSampler`` + ``BatchSampler(drop_last)`` would, as tensors."""
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    from seqlab.data.samplers import GlobalBatchSampler
+
+    for rank in range(world):
+        ours = GlobalBatchSampler(size, batch_size=16, num_replicas=world, rank=rank, seed=5, drop_last=True)
+        usual = DistributedSampler(range(size), num_replicas=world, rank=rank, seed=5, drop_last=True)
+        ours.set_epoch(3)
+        usual.set_epoch(3)
+        expected = list(BatchSampler(usual, batch_size=16 // world, drop_last=True))
+        got = [batch.tolist() for batch in ours]
+        assert got == expected and len(ours) == len(expected) == size // 16

@@ -102,12 +102,12 @@ class TokenizedTexts(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return self.__getitems__([index])
+    def __getitems__(self, indices: list[int] | Tensor) -> dict[str, Tensor]:
+        return self[indices]
 
-    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
+    def __getitem__(self, indices: int | list[int] | Tensor) -> dict[str, Tensor]:
         """A right-padded batch: input_ids [B,T], pad_mask [B,T] (True = padding), labels, index."""
-        index = torch.as_tensor(indices, dtype=torch.long)
+        index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         input_ids, pad_mask = self.tokens.padded(index)
         return {"input_ids": input_ids, "pad_mask": pad_mask, "labels": self.labels[index], "index": index}
 

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from seqlab.data.readers import Series, ensure_file, read_series_csv
 from seqlab.data.samplers import (
     EvalShardSampler,
+    GlobalBatchSampler,
     ResumableLoader,
-    ResumableSampler,
     per_replica_batch_size,
     replicas,
 )
@@ -53,11 +53,14 @@ class WindowDataset(Dataset):
     def __len__(self) -> int:
         return self.windows.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int | Tensor) -> tuple[Tensor, Tensor]:
+        """One window (look-back [L, C], horizon [H, C]), or a batch of them for an index tensor."""
+        if isinstance(index, Tensor) and index.ndim == 1:
+            return self.__getitems__(index)
         inputs, targets = self.__getitems__([index])
         return inputs[0], targets[0]
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def __getitems__(self, indices: list[int] | Tensor) -> tuple[Tensor, Tensor]:
         window = self.windows.index_select(0, torch.as_tensor(indices)).transpose(1, 2)  # [B, L + H, C]
         return window[:, : self.lookback].contiguous(), window[:, self.lookback :].contiguous()
 
@@ -221,17 +224,27 @@ class SeriesDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
         world, rank = replicas(self.trainer)
+        self.per_device_batch_size()  # the global batch must divide by the processes
         # A DistributedSampler even on one process: the global batch at each step is then the
         # same set of windows whatever the number of processes (Lightning keeps this sampler).
-        sampler = ResumableSampler(
-            dataset,
+        # It hands out each step's indices as one tensor (no per-window Python loop).
+        sampler = GlobalBatchSampler(
+            len(dataset),
+            batch_size=self.batch_size,
             num_replicas=world,
             rank=rank,
             shuffle=True,
             seed=self.seed,
             drop_last=True,
         )
-        return self._loader(dataset, sampler=sampler, drop_last=True, loader=ResumableLoader)
+        return ResumableLoader(
+            dataset,
+            batch_size=None,
+            sampler=sampler,
+            collate_fn=keep_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["val"], sampler=self._eval_sampler("val"))
@@ -244,13 +257,11 @@ class SeriesDataModule(L.LightningDataModule):
         world, rank = replicas(self.trainer)
         return EvalShardSampler(len(self.datasets[split]), num_replicas=world, rank=rank)
 
-    def _loader(self, dataset: Dataset, sampler=None, drop_last: bool = False, loader=DataLoader) -> DataLoader:
-        return loader(
+    def _loader(self, dataset: Dataset, sampler: EvalShardSampler) -> DataLoader:
+        return DataLoader(
             dataset,
             batch_size=self.per_device_batch_size(),
             sampler=sampler,
-            shuffle=False,
-            drop_last=drop_last,
             collate_fn=keep_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

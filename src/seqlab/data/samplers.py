@@ -1,10 +1,10 @@
-"""Length-bucketed, distributed-aware ordering of variable-length examples.
+"""Distributed-aware training batches: global batches cut into per-process shares, length bucketing.
 
-``BucketSampler`` is a ``DistributedSampler`` (so Lightning keeps it under DDP instead of injecting
-its own) that forms *global* batches and hands each process its share of every one: the set of
-examples in a step is the same whatever the number of processes, as for the forecasting data.
-
-With ``bucketing``, examples are shuffled, cut into pools of ``pool_batches`` global batches,
+``GlobalBatchSampler`` is a ``DistributedSampler`` (so Lightning keeps it under DDP instead of
+injecting its own) that forms *global* batches and hands each process its share of every one, as
+one index tensor per step: the set of examples in a step is the same whatever the number of
+processes, and the loader makes no per-example Python call. ``BucketSampler`` adds length
+bucketing for text: examples are shuffled, cut into pools of ``pool_batches`` global batches,
 sorted by length inside each pool, batched, and the batches shuffled again: similar lengths
 share a batch, so little compute goes to padding, while every epoch still mixes the data.
 Evaluation orders are deterministic (sorted by length when bucketing).
@@ -45,7 +45,8 @@ def per_replica_batch_size(batch_size: int, trainer) -> int:
 
 class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` (shuffled per epoch from ``seed + epoch``) whose next epoch can start
-    ``skip`` indices in; subclasses order the epoch in ``indices``."""
+    ``skip`` items in; subclasses order the epoch in ``indices``. Its items are example indices,
+    or, for a sampler of whole batches (``BucketSampler``), index tensors."""
 
     skip = 0
 
@@ -59,12 +60,13 @@ class ResumableSampler(DistributedSampler):
 
 class ResumableLoader(DataLoader):
     """A training ``DataLoader`` over a ``ResumableSampler`` that resumes where a checkpoint was
-    taken, mid-epoch included (Lightning calls ``state_dict``/``load_state_dict``)."""
+    taken, mid-epoch included (Lightning calls ``state_dict``/``load_state_dict``). With
+    ``batch_size=None`` the sampler's items are whole batches."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(self.sampler, ResumableSampler) or self.batch_size is None:
-            raise TypeError("ResumableLoader needs a ResumableSampler and a batch_size")
+        if not isinstance(self.sampler, ResumableSampler):
+            raise TypeError("ResumableLoader needs a ResumableSampler")
         self.batches_done = 0
         self.resume_at: tuple[int, int] | None = None
 
@@ -74,7 +76,7 @@ class ResumableLoader(DataLoader):
         if self.resume_at is not None and self.resume_at[0] == epoch:
             skip = min(self.resume_at[1], len(self))
         self.resume_at = None
-        self.sampler.skip = skip * self.batch_size
+        self.sampler.skip = skip * (self.batch_size or 1)
         self.batches_done = skip
         for batch in super().__iter__():
             self.batches_done += 1
@@ -87,22 +89,98 @@ class ResumableLoader(DataLoader):
         self.resume_at = (int(state["epoch"]), int(state["batches"]))
 
 
-class BucketSampler(ResumableSampler):
-    """Indices for one process: its slice of each global batch, batch after batch.
+class GlobalBatchSampler(ResumableSampler):
+    """This process's share of each global batch, one index tensor per step: a *batch* sampler,
+    for a ``DataLoader(batch_size=None)`` over a dataset whose ``__getitem__`` takes an index
+    tensor and returns the batch (no per-example Python loop, no ``BatchSampler``, no collate).
+
+    The epoch order is ``randperm(size)`` seeded by ``seed + epoch`` (that of ``DistributedSampler``),
+    cut into global batches of ``batch_size``; process ``rank`` of ``num_replicas`` takes every
+    ``num_replicas``-th example of each. So the examples of a step are the same whatever the
+    number of processes, and exactly those of ``DistributedSampler`` + ``BatchSampler``.
 
     Args:
-        lengths: length (tokens) of every example.
+        size: number of examples.
         batch_size: the global batch size; it must divide by ``num_replicas``.
         shuffle: reshuffle every epoch (``set_epoch``, called by Lightning), seeded by ``seed``.
-        bucketing: group examples of similar length into batches.
-        pool_batches: how many global batches are sorted together (larger: less padding, less mixing).
         drop_last: drop the last incomplete global batch (training); otherwise it is padded with
             repeated examples so that every process gets the same number of steps.
     """
 
     def __init__(
         self,
-        lengths: Sequence[int],
+        size: int,
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(
+            range(size),  # only its length is used
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
+        if batch_size % num_replicas:
+            raise ValueError(f"global batch size {batch_size} does not divide by {num_replicas} processes")
+        self.size = size
+        self.batch_size = batch_size
+        self.per_replica = batch_size // num_replicas
+
+    def order(self, generator: torch.Generator) -> torch.Tensor:
+        """The epoch's order of the examples."""
+        return torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+
+    def arrange(self, batches: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+        """The epoch's order of the batches."""
+        return batches
+
+    def global_batches(self) -> list[torch.Tensor]:
+        """This epoch's global batches (identical on every process)."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = self.order(generator)
+        batches = list(order.split(self.batch_size))
+        if batches and len(batches[-1]) < self.batch_size:
+            if self.drop_last:
+                batches.pop()
+            elif len(batches[-1]) % self.num_replicas:
+                last = batches[-1]
+                missing = self.num_replicas - len(last) % self.num_replicas
+                batches[-1] = torch.cat([last, order[:missing]])
+        return self.arrange(batches, generator)
+
+    def indices(self) -> Iterator[torch.Tensor]:
+        for batch in self.global_batches():
+            # strided, so each process gets lengths from across a (sorted) global batch
+            yield batch[self.rank :: self.num_replicas]
+
+    def __len__(self) -> int:
+        """Steps per epoch (the same on every process)."""
+        full, rest = divmod(self.size, self.batch_size)
+        return full + bool(rest and not self.drop_last)
+
+
+class BucketSampler(GlobalBatchSampler):
+    """A ``GlobalBatchSampler`` for variable-length examples. With ``bucketing``, examples are
+    shuffled, cut into pools of ``pool_batches`` global batches, sorted by length inside each pool,
+    batched, and the batches shuffled again: similar lengths share a batch, so little compute goes
+    to padding, while every epoch still mixes the data. Evaluation orders (``shuffle=False``) are
+    sorted by length when bucketing.
+
+    Args:
+        lengths: length (tokens) of every example.
+        bucketing: group examples of similar length into batches.
+        pool_batches: how many global batches are sorted together (larger: less padding, less mixing).
+        batch_size, num_replicas, rank, shuffle, seed, drop_last: as for ``GlobalBatchSampler``.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int] | torch.Tensor,
         batch_size: int,
         num_replicas: int = 1,
         rank: int = 0,
@@ -112,61 +190,30 @@ class BucketSampler(ResumableSampler):
         bucketing: bool = True,
         pool_batches: int = 50,
     ) -> None:
-        super().__init__(
-            range(len(lengths)),  # only its length is used
-            num_replicas=num_replicas,
-            rank=rank,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=drop_last,
-        )
-        if batch_size % num_replicas:
-            raise ValueError(f"global batch size {batch_size} does not divide by {num_replicas} processes")
-        self.lengths = torch.as_tensor(list(lengths))
-        self.batch_size = batch_size
-        self.per_replica = batch_size // num_replicas
+        super().__init__(len(lengths), batch_size, num_replicas, rank, shuffle, seed, drop_last)
+        self.lengths = torch.as_tensor(lengths)
         self.bucketing = bucketing
         self.pool_batches = max(1, pool_batches)
 
-    def global_batches(self) -> list[torch.Tensor]:
-        """This epoch's global batches (identical on every process)."""
-        count = len(self.lengths)
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(count, generator=generator) if self.shuffle else torch.arange(count)
-        if self.bucketing:
-            pool = self.pool_batches * self.batch_size if self.shuffle else count
-            pieces = []
-            for start in range(0, count, pool):
-                chunk = order[start : start + pool]
-                pieces.append(chunk[torch.argsort(self.lengths[chunk], stable=True)])
-            order = torch.cat(pieces) if pieces else order
-        batches = list(order.split(self.batch_size))
-        if batches and len(batches[-1]) < self.batch_size:
-            if self.drop_last:
-                batches.pop()
-            elif len(batches[-1]) % self.num_replicas:
-                last = batches[-1]
-                missing = self.num_replicas - len(last) % self.num_replicas
-                batches[-1] = torch.cat([last, order[:missing]])
-        if self.shuffle and self.bucketing:  # a short last batch stays last: loaders cut batches in order
-            full = len(batches) - (len(batches[-1]) < self.batch_size if batches else 0)
-            batches = [batches[i] for i in torch.randperm(full, generator=generator)] + batches[full:]
-        return batches
+    def order(self, generator: torch.Generator) -> torch.Tensor:
+        order = super().order(generator)
+        if not self.bucketing:
+            return order
+        pool = self.pool_batches * self.batch_size if self.shuffle else max(self.size, 1)
+        pieces = [
+            chunk[torch.argsort(self.lengths[chunk], stable=True)] for chunk in order.split(pool)
+        ]
+        return torch.cat(pieces) if pieces else order
 
-    def indices(self) -> Iterator[int]:
-        for batch in self.global_batches():
-            # strided, so each process gets lengths from across the (sorted) global batch
-            yield from batch[self.rank :: self.num_replicas].tolist()
-
-    def __len__(self) -> int:
-        count = len(self.lengths)
-        full, rest = divmod(count, self.batch_size)
-        if rest and not self.drop_last:
-            return full * self.per_replica + -(-rest // self.num_replicas)
-        return full * self.per_replica
+    def arrange(self, batches: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+        if not (self.shuffle and self.bucketing):
+            return batches
+        # a short last batch stays last: loaders cut batches in order
+        full = len(batches) - (len(batches[-1]) < self.batch_size if batches else 0)
+        return [batches[i] for i in torch.randperm(full, generator=generator)] + batches[full:]
 
 
-__all__ = ["BucketSampler", "ResumableLoader", "ResumableSampler"]
+__all__ = ["BucketSampler", "GlobalBatchSampler", "ResumableLoader", "ResumableSampler"]
 
 
 class EvalShardSampler(DistributedSampler):

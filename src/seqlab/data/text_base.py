@@ -1,9 +1,10 @@
 """What every tokenized-text datamodule shares: flat id storage, padded batches, the cache, loaders.
 
 Text splits are stored as one flat ``int32`` tensor of token ids per split plus offsets
-(``FlatSequences``), gathered into right-padded batches in ``__getitems__``; processed data is
-written to ``cache_dir/<name>-<key>/`` atomically (``publish``); loaders cut each global batch
-into per-process slices with ``BucketSampler``.
+(``FlatSequences``), gathered into right-padded batches by the datasets' ``__getitem__`` (an
+index tensor in, a batch out); processed data is written to ``cache_dir/<name>-<key>/``
+atomically (``publish``); loaders cut each global batch into per-process slices with
+``BucketSampler``, which hands each step's indices over as one tensor.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class FlatSequences:
     def __init__(self, ids: Tensor, offsets: Tensor) -> None:
         self.ids = ids
         self.offsets = offsets
+        self.lengths = offsets[1:] - offsets[:-1]
 
     @classmethod
     def from_lists(cls, sequences: list[list[int]]) -> FlatSequences:
@@ -40,21 +42,17 @@ class FlatSequences:
         offsets[1:] = torch.cumsum(lengths, 0)
         return cls(torch.tensor([token for seq in sequences for token in seq], dtype=torch.int32), offsets)
 
-    @property
-    def lengths(self) -> Tensor:
-        return self.offsets[1:] - self.offsets[:-1]
-
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def padded(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """Rows ``index`` right-padded: ids [B,T] (``PAD_ID`` in the padding) and pad_mask [B,T] (True = pad)."""
-        starts = self.offsets[index]
-        lengths = self.offsets[index + 1] - starts  # not self.lengths[index]: that is O(dataset) per batch
+        """Rows ``index`` right-padded: ids [B,T] (``PAD_ID`` in the padding) and pad_mask [B,T] (True = pad):
+        a few small ops over the batch, one ``take`` gathering all its ids."""
+        lengths = self.lengths[index]
         steps = torch.arange(int(lengths.max()))
-        pad_mask = steps[None, :] >= lengths[:, None]
-        positions = (starts[:, None] + steps[None, :]).masked_fill(pad_mask, 0)
-        return self.ids[positions].long().masked_fill(pad_mask, PAD_ID), pad_mask
+        pad_mask = steps >= lengths[:, None]
+        positions = (self.offsets[index][:, None] + steps).masked_fill_(pad_mask, 0)
+        return self.ids.take(positions).long().masked_fill_(pad_mask, PAD_ID), pad_mask
 
 
 def file_fingerprint(path: Path) -> list[Any]:
@@ -91,7 +89,8 @@ def publish(target: Path, write: Callable[[Path], None]) -> None:
 
 
 class BatchedTextDataModule(L.LightningDataModule):
-    """Loaders over ``self.datasets`` (datasets with ``lengths`` and a batch-returning ``__getitems__``).
+    """Loaders over ``self.datasets``: datasets with ``lengths`` whose ``__getitem__`` takes an
+    index tensor and returns the padded batch.
 
     ``batch_size`` is the global batch: each of N processes gets ``batch_size / N`` of it, so
     results compare whatever the device count.
@@ -131,8 +130,9 @@ class BatchedTextDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.datasets[split]
         world, rank = replicas(self.trainer)
+        self.per_device_batch_size()  # the global batch must divide by the processes
         sampler = BucketSampler(
-            dataset.lengths.tolist(),
+            dataset.lengths,
             batch_size=self.batch_size,
             num_replicas=world,
             rank=rank,
@@ -144,7 +144,7 @@ class BatchedTextDataModule(L.LightningDataModule):
         )
         return (ResumableLoader if train else DataLoader)(
             dataset,
-            batch_size=self.per_device_batch_size(),
+            batch_size=None,  # the sampler hands out this process's batches as index tensors
             sampler=sampler,
             collate_fn=keep_batch,
             num_workers=self.hparams.num_workers,

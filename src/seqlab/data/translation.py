@@ -114,11 +114,11 @@ class ParallelDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return self.__getitems__([index])
+    def __getitems__(self, indices: list[int] | Tensor) -> dict[str, Tensor]:
+        return self[indices]
 
-    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
+    def __getitem__(self, indices: int | list[int] | Tensor) -> dict[str, Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
         src_ids, src_mask = self.source.padded(index)
         tgt_ids, tgt_mask = self.target.padded(index)
         return {"src_ids": src_ids, "src_mask": src_mask, "tgt_ids": tgt_ids, "tgt_mask": tgt_mask, "index": index}
