@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqlab.callbacks import DivergenceGuard, ExactResume, RunStats, SaveOnSigterm
 from seqlab.errors import ConfigError, SeqlabError
+from seqlab.utils import hooks
 from seqlab.utils.checkpoint_io import AtomicCheckpointIO
 from seqlab.utils.csv_logger import CSVLogger
 from seqlab.utils.distributed import (
@@ -96,6 +97,7 @@ def build_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list[Logger]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger]) -> L.Trainer:
+    hooks.install()  # callbacks are called only for the hooks they implement
     strategy = build_strategy(cfg.trainer, cfg.get("model"))
     trainer = instantiate(
         cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]

@@ -1,5 +1,6 @@
 from seqlab.callbacks.divergence import DivergenceGuard, TrainingDiverged
+from seqlab.callbacks.progress import RichProgressBar
 from seqlab.callbacks.resume import ExactResume, SaveOnSigterm
 from seqlab.callbacks.run_stats import RunStats
 
-__all__ = ["DivergenceGuard", "ExactResume", "RunStats", "SaveOnSigterm", "TrainingDiverged"]
+__all__ = ["DivergenceGuard", "ExactResume", "RichProgressBar", "RunStats", "SaveOnSigterm", "TrainingDiverged"]
