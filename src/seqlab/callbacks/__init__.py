@@ -3,4 +3,11 @@ from seqlab.callbacks.progress import RichProgressBar
 from seqlab.callbacks.resume import ExactResume, SaveOnSigterm
 from seqlab.callbacks.run_stats import RunStats
 
-__all__ = ["DivergenceGuard", "ExactResume", "RichProgressBar", "RunStats", "SaveOnSigterm", "TrainingDiverged"]
+__all__ = [
+    "DivergenceGuard",
+    "ExactResume",
+    "RichProgressBar",
+    "RunStats",
+    "SaveOnSigterm",
+    "TrainingDiverged",
+]
