@@ -46,7 +46,7 @@ def per_replica_batch_size(batch_size: int, trainer) -> int:
 class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` (shuffled per epoch from ``seed + epoch``) whose next epoch can start
     ``skip`` items in; subclasses order the epoch in ``indices``. Its items are example indices,
-    or, for a sampler of whole batches (``BucketSampler``), index tensors."""
+    or, for a sampler of whole batches (``GlobalBatchSampler``), index tensors."""
 
     skip = 0
 
