@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from seqlab.compare import aggregate, beyond_noise, read_jobs
+from seqlab.compare import aggregate, beyond_noise, compare, read_jobs
 from seqlab.errors import ConfigError
 from tests.conftest import FAST, run_script
 
@@ -57,6 +57,16 @@ def test_seeds_are_aggregated_and_noise_is_marked(tmp_path: Path) -> None:
     assert beyond_noise([1.0, 1.0], [1.0, 1.0]) is False and beyond_noise([1.0], [2.0, 2.1]) is None
 
 
+def test_the_report_is_also_one_self_contained_html_page(tmp_path: Path) -> None:
+    sweep = fake_sweep(tmp_path, {"lstm": [0.84, 0.86], "gru": [0.80, 0.81]})
+    compare(sweep)
+    page = (sweep / "report.html").read_text()
+    assert page.count("<tr>") == 3 and "<td>lstm</td>" in page and "<td>gru</td>" in page  # header + 2
+    images = (sweep / "report.md").read_text().count("![")
+    assert images == 2 and page.count('src="data:image/png;base64,') == images
+    assert 'src="report_' not in page  # nothing left pointing at a file next to it
+
+
 def test_lower_is_better_for_forecasting_and_bad_sweeps_are_refused(tmp_path: Path) -> None:
     sweep = tmp_path / "forecast"
     for i, (model, mse) in enumerate((("rnn", 0.3), ("gru", 0.2))):
@@ -90,6 +100,7 @@ def test_compare_builds_the_report_of_a_real_sweep(tmp_path: Path) -> None:
     report = run_script("scripts/compare.py", str(sweep), timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
     text = (sweep / "report.md").read_text()
+    assert "<table>" in (sweep / "report.html").read_text()
     for name in ("report_curves.png", "report_metric_vs_time.png", "report_predictions.png"):
         assert (sweep / name).stat().st_size > 10_000, name
         assert f"({name})" in text

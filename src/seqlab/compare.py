@@ -11,12 +11,15 @@ the sweep directory:
 - ``report_metric_vs_time.png``: the main test metric against training wall time, one point per job;
 - ``report_predictions.png`` (forecasting): truth and every backbone's forecast over the first
   test windows (``tables/test_first_predictions.csv`` of each job);
-- ``report.csv``: the aggregated table.
+- ``report.csv``: the aggregated table;
+- ``report.html``: ``report.md`` as one self-contained page (plots embedded), to open or send.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import math
 import statistics
 from collections import defaultdict
@@ -219,6 +222,27 @@ def publish_to_wandb(report_dir: Path, rows: list[dict[str, Any]], plots: list[P
         run.log({f"comparison/{path.stem}": wandb.Image(str(path)) for path in plots})
 
 
+def write_html(markdown: Path, path: Path, title: str) -> Path:
+    """``markdown`` rendered to one HTML page, its PNG images embedded as data URIs."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown.read_text())
+    for image in sorted(markdown.parent.glob("*.png")):
+        data = base64.b64encode(image.read_bytes()).decode("ascii")
+        body = body.replace(f'src="{image.name}"', f'src="data:image/png;base64,{data}"')
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem}"
+        "table{border-collapse:collapse;font-size:.9rem}th,td{border:1px solid #ccc;padding:.25rem .5rem}"
+        "th{background:#f3f3f3}img{max-width:100%}"
+    )
+    page = (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head>\n<body>\n{body}</body></html>\n"
+    )
+    write_text_atomic(path, page)
+    return path
+
+
 def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
     """Write the report of ``sweep_dir``; returns the path of ``report.md``. With ``wandb_init``
     (``project``, ``group``, ``mode``...), the table and plots also go to W&B."""
@@ -251,6 +275,7 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
     lines += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
     report = sweep_dir / "report.md"
     write_text_atomic(report, "\n".join(lines) + "\n")
+    write_html(report, sweep_dir / "report.html", title=lines[0].removeprefix("# "))
     if wandb_init is not None:
         publish_to_wandb(sweep_dir, rows, [p for p in plots if p is not None], **wandb_init)
     return report
