@@ -3,6 +3,7 @@
   python scripts/benchmark.py scan       # minGRU/minLSTM layer per scan method vs nn.GRU
   python scripts/benchmark.py lengths    # six backbones, tokens/s and memory vs T, JSON + plot
   python scripts/benchmark.py overhead   # seqlab's Trainer path vs a plain PyTorch loop
+  python scripts/benchmark.py ablation   # the same, taking one part of the Trainer path away at a time
   python scripts/benchmark.py data       # share of step time waiting for data, per task
   python scripts/benchmark.py startup    # python train.py to its first optimizer step
   python scripts/benchmark.py all
@@ -25,7 +26,7 @@ from seqlab.errors import SeqlabError
 from seqlab.utils.run import print_table
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("scan", "lengths", "overhead", "data", "startup")
+COMMANDS = ("scan", "lengths", "overhead", "ablation", "data", "startup")
 
 
 def ints(text: str) -> list[int]:
@@ -57,12 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="lengths: torch.compile each block")
     parser.add_argument("--tbptt", type=int, default=None, help="lengths: model.tbptt_steps for rnn/lstm/gru")
     parser.add_argument("--max-step-seconds", type=float, default=30.0)
-    parser.add_argument("--epochs", type=int, default=2, help="overhead: epochs per repeat")
+    parser.add_argument("--epochs", type=int, default=2, help="overhead/ablation: epochs per repeat")
     parser.add_argument(
         "--overrides",
         nargs="*",
         default=None,
-        help="overhead/startup: train.py overrides (replace the defaults)",
+        help="overhead/ablation/startup: train.py overrides (replace the defaults)",
     )
     return parser.parse_args(argv)
 
@@ -103,6 +104,15 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
             [{k: v for k, v in result.items() if not isinstance(v, list)}], "Trainer path vs plain loop"
         )
         payload = {**meta, **result}
+    elif command == "ablation":
+        rows = bench.bench_ablation(
+            overrides=args.overrides or bench.OVERHEAD_OVERRIDES,
+            epochs=args.epochs,
+            repeats=args.repeats or 3,
+        )
+        print_table([{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows],
+                    "what each part of the Trainer path costs (ms per step)")  # fmt: skip
+        payload = {**meta, "overrides": list(args.overrides or bench.OVERHEAD_OVERRIDES), "rows": rows}
     elif command == "data":
         common = args.overrides if args.overrides is not None else bench.DATA_COMMON
         rows = bench.bench_data(common=common, epochs=args.epochs, repeats=args.repeats or 1)

@@ -215,3 +215,25 @@ def test_process_start_time_without_psutil(monkeypatch) -> None:
     assert run_stats.process_start_time() == pytest.approx(expected, abs=0.05)
     monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` now raises ImportError
     assert run_stats.process_start_time() == pytest.approx(expected, abs=0.05)
+
+
+def test_the_ablation_runs_every_variant_and_restores_the_dispatch(tmp_path: Path, monkeypatch) -> None:
+    from lightning.pytorch.trainer import call
+
+    from seqlab.utils import hooks
+
+    lightning_calls = []
+    original = hooks._lightning_dispatch
+
+    def counting(*args, **kwargs):
+        lightning_calls.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hooks, "_lightning_dispatch", counting)
+    with_bar = [o for o in SMALL_LSTM if "rich_progress_bar" not in o]  # one variant removes it
+    rows = bench.bench_ablation(with_bar, epochs=1, repeats=1)
+    assert [r["variant"] for r in rows] == ["plain loop", "default", *bench.OVERHEAD_ABLATIONS]
+    assert rows[0]["ratio_to_plain"] == 1.0 and rows[1]["vs_default_ms"] == 0.0
+    assert all(r["step_ms"] > 0 and len(r["epoch_means_ms"]) == 1 for r in rows)
+    assert "on_train_batch_end" in lightning_calls  # the one variant ran with Lightning's dispatch
+    assert call._call_callback_hooks is hooks.call_callback_hooks  # and seqlab's is back

@@ -428,12 +428,16 @@ def _timer_callback(timer: StepTimer):
     return StepTimerCallback()
 
 
-def _trainer_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir: Path) -> nn.Module:
+def _trainer_run(
+    overrides: Sequence[str], epochs: int, timer: StepTimer, workdir: Path, seqlab_hooks: bool = True
+) -> nn.Module:
     """One ``fit`` through seqlab's own builders, as ``python train.py`` makes it (default
-    callbacks and loggers); validation runs between epochs, outside the timed steps."""
+    callbacks and loggers); validation runs between epochs, outside the timed steps.
+    ``seqlab_hooks=False``: Lightning's own callback dispatch instead of ``seqlab.utils.hooks``."""
     import lightning as L
 
     from seqlab.train import build_callbacks, build_datamodule, build_loggers, build_task, build_trainer
+    from seqlab.utils import hooks
     from seqlab.utils.run import compose_config
 
     cfg = compose_config(
@@ -444,7 +448,12 @@ def _trainer_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdi
     task = build_task(cfg.task, cfg.model, datamodule)
     callbacks = [*build_callbacks(cfg.callbacks), _timer_callback(timer)]
     trainer = build_trainer(cfg, callbacks, build_loggers(cfg.get("logger"), workdir))
-    trainer.fit(task, datamodule=datamodule)
+    if not seqlab_hooks:
+        hooks.uninstall()
+    try:
+        trainer.fit(task, datamodule=datamodule)
+    finally:
+        hooks.install()
     return task
 
 
@@ -519,6 +528,49 @@ def bench_overhead(
         "trainer_epoch_means_ms": [t * 1e3 for t in results["trainer"]],
         "plain_epoch_means_ms": [t * 1e3 for t in results["plain"]],
     }
+
+
+#: what the ablation takes away from the default Trainer path, one thing at a time (extra
+#: overrides; ``None``: Lightning's callback dispatch instead of seqlab's)
+OVERHEAD_ABLATIONS: dict[str, tuple[str, ...] | None] = {
+    "Lightning's callback dispatch": None,
+    "no progress bar": ("callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false"),
+    "no per-step logging": ("trainer.log_every_n_steps=1000000",),
+    "no optional callbacks": (
+        "callbacks=none", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+    ),
+}  # fmt: skip
+
+
+def bench_ablation(
+    overrides: Sequence[str] = OVERHEAD_OVERRIDES,
+    ablations: dict[str, tuple[str, ...] | None] = OVERHEAD_ABLATIONS,
+    epochs: int = 2,
+    repeats: int = 3,
+) -> list[dict[str, Any]]:
+    """What each part of the Trainer path costs: the plain loop, the default Trainer path and each
+    ablation, interleaved ``repeats`` times; per variant the median step and its difference to
+    the plain loop and to the default path."""
+    runs: dict[str, list[float]] = {"plain loop": [], "default": [], **{name: [] for name in ablations}}
+    with tempfile.TemporaryDirectory(prefix="seqlab-ablation-") as tmp:
+        for repeat in range(repeats):
+            for index, name in enumerate(runs):
+                timer, workdir = StepTimer(), Path(tmp) / f"{index}-{repeat}"
+                if name == "plain loop":
+                    _plain_run(list(overrides), epochs, timer, workdir)
+                else:
+                    extra = ablations.get(name, ())
+                    _trainer_run(
+                        [*overrides, *(extra or ())], epochs, timer, workdir, seqlab_hooks=extra is not None
+                    )
+                runs[name].extend(timer.per_epoch_mean())
+    medians = {name: statistics.median(values) * 1e3 for name, values in runs.items()}
+    plain, default = medians["plain loop"], medians["default"]
+    return [
+        {"variant": name, "step_ms": ms, "ratio_to_plain": ms / plain, "vs_default_ms": ms - default,
+         "epoch_means_ms": [t * 1e3 for t in runs[name]]}
+        for name, ms in medians.items()
+    ]  # fmt: skip
 
 
 #: one small configuration per task for the data-loading benchmark (synthetic data: no files);
