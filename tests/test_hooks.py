@@ -1,4 +1,5 @@
-"""seqlab's callback dispatch (``seqlab.utils.hooks``) calls exactly what Lightning's calls."""
+"""seqlab's callback dispatch (``seqlab.utils.hooks``) calls exactly what Lightning's calls; its progress bar
+updates by time and still ends every epoch complete."""
 
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ sorted by length inside each pool, batched, and the batches shuffled again: simi
 share a batch, so little compute goes to padding, while every epoch still mixes the data.
 Evaluation orders are deterministic (sorted by length when bucketing).
 
-``ResumableLoader`` + ``ResumableSampler`` make training resumable *mid-epoch*: Lightning stores
-the loader's ``state_dict`` (epoch, batches handed out) in every checkpoint and gives it back on
-resume; the sampler then starts that epoch after those batches (their indices skipped, nothing
+``ResumableLoader`` over a ``GlobalBatchSampler`` makes training resumable *mid-epoch*: Lightning
+stores the loader's ``state_dict`` (epoch, batches handed out) in every checkpoint and gives it
+back on resume; the sampler then starts that epoch after those batches (skipped, nothing
 loaded). Epoch orders are seeded by (seed, epoch), so the resumed run sees exactly the batches
 the uninterrupted run saw.
 """
@@ -43,30 +43,14 @@ def per_replica_batch_size(batch_size: int, trainer) -> int:
     return batch_size // world
 
 
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` (shuffled per epoch from ``seed + epoch``) whose next epoch can start
-    ``skip`` items in; subclasses order the epoch in ``indices``. Its items are example indices,
-    or, for a sampler of whole batches (``GlobalBatchSampler``), index tensors."""
-
-    skip = 0
-
-    def __iter__(self) -> Iterator[int]:
-        skip, self.skip = self.skip, 0
-        return itertools.islice(self.indices(), skip, None)
-
-    def indices(self) -> Iterator[int]:
-        return super().__iter__()
-
-
 class ResumableLoader(DataLoader):
-    """A training ``DataLoader`` over a ``ResumableSampler`` that resumes where a checkpoint was
-    taken, mid-epoch included (Lightning calls ``state_dict``/``load_state_dict``). With
-    ``batch_size=None`` the sampler's items are whole batches."""
+    """A training ``DataLoader(batch_size=None)`` over a ``GlobalBatchSampler`` that resumes where
+    a checkpoint was taken, mid-epoch included (Lightning calls ``state_dict``/``load_state_dict``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(self.sampler, ResumableSampler):
-            raise TypeError("ResumableLoader needs a ResumableSampler")
+        if not isinstance(self.sampler, GlobalBatchSampler) or self.batch_size is not None:
+            raise TypeError("ResumableLoader needs a GlobalBatchSampler and batch_size=None")
         self.batches_done = 0
         self.resume_at: tuple[int, int] | None = None
 
@@ -76,7 +60,7 @@ class ResumableLoader(DataLoader):
         if self.resume_at is not None and self.resume_at[0] == epoch:
             skip = min(self.resume_at[1], len(self))
         self.resume_at = None
-        self.sampler.skip = skip * (self.batch_size or 1)
+        self.sampler.skip = skip
         self.batches_done = skip
         for batch in super().__iter__():
             self.batches_done += 1
@@ -89,7 +73,7 @@ class ResumableLoader(DataLoader):
         self.resume_at = (int(state["epoch"]), int(state["batches"]))
 
 
-class GlobalBatchSampler(ResumableSampler):
+class GlobalBatchSampler(DistributedSampler):
     """This process's share of each global batch, one index tensor per step: a *batch* sampler,
     for a ``DataLoader(batch_size=None)`` over a dataset whose ``__getitem__`` takes an index
     tensor and returns the batch (no per-example Python loop, no ``BatchSampler``, no collate).
@@ -129,7 +113,8 @@ class GlobalBatchSampler(ResumableSampler):
             raise ValueError(f"global batch size {batch_size} does not divide by {num_replicas} processes")
         self.size = size
         self.batch_size = batch_size
-        self.per_replica = batch_size // num_replicas
+        #: batches the next epoch starts after (a mid-epoch resume), then back to 0
+        self.skip = 0
 
     def order(self, generator: torch.Generator) -> torch.Tensor:
         """The epoch's order of the examples."""
@@ -153,8 +138,9 @@ class GlobalBatchSampler(ResumableSampler):
                 batches[-1] = torch.cat([last, order[:missing]])
         return self.arrange(batches, generator)
 
-    def indices(self) -> Iterator[torch.Tensor]:
-        for batch in self.global_batches():
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        skip, self.skip = self.skip, 0
+        for batch in itertools.islice(self.global_batches(), skip, None):
             # strided, so each process gets lengths from across a (sorted) global batch
             yield batch[self.rank :: self.num_replicas]
 
@@ -213,7 +199,7 @@ class BucketSampler(GlobalBatchSampler):
         return [batches[i] for i in torch.randperm(full, generator=generator)] + batches[full:]
 
 
-__all__ = ["BucketSampler", "GlobalBatchSampler", "ResumableLoader", "ResumableSampler"]
+__all__ = ["BucketSampler", "GlobalBatchSampler", "ResumableLoader"]
 
 
 class EvalShardSampler(DistributedSampler):

@@ -31,6 +31,8 @@ from seqlab.errors import ConfigError
 log = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "never")
+#: ``<run>/.running``: host and pid of the process training there
+RUNNING = ".running"
 #: keys that may differ between the interrupted run and its resumption (how it is shown or
 #: logged, where it resumes from), with their sub-keys
 RESUME_IGNORES = (
@@ -70,9 +72,6 @@ def is_interrupted(run_dir: Path) -> bool:
     )
 
 
-RUNNING = ".running"
-
-
 def mark_running(run_dir: Path) -> None:
     """``<run>/.running``: this host and process, while the run trains (rank 0 writes it)."""
     (run_dir / RUNNING).write_text(f"{socket.gethostname()} {os.getpid()}\n")
@@ -100,7 +99,7 @@ def running_process(run_dir: Path) -> int | None:
     except ProcessLookupError:
         return None
     except PermissionError:  # alive, another user's
-        return pid_number
+        pass
     return pid_number
 
 
