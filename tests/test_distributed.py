@@ -25,6 +25,20 @@ def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     ]
 
 
+def test_sharded_strategies_are_told_apart() -> None:
+    """Decoding keeps the processes in step only where every forward is a collective."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from seqlab.utils.distributed import ModelParallelStrategy, shards_parameters
+
+    assert shards_parameters(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    assert not shards_parameters(DDPStrategy()) and not shards_parameters(SingleDeviceStrategy("cpu"))
+    pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    assert shards_parameters(DeepSpeedStrategy(stage=3)) and not shards_parameters(DeepSpeedStrategy(stage=2))
+
+
 def test_ddp_writes_one_run_dir_and_matches_one_process(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     ddp = run_script("train.py", "trainer=ddp", *SAME_FUNCTION, f"paths.log_dir={logs}", timeout=300)

@@ -282,6 +282,47 @@ def test_a_wide_beam_finds_the_exhaustive_optimum() -> None:
     assert len(greedy[0]) <= steps - 1
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_decoding_keeps_in_step_with_processes_that_need_more_steps(beam_size: int) -> None:
+    """Under sharded parameters every decoder step is a collective: a process whose sentences are
+    done keeps stepping (ignoring the results) while another needs more steps, and stops with it;
+    its own outputs do not change."""
+    torch.manual_seed(0)
+    vocab, banned = 8, [PAD_ID, BOS_ID]
+    table = torch.randn(vocab, vocab)
+    table[5, EOS_ID] = table[6, EOS_ID] = 5.0  # sentences end after two or three tokens
+    calls = []
+
+    def step(tokens, state):
+        calls.append(tokens.shape[0])
+        return table[tokens[:, -1]].log_softmax(-1), state
+
+    def decode(agree=None):
+        calls.clear()
+        kwargs = {} if agree is None else {"agree": agree}
+        if beam_size == 1:
+            return greedy_search(step, 2, BOS_ID, EOS_ID, torch.tensor([6, 4]), banned, "cpu", **kwargs)
+        return beam_search(
+            step, lambda state, rows: state, 2, beam_size, BOS_ID, EOS_ID, torch.tensor([6, 4]), banned, "cpu",
+            **kwargs,
+        )  # fmt: skip
+
+    alone = decode()
+    steps_alone = len(calls)
+    assert steps_alone < 6
+
+    agreements = []
+
+    def other_process_needs_nine(value: int) -> int:
+        """The maximum with a second process allowed 9 steps and busy for its first 8."""
+        agreements.append(value)
+        return max(value, 9) if len(agreements) == 1 else max(value, int(len(agreements) <= 8))
+
+    assert decode(other_process_needs_nine) == alone
+    assert len(calls) == 8, "as many steps as the slowest process"
+    assert agreements[0] == 6 and agreements[1 : steps_alone + 1][-1] == 0  # its own: 6 allowed, done
+
+
 def test_sacrebleu_scores_detokenised_text_with_its_signature() -> None:
     refs = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee."]
     perfect = corpus_scores(refs, refs)

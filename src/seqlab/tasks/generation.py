@@ -8,6 +8,12 @@ sentence and selects surviving beams with ``reorder_state``; finished hypotheses
 sentence stops once it has ``beam_size`` of them. Every sentence ends at its own maximum
 length (``max_len_a * source length + max_len_b``) with a forced [EOS]. Padding and [BOS]
 are never generated.
+
+Where the parameters are sharded (FSDP, FSDP2, DeepSpeed ZeRO-3) every decoder step is a
+collective, so the processes must take as many steps as each other: ``agree`` (the maximum of an
+integer over the processes) keeps them in step; a process whose sentences are finished runs
+steps whose results it ignores until every process is done (``synced_gpus`` in Hugging Face's
+``generate``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,13 @@ from torch import Tensor
 
 Step = Callable[[Tensor, Any], tuple[Tensor, Any]]
 Reorder = Callable[[Any, Tensor], Any]
+#: the maximum of an integer over the processes that decode together
+Agree = Callable[[int], int]
+
+
+def alone(value: int) -> int:
+    """``Agree`` for a process decoding on its own."""
+    return value
 
 
 def _mask_scores(log_probs: Tensor, banned: list[int], eos_id: int, at_limit: Tensor) -> Tensor:
@@ -35,7 +48,14 @@ def _mask_scores(log_probs: Tensor, banned: list[int], eos_id: int, at_limit: Te
 
 @torch.no_grad()
 def greedy_search(
-    step: Step, batch_size: int, bos_id: int, eos_id: int, max_lengths: Tensor, banned: list[int], device
+    step: Step,
+    batch_size: int,
+    bos_id: int,
+    eos_id: int,
+    max_lengths: Tensor,
+    banned: list[int],
+    device,
+    agree: Agree = alone,
 ) -> list[list[int]]:
     """The most probable next token at every step; returns each sentence's tokens without [EOS]."""
     tokens = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
@@ -43,7 +63,7 @@ def greedy_search(
     outputs: list[list[int]] = [[] for _ in range(batch_size)]
     state = None
     max_lengths = max_lengths.to(device)
-    for t in range(int(max_lengths.max())):
+    for t in range(agree(int(max_lengths.max()))):
         log_probs, state = step(tokens, state)
         log_probs = _mask_scores(log_probs, banned, eos_id, t + 1 >= max_lengths)
         tokens = log_probs.argmax(dim=-1, keepdim=True)
@@ -53,7 +73,7 @@ def greedy_search(
                 finished[i] = True
             else:
                 outputs[i].append(token)
-        if bool(finished.all()):
+        if not agree(int(not finished.all())):
             break
     return outputs
 
@@ -70,6 +90,7 @@ def beam_search(
     banned: list[int],
     device,
     length_penalty: float = 1.0,
+    agree: Agree = alone,
 ) -> list[list[int]]:
     """The best finished hypothesis of each sentence (without [EOS]).
 
@@ -85,7 +106,7 @@ def beam_search(
     done = torch.zeros(batch_size, dtype=torch.bool, device=device)
     state = None
     base = torch.arange(batch_size, device=device)[:, None] * k
-    for t in range(int(max_lengths.max())):
+    for t in range(agree(int(max_lengths.max()))):
         log_probs, state = step(tokens[:, -1:], state)
         log_probs = _mask_scores(log_probs.float(), banned, eos_id, t + 1 >= limits)
         vocab = log_probs.shape[-1]
@@ -102,7 +123,7 @@ def beam_search(
         for b in range(batch_size):
             if not done[b] and len(finished[b]) >= k:
                 done[b] = True
-        if bool(done.all()):
+        if not agree(int(not done.all())):
             break
         # the k best candidates that do not end the sentence continue
         keep = torch.where(is_eos, rank + 2 * k, rank).topk(k, dim=-1, largest=False).indices
@@ -120,4 +141,4 @@ def beam_search(
     return best
 
 
-__all__ = ["beam_search", "greedy_search"]
+__all__ = ["Agree", "alone", "beam_search", "greedy_search"]

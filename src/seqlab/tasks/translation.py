@@ -28,7 +28,8 @@ from torchmetrics import MeanMetric
 
 from seqlab.errors import ConfigError
 from seqlab.tasks.base import SeqTask, build_backbone
-from seqlab.tasks.generation import beam_search, greedy_search
+from seqlab.tasks.generation import Agree, alone, beam_search, greedy_search
+from seqlab.utils.distributed import shards_parameters
 from seqlab.utils.figures import log_table
 
 
@@ -187,7 +188,13 @@ class TranslationTask(SeqTask):
             logits, state = self.decode(tokens, memory, src_mask, state)
             return logits[:, -1].float().log_softmax(dim=-1), state
 
-        common = {"bos_id": hp.bos_id, "eos_id": hp.eos_id, "banned": self.banned, "device": src_ids.device}
+        common = {
+            "bos_id": hp.bos_id,
+            "eos_id": hp.eos_id,
+            "banned": self.banned,
+            "device": src_ids.device,
+            "agree": self._decoding_agreement(),
+        }
         if beam_size == 1:
             return greedy_search(step, src_ids.shape[0], max_lengths=max_lengths, **common)
         return beam_search(
@@ -203,6 +210,24 @@ class TranslationTask(SeqTask):
     # ------------------------------------------------------------------ steps
     def step_loss(self, batch: dict[str, Tensor]) -> Tensor:
         return self.loss(batch, self.hparams.label_smoothing, global_mean=True)
+
+    def _decoding_agreement(self) -> Agree:
+        """How the processes agree on the number of decoder steps: under sharded parameters every
+        step is a collective, so all take as many (the maximum); otherwise each decodes alone."""
+        if (
+            self._trainer is None
+            or self.trainer.world_size == 1
+            or not shards_parameters(self.trainer.strategy)
+        ):
+            return alone
+        device = self.device
+
+        def agree(value: int) -> int:
+            value = torch.tensor(value, device=device)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+            return int(value)
+
+        return agree
 
     def batch_tokens(self, batch: dict[str, Tensor]) -> Tensor:
         """Source tokens read by the encoder plus target tokens fed to the decoder."""

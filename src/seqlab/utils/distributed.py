@@ -50,6 +50,15 @@ def strategy_kind(strategy: Any) -> str:
     return type(strategy).__name__ if strategy is not None else "auto"
 
 
+def shards_parameters(strategy: Any) -> bool:
+    """Whether each process holds only a shard of the parameters (FSDP, FSDP2, DeepSpeed ZeRO-3):
+    then every forward is a collective, and the processes must run as many forwards as each other."""
+    kinds = {STRATEGY_KINDS.get(cls.__name__) for cls in type(strategy).__mro__}
+    return bool(kinds & {"fsdp", "fsdp2"}) or (
+        "deepspeed" in kinds and bool(getattr(strategy, "zero_stage_3", False))
+    )
+
+
 def runs_torch_rnn(model_cfg: DictConfig | dict[str, Any]) -> bool:
     """Whether the backbone computes with ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (cuDNN/oneDNN kernels)."""
     backbone_cls = get_class(model_cfg["_target_"])
