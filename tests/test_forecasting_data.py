@@ -94,6 +94,23 @@ def test_batches_gather_windows_in_one_step() -> None:
     torch.testing.assert_close(dataset.series[7 + 20], targets[1, 0])
 
 
+def test_the_training_loader_gathers_blocks_of_the_same_batches() -> None:
+    """Blocks of ``gather_batches`` batches in one gather: the batches one index tensor at a
+    time would give (contiguous), the last block short."""
+    dm = SyntheticSeriesDataModule(num_steps=500, num_channels=3, lookback=20, horizon=5, batch_size=16)
+    dm.setup()
+    loader = dm.train_dataloader()
+    loader.gather_batches = 6
+    loader.sampler.set_epoch(1)
+    epoch = list(loader)
+    loader.sampler.set_epoch(1)
+    expected = [dm.datasets["train"][index] for index in loader.sampler]
+    assert len(epoch) == len(expected) == len(loader) and len(loader) % 6
+    for (inputs, targets), (want_inputs, want_targets) in zip(epoch, expected):
+        assert torch.equal(inputs, want_inputs) and torch.equal(targets, want_targets)
+        assert inputs.is_contiguous() and targets.is_contiguous()
+
+
 def test_synthetic_series_is_seeded() -> None:
     first = SyntheticSeriesDataModule(num_steps=300, generator_seed=5).load_series().values
     again = SyntheticSeriesDataModule(num_steps=300, generator_seed=5).load_series().values

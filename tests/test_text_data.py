@@ -12,6 +12,7 @@ import torch
 from seqlab.data import classification
 from seqlab.data.classification import SyntheticSentimentDataModule, TextClassificationDataModule
 from seqlab.data.samplers import BucketSampler
+from seqlab.data.text_base import FlatSequences
 from seqlab.data.text_readers import read_aclimdb, read_table
 from seqlab.data.tokenization import CLS_ID, PAD_ID, SPECIAL_TOKENS, TokenizerSpec, encode, train_tokenizer
 from seqlab.errors import ConfigError, DataError
@@ -318,6 +319,96 @@ def test_batches_are_right_padded_with_a_mask(tmp_path: Path) -> None:
     again = dataset[torch.tensor([2, 0])]
     assert torch.equal(again["input_ids"][0, : lengths[2]], batch["input_ids"][2, : lengths[2]])
     assert torch.equal(again["labels"], batch["labels"][[2, 0]])
+
+
+def test_batches_gathered_together_equal_batches_gathered_alone() -> None:
+    """``padded_batches`` (several batches in one pass, each padded to its own longest row) gives
+    every batch exactly as the rows padded one by one would: empty rows, an all-empty batch, an
+    empty batch, batches of different sizes; each result contiguous."""
+    generator = torch.Generator().manual_seed(0)
+    sequences = [
+        torch.randint(4, 90, (n,), generator=generator).tolist() for n in [0, 3, 1, 7, 0, 12, 5, 2] * 5
+    ]
+    sequences[39] = []
+    flat = FlatSequences.from_lists(sequences)
+    indices = [
+        torch.tensor(rows, dtype=torch.long)
+        for rows in ([5, 0, 3], [1], [], [4, 0], list(range(40)), [39, 4], [7, 7, 2])
+    ]
+    gathered = flat.padded_batches(indices)
+    assert len(gathered) == len(indices)
+    for index, (ids, pad_mask) in zip(indices, gathered, strict=True):
+        rows = [sequences[i] for i in index.tolist()]
+        width = max(map(len, rows), default=0)
+        assert ids.shape == pad_mask.shape == (len(rows), width)
+        assert ids.tolist() == [row + [PAD_ID] * (width - len(row)) for row in rows]
+        assert pad_mask.tolist() == [[False] * len(row) + [True] * (width - len(row)) for row in rows]
+        assert ids.dtype == torch.long and ids.is_contiguous() and pad_mask.is_contiguous()
+        alone_ids, alone_mask = flat.padded(index)
+        assert torch.equal(alone_ids, ids) and torch.equal(alone_mask, pad_mask)
+
+
+def assert_same_batches(got: list, expected: list) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize("module", ["classification", "translation"])
+def test_the_training_loader_gathers_blocks_of_the_same_batches(tmp_path: Path, module: str) -> None:
+    """The training loader asks the dataset for ``gather_batches`` batches at a time (13 steps in
+    blocks of 5: 5, 5, 3) and hands out the batches one index tensor at a time would give, also
+    when resumed in the middle of a block."""
+    if module == "classification":
+        dm = SyntheticSentimentDataModule(
+            num_train=208, num_val=8, num_test=8, batch_size=16, cache_dir=str(tmp_path)
+        )
+    else:
+        from seqlab.data.translation import SyntheticTranslationDataModule
+
+        dm = SyntheticTranslationDataModule(
+            num_train=208, num_val=8, num_test=8, batch_size=16, cache_dir=str(tmp_path)
+        )
+    dm.setup()
+    dataset = dm.datasets["train"]
+    calls = []
+    original = dataset.batches
+    dataset.batches = lambda indices: calls.append(len(indices)) or original(indices)
+    loader = dm.train_dataloader()
+    loader.gather_batches = 5
+    loader.sampler.set_epoch(2)
+    epoch = list(loader)
+    assert calls == [5, 5, 3]
+    loader.sampler.set_epoch(2)
+    assert_same_batches(epoch, [dataset[index] for index in loader.sampler])
+    resumed = dm.train_dataloader()
+    resumed.gather_batches = 5
+    resumed.load_state_dict({"epoch": 2, "batches": 7})
+    resumed.sampler.set_epoch(2)
+    calls.clear()
+    assert_same_batches(list(resumed), epoch[7:])
+    assert calls == [5, 1] and resumed.state_dict() == {"epoch": 2, "batches": 13}
+
+
+def test_gathering_leaves_the_random_state_as_the_dataloader_does(tmp_path: Path) -> None:
+    """A run draws the same dropout masks (and everything else) with the gathering loader as with
+    a plain ``DataLoader``, whose iterator draws one number per epoch."""
+    from torch.utils.data import DataLoader
+
+    from seqlab.data.forecasting import keep_batch
+
+    dm = SyntheticSentimentDataModule(
+        num_train=64, num_val=8, num_test=8, batch_size=16, cache_dir=str(tmp_path)
+    )
+    dm.setup()
+    loader = dm.train_dataloader()
+    plain = DataLoader(dm.datasets["train"], batch_size=None, sampler=loader.sampler, collate_fn=keep_batch)
+    states = []
+    for each in (loader, plain):
+        torch.manual_seed(0)
+        assert len(list(each)) == 4
+        states.append(torch.random.get_rng_state())
+    assert torch.equal(*states)
 
 
 # ---------------------------------------------------------------- bucketed, distributed batches

@@ -371,7 +371,9 @@ class StepTimer:
     """Wall time of every training step after the first ``skip`` of each epoch: from the start
     of one step to the start of the next (forward, backward, optimizer step, whatever runs
     around them, and fetching the next batch), the last step up to its end. Where the loop
-    reports its waits for data (``data_wait``), the share of the timed steps spent waiting."""
+    reports its waits for data (``data_wait``), the share of each epoch spent waiting: every
+    wait, the first batch's included (loaders may do per-epoch or per-block work there), over the
+    epoch's wall time from asking for the first batch to the end of the last step."""
 
     def __init__(self, skip: int = 3) -> None:
         self.skip = skip
@@ -400,8 +402,10 @@ class StepTimer:
             return
         steps = [b - a for a, b in itertools.pairwise(marks)]
         self.epochs.append(steps)
-        if self._waits:  # fetching batch k + 1 happens inside step k's interval
-            self.data_shares.append(sum(self._waits[self.skip + 1 :]) / sum(steps))
+        # every wait of the epoch (the first: sampler order, first gather) over its wall time
+        if self._waits and self._end is not None:
+            span = self._end - self._starts[0] + self._waits[0]
+            self.data_shares.append(sum(self._waits) / span)
 
     def per_epoch_mean(self) -> list[float]:
         return [statistics.fmean(steps) for steps in self.epochs]

@@ -107,9 +107,16 @@ class TokenizedTexts(Dataset):
 
     def __getitem__(self, indices: int | list[int] | Tensor) -> dict[str, Tensor]:
         """A right-padded batch: input_ids [B,T], pad_mask [B,T] (True = padding), labels, index."""
-        index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        input_ids, pad_mask = self.tokens.padded(index)
-        return {"input_ids": input_ids, "pad_mask": pad_mask, "labels": self.labels[index], "index": index}
+        return self.batches([torch.as_tensor(indices, dtype=torch.long).reshape(-1)])[0]
+
+    def batches(self, indices: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Several batches (one index tensor each) gathered at once (``ResumableLoader``)."""
+        padded = self.tokens.padded_batches(indices)
+        labels = self.labels[torch.cat(indices)].split([len(index) for index in indices])
+        return [
+            {"input_ids": input_ids, "pad_mask": pad_mask, "labels": batch_labels, "index": index}
+            for (input_ids, pad_mask), batch_labels, index in zip(padded, labels, indices)
+        ]
 
 
 def _numeric_order(label: str) -> tuple[int, float | str]:

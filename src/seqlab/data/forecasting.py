@@ -61,8 +61,15 @@ class WindowDataset(Dataset):
         return inputs[0], targets[0]
 
     def __getitems__(self, indices: list[int] | Tensor) -> tuple[Tensor, Tensor]:
-        window = self.windows.index_select(0, torch.as_tensor(indices)).transpose(1, 2)  # [B, L + H, C]
-        return window[:, : self.lookback].contiguous(), window[:, self.lookback :].contiguous()
+        return self.batches([torch.as_tensor(indices)])[0]
+
+    def batches(self, indices: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Several batches (one index tensor each) gathered at once (``ResumableLoader``)."""
+        window = self.windows.index_select(0, torch.cat(indices)).transpose(1, 2)  # [B, L + H, C]
+        sizes = [len(index) for index in indices]
+        inputs = window[:, : self.lookback].contiguous().split(sizes)
+        targets = window[:, self.lookback :].contiguous().split(sizes)
+        return list(zip(inputs, targets))
 
 
 def keep_batch(batch: Any) -> Any:

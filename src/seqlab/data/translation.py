@@ -118,10 +118,17 @@ class ParallelDataset(Dataset):
         return self[indices]
 
     def __getitem__(self, indices: int | list[int] | Tensor) -> dict[str, Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-        src_ids, src_mask = self.source.padded(index)
-        tgt_ids, tgt_mask = self.target.padded(index)
-        return {"src_ids": src_ids, "src_mask": src_mask, "tgt_ids": tgt_ids, "tgt_mask": tgt_mask, "index": index}
+        """A right-padded batch: src_ids, src_mask, tgt_ids, tgt_mask [B,T] (True = padding), index."""
+        return self.batches([torch.as_tensor(indices, dtype=torch.long).reshape(-1)])[0]
+
+    def batches(self, indices: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Several batches (one index tensor each) gathered at once (``ResumableLoader``)."""
+        return [
+            {"src_ids": src_ids, "src_mask": src_mask, "tgt_ids": tgt_ids, "tgt_mask": tgt_mask, "index": index}
+            for (src_ids, src_mask), (tgt_ids, tgt_mask), index in zip(
+                self.source.padded_batches(indices), self.target.padded_batches(indices), indices
+            )
+        ]
 
 
 class TranslationDataModule(BatchedTextDataModule):
