@@ -1,5 +1,6 @@
-"""seqlab's callback dispatch (``seqlab.utils.hooks``) calls exactly what Lightning's calls; its progress bar
-updates by time and still ends every epoch complete."""
+"""seqlab's hook dispatch (``seqlab.utils.hooks``) calls exactly what Lightning's calls (callback,
+module and strategy hooks, with the same ``_current_fx_name``); its progress bar updates by time
+and still ends every epoch complete."""
 
 from __future__ import annotations
 
@@ -58,6 +59,29 @@ class Monitor(Checkpoint):
         self.calls.append(("monitor", "on_train_epoch_end", None))
 
 
+#: LightningModule methods the loops call through the module and strategy hook dispatch
+MODULE_HOOKS = (
+    "training_step", "validation_step", "test_step", "backward", "optimizer_step", "optimizer_zero_grad",
+    "configure_gradient_clipping", "lr_scheduler_step", "transfer_batch_to_device", "on_before_batch_transfer",
+    "on_after_batch_transfer", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+    "on_before_zero_grad", "on_train_batch_start", "on_train_batch_end", "on_validation_epoch_end",
+    "on_train_epoch_end", "on_fit_start", "configure_optimizers", "on_test_end",
+)  # fmt: skip
+
+
+def recording_model(log: list) -> BoringModel:
+    """A BoringModel logging each hook call with the ``_current_fx_name`` it runs under."""
+
+    def make(name: str):
+        def hook(self, *args, **kwargs):
+            log.append(("module", name, self._current_fx_name))
+            return getattr(BoringModel, name)(self, *args, **kwargs)
+
+        return hook
+
+    return type("Recording", (BoringModel,), {name: make(name) for name in MODULE_HOOKS})()
+
+
 def run(tmp_path: Path, profiler=None) -> list:
     log: list = []
     instance_hook = Callback()  # a hook set on the instance, not the class
@@ -69,7 +93,7 @@ def run(tmp_path: Path, profiler=None) -> list:
         callbacks=[Monitor(log), recorder(log), OneHook(log), instance_hook], logger=False,
         enable_progress_bar=False, enable_model_summary=False, profiler=profiler,
     )  # fmt: skip
-    model = BoringModel()
+    model = recording_model(log)
     trainer.fit(model)
     trainer.test(model)
     return log
@@ -87,7 +111,7 @@ def test_the_dispatch_calls_what_lightning_calls(tmp_path: Path, installed) -> N
     expected = run(tmp_path / "lightning")
     hooks.install()
     assert run(tmp_path / "seqlab") == expected
-    epoch_ends = [who for who, name, _ in expected if name == "on_train_epoch_end"]
+    epoch_ends = [who for who, name, _ in expected if name == "on_train_epoch_end" and who != "module"]
     assert epoch_ends == ["all", "monitor"] * 2
     assert ("one", "on_train_batch_end", 2) in expected and (
         "instance",
@@ -99,6 +123,8 @@ def test_the_dispatch_calls_what_lightning_calls(tmp_path: Path, installed) -> N
         "on_before_optimizer_step",
         "on_test_end",
     }
+    module_calls = {(name, fx) for who, name, fx in expected if who == "module"}
+    assert {(name, name) for name in MODULE_HOOKS} <= module_calls, "every module hook, under its own name"
 
 
 def test_only_callbacks_implementing_a_hook_are_called(installed) -> None:
@@ -110,11 +136,42 @@ def test_only_callbacks_implementing_a_hook_are_called(installed) -> None:
     assert hooks.implements(instance, "on_fit_start")
 
 
+def test_module_hooks_with_empty_bodies_are_not_called(installed) -> None:
+    """A LightningModule's hook is skipped only where calling it could do nothing: Lightning's
+    empty defaults (and empty overrides); overrides with a body, hooks set on the instance and
+    Lightning's non-empty defaults are called."""
+
+    class Model(BoringModel):
+        def on_after_backward(self) -> None:
+            self.seen = True
+
+        def on_before_zero_grad(self, optimizer) -> None:
+            """Documented, nothing else."""
+
+    model = Model()
+    assert hooks.implements(model, "on_after_backward") and not hooks.implements(model, "on_before_zero_grad")
+    assert not hooks.implements(model, "on_train_batch_start") and not hooks.implements(
+        model, "on_before_backward"
+    )
+    for default_with_a_body in (
+        "transfer_batch_to_device",
+        "on_before_batch_transfer",
+        "optimizer_step",
+        "backward",
+    ):
+        assert hooks.implements(model, default_with_a_body)
+    model.on_before_backward = lambda loss: None
+    assert hooks.implements(model, "on_before_backward")
+    assert hooks.is_empty(lambda: None) and not hooks.is_empty(lambda: 0) and not hooks.is_empty(len)
+
+
 def test_a_configured_profiler_still_times_every_callback(tmp_path: Path, installed) -> None:
     profiler = SimpleProfiler()
     run(tmp_path, profiler=profiler)
     timed = set(profiler.recorded_durations)
     assert any(key.startswith("[Callback]") and key.endswith("OneHook.on_train_batch_start") for key in timed)
+    assert "[LightningModule]Recording.on_after_backward" in timed
+    assert "[Strategy]SingleDeviceStrategy.training_step" in timed
 
 
 @pytest.mark.parametrize("interval,expected_updates", [(0.0, 5), (3600.0, 2)])

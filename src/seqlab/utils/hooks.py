@@ -1,37 +1,63 @@
-"""Callback hook dispatch without per-call overhead for hooks a callback does not implement.
+"""Hook dispatch without per-call overhead: callbacks that do not implement a hook are not
+called, and no profiler context is opened when there is no profiler.
 
 Lightning's ``_call_callback_hooks`` calls every callback for every hook, each call wrapped in
 ``trainer.profiler.profile(f"[Callback]{callback.state_key}.{hook}")``: with the default
 (pass-through) profiler and a dozen callbacks that is ~25 us of Python per hook and six hooks per
 training step, although most callbacks implement none of them (``scripts/benchmark.py overhead``).
-``install()`` replaces it with a dispatch that calls only the callbacks overriding the hook, in
-the same order with the same arguments, and falls back to Lightning's own function whenever a
-profiler is configured (so ``debug=profiler`` still times every callback).
+Its ``_call_lightning_module_hook`` and ``_call_strategy_hook`` (about twenty calls per training
+step: the step, backward, optimizer step, zero_grad, clipping, the batch transfer and the no-op
+``on_before_backward``-style hooks) each format a debug message and open a profiler context too;
+right after the forward or backward pass, with the caches cold, that is ~5 us a call.
+``install()`` replaces the three with versions that call the same functions in the same order
+with the same arguments and ``_current_fx_name`` set the same way, minus the per-call overhead, and
+fall back to Lightning's own whenever a profiler is configured (so ``debug=profiler`` still times
+every hook).
 """
 
 from __future__ import annotations
 
+import dis
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.trainer import call
 
 _lightning_dispatch = call._call_callback_hooks
-#: (callback class, hook name) -> whether the class overrides the hook
-_overrides: dict[tuple[type, str], bool] = {}
+_lightning_module_hook = call._call_lightning_module_hook
+_lightning_strategy_hook = call._call_strategy_hook
+#: (class, hook name) -> whether the class's hook does anything
+_implemented: dict[tuple[type, str], bool] = {}
+#: what an empty body (docstring and/or ``pass``) compiles to: Python 3.11 / 3.12+
+_EMPTY_BODIES = ([("LOAD_CONST", None), ("RETURN_VALUE", None)], [("RETURN_CONST", None)])
 
 
-def implements(callback: Callback, hook_name: str) -> bool:
-    """Whether ``callback`` does anything in ``hook_name``: its class or the instance overrides
-    ``Callback``'s no-op (or the hook is not a ``Callback`` hook at all)."""
-    if hook_name in vars(callback):
+def is_empty(fn: Any) -> bool:
+    """Whether calling ``fn`` does nothing and returns None: a plain function whose body is only a
+    docstring or ``pass`` (the hooks of ``Callback`` and most of ``LightningModule``'s)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return False
+    body = [
+        (op.opname, op.argval)
+        for op in dis.get_instructions(code)
+        if op.opname not in ("RESUME", "NOP", "CACHE")
+    ]
+    return body in _EMPTY_BODIES
+
+
+def implements(obj: Any, hook_name: str) -> bool:
+    """Whether calling hook ``hook_name`` of ``obj`` (a callback or a LightningModule) can do
+    anything: set on the instance, or a class method with a body (an override of ``Callback``'s
+    no-op, a module's own ``on_after_backward``...). A hook the class lacks counts as implemented
+    (the call fails as it would in Lightning)."""
+    if hook_name in vars(obj):
         return True
-    key = (type(callback), hook_name)
-    found = _overrides.get(key)
+    key = (type(obj), hook_name)
+    found = _implemented.get(key)
     if found is None:
-        base = getattr(Callback, hook_name, None)
-        found = _overrides[key] = base is None or getattr(type(callback), hook_name, None) is not base
+        found = _implemented[key] = not is_empty(getattr(type(obj), hook_name, None))
     return found
 
 
@@ -61,14 +87,70 @@ def call_callback_hooks(
         pl_module._current_fx_name = prev_fx_name
 
 
+def call_lightning_module_hook(
+    trainer: Any, hook_name: str, *args: Any, pl_module: Any = None, **kwargs: Any
+) -> Any:
+    """``lightning.pytorch.trainer.call._call_lightning_module_hook`` without the debug message
+    and the profiler context, and without calling a hook whose body is empty (Lightning's own with
+    a profiler)."""
+    if type(trainer.profiler) is not PassThroughProfiler:
+        return _lightning_module_hook(trainer, hook_name, *args, pl_module=pl_module, **kwargs)
+    pl_module = pl_module or trainer.lightning_module
+    if pl_module is None:
+        raise TypeError("No `LightningModule` is available to call hooks on.")
+    if not implements(pl_module, hook_name):
+        return None
+    fn = getattr(pl_module, hook_name)
+    if not callable(fn):
+        return None
+    prev_fx_name = pl_module._current_fx_name
+    pl_module._current_fx_name = hook_name
+    output = fn(*args, **kwargs)
+    pl_module._current_fx_name = prev_fx_name
+    return output
+
+
+def call_strategy_hook(trainer: Any, hook_name: str, *args: Any, **kwargs: Any) -> Any:
+    """``lightning.pytorch.trainer.call._call_strategy_hook`` without the debug message and the
+    profiler context (Lightning's own with a profiler)."""
+    if type(trainer.profiler) is not PassThroughProfiler:
+        return _lightning_strategy_hook(trainer, hook_name, *args, **kwargs)
+    pl_module = trainer.lightning_module
+    prev_fx_name = pl_module._current_fx_name
+    pl_module._current_fx_name = hook_name
+    fn = getattr(trainer.strategy, hook_name)
+    if not callable(fn):
+        return None
+    output = fn(*args, **kwargs)
+    pl_module._current_fx_name = prev_fx_name
+    return output
+
+
+#: Lightning's function -> seqlab's, by name on ``lightning.pytorch.trainer.call``
+_DISPATCH = {
+    "_call_callback_hooks": (_lightning_dispatch, call_callback_hooks),
+    "_call_lightning_module_hook": (_lightning_module_hook, call_lightning_module_hook),
+    "_call_strategy_hook": (_lightning_strategy_hook, call_strategy_hook),
+}
+
+
 def install() -> None:
-    """Use ``call_callback_hooks`` for every Trainer of this process (idempotent). Lightning's
-    loops look the function up on ``lightning.pytorch.trainer.call`` at each call."""
-    call._call_callback_hooks = call_callback_hooks
+    """Use seqlab's dispatch for every Trainer of this process (idempotent). Lightning's loops
+    look the functions up on ``lightning.pytorch.trainer.call`` at each call."""
+    for name, (_, ours) in _DISPATCH.items():
+        setattr(call, name, ours)
 
 
 def uninstall() -> None:
-    call._call_callback_hooks = _lightning_dispatch
+    for name, (lightnings, _) in _DISPATCH.items():
+        setattr(call, name, lightnings)
 
 
-__all__ = ["call_callback_hooks", "implements", "install", "uninstall"]
+__all__ = [
+    "call_callback_hooks",
+    "call_lightning_module_hook",
+    "call_strategy_hook",
+    "implements",
+    "install",
+    "uninstall",
+]
