@@ -1,5 +1,6 @@
-"""Hook dispatch without per-call overhead: callbacks that do not implement a hook are not
-called, and no profiler context is opened when there is no profiler.
+"""Hook dispatch without per-call overhead: a hook whose body is empty (``Callback``'s no-ops,
+most of ``LightningModule``'s defaults) is not called, and no profiler context is opened when
+there is no profiler.
 
 Lightning's ``_call_callback_hooks`` calls every callback for every hook, each call wrapped in
 ``trainer.profiler.profile(f"[Callback]{callback.state_key}.{hook}")``: with the default
