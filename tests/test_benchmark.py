@@ -237,3 +237,4 @@ def test_the_ablation_runs_every_variant_and_restores_the_dispatch(tmp_path: Pat
     assert all(r["step_ms"] > 0 and len(r["epoch_means_ms"]) == 1 for r in rows)
     assert "on_train_batch_end" in lightning_calls  # the one variant ran with Lightning's dispatch
     assert call._call_callback_hooks is hooks.call_callback_hooks  # and seqlab's is back
+    assert call._call_lightning_module_hook is hooks.call_lightning_module_hook

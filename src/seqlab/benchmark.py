@@ -437,7 +437,8 @@ def _trainer_run(
 ) -> nn.Module:
     """One ``fit`` through seqlab's own builders, as ``python train.py`` makes it (default
     callbacks and loggers); validation runs between epochs, outside the timed steps.
-    ``seqlab_hooks=False``: Lightning's own callback dispatch instead of ``seqlab.utils.hooks``."""
+    ``seqlab_hooks=False``: Lightning's own hook dispatch (callback, module and strategy hooks)
+    instead of ``seqlab.utils.hooks``."""
     import lightning as L
 
     from seqlab.train import build_callbacks, build_datamodule, build_loggers, build_task, build_trainer
@@ -535,9 +536,9 @@ def bench_overhead(
 
 
 #: what the ablation takes away from the default Trainer path, one thing at a time (extra
-#: overrides; ``None``: Lightning's callback dispatch instead of seqlab's)
+#: overrides; ``None``: Lightning's hook dispatch instead of seqlab's)
 OVERHEAD_ABLATIONS: dict[str, tuple[str, ...] | None] = {
-    "Lightning's callback dispatch": None,
+    "Lightning's hook dispatch": None,
     "no progress bar": ("callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false"),
     "no per-step logging": ("trainer.log_every_n_steps=1000000",),
     "no optional callbacks": (

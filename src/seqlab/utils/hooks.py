@@ -127,24 +127,18 @@ def call_strategy_hook(trainer: Any, hook_name: str, *args: Any, **kwargs: Any) 
     return output
 
 
-#: Lightning's function -> seqlab's, by name on ``lightning.pytorch.trainer.call``
-_DISPATCH = {
-    "_call_callback_hooks": (_lightning_dispatch, call_callback_hooks),
-    "_call_lightning_module_hook": (_lightning_module_hook, call_lightning_module_hook),
-    "_call_strategy_hook": (_lightning_strategy_hook, call_strategy_hook),
-}
-
-
 def install() -> None:
     """Use seqlab's dispatch for every Trainer of this process (idempotent). Lightning's loops
     look the functions up on ``lightning.pytorch.trainer.call`` at each call."""
-    for name, (_, ours) in _DISPATCH.items():
-        setattr(call, name, ours)
+    call._call_callback_hooks = call_callback_hooks
+    call._call_lightning_module_hook = call_lightning_module_hook
+    call._call_strategy_hook = call_strategy_hook
 
 
 def uninstall() -> None:
-    for name, (lightnings, _) in _DISPATCH.items():
-        setattr(call, name, lightnings)
+    call._call_callback_hooks = _lightning_dispatch
+    call._call_lightning_module_hook = _lightning_module_hook
+    call._call_strategy_hook = _lightning_strategy_hook
 
 
 __all__ = [
