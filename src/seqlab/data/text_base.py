@@ -1,10 +1,11 @@
 """What every tokenized-text datamodule shares: flat id storage, padded batches, the cache, loaders.
 
 Text splits are stored as one flat ``int32`` tensor of token ids per split plus offsets
-(``FlatSequences``), gathered into right-padded batches by the datasets' ``__getitem__`` (an
-index tensor in, a batch out); processed data is written to ``cache_dir/<name>-<key>/``
-atomically (``publish``); loaders cut each global batch into per-process slices with
-``BucketSampler``, which hands each step's indices over as one tensor.
+(``FlatSequences``), gathered into right-padded batches by the datasets' ``batches`` (index
+tensors in, batches out; the training loader asks for 32 at a time) and ``__getitem__`` (one);
+processed data is written to ``cache_dir/<name>-<key>/`` atomically (``publish``); loaders cut
+each global batch into per-process slices with ``BucketSampler``, which hands each step's
+indices over as one tensor.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def publish(target: Path, write: Callable[[Path], None]) -> None:
 
 class BatchedTextDataModule(L.LightningDataModule):
     """Loaders over ``self.datasets``: datasets with ``lengths`` whose ``__getitem__`` takes an
-    index tensor and returns the padded batch.
+    index tensor and returns the padded batch, and whose ``batches`` does so for several.
 
     ``batch_size`` is the global batch: each of N processes gets ``batch_size / N`` of it, so
     results compare whatever the device count.
