@@ -165,6 +165,37 @@ def test_module_hooks_with_empty_bodies_are_not_called(installed) -> None:
     assert hooks.is_empty(lambda: None) and not hooks.is_empty(lambda: 0) and not hooks.is_empty(len)
 
 
+def test_the_remembered_signature_check_answers_as_lightnings(installed) -> None:
+    import functools
+    import gc
+    import weakref
+
+    from lightning.pytorch.loops import training_epoch_loop
+
+    class Model(BoringModel):
+        def with_index(self, batch, batch_idx): ...
+
+        def without_index(self, batch): ...
+
+        def star(self, *args): ...
+
+        @functools.wraps(without_index)
+        def decorated(self, *args, **kwargs): ...
+
+    model = Model()
+    assert training_epoch_loop.is_param_in_hook_signature is hooks.is_param_in_hook_signature
+    for name in ("with_index", "without_index", "star", "decorated", "training_step"):
+        for kwargs in ({}, {"min_args": 2}, {"explicit": True}):
+            for _ in range(2):  # computed, then remembered
+                ours = hooks.is_param_in_hook_signature(getattr(model, name), "batch_idx", **kwargs)
+                assert ours == hooks._lightning_signature_check(getattr(model, name), "batch_idx", **kwargs)
+    assert hooks.is_param_in_hook_signature(lambda batch, batch_idx: None, "batch_idx")
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None, "the cache keeps no module alive"
+
+
 def test_a_configured_profiler_still_times_every_callback(tmp_path: Path, installed) -> None:
     profiler = SimpleProfiler()
     run(tmp_path, profiler=profiler)

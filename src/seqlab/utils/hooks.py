@@ -10,6 +10,8 @@ Its ``_call_lightning_module_hook`` and ``_call_strategy_hook`` (about twenty ca
 step: the step, backward, optimizer step, zero_grad, clipping, the batch transfer and the no-op
 ``on_before_backward``-style hooks) each format a debug message and open a profiler context too;
 right after the forward or backward pass, with the caches cold, that is ~5 us a call.
+The training loop also inspects ``training_step``'s signature on every step (~25 us);
+seqlab's check remembers the answer per function.
 ``install()`` replaces the three with versions that call the same functions in the same order
 with the same arguments and ``_current_fx_name`` set the same way, minus the per-call overhead, and
 fall back to Lightning's own whenever a profiler is configured (so ``debug=profiler`` still times
@@ -19,15 +21,18 @@ every hook).
 from __future__ import annotations
 
 import dis
+import functools
 from typing import Any
 
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
+from lightning.pytorch.loops import training_epoch_loop
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.trainer import call
 
 _lightning_dispatch = call._call_callback_hooks
 _lightning_module_hook = call._call_lightning_module_hook
 _lightning_strategy_hook = call._call_strategy_hook
+_lightning_signature_check = training_epoch_loop.is_param_in_hook_signature
 #: (class, hook name) -> whether the class's hook does anything
 _implemented: dict[tuple[type, str], bool] = {}
 #: what an empty body (docstring and/or ``pass``) compiles to: Python 3.11 / 3.12+
@@ -127,18 +132,40 @@ def call_strategy_hook(trainer: Any, hook_name: str, *args: Any, **kwargs: Any) 
     return output
 
 
+@functools.lru_cache(maxsize=256)
+def _signature_check(fn: Any, param: str, explicit: bool, min_args: int | None) -> bool:
+    return _lightning_signature_check(fn, param, explicit=explicit, min_args=min_args)
+
+
+def is_param_in_hook_signature(
+    hook_fx: Any, param: str, explicit: bool = False, min_args: int | None = None
+) -> bool:
+    """Lightning's ``is_param_in_hook_signature``, remembered per function: the training loop
+    asks it whether ``training_step`` takes ``batch_idx`` on every step (``inspect.getfullargspec``,
+    ~25 us). Keyed by the function under a bound method (the same argument list, ``self``
+    included), so no module is kept alive by the cache."""
+    fn = getattr(hook_fx, "__func__", hook_fx)
+    try:
+        return _signature_check(fn, param, explicit, min_args)
+    except TypeError:  # an unhashable callable
+        return _lightning_signature_check(hook_fx, param, explicit=explicit, min_args=min_args)
+
+
 def install() -> None:
     """Use seqlab's dispatch for every Trainer of this process (idempotent). Lightning's loops
-    look the functions up on ``lightning.pytorch.trainer.call`` at each call."""
+    look the functions up on ``lightning.pytorch.trainer.call`` (and the signature check on the
+    training loop's module) at each call."""
     call._call_callback_hooks = call_callback_hooks
     call._call_lightning_module_hook = call_lightning_module_hook
     call._call_strategy_hook = call_strategy_hook
+    training_epoch_loop.is_param_in_hook_signature = is_param_in_hook_signature
 
 
 def uninstall() -> None:
     call._call_callback_hooks = _lightning_dispatch
     call._call_lightning_module_hook = _lightning_module_hook
     call._call_strategy_hook = _lightning_strategy_hook
+    training_epoch_loop.is_param_in_hook_signature = _lightning_signature_check
 
 
 __all__ = [
@@ -147,5 +174,6 @@ __all__ = [
     "call_strategy_hook",
     "implements",
     "install",
+    "is_param_in_hook_signature",
     "uninstall",
 ]
