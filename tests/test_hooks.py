@@ -231,3 +231,47 @@ def test_the_progress_bar_updates_by_time_and_ends_each_epoch_complete(
     )  # fmt: skip
     trainer.fit(BoringModel())
     assert len(updates) == 2 * expected_updates and updates[-1] == 5
+
+
+def test_the_training_loss_is_shown_without_a_conversion_per_step(tmp_path: Path, make_cfg) -> None:
+    """seqlab's tasks log ``train/loss`` at logging steps without ``prog_bar``, so Lightning does
+    not convert a progress-bar value to a number (``.item()``: a device synchronisation on a GPU)
+    after every training step; the bar still shows the loss, from the callback metrics."""
+    from lightning.pytorch.trainer.connectors.logger_connector import result
+
+    from seqlab.callbacks import RichProgressBar
+    from seqlab.train import build_datamodule, build_task
+
+    conversions: list[int] = []
+    original = result.convert_tensors_to_scalars
+
+    def counting(value):
+        conversions.append((trainer.global_step, trainer.state.stage))
+        return original(value)
+
+    class Steps(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.steps = getattr(self, "steps", 0) + 1
+
+    cfg = make_cfg("trainer.accelerator=cpu", "model=lstm", "model.d_model=16", "model.num_layers=1")
+    datamodule = build_datamodule(cfg.data)
+    task = build_task(cfg.task, cfg.model, datamodule)
+    bar, steps = RichProgressBar(), Steps()
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=2, limit_train_batches=12, limit_val_batches=1, log_every_n_steps=5,
+        callbacks=[bar, steps], enable_checkpointing=False, enable_model_summary=False, logger=False,
+    )  # fmt: skip
+    hooks.install()
+    original_log = task.log
+    logged = []
+    task.log = lambda name, *args, **kwargs: logged.append(name) or original_log(name, *args, **kwargs)
+    result.convert_tensors_to_scalars = counting
+    try:
+        trainer.fit(task, datamodule=datamodule)
+    finally:
+        result.convert_tensors_to_scalars = original
+    assert steps.steps == 24 and logged.count("train/loss") == 4  # steps 5, 10, 15, 20
+    assert [step for step, stage in conversions if stage == "train"] == [], (
+        "no conversion after training steps"
+    )
+    assert isinstance(bar.get_metrics(trainer, task)["train/loss"], float)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -18,15 +19,36 @@ class RichProgressBar(LightningRichProgressBar):
     read back and reformatted) costs ~0.1-0.2 ms per step, a few percent of a small model's step
     (``scripts/benchmark.py overhead``).
 
+    It also shows the callback metrics named in ``show`` (``train/loss``), read when the bar
+    updates: logged without ``prog_bar=True``, they are not converted to numbers after every step
+    (Lightning does that for the last logged progress-bar values, a device synchronisation per
+    step on a GPU).
+
     Args:
         update_interval_s: seconds between two updates of the training bar (0: every batch).
+        show: callback metrics shown with the progress-bar metrics.
         *args, **kwargs: as for Lightning's ``RichProgressBar`` (``refresh_rate``, ``leave``, ``theme``, ...).
     """
 
-    def __init__(self, *args: Any, update_interval_s: float = 0.25, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        update_interval_s: float = 0.25,
+        show: Sequence[str] = ("train/loss",),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.update_interval_s = update_interval_s
+        self.show = tuple(show)
         self._last_update = -math.inf
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float | dict[str, float]]:  # fmt: skip
+        items = super().get_metrics(trainer, pl_module)
+        for name in self.show:
+            value = trainer.callback_metrics.get(name)
+            if value is not None and name not in items:
+                items[name] = float(value)
+        return items
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)

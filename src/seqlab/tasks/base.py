@@ -173,16 +173,19 @@ class SeqTask(L.LightningModule):
         raise NotImplementedError
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """The loss of ``step_loss``. ``train/loss`` is logged (and shown in the progress bar) at
-        Lightning's logging steps only, the only steps its loggers write: a ``self.log`` call
-        costs ~0.5 ms of Python on every step it is made (measured by ``scripts/benchmark.py
-        overhead``). ``train/loss_epoch`` is the mean over the epoch, reduced once at its end."""
+        """The loss of ``step_loss``. ``train/loss`` is logged at Lightning's logging steps only,
+        the only steps its loggers write: a ``self.log`` call costs ~0.5 ms of Python on every
+        step it is made (measured by ``scripts/benchmark.py overhead``). Not with
+        ``prog_bar=True``: Lightning converts the last logged progress-bar value to a number
+        after *every* step (``.item()``, a device synchronisation on a GPU); seqlab's progress
+        bar shows it from the callback metrics when it redraws. ``train/loss_epoch`` is the mean
+        over the epoch, reduced once at its end."""
         loss = self.step_loss(batch)
         detached = loss.detach()
         self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
         self._train_loss_steps += 1
         if self._logging_step():
-            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+            self.log("train/loss", loss, on_step=True, on_epoch=False)
         return loss
 
     def _logging_step(self) -> bool:
