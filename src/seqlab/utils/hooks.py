@@ -12,10 +12,10 @@ step: the step, backward, optimizer step, zero_grad, clipping, the batch transfe
 right after the forward or backward pass, with the caches cold, that is ~5 us a call.
 The training loop also inspects ``training_step``'s signature on every step (~25 us);
 seqlab's check remembers the answer per function.
-``install()`` replaces the three with versions that call the same functions in the same order
-with the same arguments and ``_current_fx_name`` set the same way, minus the per-call overhead, and
-fall back to Lightning's own whenever a profiler is configured (so ``debug=profiler`` still times
-every hook).
+``install()`` replaces the three dispatchers (and the check) with versions that call the same
+functions in the same order with the same arguments and ``_current_fx_name`` set the same way,
+minus the per-call overhead, and fall back to Lightning's own whenever a profiler is configured
+(so ``debug=profiler`` still times every hook).
 """
 
 from __future__ import annotations
