@@ -233,7 +233,9 @@ def test_the_progress_bar_updates_by_time_and_ends_each_epoch_complete(
     assert len(updates) == 2 * expected_updates and updates[-1] == 5
 
 
-def test_the_training_loss_is_shown_without_a_conversion_per_step(tmp_path: Path, make_cfg) -> None:
+def test_the_training_loss_is_shown_without_a_conversion_per_step(
+    tmp_path: Path, make_cfg, installed
+) -> None:
     """seqlab's tasks log ``train/loss`` at logging steps without ``prog_bar``, so Lightning does
     not convert a progress-bar value to a number (``.item()``: a device synchronisation on a GPU)
     after every training step; the bar still shows the loss, from the callback metrics."""
@@ -261,7 +263,6 @@ def test_the_training_loss_is_shown_without_a_conversion_per_step(tmp_path: Path
         default_root_dir=tmp_path, max_epochs=2, limit_train_batches=12, limit_val_batches=1, log_every_n_steps=5,
         callbacks=[bar, steps], enable_checkpointing=False, enable_model_summary=False, logger=False,
     )  # fmt: skip
-    hooks.install()
     original_log = task.log
     logged = []
     task.log = lambda name, *args, **kwargs: logged.append(name) or original_log(name, *args, **kwargs)

@@ -344,7 +344,7 @@ def test_batches_gathered_together_equal_batches_gathered_alone() -> None:
         assert ids.tolist() == [row + [PAD_ID] * (width - len(row)) for row in rows]
         assert pad_mask.tolist() == [[False] * len(row) + [True] * (width - len(row)) for row in rows]
         assert ids.dtype == torch.long and ids.is_contiguous() and pad_mask.is_contiguous()
-        alone_ids, alone_mask = flat.padded(index)
+        ((alone_ids, alone_mask),) = flat.padded_batches([index])
         assert torch.equal(alone_ids, ids) and torch.equal(alone_mask, pad_mask)
 
 

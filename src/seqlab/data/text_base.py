@@ -46,12 +46,9 @@ class FlatSequences:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def padded(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """Rows ``index`` right-padded: ids [B,T] (``PAD_ID`` in the padding) and pad_mask [B,T] (True = pad)."""
-        return self.padded_batches([index])[0]
-
     def padded_batches(self, indices: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-        """``padded`` for several batches at once, each padded to its own longest row.
+        """Batches of rows (one index tensor each), each right-padded to its own longest row:
+        ids [B,T] (``PAD_ID`` in the padding) and pad_mask [B,T] (True = pad).
 
         One pass of a few ops over all of them: the batches are laid out one after the other in
         one flat buffer (batch k: its rows x its width), so every batch's ids and mask are
