@@ -137,21 +137,6 @@ def test_ett_trains_and_beats_repeat_last(make_cfg, ett_dir: Path) -> None:
     assert summary["metrics"]["test/orig_mse"] > summary["metrics"]["test/mse"]
 
 
-def test_csv_metrics_survive_a_second_writer(tmp_path: Path) -> None:
-    """A resumed run or a spawned test stage appends to metrics.csv with new columns, losing nothing."""
-    from seqlab.utils.csv_logger import CSVLogger
-
-    first = CSVLogger(save_dir=str(tmp_path), name="", version="")
-    first.log_metrics({"train/loss": 1.0}, step=0)
-    first.save()
-    second = CSVLogger(save_dir=str(tmp_path), name="", version="")
-    second.log_metrics({"test/mse": 0.5}, step=1)
-    second.save()
-    lines = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert lines[0] == "step,test/mse,train/loss"
-    assert lines[1:] == ["0,,1.0", "1,0.5,"]
-
-
 def test_a_failed_checkpoint_save_leaves_the_previous_file_intact(tmp_path: Path) -> None:
     from seqlab.utils.checkpoint_io import AtomicCheckpointIO
 

@@ -4,13 +4,24 @@ Lightning's writer deletes an existing ``metrics.csv`` when it is created and, w
 writer (a ``ddp_spawn`` test stage, a resumed run) adds new columns, rewrites the file with its
 own columns only and fails ("dict contains fields not in fieldnames"). This one keeps every row
 and widens the header to the union of all columns.
+
+It also writes less often. Lightning's Trainer calls ``save()`` after every ``log_metrics``, so its
+CSV logger opens and appends to the file at every logging step (which makes its
+``flush_logs_every_n_steps`` moot). Here ``save()`` writes the buffered rows when
+``flush_interval_s`` seconds have passed since the last write; rows are also written after
+every checkpoint (the metrics up to a checkpoint are on disk whenever it is) and when the run
+ends, fails or is interrupted (Lightning's ``finalize``), or on ``flush()``. A killed process
+(SIGKILL, out of memory) loses at most the last ``flush_interval_s`` seconds of rows.
 """
 
 from __future__ import annotations
 
 import csv
+import time
+from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -42,7 +53,39 @@ class AppendingExperimentWriter(ExperimentWriter):
 
 
 class CSVLogger(LightningCSVLogger):
-    """Lightning's ``CSVLogger`` with the appending writer above."""
+    """Lightning's ``CSVLogger`` with the appending writer above, writing at most every
+    ``flush_interval_s`` seconds (0: at every ``save()``, as Lightning's), after every checkpoint
+    and at the end of the run."""
+
+    def __init__(self, *args: Any, flush_interval_s: float = 5.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if flush_interval_s < 0:
+            raise ValueError(f"CSVLogger: flush_interval_s must be >= 0 seconds, got {flush_interval_s}")
+        self.flush_interval_s = flush_interval_s
+        self._last_write = time.monotonic()
+
+    @rank_zero_only
+    def save(self) -> None:
+        """Write the buffered rows if ``flush_interval_s`` has passed since the last write (the
+        Trainer calls this after every ``log_metrics``)."""
+        if time.monotonic() - self._last_write >= self.flush_interval_s:
+            self.flush()
+
+    @rank_zero_only
+    def flush(self) -> None:
+        """Write the buffered rows now."""
+        super().save()
+        self._last_write = time.monotonic()
+
+    @rank_zero_only
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        if self._experiment is not None:
+            self.flush()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self._experiment is not None:  # None: a launcher process that logged nothing
+            self.flush()
 
     @property
     @rank_zero_experiment
