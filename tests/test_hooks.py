@@ -196,6 +196,107 @@ def test_the_remembered_signature_check_answers_as_lightnings(installed) -> None
     assert alive() is None, "the cache keeps no module alive"
 
 
+def test_data_hooks_run_where_lightnings_selector_runs_them(tmp_path: Path, installed) -> None:
+    """The batch transfer's data hooks run on the datamodule or the module as Lightning picks
+    them; seqlab asks which once per fit and hook, not for every batch."""
+    import torch
+    from lightning.pytorch.demos.boring_classes import BoringDataModule
+    from lightning.pytorch.trainer.connectors import data_connector
+
+    def fit(log: list) -> None:
+        class Data(BoringDataModule):
+            def transfer_batch_to_device(self, batch, device, dataloader_idx):
+                log.append(("datamodule", "transfer_batch_to_device"))
+                return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+        class Model(BoringModel):
+            def on_after_batch_transfer(self, batch, dataloader_idx):
+                log.append(("module", "on_after_batch_transfer"))
+                return batch * 1
+
+        torch.manual_seed(0)
+        trainer = L.Trainer(
+            default_root_dir=tmp_path, max_epochs=2, limit_train_batches=4, limit_val_batches=2,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(Model(), datamodule=Data())
+
+    asked: list[str] = []
+    original = data_connector.is_overridden
+    data_hooks = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+
+    def counting(name, *args, **kwargs):
+        if name in data_hooks:
+            asked.append(name)
+        return original(name, *args, **kwargs)
+
+    data_connector.is_overridden = counting
+    try:
+        hooks.uninstall()
+        expected: list = []
+        fit(expected)
+        asked_by_lightning = len(asked)
+        asked.clear()
+        hooks.install()
+        ours: list = []
+        fit(ours)
+    finally:
+        data_connector.is_overridden = original
+    assert ours == expected
+    assert expected.count(("datamodule", "transfer_batch_to_device")) == 2 * 4 + 2 * 2 + 2  # + sanity check
+    assert expected.count(("module", "on_after_batch_transfer")) == 2 * 4 + 2 * 2 + 2
+    # Lightning: up to two checks per hook and batch; seqlab: up to two per hook
+    assert asked_by_lightning >= 3 * 14 and len(asked) <= 2 * 3, "once per hook and fit, not per batch"
+
+
+def test_the_closure_result_skips_only_the_division_by_one(installed) -> None:
+    import torch
+
+    weight = torch.tensor(3.0, requires_grad=True)
+    loss = weight * 2
+    result = hooks.ClosureResultUndivided.from_training_step_output(loss, 1)
+    assert result.closure_loss is loss
+    assert result.loss == loss and not result.loss.requires_grad
+    assert result.loss.data_ptr() != loss.data_ptr(), "the reported loss is still a copy"
+    accumulated = hooks.ClosureResultUndivided.from_training_step_output(loss, 4)
+    assert accumulated.closure_loss == loss / 4 and accumulated.loss == 1.5
+    mapping = hooks.ClosureResultUndivided.from_training_step_output({"loss": loss, "extra": 7}, 1)
+    assert mapping.closure_loss == loss and mapping.extra == {"extra": 7}
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_training_gives_the_same_weights_as_with_lightnings_loop(tmp_path: Path, accumulate: int) -> None:
+    import torch
+
+    class Model(BoringModel):
+        def training_step(self, batch, batch_idx):
+            return self.step(batch)  # a tensor, as seqlab's tasks return
+
+    def fit() -> dict:
+        torch.manual_seed(0)
+        model = Model()
+        trainer = L.Trainer(
+            default_root_dir=tmp_path, max_epochs=2, limit_train_batches=6, limit_val_batches=1,
+            accumulate_grad_batches=accumulate, gradient_clip_val=100.0, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(model)
+        return {name: value.clone() for name, value in model.state_dict().items()}
+
+    hooks.uninstall()
+    try:
+        expected = fit()
+    finally:
+        hooks.install()
+    try:
+        ours = fit()
+    finally:
+        hooks.uninstall()
+    assert ours.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(ours[name], expected[name]), name
+
+
 def test_a_configured_profiler_still_times_every_callback(tmp_path: Path, installed) -> None:
     profiler = SimpleProfiler()
     run(tmp_path, profiler=profiler)

@@ -11,11 +11,15 @@ step: the step, backward, optimizer step, zero_grad, clipping, the batch transfe
 ``on_before_backward``-style hooks) each format a debug message and open a profiler context too;
 right after the forward or backward pass, with the caches cold, that is ~5 us a call.
 The training loop also inspects ``training_step``'s signature on every step (~25 us);
-seqlab's check remembers the answer per function.
-``install()`` replaces the three dispatchers (and the check) with versions that call the same
-functions in the same order with the same arguments and ``_current_fx_name`` set the same way,
-minus the per-call overhead, and fall back to Lightning's own whenever a profiler is configured
-(so ``debug=profiler`` still times every hook).
+seqlab's check remembers the answer per function. The batch transfer asks, for each of its three
+data hooks on every batch, whether the datamodule or the module overrides it (``is_overridden``,
+twice per hook); seqlab's selector remembers the answer per fit. And the optimisation loop
+divides the loss by the number of accumulated batches even when that is 1 (a division and its
+backward node per step); seqlab's closure result skips the division by 1.
+``install()`` replaces the three dispatchers (and the check, the selector and the closure result)
+with versions that call the same functions in the same order with the same arguments and
+``_current_fx_name`` set the same way, minus the per-call overhead, and fall back to Lightning's
+own whenever a profiler is configured (so ``debug=profiler`` still times every hook).
 """
 
 from __future__ import annotations
@@ -26,13 +30,18 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
 from lightning.pytorch.loops import training_epoch_loop
+from lightning.pytorch.loops.optimization.automatic import ClosureResult, _AutomaticOptimization
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.trainer import call
+from lightning.pytorch.trainer.connectors.data_connector import _DataHookSelector
+from torch import Tensor
 
 _lightning_dispatch = call._call_callback_hooks
 _lightning_module_hook = call._call_lightning_module_hook
 _lightning_strategy_hook = call._call_strategy_hook
 _lightning_signature_check = training_epoch_loop.is_param_in_hook_signature
+_lightning_data_hook_owner = _DataHookSelector.get_instance
+_lightning_closure_result = _AutomaticOptimization.output_result_cls
 #: (class, hook name) -> whether the class's hook does anything
 _implemented: dict[tuple[type, str], bool] = {}
 #: what an empty body (docstring and/or ``pass``) compiles to: Python 3.11 / 3.12+
@@ -151,6 +160,29 @@ def is_param_in_hook_signature(
         return _lightning_signature_check(hook_fx, param, explicit=explicit, min_args=min_args)
 
 
+def data_hook_owner(selector: _DataHookSelector, hook_name: str) -> Any:
+    """Lightning's ``_DataHookSelector.get_instance`` (whether the datamodule or the module runs
+    the data hook ``hook_name``), remembered per selector: Lightning makes a new one for every
+    ``fit``/``validate``/``test`` call, and the answer (which class overrides the hook) does not
+    change within one."""
+    owners = selector.__dict__.setdefault("_seqlab_owners", {})
+    owner = owners.get(hook_name)
+    if owner is None:
+        owner = owners[hook_name] = _lightning_data_hook_owner(selector, hook_name)
+    return owner
+
+
+class ClosureResultUndivided(ClosureResult):
+    """Lightning's ``ClosureResult`` without dividing the loss by 1 when no gradients are
+    accumulated (the same value, gradients and outputs: ``x / 1 == x`` exactly)."""
+
+    @classmethod
+    def from_training_step_output(cls, training_step_output: Any, normalize: int = 1) -> ClosureResult:
+        if normalize == 1 and isinstance(training_step_output, Tensor):
+            return cls(training_step_output)
+        return super().from_training_step_output(training_step_output, normalize)
+
+
 def install() -> None:
     """Use seqlab's dispatch for every Trainer of this process (idempotent). Lightning's loops
     look the functions up on ``lightning.pytorch.trainer.call`` (and the signature check on the
@@ -159,6 +191,8 @@ def install() -> None:
     call._call_lightning_module_hook = call_lightning_module_hook
     call._call_strategy_hook = call_strategy_hook
     training_epoch_loop.is_param_in_hook_signature = is_param_in_hook_signature
+    _DataHookSelector.get_instance = data_hook_owner
+    _AutomaticOptimization.output_result_cls = ClosureResultUndivided
 
 
 def uninstall() -> None:
@@ -166,12 +200,16 @@ def uninstall() -> None:
     call._call_lightning_module_hook = _lightning_module_hook
     call._call_strategy_hook = _lightning_strategy_hook
     training_epoch_loop.is_param_in_hook_signature = _lightning_signature_check
+    _DataHookSelector.get_instance = _lightning_data_hook_owner
+    _AutomaticOptimization.output_result_cls = _lightning_closure_result
 
 
 __all__ = [
+    "ClosureResultUndivided",
     "call_callback_hooks",
     "call_lightning_module_hook",
     "call_strategy_hook",
+    "data_hook_owner",
     "implements",
     "install",
     "is_param_in_hook_signature",
