@@ -230,11 +230,17 @@ def test_the_ablation_runs_every_variant_and_restores_the_dispatch(tmp_path: Pat
         return original(*args, **kwargs)
 
     monkeypatch.setattr(hooks, "_lightning_dispatch", counting)
+    import seqlab.train
+
+    with_loggers = []
+    build_loggers = seqlab.train.build_loggers
+    monkeypatch.setattr(seqlab.train, "build_loggers", lambda *a: with_loggers.append(1) or build_loggers(*a))
     with_bar = [o for o in SMALL_LSTM if "rich_progress_bar" not in o]  # one variant removes it
     rows = bench.bench_ablation(with_bar, epochs=1, repeats=1)
     assert [r["variant"] for r in rows] == ["plain loop", "default", *bench.OVERHEAD_ABLATIONS]
     assert rows[0]["ratio_to_plain"] == 1.0 and rows[1]["vs_default_ms"] == 0.0
     assert all(r["step_ms"] > 0 and len(r["epoch_means_ms"]) == 1 for r in rows)
-    assert "on_train_batch_end" in lightning_calls  # the one variant ran with Lightning's dispatch
+    assert "on_train_batch_end" in lightning_calls  # the variants with Lightning's dispatch ran it
+    assert len(with_loggers) == len(rows) - 3, "the two bare loops run without any logger"
     assert call._call_callback_hooks is hooks.call_callback_hooks  # and seqlab's is back
     assert call._call_lightning_module_hook is hooks.call_lightning_module_hook

@@ -19,6 +19,7 @@ statistics) it is the activation memory autograd keeps for the backward pass.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
 import json
@@ -433,12 +434,18 @@ def _timer_callback(timer: StepTimer):
 
 
 def _trainer_run(
-    overrides: Sequence[str], epochs: int, timer: StepTimer, workdir: Path, seqlab_hooks: bool = True
+    overrides: Sequence[str],
+    epochs: int,
+    timer: StepTimer,
+    workdir: Path,
+    seqlab_hooks: bool = True,
+    loggers: bool = True,
 ) -> nn.Module:
     """One ``fit`` through seqlab's own builders, as ``python train.py`` makes it (default
     callbacks and loggers); validation runs between epochs, outside the timed steps.
     ``seqlab_hooks=False``: Lightning's own hook dispatch (callback, module and strategy hooks)
-    instead of ``seqlab.utils.hooks``."""
+    instead of ``seqlab.utils.hooks``; ``loggers=False``: no logger at all (not even the CSV
+    logger every run keeps)."""
     import lightning as L
 
     from seqlab.train import build_callbacks, build_datamodule, build_loggers, build_task, build_trainer
@@ -452,7 +459,7 @@ def _trainer_run(
     datamodule = build_datamodule(cfg.data)
     task = build_task(cfg.task, cfg.model, datamodule)
     callbacks = [*build_callbacks(cfg.callbacks), _timer_callback(timer)]
-    trainer = build_trainer(cfg, callbacks, build_loggers(cfg.get("logger"), workdir))
+    trainer = build_trainer(cfg, callbacks, build_loggers(cfg.get("logger"), workdir) if loggers else [])
     if not seqlab_hooks:
         hooks.uninstall()
     try:
@@ -535,21 +542,40 @@ def bench_overhead(
     }
 
 
-#: what the ablation takes away from the default Trainer path, one thing at a time (extra
-#: overrides; ``None``: Lightning's hook dispatch instead of seqlab's)
-OVERHEAD_ABLATIONS: dict[str, tuple[str, ...] | None] = {
-    "Lightning's hook dispatch": None,
-    "no progress bar": ("callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false"),
-    "no per-step logging": ("trainer.log_every_n_steps=1000000",),
-    "no optional callbacks": (
-        "callbacks=none", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+@dataclasses.dataclass(frozen=True)
+class Ablation:
+    """A variant of the default Trainer path: extra ``train.py`` overrides, Lightning's own hook
+    dispatch instead of seqlab's (``seqlab_hooks=False``), no logger at all (``loggers=False``)."""
+
+    overrides: tuple[str, ...] = ()
+    seqlab_hooks: bool = True
+    loggers: bool = True
+
+
+#: a Trainer with nothing of seqlab's around the step: no callbacks, logger, checkpointing,
+#: progress bar or summary (the floor of Lightning's own loop)
+_BARE = (
+    "callbacks=none", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+    "+trainer.enable_checkpointing=false",
+)  # fmt: skip
+
+#: what the ablation takes away from the default Trainer path, one thing at a time, and the bare
+#: Lightning loop with either dispatch
+OVERHEAD_ABLATIONS: dict[str, Ablation] = {
+    "Lightning's hook dispatch": Ablation(seqlab_hooks=False),
+    "no progress bar": Ablation(("callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false")),
+    "no per-step logging": Ablation(("trainer.log_every_n_steps=1000000",)),
+    "no optional callbacks": Ablation(
+        ("callbacks=none", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false")
     ),
-}  # fmt: skip
+    "bare Lightning loop": Ablation(_BARE, loggers=False),
+    "bare Lightning loop, Lightning's dispatch": Ablation(_BARE, seqlab_hooks=False, loggers=False),
+}
 
 
 def bench_ablation(
     overrides: Sequence[str] = OVERHEAD_OVERRIDES,
-    ablations: dict[str, tuple[str, ...] | None] = OVERHEAD_ABLATIONS,
+    ablations: dict[str, Ablation] = OVERHEAD_ABLATIONS,
     epochs: int = 2,
     repeats: int = 3,
 ) -> list[dict[str, Any]]:
@@ -564,10 +590,11 @@ def bench_ablation(
                 if name == "plain loop":
                     _plain_run(list(overrides), epochs, timer, workdir)
                 else:
-                    extra = ablations.get(name, ())
+                    ablation = ablations.get(name, Ablation())
                     _trainer_run(
-                        [*overrides, *(extra or ())], epochs, timer, workdir, seqlab_hooks=extra is not None
-                    )
+                        [*overrides, *ablation.overrides], epochs, timer, workdir,
+                        seqlab_hooks=ablation.seqlab_hooks, loggers=ablation.loggers,
+                    )  # fmt: skip
                 runs[name].extend(timer.per_epoch_mean())
     medians = {name: statistics.median(values) * 1e3 for name, values in runs.items()}
     plain, default = medians["plain loop"], medians["default"]
