@@ -142,6 +142,8 @@ def test_overhead_and_data_share_results(tmp_path: Path) -> None:
     assert result["trainer_step_ms"] > 0 and result["plain_step_ms"] > 0
     assert result["ratio"] == pytest.approx(result["trainer_step_ms"] / result["plain_step_ms"])
     assert len(result["trainer_epoch_means_ms"]) == len(result["plain_epoch_means_ms"]) == 1
+    assert result["ratio_lower_quartile"] == pytest.approx(result["ratio"])  # one epoch each
+    assert bench._lower_quartile([4.0, 1.0, 3.0, 2.0, 5.0]) == 2.0
     assert 0 < result["data_wait_share"] < 1
 
 
