@@ -205,3 +205,21 @@ def test_seeds_study_backbones_are_the_studys(make_cfg, backbone: str) -> None:
         assert task.backbone.encoder.num_layers == 1 and task.backbone.encoder.hidden_size == 64
     else:
         assert len(task.backbone.encoder_layers) == 2 and task.backbone.encoder_layers[0].attn.nhead == 4
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp2", "deepspeed"])
+def test_multi_process_strategies_count_the_devices_of_their_accelerator(
+    make_cfg, monkeypatch, strategy: str
+) -> None:
+    """On a machine with a GPU, ``trainer.accelerator=cpu`` still means two CPU processes (gloo),
+    not one process per GPU; without a GPU every accelerator falls back to the CPU processes."""
+
+    def devices(*overrides: str) -> int:
+        return make_cfg(f"trainer={strategy}", *overrides, fast=False).trainer.devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices() == devices("trainer.accelerator=gpu") == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert devices() == devices("trainer.accelerator=gpu") == 4
+    assert devices("trainer.accelerator=cpu") == 2

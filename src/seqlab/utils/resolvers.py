@@ -18,11 +18,14 @@ def project_root() -> str:
     return str(root if (root / "configs").is_dir() else Path.cwd())
 
 
-def device_count(cpu_processes: int = 2) -> int:
-    """Devices for a multi-process strategy: every visible GPU, else ``cpu_processes`` CPU processes."""
+def device_count(accelerator: str = "auto", cpu_processes: int = 2) -> int:
+    """Devices for a multi-process strategy on ``accelerator`` (``trainer.accelerator``): every
+    visible GPU, or ``cpu_processes`` CPU processes with ``cpu`` or on a machine without a GPU."""
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else int(cpu_processes)
+    if str(accelerator).lower() != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return int(cpu_processes)
 
 
 def launch_id() -> str | None:
