@@ -57,6 +57,35 @@ def test_padding_changes_nothing(backbone: Backbone) -> None:
     torch.testing.assert_close(memory[1, :4], alone[0], atol=1e-5, rtol=1e-4)
 
 
+def test_a_mask_without_padding_encodes_as_no_mask(backbone: Backbone) -> None:
+    x, pad = batch([6, 6], 6)
+    torch.testing.assert_close(backbone.encode(x, pad), backbone.encode(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["transformer", "mingru", "minlstm-bidirectional"])
+def test_padded_encoding_and_pooling_never_wait_for_the_device(name: str) -> None:
+    """On an accelerator, reading a value back (``bool(mask.any())``, ``.item()``) makes the host
+    wait for the device at every batch. On the meta device any such read raises, so a padded
+    batch that encodes and pools there reads nothing back. (The recurrent backbones read the
+    lengths once per batch: packing takes them on the CPU.)"""
+    from seqlab.tasks.classification import pool
+
+    model = backbones(with_decoder=False)[name].to("meta")
+    x = torch.randn(3, 7, WIDTH, device="meta")
+    pad = torch.zeros(3, 7, dtype=torch.bool, device="meta")
+    states = model.encode(x, pad)
+    assert states.shape == (3, 7, WIDTH)
+    for how in ("mean", "max", "last"):
+        assert pool(states, pad, how).shape == (3, WIDTH)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_an_empty_sequence_in_a_recurrent_batch_is_a_clear_error(cell: str) -> None:
+    x, pad = batch([5, 0], 5)
+    with pytest.raises(ValueError, match="a sequence in the batch is empty"):
+        RNNBackbone(cell=cell, d_model=WIDTH).encode(x, pad)
+
+
 def test_causal_encoders_ignore_the_future(backbone: Backbone) -> None:
     if not backbone.causal:
         pytest.skip("not a causal encoder")

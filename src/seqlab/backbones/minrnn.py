@@ -181,7 +181,9 @@ class MinRNNBackbone(Backbone):
             self.decoder_norm = nn.LayerNorm(d_model)
 
     def encode(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
-        if pad_mask is not None and not bool(pad_mask.any()):
+        # a mask without padding is dropped (the masking passes cost more than the check) where
+        # the check is free: on an accelerator it would make the host wait for the device
+        if pad_mask is not None and pad_mask.device.type == "cpu" and not bool(pad_mask.any()):
             pad_mask = None
         for layer in self.encoder_layers:
             x = layer(x, pad_mask)

@@ -93,7 +93,10 @@ class RNNBackbone(Backbone):
 
     # ------------------------------------------------------------------ encoder
     def encode(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
-        if pad_mask is None or not bool(pad_mask.any()):
+        # packing takes the lengths on the CPU: one host synchronisation per batch, which also
+        # tells whether anything is padded at all
+        lengths = None if pad_mask is None else lengths_from_mask(pad_mask, cpu=True)
+        if lengths is None or bool((lengths == x.shape[1]).all()):
             keep = self.tbptt_steps
             if keep is not None and x.shape[1] > keep and self.training and torch.is_grad_enabled():
                 with torch.no_grad():  # the steps the gradient does not reach
@@ -102,7 +105,6 @@ class RNNBackbone(Backbone):
                 return self.output_dropout(torch.cat([early, late], dim=1))
             out, _ = self.encoder(x)
             return self.output_dropout(out)
-        lengths = lengths_from_mask(pad_mask).cpu()
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, _ = self.encoder(packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
