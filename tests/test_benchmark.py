@@ -92,6 +92,31 @@ def test_flops_per_token_match_the_transformer_formula() -> None:
     assert all(p.grad is None for p in task.parameters())
 
 
+@pytest.mark.parametrize("model", ["mingru", "lstm"])
+def test_flops_are_counted_on_padded_text_batches_where_the_model_allows(make_cfg, model: str) -> None:
+    """The min-RNNs read nothing back from a padded batch, so the meta-device count works on text
+    (~6 FLOPs per non-embedding weight per token); LSTMs pack by lengths read on the CPU: None."""
+    from seqlab.train import build_datamodule, build_task
+
+    cfg = make_cfg(
+        "data=sentiment_synthetic",
+        f"model={model}",
+        "model.d_model=32",
+        "trainer.accelerator=cpu",
+        fast=False,
+    )
+    datamodule = build_datamodule(cfg.data)
+    datamodule.setup("fit")
+    task = build_task(cfg.task, cfg.model, datamodule)
+    batch = next(b for b in datamodule.train_dataloader() if bool(b["pad_mask"].any()))  # a padded batch
+    counted = flops_per_token(task, batch)
+    if model == "lstm":
+        assert counted is None
+    else:
+        weights = sum(p.numel() for name, p in task.named_parameters() if "embed" not in name)
+        assert counted == pytest.approx(6 * weights, rel=0.1)
+
+
 def test_mfu_is_achieved_over_peak_flops(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("model=transformer", "trainer.max_epochs=1", "callbacks.run_stats.peak_flops=1e10")
     _, objects = train(cfg)
@@ -246,3 +271,25 @@ def test_the_ablation_runs_every_variant_and_restores_the_dispatch(tmp_path: Pat
     assert len(with_loggers) == len(rows) - 3, "the two bare loops run without any logger"
     assert call._call_callback_hooks is hooks.call_callback_hooks  # and seqlab's is back
     assert call._call_lightning_module_hook is hooks.call_lightning_module_hook
+
+
+@pytest.mark.parametrize(
+    "name,dtype,expected",
+    [
+        ("NVIDIA H200", torch.bfloat16, 989.5e12),
+        ("NVIDIA H200 NVL", torch.bfloat16, 835.5e12),
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.5e12),
+        ("NVIDIA H100 NVL", torch.float16, 835.5e12),
+        ("NVIDIA H100 PCIe", torch.bfloat16, 756.5e12),
+        ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
+        ("NVIDIA H200", torch.float32, 494.5e12),  # fp32 matmuls on tensor cores (TF32)
+    ],
+)
+def test_peak_flops_tell_the_board_variants_apart(monkeypatch, name: str, dtype, expected: float) -> None:
+    """MFU divides by the device's dense peak: an H200 NVL or H100 PCIe must not get the SXM
+    figure their names contain."""
+    from seqlab.callbacks import run_stats
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert run_stats.peak_flops(torch.device("cuda", 0), dtype) == expected

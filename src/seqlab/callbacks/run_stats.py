@@ -20,11 +20,19 @@ from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
 
-#: dense (no sparsity) peak FLOP/s per GPU by compute dtype; Lightning's table lists the H200 at
-#: its 2:4-sparse figure and does not recognise the name "NVIDIA H200"
+#: dense (no sparsity) peak FLOP/s per GPU by compute dtype, from NVIDIA's datasheets (half their
+#: 2:4-sparse figures); Lightning's table lists the H200 at its sparse figure and does not
+#: recognise the name "NVIDIA H200". Matched in this order against the lower-cased device name,
+#: so the NVL and PCIe boards (lower clocks and power) come before the SXM names they contain.
+_SXM = {torch.bfloat16: 989.5e12, torch.float16: 989.5e12, "tfloat32": 494.5e12, torch.float32: 67e12}
+_NVL = {torch.bfloat16: 835.5e12, torch.float16: 835.5e12, "tfloat32": 417.5e12, torch.float32: 60e12}
+_PCIE = {torch.bfloat16: 756.5e12, torch.float16: 756.5e12, "tfloat32": 378e12, torch.float32: 51e12}
 DENSE_PEAK_FLOPS = {
-    "h200": {torch.bfloat16: 989e12, torch.float16: 989e12, "tfloat32": 494.7e12, torch.float32: 66.9e12},
-    "h100": {torch.bfloat16: 989e12, torch.float16: 989e12, "tfloat32": 494.7e12, torch.float32: 66.9e12},
+    "h200 nvl": _NVL,
+    "h200": _SXM,
+    "h100 nvl": _NVL,
+    "h100 pcie": _PCIE,
+    "h100": _SXM,
     "a100": {torch.bfloat16: 312e12, torch.float16: 312e12, "tfloat32": 156e12, torch.float32: 19.5e12},
 }
 
@@ -74,7 +82,8 @@ def flops_per_token(task: L.LightningModule, batch: Any) -> float | None:
     """Training FLOPs (forward + backward) per token of ``batch``, counted by torch's FLOP counter
     on a copy of the task built on the meta device (no memory, no compute, the weights untouched).
     None for modules without ``step_loss``/``batch_tokens`` or models that read values from the
-    data (packed or masked RNN-family batches call ``.item()``, impossible on meta tensors)."""
+    data (padded RNN/LSTM/GRU batches are packed by their lengths on the CPU, impossible for
+    meta tensors)."""
     if not (hasattr(task, "step_loss") and hasattr(task, "batch_tokens")):
         return None
     tokens = int(task.batch_tokens(batch))
