@@ -293,3 +293,26 @@ def test_peak_flops_tell_the_board_variants_apart(monkeypatch, name: str, dtype,
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
     assert run_stats.peak_flops(torch.device("cuda", 0), dtype) == expected
+
+
+def test_run_stats_waits_for_the_device_at_each_timing_boundary(make_cfg, monkeypatch) -> None:
+    """On a GPU the host runs ahead of the device: RunStats waits for it before each clock read
+    (epoch and validation boundaries, the first step), never per step."""
+    from seqlab.callbacks import run_stats
+
+    waits: list[str] = []
+    monkeypatch.setattr(run_stats.torch.cuda, "synchronize", lambda device=None: waits.append(str(device)))
+    run_stats.settled(torch.device("cpu"))
+    assert waits == []
+    run_stats.settled(torch.device("cuda", 1))
+    assert waits == ["cuda:1"]
+    waits.clear()
+    calls: list[str] = []
+    monkeypatch.setattr(run_stats, "settled", lambda device: calls.append(device.type))
+    cfg = make_cfg("trainer.max_epochs=2", "trainer.limit_train_batches=5", "trainer.limit_val_batches=2")
+    from seqlab.train import train
+
+    train(cfg)
+    # per epoch (5 steps): its start, validation start and end, its end; plus the first step and
+    # the sanity-check validation's start
+    assert len(calls) == 2 * 4 + 1 + 1, calls

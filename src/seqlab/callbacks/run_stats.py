@@ -61,6 +61,15 @@ def compute_dtype(trainer: L.Trainer) -> torch.dtype:
         return torch.float32
 
 
+def settled(device: torch.device) -> None:
+    """Wait until ``device`` has done the work queued on it, so that a clock read next counts it:
+    a CUDA host runs ahead of its device (up to the next read-back), so without this the last
+    training steps of an epoch would be timed as validation. Only at epoch and validation
+    boundaries: a wait per step would cost what it measures."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def process_start_time() -> float | None:
     """Wall-clock time (``time.time()`` scale) at which this process started."""
     try:
@@ -155,6 +164,7 @@ class RunStats(L.Callback):
         self.parameters_per_rank = [int(c) for c in counts.reshape(-1).tolist()]
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        settled(pl_module.device)
         self._epoch_start = time.perf_counter()
         self._val_seconds = 0.0
         self._epoch_samples, self._epoch_tokens = 0, 0
@@ -168,15 +178,18 @@ class RunStats(L.Callback):
             self._epoch_tokens = self._epoch_tokens + self._batch_tokens(batch) * self._world_size
         if not self._first_step_done and trainer.global_step >= 1:
             self._first_step_done = True
+            settled(pl_module.device)
             started = process_start_time()
             self.time_to_first_step_s = round(time.time() - started, 3) if started else None
             self.flops_per_token = flops_per_token(pl_module, batch)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        settled(pl_module.device)
         self._val_start = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._val_start is not None and self._epoch_start is not None:
+            settled(pl_module.device)
             self._val_seconds += time.perf_counter() - self._val_start
         self._val_start = None
 
@@ -184,6 +197,7 @@ class RunStats(L.Callback):
         self._batch_tokens = None  # keeps no module alive between fits
         if self._epoch_start is None:
             return
+        settled(pl_module.device)
         seconds = time.perf_counter() - self._epoch_start - self._val_seconds
         self._epoch_start = None
         tokens = int(self._epoch_tokens)
