@@ -316,3 +316,13 @@ def test_run_stats_waits_for_the_device_at_each_timing_boundary(make_cfg, monkey
     # per epoch (5 steps): its start, validation start and end, its end; plus the first step and
     # the sanity-check validation's start
     assert len(calls) == 2 * 4 + 1 + 1, calls
+
+
+def test_gpu_results_record_the_float32_math_mode(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    info = bench.environment(torch.device("cuda", 0))
+    assert info["device_name"] == "NVIDIA H200"
+    assert info["float32_matmul_precision"] == torch.get_float32_matmul_precision()
+    assert info["cudnn_allow_tf32"] is torch.backends.cudnn.allow_tf32
+    assert "cpu_count" not in bench.environment(torch.device("cuda", 0))
+    assert "cudnn_allow_tf32" not in bench.environment(torch.device("cpu"))

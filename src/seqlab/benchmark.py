@@ -130,6 +130,12 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cpu":
         info["cpu_count"] = len(os.sched_getaffinity(0))
+    else:
+        # float32 on tensor cores: by default cuDNN (the nn.GRU/LSTM baselines) may use TF32 while
+        # matmuls (the min-RNN projections, attention) do not, which favours the baselines
+        info["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        info["cudnn_version"] = torch.backends.cudnn.version()
     return info
 
 
