@@ -68,8 +68,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+#: the train.py overrides each Trainer-path command runs with when --overrides is not given
+TRAINER_DEFAULTS = {
+    "overhead": bench.OVERHEAD_OVERRIDES,
+    "ablation": bench.OVERHEAD_OVERRIDES,
+    "data": bench.DATA_COMMON,
+    "startup": bench.STARTUP_OVERRIDES,
+}
+
+
 def run(command: str, args: argparse.Namespace, out: Path) -> None:
-    device = torch.device(args.device)
+    overrides = args.overrides if args.overrides is not None else TRAINER_DEFAULTS.get(command, ())
+    device = bench.run_device(args.device, overrides)
     meta = {"command": command, "environment": bench.environment(device)}
     if command == "scan":
         rows = bench.bench_scan(
@@ -96,7 +106,7 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
                    "scaling_exponents": fitted, "rows": rows}  # fmt: skip
     elif command == "overhead":
         result = bench.bench_overhead(
-            overrides=args.overrides or bench.OVERHEAD_OVERRIDES,
+            overrides=overrides,
             epochs=args.epochs,
             repeats=args.repeats or 3,
         )
@@ -106,22 +116,20 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         payload = {**meta, **result}
     elif command == "ablation":
         rows = bench.bench_ablation(
-            overrides=args.overrides or bench.OVERHEAD_OVERRIDES,
+            overrides=overrides,
             epochs=args.epochs,
             repeats=args.repeats or 3,
         )
         print_table([{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows],
                     "what each part of the Trainer path costs (ms per step)")  # fmt: skip
-        payload = {**meta, "overrides": list(args.overrides or bench.OVERHEAD_OVERRIDES), "rows": rows}
+        payload = {**meta, "overrides": list(overrides), "rows": rows}
     elif command == "data":
-        common = args.overrides if args.overrides is not None else bench.DATA_COMMON
+        common = overrides
         rows = bench.bench_data(common=common, epochs=args.epochs, repeats=args.repeats or 1)
         print_table(rows, "share of the training step waiting for data (plain loop)")
         payload = {**meta, "rows": rows}
     else:
-        result = bench.bench_startup(
-            overrides=args.overrides or bench.STARTUP_OVERRIDES, repeats=args.repeats or 3
-        )
+        result = bench.bench_startup(overrides=overrides, repeats=args.repeats or 3)
         print_table([{k: v for k, v in result.items() if not isinstance(v, list)}], "start-up")
         payload = {**meta, **result}
     path = bench.write_json(out / f"{command}.json", payload)

@@ -326,3 +326,6 @@ def test_gpu_results_record_the_float32_math_mode(monkeypatch) -> None:
     assert info["cudnn_allow_tf32"] is torch.backends.cudnn.allow_tf32
     assert "cpu_count" not in bench.environment(torch.device("cuda", 0))
     assert "cudnn_allow_tf32" not in bench.environment(torch.device("cpu"))
+    # the Trainer-path benchmarks' default runs are on the CPU, whatever --device says
+    assert bench.run_device("cuda", bench.OVERHEAD_OVERRIDES) == torch.device("cpu")
+    assert bench.run_device("cuda", ["model=lstm"]) == torch.device("cuda")

@@ -139,6 +139,12 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def run_device(device: str, overrides: Sequence[str] = ()) -> torch.device:
+    """The device a benchmark's results are recorded for: ``device`` (``--device``), or the CPU
+    where the ``train.py`` overrides of a Trainer-path benchmark put the runs there."""
+    return torch.device("cpu" if "trainer.accelerator=cpu" in overrides else device)
+
+
 def autocast(device: torch.device, amp: str | None):
     """bf16/fp16 autocast for the timed calls (``amp=None``: the parameters' float32)."""
     if not amp:
