@@ -150,12 +150,14 @@ SMALL_LSTM = ["model=lstm", "model.d_model=16", "model.num_layers=1", "data.num_
               "callbacks.rich_progress_bar=null"]  # fmt: skip
 
 
-def test_the_plain_loop_trains_exactly_what_the_trainer_trains(tmp_path: Path) -> None:
-    """The overhead ratio compares like with like: same data order, loss, optimizer, schedule
-    and clipping give the same weights after an epoch, bit for bit."""
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_plain_loop_trains_exactly_what_the_trainer_trains(tmp_path: Path, precision: str) -> None:
+    """The overhead ratio compares like with like: same data order, loss, optimizer, schedule,
+    clipping and precision give the same weights after an epoch, bit for bit."""
     timers = bench.StepTimer(), bench.StepTimer()
-    by_trainer = bench._trainer_run(SMALL_LSTM, 1, timers[0], tmp_path / "trainer")
-    by_hand = bench._plain_run(SMALL_LSTM, 1, timers[1], tmp_path / "plain")
+    overrides = [*SMALL_LSTM, f"trainer.precision={precision}"]
+    by_trainer = bench._trainer_run(overrides, 1, timers[0], tmp_path / "trainer")
+    by_hand = bench._plain_run(overrides, 1, timers[1], tmp_path / "plain")
     for (name, a), b in zip(by_trainer.state_dict().items(), by_hand.state_dict().values()):
         assert torch.equal(a, b), name
     assert len(timers[0].epochs[0]) == len(timers[1].epochs[0]) > 0  # the same steps timed

@@ -502,6 +502,13 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     task.to(device)
     optimizer, scheduler = task.build_optimizer(epochs * len(loader))  # as configure_optimizers does
     clip = cfg.trainer.get("gradient_clip_val")
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision not in ("32", "32-true", "bf16-mixed"):
+        raise ValueError(
+            f"the plain loop mirrors trainer.precision 32-true and bf16-mixed, not {precision!r}"
+        )
+    # Lightning's bf16-mixed: the forward pass (training_step) under autocast, backward outside
+    mixed = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
     task.train()
     for _ in range(epochs):
         timer.epoch_start()
@@ -513,7 +520,8 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
                 break
             timer.step_start()
             timer.data_wait(time.perf_counter() - fetch)
-            loss = task.step_loss(move_data_to_device(batch, device))
+            with mixed:
+                loss = task.step_loss(move_data_to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip:
