@@ -90,9 +90,10 @@ class EncoderLayer(nn.Module):
         self.ff = FeedForward(d_model, dim_feedforward, dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool = False) -> Tensor:
         h = self.norm_attn(x)
-        x = x + self.dropout(self.attn(h, *self.attn.keys_values(h), attn_mask=attn_mask))
+        attended = self.attn(h, *self.attn.keys_values(h), attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.dropout(attended)
         return x + self.dropout(self.ff(self.norm_ff(x)))
 
 
@@ -175,13 +176,15 @@ class TransformerBackbone(Backbone):
 
     def encode(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         attn_mask = key_padding_to_attn_mask(pad_mask)
-        if self.causal:
+        # causal without padding: SDPA's own causal masking, which its flash kernels take (they
+        # take no explicit mask); with padding, the two masks combined
+        is_causal = self.causal and attn_mask is None
+        if self.causal and attn_mask is not None:
             steps = x.shape[1]
-            causal = torch.ones(steps, steps, dtype=torch.bool, device=x.device).tril()
-            attn_mask = causal if attn_mask is None else attn_mask & causal
+            attn_mask = attn_mask & torch.ones(steps, steps, dtype=torch.bool, device=x.device).tril()
         h = self._add_positions(x)
         for layer in self.encoder_layers:
-            h = layer(h, attn_mask)
+            h = layer(h, attn_mask, is_causal)
         return self.encoder_norm(h)
 
     def decode(
