@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--overrides",
         nargs="*",
         default=None,
-        help="overhead/ablation/startup: train.py overrides (replace the defaults)",
+        help="overhead/ablation/data/startup: train.py overrides (replace the defaults)",
     )
     return parser.parse_args(argv)
 
@@ -79,7 +79,10 @@ TRAINER_DEFAULTS = {
 
 def run(command: str, args: argparse.Namespace, out: Path) -> None:
     overrides = args.overrides if args.overrides is not None else TRAINER_DEFAULTS.get(command, ())
-    device = bench.run_device(args.device, overrides)
+    if command in TRAINER_DEFAULTS:
+        device = bench.trainer_device(args.device, overrides)
+    else:  # scan and lengths time their layers on --device
+        device = torch.device(args.device)
     meta = {"command": command, "environment": bench.environment(device)}
     if command == "scan":
         rows = bench.bench_scan(

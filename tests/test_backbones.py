@@ -62,6 +62,17 @@ def test_a_mask_without_padding_encodes_as_no_mask(backbone: Backbone) -> None:
     torch.testing.assert_close(backbone.encode(x, pad), backbone.encode(x), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["mingru", "minlstm-blocked", "minlstm-bidirectional"])
+def test_min_rnn_layers_with_a_padding_free_mask_equal_no_mask(name: str) -> None:
+    """On an accelerator the min-RNN encoders keep a padding-free mask (checking it would wait for
+    the device): the masked path must then give what the unmasked one gives."""
+    torch.manual_seed(0)
+    model = backbones(with_decoder=False)[name].eval()
+    x, pad = batch([6, 6, 6], 6)
+    for layer in model.encoder_layers:
+        torch.testing.assert_close(layer(x, pad), layer(x, None), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["transformer", "mingru", "minlstm-bidirectional"])
 def test_padded_encoding_and_pooling_never_wait_for_the_device(name: str) -> None:
     """On an accelerator, reading a value back (``bool(mask.any())``, ``.item()``) makes the host

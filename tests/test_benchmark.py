@@ -261,16 +261,19 @@ def test_the_ablation_runs_every_variant_and_restores_the_dispatch(tmp_path: Pat
     monkeypatch.setattr(hooks, "_lightning_dispatch", counting)
     import seqlab.train
 
-    with_loggers = []
-    build_loggers = seqlab.train.build_loggers
+    with_loggers, with_callbacks = [], []
+    build_loggers, build_callbacks = seqlab.train.build_loggers, seqlab.train.build_callbacks
     monkeypatch.setattr(seqlab.train, "build_loggers", lambda *a: with_loggers.append(1) or build_loggers(*a))
+    monkeypatch.setattr(
+        seqlab.train, "build_callbacks", lambda *a: with_callbacks.append(1) or build_callbacks(*a)
+    )
     with_bar = [o for o in SMALL_LSTM if "rich_progress_bar" not in o]  # one variant removes it
     rows = bench.bench_ablation(with_bar, epochs=1, repeats=1)
     assert [r["variant"] for r in rows] == ["plain loop", "default", *bench.OVERHEAD_ABLATIONS]
     assert rows[0]["ratio_to_plain"] == 1.0 and rows[1]["vs_default_ms"] == 0.0
     assert all(r["step_ms"] > 0 and len(r["epoch_means_ms"]) == 1 for r in rows)
     assert "on_train_batch_end" in lightning_calls  # the variants with Lightning's dispatch ran it
-    assert len(with_loggers) == len(rows) - 3, "the two bare loops run without any logger"
+    assert len(with_loggers) == len(with_callbacks) == len(rows) - 3, "bare loops: no logger, no callback"
     assert call._call_callback_hooks is hooks.call_callback_hooks  # and seqlab's is back
     assert call._call_lightning_module_hook is hooks.call_lightning_module_hook
 
@@ -329,5 +332,6 @@ def test_gpu_results_record_the_float32_math_mode(monkeypatch) -> None:
     assert "cpu_count" not in bench.environment(torch.device("cuda", 0))
     assert "cudnn_allow_tf32" not in bench.environment(torch.device("cpu"))
     # the Trainer-path benchmarks' default runs are on the CPU, whatever --device says
-    assert bench.run_device("cuda", bench.OVERHEAD_OVERRIDES) == torch.device("cpu")
-    assert bench.run_device("cuda", ["model=lstm"]) == torch.device("cuda")
+    assert bench.trainer_device("cuda", bench.OVERHEAD_OVERRIDES) == torch.device("cpu")
+    assert bench.trainer_device("cuda", ["trainer=cpu"]) == torch.device("cpu")
+    assert bench.trainer_device("cuda", ["model=lstm"]) == torch.device("cuda")

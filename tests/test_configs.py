@@ -223,3 +223,6 @@ def test_multi_process_strategies_count_the_devices_of_their_accelerator(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert devices() == devices("trainer.accelerator=gpu") == 4
     assert devices("trainer.accelerator=cpu") == 2
+    from seqlab.utils.resolvers import device_count
+
+    assert device_count(3) == 4, "the one-argument form: N CPU processes, or every GPU"

@@ -139,10 +139,15 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_device(device: str, overrides: Sequence[str] = ()) -> torch.device:
-    """The device a benchmark's results are recorded for: ``device`` (``--device``), or the CPU
-    where the ``train.py`` overrides of a Trainer-path benchmark put the runs there."""
-    return torch.device("cpu" if "trainer.accelerator=cpu" in overrides else device)
+def trainer_device(device: str, overrides: Sequence[str] = ()) -> torch.device:
+    """The device the runs of a Trainer-path benchmark (overhead, ablation, data, start-up) use,
+    which its results are recorded for: the CPU where ``train.py`` with ``overrides`` trains on
+    the CPU (``trainer.accelerator=cpu``, ``trainer=cpu``...), else ``device`` (``--device``)."""
+    from seqlab.utils.run import compose_config
+
+    with tempfile.TemporaryDirectory(prefix="seqlab-device-") as tmp:
+        accelerator = str(compose_config("train", list(overrides), Path(tmp)).trainer.accelerator)
+    return torch.device("cpu" if accelerator == "cpu" else device)
 
 
 def autocast(device: torch.device, amp: str | None):
@@ -451,13 +456,14 @@ def _trainer_run(
     timer: StepTimer,
     workdir: Path,
     seqlab_hooks: bool = True,
-    loggers: bool = True,
+    bare: bool = False,
 ) -> nn.Module:
     """One ``fit`` through seqlab's own builders, as ``python train.py`` makes it (default
     callbacks and loggers); validation runs between epochs, outside the timed steps.
     ``seqlab_hooks=False``: Lightning's own hook dispatch (callback, module and strategy hooks)
-    instead of ``seqlab.utils.hooks``; ``loggers=False``: no logger at all (not even the CSV
-    logger every run keeps)."""
+    instead of ``seqlab.utils.hooks``; ``bare=True``: no callback and no logger at all (not even
+    those every run keeps: RunStats, DivergenceGuard, the resume callbacks, CSV), only the
+    timer."""
     import lightning as L
 
     from seqlab.train import build_callbacks, build_datamodule, build_loggers, build_task, build_trainer
@@ -470,8 +476,8 @@ def _trainer_run(
     L.seed_everything(cfg.seed, verbose=False)
     datamodule = build_datamodule(cfg.data)
     task = build_task(cfg.task, cfg.model, datamodule)
-    callbacks = [*build_callbacks(cfg.callbacks), _timer_callback(timer)]
-    trainer = build_trainer(cfg, callbacks, build_loggers(cfg.get("logger"), workdir) if loggers else [])
+    callbacks = [*([] if bare else build_callbacks(cfg.callbacks)), _timer_callback(timer)]
+    trainer = build_trainer(cfg, callbacks, [] if bare else build_loggers(cfg.get("logger"), workdir))
     if not seqlab_hooks:
         hooks.uninstall()
     try:
@@ -575,15 +581,17 @@ def bench_overhead(
 @dataclasses.dataclass(frozen=True)
 class Ablation:
     """A variant of the default Trainer path: extra ``train.py`` overrides, Lightning's own hook
-    dispatch instead of seqlab's (``seqlab_hooks=False``), no logger at all (``loggers=False``)."""
+    dispatch instead of seqlab's (``seqlab_hooks=False``), no callback or logger at all, not even
+    those every run keeps (``bare=True``)."""
 
     overrides: tuple[str, ...] = ()
     seqlab_hooks: bool = True
-    loggers: bool = True
+    bare: bool = False
 
 
-#: a Trainer with nothing of seqlab's around the step: no callbacks, logger, checkpointing,
-#: progress bar or summary (the floor of Lightning's own loop)
+#: with ``bare=True``, a Trainer with nothing of seqlab's around the step: no callback (not even
+#: RunStats, DivergenceGuard and the resume callbacks), logger, checkpointing, progress bar or
+#: summary (the floor of Lightning's own loop)
 _BARE = (
     "callbacks=none", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
     "+trainer.enable_checkpointing=false",
@@ -598,8 +606,8 @@ OVERHEAD_ABLATIONS: dict[str, Ablation] = {
     "no optional callbacks": Ablation(
         ("callbacks=none", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false")
     ),
-    "bare Lightning loop": Ablation(_BARE, loggers=False),
-    "bare Lightning loop, Lightning's dispatch": Ablation(_BARE, seqlab_hooks=False, loggers=False),
+    "bare Lightning loop": Ablation(_BARE, bare=True),
+    "bare Lightning loop, Lightning's dispatch": Ablation(_BARE, seqlab_hooks=False, bare=True),
 }
 
 
@@ -623,7 +631,7 @@ def bench_ablation(
                     ablation = ablations.get(name, Ablation())
                     _trainer_run(
                         [*overrides, *ablation.overrides], epochs, timer, workdir,
-                        seqlab_hooks=ablation.seqlab_hooks, loggers=ablation.loggers,
+                        seqlab_hooks=ablation.seqlab_hooks, bare=ablation.bare,
                     )  # fmt: skip
                 runs[name].extend(timer.per_epoch_mean())
     medians = {name: statistics.median(values) * 1e3 for name, values in runs.items()}

@@ -39,7 +39,9 @@ def metric_set(prefix: str, num_classes: int) -> MetricCollection:
 
 
 def pool(states: Tensor, pad_mask: Tensor | None, how: str, bidirectional: bool = False) -> Tensor:
-    """[B,T,D] encoder states -> [B,D], ignoring padded steps (``pad_mask`` True = padding)."""
+    """[B,T,D] encoder states -> [B,D], ignoring padded steps (``pad_mask`` True = padding).
+    Every sequence holds at least one step (the datasets drop empty texts; an empty one is an
+    error on the CPU, unchecked on an accelerator: see ``lengths_from_mask``)."""
     if how == "mean":
         return masked_mean(states, pad_mask)
     if how == "max":

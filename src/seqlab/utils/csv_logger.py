@@ -8,10 +8,12 @@ and widens the header to the union of all columns.
 It also writes less often. Lightning's Trainer calls ``save()`` after every ``log_metrics``, so its
 CSV logger opens and appends to the file at every logging step (which makes its
 ``flush_logs_every_n_steps`` moot). Here ``save()`` writes the buffered rows when
-``flush_interval_s`` seconds have passed since the last write; rows are also written after
-every checkpoint (the metrics up to a checkpoint are on disk whenever it is) and when the run
-ends, fails or is interrupted (Lightning's ``finalize``), or on ``flush()``. A killed process
-(SIGKILL, out of memory) loses at most the last ``flush_interval_s`` seconds of rows.
+``flush_interval_s`` seconds have passed since the last write (so at the first logging call
+after that); rows are also written after every checkpoint, together with the row the step that
+saved it logs next (the metrics up to a checkpoint are on disk whenever it is: a run resumed
+from it never misses one), when the run ends, fails or is interrupted (Lightning's
+``finalize``), and on ``flush()``. A killed process (SIGKILL, out of memory) loses the rows
+logged since the last write.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ class CSVLogger(LightningCSVLogger):
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         if self._experiment is not None:
             self.flush()
+        # a step checkpoint is saved in the batch-end hooks, before that step's row is logged:
+        # the next save() writes it, so a run resumed from the checkpoint has every row before it
+        self._last_write = float("-inf")
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

@@ -174,7 +174,8 @@ def data_hook_owner(selector: _DataHookSelector, hook_name: str) -> Any:
 
 class ClosureResultUndivided(ClosureResult):
     """Lightning's ``ClosureResult`` without dividing the loss by 1 when no gradients are
-    accumulated (the same value, gradients and outputs: ``x / 1 == x`` exactly)."""
+    accumulated and ``training_step`` returns a tensor, as seqlab's tasks do (the same value,
+    gradients and outputs: ``x / 1 == x`` exactly); dict outputs go Lightning's way."""
 
     @classmethod
     def from_training_step_output(cls, training_step_output: Any, normalize: int = 1) -> ClosureResult:

@@ -18,11 +18,14 @@ def project_root() -> str:
     return str(root if (root / "configs").is_dir() else Path.cwd())
 
 
-def device_count(accelerator: str = "auto", cpu_processes: int = 2) -> int:
+def device_count(accelerator: str | int = "auto", cpu_processes: int = 2) -> int:
     """Devices for a multi-process strategy on ``accelerator`` (``trainer.accelerator``): every
-    visible GPU, or ``cpu_processes`` CPU processes with ``cpu`` or on a machine without a GPU."""
+    visible GPU, or ``cpu_processes`` CPU processes with ``cpu`` or on a machine without a GPU.
+    The older one-argument form ``${device_count:N}`` (N CPU processes) still works."""
     import torch
 
+    if isinstance(accelerator, int):
+        accelerator, cpu_processes = "auto", accelerator
     if str(accelerator).lower() != "cpu" and torch.cuda.is_available():
         return torch.cuda.device_count()
     return int(cpu_processes)
