@@ -79,10 +79,8 @@ TRAINER_DEFAULTS = {
 
 def run(command: str, args: argparse.Namespace, out: Path) -> None:
     overrides = args.overrides if args.overrides is not None else TRAINER_DEFAULTS.get(command, ())
-    if command in TRAINER_DEFAULTS:
-        device = bench.trainer_device(args.device, overrides)
-    else:  # scan and lengths time their layers on --device
-        device = torch.device(args.device)
+    # scan and lengths time their layers on --device; the others train as train.py does
+    device = bench.trainer_device(overrides) if command in TRAINER_DEFAULTS else torch.device(args.device)
     meta = {"command": command, "environment": bench.environment(device)}
     if command == "scan":
         rows = bench.bench_scan(

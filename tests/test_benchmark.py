@@ -332,6 +332,7 @@ def test_gpu_results_record_the_float32_math_mode(monkeypatch) -> None:
     assert "cpu_count" not in bench.environment(torch.device("cuda", 0))
     assert "cudnn_allow_tf32" not in bench.environment(torch.device("cpu"))
     # the Trainer-path benchmarks' default runs are on the CPU, whatever --device says
-    assert bench.trainer_device("cuda", bench.OVERHEAD_OVERRIDES) == torch.device("cpu")
-    assert bench.trainer_device("cuda", ["trainer=cpu"]) == torch.device("cpu")
-    assert bench.trainer_device("cuda", ["model=lstm"]) == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bench.trainer_device(bench.OVERHEAD_OVERRIDES) == torch.device("cpu")
+    assert bench.trainer_device(["trainer=cpu"]) == torch.device("cpu")
+    assert bench.trainer_device(["model=lstm"]) == torch.device("cuda")

@@ -139,15 +139,18 @@ def environment(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def trainer_device(device: str, overrides: Sequence[str] = ()) -> torch.device:
+def accelerator_device(accelerator: str) -> torch.device:
+    """The device ``train.py`` trains on for ``trainer.accelerator`` (the CPU, or a visible GPU)."""
+    return torch.device("cuda" if torch.cuda.is_available() and str(accelerator) != "cpu" else "cpu")
+
+
+def trainer_device(overrides: Sequence[str] = ()) -> torch.device:
     """The device the runs of a Trainer-path benchmark (overhead, ablation, data, start-up) use,
-    which its results are recorded for: the CPU where ``train.py`` with ``overrides`` trains on
-    the CPU (``trainer.accelerator=cpu``, ``trainer=cpu``...), else ``device`` (``--device``)."""
+    which its results are recorded for: that of ``train.py`` with ``overrides``."""
     from seqlab.utils.run import compose_config
 
     with tempfile.TemporaryDirectory(prefix="seqlab-device-") as tmp:
-        accelerator = str(compose_config("train", list(overrides), Path(tmp)).trainer.accelerator)
-    return torch.device("cpu" if accelerator == "cpu" else device)
+        return accelerator_device(compose_config("train", list(overrides), Path(tmp)).trainer.accelerator)
 
 
 def autocast(device: torch.device, amp: str | None):
@@ -503,8 +506,7 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     datamodule.setup("fit")
     task = build_task(cfg.task, cfg.model, datamodule)
     loader = datamodule.train_dataloader()
-    # the device the Trainer path picks for the same overrides (accelerator cpu, or a visible GPU)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+    device = accelerator_device(cfg.trainer.accelerator)  # the device the Trainer path picks
     task.to(device)
     optimizer, scheduler = task.build_optimizer(epochs * len(loader))  # as configure_optimizers does
     clip = cfg.trainer.get("gradient_clip_val")

@@ -151,8 +151,6 @@ class RunStats(L.Callback):
         self._epoch_tokens: torch.Tensor | int = 0
         self._val_seconds = 0.0
         self._val_start: float | None = None
-        self._world_size = 1
-        self._batch_tokens: Any = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.peak_flops is None:
@@ -168,14 +166,11 @@ class RunStats(L.Callback):
         self._epoch_start = time.perf_counter()
         self._val_seconds = 0.0
         self._epoch_samples, self._epoch_tokens = 0, 0
-        # looked up once per epoch, not at every step
-        self._world_size = trainer.world_size
-        self._batch_tokens = getattr(pl_module, "batch_tokens", None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._epoch_samples += extract_batch_size(batch) * self._world_size
-        if self._batch_tokens is not None:  # a device tensor: summed without a host sync
-            self._epoch_tokens = self._epoch_tokens + self._batch_tokens(batch) * self._world_size
+        self._epoch_samples += extract_batch_size(batch) * trainer.world_size
+        if hasattr(pl_module, "batch_tokens"):  # a device tensor: summed without a host sync
+            self._epoch_tokens = self._epoch_tokens + pl_module.batch_tokens(batch) * trainer.world_size
         if not self._first_step_done and trainer.global_step >= 1:
             self._first_step_done = True
             settled(pl_module.device)
@@ -194,7 +189,6 @@ class RunStats(L.Callback):
         self._val_start = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._batch_tokens = None  # keeps no module alive between fits
         if self._epoch_start is None:
             return
         settled(pl_module.device)
