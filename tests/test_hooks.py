@@ -377,3 +377,70 @@ def test_the_training_loss_is_shown_without_a_conversion_per_step(
         "no conversion after training steps"
     )
     assert isinstance(bar.get_metrics(trainer, task)["train/loss"], float)
+
+
+def test_training_steps_assign_no_module_attribute(
+    tmp_path: Path, make_cfg, installed, monkeypatch
+) -> None:
+    """Assigning an attribute of an ``nn.Module`` costs ~3 us (its ``__setattr__`` checks the
+    value against parameters, buffers and modules): a training step that does not log makes no
+    such assignment, neither the dispatch (the hook name, set and restored ~36 times a step) nor
+    the task (its epoch loss sum)."""
+    import torch
+
+    from seqlab.train import build_datamodule, build_task
+
+    assigned: list[str] = []
+    window = {"open": False}
+    losses: list[float] = []
+    original = torch.nn.Module.__setattr__
+
+    def counting(self, name, value):
+        if window["open"]:
+            assigned.append(name)
+        original(self, name, value)
+
+    class Window(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            window["open"] = window["open"] or batch_idx == 2
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            window["open"] = window["open"] and batch_idx < 6
+            losses.append(float(outputs["loss"]))
+
+    cfg = make_cfg("trainer.accelerator=cpu", "model=lstm", "model.d_model=16", "model.num_layers=1")
+    datamodule = build_datamodule(cfg.data)
+    task = build_task(cfg.task, cfg.model, datamodule)
+    # the default Module.__setattr__, counted (the dispatch compares against the default)
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", counting)
+    monkeypatch.setattr(hooks, "_module_setattr", counting)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=1, limit_train_batches=8, limit_val_batches=0,
+        log_every_n_steps=1000, callbacks=[Window()], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, logger=False,
+    )  # fmt: skip
+    trainer.fit(task, datamodule=datamodule)
+    assert trainer.global_step == 8 and not window["open"]
+    assert assigned == [], "steps 2-6 assigned module attributes"
+    # the epoch's loss still adds up
+    assert float(trainer.callback_metrics["train/loss_epoch"]) == pytest.approx(sum(losses) / 8, rel=1e-5)
+
+
+def test_the_hook_name_goes_through_an_overriding_setattr(installed) -> None:
+    """A module whose class overrides ``__setattr__`` sees every hook name assigned through it."""
+    seen: list = []
+
+    class Watching(BoringModel):
+        def __setattr__(self, name, value):
+            if name == "_current_fx_name":
+                seen.append(value)
+            super().__setattr__(name, value)
+
+    plain, watching = BoringModel(), Watching()
+    seen.clear()
+    for model in (plain, watching):
+        hooks.set_fx_name(model, "training_step")
+        assert model._current_fx_name == "training_step"
+        hooks.set_fx_name(model, None)
+        assert model._current_fx_name is None
+    assert seen == ["training_step", None]

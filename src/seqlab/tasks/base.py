@@ -118,9 +118,9 @@ class SeqTask(L.LightningModule):
             raise ConfigError(f"task.monitor_mode={monitor_mode!r}: expected 'min' or 'max'")
         self.monitor_best = MinMetric() if monitor_mode == "min" else MaxMetric()
         # the epoch's summed training loss and step count: one tensor add per step (a torchmetrics
-        # MeanMetric.update costs ~20 us of Python per step, ~0.3% of a small model's step)
-        self._train_loss_sum: Tensor | None = None
-        self._train_loss_steps = 0
+        # MeanMetric.update costs ~20 us of Python per step, ~0.3% of a small model's step),
+        # updated in place (assigning a module attribute goes through nn.Module.__setattr__, ~3 us)
+        self._train_loss: dict[str, Any] = {"sum": None, "steps": 0}
         #: plain-data description of the run (data config, etc.) stored in every checkpoint
         self.run_info: dict[str, Any] = {}
 
@@ -182,8 +182,9 @@ class SeqTask(L.LightningModule):
         over the epoch, reduced once at its end."""
         loss = self.step_loss(batch)
         detached = loss.detach()
-        self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
-        self._train_loss_steps += 1
+        epoch = self._train_loss
+        epoch["sum"] = detached if epoch["sum"] is None else epoch["sum"] + detached
+        epoch["steps"] += 1
         if self._logging_step():
             self.log("train/loss", loss, on_step=True, on_epoch=False)
         return loss
@@ -193,10 +194,11 @@ class SeqTask(L.LightningModule):
         return bool(getattr(connector, "should_update_logs", True))
 
     def on_train_epoch_end(self) -> None:
-        if self._train_loss_steps:
+        epoch = self._train_loss
+        if epoch["steps"]:
             # every process ran as many steps: the mean over processes of their means is the epoch's mean
-            self.log("train/loss_epoch", self._train_loss_sum / self._train_loss_steps, sync_dist=True)
-        self._train_loss_sum, self._train_loss_steps = None, 0
+            self.log("train/loss_epoch", epoch["sum"] / epoch["steps"], sync_dist=True)
+        epoch["sum"], epoch["steps"] = None, 0
 
     # ----------------------------------------------------------------- optimisation
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
