@@ -379,9 +379,7 @@ def test_the_training_loss_is_shown_without_a_conversion_per_step(
     assert isinstance(bar.get_metrics(trainer, task)["train/loss"], float)
 
 
-def test_training_steps_assign_no_module_attribute(
-    tmp_path: Path, make_cfg, installed, monkeypatch
-) -> None:
+def test_training_steps_assign_no_module_attribute(tmp_path: Path, make_cfg, installed, monkeypatch) -> None:
     """Assigning an attribute of an ``nn.Module`` costs ~3 us (its ``__setattr__`` checks the
     value against parameters, buffers and modules): a training step that does not log makes no
     such assignment, neither the dispatch (the hook name, set and restored ~36 times a step) nor
