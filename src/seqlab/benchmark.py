@@ -510,6 +510,9 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     task.to(device)
     optimizer, scheduler = task.build_optimizer(epochs * len(loader))  # as configure_optimizers does
     clip = cfg.trainer.get("gradient_clip_val")
+    # what Lightning clips: the optimizer's parameters, listed once (``task.parameters()`` would
+    # walk every submodule, metrics included, on every step)
+    clipped = [param for group in optimizer.param_groups for param in group["params"]]
     precision = str(cfg.trainer.get("precision", "32-true"))
     if precision not in ("32", "32-true", "bf16-mixed"):
         raise ValueError(
@@ -533,7 +536,7 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip:
-                torch.nn.utils.clip_grad_norm_(task.parameters(), clip)
+                torch.nn.utils.clip_grad_norm_(clipped, clip)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
