@@ -171,6 +171,18 @@ def test_the_plain_loop_trains_exactly_what_the_trainer_trains(tmp_path: Path, p
     assert 0 < timers[1].data_shares[0] < 1
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.precision=16-mixed", "trainer.precision"),
+        ("+trainer.gradient_clip_algorithm=value", "gradient_clip_algorithm"),
+    ],
+)
+def test_the_plain_loop_refuses_what_it_does_not_mirror(tmp_path: Path, override: str, expected: str) -> None:
+    with pytest.raises(ValueError, match=expected):
+        bench._plain_run([*SMALL_LSTM, override], 1, bench.StepTimer(), tmp_path)
+
+
 def test_overhead_and_data_share_results(tmp_path: Path) -> None:
     result = bench.bench_overhead(SMALL_LSTM, epochs=1, repeats=1)
     assert result["trainer_step_ms"] > 0 and result["plain_step_ms"] > 0

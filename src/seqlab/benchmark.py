@@ -510,6 +510,11 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     task.to(device)
     optimizer, scheduler = task.build_optimizer(epochs * len(loader))  # as configure_optimizers does
     clip = cfg.trainer.get("gradient_clip_val")
+    if clip and (cfg.trainer.get("gradient_clip_algorithm") or "norm") != "norm":
+        raise ValueError(
+            f"the plain loop clips by norm, not trainer.gradient_clip_algorithm="
+            f"{cfg.trainer.gradient_clip_algorithm!r}"
+        )
     # what Lightning clips: the optimizer's parameters, listed once (``task.parameters()`` would
     # walk every submodule, metrics included, on every step)
     clipped = [param for group in optimizer.param_groups for param in group["params"]]

@@ -15,10 +15,9 @@ seqlab's check remembers the answer per function. The batch transfer asks, for e
 data hooks on every batch, whether the datamodule or the module overrides it (``is_overridden``,
 twice per hook); seqlab's selector remembers the answer per fit. And the optimisation loop
 divides the loss by the number of accumulated batches even when that is 1 (a division and its
-backward node per step); seqlab's closure result skips the division by 1. Every dispatcher sets
-and restores the module's ``_current_fx_name`` around the hook (~36 times per step): through
-``nn.Module.__setattr__`` that is ~2-3 us each, so ``set_fx_name`` writes the instance's
-``__dict__`` directly.
+backward node per step); seqlab's closure result skips the division by 1. And every dispatcher
+sets and restores the module's ``_current_fx_name`` without ``nn.Module.__setattr__``
+(``set_fx_name``).
 ``install()`` replaces the three dispatchers (and the check, the selector and the closure result)
 with versions that call the same functions in the same order with the same arguments and
 ``_current_fx_name`` set the same way, minus the per-call overhead, and fall back to Lightning's
@@ -46,6 +45,8 @@ _lightning_signature_check = training_epoch_loop.is_param_in_hook_signature
 _lightning_data_hook_owner = _DataHookSelector.get_instance
 _lightning_closure_result = _AutomaticOptimization.output_result_cls
 _module_setattr = nn.Module.__setattr__
+#: module class -> whether assigning ``_current_fx_name`` only stores it in the instance ``__dict__``
+_plain_fx_name: dict[type, bool] = {}
 #: (class, hook name) -> whether the class's hook does anything
 _implemented: dict[tuple[type, str], bool] = {}
 #: what an empty body (docstring and/or ``pass``) compiles to: Python 3.11 / 3.12+
@@ -83,10 +84,17 @@ def implements(obj: Any, hook_name: str) -> bool:
 def set_fx_name(pl_module: Any, name: str | None) -> None:
     """``pl_module._current_fx_name = name`` (the hook ``self.log`` attributes its values to)
     without ``nn.Module.__setattr__``: for a string or None that method only checks that the value
-    is no parameter, buffer or module (~3 us with its Python ``isinstance`` checks; the dispatchers
-    set and restore the name ~36 times per training step) before storing it in the instance's
-    ``__dict__``. A class that overrides ``__setattr__`` gets its own method called."""
-    if type(pl_module).__setattr__ is _module_setattr and "_current_fx_name" in pl_module.__dict__:
+    is no parameter, buffer or module (~2-3 us with its Python ``isinstance`` checks; the
+    dispatchers set and restore the name ~34 times per training step) before storing it in the
+    instance's ``__dict__``, which this does directly. A class that overrides ``__setattr__`` or
+    defines ``_current_fx_name`` itself (a property) gets the assignment as before."""
+    cls = type(pl_module)
+    plain = _plain_fx_name.get(cls)
+    if plain is None:
+        plain = _plain_fx_name[cls] = cls.__setattr__ is _module_setattr and not any(
+            "_current_fx_name" in vars(base) for base in cls.__mro__
+        )
+    if plain and "_current_fx_name" in pl_module.__dict__:
         pl_module.__dict__["_current_fx_name"] = name
     else:
         pl_module._current_fx_name = name
