@@ -125,8 +125,7 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
                     "what each part of the Trainer path costs (ms per step)")  # fmt: skip
         payload = {**meta, "overrides": list(overrides), "rows": rows}
     elif command == "data":
-        common = overrides
-        rows = bench.bench_data(common=common, epochs=args.epochs, repeats=args.repeats or 1)
+        rows = bench.bench_data(common=overrides, epochs=args.epochs, repeats=args.repeats or 1)
         print_table(rows, "share of the training step waiting for data (plain loop)")
         payload = {**meta, "rows": rows}
     else:

@@ -146,3 +146,7 @@ def test_reduced_precision_inputs_are_scanned_in_float32(method: str) -> None:
     assert linear.dtype == torch.bfloat16
     linear_ref = scan_reference(a.double(), b.double())
     assert ((linear.double() - linear_ref).abs().max() / linear_ref.abs().max()).item() < 1e-2
+    positive = (torch.rand(a.shape) + 0.1).bfloat16()
+    logged, logged_ref = log_scan(a.log(), positive.log()), scan_reference(a.double(), positive.double())
+    assert logged.dtype == torch.bfloat16
+    assert ((logged.double() - logged_ref).abs() / logged_ref).mean().item() < 3e-3
