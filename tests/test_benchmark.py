@@ -193,6 +193,77 @@ def test_overhead_and_data_share_results(tmp_path: Path) -> None:
     assert 0 < result["data_wait_share"] < 1
 
 
+def test_median_interval_is_the_widest_order_statistics_that_reach_the_confidence() -> None:
+    values = [float(v) for v in range(10, 0, -1)]  # unsorted on purpose
+    # n = 10: (x2, x9) covers the median with 1 - 2 * 11/1024 = 97.9%; (x3, x8) only 89%
+    assert bench.median_interval(values) == (2.0, 9.0)
+    assert bench.median_interval(values, confidence=0.85) == (3.0, 8.0)
+    assert bench.median_interval(values[:6]) == (5.0, 10.0)  # n = 6: the extremes cover 96.9%
+    assert bench.median_interval(values[:5]) is None  # n = 5: even the extremes cover only 93.8%
+    # and it does cover: the true median of a skewed distribution, over many samples of 10
+    generator = torch.Generator().manual_seed(0)
+    samples = torch.empty(4000, 10).exponential_(generator=generator).tolist()
+    median = math.log(2)
+    covered = sum(low <= median <= high for low, high in map(bench.median_interval, samples))
+    assert 0.965 < covered / len(samples) < 0.99  # 97.9% expected
+
+
+def test_overhead_pairs_the_runs_of_each_repeat_in_alternating_order(tmp_path: Path, monkeypatch) -> None:
+    """Each repeat's two runs give one ratio; their median and its interval are the figure of
+    record, robust to a host that is slower for a while (here: repeats 2 and 3 run 3x slow)."""
+    calls, collections = [], []
+    speed = {0: 1.0, 1: 1.0, 2: 3.0, 3: 3.0, 4: 1.0, 5: 1.0, 6: 1.0}
+    overhead = {0: 1.02, 1: 1.04, 2: 1.01, 3: 1.05, 4: 1.03, 5: 1.06, 6: 1.00}
+
+    def fake(name):
+        def run(overrides, epochs, timer, workdir):
+            repeat = int(workdir.name.removeprefix(name))
+            calls.append((name, repeat, len(collections)))
+            step = 0.01 * speed[repeat] * (overhead[repeat] if name == "trainer" else 1.0)
+            timer.epochs.extend([[step, step]] * epochs)
+            timer.data_shares.append(0.01)
+
+        return run
+
+    monkeypatch.setattr(bench, "_trainer_run", fake("trainer"))
+    monkeypatch.setattr(bench, "_plain_run", fake("plain"))
+    monkeypatch.setattr(bench, "_fresh_heap", lambda: collections.append(1))
+    result = bench.bench_overhead(SMALL_LSTM, epochs=2, repeats=7)
+    assert [(name, repeat) for name, repeat, _ in calls] == [
+        ("trainer", 0), ("plain", 0), ("plain", 1), ("trainer", 1), ("trainer", 2), ("plain", 2),
+        ("plain", 3), ("trainer", 3), ("trainer", 4), ("plain", 4), ("plain", 5), ("trainer", 5),
+        ("trainer", 6), ("plain", 6),
+    ]  # fmt: skip
+    assert [seen for *_, seen in calls] == list(range(1, 15)), "a collection before every run"
+    assert result["paired_ratios"] == pytest.approx([overhead[r] for r in range(7)])
+    assert result["ratio_paired"] == pytest.approx(1.03)
+    # n = 7: (x1, x7) is the 95% interval (x2, x6 covers 87.5%)
+    assert (result["ratio_paired_low"], result["ratio_paired_high"]) == pytest.approx((1.00, 1.06))
+    assert result["ratio"] != pytest.approx(1.03, abs=0.005)  # pooled epochs: the slow repeats weigh in
+
+
+def test_ablation_pairs_each_variant_with_the_default_run_of_its_repeat(tmp_path: Path, monkeypatch) -> None:
+    order = []
+    slow = {1: 5.0}  # repeat 1 runs 5x slow: pooled medians would mix it in, pairs do not
+
+    def run(overrides, epochs, timer, workdir, seqlab_hooks=True, bare=False):
+        index, repeat = map(int, workdir.name.split("-"))
+        order.append(index)
+        extra = 0.001 * (repeat + 1) if "trainer.log_every_n_steps=1000000" in overrides else 0.0
+        timer.epochs.append([0.01 * slow.get(repeat, 1.0) + extra])
+
+    monkeypatch.setattr(bench, "_trainer_run", run)
+    monkeypatch.setattr(
+        bench, "_plain_run", lambda overrides, epochs, timer, workdir: run([], epochs, timer, workdir)
+    )
+    ablations = {"no per-step logging": bench.Ablation(("trainer.log_every_n_steps=1000000",))}
+    rows = bench.bench_ablation(SMALL_LSTM, ablations, epochs=1, repeats=6)
+    assert order == [0, 1, 2, 2, 1, 0] * 3
+    row = {r["variant"]: r for r in rows}["no per-step logging"]
+    assert row["vs_default_ms_paired"] == pytest.approx(3.5)  # 1 ... 6 ms, one per repeat
+    assert (row["vs_default_low_ms"], row["vs_default_high_ms"]) == pytest.approx((1.0, 6.0))
+
+
 def test_benchmark_cli_writes_json_and_plot(tmp_path: Path) -> None:
     done = run_script(
         str(ROOT / "scripts" / "benchmark.py"), "lengths", "--backbones", "lstm,mingru", "--lengths", "8,16",
@@ -289,7 +360,11 @@ def test_the_ablation_runs_every_variant_and_restores_the_dispatch(tmp_path: Pat
     with_bar = [o for o in SMALL_LSTM if "rich_progress_bar" not in o]  # one variant removes it
     rows = bench.bench_ablation(with_bar, epochs=1, repeats=1)
     assert [r["variant"] for r in rows] == ["plain loop", "default", *bench.OVERHEAD_ABLATIONS]
-    assert rows[0]["ratio_to_plain"] == 1.0 and rows[1]["vs_default_ms"] == 0.0
+    assert (
+        rows[0]["ratio_to_plain"] == 1.0
+        and rows[1]["vs_default_ms"] == rows[1]["vs_default_ms_paired"] == 0.0
+    )
+    assert rows[1]["vs_default_low_ms"] is None  # one repeat: no interval
     assert all(r["step_ms"] > 0 and len(r["epoch_means_ms"]) == 1 for r in rows)
     assert "on_train_batch_end" in lightning_calls  # the variants with Lightning's dispatch ran it
     assert len(with_loggers) == len(with_callbacks) == len(rows) - 3, "bare loops: no logger, no callback"

@@ -8,7 +8,7 @@
   scaling exponent of step time in T (about 1 for a recurrence, towards 2 for attention).
 - ``overhead``: the same model, data and optimizer trained through seqlab's Trainer path (the
   default callbacks and loggers of ``python train.py``) and through a plain PyTorch loop,
-  interleaved in one process; the ratio of their per-step times.
+  in pairs of runs in one process; the median ratio of their per-step times with a 95% interval.
 - ``data``: per task, the share of the training step spent waiting for the next batch.
 - ``startup``: ``python train.py`` from process start to its first optimizer step.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import itertools
 import json
 import math
@@ -556,32 +557,79 @@ def _lower_quartile(values: Sequence[float]) -> float:
     return statistics.quantiles(values, n=4, method="inclusive")[0]
 
 
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval of the median: the order statistics
+    ``(x_(k), x_(n+1-k))`` with the largest ``k`` whose coverage, ``1 - 2 P(Binomial(n, 1/2) < k)``,
+    is at least ``confidence``. ``None`` when there are too few values (fewer than 6 for 95%)."""
+    ordered, n = sorted(values), len(values)
+    below, k = 0.0, 0  # below = P(Binomial(n, 1/2) < k + 1)
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n
+        if 1 - 2 * below < confidence:
+            break
+        k += 1
+    return (ordered[k - 1], ordered[n - k]) if k else None
+
+
+def _alternating(runs: Sequence[Any], repeat: int) -> Sequence[Any]:
+    """``runs`` in order on even repeats, reversed on odd ones: a drift of the host's speed over
+    the benchmark (on the 2-core development machine whole minutes run 10-20% slow) then
+    favours neither side of a comparison."""
+    return runs if repeat % 2 == 0 else runs[::-1]
+
+
+def _fresh_heap() -> None:
+    """A full garbage collection before each timed run. Objects left by earlier runs in the same
+    process pile up until the collector's oldest generation runs, on the development machine
+    170-300 ms for the ~400,000 objects torch and Lightning keep, and one such pass landing in a
+    timed epoch of ~60 steps adds 3-5 ms to each of them. A ``python train.py`` run does not pay
+    it (no oldest-generation pass from ``fit`` to the end of a 10-epoch run: measured)."""
+    gc.collect()
+
+
 def bench_overhead(
     overrides: Sequence[str] = OVERHEAD_OVERRIDES, epochs: int = 2, repeats: int = 3
 ) -> dict[str, Any]:
-    """Trainer path vs plain loop, interleaved ``repeats`` times; medians of per-epoch means, and
-    the median share of the plain loop's step time spent waiting for data. Also the ratio of the
-    lower quartiles: interference from the host only ever slows an epoch down (on the 2-core
-    development machine whole epochs of either loop run 10% slow), so the lower quartile is
-    the steadier estimate; the median is the figure of record."""
+    """Trainer path vs plain loop, ``repeats`` times, the two runs of a repeat one after the other
+    (in alternating order, after a full garbage collection each).
+
+    - ``ratio_paired``, the figure of record: the median over repeats of the ratio of the two
+      runs of a repeat (their medians of per-epoch mean steps), with a distribution-free 95%
+      interval (``ratio_paired_low``/``_high``, from 6 repeats). Each ratio compares two runs a
+      few seconds apart, so a host that slows down for a minute moves both.
+    - ``ratio``: the medians of all per-epoch means of each loop, pooled; ``ratio_lower_quartile``
+      the same for their lower quartiles (interference from the host only ever slows an epoch
+      down).
+    - ``data_wait_share``: the median share of the plain loop's step time spent waiting for
+      data."""
     results: dict[str, list[float]] = {"trainer": [], "plain": []}
+    paired: list[float] = []
     data_shares: list[float] = []
     with tempfile.TemporaryDirectory(prefix="seqlab-overhead-") as tmp:
         for repeat in range(repeats):
-            for name, run in (("trainer", _trainer_run), ("plain", _plain_run)):
+            steps = {}
+            for name, run in _alternating((("trainer", _trainer_run), ("plain", _plain_run)), repeat):
                 timer = StepTimer()
+                _fresh_heap()
                 run(list(overrides), epochs, timer, Path(tmp) / f"{name}{repeat}")
                 results[name].extend(timer.per_epoch_mean())
+                steps[name] = statistics.median(timer.per_epoch_mean())
                 data_shares.extend(timer.data_shares)
+            paired.append(steps["trainer"] / steps["plain"])
     trainer_ms = statistics.median(results["trainer"]) * 1e3
     plain_ms = statistics.median(results["plain"]) * 1e3
+    low, high = median_interval(paired) or (None, None)
     return {
         "overrides": list(overrides),
+        "ratio_paired": statistics.median(paired),
+        "ratio_paired_low": low,
+        "ratio_paired_high": high,
         "trainer_step_ms": trainer_ms,
         "plain_step_ms": plain_ms,
         "ratio": trainer_ms / plain_ms,
         "ratio_lower_quartile": _lower_quartile(results["trainer"]) / _lower_quartile(results["plain"]),
         "overhead_ms_per_step": trainer_ms - plain_ms,
+        "paired_ratios": paired,
         "data_wait_share": statistics.median(data_shares),
         "trainer_epoch_means_ms": [t * 1e3 for t in results["trainer"]],
         "plain_epoch_means_ms": [t * 1e3 for t in results["plain"]],
@@ -628,13 +676,18 @@ def bench_ablation(
     repeats: int = 3,
 ) -> list[dict[str, Any]]:
     """What each part of the Trainer path costs: the plain loop, the default Trainer path and each
-    ablation, interleaved ``repeats`` times; per variant the median step and its difference to
-    the plain loop and to the default path."""
+    ablation, ``repeats`` times (in alternating order, after a full garbage collection each); per
+    variant the median step, its ratio to the plain loop's and its difference to the default
+    path's, pooled over repeats and paired within each (``vs_default_ms_paired``: the median
+    over repeats of the difference to that repeat's default run, with a distribution-free 95%
+    interval from 6 repeats)."""
     runs: dict[str, list[float]] = {"plain loop": [], "default": [], **{name: [] for name in ablations}}
+    per_repeat: dict[str, list[float]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory(prefix="seqlab-ablation-") as tmp:
         for repeat in range(repeats):
-            for index, name in enumerate(runs):
+            for index, name in _alternating(list(enumerate(runs)), repeat):
                 timer, workdir = StepTimer(), Path(tmp) / f"{index}-{repeat}"
+                _fresh_heap()
                 if name == "plain loop":
                     _plain_run(list(overrides), epochs, timer, workdir)
                 else:
@@ -644,13 +697,19 @@ def bench_ablation(
                         seqlab_hooks=ablation.seqlab_hooks, bare=ablation.bare,
                     )  # fmt: skip
                 runs[name].extend(timer.per_epoch_mean())
+                per_repeat[name].append(statistics.median(timer.per_epoch_mean()) * 1e3)
     medians = {name: statistics.median(values) * 1e3 for name, values in runs.items()}
     plain, default = medians["plain loop"], medians["default"]
-    return [
-        {"variant": name, "step_ms": ms, "ratio_to_plain": ms / plain, "vs_default_ms": ms - default,
-         "epoch_means_ms": [t * 1e3 for t in runs[name]]}
-        for name, ms in medians.items()
-    ]  # fmt: skip
+    rows = []
+    for name, ms in medians.items():
+        differences = [a - b for a, b in zip(per_repeat[name], per_repeat["default"])]
+        low, high = median_interval(differences) or (None, None)
+        rows.append(
+            {"variant": name, "step_ms": ms, "ratio_to_plain": ms / plain, "vs_default_ms": ms - default,
+             "vs_default_ms_paired": statistics.median(differences), "vs_default_low_ms": low,
+             "vs_default_high_ms": high, "epoch_means_ms": [t * 1e3 for t in runs[name]]}
+        )  # fmt: skip
+    return rows
 
 
 #: one small configuration per task for the data-loading benchmark (synthetic data: no files);
