@@ -44,7 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("command", choices=[*COMMANDS, "all"])
     parser.add_argument("--out", type=Path, default=None, help="output directory")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per measurement (median); overhead: pairs of runs (default 10), ablation: "
+        "rounds of all variants (default 6; a 95%% interval needs >= 6)",
+    )
     parser.add_argument("--lengths", type=ints, default=None, help="comma-separated sequence lengths")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--width", type=int, default=128, help="lengths: d_model; scan: hidden width")
@@ -109,7 +115,7 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         result = bench.bench_overhead(
             overrides=overrides,
             epochs=args.epochs,
-            repeats=args.repeats or 3,
+            repeats=args.repeats or 10,
         )
         print_table(
             [{k: v for k, v in result.items() if not isinstance(v, list)}], "Trainer path vs plain loop"
@@ -119,7 +125,7 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         rows = bench.bench_ablation(
             overrides=overrides,
             epochs=args.epochs,
-            repeats=args.repeats or 3,
+            repeats=args.repeats or 6,
         )
         print_table([{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows],
                     "what each part of the Trainer path costs (ms per step)")  # fmt: skip

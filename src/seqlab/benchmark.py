@@ -588,7 +588,7 @@ def _fresh_heap() -> None:
 
 
 def bench_overhead(
-    overrides: Sequence[str] = OVERHEAD_OVERRIDES, epochs: int = 2, repeats: int = 3
+    overrides: Sequence[str] = OVERHEAD_OVERRIDES, epochs: int = 2, repeats: int = 10
 ) -> dict[str, Any]:
     """Trainer path vs plain loop, ``repeats`` times, the two runs of a repeat one after the other
     (in alternating order, after a full garbage collection each).
@@ -673,7 +673,7 @@ def bench_ablation(
     overrides: Sequence[str] = OVERHEAD_OVERRIDES,
     ablations: dict[str, Ablation] = OVERHEAD_ABLATIONS,
     epochs: int = 2,
-    repeats: int = 3,
+    repeats: int = 6,
 ) -> list[dict[str, Any]]:
     """What each part of the Trainer path costs: the plain loop, the default Trainer path and each
     ablation, ``repeats`` times (in alternating order, after a full garbage collection each); per

@@ -101,6 +101,29 @@ def warmup_schedule(name: str, total_steps: int, warmup_steps: int, min_lr_ratio
     return factor
 
 
+#: optimizers whose fused kernel ``task.optimizer.fused: auto`` picks, on the devices where torch
+#: has one for them (torch >= 2.5). Measured on the 2-core development CPU (AdamW step, medians of
+#: 5): the default Transformer forecaster's 34 parameter tensors 1.47 ms in torch's default
+#: per-tensor loop, 0.97 ms ``foreach``, 0.31 ms fused; the small LSTM's 8 tensors 0.45 / 0.44 /
+#: 0.15 ms. On CUDA torch's default is ``foreach``; fused is the faster there too (torchtitan's
+#: default), not yet measured here.
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+FUSED_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def fused_by_default(optimizer_cls: type, groups: list[dict[str, Any]]) -> bool:
+    """Whether ``fused: auto`` takes the fused kernel: a known optimizer over floating-point
+    parameters on one device type that has the kernel. Anything else keeps torch's default."""
+    params = [param for group in groups for param in group["params"]]
+    device_types = {param.device.type for param in params}
+    return (
+        optimizer_cls in FUSED_OPTIMIZERS
+        and len(device_types) == 1
+        and device_types <= set(FUSED_DEVICE_TYPES)
+        and all(param.is_floating_point() for param in params)
+    )
+
+
 class SeqTask(L.LightningModule):
     """Base of the task modules. Subclasses call ``save_hyperparameters()`` and define the steps.
 
@@ -223,15 +246,24 @@ class SeqTask(L.LightningModule):
     def build_optimizer(self, total_steps: int, offload: bool = False) -> tuple[Any, Any]:
         """``task.optimizer`` over the parameter groups, and the per-step warm-up/decay schedule
         over ``total_steps`` (None without ``task.scheduler``). ``offload``: ZeRO-Offload steps on
-        the CPU with DeepSpeed's vectorised Adam (same update rule)."""
+        the CPU with DeepSpeed's vectorised Adam (same update rule). ``fused: auto`` (the default
+        configs): torch's fused kernel where :func:`fused_by_default` says it has one."""
         config = dict(self.hparams.optimizer)
         optimizer_cls = get_class(config.pop("_target_"))
         groups = self.parameter_groups(config.pop("weight_decay", 0.0))
         if offload and optimizer_cls in (torch.optim.Adam, torch.optim.AdamW):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+            config.pop("fused", None)  # DeepSpeed's CPU Adam is vectorised already
             optimizer = DeepSpeedCPUAdam(groups, adamw_mode=optimizer_cls is torch.optim.AdamW, **config)
         else:
+            if config.get("fused", False) not in ("auto", True, False, None):
+                raise ConfigError(f"task.optimizer.fused must be auto, true or false, got {config['fused']!r}")
+            if config.get("fused") == "auto":
+                if fused_by_default(optimizer_cls, groups):
+                    config["fused"] = True
+                else:
+                    del config["fused"]  # torch's own choice (foreach on CUDA, a loop elsewhere)
             optimizer = optimizer_cls(groups, **config)
         schedule = self.hparams.get("scheduler")
         if not schedule:
