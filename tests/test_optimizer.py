@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from seqlab.errors import ConfigError
-from seqlab.tasks.base import fused_by_default
+from seqlab.tasks.base import fusable, fused_by_default
 from seqlab.train import build_datamodule, build_task
 
 TASK_DATA = {"forecasting": "data=timeseries", "classification": "data=sentiment_synthetic",
@@ -23,7 +23,7 @@ def build(make_cfg, *overrides: str):
 
 
 @pytest.mark.parametrize("task", TASK_DATA)
-def test_every_task_steps_with_the_fused_adamw_on_cpu(make_cfg, task: str) -> None:
+def test_every_task_builds_the_fused_adamw_on_cpu(make_cfg, task: str) -> None:
     model, _ = build(make_cfg, TASK_DATA[task])
     optimizer, _ = model.build_optimizer(100)
     assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["fused"] is True
@@ -49,9 +49,11 @@ def test_the_fused_step_trains_as_the_per_tensor_loop(make_cfg) -> None:
             optimizer.step()
             scheduler.step()
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert not torch.equal(
-        weights[0], torch.cat([p.detach().flatten() for p in build(make_cfg)[0].parameters()])
+    torch.manual_seed(0)
+    initial = torch.cat(
+        [p.detach().flatten() for p in build(make_cfg, "task.optimizer.weight_decay=0.1")[0].parameters()]
     )
+    assert not torch.allclose(weights[0], initial)  # the steps did move the weights
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
 
 
@@ -61,17 +63,22 @@ def test_auto_keeps_torch_default_where_there_is_no_fused_kernel(make_cfg) -> No
     assert type(model.build_optimizer(10)[0]) is torch.optim.RMSprop
 
     cpu = [torch.nn.Parameter(torch.randn(2))]
-    assert fused_by_default(torch.optim.AdamW, [{"params": cpu}])
-    assert fused_by_default(torch.optim.SGD, [{"params": cpu}])
-    assert not fused_by_default(torch.optim.Adamax, [{"params": cpu}])
+    assert fused_by_default(torch.optim.AdamW, [{"params": cpu}], {})
+    assert fused_by_default(torch.optim.SGD, [{"params": cpu}], {})
+    assert not fused_by_default(torch.optim.Adamax, [{"params": cpu}], {})
     mixed = [{"params": cpu}, {"params": [torch.nn.Parameter(torch.randn(2, device="meta"))]}]
-    assert not fused_by_default(torch.optim.AdamW, mixed)  # one device type only
-    assert not fused_by_default(torch.optim.AdamW, [{"params": [torch.zeros(2, dtype=torch.int64)]}])
+    assert not fused_by_default(torch.optim.AdamW, mixed, {})  # one device type only
+    assert not fused_by_default(torch.optim.AdamW, [{"params": [torch.zeros(2, dtype=torch.int64)]}], {})
+    # torch takes neither foreach nor differentiable together with fused
+    assert not fused_by_default(torch.optim.AdamW, [{"params": cpu}], {"foreach": True})
+    assert not fused_by_default(torch.optim.AdamW, [{"params": cpu}], {"differentiable": True})
+    model, _ = build(make_cfg, "+task.optimizer.foreach=true")
+    assert model.build_optimizer(10)[0].defaults["foreach"] is True
 
     class MyAdamW(torch.optim.AdamW):  # a subclass may not take `fused`
         pass
 
-    assert not fused_by_default(MyAdamW, [{"params": cpu}])
+    assert not fused_by_default(MyAdamW, [{"params": cpu}], {})
 
 
 def test_a_fused_value_that_means_nothing_is_refused(make_cfg) -> None:
@@ -80,3 +87,38 @@ def test_a_fused_value_that_means_nothing_is_refused(make_cfg) -> None:
         ConfigError, match=r"task.optimizer.fused must be auto, true or false, got 'sometimes'"
     ):
         model.build_optimizer(10)
+
+
+def test_no_fused_optimizer_where_lightning_would_refuse_to_clip_it(make_cfg) -> None:
+    """Lightning's mixed-precision plugins refuse to clip a fused optimizer's gradients (bf16 too)."""
+    assert fusable("32-true", 1.0) and fusable("bf16-mixed", None) and fusable("bf16-mixed", 0.0)
+    assert not fusable("bf16-mixed", 1.0) and not fusable("16-mixed", 0.5)
+    model, _ = build(make_cfg)
+    assert model.build_optimizer(10, fusable_here=False)[0].defaults["fused"] is None  # torch's default
+    forced, _ = build(make_cfg, "task.optimizer.fused=true")
+    with pytest.raises(ConfigError, match=r"task.optimizer.fused=true.*trainer.gradient_clip_val"):
+        forced.build_optimizer(10, fusable_here=False)
+
+
+def test_a_bf16_mixed_fit_with_clipping_trains(make_cfg) -> None:
+    from seqlab.train import train
+
+    cfg = make_cfg("model.d_model=16", "trainer.precision=bf16-mixed", "trainer.max_epochs=1",
+                   "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "test=false")  # fmt: skip
+    assert cfg.trainer.gradient_clip_val
+    _, objects = train(cfg)
+    optimizer = objects["trainer"].optimizers[0]
+    assert objects["summary"]["global_step"] == 3 and not optimizer.defaults["fused"]
+
+
+@pytest.mark.parametrize("saved_fused", [None, True])
+def test_restoring_an_optimizer_keeps_the_kernel_it_was_built_with(make_cfg, saved_fused) -> None:
+    """A checkpoint from before ``fused: auto`` (fused None) or with it: the built kernel stays."""
+    model, datamodule = build(make_cfg)
+    saved = torch.optim.AdamW(model.parameter_groups(0.0), lr=1e-3, fused=saved_fused)
+    model.step_loss(next(iter(datamodule.train_dataloader()))).backward()
+    saved.step()
+    for fused, expected in (("auto", True), ("false", False)):
+        optimizer = build(make_cfg, f"task.optimizer.fused={fused}")[0].build_optimizer(10)[0]
+        optimizer.load_state_dict(saved.state_dict())
+        assert all(bool(group["fused"]) is expected for group in optimizer.param_groups)

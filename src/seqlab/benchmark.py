@@ -498,6 +498,7 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     import lightning as L
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
+    from seqlab.tasks.base import fusable
     from seqlab.train import build_datamodule, build_task
     from seqlab.utils.run import compose_config
 
@@ -509,8 +510,10 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     loader = datamodule.train_dataloader()
     device = accelerator_device(cfg.trainer.accelerator)  # the device the Trainer path picks
     task.to(device)
-    optimizer, scheduler = task.build_optimizer(epochs * len(loader))  # as configure_optimizers does
     clip = cfg.trainer.get("gradient_clip_val")
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    # as configure_optimizers does
+    optimizer, scheduler = task.build_optimizer(epochs * len(loader), fusable_here=fusable(precision, clip))
     if clip and (cfg.trainer.get("gradient_clip_algorithm") or "norm") != "norm":
         raise ValueError(
             f"the plain loop clips by norm, not trainer.gradient_clip_algorithm="
@@ -519,7 +522,6 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     # what Lightning clips: the optimizer's parameters, listed once (``task.parameters()`` would
     # walk every submodule, metrics included, on every step)
     clipped = [param for group in optimizer.param_groups for param in group["params"]]
-    precision = str(cfg.trainer.get("precision", "32-true"))
     if precision not in ("32", "32-true", "bf16-mixed"):
         raise ValueError(
             f"the plain loop mirrors trainer.precision 32-true and bf16-mixed, not {precision!r}"

@@ -111,9 +111,10 @@ FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 FUSED_DEVICE_TYPES = ("cpu", "cuda")
 
 
-def fused_by_default(optimizer_cls: type, groups: list[dict[str, Any]]) -> bool:
+def fused_by_default(optimizer_cls: type, groups: list[dict[str, Any]], config: dict[str, Any]) -> bool:
     """Whether ``fused: auto`` takes the fused kernel: a known optimizer over floating-point
-    parameters on one device type that has the kernel. Anything else keeps torch's default."""
+    parameters on one device type that has the kernel, and no ``foreach``/``differentiable``
+    asked for (torch takes neither with ``fused``). Anything else keeps torch's default."""
     params = [param for group in groups for param in group["params"]]
     device_types = {param.device.type for param in params}
     return (
@@ -121,7 +122,29 @@ def fused_by_default(optimizer_cls: type, groups: list[dict[str, Any]]) -> bool:
         and len(device_types) == 1
         and device_types <= set(FUSED_DEVICE_TYPES)
         and all(param.is_floating_point() for param in params)
+        and not config.get("foreach")
+        and not config.get("differentiable")
     )
+
+
+def fusable(precision: Any, gradient_clip_val: float | None) -> bool:
+    """Whether the Trainer takes a fused optimizer: Lightning's mixed-precision plugins (``16-mixed``
+    and ``bf16-mixed``, FSDP's too) refuse to clip the gradients of an optimizer that would unscale
+    them itself, which a fused one declares, with or without a gradient scaler."""
+    return not (gradient_clip_val and str(precision).endswith("-mixed"))
+
+
+def keep_fused_on_load(optimizer: torch.optim.Optimizer) -> None:
+    """Restoring an optimizer's state replaces its parameter groups' settings with the saved ones,
+    ``fused`` included: a checkpoint saved before ``fused: auto`` (or with another setting) would
+    silently switch the kernel. The kernel chosen when the optimizer was built stays."""
+    fused = optimizer.defaults.get("fused")
+
+    def restore(opt: torch.optim.Optimizer) -> None:
+        for group in opt.param_groups:
+            group["fused"] = fused
+
+    optimizer.register_load_state_dict_post_hook(restore)
 
 
 class SeqTask(L.LightningModule):
@@ -236,35 +259,50 @@ class SeqTask(L.LightningModule):
         ]
 
     def configure_optimizers(self) -> Any:
+        trainer = self.trainer
         optimizer, scheduler = self.build_optimizer(
-            int(self.trainer.estimated_stepping_batches), offload=offloads_optimizer(self.trainer.strategy)
+            int(trainer.estimated_stepping_batches),
+            offload=offloads_optimizer(trainer.strategy),
+            fusable_here=fusable(trainer.precision, trainer.gradient_clip_val),
         )
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def build_optimizer(self, total_steps: int, offload: bool = False) -> tuple[Any, Any]:
+    def build_optimizer(
+        self, total_steps: int, offload: bool = False, fusable_here: bool = True
+    ) -> tuple[Any, Any]:
         """``task.optimizer`` over the parameter groups, and the per-step warm-up/decay schedule
         over ``total_steps`` (None without ``task.scheduler``). ``offload``: ZeRO-Offload steps on
         the CPU with DeepSpeed's vectorised Adam (same update rule). ``fused: auto`` (the default
-        configs): torch's fused kernel where :func:`fused_by_default` says it has one."""
+        configs): torch's fused kernel where :func:`fused_by_default` says it has one, unless
+        ``fusable_here`` is False (see :func:`fusable`)."""
         config = dict(self.hparams.optimizer)
         optimizer_cls = get_class(config.pop("_target_"))
         groups = self.parameter_groups(config.pop("weight_decay", 0.0))
+        fused = config.get("fused", False)
+        if fused not in ("auto", True, False, None):
+            raise ConfigError(f"task.optimizer.fused must be auto, true or false, got {fused!r}")
         if offload and optimizer_cls in (torch.optim.Adam, torch.optim.AdamW):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             config.pop("fused", None)  # DeepSpeed's CPU Adam is vectorised already
             optimizer = DeepSpeedCPUAdam(groups, adamw_mode=optimizer_cls is torch.optim.AdamW, **config)
         else:
-            if config.get("fused", False) not in ("auto", True, False, None):
-                raise ConfigError(f"task.optimizer.fused must be auto, true or false, got {config['fused']!r}")
-            if config.get("fused") == "auto":
-                if fused_by_default(optimizer_cls, groups):
+            if fused is True and not fusable_here:
+                raise ConfigError(
+                    "task.optimizer.fused=true: Lightning does not clip the gradients of a fused optimizer "
+                    "under mixed precision; set trainer.gradient_clip_val=null, another trainer.precision, "
+                    "or task.optimizer.fused=auto"
+                )
+            if fused == "auto":
+                if fusable_here and fused_by_default(optimizer_cls, groups, config):
                     config["fused"] = True
                 else:
                     del config["fused"]  # torch's own choice (foreach on CUDA, a loop elsewhere)
             optimizer = optimizer_cls(groups, **config)
+            if "fused" in optimizer.defaults:
+                keep_fused_on_load(optimizer)
         schedule = self.hparams.get("scheduler")
         if not schedule:
             return optimizer, None
