@@ -163,6 +163,12 @@ def test_the_same_overrides_find_the_newest_interrupted_run(tmp_path: Path) -> N
         {"model": {"d_model": 64}, "extras": {"print_config": False}, "tags": ["b"], "seed": 1, "new": 2},
     )
     assert differences == ["model.d_model: 32 -> 64", "new: '<absent>' -> 2"]
+    # a run saved before task.optimizer.fused existed resumes; the update rule still must match
+    before = {"task": {"optimizer": {"lr": 1e-3}}}
+    assert config_differences(before, {"task": {"optimizer": {"lr": 1e-3, "fused": "auto"}}}) == []
+    assert config_differences(before, {"task": {"optimizer": {"lr": 2e-3, "fused": "auto"}}}) == [
+        "task.optimizer.lr: 0.001 -> 0.002"
+    ]
 
 
 def test_a_kill_while_saving_leaves_the_previous_checkpoint_intact(tmp_path: Path) -> None:

@@ -44,6 +44,8 @@ RESUME_IGNORES = (
     "tags",
     "callbacks.rich_progress_bar",
     "callbacks.model_summary",
+    # the optimizer's kernel, not its update rule (a run from before `fused: auto` resumes)
+    "task.optimizer.fused",
 )
 
 
