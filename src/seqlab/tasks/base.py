@@ -105,8 +105,8 @@ def warmup_schedule(name: str, total_steps: int, warmup_steps: int, min_lr_ratio
 #: has one for them (torch >= 2.5). Measured on the 2-core development CPU (AdamW step, medians of
 #: 5): the default Transformer forecaster's 34 parameter tensors 1.47 ms in torch's default
 #: per-tensor loop, 0.97 ms ``foreach``, 0.31 ms fused; the small LSTM's 8 tensors 0.45 / 0.44 /
-#: 0.15 ms. On CUDA torch's default is ``foreach``; fused is the faster there too (torchtitan's
-#: default), not yet measured here.
+#: 0.15 ms. On CUDA torch's default is ``foreach``; torchtitan defaults to fused there (not yet
+#: measured here).
 FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 FUSED_DEVICE_TYPES = ("cpu", "cuda")
 
