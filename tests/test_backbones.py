@@ -215,3 +215,29 @@ def test_truncated_bptt_keeps_the_outputs_and_cuts_the_gradient(cell: str) -> No
     torch.testing.assert_close(grad_eval, grad_full)
     with pytest.raises(ValueError, match=r"model.tbptt_steps=4: expected a positive number of steps"):
         RNNBackbone(cell=cell, d_model=16, bidirectional=True, tbptt_steps=4)
+
+
+@pytest.mark.parametrize("name", ["rnn", "lstm", "gru-bahdanau", "lstm-bidirectional"])
+def test_rnn_recurrences_run_in_float32_under_bf16_autocast(name: str) -> None:
+    """Under bf16-mixed the nn.RNN/LSTM/GRU recurrences compute in float32 (CUDA autocast would run
+    cuDNN in float16 without a scaler; oneDNN mostly has no bf16 RNN kernel): padded or not,
+    truncated BPTT or not, the encoder's outputs are float32 and bit-equal to a float32 run, the
+    decoder carries float32 states, a bfloat16 input is the float32 run of its values, and
+    gradients reach every parameter."""
+    torch.manual_seed(0)
+    model = backbones()[name].train()
+    model.tbptt_steps = None if name.endswith("bidirectional") else 3
+    x, pad = batch([7, 4, 6], 7)
+    y = torch.randn(3, 4, WIDTH)
+    for mask in (None, pad):
+        expected = model.encode(x, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            encoded = model.encode(x, mask)
+            from_bf16 = model.encode(x.bfloat16(), mask)
+            decoded, state = model.decode(y, encoded, mask)
+        assert encoded.dtype == torch.float32 and torch.equal(encoded, expected)
+        assert torch.equal(from_bf16, model.encode(x.bfloat16().float(), mask))
+        assert state["hidden"].dtype == torch.float32 and torch.isfinite(decoded).all()
+        model.zero_grad()
+        (encoded.square().mean() + decoded.float().square().mean()).backward()
+        assert all(p.grad is not None and torch.count_nonzero(p.grad) for p in model.parameters())

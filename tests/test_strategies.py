@@ -76,16 +76,6 @@ def test_gpu_only_choices_fail_fast_naming_what_works(make_cfg, tmp_path: Path, 
 
 
 @NO_GPU
-def test_bf16_with_an_rnn_on_cpu_is_refused_with_the_reason(make_cfg) -> None:
-    for model in ("rnn", "lstm", "gru"):
-        cfg = make_cfg(f"model={model}", "trainer=cpu", "trainer.precision=bf16-mixed")
-        with pytest.raises(ConfigError, match=r"precision='bf16-mixed'.*oneDNN.*32-true"):
-            check_hardware(cfg)
-    # the Transformer has CPU bf16 kernels: allowed, and it trains
-    check_hardware(make_cfg("model=transformer", "trainer=cpu", "trainer.precision=bf16-mixed"))
-
-
-@NO_GPU
 def test_more_gpus_than_exist_and_cpu_devices(make_cfg) -> None:
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         check_hardware(make_cfg("trainer=gpu", "trainer.devices=8", fast=False))

@@ -10,18 +10,52 @@ the last ``tbptt_steps`` steps of an unpadded sequence without autograd and back
 through the last ``tbptt_steps`` only, so a long look-back costs a no-grad forward plus a short
 forward/backward, and activation memory stops growing with the length. The earlier steps still
 shape the state (and the outputs a head may pool) but receive no gradient.
+
+Under ``bf16-mixed`` the recurrences run in float32 (``recur``), as the min-RNN scans do; the
+projections and attention around them stay in bfloat16. PyTorch's autocast wrapper for cuDNN
+RNNs casts to float16 whatever the autocast dtype (``aten/src/ATen/cudnn/AutocastRNN.cpp``), so
+on a GPU the recurrence would run in float16 with no loss scaler, and on most CPUs oneDNN has no
+bfloat16 RNN kernel for float32 inputs ("could not create a primitive descriptor"). Under
+``16-mixed`` (float16 with a GradScaler) autocast keeps its float16 cuDNN kernels.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from seqlab.backbones.base import Backbone, State, lengths_from_mask, masked_mean
 
 RECURRENCES: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 ATTENTIONS = ("luong", "bahdanau")
+
+Recurrent = Tensor | tuple[Tensor, Tensor]
+
+
+def _float32(value: Tensor | PackedSequence | tuple[Tensor, Tensor] | None) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, tuple) and not isinstance(value, PackedSequence):
+        return tuple(_float32(part) for part in value)
+    return value.float()  # inputs and states of a torch RNN are floating point
+
+
+def recur(
+    module: nn.RNNBase, x: Tensor | PackedSequence, state: Recurrent | None = None
+) -> tuple[Tensor | PackedSequence, Recurrent]:
+    """``module(x, state)``, under bfloat16 autocast in float32 with autocast off (see the module
+    docstring): the outputs and states come back in float32, and the ops after it cast them as
+    autocast does."""
+    device = (x.data if isinstance(x, PackedSequence) else x).device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)) or (
+        torch.get_autocast_dtype(device) != torch.bfloat16
+    ):
+        return module(x, state)
+    with torch.autocast(device, enabled=False):
+        return module(_float32(x), _float32(state))
 
 
 class RNNBackbone(Backbone):
@@ -100,13 +134,13 @@ class RNNBackbone(Backbone):
             keep = self.tbptt_steps
             if keep is not None and x.shape[1] > keep and self.training and torch.is_grad_enabled():
                 with torch.no_grad():  # the steps the gradient does not reach
-                    early, state = self.encoder(x[:, :-keep])
-                late, _ = self.encoder(x[:, -keep:], state)
+                    early, state = recur(self.encoder, x[:, :-keep])
+                late, _ = recur(self.encoder, x[:, -keep:], state)
                 return self.output_dropout(torch.cat([early, late], dim=1))
-            out, _ = self.encoder(x)
+            out, _ = recur(self.encoder, x)
             return self.output_dropout(out)
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        out, _ = self.encoder(packed)
+        out, _ = recur(self.encoder, packed)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         return self.output_dropout(out)
 
@@ -121,14 +155,14 @@ class RNNBackbone(Backbone):
             state["memory_keys"] = self.memory_proj(memory)
         return state
 
-    def _recurrent_state(self, state: State) -> Tensor | tuple[Tensor, Tensor]:
+    def _recurrent_state(self, state: State) -> Recurrent:
         # states are stored batch-first (for reorder_state); nn.RNNBase wants [layers, B, D]
         hidden = state["hidden"].transpose(0, 1).contiguous()
         if self.cell == "lstm":
             return hidden, state["cell"].transpose(0, 1).contiguous()
         return hidden
 
-    def _store(self, state: State, recurrent: Tensor | tuple[Tensor, Tensor]) -> State:
+    def _store(self, state: State, recurrent: Recurrent) -> State:
         if isinstance(recurrent, tuple):
             return {**state, "hidden": recurrent[0].transpose(0, 1), "cell": recurrent[1].transpose(0, 1)}
         return {**state, "hidden": recurrent.transpose(0, 1)}
@@ -152,7 +186,7 @@ class RNNBackbone(Backbone):
         if state is None:
             state = self._initial_state(memory, memory_mask)
         if self.attention == "luong":
-            out, recurrent = self.decoder(y, self._recurrent_state(state))
+            out, recurrent = recur(self.decoder, y, self._recurrent_state(state))
             scores = self.score(out) @ memory.transpose(1, 2)
             context = self._attend(scores, memory, memory_mask)
             state = self._store(state, recurrent)
@@ -163,7 +197,7 @@ class RNNBackbone(Backbone):
                 energy = self.energy(torch.tanh(state["memory_keys"] + query[:, None, :])).squeeze(-1)
                 context = self._attend(energy[:, None, :], memory, memory_mask)
                 step_in = torch.cat([y[:, step : step + 1], context], dim=-1)
-                step_out, recurrent = self.decoder(step_in, self._recurrent_state(state))
+                step_out, recurrent = recur(self.decoder, step_in, self._recurrent_state(state))
                 state = self._store(state, recurrent)
                 outputs.append(step_out)
                 contexts.append(context)

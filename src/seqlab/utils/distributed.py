@@ -25,7 +25,6 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch import strategies
 from lightning.pytorch.strategies.launchers import subprocess_script
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from seqlab.errors import ConfigError
 
@@ -57,12 +56,6 @@ def shards_parameters(strategy: Any) -> bool:
     return bool(kinds & {"fsdp", "fsdp2"}) or (
         "deepspeed" in kinds and bool(getattr(strategy, "zero_stage_3", False))
     )
-
-
-def runs_torch_rnn(model_cfg: DictConfig | dict[str, Any]) -> bool:
-    """Whether the backbone computes with ``nn.RNN``/``nn.LSTM``/``nn.GRU`` (cuDNN/oneDNN kernels)."""
-    backbone_cls = get_class(model_cfg["_target_"])
-    return any(issubclass(cls, nn.RNNBase) for cls in getattr(backbone_cls, "layer_classes", ()))
 
 
 def check_device_count(value: Any, key: str, allow_auto: bool = True) -> None:
@@ -126,13 +119,6 @@ def check_hardware(cfg: DictConfig) -> None:
                 f"trainer.devices={devices} but this machine has {available} {unit}{advice}: "
                 f"use trainer.devices={available} or fewer"
             )
-    if on_cpu and "bf16" in str(trainer.get("precision")) and runs_torch_rnn(cfg.model):
-        raise ConfigError(
-            f"trainer.precision={trainer.precision!r} with the {cfg.model._target_.rsplit('.', 1)[-1]} "
-            "backbone on CPU: oneDNN has no bf16 kernel for nn.RNN/LSTM/GRU (it fails with 'could not "
-            "create a primitive descriptor'). Use trainer.precision=32-true on CPU; bf16 works on a GPU "
-            "(cuDNN) and with model=transformer on CPU."
-        )
 
 
 def build_strategy(trainer_cfg: DictConfig, model_cfg: DictConfig | None) -> Any:
