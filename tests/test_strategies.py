@@ -64,6 +64,35 @@ def test_fsdp_wraps_and_checkpoints_the_backbone_layers(make_cfg) -> None:
     assert lstm.kwargs["auto_wrap_policy"]._module_classes == {nn.RNNBase}
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true", "16-mixed"])
+def test_fsdp_clips_gradients_by_norm_through_the_root_module(make_cfg, precision: str) -> None:
+    """trainer=fsdp keeps the default gradient clipping: Lightning's FSDP precision plugin refuses
+    to clip by norm at the first step (it has no handle on the root module); seqlab's clips
+    through the strategy's wrapped root (FSDP1 cannot run on CPU, so a stand-in root here)."""
+    from lightning.pytorch.plugins.precision import FSDPPrecision as LightningFSDPPrecision
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.utilities.enums import GradClipAlgorithmType
+
+    cfg = make_cfg("trainer=fsdp", f"trainer.precision={precision}", "model=lstm")
+    assert cfg.trainer.gradient_clip_val == 1.0
+    strategy = build_strategy(cfg.trainer, cfg.model)
+    plugin = strategy.precision_plugin
+    assert isinstance(plugin, LightningFSDPPrecision) and plugin.precision == precision
+    assert (plugin.scaler is not None) == (precision == "16-mixed")
+
+    class Root(nn.Linear):
+        def clip_grad_norm_(self, max_norm: float) -> None:
+            clipped.append(max_norm)
+
+    clipped: list[float] = []
+    strategy.model = Root(2, 2)
+    optimizer = torch.optim.SGD(strategy.model.parameters(), lr=0.1)
+    plugin.clip_gradients(optimizer, 1.0, GradClipAlgorithmType.NORM)
+    assert clipped == [1.0]
+    with pytest.raises(MisconfigurationException, match="'norm'` is currently not supported"):
+        LightningFSDPPrecision(precision).clip_gradients(optimizer, 1.0, GradClipAlgorithmType.NORM)
+
+
 @NO_GPU
 @pytest.mark.parametrize("name", ["fsdp", "deepspeed", "deepspeed_stage_3", "deepspeed_offload", "gpu"])
 def test_gpu_only_choices_fail_fast_naming_what_works(make_cfg, tmp_path: Path, name: str) -> None:
