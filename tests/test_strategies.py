@@ -70,8 +70,8 @@ def test_fsdp_clips_gradients_by_norm_through_the_root_module(make_cfg, precisio
     to clip by norm at the first step (it has no handle on the root module); seqlab's clips
     through the strategy's wrapped root (FSDP1 cannot run on CPU, so a stand-in root here)."""
     from lightning.pytorch.plugins.precision import FSDPPrecision as LightningFSDPPrecision
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.enums import GradClipAlgorithmType
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     cfg = make_cfg("trainer=fsdp", f"trainer.precision={precision}", "model=lstm")
     assert cfg.trainer.gradient_clip_val == 1.0
