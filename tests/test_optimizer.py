@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from seqlab.errors import ConfigError
-from seqlab.tasks.base import fusable, fused_by_default
+from seqlab.tasks.base import fused_by_default
 from seqlab.train import build_datamodule, build_task
+from seqlab.utils.precision import fusable
 
 TASK_DATA = {"forecasting": "data=timeseries", "classification": "data=sentiment_synthetic",
              "translation": "data=translation_synthetic"}  # fmt: skip
@@ -89,10 +90,22 @@ def test_a_fused_value_that_means_nothing_is_refused(make_cfg) -> None:
         model.build_optimizer(10)
 
 
-def test_no_fused_optimizer_where_lightning_would_refuse_to_clip_it(make_cfg) -> None:
-    """Lightning's mixed-precision plugins refuse to clip a fused optimizer's gradients (bf16 too)."""
-    assert fusable("32-true", 1.0) and fusable("bf16-mixed", None) and fusable("bf16-mixed", 0.0)
-    assert not fusable("bf16-mixed", 1.0) and not fusable("16-mixed", 0.5)
+def test_no_fused_optimizer_where_the_precision_plugin_cannot_clip_it(make_cfg) -> None:
+    """A fused optimizer unscales inside its step: with a gradient scaler (16-mixed) clipping would
+    see scaled gradients, and Lightning's MixedPrecision refuses even without one; seqlab's
+    bf16-mixed and FSDP plugins clip it, DeepSpeed's mixed precision is left to torch's default."""
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision, MixedPrecision, Precision
+
+    from seqlab.utils.precision import BF16MixedPrecision, FSDPPrecision
+
+    lightning_bf16, seqlab_bf16 = MixedPrecision("bf16-mixed", "cpu"), BF16MixedPrecision("cpu")
+    assert fusable(Precision(), 1.0) and fusable(lightning_bf16, None) and fusable(lightning_bf16, 0.0)
+    assert not fusable(lightning_bf16, 1.0) and fusable(seqlab_bf16, 1.0)
+    with pytest.warns(UserWarning, match="CUDA is not available"):  # a CPU-only machine disables it
+        fp16 = MixedPrecision("16-mixed", "cuda", scaler=torch.amp.GradScaler("cuda"))
+    assert not fusable(fp16, 0.5) and fusable(fp16, None)
+    assert fusable(FSDPPrecision("bf16-mixed", torch.nn.Linear(1, 1)), 1.0)
+    assert not fusable(DeepSpeedPrecision("bf16-mixed"), 1.0) and fusable(DeepSpeedPrecision("32-true"), 1.0)
     model, _ = build(make_cfg)
     assert model.build_optimizer(10, fusable_here=False)[0].defaults["fused"] is None  # torch's default
     forced, _ = build(make_cfg, "task.optimizer.fused=true")
@@ -100,15 +113,26 @@ def test_no_fused_optimizer_where_lightning_would_refuse_to_clip_it(make_cfg) ->
         forced.build_optimizer(10, fusable_here=False)
 
 
-def test_a_bf16_mixed_fit_with_clipping_trains(make_cfg) -> None:
+def test_bf16_mixed_clips_a_fused_optimizer_as_any_other(make_cfg) -> None:
+    """bf16-mixed with clipping at every step (norm 0.01): seqlab's Trainer fuses AdamW, and trains
+    the weights torch's per-tensor loop trains (clipping on: without it they move elsewhere)."""
     from seqlab.train import train
+    from seqlab.utils.precision import BF16MixedPrecision
 
-    cfg = make_cfg("model.d_model=16", "trainer.precision=bf16-mixed", "trainer.max_epochs=1",
-                   "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "test=false")  # fmt: skip
-    assert cfg.trainer.gradient_clip_val
-    _, objects = train(cfg)
-    optimizer = objects["trainer"].optimizers[0]
-    assert objects["summary"]["global_step"] == 3 and not optimizer.defaults["fused"]
+    weights = {}
+    for name, extra in (("fused", []), ("loop", ["task.optimizer.fused=false"]),
+                        ("unclipped", ["trainer.gradient_clip_val=null"])):  # fmt: skip
+        cfg = make_cfg("model.d_model=16", "model.dropout=0.0", "trainer.precision=bf16-mixed",
+                       "trainer.gradient_clip_val=0.01", "trainer.max_epochs=1", "trainer.limit_train_batches=5",
+                       "trainer.limit_val_batches=1", "test=false", *extra, output=name)  # fmt: skip
+        _, objects = train(cfg)
+        trainer = objects["trainer"]
+        assert isinstance(trainer.precision_plugin, BF16MixedPrecision) and trainer.precision == "bf16-mixed"
+        assert bool(trainer.optimizers[0].defaults["fused"]) is (name != "loop")
+        assert objects["summary"]["global_step"] == 5
+        weights[name] = torch.cat([p.detach().flatten() for p in objects["task"].parameters()])
+    torch.testing.assert_close(weights["fused"], weights["loop"], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(weights["fused"], weights["unclipped"], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("saved_fused", [None, True])

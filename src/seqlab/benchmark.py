@@ -497,9 +497,10 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     It also times each wait for a batch (the data-loading share)."""
     import lightning as L
     from lightning.fabric.utilities.apply_func import move_data_to_device
+    from lightning.pytorch.plugins.precision import Precision
 
-    from seqlab.tasks.base import fusable
     from seqlab.train import build_datamodule, build_task
+    from seqlab.utils.precision import BF16MixedPrecision, fusable
     from seqlab.utils.run import compose_config
 
     cfg = compose_config("train", [*overrides, "extras.print_config=false"], workdir)
@@ -512,8 +513,13 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     task.to(device)
     clip = cfg.trainer.get("gradient_clip_val")
     precision = str(cfg.trainer.get("precision", "32-true"))
-    # as configure_optimizers does
-    optimizer, scheduler = task.build_optimizer(epochs * len(loader), fusable_here=fusable(precision, clip))
+    if precision not in ("32", "32-true", "bf16-mixed"):
+        raise ValueError(
+            f"the plain loop mirrors trainer.precision 32-true and bf16-mixed, not {precision!r}"
+        )
+    # the precision plugin of seqlab's Trainer on one device, asked as configure_optimizers asks it
+    plugin = BF16MixedPrecision(device.type) if precision == "bf16-mixed" else Precision()
+    optimizer, scheduler = task.build_optimizer(epochs * len(loader), fusable_here=fusable(plugin, clip))
     if clip and (cfg.trainer.get("gradient_clip_algorithm") or "norm") != "norm":
         raise ValueError(
             f"the plain loop clips by norm, not trainer.gradient_clip_algorithm="
@@ -522,10 +528,6 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     # what Lightning clips: the optimizer's parameters, listed once (``task.parameters()`` would
     # walk every submodule, metrics included, on every step)
     clipped = [param for group in optimizer.param_groups for param in group["params"]]
-    if precision not in ("32", "32-true", "bf16-mixed"):
-        raise ValueError(
-            f"the plain loop mirrors trainer.precision 32-true and bf16-mixed, not {precision!r}"
-        )
     # Lightning's bf16-mixed: the forward pass (training_step) under autocast, backward outside
     mixed = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
     task.train()

@@ -33,6 +33,7 @@ from seqlab.utils.distributed import (
     use_sweep_launcher,
 )
 from seqlab.utils.logging import route_lightning_logs_to_root
+from seqlab.utils.precision import clip_fused_under_bf16
 from seqlab.utils.resume import check_checkpoint_fits, mark_running, mark_stopped, resume_checkpoint
 from seqlab.utils.run import (
     hydra_choice,
@@ -102,6 +103,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Lo
     trainer = instantiate(
         cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
     )
+    clip_fused_under_bf16(trainer.strategy)  # bf16-mixed clips a fused optimizer's gradients too
     use_sweep_launcher(trainer)
     return trainer
 

@@ -19,6 +19,7 @@ from torchmetrics import MaxMetric, MinMetric
 from seqlab.backbones.base import Backbone
 from seqlab.errors import ConfigError
 from seqlab.utils.distributed import offloads_optimizer
+from seqlab.utils.precision import fusable
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -125,13 +126,6 @@ def fused_by_default(optimizer_cls: type, groups: list[dict[str, Any]], config: 
         and not config.get("foreach")
         and not config.get("differentiable")
     )
-
-
-def fusable(precision: Any, gradient_clip_val: float | None) -> bool:
-    """Whether the Trainer takes a fused optimizer: Lightning's mixed-precision plugins (``16-mixed``
-    and ``bf16-mixed``, FSDP's too) refuse to clip the gradients of an optimizer that would unscale
-    them itself, which a fused one declares, with or without a gradient scaler."""
-    return not (gradient_clip_val and str(precision).endswith("-mixed"))
 
 
 def keep_fused_on_load(optimizer: torch.optim.Optimizer) -> None:
@@ -263,7 +257,7 @@ class SeqTask(L.LightningModule):
         optimizer, scheduler = self.build_optimizer(
             int(trainer.estimated_stepping_batches),
             offload=offloads_optimizer(trainer.strategy),
-            fusable_here=fusable(trainer.precision, trainer.gradient_clip_val),
+            fusable_here=fusable(trainer.precision_plugin, trainer.gradient_clip_val),
         )
         if scheduler is None:
             return optimizer
@@ -292,7 +286,8 @@ class SeqTask(L.LightningModule):
             if fused is True and not fusable_here:
                 raise ConfigError(
                     "task.optimizer.fused=true: Lightning does not clip the gradients of a fused optimizer "
-                    "under mixed precision; set trainer.gradient_clip_val=null, another trainer.precision, "
+                    "under this trainer.precision (16-mixed: they are still scaled when clipped) or with "
+                    "DeepSpeed's mixed precision; set trainer.gradient_clip_val=null, trainer.precision=bf16-mixed, "
                     "or task.optimizer.fused=auto"
                 )
             if fused == "auto":

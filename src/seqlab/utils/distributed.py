@@ -17,18 +17,17 @@ import importlib.util
 import os
 import re
 import sys
-import weakref
 from typing import Any
 from unittest import mock
 
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch import strategies
-from lightning.pytorch.plugins.precision import fsdp as fsdp_precision
 from lightning.pytorch.strategies.launchers import subprocess_script
 from omegaconf import DictConfig, OmegaConf
 
 from seqlab.errors import ConfigError
+from seqlab.utils.precision import FSDPPrecision
 
 #: what runs on a machine without CUDA (the message of every GPU-only refusal lists them)
 CPU_STRATEGIES = "trainer=cpu, trainer=ddp, trainer=ddp_spawn or trainer=fsdp2 (FSDP2 sharding over gloo)"
@@ -141,32 +140,9 @@ def build_strategy(trainer_cfg: DictConfig, model_cfg: DictConfig | None) -> Any
         if kwargs.pop("checkpoint_layers", False) and kwargs.get("activation_checkpointing_policy") is None:
             kwargs["activation_checkpointing_policy"] = layers
         fsdp = instantiate(kwargs)
-        fsdp.precision_plugin = FSDPPrecision(trainer_cfg.get("precision"), fsdp)
+        fsdp.precision_plugin = FSDPPrecision(trainer_cfg.get("precision"), fsdp)  # clips by norm
         return fsdp
     return instantiate(kwargs)
-
-
-class FSDPPrecision(fsdp_precision.FSDPPrecision):
-    """Lightning's precision plugin for ``FSDPStrategy`` (``trainer=fsdp``), clipping gradients by
-    norm, which ``trainer.gradient_clip_val`` (1.0 by default) asks for and Lightning's plugin
-    refuses at the first step (Lightning-AI/pytorch-lightning#19235): the norm over every shard
-    needs the root FSDP module (``FullyShardedDataParallel.clip_grad_norm_``), which the plugin
-    is not given. This one reaches it through its strategy."""
-
-    def __init__(self, precision: Any, strategy: strategies.FSDPStrategy) -> None:
-        from lightning.fabric.connector import _convert_precision_to_unified_args
-
-        super().__init__(_convert_precision_to_unified_args(precision) or "32-true")
-        self._strategy = weakref.ref(strategy)
-
-    def clip_grad_by_norm(self, optimizer: Any, clip_val: float) -> None:
-        strategy = self._strategy()
-        root = strategy.model if strategy is not None else None
-        if not callable(getattr(root, "clip_grad_norm_", None)):
-            raise RuntimeError(
-                f"clipping by norm under FSDP needs the wrapped root module, found {type(root)}"
-            )
-        root.clip_grad_norm_(clip_val)
 
 
 class ModelParallelStrategy(strategies.ModelParallelStrategy):
