@@ -241,3 +241,16 @@ def test_rnn_recurrences_run_in_float32_under_bf16_autocast(name: str) -> None:
         model.zero_grad()
         (encoded.square().mean() + decoded.float().square().mean()).backward()
         assert all(p.grad is not None and torch.count_nonzero(p.grad) for p in model.parameters())
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_bfloat16_weights_under_autocast_keep_autocasts_dtype(cell: str) -> None:
+    """FSDP's bf16-mixed computes with bfloat16 copies of the weights: the recurrence is then left
+    to autocast (a float32 input would not match them)."""
+    torch.manual_seed(0)
+    model = RNNBackbone(cell=cell, d_model=WIDTH, dropout=0.0).train()
+    model.encoder.to(torch.bfloat16)
+    x, _ = batch([7, 7], 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        encoded = model.encode(x.bfloat16())
+    assert encoded.dtype == torch.bfloat16 and torch.isfinite(encoded.float()).all()

@@ -3,6 +3,8 @@ update rule as torch's per-tensor loop, and a clear error for a value it cannot 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -93,7 +95,7 @@ def test_a_fused_value_that_means_nothing_is_refused(make_cfg) -> None:
 def test_no_fused_optimizer_where_the_precision_plugin_cannot_clip_it(make_cfg) -> None:
     """A fused optimizer unscales inside its step: with a gradient scaler (16-mixed) clipping would
     see scaled gradients, and Lightning's MixedPrecision refuses even without one; seqlab's
-    bf16-mixed and FSDP plugins clip it, DeepSpeed's mixed precision is left to torch's default."""
+    bf16-mixed plugin clips it; DeepSpeed's and FSDP's mixed precision keep torch's default."""
     from lightning.pytorch.plugins.precision import DeepSpeedPrecision, MixedPrecision, Precision
 
     from seqlab.utils.precision import BF16MixedPrecision, FSDPPrecision
@@ -101,10 +103,12 @@ def test_no_fused_optimizer_where_the_precision_plugin_cannot_clip_it(make_cfg) 
     lightning_bf16, seqlab_bf16 = MixedPrecision("bf16-mixed", "cpu"), BF16MixedPrecision("cpu")
     assert fusable(Precision(), 1.0) and fusable(lightning_bf16, None) and fusable(lightning_bf16, 0.0)
     assert not fusable(lightning_bf16, 1.0) and fusable(seqlab_bf16, 1.0)
-    with pytest.warns(UserWarning, match="CUDA is not available"):  # a CPU-only machine disables it
+    with warnings.catch_warnings():  # a CPU-only machine warns that it disables the scaler
+        warnings.simplefilter("ignore", UserWarning)
         fp16 = MixedPrecision("16-mixed", "cuda", scaler=torch.amp.GradScaler("cuda"))
     assert not fusable(fp16, 0.5) and fusable(fp16, None)
-    assert fusable(FSDPPrecision("bf16-mixed", torch.nn.Linear(1, 1)), 1.0)
+    assert not fusable(FSDPPrecision("bf16-mixed", torch.nn.Linear(1, 1)), 1.0)
+    assert fusable(FSDPPrecision("32-true", torch.nn.Linear(1, 1)), 1.0)
     assert not fusable(DeepSpeedPrecision("bf16-mixed"), 1.0) and fusable(DeepSpeedPrecision("32-true"), 1.0)
     model, _ = build(make_cfg)
     assert model.build_optimizer(10, fusable_here=False)[0].defaults["fused"] is None  # torch's default
@@ -146,3 +150,27 @@ def test_restoring_an_optimizer_keeps_the_kernel_it_was_built_with(make_cfg, sav
         optimizer = build(make_cfg, f"task.optimizer.fused={fused}")[0].build_optimizer(10)[0]
         optimizer.load_state_dict(saved.state_dict())
         assert all(bool(group["fused"]) is expected for group in optimizer.param_groups)
+
+
+def test_a_restored_fused_optimizer_gets_its_step_counters_where_the_kernel_wants_them(make_cfg) -> None:
+    """torch leaves an unfused state's ``step`` counters as they were saved (on the CPU, for CUDA
+    parameters: a fused CUDA step then fails); restored into a fused optimizer they become float32
+    on the parameters' device. A counter saved as float64 stands in for the CPU-side one here."""
+    model, datamodule = build(make_cfg)
+    saved = torch.optim.AdamW(model.parameter_groups(0.0), lr=1e-3, fused=False)
+    model.step_loss(next(iter(datamodule.train_dataloader()))).backward()
+    saved.step()
+    state = saved.state_dict()
+    for param_state in state["state"].values():
+        param_state["step"] = param_state["step"].double()
+    restored, _ = build(make_cfg)
+    optimizer = restored.build_optimizer(10)[0]
+    optimizer.load_state_dict(state)
+    steps = [optimizer.state[p]["step"] for group in optimizer.param_groups for p in group["params"]]
+    assert steps and all(s.dtype == torch.float32 and s.device == torch.device("cpu") for s in steps)
+    assert all(float(s) == 1.0 for s in steps)
+    restored.step_loss(next(iter(datamodule.train_dataloader()))).backward()
+    optimizer.step()  # the fused kernel takes them
+    assert all(
+        float(optimizer.state[p]["step"]) == 2.0 for group in optimizer.param_groups for p in group["params"]
+    )

@@ -12,7 +12,8 @@ forward/backward, and activation memory stops growing with the length. The earli
 shape the state (and the outputs a head may pool) but receive no gradient.
 
 Under ``bf16-mixed`` the recurrences run in float32 (``recur``), as the min-RNN scans do; the
-projections and attention around them stay in bfloat16. PyTorch's autocast wrapper for cuDNN
+projections and attention around them stay in bfloat16 (not under FSDP's ``bf16-mixed``, whose
+weights are bfloat16 in the forward pass, nor DeepSpeed's, which has no autocast). PyTorch's autocast wrapper for cuDNN
 RNNs casts to float16 whatever the autocast dtype (``aten/src/ATen/cudnn/AutocastRNN.cpp``), so
 on a GPU the recurrence would run in float16 with no loss scaler, and on most CPUs oneDNN has no
 bfloat16 RNN kernel for float32 inputs ("could not create a primitive descriptor"). Under
@@ -48,10 +49,13 @@ def recur(
 ) -> tuple[Tensor | PackedSequence, Recurrent]:
     """``module(x, state)``, under bfloat16 autocast in float32 with autocast off (see the module
     docstring): the outputs and states come back in float32, and the ops after it cast them as
-    autocast does."""
+    autocast does. Weights that are not float32 (FSDP's ``bf16-mixed`` computes with bfloat16
+    copies) are left to autocast as before: a float32 input would not match them."""
     device = (x.data if isinstance(x, PackedSequence) else x).device.type
-    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)) or (
-        torch.get_autocast_dtype(device) != torch.bfloat16
+    if (
+        not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
+        or torch.get_autocast_dtype(device) != torch.bfloat16
+        or module.weight_ih_l0.dtype != torch.float32
     ):
         return module(x, state)
     with torch.autocast(device, enabled=False):

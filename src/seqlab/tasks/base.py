@@ -131,12 +131,21 @@ def fused_by_default(optimizer_cls: type, groups: list[dict[str, Any]], config: 
 def keep_fused_on_load(optimizer: torch.optim.Optimizer) -> None:
     """Restoring an optimizer's state replaces its parameter groups' settings with the saved ones,
     ``fused`` included: a checkpoint saved before ``fused: auto`` (or with another setting) would
-    silently switch the kernel. The kernel chosen when the optimizer was built stays."""
+    silently switch the kernel. The kernel chosen when the optimizer was built stays, and for a
+    fused one each parameter's ``step`` counter goes where that kernel wants it (float32, on the
+    parameter's device), as torch places it when the saved state is fused: a state saved unfused
+    keeps it on the CPU, and a fused CUDA step would fail on it."""
     fused = optimizer.defaults.get("fused")
 
     def restore(opt: torch.optim.Optimizer) -> None:
         for group in opt.param_groups:
             group["fused"] = fused
+            if not fused:
+                continue
+            for param in group["params"]:
+                step = opt.state.get(param, {}).get("step")
+                if isinstance(step, Tensor):
+                    opt.state[param]["step"] = step.to(dtype=torch.float32, device=param.device)
 
     optimizer.register_load_state_dict_post_hook(restore)
 
@@ -285,10 +294,10 @@ class SeqTask(L.LightningModule):
         else:
             if fused is True and not fusable_here:
                 raise ConfigError(
-                    "task.optimizer.fused=true: Lightning does not clip the gradients of a fused optimizer "
-                    "under this trainer.precision (16-mixed: they are still scaled when clipped) or with "
-                    "DeepSpeed's mixed precision; set trainer.gradient_clip_val=null, trainer.precision=bf16-mixed, "
-                    "or task.optimizer.fused=auto"
+                    "task.optimizer.fused=true: gradient clipping is not done with a fused optimizer under "
+                    "16-mixed (the gradients are still scaled when clipped) nor under mixed precision with "
+                    "trainer=fsdp or deepspeed (not tried); set trainer.gradient_clip_val=null, another "
+                    "trainer.precision, or task.optimizer.fused=auto"
                 )
             if fused == "auto":
                 if fusable_here and fused_by_default(optimizer_cls, groups, config):

@@ -77,15 +77,16 @@ def fusable(plugin: Precision, gradient_clip_val: float | None) -> bool:
       after the clipping, which would then see scaled gradients (Lightning refuses it);
     - ``plugin`` is Lightning's own ``MixedPrecision``, which refuses it even without a scaler
       (seqlab's Trainer has :class:`BF16MixedPrecision` instead);
-    - ``plugin`` is DeepSpeed's in mixed precision: DeepSpeed clips inside its engine, and a fused
-      client optimizer there is not tried here."""
+    - ``plugin`` is DeepSpeed's or FSDP's (``trainer=fsdp``) in mixed precision: DeepSpeed clips
+      inside its engine, FSDP computes with low-precision copies of flat-parameter views; a fused
+      optimizer under either is not tried here (no GPU yet)."""
     if not gradient_clip_val:
         return True
     if getattr(plugin, "scaler", None) is not None:
         return False
     if isinstance(plugin, MixedPrecision):
         return isinstance(plugin, BF16MixedPrecision)
-    if isinstance(plugin, DeepSpeedPrecision):
+    if isinstance(plugin, DeepSpeedPrecision | LightningFSDPPrecision):
         return not str(plugin.precision).endswith("-mixed")
     return True
 
