@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,7 @@ def test_every_experiment_composes(make_cfg, experiment: str, request, tmp_path:
             experiment, "timeseries"
         )
     else:
-        data = {"ett": "ett", "sst2": "sst2", "multi30k": "multi30k"}[prefix]
+        data = {"ett": "ett", "sst2": "sst2", "multi30k": "multi30k", "mfu": "timeseries"}[prefix]
     overrides = data_overrides(data, request, tmp_path)
     cfg = make_cfg(f"experiment={experiment}", *overrides, fast=False)
     if prefix in ("compare", "seeds"):
@@ -122,10 +123,41 @@ def test_every_experiment_composes(make_cfg, experiment: str, request, tmp_path:
     else:
         assert cfg.model._target_.endswith("TransformerBackbone") == ("transformer" in experiment)
     datamodule = build_datamodule(cfg.data)
-    build_task(cfg.task, cfg.model, datamodule)
+    with torch.device("meta") if prefix == "mfu" else contextlib.nullcontext():  # 700 M parameters
+        build_task(cfg.task, cfg.model, datamodule)
 
 
-def test_debug_fdr_runs_every_stage(make_cfg) -> None:
+def test_the_mfu_recipe_is_compute_bound(make_cfg) -> None:
+    """experiment=mfu_transformer (the MFU figure on a GPU): ~700 M parameters and >= 1e14 FLOPs
+    per step (torch's FLOP counter, on the meta device), the FLOPs of 6 x parameters per token
+    within 15% (the flatten head runs once per series, not per token), bf16-mixed on a GPU, no
+    mask in the way of flash attention. A scaled-down copy trains on this CPU and reports its
+    FLOPs and token rate."""
+    from seqlab.callbacks.run_stats import flops_per_token
+    from seqlab.train import train
+
+    cfg = make_cfg("experiment=mfu_transformer", fast=False)
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    datamodule = build_datamodule(cfg.data)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    with torch.device("meta"):
+        task = build_task(cfg.task, cfg.model, datamodule)
+    params = sum(p.numel() for p in task.parameters())
+    per_token, tokens = flops_per_token(task, batch), task.batch_tokens(batch)
+    assert 5e8 < params < 1e9 and per_token * tokens >= 1e14, (params, per_token, tokens)
+    assert 0.85 < per_token / (6 * params) < 1.15
+    small = make_cfg("experiment=mfu_transformer", "trainer=cpu", "trainer.precision=32-true", "model.d_model=32",
+                     "model.nhead=4", "model.num_layers=1", "model.dim_feedforward=64", "data.lookback=256",
+                     "data.num_steps=1200", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+                     "trainer.limit_val_batches=1", "callbacks.rich_progress_bar=null", "extras.print_config=false",
+                     fast=False, output="small")  # fmt: skip
+    _, objects = train(small)
+    summary = objects["summary"]
+    assert (
+        summary["global_step"] == 3 and summary["flops_per_token"] > 0 and summary["train_tokens_per_s"] > 0
+    )
+
     from seqlab.train import train
 
     metrics, objects = train(make_cfg("debug=fdr"))
