@@ -13,11 +13,12 @@ shape the state (and the outputs a head may pool) but receive no gradient.
 
 Under ``bf16-mixed`` the recurrences run in float32 (``recur``), as the min-RNN scans do; the
 projections and attention around them stay in bfloat16 (not under FSDP's ``bf16-mixed``, whose
-weights are bfloat16 in the forward pass, nor DeepSpeed's, which has no autocast). PyTorch's autocast wrapper for cuDNN
-RNNs casts to float16 whatever the autocast dtype (``aten/src/ATen/cudnn/AutocastRNN.cpp``), so
-on a GPU the recurrence would run in float16 with no loss scaler, and on most CPUs oneDNN has no
-bfloat16 RNN kernel for float32 inputs ("could not create a primitive descriptor"). Under
-``16-mixed`` (float16 with a GradScaler) autocast keeps its float16 cuDNN kernels.
+weights are bfloat16 in the forward pass, nor DeepSpeed's, which has no autocast). PyTorch's
+autocast wrapper for cuDNN RNNs casts to float16 whatever the autocast dtype
+(``aten/src/ATen/cudnn/AutocastRNN.cpp``), so on a GPU the recurrence would run in float16 with
+no loss scaler, and on most CPUs oneDNN has no bfloat16 RNN kernel for float32 inputs ("could
+not create a primitive descriptor"). Under ``16-mixed`` (float16 with a GradScaler) autocast
+keeps its float16 cuDNN kernels.
 """
 
 from __future__ import annotations
