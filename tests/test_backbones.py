@@ -243,13 +243,30 @@ def test_rnn_recurrences_run_in_float32_under_bf16_autocast(name: str) -> None:
         assert all(p.grad is not None and torch.count_nonzero(p.grad) for p in model.parameters())
 
 
+class FSDPUnitStandIn(torch.nn.Module):
+    """What FSDP1 makes of a wrapped recurrence under bf16-mixed: float32 views of the weights
+    outside its forward, the module computing with bfloat16 weights inside it."""
+
+    def __init__(self, module: torch.nn.RNNBase) -> None:
+        super().__init__()
+        self.module = module.to(torch.bfloat16)
+
+    @property
+    def weight_ih_l0(self) -> torch.Tensor:
+        return self.module.weight_ih_l0.float()
+
+    def forward(self, *args):
+        return self.module(*args)
+
+
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-def test_bfloat16_weights_under_autocast_keep_autocasts_dtype(cell: str) -> None:
-    """FSDP's bf16-mixed computes with bfloat16 copies of the weights: the recurrence is then left
-    to autocast (a float32 input would not match them)."""
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_bfloat16_weights_under_autocast_keep_autocasts_dtype(cell: str, wrapped: bool) -> None:
+    """FSDP's bf16-mixed computes with bfloat16 copies of the weights inside its unit's forward:
+    the recurrence is then left to autocast (a float32 input would not match them)."""
     torch.manual_seed(0)
     model = RNNBackbone(cell=cell, d_model=WIDTH, dropout=0.0).train()
-    model.encoder.to(torch.bfloat16)
+    model.encoder = FSDPUnitStandIn(model.encoder) if wrapped else model.encoder.to(torch.bfloat16)
     x, _ = batch([7, 7], 7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         encoded = model.encode(x.bfloat16())

@@ -93,6 +93,15 @@ def test_a_checkpoint_of_another_task_or_backbone_is_refused_by_name(make_cfg, t
         (tmp_path / "junk.ckpt").write_bytes(b"junk")
         train(make_cfg(f"ckpt_path={tmp_path / 'junk.ckpt'}", output="other3"))
     assert not (tmp_path / "other" / "config.yaml").exists()
+    # one process's optimizer state is keyed by position: Lightning's FSDP1 would pair it with the
+    # parameters in model order (seqlab's groups are not), FSDP2 pairs by name
+    from seqlab.utils.resume import check_checkpoint_fits
+
+    with pytest.raises(
+        ConfigError, match=r"keyed by position\), and trainer=fsdp would pair .* trainer=fsdp2"
+    ):
+        check_checkpoint_fits(str(checkpoint), make_cfg("model=gru", "trainer=fsdp", output="o4"))
+    check_checkpoint_fits(str(checkpoint), make_cfg("model=gru", "trainer=fsdp2", output="o5"))
 
 
 def test_windows_longer_than_the_model_was_built_for_are_refused_by_name(make_cfg, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from seqlab.backbones.transformer import DecoderLayer, EncoderLayer
 from seqlab.errors import ConfigError
-from seqlab.train import build_trainer, train
+from seqlab.train import build_datamodule, build_trainer, train
 from seqlab.utils.distributed import build_strategy, check_hardware, offloads_optimizer
 from tests.conftest import run_script
 
@@ -28,7 +28,7 @@ def test_every_trainer_config_builds_its_strategy(make_cfg, name: str) -> None:
         pytest.importorskip("deepspeed", reason="the optional deepspeed extra is not installed")
     cfg = make_cfg(f"trainer={name}", "trainer.devices=4", "trainer.num_nodes=2", "model=lstm")
     assert cfg.trainer.devices == 4 and cfg.trainer.num_nodes == 2  # overrides win over every file
-    strategy = build_strategy(cfg.trainer, cfg.model)
+    strategy = build_strategy(cfg.trainer, cfg.model, cfg.data.batch_size)
     expected = {
         "ddp": "ddp",
         "ddp_spawn": "ddp_spawn",
@@ -47,6 +47,12 @@ def test_every_trainer_config_builds_its_strategy(make_cfg, name: str) -> None:
         assert zero["stage"] == (3 if name == "deepspeed_stage_3" else 2)
         assert bool(zero.get("offload_optimizer")) == (name == "deepspeed_offload")
         assert offloads_optimizer(strategy) == (name == "deepspeed_offload")
+        # each process's share of the global batch (8 processes), not Lightning's "auto", which
+        # reads the loader's batch sampler: seqlab's loaders have none
+        assert strategy.config["train_micro_batch_size_per_gpu"] == cfg.data.batch_size // 8
+        datamodule = build_datamodule(cfg.data)
+        datamodule.setup("fit")
+        assert datamodule.train_dataloader().batch_sampler is None
     if name == "fsdp2":  # shards over every process: data_parallel_size follows trainer.devices
         assert strategy._data_parallel_size == 4 and strategy._tensor_parallel_size == 1
 

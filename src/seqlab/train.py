@@ -99,7 +99,7 @@ def build_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list[Logger]:
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger]) -> L.Trainer:
     hooks.install()  # callbacks are called only for the hooks they implement
-    strategy = build_strategy(cfg.trainer, cfg.get("model"))
+    strategy = build_strategy(cfg.trainer, cfg.get("model"), (cfg.get("data") or {}).get("batch_size"))
     trainer = instantiate(
         cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
     )

@@ -50,12 +50,14 @@ def recur(
 ) -> tuple[Tensor | PackedSequence, Recurrent]:
     """``module(x, state)``, under bfloat16 autocast in float32 with autocast off (see the module
     docstring): the outputs and states come back in float32, and the ops after it cast them as
-    autocast does. Weights that are not float32 (FSDP's ``bf16-mixed`` computes with bfloat16
-    copies) are left to autocast as before: a float32 input would not match them."""
+    autocast does. A wrapped recurrence (FSDP's unit, whose ``bf16-mixed`` swaps in bfloat16
+    copies of the weights inside its forward while float32 views show outside it) and weights
+    that are not float32 are left to autocast as before: a float32 input would not match them."""
     device = (x.data if isinstance(x, PackedSequence) else x).device.type
     if (
         not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device))
         or torch.get_autocast_dtype(device) != torch.bfloat16
+        or not isinstance(module, nn.RNNBase)
         or module.weight_ih_l0.dtype != torch.float32
     ):
         return module(x, state)

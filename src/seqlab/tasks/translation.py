@@ -257,8 +257,9 @@ class TranslationTask(SeqTask):
         values = {
             "val/loss": loss,
             "val/ppl": loss.exp(),
-            "val/bleu": torch.tensor(scores["bleu"]),
-            "val/chrf": torch.tensor(scores["chrf"]),
+            # on the module's device: NCCL cannot reduce CPU tensors (sync_dist)
+            "val/bleu": torch.tensor(scores["bleu"], device=self.device),
+            "val/chrf": torch.tensor(scores["chrf"], device=self.device),
         }
         self.log_dict(values, prog_bar=True, sync_dist=True)  # already identical on every process
         if self.hparams.monitor not in values:

@@ -176,4 +176,11 @@ def load_run_info(ckpt_path: Path) -> dict[str, Any]:
             f"ckpt_path={str(ckpt_path)!r} was not written by seqlab's train.py (no 'seqlab' section)"
         )
     backbone = (checkpoint.get("hyper_parameters") or {}).get("backbone") or {}
-    return {**info, "backbone_target": backbone.get("_target_")}
+    # an optimizer state keyed by position (one process, DDP, FSDP2 gathered) rather than by name (FSDP)
+    positional = any(
+        isinstance(key, int)
+        for state in checkpoint.get("optimizer_states") or []
+        for group in state.get("param_groups", [])
+        for key in group.get("params", [])
+    )
+    return {**info, "backbone_target": backbone.get("_target_"), "positional_optimizer": positional}

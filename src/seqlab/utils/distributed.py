@@ -122,16 +122,28 @@ def check_hardware(cfg: DictConfig) -> None:
             )
 
 
-def build_strategy(trainer_cfg: DictConfig, model_cfg: DictConfig | None) -> Any:
+def build_strategy(
+    trainer_cfg: DictConfig, model_cfg: DictConfig | None, batch_size: int | None = None
+) -> Any:
     """``trainer.strategy`` as Lightning takes it: a registry name, or an instantiated object.
 
     For FSDP, ``auto_wrap_policy: null`` becomes one unit per backbone layer class and
     ``checkpoint_layers: true`` recomputes those layers' activations in the backward pass.
+    For DeepSpeed, ``logging_batch_size_per_gpu: auto`` becomes each process's share of the global
+    ``batch_size`` (``data.batch_size``): Lightning's ``auto`` reads the training loader's
+    ``batch_sampler.batch_size``, and seqlab's loaders hand out whole batches (``batch_size=None``,
+    no batch sampler), so ``auto`` would fail in DeepSpeed's setup.
     """
     strategy = trainer_cfg.get("strategy", "auto")
     if not OmegaConf.is_config(strategy):
         return strategy
     kwargs = OmegaConf.to_container(strategy, resolve=True)
+    if strategy_kind(kwargs) == "deepspeed" and kwargs.get("logging_batch_size_per_gpu", "auto") == "auto":
+        devices, nodes = trainer_cfg.get("devices"), trainer_cfg.get("num_nodes", 1)
+        processes = (
+            devices * nodes if isinstance(devices, int) and devices > 0 and isinstance(nodes, int) else 1
+        )
+        kwargs["logging_batch_size_per_gpu"] = max(1, (batch_size or processes) // processes)
     if strategy_kind(kwargs) == "fsdp":
         backbone_cls = get_class(model_cfg._target_) if model_cfg is not None else None
         layers = set(getattr(backbone_cls, "layer_classes", ())) or None

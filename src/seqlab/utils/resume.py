@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from seqlab.errors import ConfigError
+from seqlab.utils.distributed import strategy_kind
 
 log = logging.getLogger(__name__)
 
@@ -228,4 +229,13 @@ def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> None:
             f"ckpt_path={ckpt_path!r} holds a {saved[0]} with a {saved[1]} backbone, but this run trains a "
             f"{wanted[0]} with a {wanted[1]} backbone (data=/model= choose them); resume with the "
             "configuration the checkpoint was trained with"
+        )
+    strategy = cfg.trainer.get("strategy", "auto")
+    kind = strategy_kind(OmegaConf.to_container(strategy) if OmegaConf.is_config(strategy) else strategy)
+    if kind == "fsdp" and info["positional_optimizer"]:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} was saved by one process, DDP or FSDP2 (its optimizer state is "
+            "keyed by position), and trainer=fsdp would pair that state with the parameters in "
+            "model order, which seqlab's parameter groups do not follow (wrong Adam moments); "
+            "resume it under trainer=fsdp2 (pairs by name) or the strategy that saved it"
         )
