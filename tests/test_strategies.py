@@ -85,6 +85,11 @@ def test_fsdp_clips_gradients_by_norm_through_the_root_module(make_cfg, precisio
     plugin = strategy.precision_plugin
     assert isinstance(plugin, LightningFSDPPrecision) and plugin.precision == precision
     assert (plugin.scaler is not None) == (precision == "16-mixed")
+    mixed = plugin.mixed_precision_config  # buffers (the forecaster's scaler statistics) in float32
+    assert mixed.buffer_dtype == torch.float32
+    assert mixed.param_dtype == {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(
+        precision, torch.float32
+    )
 
     class Root(nn.Linear):
         def clip_grad_norm_(self, max_norm: float) -> None:
