@@ -314,9 +314,15 @@ def test_training_resumes_across_strategies(tmp_path: Path) -> None:
     "data", ["data=timeseries", "data=sentiment_synthetic", "data=translation_synthetic"], ids=lambda d: d[5:]
 )
 def test_every_backbone_trains_sharded_under_fsdp2(tmp_path: Path, data: str) -> None:
-    """Every task x every backbone under FSDP2 on 2 CPU processes: one sweep of DDP-style jobs."""
+    """Every task x every backbone under FSDP2 on 2 CPU processes: one sweep of DDP-style jobs. The
+    series in bf16-mixed: the fused AdamW clipped by seqlab's bf16 plugin over sharded (DTensor)
+    parameters, and the RNN family's float32 recurrence inside their FSDP2 units."""
     sweep = tmp_path / "sweep"
-    small = ["data.num_train=400"] if "synthetic" in data else ["data.num_steps=1200", "data.lookback=48"]
+    small = (
+        ["data.num_train=400"]
+        if "synthetic" in data
+        else ["data.num_steps=1200", "data.lookback=48", "trainer.precision=bf16-mixed"]
+    )
     result = run_script(
         "train.py", "-m", "trainer=fsdp2", "model=rnn,lstm,gru,transformer", data, *small, "model.d_model=32",
         "trainer.max_epochs=1", "trainer.accelerator=cpu", "extras.print_config=false",
@@ -327,6 +333,7 @@ def test_every_backbone_trains_sharded_under_fsdp2(tmp_path: Path, data: str) ->
     for job, model in enumerate(("rnn", "lstm", "gru", "transformer")):
         summary = json.loads((sweep / str(job) / "summary.json").read_text())
         assert summary["model"] == model and summary["trainer"]["strategy"] == "ModelParallelStrategy"
+        assert summary["trainer"]["precision"] == ("32-true" if "synthetic" in data else "bf16-mixed")
         assert summary["metrics"], f"{model}: tested"
         assert max(summary["parameters_per_rank"]) < 0.75 * summary["num_params"], f"{model}: sharded"
 
