@@ -203,6 +203,28 @@ def test_eval_shards_cover_every_example_once(size: int, world: int) -> None:
     assert [len(EvalShardSampler(size, world, rank)) for rank in range(world)] == [len(s) for s in shards]
 
 
+@pytest.mark.parametrize(
+    "size,world,batch",
+    [(577, 2, 32), (225, 2, 16), (577, 8, 8), (10, 4, 2), (64, 2, 32), (5, 1, 2), (2, 4, 3)],
+)
+def test_eval_batches_are_as_many_on_every_process(size: int, world: int, batch: int) -> None:
+    """Under sharded parameters every forward is a collective: each process runs as many batches
+    (577 windows on 2 processes, 32 each: 10 and 9 before, and trainer=fsdp2 hung), each example
+    once, none over the batch size; a process without examples gets no (empty) batch."""
+    from seqlab.data.samplers import EvalShardSampler
+
+    shards = [
+        EvalShardSampler(size, num_replicas=world, rank=rank, batch_size=batch) for rank in range(world)
+    ]
+    batches = [list(shard) for shard in shards]
+    counts = [len(b) for b in batches]
+    assert counts == [len(shard) for shard in shards]
+    if size >= world * counts[0]:
+        assert len(set(counts)) == 1, counts
+    assert all(0 < len(t) <= batch for b in batches for t in b)
+    assert sorted(int(i) for b in batches for t in b for i in t) == list(range(size))
+
+
 @pytest.mark.parametrize("size,world", [(203, 1), (203, 2), (200, 4), (64, 2)])
 def test_training_batches_are_those_of_distributed_sampler(size: int, world: int) -> None:
     """The batch sampler gives each process, step by step, exactly the indices Lightning's usual

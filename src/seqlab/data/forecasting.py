@@ -260,14 +260,17 @@ class SeriesDataModule(L.LightningDataModule):
         return self._loader(self.datasets["test"], sampler=self._eval_sampler("test"))
 
     def _eval_sampler(self, split: str) -> EvalShardSampler:
-        """Each window once over all processes (Lightning keeps a DistributedSampler it is given)."""
+        """Each window once over all processes, as many batches on each (Lightning keeps a
+        DistributedSampler it is given)."""
         world, rank = replicas(self.trainer)
-        return EvalShardSampler(len(self.datasets[split]), num_replicas=world, rank=rank)
+        return EvalShardSampler(
+            len(self.datasets[split]), num_replicas=world, rank=rank, batch_size=self.per_device_batch_size()
+        )
 
     def _loader(self, dataset: Dataset, sampler: EvalShardSampler) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=self.per_device_batch_size(),
+            batch_size=None,  # the sampler hands out each batch's indices as one tensor
             sampler=sampler,
             collate_fn=keep_batch,
             num_workers=self.num_workers,

@@ -223,16 +223,40 @@ class EvalShardSampler(DistributedSampler):
     """Evaluation order for one process of N: every N-th example, in order, **without** the
     padding of ``DistributedSampler`` (which repeats examples so that every process gets as many),
     so the metrics gathered over the processes are those of the whole split, each example once:
-    a 2-process test equals a 1-process test. Evaluation runs no per-batch collective, so the
-    processes may see one batch more or less than each other."""
+    a 2-process test equals a 1-process test.
 
-    def __init__(self, dataset_size: int, num_replicas: int = 1, rank: int = 0) -> None:
+    With ``batch_size`` it hands out index tensors of at most ``batch_size`` examples (for a
+    ``DataLoader(batch_size=None)`` over a dataset that gathers a batch from one), and **as many
+    batches on every process**: under sharded parameters (FSDP, FSDP2, ZeRO-3) every forward is a
+    collective, and a process with one batch fewer left the others waiting for ever (``trainer=
+    fsdp2`` hung at the first validation of the default series: 289 and 288 windows, 10 and 9
+    batches of 32). A process that would have a batch fewer splits its last batch in two. Only a
+    split with fewer examples than processes x batches cannot be evened out."""
+
+    def __init__(
+        self, dataset_size: int, num_replicas: int = 1, rank: int = 0, batch_size: int | None = None
+    ) -> None:
         self.size = dataset_size
         self.num_replicas, self.rank = num_replicas, rank
         self.shuffle, self.epoch = False, 0
+        self.batch_size = batch_size
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.size, self.num_replicas))
+    def batches(self) -> list[torch.Tensor]:
+        """This process's batches (index tensors)."""
+        mine = torch.tensor(range(self.rank, self.size, self.num_replicas), dtype=torch.int64)
+        batches = list(mine.split(self.batch_size or max(1, len(mine)))) if len(mine) else []
+        most = -(-len(range(0, self.size, self.num_replicas)) // (self.batch_size or 1))  # the first process's
+        while len(batches) < most and batches and len(batches[-1]) > 1:
+            last = batches.pop()
+            batches += list(last.split((len(last) + 1) // 2))
+        return batches
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.batch_size is None:
+            return iter(range(self.rank, self.size, self.num_replicas))
+        return iter(self.batches())
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.size, self.num_replicas))
+        if self.batch_size is None:
+            return len(range(self.rank, self.size, self.num_replicas))
+        return len(self.batches())

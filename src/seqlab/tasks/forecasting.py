@@ -186,7 +186,8 @@ class ForecastingTask(SeqTask):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, targets = batch
         preds = self(inputs)
-        self.val_loss.update(F.mse_loss(preds, targets))
+        # weighted by the batch's size: the mean over windows, however they are batched
+        self.val_loss.update(F.mse_loss(preds, targets), weight=len(targets))
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
         self.val_metrics.update(preds, targets)
 
