@@ -244,3 +244,21 @@ def test_optimizer_state_converts_between_positional_and_by_name_forms(tmp_path:
     (deepspeed_dir / "latest").write_text("global_step10")
     with pytest.raises(ConfigError, match="DeepSpeed ZeRO checkpoint: training resumes from it under"):
         read_sharded_checkpoint(deepspeed_dir)
+
+
+@pytest.mark.parametrize("weights_key", ["model", "state_dict"])
+def test_fsdp_and_fsdp2_checkpoint_directories_read_alike(tmp_path: Path, weights_key: str) -> None:
+    """Lightning's FSDP1 saves a sharded checkpoint's weights under "model", FSDP2 under
+    "state_dict": both read as an ordinary checkpoint (eval.py, resuming elsewhere)."""
+    from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    from seqlab.utils.checkpoint_io import read_sharded_checkpoint
+
+    module = nn.Linear(3, 2)
+    _distributed_checkpoint_save({weights_key: module.state_dict()}, tmp_path)
+    torch.save({"epoch": 3}, tmp_path / _METADATA_FILENAME)
+    checkpoint = read_sharded_checkpoint(tmp_path)
+    assert checkpoint["epoch"] == 3 and "model" not in checkpoint
+    for name, tensor in module.state_dict().items():
+        torch.testing.assert_close(checkpoint["state_dict"][name], tensor)

@@ -155,6 +155,9 @@ class RunStats(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.peak_flops is None:
             self.peak_flops = peak_flops(trainer.strategy.root_device, compute_dtype(trainer))
+        if stage == "fit" and trainer.strategy.root_device.type == "cuda":
+            # a multirun trains its jobs in one process: each job's own peak, not the sweep's so far
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         local = sum(local_numel(p) for p in pl_module.parameters())

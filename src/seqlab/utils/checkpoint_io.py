@@ -96,6 +96,9 @@ def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
             "of an FSDP/FSDP2 checkpoint, no 'latest' of a DeepSpeed one)"
         )
     checkpoint = _load_distributed_checkpoint(path)
+    if "state_dict" not in checkpoint and isinstance(checkpoint.get("model"), dict):
+        # Lightning's FSDP1 saves the weights under "model" (FSDP2 under "state_dict")
+        checkpoint["state_dict"] = checkpoint.pop("model")
     count = sum(1 for key in checkpoint if re.fullmatch(r"optimizer_\d+", key))
     if count:
         checkpoint["optimizer_states"] = [
