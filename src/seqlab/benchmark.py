@@ -528,8 +528,6 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     # what Lightning clips: the optimizer's parameters, listed once (``task.parameters()`` would
     # walk every submodule, metrics included, on every step)
     clipped = [param for group in optimizer.param_groups for param in group["params"]]
-    # Lightning's bf16-mixed: the forward pass (training_step) under autocast, backward outside
-    mixed = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
     task.train()
     for _ in range(epochs):
         timer.epoch_start()
@@ -541,7 +539,7 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
                 break
             timer.step_start()
             timer.data_wait(time.perf_counter() - fetch)
-            with mixed:
+            with plugin.forward_context():  # training_step's, as Lightning enters it (autocast in bf16)
                 loss = task.step_loss(move_data_to_device(batch, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -88,7 +88,7 @@ def check_hardware(cfg: DictConfig) -> None:
     """Refuse, with what to use instead, a ``trainer=`` choice this machine cannot run."""
     trainer = cfg.trainer
     strategy = trainer.get("strategy", "auto")
-    kind = strategy_kind(OmegaConf.to_container(strategy) if OmegaConf.is_config(strategy) else strategy)
+    kind = strategy_kind(strategy)  # a name, or the config of an instantiated strategy
     accelerator = str(trainer.get("accelerator") or "auto")
     check_device_count(trainer.get("devices"), "trainer.devices")
     check_device_count(trainer.get("num_nodes", 1), "trainer.num_nodes", allow_auto=False)
@@ -138,13 +138,14 @@ def build_strategy(
     if not OmegaConf.is_config(strategy):
         return strategy
     kwargs = OmegaConf.to_container(strategy, resolve=True)
-    if strategy_kind(kwargs) == "deepspeed" and kwargs.get("logging_batch_size_per_gpu", "auto") == "auto":
+    kind = strategy_kind(kwargs)
+    if kind == "deepspeed" and kwargs.get("logging_batch_size_per_gpu", "auto") == "auto":
         devices, nodes = trainer_cfg.get("devices"), trainer_cfg.get("num_nodes", 1)
         processes = (
             devices * nodes if isinstance(devices, int) and devices > 0 and isinstance(nodes, int) else 1
         )
         kwargs["logging_batch_size_per_gpu"] = max(1, (batch_size or processes) // processes)
-    if strategy_kind(kwargs) == "fsdp":
+    if kind == "fsdp":
         backbone_cls = get_class(model_cfg._target_) if model_cfg is not None else None
         layers = set(getattr(backbone_cls, "layer_classes", ())) or None
         if kwargs.get("auto_wrap_policy") is None:

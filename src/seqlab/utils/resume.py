@@ -230,9 +230,7 @@ def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> None:
             f"{wanted[0]} with a {wanted[1]} backbone (data=/model= choose them); resume with the "
             "configuration the checkpoint was trained with"
         )
-    strategy = cfg.trainer.get("strategy", "auto")
-    kind = strategy_kind(OmegaConf.to_container(strategy) if OmegaConf.is_config(strategy) else strategy)
-    if kind == "fsdp" and info["positional_optimizer"]:
+    if strategy_kind(cfg.trainer.get("strategy", "auto")) == "fsdp" and info["positional_optimizer"]:
         raise ConfigError(
             f"ckpt_path={ckpt_path!r} was saved by one process, DDP or FSDP2 (its optimizer state is "
             "keyed by position), and trainer=fsdp would pair that state with the parameters in "
