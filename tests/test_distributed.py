@@ -94,10 +94,13 @@ def test_multirun_writes_a_table_of_every_job(tmp_path: Path) -> None:
 
 
 def test_text_ddp_matches_one_process(tmp_path: Path) -> None:
-    """Bucketed text batches: both processes build the cache at once and share each global batch."""
+    """Bucketed text batches: both processes build the cache at once and share each global batch;
+    the metrics reduced over the processes count every evaluation example once, as one process does."""
     same = [
         "data=sentiment_synthetic",
         "data.num_train=800",
+        "data.num_val=577",  # 18 x 32 + 1: the last example joins the batch before it
+        "data.num_test=601",  # 18 x 32 + 25: one process has one example fewer in the last batch
         f"data.cache_dir={tmp_path / 'cache'}",
         "model=gru",
         "model.d_model=32",
@@ -123,6 +126,10 @@ def test_text_ddp_matches_one_process(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["trainer"]["world_size"] == 2
     assert summary["metrics"]["test/acc"] > 0.3
+    single = json.loads((tmp_path / "one" / "summary.json").read_text())
+    for key in ("test/acc", "test/f1"):  # counts: equal, not close
+        assert summary["metrics"][key] == single["metrics"][key], key
+    assert summary["best"]["val/acc_best"] == single["best"]["val/acc_best"]
 
 
 def test_translation_ddp_gathers_every_hypothesis_once(tmp_path: Path) -> None:
@@ -130,7 +137,7 @@ def test_translation_ddp_gathers_every_hypothesis_once(tmp_path: Path) -> None:
     same = [
         "data=translation_synthetic",
         "data.num_train=600",
-        "data.num_test=101",  # odd: the evaluation sampler pads one process's share with a repeat
+        "data.num_test=101",  # odd: one process translates one sentence fewer
         f"data.cache_dir={tmp_path / 'cache'}",
         "model=gru",
         "model.d_model=32",

@@ -447,12 +447,29 @@ def test_bucketing_cuts_padding_and_keeps_every_example() -> None:
     assert len(list(evaluation)) == len(evaluation) == 32
 
 
-def test_evaluation_pads_the_last_batch_for_every_process() -> None:
-    lengths = list(range(1, 12))  # 11 examples, global batch 4 over 2 processes
-    ranks = [list(BucketSampler(lengths, 4, num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)]
-    assert len(ranks[0]) == len(ranks[1]) == 3  # steps
-    assert [len(b) for b in ranks[0]] == [len(b) for b in ranks[1]] == [2, 2, 2]
-    assert set(torch.cat(ranks[0]).tolist()) | set(torch.cat(ranks[1]).tolist()) == set(range(11))
+@pytest.mark.parametrize(
+    ("size", "batch", "world", "steps"),
+    [(11, 4, 2, 3), (9, 4, 2, 2), (13, 4, 4, 3), (12, 4, 2, 3), (5, 8, 2, 1), (1, 4, 2, 1), (2, 6, 3, 1)],
+)
+def test_evaluation_gives_every_example_once_and_every_process_as_many_steps(
+    size: int, batch: int, world: int, steps: int
+) -> None:
+    """No example is repeated to even the processes out (a metric reduced over them would count it
+    twice), yet each process gets the same number of non-empty steps (a collective per forward
+    under sharded parameters). Only a split smaller than the processes repeats examples."""
+    lengths = list(range(1, size + 1))
+    ranks = [BucketSampler(lengths, batch, num_replicas=world, rank=r, shuffle=False) for r in range(world)]
+    batches = [list(sampler) for sampler in ranks]
+    assert all(len(b) == len(sampler) == steps for b, sampler in zip(batches, ranks))
+    assert all(len(one) >= 1 for b in batches for one in b)
+    handed = torch.cat([torch.cat(b) for b in batches]).tolist()
+    if size >= world:
+        assert sorted(handed) == list(range(size))
+    else:
+        assert set(handed) == set(range(size)) and len(handed) == world
+    for step in range(steps):  # the shares of a step differ by at most one example
+        sizes = [len(b[step]) for b in batches]
+        assert max(sizes) - min(sizes) <= 1
 
 
 def test_a_text_loader_resumes_mid_epoch_at_the_next_batch(tmp_path: Path) -> None:

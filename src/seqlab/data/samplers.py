@@ -104,8 +104,12 @@ class GlobalBatchSampler(DistributedSampler):
         size: number of examples.
         batch_size: the global batch size; it must divide by ``num_replicas``.
         shuffle: reshuffle every epoch (``set_epoch``, called by Lightning), seeded by ``seed``.
-        drop_last: drop the last incomplete global batch (training); otherwise it is padded with
-            repeated examples so that every process gets the same number of steps.
+        drop_last: drop the last incomplete global batch (training). Otherwise (evaluation) every
+            example is handed out once: a last batch that does not divide by the processes gives
+            some of them one example fewer, and one with fewer examples than processes joins the
+            batch before it, so every process still gets the same number of steps (a collective
+            per forward under sharded parameters) and a metric reduced over the processes counts
+            each example once. Only a split smaller than the processes repeats examples.
     """
 
     def __init__(
@@ -149,10 +153,11 @@ class GlobalBatchSampler(DistributedSampler):
         if batches and len(batches[-1]) < self.batch_size:
             if self.drop_last:
                 batches.pop()
-            elif len(batches[-1]) % self.num_replicas:
-                last = batches[-1]
-                missing = self.num_replicas - len(last) % self.num_replicas
-                batches[-1] = torch.cat([last, order[:missing]])
+            elif len(batches[-1]) < self.num_replicas:
+                if len(batches) > 1:
+                    batches[-2:] = [torch.cat(batches[-2:])]
+                else:  # fewer examples than processes: each gets one, some of them repeated
+                    batches[-1] = order.repeat(self.num_replicas)[: self.num_replicas]
         return self.arrange(batches, generator)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -164,7 +169,9 @@ class GlobalBatchSampler(DistributedSampler):
     def __len__(self) -> int:
         """Steps per epoch (the same on every process)."""
         full, rest = divmod(self.size, self.batch_size)
-        return full + bool(rest and not self.drop_last)
+        if self.drop_last or not rest:
+            return full
+        return full + (rest >= self.num_replicas or not full)  # a short last batch may join the one before
 
 
 class BucketSampler(GlobalBatchSampler):

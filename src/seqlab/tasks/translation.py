@@ -49,7 +49,8 @@ def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, Any
 
 
 def gather_pairs(pairs: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """(index, hypothesis) pairs of every process, each index once (evaluation padding repeats some)."""
+    """(index, hypothesis) pairs of every process, each index once (a split smaller than the
+    processes repeats some)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, pairs)
