@@ -388,3 +388,20 @@ def test_eval_and_translate_reproduce_the_run_from_the_checkpoint_alone(make_cfg
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines() == hypotheses
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", "eval", "in.txt", "run"])
+
+    # the same checkpoint as an FSDP2 sharded directory (what trainer=fsdp2 writes with
+    # save_distributed_checkpoint): translate.py reads it too, and leaves it as it was
+    from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    from seqlab.translate import load_translator, translate_texts
+
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    sharded = tmp_path / "sharded.ckpt"
+    _distributed_checkpoint_save({"state_dict": checkpoint.pop("state_dict")}, sharded)
+    checkpoint.pop("optimizer_states", None)
+    torch.save(checkpoint, sharded / _METADATA_FILENAME)
+    before = sorted(p.name for p in sharded.iterdir())
+    task, datamodule = load_translator(sharded)
+    assert translate_texts(task, datamodule, sources) == hypotheses
+    assert sorted(p.name for p in sharded.iterdir()) == before

@@ -1,6 +1,7 @@
 """Translate text with a trained checkpoint: ``python translate.py ckpt_path=... input=in.txt``.
 
-Everything comes from the checkpoint alone: the model, its data settings and its tokenizers.
+Everything comes from the checkpoint alone (a file, or the directory of a sharded FSDP, FSDP2 or
+DeepSpeed checkpoint): the model, its data settings and its tokenizers.
 One sentence per input line (``input=-`` or unset: stdin); one translation per output line
 (``output=`` a file, or stdout), in input order. Empty lines stay empty.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +21,26 @@ from omegaconf import DictConfig
 from seqlab.data.tokenization import PAD_ID
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.train import build_datamodule, to_plain
-from seqlab.utils.checkpoint_io import load_run_info
+from seqlab.utils.checkpoint_io import consolidate_checkpoint, load_run_info
 
 log = logging.getLogger(__name__)
 
 
 def load_translator(ckpt_path: str | Path, data_overrides: dict[str, Any] | None = None, device: str = "cpu"):
-    """(task, datamodule) rebuilt from a translation checkpoint; the datamodule holds its tokenizers."""
-    ckpt_path = Path(ckpt_path).expanduser().resolve()
-    info = load_run_info(ckpt_path)
-    task_cls = get_class(info["task_target"])
-    if not hasattr(task_cls, "generate"):
-        raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r} is a {task_cls.__name__} checkpoint, not a translation model"
-        )
-    datamodule = build_datamodule({**info["data"], **(data_overrides or {})}, info.get("data_artifacts"))
-    task = task_cls.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
+    """(task, datamodule) rebuilt from a translation checkpoint, a file or a sharded directory
+    (FSDP, FSDP2, DeepSpeed: gathered into a temporary file, removed once loaded); the datamodule
+    holds its tokenizers."""
+    given = Path(ckpt_path).expanduser().resolve()
+    with tempfile.TemporaryDirectory(prefix="seqlab-translate-") as scratch:
+        ckpt_path = consolidate_checkpoint(given, Path(scratch) / "consolidated.ckpt")
+        info = load_run_info(ckpt_path)
+        task_cls = get_class(info["task_target"])
+        if not hasattr(task_cls, "generate"):
+            raise ConfigError(
+                f"ckpt_path={str(given)!r} is a {task_cls.__name__} checkpoint, not a translation model"
+            )
+        datamodule = build_datamodule({**info["data"], **(data_overrides or {})}, info.get("data_artifacts"))
+        task = task_cls.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
     return task.eval(), datamodule
 
 
