@@ -66,6 +66,16 @@ def test_ddp_writes_one_run_dir_and_matches_one_process(tmp_path: Path) -> None:
         torch.testing.assert_close(ddp_weights[name], single_weights[name], atol=2e-4, rtol=1e-3, msg=name)
     single_summary = json.loads((single_run / "summary.json").read_text())
     assert single_summary["global_step"] == summary["global_step"]
+    # the forecasts compare.py overlays: the first 50 test windows of both processes, in order
+    tables = []
+    for run in (run_dir, single_run):
+        with (run / "tables" / "test_first_predictions.csv").open(newline="") as handle:
+            tables.append(list(csv.DictReader(handle)))
+    ddp_rows, single_rows = tables
+    assert [int(r["window"]) for r in ddp_rows] == [int(r["window"]) for r in single_rows] == list(range(50))
+    assert [r["truth"] for r in ddp_rows] == [r["truth"] for r in single_rows]
+    predictions = [torch.tensor([float(r["prediction"]) for r in rows]) for rows in tables]
+    torch.testing.assert_close(*predictions, atol=1e-3, rtol=1e-3)
 
 
 def test_ddp_spawn_runs(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, Metric
 
 from seqlab.errors import ConfigError, DataError
 from seqlab.tasks.base import SeqTask, build_backbone
+from seqlab.utils.distributed import gather_indexed
 from seqlab.utils.figures import log_figure, log_table
 
 HEADS = ("flatten", "mean", "last")
@@ -208,11 +209,15 @@ class ForecastingTask(SeqTask):
             self.baseline_metrics["seasonal"].update(inputs[:, self.seasonal_index], targets)
         if batch_idx % self._plot_every == 0 and len(self._plot_rows) < self.hparams.plot_samples:
             self._plot_rows.append((inputs[0], targets[0], preds[0]))
-        missing = FIRST_WINDOWS - len(self._first_windows)
+        # process r of N evaluates windows r, r + N, r + 2N, ... (EvalShardSampler), in order
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        seen = len(self._first_windows)
+        missing = -(-FIRST_WINDOWS // world) - seen
         if missing > 0:
-            truth = self.to_original_scale(targets[:missing, :1])[:, 0, -1]
-            forecast = self.to_original_scale(preds[:missing, :1])[:, 0, -1]
-            self._first_windows += list(zip(truth.float().tolist(), forecast.float().tolist()))
+            truth = self.to_original_scale(targets[:missing, :1])[:, 0, -1].float().tolist()
+            forecast = self.to_original_scale(preds[:missing, :1])[:, 0, -1].float().tolist()
+            windows = range(rank + seen * world, rank + (seen + len(truth)) * world, world)
+            self._first_windows += list(zip(windows, zip(truth, forecast)))
 
     def on_test_epoch_start(self) -> None:
         # plot windows spread over the test period: the first window of every k-th batch
@@ -226,8 +231,10 @@ class ForecastingTask(SeqTask):
             metrics.reset()
         if self._plot_rows and self.trainer.is_global_zero:
             self.plot_predictions(*(torch.stack(column) for column in zip(*self._plot_rows)))
-        if self._first_windows and self.trainer.is_global_zero:  # compare.py overlays backbones on these
-            rows = [[i, truth, forecast] for i, (truth, forecast) in enumerate(self._first_windows)]
+        # the first test windows of all processes: compare.py overlays the backbones' forecasts
+        first = gather_indexed(self._first_windows)[:FIRST_WINDOWS]
+        if first and self.trainer.is_global_zero:
+            rows = [[window, truth, forecast] for window, (truth, forecast) in first]
             log_table(self.trainer, "test/first_predictions", ["window", "truth", "prediction"], rows)
         self._plot_rows, self._first_windows = [], []
 

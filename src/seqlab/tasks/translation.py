@@ -29,7 +29,7 @@ from torchmetrics import MeanMetric
 from seqlab.errors import ConfigError
 from seqlab.tasks.base import SeqTask, build_backbone
 from seqlab.tasks.generation import Agree, alone, beam_search, greedy_search
-from seqlab.utils.distributed import shards_parameters
+from seqlab.utils.distributed import gather_indexed, shards_parameters
 from seqlab.utils.figures import log_table
 
 
@@ -46,16 +46,6 @@ def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, Any
         "bleu_signature": str(bleu.get_signature()),
         "chrf_signature": str(chrf.get_signature()),
     }
-
-
-def gather_pairs(pairs: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """(index, hypothesis) pairs of every process, each index once (a split smaller than the
-    processes repeats some)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        everyone: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, pairs)
-        pairs = [pair for part in everyone for pair in part]
-    return sorted(dict(pairs).items())
 
 
 class TranslationTask(SeqTask):
@@ -286,7 +276,7 @@ class TranslationTask(SeqTask):
     # ------------------------------------------------------------------ scores and reports
     def score(self, split: str) -> dict[str, Any]:
         """sacreBLEU over this split's translated sentences (all processes' shares)."""
-        pairs = gather_pairs(self._hypotheses)
+        pairs = gather_indexed(self._hypotheses)
         self._scored = (split, pairs)
         if not pairs:
             return {"bleu": 0.0, "chrf": 0.0, "bleu_signature": "", "chrf_signature": ""}

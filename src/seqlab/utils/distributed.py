@@ -59,6 +59,18 @@ def shards_parameters(strategy: Any) -> bool:
     )
 
 
+def gather_indexed(pairs: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """(index, value) pairs of every process, sorted by index, each index once (a split smaller
+    than the processes hands some examples to several). A collective: every process calls it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            everyone: list[Any] = [None] * world
+            torch.distributed.all_gather_object(everyone, pairs)
+            pairs = [pair for part in everyone for pair in part]
+    return sorted(dict(pairs).items())
+
+
 def check_device_count(value: Any, key: str, allow_auto: bool = True) -> None:
     """``trainer.devices``: a positive int, -1 or 'auto' (all), a list of device ids, or
     Lightning's string forms ("2", "0,1"); ``trainer.num_nodes``: a positive int. Anything else
