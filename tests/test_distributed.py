@@ -375,3 +375,29 @@ def test_a_failing_rank_ends_the_whole_job(tmp_path: Path, rank: int, how: str) 
     if how == "raise":
         assert f"injected failure on rank {rank} at step 5" in done.stdout + done.stderr
     assert not (tmp_path / "run" / "summary.json").exists()  # a failed run does not look finished
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("rank", "how"), [(0, "raise"), (1, "kill")])
+def test_a_failed_ddp_job_leaves_the_next_sweep_job_whole(tmp_path: Path, rank: int, how: str) -> None:
+    """A DDP sweep job fails on one rank (job 0): rank 0 raises, or rank 1 is killed as an
+    out-of-memory kill would. The sweep goes on to job 1, which launches its own second rank and
+    trains on two processes, as it would alone: the failed job's other rank is not left waiting in
+    a collective, its process group and launch environment are not reused, and Lightning's watch
+    over the ranks does not kill the sweep. The failure is still the sweep's exit status."""
+    sweep = tmp_path / "sweep"
+    start = time.monotonic()
+    result = run_script(
+        "train.py", "-m", "trainer=ddp", *FAST, "trainer.max_epochs=2", f"hydra.sweep.dir={sweep}",
+        "+callbacks.fault._target_=tests.faults.FailOnRank", f"+callbacks.fault.rank={rank},5",
+        "+callbacks.fault.step=5", f"+callbacks.fault.how={how}", timeout=300,
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    if how == "raise":
+        assert f"injected failure on rank {rank} at step 5" in result.stdout + result.stderr
+    assert not (sweep / "0" / "summary.json").exists()
+    summary = json.loads((sweep / "1" / "summary.json").read_text())
+    assert summary["trainer"]["world_size"] == 2 and summary["metrics"]
+    assert "Seed set to" in (sweep / "1" / "train_ddp_process_1.log").read_text(), "job 1 had its own rank 1"
+    assert elapsed < 200, f"the sweep took {elapsed:.0f} s"

@@ -262,3 +262,39 @@ def test_fsdp_and_fsdp2_checkpoint_directories_read_alike(tmp_path: Path, weight
     assert checkpoint["epoch"] == 3 and "model" not in checkpoint
     for name, tensor in module.state_dict().items():
         torch.testing.assert_close(checkpoint["state_dict"][name], tensor)
+
+
+@pytest.mark.parametrize("job_ends", [True, False])
+def test_a_dead_rank_ends_the_sweep_job_not_the_sweep(job_ends: bool) -> None:
+    """Lightning's watch over a DDP job's other ranks kills the launching process when one exits
+    non-zero; in a sweep that is the sweep. seqlab's waits: if the job fails by itself meanwhile
+    (``finish_job`` takes its ranks back), the launching process lives on to the next job; if it
+    stays stuck (a rank waiting for ever in a collective), it is killed as Lightning would."""
+    import subprocess
+    import sys
+    import time
+
+    from seqlab.utils.distributed import SweepJobObserver
+
+    launching = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"]
+    )  # stands in for the sweep
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]),  # a rank that died
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]),  # one left waiting
+    ]
+    observer = SweepJobObserver(main_pid=launching.pid, child_processes=ranks, sleep_period=0.1)
+    observer.grace = 3.0
+    try:
+        observer.start()
+        assert ranks[1].wait(timeout=30) != 0, "the waiting rank is killed at once"
+        if job_ends:
+            time.sleep(0.5)
+            ranks.clear()  # what finish_job does after a failed job
+        observer.join(timeout=30)
+        assert not observer.is_alive()
+        time.sleep(0.2)
+        assert (launching.poll() is None) == job_ends
+    finally:
+        launching.kill()
+        launching.wait()

@@ -166,6 +166,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer = build_trainer(cfg, callbacks, loggers)
     objects = {"cfg": cfg, "datamodule": datamodule, "task": task, "trainer": trainer}
 
+    failed = True
     try:
         for logger in loggers:
             logger.log_hyperparams({"config": redact(to_plain(cfg)), "num_params": num_params})
@@ -219,10 +220,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             if metrics:
                 print_results(metrics, baseline)
             log.info("run directory: %s", run_dir)
+        failed = False
     finally:
         finish_runs(loggers)
         mark_stopped(run_dir)
-    finish_job(trainer)
+        finish_job(trainer, failed=failed)
     return {**train_metrics, **test_metrics}, {**objects, "summary": summary}
 
 

@@ -8,7 +8,7 @@
   ``sys.argv``, i.e. the whole sweep, in every other rank (Lightning #18175, Hydra #2070,
   lightning-hydra-template #393). Here the other ranks re-run only the current job, with its
   overrides and into its directory, and ``finish_job`` tears the process group down so the next
-  job starts a fresh one.
+  job starts a fresh one; a job that fails on any rank ends, and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import importlib.util
 import os
 import re
 import sys
+import time
 from typing import Any
 from unittest import mock
 
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch import strategies
 from lightning.pytorch.strategies.launchers import subprocess_script
 from omegaconf import DictConfig, OmegaConf
@@ -235,8 +237,35 @@ def job_command(local_rank: int) -> tuple[list[str], str]:
     return command, get_original_cwd()
 
 
+class SweepJobObserver(_ChildProcessObserver):
+    """Lightning's watch over the other ranks, for a sweep job. Lightning kills the launching
+    process once a rank exits non-zero (a rank stuck in an NCCL collective would wait for ever);
+    in a sweep that process is the sweep. Here it first gives the job ``grace`` seconds to fail by
+    itself (gloo raises on a closed connection): once ``finish_job`` has taken the ranks back
+    (emptied the list), the sweep goes on to its next job."""
+
+    grace = 60.0
+
+    def _terminate_all(self) -> None:
+        for proc in list(self._child_processes):
+            proc.send_signal(self._termination_signal)
+        deadline = time.monotonic() + self.grace
+        while self._child_processes and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self._child_processes:
+            os.kill(self._main_pid, self._termination_signal)
+
+
 class SweepJobLauncher(subprocess_script._SubprocessScriptLauncher):
-    """Lightning's script launcher whose other ranks run this sweep job, not the whole sweep."""
+    """Lightning's script launcher whose other ranks run this sweep job, not the whole sweep, and
+    whose rank failures end the job, not the sweep (``SweepJobObserver``, ``finish_job``)."""
+
+    def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        def observe(procs: list[Any]) -> None:
+            SweepJobObserver(main_pid=os.getpid(), child_processes=procs).start()
+
+        with mock.patch.object(subprocess_script, "_launch_process_observer", observe):
+            return super().launch(function, *args, trainer=trainer, **kwargs)
 
     def _call_children_scripts(self) -> None:
         # Lightning builds a Hydra child's command in this one function: swap in the job's
@@ -254,16 +283,24 @@ def use_sweep_launcher(trainer: Any) -> None:
         )
 
 
-def finish_job(trainer: Any, timeout: float = 120.0) -> None:
+def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> None:
     """After a sweep job: wait for its other ranks, close the process group, forget the launch
-    environment, so that the next job launches its own processes."""
+    environment, so that the next job launches its own processes. After a ``failed`` job the other
+    ranks are killed instead: one may be waiting in a collective for a rank that has given up, and
+    the next job would otherwise reuse the broken process group and launch environment (the
+    sweep goes on to its next job; Hydra reports the failure at the end)."""
     launcher = getattr(trainer.strategy, "_launcher", None)
     if not isinstance(launcher, SweepJobLauncher) or not launcher.procs:
         return
-    for proc in launcher.procs:
+    procs = list(launcher.procs)
+    # Lightning's child-process observer watches this very list and kills this process (the whole
+    # sweep) when a rank in it exits non-zero, as a killed one does: emptied, the observer ends
+    launcher.procs.clear()
+    for proc in procs:
+        if failed:
+            proc.kill()
         proc.wait(timeout=timeout)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     for key in LAUNCH_ENV:
         os.environ.pop(key, None)
-    launcher.procs = []
