@@ -297,7 +297,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
             if raw[split] is not None:
                 continue
             pool = len(candidates)
-            count = int(round(size * pool)) if 0 < size < 1 else int(size)
+            count = round(size * pool) if 0 < size < 1 else int(size)
             if count < 1 or count >= pool:
                 what = "training examples" if hp.holdout == "random" else "sentences (data.holdout=sentences)"
                 raise ConfigError(
@@ -418,10 +418,10 @@ class SyntheticSentimentDataModule(TextClassificationDataModule):
     matters a little; a model that learns the words and the negation scores well above 90%.
     """
 
-    POSITIVE = ["good", "great", "wonderful", "charming", "brilliant", "moving", "funny", "delightful"]
-    NEGATIVE = ["bad", "awful", "boring", "dull", "terrible", "clumsy", "tedious", "painful"]
-    NEUTRAL = ["long", "french", "recent", "animated", "quiet", "black-and-white", "average", "ordinary"]
-    SUBJECTS = [
+    POSITIVE = ("good", "great", "wonderful", "charming", "brilliant", "moving", "funny", "delightful")
+    NEGATIVE = ("bad", "awful", "boring", "dull", "terrible", "clumsy", "tedious", "painful")
+    NEUTRAL = ("long", "french", "recent", "animated", "quiet", "black-and-white", "average", "ordinary")
+    SUBJECTS = (
         "the film",
         "this movie",
         "the story",
@@ -430,10 +430,10 @@ class SyntheticSentimentDataModule(TextClassificationDataModule):
         "the script",
         "it",
         "the plot",
-    ]
-    VERBS = ["is", "was", "seems", "feels"]
-    ADVERBS = ["", "", "really", "very", "quite", "rather"]
-    FILLERS = ["", "", "overall", "i think", "to be honest", "in the end"]
+    )
+    VERBS = ("is", "was", "seems", "feels")
+    ADVERBS = ("", "", "really", "very", "quite", "rather")
+    FILLERS = ("", "", "overall", "i think", "to be honest", "in the end")
 
     def __init__(
         self,

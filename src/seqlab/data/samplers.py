@@ -210,9 +210,7 @@ class BucketSampler(GlobalBatchSampler):
         if not self.bucketing:
             return order
         pool = self.pool_batches * self.batch_size if self.shuffle else max(self.size, 1)
-        pieces = [
-            chunk[torch.argsort(self.lengths[chunk], stable=True)] for chunk in order.split(pool)
-        ]
+        pieces = [chunk[torch.argsort(self.lengths[chunk], stable=True)] for chunk in order.split(pool)]
         return torch.cat(pieces) if pieces else order
 
     def arrange(self, batches: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
@@ -252,7 +250,9 @@ class EvalShardSampler(DistributedSampler):
         """This process's batches (index tensors)."""
         mine = torch.tensor(range(self.rank, self.size, self.num_replicas), dtype=torch.int64)
         batches = list(mine.split(self.batch_size or max(1, len(mine)))) if len(mine) else []
-        most = -(-len(range(0, self.size, self.num_replicas)) // (self.batch_size or 1))  # the first process's
+        most = -(
+            -len(range(0, self.size, self.num_replicas)) // (self.batch_size or 1)
+        )  # the first process's
         while len(batches) < most and batches and len(batches[-1]) > 1:
             last = batches.pop()
             batches += list(last.split((len(last) + 1) // 2))

@@ -40,7 +40,9 @@ class LabelledTexts:
 
     def subset(self, indices: list[int]) -> LabelledTexts:
         return LabelledTexts(
-            [self.texts[i] for i in indices], [self.labels[i] for i in indices], [self.origins[i] for i in indices]
+            [self.texts[i] for i in indices],
+            [self.labels[i] for i in indices],
+            [self.origins[i] for i in indices],
         )
 
 
@@ -54,7 +56,9 @@ def read_utf8(path: Path) -> str:
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         bad = data[err.start : err.end]
-        raise DataError(f"{path}, line {line}: bytes {bad!r} are not UTF-8 ({err.reason}); re-encode the file") from None
+        raise DataError(
+            f"{path}, line {line}: bytes {bad!r} are not UTF-8 ({err.reason}); re-encode the file"
+        ) from None
 
 
 def clean_text(text: str) -> str:
@@ -69,7 +73,9 @@ def table_format(path: Path, fmt: str | None) -> str:
         return fmt
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
-        raise DataError(f"{path}: cannot tell the format from the suffix {suffix!r}; set data.format to tsv, csv or jsonl")
+        raise DataError(
+            f"{path}: cannot tell the format from the suffix {suffix!r}; set data.format to tsv, csv or jsonl"
+        )
     return FORMATS[suffix]
 
 
@@ -88,7 +94,9 @@ def read_table(path: Path, text_column: str, label_column: str, fmt: str | None 
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}, line {line_no}: not a JSON object ({err.msg})") from None
             if not isinstance(record, dict):
-                raise DataError(f"{path}, line {line_no}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(
+                    f"{path}, line {line_no}: expected a JSON object, got {type(record).__name__}"
+                )
             for column in (text_column, label_column):
                 if column not in record:
                     raise DataError(
@@ -96,7 +104,11 @@ def read_table(path: Path, text_column: str, label_column: str, fmt: str | None 
                         "set data.text_column / data.label_column"
                     )
             label = record[label_column]
-            out.add(clean_text(str(record[text_column] or "")), "" if label is None else str(label), f"{path}, line {line_no}")
+            out.add(
+                clean_text(str(record[text_column] or "")),
+                "" if label is None else str(label),
+                f"{path}, line {line_no}",
+            )
         return out
 
     if fmt == "tsv":  # GLUE-style: tab-separated, quotes are ordinary characters
@@ -106,7 +118,9 @@ def read_table(path: Path, text_column: str, label_column: str, fmt: str | None 
     try:
         header = next(reader, None)
         if header is None:
-            raise DataError(f"{path} is empty; expected a header row with {text_column!r} and {label_column!r}")
+            raise DataError(
+                f"{path} is empty; expected a header row with {text_column!r} and {label_column!r}"
+            )
         header = [name.strip() for name in header]
         for column in (text_column, label_column):
             if column not in header:
@@ -137,7 +151,9 @@ def read_aclimdb(root: Path, split: str) -> LabelledTexts:
     for label in ("neg", "pos"):
         folder = Path(root) / split / label
         if not folder.is_dir():
-            raise DataError(f"{folder} is not a directory; expected the aclImdb layout {root}/{split}/{{pos,neg}}/*.txt")
+            raise DataError(
+                f"{folder} is not a directory; expected the aclImdb layout {root}/{split}/{{pos,neg}}/*.txt"
+            )
         for file in sorted(folder.glob("*.txt")):
             out.add(clean_text(read_utf8(file)), label, str(file))
     return out

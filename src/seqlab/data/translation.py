@@ -124,7 +124,13 @@ class ParallelDataset(Dataset):
     def batches(self, indices: list[Tensor]) -> list[dict[str, Tensor]]:
         """Several batches (one index tensor each) gathered at once (``ResumableLoader``)."""
         return [
-            {"src_ids": src_ids, "src_mask": src_mask, "tgt_ids": tgt_ids, "tgt_mask": tgt_mask, "index": index}
+            {
+                "src_ids": src_ids,
+                "src_mask": src_mask,
+                "tgt_ids": tgt_ids,
+                "tgt_mask": tgt_mask,
+                "index": index,
+            }
             for (src_ids, src_mask), (tgt_ids, tgt_mask), index in zip(
                 self.source.padded_batches(indices), self.target.padded_batches(indices), indices
             )
@@ -239,7 +245,9 @@ class TranslationDataModule(BatchedTextDataModule):
             "tokenizer": self.spec.to_dict(),
             "shared_vocab": hp.shared_vocab,
             "filters": [hp.max_length, hp.max_length_ratio],
-            "fixed": hashlib.sha256(json.dumps(self.fixed, sort_keys=True).encode()).hexdigest() if self.fixed else None,
+            "fixed": hashlib.sha256(json.dumps(self.fixed, sort_keys=True).encode()).hexdigest()
+            if self.fixed
+            else None,
         }
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -274,7 +282,9 @@ class TranslationDataModule(BatchedTextDataModule):
 
     def train_tokenizers(self, train: ParallelTexts) -> tuple[Tokenizer, Tokenizer]:
         if self.fixed is not None:
-            return Tokenizer.from_str(self.fixed["source_tokenizer"]), Tokenizer.from_str(self.fixed["target_tokenizer"])
+            return Tokenizer.from_str(self.fixed["source_tokenizer"]), Tokenizer.from_str(
+                self.fixed["target_tokenizer"]
+            )
         if self.hparams.shared_vocab:
             log.info("training a joint %s tokenizer on %d sentence pairs", self.spec.kind, len(train))
             joint = train_tokenizer(train.sources + train.targets, self.spec)
@@ -282,12 +292,14 @@ class TranslationDataModule(BatchedTextDataModule):
         log.info("training %s tokenizers on %d sentence pairs", self.spec.kind, len(train))
         return train_tokenizer(train.sources, self.spec), train_tokenizer(train.targets, self.spec)
 
-    def write_processed(self, raw: dict[str, ParallelTexts], dropped: dict[str, dict[str, int]], target: Path) -> None:
+    def write_processed(
+        self, raw: dict[str, ParallelTexts], dropped: dict[str, dict[str, int]], target: Path
+    ) -> None:
         hp = self.hparams
         source_tok, target_tok = self.train_tokenizers(raw["train"])
         splits = {}
         for split, pairs in raw.items():
-            sources = [ids + [EOS_ID] for ids in encode(source_tok, pairs.sources, add_special_tokens=False)]
+            sources = [[*ids, EOS_ID] for ids in encode(source_tok, pairs.sources, add_special_tokens=False)]
             targets = encode(target_tok, pairs.targets)
             if split == "train":
                 keep = [
@@ -315,10 +327,17 @@ class TranslationDataModule(BatchedTextDataModule):
             else:
                 truncated = sum(len(s) > hp.max_length for s in sources)
                 dropped[split]["truncated_sources"] = truncated
-                sources = [s if len(s) <= hp.max_length else s[: hp.max_length - 1] + [EOS_ID] for s in sources]
-                targets = [t if len(t) <= hp.max_length else t[: hp.max_length - 1] + [EOS_ID] for t in targets]
+                sources = [
+                    s if len(s) <= hp.max_length else [*s[: hp.max_length - 1], EOS_ID] for s in sources
+                ]
+                targets = [
+                    t if len(t) <= hp.max_length else [*t[: hp.max_length - 1], EOS_ID] for t in targets
+                ]
             splits[split] = ParallelDataset(
-                FlatSequences.from_lists(sources), FlatSequences.from_lists(targets), pairs.sources, pairs.targets
+                FlatSequences.from_lists(sources),
+                FlatSequences.from_lists(targets),
+                pairs.sources,
+                pairs.targets,
             ).state()
         meta = {
             "source_lang": hp.source_lang,
@@ -385,7 +404,7 @@ class TranslationDataModule(BatchedTextDataModule):
         """Source ids as the model was trained on them ([EOS] appended, truncated to max_length)."""
         limit = self.hparams.max_length
         ids = encode(self.tokenizer("source"), texts, add_special_tokens=False)
-        return [seq[: limit - 1] + [EOS_ID] for seq in ids]
+        return [[*seq[: limit - 1], EOS_ID] for seq in ids]
 
     def detokenize(self, ids: list[list[int]]) -> list[str]:
         """Plain target-language text of generated ids."""
@@ -431,7 +450,15 @@ class SyntheticTranslationDataModule(TranslationDataModule):
 
     def source_fingerprint(self) -> list[Any]:
         hp = self.hparams
-        return [hp.num_train, hp.num_val, hp.num_test, hp.vocab, hp.min_words, hp.max_words, hp.generator_seed]
+        return [
+            hp.num_train,
+            hp.num_val,
+            hp.num_test,
+            hp.vocab,
+            hp.min_words,
+            hp.max_words,
+            hp.generator_seed,
+        ]
 
     def download_raw(self) -> None:
         pass
