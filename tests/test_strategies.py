@@ -298,3 +298,34 @@ def test_a_dead_rank_ends_the_sweep_job_not_the_sweep(job_ends: bool) -> None:
     finally:
         launching.kill()
         launching.wait()
+
+
+def test_deepspeed_consolidation_writes_a_whole_file_or_none(tmp_path: Path, monkeypatch) -> None:
+    """Every process of a multi-process eval.py gathers a ZeRO checkpoint into the same file: each
+    writes aside and renames, so no process reads another's half-written file, and a failed
+    conversion leaves the previous file as it was."""
+    import lightning.pytorch.utilities.deepspeed as lightning_deepspeed
+
+    from seqlab.utils.checkpoint_io import consolidate_checkpoint
+
+    zero = tmp_path / "ds.ckpt"
+    zero.mkdir()
+    (zero / "latest").write_text("global_step10")
+    output = tmp_path / "eval" / "consolidated.ckpt"
+
+    def convert(checkpoint_dir: str, output_file: str) -> None:
+        assert Path(checkpoint_dir) == zero and Path(output_file).parent == output.parent
+        assert Path(output_file) != output, "written aside, then renamed"
+        torch.save({"w": torch.ones(3)}, output_file)
+
+    def dies(checkpoint_dir: str, output_file: str) -> None:
+        Path(output_file).write_bytes(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(lightning_deepspeed, "convert_zero_checkpoint_to_fp32_state_dict", convert)
+    assert consolidate_checkpoint(zero, output) == output
+    monkeypatch.setattr(lightning_deepspeed, "convert_zero_checkpoint_to_fp32_state_dict", dies)
+    with pytest.raises(OSError, match="No space left"):
+        consolidate_checkpoint(zero, output)
+    assert torch.equal(torch.load(output, weights_only=True)["w"], torch.ones(3))
+    assert [p.name for p in output.parent.iterdir()] == ["consolidated.ckpt"], "nothing left aside"

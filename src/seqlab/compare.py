@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from seqlab.errors import ConfigError
-from seqlab.utils.run import markdown_table, read_summaries, write_text_atomic
+from seqlab.utils.files import write_text_atomic
+from seqlab.utils.run import markdown_table, read_summaries
 
 #: the metric that ranks backbones, and whether higher is better
 MAIN_METRIC = {"forecasting": ("mse", False), "classification": ("acc", True), "translation": ("bleu", True)}

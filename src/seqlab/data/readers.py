@@ -5,10 +5,8 @@ from __future__ import annotations
 import csv
 import gzip
 import math
-import os
 import shutil
 import tarfile
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from seqlab.errors import DataError
+from seqlab.utils.files import atomic_file
 
 DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y/%m/%d %H:%M", "%Y/%m/%d")
 
@@ -152,16 +151,13 @@ def download(url: str, destination: Path, timeout: float = 30.0) -> None:
 
     A ``.gz`` URL saved under a name without ``.gz`` is decompressed on the way.
     """
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
     gunzip = urllib.parse.urlparse(url).path.endswith(".gz") and destination.suffix != ".gz"
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(gzip.GzipFile(fileobj=response) if gunzip else response, out)
-        os.replace(tmp, destination)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with (
+        atomic_file(destination) as tmp,
+        open(tmp, "wb") as out,
+        urllib.request.urlopen(url, timeout=timeout) as response,
+    ):
+        shutil.copyfileobj(gzip.GzipFile(fileobj=response) if gunzip else response, out)
 
 
 def ensure_file(path: Path, url: str | None, allow_download: bool) -> Path:
@@ -200,7 +196,9 @@ def ensure_extracted(
     try:
         download(url, archive)
     except (OSError, urllib.error.URLError) as err:
-        raise DataError(f"data not found: {missing[0]}, and downloading {url} failed ({err}); {hint}") from None
+        raise DataError(
+            f"data not found: {missing[0]}, and downloading {url} failed ({err}); {hint}"
+        ) from None
     try:
         extract(archive, data_dir, strip_components)
     finally:
@@ -220,11 +218,8 @@ def extract(archive: Path, destination: Path, strip_components: int = 0) -> None
         return destination.joinpath(*parts)
 
     def write(stream, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.part")
-        with open(tmp, "wb") as out:
+        with atomic_file(path) as tmp, open(tmp, "wb") as out:
             shutil.copyfileobj(stream, out)
-        os.replace(tmp, path)
 
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:

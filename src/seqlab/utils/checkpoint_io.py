@@ -5,14 +5,14 @@ states convert between torch's positional form (single process, DDP) and the by-
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from seqlab.utils.files import atomic_file
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -37,18 +37,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(Path(path)) as tmp, open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)
 
 
 def consolidate_checkpoint(path: Path, output: Path) -> Path:
@@ -61,11 +51,12 @@ def consolidate_checkpoint(path: Path, output: Path) -> Path:
         return path
     if not path.is_dir():
         raise ConfigError(f"ckpt_path={str(path)!r}: no such file or checkpoint directory")
-    output.parent.mkdir(parents=True, exist_ok=True)
     if is_deepspeed_checkpoint(path):
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-        convert_zero_checkpoint_to_fp32_state_dict(str(path), str(output))
+        # every process of a multi-process eval.py converts: each renames a whole file into place
+        with atomic_file(output) as tmp:
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(tmp))
         return output
     checkpoint = read_sharded_checkpoint(path)
     checkpoint.pop("optimizer_states", None)

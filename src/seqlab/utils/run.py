@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from seqlab.utils.files import write_text_atomic
 from seqlab.utils.logging import process_rank
 from seqlab.utils.secrets import redact, redact_text, scrub_hydra_files
 
@@ -30,12 +30,6 @@ PRINTED_GROUPS = ("data", "model", "task", "trainer", "callbacks", "logger", "pa
 
 def is_rank_zero() -> bool:
     return process_rank() == 0
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def git_info(root: Path) -> tuple[dict[str, Any], str]:

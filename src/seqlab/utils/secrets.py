@@ -20,6 +20,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from seqlab.utils.files import write_text_atomic
+
 REDACTED = "***"
 #: a config key (last component) that holds a credential
 _SECRET_KEY = re.compile(
@@ -79,9 +81,7 @@ def scrub_hydra_files(run_dir: Path) -> None:
         original = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
         cleaned = redact(original)
         if cleaned != original:
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(cleaned)))
-            os.replace(tmp, path)
+            write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(cleaned)))
 
 
 def load_env_file(path: Path) -> list[str]:
