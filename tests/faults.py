@@ -1,4 +1,5 @@
-"""Fault injection for the reliability tests: a callback that makes one rank fail mid-training."""
+"""Fault injection for the reliability tests: a callback that makes one rank fail mid-training,
+and one that holds memory through the first training step."""
 
 from __future__ import annotations
 
@@ -34,3 +35,18 @@ class FailOnRank(L.Callback):
                 os.kill(os.getpid(), sig)
             return
         raise RuntimeError(f"injected failure on rank {self.rank} at step {trainer.global_step}")
+
+
+class HoldMemory(L.Callback):
+    """Touches ``mb`` MiB of host memory at the start of training and frees it after the first
+    step: a peak that is this job's own."""
+
+    def __init__(self, mb: int) -> None:
+        self.mb, self.block = mb, None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.block = bytearray(self.mb * 2**20)
+        self.block[::4096] = b"x" * len(range(0, len(self.block), 4096))  # every page resident
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.block = None

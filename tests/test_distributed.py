@@ -88,19 +88,26 @@ def test_ddp_spawn_runs(tmp_path: Path) -> None:
 
 
 def test_multirun_writes_a_table_of_every_job(tmp_path: Path) -> None:
+    """...and each job's own start-up time and peak memory, although the jobs share a process:
+    job 0 holds 600 MiB through its first step, job 1 nothing."""
     sweep = tmp_path / "sweep"
     result = run_script(
         "train.py", "-m", "model=rnn,transformer", *FAST, "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}",
-        timeout=400,
+        "+callbacks.hold._target_=tests.faults.HoldMemory", "+callbacks.hold.mb=600,0", timeout=400,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
     table = (sweep / "sweep_summary.md").read_text()
     assert "| rnn |" in table and "| transformer |" in table
     rows = (sweep / "sweep_summary.csv").read_text().splitlines()
-    assert len(rows) == 3 and "mse" in rows[0]
-    for job in ("0", "1"):
-        assert (sweep / job / "summary.json").is_file()
+    assert len(rows) == 5 and "mse" in rows[0]
+    jobs = [json.loads((sweep / str(job) / "summary.json").read_text()) for job in range(4)]
+    held = {(s["model"], s["overrides"][-1].rsplit("=", 1)[1]): s["peak_host_memory_mb"] for s in jobs}
+    for model in ("rnn", "transformer"):  # job 1 runs after job 0's peak, job 3 after job 2's
+        assert held[model, "600"] > held[model, "0"] + 400, held
+    assert 0 < jobs[0]["time_to_first_step_s"] < jobs[0]["wall_s"] + 15  # imports included
+    for summary in jobs[1:]:  # from the job's start, not the sweep's
+        assert 0 < summary["time_to_first_step_s"] < summary["wall_s"]
 
 
 def test_text_ddp_matches_one_process(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from seqlab.callbacks import DivergenceGuard, ExactResume, RunStats, SaveOnSigterm
+from seqlab.callbacks.run_stats import start_job
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.utils import hooks
 from seqlab.utils.checkpoint_io import AtomicCheckpointIO
@@ -139,6 +140,7 @@ def split_baselines(metrics: dict[str, float]) -> tuple[dict[str, float], dict[s
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train and test one configuration; returns (metrics, objects)."""
     start = time.perf_counter()
+    start_job()
     route_lightning_logs_to_root()
     check_hardware(cfg)
     apply_extras(cfg)

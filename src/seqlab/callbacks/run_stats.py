@@ -87,6 +87,22 @@ def process_start_time() -> float | None:
         return None
 
 
+#: when the current job of this process began, for a multirun's second and later jobs (its first
+#: job, like a single run, is timed from the process start: imports and config included)
+_job_start: dict[str, Any] = {"jobs": 0, "time": None}
+
+
+def start_job() -> None:
+    """Mark the start of a job (``train``): a multirun runs its jobs one after another in one process."""
+    _job_start["time"] = time.time() if _job_start["jobs"] else None
+    _job_start["jobs"] += 1
+
+
+def job_start_time() -> float | None:
+    """Wall-clock start of this process's current job: the process start for its first job."""
+    return _job_start["time"] or process_start_time()
+
+
 def flops_per_token(task: L.LightningModule, batch: Any) -> float | None:
     """Training FLOPs (forward + backward) per token of ``batch``, counted by torch's FLOP counter
     on a copy of the task built on the meta device (no memory, no compute, the weights untouched).
@@ -109,9 +125,23 @@ def flops_per_token(task: L.LightningModule, batch: Any) -> float | None:
 
 
 def peak_host_memory_mb() -> float:
-    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    """Peak resident memory of this process since the last ``reset_peak_host_memory`` (Linux:
+    ``VmHWM``), or since it started (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:", 1)[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def reset_peak_host_memory() -> None:
+    """Start the peak resident memory afresh, at the current one (Linux; elsewhere a no-op)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
 
 
 def local_numel(param: torch.Tensor) -> int:
@@ -125,7 +155,8 @@ def local_numel(param: torch.Tensor) -> int:
 class RunStats(L.Callback):
     """Training throughput (samples/s and tokens/s of all processes, validation excluded), FLOPs
     per token and model FLOPs utilisation (MFU: achieved model FLOP/s over the devices' dense
-    peak), seconds from process start to the first optimizer step, peak memory, and the
+    peak), seconds from the job's start to the first optimizer step (the process start for a single
+    run: imports included), peak memory since the fit began, and the
     parameters each process holds (sharding strategies hold a share).
 
     Throughput and MFU are logged every training epoch as ``perf/*``. FLOPs per token are counted
@@ -155,9 +186,11 @@ class RunStats(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.peak_flops is None:
             self.peak_flops = peak_flops(trainer.strategy.root_device, compute_dtype(trainer))
-        if stage == "fit" and trainer.strategy.root_device.type == "cuda":
+        if stage == "fit":
             # a multirun trains its jobs in one process: each job's own peak, not the sweep's so far
-            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+            reset_peak_host_memory()
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         local = sum(local_numel(p) for p in pl_module.parameters())
@@ -177,7 +210,7 @@ class RunStats(L.Callback):
         if not self._first_step_done and trainer.global_step >= 1:
             self._first_step_done = True
             settled(pl_module.device)
-            started = process_start_time()
+            started = job_start_time()
             self.time_to_first_step_s = round(time.time() - started, 3) if started else None
             self.flops_per_token = flops_per_token(pl_module, batch)
 
