@@ -10,7 +10,7 @@ import torch
 
 from seqlab.errors import ConfigError
 from seqlab.tasks.base import fused_by_default
-from seqlab.train import build_datamodule, build_task
+from seqlab.train import build_datamodule, build_task, train
 from seqlab.utils.precision import fusable
 
 TASK_DATA = {"forecasting": "data=timeseries", "classification": "data=sentiment_synthetic",
@@ -174,3 +174,27 @@ def test_a_restored_fused_optimizer_gets_its_step_counters_where_the_kernel_want
     assert all(
         float(optimizer.state[p]["step"]) == 2.0 for group in optimizer.param_groups for p in group["params"]
     )
+
+
+def test_a_precision_that_casts_the_model_keeps_what_is_measured_in_float32(make_cfg) -> None:
+    """``bf16-true`` casts the model and, in Lightning, every floating tensor of the batch and every
+    torchmetrics state. The forecaster's targets and the baselines' inputs stay the data's and
+    metric states stay float32, so the baselines (which do not depend on the model) equal those of
+    a float32 run exactly, while the model itself computes in bf16."""
+    from torchmetrics import Metric
+
+    runs = {}
+    for precision in ("32-true", "bf16-true"):
+        cfg = make_cfg("trainer.max_epochs=1", f"trainer.precision={precision}", output=precision)
+        _, objects = train(cfg)
+        runs[precision] = objects["summary"]
+        task = objects["task"]
+        expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
+        assert task.embed.weight.dtype == expected
+        for metric in (m for m in task.modules() if isinstance(m, Metric)):
+            for name, default in metric._defaults.items():
+                if isinstance(default, torch.Tensor) and default.is_floating_point():
+                    assert getattr(metric, name).dtype == default.dtype == torch.float32, (metric, name)
+    assert runs["bf16-true"]["baseline"] == runs["32-true"]["baseline"]
+    assert runs["bf16-true"]["metrics"] != runs["32-true"]["metrics"]  # the model did run in bf16
+    assert runs["bf16-true"]["trainer"]["precision"] == "bf16-true"

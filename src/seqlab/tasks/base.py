@@ -8,6 +8,7 @@ alone. Sizes that come from the data are constructor arguments, passed by the tr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -19,7 +20,7 @@ from torchmetrics import MaxMetric, MinMetric
 from seqlab.backbones.base import Backbone
 from seqlab.errors import ConfigError
 from seqlab.utils.distributed import offloads_optimizer
-from seqlab.utils.precision import fusable
+from seqlab.utils.precision import fusable, keep_measurements_precise
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -172,6 +173,17 @@ class SeqTask(L.LightningModule):
         self._train_loss: dict[str, Any] = {"sum": None, "steps": 0}
         #: plain-data description of the run (data config, etc.) stored in every checkpoint
         self.run_info: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- precision
+    def setup(self, stage: str) -> None:
+        keep_measurements_precise(self.trainer.precision_plugin, self)
+
+    def convert_batch(self, batch: Any, convert: Callable[[Any], Any]) -> Any:
+        """The batch as a precision that casts the model's inputs (``*-true``, DeepSpeed) hands it to
+        the step; ``convert`` is that cast. By default all of it: text batches hold token ids
+        and masks, which it leaves alone. A task whose batch holds floating targets casts only
+        the inputs, or none (``ForecastingTask`` casts them itself, in ``forward``)."""
+        return convert(batch)
 
     # ----------------------------------------------------------------- sharding
     def configure_model(self) -> None:

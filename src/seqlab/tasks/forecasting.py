@@ -156,7 +156,8 @@ class ForecastingTask(SeqTask):
             x = x.permute(0, 2, 1).reshape(batch * channels, -1, 1)
         series = F.pad(x.transpose(1, 2), (0, hp.patch_stride), mode="replicate")  # [B', C', L + S]
         patches = series.unfold(-1, hp.patch_len, hp.patch_stride)  # [B', C', N, P]
-        tokens = self.embed(patches.permute(0, 2, 1, 3).flatten(2))  # [B', N, D]
+        # the model's precision (bf16-true, DeepSpeed): cast here, after RevIN's statistics (convert_batch)
+        tokens = self.embed(patches.permute(0, 2, 1, 3).flatten(2).to(self.embed.weight.dtype))  # [B', N, D]
         states = self.backbone.encode(tokens)
         if hp.head == "flatten":
             pooled = states.flatten(1)
@@ -172,7 +173,12 @@ class ForecastingTask(SeqTask):
         return out.contiguous()
 
     def to_original_scale(self, x: Tensor) -> Tensor:
-        return x * self.scaler_std + self.scaler_mean
+        return x.float() * self.scaler_std.float() + self.scaler_mean.float()
+
+    def convert_batch(self, batch: tuple[Tensor, Tensor], convert: Any) -> tuple[Tensor, Tensor]:
+        """Nothing cast: ``forward`` casts the inputs to the model's dtype once RevIN has
+        normalised them in float32; targets, and the baselines' inputs, stay the data's."""
+        return batch
 
     # ------------------------------------------------------------------ steps
     def step_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:

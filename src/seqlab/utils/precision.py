@@ -4,6 +4,8 @@ for: gradient clipping (``trainer.gradient_clip_val: 1.0``) with a fused optimiz
 
 :func:`fusable` is the one place that says whether a Trainer's precision plugin clips a fused
 optimizer's gradients; the task (``configure_optimizers``) and the benchmark's plain loop ask it.
+:func:`keep_measurements_precise` keeps targets and metric states out of a precision that casts
+the model and its batches (``*-true``, DeepSpeed).
 """
 
 from __future__ import annotations
@@ -104,4 +106,45 @@ def fusable(plugin: Precision, gradient_clip_val: float | None) -> bool:
     return True
 
 
-__all__ = ["BF16MixedPrecision", "FSDPPrecision", "clip_fused_under_bf16", "fusable"]
+def _float32_if_floating(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def keep_measurements_precise(plugin: Precision, task: Any) -> None:
+    """Under a precision that casts the model and its batches (``bf16-true``, ``16-true``, and
+    DeepSpeed's ``bf16-mixed``, whose engine holds the weights in bf16), what is measured stays
+    in float32, as under every other precision:
+
+    - the batch is cast through ``task.convert_batch``: the forecaster casts its inputs itself,
+      after normalising them in float32, so its targets and the baselines' inputs are the data's
+      (Lightning's cast rounds every floating tensor of the batch, targets included);
+    - torchmetrics states are float32 after the model's cast: Lightning casts with ``Module.to``,
+      which torchmetrics lets through to the states, so sums over a whole split were kept in bf16.
+
+    Called from ``SeqTask.setup`` (before the strategy casts the model); idempotent."""
+    cls = type(plugin)
+
+    def convert_input(batch: Any) -> Any:
+        return task.convert_batch(batch, lambda data: cls.convert_input(plugin, data))
+
+    def convert_module(module: torch.nn.Module) -> torch.nn.Module:
+        from torchmetrics import Metric
+
+        module = cls.convert_module(plugin, module)
+        for metric in module.modules():
+            if isinstance(metric, Metric):
+                # torchmetrics casts its states only through an _apply it does not take for a dtype cast
+                metric._apply(_float32_if_floating)
+        return module
+
+    plugin.convert_input = convert_input  # type: ignore[method-assign]
+    plugin.convert_module = convert_module  # type: ignore[method-assign]
+
+
+__all__ = [
+    "BF16MixedPrecision",
+    "FSDPPrecision",
+    "clip_fused_under_bf16",
+    "fusable",
+    "keep_measurements_precise",
+]
