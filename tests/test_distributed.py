@@ -407,4 +407,4 @@ def test_a_failed_ddp_job_leaves_the_next_sweep_job_whole(tmp_path: Path, rank: 
     summary = json.loads((sweep / "1" / "summary.json").read_text())
     assert summary["trainer"]["world_size"] == 2 and summary["metrics"]
     assert "Seed set to" in (sweep / "1" / "train_ddp_process_1.log").read_text(), "job 1 had its own rank 1"
-    assert elapsed < 200, f"the sweep took {elapsed:.0f} s"
+    assert elapsed < 240, f"the sweep took {elapsed:.0f} s"

@@ -4,6 +4,7 @@ update rule as torch's per-tensor loop, and a clear error for a value it cannot 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,7 +184,7 @@ def test_a_precision_that_casts_the_model_keeps_what_is_measured_in_float32(make
     a float32 run exactly, while the model itself computes in bf16."""
     from torchmetrics import Metric
 
-    runs = {}
+    runs, truths = {}, {}
     for precision in ("32-true", "bf16-true"):
         cfg = make_cfg("trainer.max_epochs=1", f"trainer.precision={precision}", output=precision)
         _, objects = train(cfg)
@@ -191,10 +192,16 @@ def test_a_precision_that_casts_the_model_keeps_what_is_measured_in_float32(make
         task = objects["task"]
         expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
         assert task.embed.weight.dtype == expected
+        # the original scale: the data scaler's statistics, not their bf16 rounding
+        assert task.scaler_std.dtype == torch.float32
+        assert torch.equal(task.scaler_std, torch.tensor(task.hparams.scaler_std))
+        table = Path(cfg.paths.output_dir) / "tables" / "test_first_predictions.csv"
+        truths[precision] = [row.split(",")[1] for row in table.read_text().splitlines()[1:]]
         for metric in (m for m in task.modules() if isinstance(m, Metric)):
             for name, default in metric._defaults.items():
                 if isinstance(default, torch.Tensor) and default.is_floating_point():
                     assert getattr(metric, name).dtype == default.dtype == torch.float32, (metric, name)
+    assert truths["bf16-true"] == truths["32-true"]
     assert runs["bf16-true"]["baseline"] == runs["32-true"]["baseline"]
     assert runs["bf16-true"]["metrics"] != runs["32-true"]["metrics"]  # the model did run in bf16
     assert runs["bf16-true"]["trainer"]["precision"] == "bf16-true"

@@ -224,9 +224,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             log.info("run directory: %s", run_dir)
         failed = False
     finally:
-        finish_runs(loggers)
-        mark_stopped(run_dir)
-        finish_job(trainer, failed=failed)
+        try:  # first: after a failure, Lightning's watch over the other ranks is waiting on it
+            finish_job(trainer, failed=failed)
+        finally:
+            finish_runs(loggers)
+            mark_stopped(run_dir)
     return {**train_metrics, **test_metrics}, {**objects, "summary": summary}
 
 

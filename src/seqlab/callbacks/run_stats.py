@@ -93,8 +93,11 @@ _job_start: dict[str, Any] = {"jobs": 0, "time": None}
 
 
 def start_job() -> None:
-    """Mark the start of a job (``train``): a multirun runs its jobs one after another in one process."""
-    _job_start["time"] = time.time() if _job_start["jobs"] else None
+    """Mark the start of a job (``train``): a multirun runs its jobs one after another in one
+    process. A later job's host peak memory starts afresh, its data preparation included."""
+    if _job_start["jobs"]:
+        _job_start["time"] = time.time()
+        reset_peak_host_memory()
     _job_start["jobs"] += 1
 
 
@@ -156,7 +159,7 @@ class RunStats(L.Callback):
     """Training throughput (samples/s and tokens/s of all processes, validation excluded), FLOPs
     per token and model FLOPs utilisation (MFU: achieved model FLOP/s over the devices' dense
     peak), seconds from the job's start to the first optimizer step (the process start for a single
-    run: imports included), peak memory since the fit began, and the
+    run: imports included), the job's peak memory (GPU: from the start of training), and the
     parameters each process holds (sharding strategies hold a share).
 
     Throughput and MFU are logged every training epoch as ``perf/*``. FLOPs per token are counted
@@ -186,11 +189,9 @@ class RunStats(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.peak_flops is None:
             self.peak_flops = peak_flops(trainer.strategy.root_device, compute_dtype(trainer))
-        if stage == "fit":
+        if stage == "fit" and trainer.strategy.root_device.type == "cuda":
             # a multirun trains its jobs in one process: each job's own peak, not the sweep's so far
-            reset_peak_host_memory()
-            if trainer.strategy.root_device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         local = sum(local_numel(p) for p in pl_module.parameters())

@@ -98,7 +98,7 @@ class GlobalBatchSampler(DistributedSampler):
     The epoch order is ``randperm(size)`` seeded by ``seed + epoch`` (that of ``DistributedSampler``),
     cut into global batches of ``batch_size``; process ``rank`` of ``num_replicas`` takes every
     ``num_replicas``-th example of each. So the examples of a step are the same whatever the
-    number of processes, and exactly those of ``DistributedSampler`` + ``BatchSampler``.
+    number of processes, and (in training) exactly those of ``DistributedSampler`` + ``BatchSampler``.
 
     Args:
         size: number of examples.

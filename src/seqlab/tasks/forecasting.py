@@ -115,10 +115,8 @@ class ForecastingTask(SeqTask):
         self.embed = nn.Linear(patch_len * channels_in, width)
         head_in = width * self.num_tokens if head == "flatten" else width
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(head_in, horizon * channels_in))
-        mean = torch.tensor(scaler_mean if scaler_mean is not None else [0.0] * num_channels)
-        std = torch.tensor(scaler_std if scaler_std is not None else [1.0] * num_channels)
-        self.register_buffer("scaler_mean", mean, persistent=False)
-        self.register_buffer("scaler_std", std, persistent=False)
+        for name, value in self.scaler_statistics().items():
+            self.register_buffer(name, value, persistent=False)
         # the seasonal-naive baseline needs a full season in the look-back
         season = baseline_season if baseline_season and baseline_season <= lookback else None
         self.baseline_season = season
@@ -134,8 +132,8 @@ class ForecastingTask(SeqTask):
         if season:
             self.baseline_metrics["seasonal"] = metric_set("test/baseline_seasonal_")
         self._plot_rows: list[tuple[Tensor, Tensor, Tensor]] = []
-        # (truth, forecast) of the first forecast step of the target, first test windows in order
-        self._first_windows: list[tuple[float, float]] = []
+        # (window, (truth, forecast)) of the first forecast step of the target, first test windows
+        self._first_windows: list[tuple[int, tuple[float, float]]] = []
         self._plot_every = 1
 
     # ------------------------------------------------------------------ model
@@ -172,8 +170,24 @@ class ForecastingTask(SeqTask):
             out = self.revin.denormalize(out, stats)
         return out.contiguous()
 
+    def scaler_statistics(self) -> dict[str, Tensor]:
+        """The data scaler's per-channel mean and std (float32; identity without a scaler)."""
+        hp = self.hparams
+        mean = hp.scaler_mean if hp.scaler_mean is not None else [0.0] * hp.num_channels
+        std = hp.scaler_std if hp.scaler_std is not None else [1.0] * hp.num_channels
+        # float32 whatever the default dtype (bf16-true makes it bf16 inside the steps)
+        return {
+            name: torch.tensor(v, dtype=torch.float32)
+            for name, v in (("scaler_mean", mean), ("scaler_std", std))
+        }
+
     def to_original_scale(self, x: Tensor) -> Tensor:
-        return x.float() * self.scaler_std.float() + self.scaler_mean.float()
+        if self.scaler_std.dtype != torch.float32:
+            # a precision that casts the model (bf16-true, DeepSpeed's engine) rounded these data
+            # statistics with it: rebuilt from the data's, once
+            for name, value in self.scaler_statistics().items():
+                setattr(self, name, value.to(self.scaler_std.device))
+        return x.float() * self.scaler_std + self.scaler_mean
 
     def convert_batch(self, batch: tuple[Tensor, Tensor], convert: Any) -> tuple[Tensor, Tensor]:
         """Nothing cast: ``forward`` casts the inputs to the model's dtype once RevIN has

@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
+import subprocess
 import sys
 import time
 from typing import Any
@@ -30,6 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqlab.errors import ConfigError
 from seqlab.utils.precision import FSDPPrecision
+
+log = logging.getLogger(__name__)
 
 #: what runs on a machine without CUDA (the message of every GPU-only refusal lists them)
 CPU_STRATEGIES = "trainer=cpu, trainer=ddp, trainer=ddp_spawn or trainer=fsdp2 (FSDP2 sharding over gloo)"
@@ -242,7 +246,9 @@ class SweepJobObserver(_ChildProcessObserver):
     process once a rank exits non-zero (a rank stuck in an NCCL collective would wait for ever);
     in a sweep that process is the sweep. Here it first gives the job ``grace`` seconds to fail by
     itself (gloo raises on a closed connection): once ``finish_job`` has taken the ranks back
-    (emptied the list), the sweep goes on to its next job."""
+    (emptied the list), the sweep goes on to its next job. Under NCCL a rank that lost a peer
+    waits in its collective until the process group's timeout, longer than the grace: there the
+    sweep still ends, as with Lightning's own watch."""
 
     grace = 60.0
 
@@ -296,11 +302,20 @@ def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> No
     # Lightning's child-process observer watches this very list and kills this process (the whole
     # sweep) when a rank in it exits non-zero, as a killed one does: emptied, the observer ends
     launcher.procs.clear()
-    for proc in procs:
-        if failed:
-            proc.kill()
-        proc.wait(timeout=timeout)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for key in LAUNCH_ENV:
-        os.environ.pop(key, None)
+    try:
+        for rank, proc in enumerate(procs, start=1):
+            if failed:
+                proc.kill()
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("rank %d of this job did not end within %.0f s: killed", rank, timeout)
+                proc.kill()
+                code = proc.wait()
+            if code and not failed:
+                log.warning("rank %d of this job exited with code %s", rank, code)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key in LAUNCH_ENV:
+            os.environ.pop(key, None)

@@ -12,8 +12,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from seqlab.utils.files import write_text_atomic
 from seqlab.utils.resolvers import sweep_group
-from seqlab.utils.run import markdown_table, print_table, read_summaries, write_text_atomic
+from seqlab.utils.run import markdown_table, print_table, read_summaries
 
 log = logging.getLogger(__name__)
 
