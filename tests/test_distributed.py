@@ -147,6 +147,16 @@ def test_text_ddp_matches_one_process(tmp_path: Path) -> None:
     for key in ("test/acc", "test/f1"):  # counts: equal, not close
         assert summary["metrics"][key] == single["metrics"][key], key
     assert summary["best"]["val/acc_best"] == single["best"]["val/acc_best"]
+    # eval.py on two processes scores the one-process run's checkpoint as that run did
+    best = single["best_checkpoint"]
+    evaluation = run_script(
+        "eval.py", f"ckpt_path={best}", "trainer=ddp", f"hydra.run.dir={tmp_path / 'eval'}"
+    )
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())["metrics"]
+    assert {k: evaluated[k] for k in ("test/acc", "test/f1")} == {
+        k: single["metrics"][k] for k in ("test/acc", "test/f1")
+    }
 
 
 def test_translation_ddp_gathers_every_hypothesis_once(tmp_path: Path) -> None:
