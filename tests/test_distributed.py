@@ -147,6 +147,11 @@ def test_text_ddp_matches_one_process(tmp_path: Path) -> None:
     for key in ("test/acc", "test/f1"):  # counts: equal, not close
         assert summary["metrics"][key] == single["metrics"][key], key
     assert summary["best"]["val/acc_best"] == single["best"]["val/acc_best"]
+    tables = []  # the most confident test mistakes, of both processes
+    for run in ("ddp", "one"):
+        with (tmp_path / run / "tables" / "test_misclassified.csv").open(newline="") as handle:
+            tables.append([(r["index"], r["label"], r["predicted"]) for r in csv.DictReader(handle)])
+    assert len(tables[0]) == 50 and tables[0] == tables[1]
     # eval.py on two processes scores the one-process run's checkpoint as that run did
     best = single["best_checkpoint"]
     evaluation = run_script(

@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from seqlab.backbones.base import lengths_from_mask, masked_mean
 from seqlab.errors import ConfigError
 from seqlab.tasks.base import SeqTask, build_backbone
+from seqlab.utils.distributed import gather_indexed
 from seqlab.utils.figures import log_figure, log_table
 
 POOLINGS = ("mean", "max", "last", "first")
@@ -191,9 +192,12 @@ class ClassificationTask(SeqTask):
         self.test_metrics.reset()
         confusion = self.confusion.compute()  # summed over processes
         self.confusion.reset()
+        rows = torch.cat(self._mistakes).tolist() if self._mistakes else []
+        # every process's mistakes: (index, (label, predicted, confidence)), each example once
+        mistakes = gather_indexed([(int(row[0]), tuple(row[1:])) for row in rows])
         if self.trainer.is_global_zero:
             self.report_confusion(confusion)
-            self.report_mistakes()
+            self.report_mistakes(mistakes)
         self._mistakes = []
 
     # ------------------------------------------------------------------ reports
@@ -210,23 +214,22 @@ class ClassificationTask(SeqTask):
         fig.tight_layout()
         log_figure(self.trainer, fig, "test/confusion_matrix")
 
-    def report_mistakes(self) -> None:
-        """The most confident test mistakes (this process's share under DDP) as a table."""
-        if not self._mistakes:
+    def report_mistakes(self, mistakes: list[tuple[int, tuple[float, float, float]]]) -> None:
+        """The most confident test mistakes of all processes as a table."""
+        if not mistakes:
             return
-        rows = torch.cat(self._mistakes)
-        rows = rows[rows[:, 3].argsort(descending=True)][: self.hparams.misclassified_samples]
+        mistakes = sorted(mistakes, key=lambda m: -m[1][2])[: self.hparams.misclassified_samples]
         datamodule = getattr(self.trainer, "datamodule", None)
         texts = datamodule.texts("test") if hasattr(datamodule, "texts") else None
         table = [
             [
-                int(index),
-                texts[int(index)] if texts is not None else "",
+                index,
+                texts[index] if texts is not None else "",
                 self.class_names[int(label)],
                 self.class_names[int(pred)],
                 round(float(confidence), 4),
             ]
-            for index, label, pred, confidence in rows.tolist()
+            for index, (label, pred, confidence) in mistakes
         ]
         log_table(
             self.trainer, "test/misclassified", ["index", "text", "label", "predicted", "confidence"], table
