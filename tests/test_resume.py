@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from seqlab.errors import ConfigError
 from seqlab.train import train
@@ -144,6 +145,7 @@ def test_the_same_overrides_find_the_newest_interrupted_run(tmp_path: Path) -> N
         (run_dir / "checkpoints").mkdir(parents=True)
         (run_dir / "config.yaml").write_text("seed: 1\n")
         (run_dir / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (run_dir / "config.yaml").write_text("seed: 1\n")
         if checkpoint:
             (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
         if finished:
@@ -238,3 +240,50 @@ def test_other_ranks_follow_rank_zero(make_cfg, tmp_path: Path, monkeypatch) -> 
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
     assert resume_checkpoint(make_cfg(), run_dir) == str(run_dir / "checkpoints" / "last.ckpt")
     assert resume_checkpoint(make_cfg("resume=never"), run_dir) is None
+
+
+def test_the_best_monitored_value_survives_a_resume(make_cfg) -> None:
+    """``{monitor}_best`` (the sweep objective) is a torchmetrics state, which checkpoints do not
+    hold: a resumed run carries the best of the epochs before the resume in its checkpoint, so
+    a worse epoch after it does not become the run's best."""
+    from seqlab.train import build_datamodule, build_task
+
+    cfg = make_cfg()
+    datamodule = build_datamodule(cfg.data)
+    assert cfg.task.monitor_mode == "min"
+    interrupted = build_task(cfg.task, cfg.model, datamodule)
+    interrupted.on_train_start()
+    interrupted.monitor_best.update(torch.tensor(0.5))
+    checkpoint: dict = {}
+    interrupted.on_save_checkpoint(checkpoint)
+    for restored, expected in ((checkpoint, 0.5), ({}, 0.7)):  # resumed, and a fresh start
+        task = build_task(cfg.task, cfg.model, datamodule)
+        task.on_load_checkpoint(restored)
+        task.on_train_start()
+        task.monitor_best.update(torch.tensor(0.7))
+        assert float(task.monitor_best.compute()) == pytest.approx(expected)
+
+
+def test_an_explicit_checkpoint_never_takes_over_another_run(make_cfg, tmp_path: Path) -> None:
+    """``ckpt_path=`` is where a run starts: the directory search of resume=auto matches it only
+    to a run started from the same checkpoint (a run without one, or from another, is left
+    alone), and such a run, interrupted, continues from its own newest checkpoint."""
+    from seqlab.utils.resume import resume_checkpoint
+
+    runs = tmp_path / "runs"
+    for name, overrides in (("plain", ["model=lstm"]), ("from_a", ["model=lstm", "ckpt_path=/a.ckpt"])):
+        run_dir = runs / name
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        (run_dir / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (run_dir / "config.yaml").write_text("seed: 1\n")
+    assert find_interrupted_run(runs, ["model=lstm", "ckpt_path=/other.ckpt"]) is None
+    assert find_interrupted_run(runs, ["model=lstm", "ckpt_path=/a.ckpt"]) == runs / "from_a"
+    assert find_interrupted_run(runs, ["model=lstm", "resume=auto"]) == runs / "plain"
+
+    cfg = make_cfg("model=lstm", "ckpt_path=/a.ckpt")
+    run_dir = runs / "from_a"
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    assert resume_checkpoint(cfg, run_dir) == str(run_dir / "checkpoints" / "last.ckpt")
+    (run_dir / "checkpoints" / "last.ckpt").unlink()  # interrupted before its first checkpoint
+    assert resume_checkpoint(cfg, run_dir) == "/a.ckpt"

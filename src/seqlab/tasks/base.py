@@ -173,6 +173,8 @@ class SeqTask(L.LightningModule):
         self._train_loss: dict[str, Any] = {"sum": None, "steps": 0}
         #: plain-data description of the run (data config, etc.) stored in every checkpoint
         self.run_info: dict[str, Any] = {}
+        #: ``{monitor}_best`` of the checkpoint a run resumed from
+        self._restored_best: Tensor | None = None
 
     # ----------------------------------------------------------------- precision
     def setup(self, stage: str) -> None:
@@ -215,6 +217,11 @@ class SeqTask(L.LightningModule):
     # ----------------------------------------------------------------- best metric
     def on_train_start(self) -> None:
         self.monitor_best.reset()  # forget values from the sanity check
+        if self._restored_best is not None:  # a resumed run: the best of the epochs before it too
+            self.monitor_best.update(self._restored_best.to(self.device))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_best = checkpoint.get("seqlab_monitor_best")
 
     def log_monitor_best(self, value: torch.Tensor) -> None:
         if self.trainer.sanity_checking:
@@ -333,6 +340,11 @@ class SeqTask(L.LightningModule):
         cls = self.task_class()
         checkpoint["seqlab"] = {"task_target": f"{cls.__module__}.{cls.__qualname__}"}
         checkpoint["seqlab"].update(self.run_info)
+        # torchmetrics states are not saved: without this a resumed run's ``{monitor}_best`` (the
+        # sweep objective) would be the best of the epochs since the resume
+        if self.monitor_best.update_count:  # its state, not compute(): no collective inside a save
+            (best,) = self.monitor_best.metric_state.values()  # updated with reduced values only
+            checkpoint["seqlab_monitor_best"] = best.detach().float().cpu()
 
     def task_class(self) -> type[SeqTask]:
         """The task's own class: FSDP2 swaps in a generated subclass (FSDP<Task>) when it shards."""

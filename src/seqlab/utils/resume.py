@@ -107,7 +107,10 @@ def running_process(run_dir: Path) -> int | None:
 
 
 def comparable(overrides: list[str]) -> list[str]:
-    return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("resume", "ckpt_path"))
+    """The overrides that make two commands the same run: all but ``resume`` (a run started from
+    ``ckpt_path=A`` is continued only by a command with the same ``ckpt_path``, never taken over
+    by one without it or with another)."""
+    return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "resume")
 
 
 def find_interrupted_run(runs_dir: Path, overrides: list[str]) -> Path | None:
@@ -157,19 +160,18 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     """What this run does with ``run_dir`` (see the module docstring): the checkpoint to resume
     from, or None for a fresh start; ConfigError when the directory holds a run it must not touch.
-    An explicit ``ckpt_path`` is used as given (a fresh directory, or this run's own)."""
+    An explicit ``ckpt_path`` is where a run starts: an interrupted run that started from it
+    continues from its own newest checkpoint, as any other."""
     from seqlab.utils.run import is_rank_zero
     from seqlab.utils.secrets import redact
 
     mode = check_mode(cfg.get("resume", "auto"))
-    if cfg.get("ckpt_path") and not is_rank_zero():
-        return cfg.ckpt_path
     saved_config = run_dir / "config.yaml"
     if not saved_config.is_file():
         return cfg.get("ckpt_path")
     if not is_rank_zero():  # rank 0 has checked this directory (and written into it): follow it
         checkpoint = newest_checkpoint(run_dir) if mode == "auto" else None
-        return str(checkpoint) if checkpoint is not None else None
+        return str(checkpoint) if checkpoint is not None else cfg.get("ckpt_path")
     live = running_process(run_dir)
     if live is not None:
         raise ConfigError(
@@ -204,12 +206,11 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
             "resume=auto never mixes two configurations: run with the same settings to resume it, "
             "or train into another directory"
         )
-    if cfg.get("ckpt_path"):
-        return cfg.ckpt_path
     checkpoint = newest_checkpoint(run_dir)
-    if checkpoint is not None:
+    if checkpoint is not None:  # its own progress, also for a run that started from ckpt_path
         log.info("resuming the interrupted run in %s from %s (resume=auto)", run_dir, checkpoint)
-    return str(checkpoint) if checkpoint is not None else None
+        return str(checkpoint)
+    return cfg.get("ckpt_path")
 
 
 def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> None:
