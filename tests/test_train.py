@@ -85,6 +85,14 @@ def test_eval_reproduces_the_training_test_metrics(make_cfg, tmp_path: Path) -> 
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["metrics"][
         "test/mse"
     ] == pytest.approx(train_metrics["test/mse"], rel=1e-6)
+    # train.py train=false tests the given checkpoint too (not freshly initialised weights), and
+    # has no objective to report
+    from seqlab.train import run
+
+    test_only = make_cfg("model=lstm", "train=false", f"ckpt_path={ckpt}", output="test_only")
+    assert run(test_only) is None
+    tested = json.loads((tmp_path / "test_only" / "summary.json").read_text())["metrics"]
+    assert tested["test/mse"] == pytest.approx(train_metrics["test/mse"], rel=1e-6)
 
 
 def test_eval_rejects_what_is_not_a_seqlab_checkpoint(make_cfg, tmp_path: Path) -> None:

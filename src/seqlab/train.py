@@ -178,9 +178,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
         test_metrics: dict[str, float] = {}
         if cfg.get("test"):
-            ckpt = best_checkpoint(trainer)
-            if ckpt is None and cfg.get("train"):
-                log.warning("no best checkpoint was saved; testing the current weights")
+            # train=false tests the given checkpoint (it used to test freshly initialised weights)
+            ckpt = best_checkpoint(trainer) if cfg.get("train") else ckpt_path
+            if ckpt is None:
+                log.warning(
+                    "no best checkpoint was saved; testing the current weights"
+                    if cfg.get("train")
+                    else "train=false without ckpt_path: testing freshly initialised weights"
+                )
             log.info("testing %s", ckpt or "the current weights")
             trainer.test(task, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False)
             test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
@@ -245,7 +250,8 @@ def run(cfg: DictConfig) -> float | None:
     """Entry-point body: train, and turn seqlab's own errors into one clear line and exit code 1."""
     try:
         metrics, _ = train(cfg)
-        return objective(metrics, cfg.get("optimized_metric"))
+        # nothing to optimise in a test-only run (train=false logs no validation best)
+        return objective(metrics, cfg.get("optimized_metric") if cfg.get("train") else None)
     except SeqlabError as err:
         log.error("%s: %s", type(err).__name__, err)
         if in_multirun():
