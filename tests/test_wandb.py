@@ -29,6 +29,23 @@ def test_key_without_network_means_offline_quickly(no_key, monkeypatch) -> None:
     assert mode == "offline" and "not reachable" in reason
 
 
+def test_online_and_proxied_runs_skip_the_direct_probe(no_key, monkeypatch) -> None:
+    """mode=online asks for no probe, and behind an HTTPS proxy (which wandb uses) a direct
+    connection says nothing: neither goes offline for an unanswered direct connection."""
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    assert wandb_utils.resolve_mode("online") == ("online", None)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert wandb_utils.resolve_mode("auto") == ("online", None)
+
+
+def test_log_model_offline_is_dropped_not_refused(no_key, tmp_path: Path) -> None:
+    """Lightning's WandbLogger raises for log_model when offline (no key, no network): the run
+    goes on, its checkpoints kept in the run directory."""
+    logger = wandb_utils.wandb_logger(str(tmp_path), mode="auto", log_model=True, project="p")
+    assert logger._offline and logger._log_model is False
+
+
 def test_netrc_key_is_found(no_key, tmp_path: Path) -> None:
     netrc = tmp_path / "home" / ".netrc"
     netrc.parent.mkdir(parents=True)

@@ -232,7 +232,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         try:  # first: after a failure, Lightning's watch over the other ranks is waiting on it
             finish_job(trainer, failed=failed)
         finally:
-            finish_runs(loggers)
+            finish_runs(loggers, failed=failed)
             mark_stopped(run_dir)
     return {**train_metrics, **test_metrics}, {**objects, "summary": summary}
 

@@ -57,9 +57,12 @@ def resolve_mode(mode: str) -> tuple[str, str | None]:
             return mode, None
     if mode != "auto" and mode != "online":
         return mode, None
-    if not has_api_key():
+    if not has_api_key():  # online without a key would prompt on stdin
         return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
-    if not host_reachable(wandb_host()):
+    # the probe is a direct connection: behind an HTTPS proxy (which wandb uses) it says nothing,
+    # and mode=online asks for no probe at all
+    proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy"))
+    if mode == "auto" and not proxied and not host_reachable(wandb_host()):
         return "offline", f"{wandb_host()} is not reachable"
     return "online", None
 
@@ -81,15 +84,19 @@ def wandb_logger(save_dir: str, mode: str = "auto", **kwargs: Any):
         log.warning(
             "W&B logs offline: %s. Upload later with: wandb sync %s/wandb/offline-run-*", reason, save_dir
         )
+    if resolved != "online" and kwargs.get("log_model"):
+        # Lightning's WandbLogger refuses log_model offline; the checkpoints stay in the run directory
+        log.warning("W&B logs %s: logger.wandb.log_model is ignored (checkpoints are not uploaded)", resolved)
+        kwargs["log_model"] = False
     return WandbLogger(save_dir=save_dir, offline=resolved == "offline", mode=resolved, **kwargs)
 
 
-def finish_runs(loggers: list[Any]) -> None:
-    """Close the W&B run of this job. Lightning leaves it open, and the next job of a multirun
-    (same process) would then log into it instead of starting its own run."""
+def finish_runs(loggers: list[Any], failed: bool = False) -> None:
+    """Close the W&B run of this job, marked failed if it failed. Lightning leaves it open, and
+    the next job of a multirun (same process) would then log into it instead of starting its own."""
     if not any(type(lg).__name__ == "WandbLogger" for lg in loggers):
         return
     import wandb
 
     if wandb.run is not None:
-        wandb.finish()
+        wandb.finish(exit_code=1 if failed else 0)
