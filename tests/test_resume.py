@@ -287,3 +287,31 @@ def test_an_explicit_checkpoint_never_takes_over_another_run(make_cfg, tmp_path:
     assert resume_checkpoint(cfg, run_dir) == str(run_dir / "checkpoints" / "last.ckpt")
     (run_dir / "checkpoints" / "last.ckpt").unlink()  # interrupted before its first checkpoint
     assert resume_checkpoint(cfg, run_dir) == "/a.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("fn", "sanity", "saves"), [("fit", False, True), ("fit", True, False), ("test", False, False)]
+)
+def test_sigterm_saves_only_where_training_stopped(
+    tmp_path: Path, fn: str, sanity: bool, saves: bool
+) -> None:
+    """During trainer.test the model holds the best checkpoint's weights: a SIGTERM there must not
+    write them over last.ckpt (the end of fit, where a resume picks up); nor during the sanity check."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from seqlab.callbacks import SaveOnSigterm
+
+    saved = []
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(fn=TrainerFn(fn)),
+        sanity_checking=sanity,
+        checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)),
+        default_root_dir=str(tmp_path),
+        global_step=3,
+        save_checkpoint=saved.append,
+    )
+    SaveOnSigterm().on_exception(trainer, None, SIGTERMException())
+    assert saved == ([tmp_path / "last.ckpt"] if saves else [])

@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,15 @@ class ExactResume(L.Callback):
 
 
 class SaveOnSigterm(L.Callback):
-    """Write ``<checkpoint dir>/last.ckpt`` when training stops on SIGTERM."""
+    """Write ``<checkpoint dir>/last.ckpt`` when training stops on SIGTERM. Only while fitting:
+    during ``trainer.test`` (after fit) the model holds the best checkpoint's weights, not where
+    training stopped, and ``last.ckpt`` from the end of fit is the right place to resume (fit is
+    then over at once, and the test runs again)."""
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:
+            return
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
         directory = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
         path = Path(directory) / "last.ckpt"
