@@ -165,6 +165,31 @@ def test_the_mfu_recipe_is_compute_bound(make_cfg) -> None:
     assert "test/mse" in metrics
 
 
+@pytest.mark.parametrize("data", ["synthetic", "sentiment_synthetic"])
+def test_debug_overfit_trains_on_the_same_batches(make_cfg, tmp_path: Path, data: str) -> None:
+    """Lightning's overfit_batches swaps in a per-example SequentialSampler, which seqlab's
+    whole-batch loaders cannot take (debug=overfit crashed): they count as sequential to it and
+    stop shuffling themselves, so every epoch trains on the same first batches."""
+    import csv
+
+    from seqlab.train import train
+
+    if data == "synthetic":
+        cfg = make_cfg("debug=overfit", "trainer.max_epochs=4", "trainer.overfit_batches=2")
+    else:
+        text = ["data.num_train=400", "model.d_model=32", "extras.print_config=false"]
+        cfg = make_cfg(
+            "debug=overfit", f"data={data}", f"data.cache_dir={tmp_path / 'cache'}", *text,
+            "trainer.max_epochs=4", "trainer.overfit_batches=2", fast=False,
+        )  # fmt: skip
+    _, objects = train(cfg)
+    assert objects["trainer"].global_step == 8
+    assert objects["datamodule"].train_dataloader().sampler.shuffle is False
+    with (Path(cfg.paths.output_dir) / "metrics.csv").open(newline="") as handle:
+        losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(handle) if r.get("train/loss_epoch")]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+
+
 @pytest.mark.slow
 def test_help_lists_groups_and_unknown_options_list_the_choices() -> None:
     helped = run_script("train.py", "--help")

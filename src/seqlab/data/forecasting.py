@@ -27,6 +27,7 @@ from seqlab.data.samplers import (
     ResumableLoader,
     per_replica_batch_size,
     replicas,
+    shuffles,
 )
 from seqlab.errors import ConfigError, DataError
 
@@ -240,7 +241,7 @@ class SeriesDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             num_replicas=world,
             rank=rank,
-            shuffle=True,
+            shuffle=shuffles(self.trainer),
             seed=self.seed,
             drop_last=True,
         )

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from seqlab.errors import ConfigError
 
@@ -31,6 +31,12 @@ from seqlab.errors import ConfigError
 def replicas(trainer) -> tuple[int, int]:
     """(world size, global rank) of a datamodule's trainer; (1, 0) without one."""
     return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+
+def shuffles(trainer) -> bool:
+    """Whether training batches are shuffled: not under ``trainer.overfit_batches`` (``debug=overfit``),
+    which trains on the same first batches every epoch."""
+    return not (trainer is not None and trainer.overfit_batches)
 
 
 def per_replica_batch_size(batch_size: int, trainer) -> int:
@@ -90,7 +96,7 @@ class ResumableLoader(DataLoader):
         self.resume_at = (int(state["epoch"]), int(state["batches"]))
 
 
-class GlobalBatchSampler(DistributedSampler):
+class GlobalBatchSampler(DistributedSampler, SequentialSampler):
     """This process's share of each global batch, one index tensor per step: a *batch* sampler,
     for a ``DataLoader(batch_size=None)`` over a dataset whose ``__getitem__`` takes an index
     tensor and returns the batch (no per-example Python loop, no ``BatchSampler``, no collate).
@@ -99,6 +105,10 @@ class GlobalBatchSampler(DistributedSampler):
     cut into global batches of ``batch_size``; process ``rank`` of ``num_replicas`` takes every
     ``num_replicas``-th example of each. So the examples of a step are the same whatever the
     number of processes, and (in training) exactly those of ``DistributedSampler`` + ``BatchSampler``.
+
+    Also a ``SequentialSampler`` to Lightning, whose ``overfit_batches`` would otherwise replace it
+    by a per-example one that seqlab's whole-batch loaders cannot take (the datamodules turn
+    shuffling off themselves there, ``shuffles``).
 
     Args:
         size: number of examples.
@@ -221,10 +231,10 @@ class BucketSampler(GlobalBatchSampler):
         return [batches[i] for i in torch.randperm(full, generator=generator)] + batches[full:]
 
 
-__all__ = ["BucketSampler", "GlobalBatchSampler", "ResumableLoader"]
+__all__ = ["BucketSampler", "EvalShardSampler", "GlobalBatchSampler", "ResumableLoader", "shuffles"]
 
 
-class EvalShardSampler(DistributedSampler):
+class EvalShardSampler(DistributedSampler, SequentialSampler):
     """Evaluation order for one process of N: every N-th example, in order, **without** the
     padding of ``DistributedSampler`` (which repeats examples so that every process gets as many),
     so the metrics gathered over the processes are those of the whole split, each example once:

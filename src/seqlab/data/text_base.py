@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from seqlab.data.forecasting import keep_batch
-from seqlab.data.samplers import BucketSampler, ResumableLoader, per_replica_batch_size, replicas
+from seqlab.data.samplers import BucketSampler, ResumableLoader, per_replica_batch_size, replicas, shuffles
 from seqlab.data.tokenization import PAD_ID
 
 
@@ -157,7 +157,7 @@ class BatchedTextDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             num_replicas=world,
             rank=rank,
-            shuffle=train,
+            shuffle=train and shuffles(self.trainer),
             seed=self.seed,
             drop_last=train,
             bucketing=self.hparams.bucketing,
