@@ -117,3 +117,19 @@ def test_compare_builds_the_report_of_a_real_sweep(tmp_path: Path) -> None:
     assert len((sweep / "0" / "tables" / "test_first_predictions.csv").read_text().splitlines()) == 51
     missing = run_script("scripts/compare.py", str(tmp_path / "nowhere"), timeout=60)
     assert missing.returncode == 1 and "no such sweep directory" in missing.stderr
+
+
+def test_curves_keep_the_later_row_of_a_step_logged_twice(tmp_path: Path) -> None:
+    """A run killed after its last checkpoint and resumed logs those steps again: the curve is
+    the resumed run's, one point per step, in step order (not a zigzag back in time)."""
+    from seqlab.compare import read_curves
+
+    rows = [("0", "10", "1.0", ""), ("0", "20", "0.9", ""), ("0", "30", "0.8", ""), ("0", "40", "", "0.85")]
+    rows += [("0", "30", "0.7", ""), ("0", "40", "", "0.75"), ("1", "50", "0.6", "")]  # resumed at 20
+    with (tmp_path / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["epoch", "step", "train/loss", "val/loss"])
+        writer.writerows(rows)
+    curves = read_curves(tmp_path)
+    assert curves["train/loss"] == ([10, 20, 30, 50], [1.0, 0.9, 0.7, 0.6])
+    assert curves["val/loss"] == ([40], [0.75])

@@ -110,15 +110,19 @@ def read_curves(job_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     """train/loss (per logged step; per epoch when fewer than 3 steps were logged) and val/loss
     against the optimizer step, from the job's metrics.csv."""
     keys = ("train/loss", "train/loss_epoch", "val/loss")
-    curves: dict[str, tuple[list[int], list[float]]] = {key: ([], []) for key in keys}
+    # step -> value: a run resumed after a kill logs again the steps since its checkpoint, and
+    # the later row of a step is the one the run continued from
+    points: dict[str, dict[int, float]] = {key: {} for key in keys}
     path = job_dir / "metrics.csv"
     if path.is_file():
         with path.open(newline="") as handle:
             for row in csv.DictReader(handle):
-                for key, (steps, values) in curves.items():
+                for key, by_step in points.items():
                     if row.get(key):
-                        steps.append(int(row["step"]))
-                        values.append(float(row[key]))
+                        by_step[int(row["step"])] = float(row[key])
+    curves = {
+        key: (sorted(by_step), [by_step[s] for s in sorted(by_step)]) for key, by_step in points.items()
+    }
     per_epoch = curves.pop("train/loss_epoch")
     if len(curves["train/loss"][0]) < 3:
         curves["train/loss"] = per_epoch

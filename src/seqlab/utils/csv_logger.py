@@ -13,7 +13,8 @@ after that); rows are also written after every checkpoint, together with the row
 saved it logs next (the metrics up to a checkpoint are on disk whenever it is: a run resumed
 from it never misses one), when the run ends, fails or is interrupted (Lightning's
 ``finalize``), and on ``flush()``. A killed process (SIGKILL, out of memory) loses the rows
-logged since the last write.
+logged since the last write; rows written after its last checkpoint are logged again by the
+resumed run, and the later row of a step is the one that counts (``compare.read_curves``).
 """
 
 from __future__ import annotations
