@@ -133,3 +133,19 @@ def test_curves_keep_the_later_row_of_a_step_logged_twice(tmp_path: Path) -> Non
     curves = read_curves(tmp_path)
     assert curves["train/loss"] == ([10, 20, 30, 50], [1.0, 0.9, 0.7, 0.6])
     assert curves["val/loss"] == ([40], [0.75])
+
+
+def test_jobs_that_differ_in_more_than_the_seed_are_not_averaged(tmp_path: Path) -> None:
+    """A sweep over ``data.horizon=24,96`` x seeds: two settings of one backbone, not six seeds."""
+    fake_sweep(tmp_path, {"lstm": [0.8, 0.81, 0.82, 0.6, 0.61, 0.62]})
+    for job in range(6):
+        path = tmp_path / str(job) / "summary.json"
+        summary = json.loads(path.read_text())
+        horizon = 24 if job < 3 else 96
+        summary["overrides"] = ["experiment=x", f"data.horizon={horizon}", f"seed={job % 3}"]
+        path.write_text(json.dumps(summary))
+    rows, _ = aggregate(read_jobs(tmp_path), "classification")
+    assert [(row["backbone"], row["seeds"]) for row in rows] == [
+        ("lstm (data.horizon=24)", 3),
+        ("lstm (data.horizon=96)", 3),
+    ]

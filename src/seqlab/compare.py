@@ -61,7 +61,23 @@ def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         raise ConfigError(
             f"{sweep_dir}: jobs of different tasks {sorted(map(str, tasks))} cannot be compared"
         )
+    label_settings(jobs)
     return jobs
+
+
+def label_settings(jobs: list[dict[str, Any]]) -> None:
+    """Jobs are averaged as seeds of one setting only when nothing but ``seed`` tells them apart:
+    any other override that differs between the jobs (``data.horizon=24,96``, a data set) joins
+    the backbone's name in ``job["model"]``, the key the report groups and plots by."""
+    overrides = [
+        dict(o.lstrip("+~").split("=", 1) for o in job["summary"].get("overrides") or [] if "=" in o)
+        for job in jobs
+    ]
+    keys = sorted(set().union(*overrides) - {"seed", "model"})
+    varying = [k for k in keys if len({o.get(k) for o in overrides}) > 1]
+    for job, given in zip(jobs, overrides):
+        extra = " ".join(f"{k}={given[k]}" for k in varying if k in given)
+        job["model"] = f"{job['model']} ({extra})" if extra else job["model"]
 
 
 def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any]], str]:
