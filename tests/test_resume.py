@@ -315,3 +315,20 @@ def test_sigterm_saves_only_where_training_stopped(
     )
     SaveOnSigterm().on_exception(trainer, None, SIGTERMException())
     assert saved == ([tmp_path / "last.ckpt"] if saves else [])
+
+
+def test_slurm_jobs_starting_in_one_second_get_their_own_directories(monkeypatch) -> None:
+    """The run directory is named after the time to the second: SLURM array tasks starting
+    together (different nodes, the same logs/) would pick one directory; the job id parts them."""
+    import datetime
+
+    from seqlab.utils.resolvers import run_stamp
+
+    for key in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert run_stamp("%Y") == str(datetime.date.today().year)
+    names = set()
+    for job in ("1001", "1002"):
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+        names.add(run_stamp("%Y-%m-%d_%H-%M"))
+    assert len(names) == 2 and all(name.endswith(("-slurm1001", "-slurm1002")) for name in names)

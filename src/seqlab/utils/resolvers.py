@@ -46,7 +46,7 @@ def run_stamp(pattern: str, runs_dir: str | None = None, resume: str | None = No
     """Run directory name: the launch id when torchrun/srun started every rank (each process
     composes its own config, and all must pick one directory); with ``resume=auto``, the name of
     the newest interrupted run in ``runs_dir`` started with the same overrides
-    (``seqlab.utils.resume``); else the time (``strftime`` pattern)."""
+    (``seqlab.utils.resume``); else the time (``strftime`` pattern), with the job id under SLURM."""
     stamp = launch_id()
     if stamp:
         return stamp
@@ -59,7 +59,9 @@ def run_stamp(pattern: str, runs_dir: str | None = None, resume: str | None = No
             previous = find_interrupted_run(Path(runs_dir), list(HydraConfig.get().overrides.task))
             if previous is not None:
                 return previous.name
-    return datetime.now().strftime(pattern)
+    stamp = datetime.now().strftime(pattern)
+    # SLURM array tasks (and jobs) starting in the same second would share the directory
+    return f"{stamp}-slurm{os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else stamp
 
 
 def rank_log_suffix() -> str:
