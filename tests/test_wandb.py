@@ -11,7 +11,7 @@ from seqlab.utils import wandb as wandb_utils
 
 @pytest.fixture
 def no_key(monkeypatch, tmp_path: Path) -> None:
-    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", wandb_utils.GIVEN_MODE):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
@@ -46,6 +46,22 @@ def test_log_model_offline_is_dropped_not_refused(no_key, tmp_path: Path) -> Non
     assert logger._offline and logger._log_model is False
 
 
+def test_a_run_directory_keeps_its_wandb_run_and_jobs_keep_the_users_mode(
+    no_key, tmp_path: Path, monkeypatch
+) -> None:
+    """The W&B run id is drawn once per run directory (a requeued run continues its W&B run), and
+    the WANDB_MODE a job sets does not become the next job's starting point in a multirun."""
+    first = wandb_utils.run_id(tmp_path)
+    assert wandb_utils.run_id(tmp_path) == first and len(first) >= 8
+    assert wandb_utils.run_id(tmp_path / "other") != first
+    logger = wandb_utils.wandb_logger(str(tmp_path), mode="auto", project="p")  # no key: offline
+    assert logger._wandb_init["id"] == first and logger._wandb_init["resume"] == "allow"
+    assert wandb_utils.os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # reachable as far as auto knows
+    assert wandb_utils.resolve_mode("auto") == ("online", None), "not the previous job's offline"
+
+
 def test_netrc_key_is_found(no_key, tmp_path: Path) -> None:
     netrc = tmp_path / "home" / ".netrc"
     netrc.parent.mkdir(parents=True)
@@ -78,6 +94,8 @@ def test_training_with_wandb_and_no_key_writes_offline_run(tmp_path: Path) -> No
     assert list(offline_runs[0].glob("*.wandb")), "the run's data file"
     assert "wandb sync" in result.stdout + result.stderr
     assert (run_dir / "metrics.csv").is_file(), "CSV stays on beside W&B"
+    # the run's W&B id is kept with it: a resumed run continues the same W&B run
+    assert offline_runs[0].name.endswith("-" + (run_dir / wandb_utils.RUN_ID_FILE).read_text().strip())
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import logging
 import netrc
 import os
 import socket
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -21,6 +22,10 @@ from seqlab.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline", "disabled")
+#: the WANDB_MODE the process was started with (wandb_logger sets WANDB_MODE itself)
+GIVEN_MODE = "SEQLAB_GIVEN_WANDB_MODE"
+#: ``<run>/wandb_run_id``: the W&B run a resumed run continues
+RUN_ID_FILE = "wandb_run_id"
 
 
 def wandb_host() -> str:
@@ -50,7 +55,8 @@ def resolve_mode(mode: str) -> tuple[str, str | None]:
     """The W&B mode to use and, when it falls back to offline, why."""
     if mode not in MODES:
         raise ConfigError(f"logger.wandb.mode={mode!r}: expected one of {list(MODES)}")
-    env_mode = os.environ.get("WANDB_MODE")
+    # the user's WANDB_MODE, not the one an earlier job of this multirun set (wandb_logger)
+    env_mode = os.environ.get(GIVEN_MODE, os.environ.get("WANDB_MODE")) or None
     if mode == "auto" and env_mode in ("online", "offline", "disabled", "dryrun"):
         mode = "offline" if env_mode == "dryrun" else env_mode
         if mode != "online":
@@ -78,6 +84,7 @@ def wandb_logger(save_dir: str, mode: str = "auto", **kwargs: Any):
         ) from None
     resolved, reason = resolve_mode(mode)
     # online only with a key, so wandb never asks for one on stdin
+    os.environ.setdefault(GIVEN_MODE, os.environ.get("WANDB_MODE", ""))
     os.environ["WANDB_MODE"] = resolved
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     if reason:
@@ -88,7 +95,26 @@ def wandb_logger(save_dir: str, mode: str = "auto", **kwargs: Any):
         # Lightning's WandbLogger refuses log_model offline; the checkpoints stay in the run directory
         log.warning("W&B logs %s: logger.wandb.log_model is ignored (checkpoints are not uploaded)", resolved)
         kwargs["log_model"] = False
+    if not kwargs.get("id"):
+        # the same W&B run for the same run directory: a resumed (requeued) run continues it
+        # instead of appearing twice in its group
+        kwargs["id"] = run_id(Path(save_dir))
+        kwargs.setdefault("resume", "allow")
     return WandbLogger(save_dir=save_dir, offline=resolved == "offline", mode=resolved, **kwargs)
+
+
+def run_id(run_dir: Path) -> str:
+    """This run directory's W&B run id: read from ``wandb_run_id``, or drawn and written there."""
+    from seqlab.utils.files import write_text_atomic
+    from seqlab.utils.run import is_rank_zero
+
+    path = run_dir / RUN_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    drawn = uuid.uuid4().hex[:12]  # W&B run ids: letters and digits
+    if is_rank_zero():  # the other ranks log nothing to W&B
+        write_text_atomic(path, drawn + "\n")
+    return drawn
 
 
 def finish_runs(loggers: list[Any], failed: bool = False) -> None:
