@@ -149,3 +149,15 @@ def test_jobs_that_differ_in_more_than_the_seed_are_not_averaged(tmp_path: Path)
         ("lstm (data.horizon=24)", 3),
         ("lstm (data.horizon=96)", 3),
     ]
+    # an override that follows the backbone (the seeds' study's +study_backbone) says nothing more
+    study = tmp_path / "study"
+    fake_sweep(study, {"rnn": [0.9, 0.91], "transformer": [0.8, 0.81]})
+    for job in range(4):
+        path = study / str(job) / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["overrides"] = [f"+study_backbone={summary['model']}64", f"seed={job % 2}", "~task.scheduler"]
+        path.write_text(json.dumps(summary))
+    assert [row["backbone"] for row in aggregate(read_jobs(study), "classification")[0]] == [
+        "rnn",
+        "transformer",
+    ]

@@ -224,8 +224,8 @@ def test_a_run_still_training_is_neither_resumed_nor_joined(make_cfg, tmp_path: 
 
 
 def test_other_ranks_follow_rank_zero(make_cfg, tmp_path: Path, monkeypatch) -> None:
-    """Rank 1 starts after rank 0 wrote config.yaml into the directory: it takes an explicit
-    ckpt_path as given (whatever resume says) and otherwise the checkpoint rank 0 resumes."""
+    """Rank 1 starts after rank 0 wrote config.yaml into the directory: it takes the checkpoint
+    rank 0 resumes, and an explicit ckpt_path where there is none (a fresh start from it)."""
     from seqlab.utils.resume import resume_checkpoint
 
     run_dir = tmp_path / "run"
@@ -256,12 +256,34 @@ def test_the_best_monitored_value_survives_a_resume(make_cfg) -> None:
     interrupted.monitor_best.update(torch.tensor(0.5))
     checkpoint: dict = {}
     interrupted.on_save_checkpoint(checkpoint)
-    for restored, expected in ((checkpoint, 0.5), ({}, 0.7)):  # resumed, and a fresh start
+    other_metric = {"seqlab_monitor_best": {**checkpoint["seqlab_monitor_best"], "monitor": "val/mae"}}
+    cases = [
+        (checkpoint, True, 0.5),  # this run, resumed
+        (checkpoint, False, 0.7),  # started from another run's checkpoint: its own best only
+        (other_metric, True, 0.7),  # saved for another monitored metric
+        ({}, True, 0.7),
+    ]
+    for restored, own, expected in cases:
         task = build_task(cfg.task, cfg.model, datamodule)
+        task.resuming_own_run = own
         task.on_load_checkpoint(restored)
         task.on_train_start()
         task.monitor_best.update(torch.tensor(0.7))
         assert float(task.monitor_best.compute()) == pytest.approx(expected)
+
+
+def test_a_run_resumed_after_its_training_ended_still_reports_its_best(make_cfg, tmp_path: Path) -> None:
+    """Stopped while testing, a run resumes from last.ckpt at the end of training: fit has
+    nothing left to do and logs nothing, yet the objective (val/*_best) is the run's."""
+    from seqlab.train import run
+
+    cfg = make_cfg("trainer.max_epochs=2", "callbacks.early_stopping=null")
+    first, _ = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    (run_dir / "summary.json").unlink()  # as if stopped during the test
+    assert run(make_cfg("trainer.max_epochs=2", "callbacks.early_stopping=null")) == pytest.approx(
+        first["val/mse_best"]
+    )
 
 
 def test_an_explicit_checkpoint_never_takes_over_another_run(make_cfg, tmp_path: Path) -> None:
@@ -285,6 +307,10 @@ def test_an_explicit_checkpoint_never_takes_over_another_run(make_cfg, tmp_path:
     run_dir = runs / "from_a"
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     assert resume_checkpoint(cfg, run_dir) == str(run_dir / "checkpoints" / "last.ckpt")
+    with pytest.raises(
+        ConfigError, match=r"started from ckpt_path='/a.ckpt', and this one asks for ckpt_path='/b.ckpt'"
+    ):
+        resume_checkpoint(make_cfg("model=lstm", "ckpt_path=/b.ckpt"), run_dir)
     (run_dir / "checkpoints" / "last.ckpt").unlink()  # interrupted before its first checkpoint
     assert resume_checkpoint(cfg, run_dir) == "/a.ckpt"
 

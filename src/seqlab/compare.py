@@ -69,12 +69,19 @@ def label_settings(jobs: list[dict[str, Any]]) -> None:
     """Jobs are averaged as seeds of one setting only when nothing but ``seed`` tells them apart:
     any other override that differs between the jobs (``data.horizon=24,96``, a data set) joins
     the backbone's name in ``job["model"]``, the key the report groups and plots by."""
-    overrides = [
-        dict(o.lstrip("+~").split("=", 1) for o in job["summary"].get("overrides") or [] if "=" in o)
-        for job in jobs
-    ]
+
+    def parse(override: str) -> tuple[str, str]:  # ~key (a deletion) has no value
+        key, equals, value = override.lstrip("+~").partition("=")
+        return key, value if equals else "<deleted>"
+
+    overrides = [dict(map(parse, job["summary"].get("overrides") or [])) for job in jobs]
     keys = sorted(set().union(*overrides) - {"seed", "model"})
-    varying = [k for k in keys if len({o.get(k) for o in overrides}) > 1]
+    models = {str(job["model"]) for job in jobs}
+    # a key that varies within a backbone's jobs (one that follows the backbone, as the seeds'
+    # study's +study_backbone, says nothing the name does not)
+    varying = [
+        k for k in keys if len({(str(j["model"]), o.get(k)) for j, o in zip(jobs, overrides)}) > len(models)
+    ]
     for job, given in zip(jobs, overrides):
         extra = " ".join(f"{k}={given[k]}" for k in varying if k in given)
         job["model"] = f"{job['model']} ({extra})" if extra else job["model"]

@@ -73,7 +73,8 @@ class SaveOnSigterm(L.Callback):
     """Write ``<checkpoint dir>/last.ckpt`` when training stops on SIGTERM. Only while fitting:
     during ``trainer.test`` (after fit) the model holds the best checkpoint's weights, not where
     training stopped, and ``last.ckpt`` from the end of fit is the right place to resume (fit is
-    then over at once, and the test runs again)."""
+    then over at once when it ran to ``max_epochs``; after early stopping, whose decision
+    Lightning does not checkpoint, it trains one more epoch first), and the test runs again."""
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:

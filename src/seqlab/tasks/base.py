@@ -175,6 +175,8 @@ class SeqTask(L.LightningModule):
         self.run_info: dict[str, Any] = {}
         #: ``{monitor}_best`` of the checkpoint a run resumed from
         self._restored_best: Tensor | None = None
+        #: set by ``train()`` when the checkpoint given to ``fit`` is this run's own (a resume)
+        self.resuming_own_run = False
 
     # ----------------------------------------------------------------- precision
     def setup(self, stage: str) -> None:
@@ -221,7 +223,11 @@ class SeqTask(L.LightningModule):
             self.monitor_best.update(self._restored_best.to(self.device))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._restored_best = checkpoint.get("seqlab_monitor_best")
+        # only when resuming this run (train() says so), and for the same metric: a run started
+        # from another run's checkpoint has not yet seen a validation of its own
+        saved = checkpoint.get("seqlab_monitor_best")
+        if self.resuming_own_run and isinstance(saved, dict) and saved.get("monitor") == self.hparams.monitor:
+            self._restored_best = saved["value"]
 
     def log_monitor_best(self, value: torch.Tensor) -> None:
         if self.trainer.sanity_checking:
@@ -344,7 +350,10 @@ class SeqTask(L.LightningModule):
         # sweep objective) would be the best of the epochs since the resume
         if self.monitor_best.update_count:  # its state, not compute(): no collective inside a save
             (best,) = self.monitor_best.metric_state.values()  # updated with reduced values only
-            checkpoint["seqlab_monitor_best"] = best.detach().float().cpu()
+            checkpoint["seqlab_monitor_best"] = {
+                "monitor": self.hparams.monitor,
+                "value": best.detach().float().cpu(),
+            }
 
     def task_class(self) -> type[SeqTask]:
         """The task's own class: FSDP2 swaps in a generated subclass (FSDP<Task>) when it shards."""

@@ -207,6 +207,13 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
             "or train into another directory"
         )
     checkpoint = newest_checkpoint(run_dir)
+    started_from = saved.get("ckpt_path") if isinstance(saved, dict) else None
+    if checkpoint is not None and cfg.get("ckpt_path") and cfg.ckpt_path != started_from:
+        raise ConfigError(
+            f"{run_dir} holds an interrupted run started from ckpt_path={started_from!r}, and this one "
+            f"asks for ckpt_path={cfg.ckpt_path!r}: run the same command to resume it (from its own "
+            f"{checkpoint.name}), or train from {cfg.ckpt_path!r} into another directory"
+        )
     if checkpoint is not None:  # its own progress, also for a run that started from ckpt_path
         log.info("resuming the interrupted run in %s from %s (resume=auto)", run_dir, checkpoint)
         return str(checkpoint)

@@ -82,7 +82,12 @@ def wandb_logger(save_dir: str, mode: str = "auto", **kwargs: Any):
         raise ConfigError(
             "logger=wandb needs the wandb package: `pip install wandb` (or `make install`, which adds it)"
         ) from None
-    resolved, reason = resolve_mode(mode)
+    from seqlab.utils.run import is_rank_zero
+
+    if not is_rank_zero() and os.environ.get("WANDB_MODE") in MODES[1:]:
+        resolved, reason = os.environ["WANDB_MODE"], None  # what rank 0 decided (only it logs to W&B)
+    else:
+        resolved, reason = resolve_mode(mode)
     # online only with a key, so wandb never asks for one on stdin
     os.environ.setdefault(GIVEN_MODE, os.environ.get("WANDB_MODE", ""))
     os.environ["WANDB_MODE"] = resolved
@@ -95,7 +100,7 @@ def wandb_logger(save_dir: str, mode: str = "auto", **kwargs: Any):
         # Lightning's WandbLogger refuses log_model offline; the checkpoints stay in the run directory
         log.warning("W&B logs %s: logger.wandb.log_model is ignored (checkpoints are not uploaded)", resolved)
         kwargs["log_model"] = False
-    if not kwargs.get("id"):
+    if not kwargs.get("id") and not os.environ.get("WANDB_SWEEP_ID"):  # an agent's run id is the sweep's
         # the same W&B run for the same run directory: a resumed (requeued) run continues it
         # instead of appearing twice in its group
         kwargs["id"] = run_id(Path(save_dir))
