@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -263,9 +264,11 @@ def test_the_best_monitored_value_survives_a_resume(make_cfg) -> None:
         (other_metric, True, 0.7),  # saved for another monitored metric
         ({}, True, 0.7),
     ]
+    run_dir = Path(cfg.paths.output_dir)
     for restored, own, expected in cases:
         task = build_task(cfg.task, cfg.model, datamodule)
-        task.resuming_own_run = own
+        given = run_dir / "checkpoints" / "last.ckpt" if own else run_dir.parent / "elsewhere" / "best.ckpt"
+        task._trainer = SimpleNamespace(ckpt_path=str(given), default_root_dir=str(run_dir))  # fit's
         task.on_load_checkpoint(restored)
         task.on_train_start()
         task.monitor_best.update(torch.tensor(0.7))
@@ -323,8 +326,6 @@ def test_sigterm_saves_only_where_training_stopped(
 ) -> None:
     """During trainer.test the model holds the best checkpoint's weights: a SIGTERM there must not
     write them over last.ckpt (the end of fit, where a resume picks up); nor during the sanity check."""
-    from types import SimpleNamespace
-
     from lightning.pytorch.trainer.states import TrainerFn
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 

@@ -173,15 +173,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         for logger in loggers:
             logger.log_hyperparams({"config": redact(to_plain(cfg)), "num_params": num_params})
         if cfg.get("train"):
-            task.resuming_own_run = bool(ckpt_path) and Path(ckpt_path).resolve().is_relative_to(
-                run_dir.resolve()
-            )
             trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best_key = f"{cfg.task.monitor}_best"
-        if best_key not in train_metrics and task._restored_best is not None:
+        if best_key not in train_metrics and task.restored_best is not None:
             # resumed after its training had ended (stopped while testing): fit had nothing left to log
-            train_metrics[best_key] = float(task._restored_best)
+            train_metrics[best_key] = float(task.restored_best)
 
         test_metrics: dict[str, float] = {}
         if cfg.get("test"):

@@ -260,9 +260,8 @@ class EvalShardSampler(DistributedSampler, SequentialSampler):
         """This process's batches (index tensors)."""
         mine = torch.tensor(range(self.rank, self.size, self.num_replicas), dtype=torch.int64)
         batches = list(mine.split(self.batch_size or max(1, len(mine)))) if len(mine) else []
-        most = -(
-            -len(range(0, self.size, self.num_replicas)) // (self.batch_size or 1)
-        )  # the first process's
+        first = len(range(0, self.size, self.num_replicas))  # the first process's share, the largest
+        most = -(-first // (self.batch_size or 1))  # its number of batches
         while len(batches) < most and batches and len(batches[-1]) > 1:
             last = batches.pop()
             batches += list(last.split((len(last) + 1) // 2))

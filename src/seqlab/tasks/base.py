@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -173,10 +174,8 @@ class SeqTask(L.LightningModule):
         self._train_loss: dict[str, Any] = {"sum": None, "steps": 0}
         #: plain-data description of the run (data config, etc.) stored in every checkpoint
         self.run_info: dict[str, Any] = {}
-        #: ``{monitor}_best`` of the checkpoint a run resumed from
-        self._restored_best: Tensor | None = None
-        #: set by ``train()`` when the checkpoint given to ``fit`` is this run's own (a resume)
-        self.resuming_own_run = False
+        #: ``{monitor}_best`` of the run's own checkpoint it resumed from (None on a fresh start)
+        self.restored_best: Tensor | None = None
 
     # ----------------------------------------------------------------- precision
     def setup(self, stage: str) -> None:
@@ -219,15 +218,19 @@ class SeqTask(L.LightningModule):
     # ----------------------------------------------------------------- best metric
     def on_train_start(self) -> None:
         self.monitor_best.reset()  # forget values from the sanity check
-        if self._restored_best is not None:  # a resumed run: the best of the epochs before it too
-            self.monitor_best.update(self._restored_best.to(self.device))
+        if self.restored_best is not None:  # a resumed run: the best of the epochs before it too
+            self.monitor_best.update(self.restored_best.to(self.device))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # only when resuming this run (train() says so), and for the same metric: a run started
-        # from another run's checkpoint has not yet seen a validation of its own
+        # only when resuming this run (a checkpoint in its own directory), and for the same metric:
+        # a run started from another run's checkpoint has not yet seen a validation of its own
         saved = checkpoint.get("seqlab_monitor_best")
-        if self.resuming_own_run and isinstance(saved, dict) and saved.get("monitor") == self.hparams.monitor:
-            self._restored_best = saved["value"]
+        given = self.trainer.ckpt_path
+        own = given is not None and Path(given).resolve().is_relative_to(
+            Path(self.trainer.default_root_dir).resolve()
+        )
+        if own and isinstance(saved, dict) and saved.get("monitor") == self.hparams.monitor:
+            self.restored_best = saved["value"]
 
     def log_monitor_best(self, value: torch.Tensor) -> None:
         if self.trainer.sanity_checking:
