@@ -225,9 +225,10 @@ class SeqTask(L.LightningModule):
         # only when resuming this run (a checkpoint in its own directory), and for the same metric:
         # a run started from another run's checkpoint has not yet seen a validation of its own
         saved = checkpoint.get("seqlab_monitor_best")
-        given = self.trainer.ckpt_path
+        trainer = self._trainer  # none under load_from_checkpoint (eval.py, translate.py)
+        given = trainer.ckpt_path if trainer is not None else None
         own = given is not None and Path(given).resolve().is_relative_to(
-            Path(self.trainer.default_root_dir).resolve()
+            Path(trainer.default_root_dir).resolve()
         )
         if own and isinstance(saved, dict) and saved.get("monitor") == self.hparams.monitor:
             self.restored_best = saved["value"]
