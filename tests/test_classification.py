@@ -12,7 +12,7 @@ import torch
 
 from seqlab.data import classification
 from seqlab.eval import evaluate
-from seqlab.tasks.classification import ClassificationTask, pool
+from seqlab.tasks.classification import ClassificationTask, most_confident, pool
 from seqlab.train import train
 from tests.conftest import SHARED_DATA, run_script
 
@@ -85,6 +85,20 @@ def test_word_dropout_replaces_only_text_tokens_and_only_in_training() -> None:
     assert not changed[:, 0].any() and not changed[pad_mask].any()
     assert 0.45 < changed[:, 1:30].float().mean() < 0.55
     assert torch.equal(task.eval().drop_words(ids, pad_mask), ids)
+
+
+def test_each_process_sends_only_its_most_confident_mistakes() -> None:
+    """The mistakes table is the same whether every process sends all its mistakes or only its
+    own top N (what crosses the processes), ties in confidence included."""
+    generator = torch.Generator().manual_seed(0)
+    confidence = (torch.rand(200, generator=generator) * 8).round() / 8  # many ties
+    mistakes = [(i, (0.0, 1.0, float(c))) for i, c in enumerate(confidence)]
+    shares = [mistakes[rank::3] for rank in range(3)]  # process r holds examples r, r + 3, ...
+    merged = [m for share in shares for m in most_confident(share, 10)]
+    top = most_confident(merged, 10)
+    assert top == most_confident(mistakes, 10)
+    assert [c for _, (_, _, c) in top] == sorted((float(c) for c in confidence), reverse=True)[:10]
+    assert top == sorted(top, key=lambda m: (-m[1][2], m[0]))
 
 
 def test_bad_task_settings_are_named() -> None:

@@ -289,6 +289,32 @@ def test_a_run_resumed_after_its_training_ended_still_reports_its_best(make_cfg,
     )
 
 
+def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(make_cfg) -> None:
+    """Stopped while testing after early stopping ended fit, the resumed run trains no further
+    epoch (Lightning checkpoints EarlyStopping's decision, not the stop) and reports the same."""
+    from seqlab.train import run
+
+    # no epoch after the first improves by 1e9: patience 1 stops fit after epoch 1, of 5
+    stops = [
+        "trainer.max_epochs=5",
+        "callbacks.early_stopping.patience=1",
+        "callbacks.early_stopping.min_delta=1e9",
+    ]
+    cfg = make_cfg(*stops)
+    first, _ = train(cfg)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    ended = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ended["epoch"] == 1
+    (Path(cfg.paths.output_dir) / "summary.json").unlink()  # as if stopped during the test
+    assert run(make_cfg(*stops)) == pytest.approx(first["val/mse_best"])
+    resumed = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == ended["global_step"]  # (Lightning saves last.ckpt again as epoch 2)
+    for name, tensor in ended["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], tensor), f"{name} trained further"
+    summary = json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text())
+    assert summary["metrics"]["test/mse"] == pytest.approx(first["test/mse"])
+
+
 def test_an_explicit_checkpoint_never_takes_over_another_run(make_cfg, tmp_path: Path) -> None:
     """``ckpt_path=`` is where a run starts: the directory search of resume=auto matches it only
     to a run started from the same checkpoint (a run without one, or from another, is left

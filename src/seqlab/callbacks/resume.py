@@ -7,7 +7,7 @@ uninterrupted one, and the checkpoint a pre-empted run leaves behind.
   loader's position (``seqlab.data.samplers.ResumableLoader``) is handed back to it, which
   Lightning skips when ``configure_optimizers`` asked for ``trainer.estimated_stepping_batches``
   (that sets the data up before the checkpoint is restored, and the later set-up returns early:
-  Lightning #20550, open in 2.6).
+  Lightning #20550, open in 2.6). A run that early stopping ended stays ended when resumed.
 - ``SaveOnSigterm``: on SIGTERM (a pre-emption, ``kill``, a scheduler's time limit) Lightning
   stops after the current step; this saves ``last.ckpt`` there, so the same command resumes
   (``resume=auto``) without losing the steps since the last periodic checkpoint.
@@ -54,6 +54,16 @@ class ExactResume(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         trainer.fit_loop._load_combined_loader_states()  # no-op unless restarting with saved states
+        # a checkpoint saved when early stopping ended the run holds EarlyStopping's decision (its
+        # stopping_reason) but not the stop itself: without this, the resumed run trains one more epoch
+        stopped = [cb for cb in trainer.early_stopping_callbacks if early_stopped(cb)]
+        if stopped and not trainer.should_stop:
+            trainer.should_stop = True  # fit ends before its next epoch (once min_epochs are done)
+            log.info(
+                "resumed a run that early stopping ended at epoch %d (%s): nothing left to train",
+                stopped[0].stopped_epoch,
+                stopped[0].monitor,
+            )
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self.pending is not None and not self.pending.get("mid_epoch"):
@@ -69,12 +79,18 @@ class ExactResume(L.Callback):
         self.in_epoch = batch_idx + 1 < trainer.num_training_batches
 
 
+def early_stopped(callback: L.Callback) -> bool:
+    """Whether an ``EarlyStopping`` callback (or the one restored from a checkpoint) stopped its run."""
+    reason = getattr(callback, "stopping_reason", None)  # absent in older Lightning
+    return reason is not None and reason.name != "NOT_STOPPED"
+
+
 class SaveOnSigterm(L.Callback):
     """Write ``<checkpoint dir>/last.ckpt`` when training stops on SIGTERM. Only while fitting:
     during ``trainer.test`` (after fit) the model holds the best checkpoint's weights, not where
     training stopped, and ``last.ckpt`` from the end of fit is the right place to resume (fit is
-    then over at once when it ran to ``max_epochs``; after early stopping, whose decision
-    Lightning does not checkpoint, it trains one more epoch first), and the test runs again."""
+    then over at once, whether it ran to ``max_epochs`` or early stopping ended it), and the test
+    runs again."""
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:

@@ -64,6 +64,12 @@ def pool(states: Tensor, pad_mask: Tensor | None, how: str, bidirectional: bool 
     return final
 
 
+def most_confident(mistakes: list[tuple[int, tuple[float, float, float]]], n: int) -> list:
+    """The ``n`` mistakes ``(index, (label, predicted, confidence))`` of highest confidence, ties
+    by index: the same rows whether taken from all mistakes or from each process's own ``n``."""
+    return sorted(mistakes, key=lambda m: (-m[1][2], m[0]))[:n]
+
+
 class ClassificationTask(SeqTask):
     """Text (or any token sequence) classifier around any backbone's ``encode``.
 
@@ -181,8 +187,8 @@ class ClassificationTask(SeqTask):
         confidence, preds = probs.max(dim=-1)
         wrong = preds != labels
         if bool(wrong.any()):
-            rows = torch.stack([batch["index"][wrong], labels[wrong], preds[wrong]], dim=1).float()
-            self._mistakes.append(torch.cat([rows, confidence[wrong, None]], dim=1).cpu())
+            rows = torch.stack([batch["index"][wrong], labels[wrong], preds[wrong]], dim=1).double()
+            self._mistakes.append(torch.cat([rows, confidence[wrong, None].double()], dim=1).cpu())
 
     def on_test_epoch_start(self) -> None:
         self._mistakes = []
@@ -193,8 +199,10 @@ class ClassificationTask(SeqTask):
         confusion = self.confusion.compute()  # summed over processes
         self.confusion.reset()
         rows = torch.cat(self._mistakes).tolist() if self._mistakes else []
-        # every process's mistakes: (index, (label, predicted, confidence)), each example once
-        mistakes = gather_indexed([(int(row[0]), tuple(row[1:])) for row in rows])
+        # each process's most confident mistakes, then all processes': (index, (label, predicted,
+        # confidence)), each example once
+        mine = [(int(row[0]), tuple(row[1:])) for row in rows]
+        mistakes = gather_indexed(most_confident(mine, self.hparams.misclassified_samples))
         if self.trainer.is_global_zero:
             self.report_confusion(confusion)
             self.report_mistakes(mistakes)
@@ -218,7 +226,7 @@ class ClassificationTask(SeqTask):
         """The most confident test mistakes of all processes as a table."""
         if not mistakes:
             return
-        mistakes = sorted(mistakes, key=lambda m: -m[1][2])[: self.hparams.misclassified_samples]
+        mistakes = most_confident(mistakes, self.hparams.misclassified_samples)
         datamodule = getattr(self.trainer, "datamodule", None)
         texts = datamodule.texts("test") if hasattr(datamodule, "texts") else None
         table = [
