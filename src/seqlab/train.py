@@ -57,13 +57,15 @@ def to_plain(node: Any) -> Any:
 
 
 def build_datamodule(
-    data_cfg: DictConfig | dict, artifacts: dict[str, Any] | None = None
+    data_cfg: DictConfig | dict, artifacts: dict[str, Any] | None = None, prepare: bool = True
 ) -> L.LightningDataModule:
-    """Instantiate and prepare the data; ``artifacts`` (a checkpoint's tokenizer...) are reused, not rebuilt."""
+    """Instantiate and prepare the data; ``artifacts`` (a checkpoint's tokenizer...) are reused, not
+    rebuilt. ``prepare=False``: no data files are read or written (what needs only the artifacts)."""
     datamodule = instantiate(data_cfg, _convert_="all")
     if artifacts and hasattr(datamodule, "use_artifacts"):
         datamodule.use_artifacts(artifacts)
-    datamodule.prepare_data()  # every process: downloads are atomic, and no process group exists yet
+    if prepare:
+        datamodule.prepare_data()  # every process: downloads are atomic, and no process group exists yet
     return datamodule
 
 

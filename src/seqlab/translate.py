@@ -22,6 +22,7 @@ from seqlab.data.tokenization import PAD_ID
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.train import build_datamodule, to_plain
 from seqlab.utils.checkpoint_io import consolidate_checkpoint, load_run_info
+from seqlab.utils.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,9 @@ def load_translator(ckpt_path: str | Path, data_overrides: dict[str, Any] | None
             raise ConfigError(
                 f"ckpt_path={str(given)!r} is a {task_cls.__name__} checkpoint, not a translation model"
             )
-        datamodule = build_datamodule({**info["data"], **(data_overrides or {})}, info.get("data_artifacts"))
+        # the tokenizers come from the checkpoint: no corpus is read, downloaded or tokenized
+        data, artifacts = {**info["data"], **(data_overrides or {})}, info.get("data_artifacts")
+        datamodule = build_datamodule(data, artifacts, prepare=not artifacts)
         task = task_cls.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
     return task.eval(), datamodule
 
@@ -83,7 +86,7 @@ def run(cfg: DictConfig) -> None:
         translations = translate_texts(task, datamodule, lines, cfg.get("beam_size"), int(cfg.batch_size))
         text = "".join(f"{line}\n" for line in translations)
         if cfg.get("output"):
-            Path(cfg.output).expanduser().write_text(text, encoding="utf-8")
+            write_text_atomic(Path(cfg.output).expanduser(), text)
             log.info("%d translations written to %s", len(translations), cfg.output)
         else:
             sys.stdout.write(text)

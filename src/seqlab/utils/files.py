@@ -36,4 +36,4 @@ def _umask() -> int:
 
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
