@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 import torch
 
 from seqlab.data.forecasting import CSVSeriesDataModule, SyntheticSeriesDataModule
-from seqlab.data.readers import ensure_file, read_series_csv
+from seqlab.data.readers import download_lock, ensure_file, read_series_csv
 from seqlab.errors import DataError
 
 
@@ -177,6 +180,39 @@ def test_failed_download_names_the_url_and_leaves_nothing(tmp_path: Path) -> Non
     with pytest.raises(DataError, match=f"downloading it from {url} failed"):
         ensure_file(tmp_path / "ETTh1.csv", url, allow_download=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_another_process_is_fetching_is_waited_for_not_fetched_again(tmp_path: Path) -> None:
+    """torchrun starts every process at once: one downloads, the others wait and take its file
+    (fetching it again would replace it, changing the fingerprint another process keyed its cache by)."""
+    target = tmp_path / "data" / "ETTh1.csv"
+    holding, release = threading.Event(), threading.Event()
+
+    def other_process() -> None:
+        with download_lock(target.parent):
+            holding.set()
+            release.wait(30)
+            target.write_text("date,OT\n")
+
+    with ThreadPoolExecutor(2) as pool:
+        fetching = pool.submit(other_process)
+        assert holding.wait(30)
+        # the URL fails if it is fetched: only the other process's file can satisfy this call
+        waiting = pool.submit(ensure_file, target, (tmp_path / "gone.csv").as_uri(), True)
+        time.sleep(0.3)
+        assert not waiting.done()  # blocked on the other's download
+        release.set()
+        fetching.result(30)
+        assert waiting.result(30) == target
+    assert target.read_text() == "date,OT\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["ETTh1.csv"]  # no lock file left
+
+
+def test_a_csv_with_a_byte_order_mark_reads_its_header(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes("date,OT\n2020-01-01 00:00:00,1.5\n".encode("utf-8-sig"))
+    series = read_series_csv(path)
+    assert series.columns == ["OT"] and series.values.tolist() == [[1.5]]
 
 
 def test_windows_longer_than_a_split_give_the_numbers(tmp_path: Path) -> None:

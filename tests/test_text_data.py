@@ -303,6 +303,34 @@ def test_prepare_data_downloads_and_unpacks_a_missing_archive(tmp_path: Path) ->
     assert len(dm.datasets["train"]) + len(dm.datasets["val"]) == 20
 
 
+def test_an_unfinished_extraction_is_done_again(tmp_path: Path) -> None:
+    """Interrupted while unpacking, the data directory holds part of the files: the next run
+    extracts again instead of training on what is there (or says why it cannot)."""
+    archive = tmp_path / "SST-2.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("SST-2/train.tsv", "sentence\tlabel\n" + "good\t1\nbad\t0\n" * 10)
+        zf.writestr("SST-2/dev.tsv", "sentence\tlabel\ngood\t1\n")
+    data_dir = tmp_path / "sst2"
+    data_dir.mkdir()
+    (data_dir / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")  # cut short
+    (data_dir / "dev.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    (data_dir / ".extracting-SST-2.zip").touch()
+
+    def sst2(download: bool) -> TextClassificationDataModule:
+        return TextClassificationDataModule(
+            data_dir=str(data_dir), test_file="dev.tsv", text_column="sentence", classes=[0, 1],
+            url=archive.as_uri(), strip_components=1, download=download, cache_dir=str(tmp_path / "cache"),
+        )  # fmt: skip
+
+    with pytest.raises(DataError, match=r"an earlier extraction of .*SST-2.zip did not finish"):
+        sst2(download=False).prepare_data()
+    dm = sst2(download=True)
+    dm.prepare_data()
+    assert sorted(p.name for p in data_dir.iterdir()) == ["dev.tsv", "train.tsv"]
+    dm.setup()
+    assert len(dm.datasets["train"]) + len(dm.datasets["val"]) == 20
+
+
 def test_batches_are_right_padded_with_a_mask(tmp_path: Path) -> None:
     dm = SyntheticSentimentDataModule(num_train=50, num_val=10, num_test=10, cache_dir=str(tmp_path))
     dm.setup()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import math
+import os
 import shutil
 import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -80,7 +83,7 @@ def read_series_csv(
     """
     path = Path(path)
     try:
-        handle = path.open(newline="", encoding="utf-8")
+        handle = path.open(newline="", encoding="utf-8-sig")  # a spreadsheet's byte-order mark too
     except FileNotFoundError:
         raise DataError(f"data file not found: {path}") from None
     except OSError as err:
@@ -160,6 +163,25 @@ def download(url: str, destination: Path, timeout: float = 30.0) -> None:
         shutil.copyfileobj(gzip.GzipFile(fileobj=response) if gunzip else response, out)
 
 
+@contextlib.contextmanager
+def download_lock(directory: Path) -> Iterator[None]:
+    """One process at a time fetches into ``directory`` (torchrun and srun start every process at
+    once): the others wait, then find the files there instead of replacing them, which would
+    change the files' fingerprint (the cache key) under a process that already read it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (each process's download is still atomic)
+        yield
+        return
+    handle = os.open(directory, os.O_RDONLY)  # the directory itself: no lock file left behind
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
 def ensure_file(path: Path, url: str | None, allow_download: bool) -> Path:
     """Return ``path``; download it first when it is missing and a URL is known."""
     if path.is_file():
@@ -167,7 +189,9 @@ def ensure_file(path: Path, url: str | None, allow_download: bool) -> Path:
     hint = f"put the file there, or point data.data_dir at the directory that holds {path.name}"
     if url and allow_download:
         try:
-            download(url, path)
+            with download_lock(path.parent):
+                if not path.is_file():  # another process fetched it meanwhile
+                    download(url, path)
             return path
         except (OSError, urllib.error.URLError) as err:
             raise DataError(
@@ -183,26 +207,46 @@ def ensure_extracted(
     """Make sure every path in ``needed`` exists, downloading and unpacking ``url`` (zip / tar) if not.
 
     Members are extracted into ``data_dir`` without their first ``strip_components`` path parts
-    (GLUE's ``SST-2/train.tsv`` becomes ``train.tsv``); the archive is removed afterwards.
+    (GLUE's ``SST-2/train.tsv`` becomes ``train.tsv``); the archive is removed afterwards. An
+    extraction that did not finish (``.extracting-<archive>`` is left) is done again: the
+    directories in ``needed`` exist long before every file in them does.
     """
-    missing = [path for path in needed if not path.exists()]
-    if not missing:
+    name = Path(urllib.parse.urlparse(url).path).name if url else ""
+    unfinished = data_dir / f".extracting-{name}"
+
+    def missing() -> list[Path]:
+        return [path for path in needed if not path.exists()] or (
+            [unfinished] if name and unfinished.exists() else []
+        )
+
+    if not missing():
         return
     hint = f"point data.data_dir at a directory that holds {[p.name for p in needed]}"
     if not (url and allow_download):
+        if missing() == [unfinished]:
+            raise DataError(
+                f"{data_dir}: an earlier extraction of {url} did not finish ({unfinished.name} is left "
+                "there); set data.download=true to extract it again, or unpack it there yourself and "
+                f"remove {unfinished.name}"
+            )
         source = f" (downloadable from {url})" if url else ""
-        raise DataError(f"data not found: {missing[0]}{source}; {hint}")
-    archive = data_dir / f".download-{Path(urllib.parse.urlparse(url).path).name}"
-    try:
-        download(url, archive)
-    except (OSError, urllib.error.URLError) as err:
-        raise DataError(
-            f"data not found: {missing[0]}, and downloading {url} failed ({err}); {hint}"
-        ) from None
-    try:
-        extract(archive, data_dir, strip_components)
-    finally:
-        archive.unlink(missing_ok=True)
+        raise DataError(f"data not found: {missing()[0]}{source}; {hint}")
+    with download_lock(data_dir):
+        if not missing():  # another process fetched it meanwhile
+            return
+        archive = data_dir / f".download-{name}"
+        try:
+            download(url, archive)
+        except (OSError, urllib.error.URLError) as err:
+            raise DataError(
+                f"data not found: {missing()[0]}, and downloading {url} failed ({err}); {hint}"
+            ) from None
+        unfinished.touch()
+        try:
+            extract(archive, data_dir, strip_components)
+        finally:
+            archive.unlink(missing_ok=True)
+        unfinished.unlink()
     still_missing = [path for path in needed if not path.exists()]
     if still_missing:
         raise DataError(f"{url} did not contain {still_missing[0].relative_to(data_dir)}")
