@@ -237,6 +237,48 @@ def test_second_run_reuses_the_tokenizer_and_changes_invalidate_it(tmp_path: Pat
         text_dm(root, tmp_path / "cache").prepare_data()
 
 
+def test_the_cache_entry_is_keyed_once_and_label_names_are_read_fresh(tmp_path: Path) -> None:
+    """A source file replaced after prepare_data (another process's identical download) leaves
+    this datamodule on its cache entry; label names are display only: changing them reuses the
+    processed data, and a wrong count is named."""
+    root = three_class_files(tmp_path / "raw")
+    dm = text_dm(root, tmp_path / "cache")
+    dm.prepare_data()
+    entry = dm.processed_dir
+    (root / "train.csv").write_text((root / "train.csv").read_text())  # same bytes, new mtime
+    assert dm.processed_dir == entry
+    dm.setup()
+    assert len(dm.datasets["train"]) == 72
+    assert dm.task_kwargs()["class_names"] == ["negative", "neutral", "positive"]
+    named = text_dm(root, tmp_path / "cache", label_names=["bad", "meh", "good"])
+    named.prepare_data()
+    assert named.task_kwargs()["class_names"] == ["bad", "meh", "good"]
+    assert named.artifacts()["class_names"] == ["bad", "meh", "good"]
+    short = text_dm(root, tmp_path / "cache", label_names=["bad", "good"])
+    short.prepare_data()
+    with pytest.raises(ConfigError, match=r"data.label_names has 2 names .* for the 3 classes"):
+        short.task_kwargs()
+
+
+def test_a_text_of_no_tokens_is_named_and_a_batch_larger_than_train_refused(tmp_path: Path) -> None:
+    """Without [CLS] a text of control characters encodes to nothing, which no backbone can
+    read; a training split smaller than one batch would train no step and test the initial weights."""
+    root = three_class_files(tmp_path / "raw")
+    write(root / "test.csv", "review,sentiment\nfine film,positive\n\x07\x07,negative\n")
+    dm = text_dm(root, tmp_path / "cache", tokenizer={"kind": "word", "wrap": "none"})
+    with pytest.raises(
+        DataError, match=r"test.csv, line 3: the text encodes to no tokens \(1 such in test\)"
+    ):
+        dm.prepare_data()
+    text_dm(root, tmp_path / "cache").prepare_data()  # with [CLS]: every text has a token
+
+    dm = text_dm(root, tmp_path / "cache", batch_size=128)
+    dm.setup()
+    with pytest.raises(ConfigError, match=r"data.batch_size=128 is more than the 72 training examples"):
+        dm.train_dataloader()
+    assert len(dm.val_dataloader()) == 1  # evaluation: one short batch
+
+
 def test_tokenizer_sees_only_the_training_split(tmp_path: Path, monkeypatch) -> None:
     seen: list[str] = []
     real = classification.train_tokenizer

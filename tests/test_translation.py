@@ -146,6 +146,8 @@ def test_bad_splits_and_settings_are_named(tmp_path: Path) -> None:
         translation_dm(root, tmp_path / "cache").prepare_data()
     with pytest.raises(ConfigError, match=r"data.tokenizer.max_length=64: set data.max_length instead"):
         translation_dm(root, tmp_path / "cache", tokenizer={"kind": "bpe", "max_length": 64})
+    with pytest.raises(ConfigError, match=r"data.tokenizer.wrap='cls': translation wraps targets"):
+        translation_dm(root, tmp_path / "cache", tokenizer={"kind": "bpe", "wrap": "cls"})
     with pytest.raises(ConfigError, match=r"data.source_lang and data.target_lang are both 'en'"):
         translation_dm(root, tmp_path / "cache", target_lang="en")
     with pytest.raises(ConfigError, match=r"task.share_embeddings=true needs one vocabulary"):

@@ -259,10 +259,6 @@ class TextClassificationDataModule(BatchedTextDataModule):
         }
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
-    @property
-    def processed_dir(self) -> Path:
-        return self.cache_dir / f"{self.name}-{self.cache_key()}"
-
     # ------------------------------------------------------------------ preparation
     def download_raw(self) -> None:
         hp = self.hparams
@@ -349,18 +345,18 @@ class TextClassificationDataModule(BatchedTextDataModule):
         else:
             log.info("training a %s tokenizer on %d texts", self.spec.kind, len(raw["train"]))
             tokenizer = train_tokenizer(raw["train"].texts, self.spec)
-        splits = {
-            split: TokenizedTexts.from_lists(
-                encode(tokenizer, examples.texts), label_ids[split], examples.texts
-            ).state()
-            for split, examples in raw.items()
-        }
-        names = self.hparams.label_names
-        if self.fixed is not None:
-            names = self.fixed["class_names"]
+        splits = {}
+        for split, examples in raw.items():
+            ids = encode(tokenizer, examples.texts)
+            empty = [origin for seq, origin in zip(ids, examples.origins) if not seq]
+            if empty:  # only without [CLS] (tokenizer.wrap=none): a model cannot read no tokens
+                raise DataError(
+                    f"{empty[0]}: the text encodes to no tokens ({len(empty)} such in {split}); "
+                    "remove such texts, or keep data.tokenizer.wrap=cls"
+                )
+            splits[split] = TokenizedTexts.from_lists(ids, label_ids[split], examples.texts).state()
         meta = {
             "classes": classes,
-            "class_names": [str(n) for n in names] if names is not None else classes,
             "vocab_size": tokenizer.get_vocab_size(),
             "tokenizer": self.spec.to_dict(),
             "sizes": {split: len(examples) for split, examples in raw.items()},
@@ -388,7 +384,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
         return {
             "vocab_size": meta["vocab_size"],
             "num_classes": len(meta["classes"]),
-            "class_names": meta["class_names"],
+            "class_names": self.class_names(),
             "pad_id": PAD_ID,
             "cls_id": CLS_ID if meta["tokenizer"]["wrap"] == "cls" else None,
             "unk_id": UNK_ID,
@@ -398,13 +394,30 @@ class TextClassificationDataModule(BatchedTextDataModule):
         """What a trained model depends on beyond the config: saved in its checkpoints."""
         meta = self.load_meta()
         tokenizer = (self.processed_dir / "tokenizer.json").read_text()
-        return {"tokenizer": tokenizer, "classes": meta["classes"], "class_names": meta["class_names"]}
+        return {"tokenizer": tokenizer, "classes": meta["classes"], "class_names": self.class_names()}
+
+    def class_names(self) -> list[str]:
+        """Display names of the classes, in class-id order: ``data.label_names`` (display only, not
+        part of the cache key), a checkpoint's, or the labels themselves."""
+        classes = self.load_meta()["classes"]
+        if self.fixed is not None:
+            return list(self.fixed["class_names"])
+        names = self.hparams.label_names
+        if names is None:
+            return list(classes)
+        if len(names) != len(classes):
+            raise ConfigError(
+                f"data.label_names has {len(names)} names ({list(names)}) for the {len(classes)} "
+                f"classes {classes} found in the training data; give one name per class, in this order"
+            )
+        return [str(name) for name in names]
 
     def use_artifacts(self, artifacts: dict[str, Any]) -> None:
         """Encode with a checkpoint's tokenizer and classes (``eval.py``), whatever the files now hold."""
         self.fixed = {key: artifacts[key] for key in ("tokenizer", "classes", "class_names")}
         self.meta = None
         self.datasets = {}
+        self._processed_dir = None  # another cache entry
 
     def texts(self, split: str) -> list[str]:
         self.setup()

@@ -142,6 +142,11 @@ class GlobalBatchSampler(DistributedSampler, SequentialSampler):
         )
         if batch_size % num_replicas:
             raise ValueError(f"global batch size {batch_size} does not divide by {num_replicas} processes")
+        if drop_last and size < batch_size:  # training would run no step and test the initial weights
+            raise ConfigError(
+                f"data.batch_size={batch_size} is more than the {size} training examples: an epoch "
+                "has no full batch to train on; lower data.batch_size"
+            )
         self.size = size
         self.batch_size = batch_size
         #: batches the next epoch starts after (a mid-epoch resume), then back to 0

@@ -122,12 +122,25 @@ class BatchedTextDataModule(L.LightningDataModule):
     datasets: dict[str, Dataset]
     #: contents of the processed directory's meta.json, once read
     meta: dict[str, Any] | None
-    #: where prepare_data wrote meta.json and splits.pt (a cache entry)
-    processed_dir: Path
+    cache_dir: Path
+    name: str
 
     def dataset_from_state(self, state: dict[str, Any]) -> Dataset:
         """One split's dataset from its saved state (an entry of splits.pt)."""
         raise NotImplementedError
+
+    def cache_key(self) -> str:
+        """Hash of every setting and source file (its fingerprint) that changes the processed data."""
+        raise NotImplementedError
+
+    @property
+    def processed_dir(self) -> Path:
+        """Where prepare_data writes meta.json, splits.pt and the tokenizers: the cache entry of
+        these settings and files, keyed once (the files are not fingerprinted again at every access,
+        and a file another process replaces meanwhile does not move this datamodule's entry)."""
+        if getattr(self, "_processed_dir", None) is None:
+            self._processed_dir = self.cache_dir / f"{self.name}-{self.cache_key()}"
+        return self._processed_dir
 
     # ------------------------------------------------------------------ loading
     def load_meta(self) -> dict[str, Any]:

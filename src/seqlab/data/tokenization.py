@@ -3,7 +3,8 @@
 Four kinds, chosen by ``data.tokenizer.kind``:
 
 - ``word``: whole words and punctuation (BERT pre-tokenization), the ``vocab_size`` most
-  frequent seen at least ``min_frequency`` times, the rest ``[UNK]``;
+  frequent seen at least ``min_frequency`` times, the rest ``[UNK]`` (``min_frequency`` applies to
+  every kind but ``unigram``);
 - ``wordpiece``: BERT's subwords (``##`` continuations);
 - ``bpe``: byte-level BPE (GPT-2 style): no unknown tokens, and decoding restores the text exactly;
 - ``unigram``: the unigram language model of SentencePiece (Kudo 2018) over ``▁``-marked words;
@@ -17,6 +18,7 @@ including them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +33,8 @@ SPECIAL_TOKENS = [PAD, UNK, CLS, BOS, EOS]
 PAD_ID, UNK_ID, CLS_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
 KINDS = ("word", "wordpiece", "bpe", "unigram")
 WRAPS = ("none", "cls", "bos_eos")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,12 @@ class TokenizerSpec:
         if self.vocab_size <= len(SPECIAL_TOKENS):
             raise ConfigError(
                 f"data.tokenizer.vocab_size={self.vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens"
+            )
+        if self.kind == "unigram" and self.min_frequency != 1:  # a warning: kind may be swept
+            log.warning(
+                "data.tokenizer.min_frequency=%d has no effect with kind=unigram (the unigram model "
+                "keeps pieces by likelihood, not by count)",
+                self.min_frequency,
             )
         specials = {"none": 0, "cls": 1, "bos_eos": 2}[self.wrap]
         if self.max_length is not None and self.max_length <= specials:

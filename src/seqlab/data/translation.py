@@ -187,6 +187,11 @@ class TranslationDataModule(BatchedTextDataModule):
                 f"data.tokenizer.max_length={settings['max_length']}: set data.max_length instead "
                 "(translation filters long training pairs and truncates evaluation sources itself)"
             )
+        if settings.get("wrap", "bos_eos") != "bos_eos":
+            raise ConfigError(
+                f"data.tokenizer.wrap={settings['wrap']!r}: translation wraps targets in [BOS] ... [EOS] "
+                "itself (sources end in [EOS]); remove the key"
+            )
         settings.update(max_length=None, wrap="bos_eos")
         settings.setdefault("lowercase", False)
         self.spec = TokenizerSpec.from_config(settings)
@@ -250,10 +255,6 @@ class TranslationDataModule(BatchedTextDataModule):
             else None,
         }
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-    @property
-    def processed_dir(self) -> Path:
-        return self.cache_dir / f"{self.name}-{self.cache_key()}"
 
     # ------------------------------------------------------------------ preparation
     def download_raw(self) -> None:
@@ -397,6 +398,7 @@ class TranslationDataModule(BatchedTextDataModule):
         self.fixed = {key: artifacts[key] for key in ("source_tokenizer", "target_tokenizer")}
         self.meta = None
         self.datasets = {}
+        self._processed_dir = None  # another cache entry
         self._tokenizers = {}
 
     # ------------------------------------------------------------------ text <-> ids
