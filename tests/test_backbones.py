@@ -79,7 +79,7 @@ def test_padded_encoding_and_pooling_never_wait_for_the_device(name: str) -> Non
     wait for the device at every batch. On the meta device any such read raises, so a padded
     batch that encodes and pools there reads nothing back. (The recurrent backbones read the
     lengths once per batch: packing takes them on the CPU.)"""
-    from seqlab.tasks.classification import pool
+    from seqlab.backbones.base import pool
 
     model = backbones(with_decoder=False)[name].to("meta")
     x = torch.randn(3, 7, WIDTH, device="meta")
@@ -215,6 +215,28 @@ def test_truncated_bptt_keeps_the_outputs_and_cuts_the_gradient(cell: str) -> No
     torch.testing.assert_close(grad_eval, grad_full)
     with pytest.raises(ValueError, match=r"model.tbptt_steps=4: expected a positive number of steps"):
         RNNBackbone(cell=cell, d_model=16, bidirectional=True, tbptt_steps=4)
+    # padded batches (text) would be truncated only when every length matched: refused
+    unpadded = torch.zeros(2, 9, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"model.tbptt_steps=5 truncates unpadded series"):
+        truncated.float().train().encode(torch.randn(2, 9, 16), unpadded)
+
+
+@pytest.mark.parametrize("name", ["mingru", "minlstm-blocked"])
+def test_min_rnn_decoding_carries_float32_states_under_bf16_autocast(name: str) -> None:
+    """Decoding one step at a time hands the state from call to call: in bfloat16 it would be
+    rounded at every step (what the float32 scan avoids within one call)."""
+    torch.manual_seed(0)
+    model = backbones()[name].eval()
+    memory = torch.randn(2, 5, WIDTH)
+    y = torch.randn(2, 6, WIDTH)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, state = model.decode(y[:, :3], memory)
+        assert all(h.dtype == torch.float32 for h in state["hidden"])
+        _, after = model.decode(y[:, 3:], memory, state=state)
+        _, whole = model.decode(y, memory)
+    for stepped, full in zip(after["hidden"], whole["hidden"]):
+        assert stepped.dtype == torch.float32
+        torch.testing.assert_close(stepped, full, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("name", ["rnn", "lstm", "gru-bahdanau", "lstm-bidirectional"])
@@ -226,10 +248,10 @@ def test_rnn_recurrences_run_in_float32_under_bf16_autocast(name: str) -> None:
     gradients reach every parameter."""
     torch.manual_seed(0)
     model = backbones()[name].train()
-    model.tbptt_steps = None if name.endswith("bidirectional") else 3
     x, pad = batch([7, 4, 6], 7)
     y = torch.randn(3, 4, WIDTH)
     for mask in (None, pad):
+        model.tbptt_steps = 3 if mask is None and not name.endswith("bidirectional") else None
         expected = model.encode(x, mask)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             encoded = model.encode(x, mask)

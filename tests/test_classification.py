@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from seqlab.backbones.base import pool
 from seqlab.data import classification
 from seqlab.eval import evaluate
-from seqlab.tasks.classification import ClassificationTask, most_confident, pool
+from seqlab.tasks.classification import ClassificationTask, most_confident
 from seqlab.train import train
 from tests.conftest import SHARED_DATA, run_script
 
@@ -44,8 +45,18 @@ BACKBONES = {
 }
 
 
-@pytest.mark.parametrize("pooling", ["mean", "max", "last", "first"])
-@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+CAUSAL = {"rnn", "lstm", "gru"}  # first pooling of these is refused (test_bad_task_settings_are_named)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "pooling"),
+    [
+        (backbone, pooling)
+        for backbone in sorted(BACKBONES)
+        for pooling in ("mean", "max", "last", "first")
+        if not (pooling == "first" and backbone in CAUSAL)
+    ],
+)
 def test_padding_changes_no_logit(backbone: str, pooling: str) -> None:
     torch.manual_seed(0)
     task = ClassificationTask(
@@ -66,9 +77,12 @@ def test_padding_changes_no_logit(backbone: str, pooling: str) -> None:
 def test_last_pooling_of_a_bidirectional_encoder_takes_each_direction_final_state() -> None:
     states = torch.arange(2 * 4 * 4, dtype=torch.float).view(2, 4, 4)
     pad_mask = torch.tensor([[False, False, False, True], [False, False, False, False]])
-    pooled = pool(states, pad_mask, "last", bidirectional=True)
+    pooled = pool(states, pad_mask, "last", reversed_half=True)
     assert pooled[0].tolist() == [*states[0, 2, :2].tolist(), *states[0, 0, 2:].tolist()]
     assert pooled[1].tolist() == [*states[1, 3, :2].tolist(), *states[1, 0, 2:].tolist()]
+    # the [CLS] step's forward half has read only [CLS]: "first" takes the same final states
+    assert torch.equal(pool(states, pad_mask, "first", reversed_half=True), pooled)
+    assert torch.equal(pool(states, pad_mask, "first"), states[:, 0])
 
 
 def test_word_dropout_replaces_only_text_tokens_and_only_in_training() -> None:
@@ -101,6 +115,21 @@ def test_each_process_sends_only_its_most_confident_mistakes() -> None:
     assert top == sorted(top, key=lambda m: (-m[1][2], m[0]))
 
 
+def test_the_validation_loss_is_plain_cross_entropy_over_examples() -> None:
+    """However the examples are batched, and whatever label smoothing training uses."""
+    torch.manual_seed(0)
+    task = ClassificationTask(BACKBONES["gru"], vocab_size=50, num_classes=3, label_smoothing=0.2).eval()
+    ids = torch.randint(5, 50, (4, 6))
+    pad_mask = torch.zeros_like(ids, dtype=torch.bool)
+    labels = torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        for rows in (slice(0, 3), slice(3, 4)):  # a batch of 3, then a batch of 1
+            batch = {"input_ids": ids[rows], "pad_mask": pad_mask[rows], "labels": labels[rows]}
+            task.validation_step(batch, 0)
+        expected = torch.nn.functional.cross_entropy(task(ids, pad_mask), labels)
+    torch.testing.assert_close(task.val_loss.compute(), expected)
+
+
 def test_bad_task_settings_are_named() -> None:
     from seqlab.errors import ConfigError
 
@@ -108,6 +137,14 @@ def test_bad_task_settings_are_named() -> None:
         ClassificationTask(BACKBONES["gru"], vocab_size=10, num_classes=2, pooling="attention")
     with pytest.raises(ConfigError, match=r"data.tokenizer.wrap=cls"):
         ClassificationTask(BACKBONES["gru"], vocab_size=10, num_classes=2, pooling="first", cls_id=None)
+    # a causal backbone encodes [CLS] before any text: every input would get one prediction
+    for causal in sorted(CAUSAL):
+        with pytest.raises(ConfigError, match=r"task.pooling=first reads the \[CLS\] token, which a causal"):
+            ClassificationTask(BACKBONES[causal], vocab_size=10, num_classes=2, pooling="first", cls_id=2)
+    causal_transformer = {**BACKBONES["transformer"], "causal": True}
+    with pytest.raises(ConfigError, match=r"task.pooling=first"):
+        ClassificationTask(causal_transformer, vocab_size=10, num_classes=2, pooling="first", cls_id=2)
+    ClassificationTask(BACKBONES["bilstm"], vocab_size=10, num_classes=2, pooling="first", cls_id=2)
 
 
 TEXT_FAST = [

@@ -109,6 +109,16 @@ def test_eval_rejects_what_is_not_a_seqlab_checkpoint(make_cfg, tmp_path: Path) 
         evaluate(make_cfg(f"ckpt_path={foreign}", name="eval", output="eval3"))
 
 
+def test_the_validation_loss_can_be_monitored_and_a_typo_is_named(make_cfg) -> None:
+    metrics, _ = train(make_cfg("task.monitor=val/loss", "task.monitor_mode=min", "trainer.max_epochs=2"))
+    assert metrics["val/loss"] == pytest.approx(metrics["val/mse"])  # the loss is the MSE
+    assert metrics["val/loss_best"] <= metrics["val/loss"] + 1e-7
+    with pytest.raises(
+        ConfigError, match=r"task.monitor='val/accuracy': expected one of \['val/loss', 'val/mae'"
+    ):
+        train(make_cfg("task.monitor=val/accuracy", output="typo"))
+
+
 def test_missing_ett_file_is_a_clear_error(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("data=ett", f"data.data_dir={tmp_path / 'absent'}", "data.download=false", fast=False)
     with pytest.raises(DataError, match=r"absent/ETTh1.csv"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 State = dict[str, Any]
@@ -32,8 +33,9 @@ class Backbone(nn.Module):
     d_model: int
     #: ``encode`` output at step t depends only on inputs up to t
     causal: bool = False
-    #: the second half of the ``encode`` features reads right to left (bidirectional RNNs)
-    bidirectional: bool = False
+    #: the second half of the ``encode`` features reads right to left (bidirectional nn.RNN,
+    #: LSTM, GRU), so it has seen the whole sequence at the first step (see ``pool``)
+    reversed_half: bool = False
     #: the training step processes all time steps in parallel (documents the compute pattern)
     supports_parallel_time: bool = False
     #: the repeated blocks: the units FSDP shards (``trainer=fsdp`` wraps them, ``trainer=fsdp2``
@@ -89,6 +91,37 @@ def masked_mean(x: Tensor, pad_mask: Tensor | None) -> Tensor:
     return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
 
 
+POOLINGS = ("mean", "max", "last", "first")
+
+
+def pool(states: Tensor, pad_mask: Tensor | None, how: str, reversed_half: bool = False) -> Tensor:
+    """[B,T,D] encoder states -> [B,D], ignoring padded steps (``pad_mask`` True = padding).
+
+    ``last``: the last real step; ``first``: the first (a [CLS] token, for a non-causal
+    encoder). With ``reversed_half`` (the backbone's) both take each direction's final state:
+    the first half at the last step, the second half at the first step.
+    Every sequence holds at least one step (the datasets drop empty texts; an empty one is an
+    error on the CPU, unchecked on an accelerator: see ``lengths_from_mask``)."""
+    if how == "mean":
+        return masked_mean(states, pad_mask)
+    if how == "max":
+        if pad_mask is None:
+            return states.max(dim=1).values
+        return states.masked_fill(pad_mask.unsqueeze(-1), float("-inf")).max(dim=1).values
+    if how == "first" and not reversed_half:
+        return states[:, 0]
+    last = (
+        lengths_from_mask(pad_mask) - 1
+        if pad_mask is not None
+        else torch.full((states.shape[0],), states.shape[1] - 1, device=states.device)
+    )
+    final = states[torch.arange(states.shape[0], device=states.device), last]
+    if reversed_half:
+        half = states.shape[-1] // 2
+        final = torch.cat([final[:, :half], states[:, 0, half:]], dim=-1)
+    return final
+
+
 def key_padding_to_attn_mask(pad_mask: Tensor | None) -> Tensor | None:
     """[B,S] padding mask (True = pad) -> [B,1,1,S] attention mask (True = attend) for SDPA."""
     if pad_mask is None:
@@ -97,9 +130,11 @@ def key_padding_to_attn_mask(pad_mask: Tensor | None) -> Tensor | None:
 
 
 __all__ = [
+    "POOLINGS",
     "Backbone",
     "State",
     "key_padding_to_attn_mask",
     "lengths_from_mask",
     "masked_mean",
+    "pool",
 ]

@@ -71,8 +71,12 @@ class MinRNN(nn.Module):
                 gate = gate.masked_fill(pad_mask.transpose(0, 1)[..., None], _CLOSED)
             if direction == 1:  # right to left: padding comes first and leaves the zero state alone
                 gate, candidate = gate.flip(0), candidate.flip(0)
-            h = gated_scan(gate, candidate, state if direction == 0 else None, self.scan)
+            # scanned in float32 (as gated_scan would under bf16-mixed), and the final state kept so:
+            # decoding carries it from step to step, where rounding it each time would add up
+            h0 = state.float() if state is not None and direction == 0 else None
+            h = gated_scan(gate.float(), candidate.float(), h0, self.scan)
             finals.append(h[-1])
+            h = h.to(candidate.dtype)
             outputs.append(h.flip(0) if direction == 1 else h)
         h = outputs[0] if self.directions == 1 else torch.cat(outputs, dim=-1)
         return self.out(h).transpose(0, 1), torch.cat(finals, dim=-1)
@@ -164,7 +168,7 @@ class MinRNNBackbone(Backbone):
         self.cell = cell
         self.d_model = d_model
         self.causal = not bidirectional
-        self.bidirectional = bidirectional
+        # each layer's output projection and residual mix the directions: no half reads right to left
         self.hidden = hidden
         per_direction = hidden // 2 if bidirectional else hidden
         self.encoder_layers = nn.ModuleList(

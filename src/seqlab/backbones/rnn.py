@@ -99,7 +99,7 @@ class RNNBackbone(Backbone):
         self.cell = cell
         self.d_model = d_model
         self.causal = not bidirectional
-        self.bidirectional = bidirectional
+        self.reversed_half = bidirectional
         self.attention = attention
         recurrence = RECURRENCES[cell]
         self.encoder = recurrence(
@@ -137,9 +137,15 @@ class RNNBackbone(Backbone):
         # packing takes the lengths on the CPU: one host synchronisation per batch, which also
         # tells whether anything is padded at all
         lengths = None if pad_mask is None else lengths_from_mask(pad_mask, cpu=True)
+        keep = self.tbptt_steps if self.training and torch.is_grad_enabled() else None
+        if keep is not None and pad_mask is not None:
+            # padded text: only the batches whose lengths happen to match would be truncated
+            raise ValueError(
+                f"model.tbptt_steps={keep} truncates unpadded series (forecasting); this task pads "
+                "its sequences: set model.tbptt_steps=null"
+            )
         if lengths is None or bool((lengths == x.shape[1]).all()):
-            keep = self.tbptt_steps
-            if keep is not None and x.shape[1] > keep and self.training and torch.is_grad_enabled():
+            if keep is not None and x.shape[1] > keep:
                 with torch.no_grad():  # the steps the gradient does not reach
                     early, state = recur(self.encoder, x[:, :-keep])
                 late, _ = recur(self.encoder, x[:, -keep:], state)

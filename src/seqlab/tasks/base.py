@@ -233,10 +233,13 @@ class SeqTask(L.LightningModule):
         if own and isinstance(saved, dict) and saved.get("monitor") == self.hparams.monitor:
             self.restored_best = saved["value"]
 
-    def log_monitor_best(self, value: torch.Tensor) -> None:
+    def log_monitor_best(self, values: dict[str, torch.Tensor]) -> None:
+        """Log ``{monitor}_best`` from the epoch's validation ``values`` (already reduced)."""
+        if self.hparams.monitor not in values:  # at the sanity check, before any training
+            raise ConfigError(f"task.monitor={self.hparams.monitor!r}: expected one of {sorted(values)}")
         if self.trainer.sanity_checking:
             return
-        self.monitor_best.update(value)
+        self.monitor_best.update(values[self.hparams.monitor])
         self.log(f"{self.hparams.monitor}_best", self.monitor_best.compute(), sync_dist=True)
 
     # ----------------------------------------------------------------- training step

@@ -20,13 +20,11 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from seqlab.backbones.base import lengths_from_mask, masked_mean
+from seqlab.backbones.base import POOLINGS, pool
 from seqlab.errors import ConfigError
 from seqlab.tasks.base import SeqTask, build_backbone
 from seqlab.utils.distributed import gather_indexed
 from seqlab.utils.figures import log_figure, log_table
-
-POOLINGS = ("mean", "max", "last", "first")
 
 
 def metric_set(prefix: str, num_classes: int) -> MetricCollection:
@@ -37,31 +35,6 @@ def metric_set(prefix: str, num_classes: int) -> MetricCollection:
         },
         prefix=prefix,
     )
-
-
-def pool(states: Tensor, pad_mask: Tensor | None, how: str, bidirectional: bool = False) -> Tensor:
-    """[B,T,D] encoder states -> [B,D], ignoring padded steps (``pad_mask`` True = padding).
-    Every sequence holds at least one step (the datasets drop empty texts; an empty one is an
-    error on the CPU, unchecked on an accelerator: see ``lengths_from_mask``)."""
-    if how == "mean":
-        return masked_mean(states, pad_mask)
-    if how == "max":
-        if pad_mask is None:
-            return states.max(dim=1).values
-        return states.masked_fill(pad_mask.unsqueeze(-1), float("-inf")).max(dim=1).values
-    if how == "first":
-        return states[:, 0]
-    # last real step; a bidirectional encoder's backward half ends at the first step
-    last = (
-        lengths_from_mask(pad_mask) - 1
-        if pad_mask is not None
-        else torch.full((states.shape[0],), states.shape[1] - 1, device=states.device)
-    )
-    final = states[torch.arange(states.shape[0], device=states.device), last]
-    if bidirectional:
-        half = states.shape[-1] // 2
-        final = torch.cat([final[:, :half], states[:, 0, half:]], dim=-1)
-    return final
 
 
 def most_confident(mistakes: list[tuple[int, tuple[float, float, float]]], n: int) -> list:
@@ -121,6 +94,12 @@ class ClassificationTask(SeqTask):
         if num_classes < 2:
             raise ConfigError(f"the data has {num_classes} class(es); classification needs at least 2")
         self.backbone = build_backbone(backbone)
+        if pooling == "first" and self.backbone.causal:
+            raise ConfigError(
+                "task.pooling=first reads the [CLS] token, which a causal (left-to-right) backbone "
+                "encodes before any text: every input would get one prediction; use pooling=last, "
+                "mean or max, or a bidirectional / non-causal backbone"
+            )
         width = self.backbone.d_model
         self.embed = nn.Embedding(vocab_size, width, padding_idx=pad_id)
         self.embed_dropout = nn.Dropout(embed_dropout)
@@ -141,7 +120,7 @@ class ClassificationTask(SeqTask):
         """input_ids [B,T] (right-padded), pad_mask [B,T] (True = padding) -> logits [B,C]."""
         x = self.embed_dropout(self.embed(input_ids))
         states = self.backbone.encode(x, pad_mask)
-        pooled = pool(states, pad_mask, self.hparams.pooling, getattr(self.backbone, "bidirectional", False))
+        pooled = pool(states, pad_mask, self.hparams.pooling, self.backbone.reversed_half)
         return self.head(pooled)
 
     def drop_words(self, input_ids: Tensor, pad_mask: Tensor) -> Tensor:
@@ -167,16 +146,18 @@ class ClassificationTask(SeqTask):
         return (~batch["pad_mask"]).sum()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        logits, loss = self._logits_and_loss(batch)
-        self.val_loss.update(loss)
-        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
-        self.val_metrics.update(logits, batch["labels"])
+        logits = self(batch["input_ids"], batch["pad_mask"])
+        labels = batch["labels"]
+        # plain cross-entropy (no label smoothing), the mean over examples however they are batched
+        self.val_loss.update(F.cross_entropy(logits.float(), labels), weight=len(labels))
+        self.val_metrics.update(logits, labels)
 
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
+        values = {"val/loss": self.val_loss.compute(), **self.val_metrics.compute()}
         self.log_dict(values, prog_bar=True, sync_dist=True)  # already reduced: silences Lightning's hint
+        self.val_loss.reset()
         self.val_metrics.reset()
-        self.log_monitor_best(values[self.hparams.monitor])
+        self.log_monitor_best(values)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits = self(batch["input_ids"], batch["pad_mask"])

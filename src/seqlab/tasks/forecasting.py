@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection
 
+from seqlab.backbones.base import pool
 from seqlab.errors import ConfigError, DataError
 from seqlab.tasks.base import SeqTask, build_backbone
 from seqlab.utils.distributed import gather_indexed
@@ -157,12 +158,13 @@ class ForecastingTask(SeqTask):
         # the model's precision (bf16-true, DeepSpeed): cast here, after RevIN's statistics (convert_batch)
         tokens = self.embed(patches.permute(0, 2, 1, 3).flatten(2).to(self.embed.weight.dtype))  # [B', N, D]
         states = self.backbone.encode(tokens)
-        if hp.head == "flatten":
-            pooled = states.flatten(1)
-        elif hp.head == "mean":
-            pooled = states.mean(dim=1)
-        else:
-            pooled = states[:, -1]
+        # "last" of a bidirectional RNN: each direction's final state (a backward half at the last
+        # token has read only that patch)
+        pooled = (
+            states.flatten(1)
+            if hp.head == "flatten"
+            else pool(states, None, hp.head, self.backbone.reversed_half)
+        )
         out = self.head(pooled).view(-1, hp.horizon, self.channels_out)
         if hp.channel_independence:  # [B*C, H, 1] -> [B, H, C]
             out = out.view(batch, channels, hp.horizon).transpose(1, 2)
@@ -209,14 +211,14 @@ class ForecastingTask(SeqTask):
         preds = self(inputs)
         # weighted by the batch's size: the mean over windows, however they are batched
         self.val_loss.update(F.mse_loss(preds, targets), weight=len(targets))
-        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
         self.val_metrics.update(preds, targets)
 
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
+        values = {"val/loss": self.val_loss.compute(), **self.val_metrics.compute()}
         self.log_dict(values, prog_bar=True, sync_dist=True)  # already reduced: silences Lightning's hint
+        self.val_loss.reset()
         self.val_metrics.reset()
-        self.log_monitor_best(values[self.hparams.monitor])
+        self.log_monitor_best(values)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, targets = batch

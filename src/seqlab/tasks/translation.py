@@ -253,9 +253,7 @@ class TranslationTask(SeqTask):
             "val/chrf": torch.tensor(scores["chrf"], device=self.device),
         }
         self.log_dict(values, prog_bar=True, sync_dist=True)  # already identical on every process
-        if self.hparams.monitor not in values:
-            raise ConfigError(f"task.monitor={self.hparams.monitor!r}: expected one of {sorted(values)}")
-        self.log_monitor_best(values[self.hparams.monitor])
+        self.log_monitor_best(values)
 
     def on_test_epoch_start(self) -> None:
         self._hypotheses = []
