@@ -120,3 +120,13 @@ def test_windows_longer_than_the_model_was_built_for_are_refused_by_name(make_cf
     with pytest.raises(DataError, match=r"input windows of 96 steps x \d+ channels, but this model was built for "
                        r"data.lookback=48 steps"):  # fmt: skip
         task(torch.zeros(2, 96, task.hparams.num_channels))
+
+
+def test_patches_with_gaps_between_them_are_refused(make_cfg) -> None:
+    from seqlab.train import build_datamodule, build_task
+
+    cfg = make_cfg("task.patch_len=4", "task.patch_stride=8")
+    with pytest.raises(
+        ConfigError, match=r"task.patch_len=4 < task.patch_stride=8: the 4 steps between patches"
+    ):
+        build_task(cfg.task, cfg.model, build_datamodule(cfg.data))

@@ -12,10 +12,11 @@ directory), and told its objective, the value the task function returns (seqlab'
   fixed for every trial.
 - Persistence: the study lives in ``storage`` (default SQLite in the sweep directory), so running
   the same command with the same ``hydra.sweep.dir`` resumes an interrupted search: finished trials
-  are kept, a trial that was running when the search died is marked failed and run again.
+  are kept, a trial that was running when the search died is marked failed and a new trial takes
+  its place; a stored study with other settings (direction, fixed overrides, space) is refused.
 - A trial whose job raises (an exception, out of memory) or returns a non-finite or missing
   objective is told FAIL and the search goes on; ``optimization_results.yaml`` lists the best
-  trial and every failure.
+  trial and every failure. A search in which no trial finished exits with an error.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ RESULTS_FILE = "optimization_results.yaml"
 
 def distribution(override: Override) -> Any:
     """The Optuna distribution of one sweep override (Hydra's override grammar)."""
+    key = override.get_key_element()
+    try:
+        return _distribution(override)
+    except ValueError as error:  # Optuna's own message names no key: "low <= high must hold"
+        raise ValueError(
+            f"hydra.sweeper.params: {key}={override.input_line.partition('=')[2]}: {error}"
+        ) from None
+
+
+def _distribution(override: Override) -> Any:
     import optuna
 
     key = override.get_key_element()
@@ -62,7 +73,12 @@ def distribution(override: Override) -> Any:
 
 
 def override_value(value: Any) -> str:
-    """A sampled value as override text (strings with spaces or symbols quoted)."""
+    """A sampled value as override text (strings with spaces or symbols quoted; None and booleans
+    as Hydra spells them, or they would arrive as the strings 'None', 'True')."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, str) and not re.fullmatch(r"[\w./:+-]*", value):
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     return str(value)
@@ -138,21 +154,59 @@ class OptunaSweeper(Sweeper):
             )
         return fixed, space
 
-    def create_study(self, sweep_dir: Path):
+    def make_sampler(self, seed: int | None):
+        import optuna
+
+        if self.sampler_name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup_trials)
+        return optuna.samplers.RandomSampler(seed=seed)
+
+    def create_study(self, sweep_dir: Path, fixed: list[str], space: dict[str, Any]):
+        """The study, new or resumed. A resumed one must be this search: the same direction, fixed
+        overrides and space (a shared storage would otherwise merge two searches, or run none
+        when the other's trials already count); its sampler continues from a seed of its own (a
+        fresh seeded sampler would propose the first trials' parameters again)."""
         import optuna
 
         storage = self.storage or f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"
-        if self.sampler_name == "tpe":
-            sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=self.n_startup_trials)
-        else:
-            sampler = optuna.samplers.RandomSampler(seed=self.seed)
-        return optuna.create_study(
+        study = optuna.create_study(
             study_name=self.study_name,
             storage=storage,
-            sampler=sampler,
+            sampler=self.make_sampler(self.seed),
             direction=self.direction,
             load_if_exists=True,
         )
+        search = {
+            "direction": self.direction,
+            "fixed": sorted(fixed),
+            "space": {key: optuna.distributions.distribution_to_json(d) for key, d in sorted(space.items())},
+        }
+        stored = study.direction.name.lower()  # optuna keeps the stored one, whatever was asked
+        saved = study.user_attrs.get("seqlab_search") or {"direction": stored}
+        if "fixed" not in saved:  # a new study (or one stored before its settings were)
+            study.set_user_attr("seqlab_search", search)
+            saved = {**search, "direction": stored}
+        if saved != search:
+            differences = []
+            for part in ("direction", "fixed", "space"):
+                then, now = saved.get(part), search[part]
+                if part == "fixed" and then != now:
+                    then, now = sorted(set(then) - set(now)), sorted(set(now) - set(then))
+                elif part == "space" and then != now:
+                    keys = sorted(k for k in {*then, *now} if then.get(k) != now.get(k))
+                    then, now = {k: then.get(k) for k in keys}, {k: now.get(k) for k in keys}
+                if then != now:
+                    differences.append(f"{part}: {then} then, {now} now")
+            raise ValueError(
+                f"Optuna study {self.study_name!r} in {storage} holds another search ({'; '.join(differences)}): "
+                "resume it with its own settings, or start another with hydra.sweeper.study_name=<new name> "
+                "or another hydra.sweep.dir"
+            )
+        if study.trials:
+            seed = None if self.seed is None else self.seed + len(study.trials)
+            study.sampler = self.make_sampler(seed)
+            log.info("resuming Optuna study %r: %d trials so far", self.study_name, len(study.trials))
+        return study
 
     # ------------------------------------------------------------------ the search
     def sweep(self, arguments: list[str]) -> None:
@@ -165,7 +219,7 @@ class OptunaSweeper(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         fixed, space = self.search_space(arguments)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = self.create_study(sweep_dir)
+        study = self.create_study(sweep_dir, fixed, space)
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             # a trial the previous search was running when it died: failed, and run again
             optuna.trial.Trial(study, stale._trial_id).set_user_attr("interrupted", True)
@@ -225,7 +279,11 @@ class OptunaSweeper(Sweeper):
             results.update(best_trial=best.number, best_job=best.user_attrs.get("job"))
             results.update(best_value=best.value, best_params=best.params)
             log.info("best trial %d: %s = %.6g", best.number, best.params, best.value)
-        else:
-            log.warning("no trial of the Optuna study finished")
         results["failed"] = failed
         OmegaConf.save(OmegaConf.create(results), sweep_dir / RESULTS_FILE)
+        if not completed:  # the command fails: scripts and CI see that nothing came of the search
+            first = f": trial {failed[0]['trial']}: {failed[0]['error']}" if failed else ""
+            raise RuntimeError(
+                f"no trial of Optuna study {self.study_name!r} finished ({len(failed)} failed{first}); "
+                f"see {sweep_dir / RESULTS_FILE}"
+            )

@@ -106,6 +106,11 @@ class ForecastingTask(SeqTask):
                 f"task.patch_len={patch_len} and task.patch_stride={patch_stride} must be >= 1 "
                 f"and patch_len <= data.lookback={lookback}"
             )
+        if patch_len < patch_stride:
+            raise ConfigError(
+                f"task.patch_len={patch_len} < task.patch_stride={patch_stride}: the {patch_stride - patch_len} "
+                "steps between patches would never reach the model; use patch_len >= patch_stride"
+            )
         self.backbone = build_backbone(backbone)
         width = self.backbone.d_model
         channels_in = 1 if channel_independence else num_channels

@@ -1,0 +1,95 @@
+"""The Optuna sweeper's pieces without running trials: a resumed study, a study of another search,
+sampled values as overrides, bad bounds, a search in which nothing finished."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from optuna.trial import TrialState
+
+from hydra_plugins.seqlab_optuna_sweeper.optuna_sweeper import OptunaSweeper, distribution, override_value
+
+SPACE_LINES = ["task.optimizer.lr=tag(log, interval(1e-4, 1e-2))", "model.d_model=choice(16, 32, 64)"]
+
+
+def space(lines: list[str] = SPACE_LINES) -> dict:
+    parser = OverridesParser.create()
+    return {o.get_key_element(): distribution(o) for o in parser.parse_overrides(lines)}
+
+
+def sweeper(direction: str = "minimize", sampler: str = "random") -> OptunaSweeper:
+    return OptunaSweeper(
+        direction=direction, study_name="s", storage=None, n_trials=3, n_jobs=1, sampler=sampler,
+        seed=0, n_startup_trials=2, params={},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_a_resumed_seeded_study_proposes_new_trials(tmp_path: Path, sampler: str) -> None:
+    """A fresh sampler with the study's seed would propose the first trials' parameters again."""
+    first = sweeper(sampler=sampler).create_study(tmp_path, ["data=a"], space())
+    for _ in range(3):
+        trial = first.ask(space())
+        first.tell(trial, 1.0)
+    resumed = sweeper(sampler=sampler).create_study(tmp_path, ["data=a"], space())
+    assert len(resumed.trials) == 3
+    seen = [t.params for t in resumed.trials]
+    proposed = [resumed.ask(space()).params for _ in range(3)]
+    assert not any(params in seen for params in proposed), (seen, proposed)
+
+
+def test_a_stored_study_of_another_search_is_refused(tmp_path: Path) -> None:
+    study = sweeper().create_study(tmp_path, ["data=a", "model=gru"], space())
+    study.tell(study.ask(space()), 1.0)
+    with pytest.raises(
+        ValueError, match=r"holds another search \(fixed: \['data=a'\] then, \['data=b'\] now\)"
+    ):
+        sweeper().create_study(tmp_path, ["data=b", "model=gru"], space())
+    with pytest.raises(ValueError, match=r"space: \{'model.d_model': .*16, 32, 64.*\} then, .*16, 32\]"):
+        sweeper().create_study(
+            tmp_path, ["data=a", "model=gru"], space([SPACE_LINES[0], "model.d_model=choice(16,32)"])
+        )
+    with pytest.raises(ValueError, match=r"direction: minimize then, maximize now"):
+        sweeper("maximize").create_study(tmp_path, ["data=a", "model=gru"], space())
+    assert len(sweeper().create_study(tmp_path, ["model=gru", "data=a"], space()).trials) == 1  # its own
+
+
+def test_sampled_values_become_the_overrides_hydra_reads_back() -> None:
+    parser = OverridesParser.create()
+    for value in (None, True, False, 3, 0.5, "mean", "a b", "it's"):
+        override = parser.parse_override(f"key={override_value(value)}")
+        assert override.value() == value, (value, override_value(value))
+    choices = distribution(parser.parse_override("model.scan=null,blocked")).choices
+    assert None in choices  # sampled as None, written back as null
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "model.num_layers=range(10,0,-2)",
+        "model.dropout=interval(0.5,0.1)",
+        "task.optimizer.lr=tag(log, interval(0, 1))",
+    ],
+)
+def test_bad_bounds_name_the_key(line: str) -> None:
+    key = line.partition("=")[0]
+    with pytest.raises(ValueError, match=rf"hydra.sweeper.params: {key}="):
+        distribution(OverridesParser.create().parse_override(line))
+
+
+def test_a_search_in_which_no_trial_finished_fails(tmp_path: Path) -> None:
+    chosen = sweeper()
+    study = chosen.create_study(tmp_path, [], space())
+    for _ in range(2):
+        trial = study.ask(space())
+        trial.set_user_attr("error", "KeyError: 'val/mse_bset'")
+        study.tell(trial, state=TrialState.FAIL)
+    with pytest.raises(
+        RuntimeError, match=r"no trial of Optuna study 's' finished \(2 failed: trial 0: KeyError"
+    ):
+        chosen.write_results(study, tmp_path)
+    assert (tmp_path / "optimization_results.yaml").is_file()  # the failures are still listed
+    optuna.delete_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
