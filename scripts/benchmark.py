@@ -69,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--overrides",
         nargs="*",
         default=None,
-        help="overhead/ablation/data/startup: train.py overrides (replace the defaults)",
+        help="overhead/ablation/startup: train.py overrides (replace the defaults); data: added after "
+        "its defaults, and data=X benchmarks that data alone",
     )
     return parser.parse_args(argv)
 
@@ -85,6 +86,8 @@ TRAINER_DEFAULTS = {
 
 def run(command: str, args: argparse.Namespace, out: Path) -> None:
     overrides = args.overrides if args.overrides is not None else TRAINER_DEFAULTS.get(command, ())
+    if command == "data":
+        overrides = [*bench.DATA_COMMON, *(args.overrides or ())]
     # scan and lengths time their layers on --device; the others train as train.py does
     device = bench.trainer_device(overrides) if command in TRAINER_DEFAULTS else torch.device(args.device)
     meta = {"command": command, "environment": bench.environment(device)}
@@ -130,8 +133,8 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         print_table([{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows],
                     "what each part of the Trainer path costs (ms per step)")  # fmt: skip
         payload = {**meta, "overrides": list(overrides), "rows": rows}
-    elif command == "data":
-        rows = bench.bench_data(common=overrides, epochs=args.epochs, repeats=args.repeats or 1)
+    elif command == "data":  # --overrides come after the defaults (data=X: that data alone)
+        rows = bench.bench_data(extra=args.overrides or (), epochs=args.epochs, repeats=args.repeats or 1)
         print_table(rows, "share of the training step waiting for data (plain loop)")
         payload = {**meta, "rows": rows}
     else:

@@ -60,6 +60,48 @@ def test_a_slow_backbone_skips_the_longer_lengths() -> None:
     assert "train_ms" in rows[0] and "skipped" in rows[1]
 
 
+def test_running_out_of_cpu_memory_skips_the_longer_lengths(monkeypatch) -> None:
+    """The CPU allocator raises a plain RuntimeError, not torch.OutOfMemoryError: the lengths
+    measured so far are kept; any other error still stops the benchmark."""
+    real = bench.median_seconds
+
+    def failing_at_16(fn, device, repeats):
+        if steps[-1] == 16:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
+        return real(fn, device, repeats)
+
+    steps = []
+    real_randn = torch.randn
+    monkeypatch.setattr(
+        bench.torch, "randn", lambda *shape, **kw: steps.append(shape[1]) or real_randn(*shape, **kw)
+    )
+    monkeypatch.setattr(bench, "median_seconds", failing_at_16)
+    rows = bench.bench_lengths(backbones=("gru",), lengths=(8, 16, 32), batch=1, width=8, repeats=1)
+    assert "train_ms" in rows[0] and rows[1]["skipped"] == "out of memory" and "skipped" in rows[2]
+    monkeypatch.setattr(
+        bench, "median_seconds", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
+    )
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        bench.bench_lengths(backbones=("gru",), lengths=(8,), batch=1, width=8, repeats=1)
+
+
+def test_data_overrides_come_last_and_a_chosen_data_runs_alone(monkeypatch) -> None:
+    ran = []
+    monkeypatch.setattr(
+        bench, "bench_overhead",
+        lambda overrides, epochs, repeats: ran.append(overrides) or
+        {"data_wait_share": 0.01, "plain_step_ms": 1.0, "trainer_step_ms": 1.0, "ratio": 1.0},
+    )  # fmt: skip
+    rows = bench.bench_data(extra=["model=gru"])
+    assert [r["task"] for r in rows] == list(bench.DATA_TASKS)
+    assert all(overrides[-1] == "model=gru" for overrides in ran)  # after model=lstm: it wins
+    ran.clear()
+    rows = bench.bench_data(extra=["data=sst2", "data.data_dir=/somewhere"])
+    assert [r["task"] for r in rows] == ["sst2"]
+    assert ran == [[*bench.DATA_COMMON, "data=sst2", "data.data_dir=/somewhere"]]
+    assert bench.trainer_device(ran[0]).type == "cpu"  # the overrides compose
+
+
 class TinyTransformerTask(SeqTask):
     """A task whose loss reads the backbone only, so its FLOPs have a closed form."""
 

@@ -145,6 +145,11 @@ def accelerator_device(accelerator: str) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and str(accelerator) != "cpu" else "cpu")
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A GPU's out-of-memory error, or the CPU allocator's (a plain RuntimeError)."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
 def trainer_device(overrides: Sequence[str] = ()) -> torch.device:
     """The device the runs of a Trainer-path benchmark (overhead, ablation, data, start-up) use,
     which its results are recorded for: that of ``train.py`` with ``overrides``."""
@@ -309,7 +314,9 @@ def bench_lengths(
                 else:
                     train_mem = saved_activation_bytes(train_step, exclude=params)
                     infer_mem = None
-            except torch.OutOfMemoryError:
+            except RuntimeError as error:  # torch.OutOfMemoryError on a GPU, the CPU allocator's own
+                if not is_out_of_memory(error):
+                    raise
                 rows.append({**row, "skipped": "out of memory"})
                 too_slow = True
                 torch.cuda.empty_cache()
@@ -408,15 +415,22 @@ class StepTimer:
     def epoch_start(self) -> None:
         self._starts, self._waits, self._end = [], [], None
 
+    @staticmethod
+    def _now() -> float:
+        # on a GPU the host runs ahead of the device: a step ends when its kernels have run
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def step_start(self) -> None:
-        self._starts.append(time.perf_counter())
+        self._starts.append(self._now())
 
     def data_wait(self, seconds: float) -> None:
         """The batch of the step about to start took ``seconds`` to arrive."""
         self._waits.append(seconds)
 
     def step_end(self) -> None:
-        self._end = time.perf_counter()
+        self._end = self._now()
 
     def epoch_end(self) -> None:
         marks = self._starts[self.skip :] + ([self._end] if self._end is not None else [])
@@ -715,7 +729,7 @@ def bench_ablation(
 
 
 #: one small configuration per task for the data-loading benchmark (synthetic data: no files);
-#: point them at real data with ``--overrides data=sst2 data.data_dir=...``
+#: ``--overrides data=sst2 data.data_dir=...`` benchmarks that data alone
 DATA_TASKS = {
     "forecasting": ("data=timeseries",),
     "classification": ("data=sentiment_synthetic",),
@@ -733,12 +747,17 @@ def bench_data(
     common: Sequence[str] = DATA_COMMON,
     epochs: int = 2,
     repeats: int = 1,
+    extra: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Per task: the share of training-step time spent waiting for the next batch (and the
-    template overhead on that task, which the same runs give)."""
+    template overhead on that task, which the same runs give). ``extra`` overrides come last;
+    one choosing the data (``data=sst2``) replaces the tasks by that data alone."""
+    chosen = [o.partition("=")[2] for o in extra if o.partition("=")[0] == "data"]
+    if chosen:
+        tasks = {chosen[-1]: ()}
     rows = []
     for task, overrides in tasks.items():
-        result = bench_overhead([*common, *overrides], epochs=epochs, repeats=repeats)
+        result = bench_overhead([*common, *overrides, *extra], epochs=epochs, repeats=repeats)
         rows.append(
             {"task": task, "data_wait_share": result["data_wait_share"], "plain_step_ms": result["plain_step_ms"],
              "trainer_step_ms": result["trainer_step_ms"], "ratio": result["ratio"]}
