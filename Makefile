@@ -9,7 +9,7 @@ PIP_ARGS ?=
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-fast lint format clean help
+.PHONY: install train test test-fast lint format clean help FORCE
 
 help:
 	@echo "make install    create $(VENV) and install seqlab with pinned versions (idempotent)"
@@ -20,7 +20,13 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# the PIP_ARGS of the last install: other PIP_ARGS (another package index) install again
+PIP_ARGS_USED := $(VENV)/.seqlab-pip-args
+$(PIP_ARGS_USED): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(PIP_ARGS)' | cmp -s - $@ || echo '$(PIP_ARGS)' > $@
+
+$(STAMP): pyproject.toml constraints.txt $(PIP_ARGS_USED)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(PIP_ARGS) -c constraints.txt -e ".[loggers,deepspeed,slurm,dev]"
 	@touch $(STAMP)
@@ -44,3 +50,5 @@ format: install
 
 clean:
 	rm -rf logs/train logs/eval .pytest_cache .ruff_cache
+
+FORCE:

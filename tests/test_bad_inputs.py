@@ -130,3 +130,20 @@ def test_patches_with_gaps_between_them_are_refused(make_cfg) -> None:
         ConfigError, match=r"task.patch_len=4 < task.patch_stride=8: the 4 steps between patches"
     ):
         build_task(cfg.task, cfg.model, build_datamodule(cfg.data))
+
+
+def test_a_data_setting_the_datamodule_does_not_take_is_named() -> None:
+    """``eval.py data_dir=...`` or ``+data.x=`` on data that has no such setting."""
+    from seqlab.train import build_datamodule
+
+    with pytest.raises(
+        ConfigError,
+        match=r"data.data_dir, data.tokenizer: not a setting of SyntheticSeriesDataModule \(its settings: .*num_steps",
+    ):
+        build_datamodule(
+            {
+                "_target_": "seqlab.data.forecasting.SyntheticSeriesDataModule",
+                "data_dir": "/x",
+                "tokenizer": {},
+            }
+        )

@@ -57,6 +57,18 @@ def test_seeds_are_aggregated_and_noise_is_marked(tmp_path: Path) -> None:
     assert beyond_noise([1.0, 1.0], [1.0, 1.0]) is False and beyond_noise([1.0], [2.0, 2.1]) is None
 
 
+def test_a_diverged_or_incomplete_job_leaves_the_others_ranked(tmp_path: Path) -> None:
+    """A NaN metric is left out (it made every mean and ranking NaN, and the std raised); a
+    backbone whose seeds lack the main metric says on how many its row rests."""
+    sweep = fake_sweep(tmp_path, {"lstm": [0.85, float("nan")], "gru": [0.80, 0.81]})
+    rows, _ = aggregate(read_jobs(sweep), "classification")
+    by_name = {row["backbone"]: row for row in rows}
+    assert [row["backbone"] for row in rows] == ["lstm", "gru"]
+    assert by_name["lstm"]["acc"] == pytest.approx(0.85) and "acc_std" not in by_name["lstm"]
+    assert by_name["lstm"]["seeds"] == "1 of 2 (acc missing in the others)"
+    assert by_name["gru"]["seeds"] == 2 and by_name["gru"]["acc"] == pytest.approx(0.805)
+
+
 def test_the_report_is_also_one_self_contained_html_page(tmp_path: Path) -> None:
     sweep = fake_sweep(tmp_path, {"lstm": [0.84, 0.86], "gru": [0.80, 0.81]})
     compare(sweep)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -408,3 +409,26 @@ def test_eval_and_translate_reproduce_the_run_from_the_checkpoint_alone(make_cfg
     task, datamodule = load_translator(sharded)
     assert translate_texts(task, datamodule, sources) == hypotheses
     assert sorted(p.name for p in sharded.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"beam_size": 0}, r"beam_size=0: expected a positive integer or null"),
+        ({"batch_size": 0}, r"batch_size=0: expected a positive integer"),
+        ({"output": "/no/such/dir/out.de"}, r"output='/no/such/dir/out.de': its directory does not exist"),
+    ],
+)
+def test_translate_options_are_checked_before_the_model_loads(
+    tmp_path: Path, caplog, override, message
+) -> None:
+    from omegaconf import OmegaConf
+
+    from seqlab.translate import run
+
+    (tmp_path / "in.txt").write_text("a b c\n")
+    settings = {"ckpt_path": str(tmp_path / "never-read.ckpt"), "input": str(tmp_path / "in.txt"), "output": None,
+                "beam_size": None, "batch_size": 64, "device": "cpu", "data": {}}  # fmt: skip
+    with pytest.raises(SystemExit):
+        run(OmegaConf.create({**settings, **override}))
+    assert any(re.search(message, record.getMessage()) for record in caplog.records), caplog.text

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import logging
 import math
 import statistics
 from collections import defaultdict
@@ -29,6 +30,8 @@ from typing import Any
 from seqlab.errors import ConfigError
 from seqlab.utils.files import write_text_atomic
 from seqlab.utils.run import markdown_table, read_summaries
+
+log = logging.getLogger(__name__)
 
 #: the metric that ranks backbones, and whether higher is better
 MAIN_METRIC = {"forecasting": ("mse", False), "classification": ("acc", True), "translation": ("bleu", True)}
@@ -53,6 +56,12 @@ def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     jobs = []
     for job_dir, summary in read_summaries(sweep_dir):
         metrics = {k.removeprefix("test/"): v for k, v in summary.get("metrics", {}).items()}
+        broken = sorted(
+            k for k, v in metrics.items() if not isinstance(v, (int, float)) or not math.isfinite(v)
+        )
+        if broken:  # a diverged run's NaN would make every mean and ranking NaN
+            log.warning("%s: leaving out its non-finite metrics %s", job_dir, broken)
+            metrics = {k: v for k, v in metrics.items() if k not in broken}
         jobs.append({"dir": job_dir, "summary": summary, "metrics": metrics, "model": summary.get("model")})
     if not jobs:
         raise ConfigError(f"{sweep_dir}: no job of the sweep wrote a summary.json (nothing to compare)")
@@ -110,6 +119,8 @@ def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any
     for name in ranked:
         group = groups[name]
         row: dict[str, Any] = {"backbone": name, "seeds": len(group)}
+        if len(samples[name]) < len(group):  # its mean and verdict rest on fewer seeds
+            row["seeds"] = f"{len(samples[name])} of {len(group)} ({metric} missing in the others)"
         for key in sorted({k for j in group for k in j["metrics"] if not k.startswith("baseline")}):
             mean, std = mean_std([j["metrics"][key] for j in group if key in j["metrics"]])
             row[key] = mean

@@ -6,6 +6,7 @@ it built. The top-level ``train.py`` is only the Hydra entry point.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import warnings
@@ -56,11 +57,38 @@ def to_plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+def check_settings(node: DictConfig | dict, prefix: str) -> None:
+    """Refuse, by name, a key the ``_target_`` class does not take (``+data.data_dir=`` for
+    synthetic data): instantiate would raise a TypeError inside Hydra's traceback instead."""
+    settings = to_plain(node)
+    target = settings.get("_target_")
+    if not target:
+        return
+    parameters: set[str] = set()
+    for cls in get_class(target).__mro__:  # **kwargs handed on to the base classes' __init__
+        if cls is object:
+            return  # takes anything
+        if "__init__" not in vars(cls):
+            continue
+        signature = inspect.signature(cls.__init__).parameters
+        parameters |= {name for name, p in signature.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
+            break
+    unknown = sorted(k for k in settings if not k.startswith("_") and k not in parameters)
+    if unknown:
+        known = sorted(parameters - {"self", "args"})
+        raise ConfigError(
+            f"{', '.join(f'{prefix}.{k}' for k in unknown)}: not a setting of {target.rsplit('.', 1)[-1]} "
+            f"(its settings: {', '.join(known)})"
+        )
+
+
 def build_datamodule(
     data_cfg: DictConfig | dict, artifacts: dict[str, Any] | None = None, prepare: bool = True
 ) -> L.LightningDataModule:
     """Instantiate and prepare the data; ``artifacts`` (a checkpoint's tokenizer...) are reused, not
     rebuilt. ``prepare=False``: no data files are read or written (what needs only the artifacts)."""
+    check_settings(data_cfg, "data")
     datamodule = instantiate(data_cfg, _convert_="all")
     if artifacts and hasattr(datamodule, "use_artifacts"):
         datamodule.use_artifacts(artifacts)

@@ -81,6 +81,15 @@ def run(cfg: DictConfig) -> None:
             lines = path.read_text(encoding="utf-8").split("\n")
         if lines and lines[-1] == "":
             lines.pop()
+        for key in ("beam_size", "batch_size"):  # checked before the model is loaded
+            value = cfg.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(
+                    f"{key}={value!r}: expected a positive integer"
+                    + (" or null" if key == "beam_size" else "")
+                )
+        if cfg.get("output") and not Path(cfg.output).expanduser().parent.is_dir():
+            raise ConfigError(f"output={cfg.output!r}: its directory does not exist")
         device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         task, datamodule = load_translator(cfg.ckpt_path, to_plain(cfg.get("data") or {}), device)
         translations = translate_texts(task, datamodule, lines, cfg.get("beam_size"), int(cfg.batch_size))
