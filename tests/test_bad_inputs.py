@@ -123,13 +123,15 @@ def test_windows_longer_than_the_model_was_built_for_are_refused_by_name(make_cf
 
 
 def test_patches_with_gaps_between_them_are_refused(make_cfg) -> None:
-    from seqlab.train import build_datamodule, build_task
+    """At training (a checkpoint trained so before the check still evaluates)."""
+    from seqlab.train import build_datamodule, build_task, train
 
     cfg = make_cfg("task.patch_len=4", "task.patch_stride=8")
     with pytest.raises(
         ConfigError, match=r"task.patch_len=4 < task.patch_stride=8: the 4 steps between patches"
     ):
-        build_task(cfg.task, cfg.model, build_datamodule(cfg.data))
+        train(cfg)
+    build_task(cfg.task, cfg.model, build_datamodule(cfg.data))  # builds (and loads) as before
 
 
 def test_a_data_setting_the_datamodule_does_not_take_is_named() -> None:

@@ -245,6 +245,24 @@ def test_model_size_gives_every_backbone_the_same_budget(make_cfg, data: str, tm
     assert sum(p.numel() for p in tiny.parameters()) < 60_000
 
 
+def test_a_sized_model_reloads_with_the_width_it_was_trained_with(make_cfg, monkeypatch) -> None:
+    """The solved width is what the checkpoint's hyperparameters hold: budgets changed since (or
+    another parameter count) still rebuild the trained shapes, without solving again."""
+    from seqlab.tasks import base
+
+    cfg = make_cfg("model=transformer", "model.size=tiny")
+    task = build_task(cfg.task, cfg.model, build_datamodule(cfg.data))
+    checkpoint = {"hyper_parameters": dict(task.hparams)}
+    task.on_save_checkpoint(checkpoint)
+    saved = checkpoint["hyper_parameters"]
+    assert "size" not in saved["backbone"] and saved["backbone"]["d_model"] == task.backbone.d_model
+    assert saved["backbone"]["d_model"] != cfg.model.d_model  # solved, not the config's
+    monkeypatch.setitem(base.SIZES, "tiny", 400_000)
+    reloaded = type(task)(**saved)
+    reloaded.load_state_dict(task.state_dict())  # the same shapes
+    assert reloaded.backbone.d_model == task.backbone.d_model
+
+
 def test_unknown_model_size_is_refused(make_cfg) -> None:
     from seqlab.errors import ConfigError
 

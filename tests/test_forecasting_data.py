@@ -208,6 +208,22 @@ def test_a_file_another_process_is_fetching_is_waited_for_not_fetched_again(tmp_
     assert sorted(p.name for p in target.parent.iterdir()) == ["ETTh1.csv"]  # no lock file left
 
 
+def test_a_file_system_without_locks_still_fetches(tmp_path: Path, monkeypatch, caplog) -> None:
+    import errno
+    import fcntl
+
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    source = tmp_path / "remote.csv"
+    source.write_text("date,OT\n")
+    target = tmp_path / "data" / "ETTh1.csv"
+    assert ensure_file(target, source.as_uri(), True) == target
+    assert target.read_text() == "date,OT\n"
+    assert "cannot lock it (No locks available)" in caplog.text
+
+
 def test_a_csv_with_a_byte_order_mark_reads_its_header(tmp_path: Path) -> None:
     path = tmp_path / "excel.csv"
     path.write_bytes("date,OT\n2020-01-01 00:00:00,1.5\n".encode("utf-8-sig"))

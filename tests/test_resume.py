@@ -313,6 +313,11 @@ def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(make_cfg) -> N
         assert torch.equal(resumed["state_dict"][name], tensor), f"{name} trained further"
     summary = json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text())
     assert summary["metrics"]["test/mse"] == pytest.approx(first["test/mse"])
+    # another run started from that checkpoint is not bound by the first run's decision
+    onward = make_cfg(*stops, f"ckpt_path={checkpoints / 'last.ckpt'}", output="onward")
+    train(onward)
+    continued = torch.load(Path(onward.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert continued["global_step"] > ended["global_step"]
 
 
 def test_an_explicit_checkpoint_never_takes_over_another_run(make_cfg, tmp_path: Path) -> None:

@@ -40,21 +40,23 @@ log = logging.getLogger(__name__)
 RESULTS_FILE = "optimization_results.yaml"
 
 
+class SweepError(ValueError):
+    """A search space or stored study this sweeper cannot use (the message names the key)."""
+
+
 def distribution(override: Override) -> Any:
     """The Optuna distribution of one sweep override (Hydra's override grammar)."""
-    key = override.get_key_element()
     try:
         return _distribution(override)
+    except SweepError:
+        raise
     except ValueError as error:  # Optuna's own message names no key: "low <= high must hold"
-        raise ValueError(
-            f"hydra.sweeper.params: {key}={override.input_line.partition('=')[2]}: {error}"
-        ) from None
+        raise SweepError(f"hydra.sweeper.params: {override.input_line}: {error}") from None
 
 
 def _distribution(override: Override) -> Any:
     import optuna
 
-    key = override.get_key_element()
     value = override.value()
     if isinstance(value, ChoiceSweep) or override.is_choice_sweep():
         choices = list(override.sweep_iterator(transformer=lambda x: x))
@@ -69,7 +71,7 @@ def _distribution(override: Override) -> Any:
         if isinstance(value.start, int) and isinstance(value.end, int):
             return optuna.distributions.IntDistribution(value.start, value.end, log=log_scale)
         return optuna.distributions.FloatDistribution(float(value.start), float(value.end), log=log_scale)
-    raise ValueError(f"hydra.sweeper.params: {key}={override.input_line} is not a sweep Optuna can sample")
+    raise SweepError(f"hydra.sweeper.params: {override.input_line} is not a sweep Optuna can sample")
 
 
 def override_value(value: Any) -> str:
@@ -176,16 +178,19 @@ class OptunaSweeper(Sweeper):
             direction=self.direction,
             load_if_exists=True,
         )
+        from seqlab.utils.resume import resume_ignores
+
         search = {
             "direction": self.direction,
-            "fixed": sorted(fixed),
+            # what a single run may change when it resumes (loggers, extras, tags...) may change here
+            "fixed": sorted(o for o in fixed if not resume_ignores(o.lstrip("+~").partition("=")[0])),
             "space": {key: optuna.distributions.distribution_to_json(d) for key, d in sorted(space.items())},
         }
         stored = study.direction.name.lower()  # optuna keeps the stored one, whatever was asked
         saved = study.user_attrs.get("seqlab_search") or {"direction": stored}
         if "fixed" not in saved:  # a new study (or one stored before its settings were)
-            study.set_user_attr("seqlab_search", search)
             saved = {**search, "direction": stored}
+            study.set_user_attr("seqlab_search", saved)
         if saved != search:
             differences = []
             for part in ("direction", "fixed", "space"):
@@ -197,7 +202,7 @@ class OptunaSweeper(Sweeper):
                     then, now = {k: then.get(k) for k in keys}, {k: now.get(k) for k in keys}
                 if then != now:
                     differences.append(f"{part}: {then} then, {now} now")
-            raise ValueError(
+            raise SweepError(
                 f"Optuna study {self.study_name!r} in {storage} holds another search ({'; '.join(differences)}): "
                 "resume it with its own settings, or start another with hydra.sweeper.study_name=<new name> "
                 "or another hydra.sweep.dir"

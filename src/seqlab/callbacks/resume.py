@@ -24,6 +24,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from seqlab.utils.resume import resumes_own_run
+
 log = logging.getLogger(__name__)
 
 
@@ -55,9 +57,10 @@ class ExactResume(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         trainer.fit_loop._load_combined_loader_states()  # no-op unless restarting with saved states
         # a checkpoint saved when early stopping ended the run holds EarlyStopping's decision (its
-        # stopping_reason) but not the stop itself: without this, the resumed run trains one more epoch
+        # stopping_reason) but not the stop itself: without this, the resumed run trains one more
+        # epoch. A run started from another run's checkpoint trains on.
         stopped = [cb for cb in trainer.early_stopping_callbacks if early_stopped(cb)]
-        if stopped and not trainer.should_stop:
+        if stopped and not trainer.should_stop and resumes_own_run(trainer):
             trainer.should_stop = True  # fit ends before its next epoch (once min_epochs are done)
             log.info(
                 "resumed a run that early stopping ended at epoch %d (%s): nothing left to train",

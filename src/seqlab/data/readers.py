@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
+import logging
 import math
 import os
 import shutil
@@ -24,6 +25,8 @@ from seqlab.errors import DataError
 from seqlab.utils.files import atomic_file
 
 DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y/%m/%d %H:%M", "%Y/%m/%d")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -165,18 +168,24 @@ def download(url: str, destination: Path, timeout: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def download_lock(directory: Path) -> Iterator[None]:
-    """One process at a time fetches into ``directory`` (torchrun and srun start every process at
-    once): the others wait, then find the files there instead of replacing them, which would
-    change the files' fingerprint (the cache key) under a process that already read it."""
+    """One process of this host at a time fetches into ``directory`` (torchrun and srun start
+    every process at once): the others wait, then find the files there instead of replacing them,
+    which would change the files' fingerprint (the cache key) under a process that already read
+    it. Without ``flock`` (not POSIX, or a file system that refuses it) the processes fetch side
+    by side, each download still atomic; nor does it order the hosts of a multi-node job on a
+    shared file system (prepare the data once before such a job)."""
     directory.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
-    except ImportError:  # not POSIX: no lock (each process's download is still atomic)
+    except ImportError:
         yield
         return
     handle = os.open(directory, os.O_RDONLY)  # the directory itself: no lock file left behind
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:  # ENOLCK, EOPNOTSUPP: Lustre without flock, some FUSE mounts
+            log.warning("%s: cannot lock it (%s); fetching without the lock", directory, error.strerror)
         yield
     finally:
         os.close(handle)  # releases the lock

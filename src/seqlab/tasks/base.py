@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,6 +21,7 @@ from seqlab.backbones.base import Backbone
 from seqlab.errors import ConfigError
 from seqlab.utils.distributed import offloads_optimizer
 from seqlab.utils.precision import fusable, keep_measurements_precise
+from seqlab.utils.resume import resumes_own_run
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -66,13 +66,19 @@ def sized(config: dict[str, Any], size: str) -> dict[str, Any]:
     return with_width(best)
 
 
-def build_backbone(config: dict[str, Any], **task_requirements: Any) -> Backbone:
+def build_backbone(config: dict[str, Any], padded: bool = True, **task_requirements: Any) -> Backbone:
     """Instantiate a backbone from its plain config; the task adds what it needs (e.g. a decoder).
     ``size`` (tiny | small | base) replaces ``d_model`` with the width of that parameter budget;
     ``compile: true`` compiles each repeated block (``Backbone.layer_classes``) with
     ``torch.compile`` in place, so ``encode`` and ``decode`` both use the compiled blocks and the
-    state dict keeps its names (no ``_orig_mod.`` prefixes in checkpoints)."""
+    state dict keeps its names (no ``_orig_mod.`` prefixes in checkpoints). ``padded``: the task's
+    sequences are padded (text), which truncated BPTT cannot take."""
     config = {**config, **task_requirements}
+    if padded and config.get("tbptt_steps") is not None:  # before the sanity check runs in eval mode
+        raise ConfigError(
+            f"model.tbptt_steps={config['tbptt_steps']} truncates unpadded series (forecasting); this "
+            "task pads its sequences: set model.tbptt_steps=null"
+        )
     size = config.pop("size", None)
     compile_layers = config.pop("compile", False)
     if size is not None:
@@ -80,6 +86,11 @@ def build_backbone(config: dict[str, Any], **task_requirements: Any) -> Backbone
     backbone = instantiate(config, _convert_="all")
     if not isinstance(backbone, Backbone):
         raise ConfigError(f"model._target_={config.get('_target_')!r} is not a seqlab Backbone")
+    #: the config that rebuilds these shapes (the solved width, not ``size``): what checkpoints keep
+    backbone.built_from = {
+        **{key: value for key, value in config.items() if key not in task_requirements},
+        **({"compile": compile_layers} if compile_layers else {}),
+    }
     if compile_layers:
         for module in backbone.modules():
             if backbone.layer_classes and isinstance(module, backbone.layer_classes):
@@ -225,11 +236,7 @@ class SeqTask(L.LightningModule):
         # only when resuming this run (a checkpoint in its own directory), and for the same metric:
         # a run started from another run's checkpoint has not yet seen a validation of its own
         saved = checkpoint.get("seqlab_monitor_best")
-        trainer = self._trainer  # none under load_from_checkpoint (eval.py, translate.py)
-        given = trainer.ckpt_path if trainer is not None else None
-        own = given is not None and Path(given).resolve().is_relative_to(
-            Path(trainer.default_root_dir).resolve()
-        )
+        own = resumes_own_run(self._trainer)  # no trainer under load_from_checkpoint (eval.py, translate.py)
         if own and isinstance(saved, dict) and saved.get("monitor") == self.hparams.monitor:
             self.restored_best = saved["value"]
 
@@ -353,6 +360,13 @@ class SeqTask(L.LightningModule):
         cls = self.task_class()
         checkpoint["seqlab"] = {"task_target": f"{cls.__module__}.{cls.__qualname__}"}
         checkpoint["seqlab"].update(self.run_info)
+        # the backbone as built: a model.size run reloads with its solved width, not by solving again
+        saved = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if saved is not None and "backbone" in saved and hasattr(self.backbone, "built_from"):
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {
+                **saved,
+                "backbone": dict(self.backbone.built_from),
+            }
         # torchmetrics states are not saved: without this a resumed run's ``{monitor}_best`` (the
         # sweep objective) would be the best of the epochs since the resume
         if self.monitor_best.update_count:  # its state, not compute(): no collective inside a save

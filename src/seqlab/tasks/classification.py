@@ -168,8 +168,9 @@ class ClassificationTask(SeqTask):
         confidence, preds = probs.max(dim=-1)
         wrong = preds != labels
         if bool(wrong.any()):
-            rows = torch.stack([batch["index"][wrong], labels[wrong], preds[wrong]], dim=1).double()
-            self._mistakes.append(torch.cat([rows, confidence[wrong, None].double()], dim=1).cpu())
+            # on the host: float64 (exact indices) is not on every accelerator (MPS)
+            rows = torch.stack([batch["index"][wrong], labels[wrong], preds[wrong]], dim=1).cpu().double()
+            self._mistakes.append(torch.cat([rows, confidence[wrong, None].cpu().double()], dim=1))
 
     def on_test_epoch_start(self) -> None:
         self._mistakes = []

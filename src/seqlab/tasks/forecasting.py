@@ -106,12 +106,8 @@ class ForecastingTask(SeqTask):
                 f"task.patch_len={patch_len} and task.patch_stride={patch_stride} must be >= 1 "
                 f"and patch_len <= data.lookback={lookback}"
             )
-        if patch_len < patch_stride:
-            raise ConfigError(
-                f"task.patch_len={patch_len} < task.patch_stride={patch_stride}: the {patch_stride - patch_len} "
-                "steps between patches would never reach the model; use patch_len >= patch_stride"
-            )
-        self.backbone = build_backbone(backbone)
+
+        self.backbone = build_backbone(backbone, padded=False)
         width = self.backbone.d_model
         channels_in = 1 if channel_independence else num_channels
         self.channels_out = channels_in
@@ -143,6 +139,16 @@ class ForecastingTask(SeqTask):
         self._plot_every = 1
 
     # ------------------------------------------------------------------ model
+    def on_fit_start(self) -> None:
+        # at training only: a checkpoint trained so (before this check) still evaluates
+        hp = self.hparams
+        if hp.patch_len < hp.patch_stride:
+            raise ConfigError(
+                f"task.patch_len={hp.patch_len} < task.patch_stride={hp.patch_stride}: the "
+                f"{hp.patch_stride - hp.patch_len} steps between patches would never reach the model; "
+                "use patch_len >= patch_stride"
+            )
+
     def forward(self, x: Tensor) -> Tensor:
         """x [B, L, C] on the dataset scale -> forecast [B, H, C]."""
         batch, length, channels = x.shape

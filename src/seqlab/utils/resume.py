@@ -142,17 +142,28 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
+def resume_ignores(key: str) -> bool:
+    """Whether a config key may differ between a run and its resumption (``RESUME_IGNORES``)."""
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in RESUME_IGNORES)
+
+
+def resumes_own_run(trainer: Any) -> bool:
+    """Whether ``trainer`` (fitting) resumes its own run: the checkpoint it was given lies in its
+    own directory, where resume=auto finds it. A checkpoint of another run only starts this one
+    (its weights, optimizer and loops), not its decisions (the best so far, early stopping)."""
+    given = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+    return given is not None and Path(given).resolve().is_relative_to(
+        Path(trainer.default_root_dir).resolve()
+    )
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: <saved> -> <current>`` for every key that differs, ignored keys left out."""
     old, new = flatten(saved), flatten(current)
-
-    def ignored(key: str) -> bool:
-        return any(key == prefix or key.startswith(prefix + ".") for prefix in RESUME_IGNORES)
-
     keys = sorted(
         k
         for k in old.keys() | new.keys()
-        if not ignored(k) and old.get(k, "<absent>") != new.get(k, "<absent>")
+        if not resume_ignores(k) and old.get(k, "<absent>") != new.get(k, "<absent>")
     )
     return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys]
 
