@@ -145,6 +145,9 @@ def test_bad_task_settings_are_named() -> None:
     with pytest.raises(ConfigError, match=r"task.pooling=first"):
         ClassificationTask(causal_transformer, vocab_size=10, num_classes=2, pooling="first", cls_id=2)
     ClassificationTask(BACKBONES["bilstm"], vocab_size=10, num_classes=2, pooling="first", cls_id=2)
+    # truncated BPTT needs unpadded series: refused when the task is built, not at the first step
+    with pytest.raises(ConfigError, match=r"model.tbptt_steps=4 truncates unpadded series"):
+        ClassificationTask({**BACKBONES["gru"], "tbptt_steps": 4}, vocab_size=10, num_classes=2)
 
 
 TEXT_FAST = [
