@@ -60,6 +60,11 @@ def test_a_slow_backbone_skips_the_longer_lengths() -> None:
     assert "train_ms" in rows[0] and "skipped" in rows[1]
 
 
+def test_truncated_bptt_lengths_run() -> None:
+    rows = bench.bench_lengths(backbones=("gru",), lengths=(8,), batch=1, width=8, repeats=1, tbptt=4)
+    assert rows[0]["backbone"] == "gru+tbptt4" and rows[0]["train_ms"] > 0
+
+
 def test_running_out_of_cpu_memory_skips_the_longer_lengths(monkeypatch) -> None:
     """The CPU allocator raises a plain RuntimeError, not torch.OutOfMemoryError: the lengths
     measured so far are kept; any other error still stops the benchmark."""

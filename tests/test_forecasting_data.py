@@ -15,7 +15,7 @@ import torch
 
 from seqlab.data.forecasting import CSVSeriesDataModule, SyntheticSeriesDataModule
 from seqlab.data.readers import download_lock, ensure_file, read_series_csv
-from seqlab.errors import DataError
+from seqlab.errors import ConfigError, DataError
 
 
 def write_csv(path: Path, rows: int, step: timedelta = timedelta(hours=1), columns=("a", "b", "OT")) -> Path:
@@ -222,6 +222,19 @@ def test_a_file_system_without_locks_still_fetches(tmp_path: Path, monkeypatch, 
     assert ensure_file(target, source.as_uri(), True) == target
     assert target.read_text() == "date,OT\n"
     assert "cannot lock it (No locks available)" in caplog.text
+
+
+def test_the_target_channel_and_the_split_ratios(tmp_path: Path) -> None:
+    write_csv(tmp_path / "x.csv", 2000, columns=("OT", "a", "b"))
+    dm = CSVSeriesDataModule(
+        data_dir=str(tmp_path), file="x.csv", download=False, target="OT", lookback=24, horizon=12
+    )
+    assert dm.task_kwargs()["target_channel"] == 0  # what the report plots and tabulates
+    assert CSVSeriesDataModule(data_dir=str(tmp_path), file="x.csv", download=False, lookback=24,
+                               horizon=12).task_kwargs()["target_channel"] == 2  # fmt: skip
+    for ratios in ([0.6, 0.1, 0.2], [0.7, 0.3], [1.2, -0.1, -0.1]):
+        with pytest.raises(ConfigError, match=r"data.split_ratios=.*three shares .* add up to 1"):
+            CSVSeriesDataModule(data_dir=str(tmp_path), file="x.csv", split_ratios=ratios)
 
 
 def test_a_csv_with_a_byte_order_mark_reads_its_header(tmp_path: Path) -> None:

@@ -95,6 +95,21 @@ def test_eval_reproduces_the_training_test_metrics(make_cfg, tmp_path: Path) -> 
     assert tested["test/mse"] == pytest.approx(train_metrics["test/mse"], rel=1e-6)
 
 
+def test_eval_on_other_data_maps_back_with_that_datas_scaler(make_cfg, tmp_path: Path) -> None:
+    """A forecaster evaluated on another series: its forecasts are on that data's z-scale, so the
+    original-scale metrics and reports use that data's scaler, not the training data's."""
+    cfg = make_cfg("model=lstm", "trainer.max_epochs=1")
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    other = make_cfg(f"ckpt_path={ckpt}", "+data.trend_scale=5.0", name="eval", output="eval")
+    _, objects = evaluate(other)
+    task, data = objects["task"], objects["datamodule"].task_kwargs()
+    trained = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["scaler_mean"]
+    assert data["scaler_mean"] != pytest.approx(trained)  # the other series is scaled otherwise
+    torch.testing.assert_close(task.scaler_mean, torch.tensor(data["scaler_mean"]))
+    torch.testing.assert_close(task.scaler_std, torch.tensor(data["scaler_std"]))
+
+
 def test_eval_rejects_what_is_not_a_seqlab_checkpoint(make_cfg, tmp_path: Path) -> None:
     missing = make_cfg(f"ckpt_path={tmp_path / 'none.ckpt'}", name="eval", output="eval")
     with pytest.raises(ConfigError, match="no such file"):

@@ -46,6 +46,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     task_cls = get_class(info["task_target"])
     task = task_cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     check_data_fits(task, datamodule, given)
+    task.adopt_data(datamodule.task_kwargs())
     trainer = build_trainer(cfg, callbacks=[], loggers=build_loggers(cfg.get("logger"), run_dir))
     trainer.test(task, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}

@@ -188,6 +188,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule = build_datamodule(cfg.data)
     log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)
     task = build_task(cfg.task, cfg.model, datamodule)
+    task.check_trainable()
     num_params = task.num_parameters  # before any sharding strategy splits the parameters
     backbone_params = sum(p.numel() for p in task.backbone.parameters())
     task.run_info = {"data": datamodule_config(datamodule), "data_name": hydra_choice("data")}

@@ -74,6 +74,27 @@ def _distribution(override: Override) -> Any:
     raise SweepError(f"hydra.sweeper.params: {override.input_line} is not a sweep Optuna can sample")
 
 
+#: fixed overrides that may differ when a search resumes: what shows or logs the trials, not
+#: what they compute (narrower than a single run's RESUME_IGNORES: ckpt_path and extras count)
+SWEEP_IGNORES = (
+    "logger",
+    "tags",
+    "callbacks.rich_progress_bar",
+    "callbacks.model_summary",
+    "task.optimizer.fused",
+)
+
+
+def comparable(fixed: list[str]) -> list[str]:
+    """The fixed overrides two attempts of one search must share, sorted."""
+
+    def ignored(override: str) -> bool:
+        key = override.lstrip("+~").partition("=")[0]
+        return any(key == prefix or key.startswith(prefix + ".") for prefix in SWEEP_IGNORES)
+
+    return sorted(o for o in fixed if not ignored(o))
+
+
 def override_value(value: Any) -> str:
     """A sampled value as override text (strings with spaces or symbols quoted; None and booleans
     as Hydra spells them, or they would arrive as the strings 'None', 'True')."""
@@ -178,19 +199,18 @@ class OptunaSweeper(Sweeper):
             direction=self.direction,
             load_if_exists=True,
         )
-        from seqlab.utils.resume import resume_ignores
-
         search = {
             "direction": self.direction,
-            # what a single run may change when it resumes (loggers, extras, tags...) may change here
-            "fixed": sorted(o for o in fixed if not resume_ignores(o.lstrip("+~").partition("=")[0])),
+            "fixed": comparable(fixed),
             "space": {key: optuna.distributions.distribution_to_json(d) for key, d in sorted(space.items())},
         }
         stored = study.direction.name.lower()  # optuna keeps the stored one, whatever was asked
         saved = study.user_attrs.get("seqlab_search") or {"direction": stored}
         if "fixed" not in saved:  # a new study (or one stored before its settings were)
             saved = {**search, "direction": stored}
-            study.set_user_attr("seqlab_search", saved)
+            if stored == self.direction:
+                study.set_user_attr("seqlab_search", saved)
+        saved = {**saved, "fixed": comparable(saved["fixed"])}  # stored before the filter, too
         if saved != search:
             differences = []
             for part in ("direction", "fixed", "space"):

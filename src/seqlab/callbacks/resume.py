@@ -38,6 +38,12 @@ class ExactResume(L.Callback):
     def __init__(self) -> None:
         self.in_epoch = False
         self.pending: dict[str, Any] | None = None
+        #: the early-stopping callbacks' own states, before a checkpoint is restored into them
+        self.fresh_early_stopping: list[dict[str, Any]] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":  # runs before Lightning restores the checkpoint's callback states
+            self.fresh_early_stopping = [cb.state_dict() for cb in trainer.early_stopping_callbacks]
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"cpu": torch.get_rng_state(), "mid_epoch": self.in_epoch}
@@ -58,9 +64,13 @@ class ExactResume(L.Callback):
         trainer.fit_loop._load_combined_loader_states()  # no-op unless restarting with saved states
         # a checkpoint saved when early stopping ended the run holds EarlyStopping's decision (its
         # stopping_reason) but not the stop itself: without this, the resumed run trains one more
-        # epoch. A run started from another run's checkpoint trains on.
+        # epoch. A run started from another run's checkpoint starts its early stopping afresh (its
+        # own patience, no wait count or stop of the other run, which Lightning restores too).
+        if not resumes_own_run(trainer):
+            for callback, state in zip(trainer.early_stopping_callbacks, self.fresh_early_stopping):
+                callback.load_state_dict(state)
         stopped = [cb for cb in trainer.early_stopping_callbacks if early_stopped(cb)]
-        if stopped and not trainer.should_stop and resumes_own_run(trainer):
+        if stopped and not trainer.should_stop:
             trainer.should_stop = True  # fit ends before its next epoch (once min_epochs are done)
             log.info(
                 "resumed a run that early stopping ended at epoch %d (%s): nothing left to train",

@@ -117,8 +117,11 @@ def flops_per_token(task: L.LightningModule, batch: Any) -> float | None:
     tokens = int(task.batch_tokens(batch))
     try:
         cls = task.task_class() if hasattr(task, "task_class") else type(task)
+        hparams = dict(task.hparams)
+        if isinstance(hparams.get("backbone"), dict):  # nothing compiled on meta tensors
+            hparams["backbone"] = {k: v for k, v in hparams["backbone"].items() if k != "compile"}
         with torch.device("meta"):
-            copy = cls(**task.hparams)
+            copy = cls(**hparams)
         meta_batch = move_data_to_device(batch, torch.device("meta"))
         # no anomaly detection on meta tensors (debug presets turn it on; it printed a traceback)
         with torch.autograd.set_detect_anomaly(False):

@@ -117,6 +117,11 @@ class SeriesDataModule(L.LightningDataModule):
             raise ConfigError("data.features=S needs data.target, the column to forecast")
         if split not in ("calendar", "ratio"):
             raise ConfigError(f"data.split={split!r}: expected 'calendar' or 'ratio'")
+        if len(split_ratios) != 3 or min(split_ratios) < 0 or abs(sum(split_ratios) - 1) > 1e-6:
+            raise ConfigError(
+                f"data.split_ratios={list(split_ratios)}: expected three shares of the rows, train, val "
+                "and test, that add up to 1"
+            )
         if lookback < 1 or horizon < 1:
             raise ConfigError(f"data.lookback={lookback} and data.horizon={horizon} must be positive")
         self.lookback = lookback
@@ -219,6 +224,11 @@ class SeriesDataModule(L.LightningDataModule):
             "horizon": self.horizon,
             "baseline_season": season,
             "channel_names": list(self._series.columns),
+            "target_channel": (
+                self._series.columns.index(self.target)
+                if self.target in self._series.columns
+                else self.num_channels - 1
+            ),
             "scaler_mean": [float(v) for v in self.mean],
             "scaler_std": [float(v) for v in self.std],
         }

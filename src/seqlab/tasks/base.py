@@ -66,7 +66,7 @@ def sized(config: dict[str, Any], size: str) -> dict[str, Any]:
     return with_width(best)
 
 
-def build_backbone(config: dict[str, Any], padded: bool = True, **task_requirements: Any) -> Backbone:
+def build_backbone(config: dict[str, Any], padded: bool = False, **task_requirements: Any) -> Backbone:
     """Instantiate a backbone from its plain config; the task adds what it needs (e.g. a decoder).
     ``size`` (tiny | small | base) replaces ``d_model`` with the width of that parameter budget;
     ``compile: true`` compiles each repeated block (``Backbone.layer_classes``) with
@@ -191,6 +191,14 @@ class SeqTask(L.LightningModule):
     # ----------------------------------------------------------------- precision
     def setup(self, stage: str) -> None:
         keep_measurements_precise(self.trainer.precision_plugin, self)
+
+    def adopt_data(self, data: dict[str, Any]) -> None:
+        """Take what describes the data rather than the model (``task_kwargs()``: a scaler, names)
+        when a checkpoint is evaluated on data other than its training's (``eval.py``)."""
+
+    def check_trainable(self) -> None:
+        """Refuse, by name, settings a checkpoint may hold but a new training run must not use
+        (``train.py`` asks before it starts the loggers; loading a checkpoint does not)."""
 
     def convert_batch(self, batch: Any, convert: Callable[[Any], Any]) -> Any:
         """The batch as a precision that casts the model's inputs (``*-true``, DeepSpeed) hands it to

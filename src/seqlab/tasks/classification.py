@@ -93,7 +93,7 @@ class ClassificationTask(SeqTask):
             )
         if num_classes < 2:
             raise ConfigError(f"the data has {num_classes} class(es); classification needs at least 2")
-        self.backbone = build_backbone(backbone)
+        self.backbone = build_backbone(backbone, padded=True)
         if pooling == "first" and self.backbone.causal:
             raise ConfigError(
                 "task.pooling=first reads the [CLS] token, which a causal (left-to-right) backbone "

@@ -11,6 +11,7 @@ scale, with the repeat-last and seasonal-naive baselines on the same test window
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from seqlab.errors import ConfigError, DataError
 from seqlab.tasks.base import SeqTask, build_backbone
 from seqlab.utils.distributed import gather_indexed
 from seqlab.utils.figures import log_figure, log_table
+
+log = logging.getLogger(__name__)
 
 HEADS = ("flatten", "mean", "last")
 
@@ -65,8 +68,9 @@ class ForecastingTask(SeqTask):
 
     Args:
         backbone: the backbone's plain config (``_target_`` and arguments), from ``model=``.
-        num_channels, lookback, horizon, baseline_season, channel_names, scaler_mean, scaler_std:
-            from the datamodule (``task_kwargs()``), never set by hand.
+        num_channels, lookback, horizon, baseline_season, channel_names, scaler_mean, scaler_std,
+            target_channel: from the datamodule (``task_kwargs()``), never set by hand
+            (``target_channel``: the channel the report plots and tabulates, ``data.target``).
         patch_len, patch_stride: steps per input token and the step between tokens
             (1 and 1 give one token per time step).
         channel_independence: model each channel as its own univariate sequence.
@@ -96,6 +100,7 @@ class ForecastingTask(SeqTask):
         monitor: str = "val/mse",
         monitor_mode: str = "min",
         plot_samples: int = 4,
+        target_channel: int = -1,
     ) -> None:
         super().__init__(monitor=monitor, monitor_mode=monitor_mode)
         self.save_hyperparameters()
@@ -107,7 +112,7 @@ class ForecastingTask(SeqTask):
                 f"and patch_len <= data.lookback={lookback}"
             )
 
-        self.backbone = build_backbone(backbone, padded=False)
+        self.backbone = build_backbone(backbone)
         width = self.backbone.d_model
         channels_in = 1 if channel_independence else num_channels
         self.channels_out = channels_in
@@ -121,6 +126,11 @@ class ForecastingTask(SeqTask):
             self.register_buffer(name, value, persistent=False)
         # the seasonal-naive baseline needs a full season in the look-back
         season = baseline_season if baseline_season and baseline_season <= lookback else None
+        if baseline_season and not season:
+            log.warning(
+                "no seasonal-naive baseline: its season of %d steps is longer than data.lookback=%d",
+                baseline_season, lookback,
+            )  # fmt: skip
         self.baseline_season = season
         if season:  # seasonal naive: step h repeats step L - s + (h mod s)
             index = lookback - season + torch.arange(horizon) % season
@@ -139,8 +149,9 @@ class ForecastingTask(SeqTask):
         self._plot_every = 1
 
     # ------------------------------------------------------------------ model
-    def on_fit_start(self) -> None:
-        # at training only: a checkpoint trained so (before this check) still evaluates
+    def check_trainable(self) -> None:
+        # at training only (train.py, before it writes anything): a checkpoint trained so before
+        # this check still evaluates
         hp = self.hparams
         if hp.patch_len < hp.patch_stride:
             raise ConfigError(
@@ -193,6 +204,18 @@ class ForecastingTask(SeqTask):
             name: torch.tensor(v, dtype=torch.float32)
             for name, v in (("scaler_mean", mean), ("scaler_std", std))
         }
+
+    def adopt_data(self, data: dict[str, Any]) -> None:
+        """Evaluated on other data than it was trained on (``eval.py data.file=...``): that data's
+        scaler maps the forecasts back to its original scale, its names label the report."""
+        hp = self.hparams
+        if (data.get("scaler_mean"), data.get("scaler_std")) != (hp.scaler_mean, hp.scaler_std):
+            log.info("the data's scaler differs from training's: original-scale metrics use the data's")
+        for key in ("scaler_mean", "scaler_std", "channel_names", "target_channel"):
+            if key in data:
+                hp[key] = data[key]
+        for name, value in self.scaler_statistics().items():
+            setattr(self, name, value.to(getattr(self, name).device))
 
     def to_original_scale(self, x: Tensor) -> Tensor:
         if self.scaler_std.dtype != torch.float32:
@@ -247,8 +270,9 @@ class ForecastingTask(SeqTask):
         seen = len(self._first_windows)
         missing = -(-FIRST_WINDOWS // world) - seen
         if missing > 0:
-            truth = self.to_original_scale(targets[:missing, :1])[:, 0, -1].float().tolist()
-            forecast = self.to_original_scale(preds[:missing, :1])[:, 0, -1].float().tolist()
+            channel = self.hparams.target_channel
+            truth = self.to_original_scale(targets[:missing, :1])[:, 0, channel].float().tolist()
+            forecast = self.to_original_scale(preds[:missing, :1])[:, 0, channel].float().tolist()
             windows = range(rank + seen * world, rank + (seen + len(truth)) * world, world)
             self._first_windows += list(zip(windows, zip(truth, forecast)))
 
@@ -273,13 +297,14 @@ class ForecastingTask(SeqTask):
 
     # ------------------------------------------------------------------ report
     def plot_predictions(self, inputs: Tensor, targets: Tensor, preds: Tensor) -> Path | None:
-        """Look-back, truth and forecast of the last channel (the target in ETT) on the original scale."""
+        """Look-back, truth and forecast of the target channel (``data.target``; the last one without
+        a target) on the original scale."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        channel = -1
+        channel = self.hparams.target_channel
         names = self.hparams.channel_names or [f"channel {i}" for i in range(self.hparams.num_channels)]
         inputs, targets, preds = (self.to_original_scale(t).float().cpu() for t in (inputs, targets, preds))
         lookback, horizon = inputs.shape[1], targets.shape[1]

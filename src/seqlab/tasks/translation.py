@@ -102,7 +102,7 @@ class TranslationTask(SeqTask):
                 "task.share_embeddings=true needs one vocabulary for both languages: set "
                 "data.shared_vocab=true, or task.share_embeddings=false"
             )
-        self.backbone = build_backbone(backbone, with_decoder=True)
+        self.backbone = build_backbone(backbone, padded=True, with_decoder=True)
         width = self.backbone.d_model
         self.scale = math.sqrt(width)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, width, padding_idx=pad_id)

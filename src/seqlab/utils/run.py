@@ -44,9 +44,12 @@ def git_info(root: Path) -> tuple[dict[str, Any], str]:
         commit = git("rev-parse", "HEAD").strip()
     except (OSError, subprocess.SubprocessError):
         return {"commit": None}, ""
-    branch = git("rev-parse", "--abbrev-ref", "HEAD").strip()
-    status = git("status", "--porcelain")
-    diff = git("diff", "HEAD")
+    try:  # a slow or broken repository never stops a run
+        branch = git("rev-parse", "--abbrev-ref", "HEAD").strip()
+        status = git("status", "--porcelain")
+        diff = git("diff", "HEAD")
+    except (OSError, subprocess.SubprocessError) as err:
+        return {"commit": commit, "error": f"{type(err).__name__}: {err}"}, ""
     return {"commit": commit, "branch": branch, "dirty": bool(status.strip()), "status": status}, diff
 
 
