@@ -41,7 +41,9 @@ def test_sharded_strategies_are_told_apart() -> None:
 
 def test_ddp_writes_one_run_dir_and_matches_one_process(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
-    ddp = run_script("train.py", "trainer=ddp", *SAME_FUNCTION, f"paths.log_dir={logs}", timeout=300)
+    # 5 plotted of the 469 test windows: 0, 117, 234, 351, 468 (rank 1 evaluates the odd ones)
+    plots = "task.plot_samples=5"
+    ddp = run_script("train.py", "trainer=ddp", *SAME_FUNCTION, plots, f"paths.log_dir={logs}", timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     runs = list((logs / "train" / "runs").iterdir())
     assert len(runs) == 1, f"one run directory, got {runs}"
@@ -56,7 +58,9 @@ def test_ddp_writes_one_run_dir_and_matches_one_process(tmp_path: Path) -> None:
     assert ddp.stdout.count("run directory:") == 1
 
     single_logs = tmp_path / "single"
-    one = run_script("train.py", "trainer=cpu", *SAME_FUNCTION, f"paths.log_dir={single_logs}", timeout=300)
+    one = run_script(
+        "train.py", "trainer=cpu", *SAME_FUNCTION, plots, f"paths.log_dir={single_logs}", timeout=300
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     (single_run,) = list((single_logs / "train" / "runs").iterdir())
     # same global batch (32 = 2 x 16) and seed: the same windows at every step, the same weights
@@ -76,6 +80,9 @@ def test_ddp_writes_one_run_dir_and_matches_one_process(tmp_path: Path) -> None:
     assert [r["truth"] for r in ddp_rows] == [r["truth"] for r in single_rows]
     predictions = [torch.tensor([float(r["prediction"]) for r in rows]) for rows in tables]
     torch.testing.assert_close(*predictions, atol=1e-3, rtol=1e-3)
+    # the predictions figure shows the same windows, spread over the test period, from both processes
+    plotted = summary["test_report"]["plotted_windows"]
+    assert plotted == single_summary["test_report"]["plotted_windows"] == [0, 117, 234, 351, 468]
 
 
 def test_ddp_spawn_runs(tmp_path: Path) -> None:

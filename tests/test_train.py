@@ -39,6 +39,8 @@ def test_run_directory_holds_everything(make_cfg, tmp_path: Path) -> None:
     assert (run / "plots" / "test_predictions.png").stat().st_size > 10_000
     assert not list(run.rglob("*.tmp")), "no temporary checkpoint files are left behind"
     summary = json.loads((run / "summary.json").read_text())
+    plotted = summary["test_report"]["plotted_windows"]  # first and last test window, two between
+    assert len(plotted) == 4 and plotted[0] == 0 and plotted[-1] > plotted[-2] > plotted[1] > 0
     required = {"task", "data", "model", "trainer", "metrics", "baseline", "wall_s", "train_samples_per_s",
                 "train_tokens_per_s", "flops_per_token", "time_to_first_step_s", "peak_memory_mb",
                 "num_params", "epochs", "global_step"}  # fmt: skip
@@ -108,6 +110,14 @@ def test_eval_on_other_data_maps_back_with_that_datas_scaler(make_cfg, tmp_path:
     assert data["scaler_mean"] != pytest.approx(trained)  # the other series is scaled otherwise
     torch.testing.assert_close(task.scaler_mean, torch.tensor(data["scaler_mean"]))
     torch.testing.assert_close(task.scaler_std, torch.tensor(data["scaler_std"]))
+
+
+def test_plotted_windows_are_spread_over_the_test_period() -> None:
+    from seqlab.tasks.forecasting import spread
+
+    assert spread(100, 4) == [0, 33, 66, 99]
+    assert spread(3, 4) == [0, 1, 2] and spread(1, 4) == [0] and spread(10, 1) == [0]
+    assert spread(0, 4) == [] and spread(10, 0) == []
 
 
 def test_eval_rejects_what_is_not_a_seqlab_checkpoint(make_cfg, tmp_path: Path) -> None:

@@ -63,6 +63,15 @@ def metric_set(prefix: str) -> MetricCollection:
     return MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError()}, prefix=prefix)
 
 
+def spread(total: int, count: int) -> list[int]:
+    """``count`` indices of ``range(total)`` spread evenly, first and last included."""
+    if total <= 0 or count <= 0:
+        return []
+    if count == 1 or total == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
+
+
 class ForecastingTask(SeqTask):
     """Direct multi-step forecaster around any backbone's ``encode``.
 
@@ -143,10 +152,14 @@ class ForecastingTask(SeqTask):
         self.baseline_metrics = nn.ModuleDict({"last": metric_set("test/baseline_last_")})
         if season:
             self.baseline_metrics["seasonal"] = metric_set("test/baseline_seasonal_")
-        self._plot_rows: list[tuple[Tensor, Tensor, Tensor]] = []
+        #: (window, (inputs, targets, forecast)) of the windows the report plots, on the host
+        self._plot_rows: list[tuple[int, tuple[Tensor, Tensor, Tensor]]] = []
+        self._plot_windows: set[int] = set()
+        self._seen = 0  # test windows this process has evaluated this epoch
+        #: what the test adds to summary.json: the windows the predictions figure shows
+        self.test_report: dict[str, Any] = {}
         # (window, (truth, forecast)) of the first forecast step of the target, first test windows
         self._first_windows: list[tuple[int, tuple[float, float]]] = []
-        self._plot_every = 1
 
     # ------------------------------------------------------------------ model
     def check_trainable(self) -> None:
@@ -263,10 +276,13 @@ class ForecastingTask(SeqTask):
         self.baseline_metrics["last"].update(inputs[:, -1:].repeat(1, horizon, 1), targets)
         if self.baseline_season:
             self.baseline_metrics["seasonal"].update(inputs[:, self.seasonal_index], targets)
-        if batch_idx % self._plot_every == 0 and len(self._plot_rows) < self.hparams.plot_samples:
-            self._plot_rows.append((inputs[0], targets[0], preds[0]))
         # process r of N evaluates windows r, r + N, r + 2N, ... (EvalShardSampler), in order
         world, rank = self.trainer.world_size, self.trainer.global_rank
+        for row in range(len(inputs)):
+            window = rank + (self._seen + row) * world
+            if window in self._plot_windows:
+                self._plot_rows.append((window, (inputs[row].cpu(), targets[row].cpu(), preds[row].cpu())))
+        self._seen += len(inputs)
         seen = len(self._first_windows)
         missing = -(-FIRST_WINDOWS // world) - seen
         if missing > 0:
@@ -277,17 +293,25 @@ class ForecastingTask(SeqTask):
             self._first_windows += list(zip(windows, zip(truth, forecast)))
 
     def on_test_epoch_start(self) -> None:
-        # plot windows spread over the test period: the first window of every k-th batch
-        batches = self.trainer.num_test_batches[0] if self.trainer.num_test_batches else 1
-        finite = batches != float("inf")
-        self._plot_every = max(1, int(batches) // max(1, self.hparams.plot_samples)) if finite else 1
+        # the windows plotted: spread evenly over those evaluated, whatever the number of processes
+        self._seen, self._plot_rows = 0, []
+        loader = self.trainer.test_dataloaders
+        loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+        windows = len(loader.dataset) if hasattr(loader, "dataset") else 0
+        batches = self.trainer.num_test_batches[0] if self.trainer.num_test_batches else float("inf")
+        per_batch = getattr(getattr(loader, "sampler", None), "batch_size", None)  # EvalShardSampler's
+        if batches != float("inf") and per_batch:  # limit_test_batches
+            windows = min(windows, int(batches) * per_batch * self.trainer.world_size)
+        self._plot_windows = set(spread(windows, self.hparams.plot_samples))
 
     def on_test_epoch_end(self) -> None:
         for metrics in (self.test_metrics, self.test_orig_metrics, *self.baseline_metrics.values()):
             self.log_dict(metrics.compute(), sync_dist=True)
             metrics.reset()
-        if self._plot_rows and self.trainer.is_global_zero:
-            self.plot_predictions(*(torch.stack(column) for column in zip(*self._plot_rows)))
+        plotted = gather_indexed(self._plot_rows)  # every process's share, in window order
+        if plotted and self.trainer.is_global_zero:
+            self.plot_predictions(*(torch.stack(column) for column in zip(*(rows for _, rows in plotted))))
+        self.test_report = {"plotted_windows": [window for window, _ in plotted]}
         # the first test windows of all processes: compare.py overlays the backbones' forecasts
         first = gather_indexed(self._first_windows)[:FIRST_WINDOWS]
         if first and self.trainer.is_global_zero:
