@@ -120,6 +120,25 @@ def test_plotted_windows_are_spread_over_the_test_period() -> None:
     assert spread(0, 4) == [] and spread(10, 0) == []
 
 
+def test_plotted_windows_under_limit_test_batches_are_windows_evaluated(make_cfg) -> None:
+    """2 processes, 577 windows, batches of 32, 9 test batches: process 0 evaluates windows
+    0, 2, ..., 574; process 1 split its last batch to have as many batches, so its first 9 end
+    at window 543. The last window plotted is 574, one that was evaluated (not 575)."""
+    from types import SimpleNamespace
+
+    from seqlab.data.samplers import EvalShardSampler
+    from seqlab.train import build_datamodule, build_task
+
+    cfg = make_cfg()
+    task = build_task(cfg.task, cfg.model, build_datamodule(cfg.data))
+    loader = SimpleNamespace(sampler=EvalShardSampler(577, 2, 0, 32), dataset=range(577))
+    task._trainer = SimpleNamespace(test_dataloaders=loader, num_test_batches=[9], world_size=2)
+    task.on_test_epoch_start()
+    evaluated = {int(w) for r in range(2) for b in EvalShardSampler(577, 2, r, 32).batches()[:9] for w in b}
+    assert len(evaluated) == 288 + 272 and max(evaluated) == 574
+    assert task._plot_windows <= evaluated and max(task._plot_windows) == 574 and len(task._plot_windows) == 4
+
+
 def test_eval_rejects_what_is_not_a_seqlab_checkpoint(make_cfg, tmp_path: Path) -> None:
     missing = make_cfg(f"ckpt_path={tmp_path / 'none.ckpt'}", name="eval", output="eval")
     with pytest.raises(ConfigError, match="no such file"):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection
 
 from seqlab.backbones.base import pool
+from seqlab.data.samplers import EvalShardSampler
 from seqlab.errors import ConfigError, DataError
 from seqlab.tasks.base import SeqTask, build_backbone
 from seqlab.utils.distributed import gather_indexed
@@ -135,7 +136,9 @@ class ForecastingTask(SeqTask):
             self.register_buffer(name, value, persistent=False)
         # the seasonal-naive baseline needs a full season in the look-back
         season = baseline_season if baseline_season and baseline_season <= lookback else None
-        if baseline_season and not season:
+        if (
+            baseline_season and not season and torch.get_default_device().type != "meta"
+        ):  # not FLOP counting's copy
             log.warning(
                 "no seasonal-naive baseline: its season of %d steps is longer than data.lookback=%d",
                 baseline_season, lookback,
@@ -281,7 +284,9 @@ class ForecastingTask(SeqTask):
         for row in range(len(inputs)):
             window = rank + (self._seen + row) * world
             if window in self._plot_windows:
-                self._plot_rows.append((window, (inputs[row].cpu(), targets[row].cpu(), preds[row].cpu())))
+                # copies of the rows alone (a view would keep, and pickle, its whole batch)
+                rows = (inputs[row], targets[row], preds[row])
+                self._plot_rows.append((window, tuple(t.detach().cpu().clone() for t in rows)))
         self._seen += len(inputs)
         seen = len(self._first_windows)
         missing = -(-FIRST_WINDOWS // world) - seen
@@ -297,12 +302,22 @@ class ForecastingTask(SeqTask):
         self._seen, self._plot_rows = 0, []
         loader = self.trainer.test_dataloaders
         loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-        windows = len(loader.dataset) if hasattr(loader, "dataset") else 0
+        count = self.hparams.plot_samples
         batches = self.trainer.num_test_batches[0] if self.trainer.num_test_batches else float("inf")
-        per_batch = getattr(getattr(loader, "sampler", None), "batch_size", None)  # EvalShardSampler's
-        if batches != float("inf") and per_batch:  # limit_test_batches
-            windows = min(windows, int(batches) * per_batch * self.trainer.world_size)
-        self._plot_windows = set(spread(windows, self.hparams.plot_samples))
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, EvalShardSampler) and batches != float("inf"):  # limit_test_batches
+            # the windows the processes' first batches hold (a last batch may have been split)
+            evaluated = sorted(
+                int(window)
+                for rank in range(sampler.num_replicas)
+                for batch in EvalShardSampler(
+                    sampler.size, sampler.num_replicas, rank, sampler.batch_size
+                ).batches()[: int(batches)]
+                for window in batch
+            )
+            self._plot_windows = {evaluated[i] for i in spread(len(evaluated), count)}
+        else:
+            self._plot_windows = set(spread(len(loader.dataset) if hasattr(loader, "dataset") else 0, count))
 
     def on_test_epoch_end(self) -> None:
         for metrics in (self.test_metrics, self.test_orig_metrics, *self.baseline_metrics.values()):
@@ -330,7 +345,10 @@ class ForecastingTask(SeqTask):
 
         channel = self.hparams.target_channel
         names = self.hparams.channel_names or [f"channel {i}" for i in range(self.hparams.num_channels)]
-        inputs, targets, preds = (self.to_original_scale(t).float().cpu() for t in (inputs, targets, preds))
+        device = self.scaler_std.device  # the rows come gathered on the host; the scaler is the model's
+        inputs, targets, preds = (
+            self.to_original_scale(t.to(device)).float().cpu() for t in (inputs, targets, preds)
+        )
         lookback, horizon = inputs.shape[1], targets.shape[1]
         fig, axes = plt.subplots(len(inputs), 1, figsize=(9, 2.2 * len(inputs)), squeeze=False)
         for i, ax in enumerate(axes[:, 0]):
