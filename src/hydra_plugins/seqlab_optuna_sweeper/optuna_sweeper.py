@@ -87,12 +87,9 @@ SWEEP_IGNORES = (
 
 def comparable(fixed: list[str]) -> list[str]:
     """The fixed overrides two attempts of one search must share, sorted."""
+    from seqlab.utils.resume import override_key, under
 
-    def ignored(override: str) -> bool:
-        key = override.lstrip("+~").partition("=")[0]
-        return any(key == prefix or key.startswith(prefix + ".") for prefix in SWEEP_IGNORES)
-
-    return sorted(o for o in fixed if not ignored(o))
+    return sorted(o for o in fixed if not under(override_key(o), SWEEP_IGNORES))
 
 
 def override_value(value: Any) -> str:

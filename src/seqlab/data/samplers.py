@@ -272,6 +272,17 @@ class EvalShardSampler(DistributedSampler, SequentialSampler):
             batches += list(last.split((len(last) + 1) // 2))
         return batches
 
+    def evaluated(self, batches: int | None = None) -> list[int]:
+        """The examples every process evaluates, in order: all, or those of each process's first
+        ``batches`` batches (``limit_test_batches``; a split last batch holds fewer)."""
+        if batches is None or self.batch_size is None:
+            return list(range(self.size))
+        shares = (
+            EvalShardSampler(self.size, self.num_replicas, r, self.batch_size)
+            for r in range(self.num_replicas)
+        )
+        return sorted(int(i) for share in shares for batch in share.batches()[:batches] for i in batch)
+
     def __iter__(self) -> Iterator[Any]:
         if self.batch_size is None:
             return iter(range(self.rank, self.size, self.num_replicas))

@@ -121,7 +121,6 @@ class ForecastingTask(SeqTask):
                 f"task.patch_len={patch_len} and task.patch_stride={patch_stride} must be >= 1 "
                 f"and patch_len <= data.lookback={lookback}"
             )
-
         self.backbone = build_backbone(backbone)
         width = self.backbone.d_model
         channels_in = 1 if channel_independence else num_channels
@@ -136,13 +135,6 @@ class ForecastingTask(SeqTask):
             self.register_buffer(name, value, persistent=False)
         # the seasonal-naive baseline needs a full season in the look-back
         season = baseline_season if baseline_season and baseline_season <= lookback else None
-        if (
-            baseline_season and not season and torch.get_default_device().type != "meta"
-        ):  # not FLOP counting's copy
-            log.warning(
-                "no seasonal-naive baseline: its season of %d steps is longer than data.lookback=%d",
-                baseline_season, lookback,
-            )  # fmt: skip
         self.baseline_season = season
         if season:  # seasonal naive: step h repeats step L - s + (h mod s)
             index = lookback - season + torch.arange(horizon) % season
@@ -281,20 +273,18 @@ class ForecastingTask(SeqTask):
             self.baseline_metrics["seasonal"].update(inputs[:, self.seasonal_index], targets)
         # process r of N evaluates windows r, r + N, r + 2N, ... (EvalShardSampler), in order
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        for row in range(len(inputs)):
-            window = rank + (self._seen + row) * world
+        windows = range(rank + self._seen * world, rank + (self._seen + len(inputs)) * world, world)
+        self._seen += len(inputs)
+        for row, window in enumerate(windows):
             if window in self._plot_windows:
                 # copies of the rows alone (a view would keep, and pickle, its whole batch)
                 rows = (inputs[row], targets[row], preds[row])
                 self._plot_rows.append((window, tuple(t.detach().cpu().clone() for t in rows)))
-        self._seen += len(inputs)
-        seen = len(self._first_windows)
-        missing = -(-FIRST_WINDOWS // world) - seen
+        missing = -(-FIRST_WINDOWS // world) - len(self._first_windows)
         if missing > 0:
             channel = self.hparams.target_channel
             truth = self.to_original_scale(targets[:missing, :1])[:, 0, channel].float().tolist()
             forecast = self.to_original_scale(preds[:missing, :1])[:, 0, channel].float().tolist()
-            windows = range(rank + seen * world, rank + (seen + len(truth)) * world, world)
             self._first_windows += list(zip(windows, zip(truth, forecast)))
 
     def on_test_epoch_start(self) -> None:
@@ -302,22 +292,18 @@ class ForecastingTask(SeqTask):
         self._seen, self._plot_rows = 0, []
         loader = self.trainer.test_dataloaders
         loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-        count = self.hparams.plot_samples
         batches = self.trainer.num_test_batches[0] if self.trainer.num_test_batches else float("inf")
         sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, EvalShardSampler) and batches != float("inf"):  # limit_test_batches
-            # the windows the processes' first batches hold (a last batch may have been split)
-            evaluated = sorted(
-                int(window)
-                for rank in range(sampler.num_replicas)
-                for batch in EvalShardSampler(
-                    sampler.size, sampler.num_replicas, rank, sampler.batch_size
-                ).batches()[: int(batches)]
-                for window in batch
-            )
-            self._plot_windows = {evaluated[i] for i in spread(len(evaluated), count)}
+        if isinstance(sampler, EvalShardSampler):
+            evaluated = sampler.evaluated(None if batches == float("inf") else int(batches))
         else:
-            self._plot_windows = set(spread(len(loader.dataset) if hasattr(loader, "dataset") else 0, count))
+            evaluated = range(len(loader.dataset) if hasattr(loader, "dataset") else 0)
+        self._plot_windows = {evaluated[i] for i in spread(len(evaluated), self.hparams.plot_samples)}
+        if self.hparams.baseline_season and not self.baseline_season and self.trainer.is_global_zero:
+            log.warning(
+                "no seasonal-naive baseline: its season of %d steps is longer than data.lookback=%d",
+                self.hparams.baseline_season, self.hparams.lookback,
+            )  # fmt: skip
 
     def on_test_epoch_end(self) -> None:
         for metrics in (self.test_metrics, self.test_orig_metrics, *self.baseline_metrics.values()):

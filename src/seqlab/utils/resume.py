@@ -106,11 +106,21 @@ def running_process(run_dir: Path) -> int | None:
     return pid_number
 
 
+def override_key(override: str) -> str:
+    """The config key an override sets (``+a.b=1``, ``~a.b`` -> ``a.b``)."""
+    return override.partition("=")[0].lstrip("+~")
+
+
+def under(key: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``key`` is one of ``prefixes`` or inside one (``logger.wandb.mode`` is under ``logger``)."""
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+
+
 def comparable(overrides: list[str]) -> list[str]:
     """The overrides that make two commands the same run: all but ``resume`` (a run started from
     ``ckpt_path=A`` is continued only by a command with the same ``ckpt_path``, never taken over
     by one without it or with another)."""
-    return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "resume")
+    return sorted(o for o in overrides if override_key(o) != "resume")
 
 
 def find_interrupted_run(runs_dir: Path, overrides: list[str]) -> Path | None:
@@ -142,11 +152,6 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
-def resume_ignores(key: str) -> bool:
-    """Whether a config key may differ between a run and its resumption (``RESUME_IGNORES``)."""
-    return any(key == prefix or key.startswith(prefix + ".") for prefix in RESUME_IGNORES)
-
-
 def resumes_own_run(trainer: Any) -> bool:
     """Whether ``trainer`` (fitting) resumes its own run: the checkpoint it was given lies in its
     own directory, where resume=auto finds it. A checkpoint of another run only starts this one
@@ -163,7 +168,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     keys = sorted(
         k
         for k in old.keys() | new.keys()
-        if not resume_ignores(k) and old.get(k, "<absent>") != new.get(k, "<absent>")
+        if not under(k, RESUME_IGNORES) and old.get(k, "<absent>") != new.get(k, "<absent>")
     )
     return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys]
 
