@@ -11,6 +11,7 @@ import pytest
 
 from seqlab.compare import aggregate, beyond_noise, compare, read_jobs
 from seqlab.errors import ConfigError
+from seqlab.utils.run import write_summary
 from tests.conftest import FAST, run_script
 
 
@@ -25,7 +26,7 @@ def fake_sweep(root: Path, results: dict[str, list[float]], task: str = "classif
                 "task": task, "model": model, "seed": seed, "metrics": {"test/acc": value, "test/f1": value - 0.01},
                 "wall_s": 10.0 + job, "train_samples_per_s": 100.0, "peak_memory_mb": 50.0, "num_params": 1000,
             }  # fmt: skip
-            (job_dir / "summary.json").write_text(json.dumps(summary))
+            write_summary(job_dir, summary)
             job += 1
     return root
 
@@ -67,6 +68,24 @@ def test_a_diverged_or_incomplete_job_leaves_the_others_ranked(tmp_path: Path) -
     assert by_name["lstm"]["acc"] == pytest.approx(0.85) and "acc_std" not in by_name["lstm"]
     assert by_name["lstm"]["seeds"] == "1 of 2 (acc missing in the others)"
     assert by_name["gru"]["seeds"] == 2 and by_name["gru"]["acc"] == pytest.approx(0.805)
+
+
+def test_summary_json_is_strict_json(tmp_path: Path) -> None:
+    """A diverged run's NaN and infinite figures are written ``null``: ``jq``, JavaScript and Go
+    refuse Python's ``NaN``. Tensors and NumPy numbers are written as plain numbers."""
+    import numpy as np
+    import torch
+
+    summary = {"metrics": {"test/mse": float("nan"), "test/mae": torch.tensor(0.5)},
+               "wall_s": np.float32(2.0), "peak": [float("inf"), 3], "ok": True, "model": None}  # fmt: skip
+    text = (write_summary(tmp_path, summary)).read_text()
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"not strict JSON: {name}")
+
+    assert json.loads(text, parse_constant=refuse) == {
+        "metrics": {"test/mse": None, "test/mae": 0.5}, "wall_s": 2.0, "peak": [None, 3], "ok": True, "model": None,
+    }  # fmt: skip
 
 
 def test_the_report_is_also_one_self_contained_html_page(tmp_path: Path) -> None:

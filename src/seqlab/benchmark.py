@@ -800,8 +800,7 @@ def bench_startup(overrides: Sequence[str] = STARTUP_OVERRIDES, repeats: int = 3
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    from seqlab.utils.files import write_text_atomic
+    from seqlab.utils.files import write_json_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(payload, indent=2, default=float) + "\n")
+    write_json_atomic(path, payload)
     return path

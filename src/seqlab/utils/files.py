@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -37,3 +40,24 @@ def _umask() -> int:
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """``payload`` as strict JSON (indented, one trailing newline): a number that is not finite (a
+    diverged run's NaN loss) is written ``null``, since strict readers (``jq``, JavaScript, Go)
+    refuse Python's ``NaN`` and ``Infinity``; tensors and NumPy numbers are written as numbers."""
+    write_text_atomic(path, json.dumps(_strict(payload), indent=2, allow_nan=False) + "\n")
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    try:
+        number = float(value)  # floats, 0-d tensors, NumPy scalars
+    except (TypeError, ValueError):
+        return value  # not a number: json.dumps names its type
+    return number if math.isfinite(number) else None

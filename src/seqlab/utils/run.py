@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from seqlab.utils.files import write_text_atomic
+from seqlab.utils.files import write_json_atomic, write_text_atomic
 from seqlab.utils.logging import process_rank
 from seqlab.utils.secrets import redact, redact_text, scrub_hydra_files
 
@@ -120,7 +120,7 @@ def hydra_choice(group: str) -> str | None:
 
 def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
     path = run_dir / SUMMARY_FILE
-    write_text_atomic(path, json.dumps(summary, indent=2, default=float) + "\n")
+    write_json_atomic(path, summary)
     return path
 
 
