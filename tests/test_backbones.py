@@ -185,7 +185,10 @@ def test_encoder_only_backbones_have_no_decoder_parameters() -> None:
         (lambda: RNNBackbone(cell="transformer"), "model.cell"),
         (lambda: RNNBackbone(attention="dot"), "model.attention"),
         (lambda: RNNBackbone(d_model=15, bidirectional=True), "even d_model"),
-        (lambda: TransformerBackbone(d_model=30, nhead=4), "divisible by nhead"),
+        (
+            lambda: TransformerBackbone(d_model=30, nhead=4),
+            "model.d_model=30 must be a multiple of model.nhead=4",
+        ),
     ],
 )
 def test_bad_backbone_settings_are_named(make, message: str) -> None:

@@ -149,3 +149,35 @@ def test_a_data_setting_the_datamodule_does_not_take_is_named() -> None:
                 "tokenizer": {},
             }
         )
+
+
+@pytest.mark.parametrize(
+    ("target", "setting"),
+    [
+        ("seqlab.data.classification.SyntheticSentimentDataModule", {"data_dir": "/x"}),
+        ("seqlab.data.translation.SyntheticTranslationDataModule", {"source_lang": "de"}),
+    ],
+)
+def test_a_file_setting_given_to_generated_text_data_is_named(target: str, setting: dict) -> None:
+    """The synthetic text datamodules take the file datamodules' settings through ``**kwargs``
+    (so the setting check passes them) and used to drop ``data_dir`` and the like silently."""
+    from seqlab.train import build_datamodule
+
+    key, value = next(iter(setting.items()))
+    with pytest.raises(
+        ConfigError, match=rf"data.{key}='{value}': Synthetic\w+ generates its data in memory"
+    ):
+        build_datamodule({"_target_": target, **setting}, prepare=False)
+    build_datamodule({"_target_": target, "data_dir": None}, prepare=False)  # what a checkpoint hands back
+
+
+def test_an_error_raised_while_the_config_is_instantiated_is_seqlabs_own(make_cfg, tmp_path: Path) -> None:
+    """Hydra wraps what a datamodule's or backbone's ``__init__`` raises in its own exception
+    (printed with a traceback); the entry points print a ``ConfigError`` as one line."""
+    from seqlab.train import train
+
+    with pytest.raises(ConfigError, match=r"data.split_ratios=\[0.5, 0.6, 0.1\]: expected three shares"):
+        train(make_cfg("+data.split_ratios=[0.5,0.6,0.1]"))
+    with pytest.raises(ConfigError, match=r"model.nhead"):
+        train(make_cfg("model.nhead=3", output="b"))  # d_model 32 is not a multiple of 3
+    assert not (tmp_path / "run" / "summary.json").exists()

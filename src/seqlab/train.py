@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqlab.callbacks import DivergenceGuard, ExactResume, RunStats, SaveOnSigterm
 from seqlab.callbacks.run_stats import start_job
-from seqlab.errors import ConfigError, SeqlabError
+from seqlab.errors import ConfigError, SeqlabError, instantiate
 from seqlab.utils import hooks
 from seqlab.utils.checkpoint_io import AtomicCheckpointIO
 from seqlab.utils.csv_logger import CSVLogger

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqlab.backbones.base import Backbone, State, key_padding_to_attn_mask
+from seqlab.errors import ConfigError
 
 
 def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
@@ -35,7 +36,9 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, nhead: int, dropout: float) -> None:
         super().__init__()
         if d_model % nhead:
-            raise ValueError(f"d_model={d_model} must be divisible by nhead={nhead}")
+            raise ConfigError(
+                f"model.d_model={d_model} must be a multiple of model.nhead={nhead} (the heads split it)"
+            )
         self.nhead = nhead
         self.dropout = dropout
         self.query = nn.Linear(d_model, d_model)

@@ -29,7 +29,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from seqlab.data.readers import ensure_extracted
-from seqlab.data.text_base import BatchedTextDataModule, FlatSequences, file_fingerprint, publish
+from seqlab.data.text_base import (
+    BatchedTextDataModule,
+    FlatSequences,
+    file_fingerprint,
+    generated_in_memory,
+    publish,
+)
 from seqlab.data.text_readers import LabelledTexts, read_aclimdb, read_table
 from seqlab.data.tokenization import (
     CLS_ID,
@@ -460,10 +466,10 @@ class SyntheticSentimentDataModule(TextClassificationDataModule):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("label_names", ["negative", "neutral", "positive"])
-        # generated, not read: no files (a checkpoint's saved hparams pass these back unchanged)
-        kwargs.update(
-            data_dir=None, val_file=None, test_file=None, classes=["negative", "neutral", "positive"]
-        )
+        generated_in_memory(
+            type(self).__name__, kwargs,
+            data_dir=None, val_file=None, test_file=None, classes=["negative", "neutral", "positive"],
+        )  # fmt: skip
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self._absolute_paths()

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from seqlab.data.forecasting import keep_batch
 from seqlab.data.samplers import BucketSampler, ResumableLoader, per_replica_batch_size, replicas, shuffles
 from seqlab.data.tokenization import PAD_ID
+from seqlab.errors import ConfigError
 
 
 class FlatSequences:
@@ -74,6 +75,19 @@ class FlatSequences:
             (batch_ids.view(shape), batch_mask.view(shape))
             for batch_ids, batch_mask, shape in zip(ids.split(counts), pad_mask.split(counts), shapes)
         ]
+
+
+def generated_in_memory(owner: str, settings: dict[str, Any], **fixed: Any) -> None:
+    """Set a generated dataset's fixed settings (no files to read) in ``settings``, refusing by
+    name a value given for one of them (``+data.data_dir=`` was silently ignored). The fixed
+    value itself passes: a checkpoint's saved hyperparameters hand it back."""
+    given = {key: settings[key] for key in fixed if key in settings and settings[key] != fixed[key]}
+    if given:
+        raise ConfigError(
+            f"{', '.join(f'data.{key}={value!r}' for key, value in given.items())}: {owner} generates its "
+            "data in memory and reads no files; leave it out, or choose a file dataset (data=sst2, multi30k ...)"
+        )
+    settings.update(fixed)
 
 
 def file_fingerprint(path: Path) -> list[Any]:

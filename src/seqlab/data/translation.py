@@ -29,7 +29,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from seqlab.data.readers import ensure_file
-from seqlab.data.text_base import BatchedTextDataModule, FlatSequences, file_fingerprint, publish
+from seqlab.data.text_base import (
+    BatchedTextDataModule,
+    FlatSequences,
+    file_fingerprint,
+    generated_in_memory,
+    publish,
+)
 from seqlab.data.text_readers import read_utf8
 from seqlab.data.tokenization import BOS_ID, EOS_ID, PAD_ID, TokenizerSpec, decode, encode, train_tokenizer
 from seqlab.errors import ConfigError, DataError
@@ -441,7 +447,9 @@ class SyntheticTranslationDataModule(TranslationDataModule):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("tokenizer", {"kind": "word", "vocab_size": 64})
-        kwargs.update(data_dir=None, url=None, source_lang="src", target_lang="tgt")
+        generated_in_memory(
+            type(self).__name__, kwargs, data_dir=None, url=None, source_lang="src", target_lang="tgt"
+        )
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self._absolute_paths()

@@ -13,12 +13,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from torch import Tensor
 from torchmetrics import MaxMetric, MinMetric
 
 from seqlab.backbones.base import Backbone
-from seqlab.errors import ConfigError
+from seqlab.errors import ConfigError, instantiate
 from seqlab.utils.distributed import offloads_optimizer
 from seqlab.utils.precision import fusable, keep_measurements_precise
 from seqlab.utils.resume import resumes_own_run

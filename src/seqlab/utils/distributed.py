@@ -24,13 +24,13 @@ from typing import Any
 from unittest import mock
 
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch import strategies
 from lightning.pytorch.strategies.launchers import subprocess_script
 from omegaconf import DictConfig, OmegaConf
 
-from seqlab.errors import ConfigError
+from seqlab.errors import ConfigError, instantiate
 from seqlab.utils.precision import FSDPPrecision
 
 log = logging.getLogger(__name__)
