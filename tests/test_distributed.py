@@ -154,6 +154,9 @@ def test_text_ddp_matches_one_process(tmp_path: Path) -> None:
     for key in ("test/acc", "test/f1"):  # counts: equal, not close
         assert summary["metrics"][key] == single["metrics"][key], key
     assert summary["best"]["val/acc_best"] == single["best"]["val/acc_best"]
+    # tokens summed over the processes (their padded slices differ): as many per sample as one process
+    per_sample = [s["train_tokens_per_s"] / s["train_samples_per_s"] for s in (summary, single)]
+    assert per_sample[0] == pytest.approx(per_sample[1], rel=1e-9)
     tables = []  # the most confident test mistakes, of both processes
     for run in ("ddp", "one"):
         with (tmp_path / run / "tables" / "test_misclassified.csv").open(newline="") as handle:

@@ -210,9 +210,11 @@ class RunStats(L.Callback):
         self._epoch_samples, self._epoch_tokens = 0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._epoch_samples += extract_batch_size(batch) * trainer.world_size
+        # this process's share, summed over the processes at the epoch's end: their padded text
+        # batches hold different numbers of tokens, so rank 0's count times the world would not do
+        self._epoch_samples += extract_batch_size(batch)
         if hasattr(pl_module, "batch_tokens"):  # a device tensor: summed without a host sync
-            self._epoch_tokens = self._epoch_tokens + pl_module.batch_tokens(batch) * trainer.world_size
+            self._epoch_tokens = self._epoch_tokens + pl_module.batch_tokens(batch)
         if not self._first_step_done and trainer.global_step >= 1:
             self._first_step_done = True
             settled(pl_module.device)
@@ -236,15 +238,28 @@ class RunStats(L.Callback):
         settled(pl_module.device)
         seconds = time.perf_counter() - self._epoch_start - self._val_seconds
         self._epoch_start = None
-        tokens = int(self._epoch_tokens)
+        samples, tokens = self.all_processes(trainer, pl_module.device)
         self.train_seconds += seconds
-        self.samples += self._epoch_samples
+        self.samples += samples
         self.tokens += tokens
-        if seconds > 0 and self._epoch_samples:
-            metrics = {"perf/samples_per_s": self._epoch_samples / seconds}
+        if seconds > 0 and samples:
+            metrics = {"perf/samples_per_s": samples / seconds}
             if tokens:
                 metrics.update(self.token_rates(tokens / seconds, trainer.world_size))
             pl_module.log_dict(metrics, on_step=False, on_epoch=True, rank_zero_only=True)
+
+    def all_processes(self, trainer: L.Trainer, device: torch.device) -> tuple[int, int]:
+        """The epoch's samples and tokens, summed over the processes (one collective an epoch)."""
+        counts = torch.cat(
+            [
+                torch.tensor([self._epoch_samples], device=device),
+                torch.as_tensor(self._epoch_tokens, device=device).reshape(1),
+            ]
+        ).long()
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        samples, tokens = counts.tolist()
+        return int(samples), int(tokens)
 
     def token_rates(self, tokens_per_s: float, world_size: int) -> dict[str, float]:
         """tokens/s, achieved model FLOP/s and MFU (when the FLOPs and the peak are known)."""
