@@ -249,10 +249,13 @@ def test_fsdp2_shards_the_parameters_and_follows_ddp(tmp_path: Path) -> None:
 
 
 def test_fsdp2_translation_generates_from_sharded_weights(tmp_path: Path) -> None:
-    """Beam search calls the model outside forward: under FSDP2 it must gather the shards too."""
+    """Beam search calls the model outside forward: under FSDP2 it must gather the shards too,
+    every process as many decoder steps, also when only one of them has sentences among the
+    first ``val_bleu_samples`` (the other decodes one in step and drops it)."""
     run_dir = tmp_path / "run"
     result = run_script(
         "train.py", "trainer=fsdp2", "data=translation_synthetic", "data.num_train=300", "data.num_test=41",
+        "task.val_bleu_samples=7",
         f"data.cache_dir={tmp_path / 'cache'}", "model=transformer", "model.d_model=32", "trainer.max_epochs=1",
         "trainer.accelerator=cpu", "extras.print_config=false", "callbacks.rich_progress_bar=null",
         f"hydra.run.dir={run_dir}", timeout=300,

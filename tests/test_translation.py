@@ -153,6 +153,30 @@ def test_bad_splits_and_settings_are_named(tmp_path: Path) -> None:
         translation_dm(root, tmp_path / "cache", target_lang="en")
     with pytest.raises(ConfigError, match=r"task.share_embeddings=true needs one vocabulary"):
         TranslationTask(BACKBONES["gru"], src_vocab_size=10, tgt_vocab_size=12, shared_vocab=False)
+    with pytest.raises(ConfigError, match=r"task.val_bleu_samples=-1: expected 0 \(all\) or a count"):
+        TranslationTask(
+            BACKBONES["gru"], src_vocab_size=10, tgt_vocab_size=10, shared_vocab=True, val_bleu_samples=-1
+        )
+    with pytest.raises(ConfigError, match=r"data.tokenizer.kind=wordpiece: its decoder rewrites the text"):
+        translation_dm(root, tmp_path / "cache", tokenizer={"kind": "wordpiece"})
+
+
+def test_word_tokens_that_lose_the_references_spacing_are_reported(tmp_path: Path, caplog) -> None:
+    """Word-level decoding spaces out punctuation inside words ('saftig - grünes'): BLEU then
+    scores hypotheses the model cannot write as the references are written."""
+    pairs = [(text, text) for text in GERMAN]
+    root = parallel_files(tmp_path / "raw", {"train": pairs, "val": pairs, "test": pairs})
+    word = {"kind": "word", "vocab_size": 200}
+    with caplog.at_level("WARNING", logger="seqlab.data.translation"):
+        translation_dm(root, tmp_path / "cache", tokenizer=word).prepare_data()
+    assert re.search(
+        r"kind=word: 2 of 4 validation references do not come back .*saftig - grünes", caplog.text
+    )
+    caplog.clear()  # plain words come back as sacreBLEU reads them (its 13a splits '.' and ',' too)
+    plain = parallel_files(tmp_path / "plain", {split: PAIRS for split in ("train", "val", "test")})
+    with caplog.at_level("WARNING", logger="seqlab.data.translation"):
+        translation_dm(plain, tmp_path / "cache", tokenizer=word).prepare_data()
+    assert "do not come back" not in caplog.text
 
 
 def test_tokenizers_are_trained_once_and_separate_vocabularies_work(tmp_path: Path, monkeypatch) -> None:
@@ -333,6 +357,13 @@ def test_sacrebleu_scores_detokenised_text_with_its_signature() -> None:
     assert "case:mixed" in perfect["bleu_signature"] and "tok:13a" in perfect["bleu_signature"]
     lower = corpus_scores([r.lower() for r in refs], refs)
     assert lower["bleu"] < 100.0  # cased
+    # a lowercasing tokenizer's hypotheses are scored lowercased, and the signature says so
+    lowercased = corpus_scores([r.lower() for r in refs], refs, lowercase=True)
+    assert lowercased["bleu"] == pytest.approx(100.0) and "case:lc" in lowercased["bleu_signature"]
+    # Chinese is scored with sacreBLEU's zh tokenizer (13a reads an unsegmented sentence as one word)
+    chinese = corpus_scores(["今天天气很好"], ["今天天气不错"], target_lang="zh")
+    assert chinese["bleu"] > 0 and "tok:zh" in chinese["bleu_signature"]
+    assert corpus_scores(["今天天气很好"], ["今天天气不错"])["bleu"] == 0
 
 
 # ---------------------------------------------------------------- training end to end
@@ -363,6 +394,22 @@ def test_synthetic_reversal_is_learned_to_near_perfect_bleu(make_cfg, tmp_path: 
     assert len(hypotheses) == 200
     table = (run_dir / "tables" / "test_translations.csv").read_text().splitlines()
     assert table[0] == "index,source,reference,hypothesis" and len(table) == 21
+
+
+def test_validation_bleu_reads_the_first_sentences_of_the_split(make_cfg, tmp_path: Path) -> None:
+    """``val_bleu_samples=N``: the split's first N sentences, whatever the batching. Validation
+    batches are sorted by length (bucketing), so counting whole batches took the shortest."""
+    from seqlab.train import train
+
+    cfg = make_cfg(
+        *TRANSLATION_FAST, "model=gru", "model.d_model=16", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+        "task.val_bleu_samples=50", f"data.cache_dir={tmp_path / 'cache'}", fast=False,
+    )  # fmt: skip
+    _, objects = train(cfg)
+    task = objects["task"]
+    objects["trainer"].validate(task, objects["datamodule"], verbose=False)
+    split, pairs = task._scored
+    assert split == "val" and [index for index, _ in pairs] == list(range(50))
 
 
 @pytest.mark.slow
@@ -409,6 +456,21 @@ def test_eval_and_translate_reproduce_the_run_from_the_checkpoint_alone(make_cfg
     task, datamodule = load_translator(sharded)
     assert translate_texts(task, datamodule, sources) == hypotheses
     assert sorted(p.name for p in sharded.iterdir()) == before
+
+
+def test_an_input_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path, caplog) -> None:
+    from omegaconf import OmegaConf
+
+    from seqlab.translate import run
+
+    source = write(tmp_path / "in.txt", b"a b c\ncaf\xe9\n")
+    with pytest.raises(SystemExit):
+        run(
+            OmegaConf.create(
+                {"ckpt_path": str(tmp_path / "never-read.ckpt"), "input": str(source), "data": {}}
+            )
+        )
+    assert re.search(r"in.txt, line 2: bytes b'\\xe9' are not UTF-8", caplog.text), caplog.text
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from seqlab.data.tokenization import PAD_ID
+from seqlab.data.translation import read_lines
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.train import build_datamodule, to_plain
 from seqlab.utils.checkpoint_io import consolidate_checkpoint, load_run_info
@@ -74,13 +75,13 @@ def run(cfg: DictConfig) -> None:
         source = cfg.get("input")
         if source in (None, "-"):
             lines = sys.stdin.read().split("\n")
+            if lines and lines[-1] == "":
+                lines.pop()
         else:
             path = Path(source).expanduser()
             if not path.is_file():
                 raise ConfigError(f"input={source!r}: no such file")
-            lines = path.read_text(encoding="utf-8").split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
+            lines = read_lines(path)  # a byte that is not UTF-8 is named by its line
         for key in ("beam_size", "batch_size"):  # checked before the model is loaded
             value = cfg.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

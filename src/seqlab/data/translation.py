@@ -37,7 +37,16 @@ from seqlab.data.text_base import (
     publish,
 )
 from seqlab.data.text_readers import read_utf8
-from seqlab.data.tokenization import BOS_ID, EOS_ID, PAD_ID, TokenizerSpec, decode, encode, train_tokenizer
+from seqlab.data.tokenization import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    TokenizerSpec,
+    decode,
+    encode,
+    train_tokenizer,
+)
 from seqlab.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -150,7 +159,7 @@ class TranslationDataModule(BatchedTextDataModule):
         data_dir: directory of the raw files (read-only is fine unless a download is needed).
         source_lang, target_lang: file suffixes of the two sides; swap them to reverse direction.
         train_prefix, val_prefix, test_prefix: file names without the language suffix.
-        tokenizer: ``TokenizerSpec`` fields: kind bpe|unigram (or word|wordpiece), vocab_size,
+        tokenizer: ``TokenizerSpec`` fields: kind bpe|unigram (or word: BLEU suffers where decoding loses the spacing), vocab_size,
             min_frequency, lowercase. Lengths are ``max_length`` here, not the tokenizer's.
         shared_vocab: one tokenizer for both languages (lets the task tie all embeddings), or one each.
         max_length: tokens per side, specials included: longer training pairs are dropped,
@@ -201,6 +210,12 @@ class TranslationDataModule(BatchedTextDataModule):
         settings.update(max_length=None, wrap="bos_eos")
         settings.setdefault("lowercase", False)
         self.spec = TokenizerSpec.from_config(settings)
+        if self.spec.kind == "wordpiece":
+            raise ConfigError(
+                "data.tokenizer.kind=wordpiece: its decoder rewrites the text (' do not' becomes \" don't\", "
+                "'saftig-grünes' comes back 'saftig - grünes'), and BLEU would score that against the raw "
+                "references; use kind=bpe or unigram, which decode to the text itself"
+            )
         if source_lang == target_lang:
             raise ConfigError(f"data.source_lang and data.target_lang are both {source_lang!r}")
         if max_length < 3:
@@ -299,11 +314,38 @@ class TranslationDataModule(BatchedTextDataModule):
         log.info("training %s tokenizers on %d sentence pairs", self.spec.kind, len(train))
         return train_tokenizer(train.sources, self.spec), train_tokenizer(train.targets, self.spec)
 
+    def warn_if_words_lose_text(self, tokenizer: Tokenizer, references: list[str]) -> None:
+        """Word-level decoding joins words and punctuation with spaces ('T-Shirt' comes back
+        'T - Shirt') and, lowercasing, drops accents: say so when that changes the validation
+        references as sacreBLEU tokenizes them (words outside the vocabulary aside), for BLEU
+        then scores hypotheses the model cannot write as the references are written."""
+        from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+        words = Tokenizer13a()
+        lowercase = self.spec.lowercase
+        ids = encode(tokenizer, references, add_special_tokens=False)
+        changed = [
+            (reference, back)
+            for reference, back, seq in zip(references, decode(tokenizer, ids), ids)
+            if UNK_ID not in seq
+            and words(reference.lower() if lowercase else reference)
+            != words(back.lower() if lowercase else back)
+        ]
+        if changed:
+            log.warning(
+                "data.tokenizer.kind=word: %d of %d validation references do not come back from the "
+                "tokenizer as sacreBLEU reads them (%r -> %r), so BLEU is lower than the model's "
+                "translations deserve; kind=bpe or unigram decode to the text itself",
+                len(changed), len(references), *changed[0],
+            )  # fmt: skip
+
     def write_processed(
         self, raw: dict[str, ParallelTexts], dropped: dict[str, dict[str, int]], target: Path
     ) -> None:
         hp = self.hparams
         source_tok, target_tok = self.train_tokenizers(raw["train"])
+        if self.spec.kind == "word":
+            self.warn_if_words_lose_text(target_tok, raw["val"].targets)
         splits = {}
         for split, pairs in raw.items():
             sources = [[*ids, EOS_ID] for ids in encode(source_tok, pairs.sources, add_special_tokens=False)]
@@ -413,6 +455,11 @@ class TranslationDataModule(BatchedTextDataModule):
         limit = self.hparams.max_length
         ids = encode(self.tokenizer("source"), texts, add_special_tokens=False)
         return [[*seq[: limit - 1], EOS_ID] for seq in ids]
+
+    def scoring(self) -> dict[str, Any]:
+        """How sacreBLEU reads this data's translations: its target language (the tokenizer of
+        Chinese, Japanese, Korean) and lowercased when the tokenizer lowercases them."""
+        return {"lowercase": self.spec.lowercase, "target_lang": self.hparams.target_lang}
 
     def detokenize(self, ids: list[list[int]]) -> list[str]:
         """Plain target-language text of generated ids."""

@@ -33,11 +33,25 @@ from seqlab.utils.distributed import gather_indexed, shards_parameters
 from seqlab.utils.figures import log_table
 
 
-def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, Any]:
-    """sacreBLEU BLEU and chrF of detokenised hypotheses against one reference each."""
+def sacrebleu_metrics(lowercase: bool = False, target_lang: str = "") -> tuple[Any, Any]:
+    """sacreBLEU's BLEU and chrF for a target language: BLEU tokenizes Chinese with its ``zh``
+    tokenizer and Japanese / Korean with MeCab (13a would count an unsegmented sentence as one
+    word), and both compare lowercased text when the tokenizer lowercases the hypotheses."""
     from sacrebleu.metrics import BLEU, CHRF
 
-    bleu, chrf = BLEU(), CHRF()
+    try:
+        return BLEU(lowercase=lowercase, trg_lang=target_lang), CHRF(lowercase=lowercase)
+    except (ImportError, RuntimeError) as err:  # ja-mecab / ko-mecab without their packages
+        raise ConfigError(
+            f"data.target_lang={target_lang!r}: sacreBLEU's tokenizer for it is not installed ({err})"
+        ) from None
+
+
+def corpus_scores(
+    hypotheses: list[str], references: list[str], lowercase: bool = False, target_lang: str = ""
+) -> dict[str, Any]:
+    """sacreBLEU BLEU and chrF of detokenised hypotheses against one reference each."""
+    bleu, chrf = sacrebleu_metrics(lowercase, target_lang)
     bleu_score = bleu.corpus_score(hypotheses, [references])
     chrf_score = chrf.corpus_score(hypotheses, [references])
     return {
@@ -60,7 +74,8 @@ class TranslationTask(SeqTask):
         label_smoothing: of the training cross-entropy (0.1 in Vaswani et al. 2017).
         beam_size, length_penalty, max_len_a, max_len_b: test-time search (beam 1 = greedy).
         val_beam_size: search used for the validation BLEU (1: greedy, cheap).
-        val_bleu_samples: validation sentences translated each epoch (0: all).
+        val_bleu_samples: the first N validation sentences (in the split's order) translated each
+            epoch for ``val/bleu`` (0: all).
         sample_translations: rows of the test table of sample translations.
     """
 
@@ -97,6 +112,8 @@ class TranslationTask(SeqTask):
             raise ConfigError(
                 f"task.beam_size={beam_size}, task.val_beam_size={val_beam_size}: expected >= 1"
             )
+        if val_bleu_samples < 0:
+            raise ConfigError(f"task.val_bleu_samples={val_bleu_samples}: expected 0 (all) or a count")
         if share_embeddings and not shared_vocab:
             raise ConfigError(
                 "task.share_embeddings=true needs one vocabulary for both languages: set "
@@ -231,15 +248,35 @@ class TranslationTask(SeqTask):
 
     def on_validation_epoch_start(self) -> None:
         self._hypotheses = []
-        self._val_seen = 0
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "scoring"):
+            sacrebleu_metrics(**datamodule.scoring())  # a missing tokenizer named before training
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss = self.loss(batch, 0.0)  # plain cross-entropy: perplexity is comparable across settings
         self.val_loss.update(loss, weight=(~batch["tgt_mask"][:, 1:]).sum())
         limit = self.hparams.val_bleu_samples
-        if not limit or self._val_seen * self.trainer.world_size < limit:
+        if not limit:
             self._translate_batch(batch, self.hparams.val_beam_size)
-        self._val_seen += len(batch["index"])
+            return
+        # the first ``limit`` sentences of the split, however the sampler batches them (bucketing
+        # sorts validation by length: whole batches up to a count were the shortest sentences)
+        rows = (batch["index"] < limit).nonzero().flatten()
+        if self._decoding_agreement() is not alone:  # every decoder step is a collective
+            wanted = torch.tensor(len(rows), device=self.device)
+            dist.all_reduce(wanted, op=dist.ReduceOp.MAX)
+            if not wanted:
+                return
+            if not len(rows):  # the others translate: decode one sentence in step, and drop it
+                self.generate(batch["src_ids"][:1], batch["src_mask"][:1], self.hparams.val_beam_size)
+                return
+        if len(rows):
+            self._translate_batch(
+                {key: batch[key][rows] for key in ("src_ids", "src_mask", "index")},
+                self.hparams.val_beam_size,
+            )
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
@@ -278,8 +315,11 @@ class TranslationTask(SeqTask):
         self._scored = (split, pairs)
         if not pairs:
             return {"bleu": 0.0, "chrf": 0.0, "bleu_signature": "", "chrf_signature": ""}
-        references = self.trainer.datamodule.references(split)
-        return corpus_scores([hyp for _, hyp in pairs], [references[i] for i, _ in pairs])
+        datamodule = self.trainer.datamodule
+        references = datamodule.references(split)
+        return corpus_scores(
+            [hyp for _, hyp in pairs], [references[i] for i, _ in pairs], **datamodule.scoring()
+        )
 
     def report_translations(self, scores: dict[str, Any]) -> None:
         split, pairs = self._scored
