@@ -24,7 +24,7 @@ def fake_sweep(root: Path, results: dict[str, list[float]], task: str = "classif
             job_dir.mkdir(parents=True)
             summary = {
                 "task": task, "model": model, "seed": seed, "metrics": {"test/acc": value, "test/f1": value - 0.01},
-                "wall_s": 10.0 + job, "train_samples_per_s": 100.0, "peak_memory_mb": 50.0, "num_params": 1000,
+                "wall_s": 10.0 + job, "fit_s": 8.0 + job, "train_samples_per_s": 100.0, "peak_memory_mb": 50.0, "num_params": 1000,
             }  # fmt: skip
             write_summary(job_dir, summary)
             job += 1
@@ -47,6 +47,7 @@ def test_seeds_are_aggregated_and_noise_is_marked(tmp_path: Path) -> None:
     assert by_name["lstm"]["acc_std"] == pytest.approx(statistics.stdev([0.84, 0.85, 0.86]))
     assert by_name["gru"]["f1"] == pytest.approx(0.835)
     assert by_name["lstm"]["wall_s"] == pytest.approx(11.0)  # jobs 0..2: 10, 11, 12 s
+    assert by_name["lstm"]["fit_s"] == pytest.approx(9.0)  # of which training: 8, 9, 10 s
     assert "acc_std" not in by_name["transformer"]
     verdicts = {name: row["vs best acc"] for name, row in by_name.items()}
     assert verdicts == {

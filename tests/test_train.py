@@ -51,6 +51,7 @@ def test_run_directory_holds_everything(make_cfg, tmp_path: Path) -> None:
     assert summary["train_tokens_per_s"] == pytest.approx(28 * summary["train_samples_per_s"])
     assert summary["flops_per_token"] > 6 * summary["backbone_params"] * 0.9
     assert summary["time_to_first_step_s"] > 0
+    assert 0 < summary["fit_s"] < summary["wall_s"]  # training alone: no data preparation, no test
     assert summary["mfu"] is None  # no peak FLOP/s is known for a CPU
     assert summary["num_params"] > 1000 and summary["global_step"] > 0
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")

@@ -203,8 +203,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     try:
         for logger in loggers:
             logger.log_hyperparams({"config": redact(to_plain(cfg)), "num_params": num_params})
+        fit_s = None
         if cfg.get("train"):
+            fit_start = time.perf_counter()
             trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            fit_s = round(time.perf_counter() - fit_start, 2)
         train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best_key = f"{cfg.task.monitor}_best"
         if best_key not in train_metrics and task.restored_best is not None:
@@ -245,7 +248,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "baseline": baseline,
             "best": {k: v for k, v in train_metrics.items() if k.endswith("_best")},
             "best_checkpoint": best_checkpoint(trainer),
+            # the whole job (data preparation and test included) and training alone (with validation)
             "wall_s": round(time.perf_counter() - start, 2),
+            "fit_s": fit_s,
             **stats.summary(trainer.world_size),
             "peak_memory_mb": memory.get("peak_gpu_memory_mb", memory["peak_host_memory_mb"]),
             **memory,
