@@ -165,6 +165,14 @@ def test_the_mfu_recipe_is_compute_bound(make_cfg) -> None:
     assert "test/mse" in metrics
 
 
+def test_debug_limit_runs_a_few_batches_of_every_stage(make_cfg) -> None:
+    """Its fractions of the default data's validation split (10 batches) were 0 batches: crashed."""
+    from seqlab.train import train
+
+    metrics, objects = train(make_cfg("debug=limit", fast=False))
+    assert objects["trainer"].global_step == 3 * 5 and "test/mse" in metrics
+
+
 @pytest.mark.parametrize("data", ["synthetic", "sentiment_synthetic"])
 def test_debug_overfit_trains_on_the_same_batches(make_cfg, tmp_path: Path, data: str) -> None:
     """Lightning's overfit_batches swaps in a per-example SequentialSampler, which seqlab's
