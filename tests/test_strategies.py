@@ -53,8 +53,24 @@ def test_every_trainer_config_builds_its_strategy(make_cfg, name: str) -> None:
         datamodule = build_datamodule(cfg.data)
         datamodule.setup("fit")
         assert datamodule.train_dataloader().batch_sampler is None
-    if name == "fsdp2":  # shards over every process: data_parallel_size follows trainer.devices
-        assert strategy._data_parallel_size == 4 and strategy._tensor_parallel_size == 1
+    if name == "fsdp2":  # shards over every process: 4 devices x 2 nodes
+        assert strategy._data_parallel_size == 8 and strategy._tensor_parallel_size == 1
+
+
+@pytest.mark.parametrize(
+    ("devices", "expected"),
+    [("3", 3), ("[0,2]", 2), ("-1", os.cpu_count()), ("auto", 1)],
+)
+def test_fsdp2_shards_over_every_process_however_devices_are_given(
+    make_cfg, devices: str, expected: int
+) -> None:
+    """Lightning's mesh needs data x tensor parallel = world size: ``${trainer.devices}`` was -1
+    for ``devices=-1`` and a node's count under several nodes, which failed once the job started."""
+    cfg = make_cfg(
+        "trainer=fsdp2", "trainer.accelerator=cpu", f"trainer.devices={devices}", "trainer.num_nodes=2"
+    )
+    strategy = build_strategy(cfg.trainer, cfg.model)
+    assert strategy._data_parallel_size == 2 * expected and strategy._tensor_parallel_size == 1
 
 
 def test_fsdp_wraps_and_checkpoints_the_backbone_layers(make_cfg) -> None:

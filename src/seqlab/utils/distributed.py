@@ -28,7 +28,7 @@ from hydra.utils import get_class
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch import strategies
 from lightning.pytorch.strategies.launchers import subprocess_script
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from seqlab.errors import ConfigError, instantiate
 from seqlab.utils.precision import FSDPPrecision
@@ -140,6 +140,27 @@ def check_hardware(cfg: DictConfig) -> None:
             )
 
 
+def process_count(trainer_cfg: DictConfig | dict) -> int:
+    """Processes a trainer config starts: ``devices`` (a count, a list of ids, or -1 / "auto": every
+    GPU here, or on CPU -1 every core and "auto" one process, as Lightning counts them) times
+    ``num_nodes``."""
+    devices, nodes = trainer_cfg.get("devices", "auto"), trainer_cfg.get("num_nodes", 1)
+    if isinstance(devices, str) and devices.lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, list | tuple | ListConfig):
+        per_node = len(devices)
+    elif isinstance(devices, int) and devices > 0:
+        per_node = devices
+    else:
+        accelerator = trainer_cfg.get("accelerator", "auto")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus):
+            per_node = max(gpus, 1)
+        else:
+            per_node = (os.cpu_count() or 1) if devices == -1 else 1
+    return per_node * (nodes if isinstance(nodes, int) and nodes > 0 else 1)
+
+
 def build_strategy(
     trainer_cfg: DictConfig, model_cfg: DictConfig | None, batch_size: int | None = None
 ) -> Any:
@@ -158,11 +179,12 @@ def build_strategy(
     kwargs = OmegaConf.to_container(strategy, resolve=True)
     kind = strategy_kind(kwargs)
     if kind == "deepspeed" and kwargs.get("logging_batch_size_per_gpu", "auto") == "auto":
-        devices, nodes = trainer_cfg.get("devices"), trainer_cfg.get("num_nodes", 1)
-        processes = (
-            devices * nodes if isinstance(devices, int) and devices > 0 and isinstance(nodes, int) else 1
-        )
+        processes = process_count(trainer_cfg)
         kwargs["logging_batch_size_per_gpu"] = max(1, (batch_size or processes) // processes)
+    if kind == "fsdp2" and kwargs.get("data_parallel_size") is None:
+        # every process shards (Lightning's "auto" would shard within a node only and make the
+        # devices of a node tensor-parallel)
+        kwargs["data_parallel_size"] = process_count(trainer_cfg) // kwargs.get("tensor_parallel_size", 1)
     if kind == "fsdp":
         backbone_cls = get_class(model_cfg._target_) if model_cfg is not None else None
         layers = set(getattr(backbone_cls, "layer_classes", ())) or None
