@@ -246,3 +246,14 @@ def test_same_seed_and_config_give_bitwise_identical_results(make_cfg) -> None:
     summary = objects["summary"]
     assert {"python", "torch", "lightning", "hydra-core", "omegaconf"} <= set(summary["versions"])
     assert "commit" in summary["git"]
+
+
+def test_a_single_run_whose_validation_never_ran_succeeds(make_cfg, tmp_path: Path, caplog) -> None:
+    """``optimized_metric`` is for sweepers that optimise it: a finished single run without a
+    validation (``check_val_every_n_epoch`` beyond ``max_epochs``) exited 1 over it."""
+    from seqlab.train import run
+
+    cfg = make_cfg("trainer.max_epochs=1", "trainer.check_val_every_n_epoch=2")
+    assert run(cfg) is None
+    assert "optimized_metric='val/mse_best' was never logged" in caplog.text
+    assert "test/mse" in json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]

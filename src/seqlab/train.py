@@ -278,12 +278,29 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 def objective(metrics: dict[str, float], name: str | None) -> float | None:
-    """The value a sweeper optimises; a name that was never logged is an error, not a silent None."""
+    """The value a sweeper optimises; a name that was never logged is an error for a sweeper that
+    optimises it (not a silent None), and a warning otherwise: a finished single run whose
+    validation never ran (``check_val_every_n_epoch`` beyond ``max_epochs``) still succeeds."""
     if not name:
         return None
     if name not in metrics:
-        raise ConfigError(f"optimized_metric={name!r} was never logged; logged metrics are {sorted(metrics)}")
+        message = f"optimized_metric={name!r} was never logged; logged metrics are {sorted(metrics)}"
+        if optimising_sweep():
+            raise ConfigError(message)
+        log.warning("%s", message)
+        return None
     return metrics[name]
+
+
+def optimising_sweep() -> bool:
+    """Whether this job runs under a sweeper that optimises its return value (Optuna...), not
+    Hydra's basic sweeper, which only runs the grid."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not in_multirun():
+        return False
+    sweeper = HydraConfig.get().sweeper.get("_target_", "")
+    return not str(sweeper).endswith("BasicSweeper")
 
 
 def run(cfg: DictConfig) -> float | None:
