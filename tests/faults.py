@@ -14,7 +14,8 @@ class FailOnRank(L.Callback):
     """At optimizer step ``step``, global rank ``rank`` raises (``how=raise``), is killed with
     SIGKILL (``how=kill``, as a crash or an out-of-memory kill would) or gets SIGTERM / SIGUSR1
     (``how=term`` / ``usr1``, a pre-emption: Lightning stops at the end of the step; ``usr1_kill``:
-    SLURM's warning signal, then the kill that follows a requeue). With
+    SLURM's warning signal, then the kill that follows a requeue) or reports a NaN training loss
+    (``how=diverge``, to the callbacks after it: a batch that diverged on that rank alone). With
     ``once=<file>`` it fires only if that file does not exist (and creates it), so the same
     command run again is the restart after the fault."""
 
@@ -28,6 +29,10 @@ class FailOnRank(L.Callback):
             if Path(self.once).exists():
                 return
             Path(self.once).write_text(f"fired at step {trainer.global_step}\n")
+        if self.how == "diverge":
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            loss.detach().fill_(float("nan"))  # the step is done: what the callbacks after this read
+            return
         signals = {"kill": [signal.SIGKILL], "term": [signal.SIGTERM], "usr1": [signal.SIGUSR1],
                    "usr1_kill": [signal.SIGUSR1, signal.SIGKILL]}  # fmt: skip
         if self.how in signals:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from pathlib import Path
 
@@ -410,6 +411,20 @@ def test_a_failing_rank_ends_the_whole_job(tmp_path: Path, rank: int, how: str) 
     if how == "raise":
         assert f"injected failure on rank {rank} at step 5" in done.stdout + done.stderr
     assert not (tmp_path / "run" / "summary.json").exists()  # a failed run does not look finished
+
+
+@pytest.mark.slow
+def test_a_loss_that_diverges_on_one_process_stops_every_process(tmp_path: Path) -> None:
+    """The divergence check is one decision for all processes: rank 1 alone raising left rank 0
+    waiting in its next collective until Lightning killed it (an exit like an out-of-memory kill)."""
+    done = run_script(
+        "train.py", "trainer=ddp", *FAST, "trainer.max_epochs=20", "trainer.log_every_n_steps=1",
+        f"hydra.run.dir={tmp_path / 'run'}", "+callbacks.fault._target_=tests.faults.FailOnRank",
+        "+callbacks.fault.rank=1", "+callbacks.fault.step=5", "+callbacks.fault.how=diverge", timeout=180,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert re.search(r"TrainingDiverged: the training loss is not finite on another process \(here [\d.]+\) at step 5", output)
 
 
 @pytest.mark.slow

@@ -30,13 +30,18 @@ class DivergenceGuard(L.Callback):
         if not isinstance(loss, torch.Tensor):
             return
         value = float(loss.detach())
-        if not math.isfinite(value):
+        diverged = not math.isfinite(value)
+        if trainer.world_size > 1:  # every process stops together: a lone one left the others waiting
+            diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
             lr = (
                 f", learning rate {trainer.optimizers[0].param_groups[0]['lr']:.3g}"
                 if trainer.optimizers
                 else ""
             )
+            where = "" if not math.isfinite(value) else f" on another process (here {value:.4g})"
             raise TrainingDiverged(
-                f"the training loss is {value} at step {trainer.global_step} (epoch {trainer.current_epoch}{lr}): "
+                f"the training loss is {'not finite' if where else value}{where} at step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}{lr}): "
                 "lower task.optimizer.lr, keep trainer.gradient_clip_val, or check the data"
             )
