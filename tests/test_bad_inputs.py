@@ -181,3 +181,16 @@ def test_an_error_raised_while_the_config_is_instantiated_is_seqlabs_own(make_cf
     with pytest.raises(ConfigError, match=r"model.nhead"):
         train(make_cfg("model.nhead=3", output="b"))  # d_model 32 is not a multiple of 3
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_an_evaluation_sweep_goes_on_past_a_bad_checkpoint(tmp_path: Path) -> None:
+    """``eval.py -m ckpt_path=a,b``: a job that fails records its error and the next one runs
+    (the first failure's SystemExit ended the whole sweep)."""
+    sweep = tmp_path / "sweep"
+    done = run_script(
+        "eval.py", "-m", f"ckpt_path={tmp_path / 'a.ckpt'},{tmp_path / 'b.ckpt'}", f"hydra.sweep.dir={sweep}"
+    )
+    assert done.returncode != 0
+    for job, name in ((0, "a.ckpt"), (1, "b.ckpt")):
+        assert name in (sweep / str(job) / "error.txt").read_text()

@@ -20,6 +20,7 @@ from seqlab.train import (
     to_plain,
 )
 from seqlab.utils.checkpoint_io import consolidate_checkpoint, load_run_info
+from seqlab.utils.distributed import in_multirun
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.run import is_rank_zero, print_results, write_run_metadata, write_summary
 
@@ -84,4 +85,6 @@ def run(cfg: DictConfig) -> None:
         evaluate(cfg)
     except SeqlabError as err:
         log.error("%s: %s", type(err).__name__, err)
+        if in_multirun():
+            raise  # `eval.py -m ckpt_path=a,b`: the sweep records this job as failed and goes on
         raise SystemExit(1) from None
