@@ -165,6 +165,20 @@ def test_the_mfu_recipe_is_compute_bound(make_cfg) -> None:
     assert "test/mse" in metrics
 
 
+def test_debug_fdr_writes_to_no_logger(make_cfg, monkeypatch) -> None:
+    """fast_dev_run's "no logs": the hyperparameters went to the configured loggers themselves
+    (Lightning had put a DummyLogger in their place), which opened a real W&B run."""
+    from seqlab.train import train
+    from seqlab.utils.csv_logger import CSVLogger
+
+    written = []
+    monkeypatch.setattr(CSVLogger, "log_hyperparams", lambda self, params: written.append(params))
+    train(make_cfg("debug=fdr"))
+    assert written == []
+    train(make_cfg(output="logged"))
+    assert any("config" in params for params in written)  # and Lightning's own (the module's hparams)
+
+
 def test_debug_limit_runs_a_few_batches_of_every_stage(make_cfg) -> None:
     """Its fractions of the default data's validation split (10 batches) were 0 batches: crashed."""
     from seqlab.train import train

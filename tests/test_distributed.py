@@ -424,7 +424,10 @@ def test_a_loss_that_diverges_on_one_process_stops_every_process(tmp_path: Path)
     )  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 1, output[-3000:]
-    assert re.search(r"TrainingDiverged: the training loss is not finite on another process \(here [\d.]+\) at step 5", output)
+    assert re.search(
+        r"TrainingDiverged: the training loss is not finite on another process \(here [\d.]+\) at step 5",
+        output,
+    )
 
 
 @pytest.mark.slow

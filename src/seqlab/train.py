@@ -201,7 +201,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     failed = True
     try:
-        for logger in loggers:
+        for logger in trainer.loggers:  # fast_dev_run: Lightning's DummyLogger, no W&B run opened
             logger.log_hyperparams({"config": redact(to_plain(cfg)), "num_params": num_params})
         fit_s = None
         if cfg.get("train"):
