@@ -454,3 +454,17 @@ def test_a_failed_ddp_job_leaves_the_next_sweep_job_whole(tmp_path: Path, rank: 
     assert summary["trainer"]["world_size"] == 2 and summary["metrics"]
     assert "Seed set to" in (sweep / "1" / "train_ddp_process_1.log").read_text(), "job 1 had its own rank 1"
     assert elapsed < 240, f"the sweep took {elapsed:.0f} s"
+
+
+def test_the_other_ranks_of_a_sweep_job_compose_the_same_config(make_cfg, monkeypatch) -> None:
+    """A sweep job's rank 1 is started with the job's overrides; the primary config and config
+    directories chosen on the command line must come along (it composed train.yaml instead)."""
+    from seqlab.utils.distributed import job_command
+
+    make_cfg("model=gru")
+    argv = ["train.py", "-m", "--config-name", "my_train", "-cd=/x/configs", "model=gru,lstm", "seed=1"]
+    monkeypatch.setattr("sys.argv", argv)
+    command, _ = job_command(1)
+    first = command.index("--config-name=my_train")
+    assert command[first + 1] == "-cd=/x/configs"
+    assert "model=gru" in command and "model=gru,lstm" not in command  # this job's, not the sweep's

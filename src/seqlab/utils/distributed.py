@@ -242,6 +242,21 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+#: Hydra's command-line flags that choose the primary config and where configs are read
+CONFIG_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
+
+
+def config_flags(argv: list[str]) -> list[str]:
+    """The flags of ``CONFIG_FLAGS`` in ``argv`` (``--flag value`` or ``--flag=value``), as
+    ``--flag=value``: the other ranks of a sweep job must compose the same config."""
+    flags, args = [], iter(argv)
+    for arg in args:
+        name, equals, value = arg.partition("=")
+        if name in CONFIG_FLAGS:
+            flags.append(f"{name}={value if equals else next(args, '')}")
+    return flags
+
+
 def job_command(local_rank: int) -> tuple[list[str], str]:
     """The command that runs rank ``local_rank`` of the current sweep job (a single run)."""
     from hydra.core.hydra_config import HydraConfig
@@ -255,6 +270,9 @@ def job_command(local_rank: int) -> tuple[list[str], str]:
     else:
         command = [sys.executable, "-m", __main__.__spec__.name]
     command += [
+        *config_flags(sys.argv[1:]),
+        # where configs are found (composition), not how the sweep runs (mode, sweeper, launcher)
+        *(o for o in hydra.overrides.hydra if o.lstrip("+~").startswith("hydra.searchpath")),
         *hydra.overrides.task,
         f'hydra.run.dir="{hydra.runtime.output_dir}"',
         f"hydra.job.name={hydra.job.name}_ddp_process_{local_rank}",
