@@ -392,3 +392,46 @@ def test_slurm_jobs_starting_in_one_second_get_their_own_directories(monkeypatch
         monkeypatch.setenv("SLURM_JOB_ID", job)
         names.add(run_stamp("%Y-%m-%d_%H-%M"))
     assert len(names) == 2 and all(name.endswith(("-slurm1001", "-slurm1002")) for name in names)
+
+
+def test_runs_started_in_one_second_get_their_own_directories(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """``python train.py model=a & python train.py model=b &`` named both runs after the same
+    second: they trained into one directory. The later name takes the next free suffix, and of two
+    processes that still pick one directory, the first to claim it trains there."""
+    from seqlab.utils.resolvers import run_stamp
+    from seqlab.utils.resume import mark_running, mark_stopped
+
+    for key in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    runs = tmp_path / "runs"
+    assert run_stamp("stamp", str(runs)) == "stamp"
+    (runs / "stamp").mkdir(parents=True)
+    assert run_stamp("stamp", str(runs)) == "stamp-2"
+    (runs / "stamp-2").mkdir()
+    assert run_stamp("stamp", str(runs)) == "stamp-3"
+
+    run_dir = runs / "stamp"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # the other process claimed the directory a moment before this one
+        (run_dir / ".running").write_text(f"{socket.gethostname()} {other.pid}\n")
+        with pytest.raises(
+            ConfigError, match=rf"is in use: process {other.pid} on this host is training there"
+        ):
+            mark_running(run_dir)
+        assert (run_dir / ".running").read_text().split()[-1] == str(other.pid)  # its claim stands
+    finally:
+        other.kill()
+        other.wait()
+    mark_running(run_dir)  # a marker whose process is gone is replaced
+    assert (run_dir / ".running").read_text().split() == [socket.gethostname(), str(os.getpid())]
+    mark_stopped(run_dir)
+    assert not (run_dir / ".running").exists()
+
+
+def test_a_run_refused_while_it_is_set_up_leaves_no_marker(make_cfg, tmp_path: Path) -> None:
+    """In a sweep the process lives on: a marker left by a job refused at set-up named a live
+    process, and that job's directory read as in use to the sweep run again."""
+    cfg = make_cfg("+data.split_ratios=[0.5,0.6,0.1]")
+    with pytest.raises(ConfigError, match=r"data\.split_ratios"):
+        train(cfg)
+    assert (tmp_path / "run" / "config.yaml").is_file() and not (tmp_path / "run" / ".running").exists()

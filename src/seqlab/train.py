@@ -180,23 +180,27 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ckpt_path = resume_checkpoint(cfg, run_dir)  # refuses a directory it must not write into
     if ckpt_path:
         check_checkpoint_fits(ckpt_path, cfg)
-    git = write_run_metadata(cfg, run_dir) if is_rank_zero() else {}
     if is_rank_zero():
-        mark_running(run_dir)
+        mark_running(run_dir)  # claimed before anything is written into it
+    try:  # a run refused while it is set up leaves no marker naming this (in a sweep, live) process
+        git = write_run_metadata(cfg, run_dir) if is_rank_zero() else {}
 
-    log.info("data <%s>", cfg.data._target_)
-    datamodule = build_datamodule(cfg.data)
-    log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)
-    task = build_task(cfg.task, cfg.model, datamodule)
-    task.check_trainable()
-    num_params = task.num_parameters  # before any sharding strategy splits the parameters
-    backbone_params = sum(p.numel() for p in task.backbone.parameters())
-    task.run_info = {"data": datamodule_config(datamodule), "data_name": hydra_choice("data")}
-    if hasattr(datamodule, "artifacts"):  # e.g. the tokenizer: eval needs it from the checkpoint alone
-        task.run_info["data_artifacts"] = datamodule.artifacts()
-    callbacks = build_callbacks(cfg.get("callbacks"))
-    loggers = build_loggers(cfg.get("logger"), run_dir)
-    trainer = build_trainer(cfg, callbacks, loggers)
+        log.info("data <%s>", cfg.data._target_)
+        datamodule = build_datamodule(cfg.data)
+        log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)
+        task = build_task(cfg.task, cfg.model, datamodule)
+        task.check_trainable()
+        num_params = task.num_parameters  # before any sharding strategy splits the parameters
+        backbone_params = sum(p.numel() for p in task.backbone.parameters())
+        task.run_info = {"data": datamodule_config(datamodule), "data_name": hydra_choice("data")}
+        if hasattr(datamodule, "artifacts"):  # e.g. the tokenizer: eval needs it from the checkpoint alone
+            task.run_info["data_artifacts"] = datamodule.artifacts()
+        callbacks = build_callbacks(cfg.get("callbacks"))
+        loggers = build_loggers(cfg.get("logger"), run_dir)
+        trainer = build_trainer(cfg, callbacks, loggers)
+    except BaseException:
+        mark_stopped(run_dir)
+        raise
     objects = {"cfg": cfg, "datamodule": datamodule, "task": task, "trainer": trainer}
 
     failed = True

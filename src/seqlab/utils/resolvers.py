@@ -46,7 +46,9 @@ def run_stamp(pattern: str, runs_dir: str | None = None, resume: str | None = No
     """Run directory name: the launch id when torchrun/srun started every rank (each process
     composes its own config, and all must pick one directory); with ``resume=auto``, the name of
     the newest interrupted run in ``runs_dir`` started with the same overrides
-    (``seqlab.utils.resume``); else the time (``strftime`` pattern), with the job id under SLURM."""
+    (``seqlab.utils.resume``); else the time (``strftime`` pattern), with the job id under SLURM,
+    and ``-2``, ``-3`` ... when ``runs_dir`` already holds that name (started in the same second).
+    ``seqlab.utils.resume.mark_running`` settles a race that remains: one process trains there."""
     stamp = launch_id()
     if stamp:
         return stamp
@@ -61,7 +63,13 @@ def run_stamp(pattern: str, runs_dir: str | None = None, resume: str | None = No
                 return previous.name
     stamp = datetime.now().strftime(pattern)
     # SLURM array tasks (and jobs) starting in the same second would share the directory
-    return f"{stamp}-slurm{os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else stamp
+    stamp = f"{stamp}-slurm{os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else stamp
+    if runs_dir:  # a run (or sweep) started earlier in the same second: the next free name
+        base, number = stamp, 1
+        while (Path(runs_dir) / stamp).exists():
+            number += 1
+            stamp = f"{base}-{number}"
+    return stamp
 
 
 def rank_log_suffix() -> str:

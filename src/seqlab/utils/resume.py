@@ -76,8 +76,34 @@ def is_interrupted(run_dir: Path) -> bool:
 
 
 def mark_running(run_dir: Path) -> None:
-    """``<run>/.running``: this host and process, while the run trains (rank 0 writes it)."""
-    (run_dir / RUNNING).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    """``<run>/.running``: this host and process, while the run trains (rank 0 writes it),
+    created exclusively: of two processes that chose one directory at once, one trains there and
+    the other is refused (a marker left by a process that is gone is replaced)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker = run_dir / RUNNING
+    for _ in range(2):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            live = running_process(run_dir)
+            if live is not None:
+                raise in_use(run_dir, live) from None
+            if marker.read_text().split()[-1:] == [str(os.getpid())]:
+                return  # this process's own (a multirun's job run again)
+            marker.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return
+    raise in_use(run_dir, None)  # another process claimed it between the two attempts
+
+
+def in_use(run_dir: Path, pid: int | None) -> ConfigError:
+    who = f"process {pid} on this host is" if pid is not None else "another process is"
+    return ConfigError(
+        f"{run_dir} is in use: {who} training there ({run_dir / RUNNING}); wait for it or stop it, or "
+        f"train into another directory (if no such run is going on, delete {RUNNING})"
+    )
 
 
 def mark_stopped(run_dir: Path) -> None:
@@ -190,11 +216,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         return str(checkpoint) if checkpoint is not None else cfg.get("ckpt_path")
     live = running_process(run_dir)
     if live is not None:
-        raise ConfigError(
-            f"{run_dir} is in use: process {live} on this host is training there ({run_dir / RUNNING}); "
-            "wait for it or stop it, or train into another directory (if no such run is going on, "
-            f"delete {RUNNING})"
-        )
+        raise in_use(run_dir, live)
     if (run_dir / "summary.json").exists():
         raise ConfigError(
             f"{run_dir} holds a finished run (summary.json); it is left as it is. Train into a new "
