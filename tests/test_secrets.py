@@ -69,6 +69,32 @@ def test_no_secret_in_any_file_of_the_run_directory(tmp_path: Path) -> None:
     assert f"api_key: '{REDACTED}'" in (run_dir / "config.yaml").read_text()
 
 
+@pytest.mark.slow
+def test_no_secret_in_a_refused_run_or_a_sweep(tmp_path: Path) -> None:
+    """Hydra writes .hydra/ (and a sweep's multirun.yaml) before the job starts: a run refused
+    before it trains left the credential there, a sweep in multirun.yaml, and a failed job's row
+    of the sweep table took it from its overrides."""
+    from tests.conftest import FAST, run_script
+
+    refused = run_script(
+        "train.py", "trainer=gpu", f"+extras.api_key={LITERAL}", f"hydra.run.dir={tmp_path / 'refused'}"
+    )
+    assert refused.returncode == 1 and "no CUDA GPU" in refused.stdout + refused.stderr
+    sweep = tmp_path / "sweep"
+    done = run_script(
+        "train.py", "-m", *FAST, "trainer.max_epochs=1", "extras.print_config=true", f"+extras.api_key={LITERAL}",
+        "model.nhead=3,4",
+        f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    # the printed config tree (Hydra's own log lines repeat the command line's overrides: keep
+    # credentials in the environment, as the README says)
+    assert f"api_key: {LITERAL}" not in done.stdout and f"api_key: '{REDACTED}'" in done.stdout
+    files = [p for root in (tmp_path / "refused", sweep) for p in root.rglob("*") if p.is_file()]
+    assert {"overrides.yaml", "multirun.yaml", "sweep_summary.csv"} <= {p.name for p in files}
+    leaks = [str(p.relative_to(tmp_path)) for p in files if LITERAL.encode() in p.read_bytes()]
+    assert not leaks, leaks
+
+
 def test_env_file_sets_missing_variables_only(tmp_path: Path, monkeypatch) -> None:
     from seqlab.utils.resolvers import project_root
     from seqlab.utils.secrets import load_env_file

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqlab.utils.files import write_text_atomic
 from seqlab.utils.resolvers import sweep_group
 from seqlab.utils.run import markdown_table, print_table, read_summaries
+from seqlab.utils.secrets import redact_text, scrub_hydra_files, scrub_yaml
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ ERROR_FILE = "error.txt"
 
 def job_overrides(job_dir: Path) -> str:
     path = job_dir / ".hydra" / "overrides.yaml"
-    return " ".join(str(o) for o in (OmegaConf.load(path) or [])) if path.is_file() else ""
+    return redact_text(" ".join(str(o) for o in (OmegaConf.load(path) or []))) if path.is_file() else ""
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -67,6 +68,19 @@ def write_sweep_table(sweep_dir: Path) -> list[dict[str, Any]]:
         writer.writerows(rows)
     write_text_atomic(sweep_dir / "sweep_summary.md", markdown_table(rows, columns) + "\n")
     return rows
+
+
+class ScrubSecrets(Callback):
+    """Hydra writes the config, its own and the overrides into ``<job>/.hydra`` (and a sweep's into
+    ``multirun.yaml``) before the job starts, credentials included: they are redacted as the job
+    starts, so a run refused before it trains (a missing GPU, a bad checkpoint) leaves none."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        hydra = config.hydra
+        if hydra.output_subdir is not None:
+            scrub_hydra_files(Path(hydra.runtime.output_dir), hydra.output_subdir)
+        if hydra.mode == RunMode.MULTIRUN:
+            scrub_yaml(Path(hydra.sweep.dir) / "multirun.yaml")
 
 
 class SweepSummary(Callback):

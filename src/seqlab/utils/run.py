@@ -149,7 +149,10 @@ def print_config_tree(cfg: DictConfig, order: Sequence[str] = PRINTED_GROUPS) ->
     for key in keys:
         branch = tree.add(str(key), style="bold", guide_style="dim")
         value = cfg[key]
-        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        if isinstance(value, DictConfig):  # printed is logged too (SLURM's and submitit's output files)
+            text = OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(value, resolve=True))))
+        else:
+            text = redact_text(str(value))
         branch.add(rich.syntax.Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
     rich.print(tree)
 

@@ -73,15 +73,22 @@ def redact(value: Any, env_values: list[str] | None = None) -> Any:
     return value
 
 
-def scrub_hydra_files(run_dir: Path) -> None:
+def scrub_hydra_files(run_dir: Path, subdir: str = ".hydra") -> None:
     """Redact the config copies Hydra wrote into ``<run>/.hydra`` before the job started."""
+    for path in sorted((run_dir / subdir).glob("*.yaml")):
+        scrub_yaml(path)
+
+
+def scrub_yaml(path: Path) -> None:
+    """Redact a YAML file in place (unresolved: interpolations stay as they were written)."""
     from omegaconf import OmegaConf
 
-    for path in sorted((run_dir / ".hydra").glob("*.yaml")):
-        original = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        cleaned = redact(original)
-        if cleaned != original:
-            write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(cleaned)))
+    if not path.is_file():
+        return
+    original = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    cleaned = redact(original)
+    if cleaned != original:
+        write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(cleaned)))
 
 
 def load_env_file(path: Path) -> list[str]:
