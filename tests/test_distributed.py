@@ -92,7 +92,13 @@ def test_ddp_spawn_runs(tmp_path: Path) -> None:
         "train.py", "trainer=ddp_spawn", *FAST, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((run_dir / "summary.json").read_text())["trainer"]["world_size"] == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["trainer"]["world_size"] == 2
+    # what the spawned workers did, handed back to the main process that writes the summary (it
+    # reported 0 steps, 0 epochs, no throughput and no test report)
+    assert summary["epochs"] == 1 and summary["global_step"] > 0 and summary["fit_s"] > 0
+    assert summary["train_samples_per_s"] > 0 and summary["time_to_first_step_s"] > 0
+    assert summary["test_report"]["plotted_windows"][0] == 0
 
 
 def test_multirun_writes_a_table_of_every_job(tmp_path: Path) -> None:

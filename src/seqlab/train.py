@@ -32,6 +32,7 @@ from seqlab.utils.distributed import (
     check_hardware,
     finish_job,
     in_multirun,
+    use_spawn_launcher,
     use_sweep_launcher,
 )
 from seqlab.utils.logging import route_lightning_logs_to_root
@@ -136,6 +137,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Lo
     )
     clip_fused_under_bf16(trainer.strategy)  # bf16-mixed clips a fused optimizer's gradients too
     use_sweep_launcher(trainer)
+    use_spawn_launcher(trainer)
     return trainer
 
 
@@ -234,7 +236,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
         metrics, baseline = split_baselines(test_metrics)
         stats = next(c for c in trainer.callbacks if isinstance(c, RunStats))
-        memory = stats.peak_memory_mb()
+        memory = stats.peak_memory()
         summary = {
             "task": hydra_choice("task") or cfg.task._target_.rsplit(".", 1)[-1],
             "data": hydra_choice("data") or cfg.data._target_.rsplit(".", 1)[-1],

@@ -190,6 +190,7 @@ class RunStats(L.Callback):
         self._epoch_tokens: torch.Tensor | int = 0
         self._val_seconds = 0.0
         self._val_start: float | None = None
+        self.worker_memory: dict[str, float] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.peak_flops is None:
@@ -288,6 +289,23 @@ class RunStats(L.Callback):
             "mfu": rates.get("perf/mfu"),
             "time_to_first_step_s": self.time_to_first_step_s,
         }
+
+    #: what ``summary`` and ``peak_memory`` report, handed from a spawned worker to the main process
+    FIGURES = ("samples", "tokens", "train_seconds", "flops_per_token", "time_to_first_step_s",
+               "parameters_per_rank", "peak_flops", "worker_memory")  # fmt: skip
+
+    def handover(self) -> dict[str, Any]:
+        """This process's figures (and its peak memory) for the process that reports them:
+        under ``trainer=ddp_spawn`` training runs in spawned workers, the summary in the main one."""
+        return {**{key: getattr(self, key) for key in self.FIGURES}, "worker_memory": self.peak_memory_mb()}
+
+    def take_over(self, figures: dict[str, Any]) -> None:
+        for key in self.FIGURES:
+            setattr(self, key, figures[key])
+
+    def peak_memory(self) -> dict[str, float]:
+        """The job's peak memory: measured here, or by the spawned worker that trained."""
+        return self.worker_memory or self.peak_memory_mb()
 
     @staticmethod
     def peak_memory_mb() -> dict[str, float]:

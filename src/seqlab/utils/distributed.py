@@ -28,6 +28,7 @@ from hydra.utils import get_class
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 from lightning.pytorch import strategies
 from lightning.pytorch.strategies.launchers import subprocess_script
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from seqlab.errors import ConfigError, instantiate
@@ -317,6 +318,43 @@ class SweepJobLauncher(subprocess_script._SubprocessScriptLauncher):
         # Lightning builds a Hydra child's command in this one function: swap in the job's
         with mock.patch.object(subprocess_script, "_hydra_subprocess_cmd", job_command):
             super()._call_children_scripts()
+
+
+class SpawnLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn launcher (``trainer=ddp_spawn``) that also hands back what ``summary.json``
+    reads: the fit loop's progress (global step, epochs), ``RunStats``' figures (throughput,
+    time to the first step, the worker's peak memory) and the task's ``test_report``. Lightning
+    returns the weights, the best checkpoint's path and the logged metrics only: the summary gave
+    0 steps and epochs and no throughput."""
+
+    def get_extra_results(self, trainer: Any) -> dict[str, Any]:
+        from seqlab.callbacks.run_stats import RunStats
+
+        extra = super().get_extra_results(trainer)
+        extra["seqlab_fit_loop"] = trainer.fit_loop.state_dict()
+        extra["seqlab_run_stats"] = [c.handover() for c in trainer.callbacks if isinstance(c, RunStats)]
+        extra["seqlab_test_report"] = getattr(trainer.lightning_module, "test_report", None)
+        return extra
+
+    def update_main_process_results(self, trainer: Any, extra: dict[str, Any]) -> None:
+        from seqlab.callbacks.run_stats import RunStats
+
+        super().update_main_process_results(trainer, extra)
+        trainer.fit_loop.load_state_dict(extra["seqlab_fit_loop"])
+        for stats, figures in zip(
+            (c for c in trainer.callbacks if isinstance(c, RunStats)), extra["seqlab_run_stats"]
+        ):
+            stats.take_over(figures)
+        if extra["seqlab_test_report"] is not None:
+            trainer.lightning_module.test_report = extra["seqlab_test_report"]
+
+
+def use_spawn_launcher(trainer: Any) -> None:
+    """Give a spawning strategy (``ddp_spawn``) the launcher that hands back the summary's figures."""
+    strategy = trainer.strategy
+    launcher = getattr(strategy, "_launcher", None)
+    if type(launcher) is _MultiProcessingLauncher:
+        strategy._launcher = SpawnLauncher(strategy, start_method=launcher._start_method)
 
 
 def use_sweep_launcher(trainer: Any) -> None:
