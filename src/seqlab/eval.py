@@ -1,4 +1,4 @@
-"""Evaluation: rebuild data and model from a checkpoint alone, test, write ``metrics.json``."""
+"""Evaluation: rebuild data and model from a checkpoint alone, test, write ``summary.json``."""
 
 from __future__ import annotations
 
