@@ -7,14 +7,12 @@ import csv
 import gzip
 import logging
 import math
-import os
 import shutil
 import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from seqlab.errors import DataError
-from seqlab.utils.files import atomic_file
+from seqlab.utils.files import atomic_file, directory_lock
 
 DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y/%m/%d %H:%M", "%Y/%m/%d")
 
@@ -166,29 +164,13 @@ def download(url: str, destination: Path, timeout: float = 30.0) -> None:
         shutil.copyfileobj(gzip.GzipFile(fileobj=response) if gunzip else response, out)
 
 
-@contextlib.contextmanager
-def download_lock(directory: Path) -> Iterator[None]:
+def download_lock(directory: Path) -> contextlib.AbstractContextManager[None]:
     """One process of this host at a time fetches into ``directory`` (torchrun and srun start
     every process at once): the others wait, then find the files there instead of replacing them,
     which would change the files' fingerprint (the cache key) under a process that already read
-    it. Without ``flock`` (not POSIX, or a file system that refuses it) the processes fetch side
-    by side, each download still atomic; nor does it order the hosts of a multi-node job on a
-    shared file system (prepare the data once before such a job)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    handle = os.open(directory, os.O_RDONLY)  # the directory itself: no lock file left behind
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError as error:  # ENOLCK, EOPNOTSUPP: Lustre without flock, some FUSE mounts
-            log.warning("%s: cannot lock it (%s); fetching without the lock", directory, error.strerror)
-        yield
-    finally:
-        os.close(handle)  # releases the lock
+    it. Nor does it order the hosts of a multi-node job on a shared file system (prepare the data
+    once before such a job)."""
+    return directory_lock(directory, "fetching")
 
 
 def ensure_file(path: Path, url: str | None, allow_download: bool) -> Path:

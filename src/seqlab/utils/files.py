@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -35,6 +38,29 @@ def _umask() -> int:
     mask = os.umask(0)  # read by setting: put straight back
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path, doing: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``directory`` itself (no lock file left behind) for the processes
+    of this host; released when the block ends or the process dies. Without ``flock`` (not POSIX,
+    or a file system that refuses it: Lustre without flock, some FUSE mounts) a warning, and the
+    block runs unlocked."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:  # ENOLCK, EOPNOTSUPP
+            log.warning("%s: cannot lock it (%s); %s without the lock", directory, error.strerror, doing)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqlab.errors import ConfigError
 from seqlab.utils.distributed import strategy_kind
+from seqlab.utils.files import directory_lock, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -76,32 +77,20 @@ def is_interrupted(run_dir: Path) -> bool:
 
 
 def mark_running(run_dir: Path) -> None:
-    """``<run>/.running``: this host and process, while the run trains (rank 0 writes it),
-    created exclusively: of two processes that chose one directory at once, one trains there and
-    the other is refused (a marker left by a process that is gone is replaced)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    marker = run_dir / RUNNING
-    for _ in range(2):
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            live = running_process(run_dir)
-            if live is not None:
-                raise in_use(run_dir, live) from None
-            if marker.read_text().split()[-1:] == [str(os.getpid())]:
-                return  # this process's own (a multirun's job run again)
-            marker.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"{socket.gethostname()} {os.getpid()}\n")
-        return
-    raise in_use(run_dir, None)  # another process claimed it between the two attempts
+    """``<run>/.running``: this host and process, while the run trains (rank 0 writes it). Claimed
+    under a lock on the directory: of two processes of this host that chose one directory at
+    once, one trains there and the other is refused (a marker whose process is gone is replaced;
+    a marker of another host counts as gone, as for a requeued job)."""
+    with directory_lock(run_dir, "claiming it"):
+        live = running_process(run_dir)
+        if live is not None:
+            raise in_use(run_dir, live)
+        write_text_atomic(run_dir / RUNNING, f"{socket.gethostname()} {os.getpid()}\n")
 
 
-def in_use(run_dir: Path, pid: int | None) -> ConfigError:
-    who = f"process {pid} on this host is" if pid is not None else "another process is"
+def in_use(run_dir: Path, pid: int) -> ConfigError:
     return ConfigError(
-        f"{run_dir} is in use: {who} training there ({run_dir / RUNNING}); wait for it or stop it, or "
+        f"{run_dir} is in use: process {pid} on this host is training there ({run_dir / RUNNING}); wait for it or stop it, or "
         f"train into another directory (if no such run is going on, delete {RUNNING})"
     )
 
