@@ -205,3 +205,19 @@ def test_a_precision_that_casts_the_model_keeps_what_is_measured_in_float32(make
     assert runs["bf16-true"]["baseline"] == runs["32-true"]["baseline"]
     assert runs["bf16-true"]["metrics"] != runs["32-true"]["metrics"]  # the model did run in bf16
     assert runs["bf16-true"]["trainer"]["precision"] == "bf16-true"
+
+
+def test_translation_keeps_its_metric_states_in_float32_under_a_cast_model(make_cfg) -> None:
+    """The translation task's own ``setup`` (its sacreBLEU check) skipped the base class's, which
+    keeps the metric states float32: bf16-true summed ``val/loss`` over a split in bf16."""
+    from torchmetrics import Metric
+
+    cfg = make_cfg("data=translation_synthetic", "data.num_train=256", "model=gru", "model.d_model=16",
+                   "trainer.max_epochs=1", "trainer.precision=bf16-true", "extras.print_config=false",
+                   "callbacks.rich_progress_bar=null", fast=False)  # fmt: skip
+    _, objects = train(cfg)
+    task = objects["task"]
+    assert task.tgt_embed.weight.dtype == torch.bfloat16
+    states = [getattr(m, name) for m in task.modules() if isinstance(m, Metric) for name in m._defaults]
+    floating = [s for s in states if isinstance(s, torch.Tensor) and s.is_floating_point()]
+    assert floating and all(s.dtype == torch.float32 for s in floating)

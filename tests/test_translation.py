@@ -158,7 +158,8 @@ def test_bad_splits_and_settings_are_named(tmp_path: Path) -> None:
             BACKBONES["gru"], src_vocab_size=10, tgt_vocab_size=10, shared_vocab=True, val_bleu_samples=-1
         )
     with pytest.raises(ConfigError, match=r"data.tokenizer.kind=wordpiece: its decoder rewrites the text"):
-        translation_dm(root, tmp_path / "cache", tokenizer={"kind": "wordpiece"})
+        whole = parallel_files(tmp_path / "whole", {split: PAIRS for split in ("train", "val", "test")})
+        translation_dm(whole, tmp_path / "cache", tokenizer={"kind": "wordpiece"}).prepare_data()
 
 
 def test_word_tokens_that_lose_the_references_spacing_are_reported(tmp_path: Path, caplog) -> None:
@@ -364,6 +365,12 @@ def test_sacrebleu_scores_detokenised_text_with_its_signature() -> None:
     chinese = corpus_scores(["今天天气很好"], ["今天天气不错"], target_lang="zh")
     assert chinese["bleu"] > 0 and "tok:zh" in chinese["bleu_signature"]
     assert corpus_scores(["今天天气很好"], ["今天天气不错"])["bleu"] == 0
+    assert "tok:zh" in corpus_scores(["今天"], ["今天"], target_lang="zh-CN")["bleu_signature"]
+    # Japanese needs MeCab (not a dependency): named when the run is set up, before training
+    with pytest.raises(
+        ConfigError, match=r"data.target_lang='ja': sacreBLEU's tokenizer for it is not installed"
+    ):
+        corpus_scores(["a"], ["a"], target_lang="ja")
 
 
 # ---------------------------------------------------------------- training end to end
@@ -403,9 +410,11 @@ def test_validation_bleu_reads_the_first_sentences_of_the_split(make_cfg, tmp_pa
 
     cfg = make_cfg(
         *TRANSLATION_FAST, "model=gru", "model.d_model=16", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
-        "task.val_bleu_samples=50", f"data.cache_dir={tmp_path / 'cache'}", fast=False,
+        "task.val_bleu_samples=50", f"data.cache_dir={tmp_path / 'cache'}", "+data.tokenizer.lowercase=true", fast=False,
     )  # fmt: skip
     _, objects = train(cfg)
+    # a lowercasing tokenizer's hypotheses are scored lowercased (its signature says so)
+    assert "|case:lc|" in objects["summary"]["test_report"]["bleu_signature"]
     task = objects["task"]
     objects["trainer"].validate(task, objects["datamodule"], verbose=False)
     split, pairs = task._scored

@@ -74,7 +74,7 @@ def run(cfg: DictConfig) -> None:
     try:
         source = cfg.get("input")
         if source in (None, "-"):
-            lines = sys.stdin.read().split("\n")
+            lines = sys.stdin.read().removeprefix("\ufeff").split("\n")
             if lines and lines[-1] == "":
                 lines.pop()
         else:

@@ -26,25 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from seqlab.data.translation import sacrebleu_metrics
 from seqlab.errors import ConfigError
 from seqlab.tasks.base import SeqTask, build_backbone
 from seqlab.tasks.generation import Agree, alone, beam_search, greedy_search
 from seqlab.utils.distributed import gather_indexed, shards_parameters
 from seqlab.utils.figures import log_table
-
-
-def sacrebleu_metrics(lowercase: bool = False, target_lang: str = "") -> tuple[Any, Any]:
-    """sacreBLEU's BLEU and chrF for a target language: BLEU tokenizes Chinese with its ``zh``
-    tokenizer and Japanese / Korean with MeCab (13a would count an unsegmented sentence as one
-    word), and both compare lowercased text when the tokenizer lowercases the hypotheses."""
-    from sacrebleu.metrics import BLEU, CHRF
-
-    try:
-        return BLEU(lowercase=lowercase, trg_lang=target_lang), CHRF(lowercase=lowercase)
-    except (ImportError, RuntimeError) as err:  # ja-mecab / ko-mecab without their packages
-        raise ConfigError(
-            f"data.target_lang={target_lang!r}: sacreBLEU's tokenizer for it is not installed ({err})"
-        ) from None
 
 
 def corpus_scores(
@@ -250,6 +237,7 @@ class TranslationTask(SeqTask):
         self._hypotheses = []
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         datamodule = self.trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "scoring"):
             sacrebleu_metrics(**datamodule.scoring())  # a missing tokenizer named before training
@@ -318,7 +306,9 @@ class TranslationTask(SeqTask):
         datamodule = self.trainer.datamodule
         references = datamodule.references(split)
         return corpus_scores(
-            [hyp for _, hyp in pairs], [references[i] for i, _ in pairs], **datamodule.scoring()
+            [hyp for _, hyp in pairs],
+            [references[i] for i, _ in pairs],
+            **getattr(datamodule, "scoring", dict)(),
         )
 
     def report_translations(self, scores: dict[str, Any]) -> None:
