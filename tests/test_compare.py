@@ -78,12 +78,13 @@ def test_summary_json_is_strict_json(tmp_path: Path) -> None:
     import torch
 
     summary = {"metrics": {"test/mse": float("nan"), "test/mae": torch.tensor(0.5)},
-               "wall_s": np.float32(2.0), "peak": [float("inf"), 3], "ok": True, "model": None}  # fmt: skip
+               "wall_s": np.float32(2.0), "peak": [float("inf"), np.int64(3)], "ok": np.bool_(True), "model": None}  # fmt: skip
     text = (write_summary(tmp_path, summary)).read_text()
 
     def refuse(name: str) -> None:
         raise ValueError(f"not strict JSON: {name}")
 
+    assert '"ok": true' in text and "3.0" not in text  # a NumPy bool and integer keep their type
     assert json.loads(text, parse_constant=refuse) == {
         "metrics": {"test/mse": None, "test/mae": 0.5}, "wall_s": 2.0, "peak": [None, 3], "ok": True, "model": None,
     }  # fmt: skip

@@ -59,7 +59,7 @@ def test_every_trainer_config_builds_its_strategy(make_cfg, name: str) -> None:
 
 @pytest.mark.parametrize(
     ("devices", "expected"),
-    [("3", 3), ("[0,2]", 2), ("-1", os.cpu_count()), ("auto", 1)],
+    [("3", 3), ("[0,2]", 2), ("'0,1,2'", 3), ("auto", 1)],
 )
 def test_fsdp2_shards_over_every_process_however_devices_are_given(
     make_cfg, devices: str, expected: int

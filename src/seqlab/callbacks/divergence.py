@@ -26,10 +26,11 @@ class DivergenceGuard(L.Callback):
         every = self.every_n_steps or trainer.log_every_n_steps
         if trainer.global_step % max(1, every):
             return
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if not isinstance(loss, torch.Tensor):
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor) and trainer.world_size == 1:
             return
-        value = float(loss.detach())
+        # a step without a loss (manual optimisation) counts as finite; every rank takes part
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else 0.0
         diverged = not math.isfinite(value)
         if trainer.world_size > 1:  # every process stops together: a lone one left the others waiting
             diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)

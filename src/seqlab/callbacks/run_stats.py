@@ -191,6 +191,8 @@ class RunStats(L.Callback):
         self._val_seconds = 0.0
         self._val_start: float | None = None
         self.worker_memory: dict[str, float] | None = None
+        #: read here, in the process that builds the run: a spawned worker (ddp_spawn) started later
+        self.job_started = job_start_time()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.peak_flops is None:
@@ -219,7 +221,7 @@ class RunStats(L.Callback):
         if not self._first_step_done and trainer.global_step >= 1:
             self._first_step_done = True
             settled(pl_module.device)
-            started = job_start_time()
+            started = self.job_started
             self.time_to_first_step_s = round(time.time() - started, 3) if started else None
             self.flops_per_token = flops_per_token(pl_module, batch)
 
@@ -300,8 +302,14 @@ class RunStats(L.Callback):
         return {**{key: getattr(self, key) for key in self.FIGURES}, "worker_memory": self.peak_memory_mb()}
 
     def take_over(self, figures: dict[str, Any]) -> None:
+        """The figures of a worker that has ended (one per spawned fit, test ...); the peak memory
+        is the highest of them: a test worker's would hide the training worker's."""
+        previous = self.worker_memory or {}
         for key in self.FIGURES:
             setattr(self, key, figures[key])
+        self.worker_memory = {
+            key: max(value, previous.get(key, value)) for key, value in figures["worker_memory"].items()
+        }
 
     def peak_memory(self) -> dict[str, float]:
         """The job's peak memory: measured here, or by the spawned worker that trained."""

@@ -148,6 +148,8 @@ def process_count(trainer_cfg: DictConfig | dict) -> int:
     devices, nodes = trainer_cfg.get("devices", "auto"), trainer_cfg.get("num_nodes", 1)
     if isinstance(devices, str) and devices.lstrip("-").isdigit():
         devices = int(devices)
+    elif isinstance(devices, str) and "," in devices:  # Lightning's "0,1": device ids
+        devices = [d for d in devices.split(",") if d.strip()]
     if isinstance(devices, list | tuple | ListConfig):
         per_node = len(devices)
     elif isinstance(devices, int) and devices > 0:

@@ -82,6 +82,13 @@ def _strict(value: Any) -> Any:
         return [_strict(item) for item in value]
     if value is None or isinstance(value, (str, bool, int)):
         return value
+    if callable(getattr(value, "item", None)):  # a NumPy scalar or 0-d tensor: its Python value
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):
+            return value  # more than one element: json.dumps names its type
+        if isinstance(value, (bool, int)):
+            return value
     try:
         number = float(value)  # floats, 0-d tensors, NumPy scalars
     except (TypeError, ValueError):

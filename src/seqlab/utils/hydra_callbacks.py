@@ -77,10 +77,13 @@ class ScrubSecrets(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         hydra = config.hydra
-        if hydra.output_subdir is not None:
-            scrub_hydra_files(Path(hydra.runtime.output_dir), hydra.output_subdir)
-        if hydra.mode == RunMode.MULTIRUN:
-            scrub_yaml(Path(hydra.sweep.dir) / "multirun.yaml")
+        try:  # outside Hydra's error handling: a failure here would end the whole sweep
+            if hydra.output_subdir is not None:
+                scrub_hydra_files(Path(hydra.runtime.output_dir), hydra.output_subdir)
+            if hydra.mode == RunMode.MULTIRUN:
+                scrub_yaml(Path(hydra.sweep.dir) / "multirun.yaml")
+        except Exception as error:
+            log.warning("credentials not redacted in Hydra's config copies: %s", error)
 
 
 class SweepSummary(Callback):
