@@ -503,3 +503,16 @@ def test_translate_options_are_checked_before_the_model_loads(
     with pytest.raises(SystemExit):
         run(OmegaConf.create({**settings, **override}))
     assert any(re.search(message, record.getMessage()) for record in caplog.records), caplog.text
+
+
+def test_wordpiece_is_refused_before_a_training_run_reads_anything(make_cfg, tmp_path: Path) -> None:
+    """Refused when training starts (every process, a cached entry or not), not in the datamodule's
+    constructor: a checkpoint trained with wordpiece tokenizers still evaluates."""
+    from seqlab.train import build_datamodule, train
+
+    cache = tmp_path / "cache"
+    cfg = make_cfg(*TRANSLATION_FAST, "data.tokenizer.kind=wordpiece", f"data.cache_dir={cache}", fast=False)
+    with pytest.raises(ConfigError, match=r"data.tokenizer.kind=wordpiece: its decoder rewrites the text"):
+        train(cfg)
+    assert not cache.exists()
+    build_datamodule(cfg.data, prepare=False)  # what eval.py and translate.py build from a checkpoint

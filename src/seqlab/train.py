@@ -85,12 +85,19 @@ def check_settings(node: DictConfig | dict, prefix: str) -> None:
 
 
 def build_datamodule(
-    data_cfg: DictConfig | dict, artifacts: dict[str, Any] | None = None, prepare: bool = True
+    data_cfg: DictConfig | dict,
+    artifacts: dict[str, Any] | None = None,
+    prepare: bool = True,
+    check_trainable: bool = False,
 ) -> L.LightningDataModule:
     """Instantiate and prepare the data; ``artifacts`` (a checkpoint's tokenizer...) are reused, not
-    rebuilt. ``prepare=False``: no data files are read or written (what needs only the artifacts)."""
+    rebuilt. ``prepare=False``: no data files are read or written (what needs only the artifacts).
+    ``check_trainable``: the datamodule's own refusals for a new training run, before any file
+    is read (and on every process)."""
     check_settings(data_cfg, "data")
     datamodule = instantiate(data_cfg, _convert_="all")
+    if check_trainable and hasattr(datamodule, "check_trainable"):
+        datamodule.check_trainable()
     if artifacts and hasattr(datamodule, "use_artifacts"):
         datamodule.use_artifacts(artifacts)
     if prepare:
@@ -188,7 +195,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         git = write_run_metadata(cfg, run_dir) if is_rank_zero() else {}
 
         log.info("data <%s>", cfg.data._target_)
-        datamodule = build_datamodule(cfg.data)
+        datamodule = build_datamodule(cfg.data, check_trainable=True)
         log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)
         task = build_task(cfg.task, cfg.model, datamodule)
         task.check_trainable()

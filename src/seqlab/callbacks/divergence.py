@@ -40,7 +40,8 @@ class DivergenceGuard(L.Callback):
                 if trainer.optimizers
                 else ""
             )
-            where = "" if not math.isfinite(value) else f" on another process (here {value:.4g})"
+            here = f" (here {value:.4g})" if isinstance(loss, torch.Tensor) else ""
+            where = "" if not math.isfinite(value) else f" on another process{here}"
             raise TrainingDiverged(
                 f"the training loss is {'not finite' if where else value}{where} at step {trainer.global_step} "
                 f"(epoch {trainer.current_epoch}{lr}): "

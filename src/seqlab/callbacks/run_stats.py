@@ -307,8 +307,10 @@ class RunStats(L.Callback):
         previous = self.worker_memory or {}
         for key in self.FIGURES:
             setattr(self, key, figures[key])
+        latest = figures["worker_memory"]
         self.worker_memory = {
-            key: max(value, previous.get(key, value)) for key, value in figures["worker_memory"].items()
+            **previous,
+            **{key: max(value, previous.get(key, value)) for key, value in latest.items()},
         }
 
     def peak_memory(self) -> dict[str, float]:

@@ -318,12 +318,7 @@ class TranslationDataModule(BatchedTextDataModule):
             return Tokenizer.from_str(self.fixed["source_tokenizer"]), Tokenizer.from_str(
                 self.fixed["target_tokenizer"]
             )
-        if self.spec.kind == "wordpiece":  # refused for new tokenizers; a checkpoint's still evaluates
-            raise ConfigError(
-                "data.tokenizer.kind=wordpiece: its decoder rewrites the text (' do not' becomes \" don't\", "
-                "'saftig-grünes' comes back 'saftig - grünes'), and BLEU would score that against the raw "
-                "references; use kind=bpe or unigram, which decode to the text itself"
-            )
+        self.check_trainable()
         if self.hparams.shared_vocab:
             log.info("training a joint %s tokenizer on %d sentence pairs", self.spec.kind, len(train))
             joint = train_tokenizer(train.sources + train.targets, self.spec)
@@ -470,6 +465,17 @@ class TranslationDataModule(BatchedTextDataModule):
         limit = self.hparams.max_length
         ids = encode(self.tokenizer("source"), texts, add_special_tokens=False)
         return [[*seq[: limit - 1], EOS_ID] for seq in ids]
+
+    def check_trainable(self) -> None:
+        """Refuse what a new training run must not use (train.py asks before it builds anything
+        else; a trained checkpoint's tokenizers still evaluate): wordpiece, whose decoder
+        rewrites the text."""
+        if self.spec.kind == "wordpiece" and self.fixed is None:
+            raise ConfigError(
+                "data.tokenizer.kind=wordpiece: its decoder rewrites the text (' do not' becomes \" don't\", "
+                "'saftig-grünes' comes back 'saftig - grünes'), and BLEU would score that against the raw "
+                "references; use kind=bpe or unigram, which decode to the text itself"
+            )
 
     def scoring(self) -> dict[str, Any]:
         """How sacreBLEU reads this data's translations: its target language (the tokenizer of

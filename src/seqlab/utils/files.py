@@ -87,8 +87,10 @@ def _strict(value: Any) -> Any:
             value = value.item()
         except (ValueError, RuntimeError):
             return value  # more than one element: json.dumps names its type
-        if isinstance(value, (bool, int)):
+        if isinstance(value, (str, bool, int)) or hasattr(value, "item"):
             return value
+        if not isinstance(value, float):
+            return _strict(value)  # a 0-d object array's contents
     try:
         number = float(value)  # floats, 0-d tensors, NumPy scalars
     except (TypeError, ValueError):

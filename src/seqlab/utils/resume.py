@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqlab.errors import ConfigError
 from seqlab.utils.distributed import strategy_kind
-from seqlab.utils.files import directory_lock, write_text_atomic
+from seqlab.utils.files import directory_lock
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +85,20 @@ def mark_running(run_dir: Path) -> None:
         live = running_process(run_dir)
         if live is not None:
             raise in_use(run_dir, live)
-        write_text_atomic(run_dir / RUNNING, f"{socket.gethostname()} {os.getpid()}\n")
+        marker = run_dir / RUNNING
+        marker.unlink(missing_ok=True)  # gone, or this process's own
+        try:  # exclusive too: where the file system refuses the lock, one of two still wins
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise in_use(run_dir, running_process(run_dir)) from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{socket.gethostname()} {os.getpid()}\n")
 
 
-def in_use(run_dir: Path, pid: int) -> ConfigError:
+def in_use(run_dir: Path, pid: int | None) -> ConfigError:
+    who = f"process {pid} on this host is" if pid is not None else "another process is"
     return ConfigError(
-        f"{run_dir} is in use: process {pid} on this host is training there ({run_dir / RUNNING}); wait for it or stop it, or "
+        f"{run_dir} is in use: {who} training there ({run_dir / RUNNING}); wait for it or stop it, or "
         f"train into another directory (if no such run is going on, delete {RUNNING})"
     )
 
