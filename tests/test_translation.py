@@ -158,8 +158,7 @@ def test_bad_splits_and_settings_are_named(tmp_path: Path) -> None:
             BACKBONES["gru"], src_vocab_size=10, tgt_vocab_size=10, shared_vocab=True, val_bleu_samples=-1
         )
     with pytest.raises(ConfigError, match=r"data.tokenizer.kind=wordpiece: its decoder rewrites the text"):
-        whole = parallel_files(tmp_path / "whole", {split: PAIRS for split in ("train", "val", "test")})
-        translation_dm(whole, tmp_path / "cache", tokenizer={"kind": "wordpiece"}).prepare_data()
+        translation_dm(root, tmp_path / "cache", tokenizer={"kind": "wordpiece"}).check_trainable()
 
 
 def test_word_tokens_that_lose_the_references_spacing_are_reported(tmp_path: Path, caplog) -> None:

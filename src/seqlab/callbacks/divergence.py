@@ -30,8 +30,8 @@ class DivergenceGuard(L.Callback):
         if not isinstance(loss, torch.Tensor) and trainer.world_size == 1:
             return
         # a step without a loss (manual optimisation) counts as finite; every rank takes part
-        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else 0.0
-        diverged = not math.isfinite(value)
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else None
+        diverged = value is not None and not math.isfinite(value)
         if trainer.world_size > 1:  # every process stops together: a lone one left the others waiting
             diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
         if diverged:
@@ -40,10 +40,13 @@ class DivergenceGuard(L.Callback):
                 if trainer.optimizers
                 else ""
             )
-            here = f" (here {value:.4g})" if isinstance(loss, torch.Tensor) else ""
-            where = "" if not math.isfinite(value) else f" on another process{here}"
+            if value is None or math.isfinite(value):
+                here = f" (here {value:.4g})" if value is not None else ""
+                what = f"not finite on another process{here}"
+            else:
+                what = str(value)
             raise TrainingDiverged(
-                f"the training loss is {'not finite' if where else value}{where} at step {trainer.global_step} "
+                f"the training loss is {what} at step {trainer.global_step} "
                 f"(epoch {trainer.current_epoch}{lr}): "
                 "lower task.optimizer.lr, keep trainer.gradient_clip_val, or check the data"
             )

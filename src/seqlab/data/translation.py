@@ -318,7 +318,6 @@ class TranslationDataModule(BatchedTextDataModule):
             return Tokenizer.from_str(self.fixed["source_tokenizer"]), Tokenizer.from_str(
                 self.fixed["target_tokenizer"]
             )
-        self.check_trainable()
         if self.hparams.shared_vocab:
             log.info("training a joint %s tokenizer on %d sentence pairs", self.spec.kind, len(train))
             joint = train_tokenizer(train.sources + train.targets, self.spec)

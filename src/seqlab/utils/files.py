@@ -76,23 +76,15 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def _strict(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {key: _strict(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(item) for item in value]
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
     if callable(getattr(value, "item", None)):  # a NumPy scalar or 0-d tensor: its Python value
         try:
             value = value.item()
         except (ValueError, RuntimeError):
             return value  # more than one element: json.dumps names its type
-        if isinstance(value, (str, bool, int)) or hasattr(value, "item"):
-            return value
-        if not isinstance(value, float):
-            return _strict(value)  # a 0-d object array's contents
-    try:
-        number = float(value)  # floats, 0-d tensors, NumPy scalars
-    except (TypeError, ValueError):
-        return value  # not a number: json.dumps names its type
-    return number if math.isfinite(number) else None
+    if isinstance(value, Mapping):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value

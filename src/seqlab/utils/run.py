@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqlab.utils.files import write_json_atomic, write_text_atomic
 from seqlab.utils.logging import process_rank
-from seqlab.utils.secrets import redact, redact_text, scrub_hydra_files
+from seqlab.utils.secrets import redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,6 @@ def write_run_metadata(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     overrides = redact(hydra_overrides())
     write_text_atomic(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
     (run_dir / "cmd.txt").write_text(redact_text(" ".join([sys.executable, *sys.argv])) + "\n")
-    scrub_hydra_files(run_dir)
     info, diff = git_info(Path(cfg.paths.root_dir))
     write_text_atomic(run_dir / "git.txt", "".join(f"{k}: {v}\n" for k, v in info.items() if k != "status"))
     if diff:
