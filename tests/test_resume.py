@@ -161,6 +161,10 @@ def test_the_same_overrides_find_the_newest_interrupted_run(tmp_path: Path) -> N
     assert find_interrupted_run(tmp_path, ["model=lstm"]) == newest
     assert find_interrupted_run(tmp_path, ["model=lstm", "seed=2"]) is None
     assert find_interrupted_run(tmp_path / "missing", ["model=lstm"]) is None
+    # the same second's runs: -10 was started after -9 (a name sort puts it first)
+    run("2026-01-06_00-00-00-9", ["model=rnn"])
+    tenth = run("2026-01-06_00-00-00-10", ["model=rnn"])
+    assert find_interrupted_run(tmp_path, ["model=rnn"]) == tenth
     differences = config_differences(
         {"model": {"d_model": 32}, "extras": {"print_config": True}, "tags": ["a"], "seed": 1},
         {"model": {"d_model": 64}, "extras": {"print_config": False}, "tags": ["b"], "seed": 1, "new": 2},

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,12 @@ def comparable(overrides: list[str]) -> list[str]:
     return sorted(o for o in overrides if override_key(o) != "resume")
 
 
+def stamp_order(name: str) -> list[str | int]:
+    """Sort key putting run stamps in the order they were made: numbers compare as numbers, so
+    the same second's ``-10`` comes after its ``-9`` and a longer SLURM job id after a shorter."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def find_interrupted_run(runs_dir: Path, overrides: list[str]) -> Path | None:
     """The newest interrupted run in ``runs_dir`` started with the same overrides."""
     from seqlab.utils.secrets import redact
@@ -153,7 +160,7 @@ def find_interrupted_run(runs_dir: Path, overrides: list[str]) -> Path | None:
     if not runs_dir.is_dir():
         return None
     wanted = comparable(redact(list(overrides)))
-    for run_dir in sorted(runs_dir.iterdir(), key=lambda path: path.name, reverse=True):
+    for run_dir in sorted(runs_dir.iterdir(), key=lambda path: stamp_order(path.name), reverse=True):
         saved = run_dir / "overrides.yaml"
         if not saved.is_file() or not is_interrupted(run_dir):
             continue
