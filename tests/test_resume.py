@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -132,8 +133,17 @@ def test_a_run_directory_is_resumed_only_by_its_own_configuration(make_cfg, tmp_
         train(make_cfg(*crash, "resume=sometimes"))
     assert snapshot() == before, "a refused run wrote into the directory"
 
+    # the training time saved with the checkpoint counts in the resumed run's fit_s (a long first
+    # attempt, so the resumed part alone could not reach it)
+    checkpoint = newest_checkpoint(run_dir)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert 0 < state["callbacks"]["RunStats"]["fit_s"] < 600
+    state["callbacks"]["RunStats"]["fit_s"] = 1000.0
+    torch.save(state, checkpoint)
+    started = time.perf_counter()
     metrics, objects = train(make_cfg(*crash))  # the same configuration: resumed and finished
     assert objects["summary"]["global_step"] == 50 and "test/mse" in metrics
+    assert 1000 < objects["summary"]["fit_s"] < 1000 + time.perf_counter() - started
     finished = snapshot()
     with pytest.raises(ConfigError, match="holds a finished run"):
         train(make_cfg(*crash))
@@ -319,7 +329,11 @@ def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(make_cfg) -> N
     assert summary["metrics"]["test/mse"] == pytest.approx(first["test/mse"])
     # another run started from that checkpoint is not bound by the first run's decision
     onward = make_cfg(*stops, f"ckpt_path={checkpoints / 'last.ckpt'}", output="onward")
-    train(onward)
+    resumed["callbacks"]["RunStats"]["fit_s"] = 1000.0  # nor does it count the first run's time
+    torch.save(resumed, checkpoints / "last.ckpt")
+    started = time.perf_counter()
+    _, objects = train(onward)
+    assert 0 < objects["summary"]["fit_s"] < time.perf_counter() - started
     continued = torch.load(Path(onward.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
     # its own early stopping, afresh: an improving first epoch (on no best yet), then its patience
     # of 1 (the first run's restored wait count would have stopped it after one epoch)

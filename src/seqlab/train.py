@@ -216,11 +216,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     try:
         for logger in trainer.loggers:  # fast_dev_run: Lightning's DummyLogger, no W&B run opened
             logger.log_hyperparams({"config": redact(to_plain(cfg)), "num_params": num_params})
+        stats = next(c for c in trainer.callbacks if isinstance(c, RunStats))
         fit_s = None
         if cfg.get("train"):
             fit_start = time.perf_counter()
             trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-            fit_s = round(time.perf_counter() - fit_start, 2)
+            # a resumed run: its earlier attempts' time up to the checkpoint it continued from too
+            fit_s = round(stats.earlier_fit_s + time.perf_counter() - fit_start, 2)
         train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best_key = f"{cfg.task.monitor}_best"
         if best_key not in train_metrics and task.restored_best is not None:
@@ -242,7 +244,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
         metrics, baseline = split_baselines(test_metrics)
-        stats = next(c for c in trainer.callbacks if isinstance(c, RunStats))
         memory = stats.peak_memory()
         summary = {
             "task": hydra_choice("task") or cfg.task._target_.rsplit(".", 1)[-1],

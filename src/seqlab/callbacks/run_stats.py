@@ -18,6 +18,8 @@ from lightning.fabric.utilities.throughput import get_available_flops, measure_f
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch.distributed.tensor import DTensor
 
+from seqlab.utils.resume import resumes_own_run
+
 log = logging.getLogger(__name__)
 
 #: dense (no sparsity) peak FLOP/s per GPU by compute dtype, from NVIDIA's datasheets (half their
@@ -191,6 +193,10 @@ class RunStats(L.Callback):
         self._val_seconds = 0.0
         self._val_start: float | None = None
         self.worker_memory: dict[str, float] | None = None
+        #: seconds of ``trainer.fit`` this run spent before the process that resumed it (saved in
+        #: its checkpoints); 0 for a fresh run and for one started from another run's checkpoint
+        self.earlier_fit_s = 0.0
+        self._fit_start: float | None = None
         #: read here, in the process that builds the run: a spawned worker (ddp_spawn) started later
         self.job_started = job_start_time()
 
@@ -200,6 +206,19 @@ class RunStats(L.Callback):
         if stage == "fit" and trainer.strategy.root_device.type == "cuda":
             # a multirun trains its jobs in one process: each job's own peak, not the sweep's so far
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        since = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
+        return {"fit_s": self.earlier_fit_s + since}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # a resumed (or requeued) run's training time is its attempts' up to the checkpoint plus
+        # this one's; a run started from another run's checkpoint starts its own count
+        saved = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        self.earlier_fit_s = float(saved.get("fit_s", 0.0)) if resumes_own_run(trainer) else 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         local = sum(local_numel(p) for p in pl_module.parameters())
@@ -294,7 +313,7 @@ class RunStats(L.Callback):
 
     #: what ``summary`` and ``peak_memory`` report, handed from a spawned worker to the main process
     FIGURES = ("samples", "tokens", "train_seconds", "flops_per_token", "time_to_first_step_s",
-               "parameters_per_rank", "peak_flops", "worker_memory")  # fmt: skip
+               "parameters_per_rank", "peak_flops", "worker_memory", "earlier_fit_s")  # fmt: skip
 
     def handover(self) -> dict[str, Any]:
         """This process's figures (and its peak memory) for the process that reports them:
