@@ -176,7 +176,7 @@ def test_an_error_raised_while_the_config_is_instantiated_is_seqlabs_own(make_cf
     (printed with a traceback); the entry points print a ``ConfigError`` as one line."""
     from seqlab.train import train
 
-    with pytest.raises(ConfigError, match=r"data.split_ratios=\[0.5, 0.6, 0.1\]: expected three shares"):
+    with pytest.raises(ConfigError, match=r"data.split_ratios=\[0.5, 0.6, 0.1\]: expected three positive shares"):
         train(make_cfg("+data.split_ratios=[0.5,0.6,0.1]"))
     with pytest.raises(ConfigError, match=r"model.nhead"):
         train(make_cfg("model.nhead=3", output="b"))  # d_model 32 is not a multiple of 3

@@ -194,3 +194,56 @@ def test_jobs_that_differ_in_more_than_the_seed_are_not_averaged(tmp_path: Path)
         "rnn",
         "transformer",
     ]
+
+
+def captured_figures(monkeypatch) -> dict[str, object]:
+    """compare's figures by file name, kept open instead of written."""
+    import seqlab.compare
+
+    figures: dict[str, object] = {}
+    monkeypatch.setattr(seqlab.compare, "save", lambda fig, path: figures.setdefault(path.name, fig) and path)
+    return figures
+
+
+def test_the_forecast_plot_draws_each_settings_own_truth(tmp_path: Path, monkeypatch) -> None:
+    """Settings that forecast different series (data.target=OT,HUFL) get a panel each, their
+    truth drawn with them (the first job's truth was drawn under every forecast)."""
+    from seqlab.compare import PREDICTIONS_TABLE, plot_predictions
+
+    sweep = tmp_path / "sweep"
+    truths = {"OT": [1.0, 2.0, 3.0], "HUFL": [7.0, 8.0, 9.0]}
+    for job, (model, target) in enumerate([("lstm", "OT"), ("gru", "OT"), ("lstm", "HUFL")]):
+        job_dir = sweep / str(job)
+        (job_dir / PREDICTIONS_TABLE).parent.mkdir(parents=True)
+        rows = "".join(f"{i},{t},{t + 0.5}\n" for i, t in enumerate(truths[target]))
+        (job_dir / PREDICTIONS_TABLE).write_text("window,truth,prediction\n" + rows)
+        write_summary(job_dir, {"task": "forecasting", "model": model, "seed": 1, "metrics": {"test/mse": 1.0},
+                                "overrides": [f"model={model}", f"data.target={target}"]})  # fmt: skip
+    figures = captured_figures(monkeypatch)
+    plot_predictions(read_jobs(sweep), tmp_path / "report_predictions.png")
+    axes = figures["report_predictions.png"].axes
+    assert len(axes) == 2
+    drawn = [{line.get_label(): list(line.get_ydata()) for line in ax.get_lines()} for ax in axes]
+    assert drawn == [
+        {"truth": truths["OT"], "lstm (data.target=OT)": [1.5, 2.5, 3.5], "gru (data.target=OT)": [1.5, 2.5, 3.5]},
+        {"truth": truths["HUFL"], "lstm (data.target=HUFL)": [7.5, 8.5, 9.5]},
+    ]
+
+
+def test_the_metric_vs_time_plot_uses_training_time_or_says_it_does_not(tmp_path: Path, monkeypatch) -> None:
+    """Training time (fit_s) on the x axis; a sweep with a job from before fit_s falls back to
+    every job's wall_s, labelled so."""
+    from seqlab.compare import plot_metric_vs_time
+
+    figures = captured_figures(monkeypatch)
+    sweep = fake_sweep(tmp_path / "a", {"lstm": [0.8, 0.9], "gru": [0.7]})
+    plot_metric_vs_time(read_jobs(sweep), "acc", tmp_path / "fit.png")
+    summary = json.loads((sweep / "2" / "summary.json").read_text())
+    del summary["fit_s"]
+    write_summary(sweep / "2", summary)
+    plot_metric_vs_time(read_jobs(sweep), "acc", tmp_path / "wall.png")
+    for name, label, times in (("fit.png", "training wall time", [8, 9, 10]), ("wall.png", "job wall time", [10, 11, 12])):
+        (ax,) = figures[name].axes
+        assert ax.get_xlabel().startswith(label)
+        points = sorted(tuple(p) for collection in ax.collections for p in collection.get_offsets().tolist())
+        assert points == sorted(zip(times, [0.8, 0.9, 0.7])), name

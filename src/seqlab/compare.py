@@ -217,27 +217,28 @@ def plot_metric_vs_time(jobs: list[dict[str, Any]], metric: str, path: Path) -> 
 
 
 def plot_predictions(jobs: list[dict[str, Any]], path: Path) -> Path | None:
-    """Truth and each backbone's forecast (first seed) for the first test windows."""
-    series: dict[str, list[float]] = {}
-    truth: list[float] = []
+    """Truth and each backbone's forecast (first seed) for the first test windows; one panel per
+    truth when the settings forecast different series (``data=...`` or ``data.target=...``)."""
+    panels: dict[tuple[float, ...], dict[str, list[float]]] = {}  # truth -> {backbone: forecast}
     for job in jobs:
         table = job["dir"] / PREDICTIONS_TABLE
-        if job["model"] in series or not table.is_file():
+        if any(job["model"] in forecasts for forecasts in panels.values()) or not table.is_file():
             continue
         with table.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
-        series[job["model"]] = [float(r["prediction"]) for r in rows]
-        truth = truth or [float(r["truth"]) for r in rows]
-    if not series:
+        truth = tuple(float(r["truth"]) for r in rows)
+        panels.setdefault(truth, {})[job["model"]] = [float(r["prediction"]) for r in rows]
+    if not panels:
         return None
-    fig, ax = subplots(figsize=(10, 4))
-    ax.plot(truth, color="black", linewidth=2, label="truth")
+    fig, axes = subplots(len(panels), 1, figsize=(10, 4 * len(panels)), squeeze=False)
     colors = color_map(jobs)
-    for model, values in series.items():
-        ax.plot(values, color=colors[model], label=model)
-    ax.set_xlabel("test window")
-    ax.set_ylabel("first forecast step (target, original scale)")
-    ax.legend(fontsize=8)
+    for ax, (truth, forecasts) in zip(axes[:, 0], panels.items()):
+        ax.plot(truth, color="black", linewidth=2, label="truth")
+        for model, values in forecasts.items():
+            ax.plot(values, color=colors[model], label=model)
+        ax.set_xlabel("test window")
+        ax.set_ylabel("first forecast step (target, original scale)")
+        ax.legend(fontsize=8)
     return save(fig, path)
 
 

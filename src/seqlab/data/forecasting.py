@@ -11,6 +11,7 @@ border so that the first forecast starts exactly at it; the z-score is fitted on
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from seqlab.data.samplers import (
     shuffles,
 )
 from seqlab.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 DAYS_PER_MONTH = 30  # the ETT protocol's month
@@ -117,10 +120,15 @@ class SeriesDataModule(L.LightningDataModule):
             raise ConfigError("data.features=S needs data.target, the column to forecast")
         if split not in ("calendar", "ratio"):
             raise ConfigError(f"data.split={split!r}: expected 'calendar' or 'ratio'")
-        if len(split_ratios) != 3 or min(split_ratios) < 0 or abs(sum(split_ratios) - 1) > 1e-6:
+        if len(split_ratios) != 3 or min(split_ratios) <= 0 or abs(sum(split_ratios) - 1) > 1e-6:
             raise ConfigError(
-                f"data.split_ratios={list(split_ratios)}: expected three shares of the rows, train, val "
-                "and test, that add up to 1"
+                f"data.split_ratios={list(split_ratios)}: expected three positive shares of the rows, "
+                "train, val and test, that add up to 1"
+            )
+        if len(split_months) != 3 or not all(isinstance(m, int) and m > 0 for m in split_months):
+            raise ConfigError(
+                f"data.split_months={list(split_months)}: expected three positive whole numbers of "
+                "months (of 30 days), train, val and test"
             )
         if lookback < 1 or horizon < 1:
             raise ConfigError(f"data.lookback={lookback} and data.horizon={horizon} must be positive")
@@ -158,6 +166,15 @@ class SeriesDataModule(L.LightningDataModule):
             per_day = series.rows_per_day
             if per_day is None:
                 raise DataError(f"{self.source}: data.split=calendar needs timestamps; use data.split=ratio")
+            gaps = series.gaps()
+            if gaps:  # months are counted as rows: each missing row moves the borders
+                first = gaps[0]
+                raise DataError(
+                    f"{self.source}: data.split=calendar counts {per_day:g} rows a day, but the "
+                    f"timestamps skip time in {len(gaps)} place(s), first from "
+                    f"{series.timestamps[first]} to {series.timestamps[first + 1]}; fill the missing "
+                    "rows, or use data.split=ratio"
+                )
             sizes = [round(m * DAYS_PER_MONTH * per_day) for m in self.split_months]
             if sum(sizes) > rows:
                 raise DataError(
@@ -177,12 +194,13 @@ class SeriesDataModule(L.LightningDataModule):
         if self._series is not None:
             return
         series = self.load_series()
-        if self.features == "S":
-            if self.target not in series.columns:
+        if self.target is not None or self.features == "S":
+            if self.target not in series.columns:  # M: the channel plotted and tabulated
                 raise DataError(
                     f"{self.source}: target column {self.target!r} (data.target) not found; "
                     f"columns are {series.columns}"
                 )
+        if self.features == "S":
             index = series.columns.index(self.target)
             series = Series(series.values[:, index : index + 1], [self.target], series.timestamps)
         borders = self.split_borders(series)
@@ -196,13 +214,22 @@ class SeriesDataModule(L.LightningDataModule):
             self.mean = np.zeros(train.shape[1], dtype=np.float32)
             self.std = np.ones(train.shape[1], dtype=np.float32)
         scaled = torch.from_numpy((series.values - self.mean) / self.std).float()
+        if gaps := series.gaps():
+            log.warning(
+                "%s: the timestamps skip time in %d place(s), first from %s to %s; windows across "
+                "a gap join data from both sides",
+                self.source, len(gaps), series.timestamps[gaps[0]], series.timestamps[gaps[0] + 1],
+            )  # fmt: skip
         for name, (start, end) in zip(SPLITS, borders):
             dataset = WindowDataset(scaled[start:end], self.lookback, self.horizon)
             if len(dataset) < 1:
+                # val and test start a look-back early: only their horizon has to fit in their rows
+                shorten = "data.lookback or data.horizon" if name == "train" else "data.horizon"
                 raise DataError(
                     f"{self.source}: look-back {self.lookback} + horizon {self.horizon} = "
                     f"{self.lookback + self.horizon} steps do not fit in the {name} split "
-                    f"({end - start} rows including the look-back); shorten data.lookback or data.horizon"
+                    f"({end - start} rows including the look-back); shorten {shorten}, or give the "
+                    f"{name} split more rows (data.split_ratios or data.split_months)"
                 )
             self.datasets[name] = dataset
         self._series = series

@@ -35,14 +35,26 @@ class Series:
     columns: list[str]
     timestamps: list[datetime] | None = None
 
+    def steps(self) -> np.ndarray:
+        """Seconds between consecutive timestamps."""
+        return np.diff(np.array([t.timestamp() for t in self.timestamps or []], dtype=np.float64))
+
     @property
     def rows_per_day(self) -> float | None:
         """Sampling rate inferred from the median spacing of the timestamps."""
         if not self.timestamps or len(self.timestamps) < 2:
             return None
-        steps = np.diff(np.array([t.timestamp() for t in self.timestamps[:1000]]))
-        step = float(np.median(steps))
+        step = float(np.median(self.steps()))
         return 86400.0 / step if step > 0 else None
+
+    def gaps(self) -> list[int]:
+        """Rows ``i`` after which the series skips time: the step to row ``i + 1`` is more than 1.5
+        times the usual (median) step, so rows are missing there (a monthly series' 28-31 days
+        are one step)."""
+        if not self.timestamps or len(self.timestamps) < 3:
+            return []
+        steps = self.steps()
+        return [int(i) for i in np.flatnonzero(steps > 1.5 * np.median(steps))]
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -140,7 +152,13 @@ def read_series_csv(
                     values.append(value)
                 rows.append(values)
                 if date_idx is not None:
-                    stamps.append(parse_date(row[date_idx].strip(), path, line_no, date_format))
+                    stamp = parse_date(row[date_idx].strip(), path, line_no, date_format)
+                    if stamps and stamp <= stamps[-1]:  # windows and splits assume time order
+                        raise DataError(
+                            f"{path}, line {line_no}: date {stamp} does not come after the previous "
+                            f"row's {stamps[-1]}; expected rows in time order, each time once"
+                        )
+                    stamps.append(stamp)
         except UnicodeDecodeError as err:
             raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
         except csv.Error as err:
