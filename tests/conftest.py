@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,20 @@ FAST = [
     "callbacks.rich_progress_bar=null",
     "callbacks.model_summary=null",
 ]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def data_dir_of_the_session(tmp_path_factory) -> Iterator[Path]:
+    """Generated datasets and processed caches (``paths.data_dir``) go to a directory of the test
+    session, in-process and in the scripts the tests start, not into the checkout's ``data/``."""
+    path = tmp_path_factory.mktemp("data")
+    previous = os.environ.get("SEQLAB_DATA_DIR")
+    os.environ["SEQLAB_DATA_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("SEQLAB_DATA_DIR", None)
+    else:
+        os.environ["SEQLAB_DATA_DIR"] = previous
 
 
 @pytest.fixture

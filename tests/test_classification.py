@@ -223,12 +223,13 @@ def test_checkpoint_reloads_to_the_same_logits(text_cfg) -> None:
     _, objects = train(text_cfg("model=transformer", "trainer.max_epochs=1"))
     ckpt = objects["summary"]["best_checkpoint"]
     restored = ClassificationTask.load_from_checkpoint(ckpt, weights_only=True).eval()
-    trained = ClassificationTask.load_from_checkpoint(ckpt, weights_only=True).eval()
+    trained = objects["task"].eval()  # trainer.test loaded the best checkpoint's weights into it
     batch = objects["datamodule"].datasets["test"].__getitems__(list(range(16)))
     with torch.no_grad():
-        torch.testing.assert_close(
-            restored(batch["input_ids"], batch["pad_mask"]), trained(batch["input_ids"], batch["pad_mask"])
-        )
+        logits = restored(batch["input_ids"], batch["pad_mask"])
+        torch.testing.assert_close(logits, trained(batch["input_ids"], batch["pad_mask"]))
+        untrained = ClassificationTask(**restored.hparams).eval()  # a checkpoint of untrained weights would not do
+        assert not torch.allclose(logits, untrained(batch["input_ids"], batch["pad_mask"]), atol=1e-3)
     assert restored.hparams.vocab_size == objects["task"].hparams.vocab_size
 
 

@@ -101,7 +101,8 @@ def test_env_file_sets_missing_variables_only(tmp_path: Path, monkeypatch) -> No
 
     env = tmp_path / ".env"
     env.write_text("SEQLAB_TEST_TOKEN=from-the-file\nSEQLAB_TEST_SET=from-the-file\n# a comment\n")
-    monkeypatch.delenv("SEQLAB_TEST_TOKEN", raising=False)
+    monkeypatch.setenv("SEQLAB_TEST_TOKEN", "")  # so that the teardown removes what the file sets
+    monkeypatch.delenv("SEQLAB_TEST_TOKEN")
     monkeypatch.setenv("SEQLAB_TEST_SET", "from-the-environment")
     assert load_env_file(env) == ["SEQLAB_TEST_TOKEN"]
     assert os.environ["SEQLAB_TEST_TOKEN"] == "from-the-file"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from seqlab.errors import ConfigError, DataError
 from seqlab.eval import evaluate
 from seqlab.train import train
+from tests.conftest import ROOT
 
 BACKBONES = ["rnn", "lstm", "gru", "transformer", "mingru", "minlstm"]
 
@@ -245,7 +247,11 @@ def test_same_seed_and_config_give_bitwise_identical_results(make_cfg) -> None:
     assert {"train/loss_epoch", "val/mse_best", "test/mse"} <= set(results(first))
     summary = objects["summary"]
     assert {"python", "torch", "lightning", "hydra-core", "omegaconf"} <= set(summary["versions"])
-    assert "commit" in summary["git"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert summary["git"]["commit"] == head.stdout.strip() and len(summary["git"]["commit"]) == 40
+    assert summary["git"]["dirty"] == bool(
+        subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    )
 
 
 def test_a_single_run_whose_validation_never_ran_succeeds(make_cfg, tmp_path: Path, caplog) -> None:

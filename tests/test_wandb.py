@@ -12,7 +12,10 @@ from seqlab.utils import wandb as wandb_utils
 @pytest.fixture
 def no_key(monkeypatch, tmp_path: Path) -> None:
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", wandb_utils.GIVEN_MODE):
-        monkeypatch.delenv(var, raising=False)
+        # set first, so that the teardown also removes what the code under test sets (a delenv
+        # of an absent variable records nothing to undo)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
 
