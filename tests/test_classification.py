@@ -256,3 +256,27 @@ def test_sst2_from_the_shared_files_learns(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["data"] == "sst2"
     assert summary["metrics"]["test/acc"] > 0.7, summary["metrics"]
+
+
+@pytest.mark.parametrize("wrap, kept", [("bos_eos", (3, 4)), ("cls", (2,))])
+def test_word_dropout_replaces_words_only(text_cfg, wrap: str, kept: tuple[int, ...]) -> None:
+    """Word dropout keeps the tokenizer's wrap ([CLS], or [BOS] ... [EOS]: with pooling=last the
+    pooled position is [EOS] in evaluation) and padding; every word becomes [UNK] at rate 1."""
+    from seqlab.data.tokenization import BOS_ID, CLS_ID, EOS_ID, PAD_ID, UNK_ID
+    from seqlab.train import build_datamodule, build_task
+
+    cfg = text_cfg(f"data.tokenizer.wrap={wrap}", "task.word_dropout=1.0", "task.pooling=mean")
+    datamodule = build_datamodule(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    task = build_task(cfg.task, cfg.model, datamodule).train()
+    assert (BOS_ID, EOS_ID, CLS_ID) == (3, 4, 2)
+    batch = datamodule.datasets["train"].__getitems__(list(range(8)))
+    ids, pad = batch["input_ids"], batch["pad_mask"]
+    dropped = task.drop_words(ids, pad)
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    for token in kept:
+        special |= ids == token
+    assert special.sum() == len(kept) * 8  # each text wrapped once
+    assert torch.equal(dropped[special | pad], ids[special | pad])
+    assert (dropped[~special & ~pad] == UNK_ID).all() and (ids[pad] == PAD_ID).all()

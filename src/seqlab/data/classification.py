@@ -38,7 +38,9 @@ from seqlab.data.text_base import (
 )
 from seqlab.data.text_readers import LabelledTexts, read_aclimdb, read_table
 from seqlab.data.tokenization import (
+    BOS_ID,
     CLS_ID,
+    EOS_ID,
     PAD_ID,
     UNK_ID,
     TokenizerSpec,
@@ -396,6 +398,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
             "pad_id": PAD_ID,
             "cls_id": CLS_ID if meta["tokenizer"]["wrap"] == "cls" else None,
             "unk_id": UNK_ID,
+            "special_ids": {"none": [], "cls": [CLS_ID], "bos_eos": [BOS_ID, EOS_ID]}[meta["tokenizer"]["wrap"]],
         }
 
     def artifacts(self) -> dict[str, Any]:

@@ -277,7 +277,8 @@ class SeqTask(L.LightningModule):
         bar shows it from the callback metrics when it redraws. ``train/loss_epoch`` is the mean
         over the epoch, reduced once at its end."""
         loss = self.step_loss(batch)
-        detached = loss.detach()
+        # summed in float32: a bf16 model's loss is bf16, whose sum stops growing past 128
+        detached = loss.detach().float()
         epoch = self._train_loss
         epoch["sum"] = detached if epoch["sum"] is None else epoch["sum"] + detached
         epoch["steps"] += 1

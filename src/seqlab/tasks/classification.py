@@ -48,7 +48,8 @@ class ClassificationTask(SeqTask):
 
     Args:
         backbone: the backbone's plain config (``_target_`` and arguments), from ``model=``.
-        vocab_size, num_classes, class_names, pad_id, cls_id, unk_id: from the datamodule
+        vocab_size, num_classes, class_names, pad_id, cls_id, unk_id, special_ids (the
+            tokenizer's wrap, kept by word dropout): from the datamodule
             (``task_kwargs()``), never set by hand.
         pooling: ``mean``, ``max``, ``last`` or ``first`` (the [CLS] token).
         embed_dropout: dropout on the token embeddings.
@@ -69,6 +70,7 @@ class ClassificationTask(SeqTask):
         pad_id: int = 0,
         cls_id: int | None = None,
         unk_id: int | None = None,
+        special_ids: list[int] | None = None,
         pooling: str = "mean",
         embed_dropout: float = 0.1,
         word_dropout: float = 0.0,
@@ -129,8 +131,9 @@ class ClassificationTask(SeqTask):
         if not (self.training and rate):
             return input_ids
         drop = (torch.rand(input_ids.shape, device=input_ids.device) < rate) & ~pad_mask
-        if self.hparams.cls_id is not None:
-            drop &= input_ids != self.hparams.cls_id
+        # the wrap's tokens ([CLS], or [BOS] ... [EOS]) stay: they are not words
+        for kept in {self.hparams.cls_id, *(self.hparams.get("special_ids") or ())} - {None}:
+            drop &= input_ids != kept
         return input_ids.masked_fill(drop, self.hparams.unk_id)
 
     def _logits_and_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
