@@ -120,8 +120,9 @@ def test_bad_scan_settings_are_named() -> None:
         MinRNNBackbone(scan="parallel")
     with pytest.raises(ValueError, match=r"model\.cell"):
         MinRNNBackbone(cell="mamba")
-    with pytest.raises(ValueError, match="even hidden width"):
-        MinRNNBackbone(d_model=15, bidirectional=True)
+    # a bidirectional encoder splits its hidden width between the directions: rounded to even
+    assert MinRNNBackbone(d_model=15, bidirectional=True).hidden == 16
+    assert MinRNNBackbone(d_model=16, expansion=1.5, bidirectional=True).hidden == 24  # as before
     with pytest.raises(ValueError, match="scan method"):
         linear_scan(torch.rand(3, 1, 1), torch.rand(3, 1, 1), method="log")
 
@@ -150,3 +151,18 @@ def test_reduced_precision_inputs_are_scanned_in_float32(method: str) -> None:
     logged, logged_ref = log_scan(a.log(), positive.log()), scan_reference(a.double(), positive.double())
     assert logged.dtype == torch.bfloat16
     assert ((logged.double() - logged_ref).abs() / logged_ref).mean().item() < 3e-3
+
+
+def test_model_size_solves_the_width_of_a_bidirectional_minrnn_with_any_expansion() -> None:
+    """model.size searches multiples of 4; expansion 1.25 made every other hidden width odd, which
+    the bidirectional encoder refused (naming a width the user never set)."""
+    from seqlab.tasks.base import build_backbone
+    from seqlab.tasks.base import SIZES
+
+    for expansion in (1.25, 0.75):
+        config = {"_target_": "seqlab.backbones.minrnn.MinRNNBackbone", "bidirectional": True,
+                  "expansion": expansion, "d_model": 128, "dim_feedforward": 256, "nhead": 4}  # fmt: skip
+        backbone = build_backbone({**config, "size": "tiny"})
+        assert backbone.hidden % 2 == 0
+        count = sum(p.numel() for p in backbone.parameters())
+        assert abs(count - SIZES["tiny"]) < 0.2 * SIZES["tiny"], (expansion, backbone.d_model, count)

@@ -162,9 +162,9 @@ class MinRNNBackbone(Backbone):
             raise ValueError(f"model.cell={cell!r} is not one of {sorted(CELLS)}")
         if scan not in SCAN_METHODS:
             raise ValueError(f"model.scan={scan!r} is not one of {list(SCAN_METHODS)}")
-        hidden = max(1, round(expansion * d_model))
-        if bidirectional and hidden % 2:
-            raise ValueError(f"a bidirectional encoder needs an even hidden width, got {hidden}")
+        # bidirectional: the hidden width is split between the directions, so rounded to an even
+        # width (the width of every expansion that gave an even one before)
+        hidden = max(2, 2 * round(expansion * d_model / 2)) if bidirectional else max(1, round(expansion * d_model))
         self.cell = cell
         self.d_model = d_model
         self.causal = not bidirectional
