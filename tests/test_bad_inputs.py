@@ -134,6 +134,20 @@ def test_patches_with_gaps_between_them_are_refused(make_cfg) -> None:
     build_task(cfg.task, cfg.model, build_datamodule(cfg.data))  # builds (and loads) as before
 
 
+def test_truncated_bptt_that_truncates_nothing_is_refused(make_cfg) -> None:
+    """model.tbptt_steps counts the encoder's steps, patch tokens in forecasting: 48 meant as
+    time steps truncated nothing of a 48-step look-back in 7 tokens, silently."""
+    from seqlab.train import build_datamodule, build_task, train
+
+    cfg = make_cfg("model=lstm", "model.tbptt_steps=48")  # look-back 48, patches of 8 (stride 8)
+    with pytest.raises(
+        ConfigError, match=r"model.tbptt_steps=48 counts the encoder's steps, which are patch tokens here: .* is 7 tokens"
+    ):
+        train(cfg)
+    for steps in (3, 6):  # what does truncate trains
+        build_task(cfg.task, {**cfg.model, "tbptt_steps": steps}, build_datamodule(cfg.data)).check_trainable()
+
+
 def test_a_data_setting_the_datamodule_does_not_take_is_named() -> None:
     """``eval.py data_dir=...`` or ``+data.x=`` on data that has no such setting."""
     from seqlab.train import build_datamodule

@@ -167,6 +167,15 @@ class ForecastingTask(SeqTask):
                 f"{hp.patch_stride - hp.patch_len} steps between patches would never reach the model; "
                 "use patch_len >= patch_stride"
             )
+        keep = getattr(self.backbone, "tbptt_steps", None)
+        if keep is not None and keep >= self.num_tokens:  # it would truncate nothing, silently
+            raise ConfigError(
+                f"model.tbptt_steps={keep} counts the encoder's steps, which are patch tokens here: "
+                f"the look-back of {hp.lookback} in patches of {hp.patch_len} (stride "
+                f"{hp.patch_stride}) is {self.num_tokens} tokens, so nothing would be truncated; use "
+                f"model.tbptt_steps < {self.num_tokens}, or task.patch_len=1 task.patch_stride=1 to "
+                "step through time"
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, L, C] on the dataset scale -> forecast [B, H, C]."""
