@@ -86,8 +86,10 @@ def test_every_logger_option_instantiates_and_csv_is_always_kept(
     make_cfg, logger: str, tmp_path: Path
 ) -> None:
     cfg = make_cfg(f"logger={logger}")
-    loggers = build_loggers(cfg.logger, tmp_path)
-    assert "CSVLogger" in [type(lg).__name__ for lg in loggers]
+    names = [type(lg).__name__ for lg in build_loggers(cfg.logger, tmp_path)]
+    assert "CSVLogger" in names
+    # each option builds its own logger too (not only the CSV kept alongside)
+    assert {"csv": {"CSVLogger"}, "tensorboard": {"CSVLogger", "TensorBoardLogger"}}[logger] == set(names)
     assert "CSVLogger" in [type(lg).__name__ for lg in build_loggers(None, tmp_path)]
 
 
@@ -102,6 +104,13 @@ def test_every_debug_preset_composes(make_cfg, debug: str) -> None:
     cfg = make_cfg(f"debug={debug}")
     assert cfg.task_name == "debug"
     assert cfg.trainer.accelerator == "cpu"
+    built = build_trainer(cfg, callbacks=[], loggers=[])
+    if debug == "profiler":
+        assert type(built.profiler).__name__ == "SimpleProfiler"
+    if debug == "overfit":
+        assert built.overfit_batches == 3
+    if debug == "fdr":
+        assert built.fast_dev_run
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -158,6 +167,8 @@ def test_the_mfu_recipe_is_compute_bound(make_cfg) -> None:
         summary["global_step"] == 3 and summary["flops_per_token"] > 0 and summary["train_tokens_per_s"] > 0
     )
 
+
+def test_debug_fdr_trains_one_step_and_tests(make_cfg) -> None:
     from seqlab.train import train
 
     metrics, objects = train(make_cfg("debug=fdr"))
