@@ -11,7 +11,12 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.trial import TrialState
 
-from hydra_plugins.seqlab_optuna_sweeper.optuna_sweeper import OptunaSweeper, distribution, override_value
+from hydra_plugins.seqlab_optuna_sweeper.optuna_sweeper import (
+    OptunaSweeper,
+    distribution,
+    objective_value,
+    override_value,
+)
 
 SPACE_LINES = ["task.optimizer.lr=tag(log, interval(1e-4, 1e-2))", "model.d_model=choice(16, 32, 64)"]
 
@@ -111,3 +116,23 @@ def test_a_search_in_which_no_trial_finished_fails(tmp_path: Path) -> None:
         chosen.write_results(study, tmp_path)
     assert (tmp_path / "optimization_results.yaml").is_file()  # the failures are still listed
     optuna.delete_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+def test_a_trial_without_a_usable_objective_fails_with_the_reason() -> None:
+    """A diverged job (TrainingDiverged), a NaN or infinite objective, none or a non-number: the
+    trial is told as FAIL with why, never COMPLETE with a NaN that would rank first or last."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from seqlab.callbacks import TrainingDiverged
+
+    def job(value, status=JobStatus.COMPLETED) -> JobReturn:
+        return JobReturn(status=status, _return_value=value)
+
+    assert objective_value(job(0.25)) == (0.25, None)
+    assert objective_value(job(3)) == (3.0, None)
+    diverged = job(TrainingDiverged("the training loss is nan at step 7"), JobStatus.FAILED)
+    assert objective_value(diverged) == (None, "TrainingDiverged: the training loss is nan at step 7")
+    assert objective_value(job(float("nan"))) == (None, "the objective is nan (diverged)")
+    assert objective_value(job(float("-inf"))) == (None, "the objective is -inf (diverged)")
+    assert objective_value(job(None)) == (None, "the job returned no objective (set optimized_metric)")
+    assert objective_value(job("x")) == (None, "the job returned 'x', not a number")
