@@ -4,6 +4,7 @@ kill while a checkpoint is being written leaves the previous one intact."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf
 
 from seqlab.errors import ConfigError
 from seqlab.train import train
-from seqlab.utils.resume import config_differences, find_interrupted_run, newest_checkpoint
+from seqlab.utils.resume import config_differences, find_interrupted_run, mark_running, newest_checkpoint
 from tests.conftest import FAST, ROOT, run_script
 
 # checkpoints every 7 steps (mid-epoch), dropout on: resuming must restore the data position and
@@ -444,6 +445,52 @@ def test_runs_started_in_one_second_get_their_own_directories(make_cfg, tmp_path
     assert (run_dir / ".running").read_text().split() == [socket.gethostname(), str(os.getpid())]
     mark_stopped(run_dir)
     assert not (run_dir / ".running").exists()
+
+
+def _claim(run_dir: str, without_lock: bool, barrier, results, release) -> None:
+    """A process that chose ``run_dir``: claim it at the barrier, report, stay alive until released."""
+    if without_lock:  # a file system that refuses flock (Lustre without it, some FUSE mounts)
+        import fcntl
+
+        def refuse(*args):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        fcntl.flock = refuse
+    barrier.wait()
+    try:
+        mark_running(Path(run_dir))
+        results.put((os.getpid(), "claimed"))
+    except ConfigError as error:
+        results.put((os.getpid(), str(error)))
+    release.wait(60)
+
+
+@pytest.mark.parametrize("without_lock", [False, True], ids=["flock", "no_flock"])
+def test_of_processes_that_chose_one_directory_one_trains_there(tmp_path: Path, without_lock: bool) -> None:
+    """Four processes claim one directory at the same moment, five times over: exactly one claims
+    it, the others are refused by name; with or without a lock on the directory."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(5):
+        run_dir = tmp_path / str(round_)
+        run_dir.mkdir()
+        barrier, results, release = context.Barrier(4), context.Queue(), context.Event()
+        workers = [context.Process(target=_claim, args=(str(run_dir), without_lock, barrier, results, release))
+                   for _ in range(4)]  # fmt: skip
+        for worker in workers:
+            worker.start()
+        try:
+            outcomes = dict(results.get(timeout=60) for _ in workers)
+        finally:
+            release.set()
+            for worker in workers:
+                worker.join(30)
+        claimed = [pid for pid, outcome in outcomes.items() if outcome == "claimed"]
+        assert len(claimed) == 1, outcomes
+        for pid, outcome in outcomes.items():
+            if pid not in claimed:
+                assert f"{run_dir} is in use" in outcome, outcome
 
 
 def test_a_run_refused_while_it_is_set_up_leaves_no_marker(make_cfg, tmp_path: Path) -> None:

@@ -83,11 +83,21 @@ def mark_running(run_dir: Path) -> None:
     once, one trains there and the other is refused (a marker whose process is gone is replaced;
     a marker of another host counts as gone, as for a requeued job)."""
     with directory_lock(run_dir, "claiming it"):
-        live = running_process(run_dir)
-        if live is not None:
-            raise in_use(run_dir, live)
         marker = run_dir / RUNNING
-        marker.unlink(missing_ok=True)  # gone, or this process's own
+        try:  # read once: what decides is what this process found
+            found = marker.read_text()
+        except FileNotFoundError:
+            found = None
+        except OSError:
+            found = ""
+        if found is not None:
+            try:
+                live = marker_process(found)
+            except ValueError:  # being written by a process that has just claimed it (no lock)
+                raise in_use(run_dir, None) from None
+            if live is not None:
+                raise in_use(run_dir, live)
+            marker.unlink(missing_ok=True)  # its process is gone, or it is this process's own
         try:  # exclusive too: where the file system refuses the lock, one of two still wins
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -115,10 +125,16 @@ def running_process(run_dir: Path) -> int | None:
     marker from another host counts as stale (a requeued job lands on another node; its old
     process is gone)."""
     try:
-        host, pid = (run_dir / RUNNING).read_text().split()
-        pid_number = int(pid)
+        return marker_process((run_dir / RUNNING).read_text())
     except (OSError, ValueError):
         return None
+
+
+def marker_process(text: str) -> int | None:
+    """The live process of this host (not this one) that a ``.running`` marker's ``text`` names,
+    else None; ValueError when the text is not a marker's ``<host> <pid>``."""
+    host, pid = text.split()
+    pid_number = int(pid)
     if host != socket.gethostname() or pid_number == os.getpid():
         return None
     try:
