@@ -560,3 +560,76 @@ def test_a_text_loader_resumes_mid_epoch_at_the_next_batch(tmp_path: Path) -> No
     assert all(
         torch.equal(a, b) for a, b in zip([first, *(b["index"] for b in rest)], epoch[5:], strict=True)
     )
+
+
+def test_a_file_given_as_val_or_as_test_is_another_cache_entry(tmp_path: Path) -> None:
+    """The key named the files but not their splits: val_file=X (test carved out of train) after
+    test_file=X (val carved) loaded the first run's cache, testing on a slice of train."""
+    root = three_class_files(tmp_path / "raw")
+    as_test = text_dm(root, tmp_path / "cache")  # test.csv is the test split; val is carved
+    as_val = text_dm(root, tmp_path / "cache", val_file="test.csv", test_file=None, test_size=0.2)
+    assert as_test.cache_key() != as_val.cache_key()
+    for dm in (as_test, as_val):
+        dm.prepare_data()
+        dm.setup()
+    assert as_val.texts("val") == as_test.texts("test") == read_table(root / "test.csv", "review", "sentiment").texts
+    # a setting that carves nothing is not part of the key: both files given, test_size is unused
+    both = text_dm(root, tmp_path / "cache", val_file="test.csv")
+    assert both.cache_key() == text_dm(root, tmp_path / "cache", val_file="test.csv", test_size=0.3).cache_key()
+    assert as_test.cache_key() != text_dm(root, tmp_path / "cache", val_size=0.3).cache_key()
+
+
+def test_val_and_test_shares_are_of_all_training_examples(tmp_path: Path) -> None:
+    """test_size=0.1 held out 9% (a tenth of what val left), not the documented tenth."""
+    root = three_class_files(tmp_path / "raw")  # 90 training examples
+    dm = text_dm(root, tmp_path / "cache", test_file=None, val_size=0.1, test_size=0.1)
+    dm.prepare_data()
+    meta = json.loads((dm.processed_dir / "meta.json").read_text())
+    assert meta["sizes"] == {"train": 72, "val": 9, "test": 9}
+    dm.setup()
+    for split in ("train", "val", "test"):  # and the class balance of each split is recorded
+        labels = dm.datasets[split].labels
+        assert meta["class_counts"][split] == [int((labels == c).sum()) for c in range(3)]
+
+
+def test_truncated_texts_are_counted_and_reported(tmp_path: Path, caplog) -> None:
+    root = three_class_files(tmp_path / "raw")
+    dm = text_dm(root, tmp_path / "cache", tokenizer={"kind": "word", "max_length": 5})
+    with caplog.at_level("WARNING", logger="seqlab.data.classification"):
+        dm.prepare_data()
+    meta = json.loads((dm.processed_dir / "meta.json").read_text())
+    # "what a great film <i>" is [CLS] + 5 words: cut; "awful and dull <i>" and "a french film <i>"
+    # fit, as every test text does (no number)
+    truncated = meta["truncated"]
+    assert truncated["train"] + truncated["val"] == 30 and truncated["test"] == 0
+    assert (
+        f"truncated: {{'train': '{truncated['train']} of 72', 'val': '{truncated['val']} of 18', 'test': '0 of 3'}}"
+        in caplog.text
+    )
+    untouched = text_dm(root, tmp_path / "cache", tokenizer={"kind": "word", "max_length": 8})
+    untouched.prepare_data()
+    assert json.loads((untouched.processed_dir / "meta.json").read_text())["truncated"] == {"train": 0, "val": 0, "test": 0}
+
+
+def test_class_ids_of_numeric_labels_do_not_depend_on_the_hash_seed() -> None:
+    """Labels equal as numbers ("1", "1.0") were ordered as a set happened to hold them."""
+    import subprocess
+    import sys
+
+    code = ("from seqlab.data.classification import _numeric_order; "
+            "print(sorted(set(['1.0', '10', '1', '2', 'nan', 'b', 'a']), key=_numeric_order))")  # fmt: skip
+    orders = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout  # fmt: skip
+        for seed in ("0", "1", "2", "3")
+    }
+    assert orders == {"['1', '1.0', '2', '10', 'a', 'b', 'nan']\n"}
+
+
+def test_a_cache_of_an_older_version_is_built_again(tmp_path: Path, monkeypatch) -> None:
+    """CACHE_VERSION is part of the key: a cache written by an older layout is never loaded."""
+    root = three_class_files(tmp_path / "raw")
+    current = text_dm(root, tmp_path / "cache").processed_dir
+    monkeypatch.setattr(classification, "CACHE_VERSION", classification.CACHE_VERSION - 1)
+    older = text_dm(root, tmp_path / "cache")
+    assert older.processed_dir != current

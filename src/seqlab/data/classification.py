@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from seqlab.data.tokenization import (
     PAD_ID,
     UNK_ID,
     TokenizerSpec,
-    encode,
+    encode_counting,
     load_tokenizer,
     train_tokenizer,
 )
@@ -55,7 +56,9 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 # 2: a text that encodes to no tokens is refused when the cache is built, so a cache of version 1
 # may hold such texts and is built again
-CACHE_VERSION = 2
+# 3: a fractional test_size is a share of all training examples (it was of those left after val);
+# the truncated texts are counted
+CACHE_VERSION = 3
 HOLDOUTS = ("random", "sentences")
 
 
@@ -129,11 +132,14 @@ class TokenizedTexts(Dataset):
         ]
 
 
-def _numeric_order(label: str) -> tuple[int, float | str]:
+def _numeric_order(label: str) -> tuple[int, float, str]:
+    """Numbers by value ("2" before "10"), then the rest; ties ("1", "1.0") by the text, so the
+    class ids never depend on a set's (hash-seeded) order."""
     try:
-        return (0, float(label))
+        number = float(label)
     except ValueError:
-        return (1, label)
+        return (1, 0.0, label)
+    return (0, number, label) if not math.isnan(number) else (1, 0.0, label)
 
 
 class TextClassificationDataModule(BatchedTextDataModule):
@@ -244,9 +250,10 @@ class TextClassificationDataModule(BatchedTextDataModule):
             return read_aclimdb(path.parent, path.name)
         return read_table(path, self.hparams.text_column, self.hparams.label_column, self.hparams.format)
 
-    def source_fingerprint(self) -> list[Any]:
-        paths = [self.split_path(split) for split in SPLITS]
-        return [file_fingerprint(path) for path in paths if path is not None]
+    def source_fingerprint(self) -> Any:
+        """Each split's file (None: carved out of train), so a file given as val or as test differ."""
+        paths = {split: self.split_path(split) for split in SPLITS}
+        return {split: file_fingerprint(path) if path is not None else None for split, path in paths.items()}
 
     @property
     def name(self) -> str:
@@ -255,13 +262,15 @@ class TextClassificationDataModule(BatchedTextDataModule):
 
     def cache_key(self) -> str:
         hp = self.hparams
+        carved = [split for split in ("val", "test") if self.split_path(split) is None]
         settings = {
             "version": CACHE_VERSION,
             "class": type(self).__qualname__,
             "sources": self.source_fingerprint(),
             "columns": [hp.text_column, hp.label_column, hp.format],
             "classes": self.classes,
-            "holdout": [hp.val_size, hp.test_size, hp.split_seed, hp.holdout],
+            # what carves the splits that have no file (settings that carve nothing leave it alone)
+            "holdout": [{s: hp[f"{s}_size"] for s in carved}, hp.split_seed, hp.holdout] if carved else None,
             "tokenizer": self.spec.to_dict(),
             "fixed": hashlib.sha256(json.dumps(self.fixed, sort_keys=True).encode()).hexdigest()
             if self.fixed
@@ -299,11 +308,12 @@ class TextClassificationDataModule(BatchedTextDataModule):
             maximal = set(maximal_examples(train.texts))
             candidates = [i for i in order if i in maximal]
         carved: dict[str, list[int]] = {}
+        total = len(candidates)  # a fraction is of all of them, for val and test alike
         for split, size in (("val", hp.val_size), ("test", hp.test_size)):
             if raw[split] is not None:
                 continue
             pool = len(candidates)
-            count = round(size * pool) if 0 < size < 1 else int(size)
+            count = round(size * total) if 0 < size < 1 else int(size)
             if count < 1 or count >= pool:
                 what = "training examples" if hp.holdout == "random" else "sentences (data.holdout=sentences)"
                 raise ConfigError(
@@ -355,9 +365,9 @@ class TextClassificationDataModule(BatchedTextDataModule):
         else:
             log.info("training a %s tokenizer on %d texts", self.spec.kind, len(raw["train"]))
             tokenizer = train_tokenizer(raw["train"].texts, self.spec)
-        splits = {}
+        splits, truncated = {}, {}
         for split, examples in raw.items():
-            ids = encode(tokenizer, examples.texts)
+            ids, truncated[split] = encode_counting(tokenizer, examples.texts)
             empty = [origin for seq, origin in zip(ids, examples.origins) if not seq]
             if empty:  # only without [CLS] (tokenizer.wrap=none): a model cannot read no tokens
                 raise DataError(
@@ -370,8 +380,17 @@ class TextClassificationDataModule(BatchedTextDataModule):
             "vocab_size": tokenizer.get_vocab_size(),
             "tokenizer": self.spec.to_dict(),
             "sizes": {split: len(examples) for split, examples in raw.items()},
+            # texts cut to data.tokenizer.max_length (the checkpoint's tokenizer's, when it has one)
+            "truncated": truncated,
+            "class_counts": {split: [ids.count(c) for c in range(len(classes))] for split, ids in label_ids.items()},
             "sources": self.source_fingerprint(),
         }
+        if any(truncated.values()):
+            log.warning(
+                "%s: texts longer than max_length (%s tokens) were truncated: %s",
+                self.name, tokenizer.truncation["max_length"] if tokenizer.truncation else "?",
+                {split: f"{count} of {len(raw[split])}" for split, count in truncated.items()},
+            )  # fmt: skip
 
         def write(tmp: Path) -> None:
             tokenizer.save(str(tmp / "tokenizer.json"))

@@ -168,7 +168,15 @@ def encode(tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool = Tr
     ``add_special_tokens=False`` skips the post-processor's [CLS] / [BOS] ... [EOS] (truncation
     to ``max_length`` still applies).
     """
-    return [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    return encode_counting(tokenizer, texts, add_special_tokens)[0]
+
+
+def encode_counting(
+    tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool = True
+) -> tuple[list[list[int]], int]:
+    """``encode``, and how many of the texts were cut to the tokenizer's ``max_length``."""
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+    return [encoding.ids for encoding in encodings], sum(bool(encoding.overflowing) for encoding in encodings)
 
 
 def decode(tokenizer: Tokenizer, ids: list[list[int]]) -> list[str]:
@@ -186,6 +194,7 @@ __all__ = [
     "TokenizerSpec",
     "decode",
     "encode",
+    "encode_counting",
     "load_tokenizer",
     "train_tokenizer",
 ]
