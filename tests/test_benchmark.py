@@ -162,6 +162,12 @@ def test_flops_are_counted_on_padded_text_batches_where_the_model_allows(make_cf
     else:
         weights = sum(p.numel() for name, p in task.named_parameters() if "embed" not in name)
         assert counted == pytest.approx(6 * weights, rel=0.1)
+        # as many padding columns again: the same per token (the FLOPs on padding are not useful
+        # work; dividing them by the real tokens doubled the count, and MFU with it)
+        width = batch["input_ids"].shape[1]
+        padded = {**batch, "input_ids": torch.nn.functional.pad(batch["input_ids"], (0, width)),
+                  "pad_mask": torch.nn.functional.pad(batch["pad_mask"], (0, width), value=True)}  # fmt: skip
+        assert flops_per_token(task, padded) == pytest.approx(counted, rel=0.05)
 
 
 def test_mfu_is_achieved_over_peak_flops(make_cfg, tmp_path: Path) -> None:

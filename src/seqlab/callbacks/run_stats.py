@@ -110,13 +110,16 @@ def job_start_time() -> float | None:
 
 def flops_per_token(task: L.LightningModule, batch: Any) -> float | None:
     """Training FLOPs (forward + backward) per token of ``batch``, counted by torch's FLOP counter
-    on a copy of the task built on the meta device (no memory, no compute, the weights untouched).
+    on a copy of the task built on the meta device (no memory, no compute, the weights untouched),
+    over the batch's positions, padding included (``batch_positions``): times the tokens/s of
+    real tokens, what is computed on padding is not counted as model FLOPs.
     None for modules without ``step_loss``/``batch_tokens`` or models that read values from the
     data (padded RNN/LSTM/GRU batches are packed by their lengths on the CPU, impossible for
     meta tensors)."""
     if not (hasattr(task, "step_loss") and hasattr(task, "batch_tokens")):
         return None
-    tokens = int(task.batch_tokens(batch))
+    positions = getattr(task, "batch_positions", task.batch_tokens)
+    tokens = int(positions(batch))
     try:
         cls = task.task_class() if hasattr(task, "task_class") else type(task)
         hparams = dict(task.hparams)

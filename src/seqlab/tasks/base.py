@@ -265,8 +265,13 @@ class SeqTask(L.LightningModule):
 
     def batch_tokens(self, batch: Any) -> int | Tensor:
         """Sequence positions the backbone processes for ``batch`` (padding excluded): the unit
-        of tokens/s and of FLOPs per token."""
+        of tokens/s (and of MFU: computing padding is not useful work)."""
         raise NotImplementedError
+
+    def batch_positions(self, batch: Any) -> int | Tensor:
+        """Sequence positions of ``batch``, padding included: what a FLOP count of the batch is
+        divided by for the FLOPs of one token. Unpadded batches: ``batch_tokens``."""
+        return self.batch_tokens(batch)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """The loss of ``step_loss``. ``train/loss`` is logged at Lightning's logging steps only,

@@ -148,6 +148,9 @@ class ClassificationTask(SeqTask):
     def batch_tokens(self, batch: dict[str, Tensor]) -> Tensor:
         return (~batch["pad_mask"]).sum()
 
+    def batch_positions(self, batch: dict[str, Tensor]) -> int:
+        return batch["pad_mask"].numel()
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits = self(batch["input_ids"], batch["pad_mask"])
         labels = batch["labels"]

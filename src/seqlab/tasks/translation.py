@@ -228,6 +228,9 @@ class TranslationTask(SeqTask):
         """Source tokens read by the encoder plus target tokens fed to the decoder."""
         return (~batch["src_mask"]).sum() + (batch["tgt_ids"][:, :-1] != self.hparams.pad_id).sum()
 
+    def batch_positions(self, batch: dict[str, Tensor]) -> int:
+        return batch["src_mask"].numel() + batch["tgt_ids"][:, :-1].numel()
+
     def _translate_batch(self, batch: dict[str, Tensor], beam_size: int) -> None:
         datamodule = self.trainer.datamodule
         texts = datamodule.detokenize(self.generate(batch["src_ids"], batch["src_mask"], beam_size))
