@@ -211,11 +211,14 @@ def test_the_plain_loop_trains_exactly_what_the_trainer_trains(tmp_path: Path, p
     run, was not bit-reproducible across the two loops on an AMD EPYC)."""
     timers = bench.StepTimer(), bench.StepTimer()
     overrides = [*SMALL_LSTM, f"trainer.precision={precision}"]
-    by_trainer = bench._trainer_run(overrides, 1, timers[0], tmp_path / "trainer")
-    by_hand = bench._plain_run(overrides, 1, timers[1], tmp_path / "plain")
+    # two epochs: each epoch's own order (the plain loop did not set the sampler's epoch); no
+    # dropout, whose masks follow the random state that the Trainer's validation loader draws from
+    overrides.append("model.dropout=0.0")
+    by_trainer = bench._trainer_run(overrides, 2, timers[0], tmp_path / "trainer")
+    by_hand = bench._plain_run(overrides, 2, timers[1], tmp_path / "plain")
     for (name, a), b in zip(by_trainer.state_dict().items(), by_hand.state_dict().values()):
         assert torch.equal(a, b), name
-    assert len(timers[0].epochs[0]) == len(timers[1].epochs[0]) > 0  # the same steps timed
+    assert len(timers[0].epochs[1]) == len(timers[1].epochs[1]) > 0  # the same steps timed
     assert 0 < timers[1].data_shares[0] < 1
 
 
@@ -478,3 +481,14 @@ def test_gpu_results_record_the_float32_math_mode(monkeypatch) -> None:
     assert bench.trainer_device(bench.OVERHEAD_OVERRIDES) == torch.device("cpu")
     assert bench.trainer_device(["trainer=cpu"]) == torch.device("cpu")
     assert bench.trainer_device(["model=lstm"]) == torch.device("cuda")
+
+
+def test_inference_is_timed_in_evaluation_mode() -> None:
+    """cuDNN's RNNs run their training kernel (and keep its reserve buffer) in training mode,
+    inference_mode or not: the inference figures were the training forward's."""
+    model = bench.build_backbone("gru", 8, 1, torch.device("cpu")).train()
+    seen = []
+    encode = model.encode
+    model.encode = lambda x, *args: seen.append(model.training) or encode(x, *args)
+    bench.inference(model, torch.randn(1, 4, 8))()
+    assert seen == [False] and model.training  # and the model is handed back as it was

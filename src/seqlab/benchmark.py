@@ -190,11 +190,18 @@ def training_step(model: nn.Module, x: Tensor, amp: str | None = None) -> Callab
 
 
 def inference(model: nn.Module, x: Tensor, amp: str | None = None) -> Callable[[], None]:
+    """``encode`` in evaluation mode (cuDNN's RNNs run their training kernel, which keeps a
+    reserve buffer, whenever the module is in training mode), without autograd."""
     forward = getattr(model, "encode", model)
 
     def run() -> None:
-        with torch.inference_mode(), autocast(x.device, amp):
-            forward(x)
+        training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode(), autocast(x.device, amp):
+                forward(x)
+        finally:
+            model.train(training)
 
     return run
 
@@ -511,6 +518,7 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     It also times each wait for a batch (the data-loading share)."""
     import lightning as L
     from lightning.fabric.utilities.apply_func import move_data_to_device
+    from lightning.fabric.utilities.data import _set_sampler_epoch
     from lightning.pytorch.plugins.precision import Precision
 
     from seqlab.train import build_datamodule, build_task
@@ -543,7 +551,8 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     # walk every submodule, metrics included, on every step)
     clipped = [param for group in optimizer.param_groups for param in group["params"]]
     task.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        _set_sampler_epoch(loader, epoch)  # as Lightning's fit loop does: each epoch its own order
         timer.epoch_start()
         batches = iter(loader)
         while True:
