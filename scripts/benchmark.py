@@ -105,10 +105,13 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
             num_layers=args.layers, repeats=args.repeats or 3, device=args.device, amp=args.amp,
             max_step_seconds=args.max_step_seconds, compile=args.compile, tbptt=args.tbptt,
         )  # fmt: skip
-        fitted = {"train": bench.exponents(rows, "train_ms"), "inference": bench.exponents(rows, "infer_ms")}
+        fitted = {"train": bench.exponents(rows, "train_ms"), "inference": bench.exponents(rows, "infer_ms"),
+                  "train_above_fixed": bench.exponents(rows, "train_ms", above_fixed_cost=True),
+                  "inference_above_fixed": bench.exponents(rows, "infer_ms", above_fixed_cost=True)}  # fmt: skip
         print_table(rows, f"{args.device}, B={args.batch}, width={args.width}, layers={args.layers}")
         print_table([{"backbone": k, **{p: fitted[p].get(k) for p in fitted}} for k in fitted["train"]],
-                    "scaling exponent of time in T (upper half of the lengths)")  # fmt: skip
+                    "scaling exponent of time in T (upper half of the lengths; *_above_fixed: of the "
+                    "time above the shortest length's)")  # fmt: skip
         title = f"{meta['environment']['device_name'] or args.device}: B={args.batch}, width {args.width}"
         bench.plot_lengths(rows, out / "lengths.png", title)
         payload = {**meta, "batch": args.batch, "width": args.width, "layers": args.layers, "amp": args.amp,

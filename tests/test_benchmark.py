@@ -53,6 +53,16 @@ def test_lengths_rows_and_memory_grow_with_length() -> None:
     assert set(fitted) == {"gru", "transformer", "mingru"} and all(math.isfinite(v) for v in fitted.values())
 
 
+def test_the_exponent_above_the_fixed_cost_sees_through_launch_overhead() -> None:
+    """A quadratic cost behind 1 ms of fixed cost per step (a GPU's kernel launches) over the GPU
+    lengths: the plain fit reads 0.93; above the shortest length's time, 2."""
+    rows = [{"backbone": "attention", "T": T, "train_ms": 1 + 1e-7 * T * T} for T in bench.GPU_LENGTHS]
+    rows += [{"backbone": "scan", "T": T, "train_ms": 1 + 1e-4 * T} for T in bench.GPU_LENGTHS]
+    assert bench.exponents(rows)["attention"] < 1.5
+    above = bench.exponents(rows, above_fixed_cost=True)
+    assert above["attention"] == pytest.approx(2.0, abs=0.05) and above["scan"] == pytest.approx(1.0, abs=0.05)
+
+
 def test_a_slow_backbone_skips_the_longer_lengths() -> None:
     rows = bench.bench_lengths(
         backbones=("rnn",), lengths=(4, 8), batch=1, width=8, repeats=1, max_step_seconds=0
