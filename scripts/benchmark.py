@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--methods", type=words, default=["sequential", "blocked", "log"], help="scan methods"
     )
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="lengths: autocast dtype")
+    parser.add_argument(
+        "--tf32", action="store_true", help="scan on a GPU: cuDNN and matmuls both at TF32 (default: both float32)"
+    )
     parser.add_argument("--compile", action="store_true", help="lengths: torch.compile each block")
     parser.add_argument("--tbptt", type=int, default=None, help="lengths: model.tbptt_steps for rnn/lstm/gru")
     parser.add_argument("--max-step-seconds", type=float, default=30.0)
@@ -94,29 +97,36 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
     if command == "scan":
         rows = bench.bench_scan(
             lengths=args.lengths or (256, 1024, 2048), batch=args.batch, d_in=args.d_in, hidden=args.width,
-            methods=args.methods, repeats=args.repeats or 5, device=args.device,
+            methods=args.methods, repeats=args.repeats or 5, device=args.device, tf32=args.tf32,
         )  # fmt: skip
-        print_table(rows, f"training step, B={args.batch}, d_in={args.d_in}, hidden={args.width}")
-        payload = {**meta, "batch": args.batch, "d_in": args.d_in, "hidden": args.width, "rows": rows}
+        print_table(shown(rows), f"training step, B={args.batch}, d_in={args.d_in}, hidden={args.width}")
+        payload = {**meta, "batch": args.batch, "d_in": args.d_in, "hidden": args.width, "rows": rows,
+                   **({"tf32": args.tf32} if device.type == "cuda" else {})}  # fmt: skip
     elif command == "lengths":
         default = bench.GPU_LENGTHS if device.type == "cuda" else bench.CPU_LENGTHS
+        settings = {"batch": args.batch, "width": args.width, "layers": args.layers, "amp": args.amp,
+                    "compile": args.compile, "tbptt": args.tbptt}  # fmt: skip
+        partial = out / "lengths.partial.json"  # the rows so far, should a later backbone fail
+
+        def progress(rows_so_far: list) -> None:
+            bench.write_json(partial, {**meta, **settings, "rows": rows_so_far})
+
         rows = bench.bench_lengths(
             backbones=args.backbones, lengths=args.lengths or default, batch=args.batch, width=args.width,
             num_layers=args.layers, repeats=args.repeats or 3, device=args.device, amp=args.amp,
-            max_step_seconds=args.max_step_seconds, compile=args.compile, tbptt=args.tbptt,
+            max_step_seconds=args.max_step_seconds, compile=args.compile, tbptt=args.tbptt, progress=progress,
         )  # fmt: skip
+        partial.unlink(missing_ok=True)
         fitted = {"train": bench.exponents(rows, "train_ms"), "inference": bench.exponents(rows, "infer_ms"),
                   "train_above_fixed": bench.exponents(rows, "train_ms", above_fixed_cost=True),
                   "inference_above_fixed": bench.exponents(rows, "infer_ms", above_fixed_cost=True)}  # fmt: skip
-        print_table(rows, f"{args.device}, B={args.batch}, width={args.width}, layers={args.layers}")
+        print_table(shown(rows), f"{args.device}, B={args.batch}, width={args.width}, layers={args.layers}")
         print_table([{"backbone": k, **{p: fitted[p].get(k) for p in fitted}} for k in fitted["train"]],
                     "scaling exponent of time in T (upper half of the lengths; *_above_fixed: of the "
                     "time above the shortest length's)")  # fmt: skip
         title = f"{meta['environment']['device_name'] or args.device}: B={args.batch}, width {args.width}"
         bench.plot_lengths(rows, out / "lengths.png", title)
-        payload = {**meta, "batch": args.batch, "width": args.width, "layers": args.layers, "amp": args.amp,
-                   "compile": args.compile, "tbptt": args.tbptt,
-                   "scaling_exponents": fitted, "rows": rows}  # fmt: skip
+        payload = {**meta, **settings, "scaling_exponents": fitted, "rows": rows}
     elif command == "overhead":
         result = bench.bench_overhead(
             overrides=overrides,
@@ -146,6 +156,11 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         payload = {**meta, **result}
     path = bench.write_json(out / f"{command}.json", payload)
     print(f"wrote {path}")
+
+
+def shown(rows: list[dict]) -> list[dict]:
+    """Rows as printed: every repeat's times (lists) are in the JSON only."""
+    return [{key: value for key, value in row.items() if not isinstance(value, list)} for row in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,7 +78,7 @@ def test_truncated_bptt_lengths_run() -> None:
 def test_running_out_of_cpu_memory_skips_the_longer_lengths(monkeypatch) -> None:
     """The CPU allocator raises a plain RuntimeError, not torch.OutOfMemoryError: the lengths
     measured so far are kept; any other error still stops the benchmark."""
-    real = bench.median_seconds
+    real = bench.timings
 
     def failing_at_16(fn, device, repeats):
         if steps[-1] == 16:
@@ -90,11 +90,11 @@ def test_running_out_of_cpu_memory_skips_the_longer_lengths(monkeypatch) -> None
     monkeypatch.setattr(
         bench.torch, "randn", lambda *shape, **kw: steps.append(shape[1]) or real_randn(*shape, **kw)
     )
-    monkeypatch.setattr(bench, "median_seconds", failing_at_16)
+    monkeypatch.setattr(bench, "timings", failing_at_16)
     rows = bench.bench_lengths(backbones=("gru",), lengths=(8, 16, 32), batch=1, width=8, repeats=1)
     assert "train_ms" in rows[0] and rows[1]["skipped"] == "out of memory" and "skipped" in rows[2]
     monkeypatch.setattr(
-        bench, "median_seconds", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
+        bench, "timings", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
     )
     with pytest.raises(RuntimeError, match="shape mismatch"):
         bench.bench_lengths(backbones=("gru",), lengths=(8,), batch=1, width=8, repeats=1)
@@ -336,6 +336,8 @@ def test_benchmark_cli_writes_json_and_plot(tmp_path: Path) -> None:
     assert {r["backbone"] for r in payload["rows"]} == {"lstm", "mingru"}
     assert set(payload["scaling_exponents"]["train"]) == {"lstm", "mingru"}
     assert (tmp_path / "lengths.png").stat().st_size > 10_000
+    assert all(len(r["train_ms_all"]) == len(r["infer_ms_all"]) == 1 for r in payload["rows"])
+    assert not (tmp_path / "lengths.partial.json").exists()  # only while it runs, or after a failure
 
     done = run_script(
         str(ROOT / "scripts" / "benchmark.py"), "scan", "--lengths", "16", "--batch", "2", "--d-in", "8",
@@ -349,12 +351,29 @@ def test_benchmark_cli_writes_json_and_plot(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
-def test_benchmark_cli_rejects_an_unknown_backbone(tmp_path: Path) -> None:
+def test_benchmark_cli_rejects_an_unknown_backbone_and_keeps_the_rows_so_far(tmp_path: Path) -> None:
+    """A backbone that fails after others were measured: their rows are in lengths.partial.json
+    (a one-shot GPU session loses nothing already measured)."""
     done = run_script(
-        str(ROOT / "scripts" / "benchmark.py"), "lengths", "--backbones", "lstmx", "--out", str(tmp_path)
-    )
+        str(ROOT / "scripts" / "benchmark.py"), "lengths", "--backbones", "gru,lstmx", "--lengths", "8,16",
+        "--batch", "2", "--width", "8", "--repeats", "2", "--out", str(tmp_path),
+    )  # fmt: skip
     assert done.returncode == 1
     assert "backbone 'lstmx'" in done.stderr and "expected one of" in done.stderr
+    partial = json.loads((tmp_path / "lengths.partial.json").read_text())
+    assert [(r["backbone"], r["T"]) for r in partial["rows"]] == [("gru", 8), ("gru", 16)]
+    assert partial["width"] == 8 and not (tmp_path / "lengths.json").exists()
+
+
+def test_the_gpu_scan_compares_at_one_float32_precision() -> None:
+    """cuDNN may use TF32 by default while matmuls do not: both are set alike while the scan
+    benchmark runs on a GPU, and put back afterwards."""
+    before = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    for tf32, precision in ((False, "highest"), (True, "high")):
+        with bench.float32_matmuls(tf32):
+            assert torch.backends.cudnn.allow_tf32 is tf32
+            assert torch.get_float32_matmul_precision() == precision
+        assert (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()) == before
 
 
 @pytest.mark.slow

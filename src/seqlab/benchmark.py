@@ -32,8 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+def timings(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall time of each of ``repeats`` calls of ``fn()``, after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -66,7 +66,22 @@ def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int, wa
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+@contextmanager
+def float32_matmuls(tf32: bool) -> Iterator[None]:
+    """cuDNN and matmuls both at TF32 (``tf32``) or both at full float32, restored afterwards: by
+    default cuDNN (an ``nn.GRU`` baseline) may use TF32 while matmuls (a min-RNN's projections)
+    do not, which favours the baseline."""
+    before = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
 
 
 def saved_activation_bytes(fn: Callable[[], Any], exclude: Iterable[Tensor] = ()) -> int:
@@ -250,27 +265,32 @@ def bench_scan(
     cells: Sequence[str] = ("mingru", "minlstm"),
     repeats: int = 5,
     device: str = "cpu",
+    tf32: bool = False,
 ) -> list[dict[str, Any]]:
-    """Training-step time of ``nn.GRU`` and of one min-RNN layer per cell and scan method."""
+    """Training-step time of ``nn.GRU`` and of one min-RNN layer per cell and scan method; on a
+    GPU with cuDNN and matmuls at the same float32 precision (``tf32``: both at TF32)."""
     from seqlab.backbones.minrnn import MinRNN
 
     dev = torch.device(device)
     torch.manual_seed(0)
     gru = nn.GRU(d_in, hidden, batch_first=True).to(dev)
     rows = []
-    for steps in lengths:
-        x = torch.randn(batch, steps, d_in, device=dev)
-
-        gru_s = median_seconds(training_step(gru, x), dev, repeats)
-        rows.append({"T": steps, "layer": "nn.GRU", "scan": "", "train_ms": gru_s * 1e3, "speedup": 1.0})
-        for cell in cells:
-            for method in methods:
-                layer = MinRNN(cell, d_in, hidden, bidirectional=False, scan=method).to(dev)
-                seconds = median_seconds(training_step(layer, x), dev, repeats)
-                rows.append(
-                    {"T": steps, "layer": cell, "scan": method, "train_ms": seconds * 1e3,
-                     "speedup": gru_s / seconds}
-                )  # fmt: skip
+    with float32_matmuls(tf32) if dev.type == "cuda" else nullcontext():
+        for steps in lengths:
+            x = torch.randn(batch, steps, d_in, device=dev)
+            gru_times = timings(training_step(gru, x), dev, repeats)
+            gru_s = statistics.median(gru_times)
+            rows.append({"T": steps, "layer": "nn.GRU", "scan": "", "train_ms": gru_s * 1e3, "speedup": 1.0,
+                         "train_ms_all": [t * 1e3 for t in gru_times]})  # fmt: skip
+            for cell in cells:
+                for method in methods:
+                    layer = MinRNN(cell, d_in, hidden, bidirectional=False, scan=method).to(dev)
+                    times = timings(training_step(layer, x), dev, repeats)
+                    seconds = statistics.median(times)
+                    rows.append(
+                        {"T": steps, "layer": cell, "scan": method, "train_ms": seconds * 1e3,
+                         "speedup": gru_s / seconds, "train_ms_all": [t * 1e3 for t in times]}
+                    )  # fmt: skip
     return rows
 
 
@@ -287,12 +307,15 @@ def bench_lengths(
     max_step_seconds: float = 30.0,
     compile: bool = False,
     tbptt: int | None = None,
+    progress: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Per backbone and length: training step (forward + backward) and inference (``encode``)
-    time, tokens/s and memory. A backbone whose training step exceeds ``max_step_seconds`` skips
-    the longer lengths (recorded as ``skipped``). ``compile``: as ``model.compile=true`` (the
-    compilation happens in the untimed warm-up call). ``tbptt``: as ``model.tbptt_steps`` for
-    the RNN family (other backbones run unchanged)."""
+    time (the median, and every repeat's in ``*_ms_all``), tokens/s and memory. A backbone whose
+    training step exceeds ``max_step_seconds`` skips the longer lengths (recorded as
+    ``skipped``). ``compile``: as ``model.compile=true`` (the compilation happens in the untimed
+    warm-up call). ``tbptt``: as ``model.tbptt_steps`` for the RNN family (other backbones run
+    unchanged). ``progress(rows)`` after each row: the rows so far outlive an error that stops
+    the run."""
     dev = torch.device(device)
     rows = []
     for name in backbones:
@@ -313,8 +336,9 @@ def bench_lengths(
             x = torch.randn(batch, steps, width, device=dev)
             train_step, infer = training_step(model, x, amp), inference(model, x, amp)
             try:
-                train_s = median_seconds(train_step, dev, repeats)
-                infer_s = median_seconds(infer, dev, repeats)
+                train_times = timings(train_step, dev, repeats)
+                infer_times = timings(infer, dev, repeats)
+                train_s, infer_s = statistics.median(train_times), statistics.median(infer_times)
                 if dev.type == "cuda":
                     train_mem = peak_cuda_bytes(train_step, dev)
                     infer_mem = peak_cuda_bytes(infer, dev)
@@ -327,6 +351,8 @@ def bench_lengths(
                 rows.append({**row, "skipped": "out of memory"})
                 too_slow = True
                 torch.cuda.empty_cache()
+                if progress is not None:
+                    progress(rows)
                 continue
             tokens = batch * steps
             rows.append(
@@ -338,9 +364,13 @@ def bench_lengths(
                     "infer_tokens_per_s": tokens / infer_s,
                     "train_memory_mb": train_mem / 2**20,
                     "infer_memory_mb": None if infer_mem is None else infer_mem / 2**20,
+                    "train_ms_all": [t * 1e3 for t in train_times],
+                    "infer_ms_all": [t * 1e3 for t in infer_times],
                 }
             )
             too_slow = train_s > max_step_seconds
+            if progress is not None:
+                progress(rows)
     return rows
 
 
