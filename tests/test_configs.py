@@ -166,6 +166,8 @@ def test_the_mfu_recipe_is_compute_bound(make_cfg) -> None:
     assert (
         summary["global_step"] == 3 and summary["flops_per_token"] > 0 and summary["train_tokens_per_s"] > 0
     )
+    # no checkpoint: on the GPU each would be 8.5 GB, written twice an epoch
+    assert not list((Path(small.paths.output_dir)).rglob("*.ckpt")) and summary["best_checkpoint"] is None
 
 
 def test_debug_fdr_trains_one_step_and_tests(make_cfg) -> None:

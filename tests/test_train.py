@@ -232,6 +232,22 @@ def test_a_diverged_run_stops_with_a_clear_error(make_cfg) -> None:
         train(cfg)
 
 
+def test_throughput_leaves_out_the_steps_up_to_the_first_optimizer_step(make_cfg, monkeypatch) -> None:
+    """Compilation, autotuning and the FLOP count happen there (a compiled model's first step can
+    take minutes): the whole run's samples/s counted them."""
+    import time
+
+    import seqlab.callbacks.run_stats as run_stats
+
+    pause, real = 3.0, run_stats.flops_per_token
+    monkeypatch.setattr(run_stats, "flops_per_token", lambda task, batch: time.sleep(pause) or real(task, batch))
+    _, objects = train(make_cfg("trainer.max_epochs=1"))
+    samples = objects["trainer"].num_training_batches * 32  # FAST: batches of 32
+    # with the pause in it, the epoch's rate is below samples / pause
+    assert objects["summary"]["train_samples_per_s"] > samples / pause
+    assert objects["summary"]["fit_s"] > pause  # the pause was taken
+
+
 def test_same_seed_and_config_give_bitwise_identical_results(make_cfg) -> None:
     """Reproducibility on CPU: every metric (losses, validation, test) equal bit for bit across two
     runs; only the throughput figures (perf/*, wall-clock) differ. summary.json records what the

@@ -166,7 +166,8 @@ def local_numel(param: torch.Tensor) -> int:
 
 
 class RunStats(L.Callback):
-    """Training throughput (samples/s and tokens/s of all processes, validation excluded), FLOPs
+    """Training throughput (samples/s and tokens/s of all processes, validation and the steps up
+    to the first optimizer step excluded: compilation and warm-up), FLOPs
     per token and model FLOPs utilisation (MFU: achieved model FLOP/s over the devices' dense
     peak), seconds from the job's start to the first optimizer step (the process start for a single
     run: imports included), the job's peak memory (GPU: from the start of training), and the
@@ -246,6 +247,12 @@ class RunStats(L.Callback):
             started = self.job_started
             self.time_to_first_step_s = round(time.time() - started, 3) if started else None
             self.flops_per_token = flops_per_token(pl_module, batch)
+            # throughput leaves out the steps up to here (compilation, autotuning, this count): the
+            # epoch's window starts again
+            settled(pl_module.device)
+            if self._epoch_start is not None:
+                self._epoch_start = time.perf_counter()
+                self._epoch_samples, self._epoch_tokens = 0, 0
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         settled(pl_module.device)
@@ -298,7 +305,7 @@ class RunStats(L.Callback):
 
     @property
     def samples_per_second(self) -> float | None:
-        return self.samples / self.train_seconds if self.train_seconds > 0 else None
+        return self.samples / self.train_seconds if self.train_seconds > 0 and self.samples else None
 
     def summary(self, world_size: int) -> dict[str, Any]:
         """Throughput figures of the whole fit for ``summary.json``."""
