@@ -633,3 +633,18 @@ def test_a_cache_of_an_older_version_is_built_again(tmp_path: Path, monkeypatch)
     monkeypatch.setattr(classification, "CACHE_VERSION", classification.CACHE_VERSION - 1)
     older = text_dm(root, tmp_path / "cache")
     assert older.processed_dir != current
+
+
+def test_the_processed_cache_has_an_ordinary_directorys_mode(tmp_path: Path) -> None:
+    """mkdtemp's 0700 outlived the rename: another user of a shared SEQLAB_DATA_DIR could not
+    read the cache."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        dm = text_dm(three_class_files(tmp_path / "raw"), tmp_path / "cache")
+        dm.prepare_data()
+    finally:
+        os.umask(previous)
+    assert dm.processed_dir.stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in dm.processed_dir.iterdir())

@@ -27,6 +27,7 @@ from seqlab.data.forecasting import keep_batch
 from seqlab.data.samplers import BucketSampler, ResumableLoader, per_replica_batch_size, replicas, shuffles
 from seqlab.data.tokenization import PAD_ID
 from seqlab.errors import ConfigError
+from seqlab.utils.files import current_umask
 
 
 class FlatSequences:
@@ -108,12 +109,20 @@ def publish(target: Path, write: Callable[[Path], None]) -> None:
     """Fill a fresh directory with ``write(tmp)`` and rename it to ``target``.
 
     Concurrent processes (DDP) or an interrupted run never leave a half-written cache behind:
-    whoever renames first wins and the others discard their copy.
+    whoever renames first wins and the others discard their copy. The files are on disk before
+    the directory gets its name (a crash of the machine leaves no named entry with a truncated
+    file), and the directory has an ordinary directory's mode (mkdtemp's 0700 would lock other
+    users out of a shared ``SEQLAB_DATA_DIR``).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())
         write(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
         try:
             os.rename(tmp, target)
         except OSError:
