@@ -213,3 +213,23 @@ def test_an_evaluation_sweep_goes_on_past_a_bad_checkpoint(tmp_path: Path) -> No
     assert done.returncode != 0
     for job, name in ((0, "a.ckpt"), (1, "b.ckpt")):
         assert name in (sweep / str(job) / "error.txt").read_text()
+
+
+def test_eval_merges_data_settings_key_by_key_and_keeps_the_checkpoints_tokenizer() -> None:
+    """``+data.tokenizer.max_length=512`` replaced the checkpoint's whole tokenizer block (the rest
+    fell back to the defaults in the run's record) and changed nothing: the checkpoint's
+    tokenizer encodes. A differing tokenizer setting is refused by name."""
+    from seqlab.eval import data_settings
+
+    saved = {"_target_": "x.Data", "batch_size": 32, "tokenizer": {"kind": "bpe", "max_length": 128, "wrap": "cls"}}
+    with_tokenizer = {"data": saved, "data_artifacts": {"tokenizer": "{...}"}}
+    merged = data_settings(with_tokenizer, {"batch_size": 8, "tokenizer": {"max_length": 128}})
+    assert merged == {**saved, "batch_size": 8}
+    with pytest.raises(
+        ConfigError, match=r"data.tokenizer.max_length=512 \(trained with 128\): the checkpoint's tokenizer"
+    ):
+        data_settings(with_tokenizer, {"tokenizer": {"max_length": 512}})
+    # data without saved artifacts (series): merged key by key all the same
+    assert data_settings({"data": saved}, {"tokenizer": {"max_length": 64}})["tokenizer"] == {
+        "kind": "bpe", "max_length": 64, "wrap": "cls"
+    }  # fmt: skip

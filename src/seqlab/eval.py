@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import get_class
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.train import (
@@ -40,7 +40,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if is_rank_zero():
         write_run_metadata(cfg, run_dir)
 
-    data_cfg = {**info["data"], **to_plain(cfg.get("data") or {})}
+    data_cfg = data_settings(info, to_plain(cfg.get("data") or {}))
     if cfg.get("data_dir"):
         data_cfg["data_dir"] = cfg.data_dir
     datamodule = build_datamodule(data_cfg, info.get("data_artifacts"))
@@ -63,6 +63,28 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         write_summary(run_dir, summary)
         print_results(model_metrics, baseline)
     return metrics, {"datamodule": datamodule, "task": task, "trainer": trainer, "summary": summary}
+
+
+def data_settings(info: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's data settings with ``+data.*`` merged in key by key (``+data.tokenizer.x``
+    changes that one setting; it replaced the whole tokenizer block, the rest falling back to the
+    defaults). A checkpoint that carries its tokenizer encodes as the model was trained: a
+    tokenizer setting that differs is refused by name rather than written in the run's record
+    and ignored."""
+    from seqlab.utils.resume import flatten
+
+    saved = info["data"]
+    merged = OmegaConf.to_container(OmegaConf.merge(saved, given))
+    if info.get("data_artifacts") and "tokenizer" in given:
+        before, after = flatten(saved.get("tokenizer") or {}), flatten(merged.get("tokenizer") or {})
+        changed = [f"data.tokenizer.{k}={after.get(k)!r} (trained with {before.get(k)!r})"
+                   for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]  # fmt: skip
+        if changed:
+            raise ConfigError(
+                f"{', '.join(changed)}: the checkpoint's tokenizer, saved in it, encodes as the model "
+                "was trained; evaluation does not change tokenizer settings"
+            )
+    return merged
 
 
 def check_data_fits(task: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Path) -> None:
