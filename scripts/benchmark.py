@@ -62,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="lengths: autocast dtype")
     parser.add_argument(
-        "--tf32", action="store_true", help="scan on a GPU: cuDNN and matmuls both at TF32 (default: both float32)"
+        "--tf32",
+        action="store_true",
+        help="scan on a GPU: cuDNN and matmuls both at TF32 (default: both float32)",
     )
     parser.add_argument("--compile", action="store_true", help="lengths: torch.compile each block")
     parser.add_argument("--tbptt", type=int, default=None, help="lengths: model.tbptt_steps for rnn/lstm/gru")

@@ -46,7 +46,9 @@ def test_wrong_type_unknown_key_and_unknown_option_are_refused_before_training(t
     _assert_clear_failure(done, "Could not find 'model/lstmm'", "lstm")
 
     # a value refused while the data are built: after the run's record, before any training
-    done = run_script("train.py", *FAST, "+data.split_ratios=[0.5,0.6,0.1]", f"hydra.run.dir={tmp_path / 'd'}")
+    done = run_script(
+        "train.py", *FAST, "+data.split_ratios=[0.5,0.6,0.1]", f"hydra.run.dir={tmp_path / 'd'}"
+    )
     _assert_clear_failure(done, "data.split_ratios=[0.5, 0.6, 0.1]: expected three positive shares")
     assert (tmp_path / "d" / "config.yaml").is_file() and not (tmp_path / "d" / "checkpoints").exists()
 
@@ -146,11 +148,14 @@ def test_truncated_bptt_that_truncates_nothing_is_refused(make_cfg) -> None:
 
     cfg = make_cfg("model=lstm", "model.tbptt_steps=48")  # look-back 48, patches of 8 (stride 8)
     with pytest.raises(
-        ConfigError, match=r"model.tbptt_steps=48 counts the encoder's steps, which are patch tokens here: .* is 7 tokens"
+        ConfigError,
+        match=r"model.tbptt_steps=48 counts the encoder's steps, which are patch tokens here: .* is 7 tokens",
     ):
         train(cfg)
     for steps in (3, 6):  # what does truncate trains
-        build_task(cfg.task, {**cfg.model, "tbptt_steps": steps}, build_datamodule(cfg.data)).check_trainable()
+        build_task(
+            cfg.task, {**cfg.model, "tbptt_steps": steps}, build_datamodule(cfg.data)
+        ).check_trainable()
 
 
 def test_a_data_setting_the_datamodule_does_not_take_is_named() -> None:
@@ -195,7 +200,9 @@ def test_an_error_raised_while_the_config_is_instantiated_is_seqlabs_own(make_cf
     (printed with a traceback); the entry points print a ``ConfigError`` as one line."""
     from seqlab.train import train
 
-    with pytest.raises(ConfigError, match=r"data.split_ratios=\[0.5, 0.6, 0.1\]: expected three positive shares"):
+    with pytest.raises(
+        ConfigError, match=r"data.split_ratios=\[0.5, 0.6, 0.1\]: expected three positive shares"
+    ):
         train(make_cfg("+data.split_ratios=[0.5,0.6,0.1]"))
     with pytest.raises(ConfigError, match=r"model.nhead"):
         train(make_cfg("model.nhead=3", output="b"))  # d_model 32 is not a multiple of 3
@@ -219,9 +226,13 @@ def test_eval_merges_data_settings_key_by_key_and_keeps_the_checkpoints_tokenize
     """``+data.tokenizer.max_length=512`` replaced the checkpoint's whole tokenizer block (the rest
     fell back to the defaults in the run's record) and changed nothing: the checkpoint's
     tokenizer encodes. A differing tokenizer setting is refused by name."""
-    from seqlab.eval import data_settings
+    from seqlab.utils.checkpoint_io import data_settings
 
-    saved = {"_target_": "x.Data", "batch_size": 32, "tokenizer": {"kind": "bpe", "max_length": 128, "wrap": "cls"}}
+    saved = {
+        "_target_": "x.Data",
+        "batch_size": 32,
+        "tokenizer": {"kind": "bpe", "max_length": 128, "wrap": "cls"},
+    }
     with_tokenizer = {"data": saved, "data_artifacts": {"tokenizer": "{...}"}}
     merged = data_settings(with_tokenizer, {"batch_size": 8, "tokenizer": {"max_length": 128}})
     assert merged == {**saved, "batch_size": 8}

@@ -60,7 +60,9 @@ def test_the_exponent_above_the_fixed_cost_sees_through_launch_overhead() -> Non
     rows += [{"backbone": "scan", "T": T, "train_ms": 1 + 1e-4 * T} for T in bench.GPU_LENGTHS]
     assert bench.exponents(rows)["attention"] < 1.5
     above = bench.exponents(rows, above_fixed_cost=True)
-    assert above["attention"] == pytest.approx(2.0, abs=0.05) and above["scan"] == pytest.approx(1.0, abs=0.05)
+    assert above["attention"] == pytest.approx(2.0, abs=0.05) and above["scan"] == pytest.approx(
+        1.0, abs=0.05
+    )
 
 
 def test_a_slow_backbone_skips_the_longer_lengths() -> None:
@@ -93,9 +95,7 @@ def test_running_out_of_cpu_memory_skips_the_longer_lengths(monkeypatch) -> None
     monkeypatch.setattr(bench, "timings", failing_at_16)
     rows = bench.bench_lengths(backbones=("gru",), lengths=(8, 16, 32), batch=1, width=8, repeats=1)
     assert "train_ms" in rows[0] and rows[1]["skipped"] == "out of memory" and "skipped" in rows[2]
-    monkeypatch.setattr(
-        bench, "timings", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
-    )
+    monkeypatch.setattr(bench, "timings", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):
         bench.bench_lengths(backbones=("gru",), lengths=(8,), batch=1, width=8, repeats=1)
 

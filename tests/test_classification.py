@@ -228,7 +228,9 @@ def test_checkpoint_reloads_to_the_same_logits(text_cfg) -> None:
     with torch.no_grad():
         logits = restored(batch["input_ids"], batch["pad_mask"])
         torch.testing.assert_close(logits, trained(batch["input_ids"], batch["pad_mask"]))
-        untrained = ClassificationTask(**restored.hparams).eval()  # a checkpoint of untrained weights would not do
+        untrained = ClassificationTask(
+            **restored.hparams
+        ).eval()  # a checkpoint of untrained weights would not do
         assert not torch.allclose(logits, untrained(batch["input_ids"], batch["pad_mask"]), atol=1e-3)
     assert restored.hparams.vocab_size == objects["task"].hparams.vocab_size
 

@@ -225,7 +225,11 @@ def test_the_forecast_plot_draws_each_settings_own_truth(tmp_path: Path, monkeyp
     assert len(axes) == 2
     drawn = [{line.get_label(): list(line.get_ydata()) for line in ax.get_lines()} for ax in axes]
     assert drawn == [
-        {"truth": truths["OT"], "lstm (data.target=OT)": [1.5, 2.5, 3.5], "gru (data.target=OT)": [1.5, 2.5, 3.5]},
+        {
+            "truth": truths["OT"],
+            "lstm (data.target=OT)": [1.5, 2.5, 3.5],
+            "gru (data.target=OT)": [1.5, 2.5, 3.5],
+        },
         {"truth": truths["HUFL"], "lstm (data.target=HUFL)": [7.5, 8.5, 9.5]},
     ]
 
@@ -242,7 +246,10 @@ def test_the_metric_vs_time_plot_uses_training_time_or_says_it_does_not(tmp_path
     del summary["fit_s"]
     write_summary(sweep / "2", summary)
     plot_metric_vs_time(read_jobs(sweep), "acc", tmp_path / "wall.png")
-    for name, label, times in (("fit.png", "training wall time", [8, 9, 10]), ("wall.png", "job wall time", [10, 11, 12])):
+    for name, label, times in (
+        ("fit.png", "training wall time", [8, 9, 10]),
+        ("wall.png", "job wall time", [10, 11, 12]),
+    ):
         (ax,) = figures[name].axes
         assert ax.get_xlabel().startswith(label)
         points = sorted(tuple(p) for collection in ax.collections for p in collection.get_offsets().tolist())

@@ -233,7 +233,9 @@ def test_the_target_channel_and_the_split_ratios(tmp_path: Path) -> None:
     assert CSVSeriesDataModule(data_dir=str(tmp_path), file="x.csv", download=False, lookback=24,
                                horizon=12).task_kwargs()["target_channel"] == 2  # fmt: skip
     # M mode too: an unknown target is refused, not replaced by the last channel in the plots
-    with pytest.raises(DataError, match=r"target column 'nope' \(data.target\) not found; columns are \['OT', 'a', 'b'\]"):
+    with pytest.raises(
+        DataError, match=r"target column 'nope' \(data.target\) not found; columns are \['OT', 'a', 'b'\]"
+    ):
         CSVSeriesDataModule(data_dir=str(tmp_path), file="x.csv", download=False, target="nope").task_kwargs()
     # every split needs rows: a validation share of 0 is refused when the config is built
     for ratios in ([0.6, 0.1, 0.2], [0.7, 0.3], [1.2, -0.1, -0.1], [0.8, 0, 0.2]):
@@ -250,13 +252,21 @@ def test_rows_out_of_time_order_or_skipping_time(tmp_path: Path, caplog) -> None
     path = write_csv(tmp_path / "g.csv", 21 * 30 * 24)
     lines = path.read_text().splitlines()
     (tmp_path / "reversed.csv").write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
-    with pytest.raises(DataError, match=r"reversed.csv, line 3: date 2018-03-22 22:00:00 does not come after the previous row.s 2018-03-22 23:00:00"):
+    with pytest.raises(
+        DataError,
+        match=r"reversed.csv, line 3: date 2018-03-22 22:00:00 does not come after the previous row.s 2018-03-22 23:00:00",
+    ):
         read_series_csv(tmp_path / "reversed.csv")
     (tmp_path / "repeated.csv").write_text("\n".join([*lines[:11], lines[10], *lines[11:]]) + "\n")
-    with pytest.raises(DataError, match=r"repeated.csv, line 12: date 2016-07-01 09:00:00 does not come after"):
+    with pytest.raises(
+        DataError, match=r"repeated.csv, line 12: date 2016-07-01 09:00:00 does not come after"
+    ):
         read_series_csv(tmp_path / "repeated.csv")
     (tmp_path / "gap.csv").write_text("\n".join([*lines[:101], *lines[149:]]) + "\n")  # 48 hours missing
-    with pytest.raises(DataError, match=r"skip time in 1 place\(s\), first from 2016-07-05 03:00:00 to 2016-07-07 04:00:00; fill"):
+    with pytest.raises(
+        DataError,
+        match=r"skip time in 1 place\(s\), first from 2016-07-05 03:00:00 to 2016-07-07 04:00:00; fill",
+    ):
         ett(tmp_path, file="gap.csv").setup()
     ratio = CSVSeriesDataModule(data_dir=str(tmp_path), file="gap.csv", download=False)
     with caplog.at_level("WARNING", logger="seqlab.data.forecasting"):

@@ -156,8 +156,7 @@ def test_reduced_precision_inputs_are_scanned_in_float32(method: str) -> None:
 def test_model_size_solves_the_width_of_a_bidirectional_minrnn_with_any_expansion() -> None:
     """model.size searches multiples of 4; expansion 1.25 made every other hidden width odd, which
     the bidirectional encoder refused (naming a width the user never set)."""
-    from seqlab.tasks.base import build_backbone
-    from seqlab.tasks.base import SIZES
+    from seqlab.tasks.base import SIZES, build_backbone
 
     for expansion in (1.25, 0.75):
         config = {"_target_": "seqlab.backbones.minrnn.MinRNNBackbone", "bidirectional": True,

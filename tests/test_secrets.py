@@ -77,9 +77,15 @@ def test_no_secret_in_a_refused_run_or_a_sweep(tmp_path: Path) -> None:
     from tests.conftest import FAST, run_script
 
     refused = run_script(
-        "train.py", "trainer.devices=999", f"+extras.api_key={LITERAL}", f"hydra.run.dir={tmp_path / 'refused'}"
+        "train.py",
+        "trainer.devices=999",
+        f"+extras.api_key={LITERAL}",
+        f"hydra.run.dir={tmp_path / 'refused'}",
     )  # refused on any machine, before training
-    assert refused.returncode == 1 and "trainer.devices=999 but this machine has" in refused.stdout + refused.stderr
+    assert (
+        refused.returncode == 1
+        and "trainer.devices=999 but this machine has" in refused.stdout + refused.stderr
+    )
     sweep = tmp_path / "sweep"
     done = run_script(
         "train.py", "-m", *FAST, "trainer.max_epochs=1", "extras.print_config=true", f"+extras.api_key={LITERAL}",

@@ -572,10 +572,16 @@ def test_a_file_given_as_val_or_as_test_is_another_cache_entry(tmp_path: Path) -
     for dm in (as_test, as_val):
         dm.prepare_data()
         dm.setup()
-    assert as_val.texts("val") == as_test.texts("test") == read_table(root / "test.csv", "review", "sentiment").texts
+    assert (
+        as_val.texts("val")
+        == as_test.texts("test")
+        == read_table(root / "test.csv", "review", "sentiment").texts
+    )
     # a setting that carves nothing is not part of the key: both files given, test_size is unused
     both = text_dm(root, tmp_path / "cache", val_file="test.csv")
-    assert both.cache_key() == text_dm(root, tmp_path / "cache", val_file="test.csv", test_size=0.3).cache_key()
+    assert (
+        both.cache_key() == text_dm(root, tmp_path / "cache", val_file="test.csv", test_size=0.3).cache_key()
+    )
     assert as_test.cache_key() != text_dm(root, tmp_path / "cache", val_size=0.3).cache_key()
 
 
@@ -608,21 +614,31 @@ def test_truncated_texts_are_counted_and_reported(tmp_path: Path, caplog) -> Non
     )
     untouched = text_dm(root, tmp_path / "cache", tokenizer={"kind": "word", "max_length": 8})
     untouched.prepare_data()
-    assert json.loads((untouched.processed_dir / "meta.json").read_text())["truncated"] == {"train": 0, "val": 0, "test": 0}
+    assert json.loads((untouched.processed_dir / "meta.json").read_text())["truncated"] == {
+        "train": 0,
+        "val": 0,
+        "test": 0,
+    }
 
 
 def test_class_ids_of_numeric_labels_do_not_depend_on_the_hash_seed() -> None:
     """Labels equal as numbers ("1", "1.0") were ordered as a set happened to hold them."""
+    import os
     import subprocess
     import sys
 
-    code = ("from seqlab.data.classification import _numeric_order; "
-            "print(sorted(set(['1.0', '10', '1', '2', 'nan', 'b', 'a']), key=_numeric_order))")  # fmt: skip
-    orders = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout  # fmt: skip
-        for seed in ("0", "1", "2", "3")
-    }
+    code = (
+        "from seqlab.data.classification import _numeric_order; "
+        "print(sorted(set(['1.0', '10', '1', '2', 'nan', 'b', 'a']), key=_numeric_order))"
+    )
+
+    def order(seed: str) -> str:
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+        ).stdout
+
+    orders = {order(seed) for seed in ("0", "1", "2", "3")}
     assert orders == {"['1', '1.0', '2', '10', 'a', 'b', 'nan']\n"}
 
 

@@ -240,7 +240,9 @@ def test_throughput_leaves_out_the_steps_up_to_the_first_optimizer_step(make_cfg
     import seqlab.callbacks.run_stats as run_stats
 
     pause, real = 3.0, run_stats.flops_per_token
-    monkeypatch.setattr(run_stats, "flops_per_token", lambda task, batch: time.sleep(pause) or real(task, batch))
+    monkeypatch.setattr(
+        run_stats, "flops_per_token", lambda task, batch: time.sleep(pause) or real(task, batch)
+    )
     _, objects = train(make_cfg("trainer.max_epochs=1"))
     samples = objects["trainer"].num_training_batches * 32  # FAST: batches of 32
     # with the pause in it, the epoch's rate is below samples / pause
@@ -266,7 +268,9 @@ def test_same_seed_and_config_give_bitwise_identical_results(make_cfg) -> None:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     assert summary["git"]["commit"] == head.stdout.strip() and len(summary["git"]["commit"]) == 40
     assert summary["git"]["dirty"] == bool(
-        subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        subprocess.run(
+            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     )
 
 

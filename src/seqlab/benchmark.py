@@ -375,7 +375,10 @@ def bench_lengths(
 
 
 def exponents(
-    rows: Sequence[dict[str, Any]], key: str = "train_ms", upper_half: bool = True, above_fixed_cost: bool = False
+    rows: Sequence[dict[str, Any]],
+    key: str = "train_ms",
+    upper_half: bool = True,
+    above_fixed_cost: bool = False,
 ) -> dict[str, float]:
     """Scaling exponent of ``key`` in T per backbone, fitted over the upper half of the lengths
     measured (where the T-dependent cost dominates fixed costs). ``above_fixed_cost``: of the time

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.train import (
@@ -19,7 +19,7 @@ from seqlab.train import (
     split_baselines,
     to_plain,
 )
-from seqlab.utils.checkpoint_io import consolidate_checkpoint, load_run_info
+from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, load_run_info
 from seqlab.utils.distributed import in_multirun
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.run import is_rank_zero, print_results, write_run_metadata, write_summary
@@ -63,28 +63,6 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         write_summary(run_dir, summary)
         print_results(model_metrics, baseline)
     return metrics, {"datamodule": datamodule, "task": task, "trainer": trainer, "summary": summary}
-
-
-def data_settings(info: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's data settings with ``+data.*`` merged in key by key (``+data.tokenizer.x``
-    changes that one setting; it replaced the whole tokenizer block, the rest falling back to the
-    defaults). A checkpoint that carries its tokenizer encodes as the model was trained: a
-    tokenizer setting that differs is refused by name rather than written in the run's record
-    and ignored."""
-    from seqlab.utils.resume import flatten
-
-    saved = info["data"]
-    merged = OmegaConf.to_container(OmegaConf.merge(saved, given))
-    if info.get("data_artifacts") and "tokenizer" in given:
-        before, after = flatten(saved.get("tokenizer") or {}), flatten(merged.get("tokenizer") or {})
-        changed = [f"data.tokenizer.{k}={after.get(k)!r} (trained with {before.get(k)!r})"
-                   for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]  # fmt: skip
-        if changed:
-            raise ConfigError(
-                f"{', '.join(changed)}: the checkpoint's tokenizer, saved in it, encodes as the model "
-                "was trained; evaluation does not change tokenizer settings"
-            )
-    return merged
 
 
 def check_data_fits(task: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Path) -> None:

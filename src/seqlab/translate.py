@@ -22,7 +22,7 @@ from seqlab.data.tokenization import PAD_ID
 from seqlab.data.translation import read_lines
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.train import build_datamodule, to_plain
-from seqlab.utils.checkpoint_io import consolidate_checkpoint, load_run_info
+from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, load_run_info
 from seqlab.utils.files import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def load_translator(ckpt_path: str | Path, data_overrides: dict[str, Any] | None
                 f"ckpt_path={str(given)!r} is a {task_cls.__name__} checkpoint, not a translation model"
             )
         # the tokenizers come from the checkpoint: no corpus is read, downloaded or tokenized
-        data, artifacts = {**info["data"], **(data_overrides or {})}, info.get("data_artifacts")
+        data, artifacts = data_settings(info, data_overrides or {}), info.get("data_artifacts")
         datamodule = build_datamodule(data, artifacts, prepare=not artifacts)
         task = task_cls.load_from_checkpoint(ckpt_path, map_location=device, weights_only=True)
     return task.eval(), datamodule

@@ -164,7 +164,11 @@ class MinRNNBackbone(Backbone):
             raise ValueError(f"model.scan={scan!r} is not one of {list(SCAN_METHODS)}")
         # bidirectional: the hidden width is split between the directions, so rounded to an even
         # width (the width of every expansion that gave an even one before)
-        hidden = max(2, 2 * round(expansion * d_model / 2)) if bidirectional else max(1, round(expansion * d_model))
+        hidden = (
+            max(2, 2 * round(expansion * d_model / 2))
+            if bidirectional
+            else max(1, round(expansion * d_model))
+        )
         self.cell = cell
         self.d_model = d_model
         self.causal = not bidirectional

@@ -382,7 +382,9 @@ class TextClassificationDataModule(BatchedTextDataModule):
             "sizes": {split: len(examples) for split, examples in raw.items()},
             # texts cut to data.tokenizer.max_length (the checkpoint's tokenizer's, when it has one)
             "truncated": truncated,
-            "class_counts": {split: [ids.count(c) for c in range(len(classes))] for split, ids in label_ids.items()},
+            "class_counts": {
+                split: [ids.count(c) for c in range(len(classes))] for split, ids in label_ids.items()
+            },
             "sources": self.source_fingerprint(),
         }
         if any(truncated.values()):
@@ -417,7 +419,9 @@ class TextClassificationDataModule(BatchedTextDataModule):
             "pad_id": PAD_ID,
             "cls_id": CLS_ID if meta["tokenizer"]["wrap"] == "cls" else None,
             "unk_id": UNK_ID,
-            "special_ids": {"none": [], "cls": [CLS_ID], "bos_eos": [BOS_ID, EOS_ID]}[meta["tokenizer"]["wrap"]],
+            "special_ids": {"none": [], "cls": [CLS_ID], "bos_eos": [BOS_ID, EOS_ID]}[
+                meta["tokenizer"]["wrap"]
+            ],
         }
 
     def artifacts(self) -> dict[str, Any]:

@@ -194,12 +194,12 @@ class SeriesDataModule(L.LightningDataModule):
         if self._series is not None:
             return
         series = self.load_series()
-        if self.target is not None or self.features == "S":
-            if self.target not in series.columns:  # M: the channel plotted and tabulated
-                raise DataError(
-                    f"{self.source}: target column {self.target!r} (data.target) not found; "
-                    f"columns are {series.columns}"
-                )
+        # in M mode too: the target is the channel plotted and tabulated
+        if (self.target is not None or self.features == "S") and self.target not in series.columns:
+            raise DataError(
+                f"{self.source}: target column {self.target!r} (data.target) not found; "
+                f"columns are {series.columns}"
+            )
         if self.features == "S":
             index = series.columns.index(self.target)
             series = Series(series.values[:, index : index + 1], [self.target], series.timestamps)

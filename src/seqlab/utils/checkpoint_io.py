@@ -178,3 +178,28 @@ def load_run_info(ckpt_path: Path) -> dict[str, Any]:
         for key in group.get("params", [])
     )
     return {**info, "backbone_target": backbone.get("_target_"), "positional_optimizer": positional}
+
+
+def data_settings(info: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's data settings with ``+data.*`` merged in key by key (``+data.tokenizer.x``
+    changes that one setting; it replaced the whole tokenizer block, the rest falling back to the
+    defaults). A checkpoint that carries its tokenizer encodes as the model was trained: a
+    tokenizer setting that differs is refused by name rather than written in the run's record
+    and ignored."""
+    from omegaconf import OmegaConf
+
+    from seqlab.errors import ConfigError
+    from seqlab.utils.resume import flatten
+
+    saved = info["data"]
+    merged = OmegaConf.to_container(OmegaConf.merge(saved, given))
+    if info.get("data_artifacts") and "tokenizer" in given:
+        before, after = flatten(saved.get("tokenizer") or {}), flatten(merged.get("tokenizer") or {})
+        changed = [f"data.tokenizer.{k}={after.get(k)!r} (trained with {before.get(k)!r})"
+                   for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]  # fmt: skip
+        if changed:
+            raise ConfigError(
+                f"{', '.join(changed)}: the checkpoint's tokenizer, saved in it, encodes as the model "
+                "was trained; evaluation does not change tokenizer settings"
+            )
+    return merged
