@@ -664,3 +664,17 @@ def test_the_processed_cache_has_an_ordinary_directorys_mode(tmp_path: Path) -> 
         os.umask(previous)
     assert dm.processed_dir.stat().st_mode & 0o777 == 0o755
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in dm.processed_dir.iterdir())
+
+
+def test_the_sentence_holdout_refuses_long_texts_with_the_numbers(tmp_path: Path, monkeypatch) -> None:
+    """It enumerates every word span of every text: IMDB's reviews would take hours and tens of
+    GB; refused by name before it starts."""
+    monkeypatch.setattr(classification, "MAX_SPANS", 1000)
+    root = tmp_path / "raw"
+    write(root / "train.csv", "review,sentiment\n" + "".join(f"{'word ' * 60}{i},pos\n" for i in range(5)))
+    dm = text_dm(root, tmp_path / "cache", test_file=None, val_size=1, test_size=1, holdout="sentences")
+    with pytest.raises(
+        ConfigError,
+        match=r"data.holdout=sentences .* 9,455 word spans of 5 texts of up to 61 words .*use data.holdout=random",
+    ):
+        dm.prepare_data()

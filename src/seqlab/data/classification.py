@@ -87,6 +87,24 @@ def maximal_examples(texts: list[str]) -> list[int]:
     return [i for i, text in enumerate(texts) if " ".join(text.split()) not in inside]
 
 
+#: word spans ``holdout=sentences`` may enumerate: SST-2's train (67 K phrases of at most 52 words)
+#: has 5.5 M; IMDB's 25 K reviews of ~230 words would have ~1,000 M (hours and tens of GB)
+MAX_SPANS = 50_000_000
+
+
+def check_phrase_level(train: LabelledTexts) -> None:
+    """``holdout=sentences`` enumerates every word span of every text: meant for phrase-level
+    treebanks (short texts); refused, with the numbers, where it would not finish."""
+    lengths = [len(text.split()) for text in train.texts]
+    spans = sum(n * (n + 1) // 2 for n in lengths)
+    if spans > MAX_SPANS:
+        raise ConfigError(
+            f"data.holdout=sentences looks for every text inside the others, {spans:,} word spans of "
+            f"{len(lengths):,} texts of up to {max(lengths):,} words (at most {MAX_SPANS:,}); it is "
+            "meant for phrase-level treebanks such as SST-2: use data.holdout=random"
+        )
+
+
 class TokenizedTexts(Dataset):
     """One split as token ids (flat, with offsets), class ids and the original texts."""
 
@@ -305,6 +323,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
         random.Random(hp.split_seed).shuffle(order)
         candidates = order
         if hp.holdout == "sentences" and (raw["val"] is None or raw["test"] is None):
+            check_phrase_level(train)
             maximal = set(maximal_examples(train.texts))
             candidates = [i for i in order if i in maximal]
         carved: dict[str, list[int]] = {}
