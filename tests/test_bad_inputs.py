@@ -3,6 +3,7 @@ a non-zero exit, no traceback, and nothing written into an existing good run."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -213,13 +214,23 @@ def test_an_error_raised_while_the_config_is_instantiated_is_seqlabs_own(make_cf
 def test_an_evaluation_sweep_goes_on_past_a_bad_checkpoint(tmp_path: Path) -> None:
     """``eval.py -m ckpt_path=a,b``: a job that fails records its error and the next one runs
     (the first failure's SystemExit ended the whole sweep)."""
+    trained = run_script("train.py", *FAST, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    good = tmp_path / "run" / "checkpoints" / "best.ckpt"
     sweep = tmp_path / "sweep"
     done = run_script(
-        "eval.py", "-m", f"ckpt_path={tmp_path / 'a.ckpt'},{tmp_path / 'b.ckpt'}", f"hydra.sweep.dir={sweep}"
+        "eval.py",
+        "-m",
+        f"ckpt_path={tmp_path / 'a.ckpt'},{tmp_path / 'b.ckpt'},{good}",
+        f"hydra.sweep.dir={sweep}",
     )
-    assert done.returncode != 0
+    assert done.returncode != 0  # the sweep says some job failed
     for job, name in ((0, "a.ckpt"), (1, "b.ckpt")):
         assert name in (sweep / str(job) / "error.txt").read_text()
+    # and the job after them evaluated its checkpoint
+    summary = json.loads((sweep / "2" / "summary.json").read_text())
+    assert summary["ckpt_path"] == str(good) and summary["metrics"]["test/mse"] > 0
+    assert not (sweep / "2" / "error.txt").exists()
 
 
 def test_eval_merges_data_settings_key_by_key_and_keeps_the_checkpoints_tokenizer() -> None:
