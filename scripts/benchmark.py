@@ -102,8 +102,9 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
             methods=args.methods, repeats=args.repeats or 5, device=args.device, tf32=args.tf32,
         )  # fmt: skip
         print_table(shown(rows), f"training step, B={args.batch}, d_in={args.d_in}, hidden={args.width}")
-        payload = {**meta, "batch": args.batch, "d_in": args.d_in, "hidden": args.width, "rows": rows,
-                   **({"tf32": args.tf32} if device.type == "cuda" else {})}  # fmt: skip
+        if device.type == "cuda":  # the switches the scan ran with, not those at start
+            meta["environment"].update(bench.float32_switches(args.tf32))
+        payload = {**meta, "batch": args.batch, "d_in": args.d_in, "hidden": args.width, "rows": rows}
     elif command == "lengths":
         default = bench.GPU_LENGTHS if device.type == "cuda" else bench.CPU_LENGTHS
         settings = {"batch": args.batch, "width": args.width, "layers": args.layers, "amp": args.amp,

@@ -55,3 +55,19 @@ class HoldMemory(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.block = None
+
+
+class RecordValidationRows(L.Callback):
+    """Writes, per validation batch, ``<rank> <batch_idx> <rows>`` to ``<directory>/val_rows.txt``:
+    how many of the batch's sentences are among the first ``task.val_bleu_samples`` (a rank with
+    none while another has some decodes one sentence in step with it)."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = Path(directory) / "val_rows.txt"
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.sanity_checking:
+            return
+        rows = int((batch["index"] < pl_module.hparams.val_bleu_samples).sum())
+        with self.path.open("a") as handle:
+            handle.write(f"{trainer.global_rank} {batch_idx} {rows}\n")

@@ -265,10 +265,25 @@ def test_fsdp2_translation_generates_from_sharded_weights(tmp_path: Path) -> Non
         "task.val_bleu_samples=7",
         f"data.cache_dir={tmp_path / 'cache'}", "model=transformer", "model.d_model=32", "trainer.max_epochs=1",
         "trainer.accelerator=cpu", "extras.print_config=false", "callbacks.rich_progress_bar=null",
+        "+callbacks.rows._target_=tests.faults.RecordValidationRows", f"+callbacks.rows.directory={tmp_path}",
         f"hydra.run.dir={run_dir}", timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert len((run_dir / "translations" / "test.hyp").read_text().splitlines()) == 41
+    # the case the in-step decode is for did occur: a validation batch where one process had
+    # sentences to score and the other none (without it, the collectives would not have matched)
+    rows: dict[int, dict[int, int]] = {}
+    for line in (tmp_path / "val_rows.txt").read_text().splitlines():
+        rank, batch_idx, count = map(int, line.split())
+        rows.setdefault(batch_idx, {})[rank] = count
+    assert any(sorted(counts.values())[0] == 0 < sorted(counts.values())[-1] for counts in rows.values()), (
+        rows
+    )
+    assert sum(counts[0] + counts[1] for counts in rows.values()) == 7  # the first 7, each once
+    metrics = (run_dir / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    bleu = [row.split(",")[header.index("val/bleu")] for row in metrics[1:]]
+    assert any(value and float(value) >= 0 for value in bleu)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert max(summary["parameters_per_rank"]) < 0.6 * summary["num_params"]
 
@@ -331,6 +346,9 @@ def test_sharded_fsdp2_checkpoint_evaluates_anywhere(tmp_path: Path) -> None:
     # the same weights on 2 processes (each window once: no padding repeats) and on one
     assert evaluated == pytest.approx(trained, rel=1e-5)
     assert best.is_dir(), "the training run's checkpoint is left as it was"
+    # the gathered file is the evaluation run's own, a plain checkpoint any process can load
+    gathered = torch.load(tmp_path / "eval" / "consolidated.ckpt", map_location="cpu", weights_only=True)
+    assert gathered["state_dict"] and not list((tmp_path / "eval").glob("*.distcp"))
 
 
 def test_training_resumes_across_strategies(tmp_path: Path) -> None:
@@ -405,15 +423,15 @@ def test_a_failing_rank_ends_the_whole_job(tmp_path: Path, rank: int, how: str) 
     """One DDP rank raises or is killed mid-epoch: every process exits, the job returns non-zero
     well within 60 s of the failure (no hang on a collective), and the failing rank's error is
     what the user sees."""
-    start = time.monotonic()
+    fired = tmp_path / "fired"  # written by the failing rank as it fails: the failure's time
     done = run_script(
         "train.py", "trainer=ddp", *FAST, "trainer.max_epochs=20", f"hydra.run.dir={tmp_path / 'run'}",
         "+callbacks.fault._target_=tests.faults.FailOnRank", f"+callbacks.fault.rank={rank}",
-        "+callbacks.fault.step=5", f"+callbacks.fault.how={how}", timeout=180,
+        "+callbacks.fault.step=5", f"+callbacks.fault.how={how}", f"+callbacks.fault.once={fired}", timeout=180,
     )  # fmt: skip
-    elapsed = time.monotonic() - start
+    elapsed = time.time() - fired.stat().st_mtime
     assert done.returncode != 0
-    assert elapsed < 90, f"the job took {elapsed:.0f} s to end after a rank failed"
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to end after a rank failed"
     if how == "raise":
         assert f"injected failure on rank {rank} at step 5" in done.stdout + done.stderr
     assert not (tmp_path / "run" / "summary.json").exists()  # a failed run does not look finished

@@ -224,7 +224,7 @@ def test_a_file_system_without_locks_still_fetches(tmp_path: Path, monkeypatch, 
     assert "cannot lock it (No locks available)" in caplog.text
 
 
-def test_the_target_channel_and_the_split_ratios(tmp_path: Path) -> None:
+def test_the_target_channel_and_the_split_ratios(tmp_path: Path, caplog) -> None:
     write_csv(tmp_path / "x.csv", 2000, columns=("OT", "a", "b"))
     dm = CSVSeriesDataModule(
         data_dir=str(tmp_path), file="x.csv", download=False, target="OT", lookback=24, horizon=12
@@ -232,11 +232,17 @@ def test_the_target_channel_and_the_split_ratios(tmp_path: Path) -> None:
     assert dm.task_kwargs()["target_channel"] == 0  # what the report plots and tabulates
     assert CSVSeriesDataModule(data_dir=str(tmp_path), file="x.csv", download=False, lookback=24,
                                horizon=12).task_kwargs()["target_channel"] == 2  # fmt: skip
-    # M mode too: an unknown target is refused, not replaced by the last channel in the plots
-    with pytest.raises(
-        DataError, match=r"target column 'nope' \(data.target\) not found; columns are \['OT', 'a', 'b'\]"
-    ):
-        CSVSeriesDataModule(data_dir=str(tmp_path), file="x.csv", download=False, target="nope").task_kwargs()
+    # M mode: an unknown target is named (the report's channel falls back to the last one, which
+    # used to be labelled the target silently)
+    with caplog.at_level("WARNING", logger="seqlab.data.forecasting"):
+        kwargs = CSVSeriesDataModule(
+            data_dir=str(tmp_path), file="x.csv", download=False, target="nope"
+        ).task_kwargs()
+    assert kwargs["target_channel"] == 2
+    assert (
+        "target column 'nope' (data.target) not found; columns are ['OT', 'a', 'b']; the report shows the last column, 'b'"
+        in caplog.text
+    )
     # every split needs rows: a validation share of 0 is refused when the config is built
     for ratios in ([0.6, 0.1, 0.2], [0.7, 0.3], [1.2, -0.1, -0.1], [0.8, 0, 0.2]):
         with pytest.raises(ConfigError, match=r"data.split_ratios=.*three positive shares .* add up to 1"):
@@ -247,32 +253,46 @@ def test_the_target_channel_and_the_split_ratios(tmp_path: Path) -> None:
 
 
 def test_rows_out_of_time_order_or_skipping_time(tmp_path: Path, caplog) -> None:
-    """A repeated or earlier date is refused by line; a gap in the timestamps is refused by the
-    calendar split (it counts months as rows) and reported by the ratio split."""
+    """A date before the previous row's is refused by line; a gap or a repeated time is refused by
+    the calendar split (it counts months as rows) and reported by the ratio split."""
     path = write_csv(tmp_path / "g.csv", 21 * 30 * 24)
     lines = path.read_text().splitlines()
     (tmp_path / "reversed.csv").write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
     with pytest.raises(
         DataError,
-        match=r"reversed.csv, line 3: date 2018-03-22 22:00:00 does not come after the previous row.s 2018-03-22 23:00:00",
+        match=r"reversed.csv, line 3: date 2018-03-22 22:00:00 comes before the previous row's "
+        r"2018-03-22 23:00:00; expected rows in time order, oldest first",
     ):
         read_series_csv(tmp_path / "reversed.csv")
-    (tmp_path / "repeated.csv").write_text("\n".join([*lines[:11], lines[10], *lines[11:]]) + "\n")
-    with pytest.raises(
-        DataError, match=r"repeated.csv, line 12: date 2016-07-01 09:00:00 does not come after"
-    ):
-        read_series_csv(tmp_path / "repeated.csv")
     (tmp_path / "gap.csv").write_text("\n".join([*lines[:101], *lines[149:]]) + "\n")  # 48 hours missing
-    with pytest.raises(
-        DataError,
-        match=r"skip time in 1 place\(s\), first from 2016-07-05 03:00:00 to 2016-07-07 04:00:00; fill",
-    ):
-        ett(tmp_path, file="gap.csv").setup()
-    ratio = CSVSeriesDataModule(data_dir=str(tmp_path), file="gap.csv", download=False)
-    with caplog.at_level("WARNING", logger="seqlab.data.forecasting"):
-        ratio.setup()
-    assert "skip time in 1 place(s), first from 2016-07-05 03:00:00" in caplog.text
-    ett(tmp_path, file="g.csv").setup()  # the file without the gap splits by the calendar
+    (tmp_path / "repeated.csv").write_text("\n".join([*lines[:11], lines[10], *lines[11:]]) + "\n")
+    for name, first in (("gap", "2016-07-05 03:00:00 to 2016-07-07 04:00:00"),
+                        ("repeated", "2016-07-01 09:00:00 to 2016-07-01 09:00:00")):  # fmt: skip
+        with pytest.raises(
+            DataError, match=rf"skip or repeat time in 1 place\(s\), first from {first}; fill"
+        ):
+            ett(tmp_path, file=f"{name}.csv").setup()
+        ratio = CSVSeriesDataModule(data_dir=str(tmp_path), file=f"{name}.csv", download=False)
+        with caplog.at_level("WARNING", logger="seqlab.data.forecasting"):
+            ratio.setup()
+        assert f"skip or repeat time in 1 place(s), first from {first.replace(' to ', ' to ')}" in caplog.text
+    ett(tmp_path, file="g.csv").setup()  # the file without them splits by the calendar
+
+
+def test_steps_are_calendar_steps_whatever_the_local_time_zone(ett_dir: Path, monkeypatch) -> None:
+    """Dates without a zone were read as local time: where the clocks change (Europe/Berlin,
+    ETTh1's October nights) an hour became a 2-hour step, and the calendar split refused ETTh1."""
+    import time
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        series = read_series_csv(ett_dir / "ETTh1.csv")
+        assert series.irregular() == [] and series.rows_per_day == 24
+        ett(ett_dir, lookback=96, horizon=96).setup()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_a_csv_with_a_byte_order_mark_reads_its_header(tmp_path: Path) -> None:

@@ -445,6 +445,15 @@ def test_runs_started_in_one_second_get_their_own_directories(make_cfg, tmp_path
     assert (run_dir / ".running").read_text().split() == [socket.gethostname(), str(os.getpid())]
     mark_stopped(run_dir)
     assert not (run_dir / ".running").exists()
+    # a marker that names no process yet is a claim being written: refused while fresh, replaced
+    # when old (a crash between creating and writing it)
+    (run_dir / ".running").write_text("")
+    with pytest.raises(ConfigError, match=r"is in use: another process is training there"):
+        mark_running(run_dir)
+    os.utime(run_dir / ".running", (time.time() - 60, time.time() - 60))
+    mark_running(run_dir)
+    assert (run_dir / ".running").read_text().split() == [socket.gethostname(), str(os.getpid())]
+    mark_stopped(run_dir)
 
 
 def _claim(run_dir: str, without_lock: bool, barrier, results, release) -> None:

@@ -596,6 +596,19 @@ def test_val_and_test_shares_are_of_all_training_examples(tmp_path: Path) -> Non
     for split in ("train", "val", "test"):  # and the class balance of each split is recorded
         labels = dm.datasets[split].labels
         assert meta["class_counts"][split] == [int((labels == c).sum()) for c in range(3)]
+    # a checkpoint evaluates on the test split it was trained beside: one from before this rule
+    # (no holdout_shares in its artifacts) carves a tenth of what val left, 8 texts, as then
+    artifacts = dm.artifacts()
+    for saved, test_size in (
+        (artifacts, 9),
+        ({k: v for k, v in artifacts.items() if k != "holdout_shares"}, 8),
+    ):
+        evaluated = text_dm(root, tmp_path / "cache", test_file=None, val_size=0.1, test_size=0.1)
+        evaluated.use_artifacts(saved)
+        evaluated.prepare_data()
+        evaluated.setup()
+        assert len(evaluated.datasets["test"]) == test_size
+        assert set(evaluated.texts("test")) <= set(dm.texts("test"))  # the same shuffle, cut sooner
 
 
 def test_truncated_texts_are_counted_and_reported(tmp_path: Path, caplog) -> None:

@@ -176,3 +176,26 @@ def test_the_wandb_sweep_file_drives_train_py_with_hydra_overrides(make_cfg) -> 
             assert node[key.split(".")[-1]] == value
     assert cfg.logger.wandb.mode == "online"
     assert sweep["metric"]["name"] == cfg.optimized_metric and sweep["metric"]["goal"] == "minimize"
+
+
+@pytest.mark.slow
+def test_a_failed_run_closes_its_wandb_run_as_failed(no_key, make_cfg, monkeypatch, tmp_path: Path) -> None:
+    """Lightning leaves the W&B run open; seqlab closes it with exit code 1 when the job failed
+    (the W&B page shows it failed) and 0 when it finished."""
+    import wandb
+
+    from seqlab.train import train
+
+    codes = []
+    real = wandb.finish
+    monkeypatch.setattr(
+        wandb, "finish", lambda exit_code=None, **kw: codes.append(exit_code) or real(exit_code, **kw)
+    )
+    failing = [
+        "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0", "+callbacks.fault.step=3",
+    ]  # fmt: skip
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(make_cfg("logger=wandb", "trainer.max_epochs=1", *failing))
+    assert codes == [1] and wandb.run is None
+    train(make_cfg("logger=wandb", "trainer.max_epochs=1", output="finished"))
+    assert codes == [1, 0] and wandb.run is None

@@ -69,14 +69,20 @@ def timings(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
     return times
 
 
+def float32_switches(tf32: bool) -> dict[str, Any]:
+    """The settings ``float32_matmuls`` sets, as ``environment`` records them."""
+    return {"cudnn_allow_tf32": tf32, "float32_matmul_precision": "high" if tf32 else "highest"}
+
+
 @contextmanager
 def float32_matmuls(tf32: bool) -> Iterator[None]:
     """cuDNN and matmuls both at TF32 (``tf32``) or both at full float32, restored afterwards: by
     default cuDNN (an ``nn.GRU`` baseline) may use TF32 while matmuls (a min-RNN's projections)
     do not, which favours the baseline."""
     before = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    switches = float32_switches(tf32)
+    torch.backends.cudnn.allow_tf32 = switches["cudnn_allow_tf32"]
+    torch.set_float32_matmul_precision(switches["float32_matmul_precision"])
     try:
         yield
     finally:

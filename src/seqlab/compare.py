@@ -5,13 +5,14 @@ backbones and then this) reads every job's ``summary.json`` and ``metrics.csv`` 
 the sweep directory:
 
 - ``report.md``: per backbone, parameters, the test metrics (mean and standard deviation over
-  seeds), training wall time (``fit_s``: ``trainer.fit``, validation included) and the job's
-  (``wall_s``: data preparation and test too), training samples/s and peak memory; whether the gap to the best
+  seeds), training wall time (``fit_s``: ``trainer.fit``, validation included, a resumed run's
+  earlier attempts too) and the job's (``wall_s``: this process's, data preparation and test
+  too), training samples/s and peak memory; whether the gap to the best
   backbone on the task's main metric exceeds seed noise; the plots below;
 - ``report_curves.png``: training and validation loss against the optimizer step, overlaid;
 - ``report_metric_vs_time.png``: the main test metric against training wall time, one point per job;
 - ``report_predictions.png`` (forecasting): truth and every backbone's forecast over the first
-  test windows (``tables/test_first_predictions.csv`` of each job);
+  test windows (``tables/test_first_predictions.csv`` of each job), a panel per series forecast;
 - ``report.csv``: the aggregated table;
 - ``report.html``: ``report.md`` as one self-contained page (plots embedded), to open or send.
 """

@@ -247,12 +247,12 @@ class RunStats(L.Callback):
             started = self.job_started
             self.time_to_first_step_s = round(time.time() - started, 3) if started else None
             self.flops_per_token = flops_per_token(pl_module, batch)
-            # throughput leaves out the steps up to here (compilation, autotuning, this count): the
-            # epoch's window starts again
-            settled(pl_module.device)
+            # throughput leaves out the steps up to here (compilation, autotuning, this count on
+            # the meta device, which queues no device work): the epoch's window starts again
             if self._epoch_start is not None:
                 self._epoch_start = time.perf_counter()
                 self._epoch_samples, self._epoch_tokens = 0, 0
+                self._val_seconds = 0.0  # a validation before it (val_check_interval) is outside too
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         settled(pl_module.device)

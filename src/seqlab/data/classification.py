@@ -328,11 +328,12 @@ class TextClassificationDataModule(BatchedTextDataModule):
             candidates = [i for i in order if i in maximal]
         carved: dict[str, list[int]] = {}
         total = len(candidates)  # a fraction is of all of them, for val and test alike
+        of_remaining = self.fixed is not None and self.fixed.get("holdout_shares") == "of_remaining"
         for split, size in (("val", hp.val_size), ("test", hp.test_size)):
             if raw[split] is not None:
                 continue
             pool = len(candidates)
-            count = round(size * total) if 0 < size < 1 else int(size)
+            count = round(size * (pool if of_remaining else total)) if 0 < size < 1 else int(size)
             if count < 1 or count >= pool:
                 what = "training examples" if hp.holdout == "random" else "sentences (data.holdout=sentences)"
                 raise ConfigError(
@@ -447,7 +448,12 @@ class TextClassificationDataModule(BatchedTextDataModule):
         """What a trained model depends on beyond the config: saved in its checkpoints."""
         meta = self.load_meta()
         tokenizer = (self.processed_dir / "tokenizer.json").read_text()
-        return {"tokenizer": tokenizer, "classes": meta["classes"], "class_names": self.class_names()}
+        return {
+            "tokenizer": tokenizer,
+            "classes": meta["classes"],
+            "class_names": self.class_names(),
+            "holdout_shares": "of_all",  # how a fractional val/test size was carved (cache version 3)
+        }
 
     def class_names(self) -> list[str]:
         """Display names of the classes, in class-id order: ``data.label_names`` (display only, not
@@ -468,6 +474,9 @@ class TextClassificationDataModule(BatchedTextDataModule):
     def use_artifacts(self, artifacts: dict[str, Any]) -> None:
         """Encode with a checkpoint's tokenizer and classes (``eval.py``), whatever the files now hold."""
         self.fixed = {key: artifacts[key] for key in ("tokenizer", "classes", "class_names")}
+        # a checkpoint from before cache version 3 carved a fractional test_size from what val
+        # left: its test split is carved as it was, or it would hold some of its training texts
+        self.fixed["holdout_shares"] = artifacts.get("holdout_shares", "of_remaining")
         self.meta = None
         self.datasets = {}
         self._processed_dir = None  # another cache entry

@@ -166,14 +166,14 @@ class SeriesDataModule(L.LightningDataModule):
             per_day = series.rows_per_day
             if per_day is None:
                 raise DataError(f"{self.source}: data.split=calendar needs timestamps; use data.split=ratio")
-            gaps = series.gaps()
-            if gaps:  # months are counted as rows: each missing row moves the borders
-                first = gaps[0]
+            irregular = series.irregular()
+            if irregular:  # months are counted as rows: each missing or repeated row moves the borders
+                first = irregular[0]
                 raise DataError(
                     f"{self.source}: data.split=calendar counts {per_day:g} rows a day, but the "
-                    f"timestamps skip time in {len(gaps)} place(s), first from "
+                    f"timestamps skip or repeat time in {len(irregular)} place(s), first from "
                     f"{series.timestamps[first]} to {series.timestamps[first + 1]}; fill the missing "
-                    "rows, or use data.split=ratio"
+                    "rows and drop the repeated ones, or use data.split=ratio"
                 )
             sizes = [round(m * DAYS_PER_MONTH * per_day) for m in self.split_months]
             if sum(sizes) > rows:
@@ -194,11 +194,16 @@ class SeriesDataModule(L.LightningDataModule):
         if self._series is not None:
             return
         series = self.load_series()
-        # in M mode too: the target is the channel plotted and tabulated
-        if (self.target is not None or self.features == "S") and self.target not in series.columns:
-            raise DataError(
-                f"{self.source}: target column {self.target!r} (data.target) not found; "
-                f"columns are {series.columns}"
+        if self.target is not None and self.target not in series.columns:
+            missing = (
+                f"{self.source}: target column {self.target!r} (data.target) not found; columns are "
+                f"{series.columns}"
+            )
+            if self.features == "S":
+                raise DataError(missing)
+            # M: the target is only the channel the report plots and tabulates
+            log.warning(
+                "%s; the report shows the last column, %r (set data.target)", missing, series.columns[-1]
             )
         if self.features == "S":
             index = series.columns.index(self.target)
@@ -214,11 +219,11 @@ class SeriesDataModule(L.LightningDataModule):
             self.mean = np.zeros(train.shape[1], dtype=np.float32)
             self.std = np.ones(train.shape[1], dtype=np.float32)
         scaled = torch.from_numpy((series.values - self.mean) / self.std).float()
-        if gaps := series.gaps():
+        if irregular := series.irregular():
             log.warning(
-                "%s: the timestamps skip time in %d place(s), first from %s to %s; windows across "
-                "a gap join data from both sides",
-                self.source, len(gaps), series.timestamps[gaps[0]], series.timestamps[gaps[0] + 1],
+                "%s: the timestamps skip or repeat time in %d place(s), first from %s to %s; windows "
+                "there are not evenly spaced in time",
+                self.source, len(irregular), series.timestamps[irregular[0]], series.timestamps[irregular[0] + 1],
             )  # fmt: skip
         for name, (start, end) in zip(SPLITS, borders):
             dataset = WindowDataset(scaled[start:end], self.lookback, self.horizon)

@@ -36,8 +36,10 @@ class Series:
     timestamps: list[datetime] | None = None
 
     def steps(self) -> np.ndarray:
-        """Seconds between consecutive timestamps."""
-        return np.diff(np.array([t.timestamp() for t in self.timestamps or []], dtype=np.float64))
+        """Seconds between consecutive timestamps, by calendar arithmetic: dates without a zone are
+        not read as local time (where clocks change, an hour would be a step of 0 or 2 hours)."""
+        stamps = self.timestamps or []
+        return np.array([(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])], dtype=np.float64)
 
     @property
     def rows_per_day(self) -> float | None:
@@ -47,14 +49,14 @@ class Series:
         step = float(np.median(self.steps()))
         return 86400.0 / step if step > 0 else None
 
-    def gaps(self) -> list[int]:
-        """Rows ``i`` after which the series skips time: the step to row ``i + 1`` is more than 1.5
-        times the usual (median) step, so rows are missing there (a monthly series' 28-31 days
-        are one step)."""
+    def irregular(self) -> list[int]:
+        """Rows ``i`` after which the series skips time (the step to row ``i + 1`` is more than 1.5
+        times the usual, median, step: rows are missing there; a monthly series' 28-31 days are
+        one step) or repeats it (a step of 0)."""
         if not self.timestamps or len(self.timestamps) < 3:
             return []
         steps = self.steps()
-        return [int(i) for i in np.flatnonzero(steps > 1.5 * np.median(steps))]
+        return [int(i) for i in np.flatnonzero((steps > 1.5 * np.median(steps)) | (steps == 0))]
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -153,10 +155,17 @@ def read_series_csv(
                 rows.append(values)
                 if date_idx is not None:
                     stamp = parse_date(row[date_idx].strip(), path, line_no, date_format)
-                    if stamps and stamp <= stamps[-1]:  # windows and splits assume time order
+                    try:  # splits take the earliest rows for training: the file must be in time order
+                        earlier = bool(stamps) and stamp < stamps[-1]
+                    except TypeError:  # one with a UTC offset, one without
                         raise DataError(
-                            f"{path}, line {line_no}: date {stamp} does not come after the previous "
-                            f"row's {stamps[-1]}; expected rows in time order, each time once"
+                            f"{path}, line {line_no}: date {stamp} and the previous row's {stamps[-1]}: "
+                            "expected every date with a UTC offset or none without"
+                        ) from None
+                    if earlier:
+                        raise DataError(
+                            f"{path}, line {line_no}: date {stamp} comes before the previous row's "
+                            f"{stamps[-1]}; expected rows in time order, oldest first"
                         )
                     stamps.append(stamp)
         except UnicodeDecodeError as err:

@@ -37,6 +37,15 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
 
 def current_umask() -> int:
+    """The process's umask: read from ``/proc`` where there is one (setting it to read it, the
+    fallback, leaves a moment in which another thread's new files get mode 0666)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)  # read by setting: put straight back
     os.umask(mask)
     return mask

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,24 +78,35 @@ def is_interrupted(run_dir: Path) -> bool:
     )
 
 
+#: a marker that does not name a process yet is a claim being written for this long
+CLAIM_SECONDS = 10.0
+
+
 def mark_running(run_dir: Path) -> None:
     """``<run>/.running``: this host and process, while the run trains (rank 0 writes it). Claimed
     under a lock on the directory: of two processes of this host that chose one directory at
     once, one trains there and the other is refused (a marker whose process is gone is replaced;
-    a marker of another host counts as gone, as for a requeued job)."""
+    a marker of another host counts as gone, as for a requeued job). Without the lock (a file
+    system that refuses ``flock``) two processes that find a stale marker at the same moment may
+    both replace it; from an empty directory, one claims it."""
     with directory_lock(run_dir, "claiming it"):
         marker = run_dir / RUNNING
         try:  # read once: what decides is what this process found
-            found = marker.read_text()
+            found, written = marker.read_text(), marker.stat().st_mtime
         except FileNotFoundError:
             found = None
-        except OSError:
-            found = ""
+        except OSError as error:
+            raise ConfigError(
+                f"{marker}: cannot read it ({error.strerror}); is another user training there?"
+            ) from None
         if found is not None:
             try:
                 live = marker_process(found)
-            except ValueError:  # being written by a process that has just claimed it (no lock)
-                raise in_use(run_dir, None) from None
+            except ValueError:  # not "<host> <pid>": being written by a process that has just
+                # claimed it (where there is no lock), or left half-written by a crash long ago
+                if time.time() - written < CLAIM_SECONDS:
+                    raise in_use(run_dir, None) from None
+                live = None
             if live is not None:
                 raise in_use(run_dir, live)
             marker.unlink(missing_ok=True)  # its process is gone, or it is this process's own
