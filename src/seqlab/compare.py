@@ -287,6 +287,17 @@ def write_html(markdown: Path, path: Path, title: str) -> Path:
     return path
 
 
+def failed_jobs(sweep_dir: Path) -> list[str]:
+    """A markdown line per job of the sweep that failed (its ``error.txt``), with its overrides."""
+    from seqlab.utils.hydra_callbacks import ERROR_FILE, job_overrides
+
+    lines = []
+    for error in sorted(sweep_dir.glob(f"*/{ERROR_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        first = (error.read_text().strip().splitlines() or ["(no message)"])[0]
+        lines.append(f"- job {error.parent.name} (`{job_overrides(error.parent)}`): {first}")
+    return lines
+
+
 def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
     """Write the report of ``sweep_dir``; returns the path of ``report.md``. With ``wandb_init``
     (``project``, ``group``, ``mode``...), the table and plots also go to W&B."""
@@ -316,6 +327,9 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
         markdown_table(rows, columns),
         "",
     ]
+    failed = failed_jobs(sweep_dir)
+    if failed:
+        lines += [f"Failed jobs, not in the table ({len(failed)}):", "", *failed, ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
     report = sweep_dir / "report.md"
     write_text_atomic(report, "\n".join(lines) + "\n")

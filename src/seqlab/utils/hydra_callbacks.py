@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
 import logging
 from pathlib import Path
@@ -114,16 +115,32 @@ class SweepSummary(Callback):
 
 class CompareReport(Callback):
     """After a multirun, write the comparison report (seqlab.compare) into the sweep directory
-    (the ``experiment=compare_*`` configs enable it)."""
+    (the ``experiment=compare_*`` configs enable it). Also when a job failed: Hydra then ends the
+    sweep with the job's error and never calls ``on_multirun_end``, so the report is written as
+    the process exits (of the jobs that finished, the failed ones listed; not sent to W&B, whose
+    own exit handlers have run by then)."""
+
+    def __init__(self) -> None:
+        self.reported = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.reported = False
+        atexit.register(self.report, config, False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.report(config)
+
+    def report(self, config: DictConfig, to_wandb: bool = True) -> None:
         from seqlab.compare import compare
         from seqlab.errors import SeqlabError
 
+        if self.reported:
+            return
+        self.reported = True
         sweep_dir = Path(config.hydra.sweep.dir)
         wandb_cfg = (config.get("logger") or {}).get("wandb")
         wandb_init = None
-        if wandb_cfg:  # the same table and plots, in the sweep's W&B group
+        if wandb_cfg and to_wandb:  # the same table and plots, in the sweep's W&B group
             wandb_init = {
                 "project": wandb_cfg.get("project"),
                 "entity": wandb_cfg.get("entity"),
