@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
+import itertools
 import logging
 import math
 import shutil
@@ -39,7 +40,7 @@ class Series:
         """Seconds between consecutive timestamps, by calendar arithmetic: dates without a zone are
         not read as local time (where clocks change, an hour would be a step of 0 or 2 hours)."""
         stamps = self.timestamps or []
-        return np.array([(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])], dtype=np.float64)
+        return np.array([(b - a).total_seconds() for a, b in itertools.pairwise(stamps)], dtype=np.float64)
 
     @property
     def rows_per_day(self) -> float | None:
