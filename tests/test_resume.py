@@ -319,7 +319,7 @@ def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(make_cfg) -> N
     first, _ = train(cfg)
     checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
     ended = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ended["epoch"] == 1
+    assert ended["global_step"] == 100  # where it stopped, after its second epoch (not the first's best)
     (Path(cfg.paths.output_dir) / "summary.json").unlink()  # as if stopped during the test
     assert run(make_cfg(*stops)) == pytest.approx(first["val/mse_best"])
     resumed = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
@@ -509,3 +509,33 @@ def test_a_run_refused_while_it_is_set_up_leaves_no_marker(make_cfg, tmp_path: P
     with pytest.raises(ConfigError, match=r"data\.split_ratios"):
         train(cfg)
     assert (tmp_path / "run" / "config.yaml").is_file() and not (tmp_path / "run" / ".running").exists()
+
+
+def test_last_checkpoint_is_the_newest_state_whether_or_not_the_epoch_improved(
+    make_cfg, tmp_path: Path
+) -> None:
+    """Lightning 2.6 writes ``save_last`` only with a new best: an epoch that did not improve left
+    last.ckpt at the last improving epoch (a killed run lost the epochs since). The step
+    checkpoint wrote last-v1.ckpt beside a last.ckpt it had not written (resume=auto reads
+    last.ckpt only)."""
+    cfg = make_cfg("task.optimizer.lr=0", "trainer.max_epochs=3", "callbacks.early_stopping=null")
+    train(cfg)  # a learning rate of 0: no epoch after the first improves
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 150
+    assert torch.load(checkpoints / "best.ckpt", map_location="cpu", weights_only=True)["global_step"] == 50
+    # 50 steps an epoch, a step checkpoint every 60: stopped at 75, the newest is step 60's
+    stopped = [
+        "callbacks.step_checkpoint.every_n_train_steps=60", "trainer.max_epochs=3", "callbacks.early_stopping=null",
+        "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0", "+callbacks.fault.step=75",
+    ]  # fmt: skip
+    cfg = make_cfg(*stopped, output="stopped")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(cfg)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("last*")) == ["last.ckpt"]
+    assert (
+        torch.load(newest_checkpoint(checkpoints.parent), map_location="cpu", weights_only=True)[
+            "global_step"
+        ]
+        == 60
+    )

@@ -1,6 +1,6 @@
 from seqlab.callbacks.divergence import DivergenceGuard, TrainingDiverged
 from seqlab.callbacks.progress import RichProgressBar
-from seqlab.callbacks.resume import ExactResume, SaveOnSigterm
+from seqlab.callbacks.resume import ExactResume, LastCheckpoint, SaveOnSigterm
 from seqlab.callbacks.run_stats import RunStats
 
 __all__ = [

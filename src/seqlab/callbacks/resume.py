@@ -8,6 +8,8 @@ uninterrupted one, and the checkpoint a pre-empted run leaves behind.
   Lightning skips when ``configure_optimizers`` asked for ``trainer.estimated_stepping_batches``
   (that sets the data up before the checkpoint is restored, and the later set-up returns early:
   Lightning #20550, open in 2.6). A run that early stopping ended stays ended when resumed.
+- ``LastCheckpoint``: ``last.ckpt`` at every epoch's end (Lightning 2.6 writes it only with a new
+  best).
 - ``SaveOnSigterm``: on SIGTERM (a pre-emption, ``kill``, a scheduler's time limit) Lightning
   stops after the current step; this saves ``last.ckpt`` there, so the same command resumes
   (``resume=auto``) without losing the steps since the last periodic checkpoint.
@@ -21,6 +23,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -96,6 +99,29 @@ def early_stopped(callback: L.Callback) -> bool:
     """Whether an ``EarlyStopping`` callback (or the one restored from a checkpoint) stopped its run."""
     reason = getattr(callback, "stopping_reason", None)  # absent in older Lightning
     return reason is not None and reason.name != "NOT_STOPPED"
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` at the end of every epoch, after its validation (where Lightning's own
+    ``save_last`` wrote it), whether or not the monitored metric improved: Lightning 2.6 writes
+    ``last`` only alongside a top-k checkpoint, so a killed run resumed from its last improving
+    epoch, and a run that early stopping ended never had its stopped state saved. Overwritten in
+    place (no ``last-v1.ckpt``, which ``resume=auto`` would not find)."""
+
+    def __init__(self, dirpath: str, **kwargs: Any) -> None:
+        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, enable_version_counter=False, **kwargs)
+
+    def _save_last_now(self, trainer: L.Trainer) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._should_save_on_train_epoch_end(trainer):  # an epoch without validation
+            self._save_last_now(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_now(trainer)
 
 
 class SaveOnSigterm(L.Callback):
