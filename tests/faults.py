@@ -71,3 +71,19 @@ class RecordValidationRows(L.Callback):
         rows = int((batch["index"] < pl_module.hparams.val_bleu_samples).sum())
         with self.path.open("a") as handle:
             handle.write(f"{trainer.global_rank} {batch_idx} {rows}\n")
+
+
+class SigtermInValidation(L.Callback):
+    """SIGTERM after the first batch of the first validation of epoch ``epoch`` (not the sanity
+    check), once (``once``: a file, as ``FailOnRank``'s)."""
+
+    def __init__(self, epoch: int, once: str) -> None:
+        self.epoch, self.once = epoch, once
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if trainer.sanity_checking or trainer.current_epoch != self.epoch or Path(self.once).exists():
+            return
+        Path(self.once).write_text(f"fired at step {trainer.global_step}\n")
+        os.kill(os.getpid(), signal.SIGTERM)

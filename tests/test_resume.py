@@ -109,6 +109,28 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> 
         assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
+def test_sigterm_during_validation_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    """A checkpoint taken between validation batches counted the epoch as trained and its
+    validation as never due: every resume then failed (early stopping's metric never logged).
+    None is taken there; the same command resumes from the step checkpoint before it."""
+    reference = tmp_path / "reference"
+    assert run_script("train.py", *EVERY_7_STEPS, f"hydra.run.dir={reference}").returncode == 0
+    run_dir = tmp_path / "run"
+    command = [
+        "train.py", *EVERY_7_STEPS, f"hydra.run.dir={run_dir}",
+        "+callbacks.fault._target_=tests.faults.SigtermInValidation", "+callbacks.fault.epoch=0",
+        f"+callbacks.fault.once={tmp_path / 'fired'}",
+    ]  # fmt: skip
+    first = run_script(*command)
+    assert first.returncode == 143, first.stderr[-3000:]
+    assert "SIGTERM during validation at step 50" in first.stdout + first.stderr
+    assert torch.load(newest_checkpoint(run_dir), map_location="cpu", weights_only=True)["global_step"] == 49
+    again = run_script(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_run(run_dir, reference)
+
+
 def test_a_run_directory_is_resumed_only_by_its_own_configuration(make_cfg, tmp_path: Path) -> None:
     """A crashed run's directory refuses another configuration (naming the keys) and a finished
     run refuses any; nothing in the directory changes. The same configuration resumes it."""

@@ -6,6 +6,7 @@ from seqlab.callbacks.run_stats import RunStats
 __all__ = [
     "DivergenceGuard",
     "ExactResume",
+    "LastCheckpoint",
     "RichProgressBar",
     "RunStats",
     "SaveOnSigterm",

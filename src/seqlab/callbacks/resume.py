@@ -109,7 +109,9 @@ class LastCheckpoint(ModelCheckpoint):
     place (no ``last-v1.ckpt``, which ``resume=auto`` would not find)."""
 
     def __init__(self, dirpath: str, **kwargs: Any) -> None:
-        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, enable_version_counter=False, **kwargs)
+        super().__init__(
+            dirpath=dirpath, save_top_k=0, save_last=True, enable_version_counter=False, **kwargs
+        )
 
     def _save_last_now(self, trainer: L.Trainer) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
@@ -125,7 +127,8 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class SaveOnSigterm(L.Callback):
-    """Write ``<checkpoint dir>/last.ckpt`` when training stops on SIGTERM. Only while fitting:
+    """Write ``<checkpoint dir>/last.ckpt`` when training stops on SIGTERM; not during a validation
+    (resumed from there, it would be skipped). Only while fitting:
     during ``trainer.test`` (after fit) the model holds the best checkpoint's weights, not where
     training stopped, and ``last.ckpt`` from the end of fit is the right place to resume (fit is
     then over at once, whether it ran to ``max_epochs`` or early stopping ended it), and the test
@@ -135,6 +138,17 @@ class SaveOnSigterm(L.Callback):
         if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:
             return
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        if trainer.validating:
+            # a checkpoint taken between validation batches counts the epoch as trained and its
+            # validation as never due: the resumed run would skip it (early stopping then fails
+            # on a metric never logged, the best checkpoint misses the epoch); the newest
+            # checkpoint before it is where the same command resumes, consistently
+            log.warning(
+                "SIGTERM during validation at step %d: no checkpoint taken there; the same command "
+                "resumes from the newest one before it",
+                trainer.global_step,
+            )
             return
         directory = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
         path = Path(directory) / "last.ckpt"
