@@ -88,6 +88,11 @@ def test_sampled_values_become_the_overrides_hydra_reads_back() -> None:
         assert override.value() == value, (value, override_value(value))
     choices = distribution(parser.parse_override("model.scan=null,blocked")).choices
     assert None in choices  # sampled as None, written back as null
+    # a quoted value is its text (Hydra's QuotedString could not be stored: a TypeError)
+    for line in ("data.text_column='the review',text", "data.text_column=choice('the review',text)"):
+        spaced = distribution(parser.parse_override(line))
+        assert spaced.choices == ("the review", "text")
+        assert parser.parse_override(f"k={override_value(spaced.choices[0])}").value() == "the review"
 
 
 @pytest.mark.parametrize(
@@ -136,3 +141,16 @@ def test_a_trial_without_a_usable_objective_fails_with_the_reason() -> None:
     assert objective_value(job(float("-inf"))) == (None, "the objective is -inf (diverged)")
     assert objective_value(job(None)) == (None, "the job returned no objective (set optimized_metric)")
     assert objective_value(job("x")) == (None, "the job returned 'x', not a number")
+
+
+def test_a_new_study_in_a_sweep_directory_numbers_its_jobs_after_the_old_ones(tmp_path: Path) -> None:
+    """The refusal of a stored study of another search suggests a new study_name: in the same
+    sweep directory its trials ran in the old study's job directories 0, 1 ... and every one
+    was refused there (a finished run)."""
+    from hydra_plugins.seqlab_optuna_sweeper.optuna_sweeper import first_free_job
+
+    assert first_free_job(tmp_path / "missing", 0) == 0
+    for name in ("0", "1", "10", "wandb", "optuna.db"):
+        (tmp_path / name).mkdir()
+    assert first_free_job(tmp_path, 0) == 11  # a new study there
+    assert first_free_job(tmp_path, 14) == 14  # a resumed one whose trials ran further

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, QuotedString, RangeSweep
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
 from hydra.plugins.sweeper import Sweeper
@@ -38,6 +38,19 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "optimization_results.yaml"
+
+
+def first_free_job(sweep_dir: Path, trials: int) -> int:
+    """The first job number to launch: after the study's trials (a resumed search writes new job
+    directories) and after every job directory already in ``sweep_dir`` (a new study there, as the
+    stored-study refusal suggests, would otherwise run its trials in the old study's finished job
+    directories, which refuse them)."""
+    taken = (
+        [int(p.name) for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        if sweep_dir.is_dir()
+        else []
+    )
+    return max([trials, *(number + 1 for number in taken)])
 
 
 class SweepError(ValueError):
@@ -59,7 +72,11 @@ def _distribution(override: Override) -> Any:
 
     value = override.value()
     if isinstance(value, ChoiceSweep) or override.is_choice_sweep():
-        choices = list(override.sweep_iterator(transformer=lambda x: x))
+        # quoted values ('a b',c) arrive as Hydra's QuotedString: the text is the value
+        choices = [
+            v.text if isinstance(v, QuotedString) else v
+            for v in override.sweep_iterator(transformer=lambda x: x)
+        ]
         return optuna.distributions.CategoricalDistribution(choices)
     if isinstance(value, RangeSweep):
         start, stop, step = value.start, value.stop, value.step
@@ -256,7 +273,7 @@ class OptunaSweeper(Sweeper):
             trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
             return sum(1 for t in trials if not t.user_attrs.get("interrupted"))
 
-        job_index = len(study.trials)  # a resumed search writes new job directories
+        job_index = first_free_job(sweep_dir, len(study.trials))
         while (remaining := self.n_trials - finished()) > 0:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, remaining))]
             batch = [[*fixed, *(f"{k}={override_value(v)}" for k, v in t.params.items())] for t in trials]
