@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import lightning as L
+import torch
 
 
 class FailOnRank(L.Callback):
@@ -15,7 +16,8 @@ class FailOnRank(L.Callback):
     SIGKILL (``how=kill``, as a crash or an out-of-memory kill would) or gets SIGTERM / SIGUSR1
     (``how=term`` / ``usr1``, a pre-emption: Lightning stops at the end of the step; ``usr1_kill``:
     SLURM's warning signal, then the kill that follows a requeue) or reports a NaN training loss
-    (``how=diverge``, to the callbacks after it: a batch that diverged on that rank alone). With
+    (``how=diverge``, to the callbacks after it: a batch that diverged on that rank alone) or
+    sets a weight to NaN (``how=poison``: every later loss is NaN). With
     ``once=<file>`` it fires only if that file does not exist (and creates it), so the same
     command run again is the restart after the fault."""
 
@@ -32,6 +34,10 @@ class FailOnRank(L.Callback):
         if self.how == "diverge":
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             loss.detach().fill_(float("nan"))  # the step is done: what the callbacks after this read
+            return
+        if self.how == "poison":  # the weights become NaN: every later loss is NaN
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
             return
         signals = {"kill": [signal.SIGKILL], "term": [signal.SIGTERM], "usr1": [signal.SIGUSR1],
                    "usr1_kill": [signal.SIGUSR1, signal.SIGKILL]}  # fmt: skip

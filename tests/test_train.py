@@ -250,6 +250,24 @@ def test_throughput_leaves_out_the_steps_up_to_the_first_optimizer_step(make_cfg
     assert objects["summary"]["fit_s"] > pause  # the pause was taken
 
 
+def test_a_loss_that_turns_nan_between_two_checks_is_caught_before_validation(make_cfg) -> None:
+    """The loss is checked at logging steps (no synchronisation of its own); weights that became
+    NaN at step 45 of a 50-step epoch reached the validation, whose NaN early stopping took as a
+    reason to end the run normally (summary written, the sweep's trial a success)."""
+    from seqlab.callbacks import TrainingDiverged
+
+    cfg = make_cfg(
+        "trainer.log_every_n_steps=20", "trainer.max_epochs=3",
+        "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0",
+        "+callbacks.fault.step=45", "+callbacks.fault.how=poison",
+    )  # fmt: skip
+    with pytest.raises(
+        TrainingDiverged, match=r"the training loss is nan at a step of epoch 0 before step 50"
+    ):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "summary.json").exists()
+
+
 def test_same_seed_and_config_give_bitwise_identical_results(make_cfg) -> None:
     """Reproducibility on CPU: every metric (losses, validation, test) equal bit for bit across two
     runs; only the throughput figures (perf/*, wall-clock) differ. summary.json records what the

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from seqlab.errors import SeqlabError
 
@@ -17,7 +18,10 @@ class TrainingDiverged(SeqlabError, FloatingPointError):
 
 class DivergenceGuard(L.Callback):
     """Checks the training loss every ``every_n_steps`` optimizer steps (default: whenever
-    Lightning logs, so the check adds no device synchronisation of its own)."""
+    Lightning logs, so the check adds no device synchronisation of its own), and the epoch's
+    running loss before each validation while fitting: a loss that became NaN between two checks
+    (and the weights with it) would otherwise reach the validation, whose non-finite metric early
+    stopping takes as a reason to end the run normally."""
 
     def __init__(self, every_n_steps: int | None = None) -> None:
         self.every_n_steps = every_n_steps
@@ -27,6 +31,17 @@ class DivergenceGuard(L.Callback):
         if trainer.global_step % max(1, every):
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self.check(trainer, loss, f"at step {trainer.global_step}")
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        running = (getattr(pl_module, "_train_loss", None) or {}).get("sum")  # SeqTask's, this epoch's
+        self.check(
+            trainer, running, f"at a step of epoch {trainer.current_epoch} before step {trainer.global_step}"
+        )
+
+    def check(self, trainer: L.Trainer, loss: Any, where: str) -> None:
         if not isinstance(loss, torch.Tensor) and trainer.world_size == 1:
             return
         # a step without a loss (manual optimisation) counts as finite; every rank takes part
@@ -46,7 +61,7 @@ class DivergenceGuard(L.Callback):
             else:
                 what = str(value)
             raise TrainingDiverged(
-                f"the training loss is {what} at step {trainer.global_step} "
+                f"the training loss is {what} {where} "
                 f"(epoch {trainer.current_epoch}{lr}): "
                 "lower task.optimizer.lr, keep trainer.gradient_clip_val, or check the data"
             )
