@@ -17,15 +17,21 @@ class FailOnRank(L.Callback):
     (``how=term`` / ``usr1``, a pre-emption: Lightning stops at the end of the step; ``usr1_kill``:
     SLURM's warning signal, then the kill that follows a requeue) or reports a NaN training loss
     (``how=diverge``, to the callbacks after it: a batch that diverged on that rank alone) or
-    sets a weight to NaN (``how=poison``: every later loss is NaN). With
+    sets a weight to NaN (``how=poison``: every later loss is NaN); ``mid_window``: on a batch
+    inside a gradient-accumulation window. With
     ``once=<file>`` it fires only if that file does not exist (and creates it), so the same
     command run again is the restart after the fault."""
 
-    def __init__(self, rank: int, step: int, how: str = "raise", once: str | None = None) -> None:
-        self.rank, self.step, self.how, self.once = rank, step, how, once
+    def __init__(
+        self, rank: int, step: int, how: str = "raise", once: str | None = None, mid_window: bool = False
+    ) -> None:
+        self.rank, self.step, self.how, self.once, self.mid_window = rank, step, how, once, mid_window
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_rank != self.rank or trainer.global_step < self.step:
+            return
+        # mid_window: on a batch that ends no gradient-accumulation window
+        if self.mid_window and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
             return
         if self.once is not None:
             if Path(self.once).exists():

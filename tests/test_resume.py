@@ -131,6 +131,28 @@ def test_sigterm_during_validation_resumes_to_the_uninterrupted_result(tmp_path:
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
+def test_sigterm_while_accumulating_gradients_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    """A checkpoint taken between two optimizer steps of gradient accumulation lacks the gradients
+    accumulated so far: the resumed window stepped on part of its batches. None is taken there."""
+    accumulating = [*EVERY_7_STEPS, "trainer.accumulate_grad_batches=4"]
+    reference = tmp_path / "reference"
+    assert run_script("train.py", *accumulating, f"hydra.run.dir={reference}").returncode == 0
+    run_dir = tmp_path / "run"
+    # fires on the first micro-batch after optimizer step 10, inside the next window
+    command = [
+        "train.py", *accumulating, f"hydra.run.dir={run_dir}", *fault("term", 10, tmp_path / "fired"),
+        "+callbacks.fault.mid_window=true",
+    ]  # fmt: skip
+    first = run_script(*command)
+    assert first.returncode == 143, first.stderr[-3000:]
+    assert "SIGTERM while accumulating gradients" in first.stdout + first.stderr
+    assert torch.load(newest_checkpoint(run_dir), map_location="cpu", weights_only=True)["global_step"] == 7
+    again = run_script(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_run(run_dir, reference)
+
+
 def test_a_run_directory_is_resumed_only_by_its_own_configuration(make_cfg, tmp_path: Path) -> None:
     """A crashed run's directory refuses another configuration (naming the keys) and a finished
     run refuses any; nothing in the directory changes. The same configuration resumes it."""

@@ -128,7 +128,8 @@ class LastCheckpoint(ModelCheckpoint):
 
 class SaveOnSigterm(L.Callback):
     """Write ``<checkpoint dir>/last.ckpt`` when training stops on SIGTERM; not during a validation
-    (resumed from there, it would be skipped). Only while fitting:
+    (resumed from there, it would be skipped) nor between two optimizer steps of gradient
+    accumulation (the accumulated gradients are in no checkpoint). Only while fitting:
     during ``trainer.test`` (after fit) the model holds the best checkpoint's weights, not where
     training stopped, and ``last.ckpt`` from the end of fit is the right place to resume (fit is
     then over at once, whether it ran to ``max_epochs`` or early stopping ended it), and the test
@@ -138,6 +139,15 @@ class SaveOnSigterm(L.Callback):
         if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:
             return
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            # between two optimizer steps: the gradients accumulated so far are not in a checkpoint,
+            # so the resumed window would step on part of its batches
+            log.warning(
+                "SIGTERM while accumulating gradients (trainer.accumulate_grad_batches=%d) at step %d: "
+                "no checkpoint taken there; the same command resumes from the newest one before it",
+                trainer.accumulate_grad_batches, trainer.global_step,
+            )  # fmt: skip
             return
         if trainer.validating:
             # a checkpoint taken between validation batches counts the epoch as trained and its
