@@ -415,13 +415,21 @@ def test_an_explicit_checkpoint_never_takes_over_another_run(make_cfg, tmp_path:
 
 
 @pytest.mark.parametrize(
-    ("fn", "sanity", "saves"), [("fit", False, True), ("fit", True, False), ("test", False, False)]
+    ("fn", "sanity", "validating", "accumulating", "saves"),
+    [
+        ("fit", False, False, False, True),
+        ("fit", True, False, False, False),
+        ("test", False, False, False, False),
+        ("fit", False, True, False, False),
+        ("fit", False, False, True, False),
+    ],
 )
 def test_sigterm_saves_only_where_training_stopped(
-    tmp_path: Path, fn: str, sanity: bool, saves: bool
+    tmp_path: Path, fn: str, sanity: bool, validating: bool, accumulating: bool, saves: bool
 ) -> None:
     """During trainer.test the model holds the best checkpoint's weights: a SIGTERM there must not
-    write them over last.ckpt (the end of fit, where a resume picks up); nor during the sanity check."""
+    write them over last.ckpt (the end of fit, where a resume picks up); nor during the sanity
+    check, a validation or a gradient-accumulation window (the slow tests resume from those)."""
     from lightning.pytorch.trainer.states import TrainerFn
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -431,6 +439,9 @@ def test_sigterm_saves_only_where_training_stopped(
     trainer = SimpleNamespace(
         state=SimpleNamespace(fn=TrainerFn(fn)),
         sanity_checking=sanity,
+        validating=validating,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_should_accumulate=lambda: accumulating)),
+        accumulate_grad_batches=4,
         checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)),
         default_root_dir=str(tmp_path),
         global_step=3,
