@@ -110,6 +110,24 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_a_run_killed_after_an_epoch_resumes_from_its_end(tmp_path: Path) -> None:
+    """Killed early in epoch 1, with no step checkpoint since: the newest checkpoint is epoch 0's
+    end (early stopping on, as by default), and the run resumed from it ends as the uninterrupted
+    one (before last.ckpt was written every epoch, a non-improving epoch 0 left none)."""
+    two_epochs = [*FAST, "trainer.max_epochs=2"]
+    reference = tmp_path / "reference"
+    assert run_script("train.py", *two_epochs, f"hydra.run.dir={reference}").returncode == 0
+    run_dir = tmp_path / "run"
+    command = ["train.py", *two_epochs, f"hydra.run.dir={run_dir}", *fault("kill", 55, tmp_path / "fired")]
+    first = run_script(*command)
+    assert first.returncode == -9, first.stderr[-3000:]
+    assert torch.load(newest_checkpoint(run_dir), map_location="cpu", weights_only=True)["global_step"] == 50
+    again = run_script(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
 def test_sigterm_during_validation_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """A checkpoint taken between validation batches counted the epoch as trained and its
     validation as never due: every resume then failed (early stopping's metric never logged).

@@ -102,28 +102,26 @@ def early_stopped(callback: L.Callback) -> bool:
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` at the end of every epoch, after its validation (where Lightning's own
-    ``save_last`` wrote it), whether or not the monitored metric improved: Lightning 2.6 writes
-    ``last`` only alongside a top-k checkpoint, so a killed run resumed from its last improving
-    epoch, and a run that early stopping ended never had its stopped state saved. Overwritten in
-    place (no ``last-v1.ckpt``, which ``resume=auto`` would not find)."""
+    """``last.ckpt`` at the end of every training epoch, whether or not the monitored metric
+    improved: Lightning 2.6 writes ``save_last`` only alongside a top-k checkpoint, so a killed
+    run resumed from its last improving epoch, and a run that early stopping ended never had its
+    stopped state saved. Saved in ``on_train_epoch_end``, after the epoch's validation and after
+    early stopping's decision of that epoch (Lightning runs checkpoint callbacks last), so the
+    state holds both; also in epochs without a validation (``check_val_every_n_epoch`` > 1); and
+    always at a gradient-accumulation boundary (Lightning steps on an epoch's last batch).
+    Overwritten in place (no ``last-v1.ckpt``, which ``resume=auto`` would not find)."""
 
     def __init__(self, dirpath: str, **kwargs: Any) -> None:
         super().__init__(
             dirpath=dirpath, save_top_k=0, save_last=True, enable_version_counter=False, **kwargs
         )
 
-    def _save_last_now(self, trainer: L.Trainer) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._should_save_on_train_epoch_end(trainer):  # an epoch without validation
-            self._save_last_now(trainer)
-
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_now(trainer)
+        pass  # at the epoch's end instead (above); mid-epoch, the step checkpoint's
 
 
 class SaveOnSigterm(L.Callback):

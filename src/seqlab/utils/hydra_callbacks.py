@@ -128,6 +128,7 @@ class CompareReport(Callback):
         atexit.register(self.report, config, False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        atexit.unregister(self.report)  # the sweep ended: its report is written now
         self.report(config)
 
     def report(self, config: DictConfig, to_wandb: bool = True) -> None:
