@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import OmegaConf
 
+from seqlab.errors import ConfigError
 from seqlab.utils.files import atomic_file
 
 
@@ -45,7 +47,6 @@ def consolidate_checkpoint(path: Path, output: Path) -> Path:
     """One ``torch.load``-able file for any checkpoint: a file is returned as is; a sharded
     checkpoint directory (FSDP/FSDP2 ``torch.distributed.checkpoint`` shards, or DeepSpeed ZeRO
     partitions) is gathered into ``output`` (weights and metadata, no optimizer state)."""
-    from seqlab.errors import ConfigError
 
     if path.is_file():
         return path
@@ -74,7 +75,6 @@ def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
     positional form."""
     from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
 
-    from seqlab.errors import ConfigError
 
     if is_deepspeed_checkpoint(path):
         raise ConfigError(
@@ -122,7 +122,6 @@ def optimizer_state_by_position(state: dict[str, Any]) -> dict[str, Any]:
 def optimizer_state_by_name(state: dict[str, Any], names: list[list[str]]) -> dict[str, Any]:
     """Positional optimizer state -> keyed by parameter name, pairing the saved groups with
     ``names`` (this run's optimizer's parameter names, group by group) as torch pairs them."""
-    from seqlab.errors import ConfigError
 
     groups = state.get("param_groups", [])
     if [len(group["params"]) for group in groups] != [len(group) for group in names]:
@@ -152,7 +151,6 @@ def load_run_info(ckpt_path: Path) -> dict[str, Any]:
     """The ``seqlab`` section every seqlab checkpoint carries (task class, data config), with the
     backbone's class as ``backbone_target``; a clear ConfigError for a missing, corrupt or
     foreign file."""
-    from seqlab.errors import ConfigError
 
     if not ckpt_path.is_file():
         raise ConfigError(f"ckpt_path={str(ckpt_path)!r}: no such file")
@@ -186,10 +184,7 @@ def data_settings(info: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]
     defaults). A checkpoint that carries its tokenizer encodes as the model was trained: a
     tokenizer setting that differs is refused by name rather than written in the run's record
     and ignored."""
-    from omegaconf import OmegaConf
-
-    from seqlab.errors import ConfigError
-    from seqlab.utils.resume import flatten
+    from seqlab.utils.resume import flatten  # resume imports the strategies: not at import time
 
     saved = info["data"]
     merged = OmegaConf.to_container(OmegaConf.merge(saved, given))

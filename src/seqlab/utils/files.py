@@ -24,9 +24,8 @@ def atomic_file(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(
-            tmp, 0o666 & ~current_umask()
-        )  # mkstemp's 0600 would outlive the rename: an ordinary file's mode
+        # mkstemp's 0600 would outlive the rename: an ordinary file's mode
+        os.chmod(tmp, 0o666 & ~current_umask())
         yield Path(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
