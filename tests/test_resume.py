@@ -109,22 +109,35 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> 
         assert_same_run(run_dir, reference)
 
 
+def interrupted_and_resumed(
+    tmp_path: Path, overrides: list[str], faults: list[str], exit_code: int, saved_step: int, said: str = ""
+) -> None:
+    """A reference run, then a run with ``faults`` that ends with ``exit_code`` (saying ``said``)
+    and leaves its newest checkpoint at ``saved_step``, run again by the same command: it ends
+    bitwise equal to the reference."""
+    reference = tmp_path / "reference"
+    assert run_script("train.py", *overrides, f"hydra.run.dir={reference}").returncode == 0
+    run_dir = tmp_path / "run"
+    command = ["train.py", *overrides, f"hydra.run.dir={run_dir}", *faults]
+    first = run_script(*command)
+    assert first.returncode == exit_code, first.stderr[-3000:]
+    assert said in first.stdout + first.stderr
+    assert (
+        torch.load(newest_checkpoint(run_dir), map_location="cpu", weights_only=True)["global_step"]
+        == saved_step
+    )
+    again = run_script(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_run(run_dir, reference)
+
+
 @pytest.mark.slow
 def test_a_run_killed_after_an_epoch_resumes_from_its_end(tmp_path: Path) -> None:
     """Killed early in epoch 1, with no step checkpoint since: the newest checkpoint is epoch 0's
     end (early stopping on, as by default), and the run resumed from it ends as the uninterrupted
     one (before last.ckpt was written every epoch, a non-improving epoch 0 left none)."""
     two_epochs = [*FAST, "trainer.max_epochs=2"]
-    reference = tmp_path / "reference"
-    assert run_script("train.py", *two_epochs, f"hydra.run.dir={reference}").returncode == 0
-    run_dir = tmp_path / "run"
-    command = ["train.py", *two_epochs, f"hydra.run.dir={run_dir}", *fault("kill", 55, tmp_path / "fired")]
-    first = run_script(*command)
-    assert first.returncode == -9, first.stderr[-3000:]
-    assert torch.load(newest_checkpoint(run_dir), map_location="cpu", weights_only=True)["global_step"] == 50
-    again = run_script(*command)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert_same_run(run_dir, reference)
+    interrupted_and_resumed(tmp_path, two_epochs, fault("kill", 55, tmp_path / "fired"), -9, saved_step=50)
 
 
 @pytest.mark.slow
@@ -132,21 +145,12 @@ def test_sigterm_during_validation_resumes_to_the_uninterrupted_result(tmp_path:
     """A checkpoint taken between validation batches counted the epoch as trained and its
     validation as never due: every resume then failed (early stopping's metric never logged).
     None is taken there; the same command resumes from the step checkpoint before it."""
-    reference = tmp_path / "reference"
-    assert run_script("train.py", *EVERY_7_STEPS, f"hydra.run.dir={reference}").returncode == 0
-    run_dir = tmp_path / "run"
-    command = [
-        "train.py", *EVERY_7_STEPS, f"hydra.run.dir={run_dir}",
+    faults = [
         "+callbacks.fault._target_=tests.faults.SigtermInValidation", "+callbacks.fault.epoch=0",
         f"+callbacks.fault.once={tmp_path / 'fired'}",
     ]  # fmt: skip
-    first = run_script(*command)
-    assert first.returncode == 143, first.stderr[-3000:]
-    assert "SIGTERM during validation at step 50" in first.stdout + first.stderr
-    assert torch.load(newest_checkpoint(run_dir), map_location="cpu", weights_only=True)["global_step"] == 49
-    again = run_script(*command)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert_same_run(run_dir, reference)
+    said = "SIGTERM during validation at step 50"
+    interrupted_and_resumed(tmp_path, EVERY_7_STEPS, faults, 143, saved_step=49, said=said)
 
 
 @pytest.mark.slow
@@ -154,21 +158,10 @@ def test_sigterm_while_accumulating_gradients_resumes_to_the_uninterrupted_resul
     """A checkpoint taken between two optimizer steps of gradient accumulation lacks the gradients
     accumulated so far: the resumed window stepped on part of its batches. None is taken there."""
     accumulating = [*EVERY_7_STEPS, "trainer.accumulate_grad_batches=4"]
-    reference = tmp_path / "reference"
-    assert run_script("train.py", *accumulating, f"hydra.run.dir={reference}").returncode == 0
-    run_dir = tmp_path / "run"
     # fires on the first micro-batch after optimizer step 10, inside the next window
-    command = [
-        "train.py", *accumulating, f"hydra.run.dir={run_dir}", *fault("term", 10, tmp_path / "fired"),
-        "+callbacks.fault.mid_window=true",
-    ]  # fmt: skip
-    first = run_script(*command)
-    assert first.returncode == 143, first.stderr[-3000:]
-    assert "SIGTERM while accumulating gradients" in first.stdout + first.stderr
-    assert torch.load(newest_checkpoint(run_dir), map_location="cpu", weights_only=True)["global_step"] == 7
-    again = run_script(*command)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert_same_run(run_dir, reference)
+    faults = [*fault("term", 10, tmp_path / "fired"), "+callbacks.fault.mid_window=true"]
+    said = "SIGTERM while accumulating gradients"
+    interrupted_and_resumed(tmp_path, accumulating, faults, 143, saved_step=7, said=said)
 
 
 def test_a_run_directory_is_resumed_only_by_its_own_configuration(make_cfg, tmp_path: Path) -> None:
