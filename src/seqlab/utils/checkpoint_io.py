@@ -75,7 +75,6 @@ def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
     positional form."""
     from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
 
-
     if is_deepspeed_checkpoint(path):
         raise ConfigError(
             f"ckpt_path={str(path)!r} is a DeepSpeed ZeRO checkpoint: training resumes from it under "
