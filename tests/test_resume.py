@@ -154,6 +154,30 @@ def test_sigterm_during_validation_resumes_to_the_uninterrupted_result(tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("settings", "validated_at", "saved_step"),
+    [(["callbacks.step_checkpoint.every_n_train_steps=10"], 50, 40),
+     (["callbacks.step_checkpoint.every_n_train_steps=5", "+trainer.val_check_interval=25"], 25, 20)],
+    ids=["epoch-end", "mid-epoch-validation"],
+)  # fmt: skip
+def test_no_step_checkpoint_where_an_epoch_ends_or_a_validation_follows(
+    tmp_path: Path, settings: list[str], validated_at: int, saved_step: int
+) -> None:
+    """A step checkpoint on an epoch's last batch (50 a epoch) or on a batch a validation follows
+    was taken before them, and the run resumed from it skipped both (the scheduler's epoch step,
+    the validation): it ended elsewhere. None is taken there; a run stopped in that validation
+    resumes from the step checkpoint before it."""
+    overrides = [*FAST, "trainer.max_epochs=2", "callbacks.step_checkpoint.train_time_interval=null"]
+    overrides += settings
+    faults = [
+        "+callbacks.fault._target_=tests.faults.SigtermInValidation", "+callbacks.fault.epoch=0",
+        f"+callbacks.fault.once={tmp_path / 'fired'}",
+    ]  # fmt: skip
+    said = f"SIGTERM during validation at step {validated_at}"
+    interrupted_and_resumed(tmp_path, overrides, faults, 143, saved_step=saved_step, said=said)
+
+
+@pytest.mark.slow
 def test_sigterm_while_accumulating_gradients_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """A checkpoint taken between two optimizer steps of gradient accumulation lacks the gradients
     accumulated so far: the resumed window stepped on part of its batches. None is taken there."""

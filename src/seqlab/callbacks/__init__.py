@@ -1,6 +1,6 @@
 from seqlab.callbacks.divergence import DivergenceGuard, TrainingDiverged
 from seqlab.callbacks.progress import RichProgressBar
-from seqlab.callbacks.resume import ExactResume, LastCheckpoint, SaveOnSigterm
+from seqlab.callbacks.resume import ExactResume, LastCheckpoint, SaveOnSigterm, StepCheckpoint
 from seqlab.callbacks.run_stats import RunStats
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "RichProgressBar",
     "RunStats",
     "SaveOnSigterm",
+    "StepCheckpoint",
     "TrainingDiverged",
 ]

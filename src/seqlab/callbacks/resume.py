@@ -10,6 +10,8 @@ uninterrupted one, and the checkpoint a pre-empted run leaves behind.
   Lightning #20550, open in 2.6). A run that early stopping ended stays ended when resumed.
 - ``LastCheckpoint``: ``last.ckpt`` at every epoch's end (Lightning 2.6 writes it only with a new
   best).
+- ``StepCheckpoint``: ``last.ckpt`` every N optimizer steps within an epoch, but not on a batch
+  after which the epoch ends or a validation runs (resumed from there, Lightning 2.6 skips them).
 - ``SaveOnSigterm``: on SIGTERM (a pre-emption, ``kill``, a scheduler's time limit) Lightning
   stops after the current step; this saves ``last.ckpt`` there, so the same command resumes
   (``resume=auto``) without losing the steps since the last periodic checkpoint.
@@ -122,6 +124,31 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass  # at the epoch's end instead (above); mid-epoch, the step checkpoint's
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint(every_n_train_steps=N)`` (or ``train_time_interval``) that takes no
+    checkpoint on a batch after which the epoch ends or a validation runs. Lightning 2.6 saves
+    those in ``on_train_batch_end``, before the epoch's end and the validation, and a run resumed
+    from one skips both: its scheduler's epoch step, the validation (the best checkpoint, early
+    stopping's count) and the epoch-end hooks never happen, and it ends elsewhere than the
+    uninterrupted run. The epoch's end has ``LastCheckpoint``'s, taken after them; a run killed
+    during such a validation resumes from the step checkpoint before it."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if before_epoch_end_or_validation(trainer, batch_idx):
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def before_epoch_end_or_validation(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the training batch that just ended is its epoch's last or is followed by a validation
+    (``val_check_interval``); Lightning's own decision, which it takes right after this hook."""
+    loop = trainer.fit_loop.epoch_loop
+    if batch_idx + 1 >= trainer.num_training_batches or loop.batch_progress.is_last_batch:
+        return True
+    fetcher = trainer.fit_loop._data_fetcher
+    return fetcher is not None and loop._should_check_val_fx(fetcher)
 
 
 class SaveOnSigterm(L.Callback):
