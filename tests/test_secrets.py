@@ -39,6 +39,28 @@ def test_credential_keys_are_redacted_and_ordinary_keys_kept(monkeypatch) -> Non
         redact_text(f"python train.py hf_token={FAKE_TOKEN} model=gru")
         == f"python train.py hf_token={REDACTED} model=gru"
     )
+    # a URL's password (an Optuna storage), not its user, host or port
+    assert (
+        redact_text("storage=postgresql+psycopg2://bob:pa55word@db.example:5432/optuna, http://host:8080/x")
+        == f"storage=postgresql+psycopg2://bob:{REDACTED}@db.example:5432/optuna, http://host:8080/x"
+    )
+
+
+def test_log_records_are_redacted(monkeypatch) -> None:
+    import logging
+
+    from seqlab.utils.secrets import RedactFilter
+
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_WANDB_KEY)
+    record = logging.LogRecord(
+        "x", logging.INFO, __file__, 1, "#%d : %s", (0, ["logger.wandb.api_key=abc123"]), None
+    )
+    assert RedactFilter().filter(record)
+    assert record.getMessage() == f"#0 : ['logger.wandb.api_key={REDACTED}']"
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "key %s", (FAKE_WANDB_KEY,), None)
+    assert RedactFilter().filter(record) and record.getMessage() == f"key {REDACTED}"
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "step %d of %d", (3, 10), None)
+    assert RedactFilter().filter(record) and (record.msg, record.args) == ("step %d of %d", (3, 10))
 
 
 @pytest.mark.slow
@@ -92,9 +114,11 @@ def test_no_secret_in_a_refused_run_or_a_sweep(tmp_path: Path) -> None:
         "model.nhead=3,4",
         f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
-    # the printed config tree (Hydra's own log lines repeat the command line's overrides: keep
-    # credentials in the environment, as the README says)
-    assert f"api_key: {LITERAL}" not in done.stdout and f"api_key: '{REDACTED}'" in done.stdout
+    # the printed config tree, and Hydra's own lines that repeat each job's overrides (its first
+    # job's through Hydra's log config, the next through the first job's)
+    assert LITERAL not in done.stdout + done.stderr and f"api_key: '{REDACTED}'" in done.stdout
+    assert "model.nhead=3" in done.stdout and "model.nhead=4" in done.stdout
+    assert f"+extras.api_key={REDACTED} model.nhead=4" in done.stdout
     files = [p for root in (tmp_path / "refused", sweep) for p in root.rglob("*") if p.is_file()]
     assert {"overrides.yaml", "multirun.yaml", "sweep_summary.csv"} <= {p.name for p in files}
     leaks = [str(p.relative_to(tmp_path)) for p in files if LITERAL.encode() in p.read_bytes()]

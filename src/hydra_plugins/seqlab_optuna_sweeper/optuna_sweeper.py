@@ -123,10 +123,12 @@ def override_value(value: Any) -> str:
 
 def objective_value(result: JobReturn) -> tuple[float | None, str | None]:
     """(value, None) for a usable objective, else (None, why the trial failed)."""
-    try:
-        value = result.return_value  # re-raises the job's exception
-    except Exception as error:
+    from seqlab.utils.hydra_callbacks import job_error
+
+    error = job_error(result)
+    if error is not None:
         return None, f"{type(error).__name__}: {error}"
+    value = result.return_value
     if value is None:
         return None, "the job returned no objective (set optimized_metric)"
     try:

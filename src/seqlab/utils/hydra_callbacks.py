@@ -71,10 +71,19 @@ def write_sweep_table(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def job_error(job_return: JobReturn) -> BaseException | None:
+    """The exception a failed job raised (``JobReturn.return_value`` re-raises it, after writing
+    the job's overrides to stderr itself)."""
+    error = job_return._return_value
+    return error if job_return.status == JobStatus.FAILED and isinstance(error, BaseException) else None
+
+
 class ScrubSecrets(Callback):
     """Hydra writes the config, its own and the overrides into ``<job>/.hydra`` (and a sweep's into
     ``multirun.yaml``) before the job starts, credentials included: they are redacted as the job
-    starts, so a run refused before it trains (a missing GPU, a bad checkpoint) leaves none."""
+    starts, so a run refused before it trains (a missing GPU, a bad checkpoint) leaves none. A
+    failed job's overrides are redacted as it ends: Hydra writes them to stderr with its error
+    (its log lines are redacted by configs/hydra's log filters)."""
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         hydra = config.hydra
@@ -86,6 +95,10 @@ class ScrubSecrets(Callback):
         except Exception as error:
             log.warning("credentials not redacted in Hydra's config copies: %s", error)
 
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if job_return.overrides is not None:
+            job_return.overrides = [redact_text(str(o)) for o in job_return.overrides]
+
 
 class SweepSummary(Callback):
     """Tabulate every job of a multirun in the sweep directory: updated after each job (so a
@@ -96,11 +109,9 @@ class SweepSummary(Callback):
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         job_dir = Path(config.hydra.runtime.output_dir)
-        if job_return.status == JobStatus.FAILED:
-            try:
-                _ = job_return.return_value  # re-raises the job's exception
-            except Exception as error:
-                write_text_atomic(job_dir / ERROR_FILE, f"{type(error).__name__}: {error}\n")
+        error = job_error(job_return)
+        if error is not None:
+            write_text_atomic(job_dir / ERROR_FILE, f"{type(error).__name__}: {error}\n")
         write_sweep_table(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

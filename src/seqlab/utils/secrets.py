@@ -1,12 +1,14 @@
 """Keep credentials out of what a run writes (configs, overrides, the command line, logged
 hyperparameters, summary.json and Hydra's own ``.hydra`` copies).
 
-Two rules: a config key that names a credential (``api_key``, ``access_key``, ``token``,
+Three rules: a config key that names a credential (``api_key``, ``access_key``, ``token``,
 ``secret``, ``password``, ``credentials``, with any prefix: ``wandb_api_key``, ``hf_token``)
-has its value replaced by ``***``; and the value of any environment variable that holds one
+has its value replaced by ``***``; the value of any environment variable that holds one
 (``*_KEY``, ``*_TOKEN``, ``*_SECRET``, ``*_PASSWORD``, e.g. ``WANDB_API_KEY``) is replaced
-wherever it appears in text. Special-token names of tokenizers (``unk_token``...) are not
-credentials.
+wherever it appears in text; and so is the password of a URL (``postgresql://user:***@host/db``,
+an Optuna storage). Special-token names of tokenizers (``unk_token``...) are not credentials.
+Log records pass through ``RedactFilter`` (the console and log files of configs/hydra), so
+Hydra's own lines that repeat a sweep's overrides do not show them either.
 
 Credentials can live in a git-ignored ``.env`` file at the project root (``WANDB_API_KEY=...``),
 read when ``seqlab`` is imported (before Hydra composes a config); variables already set in the
@@ -15,6 +17,7 @@ environment win.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -32,7 +35,9 @@ _SPECIAL_TOKENS = re.compile(r"^(?:unk|pad|bos|eos|cls|sep|mask|start|end)[_-]to
 #: an environment variable that holds a credential
 _SECRET_ENV = re.compile(r"(?:_KEY|_TOKEN|_SECRET|_PASSWORD|_PASSWD)$|API_KEY", re.IGNORECASE)
 #: ``key=value`` (a Hydra override, a command-line argument) whose key names a credential
-_ASSIGNMENT = re.compile(r"(?P<key>[\w.+~/-]+)=(?P<value>[^\s,]+)")
+_ASSIGNMENT = re.compile(r"(?P<key>[\w.+~/-]+)=(?P<value>[^\s,'\"\])}]+)")
+#: the password of a URL's user information: ``scheme://user:password@host``
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][\w+.-]*://[^\s:/@'\"]*:)(?P<password>[^\s/@'\"]+)(?=@)")
 
 
 def is_secret_key(name: Any) -> bool:
@@ -54,7 +59,20 @@ def redact_text(text: str, env_values: list[str] | None = None) -> str:
     def assignment(match: re.Match[str]) -> str:
         return f"{match['key']}={REDACTED}" if is_secret_key(match["key"]) else match[0]
 
+    text = _URL_PASSWORD.sub(lambda match: match["head"] + REDACTED, text)
     return _ASSIGNMENT.sub(assignment, text)
+
+
+class RedactFilter(logging.Filter):
+    """A log handler's filter (configs/hydra/job_logging, hydra_logging): the record's message,
+    arguments filled in, with credentials redacted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact_text(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
 
 
 def redact(value: Any, env_values: list[str] | None = None) -> Any:
