@@ -3,6 +3,7 @@ sampled values as overrides, bad bounds, a search in which nothing finished."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -154,3 +155,52 @@ def test_a_new_study_in_a_sweep_directory_numbers_its_jobs_after_the_old_ones(tm
         (tmp_path / name).mkdir()
     assert first_free_job(tmp_path, 0) == 11  # a new study there
     assert first_free_job(tmp_path, 14) == 14  # a resumed one whose trials ran further
+
+
+def test_only_trials_whose_sweeper_is_gone_count_as_interrupted(tmp_path: Path) -> None:
+    """Sweepers sharing one storage: a new one failed every RUNNING trial, the others' too (whose
+    own tell then crashed). Only a trial with no alive record, an old one, or one that names a
+    process of this host that is gone counts as interrupted."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from hydra_plugins.seqlab_optuna_sweeper.optuna_sweeper import STALE_S, Heartbeat, is_interrupted, worker
+
+    study = sweeper().create_study(tmp_path, [], space())
+    here = socket.gethostname()
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    now = time.time()
+    cases = {
+        "asked elsewhere, no record": ({}, True),
+        "another host, alive a minute ago": ({"worker": "other-host 12", "alive_at": now - 60}, False),
+        "another host, silent for long": ({"worker": "other-host 12", "alive_at": now - STALE_S - 1}, True),
+        "this host, process gone": ({"worker": f"{here} {gone.stdout.strip()}", "alive_at": now}, True),
+        "this host, process alive": ({"worker": f"{here} {os.getppid()}", "alive_at": now}, False),
+        "this sweeper": ({"worker": worker(), "alive_at": now}, False),
+    }
+    for name, (attrs, interrupted) in cases.items():
+        trial = study.ask(space())
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        stored = study._storage.get_trial(trial._trial_id)
+        assert is_interrupted(stored, now) is interrupted, name
+    # a running trial's sweeper keeps its record fresh
+    trial = study.ask(space())
+    trial.set_user_attr("alive_at", 0.0)
+    with Heartbeat(study, [trial], interval=0.05):
+        time.sleep(0.5)
+    assert time.time() - study._storage.get_trial(trial._trial_id).user_attrs["alive_at"] < 5
+
+
+def test_trials_asked_together_are_spread_out() -> None:
+    """TPE's constant liar (running trials count as bad) for n_jobs > 1, whatever Optuna's default."""
+    for n_jobs in (1, 4):
+        chosen = OptunaSweeper(
+            direction="minimize", study_name="s", storage=None, n_trials=8, n_jobs=n_jobs, sampler="tpe",
+            seed=0, n_startup_trials=2, params={},
+        )  # fmt: skip
+        assert chosen.make_sampler(0)._constant_liar is (n_jobs > 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import optuna
@@ -87,16 +88,47 @@ def test_an_interrupted_search_resumes_from_its_study(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     first = search(sweep, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_startup_trials=2")
     assert first["n_trials"] == 2
-    # a trial that was running when the search died (asked, never told)
+    # a trial that was running when the search died (asked, never told), and one that another
+    # sweeper sharing the storage is running (it recorded a minute ago that it is alive)
     storage = f"sqlite:///{sweep / 'optuna.db'}"
     optuna.load_study(study_name="forecasting", storage=storage).ask()
-    resumed = search(sweep, "hydra.sweeper.n_trials=3", "hydra.sweeper.n_startup_trials=2")
+    elsewhere = optuna.load_study(study_name="forecasting", storage=storage).ask()
+    elsewhere.set_user_attr("worker", "other-host 4242")
+    elsewhere.set_user_attr("alive_at", time.time() - 60)
+    resumed = search(sweep, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_startup_trials=2")
     assert resumed["n_trials"] == 3 and resumed["n_failed"] == 0
     study = optuna.load_study(study_name="forecasting", storage=storage)
     states = [t.state.name for t in study.trials]
-    assert states.count("COMPLETE") == 3, states  # two kept, one new: not three new
-    assert [t.user_attrs.get("interrupted") for t in study.trials if t.state.name == "FAIL"] == [True]
+    # two kept, one new (not three), the other sweeper's still running and counted
+    assert states == ["COMPLETE", "COMPLETE", "FAIL", "RUNNING", "COMPLETE"], states
+    assert study.trials[2].user_attrs.get("interrupted") is True
     # the new trial got a new job directory; the first two are untouched
     jobs = sorted(int(p.name) for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
-    assert jobs == [0, 1, 3]
+    assert jobs == [0, 1, 4]
     assert resumed["best_value"] <= first["best_value"]
+
+
+def test_overrides_hydra_cannot_compose(tmp_path: Path) -> None:
+    """A choice that never composes (a misspelt option) is refused before any trial; a sampled
+    combination that does not (gru has no nhead) fails its trial, and the search goes on (it
+    used to end the whole search)."""
+    refused = run_script(
+        "train.py", "hparams_search=forecasting_optuna", *TINY, "model=choice(transformer,lsmt)",
+        f"hydra.sweep.dir={tmp_path / 'refused'}",
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert "hydra.sweeper.params: model=lsmt cannot be composed" in refused.stdout + refused.stderr
+    assert not [p for p in (tmp_path / "refused").iterdir() if p.name.isdigit()]
+    sweep = tmp_path / "sweep"
+    results = search(
+        sweep, "model=choice(transformer,gru)", "model.nhead=choice(2,4)", "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.sampler=random", "hydra.sweeper.seed=0",
+    )  # fmt: skip
+    failed = results["failed"]
+    assert 1 <= results["n_failed"] == len(failed) < 4 and results["n_trials"] == 4
+    for entry in failed:
+        assert entry["params"]["model"] == "gru" and entry["job"] is None
+        assert entry["error"].startswith("the overrides do not compose: ") and "nhead" in entry["error"]
+    assert results["best_params"]["model"] == "transformer"
+    jobs = [p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()]
+    assert len(jobs) == 4 - len(failed)

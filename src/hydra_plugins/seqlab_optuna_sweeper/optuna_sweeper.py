@@ -14,16 +14,28 @@ directory), and told its objective, the value the task function returns (seqlab'
   the same command with the same ``hydra.sweep.dir`` resumes an interrupted search: finished trials
   are kept, a trial that was running when the search died is marked failed and a new trial takes
   its place; a stored study with other settings (direction, fixed overrides, space) is refused.
+- Several sweepers may share one storage (a database URL; each its own ``hydra.sweep.dir``):
+  ``n_trials`` counts the study's trials, theirs included. A running trial's sweeper records every
+  minute that it is alive; another sweeper takes a trial for interrupted only when that record is
+  10 minutes old, or names a process of its own host that is gone (a trial asked elsewhere, with
+  no record, counts as interrupted).
 - A trial whose job raises (an exception, out of memory) or returns a non-finite or missing
-  objective is told FAIL and the search goes on; ``optimization_results.yaml`` lists the best
-  trial and every failure. A search in which no trial finished exits with an error.
+  objective, or whose sampled overrides Hydra cannot compose with each other, is told FAIL and the
+  search goes on; ``optimization_results.yaml`` lists the best trial and every failure. A search in
+  which no trial finished exits with an error. A choice that does not compose with the fixed
+  overrides at all is refused before the first trial.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import re
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +50,58 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "optimization_results.yaml"
+#: seconds between a sweeper's records that its running trials are alive, and the age of that
+#: record after which another sweeper takes the trial for interrupted
+HEARTBEAT_S = 60.0
+STALE_S = 600.0
+
+
+def worker() -> str:
+    """This sweeper, as its trials record it: ``<host> <pid>``."""
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+def is_interrupted(trial: Any, now: float) -> bool:
+    """Whether a RUNNING trial's sweeper is gone: no alive record (asked by something else), a
+    record older than ``STALE_S``, or a process of this host that no longer runs."""
+    from seqlab.utils.resume import marker_process
+
+    attrs = trial.user_attrs
+    if "worker" not in attrs or "alive_at" not in attrs or now - float(attrs["alive_at"]) > STALE_S:
+        return True
+    host, pid = str(attrs["worker"]).split()
+    return (
+        host == socket.gethostname() and int(pid) != os.getpid() and marker_process(attrs["worker"]) is None
+    )
+
+
+class Heartbeat:
+    """Records ``alive_at`` on the running trials every ``HEARTBEAT_S`` seconds, in a thread, while
+    their jobs run (``with Heartbeat(study, trials):``)."""
+
+    def __init__(self, study: Any, trials: list[Any], interval: float = HEARTBEAT_S) -> None:
+        self.study, self.trials, self.interval = study, trials, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="optuna-heartbeat", daemon=True)
+
+    def beat(self) -> None:
+        for trial in self.trials:
+            trial.set_user_attr("alive_at", time.time())
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                self.beat()
+            except Exception as error:  # a storage hiccup: the next beat may get through
+                log.warning("Optuna heartbeat not recorded: %s", error)
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def first_free_job(sweep_dir: Path, trials: int) -> int:
@@ -197,7 +261,11 @@ class OptunaSweeper(Sweeper):
         import optuna
 
         if self.sampler_name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup_trials)
+            # trials asked together (n_jobs) are spread out: the running ones count as bad (the
+            # default from Optuna 5; before, every trial of a batch was proposed alike)
+            return optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=self.n_startup_trials, constant_liar=self.n_jobs > 1
+            )
         return optuna.samplers.RandomSampler(seed=seed)
 
     def create_study(self, sweep_dir: Path, fixed: list[str], space: dict[str, Any]):
@@ -206,6 +274,8 @@ class OptunaSweeper(Sweeper):
         when the other's trials already count); its sampler continues from a seed of its own (a
         fresh seeded sampler would propose the first trials' parameters again)."""
         import optuna
+
+        from seqlab.utils.secrets import redact_text
 
         storage = self.storage or f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"
         study = optuna.create_study(
@@ -239,7 +309,7 @@ class OptunaSweeper(Sweeper):
                 if then != now:
                     differences.append(f"{part}: {then} then, {now} now")
             raise SweepError(
-                f"Optuna study {self.study_name!r} in {storage} holds another search ({'; '.join(differences)}): "
+                f"Optuna study {self.study_name!r} in {redact_text(storage)} holds another search ({'; '.join(differences)}): "
                 "resume it with its own settings, or start another with hydra.sweeper.study_name=<new name> "
                 "or another hydra.sweep.dir"
             )
@@ -250,6 +320,27 @@ class OptunaSweeper(Sweeper):
         return study
 
     # ------------------------------------------------------------------ the search
+    def composes(self, overrides: list[str]) -> str | None:
+        """None if Hydra composes the config with ``overrides``, else why not."""
+        try:
+            self.validate_batch_is_legal([overrides])
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    def check_choices(self, fixed: list[str], space: dict[str, Any]) -> None:
+        """Refuse, before any trial, a choice that does not compose with the fixed overrides (a
+        misspelt config-group option, a key the option's config lacks): every trial that
+        sampled it would fail."""
+        import optuna
+
+        for key, dist in space.items():
+            if isinstance(dist, optuna.distributions.CategoricalDistribution):
+                for choice in dist.choices:
+                    why = self.composes([*fixed, f"{key}={override_value(choice)}"])
+                    if why is not None:
+                        raise SweepError(f"hydra.sweeper.params: {key}={choice} cannot be composed: {why}")
+
     def sweep(self, arguments: list[str]) -> None:
         import optuna
         from optuna.trial import TrialState
@@ -259,28 +350,51 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         fixed, space = self.search_space(arguments)
+        self.check_choices(fixed, space)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = self.create_study(sweep_dir, fixed, space)
+        now = time.time()
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            # a trial the previous search was running when it died: failed, and run again
-            optuna.trial.Trial(study, stale._trial_id).set_user_attr("interrupted", True)
-            study.tell(stale.number, state=TrialState.FAIL)
+            if not is_interrupted(stale, now):
+                continue  # another sweeper's, still running
+            # a trial whose search died: failed, and run again (unless another sweeper, or its
+            # own, told it meanwhile)
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+                optuna.trial.Trial(study, stale._trial_id).set_user_attr("interrupted", True)
+                study.tell(stale.number, state=TrialState.FAIL)
         log.info(
             "Optuna study %r (%s, %s sampler, seed %s): %d trials, space %s",
             self.study_name, self.direction, self.sampler_name, self.seed, self.n_trials,
             {key: str(dist) for key, dist in space.items()},
         )  # fmt: skip
 
-        def finished() -> int:
-            trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-            return sum(1 for t in trials if not t.user_attrs.get("interrupted"))
+        def counted() -> int:
+            """Finished trials, and those other sweepers are running."""
+            trials = study.get_trials(deepcopy=False)
+            states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)
+            return sum(1 for t in trials if t.state in states and not t.user_attrs.get("interrupted"))
 
         job_index = first_free_job(sweep_dir, len(study.trials))
-        while (remaining := self.n_trials - finished()) > 0:
-            trials = [study.ask(space) for _ in range(min(self.n_jobs, remaining))]
-            batch = [[*fixed, *(f"{k}={override_value(v)}" for k, v in t.params.items())] for t in trials]
-            self.validate_batch_is_legal(batch)
-            results = self.launcher.launch(batch, initial_job_idx=job_index)
+        while (remaining := self.n_trials - counted()) > 0:
+            trials, batch = [], []
+            for _ in range(min(self.n_jobs, remaining)):
+                trial = study.ask(space)
+                trial.set_user_attr("worker", worker())
+                trial.set_user_attr("alive_at", time.time())
+                overrides = [*fixed, *(f"{k}={override_value(v)}" for k, v in trial.params.items())]
+                why = self.composes(overrides)
+                if why is None:
+                    trials.append(trial)
+                    batch.append(overrides)
+                    continue
+                trial.set_user_attr("overrides", overrides)
+                trial.set_user_attr("error", f"the overrides do not compose: {why}")
+                study.tell(trial, state=TrialState.FAIL)
+                log.warning("trial %d: %s do not compose: %s", trial.number, trial.params, why)
+            if not trials:
+                continue
+            with Heartbeat(study, trials):
+                results = self.launcher.launch(batch, initial_job_idx=job_index)
             for trial, overrides, result in zip(trials, batch, results):
                 value, error = objective_value(result)
                 trial.set_user_attr("job", job_index)
