@@ -14,8 +14,8 @@ import torch
 class FailOnRank(L.Callback):
     """At optimizer step ``step``, global rank ``rank`` raises (``how=raise``), is killed with
     SIGKILL (``how=kill``, as a crash or an out-of-memory kill would) or gets SIGTERM / SIGUSR1
-    (``how=term`` / ``usr1``, a pre-emption: Lightning stops at the end of the step; ``usr1_kill``:
-    SLURM's warning signal, then the kill that follows a requeue) or reports a NaN training loss
+    (``how=term`` / ``usr1``, a pre-emption or SLURM's requeue signal: Lightning stops at the end of
+    the step) or reports a NaN training loss
     (``how=diverge``, to the callbacks after it: a batch that diverged on that rank alone) or
     sets a weight to NaN (``how=poison``: every later loss is NaN); ``mid_window``: on a batch
     inside a gradient-accumulation window. With
@@ -45,8 +45,7 @@ class FailOnRank(L.Callback):
             with torch.no_grad():
                 next(pl_module.parameters()).fill_(float("nan"))
             return
-        signals = {"kill": [signal.SIGKILL], "term": [signal.SIGTERM], "usr1": [signal.SIGUSR1],
-                   "usr1_kill": [signal.SIGUSR1, signal.SIGKILL]}  # fmt: skip
+        signals = {"kill": [signal.SIGKILL], "term": [signal.SIGTERM], "usr1": [signal.SIGUSR1]}
         if self.how in signals:
             for sig in signals[self.how]:  # a Python handler runs before the next line does
                 os.kill(os.getpid(), sig)

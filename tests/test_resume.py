@@ -63,7 +63,8 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
 def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """SIGKILL mid-epoch, SIGTERM (pre-emption) and SLURM's SIGUSR1 + requeue: running the same
     command again continues in the same directory and ends bitwise equal to an uninterrupted run
-    (CPU, same seed): weights, test metrics."""
+    (CPU, same seed): weights, test metrics. SLURM's signal is taken after the step, as SIGTERM
+    is (Lightning's handler saved its checkpoint wherever the signal found the process)."""
     reference = tmp_path / "reference"
     result = run_script("train.py", *EVERY_7_STEPS, f"hydra.run.dir={reference}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -78,7 +79,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> 
     slurm["PATH"] = f"{fake_bin}:{os.environ['PATH']}"
 
     # (fault, step, expected exit code of the interrupted process, environment)
-    cases = [("kill", 75, -9, None), ("term", 64, 143, None), ("usr1_kill", 31, -9, slurm)]
+    cases = [("kill", 75, -9, None), ("term", 64, 143, None), ("usr1", 31, 143, slurm)]
     for how, step, exit_code, env in cases:
         logs = tmp_path / how
         command = [
@@ -98,9 +99,11 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> 
         elif how == "term":  # saved where SIGTERM stopped it
             assert checkpoint.name == "last.ckpt" and saved_at == step
             assert "stopped by SIGTERM" in first.stdout + first.stderr
-        else:  # Lightning's SLURM handler: hpc checkpoint, then `scontrol requeue <job>`
-            assert checkpoint.name == "hpc_ckpt_1.ckpt" and saved_at == step
+        else:  # SLURM's requeue signal: stopped as by SIGTERM, then `scontrol requeue <job>`
+            assert checkpoint.name == "last.ckpt" and saved_at == step
             assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+            assert "requeued SLURM job 4242" in first.stdout + first.stderr
+            assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))  # Lightning's, saved inside the handler
 
         again = run_script(*command, env=env)
         assert again.returncode == 0, (how, again.stderr[-3000:])

@@ -14,7 +14,8 @@ uninterrupted one, and the checkpoint a pre-empted run leaves behind.
   after which the epoch ends or a validation runs (resumed from there, Lightning 2.6 skips them).
 - ``SaveOnSigterm``: on SIGTERM (a pre-emption, ``kill``, a scheduler's time limit) Lightning
   stops after the current step; this saves ``last.ckpt`` there, so the same command resumes
-  (``resume=auto``) without losing the steps since the last periodic checkpoint.
+  (``resume=auto``) without losing the steps since the last periodic checkpoint. SLURM's requeue
+  signal (auto-requeue, ``--signal=USR1@90``) takes the same path, then requeues the job.
 """
 
 from __future__ import annotations
@@ -158,10 +159,40 @@ class SaveOnSigterm(L.Callback):
     during ``trainer.test`` (after fit) the model holds the best checkpoint's weights, not where
     training stopped, and ``last.ckpt`` from the end of fit is the right place to resume (fit is
     then over at once, whether it ran to ``max_epochs`` or early stopping ended it), and the test
-    runs again."""
+    runs again.
+
+    SLURM's requeue signal (Lightning's auto-requeue) is taken as a SIGTERM, and rank 0 then
+    requeues the job (``scontrol requeue``). Lightning's own handler saved ``hpc_ckpt_<n>.ckpt``
+    inside the signal handler, wherever the process was: within an optimizer step (some weights
+    updated, others not), within a validation, and under DDP in a barrier while the other ranks
+    were in a collective of their own."""
+
+    def __init__(self) -> None:
+        self.requeue = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        # Lightning registers the handler after this hook, and only under SLURM with auto-requeue
+        self.requeue = False
+        trainer._signal_connector._slurm_sigusr_handler_fn = lambda signum, frame: self.requeue_signal(
+            trainer, signum
+        )
+
+    def requeue_signal(self, trainer: L.Trainer, signum: int) -> None:
+        log.warning("SLURM's requeue signal (%s): stopping after this step, then requeueing the job", signum)
+        self.requeue = True
+        trainer._signal_connector.received_sigterm = True  # Lightning stops where it does on SIGTERM
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.checkpoint_callback is None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        try:
+            self.save(trainer)
+        finally:
+            if self.requeue and trainer.is_global_zero:
+                requeue_slurm_job()
+
+    def save(self, trainer: L.Trainer) -> None:
+        if trainer.checkpoint_callback is None:
             return
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
@@ -191,3 +222,25 @@ class SaveOnSigterm(L.Callback):
         log.warning(
             "SIGTERM: stopped at step %d, saved %s; the same command resumes it", trainer.global_step, path
         )
+
+
+def requeue_slurm_job() -> None:
+    """``scontrol requeue`` this SLURM job (an array task as ``<array job>_<task>``), as Lightning's
+    auto-requeue does; SLURM then ends this job and starts it again, and the same command resumes."""
+    import os
+    import subprocess
+
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ.get("SLURM_JOB_ID")
+    if not job:
+        log.warning("SLURM's requeue signal outside a SLURM job (no SLURM_JOB_ID): nothing requeued")
+        return
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except OSError as error:
+        log.warning("could not requeue SLURM job %s: %s", job, error)
+        return
+    if result.returncode == 0:
+        log.warning("requeued SLURM job %s: the requeued job resumes this run", job)
+    else:
+        log.warning("scontrol requeue %s failed (exit %d): %s", job, result.returncode, result.stderr.strip())
