@@ -202,6 +202,16 @@ def test_slurm_launcher_submits_one_multi_gpu_job_per_sweep_job(
         assert f"#SBATCH {line}" in script, line
     assert "srun" in script
     assert submitted["overrides"] == (["model=lstm"], ["model=transformer"])
+    # a CPU trainer's processes are no GPUs: the job asks for none
+    cpu = make_cfg(
+        "hydra/launcher=slurm", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=4",
+        f"hydra.sweep.dir={tmp_path / 'cpu'}", fast=False,
+    )  # fmt: skip
+    launcher = instantiate(cpu.hydra.launcher)
+    assert launcher.params["tasks_per_node"] == 4 and launcher.params["gpus_per_node"] is None
+    launcher.setup(hydra_context=None, task_function=lambda cfg: None, config=cpu)
+    launcher.launch([["model=lstm"]], initial_job_idx=0)
+    assert "#SBATCH --ntasks-per-node=4" in submitted["script"] and "gpus" not in submitted["script"]
 
 
 def test_a_directory_that_is_no_checkpoint_is_refused(tmp_path: Path) -> None:

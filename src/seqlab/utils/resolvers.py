@@ -31,6 +31,12 @@ def device_count(accelerator: str | int = "auto", cpu_processes: int = 2) -> int
     return int(cpu_processes)
 
 
+def gpus_per_node(accelerator: str, devices: int | str) -> int | None:
+    """GPUs a SLURM job asks for per node (configs/hydra/launcher/slurm.yaml): ``trainer.devices``,
+    or none for a CPU trainer (its devices are processes, not GPUs)."""
+    return None if str(accelerator).lower() == "cpu" else devices  # type: ignore[return-value]
+
+
 def launch_id() -> str | None:
     """The id every process of an external multi-process launch shares, or None: torchrun's
     rendezvous id, or the SLURM job and step when ``srun`` started several tasks."""
@@ -104,6 +110,7 @@ def sweep_group(job_name: str, sweep_dir: str | Path) -> str:
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("project_root", project_root, replace=True)
     OmegaConf.register_new_resolver("device_count", device_count, replace=True)
+    OmegaConf.register_new_resolver("gpus_per_node", gpus_per_node, replace=True)
     OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("rank_log_suffix", rank_log_suffix, replace=True)
     OmegaConf.register_new_resolver("sweep_id", sweep_id, replace=True)
