@@ -84,12 +84,13 @@ class RecordValidationRows(L.Callback):
             handle.write(f"{trainer.global_rank} {batch_idx} {rows}\n")
 
 
-class SigtermInValidation(L.Callback):
-    """SIGTERM after the first batch of the first validation of epoch ``epoch`` (not the sanity
-    check), once (``once``: a file, as ``FailOnRank``'s)."""
+class SignalInValidation(L.Callback):
+    """A signal (``signum``: SIGTERM, or SIGKILL as a crash) after the first batch of the first
+    validation of epoch ``epoch`` (not the sanity check), once (``once``: a file, as
+    ``FailOnRank``'s)."""
 
-    def __init__(self, epoch: int, once: str) -> None:
-        self.epoch, self.once = epoch, once
+    def __init__(self, epoch: int, once: str, signum: str = "SIGTERM") -> None:
+        self.epoch, self.once, self.signum = epoch, once, signal.Signals[signum]
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
@@ -97,4 +98,4 @@ class SigtermInValidation(L.Callback):
         if trainer.sanity_checking or trainer.current_epoch != self.epoch or Path(self.once).exists():
             return
         Path(self.once).write_text(f"fired at step {trainer.global_step}\n")
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), self.signum)

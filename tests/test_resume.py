@@ -147,13 +147,13 @@ def test_a_run_killed_after_an_epoch_resumes_from_its_end(tmp_path: Path) -> Non
 def test_sigterm_during_validation_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """A checkpoint taken between validation batches counted the epoch as trained and its
     validation as never due: every resume then failed (early stopping's metric never logged).
-    None is taken there; the same command resumes from the step checkpoint before it."""
+    The validation finishes, training stops at the epoch's end and saves there."""
     faults = [
-        "+callbacks.fault._target_=tests.faults.SigtermInValidation", "+callbacks.fault.epoch=0",
+        "+callbacks.fault._target_=tests.faults.SignalInValidation", "+callbacks.fault.epoch=0",
         f"+callbacks.fault.once={tmp_path / 'fired'}",
     ]  # fmt: skip
-    said = "SIGTERM during validation at step 50"
-    interrupted_and_resumed(tmp_path, EVERY_7_STEPS, faults, 143, saved_step=49, said=said)
+    said = "SIGTERM: stopped at step 50"
+    interrupted_and_resumed(tmp_path, EVERY_7_STEPS, faults, 143, saved_step=50, said=said)
 
 
 @pytest.mark.slow
@@ -168,27 +168,28 @@ def test_no_step_checkpoint_where_an_epoch_ends_or_a_validation_follows(
 ) -> None:
     """A step checkpoint on an epoch's last batch (50 a epoch) or on a batch a validation follows
     was taken before them, and the run resumed from it skipped both (the scheduler's epoch step,
-    the validation): it ended elsewhere. None is taken there; a run stopped in that validation
+    the validation): it ended elsewhere. None is taken there; a run killed in that validation
     resumes from the step checkpoint before it."""
     overrides = [*FAST, "trainer.max_epochs=2", "callbacks.step_checkpoint.train_time_interval=null"]
     overrides += settings
     faults = [
-        "+callbacks.fault._target_=tests.faults.SigtermInValidation", "+callbacks.fault.epoch=0",
-        f"+callbacks.fault.once={tmp_path / 'fired'}",
+        "+callbacks.fault._target_=tests.faults.SignalInValidation", "+callbacks.fault.epoch=0",
+        f"+callbacks.fault.once={tmp_path / 'fired'}", "+callbacks.fault.signum=SIGKILL",
     ]  # fmt: skip
-    said = f"SIGTERM during validation at step {validated_at}"
-    interrupted_and_resumed(tmp_path, overrides, faults, 143, saved_step=saved_step, said=said)
+    interrupted_and_resumed(tmp_path, overrides, faults, -9, saved_step=saved_step)
+    assert (tmp_path / "fired").read_text() == f"fired at step {validated_at}\n"
 
 
 @pytest.mark.slow
 def test_sigterm_while_accumulating_gradients_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """A checkpoint taken between two optimizer steps of gradient accumulation lacks the gradients
-    accumulated so far: the resumed window stepped on part of its batches. None is taken there."""
+    accumulated so far: the resumed window stepped on part of its batches. Training stops after
+    the window's optimizer step instead, and saves there."""
     accumulating = [*EVERY_7_STEPS, "trainer.accumulate_grad_batches=4"]
     # fires on the first micro-batch after optimizer step 10, inside the next window
     faults = [*fault("term", 10, tmp_path / "fired"), "+callbacks.fault.mid_window=true"]
-    said = "SIGTERM while accumulating gradients"
-    interrupted_and_resumed(tmp_path, accumulating, faults, 143, saved_step=7, said=said)
+    said = "SIGTERM: stopped at step 11"
+    interrupted_and_resumed(tmp_path, accumulating, faults, 143, saved_step=11, said=said)
 
 
 def test_a_run_directory_is_resumed_only_by_its_own_configuration(make_cfg, tmp_path: Path) -> None:

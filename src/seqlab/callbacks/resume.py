@@ -12,10 +12,10 @@ uninterrupted one, and the checkpoint a pre-empted run leaves behind.
   best).
 - ``StepCheckpoint``: ``last.ckpt`` every N optimizer steps within an epoch, but not on a batch
   after which the epoch ends or a validation runs (resumed from there, Lightning 2.6 skips them).
-- ``SaveOnSigterm``: on SIGTERM (a pre-emption, ``kill``, a scheduler's time limit) Lightning
-  stops after the current step; this saves ``last.ckpt`` there, so the same command resumes
-  (``resume=auto``) without losing the steps since the last periodic checkpoint. SLURM's requeue
-  signal (auto-requeue, ``--signal=USR1@90``) takes the same path, then requeues the job.
+- ``SaveOnSigterm``: on SIGTERM (a pre-emption, ``kill``, a scheduler's time limit) or SLURM's
+  requeue signal, every process stops at the next step boundary where a checkpoint is whole and
+  ``last.ckpt`` is saved there, so the same command resumes (``resume=auto``) without losing
+  the steps since the last periodic checkpoint; SLURM's job is then requeued.
 """
 
 from __future__ import annotations
@@ -46,24 +46,42 @@ class ExactResume(L.Callback):
         self.pending: dict[str, Any] | None = None
         #: the early-stopping callbacks' own states, before a checkpoint is restored into them
         self.fresh_early_stopping: list[dict[str, Any]] = []
+        self.trainer: L.Trainer | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self.trainer = trainer
         if stage == "fit":  # runs before Lightning restores the checkpoint's callback states
             self.fresh_early_stopping = [cb.state_dict() for cb in trainer.early_stopping_callbacks]
 
     def state_dict(self) -> dict[str, Any]:
+        """This process's generators, and under several processes every process's (``per_rank``:
+        they part when the processes draw different amounts, e.g. dropout on batches each padded
+        to its own length). Every process saves a checkpoint together (Lightning's rule), so the
+        gather is a collective all of them reach."""
         state: dict[str, Any] = {"cpu": torch.get_rng_state(), "mid_epoch": self.in_epoch}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state()
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            mine = torch.cat([state["cpu"], state.get("cuda", torch.empty(0, dtype=torch.uint8))])
+            everyone = trainer.strategy.all_gather(mine.to(trainer.strategy.root_device)).cpu()
+            size = state["cpu"].numel()
+            state["per_rank"] = [{"cpu": row[:size].clone(), "cuda": row[size:].clone()} for row in everyone]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.pending = dict(state_dict)
 
     def restore(self) -> None:
-        torch.set_rng_state(self.pending["cpu"])
-        if "cuda" in self.pending and torch.cuda.is_available():
-            torch.cuda.set_rng_state(self.pending["cuda"])
+        """This process's own generators (rank 0's from a checkpoint of another world size)."""
+        state = self.pending
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        per_rank = state.get("per_rank") or []
+        if 0 < rank < len(per_rank):
+            state = {**state, "cpu": per_rank[rank]["cpu"], "cuda": per_rank[rank]["cuda"]}
+        torch.set_rng_state(state["cpu"])
+        if state.get("cuda") is not None and state["cuda"].numel() and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
         self.pending = None
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -153,34 +171,68 @@ def before_epoch_end_or_validation(trainer: L.Trainer, batch_idx: int) -> bool:
 
 
 class SaveOnSigterm(L.Callback):
-    """Write ``<checkpoint dir>/last.ckpt`` when training stops on SIGTERM; not during a validation
-    (resumed from there, it would be skipped) nor between two optimizer steps of gradient
-    accumulation (the accumulated gradients are in no checkpoint). Only while fitting:
-    during ``trainer.test`` (after fit) the model holds the best checkpoint's weights, not where
-    training stopped, and ``last.ckpt`` from the end of fit is the right place to resume (fit is
-    then over at once, whether it ran to ``max_epochs`` or early stopping ended it), and the test
-    runs again.
+    """Stop training where a checkpoint is whole when SIGTERM (a pre-emption, ``kill``, a
+    scheduler's time limit) or SLURM's requeue signal arrives, and write
+    ``<checkpoint dir>/last.ckpt`` there; for SLURM's signal (Lightning's auto-requeue,
+    ``--signal=USR1@90``), rank 0 then requeues the job (``scontrol requeue``).
 
-    SLURM's requeue signal (Lightning's auto-requeue) is taken as a SIGTERM, and rank 0 then
-    requeues the job (``scontrol requeue``). Lightning's own handler saved ``hpc_ckpt_<n>.ckpt``
-    inside the signal handler, wherever the process was: within an optimizer step (some weights
-    updated, others not), within a validation, and under DDP in a barrier while the other ranks
-    were in a collective of their own."""
+    The signal handler only raises a flag. Every process decides at the same places, together
+    (the flag is all-reduced there under DDP): after an optimizer step that neither ends the epoch
+    nor is followed by a validation, and at the end of an epoch (after its validation and
+    ``last.ckpt``). So a signal within a gradient-accumulation window stops after the window's
+    step, and one during a validation after that validation. Lightning 2.6's own handling stopped
+    rank 0 alone, at the end of the step, while the others went on into the next step's
+    collective (a hang; Lightning #20806); its handler broadcast inside the signal handler; and
+    its SLURM handler saved ``hpc_ckpt_<n>.ckpt`` inside the signal handler, wherever the
+    process was (within an optimizer step; under DDP, in a barrier while the others were in a
+    collective of their own).
+
+    Outside fit (``trainer.test``) the signal stops at Lightning's next batch, and nothing is
+    saved: the model holds the best checkpoint's weights, not where training stopped, and
+    ``last.ckpt`` from the end of fit is where a resume picks up (fit is then over at once) and
+    the test runs again."""
 
     def __init__(self) -> None:
+        self.signalled = False
         self.requeue = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
-        # Lightning registers the handler after this hook, and only under SLURM with auto-requeue
-        self.requeue = False
-        trainer._signal_connector._slurm_sigusr_handler_fn = lambda signum, frame: self.requeue_signal(
-            trainer, signum
+        # Lightning registers these handlers after this hook (SLURM's only under SLURM with
+        # auto-requeue); the instance attributes take the place of its methods
+        self.signalled = self.requeue = False
+        connector = trainer._signal_connector
+        connector._sigterm_notifier_fn = lambda signum, frame: self.on_signal(trainer, signum, requeue=False)
+        connector._slurm_sigusr_handler_fn = lambda signum, frame: self.on_signal(
+            trainer, signum, requeue=True
         )
 
-    def requeue_signal(self, trainer: L.Trainer, signum: int) -> None:
-        log.warning("SLURM's requeue signal (%s): stopping after this step, then requeueing the job", signum)
-        self.requeue = True
-        trainer._signal_connector.received_sigterm = True  # Lightning stops where it does on SIGTERM
+    def on_signal(self, trainer: L.Trainer, signum: int, requeue: bool) -> None:
+        """The signal handler: a flag, no collective and no checkpoint here."""
+        self.signalled = True
+        self.requeue = self.requeue or requeue
+        if trainer.state.fn != TrainerFn.FITTING:
+            trainer._signal_connector.received_sigterm = True  # Lightning stops at its next batch
+        else:
+            log.warning("signal %s: stopping at the next step boundary (checkpoint there)", signum)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.fit_loop.epoch_loop._should_accumulate() or before_epoch_end_or_validation(
+            trainer, batch_idx
+        ):
+            return  # the same decision on every process: no collective in the skipped places
+        self.stop_if_signalled(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.stop_if_signalled(trainer)
+
+    def stop_if_signalled(self, trainer: L.Trainer) -> None:
+        signalled = self.signalled
+        if trainer.world_size > 1:  # one decision: a process that got no signal stops too
+            flag = torch.tensor([float(signalled)], device=trainer.strategy.root_device)
+            signalled = bool(trainer.strategy.reduce(flag, reduce_op="max").item())
+        if signalled:
+            # Lightning raises SIGTERMException right after this hook, on every process
+            trainer._signal_connector.received_sigterm = True
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
