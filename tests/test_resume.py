@@ -497,7 +497,7 @@ def test_slurm_jobs_starting_in_one_second_get_their_own_directories(monkeypatch
 
     from seqlab.utils.resolvers import run_stamp
 
-    for key in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_ID"):
+    for key in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID"):
         monkeypatch.delenv(key, raising=False)
     assert run_stamp("%Y") == str(datetime.date.today().year)
     names = set()
@@ -507,6 +507,34 @@ def test_slurm_jobs_starting_in_one_second_get_their_own_directories(monkeypatch
     assert len(names) == 2 and all(name.endswith(("-slurm1001", "-slurm1002")) for name in names)
 
 
+def test_only_a_multi_task_launch_shares_one_directory(monkeypatch) -> None:
+    """torchrun's ranks and an srun step's tasks share the launch's directory; a python started
+    in an ``salloc -n 4`` shell or an ``sbatch -n 4`` script (no srun: one process) is a run of
+    its own. Every such run of an allocation had one directory (``slurm-<job>-0``)."""
+    from seqlab.utils.resolvers import launch_id
+
+    for key in (
+        "TORCHELASTIC_RUN_ID",
+        "SLURM_NTASKS",
+        "SLURM_JOB_ID",
+        "SLURM_STEP_ID",
+        "SLURM_STEP_NUM_TASKS",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    assert launch_id() is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert launch_id() == "torchrun-abc"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # the allocation's tasks: salloc -n 4, sbatch -n 4
+    assert launch_id() is None
+    monkeypatch.setenv("SLURM_STEP_ID", "3")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # srun -n 4 python train.py
+    assert launch_id() == "slurm-77-3"
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # srun -n 1
+    assert launch_id() is None
+
+
 def test_runs_started_in_one_second_get_their_own_directories(make_cfg, tmp_path: Path, monkeypatch) -> None:
     """``python train.py model=a & python train.py model=b &`` named both runs after the same
     second: they trained into one directory. The later name takes the next free suffix, and of two
@@ -514,7 +542,7 @@ def test_runs_started_in_one_second_get_their_own_directories(make_cfg, tmp_path
     from seqlab.utils.resolvers import run_stamp
     from seqlab.utils.resume import mark_running, mark_stopped
 
-    for key in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_ID"):
+    for key in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID"):
         monkeypatch.delenv(key, raising=False)
     runs = tmp_path / "runs"
     assert run_stamp("stamp", str(runs)) == "stamp"

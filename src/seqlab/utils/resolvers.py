@@ -39,11 +39,13 @@ def gpus_per_node(accelerator: str, devices: int | str) -> int | None:
 
 def launch_id() -> str | None:
     """The id every process of an external multi-process launch shares, or None: torchrun's
-    rendezvous id, or the SLURM job and step when ``srun`` started several tasks."""
+    rendezvous id, or the SLURM job and step when ``srun`` started several tasks (the step's own
+    task count: an ``salloc -n 4`` shell or an ``sbatch -n 4`` script that runs python without
+    srun is one process, whose allocation has 4 tasks; every run there had one directory)."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id and run_id != "none":
         return f"torchrun-{run_id}"
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
         return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '0')}"
     return None
 
