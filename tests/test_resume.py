@@ -299,6 +299,44 @@ io.save_checkpoint({{"step": 2, "w": torch.zeros(1000)}}, {str(target)!r})
     assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.") and leftovers[0].endswith(".tmp")
 
 
+def test_a_sharded_checkpoint_replaces_the_previous_one_only_when_whole(tmp_path: Path) -> None:
+    """FSDP2's sharded checkpoint directory was written in place: a process killed while saving
+    left the old step's shards mixed with the new one's under last.ckpt. It is written beside it
+    and moved over it once every process has written (here one process; the FSDP2 runs of
+    test_distributed.py save and resume sharded checkpoints this way)."""
+    from seqlab.utils.checkpoint_io import save_directory_atomically
+
+    one_process = SimpleNamespace(
+        broadcast=lambda value: value, barrier=lambda name=None: None, is_global_zero=True
+    )
+    target = tmp_path / "last.ckpt"
+
+    def writes(files: dict[str, str], fail: bool = False):
+        def save(path: Path) -> None:
+            path.mkdir()
+            for name, text in files.items():
+                (path / name).write_text(text)
+                if fail:
+                    raise OSError("No space left on device")
+
+        return save
+
+    def contents() -> dict[str, str]:
+        return {p.name: p.read_text() for p in target.iterdir()}
+
+    target.write_text("a file checkpoint")  # a directory replaces a file, too
+    save_directory_atomically(one_process, target, writes({"__0_0.distcp": "step 1", "meta.pt": "step 1"}))
+    assert contents() == {"__0_0.distcp": "step 1", "meta.pt": "step 1"}
+    with pytest.raises(OSError, match="No space"):
+        save_directory_atomically(
+            one_process, target, writes({"__0_0.distcp": "step 2", "meta.pt": "2"}, fail=True)
+        )
+    assert contents() == {"__0_0.distcp": "step 1", "meta.pt": "step 1"}
+    save_directory_atomically(one_process, target, writes({"__0_0.distcp": "step 3", "meta.pt": "step 3"}))
+    assert contents() == {"__0_0.distcp": "step 3", "meta.pt": "step 3"}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the killed save's part cleared
+
+
 def test_a_run_still_training_is_neither_resumed_nor_joined(make_cfg, tmp_path: Path) -> None:
     """The same command started while the first is still training gets its own directory, and an
     explicit hydra.run.dir of a live run is refused; once that process is gone, it is resumable."""

@@ -5,7 +5,10 @@ states convert between torch's positional form (single process, DDP) and the by-
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         with atomic_file(Path(path)) as tmp, open(tmp, "wb") as handle:
             torch.save(checkpoint, handle)
+
+
+def save_directory_atomically(strategy: Any, path: Path, save: Callable[[Path], None]) -> None:
+    """A sharded checkpoint (a directory every process writes its part of) written beside
+    ``path`` first (``.<name>.partial``), then moved over it by rank 0 once every process has
+    written: a process killed while saving leaves the previous checkpoint whole (the partial
+    directory is cleared by the next save), where saving in place left a mix of two steps'
+    shards that ``resume=auto`` then tried to load. The old one is renamed aside, the new one in,
+    the old one removed: two renames in which a crash leaves ``.<name>.old`` and no ``path``."""
+    path = Path(strategy.broadcast(str(path)))
+    partial = path.with_name(f".{path.name}.partial")
+    if strategy.is_global_zero:
+        remove_path(partial)  # left by a save that was killed
+    strategy.barrier("seqlab.save_directory.start")
+    save(partial)
+    strategy.barrier("seqlab.save_directory.written")
+    if strategy.is_global_zero:
+        old = path.with_name(f".{path.name}.old")
+        remove_path(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(partial, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        remove_path(old)
+    strategy.barrier("seqlab.save_directory.replaced")
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def consolidate_checkpoint(path: Path, output: Path) -> Path:

@@ -202,11 +202,27 @@ def build_strategy(
 
 
 class ModelParallelStrategy(strategies.ModelParallelStrategy):
-    """Lightning's FSDP2 strategy (``trainer=fsdp2``) resuming from any checkpoint *file*, such as
+    """Lightning's FSDP2 strategy (``trainer=fsdp2``) that writes sharded checkpoints atomically
+    (``seqlab.utils.checkpoint_io.save_directory_atomically``) and resumes from any checkpoint *file*, such as
     one saved by DDP or one process: Lightning re-keys a positional optimizer state by
     ``module.parameters()`` order, which pairs the wrong tensors when the optimizer's groups
     reorder the parameters (size-mismatch errors, or silently wrong moments); here the saved groups
     pair with this run's groups, as ``torch.optim.Optimizer.load_state_dict`` pairs them."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """A sharded checkpoint (``save_distributed_checkpoint=true``) replaces the previous one
+        only once every process has written its shard (Lightning writes into it in place)."""
+        from pathlib import Path
+
+        from seqlab.utils.checkpoint_io import save_directory_atomically
+
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        base = super()
+        save_directory_atomically(
+            self, Path(filepath), lambda part: base.save_checkpoint(checkpoint, part, storage_options)
+        )
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         from pathlib import Path
