@@ -17,7 +17,8 @@ class FailOnRank(L.Callback):
     (``how=term`` / ``usr1``, a pre-emption or SLURM's requeue signal: Lightning stops at the end of
     the step) or reports a NaN training loss
     (``how=diverge``, to the callbacks after it: a batch that diverged on that rank alone) or
-    sets a weight to NaN (``how=poison``: every later loss is NaN); ``mid_window``: on a batch
+    sets a weight to NaN (``how=poison``: every later loss is NaN) or makes the epoch's running
+    loss NaN with the weights intact (``how=skipped``, as a step 16-mixed's scaler skipped); ``mid_window``: on a batch
     inside a gradient-accumulation window. With
     ``once=<file>`` it fires only if that file does not exist (and creates it), so the same
     command run again is the restart after the fault."""
@@ -40,6 +41,9 @@ class FailOnRank(L.Callback):
         if self.how == "diverge":
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             loss.detach().fill_(float("nan"))  # the step is done: what the callbacks after this read
+            return
+        if self.how == "skipped":  # a NaN loss whose step was skipped (16-mixed's scaler): weights intact
+            pl_module._train_loss["sum"] = pl_module._train_loss["sum"] + float("nan")
             return
         if self.how == "poison":  # the weights become NaN: every later loss is NaN
             with torch.no_grad():

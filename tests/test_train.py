@@ -268,6 +268,23 @@ def test_a_loss_that_turns_nan_between_two_checks_is_caught_before_validation(ma
     assert not (Path(cfg.paths.output_dir) / "summary.json").exists()
 
 
+def test_a_skipped_step_with_a_nan_loss_does_not_stop_the_run(make_cfg, tmp_path: Path, caplog) -> None:
+    """Under 16-mixed the gradient scaler skips a step whose loss overflowed: the epoch's running
+    loss is NaN, the weights are untouched. The guard looks at the weights then, and goes on."""
+    cfg = make_cfg(
+        "trainer.log_every_n_steps=20", "trainer.max_epochs=2",
+        "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0",
+        "+callbacks.fault.step=45", "+callbacks.fault.how=skipped", f"+callbacks.fault.once={tmp_path / 'fired'}",
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="seqlab.callbacks.divergence"):
+        train(cfg)
+    assert (tmp_path / "fired").is_file() and (Path(cfg.paths.output_dir) / "summary.json").is_file()
+    assert (
+        "the training loss was not finite at a step of epoch 0 before step 50, but the weights are finite"
+        in caplog.text
+    )
+
+
 def test_same_seed_and_config_give_bitwise_identical_results(make_cfg) -> None:
     """Reproducibility on CPU: every metric (losses, validation, test) equal bit for bit across two
     runs; only the throughput figures (perf/*, wall-clock) differ. summary.json records what the

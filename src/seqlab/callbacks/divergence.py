@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
 from seqlab.errors import SeqlabError
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(SeqlabError, FloatingPointError):
@@ -21,7 +24,9 @@ class DivergenceGuard(L.Callback):
     Lightning logs, so the check adds no device synchronisation of its own), and the epoch's
     running loss before each validation while fitting: a loss that became NaN between two checks
     (and the weights with it) would otherwise reach the validation, whose non-finite metric early
-    stopping takes as a reason to end the run normally."""
+    stopping takes as a reason to end the run normally. A running loss that is not finite while
+    the weights are (a step skipped by 16-mixed's gradient scaler after an overflow, the weights
+    untouched) is reported and training goes on."""
 
     def __init__(self, every_n_steps: int | None = None) -> None:
         self.every_n_steps = every_n_steps
@@ -37,18 +42,36 @@ class DivergenceGuard(L.Callback):
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         running = (getattr(pl_module, "_train_loss", None) or {}).get("sum")  # SeqTask's, this epoch's
-        self.check(
-            trainer, running, f"at a step of epoch {trainer.current_epoch} before step {trainer.global_step}"
-        )
-
-    def check(self, trainer: L.Trainer, loss: Any, where: str) -> None:
-        if not isinstance(loss, torch.Tensor) and trainer.world_size == 1:
+        where = f"at a step of epoch {trainer.current_epoch} before step {trainer.global_step}"
+        if not self.diverged(trainer, running):
             return
-        # a step without a loss (manual optimisation) counts as finite; every rank takes part
+        # only the weights decide: a step skipped on an overflow left them as they were
+        weights_bad = any(not bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+        if trainer.world_size > 1:  # each process holds its shard (FSDP), or the same weights
+            weights_bad = trainer.strategy.reduce_boolean_decision(weights_bad, all=False)
+        if weights_bad:
+            self.check(trainer, running, where, diverged=True)
+        log.warning(
+            "the training loss was not finite %s, but the weights are finite (a skipped step): "
+            "training goes on", where,
+        )  # fmt: skip
+
+    def diverged(self, trainer: L.Trainer, loss: Any) -> bool:
+        """Whether ``loss`` is NaN or infinite on any process (a decision every process takes)."""
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else None
         diverged = value is not None and not math.isfinite(value)
-        if trainer.world_size > 1:  # every process stops together: a lone one left the others waiting
+        if trainer.world_size > 1:
             diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        return diverged
+
+    def check(self, trainer: L.Trainer, loss: Any, where: str, diverged: bool | None = None) -> None:
+        if not isinstance(loss, torch.Tensor) and trainer.world_size == 1:
+            return
+        # a step without a loss (manual optimisation) counts as finite; every rank takes part:
+        # every process stops together (a lone one left the others waiting)
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else None
+        if diverged is None:
+            diverged = self.diverged(trainer, loss)
         if diverged:
             lr = (
                 f", learning rate {trainer.optimizers[0].param_groups[0]['lr']:.3g}"
