@@ -1,5 +1,5 @@
-"""Fault injection for the reliability tests: a callback that makes one rank fail mid-training,
-and one that holds memory through the first training step."""
+"""Fault injection for the reliability tests: callbacks that make one rank fail mid-training, hold
+memory through the first training step or signal a validation."""
 
 from __future__ import annotations
 

@@ -204,3 +204,47 @@ def test_trials_asked_together_are_spread_out() -> None:
             seed=0, n_startup_trials=2, params={},
         )  # fmt: skip
         assert chosen.make_sampler(0)._constant_liar is (n_jobs > 1)
+
+
+def test_a_launcher_failure_fails_only_the_trials_it_lost(tmp_path: Path) -> None:
+    """submitit raises for a whole batch when one SLURM job of it died (FailedJobError), and the
+    search ended there. A job of the batch that finished anyway (its summary.json) is told its
+    objective, one that did not is failed with the launcher's error, and the search goes on."""
+    import json
+    from types import SimpleNamespace
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    sweep = tmp_path / "sweep"
+    chosen = OptunaSweeper(
+        direction="minimize", study_name="s", storage=None, n_trials=6, n_jobs=2, sampler="random",
+        seed=0, n_startup_trials=2, params={},
+    )  # fmt: skip
+    chosen.config = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(sweep)}}, "optimized_metric": "val/mse_best"}
+    )
+    chosen.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(load_sweep_config=lambda **_: None))
+
+    class Launcher:  # jobs 2 and 3: job 2 finishes, the launcher raises (job 3's node died)
+        def launch(self, batch: list, initial_job_idx: int) -> list:
+            returns = []
+            for job in range(initial_job_idx, initial_job_idx + len(batch)):
+                if job != 3:
+                    (sweep / str(job)).mkdir(parents=True)
+                    summary = {"best": {"val/mse_best": job / 10}, "metrics": {"test/mse": 1.0}}
+                    (sweep / str(job) / "summary.json").write_text(json.dumps(summary))
+                returns.append(JobReturn(status=JobStatus.COMPLETED, _return_value=job / 10))
+            if initial_job_idx == 2:
+                raise RuntimeError("FailedJobError: job 3 has state NODE_FAIL")
+            return returns
+
+    chosen.launcher = Launcher()
+    chosen.sweep(["model.d_model=choice(16,32,64)"])
+    results = OmegaConf.to_container(OmegaConf.load(sweep / "optimization_results.yaml"))
+    assert results["n_trials"] == 6 and results["n_failed"] == 1 and results["best_job"] == 0
+    (failed,) = results["failed"]
+    assert failed["job"] == 3 and failed["error"] == "RuntimeError: FailedJobError: job 3 has state NODE_FAIL"
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    told = {t.user_attrs["job"]: t.value for t in study.trials if t.state.name == "COMPLETE"}
+    assert told == {0: 0.0, 1: 0.1, 2: 0.2, 4: 0.4, 5: 0.5}  # job 2's read back from its summary

@@ -21,7 +21,8 @@ directory), and told its objective, the value the task function returns (seqlab'
   no record, counts as interrupted).
 - A trial whose job raises (an exception, out of memory) or returns a non-finite or missing
   objective, or whose sampled overrides Hydra cannot compose with each other, is told FAIL and the
-  search goes on; ``optimization_results.yaml`` lists the best trial and every failure. A search in
+  search goes on; so is one whose launcher raised (submitit, when a SLURM job of the batch died),
+  unless its job wrote its ``summary.json`` (the objective is read from there); ``optimization_results.yaml`` lists the best trial and every failure. A search in
   which no trial finished exits with an error. A choice that does not compose with the fixed
   overrides at all is refused before the first trial.
 """
@@ -393,8 +394,16 @@ class OptunaSweeper(Sweeper):
                 log.warning("trial %d: %s do not compose: %s", trial.number, trial.params, why)
             if not trials:
                 continue
-            with Heartbeat(study, trials):
-                results = self.launcher.launch(batch, initial_job_idx=job_index)
+            try:
+                with Heartbeat(study, trials):
+                    results = self.launcher.launch(batch, initial_job_idx=job_index)
+            except Exception as error:  # the launcher's own failure (a SLURM job killed: FailedJobError)
+                log.warning(
+                    "the launcher failed on jobs %d-%d: %s", job_index, job_index + len(batch) - 1, error
+                )
+                results = [
+                    self.result_from_summary(sweep_dir, job_index + i, error) for i in range(len(batch))
+                ]
             for trial, overrides, result in zip(trials, batch, results):
                 value, error = objective_value(result)
                 trial.set_user_attr("job", job_index)
@@ -408,6 +417,22 @@ class OptunaSweeper(Sweeper):
                     log.warning("trial %d (job %d) failed: %s", trial.number, job_index, error)
                 job_index += 1
         self.write_results(study, sweep_dir)
+
+    def result_from_summary(self, sweep_dir: Path, job: int, error: Exception) -> JobReturn:
+        """A job's result when its launcher raised instead of returning results (submitit raises for
+        the whole batch when one SLURM job of it died): the objective from the ``summary.json`` the
+        job wrote if it finished, else the launcher's error."""
+        import json
+
+        from hydra.core.utils import JobStatus
+
+        metric = self.config.get("optimized_metric") if self.config is not None else None
+        try:
+            summary = json.loads((sweep_dir / str(job) / "summary.json").read_text())
+            value = {**summary.get("best", {}), **summary.get("metrics", {})}[metric]
+        except (OSError, ValueError, KeyError, TypeError):
+            return JobReturn(status=JobStatus.FAILED, _return_value=error)
+        return JobReturn(status=JobStatus.COMPLETED, _return_value=value)
 
     def write_results(self, study: Any, sweep_dir: Path) -> None:
         from optuna.trial import TrialState
