@@ -575,19 +575,21 @@ def test_only_a_multi_task_launch_shares_one_directory(monkeypatch) -> None:
 
 def test_runs_started_in_one_second_get_their_own_directories(make_cfg, tmp_path: Path, monkeypatch) -> None:
     """``python train.py model=a & python train.py model=b &`` named both runs after the same
-    second: they trained into one directory. The later name takes the next free suffix, and of two
-    processes that still pick one directory, the first to claim it trains there."""
+    second: they trained into one directory. The later name takes the next free suffix, taken by
+    creating it (two processes that both looked before either created its directory took one
+    name), and of two processes that still pick one directory, the first to claim it trains there."""
     from seqlab.utils.resolvers import run_stamp
     from seqlab.utils.resume import mark_running, mark_stopped
 
     for key in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID"):
         monkeypatch.delenv(key, raising=False)
     runs = tmp_path / "runs"
-    assert run_stamp("stamp", str(runs)) == "stamp"
-    (runs / "stamp").mkdir(parents=True)
+    assert run_stamp("stamp", str(runs)) == "stamp" and (runs / "stamp").is_dir()
     assert run_stamp("stamp", str(runs)) == "stamp-2"
-    (runs / "stamp-2").mkdir()
-    assert run_stamp("stamp", str(runs)) == "stamp-3"
+    with monkeypatch.context() as race:  # both processes looked before either created its directory
+        race.setattr(Path, "exists", lambda self: False)
+        assert run_stamp("stamp", str(runs)) == "stamp-3"
+    assert sorted(p.name for p in runs.iterdir()) == ["stamp", "stamp-2", "stamp-3"]
 
     run_dir = runs / "stamp"
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

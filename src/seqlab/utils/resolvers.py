@@ -55,8 +55,10 @@ def run_stamp(pattern: str, runs_dir: str | None = None, resume: str | None = No
     composes its own config, and all must pick one directory); with ``resume=auto``, the name of
     the newest interrupted run in ``runs_dir`` started with the same overrides
     (``seqlab.utils.resume``); else the time (``strftime`` pattern), with the job id under SLURM,
-    and ``-2``, ``-3`` ... when ``runs_dir`` already holds that name (started in the same second).
-    ``seqlab.utils.resume.mark_running`` settles a race that remains: one process trains there."""
+    and ``-2``, ``-3`` ... when ``runs_dir`` already holds that name (started in the same second):
+    the name is taken by creating its directory, so of processes starting together each gets its
+    own (``seqlab.utils.resume.mark_running`` still settles two that chose one by other means:
+    the same explicit ``hydra.run.dir``, or both resuming one interrupted run)."""
     stamp = launch_id()
     if stamp:
         return stamp
@@ -72,11 +74,16 @@ def run_stamp(pattern: str, runs_dir: str | None = None, resume: str | None = No
     stamp = datetime.now().strftime(pattern)
     # SLURM array tasks (and jobs) starting in the same second would share the directory
     stamp = f"{stamp}-slurm{os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else stamp
-    if runs_dir:  # a run (or sweep) started earlier in the same second: the next free name
+    if runs_dir:  # a run (or sweep) started earlier in the same second: the next free name, taken
+        # by creating it (two processes that both found a name free took the same one)
         base, number = stamp, 1
-        while (Path(runs_dir) / stamp).exists():
-            number += 1
-            stamp = f"{base}-{number}"
+        while True:
+            try:
+                (Path(runs_dir) / stamp).mkdir(parents=True)
+                return stamp
+            except FileExistsError:
+                number += 1
+                stamp = f"{base}-{number}"
     return stamp
 
 
