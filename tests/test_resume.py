@@ -181,6 +181,26 @@ def test_no_step_checkpoint_where_an_epoch_ends_or_a_validation_follows(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("settings", "killed_at", "saved_step"),
+    [(["callbacks.step_checkpoint.every_n_train_steps=25", "+trainer.val_check_interval=25"], 30, 26),
+     (["callbacks.step_checkpoint.every_n_train_steps=13", "trainer.accumulate_grad_batches=4"], 15, 14)],
+    ids=["due-before-a-validation", "due-at-an-epoch-end-accumulating"],
+)  # fmt: skip
+def test_a_step_checkpoint_due_where_none_is_taken_is_taken_at_the_next_step(
+    tmp_path: Path, settings: list[str], killed_at: int, saved_step: int
+) -> None:
+    """Every step checkpoint due before a validation (every 25 steps, a validation every 25
+    batches) was dropped: Lightning saves only on the step itself. One due on an epoch's last
+    batch while accumulating gradients (13 steps an epoch) was taken on the next epoch's first
+    batch, inside a window: resumed from there, that window stepped on part of its gradients.
+    Each is taken at the next optimizer step with neither; a run killed after it resumes from it."""
+    overrides = [*FAST, "trainer.max_epochs=2", "callbacks.step_checkpoint.train_time_interval=null"]
+    overrides += settings
+    interrupted_and_resumed(tmp_path, overrides, fault("kill", killed_at, tmp_path / "fired"), -9, saved_step)
+
+
+@pytest.mark.slow
 def test_sigterm_while_accumulating_gradients_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """A checkpoint taken between two optimizer steps of gradient accumulation lacks the gradients
     accumulated so far: the resumed window stepped on part of its batches. Training stops after

@@ -147,15 +147,30 @@ class LastCheckpoint(ModelCheckpoint):
 
 class StepCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint(every_n_train_steps=N)`` (or ``train_time_interval``) that takes no
-    checkpoint on a batch after which the epoch ends or a validation runs. Lightning 2.6 saves
-    those in ``on_train_batch_end``, before the epoch's end and the validation, and a run resumed
-    from one skips both: its scheduler's epoch step, the validation (the best checkpoint, early
-    stopping's count) and the epoch-end hooks never happen, and it ends elsewhere than the
-    uninterrupted run. The epoch's end has ``LastCheckpoint``'s, taken after them; a run killed
-    during such a validation resumes from the step checkpoint before it."""
+    checkpoint on a batch after which the epoch ends or a validation runs, nor inside a
+    gradient-accumulation window. Lightning 2.6 saves in ``on_train_batch_end``, before the
+    epoch's end and the validation, and a run resumed from there skips both: its scheduler's
+    epoch step, the validation (the best checkpoint, early stopping's count) and the epoch-end
+    hooks never happen, and it ends elsewhere than the uninterrupted run. A save due there is
+    taken at the next optimizer step that has neither (the epoch's end has ``LastCheckpoint``'s
+    as well); a run killed during such a validation resumes from the step checkpoint before it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # the gradients accumulated so far would be in no checkpoint
         if before_epoch_end_or_validation(trainer, batch_idx):
+            every = self._every_n_train_steps
+            self.pending = self.pending or (every >= 1 and trainer.global_step % every == 0)
+            return
+        if self.pending and not self._should_skip_saving_checkpoint(trainer):
+            self.pending = False
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
