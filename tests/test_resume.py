@@ -355,6 +355,12 @@ def test_a_sharded_checkpoint_replaces_the_previous_one_only_when_whole(tmp_path
     save_directory_atomically(one_process, target, writes({"__0_0.distcp": "step 3", "meta.pt": "step 3"}))
     assert contents() == {"__0_0.distcp": "step 3", "meta.pt": "step 3"}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the killed save's part cleared
+    # a crash between the two renames: no last.ckpt, the previous one set aside; resume finds it
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / ".last.ckpt.old").mkdir(parents=True)
+    assert newest_checkpoint(run_dir) == run_dir / "checkpoints" / ".last.ckpt.old"
+    (run_dir / "checkpoints" / "last.ckpt").mkdir()
+    assert newest_checkpoint(run_dir) == run_dir / "checkpoints" / "last.ckpt"
 
 
 def test_a_run_still_training_is_neither_resumed_nor_joined(make_cfg, tmp_path: Path) -> None:
@@ -546,6 +552,41 @@ def test_sigterm_saves_only_where_training_stopped(
     )
     SaveOnSigterm().on_exception(trainer, None, SIGTERMException())
     assert saved == ([tmp_path / "last.ckpt"] if saves else [])
+
+
+def test_a_signal_stops_training_only_where_a_checkpoint_is_whole() -> None:
+    """The signal handler only flags. A stop decided before Lightning chose to validate after all
+    is put off until after that validation (inside it, no checkpoint could be taken); a signal
+    after fit's last decision stops the test (and SLURM's is requeued by its flag)."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from seqlab.callbacks import SaveOnSigterm
+
+    connector = SimpleNamespace(received_sigterm=False)
+    trainer = SimpleNamespace(
+        _signal_connector=connector, state=SimpleNamespace(fn=TrainerFn.FITTING), sanity_checking=False,
+        world_size=1,
+    )  # fmt: skip
+    callback = SaveOnSigterm()
+    callback.on_fit_start(trainer, None)
+    callback.on_train_epoch_end(trainer, None)
+    assert not connector.received_sigterm  # no signal, no stop
+    connector._sigterm_notifier_fn(15, None)  # SIGTERM while fitting: a flag only
+    assert callback.signalled and not connector.received_sigterm
+    callback.stop_if_signalled(trainer)  # a step boundary
+    assert connector.received_sigterm
+    callback.on_validation_start(trainer, None)  # ... but Lightning validates first
+    assert not connector.received_sigterm and callback.signalled
+    callback.on_train_epoch_end(trainer, None)  # after the validation
+    assert connector.received_sigterm and not callback.requeue
+    # SLURM's signal after fit's last decision: the test stops, and the job is requeued
+    callback.on_fit_start(trainer, None)
+    connector.received_sigterm = False
+    connector._slurm_sigusr_handler_fn(10, None)
+    trainer.state.fn = TrainerFn.TESTING  # Lightning resets its own flag as the test starts
+    connector.received_sigterm = False
+    callback.on_test_start(trainer, None)
+    assert connector.received_sigterm and callback.requeue
 
 
 def test_slurm_jobs_starting_in_one_second_get_their_own_directories(monkeypatch) -> None:

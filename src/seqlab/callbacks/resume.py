@@ -210,11 +210,12 @@ class SaveOnSigterm(L.Callback):
     def __init__(self) -> None:
         self.signalled = False
         self.requeue = False
+        self.stopping = False  # this callback told Lightning to stop
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         # Lightning registers these handlers after this hook (SLURM's only under SLURM with
         # auto-requeue); the instance attributes take the place of its methods
-        self.signalled = self.requeue = False
+        self.signalled = self.requeue = self.stopping = False
         connector = trainer._signal_connector
         connector._sigterm_notifier_fn = lambda signum, frame: self.on_signal(trainer, signum, requeue=False)
         connector._slurm_sigusr_handler_fn = lambda signum, frame: self.on_signal(
@@ -240,13 +241,27 @@ class SaveOnSigterm(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         self.stop_if_signalled(trainer)
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
+        if self.stopping and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            # Lightning chose to validate after this hook's decision (a time-based
+            # val_check_interval, a stop requested later in the batch): stopping inside the
+            # validation would leave no checkpoint; stop after it instead
+            trainer._signal_connector.received_sigterm = self.stopping = False
+
+    def on_test_start(self, trainer: L.Trainer, pl_module) -> None:
+        # a signal after fit's last decision (its last epoch's end, loading the best checkpoint):
+        # the test stops at its first batch (and SLURM's job is requeued); Lightning's own flag
+        # was reset when it registered its handlers for the test
+        self.stop_if_signalled(trainer)
+
     def stop_if_signalled(self, trainer: L.Trainer) -> None:
-        signalled = self.signalled
+        signalled, requeue = self.signalled, self.requeue
         if trainer.world_size > 1:  # one decision: a process that got no signal stops too
-            flag = torch.tensor([float(signalled)], device=trainer.strategy.root_device)
-            signalled = bool(trainer.strategy.reduce(flag, reduce_op="max").item())
+            flags = torch.tensor([float(signalled), float(requeue)], device=trainer.strategy.root_device)
+            signalled, requeue = (bool(v) for v in trainer.strategy.reduce(flags, reduce_op="max").tolist())
         if signalled:
             # Lightning raises SIGTERMException right after this hook, on every process
+            self.requeue, self.stopping = requeue, True
             trainer._signal_connector.received_sigterm = True
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:

@@ -61,8 +61,13 @@ def check_mode(value: Any) -> str:
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint a resumed run starts from: the newest of ``checkpoints/last.ckpt`` (a file,
-    or a sharded directory) and Lightning's ``hpc_ckpt_<n>.ckpt`` (SLURM requeue)."""
-    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    or a sharded directory; where a crash came between the two renames that replace a sharded
+    one, the previous one, set aside as ``.last.ckpt.old``) and Lightning's ``hpc_ckpt_<n>.ckpt``
+    (SLURM requeue, from before seqlab took its signal)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.exists() and last.with_name(".last.ckpt.old").is_dir():
+        last = last.with_name(".last.ckpt.old")
+    candidates = [last, *run_dir.glob("hpc_ckpt_*.ckpt")]
     existing = [path for path in candidates if path.exists()]
     return max(existing, key=lambda path: path.stat().st_mtime) if existing else None
 
