@@ -39,6 +39,10 @@ def test_credential_keys_are_redacted_and_ordinary_keys_kept(monkeypatch) -> Non
         redact_text(f"python train.py hf_token={FAKE_TOKEN} model=gru")
         == f"python train.py hf_token={REDACTED} model=gru"
     )
+    # quoted values (the shell's quotes kept, Hydra's quoting of values with symbols)
+    assert redact_text('+extras.api_key=\'sk-123\' x="y" token="t0k"') == (
+        f'+extras.api_key=\'{REDACTED}\' x="y" token="{REDACTED}"'
+    )
     # a URL's password (an Optuna storage), not its user, host or port
     assert (
         redact_text("storage=postgresql+psycopg2://bob:pa55word@db.example:5432/optuna, http://host:8080/x")
@@ -61,6 +65,9 @@ def test_log_records_are_redacted(monkeypatch) -> None:
     assert RedactFilter().filter(record) and record.getMessage() == f"key {REDACTED}"
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "step %d of %d", (3, 10), None)
     assert RedactFilter().filter(record) and (record.msg, record.args) == ("step %d of %d", (3, 10))
+    # a malformed call is let through to the handler, which reports it as logging does
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "%d items", ("many",), None)
+    assert RedactFilter().filter(record) and record.args == ("many",)
 
 
 @pytest.mark.slow

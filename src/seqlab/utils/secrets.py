@@ -35,7 +35,7 @@ _SPECIAL_TOKENS = re.compile(r"^(?:unk|pad|bos|eos|cls|sep|mask|start|end)[_-]to
 #: an environment variable that holds a credential
 _SECRET_ENV = re.compile(r"(?:_KEY|_TOKEN|_SECRET|_PASSWORD|_PASSWD)$|API_KEY", re.IGNORECASE)
 #: ``key=value`` (a Hydra override, a command-line argument) whose key names a credential
-_ASSIGNMENT = re.compile(r"(?P<key>[\w.+~/-]+)=(?P<value>[^\s,'\"\])}]+)")
+_ASSIGNMENT = re.compile(r"(?P<key>[\w.+~/-]+)=(?P<quote>['\"]?)(?P<value>[^\s,'\"\])}]+)")
 #: the password of a URL's user information: ``scheme://user:password@host``
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][\w+.-]*://[^\s:/@'\"]*:)(?P<password>[^\s/@'\"]+)(?=@)")
 
@@ -57,7 +57,7 @@ def redact_text(text: str, env_values: list[str] | None = None) -> str:
         text = text.replace(value, REDACTED)
 
     def assignment(match: re.Match[str]) -> str:
-        return f"{match['key']}={REDACTED}" if is_secret_key(match["key"]) else match[0]
+        return f"{match['key']}={match['quote']}{REDACTED}" if is_secret_key(match["key"]) else match[0]
 
     text = _URL_PASSWORD.sub(lambda match: match["head"] + REDACTED, text)
     return _ASSIGNMENT.sub(assignment, text)
@@ -68,7 +68,10 @@ class RedactFilter(logging.Filter):
     arguments filled in, with credentials redacted."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: the handler reports it as logging does
+            return True
         cleaned = redact_text(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
