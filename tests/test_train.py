@@ -268,6 +268,19 @@ def test_a_loss_that_turns_nan_between_two_checks_is_caught_before_validation(ma
     assert not (Path(cfg.paths.output_dir) / "summary.json").exists()
 
 
+def test_the_weights_are_read_where_each_process_holds_them() -> None:
+    """Under ZeRO-3 a parameter is an empty placeholder and its partition (``ds_tensor``) holds the
+    values: read there, NaN weights are NaN (the placeholder always looked finite)."""
+    from seqlab.callbacks.run_stats import local_numel, local_part
+
+    placeholder = torch.nn.Parameter(torch.empty(0))
+    placeholder.ds_tensor = torch.tensor([1.0, float("nan")])
+    assert bool(torch.isfinite(placeholder).all()) and not bool(torch.isfinite(local_part(placeholder)).all())
+    assert local_numel(placeholder) == 2
+    whole = torch.nn.Parameter(torch.ones(3))
+    assert local_part(whole) is whole and local_numel(whole) == 3
+
+
 def test_a_skipped_step_with_a_nan_loss_does_not_stop_the_run(make_cfg, tmp_path: Path, caplog) -> None:
     """Under 16-mixed the gradient scaler skips a step whose loss overflowed: the epoch's running
     loss is NaN, the weights are untouched. The guard looks at the weights then, and goes on."""

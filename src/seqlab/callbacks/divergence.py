@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
+from seqlab.callbacks.run_stats import local_part
 from seqlab.errors import SeqlabError
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,10 @@ class DivergenceGuard(L.Callback):
     Lightning logs, so the check adds no device synchronisation of its own), and the epoch's
     running loss before each validation while fitting: a loss that became NaN between two checks
     (and the weights with it) would otherwise reach the validation, whose non-finite metric early
-    stopping takes as a reason to end the run normally. A running loss that is not finite while
-    the weights are (a step skipped by 16-mixed's gradient scaler after an overflow, the weights
-    untouched) is reported and training goes on."""
+    stopping takes as a reason to end the run normally. There the weights decide: a running loss
+    that is not finite while the weights are (a step 16-mixed's gradient scaler skipped after an
+    overflow, the weights untouched) is reported and training goes on. The logging-step check
+    stays strict: a non-finite loss seen there stops the run."""
 
     def __init__(self, every_n_steps: int | None = None) -> None:
         self.every_n_steps = every_n_steps
@@ -46,8 +48,8 @@ class DivergenceGuard(L.Callback):
         if not self.diverged(trainer, running):
             return
         # only the weights decide: a step skipped on an overflow left them as they were
-        weights_bad = any(not bool(torch.isfinite(p).all()) for p in pl_module.parameters())
-        if trainer.world_size > 1:  # each process holds its shard (FSDP), or the same weights
+        weights_bad = any(not bool(torch.isfinite(local_part(p)).all()) for p in pl_module.parameters())
+        if trainer.world_size > 1:  # each process holds its shard (FSDP2, ZeRO-3), or the same weights
             weights_bad = trainer.strategy.reduce_boolean_decision(weights_bad, all=False)
         if weights_bad:
             self.check(trainer, running, where, diverged=True)

@@ -157,12 +157,18 @@ def reset_peak_host_memory() -> None:
         pass
 
 
-def local_numel(param: torch.Tensor) -> int:
-    """Elements this process holds: its shard under FSDP2 (DTensor) or ZeRO-3, else the whole tensor."""
+def local_part(param: torch.Tensor) -> torch.Tensor:
+    """What this process holds of a parameter: its shard under FSDP2 (DTensor) or its partition
+    under ZeRO-3 (the parameter itself an empty placeholder there), else the whole tensor."""
     if isinstance(param, DTensor):
-        return param.to_local().numel()
+        return param.to_local()
     partition = getattr(param, "ds_tensor", None)  # DeepSpeed ZeRO stage 3
-    return partition.numel() if partition is not None else param.numel()
+    return partition if isinstance(partition, torch.Tensor) else param
+
+
+def local_numel(param: torch.Tensor) -> int:
+    """Elements this process holds (``local_part``)."""
+    return local_part(param).numel()
 
 
 class RunStats(L.Callback):
