@@ -181,13 +181,20 @@ def test_only_trials_whose_sweeper_is_gone_count_as_interrupted(tmp_path: Path) 
         "this host, process gone": ({"worker": f"{here} {gone.stdout.strip()}", "alive_at": now}, True),
         "this host, process alive": ({"worker": f"{here} {os.getppid()}", "alive_at": now}, False),
         "this sweeper": ({"worker": worker(), "alive_at": now}, False),
+        # an earlier attempt of this search (requeued onto another node within STALE_S, or in a
+        # container whose pid is always the same): its sweep directory is this one
+        "this search, before": (
+            {"worker": "other-host 12", "alive_at": now - 60, "sweep": "/sweeps/a"},
+            True,
+        ),
+        "another search": ({"worker": "other-host 12", "alive_at": now - 60, "sweep": "/sweeps/b"}, False),
     }
     for name, (attrs, interrupted) in cases.items():
         trial = study.ask(space())
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         stored = study._storage.get_trial(trial._trial_id)
-        assert is_interrupted(stored, now) is interrupted, name
+        assert is_interrupted(stored, now, "/sweeps/a") is interrupted, name
     # a running trial's sweeper keeps its record fresh
     trial = study.ask(space())
     trial.set_user_attr("alive_at", 0.0)
@@ -248,3 +255,31 @@ def test_a_launcher_failure_fails_only_the_trials_it_lost(tmp_path: Path) -> Non
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{sweep / 'optuna.db'}")
     told = {t.user_attrs["job"]: t.value for t in study.trials if t.state.name == "COMPLETE"}
     assert told == {0: 0.0, 1: 0.1, 2: 0.2, 4: 0.4, 5: 0.5}  # job 2's read back from its summary
+
+
+def test_only_config_group_options_are_checked_before_the_first_trial() -> None:
+    """A misspelt option (``model=lsmt``) is refused before any trial; a config value that composes
+    only with some options of a sampled group (``model.nhead`` with ``model=lstm`` under
+    ``experiment=ett_lstm``) is left to the trials, which fail only in those combinations."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    def load_sweep_config(master_config, sweep_overrides):
+        if "model=lsmt" in sweep_overrides:
+            raise ValueError("Could not find 'model/lsmt'")
+        if (
+            any(o.startswith("model.nhead=") for o in sweep_overrides)
+            and "model=transformer" not in sweep_overrides
+        ):
+            raise ValueError("Key 'nhead' is not in struct")
+
+    chosen = sweeper()
+    chosen.config = OmegaConf.create({})
+    chosen.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(load_sweep_config=load_sweep_config))
+    fixed = ["experiment=ett_lstm"]
+    chosen.check_choices(fixed, space(["model=choice(lstm,transformer)", "model.nhead=choice(2,4)"]))
+    with pytest.raises(
+        ValueError, match=r"hydra.sweeper.params: model=lsmt cannot be composed: .*model/lsmt"
+    ):
+        chosen.check_choices(fixed, space(["model=choice(lstm,lsmt)", "model.nhead=choice(2,4)"]))

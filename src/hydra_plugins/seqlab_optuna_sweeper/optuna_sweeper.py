@@ -18,7 +18,8 @@ directory), and told its objective, the value the task function returns (seqlab'
   ``n_trials`` counts the study's trials, theirs included. A running trial's sweeper records every
   minute that it is alive; another sweeper takes a trial for interrupted only when that record is
   10 minutes old, or names a process of its own host that is gone (a trial asked elsewhere, with
-  no record, counts as interrupted).
+  no record, counts as interrupted); a search started again in its own sweep directory takes its
+  earlier attempt's running trials for interrupted at once.
 - A trial whose job raises (an exception, out of memory) or returns a non-finite or missing
   objective, or whose sampled overrides Hydra cannot compose with each other, is told FAIL and the
   search goes on; so is one whose launcher raised (submitit, when a SLURM job of the batch died),
@@ -62,13 +63,16 @@ def worker() -> str:
     return f"{socket.gethostname()} {os.getpid()}"
 
 
-def is_interrupted(trial: Any, now: float) -> bool:
+def is_interrupted(trial: Any, now: float, sweep_dir: str | None = None) -> bool:
     """Whether a RUNNING trial's sweeper is gone: no alive record (asked by something else), a
-    record older than ``STALE_S``, or a process of this host that no longer runs."""
+    record older than ``STALE_S``, a process of this host that no longer runs, or an earlier
+    attempt of this very search (the same ``sweep_dir``: one sweeper a sweep directory)."""
     from seqlab.utils.resume import marker_process
 
     attrs = trial.user_attrs
     if "worker" not in attrs or "alive_at" not in attrs or now - float(attrs["alive_at"]) > STALE_S:
+        return True
+    if sweep_dir is not None and attrs.get("sweep") == sweep_dir:
         return True
     host, pid = str(attrs["worker"]).split()
     return (
@@ -330,12 +334,15 @@ class OptunaSweeper(Sweeper):
         return None
 
     def check_choices(self, fixed: list[str], space: dict[str, Any]) -> None:
-        """Refuse, before any trial, a choice that does not compose with the fixed overrides (a
-        misspelt config-group option, a key the option's config lacks): every trial that
-        sampled it would fail."""
+        """Refuse, before any trial, a config-group option that does not compose with the fixed
+        overrides (misspelt, or without a key a fixed override sets): every trial that sampled
+        it would fail. Config values are left to the trials (``model.nhead`` composes with
+        ``model=transformer``, not with ``model=lstm``: only their combinations fail)."""
         import optuna
 
         for key, dist in space.items():
+            if "." in key.lstrip("+~"):
+                continue  # a config value: it may compose only with some options of a sampled group
             if isinstance(dist, optuna.distributions.CategoricalDistribution):
                 for choice in dist.choices:
                     why = self.composes([*fixed, f"{key}={override_value(choice)}"])
@@ -354,9 +361,10 @@ class OptunaSweeper(Sweeper):
         self.check_choices(fixed, space)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = self.create_study(sweep_dir, fixed, space)
+        here = str(sweep_dir.resolve())
         now = time.time()
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if not is_interrupted(stale, now):
+            if not is_interrupted(stale, now, here):
                 continue  # another sweeper's, still running
             # a trial whose search died: failed, and run again (unless another sweeper, or its
             # own, told it meanwhile)
@@ -370,10 +378,13 @@ class OptunaSweeper(Sweeper):
         )  # fmt: skip
 
         def counted() -> int:
-            """Finished trials, and those other sweepers are running."""
-            trials = study.get_trials(deepcopy=False)
-            states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)
-            return sum(1 for t in trials if t.state in states and not t.user_attrs.get("interrupted"))
+            """Finished trials, and those other sweepers are still running."""
+            now = time.time()
+            finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            return sum(1 for t in finished if not t.user_attrs.get("interrupted")) + sum(
+                1 for t in running if not is_interrupted(t, now)
+            )
 
         job_index = first_free_job(sweep_dir, len(study.trials))
         while (remaining := self.n_trials - counted()) > 0:
@@ -381,6 +392,7 @@ class OptunaSweeper(Sweeper):
             for _ in range(min(self.n_jobs, remaining)):
                 trial = study.ask(space)
                 trial.set_user_attr("worker", worker())
+                trial.set_user_attr("sweep", here)
                 trial.set_user_attr("alive_at", time.time())
                 overrides = [*fixed, *(f"{k}={override_value(v)}" for k, v in trial.params.items())]
                 why = self.composes(overrides)
@@ -406,15 +418,23 @@ class OptunaSweeper(Sweeper):
                 ]
             for trial, overrides, result in zip(trials, batch, results):
                 value, error = objective_value(result)
-                trial.set_user_attr("job", job_index)
-                trial.set_user_attr("overrides", overrides)
-                if error is None:
-                    study.tell(trial, value)
-                    log.info("trial %d (job %d): %s -> %.6g", trial.number, job_index, trial.params, value)
-                else:
-                    trial.set_user_attr("error", error)
-                    study.tell(trial, state=TrialState.FAIL)
-                    log.warning("trial %d (job %d) failed: %s", trial.number, job_index, error)
+                try:
+                    trial.set_user_attr("job", job_index)
+                    trial.set_user_attr("overrides", overrides)
+                    if error is None:
+                        study.tell(trial, value)
+                        log.info(
+                            "trial %d (job %d): %s -> %.6g", trial.number, job_index, trial.params, value
+                        )
+                    else:
+                        trial.set_user_attr("error", error)
+                        study.tell(trial, state=TrialState.FAIL)
+                        log.warning("trial %d (job %d) failed: %s", trial.number, job_index, error)
+                except optuna.exceptions.UpdateFinishedTrialError:  # another sweeper took it for
+                    # interrupted (this one's alive record stopped for STALE_S: a storage outage)
+                    log.warning(
+                        "trial %d (job %d) was failed by another sweeper meanwhile", trial.number, job_index
+                    )
                 job_index += 1
         self.write_results(study, sweep_dir)
 
