@@ -10,8 +10,9 @@ uninterrupted one, and the checkpoint a pre-empted run leaves behind.
   Lightning #20550, open in 2.6). A run that early stopping ended stays ended when resumed.
 - ``LastCheckpoint``: ``last.ckpt`` at every epoch's end (Lightning 2.6 writes it only with a new
   best).
-- ``StepCheckpoint``: ``last.ckpt`` every N optimizer steps within an epoch, but not on a batch
-  after which the epoch ends or a validation runs (resumed from there, Lightning 2.6 skips them).
+- ``StepCheckpoint``: ``last.ckpt`` every N optimizer steps within an epoch; one due on a batch
+  after which the epoch ends or a validation runs (resumed from there, Lightning 2.6 skips them)
+  is taken at the next optimizer step.
 - ``SaveOnSigterm``: on SIGTERM (a pre-emption, ``kill``, a scheduler's time limit) or SLURM's
   requeue signal, every process stops at the next step boundary where a checkpoint is whole and
   ``last.ckpt`` is saved there, so the same command resumes (``resume=auto``) without losing
