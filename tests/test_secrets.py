@@ -43,6 +43,7 @@ def test_credential_keys_are_redacted_and_ordinary_keys_kept(monkeypatch) -> Non
     assert redact_text('+extras.api_key=\'sk-123\' x="y" token="t0k"') == (
         f'+extras.api_key=\'{REDACTED}\' x="y" token="{REDACTED}"'
     )
+    assert redact_text("password=pa)s]s{x} next") == f"password={REDACTED} next"  # brackets are the secret's
     # a URL's password (an Optuna storage), not its user, host or port
     assert (
         redact_text("storage=postgresql+psycopg2://bob:pa55word@db.example:5432/optuna, http://host:8080/x")

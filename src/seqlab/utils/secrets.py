@@ -34,8 +34,9 @@ _SECRET_KEY = re.compile(
 _SPECIAL_TOKENS = re.compile(r"^(?:unk|pad|bos|eos|cls|sep|mask|start|end)[_-]token$", re.IGNORECASE)
 #: an environment variable that holds a credential
 _SECRET_ENV = re.compile(r"(?:_KEY|_TOKEN|_SECRET|_PASSWORD|_PASSWD)$|API_KEY", re.IGNORECASE)
-#: ``key=value`` (a Hydra override, a command-line argument) whose key names a credential
-_ASSIGNMENT = re.compile(r"(?P<key>[\w.+~/-]+)=(?P<quote>['\"]?)(?P<value>[^\s,'\"\])}]+)")
+#: ``key=value`` (a Hydra override, a command-line argument) whose key names a credential; the
+#: value ends at a quote (a list's repr, a quoted value) but takes brackets: a password may hold them
+_ASSIGNMENT = re.compile(r"(?P<key>[\w.+~/-]+)=(?P<quote>['\"]?)(?P<value>[^\s,'\"]+)")
 #: the password of a URL's user information: ``scheme://user:password@host``
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][\w+.-]*://[^\s:/@'\"]*:)(?P<password>[^\s/@'\"]+)(?=@)")
 
