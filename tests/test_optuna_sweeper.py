@@ -166,7 +166,8 @@ def test_only_trials_whose_sweeper_is_gone_count_as_interrupted(tmp_path: Path) 
     import sys
     import time
 
-    from hydra_plugins.seqlab_optuna_sweeper.optuna_sweeper import STALE_S, Heartbeat, is_interrupted, worker
+    from hydra_plugins.seqlab_optuna_sweeper.optuna_sweeper import STALE_S, Heartbeat, is_interrupted
+    from seqlab.utils.resume import this_process
 
     study = sweeper().create_study(tmp_path, [], space())
     here = socket.gethostname()
@@ -180,7 +181,7 @@ def test_only_trials_whose_sweeper_is_gone_count_as_interrupted(tmp_path: Path) 
         "another host, silent for long": ({"worker": "other-host 12", "alive_at": now - STALE_S - 1}, True),
         "this host, process gone": ({"worker": f"{here} {gone.stdout.strip()}", "alive_at": now}, True),
         "this host, process alive": ({"worker": f"{here} {os.getppid()}", "alive_at": now}, False),
-        "this sweeper": ({"worker": worker(), "alive_at": now}, False),
+        "this sweeper": ({"worker": this_process(), "alive_at": now}, False),
         # an earlier attempt of this search (requeued onto another node within STALE_S, or in a
         # container whose pid is always the same): its sweep directory is this one
         "this search, before": (

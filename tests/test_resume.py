@@ -25,14 +25,11 @@ from seqlab.train import train
 from seqlab.utils.resume import config_differences, find_interrupted_run, mark_running, newest_checkpoint
 from tests.conftest import FAST, ROOT, run_script
 
+# two epochs of 50 steps, step checkpoints by step count (the tests set how many)
+TWO_EPOCHS_BY_STEPS = [*FAST, "trainer.max_epochs=2", "callbacks.step_checkpoint.train_time_interval=null"]
 # checkpoints every 7 steps (mid-epoch), dropout on: resuming must restore the data position and
 # the random state, not only weights and optimizer
-EVERY_7_STEPS = [
-    *FAST,
-    "trainer.max_epochs=2",
-    "callbacks.step_checkpoint.every_n_train_steps=7",
-    "callbacks.step_checkpoint.train_time_interval=null",
-]
+EVERY_7_STEPS = [*TWO_EPOCHS_BY_STEPS, "callbacks.step_checkpoint.every_n_train_steps=7"]
 
 
 def fault(how: str, step: int, marker: Path) -> list[str]:
@@ -170,8 +167,7 @@ def test_no_step_checkpoint_where_an_epoch_ends_or_a_validation_follows(
     was taken before them, and the run resumed from it skipped both (the scheduler's epoch step,
     the validation): it ended elsewhere. None is taken there; a run killed in that validation
     resumes from the step checkpoint before it."""
-    overrides = [*FAST, "trainer.max_epochs=2", "callbacks.step_checkpoint.train_time_interval=null"]
-    overrides += settings
+    overrides = [*TWO_EPOCHS_BY_STEPS, *settings]
     faults = [
         "+callbacks.fault._target_=tests.faults.SignalInValidation", "+callbacks.fault.epoch=0",
         f"+callbacks.fault.once={tmp_path / 'fired'}", "+callbacks.fault.signum=SIGKILL",
@@ -195,8 +191,7 @@ def test_a_step_checkpoint_due_where_none_is_taken_is_taken_at_the_next_step(
     batch while accumulating gradients (13 steps an epoch) was taken on the next epoch's first
     batch, inside a window: resumed from there, that window stepped on part of its gradients.
     Each is taken at the next optimizer step with neither; a run killed after it resumes from it."""
-    overrides = [*FAST, "trainer.max_epochs=2", "callbacks.step_checkpoint.train_time_interval=null"]
-    overrides += settings
+    overrides = [*TWO_EPOCHS_BY_STEPS, *settings]
     interrupted_and_resumed(tmp_path, overrides, fault("kill", killed_at, tmp_path / "fired"), -9, saved_step)
 
 

@@ -58,11 +58,6 @@ HEARTBEAT_S = 60.0
 STALE_S = 600.0
 
 
-def worker() -> str:
-    """This sweeper, as its trials record it: ``<host> <pid>``."""
-    return f"{socket.gethostname()} {os.getpid()}"
-
-
 def is_interrupted(trial: Any, now: float, sweep_dir: str | None = None) -> bool:
     """Whether a RUNNING trial's sweeper is gone: no alive record (asked by something else), a
     record older than ``STALE_S``, a process of this host that no longer runs, or an earlier
@@ -353,6 +348,8 @@ class OptunaSweeper(Sweeper):
         import optuna
         from optuna.trial import TrialState
 
+        from seqlab.utils.resume import this_process
+
         assert self.config is not None and self.launcher is not None
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -391,7 +388,7 @@ class OptunaSweeper(Sweeper):
             trials, batch = [], []
             for _ in range(min(self.n_jobs, remaining)):
                 trial = study.ask(space)
-                trial.set_user_attr("worker", worker())
+                trial.set_user_attr("worker", this_process())
                 trial.set_user_attr("sweep", here)
                 trial.set_user_attr("alive_at", time.time())
                 overrides = [*fixed, *(f"{k}={override_value(v)}" for k, v in trial.params.items())]

@@ -120,7 +120,12 @@ def mark_running(run_dir: Path) -> None:
         except FileExistsError:
             raise in_use(run_dir, running_process(run_dir)) from None
         with os.fdopen(fd, "w") as handle:
-            handle.write(f"{socket.gethostname()} {os.getpid()}\n")
+            handle.write(f"{this_process()}\n")
+
+
+def this_process() -> str:
+    """This process as a ``.running`` marker (and an Optuna trial's sweeper) names it: ``<host> <pid>``."""
+    return f"{socket.gethostname()} {os.getpid()}"
 
 
 def in_use(run_dir: Path, pid: int | None) -> ConfigError:
