@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -356,6 +357,80 @@ def test_a_sharded_checkpoint_replaces_the_previous_one_only_when_whole(tmp_path
     assert newest_checkpoint(run_dir) == run_dir / "checkpoints" / ".last.ckpt.old"
     (run_dir / "checkpoints" / "last.ckpt").mkdir()
     assert newest_checkpoint(run_dir) == run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "deepspeed"])
+def test_fsdp_and_deepspeed_checkpoint_directories_replace_the_previous_one_only_when_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """trainer=fsdp (state_dict_type: sharded) and trainer=deepspeed* save directories through
+    Lightning, which writes into last.ckpt in place. Here Lightning's own save runs (one process;
+    DeepSpeed's engine, CUDA-only, is a stand-in that writes its layout) and fails half-way through
+    the second save: the first checkpoint is left whole, and the third replaces it."""
+    from lightning.pytorch.strategies import fsdp as lightning_fsdp
+
+    from seqlab.utils.checkpoint_io import read_sharded_checkpoint
+    from seqlab.utils.distributed import DeepSpeedStrategy, FSDPStrategy
+
+    target = tmp_path / "last.ckpt"
+    failing = {"now": False}
+
+    def fail_half_way(directory: Path) -> None:
+        if failing["now"]:
+            (directory / "__0_0.distcp").write_bytes(b"half a shard")
+            raise OSError("No space left on device")
+
+    if kind == "fsdp":
+        strategy = FSDPStrategy(state_dict_type="sharded")
+        dcp_save = lightning_fsdp._distributed_checkpoint_save
+
+        def shard_save(state: dict, path: Path) -> None:
+            fail_half_way(Path(path))
+            dcp_save(state, path)
+
+        monkeypatch.setattr(lightning_fsdp, "_distributed_checkpoint_save", shard_save)
+
+        def step_saved() -> int:
+            checkpoint = read_sharded_checkpoint(target)
+            assert torch.equal(
+                checkpoint["state_dict"]["w"], torch.full((4,), float(checkpoint["global_step"]))
+            )
+            return checkpoint["global_step"]
+    else:
+
+        class Engine:  # deepspeed.DeepSpeedEngine.save_checkpoint's layout: <dir>/latest, <dir>/<tag>/
+            def save_checkpoint(self, save_dir: str, client_state: dict, tag: str, **options: Any) -> None:
+                (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+                fail_half_way(Path(save_dir) / tag)
+                torch.save(client_state, Path(save_dir) / tag / "mp_rank_00_model_states.pt")
+                (Path(save_dir) / "latest").write_text(tag)
+
+        strategy = DeepSpeedStrategy(stage=2)
+        strategy.model = Engine()
+
+        def step_saved() -> int:
+            assert (target / "latest").read_text() == "checkpoint"
+            assert sorted(p.name for p in (target / "checkpoint").iterdir()) == ["mp_rank_00_model_states.pt"]
+            return torch.load(target / "checkpoint" / "mp_rank_00_model_states.pt")["global_step"]
+
+    def save(step: int) -> None:
+        checkpoint = {
+            "state_dict": {"w": torch.full((4,), float(step))},
+            "optimizer_states": [],
+            "global_step": step,
+        }
+        strategy.save_checkpoint(checkpoint, target)
+
+    save(1)
+    assert step_saved() == 1
+    failing["now"] = True
+    with pytest.raises(OSError, match="No space"):
+        save(2)
+    assert step_saved() == 1
+    failing["now"] = False
+    save(3)
+    assert step_saved() == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 def test_a_run_still_training_is_neither_resumed_nor_joined(make_cfg, tmp_path: Path) -> None:

@@ -201,28 +201,56 @@ def build_strategy(
     return instantiate(kwargs)
 
 
-class ModelParallelStrategy(strategies.ModelParallelStrategy):
+class SavesShardsAtomically:
+    """A strategy whose sharded checkpoint (a directory every process writes its part of) replaces
+    the previous one only once every process has written
+    (``seqlab.utils.checkpoint_io.save_directory_atomically``): Lightning's strategies write into
+    it in place, so a process killed while saving left two steps' shards under ``last.ckpt``.
+    Mixed in before the Lightning strategy; ``saves_sharded`` says whether this one shards."""
+
+    def saves_sharded(self) -> bool:
+        raise NotImplementedError
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        from pathlib import Path
+
+        from seqlab.utils.checkpoint_io import save_directory_atomically
+
+        base = super()
+        if not self.saves_sharded():
+            base.save_checkpoint(checkpoint, filepath, storage_options)  # one file, written atomically
+            return
+        save_directory_atomically(
+            self, Path(filepath), lambda part: base.save_checkpoint(checkpoint, part, storage_options)
+        )
+
+
+class FSDPStrategy(SavesShardsAtomically, strategies.FSDPStrategy):
+    """Lightning's FSDP strategy (``trainer=fsdp``); ``state_dict_type: sharded`` checkpoints are
+    written atomically (``SavesShardsAtomically``)."""
+
+    def saves_sharded(self) -> bool:
+        return self._state_dict_type == "sharded"
+
+
+class DeepSpeedStrategy(SavesShardsAtomically, strategies.DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy (``trainer=deepspeed*``); its checkpoints, always directories
+    of ZeRO partitions, are written atomically (``SavesShardsAtomically``)."""
+
+    def saves_sharded(self) -> bool:
+        return True
+
+
+class ModelParallelStrategy(SavesShardsAtomically, strategies.ModelParallelStrategy):
     """Lightning's FSDP2 strategy (``trainer=fsdp2``) that writes sharded checkpoints atomically
-    (``seqlab.utils.checkpoint_io.save_directory_atomically``) and resumes from any checkpoint *file*, such as
+    (``SavesShardsAtomically``) and resumes from any checkpoint *file*, such as
     one saved by DDP or one process: Lightning re-keys a positional optimizer state by
     ``module.parameters()`` order, which pairs the wrong tensors when the optimizer's groups
     reorder the parameters (size-mismatch errors, or silently wrong moments); here the saved groups
     pair with this run's groups, as ``torch.optim.Optimizer.load_state_dict`` pairs them."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        """A sharded checkpoint (``save_distributed_checkpoint=true``) replaces the previous one
-        only once every process has written its shard (Lightning writes into it in place)."""
-        from pathlib import Path
-
-        from seqlab.utils.checkpoint_io import save_directory_atomically
-
-        if not self._save_distributed_checkpoint:
-            super().save_checkpoint(checkpoint, filepath, storage_options)
-            return
-        base = super()
-        save_directory_atomically(
-            self, Path(filepath), lambda part: base.save_checkpoint(checkpoint, part, storage_options)
-        )
+    def saves_sharded(self) -> bool:
+        return self._save_distributed_checkpoint
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         from pathlib import Path
