@@ -15,10 +15,11 @@ class FailOnRank(L.Callback):
     """At optimizer step ``step``, global rank ``rank`` raises (``how=raise``), is killed with
     SIGKILL (``how=kill``, as a crash or an out-of-memory kill would) or gets SIGTERM / SIGUSR1
     (``how=term`` / ``usr1``, a pre-emption or SLURM's requeue signal: Lightning stops at the end of
-    the step) or reports a NaN training loss
+    the step) or reports a NaN training loss and sets a weight to NaN
     (``how=diverge``, to the callbacks after it: a batch that diverged on that rank alone) or
-    sets a weight to NaN (``how=poison``: every later loss is NaN) or makes the epoch's running
-    loss NaN with the weights intact (``how=skipped``, as a step 16-mixed's scaler skipped); ``mid_window``: on a batch
+    sets a weight to NaN (``how=poison``: every later loss is NaN) or reports a NaN loss and makes
+    the epoch's running loss NaN with the weights intact (``how=skipped``, as a step 16-mixed's
+    scaler skipped); ``mid_window``: on a batch
     inside a gradient-accumulation window. With
     ``once=<file>`` it fires only if that file does not exist (and creates it), so the same
     command run again is the restart after the fault."""
@@ -38,9 +39,12 @@ class FailOnRank(L.Callback):
             if Path(self.once).exists():
                 return
             Path(self.once).write_text(f"fired at step {trainer.global_step}\n")
-        if self.how == "diverge":
+        if self.how in ("diverge", "skipped"):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             loss.detach().fill_(float("nan"))  # the step is done: what the callbacks after this read
+        if self.how == "diverge":  # the NaN gradients were applied: this rank's weights are NaN
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
             return
         if self.how == "skipped":  # a NaN loss whose step was skipped (16-mixed's scaler): weights intact
             pl_module._train_loss["sum"] = pl_module._train_loss["sum"] + float("nan")

@@ -281,13 +281,17 @@ def test_the_weights_are_read_where_each_process_holds_them() -> None:
     assert local_part(whole) is whole and local_numel(whole) == 3
 
 
-def test_a_skipped_step_with_a_nan_loss_does_not_stop_the_run(make_cfg, tmp_path: Path, caplog) -> None:
-    """Under 16-mixed the gradient scaler skips a step whose loss overflowed: the epoch's running
-    loss is NaN, the weights are untouched. The guard looks at the weights then, and goes on."""
+@pytest.mark.parametrize("step", [45, 40])
+def test_a_skipped_step_with_a_nan_loss_does_not_stop_the_run(
+    make_cfg, tmp_path: Path, caplog, step: int
+) -> None:
+    """Under 16-mixed the gradient scaler skips a step whose loss overflowed: the loss and the
+    epoch's running loss are NaN, the weights are untouched. The guard looks at the weights then,
+    and goes on: before the validation (step 45), and on a logging step (40), where it stopped."""
     cfg = make_cfg(
         "trainer.log_every_n_steps=20", "trainer.max_epochs=2",
         "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0",
-        "+callbacks.fault.step=45", "+callbacks.fault.how=skipped", f"+callbacks.fault.once={tmp_path / 'fired'}",
+        f"+callbacks.fault.step={step}", "+callbacks.fault.how=skipped", f"+callbacks.fault.once={tmp_path / 'fired'}",
     )  # fmt: skip
     with caplog.at_level("WARNING", logger="seqlab.callbacks.divergence"):
         train(cfg)
@@ -296,6 +300,8 @@ def test_a_skipped_step_with_a_nan_loss_does_not_stop_the_run(make_cfg, tmp_path
         "the training loss was not finite at a step of epoch 0 before step 50, but the weights are finite"
         in caplog.text
     )
+    logging_step = "the training loss was not finite at step 40, but the weights are finite"
+    assert (logging_step in caplog.text) == (step == 40)
 
 
 def test_same_seed_and_config_give_bitwise_identical_results(make_cfg) -> None:

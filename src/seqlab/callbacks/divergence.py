@@ -25,10 +25,11 @@ class DivergenceGuard(L.Callback):
     Lightning logs, so the check adds no device synchronisation of its own), and the epoch's
     running loss before each validation while fitting: a loss that became NaN between two checks
     (and the weights with it) would otherwise reach the validation, whose non-finite metric early
-    stopping takes as a reason to end the run normally. There the weights decide: a running loss
+    stopping takes as a reason to end the run normally. At both checks the weights decide: a loss
     that is not finite while the weights are (a step 16-mixed's gradient scaler skipped after an
-    overflow, the weights untouched) is reported and training goes on. The logging-step check
-    stays strict: a non-finite loss seen there stops the run."""
+    overflow, the weights untouched) is reported and training goes on; a diverged step leaves
+    non-finite weights behind it (its NaN gradients were applied), and the run stops. The weights
+    are read only when a loss is not finite."""
 
     def __init__(self, every_n_steps: int | None = None) -> None:
         self.every_n_steps = every_n_steps
@@ -38,21 +39,30 @@ class DivergenceGuard(L.Callback):
         if trainer.global_step % max(1, every):
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        self.check(trainer, loss, f"at step {trainer.global_step}")
+        self.check_with_weights(trainer, pl_module, loss, f"at step {trainer.global_step}")
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         running = (getattr(pl_module, "_train_loss", None) or {}).get("sum")  # SeqTask's, this epoch's
         where = f"at a step of epoch {trainer.current_epoch} before step {trainer.global_step}"
-        if not self.diverged(trainer, running):
+        self.check_with_weights(trainer, pl_module, running, where)
+
+    def check_with_weights(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Any, where: str) -> None:  # fmt: skip
+        """Stop the run if ``loss`` is not finite on any process and the weights are not finite on
+        any process either; a non-finite loss with finite weights is reported. A step without a
+        loss (manual optimisation) counts as finite; every process takes part, and every process
+        stops together (a lone one left the others waiting)."""
+        if not isinstance(loss, torch.Tensor) and trainer.world_size == 1:
+            return
+        if not self.diverged(trainer, loss):
             return
         # only the weights decide: a step skipped on an overflow left them as they were
         weights_bad = any(not bool(torch.isfinite(local_part(p)).all()) for p in pl_module.parameters())
         if trainer.world_size > 1:  # each process holds its shard (FSDP2, ZeRO-3), or the same weights
             weights_bad = trainer.strategy.reduce_boolean_decision(weights_bad, all=False)
         if weights_bad:
-            self.check(trainer, running, where, diverged=True)
+            self.stop(trainer, loss, where)
         log.warning(
             "the training loss was not finite %s, but the weights are finite (a skipped step): "
             "training goes on", where,
@@ -66,27 +76,18 @@ class DivergenceGuard(L.Callback):
             diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
         return diverged
 
-    def check(self, trainer: L.Trainer, loss: Any, where: str, diverged: bool | None = None) -> None:
-        if not isinstance(loss, torch.Tensor) and trainer.world_size == 1:
-            return
-        # a step without a loss (manual optimisation) counts as finite; every rank takes part:
-        # every process stops together (a lone one left the others waiting)
+    def stop(self, trainer: L.Trainer, loss: Any, where: str) -> None:
+        """Raise TrainingDiverged, saying where and what this process saw."""
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else None
-        if diverged is None:
-            diverged = self.diverged(trainer, loss)
-        if diverged:
-            lr = (
-                f", learning rate {trainer.optimizers[0].param_groups[0]['lr']:.3g}"
-                if trainer.optimizers
-                else ""
-            )
-            if value is None or math.isfinite(value):
-                here = f" (here {value:.4g})" if value is not None else ""
-                what = f"not finite on another process{here}"
-            else:
-                what = str(value)
-            raise TrainingDiverged(
-                f"the training loss is {what} {where} "
-                f"(epoch {trainer.current_epoch}{lr}): "
-                "lower task.optimizer.lr, keep trainer.gradient_clip_val, or check the data"
-            )
+        lr = (
+            f", learning rate {trainer.optimizers[0].param_groups[0]['lr']:.3g}" if trainer.optimizers else ""
+        )
+        if value is None or math.isfinite(value):
+            here = f" (here {value:.4g})" if value is not None else ""
+            what = f"not finite on another process{here}"
+        else:
+            what = str(value)
+        raise TrainingDiverged(
+            f"the training loss is {what} {where} (epoch {trainer.current_epoch}{lr}): "
+            "lower task.optimizer.lr, keep trainer.gradient_clip_val, or check the data"
+        )
