@@ -219,6 +219,54 @@ def test_reports_and_eval_reproduce_the_test_accuracy(
     assert summary["metrics"]["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 
+def test_a_resumed_run_encodes_with_the_checkpoints_tokenizer(text_cfg, tmp_path: Path, monkeypatch) -> None:
+    """Resuming rebuilt the data from the config: with its cache entry gone (cleaned up, another
+    node, a data file copied anew with a new modification time), the tokenizer was trained again,
+    and WordPiece/Unigram training numbers the tokens otherwise each time, under the trained
+    embeddings. The resumed run encodes with the tokenizer saved in the checkpoint."""
+    _, objects = train(text_cfg("model=gru", "trainer.max_epochs=1"))
+    saved = objects["datamodule"].artifacts()["tokenizer"]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    shutil.rmtree(tmp_path / "cache")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the resumed run trained a new tokenizer instead of the checkpoint's")
+
+    monkeypatch.setattr(classification, "train_tokenizer", no_training)
+    metrics, resumed = train(
+        text_cfg("model=gru", "trainer.max_epochs=2", f"ckpt_path={last}", output="onward")
+    )
+    assert resumed["trainer"].current_epoch == 2 and metrics["test/acc"] > 0.5
+    assert resumed["datamodule"].artifacts()["tokenizer"] == saved
+
+
+def test_processes_with_different_tokenizers_are_refused(text_cfg) -> None:
+    """Each process reads the cache entry of its own data.cache_dir: one per node on node-local
+    disks, each with a tokenizer trained there (WordPiece and Unigram training is not the same
+    twice). Every process compares its tokenizer with process 0's and all stop together."""
+    from types import SimpleNamespace
+
+    from seqlab.errors import DataError
+    from seqlab.train import build_datamodule
+
+    datamodule = build_datamodule(text_cfg().data)
+
+    def process(rank: int, first: str | None) -> SimpleNamespace:
+        strategy = SimpleNamespace(
+            broadcast=lambda mine: first or mine, reduce_boolean_decision=lambda differs, all: differs
+        )
+        return SimpleNamespace(world_size=2, global_rank=rank, strategy=strategy)
+
+    datamodule.trainer = process(1, first="the digest of another tokenizer")
+    with pytest.raises(
+        DataError, match=r"different tokenizers \(process 1 read .*cache.*give data.cache_dir one"
+    ):
+        datamodule.setup("fit")
+    datamodule.trainer = process(1, first=None)  # process 0's is this one
+    datamodule.setup("fit")
+    assert len(datamodule.datasets["train"]) > 0
+
+
 def test_checkpoint_reloads_to_the_same_logits(text_cfg) -> None:
     _, objects = train(text_cfg("model=transformer", "trainer.max_epochs=1"))
     ckpt = objects["summary"]["best_checkpoint"]

@@ -187,15 +187,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg, run_dir)  # refuses a directory it must not write into
-    if ckpt_path:
-        check_checkpoint_fits(ckpt_path, cfg)
+    saved = check_checkpoint_fits(ckpt_path, cfg) if ckpt_path else None
     if is_rank_zero():
         mark_running(run_dir)  # claimed before anything is written into it
     try:  # a run refused while it is set up leaves no marker naming this (in a sweep, live) process
         git = write_run_metadata(cfg, run_dir) if is_rank_zero() else {}
 
         log.info("data <%s>", cfg.data._target_)
-        datamodule = build_datamodule(cfg.data, check_trainable=True)
+        # a resumed run encodes with the checkpoint's tokenizers: trained again (its cache entry
+        # gone, or keyed anew by a data file's new modification time) they may number the tokens
+        # otherwise, under the trained embeddings (WordPiece and Unigram training is not deterministic)
+        datamodule = build_datamodule(cfg.data, (saved or {}).get("data_artifacts"), check_trainable=True)
         log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)
         task = build_task(cfg.task, cfg.model, datamodule)
         task.check_trainable()

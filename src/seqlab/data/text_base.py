@@ -10,6 +10,7 @@ indices over as one tensor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from seqlab.data.forecasting import keep_batch
 from seqlab.data.samplers import BucketSampler, ResumableLoader, per_replica_batch_size, replicas, shuffles
 from seqlab.data.tokenization import PAD_ID
-from seqlab.errors import ConfigError
+from seqlab.errors import ConfigError, DataError
 from seqlab.utils.files import current_umask
 
 
@@ -178,8 +179,32 @@ class BatchedTextDataModule(L.LightningDataModule):
         if self.datasets:
             return
         self.load_meta()
+        self.check_one_tokenizer_everywhere()
         splits = torch.load(self.processed_dir / "splits.pt", weights_only=True)
         self.datasets = {split: self.dataset_from_state(state) for split, state in splits.items()}
+
+    def check_one_tokenizer_everywhere(self) -> None:
+        """Every process of a run must encode with the same tokenizer and classes. Each process
+        reads its cache entry from ``cache_dir``; where that is not one directory for all of them
+        (a node-local disk, data staged to each node with new modification times), each node
+        trains its own tokenizer, and WordPiece and Unigram training is not deterministic: the
+        processes would average gradients for rows that stand for different tokens. Refused by
+        every process together (one collective), naming the directory."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return
+        digest = hashlib.sha256(json.dumps(self.load_meta().get("classes")).encode())
+        for path in sorted(self.processed_dir.glob("*tokenizer.json")):
+            digest.update(path.name.encode() + path.read_bytes())
+        mine = digest.hexdigest()
+        first = trainer.strategy.broadcast(mine)
+        if trainer.strategy.reduce_boolean_decision(mine != first, all=False):
+            raise DataError(
+                f"the processes of this run encode with different tokenizers (process "
+                f"{trainer.global_rank} read {self.processed_dir}): each node built its own cache entry, "
+                "and tokenizer training is not the same twice; give data.cache_dir one directory "
+                "every node reads (a shared filesystem)"
+            )
 
     def per_device_batch_size(self) -> int:
         return per_replica_batch_size(self.batch_size, self.trainer)

@@ -186,14 +186,21 @@ def optimizer_param_names(module: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def load_run_info(ckpt_path: Path) -> dict[str, Any]:
-    """The ``seqlab`` section every seqlab checkpoint carries (task class, data config), with the
-    backbone's class as ``backbone_target``; a clear ConfigError for a missing, corrupt or
-    foreign file."""
+    """The ``seqlab`` section every seqlab checkpoint carries (task class, data config, the
+    tokenizers), with the backbone's class as ``backbone_target``; from a checkpoint file, or from
+    the metadata file of a sharded FSDP/FSDP2 directory; a clear ConfigError for a missing,
+    corrupt or foreign file."""
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
 
-    if not ckpt_path.is_file():
-        raise ConfigError(f"ckpt_path={str(ckpt_path)!r}: no such file")
+    source = ckpt_path / _METADATA_FILENAME if ckpt_path.is_dir() else ckpt_path
+    if not source.is_file():
+        raise ConfigError(
+            f"ckpt_path={str(ckpt_path)!r}: no such file"
+            if not ckpt_path.is_dir()
+            else f"ckpt_path={str(ckpt_path)!r} is a directory but not a sharded checkpoint (no {_METADATA_FILENAME})"
+        )
     try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=True)
+        checkpoint = torch.load(source, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:  # unpickling errors come in many types
         raise ConfigError(
             f"ckpt_path={str(ckpt_path)!r} is not a readable checkpoint ({type(err).__name__}): the file "

@@ -300,15 +300,16 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return cfg.get("ckpt_path")
 
 
-def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> None:
+def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | None:
     """A checkpoint given to (or found for) a training run must hold this run's task and
-    backbone: anything else is refused by name before any weight is loaded. Sharded checkpoint
-    directories are read by their strategy and not checked here."""
-    from seqlab.utils.checkpoint_io import load_run_info
+    backbone: anything else is refused by name before any weight is loaded. Returns the
+    checkpoint's run information (``load_run_info``: its tokenizers, which the resumed run encodes
+    with); None for a DeepSpeed directory, which its strategy alone reads."""
+    from seqlab.utils.checkpoint_io import is_deepspeed_checkpoint, load_run_info
 
     path = Path(ckpt_path)
-    if path.is_dir():
-        return
+    if path.is_dir() and is_deepspeed_checkpoint(path):
+        return None
     info = load_run_info(path)
     saved = (info["task_target"].rsplit(".", 1)[-1], str(info.get("backbone_target")).rsplit(".", 1)[-1])
     wanted = (cfg.task._target_.rsplit(".", 1)[-1], cfg.model._target_.rsplit(".", 1)[-1])
@@ -325,3 +326,4 @@ def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> None:
             "model order, which seqlab's parameter groups do not follow (wrong Adam moments); "
             "resume it under trainer=fsdp2 (pairs by name) or the strategy that saved it"
         )
+    return info
