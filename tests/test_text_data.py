@@ -97,6 +97,20 @@ def test_bad_table_rows_name_file_and_line(tmp_path: Path, content, message: str
     assert str(path) in str(err.value)
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path: Path) -> None:
+    """JSON lets a string hold U+2028, U+2029 and U+0085 unescaped (json.dumps(...,
+    ensure_ascii=False) writes them so; scraped web text has them): lines are cut at line feeds
+    only. str.splitlines cut there too, and the file was refused as broken JSON."""
+    rows = [
+        {"text": f"first{sep}second", "label": i % 2} for i, sep in enumerate(("\u2028", "\u2029", "\x85"))
+    ]
+    path = write(tmp_path / "web.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    examples = read_table(path, "text", "label")
+    # the reader's whitespace clean-up makes each separator a space
+    assert examples.texts == ["first second"] * 3 and examples.labels == ["0", "1", "0"]
+    assert examples.origins[2] == f"{path}, line 3"
+
+
 def test_bad_jsonl_line_is_named(tmp_path: Path) -> None:
     path = write(tmp_path / "bad.jsonl", '{"text": "ok", "label": "a"}\n{"text": "oops"\n')
     with pytest.raises(DataError, match=r"bad.jsonl, line 2: not a JSON object"):
@@ -304,6 +318,27 @@ def test_labels_outside_the_classes_are_named(tmp_path: Path) -> None:
     write(root / "test.csv", "review,sentiment\nfine,mixed\n")
     with pytest.raises(DataError, match=r"test.csv, line 2: label 'mixed' .*labels found in train"):
         text_dm(root, tmp_path / "cache").prepare_data()
+
+
+def test_a_class_held_out_whole_is_still_a_class(tmp_path: Path, caplog) -> None:
+    """The classes were the labels left in train after val/test were carved out of it: a rare
+    class whose examples all went to val or test was refused as 'not one of the labels found in
+    train', blaming a line of the train file itself, depending on data.split_seed. The classes are
+    the labels of the whole train file; a class with no training example left gets a warning."""
+    rows = [f"review {i},{'a' if i % 2 else 'b'}" for i in range(40)]
+    write(tmp_path / "raw" / "train.csv", "review,sentiment\n" + "\n".join([*rows, "the rare one,c"]) + "\n")
+    for seed in range(20):  # a seed that holds out the one 'c' example (about one in five)
+        dm = text_dm(tmp_path / "raw", tmp_path / "cache", test_file=None, split_seed=seed)
+        with caplog.at_level("WARNING", logger="seqlab.data.classification"):
+            dm.setup()
+        if "c" not in [dm.class_names()[int(y)] for y in dm.datasets["train"].labels]:
+            break
+    else:
+        pytest.fail("no split_seed in 0..19 held out the rare example")
+    assert dm.class_names() == ["a", "b", "c"] and dm.task_kwargs()["num_classes"] == 3
+    held = [dm.class_names()[int(y)] for split in ("val", "test") for y in dm.datasets[split].labels]
+    assert "c" in held
+    assert "every example of class 'c' was held out for val and test" in caplog.text
 
 
 def test_empty_splits_are_clear_errors(tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from seqlab.data.text_readers import read_lines
 from seqlab.data.tokenization import PAD_ID
-from seqlab.data.translation import read_lines
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.train import build_datamodule, to_plain
 from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, load_run_info

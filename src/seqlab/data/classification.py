@@ -361,15 +361,27 @@ class TextClassificationDataModule(BatchedTextDataModule):
                 raise DataError(f"{self.split_path(split) or self.name}: the {split} split has no examples")
         return raw
 
-    def class_list(self, train: LabelledTexts) -> list[str]:
+    def class_list(self, raw: dict[str, LabelledTexts]) -> list[str]:
+        """The classes in class-id order: a checkpoint's, ``data.classes``, or the labels of the
+        train file, val/test carved out of it included (a rare class whose every example was held
+        out is still a class, with a warning; it was refused as not found in train)."""
         if self.fixed is not None:
             return list(self.fixed["classes"])
         if self.classes is not None:
             return self.classes
-        return sorted(set(train.labels), key=_numeric_order)
+        carved = [split for split in ("val", "test") if self.split_path(split) is None]
+        labels = set(raw["train"].labels).union(*(raw[split].labels for split in carved))
+        missing = sorted(labels - set(raw["train"].labels), key=_numeric_order)
+        if missing:
+            log.warning(
+                "%s: every example of class %s was held out for %s (data.split_seed=%s): the model "
+                "never trains on it; use a larger train file or set data.val_file/data.test_file",
+                self.split_path("train"), ", ".join(map(repr, missing)), " and ".join(carved), self.hparams.split_seed,
+            )  # fmt: skip
+        return sorted(labels, key=_numeric_order)
 
     def write_processed(self, raw: dict[str, LabelledTexts], target: Path) -> None:
-        classes = self.class_list(raw["train"])
+        classes = self.class_list(raw)
         class_id = {label: i for i, label in enumerate(classes)}
         label_ids: dict[str, list[int]] = {}
         for split, examples in raw.items():

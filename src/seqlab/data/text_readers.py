@@ -79,6 +79,21 @@ def table_format(path: Path, fmt: str | None) -> str:
     return FORMATS[suffix]
 
 
+def read_lines(path: Path) -> list[str]:
+    """Lines of a UTF-8 file (``split_lines``)."""
+    return split_lines(read_utf8(path))
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines cut at line feeds only (``\\n`` or ``\\r\\n``; a final newline does not add an empty
+    line). Not ``str.splitlines``, which also cuts at U+2028, U+2029 and U+0085: characters a
+    sentence or a JSON string may hold (``json.dumps(..., ensure_ascii=False)`` leaves them)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
 def read_table(path: Path, text_column: str, label_column: str, fmt: str | None = None) -> LabelledTexts:
     """Texts and labels from a TSV/CSV file with a header row, or from JSON lines."""
     path = Path(path)
@@ -86,7 +101,7 @@ def read_table(path: Path, text_column: str, label_column: str, fmt: str | None 
     content = read_utf8(path)
     out = LabelledTexts()
     if fmt == "jsonl":
-        for line_no, line in enumerate(content.splitlines(), start=1):
+        for line_no, line in enumerate(split_lines(content), start=1):
             if not line.strip():
                 continue
             try:
@@ -159,4 +174,12 @@ def read_aclimdb(root: Path, split: str) -> LabelledTexts:
     return out
 
 
-__all__ = ["LabelledTexts", "clean_text", "read_aclimdb", "read_table", "read_utf8"]
+__all__ = [
+    "LabelledTexts",
+    "clean_text",
+    "read_aclimdb",
+    "read_lines",
+    "read_table",
+    "read_utf8",
+    "split_lines",
+]

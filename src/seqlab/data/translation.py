@@ -37,7 +37,7 @@ from seqlab.data.text_base import (
     generated_in_memory,
     publish,
 )
-from seqlab.data.text_readers import read_utf8
+from seqlab.data.text_readers import read_lines
 from seqlab.data.tokenization import (
     BOS_ID,
     EOS_ID,
@@ -79,15 +79,6 @@ class ParallelTexts:
 
     def __len__(self) -> int:
         return len(self.sources)
-
-
-def read_lines(path: Path) -> list[str]:
-    """Lines of a UTF-8 file (``\\n`` or ``\\r\\n``; a final newline does not add an empty line)."""
-    text = read_utf8(path)
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.rstrip("\r") for line in lines]
 
 
 def read_parallel(source: Path, target: Path) -> tuple[ParallelTexts, int]:
