@@ -52,7 +52,8 @@ class ClassificationTask(SeqTask):
             tokenizer's wrap, kept by word dropout): from the datamodule
             (``task_kwargs()``), never set by hand.
         pooling: ``mean``, ``max``, ``last`` or ``first`` (the [CLS] token).
-        embed_dropout: dropout on the token embeddings.
+        embed_dropout: dropout on the token embeddings (a Transformer backbone drops them again,
+            with the positions added, at its own ``dropout``).
         word_dropout: while training, the probability that a text token is replaced by the
             unknown token (Bowman et al. 2016), so the model cannot lean on single rare words.
         head_hidden: width of a tanh hidden layer before the output layer (0: a linear head).

@@ -57,7 +57,8 @@ class TranslationTask(SeqTask):
         src_vocab_size, tgt_vocab_size, shared_vocab, pad_id, bos_id, eos_id: from the datamodule.
         share_embeddings: one table for source and target tokens (needs a joint vocabulary).
         tie_output: the output layer reuses the target embedding (Press & Wolf 2017).
-        embed_dropout: dropout on the (scaled) embeddings.
+        embed_dropout: dropout on the (scaled) embeddings (a Transformer backbone drops them
+            again, with the positions added, at its own ``dropout``).
         label_smoothing: of the training cross-entropy (0.1 in Vaswani et al. 2017).
         beam_size, length_penalty, max_len_a, max_len_b: test-time search (beam 1 = greedy).
         val_beam_size: search used for the validation BLEU (1: greedy, cheap).
