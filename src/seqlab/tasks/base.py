@@ -304,7 +304,8 @@ class SeqTask(L.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """No weight decay on biases, norms and embeddings' 1-d parameters."""
+        """Weight decay on every matrix (weights and embedding tables, as in Hugging Face's and
+        nanoGPT's defaults); none on 1-d parameters (biases, norm scales and shifts)."""
         decay, no_decay = [], []
         for param in self.parameters():
             if param.requires_grad:
