@@ -208,9 +208,12 @@ def test_sigterm_while_accumulating_gradients_resumes_to_the_uninterrupted_resul
     interrupted_and_resumed(tmp_path, accumulating, faults, 143, saved_step=11, said=said)
 
 
-def test_a_run_directory_is_resumed_only_by_its_own_configuration(make_cfg, tmp_path: Path) -> None:
-    """A crashed run's directory refuses another configuration (naming the keys) and a finished
-    run refuses any; nothing in the directory changes. The same configuration resumes it."""
+def test_a_run_directory_is_resumed_only_by_its_own_configuration(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crashed run's directory refuses another configuration (naming the keys, and how to start
+    afresh) and a finished run refuses any; nothing in the directory changes. The same
+    configuration resumes it, from whatever directory the command is started in."""
     crash = [*EVERY_7_STEPS, "trainer.max_epochs=1", *fault("raise", 10, tmp_path / "fired")]
     with pytest.raises(RuntimeError, match="injected failure"):
         train(make_cfg(*crash))
@@ -225,7 +228,9 @@ def test_a_run_directory_is_resumed_only_by_its_own_configuration(make_cfg, tmp_
         }
 
     before = snapshot()
-    with pytest.raises(ConfigError, match=r"another configuration .*model\.d_model: 32 -> 48; seed: 42 -> 7"):
+    with pytest.raises(
+        ConfigError, match=r"another configuration .*model\.d_model: 32 -> 48; seed: 42 -> 7\..*resume=never"
+    ):
         train(make_cfg(*crash, "model.d_model=48", "seed=7"))
     with pytest.raises(ConfigError, match=r"already holds a run .* resume=never"):
         train(make_cfg(*crash, "resume=never"))
@@ -241,6 +246,8 @@ def test_a_run_directory_is_resumed_only_by_its_own_configuration(make_cfg, tmp_
     state["callbacks"]["RunStats"]["fit_s"] = 1000.0
     torch.save(state, checkpoint)
     started = time.perf_counter()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # paths.work_dir differs: it was refused
     metrics, objects = train(make_cfg(*crash))  # the same configuration: resumed and finished
     assert objects["summary"]["global_step"] == 50 and "test/mse" in metrics
     assert 1000 < objects["summary"]["fit_s"] < 1000 + time.perf_counter() - started

@@ -43,6 +43,8 @@ RESUME_IGNORES = (
     "hydra",
     "resume",
     "ckpt_path",
+    # where the command was started: the same command run from another directory resumes
+    "paths.work_dir",
     "extras",
     "logger",
     "tags",
@@ -284,7 +286,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         raise ConfigError(
             f"{run_dir} holds an interrupted run with another configuration ({saved_config}): {shown}. "
             "resume=auto never mixes two configurations: run with the same settings to resume it, "
-            "or train into another directory"
+            "or start a fresh run: resume=never (a new timestamped directory) or another hydra.run.dir"
         )
     checkpoint = newest_checkpoint(run_dir)
     started_from = saved.get("ckpt_path") if isinstance(saved, dict) else None
