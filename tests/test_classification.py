@@ -219,6 +219,22 @@ def test_reports_and_eval_reproduce_the_test_accuracy(
     assert summary["metrics"]["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 
+def test_with_weight_averaging_train_tests_the_averaged_weights_it_selected(
+    text_cfg, make_cfg, tmp_path: Path
+) -> None:
+    """callbacks.ema (the sst2_* recipes): validation and best.ckpt hold the averaged weights, but
+    the test after fit ran on the raw weights of the best step (the callback put them back when
+    the checkpoint was loaded): train.py reported 0.94 where eval.py of its best.ckpt gave 0.47."""
+    ema = "+callbacks.ema={_target_: lightning.pytorch.callbacks.EMAWeightAveraging, decay: 0.999}"
+    metrics, objects = train(text_cfg("model=gru", "trainer.max_epochs=2", ema))
+    ckpt = objects["summary"]["best_checkpoint"]
+    eval_metrics, _ = evaluate(
+        make_cfg(f"ckpt_path={ckpt}", "extras.print_config=false", name="eval", output="eval")
+    )
+    for key in ("test/acc", "test/f1"):
+        assert metrics[key] == pytest.approx(eval_metrics[key], abs=1e-6), key
+
+
 def test_a_resumed_run_encodes_with_the_checkpoints_tokenizer(text_cfg, tmp_path: Path, monkeypatch) -> None:
     """Resuming rebuilt the data from the config: with its cache entry gone (cleaned up, another
     node, a data file copied anew with a new modification time), the tokenizer was trained again,

@@ -84,6 +84,17 @@ def check_settings(node: DictConfig | dict, prefix: str) -> None:
         )
 
 
+def without_weight_averaging(trainer: L.Trainer) -> None:
+    """Drop the weight-averaging callbacks (``callbacks.ema``: Lightning's ``WeightAveraging``)
+    before testing. Validation and ``best.ckpt``'s ``state_dict`` hold the averaged weights, but a
+    callback that averaged during fit, loading the best checkpoint for the test, puts the raw
+    weights of that step (``current_model_state``) back into the model: train.py tested other
+    weights than those it selected and eval.py tests."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
+
+
 def build_datamodule(
     data_cfg: DictConfig | dict,
     artifacts: dict[str, Any] | None = None,
@@ -242,6 +253,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                     else "train=false without ckpt_path: testing freshly initialised weights"
                 )
             log.info("testing %s", ckpt or "the current weights")
+            without_weight_averaging(trainer)
             trainer.test(task, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False)
             test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
