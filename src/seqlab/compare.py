@@ -45,13 +45,41 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def beyond_noise(a: list[float], b: list[float]) -> bool | None:
-    """Whether two seed samples differ by more than twice the standard error of their difference
-    (about a 95% two-sided test); None with a single seed on either side (noise unknown)."""
+#: the family-wise error rate of the verdicts "beyond seed noise" of one report
+ALPHA = 0.05
+
+
+def welch_p_value(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test that two seed samples have one mean (variances not
+    assumed equal; Welch-Satterthwaite degrees of freedom: with 3 seeds a side, 2 to 4, where
+    "twice the standard error" was a 12-18% test, not 5%); None with a single seed on either
+    side (noise unknown)."""
+    import mpmath  # torch's own dependency (through sympy): Student's t without scipy
+
     if len(a) < 2 or len(b) < 2:
         return None
-    error = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-    return abs(statistics.fmean(a) - statistics.fmean(b)) > 2 * error
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    gap = abs(statistics.fmean(a) - statistics.fmean(b))
+    if va + vb == 0:  # every seed alike on both sides
+        return 0.0 if gap > 0 else 1.0
+    t = gap / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    # P(|T| > t) for Student's t with df degrees of freedom: a regularised incomplete beta
+    return float(mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True))
+
+
+def beyond_noise(p_values: dict[str, float | None], alpha: float = ALPHA) -> dict[str, bool | None]:
+    """Which backbones' gaps to the best are beyond seed noise: Holm's step-down procedure over
+    the comparisons with the best (the best is chosen by the same data, and with several
+    backbones some gap would pass a 5% test by chance), so that the chance of calling any
+    equal-mean backbone worse is at most ``alpha``. None where a p-value is None."""
+    verdicts: dict[str, bool | None] = {name: None for name, p in p_values.items() if p is None}
+    known = sorted((p, name) for name, p in p_values.items() if p is not None)
+    rejecting = True
+    for i, (p, name) in enumerate(known):
+        rejecting = rejecting and p <= alpha / (len(known) - i)
+        verdicts[name] = rejecting
+    return verdicts
 
 
 def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -131,14 +159,20 @@ def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any
         for key in COSTS:
             values = [j["summary"][key] for j in group if j["summary"].get(key) is not None]
             row[key] = statistics.fmean(values) if values else None
+        rows.append(row)
+    p_values = {name: welch_p_value(samples[name], samples[best]) for name in ranked[1:]}
+    verdicts = beyond_noise(p_values)
+    for row in rows:
+        name = row["backbone"]
         if name == best:
             row[f"vs best {metric}"] = "best"
+        elif verdicts[name] is None:
+            row[f"vs best {metric}"] = "one seed: noise unknown"
         else:
-            verdict = beyond_noise(samples[name], samples[best])
-            row[f"vs best {metric}"] = {True: "worse (beyond seed noise)", False: "within seed noise"}.get(
-                verdict, "one seed: noise unknown"
+            p = f"p={p_values[name]:.2g}"
+            row[f"vs best {metric}"] = (
+                f"worse (beyond seed noise, {p})" if verdicts[name] else f"within seed noise ({p})"
             )
-        rows.append(row)
     return rows, metric
 
 
@@ -321,8 +355,9 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
         "",
         f"Sweep `{sweep_dir}`, {len(jobs)} jobs. Means over seeds (`_std`: standard deviation); "
         f"ranked by test {metric} ({'higher' if MAIN_METRIC.get(task, ('', True))[1] else 'lower'} is better). "
-        "A gap to the best counts as beyond seed noise when it exceeds twice the standard error of "
-        "the difference (needs two seeds or more per backbone).",
+        "A gap to the best counts as beyond seed noise when Welch's t-test rejects equal means, "
+        f"Holm-corrected over the comparisons with the best at {ALPHA:.0%} (p: the test's own "
+        "p-value; needs two seeds or more per backbone).",
         "",
         markdown_table(rows, columns),
         "",
