@@ -33,13 +33,33 @@ def test_key_without_network_means_offline_quickly(no_key, monkeypatch) -> None:
 
 
 def test_online_and_proxied_runs_skip_the_direct_probe(no_key, monkeypatch) -> None:
-    """mode=online asks for no probe, and behind an HTTPS proxy (which wandb uses) a direct
-    connection says nothing: neither goes offline for an unanswered direct connection."""
+    """mode=online asks for no probe, and behind a proxy for the server's scheme (which wandb
+    uses) a direct connection says nothing: neither goes offline for an unanswered direct
+    connection."""
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_BASE_URL", "https://127.0.0.1:9")
     assert wandb_utils.resolve_mode("online") == ("online", None)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert wandb_utils.resolve_mode("auto") == ("online", None)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # an http server: HTTP_PROXY's
+    assert wandb_utils.resolve_mode("auto")[0] == "offline"
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    assert wandb_utils.resolve_mode("auto") == ("online", None)
+
+
+def test_a_self_hosted_server_is_probed_on_its_own_port(no_key, monkeypatch) -> None:
+    """``wandb server`` on http://localhost:8080: the probe went to port 443, found nothing, and
+    every run was written offline."""
+    import socket
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+        assert wandb_utils.resolve_mode("auto") == ("online", None)
+    assert (wandb_utils.wandb_host(), wandb_utils.wandb_port()) == ("127.0.0.1", port)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert wandb_utils.wandb_port() == 443
 
 
 def test_log_model_offline_is_dropped_not_refused(no_key, tmp_path: Path) -> None:

@@ -28,8 +28,23 @@ GIVEN_MODE = "SEQLAB_GIVEN_WANDB_MODE"
 RUN_ID_FILE = "wandb_run_id"
 
 
+def wandb_url():
+    return urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+
+
 def wandb_host() -> str:
-    return urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    return wandb_url().hostname or "api.wandb.ai"
+
+
+def wandb_port() -> int:
+    """The W&B server's port: the base URL's own (a self-hosted ``wandb server`` on
+    ``http://localhost:8080``), else its scheme's."""
+    url = wandb_url()
+    try:
+        port = url.port
+    except ValueError:  # not a number: left to wandb to refuse
+        port = None
+    return port or (80 if url.scheme == "http" else 443)
 
 
 def has_api_key() -> bool:
@@ -65,11 +80,12 @@ def resolve_mode(mode: str) -> tuple[str, str | None]:
         return mode, None
     if not has_api_key():  # online without a key would prompt on stdin
         return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
-    # the probe is a direct connection: behind an HTTPS proxy (which wandb uses) it says nothing,
-    # and mode=online asks for no probe at all
-    proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy"))
-    if mode == "auto" and not proxied and not host_reachable(wandb_host()):
-        return "offline", f"{wandb_host()} is not reachable"
+    # the probe is a direct connection: behind a proxy for the server's scheme (which wandb
+    # uses) it says nothing, and mode=online asks for no probe at all
+    scheme = "http" if wandb_url().scheme == "http" else "https"
+    proxied = any(os.environ.get(name) for name in (f"{scheme.upper()}_PROXY", f"{scheme}_proxy"))
+    if mode == "auto" and not proxied and not host_reachable(wandb_host(), wandb_port()):
+        return "offline", f"{wandb_host()}:{wandb_port()} is not reachable"
     return "online", None
 
 
