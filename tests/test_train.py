@@ -250,6 +250,28 @@ def test_throughput_leaves_out_the_steps_up_to_the_first_optimizer_step(make_cfg
     assert objects["summary"]["fit_s"] > pause  # the pause was taken
 
 
+def test_throughput_leaves_out_checkpoint_saves(make_cfg, monkeypatch) -> None:
+    """best.ckpt is written after a validation and a step checkpoint after a step, both after
+    RunStats's hooks (Lightning runs checkpoint callbacks last): their writes counted as training
+    time, so an epoch that improved (or a slow disk) looked slower to train."""
+    import time
+
+    from seqlab.utils.checkpoint_io import AtomicCheckpointIO
+
+    pause, real = 4.0, AtomicCheckpointIO.save_checkpoint
+
+    def slow_save(self, checkpoint, path, storage_options=None):
+        time.sleep(pause)
+        real(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", slow_save)
+    _, objects = train(make_cfg("trainer.max_epochs=1", "callbacks.step_checkpoint.every_n_train_steps=20"))
+    samples = objects["trainer"].num_training_batches * 32  # FAST: batches of 32
+    # two step checkpoints (steps 20, 40) and best.ckpt inside the epoch: 12 s outside training
+    assert objects["summary"]["train_samples_per_s"] > samples / pause
+    assert objects["summary"]["fit_s"] > 4 * pause  # the saves were made (last.ckpt too)
+
+
 def test_a_loss_that_turns_nan_between_two_checks_is_caught_before_validation(make_cfg) -> None:
     """The loss is checked at logging steps (no synchronisation of its own); weights that became
     NaN at step 45 of a 50-step epoch reached the validation, whose NaN early stopping took as a

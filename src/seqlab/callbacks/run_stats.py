@@ -172,8 +172,8 @@ def local_numel(param: torch.Tensor) -> int:
 
 
 class RunStats(L.Callback):
-    """Training throughput (samples/s and tokens/s of all processes, validation and the steps up
-    to the first optimizer step excluded: compilation and warm-up), FLOPs
+    """Training throughput (samples/s and tokens/s of all processes; validation, checkpoint saves
+    and the steps up to the first optimizer step excluded: compilation and warm-up), FLOPs
     per token and model FLOPs utilisation (MFU: achieved model FLOP/s over the devices' dense
     peak), seconds from the job's start to the first optimizer step (the process start for a single
     run: imports included), the job's peak memory (GPU: from the start of training), and the
@@ -200,8 +200,10 @@ class RunStats(L.Callback):
         self._epoch_start: float | None = None
         self._epoch_samples = 0
         self._epoch_tokens: torch.Tensor | int = 0
-        self._val_seconds = 0.0
+        #: this epoch's seconds outside training: validation, and checkpoint saves
+        self._outside_seconds = 0.0
         self._val_start: float | None = None
+        self._save_start: float | None = None
         self.worker_memory: dict[str, float] | None = None
         #: seconds of ``trainer.fit`` this run spent before the process that resumed it (saved in
         #: its checkpoints); 0 for a fresh run and for one started from another run's checkpoint
@@ -238,8 +240,25 @@ class RunStats(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         settled(pl_module.device)
         self._epoch_start = time.perf_counter()
-        self._val_seconds = 0.0
+        self._outside_seconds = 0.0
         self._epoch_samples, self._epoch_tokens = 0, 0
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:  # fmt: skip
+        # a save is not training: ModelCheckpoint's after a validation and a step checkpoint's
+        # come after this callback's hooks (Lightning runs checkpoint callbacks last), so the
+        # save runs from here to the next training batch (or the validation, or the epoch's end)
+        if self._epoch_start is not None and self._val_start is None and self._save_start is None:
+            settled(pl_module.device)
+            self._save_start = time.perf_counter()
+
+    def saved(self) -> None:
+        """The save that ``on_save_checkpoint`` began is over: its time is outside training."""
+        if self._save_start is not None:
+            self._outside_seconds += time.perf_counter() - self._save_start
+            self._save_start = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        self.saved()
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         # this process's share, summed over the processes at the epoch's end: their padded text
@@ -258,23 +277,25 @@ class RunStats(L.Callback):
             if self._epoch_start is not None:
                 self._epoch_start = time.perf_counter()
                 self._epoch_samples, self._epoch_tokens = 0, 0
-                self._val_seconds = 0.0  # a validation before it (val_check_interval) is outside too
+                self._outside_seconds = 0.0  # a validation before it (val_check_interval) is outside too
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         settled(pl_module.device)
+        self.saved()
         self._val_start = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._val_start is not None and self._epoch_start is not None:
             settled(pl_module.device)
-            self._val_seconds += time.perf_counter() - self._val_start
+            self._outside_seconds += time.perf_counter() - self._val_start
         self._val_start = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._epoch_start is None:
             return
         settled(pl_module.device)
-        seconds = time.perf_counter() - self._epoch_start - self._val_seconds
+        self.saved()
+        seconds = time.perf_counter() - self._epoch_start - self._outside_seconds
         self._epoch_start = None
         samples, tokens = self.all_processes(trainer, pl_module.device)
         self.train_seconds += seconds
