@@ -155,7 +155,7 @@ def test_runs_of_one_sweep_are_separate_wandb_runs_in_one_group(tmp_path: Path) 
     home.mkdir()
     sweep = tmp_path / "sweep-7f3a"
     result = run_script(
-        "train.py", "-m", "model=rnn,gru", "logger=wandb", *FAST, "trainer.max_epochs=1",
+        "train.py", "-m", "model=rnn,gru", "logger=wandb", *FAST, "trainer.max_epochs=1", "task_name=ett_pair",
         "+hydra.callbacks.compare_report._target_=seqlab.utils.hydra_callbacks.CompareReport",
         f"hydra.sweep.dir={sweep}", env={"HOME": str(home), "NETRC": str(home / ".netrc")}, timeout=300,
     )  # fmt: skip
@@ -165,10 +165,11 @@ def test_runs_of_one_sweep_are_separate_wandb_runs_in_one_group(tmp_path: Path) 
     (first,), (second,) = runs
     assert first.parent.name != second.parent.name, "two W&B runs, not one reused"
     for data in (first.read_bytes(), second.read_bytes()):
-        assert b"train-sweep-7f3a" in data, "the sweep's group is recorded in the run"
+        # <task_name>-<sweep dir name>: two tasks' sweeps started in one second got one group
+        assert b"ett_pair-sweep-7f3a" in data, "the sweep's group is recorded in the run"
     # the comparison report went to the same group, as a run of its own with the table and plots
     (report_run,) = list((sweep / "wandb").glob("offline-run-*/*.wandb"))
-    assert b"train-sweep-7f3a" in report_run.read_bytes() and b"compare" in report_run.read_bytes()
+    assert b"ett_pair-sweep-7f3a" in report_run.read_bytes() and b"compare" in report_run.read_bytes()
     media = report_run.parent / "files" / "media"
     assert list(media.rglob("comparison*.table.json")) and list(media.rglob("*report_curves*.png"))
     assert (sweep / "report.md").is_file()

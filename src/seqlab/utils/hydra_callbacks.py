@@ -156,7 +156,7 @@ class CompareReport(Callback):
             wandb_init = {
                 "project": wandb_cfg.get("project"),
                 "entity": wandb_cfg.get("entity"),
-                "group": sweep_group(config.hydra.job.name, sweep_dir),
+                "group": sweep_group(config.get("task_name", "train"), sweep_dir),
                 "mode": wandb_cfg.get("mode", "auto"),
                 "name": f"compare-{sweep_dir.name}",
             }

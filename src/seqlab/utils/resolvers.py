@@ -97,7 +97,7 @@ def rank_log_suffix() -> str:
     return ""
 
 
-def sweep_id() -> str | None:
+def sweep_id(task_name: str = "train") -> str | None:
     """Inside a Hydra multirun, ``<task_name>-<sweep directory name>``: the W&B group every job of
     the sweep shares (a W&B sweep agent's runs are grouped by W&B itself). Else None."""
     from hydra.core.hydra_config import HydraConfig
@@ -108,12 +108,14 @@ def sweep_id() -> str | None:
     hydra = HydraConfig.get()
     if hydra.mode != RunMode.MULTIRUN:
         return None
-    return sweep_group(hydra.job.name, hydra.sweep.dir)
+    return sweep_group(task_name, hydra.sweep.dir)
 
 
-def sweep_group(job_name: str, sweep_dir: str | Path) -> str:
-    """The W&B group of a sweep's runs and of its comparison report."""
-    return f"{job_name}-{Path(sweep_dir).name}"
+def sweep_group(task_name: str, sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep's runs and of its comparison report. A sweep directory's name is
+    its start time, its own only among its task's sweeps (``logs/<task_name>/multiruns``): with
+    the job's name (always ``train``) two tasks' sweeps started in one second shared a group."""
+    return f"{task_name}-{Path(sweep_dir).name}"
 
 
 def register_resolvers() -> None:
