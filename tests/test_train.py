@@ -326,6 +326,38 @@ def test_a_skipped_step_with_a_nan_loss_does_not_stop_the_run(
     assert (logging_step in caplog.text) == (step == 40)
 
 
+def test_a_run_whose_every_step_is_skipped_stops(make_cfg) -> None:
+    """A float16 forward that overflows whatever the scale: every step is skipped, the weights
+    never change, and the validation metric is NaN (early stopping then ended the run as if it
+    had finished). Three checks in a row with a NaN loss and finite weights stop it."""
+    from seqlab.callbacks import TrainingDiverged
+
+    cfg = make_cfg(
+        "trainer.log_every_n_steps=20", "trainer.max_epochs=3",
+        "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0",
+        "+callbacks.fault.step=15", "+callbacks.fault.how=skipped",
+    )  # fmt: skip
+    with pytest.raises(TrainingDiverged, match=r"before step 50, at 3 checks in a row with finite weights"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "summary.json").exists()
+
+
+def test_no_step_check_inside_an_accumulation_window(make_cfg, tmp_path: Path, caplog) -> None:
+    """Inside a gradient-accumulation window a NaN loss's gradients are not applied yet: the
+    weights are finite there whatever comes, so the step check is taken where the window ends."""
+    cfg = make_cfg(
+        "trainer.log_every_n_steps=1", "trainer.max_epochs=1", "trainer.accumulate_grad_batches=2",
+        "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0",
+        "+callbacks.fault.step=10", "+callbacks.fault.how=skipped", "+callbacks.fault.mid_window=true",
+        f"+callbacks.fault.once={tmp_path / 'fired'}",
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="seqlab.callbacks.divergence"):
+        train(cfg)
+    assert (tmp_path / "fired").read_text() == "fired at step 10\n"
+    assert "not finite at step" not in caplog.text  # the window's end (step 11) had a finite loss
+    assert "not finite at a step of epoch 0 before step 25" in caplog.text  # the running loss
+
+
 def test_same_seed_and_config_give_bitwise_identical_results(make_cfg) -> None:
     """Reproducibility on CPU: every metric (losses, validation, test) equal bit for bit across two
     runs; only the throughput figures (perf/*, wall-clock) differ. summary.json records what the

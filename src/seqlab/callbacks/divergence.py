@@ -29,14 +29,21 @@ class DivergenceGuard(L.Callback):
     that is not finite while the weights are (a step 16-mixed's gradient scaler skipped after an
     overflow, the weights untouched) is reported and training goes on; a diverged step leaves
     non-finite weights behind it (its NaN gradients were applied), and the run stops. The weights
-    are read only when a loss is not finite."""
+    are read only when a loss is not finite. Steps that are all skipped (a float16 forward that
+    overflows whatever the scale: the weights never change, the validation metric is NaN) stop
+    the run after ``max_skipped`` such checks in a row. The step check is taken where an
+    optimizer step ended, never inside a gradient-accumulation window (its NaN gradients are
+    not applied yet)."""
 
-    def __init__(self, every_n_steps: int | None = None) -> None:
+    def __init__(self, every_n_steps: int | None = None, max_skipped: int = 3) -> None:
         self.every_n_steps = every_n_steps
+        self.max_skipped = max_skipped
+        #: checks in a row that found a non-finite loss with finite weights
+        self.skipped = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:  # fmt: skip
         every = self.every_n_steps or trainer.log_every_n_steps
-        if trainer.global_step % max(1, every):
+        if trainer.global_step % max(1, every) or trainer.fit_loop.epoch_loop._should_accumulate():
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         self.check_with_weights(trainer, pl_module, loss, f"at step {trainer.global_step}")
@@ -56,6 +63,7 @@ class DivergenceGuard(L.Callback):
         if not isinstance(loss, torch.Tensor) and trainer.world_size == 1:
             return
         if not self.diverged(trainer, loss):
+            self.skipped = 0
             return
         # only the weights decide: a step skipped on an overflow left them as they were
         weights_bad = any(not bool(torch.isfinite(local_part(p)).all()) for p in pl_module.parameters())
@@ -63,6 +71,12 @@ class DivergenceGuard(L.Callback):
             weights_bad = trainer.strategy.reduce_boolean_decision(weights_bad, all=False)
         if weights_bad:
             self.stop(trainer, loss, where)
+        self.skipped += 1
+        if self.skipped >= self.max_skipped:
+            self.stop(
+                trainer, loss, f"{where}, at {self.skipped} checks in a row with finite weights: every step is "
+                "skipped (under 16-mixed the forward overflows float16: use bf16-mixed or 32-true)",
+            )  # fmt: skip
         log.warning(
             "the training loss was not finite %s, but the weights are finite (a skipped step): "
             "training goes on", where,
