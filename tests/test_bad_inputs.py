@@ -110,6 +110,26 @@ def test_a_checkpoint_of_another_task_or_backbone_is_refused_by_name(make_cfg, t
     ):
         check_checkpoint_fits(str(checkpoint), make_cfg("model=gru", "trainer=fsdp", output="o4"))
     check_checkpoint_fits(str(checkpoint), make_cfg("model=gru", "trainer=fsdp2", output="o5"))
+    # a DeepSpeed directory (written by CUDA runs only; its layout here): DeepSpeed keeps
+    # Lightning's entries in the latest tag's model-states file, where they are checked and read
+    saved = torch.load(checkpoint, weights_only=True)
+    deepspeed_dir = tmp_path / "deepspeed.ckpt"
+    (deepspeed_dir / "checkpoint").mkdir(parents=True)
+    (deepspeed_dir / "latest").write_text("checkpoint")
+    entries = {key: saved[key] for key in ("seqlab", "hyper_parameters", "global_step")}
+    torch.save(
+        {"module": saved["state_dict"], **entries},
+        deepspeed_dir / "checkpoint" / "mp_rank_00_model_states.pt",
+    )
+    info = check_checkpoint_fits(str(deepspeed_dir), make_cfg("model=gru", output="o6"))
+    assert info is not None and info["data"] == saved["seqlab"]["data"]
+    with pytest.raises(ConfigError, match=r"holds a ForecastingTask with a RNNBackbone backbone"):
+        check_checkpoint_fits(str(deepspeed_dir), make_cfg("model=transformer", output="o7"))
+    # one that does not load with weights_only: not checked, and resumed by its strategy as before
+    torch.save(
+        {"module": {}, "ds_config": object()}, deepspeed_dir / "checkpoint" / "mp_rank_00_model_states.pt"
+    )
+    assert check_checkpoint_fits(str(deepspeed_dir), make_cfg("model=gru", output="o8")) is None
 
 
 def test_windows_longer_than_the_model_was_built_for_are_refused_by_name(make_cfg, tmp_path: Path) -> None:

@@ -185,20 +185,39 @@ def optimizer_param_names(module: torch.nn.Module, optimizer: torch.optim.Optimi
     return [[name_of[id(param)] for param in group["params"]] for group in optimizer.param_groups]
 
 
+def metadata_file(ckpt_path: Path) -> Path:
+    """The file of a checkpoint that holds its metadata (the ``seqlab`` section, the hyper-parameters):
+    a checkpoint file itself; a sharded FSDP/FSDP2 directory's ``meta.pt``; a DeepSpeed
+    directory's model-states file of its latest tag, where DeepSpeed keeps Lightning's
+    checkpoint entries (ZeRO-3: ``zero_pp_rank_0_mp_rank_00_model_states.pt``)."""
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    if not ckpt_path.is_dir():
+        if not ckpt_path.is_file():
+            raise ConfigError(f"ckpt_path={str(ckpt_path)!r}: no such file")
+        return ckpt_path
+    if is_deepspeed_checkpoint(ckpt_path):
+        latest = ckpt_path / "latest"
+        tag = latest.read_text().strip() if latest.is_file() else "checkpoint"
+        found = sorted((ckpt_path / tag).glob("*mp_rank_00_model_states.pt"))
+        if found:
+            return found[0]
+        raise ConfigError(
+            f"ckpt_path={str(ckpt_path)!r}: DeepSpeed checkpoint without {tag}/*mp_rank_00_model_states.pt"
+        )
+    if not (ckpt_path / _METADATA_FILENAME).is_file():
+        raise ConfigError(
+            f"ckpt_path={str(ckpt_path)!r} is a directory but not a sharded checkpoint (no {_METADATA_FILENAME})"
+        )
+    return ckpt_path / _METADATA_FILENAME
+
+
 def load_run_info(ckpt_path: Path) -> dict[str, Any]:
     """The ``seqlab`` section every seqlab checkpoint carries (task class, data config, the
     tokenizers), with the backbone's class as ``backbone_target``; from a checkpoint file, or from
-    the metadata file of a sharded FSDP/FSDP2 directory; a clear ConfigError for a missing,
-    corrupt or foreign file."""
-    from lightning.fabric.utilities.load import _METADATA_FILENAME
-
-    source = ckpt_path / _METADATA_FILENAME if ckpt_path.is_dir() else ckpt_path
-    if not source.is_file():
-        raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r}: no such file"
-            if not ckpt_path.is_dir()
-            else f"ckpt_path={str(ckpt_path)!r} is a directory but not a sharded checkpoint (no {_METADATA_FILENAME})"
-        )
+    the file of a checkpoint directory that holds it (``metadata_file``); a clear ConfigError for
+    a missing, corrupt or foreign file."""
+    source = metadata_file(ckpt_path)
     try:
         checkpoint = torch.load(source, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:  # unpickling errors come in many types

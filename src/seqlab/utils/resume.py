@@ -306,13 +306,20 @@ def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | N
     """A checkpoint given to (or found for) a training run must hold this run's task and
     backbone: anything else is refused by name before any weight is loaded. Returns the
     checkpoint's run information (``load_run_info``: its tokenizers, which the resumed run encodes
-    with); None for a DeepSpeed directory, which its strategy alone reads."""
+    with); None for a DeepSpeed directory whose model-states file does not load safely (its
+    strategy reads it, unchecked here)."""
     from seqlab.utils.checkpoint_io import is_deepspeed_checkpoint, load_run_info
 
     path = Path(ckpt_path)
-    if path.is_dir() and is_deepspeed_checkpoint(path):
+    try:
+        info = load_run_info(path)
+    except ConfigError as error:
+        if not (path.is_dir() and is_deepspeed_checkpoint(path)):
+            raise
+        log.warning(
+            "%s; resuming without checking it, and the data's tokenizer is rebuilt from the data", error
+        )
         return None
-    info = load_run_info(path)
     saved = (info["task_target"].rsplit(".", 1)[-1], str(info.get("backbone_target")).rsplit(".", 1)[-1])
     wanted = (cfg.task._target_.rsplit(".", 1)[-1], cfg.model._target_.rsplit(".", 1)[-1])
     if saved != wanted:
