@@ -12,6 +12,7 @@ import torch
 
 from seqlab.backbones.base import pool
 from seqlab.data import classification
+from seqlab.errors import ConfigError
 from seqlab.eval import evaluate
 from seqlab.tasks.classification import ClassificationTask, most_confident
 from seqlab.train import train
@@ -249,6 +250,9 @@ def test_a_resumed_run_encodes_with_the_checkpoints_tokenizer(text_cfg, tmp_path
         raise AssertionError("the resumed run trained a new tokenizer instead of the checkpoint's")
 
     monkeypatch.setattr(classification, "train_tokenizer", no_training)
+    # other tokenizer settings would be recorded and ignored: refused by name
+    with pytest.raises(ConfigError, match=r"data.tokenizer.lowercase=False \(trained with True\)"):
+        train(text_cfg("model=gru", f"ckpt_path={last}", "data.tokenizer.lowercase=false", output="refused"))
     metrics, resumed = train(
         text_cfg("model=gru", "trainer.max_epochs=2", f"ckpt_path={last}", output="onward")
     )

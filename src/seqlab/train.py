@@ -25,7 +25,7 @@ from seqlab.callbacks import DivergenceGuard, ExactResume, RunStats, SaveOnSigte
 from seqlab.callbacks.run_stats import start_job
 from seqlab.errors import ConfigError, SeqlabError, instantiate
 from seqlab.utils import hooks
-from seqlab.utils.checkpoint_io import AtomicCheckpointIO
+from seqlab.utils.checkpoint_io import AtomicCheckpointIO, check_same_tokenizer
 from seqlab.utils.csv_logger import CSVLogger
 from seqlab.utils.distributed import (
     build_strategy,
@@ -208,6 +208,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         # a resumed run encodes with the checkpoint's tokenizers: trained again (its cache entry
         # gone, or keyed anew by a data file's new modification time) they may number the tokens
         # otherwise, under the trained embeddings (WordPiece and Unigram training is not deterministic)
+        if saved:
+            check_same_tokenizer(saved, to_plain(cfg.data), "training on from it keeps them")
         datamodule = build_datamodule(cfg.data, (saved or {}).get("data_artifacts"), check_trainable=True)
         log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)
         task = build_task(cfg.task, cfg.model, datamodule)

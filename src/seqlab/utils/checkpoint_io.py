@@ -248,17 +248,29 @@ def data_settings(info: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]
     defaults). A checkpoint that carries its tokenizer encodes as the model was trained: a
     tokenizer setting that differs is refused by name rather than written in the run's record
     and ignored."""
-    from seqlab.utils.resume import flatten  # resume imports the strategies: not at import time
-
     saved = info["data"]
     merged = OmegaConf.to_container(OmegaConf.merge(saved, given))
-    if info.get("data_artifacts") and "tokenizer" in given:
-        before, after = flatten(saved.get("tokenizer") or {}), flatten(merged.get("tokenizer") or {})
-        changed = [f"data.tokenizer.{k}={after.get(k)!r} (trained with {before.get(k)!r})"
-                   for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]  # fmt: skip
-        if changed:
-            raise ConfigError(
-                f"{', '.join(changed)}: the checkpoint's tokenizer, saved in it, encodes as the model "
-                "was trained; evaluation does not change tokenizer settings"
-            )
+    if "tokenizer" in given:
+        check_same_tokenizer(info, merged, "evaluation does not change tokenizer settings")
     return merged
+
+
+def check_same_tokenizer(info: dict[str, Any], data: dict[str, Any], why: str) -> None:
+    """Refuse ``data.tokenizer`` settings other than those of a checkpoint that carries its
+    tokenizers (``info``: ``load_run_info``): they would be recorded and ignored, the checkpoint's
+    tokenizer encoding as the model was trained."""
+    from seqlab.utils.resume import flatten  # resume imports the strategies: not at import time
+
+    if not info.get("data_artifacts"):
+        return
+    # a setting left out keeps the checkpoint's (the config's defaults may have been filled in)
+    saved = info["data"].get("tokenizer") or {}
+    merged = OmegaConf.to_container(OmegaConf.merge(saved, data.get("tokenizer") or {}))
+    before, after = flatten(saved), flatten(merged)
+    changed = [f"data.tokenizer.{k}={after.get(k)!r} (trained with {before.get(k)!r})"
+               for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]  # fmt: skip
+    if changed:
+        raise ConfigError(
+            f"{', '.join(changed)}: the checkpoint's tokenizer, saved in it, encodes as the model was "
+            f"trained; {why}"
+        )
