@@ -245,9 +245,9 @@ def test_throughput_leaves_out_the_steps_up_to_the_first_optimizer_step(make_cfg
     )
     _, objects = train(make_cfg("trainer.max_epochs=1"))
     samples = objects["trainer"].num_training_batches * 32  # FAST: batches of 32
-    # with the pause in it, the epoch's rate is below samples / pause
-    assert objects["summary"]["train_samples_per_s"] > samples / pause
-    assert objects["summary"]["fit_s"] > pause  # the pause was taken
+    # the pause is in fit's time, not in training's (whatever the load on the machine)
+    train_s = samples / objects["summary"]["train_samples_per_s"]
+    assert objects["summary"]["fit_s"] - train_s > pause
 
 
 def test_throughput_leaves_out_checkpoint_saves(make_cfg, monkeypatch) -> None:
@@ -256,20 +256,32 @@ def test_throughput_leaves_out_checkpoint_saves(make_cfg, monkeypatch) -> None:
     time, so an epoch that improved (or a slow disk) looked slower to train."""
     import time
 
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
     from seqlab.utils.checkpoint_io import AtomicCheckpointIO
 
-    pause, real = 4.0, AtomicCheckpointIO.save_checkpoint
+    pause, write, gather = (
+        4.0,
+        AtomicCheckpointIO.save_checkpoint,
+        SingleDeviceStrategy.lightning_module_state_dict,
+    )
 
-    def slow_save(self, checkpoint, path, storage_options=None):
-        time.sleep(pause)
-        real(self, checkpoint, path, storage_options)
+    def slow_write(self, checkpoint, path, storage_options=None):
+        time.sleep(pause / 2)
+        write(self, checkpoint, path, storage_options)
 
-    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", slow_save)
+    def slow_gather(self):  # before the callbacks' on_save_checkpoint (a sharded strategy's gather)
+        time.sleep(pause / 2)
+        return gather(self)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", slow_write)
+    monkeypatch.setattr(SingleDeviceStrategy, "lightning_module_state_dict", slow_gather)
     _, objects = train(make_cfg("trainer.max_epochs=1", "callbacks.step_checkpoint.every_n_train_steps=20"))
     samples = objects["trainer"].num_training_batches * 32  # FAST: batches of 32
-    # two step checkpoints (steps 20, 40) and best.ckpt inside the epoch: 12 s outside training
-    assert objects["summary"]["train_samples_per_s"] > samples / pause
-    assert objects["summary"]["fit_s"] > 4 * pause  # the saves were made (last.ckpt too)
+    train_s = samples / objects["summary"]["train_samples_per_s"]
+    # two step checkpoints (steps 20, 40) and best.ckpt inside the epoch, last.ckpt after it: at
+    # least 4 pauses of fit's time are not training (whatever the load on the machine)
+    assert objects["summary"]["fit_s"] - train_s > 3.5 * pause
 
 
 def test_a_loss_that_turns_nan_between_two_checks_is_caught_before_validation(make_cfg) -> None:

@@ -204,6 +204,9 @@ class RunStats(L.Callback):
         self._outside_seconds = 0.0
         self._val_start: float | None = None
         self._save_start: float | None = None
+        #: when this callback's last training-batch or validation-end hook ended: a save that
+        #: follows (the checkpoint callbacks run after it) began there
+        self._hook_end: float | None = None
         self.worker_memory: dict[str, float] | None = None
         #: seconds of ``trainer.fit`` this run spent before the process that resumed it (saved in
         #: its checkpoints); 0 for a fresh run and for one started from another run's checkpoint
@@ -245,11 +248,13 @@ class RunStats(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:  # fmt: skip
         # a save is not training: ModelCheckpoint's after a validation and a step checkpoint's
-        # come after this callback's hooks (Lightning runs checkpoint callbacks last), so the
-        # save runs from here to the next training batch (or the validation, or the epoch's end)
+        # come after this callback's hooks (Lightning runs checkpoint callbacks last), and
+        # Lightning calls this hook after gathering the weights and optimizer state (most of a
+        # sharded strategy's save): the save runs from the end of this callback's last hook to
+        # the next training batch (or the validation, or the epoch's end). On a GPU that start
+        # was not synchronised: the step's own queued work, if any, counts as the save's.
         if self._epoch_start is not None and self._val_start is None and self._save_start is None:
-            settled(pl_module.device)
-            self._save_start = time.perf_counter()
+            self._save_start = self._hook_end if self._hook_end is not None else time.perf_counter()
 
     def saved(self) -> None:
         """The save that ``on_save_checkpoint`` began is over: its time is outside training."""
@@ -259,6 +264,7 @@ class RunStats(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         self.saved()
+        self._hook_end = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         # this process's share, summed over the processes at the epoch's end: their padded text
@@ -278,6 +284,7 @@ class RunStats(L.Callback):
                 self._epoch_start = time.perf_counter()
                 self._epoch_samples, self._epoch_tokens = 0, 0
                 self._outside_seconds = 0.0  # a validation before it (val_check_interval) is outside too
+        self._hook_end = time.perf_counter()
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         settled(pl_module.device)
@@ -289,6 +296,7 @@ class RunStats(L.Callback):
             settled(pl_module.device)
             self._outside_seconds += time.perf_counter() - self._val_start
         self._val_start = None
+        self._hook_end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._epoch_start is None:
