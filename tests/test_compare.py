@@ -62,7 +62,7 @@ def test_seeds_are_aggregated_and_noise_is_marked(tmp_path: Path) -> None:
 
 def test_the_seed_noise_verdict_is_a_t_test_corrected_for_the_comparisons() -> None:
     """Twice the standard error was the cut: with 3 seeds a side (2-4 degrees of freedom) a
-    12-18% test, and each backbone was compared with the best the same data chose. The README's
+    12% test, and each backbone was compared with the best the same data chose. The README's
     LSTM vs GRU on SST-2 (81.31/82.91/82.91 vs 84.29/82.91/84.29) was called beyond seed noise;
     Welch's test gives p = 0.11."""
     import random

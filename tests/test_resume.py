@@ -404,6 +404,7 @@ def test_fsdp_and_deepspeed_checkpoint_directories_replace_the_previous_one_only
             )
             return checkpoint["global_step"]
     else:
+        pytest.importorskip("deepspeed")  # the optional extra, which the strategy's constructor needs
 
         class Engine:  # deepspeed.DeepSpeedEngine.save_checkpoint's layout: <dir>/latest, <dir>/<tag>/
             def save_checkpoint(self, save_dir: str, client_state: dict, tag: str, **options: Any) -> None:

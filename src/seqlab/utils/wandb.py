@@ -47,6 +47,17 @@ def wandb_port() -> int:
     return port or (80 if url.scheme == "http" else 443)
 
 
+def proxied() -> bool:
+    """Whether wandb reaches its server through a proxy (``HTTPS_PROXY`` / ``HTTP_PROXY`` for the
+    server's scheme, unless ``NO_PROXY`` names its host: the rules of ``requests``, which wandb
+    uses): there the direct probe says nothing, and mode=auto skips it."""
+    from urllib.request import getproxies_environment, proxy_bypass_environment
+
+    scheme = "http" if wandb_url().scheme == "http" else "https"
+    proxies = getproxies_environment()
+    return scheme in proxies and not proxy_bypass_environment(wandb_host(), proxies)
+
+
 def has_api_key() -> bool:
     """A key in WANDB_API_KEY or in the netrc file that ``wandb login`` writes."""
     if os.environ.get("WANDB_API_KEY"):
@@ -80,11 +91,7 @@ def resolve_mode(mode: str) -> tuple[str, str | None]:
         return mode, None
     if not has_api_key():  # online without a key would prompt on stdin
         return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
-    # the probe is a direct connection: behind a proxy for the server's scheme (which wandb
-    # uses) it says nothing, and mode=online asks for no probe at all
-    scheme = "http" if wandb_url().scheme == "http" else "https"
-    proxied = any(os.environ.get(name) for name in (f"{scheme.upper()}_PROXY", f"{scheme}_proxy"))
-    if mode == "auto" and not proxied and not host_reachable(wandb_host(), wandb_port()):
+    if mode == "auto" and not proxied() and not host_reachable(wandb_host(), wandb_port()):
         return "offline", f"{wandb_host()}:{wandb_port()} is not reachable"
     return "online", None
 
