@@ -293,6 +293,13 @@ def test_the_same_overrides_find_the_newest_interrupted_run(tmp_path: Path) -> N
     assert config_differences(before, {"task": {"optimizer": {"lr": 2e-3, "fused": "auto"}}}) == [
         "task.optimizer.lr: 0.001 -> 0.002"
     ]
+    # a trainer=fsdp / deepspeed run configured with Lightning's class resumes under seqlab's
+    for name in ("FSDPStrategy", "DeepSpeedStrategy"):
+        lightning = {"trainer": {"strategy": {"_target_": f"lightning.pytorch.strategies.{name}"}}}
+        ours = {"trainer": {"strategy": {"_target_": f"seqlab.utils.distributed.{name}"}}}
+        assert config_differences(lightning, ours) == []
+    ddp = {"trainer": {"strategy": {"_target_": "lightning.pytorch.strategies.DDPStrategy"}}}
+    assert len(config_differences(ddp, ours)) == 1
 
 
 def test_a_kill_while_saving_leaves_the_previous_checkpoint_intact(tmp_path: Path) -> None:

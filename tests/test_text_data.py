@@ -488,11 +488,11 @@ def test_the_training_loader_gathers_blocks_of_the_same_batches(tmp_path: Path, 
     assert_same_batches(epoch, [dataset[index] for index in loader.sampler])
     resumed = dm.train_dataloader()
     resumed.gather_batches = 5
-    resumed.load_state_dict({"epoch": 2, "batches": 7})
+    resumed.load_state_dict({"epoch": 2, "batches": 7, "order": 2})
     resumed.sampler.set_epoch(2)
     calls.clear()
     assert_same_batches(list(resumed), epoch[7:])
-    assert calls == [5, 1] and resumed.state_dict() == {"epoch": 2, "batches": 13}
+    assert calls == [5, 1] and resumed.state_dict() == {"epoch": 2, "batches": 13, "order": 2}
 
 
 def test_gathering_leaves_the_random_state_as_the_dataloader_does(tmp_path: Path) -> None:
@@ -587,13 +587,45 @@ def test_a_text_loader_resumes_mid_epoch_at_the_next_batch(tmp_path: Path) -> No
     epoch = [batch["index"] for batch in loader]
     assert len(epoch) == len(loader) == 12 and all(len(index) == 16 for index in epoch)
     resumed = dm.train_dataloader()
-    resumed.load_state_dict({"epoch": 1, "batches": 5})
+    resumed.load_state_dict({"epoch": 1, "batches": 5, "order": 2})
     resumed.sampler.set_epoch(1)
     rest = iter(resumed)
     first = next(rest)["index"]
-    assert resumed.state_dict() == {"epoch": 1, "batches": 6}
+    assert resumed.state_dict() == {"epoch": 1, "batches": 6, "order": 2}
     assert all(
         torch.equal(a, b) for a, b in zip([first, *(b["index"] for b in rest)], epoch[5:], strict=True)
+    )
+
+
+def test_a_checkpoint_from_before_epoch_seed_finishes_its_epoch_in_its_own_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Epoch orders were seeded by seed + epoch until epoch_seed: a checkpoint taken mid-epoch
+    then (its loader state has no 'order') goes on in that epoch's old order, so no example of
+    it is seen twice or skipped; the epochs after it draw the new orders."""
+    from seqlab.data import samplers
+
+    dm = SyntheticSentimentDataModule(
+        num_train=200, num_val=10, num_test=10, batch_size=16, cache_dir=str(tmp_path)
+    )
+    dm.setup()
+
+    def epoch_batches(loader, epoch: int) -> list[torch.Tensor]:
+        loader.sampler.set_epoch(epoch)
+        return [batch["index"] for batch in loader]
+
+    with monkeypatch.context() as old_rule:
+        old_rule.setattr(samplers, "epoch_seed", lambda seed, epoch: seed + epoch)
+        old_run = epoch_batches(dm.train_dataloader(), 1)
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict({"epoch": 1, "batches": 5})  # an old checkpoint's loader state
+    rest = epoch_batches(resumed, 1)
+    assert all(torch.equal(a, b) for a, b in zip(rest, old_run[5:], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(epoch_batches(dm.train_dataloader(), 1), old_run))
+    # the next epoch: the new order
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(epoch_batches(resumed, 2), epoch_batches(dm.train_dataloader(), 2), strict=True)
     )
 
 

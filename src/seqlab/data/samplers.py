@@ -77,14 +77,20 @@ class ResumableLoader(DataLoader):
             raise TypeError("ResumableLoader needs a GlobalBatchSampler and batch_size=None")
         self.batches_done = 0
         self.resume_at: tuple[int, int] | None = None
+        #: the checkpoint resumed from ordered its epochs by ``seed + epoch`` (no ``order`` entry)
+        self.legacy_order = False
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.sampler.epoch
         skip = 0
+        legacy = False
         if self.resume_at is not None and self.resume_at[0] == epoch:
             skip = min(self.resume_at[1], len(self))
+            legacy = self.legacy_order
         self.resume_at = None
         self.sampler.skip = skip
+        # the interrupted epoch of a checkpoint from before epoch_seed goes on in its own order
+        self.sampler.legacy_epoch = epoch if legacy else None
         self.batches_done = skip
         gathered = self.num_workers == 0 and not self.pin_memory and hasattr(self.dataset, "batches")
         for batch in self._gathered() if gathered else super().__iter__():
@@ -100,10 +106,12 @@ class ResumableLoader(DataLoader):
             yield from map(self.collate_fn, self.dataset.batches(chunk))
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self.batches_done}
+        # order 2: epochs ordered by epoch_seed
+        return {"epoch": self.sampler.epoch, "batches": self.batches_done, "order": 2}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_at = (int(state["epoch"]), int(state["batches"]))
+        self.legacy_order = "order" not in state
 
 
 class GlobalBatchSampler(DistributedSampler, SequentialSampler):
@@ -162,6 +170,8 @@ class GlobalBatchSampler(DistributedSampler, SequentialSampler):
         self.batch_size = batch_size
         #: batches the next epoch starts after (a mid-epoch resume), then back to 0
         self.skip = 0
+        #: an epoch ordered by seed + epoch, as before ``epoch_seed`` (an old checkpoint's, resumed)
+        self.legacy_epoch: int | None = None
 
     def order(self, generator: torch.Generator) -> torch.Tensor:
         """The epoch's order of the examples."""
@@ -173,7 +183,10 @@ class GlobalBatchSampler(DistributedSampler, SequentialSampler):
 
     def global_batches(self) -> list[torch.Tensor]:
         """This epoch's global batches (identical on every process)."""
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        legacy = self.legacy_epoch == self.epoch
+        generator = torch.Generator().manual_seed(
+            self.seed + self.epoch if legacy else epoch_seed(self.seed, self.epoch)
+        )
         order = self.order(generator)
         batches = list(order.split(self.batch_size))
         if batches and len(batches[-1]) < self.batch_size:

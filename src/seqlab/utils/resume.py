@@ -232,9 +232,23 @@ def resumes_own_run(trainer: Any) -> bool:
     )
 
 
+#: values that name the same thing: Lightning's FSDP and DeepSpeed strategies, which runs before
+#: 2026-11-25 were configured with, and seqlab's subclasses that save their directories atomically
+RESUME_SAME = {
+    "trainer.strategy._target_": {
+        "lightning.pytorch.strategies.FSDPStrategy": "seqlab.utils.distributed.FSDPStrategy",
+        "lightning.pytorch.strategies.DeepSpeedStrategy": "seqlab.utils.distributed.DeepSpeedStrategy",
+    }
+}
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: <saved> -> <current>`` for every key that differs, ignored keys left out."""
     old, new = flatten(saved), flatten(current)
+    for key, same in RESUME_SAME.items():
+        for values in (old, new):
+            if key in values:
+                values[key] = same.get(values[key], values[key])
     keys = sorted(
         k
         for k in old.keys() | new.keys()
