@@ -257,6 +257,36 @@ def test_a_run_directory_is_resumed_only_by_its_own_configuration(
     assert snapshot() == finished
 
 
+def test_a_relative_data_dir_resolved_elsewhere_is_refused_on_resume(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same command resumes from any directory, but a relative data.data_dir
+    (../shared/data/sst2) is taken from the directory the command starts in: a resumed run would
+    read other files, with the checkpoint's tokenizer, and nothing would fail."""
+    for where in ("a", "b"):
+        rows = [f"{'good fine' if i % 2 else 'bad awful'} text {i}\t{i % 2}" for i in range(120)]
+        (tmp_path / where / "data").mkdir(parents=True)
+        (tmp_path / where / "data" / "train.tsv").write_text("text\tlabel\n" + "\n".join(rows) + "\n")
+    crash = [
+        "data=text_classification", "data.data_dir=data", "data.tokenizer.kind=word",
+        f"data.cache_dir={tmp_path / 'cache'}", "model=gru", "model.d_model=16", "trainer.max_epochs=2",
+        "extras.print_config=false", "callbacks.rich_progress_bar=null",
+        "data.batch_size=8", "callbacks.step_checkpoint.every_n_train_steps=2", *fault("raise", 5, tmp_path / "fired"),
+    ]  # fmt: skip
+    monkeypatch.chdir(tmp_path / "a")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(make_cfg(*crash, fast=False))
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(
+        ConfigError,
+        match=r"data.data_dir resolves to '.*/b/data', and the interrupted run .* read '.*/a/data'",
+    ):
+        train(make_cfg(*crash, fast=False))
+    monkeypatch.chdir(tmp_path / "a")
+    metrics, _ = train(make_cfg(*crash, fast=False))  # where it started: resumed and finished
+    assert "test/acc" in metrics
+
+
 def test_the_same_overrides_find_the_newest_interrupted_run(tmp_path: Path) -> None:
     def run(name: str, overrides: list[str], checkpoint: bool = True, finished: bool = False) -> Path:
         run_dir = tmp_path / name

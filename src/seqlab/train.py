@@ -37,7 +37,13 @@ from seqlab.utils.distributed import (
 )
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.precision import clip_fused_under_bf16
-from seqlab.utils.resume import check_checkpoint_fits, mark_running, mark_stopped, resume_checkpoint
+from seqlab.utils.resume import (
+    check_checkpoint_fits,
+    check_same_data_dir,
+    mark_running,
+    mark_stopped,
+    resume_checkpoint,
+)
 from seqlab.utils.run import (
     hydra_choice,
     hydra_overrides,
@@ -210,6 +216,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         # otherwise, under the trained embeddings (WordPiece and Unigram training is not deterministic)
         if saved:
             check_same_tokenizer(saved, to_plain(cfg.data), "training on from it keeps them")
+        if saved and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve()):  # its own run
+            check_same_data_dir(saved, cfg.data, ckpt_path)
         datamodule = build_datamodule(cfg.data, (saved or {}).get("data_artifacts"), check_trainable=True)
         log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)
         task = build_task(cfg.task, cfg.model, datamodule)

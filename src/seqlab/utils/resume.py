@@ -316,6 +316,21 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return cfg.get("ckpt_path")
 
 
+def check_same_data_dir(saved: dict[str, Any], data: Any, ckpt_path: str) -> None:
+    """A run resuming its own directory reads the files it read: the saved configuration holds
+    ``data.data_dir`` as given (``../shared/data/sst2``), and the same command started from
+    another directory (which resumes it) would resolve it elsewhere. ``saved``: the checkpoint's
+    run information, whose data settings hold the absolute path; ``data``: this run's ``cfg.data``."""
+    before, given = (saved.get("data") or {}).get("data_dir"), data.get("data_dir")
+    now = str(Path(given).expanduser().resolve()) if given else None  # as the datamodules resolve it
+    if before and now and Path(before) != Path(now):
+        raise ConfigError(
+            f"data.data_dir resolves to {now!r}, and the interrupted run it resumes ({ckpt_path}) read "
+            f"{before!r}: a relative data.data_dir is taken from the directory the command starts in; "
+            "start it where the run was started, give the path it read, or add resume=never for a fresh run"
+        )
+
+
 def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | None:
     """A checkpoint given to (or found for) a training run must hold this run's task and
     backbone: anything else is refused by name before any weight is loaded. Returns the
