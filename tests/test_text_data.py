@@ -621,6 +621,18 @@ def test_a_checkpoint_from_before_epoch_seed_finishes_its_epoch_in_its_own_order
     resumed.load_state_dict({"epoch": 1, "batches": 5})  # an old checkpoint's loader state
     rest = epoch_batches(resumed, 1)
     assert all(torch.equal(a, b) for a, b in zip(rest, old_run[5:], strict=True))
+    # stopped again in that epoch (after its 8th batch): its checkpoint keeps the old order
+    again = dm.train_dataloader()
+    again.load_state_dict({"epoch": 1, "batches": 5})
+    again.sampler.set_epoch(1)
+    batches = iter(again)
+    for _ in range(3):
+        next(batches)
+    state = again.state_dict()
+    assert state == {"epoch": 1, "batches": 8, "order": 1}
+    once_more = dm.train_dataloader()
+    once_more.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(epoch_batches(once_more, 1), old_run[8:], strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(epoch_batches(dm.train_dataloader(), 1), old_run))
     # the next epoch: the new order
     assert all(

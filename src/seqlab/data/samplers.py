@@ -106,12 +106,14 @@ class ResumableLoader(DataLoader):
             yield from map(self.collate_fn, self.dataset.batches(chunk))
 
     def state_dict(self) -> dict[str, int]:
-        # order 2: epochs ordered by epoch_seed
-        return {"epoch": self.sampler.epoch, "batches": self.batches_done, "order": 2}
+        # order 2: this epoch is ordered by epoch_seed; 1: by seed + epoch (an old checkpoint's
+        # epoch, resumed and not finished: stopped again, it goes on in that order again)
+        legacy = self.sampler.legacy_epoch == self.sampler.epoch
+        return {"epoch": self.sampler.epoch, "batches": self.batches_done, "order": 1 if legacy else 2}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_at = (int(state["epoch"]), int(state["batches"]))
-        self.legacy_order = "order" not in state
+        self.legacy_order = int(state.get("order", 1)) < 2
 
 
 class GlobalBatchSampler(DistributedSampler, SequentialSampler):
