@@ -341,7 +341,7 @@ def test_a_skipped_step_with_a_nan_loss_does_not_stop_the_run(
 def test_a_run_whose_every_step_is_skipped_stops(make_cfg) -> None:
     """A float16 forward that overflows whatever the scale: every step is skipped, the weights
     never change, and the validation metric is NaN (early stopping then ended the run as if it
-    had finished). Three checks in a row with a NaN loss and finite weights stop it."""
+    had finished). Three step checks in a row with a NaN loss and finite weights stop it."""
     from seqlab.callbacks import TrainingDiverged
 
     cfg = make_cfg(
@@ -349,9 +349,23 @@ def test_a_run_whose_every_step_is_skipped_stops(make_cfg) -> None:
         "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0",
         "+callbacks.fault.step=15", "+callbacks.fault.how=skipped",
     )  # fmt: skip
-    with pytest.raises(TrainingDiverged, match=r"before step 50, at 3 checks in a row with finite weights"):
+    # step checks at 20, 40 and 60 (the validation's check of the epoch's running loss, NaN after
+    # one skipped step as after many, does not count)
+    with pytest.raises(TrainingDiverged, match=r"at step 60, at 3 checks in a row with finite weights"):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "summary.json").exists()
+
+
+def test_one_skipped_step_before_several_validations_does_not_stop_the_run(make_cfg, tmp_path: Path) -> None:
+    """The epoch's running loss stays NaN after one skipped step: validations every 10 steps each
+    saw it, and three of them stopped a healthy run as if every step were skipped."""
+    cfg = make_cfg(
+        "trainer.log_every_n_steps=50", "trainer.max_epochs=1", "+trainer.val_check_interval=10",
+        "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0",
+        "+callbacks.fault.step=5", "+callbacks.fault.how=skipped", f"+callbacks.fault.once={tmp_path / 'fired'}",
+    )  # fmt: skip
+    train(cfg)
+    assert (tmp_path / "fired").is_file() and (Path(cfg.paths.output_dir) / "summary.json").is_file()
 
 
 def test_no_step_check_inside_an_accumulation_window(make_cfg, tmp_path: Path, caplog) -> None:

@@ -31,7 +31,7 @@ class DivergenceGuard(L.Callback):
     non-finite weights behind it (its NaN gradients were applied), and the run stops. The weights
     are read only when a loss is not finite. Steps that are all skipped (a float16 forward that
     overflows whatever the scale: the weights never change, the validation metric is NaN) stop
-    the run after ``max_skipped`` such checks in a row. The step check is taken where an
+    the run after ``max_skipped`` such step checks in a row. The step check is taken where an
     optimizer step ended, never inside a gradient-accumulation window (its NaN gradients are
     not applied yet)."""
 
@@ -53,17 +53,19 @@ class DivergenceGuard(L.Callback):
             return
         running = (getattr(pl_module, "_train_loss", None) or {}).get("sum")  # SeqTask's, this epoch's
         where = f"at a step of epoch {trainer.current_epoch} before step {trainer.global_step}"
-        self.check_with_weights(trainer, pl_module, running, where)
+        # the epoch's running loss stays NaN after one skipped step: it does not count them
+        self.check_with_weights(trainer, pl_module, running, where, counts=False)
 
-    def check_with_weights(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Any, where: str) -> None:  # fmt: skip
+    def check_with_weights(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Any, where: str, counts: bool = True) -> None:  # fmt: skip
         """Stop the run if ``loss`` is not finite on any process and the weights are not finite on
-        any process either; a non-finite loss with finite weights is reported. A step without a
-        loss (manual optimisation) counts as finite; every process takes part, and every process
-        stops together (a lone one left the others waiting)."""
+        any process either; a non-finite loss with finite weights is reported (and, ``counts``,
+        counted towards ``max_skipped``). A step without a loss (manual optimisation) counts as
+        finite; every process takes part, and every process stops together (a lone one left the
+        others waiting)."""
         if not isinstance(loss, torch.Tensor) and trainer.world_size == 1:
             return
         if not self.diverged(trainer, loss):
-            self.skipped = 0
+            self.skipped = 0 if counts else self.skipped
             return
         # only the weights decide: a step skipped on an overflow left them as they were
         weights_bad = any(not bool(torch.isfinite(local_part(p)).all()) for p in pl_module.parameters())
@@ -71,7 +73,7 @@ class DivergenceGuard(L.Callback):
             weights_bad = trainer.strategy.reduce_boolean_decision(weights_bad, all=False)
         if weights_bad:
             self.stop(trainer, loss, where)
-        self.skipped += 1
+        self.skipped += counts
         if self.skipped >= self.max_skipped:
             self.stop(
                 trainer, loss, f"{where}, at {self.skipped} checks in a row with finite weights: every step is "
