@@ -121,6 +121,8 @@ def test_a_checkpoint_of_another_task_or_backbone_is_refused_by_name(make_cfg, t
         {"module": saved["state_dict"], **entries},
         deepspeed_dir / "checkpoint" / "mp_rank_00_model_states.pt",
     )
+    # an MoE expert's file, which sorts first, holds no Lightning entries
+    torch.save({"module": {}}, deepspeed_dir / "checkpoint" / "layer_0_expert_0_mp_rank_00_model_states.pt")
     info = check_checkpoint_fits(str(deepspeed_dir), make_cfg("model=gru", output="o6"))
     assert info is not None and info["data"] == saved["seqlab"]["data"]
     with pytest.raises(ConfigError, match=r"holds a ForecastingTask with a RNNBackbone backbone"):

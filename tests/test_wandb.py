@@ -11,7 +11,8 @@ from seqlab.utils import wandb as wandb_utils
 
 @pytest.fixture
 def no_key(monkeypatch, tmp_path: Path) -> None:
-    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+               "NO_PROXY", "no_proxy", "WANDB_HTTP_PROXY", "WANDB_HTTPS_PROXY")  # fmt: skip
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", wandb_utils.GIVEN_MODE, *proxies):
         # set first, so that the teardown also removes what the code under test sets (a delenv
         # of an absent variable records nothing to undo)
@@ -48,6 +49,10 @@ def test_online_and_proxied_runs_skip_the_direct_probe(no_key, monkeypatch) -> N
     assert wandb_utils.resolve_mode("auto") == ("online", None)
     monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")  # reached directly: probed again
     assert wandb_utils.resolve_mode("auto")[0] == "offline"
+    monkeypatch.setenv("NO_PROXY", "127.0.0.0/8")  # a network, as requests reads it
+    assert wandb_utils.resolve_mode("auto")[0] == "offline"
+    monkeypatch.setenv("WANDB_HTTP_PROXY", "http://proxy.example:3128")  # wandb's own setting
+    assert wandb_utils.resolve_mode("auto") == ("online", None)
 
 
 def test_a_self_hosted_server_is_probed_on_its_own_port(no_key, monkeypatch) -> None:

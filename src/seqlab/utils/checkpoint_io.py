@@ -199,11 +199,12 @@ def metadata_file(ckpt_path: Path) -> Path:
     if is_deepspeed_checkpoint(ckpt_path):
         latest = ckpt_path / "latest"
         tag = latest.read_text().strip() if latest.is_file() else "checkpoint"
-        found = sorted((ckpt_path / tag).glob("*mp_rank_00_model_states.pt"))
-        if found:
-            return found[0]
+        # by name: MoE experts' files (layer_0_expert_0_mp_rank_00_model_states.pt) sort first
+        for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+            if (ckpt_path / tag / name).is_file():
+                return ckpt_path / tag / name
         raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r}: DeepSpeed checkpoint without {tag}/*mp_rank_00_model_states.pt"
+            f"ckpt_path={str(ckpt_path)!r}: DeepSpeed checkpoint without {tag}/mp_rank_00_model_states.pt"
         )
     if not (ckpt_path / _METADATA_FILENAME).is_file():
         raise ConfigError(

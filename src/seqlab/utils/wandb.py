@@ -48,14 +48,19 @@ def wandb_port() -> int:
 
 
 def proxied() -> bool:
-    """Whether wandb reaches its server through a proxy (``HTTPS_PROXY`` / ``HTTP_PROXY`` for the
-    server's scheme, unless ``NO_PROXY`` names its host: the rules of ``requests``, which wandb
-    uses): there the direct probe says nothing, and mode=auto skips it."""
-    from urllib.request import getproxies_environment, proxy_bypass_environment
-
+    """Whether wandb reaches its server through a proxy: wandb's own ``WANDB_HTTP(S)_PROXY``, or
+    the environment's (``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``ALL_PROXY`` for the server's URL,
+    unless ``NO_PROXY`` covers it: hosts, ports, networks), read by ``requests``, which wandb
+    uses. There the direct probe says nothing, and mode=auto skips it."""
+    try:
+        from requests.utils import get_environ_proxies, select_proxy  # installed with wandb
+    except ImportError:  # no wandb either: nothing to reach
+        return False
+    url = wandb_url().geturl()
     scheme = "http" if wandb_url().scheme == "http" else "https"
-    proxies = getproxies_environment()
-    return scheme in proxies and not proxy_bypass_environment(wandb_host(), proxies)
+    if os.environ.get(f"WANDB_{scheme.upper()}_PROXY"):
+        return True
+    return select_proxy(url, get_environ_proxies(url)) is not None
 
 
 def has_api_key() -> bool:
