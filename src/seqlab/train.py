@@ -215,7 +215,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         # gone, or keyed anew by a data file's new modification time) they may number the tokens
         # otherwise, under the trained embeddings (WordPiece and Unigram training is not deterministic)
         if saved:
-            check_same_tokenizer(saved, to_plain(cfg.data), "training on from it keeps them")
+            check_same_tokenizer(
+                saved, to_plain(cfg.data), f"training on from it keeps them: give data={saved.get('data_name')} "
+                "and its tokenizer settings, or leave ckpt_path unset for a model of its own",
+            )  # fmt: skip
         if saved and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve()):  # its own run
             check_same_data_dir(saved, cfg.data, ckpt_path)
         datamodule = build_datamodule(cfg.data, (saved or {}).get("data_artifacts"), check_trainable=True)
