@@ -42,6 +42,7 @@ from seqlab.utils.resume import (
     check_same_data_dir,
     mark_running,
     mark_stopped,
+    own_checkpoint,
     resume_checkpoint,
 )
 from seqlab.utils.run import (
@@ -219,7 +220,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 saved, to_plain(cfg.data), f"training on from it keeps them: give data={saved.get('data_name')} "
                 "and its tokenizer settings, or leave ckpt_path unset for a model of its own",
             )  # fmt: skip
-        if saved and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve()):  # its own run
+        if saved and own_checkpoint(ckpt_path, run_dir):
             check_same_data_dir(saved, cfg.data, ckpt_path)
         datamodule = build_datamodule(cfg.data, (saved or {}).get("data_artifacts"), check_trainable=True)
         log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)

@@ -65,7 +65,8 @@ class DivergenceGuard(L.Callback):
         if not isinstance(loss, torch.Tensor) and trainer.world_size == 1:
             return
         if not self.diverged(trainer, loss):
-            self.skipped = 0 if counts else self.skipped
+            if counts:
+                self.skipped = 0
             return
         # only the weights decide: a step skipped on an overflow left them as they were
         weights_bad = any(not bool(torch.isfinite(local_part(p)).all()) for p in pl_module.parameters())
@@ -73,7 +74,8 @@ class DivergenceGuard(L.Callback):
             weights_bad = trainer.strategy.reduce_boolean_decision(weights_bad, all=False)
         if weights_bad:
             self.stop(trainer, loss, where)
-        self.skipped += counts
+        if counts:
+            self.skipped += 1
         if self.skipped >= self.max_skipped:
             self.stop(
                 trainer, loss, f"{where}, at {self.skipped} checks in a row with finite weights: every step is "

@@ -222,14 +222,17 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
+def own_checkpoint(ckpt_path: Any, run_dir: Any) -> bool:
+    """Whether ``ckpt_path`` lies in the run directory ``run_dir``, where resume=auto finds it: a
+    run resuming itself. A checkpoint of another run only starts this one (its weights, optimizer
+    and loops), not its decisions (the best so far, early stopping) nor its data files."""
+    return ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(Path(run_dir).resolve())
+
+
 def resumes_own_run(trainer: Any) -> bool:
-    """Whether ``trainer`` (fitting) resumes its own run: the checkpoint it was given lies in its
-    own directory, where resume=auto finds it. A checkpoint of another run only starts this one
-    (its weights, optimizer and loops), not its decisions (the best so far, early stopping)."""
+    """Whether ``trainer`` (fitting) resumes its own run (``own_checkpoint``)."""
     given = getattr(trainer, "ckpt_path", None) if trainer is not None else None
-    return given is not None and Path(given).resolve().is_relative_to(
-        Path(trainer.default_root_dir).resolve()
-    )
+    return own_checkpoint(given, trainer.default_root_dir) if given is not None else False
 
 
 #: values that name the same thing: Lightning's FSDP and DeepSpeed strategies, which runs before
