@@ -199,6 +199,7 @@ def test_reports_and_eval_reproduce_the_test_accuracy(
         rows = list(csv.DictReader(f))
     test_texts = objects["datamodule"].texts("test")
     wrong = round((1 - metrics["test/acc"]) * len(test_texts))
+    assert wrong > 0, "no mistakes: the table's rows would go unchecked"
     assert len(rows) == min(wrong, 50)
     for row in rows:
         assert row["label"] != row["predicted"]
@@ -244,11 +245,21 @@ def test_a_resumed_run_encodes_with_the_checkpoints_tokenizer(text_cfg, tmp_path
     _, objects = train(text_cfg("model=gru", "trainer.max_epochs=1"))
     saved = objects["datamodule"].artifacts()["tokenizer"]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    shutil.rmtree(tmp_path / "cache")
 
     def no_training(*args, **kwargs):
         raise AssertionError("the resumed run trained a new tokenizer instead of the checkpoint's")
 
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the resumed run encoded its data again beside the entry it trained on")
+
+    # with the run's cache entry in place, the resumed run reads it: no second entry
+    entries = sorted((tmp_path / "cache").iterdir())
+    with monkeypatch.context() as patched:
+        patched.setattr(classification, "encode_counting", no_encoding)
+        _, read = train(text_cfg("model=gru", "trainer.max_epochs=2", f"ckpt_path={last}", output="read"))
+    assert read["trainer"].current_epoch == 2 and sorted((tmp_path / "cache").iterdir()) == entries
+
+    shutil.rmtree(tmp_path / "cache")
     monkeypatch.setattr(classification, "train_tokenizer", no_training)
     # other tokenizer settings would be recorded and ignored: refused by name
     with pytest.raises(ConfigError, match=r"data.tokenizer.lowercase=False \(trained with True\)"):

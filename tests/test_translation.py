@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from seqlab.data.tokenization import BOS_ID, EOS_ID, PAD_ID, TokenizerSpec, decode, encode, train_tokenizer
 from seqlab.data.translation import TranslationDataModule, read_parallel
@@ -195,6 +196,17 @@ def test_tokenizers_are_trained_once_and_separate_vocabularies_work(tmp_path: Pa
     again.setup()
     assert again.processed_dir == first.processed_dir
     assert again.detokenize(again.encode_sources(["Two dogs play."])) != []
+    # a checkpoint of these tokenizers (a resumed run, eval.py) reads this entry, encoding nothing
+    # again; other tokenizers (a retrained one, its entry gone) are encoded into their own entry
+    saved = first.artifacts()
+    other = Tokenizer.from_str(saved["target_tokenizer"])
+    other.add_tokens(["Hundewiese"])
+    for artifacts, same in ((saved, True), ({**saved, "target_tokenizer": other.to_str(pretty=True)}, False)):
+        resumed = translation_dm(root, tmp_path / "cache", shared_vocab=False)
+        resumed.use_artifacts(artifacts)
+        resumed.prepare_data()
+        assert (resumed.processed_dir == first.processed_dir) is same
+        assert resumed.artifacts() == artifacts
 
 
 # ---------------------------------------------------------------- decoding

@@ -491,7 +491,15 @@ class TextClassificationDataModule(BatchedTextDataModule):
         self.fixed["holdout_shares"] = artifacts.get("holdout_shares", "of_remaining")
         self.meta = None
         self.datasets = {}
-        self._processed_dir = None  # another cache entry
+        self._processed_dir = None  # another cache entry, or the config's where it holds these
+
+    def holds_fixed(self, entry: Path) -> bool:
+        fixed = self.fixed
+        return (
+            fixed["holdout_shares"] == "of_all"  # how this cache version carves
+            and json.loads((entry / "meta.json").read_text())["classes"] == fixed["classes"]
+            and (entry / "tokenizer.json").read_text() == fixed["tokenizer"]
+        )
 
     def texts(self, split: str) -> list[str]:
         self.setup()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -29,6 +30,8 @@ from seqlab.data.samplers import BucketSampler, ResumableLoader, per_replica_bat
 from seqlab.data.tokenization import PAD_ID
 from seqlab.errors import ConfigError, DataError
 from seqlab.utils.files import current_umask
+
+log = logging.getLogger(__name__)
 
 
 class FlatSequences:
@@ -163,8 +166,32 @@ class BatchedTextDataModule(L.LightningDataModule):
         these settings and files, keyed once (the files are not fingerprinted again at every access,
         and a file another process replaces meanwhile does not move this datamodule's entry)."""
         if getattr(self, "_processed_dir", None) is None:
-            self._processed_dir = self.cache_dir / f"{self.name}-{self.cache_key()}"
+            self._processed_dir = (
+                self.entry_built_alike() or self.cache_dir / f"{self.name}-{self.cache_key()}"
+            )
         return self._processed_dir
+
+    def entry_built_alike(self) -> Path | None:
+        """With a checkpoint's tokenizers (``use_artifacts``): the entry these settings built from
+        the config, where it holds those very tokenizers (and classes), as it does for the run that
+        trained the checkpoint. Its data is what the checkpoint's tokenizers would encode, so a
+        resumed run or ``eval.py`` reads it instead of encoding everything into a second entry."""
+        fixed = getattr(self, "fixed", None)
+        if fixed is None:
+            return None
+        self.fixed = None
+        try:
+            entry = self.cache_dir / f"{self.name}-{self.cache_key()}"
+        finally:
+            self.fixed = fixed
+        if (entry / "meta.json").is_file() and self.holds_fixed(entry):
+            log.info("processed data: %s (built with the checkpoint's tokenizer)", entry)
+            return entry
+        return None
+
+    def holds_fixed(self, entry: Path) -> bool:
+        """Whether the cache entry ``entry`` holds the tokenizers (and classes) in ``self.fixed``."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ loading
     def load_meta(self) -> dict[str, Any]:

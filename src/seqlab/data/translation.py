@@ -446,8 +446,14 @@ class TranslationDataModule(BatchedTextDataModule):
         self.fixed = {key: artifacts[key] for key in ("source_tokenizer", "target_tokenizer")}
         self.meta = None
         self.datasets = {}
-        self._processed_dir = None  # another cache entry
+        self._processed_dir = None  # another cache entry, or the config's where it holds these
         self._tokenizers = {}
+
+    def holds_fixed(self, entry: Path) -> bool:
+        return all(
+            (entry / f"{side}_tokenizer.json").read_text() == self.fixed[f"{side}_tokenizer"]
+            for side in ("source", "target")
+        )
 
     # ------------------------------------------------------------------ text <-> ids
     def encode_sources(self, texts: list[str]) -> list[list[int]]:
