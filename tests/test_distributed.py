@@ -44,7 +44,17 @@ def test_ddp_writes_one_run_dir_and_matches_one_process(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     # 5 plotted of the 469 test windows: 0, 117, 234, 351, 468 (rank 1 evaluates the odd ones)
     plots = "task.plot_samples=5"
-    ddp = run_script("train.py", "trainer=ddp", *SAME_FUNCTION, plots, f"paths.log_dir={logs}", timeout=300)
+    launch = tmp_path / "launch"  # the directory the user starts from
+    launch.mkdir()
+    ddp = run_script(
+        str(ROOT / "train.py"),
+        "trainer=ddp",
+        *SAME_FUNCTION,
+        plots,
+        f"paths.log_dir={logs}",
+        cwd=launch,
+        timeout=300,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     runs = list((logs / "train" / "runs").iterdir())
     assert len(runs) == 1, f"one run directory, got {runs}"
@@ -54,7 +64,7 @@ def test_ddp_writes_one_run_dir_and_matches_one_process(tmp_path: Path) -> None:
     # every rank logs into the run directory; the console shows each line once
     assert (run_dir / "train.log").stat().st_size > 0
     assert (run_dir / "train_ddp_process_1.log").is_file()
-    assert not list(ROOT.glob("*.log")), "no log file lands in the launch directory"
+    assert not list(launch.iterdir()), "nothing lands in the launch directory"
     assert ddp.stdout.count("Seed set to 42") == 1
     assert ddp.stdout.count("run directory:") == 1
 

@@ -17,7 +17,15 @@ from seqlab.data.text_readers import read_table
 from seqlab.data.translation import read_parallel
 from seqlab.errors import DataError
 
-PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# the same examples every run (a failure reproduces; CI is not a lottery) and no example database
+# written into the checkout
+PROPERTY = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+    database=None,
+)
 
 # random bytes, and text built from the characters that matter to these formats, so that many
 # examples get past the first line into the rows

@@ -31,9 +31,13 @@ def test_every_backbone_beats_the_naive_baselines(make_cfg, model: str) -> None:
 
 
 def test_run_directory_holds_everything(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg("trainer.max_epochs=1")
+    logs = tmp_path / "logs"
+    cfg = make_cfg("trainer.max_epochs=1", f"paths.log_dir={logs}", "resume=auto")
     train(cfg)
     run = tmp_path / "run"
+    # an in-process run (tests, benchmarks) writes into its output directory and nowhere else:
+    # resolving hydra.run.dir's run_stamp took a timestamped directory under paths.log_dir
+    assert not logs.exists()
     for name in ("config.yaml", "overrides.yaml", "git.txt", "metrics.csv", "summary.json", "hparams.yaml"):
         assert (run / name).is_file(), name
     assert (run / "checkpoints" / "best.ckpt").is_file()
@@ -81,8 +85,14 @@ def test_checkpoint_rebuilds_the_model_alone(make_cfg, tmp_path: Path) -> None:
 
 def test_eval_reproduces_the_training_test_metrics(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("model=lstm", "trainer.max_epochs=2")
-    train_metrics, _ = train(cfg)
+    train_metrics, objects = train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    # train.py and eval.py both test best.ckpt: that it holds the best validation's weights (not
+    # the last epoch's, not stale ones) is checked apart: validated again, they give its val/mse
+    again = objects["trainer"].validate(
+        objects["task"], objects["datamodule"], ckpt_path=str(ckpt), verbose=False
+    )
+    assert again[0]["val/mse"] == pytest.approx(objects["summary"]["best"]["val/mse_best"], rel=1e-6)
     eval_cfg = make_cfg(f"ckpt_path={ckpt}", "extras.print_config=false", name="eval", output="eval")
     eval_metrics, _ = evaluate(eval_cfg)
     for key in ("test/mse", "test/mae", "test/orig_mse", "test/baseline_seasonal_mse"):

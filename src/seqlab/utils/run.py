@@ -95,6 +95,11 @@ def compose_config(config_name: str, overrides: Sequence[str], output_dir: Path)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.hydra.runtime.output_dir = str(output_dir)
+        # not left to resolve: their run_stamp would take (create) a timestamped directory under
+        # paths.log_dir, and with resume=auto look there for an interrupted run, for a run that
+        # writes into output_dir (the resolved config is saved with the run)
+        cfg.hydra.run.dir = str(output_dir)
+        cfg.hydra.sweep.dir = str(output_dir)
         cfg.hydra.job.num = 0
     HydraConfig.instance().set_config(cfg)
     return cfg
