@@ -4,12 +4,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.seqlab-installed
 # Extra pip arguments, e.g. PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple"
-# for a CPU-only machine that has no local CPU wheel of torch.
-PIP_ARGS ?=
+# for a CPU-only machine that has no local CPU wheel of torch. Not given: those of the last install
+# (`make test` after `make install PIP_ARGS=...` keeps that package index); PIP_ARGS= resets them.
+PIP_ARGS_USED := $(VENV)/.seqlab-pip-args
+ifeq ($(origin PIP_ARGS),undefined)
+PIP_ARGS := $(shell cat $(PIP_ARGS_USED) 2>/dev/null)
+endif
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-fast lint format clean help FORCE
+.PHONY: install train test test-fast lint format clean clean-logs help FORCE
 
 help:
 	@echo "make install    create $(VENV) and install seqlab with pinned versions (idempotent)"
@@ -17,11 +21,11 @@ help:
 	@echo "make test       install if needed, then the whole test suite"
 	@echo "make test-fast  the fast tier only (-m 'not slow')"
 	@echo "make lint       ruff check + ruff format --check"
+	@echo "make clean      the tools' caches; make clean-logs: every run under logs/"
 
 install: $(STAMP)
 
 # the PIP_ARGS of the last install: other PIP_ARGS (another package index) install again
-PIP_ARGS_USED := $(VENV)/.seqlab-pip-args
 $(PIP_ARGS_USED): FORCE
 	@mkdir -p $(VENV)
 	@echo '$(PIP_ARGS)' | cmp -s - $@ || echo '$(PIP_ARGS)' > $@
@@ -29,6 +33,11 @@ $(PIP_ARGS_USED): FORCE
 $(STAMP): pyproject.toml constraints.txt $(PIP_ARGS_USED)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(PIP_ARGS) -c constraints.txt -e ".[loggers,deepspeed,slurm,dev]"
+	@# a GPU machine whose pip finds a local CPU wheel (find-links) would get it: say so
+	@if nvidia-smi -L >/dev/null 2>&1 && ! $(PY) -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then \
+		echo "warning: this machine has an NVIDIA GPU but $(VENV) got a CPU-only torch (a local CPU wheel in pip's find-links?);"; \
+		echo "  reinstall the CUDA build: PIP_FIND_LINKS= $(PY) -m pip install --force-reinstall --no-deps torch==2.13.0"; \
+	fi
 	@touch $(STAMP)
 
 train: install
@@ -49,6 +58,10 @@ format: install
 	$(PY) -m ruff format .
 
 clean:
-	rm -rf logs/train logs/eval .pytest_cache .ruff_cache
+	rm -rf .pytest_cache .ruff_cache .hypothesis
+
+# every run, sweep and benchmark under logs/, whatever its task_name (logs/.gitkeep stays)
+clean-logs:
+	find logs -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +
 
 FORCE:

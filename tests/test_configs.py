@@ -225,6 +225,13 @@ def test_debug_overfit_trains_on_the_same_batches(make_cfg, tmp_path: Path, data
     assert len(losses) == 4 and losses[-1] < losses[0], losses
 
 
+def test_eval_keeps_its_own_settings_over_the_groups(make_cfg) -> None:
+    """eval.yaml's keys came first, so extras/default.yaml's print_config=true won over its false."""
+    cfg = make_cfg("ckpt_path=x", name="eval")
+    assert cfg.extras.print_config is False and cfg.task_name == "eval" and cfg.callbacks is None
+    assert make_cfg("ckpt_path=x", "extras.print_config=true", name="eval").extras.print_config is True
+
+
 @pytest.mark.slow
 def test_help_lists_groups_and_unknown_options_list_the_choices() -> None:
     helped = run_script("train.py", "--help")
