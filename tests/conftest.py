@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import seqlab  # noqa: F401  (registers resolvers)
@@ -60,6 +61,7 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
     yield make
     GlobalHydra.instance().clear()
+    HydraConfig.instance().cfg = None  # no test sees another's run (its mode, overrides, choices)
 
 
 @pytest.fixture
@@ -127,9 +129,9 @@ def tiny_imdb(tmp_path_factory) -> Path:
 
 
 def run_script(
-    *args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None
+    *args: str, cwd: Path = ROOT, timeout: float = 300, env: dict | None = None, input: str | None = None
 ) -> subprocess.CompletedProcess:
-    """Run an entry point the way a user does, with no stdin and no W&B key."""
+    """Run an entry point the way a user does, with no stdin (or ``input`` piped in) and no W&B key."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     full_env.update({"PYTHONUNBUFFERED": "1", "SEQLAB_ROOT": str(ROOT)})
     full_env.update(env or {})
@@ -137,7 +139,7 @@ def run_script(
         [sys.executable, *args],
         cwd=cwd,
         env=full_env,
-        stdin=subprocess.DEVNULL,
+        **({"stdin": subprocess.DEVNULL} if input is None else {"input": input}),
         capture_output=True,
         text=True,
         timeout=timeout,

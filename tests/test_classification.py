@@ -87,6 +87,7 @@ def test_last_pooling_of_a_bidirectional_encoder_takes_each_direction_final_stat
 
 
 def test_word_dropout_replaces_only_text_tokens_and_only_in_training() -> None:
+    torch.manual_seed(0)
     task = ClassificationTask(
         BACKBONES["gru"], vocab_size=50, num_classes=2, cls_id=2, unk_id=1, word_dropout=0.5
     )

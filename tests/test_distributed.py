@@ -405,26 +405,36 @@ def test_training_resumes_across_strategies(tmp_path: Path) -> None:
 def test_every_backbone_trains_sharded_under_fsdp2(tmp_path: Path, data: str) -> None:
     """Every task x every backbone under FSDP2 on 2 CPU processes: one sweep of DDP-style jobs. The
     series in bf16-mixed: the fused AdamW clipped by seqlab's bf16 plugin over sharded (DTensor)
-    parameters, and the RNN family's float32 recurrence inside their FSDP2 units."""
+    parameters, and the RNN family's float32 recurrence inside their FSDP2 units. One epoch is
+    too little to learn from, so what is asserted is that every parameter was updated at every
+    step (an optimizer built over the unsharded parameters would update none)."""
     sweep = tmp_path / "sweep"
+    models = {"data=timeseries": ["mingru"], "data=sentiment_synthetic": ["minlstm"]}.get(data, [])
+    models = ["rnn", "lstm", "gru", "transformer", *models]
     small = (
         ["data.num_train=400"]
         if "synthetic" in data
         else ["data.num_steps=1200", "data.lookback=48", "trainer.precision=bf16-mixed"]
     )
     result = run_script(
-        "train.py", "-m", "trainer=fsdp2", "model=rnn,lstm,gru,transformer", data, *small, "model.d_model=32",
+        "train.py", "-m", "trainer=fsdp2", f"model={','.join(models)}", data, *small, "model.d_model=32",
         "trainer.max_epochs=1", "trainer.accelerator=cpu", "extras.print_config=false",
         "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", f"hydra.sweep.dir={sweep}",
         f"data.cache_dir={tmp_path / 'cache'}" if "synthetic" in data else "data.horizon=12", timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    for job, model in enumerate(("rnn", "lstm", "gru", "transformer")):
+    for job, model in enumerate(models):
         summary = json.loads((sweep / str(job) / "summary.json").read_text())
         assert summary["model"] == model and summary["trainer"]["strategy"] == "ModelParallelStrategy"
         assert summary["trainer"]["precision"] == ("32-true" if "synthetic" in data else "bf16-mixed")
         assert summary["metrics"], f"{model}: tested"
         assert max(summary["parameters_per_rank"]) < 0.75 * summary["num_params"], f"{model}: sharded"
+        last = AtomicCheckpointIO().load_checkpoint(sweep / str(job) / "checkpoints" / "last.ckpt")
+        optimizer = last["optimizer_states"][0]
+        params = [p for group in optimizer["param_groups"] for p in group["params"]]
+        assert len(params) >= 6 and sorted(optimizer["state"]) == sorted(params), f"{model}: every parameter"
+        for state in optimizer["state"].values():
+            assert int(state["step"]) == last["global_step"] > 0 and state["exp_avg"].abs().sum() > 0, model
 
 
 @pytest.mark.slow
@@ -473,13 +483,11 @@ def test_a_failed_ddp_job_leaves_the_next_sweep_job_whole(tmp_path: Path, rank: 
     a collective, its process group and launch environment are not reused, and Lightning's watch
     over the ranks does not kill the sweep. The failure is still the sweep's exit status."""
     sweep = tmp_path / "sweep"
-    start = time.monotonic()
     result = run_script(
         "train.py", "-m", "trainer=ddp", *FAST, "trainer.max_epochs=2", f"hydra.sweep.dir={sweep}",
         "+callbacks.fault._target_=tests.faults.FailOnRank", f"+callbacks.fault.rank={rank},5",
-        "+callbacks.fault.step=5", f"+callbacks.fault.how={how}", timeout=300,
+        "+callbacks.fault.step=5", f"+callbacks.fault.how={how}", timeout=300,  # a hang fails here
     )  # fmt: skip
-    elapsed = time.monotonic() - start
     assert result.returncode != 0
     if how == "raise":
         assert f"injected failure on rank {rank} at step 5" in result.stdout + result.stderr
@@ -487,7 +495,6 @@ def test_a_failed_ddp_job_leaves_the_next_sweep_job_whole(tmp_path: Path, rank: 
     summary = json.loads((sweep / "1" / "summary.json").read_text())
     assert summary["trainer"]["world_size"] == 2 and summary["metrics"]
     assert "Seed set to" in (sweep / "1" / "train_ddp_process_1.log").read_text(), "job 1 had its own rank 1"
-    assert elapsed < 240, f"the sweep took {elapsed:.0f} s"
 
 
 def test_the_other_ranks_of_a_sweep_job_compose_the_same_config(make_cfg, monkeypatch) -> None:

@@ -518,7 +518,7 @@ def test_gathering_leaves_the_random_state_as_the_dataloader_does(tmp_path: Path
 
 # ---------------------------------------------------------------- bucketed, distributed batches
 def test_processes_share_each_global_batch() -> None:
-    lengths = torch.randint(1, 60, (203,)).tolist()
+    lengths = torch.randint(1, 60, (203,), generator=torch.Generator().manual_seed(0)).tolist()
     single = BucketSampler(lengths, batch_size=16, shuffle=True, seed=3, drop_last=True)
     ranks = [
         BucketSampler(lengths, 16, num_replicas=2, rank=r, shuffle=True, seed=3, drop_last=True)

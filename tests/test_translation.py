@@ -459,6 +459,11 @@ def test_eval_and_translate_reproduce_the_run_from_the_checkpoint_alone(make_cfg
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines() == hypotheses
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval", "in.txt", "run"])
+    # from stdin, an empty line translated as an empty line (the output stays line by line)
+    piped = "\n".join([sources[0], "", *sources[1:3]]) + "\n"
+    result = run_script(str(ROOT / "translate.py"), f"ckpt_path={ckpt}", "input=-", cwd=tmp_path, input=piped)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [hypotheses[0], "", *hypotheses[1:3]]
 
     # the same checkpoint as an FSDP2 sharded directory (what trainer=fsdp2 writes with
     # save_distributed_checkpoint): translate.py reads it too, and leaves it as it was
