@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml constraints.txt $(PIP_ARGS_USED)
 	@# a GPU machine whose pip finds a local CPU wheel (find-links) would get it: say so
 	@if nvidia-smi -L >/dev/null 2>&1 && ! $(PY) -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then \
 		echo "warning: this machine has an NVIDIA GPU but $(VENV) got a CPU-only torch (a local CPU wheel in pip's find-links?);"; \
-		echo "  reinstall the CUDA build: PIP_FIND_LINKS= $(PY) -m pip install --force-reinstall --no-deps torch==2.13.0"; \
+		echo "  reinstall it from PyPI, without the local wheels: PIP_FIND_LINKS= PIP_CONFIG_FILE=/dev/null $(PY) -m pip install --force-reinstall -c constraints.txt torch"; \
 	fi
 	@touch $(STAMP)
 

@@ -344,12 +344,34 @@ def test_eval_batches_are_as_many_on_every_process(size: int, world: int, batch:
     batches = [list(shard) for shard in shards]
     counts = [len(b) for b in batches]
     assert counts == [len(shard) for shard in shards]
-    if size >= world:  # every process holds an example
+    if size >= world and batch > 1:  # every process holds an example, and a batch can be split
         assert len(set(counts)) == 1, counts
-    else:
-        assert sorted(counts, reverse=True) == [1] * size + [0] * (world - size), counts
     assert all(0 < len(t) <= batch for b in batches for t in b)
     assert sorted(int(i) for b in batches for t in b for i in t) == list(range(size))
+
+
+def test_uneven_eval_batches_under_sharded_parameters_are_refused() -> None:
+    """At one window per process a batch cannot be split: 3 windows on 2 processes are 2 and 1
+    batches. Under sharded parameters that hung at the first validation; it is refused by name.
+    Replicated parameters (DDP) run uneven batches as they are."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from seqlab.utils.distributed import ModelParallelStrategy
+
+    dm = SyntheticSeriesDataModule(num_steps=600, lookback=48, horizon=12, batch_size=2)
+    dm.setup("fit")
+    assert len(dm.datasets["val"]) == 49
+    sharded = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=0, strategy=sharded)
+    with pytest.raises(ConfigError, match=r"val split's 49 windows .*\(\[25, 24\]\).*data.batch_size >= 4"):
+        dm.val_dataloader()
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=0, strategy=DDPStrategy())
+    assert len(dm.val_dataloader()) == 25
+    dm.batch_size = 4  # 2 per process: the last batch of 2 is split
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1, strategy=sharded)
+    assert len(dm.val_dataloader()) == 13
 
 
 def test_runs_of_consecutive_seeds_share_no_epoch_order() -> None:

@@ -22,14 +22,24 @@ def checkout(tmp_path: Path) -> Path:
     python.parent.mkdir(parents=True)
     python.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "calls"}\n')
     python.chmod(0o755)
+    # no GPU here, whatever the machine has (make install asks nvidia-smi, then torch)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "nvidia-smi").chmod(0o755)
     return tmp_path
+
+
+def run_make(checkout: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PIP_ARGS", "MAKEFLAGS", "MAKELEVEL")}
+    env["PATH"] = f"{checkout / 'bin'}{os.pathsep}{env.get('PATH', '')}"  # the stand-in nvidia-smi
+    done = subprocess.run(["make", *args], cwd=checkout, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
 
 
 def make(checkout: Path, *args: str) -> list[str]:
     """Run make; -> the stand-in python's calls so far (``pip install ...`` or ``pytest``)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PIP_ARGS", "MAKEFLAGS", "MAKELEVEL")}
-    done = subprocess.run(["make", *args], cwd=checkout, env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_make(checkout, *args)
     calls = checkout / "calls"
     return calls.read_text().splitlines() if calls.is_file() else []
 
@@ -48,3 +58,17 @@ def test_make_install_is_idempotent_and_keeps_its_package_index(checkout: Path) 
     assert len(calls) == 4 and "pip install" in calls[-1] and index in calls[-1], "new pins, the same index"
     calls = make(checkout, "install", "PIP_ARGS=")
     assert len(calls) == 5 and index not in calls[-1], "PIP_ARGS= resets the index"
+
+
+def test_a_gpu_machine_with_a_cpu_torch_is_warned(checkout: Path) -> None:
+    """A GPU machine whose pip finds a local CPU wheel (find-links) would install it silently."""
+    (checkout / "bin" / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200'\n")
+    python = checkout / ".venv" / "bin" / "python"
+    # the stand-in's torch has no CUDA: `-c "...sys.exit(torch.version.cuda is None)"` exits 1
+    python.write_text(f'#!/bin/sh\necho "$*" >> {checkout / "calls"}\ncase "$1" in -c) exit 1;; esac\n')
+    done = run_make(checkout, "install")
+    assert "has an NVIDIA GPU but .venv got a CPU-only torch" in done.stdout
+    assert (
+        "PIP_FIND_LINKS= PIP_CONFIG_FILE=/dev/null .venv/bin/python -m pip install --force-reinstall"
+        in done.stdout
+    )

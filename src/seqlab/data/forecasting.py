@@ -306,9 +306,20 @@ class SeriesDataModule(L.LightningDataModule):
         """Each window once over all processes, as many batches on each (Lightning keeps a
         DistributedSampler it is given)."""
         world, rank = replicas(self.trainer)
-        return EvalShardSampler(
-            len(self.datasets[split]), num_replicas=world, rank=rank, batch_size=self.per_device_batch_size()
-        )
+        size, batch = len(self.datasets[split]), self.per_device_batch_size()
+        if world > 1:
+            from seqlab.utils.distributed import shards_parameters
+
+            counts = [len(EvalShardSampler(size, world, r, batch)) for r in range(world)]
+            if len(set(counts)) > 1 and shards_parameters(self.trainer.strategy):
+                raise ConfigError(
+                    f"the {split} split's {size} windows cannot be cut into as many batches on each of "
+                    f"the {world} processes ({counts}) at {batch} per process (data.batch_size="
+                    f"{self.batch_size}): with sharded parameters every forward is a collective, and "
+                    "the processes would wait for each other for ever; give each process at least 2 "
+                    f"(data.batch_size >= {2 * world}), or more {split} windows"
+                )
+        return EvalShardSampler(size, num_replicas=world, rank=rank, batch_size=batch)
 
     def _loader(self, dataset: Dataset, sampler: EvalShardSampler) -> DataLoader:
         return DataLoader(
