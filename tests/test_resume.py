@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -401,6 +402,26 @@ def test_a_sharded_checkpoint_replaces_the_previous_one_only_when_whole(tmp_path
     assert newest_checkpoint(run_dir) == run_dir / "checkpoints" / ".last.ckpt.old"
     (run_dir / "checkpoints" / "last.ckpt").mkdir()
     assert newest_checkpoint(run_dir) == run_dir / "checkpoints" / "last.ckpt"
+    # the next save after such a crash: killed as it moves its checkpoint in, the set-aside one
+    # is still there to resume from (it was removed first, and the run started from scratch)
+    shutil.rmtree(target)
+    aside = target.with_name(".last.ckpt.old")
+    aside.mkdir()
+    (aside / "meta.pt").write_text("step 3")
+    replace = os.replace
+
+    def killed_moving_in(source, destination) -> None:
+        if Path(source).name == ".last.ckpt.partial":
+            raise KeyboardInterrupt("killed")
+        replace(source, destination)
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(os, "replace", killed_moving_in)
+        with pytest.raises(KeyboardInterrupt):
+            save_directory_atomically(one_process, target, writes({"meta.pt": "step 4"}))
+    assert (aside / "meta.pt").read_text() == "step 3"
+    save_directory_atomically(one_process, target, writes({"meta.pt": "step 5"}))
+    assert contents() == {"meta.pt": "step 5"} and not aside.exists()
 
 
 @pytest.mark.parametrize("kind", ["fsdp", "deepspeed"])

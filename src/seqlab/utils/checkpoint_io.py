@@ -52,7 +52,8 @@ def save_directory_atomically(strategy: Any, path: Path, save: Callable[[Path], 
     written: a process killed while saving leaves the previous checkpoint whole (the partial
     directory is cleared by the next save), where saving in place left a mix of two steps'
     shards that ``resume=auto`` then tried to load. The old one is renamed aside, the new one in,
-    the old one removed: two renames in which a crash leaves ``.<name>.old`` and no ``path``."""
+    the old one removed: two renames in which a crash leaves ``.<name>.old`` and no ``path``,
+    which then stays until the next checkpoint is in its place."""
     path = Path(strategy.broadcast(str(path)))
     partial = path.with_name(f".{path.name}.partial")
     if strategy.is_global_zero:
@@ -62,9 +63,11 @@ def save_directory_atomically(strategy: Any, path: Path, save: Callable[[Path], 
     strategy.barrier("seqlab.save_directory.written")
     if strategy.is_global_zero:
         old = path.with_name(f".{path.name}.old")
-        remove_path(old)
         if path.exists():
+            remove_path(old)  # an earlier save's, its removal cut short: path is the whole one
             os.replace(path, old)
+        # else a crash came between the two renames: old is the only whole checkpoint, kept
+        # (resume=auto reads it) until the new one is in place
         os.replace(partial, path)
         directory = os.open(path.parent, os.O_RDONLY)
         try:
