@@ -278,11 +278,15 @@ def test_a_relative_data_dir_resolved_elsewhere_is_refused_on_resume(
     with pytest.raises(RuntimeError, match="injected failure"):
         train(make_cfg(*crash, fast=False))
     monkeypatch.chdir(tmp_path / "b")
+    run_dir = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(
         ConfigError,
         match=r"data.data_dir resolves to '.*/b/data', and the interrupted run .* read '.*/a/data'",
     ):
         train(make_cfg(*crash, fast=False))
+    # refused before anything is written (config.yaml, cmd.txt, git.txt were rewritten first)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     monkeypatch.chdir(tmp_path / "a")
     metrics, _ = train(make_cfg(*crash, fast=False))  # where it started: resumed and finished
     assert "test/acc" in metrics
@@ -308,6 +312,10 @@ def test_the_same_overrides_find_the_newest_interrupted_run(tmp_path: Path) -> N
     run("2026-01-05_00-00-00", ["model=gru"])
     assert find_interrupted_run(tmp_path, ["model=lstm"]) == newest
     assert find_interrupted_run(tmp_path, ["model=lstm", "seed=2"]) is None
+    # what a resumed run may change (RESUME_IGNORES) does not make it another run: the same
+    # command with W&B, other tags or no config print continues it (it started afresh)
+    for extra in ("logger=wandb", "tags=[a,b]", "extras.print_config=false", "+logger.wandb.mode=offline"):
+        assert find_interrupted_run(tmp_path, ["model=lstm", extra]) == newest, extra
     assert find_interrupted_run(tmp_path / "missing", ["model=lstm"]) is None
     # the same second's runs: -10 was started after -9 (a name sort puts it first)
     run("2026-01-06_00-00-00-9", ["model=rnn"])

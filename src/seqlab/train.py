@@ -206,22 +206,23 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg, run_dir)  # refuses a directory it must not write into
     saved = check_checkpoint_fits(ckpt_path, cfg) if ckpt_path else None
+    # a resumed run encodes with the checkpoint's tokenizers: trained again (its cache entry
+    # gone, or keyed anew by a data file's new modification time) they may number the tokens
+    # otherwise, under the trained embeddings (WordPiece and Unigram training is not deterministic)
+    if saved:
+        check_same_tokenizer(
+            saved, to_plain(cfg.data), f"training on from it keeps them: give data={saved.get('data_name')} "
+            "and its tokenizer settings, or leave ckpt_path unset for a model of its own",
+        )  # fmt: skip
+    if saved and own_checkpoint(ckpt_path, run_dir):
+        check_same_data_dir(saved, cfg.data, ckpt_path)
+    # (refused above, a run directory is left as it was: nothing is written before this line)
     if is_rank_zero():
         mark_running(run_dir)  # claimed before anything is written into it
     try:  # a run refused while it is set up leaves no marker naming this (in a sweep, live) process
         git = write_run_metadata(cfg, run_dir) if is_rank_zero() else {}
 
         log.info("data <%s>", cfg.data._target_)
-        # a resumed run encodes with the checkpoint's tokenizers: trained again (its cache entry
-        # gone, or keyed anew by a data file's new modification time) they may number the tokens
-        # otherwise, under the trained embeddings (WordPiece and Unigram training is not deterministic)
-        if saved:
-            check_same_tokenizer(
-                saved, to_plain(cfg.data), f"training on from it keeps them: give data={saved.get('data_name')} "
-                "and its tokenizer settings, or leave ckpt_path unset for a model of its own",
-            )  # fmt: skip
-        if saved and own_checkpoint(ckpt_path, run_dir):
-            check_same_data_dir(saved, cfg.data, ckpt_path)
         datamodule = build_datamodule(cfg.data, (saved or {}).get("data_artifacts"), check_trainable=True)
         log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)
         task = build_task(cfg.task, cfg.model, datamodule)

@@ -181,10 +181,12 @@ def under(key: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def comparable(overrides: list[str]) -> list[str]:
-    """The overrides that make two commands the same run: all but ``resume`` (a run started from
-    ``ckpt_path=A`` is continued only by a command with the same ``ckpt_path``, never taken over
-    by one without it or with another)."""
-    return sorted(o for o in overrides if override_key(o) != "resume")
+    """The overrides that make two commands the same run: all but those a resumed run may change
+    (``RESUME_IGNORES``: the same command with ``logger=wandb`` or other ``tags`` continues its
+    run), except ``ckpt_path``: a run started from ``ckpt_path=A`` is continued only by a command
+    with the same ``ckpt_path``, never taken over by one without it or with another."""
+    ignored = tuple(key for key in RESUME_IGNORES if key != "ckpt_path")
+    return sorted(o for o in overrides if not under(override_key(o), ignored))
 
 
 def stamp_order(name: str) -> list[str | int]:
