@@ -321,12 +321,20 @@ def test_multirun_with_ddp_runs_each_job_once_in_one_sweep_dir(tmp_path: Path) -
     assert len((sweep / "sweep_summary.csv").read_text().splitlines()) == 3
 
 
-def test_torchrun_ranks_share_one_run_directory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rendezvous", ["--standalone", "--master_port"])
+def test_torchrun_ranks_share_one_run_directory(tmp_path: Path, rendezvous: str) -> None:
     """Launched by torchrun (as on a multi-node cluster), every rank composes its own config: the
-    run directory comes from the rendezvous id, so all ranks write into one."""
+    run directory comes from the rendezvous id, so all ranks write into one. A static rendezvous
+    (``--master_port``) has none: each rank took a directory of its own."""
+    import socket
+
+    if rendezvous == "--master_port":
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            rendezvous = f"--master_port={free.getsockname()[1]}"
     logs = tmp_path / "logs"
     result = run_script(
-        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "trainer=ddp", *FAST,
+        "-m", "torch.distributed.run", rendezvous, "--nproc_per_node=2", "train.py", "trainer=ddp", *FAST,
         "trainer.max_epochs=1", f"paths.log_dir={logs}", timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -530,6 +530,48 @@ def test_a_run_still_training_is_neither_resumed_nor_joined(make_cfg, tmp_path: 
     assert find_interrupted_run(tmp_path / "runs", ["model=lstm"]) == run_dir  # its process is gone
 
 
+def test_a_run_training_on_another_host_is_neither_resumed_nor_joined(tmp_path: Path, monkeypatch) -> None:
+    """On a cluster's shared file system, a marker of another host named a process that cannot be
+    looked up, and counted as gone: a second job with the same command joined the live run (two
+    processes writing one last.ckpt). The training process refreshes its marker; another host's
+    marker is live while fresh, gone when stale or when it names this SLURM job (requeued)."""
+    from seqlab.utils import resume
+    from seqlab.utils.resume import mark_running, mark_stopped
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    runs = tmp_path / "runs"
+    run_dir = runs / "2026-01-01_00-00-00"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 1\n")
+    (run_dir / "overrides.yaml").write_text("- model=lstm\n")
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    marker = run_dir / ".running"
+    marker.write_text("gpu-node-a 4242 777\n")  # refreshed just now: that run is training
+    assert find_interrupted_run(runs, ["model=lstm"]) is None
+    with pytest.raises(
+        ConfigError, match=r"is in use: process 4242 on gpu-node-a \(its marker refreshed \d+ s ago"
+    ):
+        mark_running(run_dir)
+    monkeypatch.setenv("SLURM_JOB_ID", "777")  # this job, requeued onto another node: its own
+    assert find_interrupted_run(runs, ["model=lstm"]) == run_dir
+    monkeypatch.setenv("SLURM_JOB_ID", "778")
+    assert find_interrupted_run(runs, ["model=lstm"]) is None
+    stale = time.time() - resume.MARKER_STALE_S - 1
+    os.utime(marker, (stale, stale))  # not refreshed: its process is gone
+    assert find_interrupted_run(runs, ["model=lstm"]) == run_dir
+    # this process's marker is refreshed while it trains, and left alone once it stops
+    monkeypatch.setattr(resume, "MARKER_HEARTBEAT_S", 0.05)
+    mark_running(run_dir)
+    assert marker.read_text().split() == [socket.gethostname(), str(os.getpid()), "778"]
+    os.utime(marker, (stale, stale))
+    deadline = time.monotonic() + 30
+    while marker.stat().st_mtime == stale:
+        assert time.monotonic() < deadline, "the marker was not refreshed"
+        time.sleep(0.05)
+    mark_stopped(run_dir)
+    assert not marker.exists() and not resume.MarkerHeartbeat.beating
+
+
 def test_other_ranks_follow_rank_zero(make_cfg, tmp_path: Path, monkeypatch) -> None:
     """Rank 1 starts after rank 0 wrote config.yaml into the directory: it takes the checkpoint
     rank 0 resumes, and an explicit ckpt_path where there is none (a fresh start from it)."""
@@ -767,6 +809,17 @@ def test_only_a_multi_task_launch_shares_one_directory(monkeypatch) -> None:
     assert launch_id() is None
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
     assert launch_id() == "torchrun-abc"
+    # a static rendezvous has no id: one node's ranks share their launcher, several nodes the master
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    assert launch_id() == f"torchrun-{socket.gethostname()}-{os.getppid()}"
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "head")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert launch_id() == "torchrun-head-29500"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: a run of its own
+    assert launch_id() is None
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_NTASKS", "4")  # the allocation's tasks: salloc -n 4, sbatch -n 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import datetime
 from pathlib import Path
 
@@ -41,10 +42,18 @@ def launch_id() -> str | None:
     """The id every process of an external multi-process launch shares, or None: torchrun's
     rendezvous id, or the SLURM job and step when ``srun`` started several tasks (the step's own
     task count: an ``salloc -n 4`` shell or an ``sbatch -n 4`` script that runs python without
-    srun is one process, whose allocation has 4 tasks; every run there had one directory)."""
+    srun is one process, whose allocation has 4 tasks; every run there had one directory).
+
+    torchrun's static rendezvous (``--master_port``, no ``--rdzv_id``) has no id ("none"): its
+    ranks each took a directory of their own. On one node they share their launcher's process
+    (``torchrun-<host>-<its pid>``); across nodes, the master's address and port."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id and run_id != "none":
         return f"torchrun-{run_id}"
+    if run_id == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if int(os.environ.get("GROUP_WORLD_SIZE", "1")) == 1:
+            return f"torchrun-{socket.gethostname()}-{os.getppid()}"
+        return f"torchrun-{os.environ.get('MASTER_ADDR', 'master')}-{os.environ.get('MASTER_PORT', '0')}"
     if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
         return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '0')}"
     return None

@@ -22,9 +22,10 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,8 +36,13 @@ from seqlab.utils.files import directory_lock
 log = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "never")
-#: ``<run>/.running``: host and pid of the process training there
+#: ``<run>/.running``: host and pid of the process training there (and its SLURM job id)
 RUNNING = ".running"
+#: the process training in a run directory refreshes its marker this often; a marker of another
+#: host (whose process cannot be looked up) is taken for a live run's while younger than
+#: ``MARKER_STALE_S``, unless it names this SLURM job (requeued: its process is gone)
+MARKER_HEARTBEAT_S = 30.0
+MARKER_STALE_S = 150.0
 #: keys that may differ between the interrupted run and its resumption (how it is shown or
 #: logged, where it resumes from), with their sub-keys
 RESUME_IGNORES = (
@@ -90,12 +96,13 @@ CLAIM_SECONDS = 10.0
 
 
 def mark_running(run_dir: Path) -> None:
-    """``<run>/.running``: this host and process, while the run trains (rank 0 writes it). Claimed
-    under a lock on the directory: of two processes of this host that chose one directory at
-    once, one trains there and the other is refused (a marker whose process is gone is replaced;
-    a marker of another host counts as gone, as for a requeued job). Without the lock (a file
-    system that refuses ``flock``) two processes that find a stale marker at the same moment may
-    both replace it; from an empty directory, one claims it."""
+    """``<run>/.running``: this host and process, while the run trains (rank 0 writes it and
+    refreshes it every ``MARKER_HEARTBEAT_S``). Claimed under a lock on the directory: of two
+    processes that chose one directory at once, one trains there and the other is refused (a
+    marker whose process is gone is replaced: of this host, a pid that no longer runs; of another
+    host, a marker not refreshed for ``MARKER_STALE_S``, or one of this SLURM job, requeued).
+    Without the lock (a file system that refuses ``flock``) two processes that find a stale marker
+    at the same moment may both replace it; from an empty directory, one claims it."""
     with directory_lock(run_dir, "claiming it"):
         marker = run_dir / RUNNING
         try:  # read once: what decides is what this process found
@@ -108,7 +115,7 @@ def mark_running(run_dir: Path) -> None:
             ) from None
         if found is not None:
             try:
-                live = marker_process(found)
+                live = marker_owner(found, written)
             except ValueError:  # not "<host> <pid>": being written by a process that has just
                 # claimed it (where there is no lock), or left half-written by a crash long ago
                 if time.time() - written < CLAIM_SECONDS:
@@ -122,7 +129,41 @@ def mark_running(run_dir: Path) -> None:
         except FileExistsError:
             raise in_use(run_dir, running_process(run_dir)) from None
         with os.fdopen(fd, "w") as handle:
-            handle.write(f"{this_process()}\n")
+            job = os.environ.get("SLURM_JOB_ID")
+            handle.write(f"{this_process()}{f' {job}' if job else ''}\n")
+    MarkerHeartbeat.start_for(marker)
+
+
+class MarkerHeartbeat(threading.Thread):
+    """Refreshes a ``.running`` marker's modification time every ``MARKER_HEARTBEAT_S`` while its
+    run trains, so that a process of another host can tell a live run from a dead one."""
+
+    beating: ClassVar[dict[Path, MarkerHeartbeat]] = {}
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__(name="seqlab-running-marker", daemon=True)
+        self.marker, self.done = marker, threading.Event()
+
+    @classmethod
+    def start_for(cls, marker: Path) -> None:
+        cls.stop_for(marker)
+        heartbeat = cls.beating[marker] = cls(marker)
+        heartbeat.start()
+
+    @classmethod
+    def stop_for(cls, marker: Path) -> None:
+        heartbeat = cls.beating.pop(marker, None)
+        if heartbeat is not None:
+            heartbeat.done.set()
+
+    def run(self) -> None:
+        while not self.done.wait(MARKER_HEARTBEAT_S):
+            try:
+                os.utime(self.marker)
+            except FileNotFoundError:  # removed (the run ended, or someone deleted it by hand)
+                return
+            except OSError as error:  # a file system hiccup: the next beat may get through
+                log.warning("%s not refreshed: %s", self.marker, error)
 
 
 def this_process() -> str:
@@ -130,8 +171,8 @@ def this_process() -> str:
     return f"{socket.gethostname()} {os.getpid()}"
 
 
-def in_use(run_dir: Path, pid: int | None) -> ConfigError:
-    who = f"process {pid} on this host is" if pid is not None else "another process is"
+def in_use(run_dir: Path, owner: str | None) -> ConfigError:
+    who = f"{owner} is" if owner is not None else "another process is"
     return ConfigError(
         f"{run_dir} is in use: {who} training there ({run_dir / RUNNING}); wait for it or stop it, or "
         f"train into another directory (if no such run is going on, delete {RUNNING})"
@@ -140,24 +181,41 @@ def in_use(run_dir: Path, pid: int | None) -> ConfigError:
 
 def mark_stopped(run_dir: Path) -> None:
     marker = run_dir / RUNNING
-    if marker.is_file() and marker.read_text().split()[-1:] == [str(os.getpid())]:
+    MarkerHeartbeat.stop_for(marker)
+    if marker.is_file() and marker.read_text().split()[1:2] == [str(os.getpid())]:
         marker.unlink()
 
 
-def running_process(run_dir: Path) -> int | None:
-    """The pid of a live process on this host that is training in ``run_dir``, else None. A
-    marker from another host counts as stale (a requeued job lands on another node; its old
-    process is gone)."""
+def running_process(run_dir: Path) -> str | None:
+    """Who is training in ``run_dir`` (``process <pid> on this host``, ``process <pid> on
+    <host>``), while they are: see ``marker_owner``; else None."""
+    marker = run_dir / RUNNING
     try:
-        return marker_process((run_dir / RUNNING).read_text())
+        return marker_owner(marker.read_text(), marker.stat().st_mtime)
     except (OSError, ValueError):
         return None
 
 
+def marker_owner(text: str, written: float) -> str | None:
+    """Who holds a ``.running`` marker (its ``text``, refreshed at ``written``), while they hold it:
+    a live process of this host other than this one; a process of another host whose marker was
+    refreshed within ``MARKER_STALE_S``, unless it names this SLURM job (a requeued job's earlier
+    process is gone). None for a marker whose process is gone; ValueError for text that is not a
+    marker's ``<host> <pid> [<job>]``."""
+    host, pid, *job = text.split()
+    if host == socket.gethostname():
+        live = marker_process(text)
+        return f"process {live} on this host" if live is not None else None
+    int(pid)  # a marker's
+    if job[:1] == [os.environ.get("SLURM_JOB_ID")] or time.time() - written > MARKER_STALE_S:
+        return None
+    return f"process {pid} on {host} (its marker refreshed {time.time() - written:.0f} s ago)"
+
+
 def marker_process(text: str) -> int | None:
     """The live process of this host (not this one) that a ``.running`` marker's ``text`` names,
-    else None; ValueError when the text is not a marker's ``<host> <pid>``."""
-    host, pid = text.split()
+    else None; ValueError when the text is not a marker's ``<host> <pid> [<job>]``."""
+    host, pid, *_ = text.split()
     pid_number = int(pid)
     if host != socket.gethostname() or pid_number == os.getpid():
         return None
