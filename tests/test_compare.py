@@ -316,3 +316,34 @@ def test_a_compare_sweep_with_a_failed_job_still_writes_its_report(tmp_path: Pat
     assert "- job 1 (`model=transformer seed=1 experiment=compare_forecasting" in text
     assert "ConfigError: model.d_model=30 must be a multiple of model.nhead=4" in text
     assert (sweep / "report.html").is_file()
+
+
+def test_the_sweep_table_lists_every_job_whatever_its_end_or_directory_name(tmp_path: Path) -> None:
+    """Only numbered job directories were listed (a sweep with ``hydra.sweep.subdir=
+    ${hydra.job.override_dirname}`` got no table), and a job killed without an error (out of
+    memory, a time limit) had no row at all. A job still training is left out until it ends."""
+    import os
+    import socket
+
+    from seqlab.utils.hydra_callbacks import write_sweep_table
+
+    sweep = tmp_path / "sweep"
+    for name in ("model=gru", "model=lstm", "model=rnn", "model=transformer"):
+        (sweep / name / ".hydra").mkdir(parents=True)
+        (sweep / name / ".hydra" / "overrides.yaml").write_text(f"- {name}\n")
+    write_summary(
+        sweep / "model=gru", {"model": "gru", "overrides": ["model=gru"], "metrics": {"test/mse": 0.4}}
+    )
+    (sweep / "model=lstm" / "error.txt").write_text("ConfigError: model.d_model=30\n")
+    (sweep / "model=rnn" / "config.yaml").write_text("seed: 1\n")  # started, then killed
+    (sweep / "model=transformer" / "config.yaml").write_text("seed: 1\n")
+    (sweep / "model=transformer" / ".running").write_text(f"{socket.gethostname()} {os.getppid()}\n")
+    rows = write_sweep_table(sweep)
+    assert [(row["job"], row["status"]) for row in rows] == [
+        ("model=gru", "ok"), ("model=lstm", "failed"), ("model=rnn", "killed")
+    ]  # fmt: skip
+    assert rows[0]["mse"] == 0.4 and "model.d_model=30" in rows[1]["error"]
+    assert rows[2]["overrides"] == "model=rnn" and "resumes it" in rows[2]["error"]
+    with open(sweep / "sweep_summary.csv", newline="") as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["ok", "failed", "killed"]
+    assert not [p.name for p in sweep.iterdir() if p.name.endswith(".tmp")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import csv
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,24 @@ def job_overrides(job_dir: Path) -> str:
     return redact_text(" ".join(str(o) for o in (OmegaConf.load(path) or []))) if path.is_file() else ""
 
 
+def sweep_jobs(sweep_dir: Path) -> list[Path]:
+    """The job directories of a sweep, in job order: Hydra's numbered ones, or whatever
+    ``hydra.sweep.subdir`` names them (``${hydra.job.override_dirname}``), each with its ``.hydra``."""
+    if not sweep_dir.is_dir():
+        return []
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p.name.isdigit() or (p / ".hydra").is_dir())]
+    return sorted(jobs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+
+
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job: its status, overrides, final test metrics, time, throughput and size;
-    a failed job (no summary.json) gets its error instead."""
+    a failed job (no summary.json) gets its error instead, and one that started training and
+    ended with neither (killed: out of memory, a time limit) is listed as such."""
+    from seqlab.utils.resume import running_process
+
     rows = []
     summaries = dict(read_summaries(sweep_dir))
-    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()] if sweep_dir.is_dir() else []
-    for job_dir in sorted(jobs, key=lambda p: int(p.name)):
+    for job_dir in sweep_jobs(sweep_dir):
         summary = summaries.get(job_dir)
         if summary is None:
             error = job_dir / ERROR_FILE
@@ -43,6 +55,10 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                 reason = next(iter(error.read_text().strip().splitlines()), "")
                 rows.append({"job": job_dir.name, "status": "failed", "overrides": job_overrides(job_dir),
                              "error": reason})  # fmt: skip
+            elif (job_dir / "config.yaml").is_file() and running_process(job_dir) is None:
+                rows.append({"job": job_dir.name, "status": "killed", "overrides": job_overrides(job_dir),
+                             "error": "ended without a summary or an error (killed: out of memory, "
+                                      "a time limit?); the same command resumes it"})  # fmt: skip
             continue  # still running, or not a job
         row: dict[str, Any] = {
             "job": job_dir.name,
@@ -63,10 +79,12 @@ def write_sweep_table(sweep_dir: Path) -> list[dict[str, Any]]:
     if not rows:
         return rows
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with (sweep_dir / "sweep_summary.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    # whole files only: under submitit every job's processes rewrite these at once
+    write_text_atomic(sweep_dir / "sweep_summary.csv", table.getvalue())
     write_text_atomic(sweep_dir / "sweep_summary.md", markdown_table(rows, columns) + "\n")
     return rows
 
