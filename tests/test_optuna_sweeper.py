@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from hydra_plugins.seqlab_optuna_sweeper.optuna_sweeper import (
     OptunaSweeper,
+    SweepError,
     distribution,
     objective_value,
     override_value,
@@ -287,3 +288,127 @@ def test_only_config_group_options_are_checked_before_the_first_trial() -> None:
         ValueError, match=r"hydra.sweeper.params: model=lsmt cannot be composed: .*model/lsmt"
     ):
         chosen.check_choices(fixed, space(["model=choice(lstm,lsmt)", "model.nhead=choice(2,4)"]))
+
+
+def test_a_search_stopped_before_telling_finished_trials_reads_them_back(tmp_path: Path) -> None:
+    """Trials are told when their batch returns: a search killed later in the batch (or as a job's
+    process ended, after its summary.json) failed its finished trials on resume, and ran them
+    again. Their jobs are recorded when asked, and read back. A second sweeper on the same sweep
+    directory, while the first holds it, is refused (it took the first's running trials for
+    interrupted)."""
+    import json
+    from types import SimpleNamespace
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from seqlab.utils.files import directory_lock
+
+    sweep = tmp_path / "sweep"
+
+    def sweeper() -> OptunaSweeper:
+        chosen = OptunaSweeper(
+            direction="minimize", study_name="s", storage=None, n_trials=4, n_jobs=2, sampler="random",
+            seed=0, n_startup_trials=2, params={},
+        )  # fmt: skip
+        chosen.config = OmegaConf.create(
+            {"hydra": {"sweep": {"dir": str(sweep)}}, "optimized_metric": "val/mse_best"}
+        )
+        chosen.hydra_context = SimpleNamespace(
+            config_loader=SimpleNamespace(load_sweep_config=lambda **_: None)
+        )
+        return chosen
+
+    class Launcher:  # writes each job's summary; killed after the first batch's jobs finished
+        def __init__(self, killed: bool) -> None:
+            self.killed, self.jobs = killed, []
+
+        def launch(self, batch: list, initial_job_idx: int) -> list:
+            jobs = list(range(initial_job_idx, initial_job_idx + len(batch)))
+            self.jobs += jobs
+            for job in jobs:
+                (sweep / str(job)).mkdir(parents=True)
+                summary = {"best": {"val/mse_best": 1 + job / 10}}
+                (sweep / str(job) / "summary.json").write_text(json.dumps(summary))
+            if self.killed:
+                raise KeyboardInterrupt  # the search's process stops before it tells them
+            return [JobReturn(status=JobStatus.COMPLETED, _return_value=1 + job / 10) for job in jobs]
+
+    first = sweeper()
+    first.launcher = Launcher(killed=True)
+    with pytest.raises(KeyboardInterrupt):
+        first.sweep(["model.d_model=choice(16,32,64)"])
+    again = sweeper()
+    again.launcher = Launcher(killed=False)
+    with (
+        directory_lock(sweep, "a first sweeper"),
+        pytest.raises(SweepError, match="another sweeper is running"),
+    ):
+        again.sweep(["model.d_model=choice(16,32,64)"])
+    again.sweep(["model.d_model=choice(16,32,64)"])
+    assert again.launcher.jobs == [2, 3], "jobs 0 and 1 finished: not run again"
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    told = {t.user_attrs["job"]: t.value for t in study.trials}
+    assert told == {0: 1.0, 1: 1.1, 2: 1.2, 3: 1.3}
+    assert [t.user_attrs.get("recovered", False) for t in study.trials] == [True, True, False, False]
+
+
+def test_sweepers_sharing_a_storage_draw_their_own_parameters(tmp_path: Path) -> None:
+    """Sweepers started together with one seed on one storage proposed the same parameters."""
+    shared = OptunaSweeper(
+        direction="minimize", study_name="s", storage=f"sqlite:///{tmp_path / 'o.db'}", n_trials=3, n_jobs=1,
+        sampler="random", seed=7, n_startup_trials=2, params={},
+    )  # fmt: skip
+    own = OptunaSweeper(
+        direction="minimize", study_name="s", storage=None, n_trials=3, n_jobs=1,
+        sampler="random", seed=7, n_startup_trials=2, params={},
+    )  # fmt: skip
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert shared.sampler_seed(0, a) != shared.sampler_seed(0, b)
+    assert shared.sampler_seed(0, a) == shared.sampler_seed(0, a) != shared.sampler_seed(5, a)
+    assert own.sampler_seed(0, a) == own.sampler_seed(0, b) == 7 and own.sampler_seed(5, a) == 12
+
+
+def test_no_secret_in_the_study_or_a_refused_searchs_files(tmp_path: Path) -> None:
+    """The study (possibly a shared database) stored the fixed overrides and each trial's as given,
+    credentials included; a search refused before its first job left them in multirun.yaml (the
+    jobs' start scrubs it, and none started)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    secret = "literal-secret-from-the-command-line-42"
+    sweep = tmp_path / "sweep"
+    chosen = OptunaSweeper(
+        direction="minimize", study_name="s", storage=None, n_trials=1, n_jobs=1, sampler="random",
+        seed=0, n_startup_trials=2, params={},
+    )  # fmt: skip
+    chosen.config = OmegaConf.create(
+        {
+            "hydra": {"sweep": {"dir": str(sweep)}},
+            "optimized_metric": "val/mse_best",
+            "extras": {"api_key": secret},
+        }
+    )
+
+    def load_sweep_config(master_config, sweep_overrides) -> None:
+        if "model=lsmt" in sweep_overrides:
+            raise ValueError("Could not find 'model/lsmt'")
+
+    chosen.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(load_sweep_config=load_sweep_config))
+    chosen.launcher = SimpleNamespace(launch=lambda batch, initial_job_idx: [])
+    with pytest.raises(SweepError, match="model=lsmt cannot be composed"):
+        chosen.sweep([f"+extras.api_key={secret}", "model=lstm,lsmt"])
+    assert secret not in (sweep / "multirun.yaml").read_text()
+
+    class Launcher:
+        def launch(self, batch: list, initial_job_idx: int) -> list:
+            from hydra.core.utils import JobReturn, JobStatus
+
+            return [JobReturn(status=JobStatus.COMPLETED, _return_value=1.0) for _ in batch]
+
+    chosen.launcher = Launcher()
+    chosen.sweep([f"+extras.api_key={secret}", "model=lstm,gru"])
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    stored = repr(study.user_attrs) + repr([t.user_attrs for t in study.trials])
+    assert "api_key" in stored and secret not in stored

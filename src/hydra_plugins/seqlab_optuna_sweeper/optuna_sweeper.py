@@ -12,10 +12,14 @@ directory), and told its objective, the value the task function returns (seqlab'
   fixed for every trial.
 - Persistence: the study lives in ``storage`` (default SQLite in the sweep directory), so running
   the same command with the same ``hydra.sweep.dir`` resumes an interrupted search: finished trials
-  are kept, a trial that was running when the search died is marked failed and a new trial takes
-  its place; a stored study with other settings (direction, fixed overrides, space) is refused.
+  are kept, a trial that was running when the search died is told its objective if its job had
+  finished (its ``summary.json``), else marked failed and a new trial takes its place; a stored
+  study with other settings (direction, fixed overrides, space) is refused. One sweeper a sweep
+  directory (a lock on it): a second one started there while the first runs is refused.
 - Several sweepers may share one storage (a database URL; each its own ``hydra.sweep.dir``):
-  ``n_trials`` counts the study's trials, theirs included. A running trial's sweeper records every
+  ``n_trials`` counts the study's trials, theirs included, and each seeds its sampler from
+  ``seed`` and its sweep directory (with one seed they proposed the same parameters). A running
+  trial's sweeper records every
   minute that it is alive; another sweeper takes a trial for interrupted only when that record is
   10 minutes old, or names a process of its own host that is gone (a trial asked elsewhere, with
   no record, counts as interrupted); a search started again in its own sweep directory takes its
@@ -31,6 +35,7 @@ directory), and told its objective, the value the task function returns (seqlab'
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -275,7 +280,7 @@ class OptunaSweeper(Sweeper):
         fresh seeded sampler would propose the first trials' parameters again)."""
         import optuna
 
-        from seqlab.utils.secrets import redact_text
+        from seqlab.utils.secrets import redact, redact_text
 
         storage = self.storage or f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"
         study = optuna.create_study(
@@ -287,7 +292,7 @@ class OptunaSweeper(Sweeper):
         )
         search = {
             "direction": self.direction,
-            "fixed": comparable(fixed),
+            "fixed": comparable(redact(fixed)),  # the storage may be a shared database
             "space": {key: optuna.distributions.distribution_to_json(d) for key, d in sorted(space.items())},
         }
         stored = study.direction.name.lower()  # optuna keeps the stored one, whatever was asked
@@ -296,7 +301,7 @@ class OptunaSweeper(Sweeper):
             saved = {**search, "direction": stored}
             if stored == self.direction:
                 study.set_user_attr("seqlab_search", saved)
-        saved = {**saved, "fixed": comparable(saved["fixed"])}  # stored before the filter, too
+        saved = {**saved, "fixed": comparable(redact(saved["fixed"]))}  # stored before the filter, too
         if saved != search:
             differences = []
             for part in ("direction", "fixed", "space"):
@@ -313,11 +318,24 @@ class OptunaSweeper(Sweeper):
                 "resume it with its own settings, or start another with hydra.sweeper.study_name=<new name> "
                 "or another hydra.sweep.dir"
             )
+        if study.trials or self.storage:
+            study.sampler = self.make_sampler(self.sampler_seed(len(study.trials), sweep_dir))
         if study.trials:
-            seed = None if self.seed is None else self.seed + len(study.trials)
-            study.sampler = self.make_sampler(seed)
             log.info("resuming Optuna study %r: %d trials so far", self.study_name, len(study.trials))
         return study
+
+    def sampler_seed(self, trials: int, sweep_dir: Path) -> int | None:
+        """The sampler's seed: ``seed``, plus the study's trials so far (a resumed search would
+        otherwise propose its first trials' parameters again); with a shared ``storage``, mixed
+        with this sweeper's sweep directory: sweepers started (or resumed) together with one seed
+        proposed the same parameters, every trial twice."""
+        if self.seed is None:
+            return None
+        seed = self.seed + trials
+        if not self.storage:
+            return seed
+        digest = hashlib.sha256(f"{seed} {sweep_dir.resolve()}".encode()).digest()
+        return int.from_bytes(digest[:4], "little")
 
     # ------------------------------------------------------------------ the search
     def composes(self, overrides: list[str]) -> str | None:
@@ -345,15 +363,32 @@ class OptunaSweeper(Sweeper):
                         raise SweepError(f"hydra.sweeper.params: {key}={choice} cannot be composed: {why}")
 
     def sweep(self, arguments: list[str]) -> None:
+        from seqlab.utils.files import directory_lock
+
+        assert self.config is not None and self.launcher is not None
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+
+        def busy() -> SweepError:
+            return SweepError(
+                f"{sweep_dir}: another sweeper is running this search (it holds the directory's lock); "
+                "wait for it, or give this one another hydra.sweep.dir"
+            )
+
+        # one sweeper a sweep directory: a second one (the resume command run while the first is
+        # alive) took the first's running trials for interrupted, and their job directories
+        with directory_lock(sweep_dir, "searching", busy=busy):
+            self.search(sweep_dir, arguments)
+
+    def search(self, sweep_dir: Path, arguments: list[str]) -> None:
         import optuna
         from optuna.trial import TrialState
 
         from seqlab.utils.resume import this_process
+        from seqlab.utils.secrets import redact, scrub_yaml
 
         assert self.config is not None and self.launcher is not None
-        sweep_dir = Path(self.config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        scrub_yaml(sweep_dir / "multirun.yaml")  # a search refused before its first job keeps it
         fixed, space = self.search_space(arguments)
         self.check_choices(fixed, space)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -363,10 +398,25 @@ class OptunaSweeper(Sweeper):
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if not is_interrupted(stale, now, here):
                 continue  # another sweeper's, still running
-            # a trial whose search died: failed, and run again (unless another sweeper, or its
-            # own, told it meanwhile)
+            # a trial whose search died: told its objective where its job had finished (the
+            # search was killed later in the batch, or as the job's process ended), else failed
+            # and run again (unless another sweeper, or its own, told it meanwhile)
+            job = stale.user_attrs.get("job") if stale.user_attrs.get("sweep") == here else None
+            value = None
+            if job is not None:
+                value, _ = objective_value(
+                    self.result_from_summary(sweep_dir, job, RuntimeError("interrupted"))
+                )
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-                optuna.trial.Trial(study, stale._trial_id).set_user_attr("interrupted", True)
+                trial = optuna.trial.Trial(study, stale._trial_id)
+                if value is not None:
+                    trial.set_user_attr("recovered", True)
+                    study.tell(stale.number, value)
+                    log.info(
+                        "trial %d (job %s) finished before the search stopped: %.6g", stale.number, job, value
+                    )
+                    continue
+                trial.set_user_attr("interrupted", True)
                 study.tell(stale.number, state=TrialState.FAIL)
         log.info(
             "Optuna study %r (%s, %s sampler, seed %s): %d trials, space %s",
@@ -394,10 +444,13 @@ class OptunaSweeper(Sweeper):
                 overrides = [*fixed, *(f"{k}={override_value(v)}" for k, v in trial.params.items())]
                 why = self.composes(overrides)
                 if why is None:
+                    # its job, known before it runs: a search stopped before telling it reads it back
+                    trial.set_user_attr("job", job_index + len(trials))
+                    trial.set_user_attr("overrides", redact(overrides))
                     trials.append(trial)
                     batch.append(overrides)
                     continue
-                trial.set_user_attr("overrides", overrides)
+                trial.set_user_attr("overrides", redact(overrides))
                 trial.set_user_attr("error", f"the overrides do not compose: {why}")
                 study.tell(trial, state=TrialState.FAIL)
                 log.warning("trial %d: %s do not compose: %s", trial.number, trial.params, why)
@@ -417,7 +470,7 @@ class OptunaSweeper(Sweeper):
                 value, error = objective_value(result)
                 try:
                     trial.set_user_attr("job", job_index)
-                    trial.set_user_attr("overrides", overrides)
+                    trial.set_user_attr("overrides", redact(overrides))
                     if error is None:
                         study.tell(trial, value)
                         log.info(
@@ -454,6 +507,8 @@ class OptunaSweeper(Sweeper):
     def write_results(self, study: Any, sweep_dir: Path) -> None:
         from optuna.trial import TrialState
 
+        from seqlab.utils.files import write_text_atomic
+
         failed = [
             {
                 "trial": t.number,
@@ -477,7 +532,7 @@ class OptunaSweeper(Sweeper):
             results.update(best_value=best.value, best_params=best.params)
             log.info("best trial %d: %s = %.6g", best.number, best.params, best.value)
         results["failed"] = failed
-        OmegaConf.save(OmegaConf.create(results), sweep_dir / RESULTS_FILE)
+        write_text_atomic(sweep_dir / RESULTS_FILE, OmegaConf.to_yaml(OmegaConf.create(results)))
         if not completed:  # the command fails: scripts and CI see that nothing came of the search
             first = f": trial {failed[0]['trial']}: {failed[0]['error']}" if failed else ""
             raise RuntimeError(

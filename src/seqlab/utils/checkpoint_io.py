@@ -17,7 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from seqlab.errors import ConfigError
-from seqlab.utils.files import atomic_file
+from seqlab.utils.files import atomic_file, fsync_directory
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -69,11 +69,7 @@ def save_directory_atomically(strategy: Any, path: Path, save: Callable[[Path], 
         # else a crash came between the two renames: old is the only whole checkpoint, kept
         # (resume=auto reads it) until the new one is in place
         os.replace(partial, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_directory(path.parent)
         remove_path(old)
     strategy.barrier("seqlab.save_directory.replaced")
 

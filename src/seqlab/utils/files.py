@@ -8,7 +8,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 def atomic_file(path: Path) -> Iterator[Path]:
     """A fresh temporary path beside ``path`` to write (unique per call, so processes writing the
     same file do not share it); on success it is fsynced and renamed over ``path`` (readers see the
-    old file or the whole new one), on failure removed (``path`` is left as it was)."""
+    old file or the whole new one), on failure removed (``path`` is left as it was); the directory
+    is fsynced too, so that the rename outlives a power loss."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -33,6 +34,21 @@ def atomic_file(path: Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the renames into ``directory`` durable (where the platform lets a directory be opened)."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:  # some file systems refuse fsync on a directory: the rename stands anyway
+        pass
+    finally:
+        os.close(handle)
 
 
 def current_umask() -> int:
@@ -51,11 +67,14 @@ def current_umask() -> int:
 
 
 @contextlib.contextmanager
-def directory_lock(directory: Path, doing: str) -> Iterator[None]:
+def directory_lock(
+    directory: Path, doing: str, busy: Callable[[], Exception] | None = None
+) -> Iterator[None]:
     """An exclusive ``flock`` on ``directory`` itself (no lock file left behind) for the processes
-    of this host; released when the block ends or the process dies. Without ``flock`` (not POSIX,
-    or a file system that refuses it: Lustre without flock, some FUSE mounts) a warning, and the
-    block runs unlocked."""
+    of this host; released when the block ends or the process dies. Waited for, or with ``busy``,
+    refused at once: ``busy()`` is raised while another process holds it. Without ``flock`` (not
+    POSIX, or a file system that refuses it: Lustre without flock, some FUSE mounts) a warning,
+    and the block runs unlocked."""
     directory.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -65,7 +84,9 @@ def directory_lock(directory: Path, doing: str) -> Iterator[None]:
     handle = os.open(directory, os.O_RDONLY)
     try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy is not None else 0))
+        except BlockingIOError:
+            raise busy() from None  # type: ignore[misc]
         except OSError as error:  # ENOLCK, EOPNOTSUPP
             log.warning("%s: cannot lock it (%s); %s without the lock", directory, error.strerror, doing)
         yield

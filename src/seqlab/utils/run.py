@@ -71,7 +71,7 @@ def write_run_metadata(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
     overrides = redact(hydra_overrides())
     write_text_atomic(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
-    (run_dir / "cmd.txt").write_text(redact_text(" ".join([sys.executable, *sys.argv])) + "\n")
+    write_text_atomic(run_dir / "cmd.txt", redact_text(" ".join([sys.executable, *sys.argv])) + "\n")
     info, diff = git_info(Path(cfg.paths.root_dir))
     write_text_atomic(run_dir / "git.txt", "".join(f"{k}: {v}\n" for k, v in info.items() if k != "status"))
     if diff:
