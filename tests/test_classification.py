@@ -222,6 +222,37 @@ def test_reports_and_eval_reproduce_the_test_accuracy(
     assert summary["metrics"]["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 
+def test_eval_reads_moved_data_from_data_dir(make_cfg, tmp_path: Path) -> None:
+    """``eval.py ckpt_path=... data_dir=<new place>``: the data moved after training is read from
+    there, with the checkpoint's tokenizer, and gives the run's test metrics; without it, the
+    missing file is named."""
+    from seqlab.errors import DataError
+
+    rows = [f"{'good fine nice' if i % 2 else 'bad awful dull'} film {i}\t{i % 2}" for i in range(200)]
+    trained_on = tmp_path / "data"
+    trained_on.mkdir()
+    (trained_on / "train.tsv").write_text("text\tlabel\n" + "\n".join(rows[:160]) + "\n")
+    (trained_on / "test.tsv").write_text("text\tlabel\n" + "\n".join(rows[160:]) + "\n")
+    trained = [
+        "data=text_classification", f"data.data_dir={trained_on}", "data.tokenizer.kind=word",
+        f"data.cache_dir={tmp_path / 'cache'}", "model=gru", "model.d_model=16", "trainer.max_epochs=2",
+        "data.batch_size=16", "extras.print_config=false", "callbacks.rich_progress_bar=null",
+    ]  # fmt: skip
+    metrics, objects = train(make_cfg(*trained, fast=False))
+    ckpt = objects["summary"]["best_checkpoint"]
+    moved = tmp_path / "moved"
+    trained_on.rename(moved)
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(DataError, match=r"data/train.tsv"):
+        evaluate(make_cfg(f"ckpt_path={ckpt}", "extras.print_config=false", name="eval", output="nowhere"))
+    evaluated, _ = evaluate(
+        make_cfg(
+            f"ckpt_path={ckpt}", f"data_dir={moved}", "extras.print_config=false", name="eval", output="eval"
+        )
+    )
+    assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+
+
 def test_with_weight_averaging_train_tests_the_averaged_weights_it_selected(
     text_cfg, make_cfg, tmp_path: Path
 ) -> None:

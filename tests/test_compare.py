@@ -338,7 +338,16 @@ def test_the_sweep_table_lists_every_job_whatever_its_end_or_directory_name(tmp_
     (sweep / "model=rnn" / "config.yaml").write_text("seed: 1\n")  # started, then killed
     (sweep / "model=transformer" / "config.yaml").write_text("seed: 1\n")
     (sweep / "model=transformer" / ".running").write_text(f"{socket.gethostname()} {os.getppid()}\n")
-    rows = write_sweep_table(sweep)
+    # another task of this SLURM job, on another node, trains on: not killed (a requeued job's
+    # own marker is taken over by mark_running, but the table is not where that is decided)
+    (sweep / "model=transformer-2" / ".hydra").mkdir(parents=True)
+    (sweep / "model=transformer-2" / "config.yaml").write_text("seed: 1\n")
+    (sweep / "model=transformer-2" / ".running").write_text("gpu-node-b 4242 31337\n")
+    os.environ["SLURM_JOB_ID"] = "31337"
+    try:
+        rows = write_sweep_table(sweep)
+    finally:
+        del os.environ["SLURM_JOB_ID"]
     assert [(row["job"], row["status"]) for row in rows] == [
         ("model=gru", "ok"), ("model=lstm", "failed"), ("model=rnn", "killed")
     ]  # fmt: skip

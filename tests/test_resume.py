@@ -570,6 +570,18 @@ def test_a_run_training_on_another_host_is_neither_resumed_nor_joined(tmp_path: 
         time.sleep(0.05)
     mark_stopped(run_dir)
     assert not marker.exists() and not resume.MarkerHeartbeat.beating
+    # a marker taken over meanwhile (this process stopped past MARKER_STALE_S) is not refreshed by
+    # this process's heartbeat, and one of another node's process with this pid (containers) is
+    # not removed as this process stops
+    mark_running(run_dir)
+    marker.write_text("gpu-node-b 777\n")
+    os.utime(marker, (stale, stale))
+    heartbeat = resume.MarkerHeartbeat.beating[marker]
+    heartbeat.join(timeout=30)  # it stops at its next beat, finding the marker not its own
+    assert not heartbeat.is_alive() and marker.stat().st_mtime == stale
+    marker.write_text(f"gpu-node-b {os.getpid()} 999\n")
+    mark_stopped(run_dir)
+    assert marker.read_text() == f"gpu-node-b {os.getpid()} 999\n"
 
 
 def test_other_ranks_follow_rank_zero(make_cfg, tmp_path: Path, monkeypatch) -> None:
@@ -818,6 +830,9 @@ def test_only_a_multi_task_launch_shares_one_directory(monkeypatch) -> None:
     monkeypatch.setenv("MASTER_ADDR", "head")
     monkeypatch.setenv("MASTER_PORT", "29500")
     assert launch_id() == "torchrun-head-29500"
+    monkeypatch.setenv("SLURM_JOB_ID", "55")  # each SLURM job's launch its own
+    assert launch_id() == "torchrun-head-29500-slurm55"
+    monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: a run of its own
     assert launch_id() is None
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")

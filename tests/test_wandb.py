@@ -109,17 +109,21 @@ def test_explicit_modes_are_respected(no_key) -> None:
 
 
 @pytest.mark.slow
-def test_training_with_wandb_and_no_key_writes_offline_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("logger", ["wandb", "many"])
+def test_training_with_wandb_and_no_key_writes_offline_run(tmp_path: Path, logger: str) -> None:
+    """logger=many: CSV, TensorBoard and W&B at once."""
     from tests.conftest import FAST, run_script
 
     home = tmp_path / "home"
     home.mkdir()
     run_dir = tmp_path / "run"
     result = run_script(
-        "train.py", "logger=wandb", *FAST, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}",
+        "train.py", f"logger={logger}", *FAST, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}",
         env={"HOME": str(home), "NETRC": str(home / ".netrc")}, timeout=240,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    if logger == "many":
+        assert list(run_dir.rglob("events.out.tfevents.*")), "TensorBoard's event file"
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline_runs, "an offline W&B run directory"
     assert list(offline_runs[0].glob("*.wandb")), "the run's data file"

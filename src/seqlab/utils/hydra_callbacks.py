@@ -55,7 +55,9 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
                 reason = next(iter(error.read_text().strip().splitlines()), "")
                 rows.append({"job": job_dir.name, "status": "failed", "overrides": job_overrides(job_dir),
                              "error": reason})  # fmt: skip
-            elif (job_dir / "config.yaml").is_file() and running_process(job_dir) is None:
+            elif (job_dir / "config.yaml").is_file() and running_process(
+                job_dir, this_job_gone=False
+            ) is None:
                 rows.append({"job": job_dir.name, "status": "killed", "overrides": job_overrides(job_dir),
                              "error": "ended without a summary or an error (killed: out of memory, "
                                       "a time limit?); the same command resumes it"})  # fmt: skip

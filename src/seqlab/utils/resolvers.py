@@ -46,14 +46,16 @@ def launch_id() -> str | None:
 
     torchrun's static rendezvous (``--master_port``, no ``--rdzv_id``) has no id ("none"): its
     ranks each took a directory of their own. On one node they share their launcher's process
-    (``torchrun-<host>-<its pid>``); across nodes, the master's address and port."""
+    (``torchrun-<host>-<its pid>``); across nodes, the master's address and port (and the SLURM
+    job: launches with one master and port would otherwise share a directory)."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id and run_id != "none":
         return f"torchrun-{run_id}"
     if run_id == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if int(os.environ.get("GROUP_WORLD_SIZE", "1")) == 1:
             return f"torchrun-{socket.gethostname()}-{os.getppid()}"
-        return f"torchrun-{os.environ.get('MASTER_ADDR', 'master')}-{os.environ.get('MASTER_PORT', '0')}"
+        master = f"torchrun-{os.environ.get('MASTER_ADDR', 'master')}-{os.environ.get('MASTER_PORT', '0')}"
+        return f"{master}-slurm{os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else master
     if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
         return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '0')}"
     return None

@@ -159,6 +159,8 @@ class MarkerHeartbeat(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(MARKER_HEARTBEAT_S):
             try:
+                if not is_own_marker(self.marker.read_text()):
+                    return  # taken over (this process was stopped past MARKER_STALE_S): not ours
                 os.utime(self.marker)
             except FileNotFoundError:  # removed (the run ended, or someone deleted it by hand)
                 return
@@ -169,6 +171,12 @@ class MarkerHeartbeat(threading.Thread):
 def this_process() -> str:
     """This process as a ``.running`` marker (and an Optuna trial's sweeper) names it: ``<host> <pid>``."""
     return f"{socket.gethostname()} {os.getpid()}"
+
+
+def is_own_marker(text: str) -> bool:
+    """Whether a ``.running`` marker's text names this process (host and pid: containers on
+    several nodes give their processes the same pids)."""
+    return text.split()[:2] == this_process().split()
 
 
 def in_use(run_dir: Path, owner: str | None) -> ConfigError:
@@ -182,32 +190,34 @@ def in_use(run_dir: Path, owner: str | None) -> ConfigError:
 def mark_stopped(run_dir: Path) -> None:
     marker = run_dir / RUNNING
     MarkerHeartbeat.stop_for(marker)
-    if marker.is_file() and marker.read_text().split()[1:2] == [str(os.getpid())]:
+    if marker.is_file() and is_own_marker(marker.read_text()):
         marker.unlink()
 
 
-def running_process(run_dir: Path) -> str | None:
+def running_process(run_dir: Path, this_job_gone: bool = True) -> str | None:
     """Who is training in ``run_dir`` (``process <pid> on this host``, ``process <pid> on
     <host>``), while they are: see ``marker_owner``; else None."""
     marker = run_dir / RUNNING
     try:
-        return marker_owner(marker.read_text(), marker.stat().st_mtime)
+        return marker_owner(marker.read_text(), marker.stat().st_mtime, this_job_gone)
     except (OSError, ValueError):
         return None
 
 
-def marker_owner(text: str, written: float) -> str | None:
+def marker_owner(text: str, written: float, this_job_gone: bool = True) -> str | None:
     """Who holds a ``.running`` marker (its ``text``, refreshed at ``written``), while they hold it:
     a live process of this host other than this one; a process of another host whose marker was
-    refreshed within ``MARKER_STALE_S``, unless it names this SLURM job (a requeued job's earlier
-    process is gone). None for a marker whose process is gone; ValueError for text that is not a
-    marker's ``<host> <pid> [<job>]``."""
+    refreshed within ``MARKER_STALE_S``, unless it names this SLURM job and ``this_job_gone`` (a
+    requeued job's earlier process is gone; another task of this job, running on, is not: for a
+    sweep table written by each task). None for a marker whose process is gone; ValueError for
+    text that is not a marker's ``<host> <pid> [<job>]``."""
     host, pid, *job = text.split()
     if host == socket.gethostname():
         live = marker_process(text)
         return f"process {live} on this host" if live is not None else None
     int(pid)  # a marker's
-    if job[:1] == [os.environ.get("SLURM_JOB_ID")] or time.time() - written > MARKER_STALE_S:
+    this_job = job[:1] == [os.environ.get("SLURM_JOB_ID")]
+    if (this_job and this_job_gone) or (not this_job and time.time() - written > MARKER_STALE_S):
         return None
     return f"process {pid} on {host} (its marker refreshed {time.time() - written:.0f} s ago)"
 
