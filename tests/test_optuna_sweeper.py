@@ -208,6 +208,25 @@ def test_only_trials_whose_sweeper_is_gone_count_as_interrupted(tmp_path: Path) 
     assert time.time() - study._storage.get_trial(trial._trial_id).user_attrs["alive_at"] < 60
 
 
+def sweeper_in(sweep: Path, n_trials: int, n_jobs: int, load_sweep_config=None, **config) -> OptunaSweeper:
+    """A sweeper as Hydra sets it up, writing into ``sweep``, without Hydra: every override set
+    composes unless ``load_sweep_config`` raises for it; ``config``: more keys of the run config."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    chosen = OptunaSweeper(
+        direction="minimize", study_name="s", storage=None, n_trials=n_trials, n_jobs=n_jobs, sampler="random",
+        seed=0, n_startup_trials=2, params={},
+    )  # fmt: skip
+    chosen.config = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(sweep)}}, "optimized_metric": "val/mse_best", **config}
+    )
+    loader = load_sweep_config or (lambda **_: None)
+    chosen.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(load_sweep_config=loader))
+    return chosen
+
+
 def test_trials_asked_together_are_spread_out() -> None:
     """TPE's constant liar (running trials count as bad) for n_jobs > 1, whatever Optuna's default."""
     for n_jobs in (1, 4):
@@ -223,20 +242,12 @@ def test_a_launcher_failure_fails_only_the_trials_it_lost(tmp_path: Path) -> Non
     search ended there. A job of the batch that finished anyway (its summary.json) is told its
     objective, one that did not is failed with the launcher's error, and the search goes on."""
     import json
-    from types import SimpleNamespace
 
     from hydra.core.utils import JobReturn, JobStatus
     from omegaconf import OmegaConf
 
     sweep = tmp_path / "sweep"
-    chosen = OptunaSweeper(
-        direction="minimize", study_name="s", storage=None, n_trials=6, n_jobs=2, sampler="random",
-        seed=0, n_startup_trials=2, params={},
-    )  # fmt: skip
-    chosen.config = OmegaConf.create(
-        {"hydra": {"sweep": {"dir": str(sweep)}}, "optimized_metric": "val/mse_best"}
-    )
-    chosen.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(load_sweep_config=lambda **_: None))
+    chosen = sweeper_in(sweep, n_trials=6, n_jobs=2)
 
     class Launcher:  # jobs 2 and 3: job 2 finishes, the launcher raises (job 3's node died)
         def launch(self, batch: list, initial_job_idx: int) -> list:
@@ -297,27 +308,12 @@ def test_a_search_stopped_before_telling_finished_trials_reads_them_back(tmp_pat
     directory, while the first holds it, is refused (it took the first's running trials for
     interrupted)."""
     import json
-    from types import SimpleNamespace
 
     from hydra.core.utils import JobReturn, JobStatus
-    from omegaconf import OmegaConf
 
     from seqlab.utils.files import directory_lock
 
     sweep = tmp_path / "sweep"
-
-    def sweeper() -> OptunaSweeper:
-        chosen = OptunaSweeper(
-            direction="minimize", study_name="s", storage=None, n_trials=4, n_jobs=2, sampler="random",
-            seed=0, n_startup_trials=2, params={},
-        )  # fmt: skip
-        chosen.config = OmegaConf.create(
-            {"hydra": {"sweep": {"dir": str(sweep)}}, "optimized_metric": "val/mse_best"}
-        )
-        chosen.hydra_context = SimpleNamespace(
-            config_loader=SimpleNamespace(load_sweep_config=lambda **_: None)
-        )
-        return chosen
 
     class Launcher:  # writes each job's summary; killed after the first batch's jobs finished
         def __init__(self, killed: bool) -> None:
@@ -334,11 +330,11 @@ def test_a_search_stopped_before_telling_finished_trials_reads_them_back(tmp_pat
                 raise KeyboardInterrupt  # the search's process stops before it tells them
             return [JobReturn(status=JobStatus.COMPLETED, _return_value=1 + job / 10) for job in jobs]
 
-    first = sweeper()
+    first = sweeper_in(sweep, n_trials=4, n_jobs=2)
     first.launcher = Launcher(killed=True)
     with pytest.raises(KeyboardInterrupt):
         first.sweep(["model.d_model=choice(16,32,64)"])
-    again = sweeper()
+    again = sweeper_in(sweep, n_trials=4, n_jobs=2)
     again.launcher = Launcher(killed=False)
     with (
         directory_lock(sweep, "a first sweeper"),
@@ -375,27 +371,16 @@ def test_no_secret_in_the_study_or_a_refused_searchs_files(tmp_path: Path) -> No
     jobs' start scrubs it, and none started)."""
     from types import SimpleNamespace
 
-    from omegaconf import OmegaConf
-
     secret = "literal-secret-from-the-command-line-42"
     sweep = tmp_path / "sweep"
-    chosen = OptunaSweeper(
-        direction="minimize", study_name="s", storage=None, n_trials=1, n_jobs=1, sampler="random",
-        seed=0, n_startup_trials=2, params={},
-    )  # fmt: skip
-    chosen.config = OmegaConf.create(
-        {
-            "hydra": {"sweep": {"dir": str(sweep)}},
-            "optimized_metric": "val/mse_best",
-            "extras": {"api_key": secret},
-        }
-    )
 
     def load_sweep_config(master_config, sweep_overrides) -> None:
         if "model=lsmt" in sweep_overrides:
             raise ValueError("Could not find 'model/lsmt'")
 
-    chosen.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(load_sweep_config=load_sweep_config))
+    chosen = sweeper_in(
+        sweep, n_trials=1, n_jobs=1, load_sweep_config=load_sweep_config, extras={"api_key": secret}
+    )
     chosen.launcher = SimpleNamespace(launch=lambda batch, initial_job_idx: [])
     with pytest.raises(SweepError, match="model=lsmt cannot be composed"):
         chosen.sweep([f"+extras.api_key={secret}", "model=lstm,lsmt"])
