@@ -102,7 +102,8 @@ def test_fsdp_clips_gradients_by_norm_through_the_root_module(make_cfg, precisio
     assert isinstance(plugin, LightningFSDPPrecision) and plugin.precision == precision
     assert (plugin.scaler is not None) == (precision == "16-mixed")
     mixed = plugin.mixed_precision_config  # buffers (the forecaster's scaler statistics) in float32
-    assert mixed.buffer_dtype == torch.float32
+    assert mixed.buffer_dtype == torch.float32 and mixed.cast_root_forward_inputs is False
+    assert mixed.reduce_dtype == torch.float32  # as DDP and FSDP2 reduce under bf16-mixed
     assert mixed.param_dtype == {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(
         precision, torch.float32
     )
@@ -118,6 +119,15 @@ def test_fsdp_clips_gradients_by_norm_through_the_root_module(make_cfg, precisio
     assert clipped == [1.0]
     with pytest.raises(MisconfigurationException, match="'norm'` is currently not supported"):
         LightningFSDPPrecision(precision).clip_gradients(optimizer, 1.0, GradClipAlgorithmType.NORM)
+
+
+@pytest.mark.parametrize("name", ["fsdp", "fsdp_cpu_offload", "deepspeed_stage_2"])
+def test_lightnings_own_fsdp_and_deepspeed_names_are_refused(make_cfg, name: str) -> None:
+    """trainer.strategy=fsdp (Lightning's registry entry, not trainer=fsdp) built Lightning's
+    plugin, which refuses to clip by norm at the first step (gradient_clip_val is 1.0)."""
+    cfg = make_cfg("model=lstm", f"+trainer.strategy={name}")
+    with pytest.raises(ConfigError, match=rf"trainer.strategy={name}: Lightning's own .* choose trainer="):
+        build_strategy(cfg.trainer, cfg.model)
 
 
 @NO_GPU
@@ -360,3 +370,66 @@ def test_deepspeed_consolidation_writes_a_whole_file_or_none(tmp_path: Path, mon
         consolidate_checkpoint(zero, output)
     assert torch.equal(torch.load(output, weights_only=True)["w"], torch.ones(3))
     assert [p.name for p in output.parent.iterdir()] == ["consolidated.ckpt"], "nothing left aside"
+
+
+def _fsdp1_process(rank: int, port: int, results) -> None:
+    """One of two gloo processes wrapping a task as Lightning's FSDPStrategy does (FULL_SHARD,
+    use_orig_params, one unit per backbone layer, seqlab's mixed-precision config), after the
+    task's ``setup``; reports the weight-decay groups and the dtype a step's target arrives in."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from seqlab.tasks.classification import ClassificationTask
+    from seqlab.utils.precision import FSDPPrecision
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        backbone = {
+            "_target_": "seqlab.backbones.transformer.TransformerBackbone", "d_model": 16, "nhead": 2,
+            "num_layers": 2, "dim_feedforward": 32,
+        }  # fmt: skip
+        task = ClassificationTask(backbone, vocab_size=50, num_classes=3, cls_id=2)
+        matrices = sum(p.ndim >= 2 for p in task.parameters())
+        task.remember_parameter_ranks()  # Lightning's setup hook, before the strategy wraps
+        seen = {}
+
+        def step(batch: dict) -> torch.Tensor:  # Lightning runs every step through the root's forward
+            seen["target"] = batch["target"].dtype
+            return batch["target"].sum()
+
+        task.forward = step
+        mixed = FSDPPrecision("bf16-mixed", task).mixed_precision_config
+        wrapped = FullyShardedDataParallel(
+            task, sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=True,
+            device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({EncoderLayer}), mixed_precision=mixed,
+        )  # fmt: skip
+        flat = all(p.ndim <= 1 for p in task.parameters())
+        decayed, _ = task.parameter_groups(0.01)
+        wrapped({"target": torch.tensor([1234.567])})
+        if rank == 0:
+            results.put((flat, matrices, len(decayed["params"]), seen["target"]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_keeps_weight_decay_and_the_batchs_precision() -> None:
+    """Two things trainer=fsdp (FSDP1) got wrong, checked with torch's FSDP on two CPU processes:
+    it makes every parameter a 1-d view of its shard before configure_optimizers, so no weight
+    was decayed; and it cast every floating tensor of the batch, targets included, to bfloat16."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(_fsdp1_process, args=(port, results), nprocs=2, start_method="spawn")
+    flat, matrices, decayed, target = results.get()
+    assert flat, "FSDP flattened the parameters (the case this guards)"
+    assert decayed == matrices > 4
+    assert target == torch.float32

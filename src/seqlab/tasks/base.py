@@ -191,6 +191,14 @@ class SeqTask(L.LightningModule):
     # ----------------------------------------------------------------- precision
     def setup(self, stage: str) -> None:
         keep_measurements_precise(self.trainer.precision_plugin, self)
+        self.remember_parameter_ranks()
+
+    def remember_parameter_ranks(self) -> None:
+        """Each parameter's rank before a strategy wraps the model (``setup`` runs first): FSDP
+        (``use_orig_params``) makes every parameter a 1-d view of its shard before
+        ``configure_optimizers``, where no weight was then decayed."""
+        if not hasattr(self, "_unwrapped_ndim"):
+            self._unwrapped_ndim = {id(param): param.ndim for param in self.parameters()}
 
     def adopt_data(self, data: dict[str, Any]) -> None:
         """Take what describes the data rather than the model (``task_kwargs()``: a scaler, names)
@@ -305,11 +313,13 @@ class SeqTask(L.LightningModule):
     # ----------------------------------------------------------------- optimisation
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Weight decay on every matrix (weights and embedding tables, as in Hugging Face's and
-        nanoGPT's defaults); none on 1-d parameters (biases, norm scales and shifts)."""
+        nanoGPT's defaults); none on 1-d parameters (biases, norm scales and shifts). The rank is
+        the parameter's before any sharding strategy flattened it (``setup``)."""
+        ndim = getattr(self, "_unwrapped_ndim", {})
         decay, no_decay = [], []
         for param in self.parameters():
             if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
+                (decay if ndim.get(id(param), param.ndim) >= 2 else no_decay).append(param)
         return [
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

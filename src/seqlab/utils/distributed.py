@@ -177,6 +177,16 @@ def build_strategy(
     no batch sampler), so ``auto`` would fail in DeepSpeed's setup.
     """
     strategy = trainer_cfg.get("strategy", "auto")
+    if isinstance(strategy, str) and strategy_kind(strategy) in GPU_ONLY:
+        # Lightning's registry entry: its FSDP plugin refuses to clip by norm at the first step,
+        # its DeepSpeed `auto` batch size fails with seqlab's loaders, and neither saves whole
+        kind = strategy_kind(strategy)
+        raise ConfigError(
+            f"trainer.strategy={strategy}: Lightning's own {GPU_ONLY[kind]} strategy does not run "
+            f"seqlab's tasks as configured; choose trainer={kind if kind == 'fsdp' else 'deepspeed'} "
+            "(or trainer=deepspeed_stage_3, trainer=deepspeed_offload) and override its keys "
+            "(trainer.strategy.<key>=...)"
+        )
     if not OmegaConf.is_config(strategy):
         return strategy
     kwargs = OmegaConf.to_container(strategy, resolve=True)

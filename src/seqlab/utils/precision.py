@@ -65,13 +65,21 @@ class FSDPPrecision(LightningFSDPPrecision):
 
     @property
     def mixed_precision_config(self) -> Any:
-        """Lightning's, with the buffers kept in float32 under ``16-mixed``/``bf16-mixed``, as
-        autocast keeps them elsewhere: Lightning casts them to the low precision too, which
-        rounds the forecaster's scaler statistics (0.4% in bfloat16) in every original-scale
-        metric."""
-        config = super().mixed_precision_config
+        """Lightning's, with three changes:
+
+        - under ``16-mixed``/``bf16-mixed`` the buffers kept in float32, as autocast keeps them
+          elsewhere (Lightning casts them to the low precision too, which rounds the forecaster's
+          scaler statistics, 0.4% in bfloat16, in every original-scale metric), and gradients
+          reduced in float32, as DDP and FSDP2 reduce them under the same setting;
+        - the batch is not cast (``cast_root_forward_inputs``): Lightning runs every step through
+          the root module's forward, where FSDP cast every floating tensor of the batch, targets
+          included, to the parameters' dtype (a target of 1234.567 reached the loss as 1232.0 in
+          bfloat16); autocast sets the compute dtype, and ``convert_batch`` what a ``*-true``
+          precision casts.
+        """
+        config = dataclasses.replace(super().mixed_precision_config, cast_root_forward_inputs=False)
         if str(self.precision).endswith("-mixed"):
-            config = dataclasses.replace(config, buffer_dtype=torch.float32)
+            config = dataclasses.replace(config, buffer_dtype=torch.float32, reduce_dtype=torch.float32)
         return config
 
     def clip_grad_by_norm(self, optimizer: Any, clip_val: float) -> None:
