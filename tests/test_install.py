@@ -30,8 +30,9 @@ def checkout(tmp_path: Path) -> Path:
 
 
 def run_make(checkout: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PIP_ARGS", "MAKEFLAGS", "MAKELEVEL")}
-    env["PATH"] = f"{checkout / 'bin'}{os.pathsep}{env.get('PATH', '')}"  # the stand-in nvidia-smi
+    # a bare environment: `make test PYTEST_ARGS=...` (CI) exports its variables to the tests
+    env = {"HOME": os.environ.get("HOME", str(checkout)), "LANG": "C.UTF-8"}
+    env["PATH"] = f"{checkout / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"  # the stand-in nvidia-smi
     done = subprocess.run(["make", *args], cwd=checkout, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
