@@ -415,6 +415,7 @@ def _fsdp1_process(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fsdp_keeps_weight_decay_and_the_batchs_precision() -> None:
     """Two things trainer=fsdp (FSDP1) got wrong, checked with torch's FSDP on two CPU processes:
     it makes every parameter a 1-d view of its shard before configure_optimizers, so no weight

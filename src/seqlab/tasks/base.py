@@ -194,11 +194,13 @@ class SeqTask(L.LightningModule):
         self.remember_parameter_ranks()
 
     def remember_parameter_ranks(self) -> None:
-        """Each parameter's rank before a strategy wraps the model (``setup`` runs first): FSDP
-        (``use_orig_params``) makes every parameter a 1-d view of its shard before
-        ``configure_optimizers``, where no weight was then decayed."""
-        if not hasattr(self, "_unwrapped_ndim"):
-            self._unwrapped_ndim = {id(param): param.ndim for param in self.parameters()}
+        """Each parameter's rank before a strategy wraps the model (``setup`` runs first), kept on
+        the parameter itself: FSDP (``use_orig_params``) makes every parameter a 1-d view of its
+        shard before ``configure_optimizers``, where no weight was then decayed. A parameter a
+        strategy replaces (FSDP2's DTensors) has none, and its own rank is the global one."""
+        for param in self.parameters():
+            if not hasattr(param, "_seqlab_ndim"):
+                param._seqlab_ndim = param.ndim
 
     def adopt_data(self, data: dict[str, Any]) -> None:
         """Take what describes the data rather than the model (``task_kwargs()``: a scaler, names)
@@ -315,11 +317,10 @@ class SeqTask(L.LightningModule):
         """Weight decay on every matrix (weights and embedding tables, as in Hugging Face's and
         nanoGPT's defaults); none on 1-d parameters (biases, norm scales and shifts). The rank is
         the parameter's before any sharding strategy flattened it (``setup``)."""
-        ndim = getattr(self, "_unwrapped_ndim", {})
         decay, no_decay = [], []
         for param in self.parameters():
             if param.requires_grad:
-                (decay if ndim.get(id(param), param.ndim) >= 2 else no_decay).append(param)
+                (decay if getattr(param, "_seqlab_ndim", param.ndim) >= 2 else no_decay).append(param)
         return [
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

@@ -183,8 +183,8 @@ def build_strategy(
         kind = strategy_kind(strategy)
         raise ConfigError(
             f"trainer.strategy={strategy}: Lightning's own {GPU_ONLY[kind]} strategy does not run "
-            f"seqlab's tasks as configured; choose trainer={kind if kind == 'fsdp' else 'deepspeed'} "
-            "(or trainer=deepspeed_stage_3, trainer=deepspeed_offload) and override its keys "
+            "seqlab's tasks as configured; choose trainer=fsdp, trainer=fsdp2, trainer=deepspeed, "
+            "trainer=deepspeed_stage_3 or trainer=deepspeed_offload and override its keys "
             "(trainer.strategy.<key>=...)"
         )
     if not OmegaConf.is_config(strategy):
