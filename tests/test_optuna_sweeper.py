@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import optuna
@@ -273,6 +274,46 @@ def test_a_launcher_failure_fails_only_the_trials_it_lost(tmp_path: Path) -> Non
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{sweep / 'optuna.db'}")
     told = {t.user_attrs["job"]: t.value for t in study.trials if t.state.name == "COMPLETE"}
     assert told == {0: 0.0, 1: 0.1, 2: 0.2, 4: 0.4, 5: 0.5}  # job 2's read back from its summary
+
+
+def test_a_launcher_failure_waits_for_the_jobs_of_its_batch_still_training(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """submitit raises at the first failed job of a batch while the others train on (on other
+    nodes): they were told FAIL with that error and their finished runs never read. The sweeper
+    waits while their run directories' markers are live, then reads their summaries."""
+    import json
+    import threading
+
+    from hydra_plugins.seqlab_optuna_sweeper import optuna_sweeper
+
+    monkeypatch.setattr(optuna_sweeper, "JOB_POLL_S", 0.05)
+    sweep = tmp_path / "sweep"
+    chosen = sweeper_in(sweep, n_trials=2, n_jobs=2)
+    finished = threading.Event()
+
+    class Launcher:  # job 0 trains on another node for a while; job 1's node died
+        def launch(self, batch: list, initial_job_idx: int) -> list:
+            job = sweep / "0"
+            job.mkdir(parents=True)
+            (job / "config.yaml").write_text("seed: 1\n")
+            (job / ".running").write_text("gpu-node-b 4242 777\n")
+
+            def train_on() -> None:
+                time.sleep(0.5)
+                (job / "summary.json").write_text(json.dumps({"best": {"val/mse_best": 0.25}}))
+                (job / ".running").unlink()
+                finished.set()
+
+            threading.Thread(target=train_on, daemon=True).start()
+            raise RuntimeError("FailedJobError: job 1 has state NODE_FAIL")
+
+    chosen.launcher = Launcher()
+    chosen.sweep(["model.d_model=choice(16,32,64)"])
+    assert finished.is_set()
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    states = {t.user_attrs["job"]: (t.state.name, t.value) for t in study.trials}
+    assert states == {0: ("COMPLETE", 0.25), 1: ("FAIL", None)}
 
 
 def test_only_config_group_options_are_checked_before_the_first_trial() -> None:

@@ -27,7 +27,8 @@ directory), and told its objective, the value the task function returns (seqlab'
 - A trial whose job raises (an exception, out of memory) or returns a non-finite or missing
   objective, or whose sampled overrides Hydra cannot compose with each other, is told FAIL and the
   search goes on; so is one whose launcher raised (submitit, when a SLURM job of the batch died),
-  unless its job wrote its ``summary.json`` (the objective is read from there); ``optimization_results.yaml`` lists the best trial and every failure. A search in
+  unless its job wrote its ``summary.json`` (the objective is read from there, once the batch's
+  jobs still training have ended); ``optimization_results.yaml`` lists the best trial and every failure. A search in
   which no trial finished exits with an error. A choice that does not compose with the fixed
   overrides at all is refused before the first trial.
 """
@@ -120,6 +121,25 @@ def first_free_job(sweep_dir: Path, trials: int) -> int:
         else []
     )
     return max([trials, *(number + 1 for number in taken)])
+
+
+#: seconds between looks at the jobs of a batch whose launcher failed while some of them ran on
+JOB_POLL_S = 30.0
+
+
+def wait_for_running_jobs(sweep_dir: Path, jobs: range) -> None:
+    """Wait until no job of ``jobs`` is training any more (its ``.running`` marker gone or stale):
+    the launcher raised for the whole batch at the first job that failed (submitit), while the
+    others ran on, and their objectives would otherwise be lost (told failed with that error,
+    their finished runs never read). Jobs not started yet (queued) are not waited for."""
+    from seqlab.utils.resume import running_process
+
+    while True:
+        running = [job for job in jobs if running_process(sweep_dir / str(job), this_job_gone=False)]
+        if not running:
+            return
+        log.info("waiting for jobs %s of the batch, still training", running)
+        time.sleep(JOB_POLL_S)
 
 
 class SweepError(ValueError):
@@ -456,16 +476,15 @@ class OptunaSweeper(Sweeper):
                 log.warning("trial %d: %s do not compose: %s", trial.number, trial.params, why)
             if not trials:
                 continue
-            try:
-                with Heartbeat(study, trials):
+            jobs = range(job_index, job_index + len(batch))
+            with Heartbeat(study, trials):
+                try:
                     results = self.launcher.launch(batch, initial_job_idx=job_index)
-            except Exception as error:  # the launcher's own failure (a SLURM job killed: FailedJobError)
-                log.warning(
-                    "the launcher failed on jobs %d-%d: %s", job_index, job_index + len(batch) - 1, error
-                )
-                results = [
-                    self.result_from_summary(sweep_dir, job_index + i, error) for i in range(len(batch))
-                ]
+                except Exception as error:  # the launcher's own failure (a SLURM job killed:
+                    # submitit's FailedJobError, raised at the first failed job of the batch)
+                    log.warning("the launcher failed on jobs %d-%d: %s", jobs[0], jobs[-1], error)
+                    wait_for_running_jobs(sweep_dir, jobs)
+                    results = [self.result_from_summary(sweep_dir, job, error) for job in jobs]
             for trial, overrides, result in zip(trials, batch, results):
                 value, error = objective_value(result)
                 try:
