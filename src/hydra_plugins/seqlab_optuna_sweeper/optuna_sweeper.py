@@ -485,26 +485,22 @@ class OptunaSweeper(Sweeper):
                     log.warning("the launcher failed on jobs %d-%d: %s", jobs[0], jobs[-1], error)
                     wait_for_running_jobs(sweep_dir, jobs)
                     results = [self.result_from_summary(sweep_dir, job, error) for job in jobs]
-            for trial, overrides, result in zip(trials, batch, results):
+            for trial, job, result in zip(trials, jobs, results):
                 value, error = objective_value(result)
-                try:
-                    trial.set_user_attr("job", job_index)
-                    trial.set_user_attr("overrides", redact(overrides))
+                try:  # its job and overrides were recorded when it was asked
                     if error is None:
                         study.tell(trial, value)
-                        log.info(
-                            "trial %d (job %d): %s -> %.6g", trial.number, job_index, trial.params, value
-                        )
+                        log.info("trial %d (job %d): %s -> %.6g", trial.number, job, trial.params, value)
                     else:
                         trial.set_user_attr("error", error)
                         study.tell(trial, state=TrialState.FAIL)
-                        log.warning("trial %d (job %d) failed: %s", trial.number, job_index, error)
+                        log.warning("trial %d (job %d) failed: %s", trial.number, job, error)
                 except optuna.exceptions.UpdateFinishedTrialError:  # another sweeper took it for
                     # interrupted (this one's alive record stopped for STALE_S: a storage outage)
                     log.warning(
-                        "trial %d (job %d) was failed by another sweeper meanwhile", trial.number, job_index
+                        "trial %d (job %d) was failed by another sweeper meanwhile", trial.number, job
                     )
-                job_index += 1
+            job_index += len(jobs)
         self.write_results(study, sweep_dir)
 
     def result_from_summary(self, sweep_dir: Path, job: int, error: Exception) -> JobReturn:

@@ -16,7 +16,6 @@ training loop: batches are gathered from the cached ids and padded on the right.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -278,10 +277,10 @@ class TextClassificationDataModule(BatchedTextDataModule):
         path = self.split_path("train")
         return path.parent.name if path is not None else type(self).__name__
 
-    def cache_key(self) -> str:
+    def cache_settings(self) -> dict[str, Any]:
         hp = self.hparams
         carved = [split for split in ("val", "test") if self.split_path(split) is None]
-        settings = {
+        return {
             "version": CACHE_VERSION,
             "class": type(self).__qualname__,
             "sources": self.source_fingerprint(),
@@ -290,11 +289,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
             # what carves the splits that have no file (settings that carve nothing leave it alone)
             "holdout": [{s: hp[f"{s}_size"] for s in carved}, hp.split_seed, hp.holdout] if carved else None,
             "tokenizer": self.spec.to_dict(),
-            "fixed": hashlib.sha256(json.dumps(self.fixed, sort_keys=True).encode()).hexdigest()
-            if self.fixed
-            else None,
         }
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ preparation
     def download_raw(self) -> None:

@@ -156,9 +156,19 @@ class BatchedTextDataModule(L.LightningDataModule):
         """One split's dataset from its saved state (an entry of splits.pt)."""
         raise NotImplementedError
 
-    def cache_key(self) -> str:
-        """Hash of every setting and source file (its fingerprint) that changes the processed data."""
+    def cache_settings(self) -> dict[str, Any]:
+        """Every setting and source file (its fingerprint) that changes the processed data, but the
+        tokenizers a checkpoint brings (``fixed``)."""
         raise NotImplementedError
+
+    def cache_key(self, fixed: dict[str, Any] | None = None) -> str:
+        """The cache entry's key: the settings, and the checkpoint's tokenizers ``fixed`` encodes
+        with (none: those the entry trains itself)."""
+        settings = self.cache_settings()
+        settings["fixed"] = (
+            hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest() if fixed else None
+        )
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def processed_dir(self) -> Path:
@@ -166,8 +176,9 @@ class BatchedTextDataModule(L.LightningDataModule):
         these settings and files, keyed once (the files are not fingerprinted again at every access,
         and a file another process replaces meanwhile does not move this datamodule's entry)."""
         if getattr(self, "_processed_dir", None) is None:
+            fixed = getattr(self, "fixed", None)
             self._processed_dir = (
-                self.entry_built_alike() or self.cache_dir / f"{self.name}-{self.cache_key()}"
+                self.entry_built_alike() or self.cache_dir / f"{self.name}-{self.cache_key(fixed)}"
             )
         return self._processed_dir
 
@@ -176,14 +187,9 @@ class BatchedTextDataModule(L.LightningDataModule):
         the config, where it holds those very tokenizers (and classes), as it does for the run that
         trained the checkpoint. Its data is what the checkpoint's tokenizers would encode, so a
         resumed run or ``eval.py`` reads it instead of encoding everything into a second entry."""
-        fixed = getattr(self, "fixed", None)
-        if fixed is None:
+        if getattr(self, "fixed", None) is None:
             return None
-        self.fixed = None
-        try:
-            entry = self.cache_dir / f"{self.name}-{self.cache_key()}"
-        finally:
-            self.fixed = fixed
+        entry = self.cache_dir / f"{self.name}-{self.cache_key()}"
         if (entry / "meta.json").is_file() and self.holds_fixed(entry):
             log.info("processed data: %s (built with the checkpoint's tokenizer)", entry)
             return entry

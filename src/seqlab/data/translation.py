@@ -15,7 +15,6 @@ Batches are dicts: ``src_ids``/``src_mask`` [B,S] (source + [EOS]), ``tgt_ids``/
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -263,9 +262,9 @@ class TranslationDataModule(BatchedTextDataModule):
         folder = self.data_dir.name if self.data_dir is not None else type(self).__name__
         return f"{folder}-{hp.source_lang}-{hp.target_lang}"
 
-    def cache_key(self) -> str:
+    def cache_settings(self) -> dict[str, Any]:
         hp = self.hparams
-        settings = {
+        return {
             "version": CACHE_VERSION,
             "class": type(self).__qualname__,
             "sources": self.source_fingerprint(),
@@ -273,11 +272,7 @@ class TranslationDataModule(BatchedTextDataModule):
             "tokenizer": self.spec.to_dict(),
             "shared_vocab": hp.shared_vocab,
             "filters": [hp.max_length, hp.max_length_ratio],
-            "fixed": hashlib.sha256(json.dumps(self.fixed, sort_keys=True).encode()).hexdigest()
-            if self.fixed
-            else None,
         }
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ preparation
     def download_raw(self) -> None:

@@ -60,7 +60,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             ) is None:
                 rows.append({"job": job_dir.name, "status": "killed", "overrides": job_overrides(job_dir),
                              "error": "ended without a summary or an error (killed: out of memory, "
-                                      "a time limit?); the same command resumes it"})  # fmt: skip
+                                      "a time limit?); the sweep run again with this hydra.sweep.dir resumes it"})  # fmt: skip
             continue  # still running, or not a job
         row: dict[str, Any] = {
             "job": job_dir.name,
