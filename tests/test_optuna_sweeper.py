@@ -208,14 +208,22 @@ def test_only_trials_whose_sweeper_is_gone_count_as_interrupted(tmp_path: Path) 
     assert time.time() - study._storage.get_trial(trial._trial_id).user_attrs["alive_at"] < 60
 
 
-def sweeper_in(sweep: Path, n_trials: int, n_jobs: int, load_sweep_config=None, **config) -> OptunaSweeper:
+#: Hydra's default ``hydra.sweep.subdir``, and one naming the job directories by their overrides
+NUMBERED, NAMED = "${hydra.job.num}", "${hydra.job.override_dirname}_${hydra.job.num}"
+
+
+def sweeper_in(
+    sweep: Path, n_trials: int, n_jobs: int, load_sweep_config=None, subdir: str = NUMBERED, **config
+) -> OptunaSweeper:
     """A sweeper as Hydra sets it up, writing into ``sweep``, without Hydra: every override set
     composes unless ``load_sweep_config`` raises for it; ``config``: more keys of the run config.
     (Its refusals are caught as ``ValueError``: Hydra's plugin scan, which any composition in the
     session runs, executes the plugin module again, and its ``SweepError`` is then another class
     than the one imported here.)"""
+    import copy
     from types import SimpleNamespace
 
+    from hydra.conf import HydraConf
     from omegaconf import OmegaConf
 
     chosen = OptunaSweeper(
@@ -223,11 +231,28 @@ def sweeper_in(sweep: Path, n_trials: int, n_jobs: int, load_sweep_config=None, 
         seed=0, n_startup_trials=2, params={},
     )  # fmt: skip
     chosen.config = OmegaConf.create(
-        {"hydra": {"sweep": {"dir": str(sweep)}}, "optimized_metric": "val/mse_best", **config}
+        {"hydra": OmegaConf.structured(HydraConf), "optimized_metric": "val/mse_best", **config}
     )
-    loader = load_sweep_config or (lambda **_: None)
+    chosen.config.hydra.sweep.dir, chosen.config.hydra.sweep.subdir = str(sweep), subdir
+
+    def loader(master_config, sweep_overrides):  # Hydra's config loader sets the job's override_dirname
+        if load_sweep_config is not None:
+            load_sweep_config(master_config=master_config, sweep_overrides=sweep_overrides)
+        composed = copy.deepcopy(master_config)
+        composed.hydra.job.override_dirname = job_name(sweep_overrides)
+        return composed
+
     chosen.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(load_sweep_config=loader))
     return chosen
+
+
+def job_name(overrides: list[str]) -> str:
+    return ",".join(sorted(overrides))
+
+
+def job_dir(sweep: Path, subdir: str, job: int, overrides: list[str]) -> Path:
+    """The directory the launcher gives a job, as ``sweeper_in``'s config names it."""
+    return sweep / (str(job) if subdir == NUMBERED else f"{job_name(overrides)}_{job}")
 
 
 def test_trials_asked_together_are_spread_out() -> None:
@@ -276,8 +301,9 @@ def test_a_launcher_failure_fails_only_the_trials_it_lost(tmp_path: Path) -> Non
     assert told == {0: 0.0, 1: 0.1, 2: 0.2, 4: 0.4, 5: 0.5}  # job 2's read back from its summary
 
 
+@pytest.mark.parametrize("subdir", [NUMBERED, NAMED])
 def test_a_launcher_failure_waits_for_the_jobs_of_its_batch_still_training(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch, subdir: str
 ) -> None:
     """submitit raises at the first failed job of a batch while the others train on (on other
     nodes): they were told FAIL with that error and their finished runs never read. The sweeper
@@ -289,12 +315,12 @@ def test_a_launcher_failure_waits_for_the_jobs_of_its_batch_still_training(
 
     monkeypatch.setattr(optuna_sweeper, "JOB_POLL_S", 0.05)
     sweep = tmp_path / "sweep"
-    chosen = sweeper_in(sweep, n_trials=2, n_jobs=2)
+    chosen = sweeper_in(sweep, n_trials=2, n_jobs=2, subdir=subdir)
     finished = threading.Event()
 
     class Launcher:  # job 0 trains on another node for a while; job 1's node died
         def launch(self, batch: list, initial_job_idx: int) -> list:
-            job = sweep / "0"
+            job = job_dir(sweep, subdir, 0, batch[0])
             job.mkdir(parents=True)
             (job / "config.yaml").write_text("seed: 1\n")
             (job / ".running").write_text("gpu-node-b 4242 777\n")
@@ -344,7 +370,8 @@ def test_only_config_group_options_are_checked_before_the_first_trial() -> None:
         chosen.check_choices(fixed, space(["model=choice(lstm,lsmt)", "model.nhead=choice(2,4)"]))
 
 
-def test_a_search_stopped_before_telling_finished_trials_reads_them_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("subdir", [NUMBERED, NAMED])
+def test_a_search_stopped_before_telling_finished_trials_reads_them_back(tmp_path: Path, subdir: str) -> None:
     """Trials are told when their batch returns: a search killed later in the batch (or as a job's
     process ended, after its summary.json) failed its finished trials on resume, and ran them
     again. Their jobs are recorded when asked, and read back. A second sweeper on the same sweep
@@ -365,19 +392,19 @@ def test_a_search_stopped_before_telling_finished_trials_reads_them_back(tmp_pat
         def launch(self, batch: list, initial_job_idx: int) -> list:
             jobs = list(range(initial_job_idx, initial_job_idx + len(batch)))
             self.jobs += jobs
-            for job in jobs:
-                (sweep / str(job)).mkdir(parents=True)
+            for job, overrides in zip(jobs, batch):
+                job_dir(sweep, subdir, job, overrides).mkdir(parents=True)
                 summary = {"best": {"val/mse_best": 1 + job / 10}}
-                (sweep / str(job) / "summary.json").write_text(json.dumps(summary))
+                (job_dir(sweep, subdir, job, overrides) / "summary.json").write_text(json.dumps(summary))
             if self.killed:
                 raise KeyboardInterrupt  # the search's process stops before it tells them
             return [JobReturn(status=JobStatus.COMPLETED, _return_value=1 + job / 10) for job in jobs]
 
-    first = sweeper_in(sweep, n_trials=4, n_jobs=2)
+    first = sweeper_in(sweep, n_trials=4, n_jobs=2, subdir=subdir)
     first.launcher = Launcher(killed=True)
     with pytest.raises(KeyboardInterrupt):
         first.sweep(["model.d_model=choice(16,32,64)"])
-    again = sweeper_in(sweep, n_trials=4, n_jobs=2)
+    again = sweeper_in(sweep, n_trials=4, n_jobs=2, subdir=subdir)
     again.launcher = Launcher(killed=False)
     with (
         directory_lock(sweep, "a first sweeper"),
@@ -422,8 +449,13 @@ def test_no_secret_in_the_study_or_a_refused_searchs_files(tmp_path: Path) -> No
             raise ValueError("Could not find 'model/lsmt'")
 
     chosen = sweeper_in(
-        sweep, n_trials=1, n_jobs=1, load_sweep_config=load_sweep_config, extras={"api_key": secret}
-    )
+        sweep,
+        n_trials=1,
+        n_jobs=1,
+        load_sweep_config=load_sweep_config,
+        subdir=NAMED,
+        extras={"api_key": secret},
+    )  # job directories named by the overrides: the secret among them
     chosen.launcher = SimpleNamespace(launch=lambda batch, initial_job_idx: [])
     with pytest.raises(ValueError, match="model=lsmt cannot be composed"):
         chosen.sweep([f"+extras.api_key={secret}", "model=lstm,lsmt"])
@@ -440,3 +472,46 @@ def test_no_secret_in_the_study_or_a_refused_searchs_files(tmp_path: Path) -> No
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{sweep / 'optuna.db'}")
     stored = repr(study.user_attrs) + repr([t.user_attrs for t in study.trials])
     assert "api_key" in stored and secret not in stored
+
+
+@pytest.mark.parametrize("subdir", [NUMBERED, "${hydra.job.override_dirname}_${hydra:job.num}"])
+def test_a_trials_job_directory_is_the_one_hydras_launcher_gives_it(tmp_path: Path, subdir: str) -> None:
+    """The directory recorded when a trial is asked (read back when its search stopped or its
+    launcher failed) is where Hydra runs the job, whatever ``hydra.sweep.subdir`` names it: with
+    seqlab's configs and Hydra's own config loader and ``run_job``, as the basic launcher calls it."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import run_job, setup_globals
+    from hydra.types import HydraContext, RunMode
+    from omegaconf import open_dict
+
+    setup_globals()  # the ${hydra:...} resolver, as a Hydra app registers it
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(configs)))
+    master = loader.load_configuration(
+        "train",
+        overrides=[f"hydra.sweep.dir={tmp_path}", f"hydra.sweep.subdir={subdir}", "hydra.job.chdir=false"],
+        run_mode=RunMode.MULTIRUN,
+    )
+    chosen = sweeper()
+    chosen.config, chosen.hydra_context = (
+        master,
+        HydraContext(config_loader=loader, callbacks=Callbacks(master)),
+    )
+    overrides = ["model=gru", "seed=3"]
+    recorded = chosen.job_subdir(overrides, 5)
+    job = loader.load_sweep_config(master, overrides)
+    with open_dict(job):
+        job.hydra.job.id = job.hydra.job.num = 5
+    ran = run_job(
+        hydra_context=chosen.hydra_context,
+        task_function=lambda _: HydraConfig.get().runtime.output_dir,
+        config=job,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+        configure_logging=False,
+    )
+    assert Path(ran.return_value) == tmp_path / recorded
+    assert recorded == ("5" if subdir == NUMBERED else "model=gru,seed=3_5")

@@ -59,6 +59,8 @@ def test_optuna_search_finds_the_objective_and_keeps_its_study(tmp_path: Path) -
     assert f"model.d_model={results['best_params']['model.d_model']}" in best_overrides
     study = optuna.load_study(study_name="forecasting", storage=f"sqlite:///{sweep / 'optuna.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    # each trial's job directory, recorded when asked, is the one its job ran in
+    assert [t.user_attrs["job_dir"] for t in study.trials] == ["0", "1", "2"]
     assert "| ok |" in (sweep / "sweep_summary.md").read_text()
 
 

@@ -127,15 +127,15 @@ def first_free_job(sweep_dir: Path, trials: int) -> int:
 JOB_POLL_S = 30.0
 
 
-def wait_for_running_jobs(sweep_dir: Path, jobs: range) -> None:
-    """Wait until no job of ``jobs`` is training any more (its ``.running`` marker gone or stale):
-    the launcher raised for the whole batch at the first job that failed (submitit), while the
-    others ran on, and their objectives would otherwise be lost (told failed with that error,
+def wait_for_running_jobs(job_dirs: list[Path]) -> None:
+    """Wait until no job of ``job_dirs`` is training any more (its ``.running`` marker gone or
+    stale): the launcher raised for the whole batch at the first job that failed (submitit), while
+    the others ran on, and their objectives would otherwise be lost (told failed with that error,
     their finished runs never read). Jobs not started yet (queued) are not waited for."""
     from seqlab.utils.resume import running_process
 
     while True:
-        running = [job for job in jobs if running_process(sweep_dir / str(job), this_job_gone=False)]
+        running = [job.name for job in job_dirs if running_process(job, this_job_gone=False)]
         if not running:
             return
         log.info("waiting for jobs %s of the batch, still training", running)
@@ -366,6 +366,28 @@ class OptunaSweeper(Sweeper):
             return f"{type(error).__name__}: {error}"
         return None
 
+    def job_subdir(self, overrides: list[str], job: int) -> str:
+        """The directory, under the sweep directory, that the launcher gives job number ``job``:
+        ``hydra.sweep.subdir`` (``${hydra.job.num}`` by default, or named by the overrides)
+        resolved as Hydra's launchers do. Raises where Hydra cannot compose ``overrides``. (A
+        subdir naming ``hydra.job.id`` resolves to the number: submitit's ids are SLURM's, known
+        only once the job is queued.)"""
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import open_dict
+
+        assert self.hydra_context is not None and self.config is not None
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(config):
+            config.hydra.job.id = job
+            config.hydra.job.num = job
+        hydra_config = HydraConfig.instance()
+        before = hydra_config.cfg
+        hydra_config.set_config(config)  # for ${hydra:...} in the subdir
+        try:
+            return str(OmegaConf.select(config, "hydra.sweep.subdir"))
+        finally:
+            hydra_config.cfg = before
+
     def check_choices(self, fixed: list[str], space: dict[str, Any]) -> None:
         """Refuse, before any trial, a config-group option that does not compose with the fixed
         overrides (misspelt, or without a key a fixed override sets): every trial that sampled
@@ -404,7 +426,7 @@ class OptunaSweeper(Sweeper):
         from optuna.trial import TrialState
 
         from seqlab.utils.resume import this_process
-        from seqlab.utils.secrets import redact, scrub_yaml
+        from seqlab.utils.secrets import redact, redact_text, scrub_yaml
 
         assert self.config is not None and self.launcher is not None
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -424,9 +446,8 @@ class OptunaSweeper(Sweeper):
             job = stale.user_attrs.get("job") if stale.user_attrs.get("sweep") == here else None
             value = None
             if job is not None:
-                value, _ = objective_value(
-                    self.result_from_summary(sweep_dir, job, RuntimeError("interrupted"))
-                )
+                job_dir = sweep_dir / stale.user_attrs.get("job_dir", str(job))
+                value, _ = objective_value(self.result_from_summary(job_dir, RuntimeError("interrupted")))
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
                 trial = optuna.trial.Trial(study, stale._trial_id)
                 if value is not None:
@@ -455,20 +476,26 @@ class OptunaSweeper(Sweeper):
 
         job_index = first_free_job(sweep_dir, len(study.trials))
         while (remaining := self.n_trials - counted()) > 0:
-            trials, batch = [], []
+            trials, batch, job_dirs = [], [], []
             for _ in range(min(self.n_jobs, remaining)):
                 trial = study.ask(space)
                 trial.set_user_attr("worker", this_process())
                 trial.set_user_attr("sweep", here)
                 trial.set_user_attr("alive_at", time.time())
                 overrides = [*fixed, *(f"{k}={override_value(v)}" for k, v in trial.params.items())]
-                why = self.composes(overrides)
+                job = job_index + len(trials)
+                try:
+                    subdir, why = self.job_subdir(overrides, job), None
+                except Exception as error:
+                    why = f"{type(error).__name__}: {error}"
                 if why is None:
                     # its job, known before it runs: a search stopped before telling it reads it back
-                    trial.set_user_attr("job", job_index + len(trials))
+                    trial.set_user_attr("job", job)
+                    trial.set_user_attr("job_dir", redact_text(subdir))
                     trial.set_user_attr("overrides", redact(overrides))
                     trials.append(trial)
                     batch.append(overrides)
+                    job_dirs.append(sweep_dir / subdir)
                     continue
                 trial.set_user_attr("overrides", redact(overrides))
                 trial.set_user_attr("error", f"the overrides do not compose: {why}")
@@ -483,8 +510,8 @@ class OptunaSweeper(Sweeper):
                 except Exception as error:  # the launcher's own failure (a SLURM job killed:
                     # submitit's FailedJobError, raised at the first failed job of the batch)
                     log.warning("the launcher failed on jobs %d-%d: %s", jobs[0], jobs[-1], error)
-                    wait_for_running_jobs(sweep_dir, jobs)
-                    results = [self.result_from_summary(sweep_dir, job, error) for job in jobs]
+                    wait_for_running_jobs(job_dirs)
+                    results = [self.result_from_summary(job_dir, error) for job_dir in job_dirs]
             for trial, job, result in zip(trials, jobs, results):
                 value, error = objective_value(result)
                 try:  # its job and overrides were recorded when it was asked
@@ -503,7 +530,7 @@ class OptunaSweeper(Sweeper):
             job_index += len(jobs)
         self.write_results(study, sweep_dir)
 
-    def result_from_summary(self, sweep_dir: Path, job: int, error: Exception) -> JobReturn:
+    def result_from_summary(self, job_dir: Path, error: Exception) -> JobReturn:
         """A job's result when its launcher raised instead of returning results (submitit raises for
         the whole batch when one SLURM job of it died): the objective from the ``summary.json`` the
         job wrote if it finished, else the launcher's error."""
@@ -513,7 +540,7 @@ class OptunaSweeper(Sweeper):
 
         metric = self.config.get("optimized_metric") if self.config is not None else None
         try:
-            summary = json.loads((sweep_dir / str(job) / "summary.json").read_text())
+            summary = json.loads((job_dir / "summary.json").read_text())
             value = {**summary.get("best", {}), **summary.get("metrics", {})}[metric]
         except (OSError, ValueError, KeyError, TypeError):
             return JobReturn(status=JobStatus.FAILED, _return_value=error)
