@@ -41,9 +41,9 @@ def test_etth1_follows_the_published_protocol(ett_dir: Path) -> None:
     assert len(dm.datasets["val"]) == 2880 - 96 + 1
     assert len(dm.datasets["test"]) == 2880 - 96 + 1
     raw = read_series_csv(ett_dir / "ETTh1.csv").values
-    # z-score fitted on the 8,640 train rows only
-    np.testing.assert_allclose(dm.mean, raw[:8640].mean(axis=0), rtol=1e-5)
-    np.testing.assert_allclose(dm.std, raw[:8640].std(axis=0), rtol=1e-5)
+    # z-score fitted on the 8,640 train rows only, in float64 (as TSLib's StandardScaler)
+    np.testing.assert_allclose(dm.mean, raw[:8640].astype(np.float64).mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(dm.std, raw[:8640].astype(np.float64).std(axis=0), rtol=1e-6)
     # the first test window starts its forecast exactly at row 8640 + 2880
     _, target = dm.datasets["test"][0]
     expected = (raw[11520 : 11520 + 96] - dm.mean) / dm.std
@@ -411,3 +411,69 @@ def test_training_batches_are_those_of_distributed_sampler(size: int, world: int
         expected = list(BatchSampler(usual, batch_size=16 // world, drop_last=True))
         got = [batch.tolist() for batch in ours]
         assert got == expected and len(ours) == len(expected) == size // 16
+
+
+def test_a_channel_constant_over_the_training_rows_is_scaled_by_one(tmp_path: Path, caplog) -> None:
+    """A stuck sensor (3.7 over the 700 training rows, 3.8 after): its float32 std was rounding
+    error (~1e-4), not 0, so the guard against dividing by 0 missed it and the 0.1 step became
+    hundreds of z-units in val/test, dominating the z-scored metrics. It is scaled by 1 (as
+    scikit-learn's StandardScaler), named in a warning; the other channels keep their std."""
+    write_csv(tmp_path / "x.csv", 1000, columns=("a", "stuck", "OT"))
+    lines = (tmp_path / "x.csv").read_text().splitlines()
+    for i in range(1, len(lines)):
+        fields = lines[i].split(",")
+        fields[2] = "3.7" if i <= 700 else "3.8"
+        lines[i] = ",".join(fields)
+    (tmp_path / "x.csv").write_text("\n".join(lines) + "\n")
+    dm = CSVSeriesDataModule(data_dir=str(tmp_path), file="x.csv", download=False, lookback=24, horizon=12)
+    with caplog.at_level("WARNING", logger="seqlab.data.forecasting"):
+        dm.setup()
+    assert "channel(s) ['stuck'] are constant over the training rows: scaled by 1" in caplog.text
+    raw = read_series_csv(tmp_path / "x.csv").values.astype(np.float64)
+    assert dm.std[1] == 1.0
+    np.testing.assert_allclose(dm.std[[0, 2]], raw[:700, [0, 2]].std(axis=0), rtol=1e-6)
+    _, target = dm.datasets["test"][0]  # after the step: 0.1 above the training level
+    np.testing.assert_allclose(target[:, 1].numpy(), 0.1, atol=1e-5)
+    assert dm.task_kwargs()["scaler_std"][1] == 1.0  # the original scale is restored with it
+
+
+def test_bad_batch_size_or_season_length_names_the_key(tmp_path: Path) -> None:
+    """They failed inside the sampler (ZeroDivisionError) or, for a negative season, in the test
+    after the whole fit (an index past the look-back)."""
+    write_csv(tmp_path / "x.csv", 400)
+    make = dict(data_dir=str(tmp_path), file="x.csv", download=False, lookback=24, horizon=12)
+    for size in (0, -64):
+        with pytest.raises(ConfigError, match=rf"data.batch_size={size}: expected a positive integer"):
+            CSVSeriesDataModule(batch_size=size, **make)
+    for season in (0, -24):
+        with pytest.raises(ConfigError, match=rf"data.season_length={season}: expected a positive number"):
+            CSVSeriesDataModule(season_length=season, **make)
+
+
+@pytest.mark.parametrize(("step", "season"), [(timedelta(hours=1), 24), (timedelta(days=1), None),
+                                              (timedelta(weeks=1), None)])  # fmt: skip
+def test_the_default_seasonal_baseline_is_one_day_of_rows(tmp_path: Path, step: timedelta, season) -> None:
+    """Daily rows made a season of 1 (the last-value baseline twice), weekly ones a season of 0
+    (the baseline dropped without a word): data of one row a day or coarser gets none unless
+    data.season_length gives it (7 for daily rows, 52 for weekly)."""
+    write_csv(tmp_path / "x.csv", 400, step=step)
+    make = dict(data_dir=str(tmp_path), file="x.csv", download=False, lookback=60, horizon=12)
+    assert CSVSeriesDataModule(**make).task_kwargs()["baseline_season"] == season
+    assert CSVSeriesDataModule(season_length=7, **make).task_kwargs()["baseline_season"] == 7
+
+
+def test_a_checkpoint_evaluated_on_other_data_takes_its_season(tmp_path: Path) -> None:
+    """``eval.py data.file=ETTm1.csv`` of an ETTh1 model: the seasonal-naive baseline repeated 24
+    rows (6 hours of 15-minute rows) instead of the evaluated data's day (96 rows)."""
+    from seqlab.tasks.forecasting import ForecastingTask
+
+    backbone = {"_target_": "seqlab.backbones.rnn.RNNBackbone", "cell": "gru", "d_model": 8, "num_layers": 1}
+    task = ForecastingTask(backbone=backbone, num_channels=2, lookback=192, horizon=4, baseline_season=24)
+    assert task.seasonal_index.tolist() == [168, 169, 170, 171]
+    task.adopt_data({"baseline_season": 96})
+    assert task.baseline_season == 96 and task.hparams.baseline_season == 96
+    assert task.seasonal_index.tolist() == [96, 97, 98, 99]
+    task.adopt_data({"baseline_season": None})  # daily data: no seasonal baseline
+    assert task.baseline_season is None and set(task.baseline_metrics) == {"last"}
+    task.adopt_data({"baseline_season": 12})
+    assert task.seasonal_index.tolist() == [180, 181, 182, 183] and "seasonal" in task.baseline_metrics

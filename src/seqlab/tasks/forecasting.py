@@ -133,20 +133,13 @@ class ForecastingTask(SeqTask):
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(head_in, horizon * channels_in))
         for name, value in self.scaler_statistics().items():
             self.register_buffer(name, value, persistent=False)
-        # the seasonal-naive baseline needs a full season in the look-back
-        season = baseline_season if baseline_season and baseline_season <= lookback else None
-        self.baseline_season = season
-        if season:  # seasonal naive: step h repeats step L - s + (h mod s)
-            index = lookback - season + torch.arange(horizon) % season
-            self.register_buffer("seasonal_index", index, persistent=False)
         # epoch-level values go through torchmetrics, which reduce across processes themselves
         self.val_loss = MeanMetric()
         self.val_metrics = metric_set("val/")
         self.test_metrics = metric_set("test/")
         self.test_orig_metrics = metric_set("test/orig_")
         self.baseline_metrics = nn.ModuleDict({"last": metric_set("test/baseline_last_")})
-        if season:
-            self.baseline_metrics["seasonal"] = metric_set("test/baseline_seasonal_")
+        self.use_baseline_season(baseline_season)
         #: (window, (inputs, targets, forecast)) of the windows the report plots, on the host
         self._plot_rows: list[tuple[int, tuple[Tensor, Tensor, Tensor]]] = []
         self._plot_windows: set[int] = set()
@@ -222,17 +215,33 @@ class ForecastingTask(SeqTask):
             for name, v in (("scaler_mean", mean), ("scaler_std", std))
         }
 
+    def use_baseline_season(self, season: int | None) -> None:
+        """The seasonal-naive baseline's period in steps (None or one longer than the look-back,
+        which must hold a full season: no seasonal baseline)."""
+        lookback, horizon = self.hparams.lookback, self.hparams.horizon
+        season = season if season and 1 <= season <= lookback else None
+        self.baseline_season = season
+        if season:  # seasonal naive: step h repeats step L - s + (h mod s)
+            index = lookback - season + torch.arange(horizon) % season
+            self.register_buffer("seasonal_index", index, persistent=False)
+            self.baseline_metrics["seasonal"] = metric_set("test/baseline_seasonal_")
+        elif "seasonal" in self.baseline_metrics:
+            del self.baseline_metrics["seasonal"]
+
     def adopt_data(self, data: dict[str, Any]) -> None:
         """Evaluated on other data than it was trained on (``eval.py data.file=...``): that data's
-        scaler maps the forecasts back to its original scale, its names label the report."""
+        scaler maps the forecasts back to its original scale, its names label the report, and its
+        period is the seasonal baseline's (a day of ETTm1's rows is 96, of ETTh1's 24)."""
         hp = self.hparams
         if (data.get("scaler_mean"), data.get("scaler_std")) != (hp.scaler_mean, hp.scaler_std):
             log.info("the data's scaler differs from training's: original-scale metrics use the data's")
-        for key in ("scaler_mean", "scaler_std", "channel_names", "target_channel"):
+        for key in ("scaler_mean", "scaler_std", "channel_names", "target_channel", "baseline_season"):
             if key in data:
                 hp[key] = data[key]
         for name, value in self.scaler_statistics().items():
             setattr(self, name, value.to(getattr(self, name).device))
+        if "baseline_season" in data:
+            self.use_baseline_season(data["baseline_season"])
 
     def to_original_scale(self, x: Tensor) -> Tensor:
         if self.scaler_std.dtype != torch.float32:
