@@ -67,6 +67,26 @@ def test_subword_detokenisation_gives_back_the_text(kind: str) -> None:
     assert back == GERMAN
 
 
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "word"])
+def test_special_token_strings_in_a_text_are_text(tmp_path: Path, kind: str) -> None:
+    """The tokenizers library matched "[EOS]", "[PAD]" ... inside a text: a corpus line holding
+    "[EOS]" put the control token in the target (the decoder learned to stop there), a "[PAD]" in a
+    sentence to translate was id 0, padding. As trained, as saved and loaded (the setting is not in
+    the JSON), and as a checkpoint's JSON string."""
+    from seqlab.data.tokenization import SPECIAL_TOKENS, load_tokenizer, tokenizer_from_json
+
+    spec = TokenizerSpec(kind=kind, vocab_size=200, lowercase=False, max_length=None, wrap="bos_eos")
+    trained = train_tokenizer(GERMAN * 3 + ["the dog runs fast"], spec)
+    trained.save(str(tmp_path / "tok.json"))
+    text = "the dog [EOS] runs [PAD] fast [BOS] [UNK] [CLS]"
+    for tokenizer in (trained, load_tokenizer(tmp_path / "tok.json"), tokenizer_from_json(trained.to_str())):
+        (ids,) = encode(tokenizer, [text])
+        specials = [i for i in ids if i < len(SPECIAL_TOKENS) and i != 1]  # [UNK] (1): unknown pieces
+        assert specials == [BOS_ID, EOS_ID], ids  # only the post-processor's
+    if kind != "word":  # subwords spell the brackets out: the text comes back whole
+        assert decode(trained, encode(trained, [text])) == [text]
+
+
 def write(path: Path, text: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(text, bytes):
@@ -127,7 +147,7 @@ def test_long_pairs_are_filtered_in_train_and_truncated_in_evaluation(tmp_path: 
     meta = json.loads((dm.processed_dir / "meta.json").read_text())
     assert meta["sizes"] == {"train": 20, "val": 3, "test": 2}
     assert meta["dropped"]["train"] == {"empty": 1, "too_long_or_ratio": 2}
-    assert meta["dropped"]["val"] == {"empty": 0, "truncated_sources": 1}
+    assert meta["dropped"]["val"] == {"empty": 0, "empty_kept": 0, "truncated_sources": 1}
     val = dm.datasets["val"]
     assert int(val.source.lengths.max()) == 24 and dm.references("val")[2] == "Lang."
     batch = val.__getitems__([2])
@@ -137,6 +157,54 @@ def test_long_pairs_are_filtered_in_train_and_truncated_in_evaluation(tmp_path: 
     assert reverse.sources("test") == [de for _, de in PAIRS] and reverse.references("test") == [
         en for en, _ in PAIRS
     ]
+
+
+def test_evaluation_splits_keep_pairs_with_an_empty_side(tmp_path: Path) -> None:
+    """A blank line in test.<src> or test.<tgt> dropped its pair: test.hyp then had fewer lines
+    than the test files (``sacrebleu test.de -i test.hyp`` failed or compared misaligned lines),
+    and BLEU left out sentences the files' score counts. Train still drops them."""
+    rows = [PAIRS[0], ("", "Leer."), PAIRS[1], ("Nothing.", "")]
+    root = parallel_files(tmp_path / "raw", {"train": [*PAIRS * 5, ("", "leer")], "val": rows, "test": rows})
+    dm = translation_dm(root, tmp_path / "cache")
+    dm.setup()
+    meta = json.loads((dm.processed_dir / "meta.json").read_text())
+    assert meta["sizes"] == {"train": 10, "val": 4, "test": 4}
+    assert meta["dropped"]["train"]["empty"] == 1 and meta["dropped"]["test"]["empty_kept"] == 2
+    assert dm.sources("test") == [r[0] for r in rows] and dm.references("test") == [r[1] for r in rows]
+    batch = dm.datasets["test"].__getitems__([1, 3])
+    assert batch["src_ids"][0, 0] == EOS_ID and not batch["src_mask"][0, 0]  # the empty source: [EOS]
+    assert batch["tgt_ids"][1, :2].tolist() == [BOS_ID, EOS_ID]  # the empty reference
+
+
+def test_translated_sources_are_masked_by_their_lengths_and_cut_ones_reported(tmp_path: Path, caplog) -> None:
+    """translate.py masked ``src == PAD_ID``: a source holding id 0 lost that token as padding
+    (an RNN's packed length came out short), unlike training, whose masks come from lengths.
+    Sources longer than data.max_length were cut without a word."""
+    from types import SimpleNamespace
+
+    from seqlab.translate import translate_texts
+
+    seen = []
+
+    def generate(src, mask, beam_size):
+        seen.append((src.clone(), mask.clone()))
+        return [[5] for _ in range(len(src))]
+
+    task = SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]), generate=generate)
+    datamodule = SimpleNamespace(
+        encode_sources=lambda texts: [[7, PAD_ID, 8, EOS_ID] if t == "a" else [9, EOS_ID] for t in texts],
+        detokenize=lambda ids: ["x" for _ in ids],
+    )
+    assert translate_texts(task, datamodule, ["a", "", "b"]) == ["x", "", "x"]
+    ((_, mask),) = seen
+    assert mask.tolist() == [[False, False, True, True], [False, False, False, False]]
+    root = parallel_files(tmp_path / "raw", {"train": PAIRS * 5, "val": PAIRS, "test": PAIRS})
+    dm = translation_dm(root, tmp_path / "cache", max_length=12)
+    dm.setup()
+    with caplog.at_level("WARNING", logger="seqlab.data.translation"):
+        ids = dm.encode_sources(["Two dogs play.", " ".join(["A man rides a bike."] * 3)])
+    assert [len(seq) <= 12 and seq[-1] == EOS_ID for seq in ids] == [True, True]
+    assert "1 of 2 sentences are longer than data.max_length=12 tokens" in caplog.text
 
 
 def test_bad_splits_and_settings_are_named(tmp_path: Path) -> None:

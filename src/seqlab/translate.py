@@ -59,12 +59,12 @@ def translate_texts(
     device = next(task.parameters()).device
     for start in range(0, len(todo), batch_size):
         rows = todo[start : start + batch_size]
-        longest = max(len(ids[i]) for i in rows)
-        src = torch.full((len(rows), longest), PAD_ID, dtype=torch.long)
+        lengths = torch.tensor([len(ids[i]) for i in rows])
+        src = torch.full((len(rows), int(lengths.max())), PAD_ID, dtype=torch.long)
         for r, i in enumerate(rows):
             src[r, : len(ids[i])] = torch.tensor(ids[i])
-        src = src.to(device)
-        generated = task.generate(src, src == PAD_ID, beam_size)
+        padding = torch.arange(src.shape[1]) >= lengths[:, None]  # from the lengths, as in training
+        generated = task.generate(src.to(device), padding.to(device), beam_size)
         for i, text in zip(rows, datamodule.detokenize(generated)):
             outputs[i] = text
     return outputs

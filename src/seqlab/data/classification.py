@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -46,6 +45,7 @@ from seqlab.data.tokenization import (
     TokenizerSpec,
     encode_counting,
     load_tokenizer,
+    tokenizer_from_json,
     train_tokenizer,
 )
 from seqlab.errors import ConfigError, DataError
@@ -57,7 +57,8 @@ SPLITS = ("train", "val", "test")
 # may hold such texts and is built again
 # 3: a fractional test_size is a share of all training examples (it was of those left after val);
 # the truncated texts are counted
-CACHE_VERSION = 3
+# 4: "[CLS]", "[PAD]" ... in a text are encoded as text, not as the special tokens
+CACHE_VERSION = 4
 HOLDOUTS = ("random", "sentences")
 
 
@@ -388,7 +389,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
                 ids.append(class_id[label])
             label_ids[split] = ids
         if self.fixed is not None:
-            tokenizer = Tokenizer.from_str(self.fixed["tokenizer"])
+            tokenizer = tokenizer_from_json(self.fixed["tokenizer"])
         else:
             log.info("training a %s tokenizer on %d texts", self.spec.kind, len(raw["train"]))
             tokenizer = train_tokenizer(raw["train"].texts, self.spec)
@@ -424,7 +425,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
         def write(tmp: Path) -> None:
             tokenizer.save(str(tmp / "tokenizer.json"))
             torch.save(splits, tmp / "splits.pt")
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
         publish(target, write)
         log.info("processed data written to %s (%s)", target, meta["sizes"])
@@ -454,7 +455,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
     def artifacts(self) -> dict[str, Any]:
         """What a trained model depends on beyond the config: saved in its checkpoints."""
         meta = self.load_meta()
-        tokenizer = (self.processed_dir / "tokenizer.json").read_text()
+        tokenizer = (self.processed_dir / "tokenizer.json").read_text(encoding="utf-8")
         return {
             "tokenizer": tokenizer,
             "classes": meta["classes"],
@@ -492,8 +493,8 @@ class TextClassificationDataModule(BatchedTextDataModule):
         fixed = self.fixed
         return (
             fixed["holdout_shares"] == "of_all"  # how this cache version carves
-            and json.loads((entry / "meta.json").read_text())["classes"] == fixed["classes"]
-            and (entry / "tokenizer.json").read_text() == fixed["tokenizer"]
+            and json.loads((entry / "meta.json").read_text(encoding="utf-8"))["classes"] == fixed["classes"]
+            and (entry / "tokenizer.json").read_text(encoding="utf-8") == fixed["tokenizer"]
         )
 
     def texts(self, split: str) -> list[str]:

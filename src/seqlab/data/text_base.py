@@ -205,7 +205,7 @@ class BatchedTextDataModule(L.LightningDataModule):
             path = self.processed_dir / "meta.json"
             if not path.is_file():
                 self.prepare_data()
-            self.meta = json.loads(path.read_text())
+            self.meta = json.loads(path.read_text(encoding="utf-8"))
         return self.meta
 
     def setup(self, stage: str | None = None) -> None:

@@ -107,8 +107,13 @@ def _untrained(spec: TokenizerSpec) -> tuple[Tokenizer, Any]:
         )
         tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
         tokenizer.decoder = decoders.Metaspace()
+        # the special tokens' characters are pieces, so that a text's "[EOS]" spells out (plain_text)
         trainer = trainers.UnigramTrainer(
-            vocab_size=spec.vocab_size, special_tokens=SPECIAL_TOKENS, unk_token=UNK, show_progress=False
+            vocab_size=spec.vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            unk_token=UNK,
+            initial_alphabet=sorted(set("".join(SPECIAL_TOKENS))),
+            show_progress=False,
         )
         return tokenizer, trainer
     if spec.kind == "wordpiece":
@@ -146,6 +151,34 @@ def _configure(tokenizer: Tokenizer, spec: TokenizerSpec) -> Tokenizer:
         )
     if spec.max_length is not None:
         tokenizer.enable_truncation(spec.max_length)
+    return plain_text(tokenizer)
+
+
+#: how far below the least likely piece a unigram model's special tokens are put
+UNIGRAM_SPECIAL_PENALTY = 1000.0
+
+
+def plain_text(tokenizer: Tokenizer) -> Tokenizer:
+    """``tokenizer``, reading "[EOS]", "[PAD]" ... in a text as the text they are, not as the
+    special tokens (which only the post-processor and the model's batches put in): a corpus line
+    holding "[EOS]" taught the decoder to stop mid-sentence, a "[PAD]" in a sentence to translate
+    was masked as padding. The added-token matching is turned off (the setting is not saved in the
+    JSON: every load sets it); a unigram model also holds the special tokens as pieces of
+    probability 1 (score 0), which its segmentation then prefers: they are given the least
+    likely score there is (below the unknown-character path), so that no text segments into them."""
+    import json
+
+    state = json.loads(tokenizer.to_str())
+    model = state["model"]
+    if model.get("type") == "Unigram":
+        scores = [score for piece, score in model["vocab"] if piece not in SPECIAL_TOKENS]
+        floor = min(scores, default=0.0) - UNIGRAM_SPECIAL_PENALTY
+        if any(piece in SPECIAL_TOKENS and score > floor for piece, score in model["vocab"]):
+            model["vocab"] = [
+                [piece, floor if piece in SPECIAL_TOKENS else score] for piece, score in model["vocab"]
+            ]
+            tokenizer = Tokenizer.from_str(json.dumps(state, ensure_ascii=False))
+    tokenizer.encode_special_tokens = True
     return tokenizer
 
 
@@ -159,7 +192,13 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec) -> Tokenizer:
 
 
 def load_tokenizer(path: Path | str) -> Tokenizer:
-    return Tokenizer.from_file(str(path))
+    """The tokenizer saved at ``path`` (JSON, as ``Tokenizer.save`` writes it)."""
+    return tokenizer_from_json(Path(path).read_text(encoding="utf-8"))
+
+
+def tokenizer_from_json(text: str) -> Tokenizer:
+    """The tokenizer a JSON string holds (a checkpoint's), as ``train_tokenizer`` made it."""
+    return plain_text(Tokenizer.from_str(text))
 
 
 def encode(tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
@@ -196,5 +235,7 @@ __all__ = [
     "encode",
     "encode_counting",
     "load_tokenizer",
+    "plain_text",
+    "tokenizer_from_json",
     "train_tokenizer",
 ]

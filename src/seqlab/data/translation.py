@@ -3,7 +3,8 @@
 ``TranslationDataModule`` reads ``<prefix>.<lang>`` files, one sentence per line and the two
 languages aligned line by line (Multi30k's ``train.en`` / ``train.de``; IWSLT or WMT subsets in
 the same layout). ``prepare_data`` downloads missing files from ``url`` when online, drops
-empty pairs (every split) and, in train only, pairs longer than ``max_length`` tokens or with a
+from train the pairs with an empty side (val and test keep them: their hypotheses line up with
+their files) and pairs longer than ``max_length`` tokens or with a
 length ratio above ``max_length_ratio`` (each count reported and saved in ``meta.json``), trains a
 joint (``shared_vocab``) or one tokenizer per language on the training pairs only, and caches
 the ids. Validation and test sources are truncated to ``max_length``; their references stay the
@@ -45,6 +46,8 @@ from seqlab.data.tokenization import (
     TokenizerSpec,
     decode,
     encode,
+    load_tokenizer,
+    tokenizer_from_json,
     train_tokenizer,
 )
 from seqlab.errors import ConfigError, DataError
@@ -52,7 +55,9 @@ from seqlab.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 1
+# 2: "[EOS]", "[PAD]" ... in a text are encoded as text, not as the special tokens; val and test
+# keep their pairs with an empty side
+CACHE_VERSION = 2
 
 
 def sacrebleu_metrics(lowercase: bool = False, target_lang: str = "") -> tuple[Any, Any]:
@@ -80,8 +85,9 @@ class ParallelTexts:
         return len(self.sources)
 
 
-def read_parallel(source: Path, target: Path) -> tuple[ParallelTexts, int]:
-    """Aligned sentence pairs of two files, and how many pairs had an empty side (dropped)."""
+def read_parallel(source: Path, target: Path, keep_empty: bool = False) -> tuple[ParallelTexts, int]:
+    """Aligned sentence pairs of two files, and how many pairs had an empty side: dropped, or kept
+    (``keep_empty``: an evaluation split, scored line for line as sacreBLEU scores its files)."""
     sources, targets = read_lines(source), read_lines(target)
     if len(sources) != len(targets):
         raise DataError(
@@ -94,7 +100,8 @@ def read_parallel(source: Path, target: Path) -> tuple[ParallelTexts, int]:
         src, tgt = src.strip(), tgt.strip()
         if not src or not tgt:
             empty += 1
-            continue
+            if not keep_empty:
+                continue
         pairs.sources.append(src)
         pairs.targets.append(tgt)
     return pairs, empty
@@ -250,8 +257,11 @@ class TranslationDataModule(BatchedTextDataModule):
         return self.data_dir / f"{prefix}.{hp.source_lang}", self.data_dir / f"{prefix}.{hp.target_lang}"
 
     def read_pairs(self, split: str) -> tuple[ParallelTexts, int]:
+        """The split's pairs, and how many have an empty side: dropped from train; kept in val and
+        test, whose hypotheses (``translations/test.hyp``) then line up with the test files, and
+        whose BLEU is that of the whole files (an empty source is translated from its [EOS])."""
         source, target = self.split_files(split)
-        return read_parallel(source, target)
+        return read_parallel(source, target, keep_empty=split != "train")
 
     def source_fingerprint(self) -> list[Any]:
         return [file_fingerprint(path) for split in SPLITS for path in self.split_files(split)]
@@ -291,17 +301,24 @@ class TranslationDataModule(BatchedTextDataModule):
         raw, dropped = {}, {}
         for split in SPLITS:
             pairs, empty = self.read_pairs(split)
-            if len(pairs) == 0:
+            if not any(s and t for s, t in zip(pairs.sources, pairs.targets)):
                 raise DataError(f"{self.split_files(split)[0]}: the {split} split has no sentence pairs")
             raw[split] = pairs
-            dropped[split] = {"empty": empty}
-            if empty:
-                log.warning("%s: dropped %d pairs with an empty side", split, empty)
+            if split == "train":
+                dropped[split] = {"empty": empty}
+                if empty:
+                    log.warning("%s: dropped %d pairs with an empty side", split, empty)
+            else:
+                dropped[split] = {"empty": 0, "empty_kept": empty}
+                if empty:
+                    log.warning(
+                        "%s: %d pairs have an empty side (kept: scored as the files are)", split, empty
+                    )
         self.write_processed(raw, dropped, target)
 
     def train_tokenizers(self, train: ParallelTexts) -> tuple[Tokenizer, Tokenizer]:
         if self.fixed is not None:
-            return Tokenizer.from_str(self.fixed["source_tokenizer"]), Tokenizer.from_str(
+            return tokenizer_from_json(self.fixed["source_tokenizer"]), tokenizer_from_json(
                 self.fixed["target_tokenizer"]
             )
         if self.hparams.shared_vocab:
@@ -399,7 +416,7 @@ class TranslationDataModule(BatchedTextDataModule):
             source_tok.save(str(tmp / "source_tokenizer.json"))
             target_tok.save(str(tmp / "target_tokenizer.json"))
             torch.save(splits, tmp / "splits.pt")
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
         publish(target, write)
         log.info("processed data written to %s (%s)", target, meta["sizes"])
@@ -411,10 +428,10 @@ class TranslationDataModule(BatchedTextDataModule):
     def tokenizer(self, side: str) -> Tokenizer:
         """The ``source`` or ``target`` tokenizer (loaded once; a checkpoint's needs no data files)."""
         if side not in self._tokenizers and self.fixed is not None:
-            self._tokenizers[side] = Tokenizer.from_str(self.fixed[f"{side}_tokenizer"])
+            self._tokenizers[side] = tokenizer_from_json(self.fixed[f"{side}_tokenizer"])
         if side not in self._tokenizers:
             self.load_meta()
-            self._tokenizers[side] = Tokenizer.from_file(str(self.processed_dir / f"{side}_tokenizer.json"))
+            self._tokenizers[side] = load_tokenizer(self.processed_dir / f"{side}_tokenizer.json")
         return self._tokenizers[side]
 
     def task_kwargs(self) -> dict[str, Any]:
@@ -433,7 +450,7 @@ class TranslationDataModule(BatchedTextDataModule):
         """The tokenizers: saved in checkpoints, so ``eval.py``/``translate.py`` need nothing else."""
         self.load_meta()
         return {
-            f"{side}_tokenizer": (self.processed_dir / f"{side}_tokenizer.json").read_text()
+            f"{side}_tokenizer": (self.processed_dir / f"{side}_tokenizer.json").read_text(encoding="utf-8")
             for side in ("source", "target")
         }
 
@@ -446,7 +463,7 @@ class TranslationDataModule(BatchedTextDataModule):
 
     def holds_fixed(self, entry: Path) -> bool:
         return all(
-            (entry / f"{side}_tokenizer.json").read_text() == self.fixed[f"{side}_tokenizer"]
+            (entry / f"{side}_tokenizer.json").read_text(encoding="utf-8") == self.fixed[f"{side}_tokenizer"]
             for side in ("source", "target")
         )
 
@@ -455,6 +472,11 @@ class TranslationDataModule(BatchedTextDataModule):
         """Source ids as the model was trained on them ([EOS] appended, truncated to max_length)."""
         limit = self.hparams.max_length
         ids = encode(self.tokenizer("source"), texts, add_special_tokens=False)
+        if cut := sum(len(seq) > limit - 1 for seq in ids):
+            log.warning(
+                "%d of %d sentences are longer than data.max_length=%d tokens with their [EOS]: only "
+                "their first %d tokens are translated", cut, len(ids), limit, limit - 1,
+            )  # fmt: skip
         return [[*seq[: limit - 1], EOS_ID] for seq in ids]
 
     def check_trainable(self) -> None:

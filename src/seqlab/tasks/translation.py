@@ -320,7 +320,7 @@ class TranslationTask(SeqTask):
         datamodule = self.trainer.datamodule
         run_dir = Path(self.trainer.default_root_dir) / "translations"
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / f"{split}.hyp").write_text("".join(f"{hyp}\n" for _, hyp in pairs))
+        (run_dir / f"{split}.hyp").write_text("".join(f"{hyp}\n" for _, hyp in pairs), encoding="utf-8")
         (run_dir / f"{split}.signature").write_text(
             f"BLEU {scores['bleu']:.2f} {scores['bleu_signature']}\nchrF {scores['chrf']:.2f} {scores['chrf_signature']}\n"
         )

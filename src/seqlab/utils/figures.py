@@ -28,7 +28,7 @@ def log_table(trainer: Any, key: str, columns: list[str], rows: list[list[Any]])
     """Save rows as ``<run dir>/tables/<key>.csv``; log a W&B table / TensorBoard markdown text."""
     path = Path(trainer.default_root_dir) / "tables" / f"{key.replace('/', '_')}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         writer.writerows(rows)
