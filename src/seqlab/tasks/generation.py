@@ -59,7 +59,7 @@ def greedy_search(
 ) -> list[list[int]]:
     """The most probable next token at every step; returns each sentence's tokens without [EOS]."""
     tokens = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    finished = [False] * batch_size  # on the host: one copy of the step's tokens, not one per row
     outputs: list[list[int]] = [[] for _ in range(batch_size)]
     state = None
     max_lengths = max_lengths.to(device)
@@ -67,13 +67,14 @@ def greedy_search(
         log_probs, state = step(tokens, state)
         log_probs = _mask_scores(log_probs, banned, eos_id, t + 1 >= max_lengths)
         tokens = log_probs.argmax(dim=-1, keepdim=True)
-        for i in (~finished).nonzero().flatten().tolist():
-            token = int(tokens[i])
+        for i, token in enumerate(tokens.view(-1).tolist()):
+            if finished[i]:
+                continue
             if token == eos_id:
                 finished[i] = True
             else:
                 outputs[i].append(token)
-        if not agree(int(not finished.all())):
+        if not agree(int(not all(finished))):
             break
     return outputs
 
@@ -103,7 +104,7 @@ def beam_search(
     tokens = torch.full((batch_size * k, 1), bos_id, dtype=torch.long, device=device)
     limits = max_lengths.to(device).repeat_interleave(k)
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch_size)]
-    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    done = [False] * batch_size  # on the host: a GPU is waited for once a step, not once a sentence
     state = None
     base = torch.arange(batch_size, device=device)[:, None] * k
     for t in range(agree(int(max_lengths.max()))):
@@ -116,19 +117,24 @@ def beam_search(
         is_eos = token == eos_id
         rank = torch.arange(2 * k, device=device).expand_as(token)
         # hypotheses ending among the k best are finished (the others were outscored by live beams)
-        for b, j in (is_eos & (rank < k) & ~done[:, None] & top_scores.isfinite()).nonzero().tolist():
-            length = t + 1
-            hypothesis = tokens[b * k + beam[b, j], 1:].tolist()
-            finished[b].append((float(top_scores[b, j]) / length**length_penalty, hypothesis))
+        ends = (is_eos & (rank < k) & top_scores.isfinite()).nonzero().tolist()
+        ends = [(b, j) for b, j in ends if not done[b]]
+        if ends:  # their scores and tokens copied to the host together
+            at = torch.tensor(ends, device=device)
+            rows = at[:, 0] * k + beam[at[:, 0], at[:, 1]]
+            ended = top_scores[at[:, 0], at[:, 1]].tolist()
+            for (b, _), score, hypothesis in zip(ends, ended, tokens[rows, 1:].tolist()):
+                finished[b].append((score / (t + 1) ** length_penalty, hypothesis))
         for b in range(batch_size):
             if not done[b] and len(finished[b]) >= k:
                 done[b] = True
-        if not agree(int(not done.all())):
+        if not agree(int(not all(done))):
             break
         # the k best candidates that do not end the sentence continue
         keep = torch.where(is_eos, rank + 2 * k, rank).topk(k, dim=-1, largest=False).indices
         scores = top_scores.gather(1, keep)
-        scores = scores.masked_fill(done[:, None], float("-inf"))
+        if any(done):
+            scores = scores.masked_fill(torch.tensor(done, device=device)[:, None], float("-inf"))
         rows = (base + beam.gather(1, keep)).flatten()
         tokens = torch.cat([tokens[rows], token.gather(1, keep).reshape(-1, 1)], dim=1)
         state = reorder(state, rows)
