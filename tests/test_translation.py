@@ -600,3 +600,39 @@ def test_wordpiece_is_refused_before_a_training_run_reads_anything(make_cfg, tmp
         train(cfg)
     assert not cache.exists()
     build_datamodule(cfg.data, prepare=False)  # what eval.py and translate.py build from a checkpoint
+
+
+def test_the_epochs_training_loss_is_a_mean_over_target_tokens(make_cfg, tmp_path: Path) -> None:
+    """Each step's loss is a mean over its batch's target tokens, and length-bucketed batches hold
+    a few times more tokens than others: ``train/loss_epoch`` averaged the steps' means, weighing a
+    short-sentence batch's tokens several times more than a long one's, unlike ``val/loss``."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from seqlab.train import build_datamodule, build_task
+
+    steps: list[tuple[float, int]] = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            tokens = int((batch["tgt_ids"][:, 1:] != PAD_ID).sum())
+            steps.append((float(outputs["loss"]), tokens))
+
+    # a high rate: the steps' losses fall within the epoch, and the two means differ
+    cfg = make_cfg(
+        *TRANSLATION_FAST, "model=gru", "model.d_model=16", "task.optimizer.lr=0.03",
+        f"data.cache_dir={tmp_path / 'cache'}", fast=False,
+    )  # fmt: skip
+    datamodule = build_datamodule(cfg.data)
+    task = build_task(cfg.task, cfg.model, datamodule)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=1, limit_train_batches=6, limit_val_batches=0, callbacks=[Record()],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, logger=False,
+    )  # fmt: skip
+    trainer.fit(task, datamodule=datamodule)
+    counts = [tokens for _, tokens in steps]
+    assert len(steps) == 6 and max(counts) > 1.5 * min(counts)  # the batches differ
+    by_token = sum(loss * tokens for loss, tokens in steps) / sum(counts)
+    by_step = sum(loss for loss, _ in steps) / len(steps)
+    logged = float(trainer.callback_metrics["train/loss_epoch"])
+    assert abs(logged - by_token) < 1e-5 < 1e-3 < abs(logged - by_step), (logged, by_token, by_step)

@@ -182,7 +182,9 @@ class SeqTask(L.LightningModule):
         # the epoch's summed training loss and step count: one tensor add per step (a torchmetrics
         # MeanMetric.update costs ~20 us of Python per step, ~0.3% of a small model's step),
         # updated in place (assigning a module attribute goes through nn.Module.__setattr__, ~3 us)
-        self._train_loss: dict[str, Any] = {"sum": None, "steps": 0}
+        # (a ``step_loss`` that is a mean over a varying count, a batch's target tokens, puts that
+        # count in "step_weight": the epoch's mean is then over those, not over steps)
+        self._train_loss: dict[str, Any] = {"sum": None, "weight": 0}
         #: plain-data description of the run (data config, etc.) stored in every checkpoint
         self.run_info: dict[str, Any] = {}
         #: ``{monitor}_best`` of the run's own checkpoint it resumed from (None on a fresh start)
@@ -290,13 +292,17 @@ class SeqTask(L.LightningModule):
         ``prog_bar=True``: Lightning converts the last logged progress-bar value to a number
         after *every* step (``.item()``, a device synchronisation on a GPU); seqlab's progress
         bar shows it from the callback metrics when it redraws. ``train/loss_epoch`` is the mean
-        over the epoch, reduced once at its end."""
+        over the epoch (over its steps, or the count each step's loss averages, ``step_weight``),
+        reduced once at its end."""
         loss = self.step_loss(batch)
         # summed in float32: a bf16 model's loss is bf16, whose sum stops growing past 128
         detached = loss.detach().float()
         epoch = self._train_loss
+        weight = epoch.pop("step_weight", None)
+        if weight is not None:
+            detached = detached * weight
         epoch["sum"] = detached if epoch["sum"] is None else epoch["sum"] + detached
-        epoch["steps"] += 1
+        epoch["weight"] = epoch["weight"] + (1 if weight is None else weight)
         if self._logging_step():
             self.log("train/loss", loss, on_step=True, on_epoch=False)
         return loss
@@ -307,10 +313,11 @@ class SeqTask(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         epoch = self._train_loss
-        if epoch["steps"]:
-            # every process ran as many steps: the mean over processes of their means is the epoch's mean
-            self.log("train/loss_epoch", epoch["sum"] / epoch["steps"], sync_dist=True)
-        epoch["sum"], epoch["steps"] = None, 0
+        if epoch["sum"] is not None:
+            # every process ran as many steps, each weighed alike on every process (a step's
+            # weight is global): the mean over processes of their means is the epoch's mean
+            self.log("train/loss_epoch", epoch["sum"] / epoch["weight"], sync_dist=True)
+        epoch["sum"], epoch["weight"] = None, 0
 
     # ----------------------------------------------------------------- optimisation
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:

@@ -165,7 +165,11 @@ class TranslationTask(SeqTask):
         tokens = (labels != self.hparams.pad_id).sum().float()
         world = self.trainer.world_size if self._trainer is not None else 1
         if global_mean and world > 1:
-            return total * world / self.trainer.strategy.reduce(tokens, reduce_op="sum")
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+            self._train_loss["step_weight"] = tokens  # the epoch's loss: a mean over tokens too
+            return total * world / tokens
+        if global_mean:
+            self._train_loss["step_weight"] = tokens
         return total / tokens.clamp_min(1.0)
 
     @torch.no_grad()
