@@ -184,10 +184,21 @@ def test_encoder_only_backbones_have_no_decoder_parameters() -> None:
     [
         (lambda: RNNBackbone(cell="transformer"), "model.cell"),
         (lambda: RNNBackbone(attention="dot"), "model.attention"),
-        (lambda: RNNBackbone(d_model=15, bidirectional=True), "even d_model"),
+        (
+            lambda: RNNBackbone(d_model=15, bidirectional=True),
+            "model.d_model=15: model.bidirectional=true needs an even",
+        ),
         (
             lambda: TransformerBackbone(d_model=30, nhead=4),
             "model.d_model=30 must be a multiple of model.nhead=4",
+        ),
+        (
+            lambda: TransformerBackbone(d_model=32, nhead=0),
+            "model.d_model=32 must be a multiple of model.nhead=0",
+        ),
+        (
+            lambda: TransformerBackbone(d_model=32, nhead=-4),
+            "model.d_model=32 must be a multiple of model.nhead=-4",
         ),
     ],
 )

@@ -235,3 +235,55 @@ def test_the_epoch_loss_of_a_bf16_model_is_summed_in_float32(make_cfg) -> None:
         model.training_step(None, step)
     model.on_train_epoch_end()
     assert logged["train/loss_epoch"] == pytest.approx(0.449, abs=1e-3)  # bf16's 0.45 is 0.4492
+
+
+def learning_rates(scheduler, steps: int) -> list[float]:
+    rates = []
+    for _ in range(steps):
+        rates.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_warmup_steps_when_set_win_over_the_configs_ratio(make_cfg) -> None:
+    """Every task config sets warmup_ratio 0.05, and the ratio won whenever it gave a step:
+    ``+task.scheduler.warmup_steps=40`` over 100 steps warmed up for 5 steps, silently."""
+    model, _ = build(make_cfg, "task.scheduler.warmup_steps=40", "task.optimizer.lr=1.0")
+    rates = learning_rates(model.build_optimizer(100)[1], 100)
+    assert rates[:3] == pytest.approx([1 / 40, 2 / 40, 3 / 40]) and rates[39] == pytest.approx(1.0)
+    model, _ = build(make_cfg, "task.optimizer.lr=1.0")  # the ratio: 5 of 100 steps
+    assert learning_rates(model.build_optimizer(100)[1], 5) == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    model, _ = build(make_cfg, "task.scheduler.warmup_ratio=null", "task.optimizer.lr=1.0")  # no warm-up
+    assert learning_rates(model.build_optimizer(100)[1], 1) == pytest.approx([1.0])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("task.scheduler.warmup_steps=-1", r"task.scheduler.warmup_steps=-1: expected a whole number"),
+        ("task.scheduler.warmup_steps=0.5", r"task.scheduler.warmup_steps=0.5: expected a whole number"),
+        ("task.scheduler.warmup_ratio=1.5", r"task.scheduler.warmup_ratio=1.5: expected a share"),
+        ("task.scheduler.min_lr_ratio=-0.1", r"task.scheduler.min_lr_ratio=-0.1: expected the final share"),
+    ],
+)
+def test_bad_schedule_settings_name_the_key(make_cfg, override: str, message: str) -> None:
+    model, _ = build(make_cfg, override)
+    with pytest.raises(ConfigError, match=message):
+        model.build_optimizer(100)
+
+
+def test_an_open_ended_run_with_a_schedule_says_what_to_set(make_cfg, tmp_path: Path) -> None:
+    """``trainer.max_epochs=-1`` without ``max_steps``: the schedule's step count is infinite
+    (OverflowError: cannot convert float infinity to integer, naming nothing)."""
+    import lightning as L
+
+    model, datamodule = build(make_cfg)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_epochs=-1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"task.scheduler needs the run's number of optimizer steps, and it is inf"
+    ):
+        trainer.fit(model, datamodule=datamodule)

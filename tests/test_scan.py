@@ -117,6 +117,11 @@ def test_positive_activation_is_continuous_and_positive() -> None:
     assert (g > 0).all()
     torch.testing.assert_close(positive_activation(torch.zeros(1)), torch.tensor([0.5]))
     assert (g.diff() >= 0).all()  # monotone: no jump at 0
+    # trainable through (it modified autograd's saved sigmoid output in place): g' = sigmoid' below 0, 1 above
+    x = torch.tensor([-2.0, -0.5, 0.5, 3.0], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(positive_activation(x).sum(), x)
+    s = torch.sigmoid(x.detach()[:2])
+    torch.testing.assert_close(grad, torch.cat([s * (1 - s), torch.ones(2, dtype=torch.float64)]))
 
 
 @pytest.mark.parametrize("cell", ["mingru", "minlstm"])

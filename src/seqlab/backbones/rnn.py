@@ -89,7 +89,10 @@ class RNNBackbone(Backbone):
         if attention not in ATTENTIONS:
             raise ValueError(f"model.attention={attention!r} is not one of {list(ATTENTIONS)}")
         if bidirectional and d_model % 2:
-            raise ValueError(f"a bidirectional encoder needs an even d_model, got {d_model}")
+            raise ValueError(
+                f"model.d_model={d_model}: model.bidirectional=true needs an even width (the two "
+                "directions split it)"
+            )
         if tbptt_steps is not None and (tbptt_steps < 1 or bidirectional):
             raise ValueError(
                 f"model.tbptt_steps={tbptt_steps}: expected a positive number of steps with a "

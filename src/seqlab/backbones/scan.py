@@ -170,7 +170,7 @@ def linear_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, method: str = "a
 def positive_activation(x: Tensor) -> Tensor:
     """minGRU's ``g``: x + 0.5 for x >= 0, sigmoid(x) below; positive, continuous, so candidate
     states stay positive (which the log-space scan needs) and grow linearly rather than saturate."""
-    return torch.sigmoid(x.clamp(max=0)).add_(x.clamp(min=0))
+    return torch.sigmoid(x.clamp(max=0)) + x.clamp(min=0)
 
 
 def log_positive_activation(x: Tensor) -> Tensor:

@@ -35,9 +35,10 @@ class Attention(nn.Module):
 
     def __init__(self, d_model: int, nhead: int, dropout: float) -> None:
         super().__init__()
-        if d_model % nhead:
+        if nhead < 1 or d_model % nhead:
             raise ConfigError(
-                f"model.d_model={d_model} must be a multiple of model.nhead={nhead} (the heads split it)"
+                f"model.d_model={d_model} must be a multiple of model.nhead={nhead} (the heads split it; "
+                "nhead >= 1)"
             )
         self.nhead = nhead
         self.dropout = dropout

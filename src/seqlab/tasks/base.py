@@ -7,6 +7,7 @@ alone. Sizes that come from the data are constructor arguments, passed by the tr
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,8 @@ from seqlab.errors import ConfigError, instantiate
 from seqlab.utils.distributed import offloads_optimizer
 from seqlab.utils.precision import fusable, keep_measurements_precise
 from seqlab.utils.resume import resumes_own_run
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -113,6 +116,28 @@ def warmup_schedule(name: str, total_steps: int, warmup_steps: int, min_lr_ratio
         return min_lr_ratio + (1 - min_lr_ratio) * decay
 
     return factor
+
+
+def warmup_steps(schedule: dict[str, Any], total_steps: int) -> int:
+    """The warm-up's optimizer steps: ``task.scheduler.warmup_steps`` where set (it wins over the
+    configs' ``warmup_ratio``), else ``warmup_ratio`` of ``total_steps``."""
+    steps, ratio = schedule.get("warmup_steps"), schedule.get("warmup_ratio")
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigError(
+                f"task.scheduler.warmup_steps={steps!r}: expected a whole number of optimizer steps "
+                ">= 0, or null (task.scheduler.warmup_ratio of the run's steps)"
+            )
+        if steps > total_steps:
+            log.warning(
+                "task.scheduler.warmup_steps=%d is more than the run's %d optimizer steps: the learning "
+                "rate never reaches task.optimizer.lr", steps, total_steps,
+            )  # fmt: skip
+        return steps
+    ratio = 0.0 if ratio is None else ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+        raise ConfigError(f"task.scheduler.warmup_ratio={ratio!r}: expected a share of the steps in [0, 1]")
+    return int(ratio * total_steps)
 
 
 #: optimizers whose fused kernel ``task.optimizer.fused: auto`` picks, on the devices where torch
@@ -335,8 +360,15 @@ class SeqTask(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         trainer = self.trainer
+        total = trainer.estimated_stepping_batches
+        if self.hparams.get("scheduler") and (math.isinf(total) or total < 1):
+            raise ConfigError(
+                f"task.scheduler needs the run's number of optimizer steps, and it is {total} "
+                "(trainer.max_epochs=-1 without trainer.max_steps, or an endless loader): set "
+                "trainer.max_steps, or task.scheduler=null for a constant learning rate"
+            )
         optimizer, scheduler = self.build_optimizer(
-            int(trainer.estimated_stepping_batches),
+            int(total) if math.isfinite(total) else 0,
             offload=offloads_optimizer(trainer.strategy),
             fusable_here=fusable(trainer.precision_plugin, trainer.gradient_clip_val),
         )
@@ -382,10 +414,13 @@ class SeqTask(L.LightningModule):
         schedule = self.hparams.get("scheduler")
         if not schedule:
             return optimizer, None
-        warmup = int(schedule.get("warmup_ratio", 0.0) * total_steps) or int(schedule.get("warmup_steps", 0))
-        factor = warmup_schedule(
-            schedule["name"], total_steps, max(warmup, 1), schedule.get("min_lr_ratio", 0.0)
-        )
+        floor = schedule.get("min_lr_ratio") or 0.0
+        if isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 <= floor <= 1:
+            raise ConfigError(
+                f"task.scheduler.min_lr_ratio={floor!r}: expected the final share of the learning rate, in [0, 1]"
+            )
+        warmup = warmup_steps(schedule, total_steps)
+        factor = warmup_schedule(schedule["name"], total_steps, max(warmup, 1), floor)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     # ----------------------------------------------------------------- checkpoints
