@@ -107,3 +107,15 @@ class SignalInValidation(L.Callback):
             return
         Path(self.once).write_text(f"fired at step {trainer.global_step}\n")
         os.kill(os.getpid(), self.signum)
+
+
+class SigtermFlagAtStep(L.Callback):
+    """Lightning's SIGTERM handling without a signal in the test process: the flag its handler
+    sets (``trainer.received_sigterm``, its signal connector's), after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer._signal_connector.received_sigterm = True

@@ -150,3 +150,34 @@ def test_env_file_sets_missing_variables_only(tmp_path: Path, monkeypatch) -> No
     # the project's own .env is never committed
     ignored = (Path(project_root()) / ".gitignore").read_text().splitlines()
     assert ".env" in ignored
+
+
+def test_a_data_urls_password_reaches_no_file(tmp_path: Path) -> None:
+    """A private mirror's URL (``data.url``, its password from the environment) went, in clear,
+    into hparams.yaml, the W&B run's config and every checkpoint: Lightning logged and saved the
+    data module's arguments itself, and the checkpoint's data settings were not redacted."""
+    import uuid
+
+    from tests.conftest import run_script
+    from tests.test_forecasting_data import write_csv
+
+    password = f"pw-{uuid.uuid4().hex}"  # drawn: a literal would be in git.diff of a dirty checkout
+    (tmp_path / "data").mkdir()
+    write_csv(tmp_path / "data" / "x.csv", 600)
+    run_dir, home = tmp_path / "run", tmp_path / "home"
+    home.mkdir()
+    done = run_script(
+        "train.py", "data=ett", f"data.data_dir={tmp_path / 'data'}", "data.file=x.csv", "data.split=ratio",
+        "data.download=false", "data.url=${oc.env:MIRROR_URL}", "data.lookback=24", "data.horizon=12",
+        "data.batch_size=32", "task.patch_len=8", "task.patch_stride=8", "model.d_model=16", "trainer.max_epochs=1",
+        "trainer.accelerator=cpu", "extras.print_config=false", "callbacks.rich_progress_bar=null",
+        "callbacks.model_summary=null", "logger=wandb", f"hydra.run.dir={run_dir}",
+        env={"MIRROR_URL": f"https://alice:{password}@mirror.example.org/x.csv", "HOME": str(home),
+             "NETRC": str(home / ".netrc")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert {"hparams.yaml", "best.ckpt"} <= {p.name for p in files} and list(run_dir.rglob("*.wandb"))
+    leaks = [str(p.relative_to(run_dir)) for p in files if password.encode() in p.read_bytes()]
+    assert not leaks, leaks
+    assert f"https://alice:{REDACTED}@mirror.example.org/x.csv" in (run_dir / "config.yaml").read_text()

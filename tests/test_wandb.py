@@ -214,16 +214,20 @@ def test_the_wandb_sweep_file_drives_train_py_with_hydra_overrides(make_cfg) -> 
 @pytest.mark.slow
 def test_a_failed_run_closes_its_wandb_run_as_failed(no_key, make_cfg, monkeypatch, tmp_path: Path) -> None:
     """Lightning leaves the W&B run open; seqlab closes it with exit code 1 when the job failed
-    (the W&B page shows it failed) and 0 when it finished."""
+    (the W&B page shows it failed), 0 when it finished, and marked preempting with 143 when
+    SIGTERM stopped it (SLURM's pre-emption or requeue: it was shown failed, and the same command
+    resumes it into this W&B run)."""
     import wandb
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from seqlab.train import train
 
-    codes = []
+    codes, preempting = [], []
     real = wandb.finish
     monkeypatch.setattr(
         wandb, "finish", lambda exit_code=None, **kw: codes.append(exit_code) or real(exit_code, **kw)
     )
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "mark_preempting", lambda self: preempting.append(self.id))
     failing = [
         "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0", "+callbacks.fault.step=3",
     ]  # fmt: skip
@@ -231,4 +235,61 @@ def test_a_failed_run_closes_its_wandb_run_as_failed(no_key, make_cfg, monkeypat
         train(make_cfg("logger=wandb", "trainer.max_epochs=1", *failing))
     assert codes == [1] and wandb.run is None
     train(make_cfg("logger=wandb", "trainer.max_epochs=1", output="finished"))
-    assert codes == [1, 0] and wandb.run is None
+    assert codes == [1, 0] and wandb.run is None and not preempting
+    stopping = ["+callbacks.sigterm._target_=tests.faults.SigtermFlagAtStep", "+callbacks.sigterm.step=2"]
+    with pytest.raises(SIGTERMException):
+        train(make_cfg("logger=wandb", "trainer.max_epochs=1", *stopping, output="stopped"))
+    assert codes == [1, 0, 143] and len(preempting) == 1 and wandb.run is None
+
+
+def test_a_sweeps_wandb_runs_are_named_by_their_overrides(make_cfg) -> None:
+    """The jobs of a sweep's W&B group had W&B's random names; they are named by what they
+    override (credentials redacted), the job's number without any. A single run keeps W&B's name."""
+    from hydra.conf import HydraConf
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from seqlab.utils.resolvers import sweep_job_name
+    from seqlab.utils.secrets import REDACTED
+
+    assert make_cfg("logger=wandb").logger.wandb.name is None
+
+    def job(mode: RunMode, overrides: str) -> str | None:
+        cfg = OmegaConf.create({"hydra": OmegaConf.structured(HydraConf)})
+        cfg.hydra.mode, cfg.hydra.job.override_dirname, cfg.hydra.job.num = mode, overrides, 3
+        HydraConfig.instance().set_config(cfg)
+        return sweep_job_name()
+
+    assert (
+        job(RunMode.MULTIRUN, "+extras.api_key=abc123,model=gru") == f"+extras.api_key={REDACTED},model=gru"
+    )
+    assert job(RunMode.MULTIRUN, "") == "job 3"
+    assert job(RunMode.RUN, "model=gru") is None
+
+
+@pytest.mark.slow
+def test_each_job_of_an_eval_multirun_is_its_own_wandb_run(tmp_path: Path) -> None:
+    """``eval.py -m ckpt_path=a,b logger=wandb``: the first job's W&B run was left open and the
+    next job logged into it (one run, the last checkpoint's config and metrics); the summary's
+    figures go into each run's summary."""
+    from tests.conftest import FAST, run_script
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "NETRC": str(home / ".netrc")}
+    run_dir = tmp_path / "run"
+    trained = run_script("train.py", *FAST, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    sweep = tmp_path / "evals"
+    result = run_script(
+        "eval.py", "-m", f"ckpt_path={ckpt},{run_dir / 'checkpoints' / 'last.ckpt'}", "logger=wandb",
+        f"hydra.sweep.dir={sweep}", env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [list((sweep / job / "wandb").glob("offline-run-*/*.wandb")) for job in ("0", "1")]
+    assert all(len(found) == 1 for found in runs), runs
+    assert runs[0][0].parent.name != runs[1][0].parent.name, "two W&B runs, not one reused"
+    for (found,) in runs:
+        assert b"baseline/last/mse" in found.read_bytes(), "summary.json's figures in the run's summary"

@@ -23,6 +23,8 @@ from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, lo
 from seqlab.utils.distributed import in_multirun
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.run import is_rank_zero, print_results, write_run_metadata, write_summary
+from seqlab.utils.secrets import redact, redact_text
+from seqlab.utils.wandb import finish_runs, summarize_runs
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +50,29 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     task = task_cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     check_data_fits(task, datamodule, given)
     task.adopt_data(datamodule.task_kwargs())
-    trainer = build_trainer(cfg, callbacks=[], loggers=build_loggers(cfg.get("logger"), run_dir))
-    trainer.test(task, datamodule=datamodule, verbose=False)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    model_metrics, baseline = split_baselines(metrics)
-    summary = {
-        "ckpt_path": str(given),
-        "data": info.get("data_name"),
-        "metrics": model_metrics,
-        **({"test_report": task.test_report} if getattr(task, "test_report", None) else {}),
-        "baseline": baseline,
-    }
-    if trainer.is_global_zero:
-        write_summary(run_dir, summary)
-        print_results(model_metrics, baseline)
+    loggers = build_loggers(cfg.get("logger"), run_dir)
+    trainer = build_trainer(cfg, callbacks=[], loggers=loggers)
+    failed = True
+    try:
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": redact(to_plain(cfg)), "ckpt_path": redact_text(str(given))})
+        trainer.test(task, datamodule=datamodule, verbose=False)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        model_metrics, baseline = split_baselines(metrics)
+        summary = {
+            "ckpt_path": str(given),
+            "data": info.get("data_name"),
+            "metrics": model_metrics,
+            **({"test_report": task.test_report} if getattr(task, "test_report", None) else {}),
+            "baseline": baseline,
+        }
+        if trainer.is_global_zero:
+            write_summary(run_dir, summary)
+            summarize_runs(loggers, summary)
+            print_results(model_metrics, baseline)
+        failed = False
+    finally:  # each job of `eval.py -m ckpt_path=a,b` its own W&B run (the next one logged into it)
+        finish_runs(loggers, failed=failed)
     return metrics, {"datamodule": datamodule, "task": task, "trainer": trainer, "summary": summary}
 
 

@@ -56,7 +56,7 @@ from seqlab.utils.run import (
     write_summary,
 )
 from seqlab.utils.secrets import redact
-from seqlab.utils.wandb import finish_runs
+from seqlab.utils.wandb import finish_runs, summarize_runs
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         task.check_trainable()
         num_params = task.num_parameters  # before any sharding strategy splits the parameters
         backbone_params = sum(p.numel() for p in task.backbone.parameters())
-        task.run_info = {"data": datamodule_config(datamodule), "data_name": hydra_choice("data")}
+        # the data's settings, credentials redacted (a mirror's URL password): eval.py and a
+        # resumed run take the data from these, given again on their command line where needed
+        task.run_info = {"data": redact(datamodule_config(datamodule)), "data_name": hydra_choice("data")}
         if hasattr(datamodule, "artifacts"):  # e.g. the tokenizer: eval needs it from the checkpoint alone
             task.run_info["data_artifacts"] = datamodule.artifacts()
         callbacks = build_callbacks(cfg.get("callbacks"))
@@ -240,7 +242,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise
     objects = {"cfg": cfg, "datamodule": datamodule, "task": task, "trainer": trainer}
 
-    failed = True
+    failed, preempted = True, False
     try:
         for logger in trainer.loggers:  # fast_dev_run: Lightning's DummyLogger, no W&B run opened
             logger.log_hyperparams({"config": redact(to_plain(cfg)), "num_params": num_params})
@@ -307,15 +309,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         }
         if trainer.is_global_zero:
             write_summary(run_dir, summary)
+            summarize_runs(loggers, summary)
             if metrics:
                 print_results(metrics, baseline)
             log.info("run directory: %s", run_dir)
         failed = False
+    except SIGTERMException:
+        preempted = True
+        raise
     finally:
         try:  # first: after a failure, Lightning's watch over the other ranks is waiting on it
             finish_job(trainer, failed=failed)
         finally:
-            finish_runs(loggers, failed=failed)
+            finish_runs(loggers, failed=failed, preempted=preempted)
             mark_stopped(run_dir)
     return {**train_metrics, **test_metrics}, {**objects, "summary": summary}
 

@@ -218,7 +218,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)
         self._absolute_paths()
         self.spec = TokenizerSpec.from_config(tokenizer)
         if classes is not None and len(set(map(str, classes))) != len(classes):
@@ -541,7 +541,7 @@ class SyntheticSentimentDataModule(TextClassificationDataModule):
             data_dir=None, val_file=None, test_file=None, classes=["negative", "neutral", "positive"],
         )  # fmt: skip
         super().__init__(**kwargs)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)
         self._absolute_paths()
 
     @property

@@ -376,7 +376,7 @@ class SyntheticSeriesDataModule(SeriesDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)
         self.num_steps = num_steps
         self.generated_channels = num_channels
         self.periods = tuple(periods)
@@ -416,7 +416,7 @@ class CSVSeriesDataModule(SeriesDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)
         # stored absolute, so a checkpoint rebuilds its data from any working directory
         self.hparams.data_dir = str(Path(data_dir).expanduser().resolve())
         self.path = Path(self.hparams.data_dir) / file

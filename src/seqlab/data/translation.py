@@ -209,7 +209,7 @@ class TranslationDataModule(BatchedTextDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)
         settings = dict(tokenizer or {})
         if settings.get("max_length") is not None:
             raise ConfigError(
@@ -532,7 +532,7 @@ class SyntheticTranslationDataModule(TranslationDataModule):
             type(self).__name__, kwargs, data_dir=None, url=None, source_lang="src", target_lang="tgt"
         )
         super().__init__(**kwargs)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)
         self._absolute_paths()
 
     @property

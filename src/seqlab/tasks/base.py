@@ -189,7 +189,9 @@ def keep_fused_on_load(optimizer: torch.optim.Optimizer) -> None:
 
 
 class SeqTask(L.LightningModule):
-    """Base of the task modules. Subclasses call ``save_hyperparameters()`` and define the steps.
+    """Base of the task modules. Subclasses call ``save_hyperparameters(logger=False)`` (the run
+    logs its whole config, credentials redacted, once: Lightning's own logging of the task's and
+    the data's arguments put a data URL's password in W&B and hparams.yaml) and define the steps.
 
     ``monitor`` names the validation metric that selects checkpoints and is the sweep objective;
     ``{monitor}_best`` is logged every validation epoch.
@@ -428,6 +430,12 @@ class SeqTask(L.LightningModule):
         cls = self.task_class()
         checkpoint["seqlab"] = {"task_target": f"{cls.__module__}.{cls.__qualname__}"}
         checkpoint["seqlab"].update(self.run_info)
+        if checkpoint.get("datamodule_hyper_parameters"):  # Lightning's copy of the data's arguments
+            from seqlab.utils.secrets import redact
+
+            checkpoint["datamodule_hyper_parameters"] = redact(
+                dict(checkpoint["datamodule_hyper_parameters"])
+            )
         # the backbone as built: a model.size run reloads with its solved width, not by solving again
         saved = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
         if saved is not None and "backbone" in saved and hasattr(self.backbone, "built_from"):

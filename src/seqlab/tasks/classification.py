@@ -85,7 +85,7 @@ class ClassificationTask(SeqTask):
         misclassified_samples: int = 50,
     ) -> None:
         super().__init__(monitor=monitor, monitor_mode=monitor_mode)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)
         if pooling not in POOLINGS:
             raise ConfigError(f"task.pooling={pooling!r}: expected one of {list(POOLINGS)}")
         if pooling == "first" and cls_id is None:

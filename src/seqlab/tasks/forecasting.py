@@ -113,7 +113,7 @@ class ForecastingTask(SeqTask):
         target_channel: int = -1,
     ) -> None:
         super().__init__(monitor=monitor, monitor_mode=monitor_mode)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)
         if head not in HEADS:
             raise ConfigError(f"task.head={head!r}: expected one of {list(HEADS)}")
         if patch_len < 1 or patch_stride < 1 or patch_len > lookback:

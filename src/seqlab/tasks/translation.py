@@ -95,7 +95,7 @@ class TranslationTask(SeqTask):
         monitor_mode: str = "max",
     ) -> None:
         super().__init__(monitor=monitor, monitor_mode=monitor_mode)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)
         if beam_size < 1 or val_beam_size < 1:
             raise ConfigError(
                 f"task.beam_size={beam_size}, task.val_beam_size={val_beam_size}: expected >= 1"

@@ -122,6 +122,23 @@ def sweep_id(task_name: str = "train") -> str | None:
     return sweep_group(task_name, hydra.sweep.dir)
 
 
+def sweep_job_name() -> str | None:
+    """Inside a Hydra multirun, the job's overrides (``model=gru,seed=1``; its number when it has
+    none; credentials redacted): the W&B run's name, so the runs of a sweep's group are told
+    apart by what differs. Else None (W&B draws a name)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from seqlab.utils.secrets import redact_text
+
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.MULTIRUN:
+        return None
+    return redact_text(hydra.job.override_dirname) or f"job {hydra.job.num}"
+
+
 def sweep_group(task_name: str, sweep_dir: str | Path) -> str:
     """The W&B group of a sweep's runs and of its comparison report. A sweep directory's name is
     its start time, its own only among its task's sweeps (``logs/<task_name>/multiruns``): with
@@ -136,3 +153,4 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("rank_log_suffix", rank_log_suffix, replace=True)
     OmegaConf.register_new_resolver("sweep_id", sweep_id, replace=True)
+    OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name, replace=True)

@@ -150,12 +150,42 @@ def run_id(run_dir: Path) -> str:
     return drawn
 
 
-def finish_runs(loggers: list[Any], failed: bool = False) -> None:
-    """Close the W&B run of this job, marked failed if it failed. Lightning leaves it open, and
-    the next job of a multirun (same process) would then log into it instead of starting its own."""
+def summarize_runs(loggers: list[Any], summary: dict[str, Any]) -> None:
+    """The figures of ``summary.json`` in this job's W&B run summary (wall and fit time, peak
+    memory, throughput, MFU, parameters, the baselines...), nested keys joined by ``/``: a sweep
+    group's run table then holds what ``compare.py`` reads. The metrics are there already."""
     if not any(type(lg).__name__ == "WandbLogger" for lg in loggers):
         return
     import wandb
 
-    if wandb.run is not None:
+    if wandb.run is None:
+        return
+    figures: dict[str, float] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}{key}/", item)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            figures[prefix.rstrip("/")] = value
+
+    walk("", {k: v for k, v in summary.items() if k not in ("metrics", "best")})
+    wandb.run.summary.update(figures)
+
+
+def finish_runs(loggers: list[Any], failed: bool = False, preempted: bool = False) -> None:
+    """Close the W&B run of this job, marked failed if it failed, preempted if it was stopped by
+    SIGTERM (SLURM's pre-emption or time limit: the same command resumes it, into this W&B run;
+    W&B shows it preempted, not failed, and requeues it in a W&B sweep). Lightning leaves it open,
+    and the next job of a multirun (same process) would then log into it instead of starting its own."""
+    if not any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        return
+    import wandb
+
+    if wandb.run is None:
+        return
+    if preempted:
+        wandb.run.mark_preempting()
+        wandb.finish(exit_code=143)  # 128 + SIGTERM, as the process exits
+    else:
         wandb.finish(exit_code=1 if failed else 0)
