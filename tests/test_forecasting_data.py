@@ -172,6 +172,19 @@ def test_missing_file_says_where_and_how(tmp_path: Path) -> None:
         dm.prepare_data()
 
 
+def test_a_redacted_url_is_not_tried(tmp_path: Path) -> None:
+    """A checkpoint's data.url keeps its password redacted: downloading with it would only fail to
+    log in (an HTTP 401 that says nothing of the redaction)."""
+    from seqlab.utils.secrets import REDACTED
+
+    url = f"https://alice:{REDACTED}@mirror.example.org/ETTh1.csv"
+    with pytest.raises(
+        ConfigError, match=r"data.url=.*its password was redacted .* give data.url with the password"
+    ):
+        ensure_file(tmp_path / "ETTh1.csv", url, allow_download=True)
+    assert not list(tmp_path.iterdir())
+
+
 def test_failed_download_names_the_url_and_leaves_nothing(tmp_path: Path) -> None:
     with socket.socket() as sock:  # a local port with nothing listening: refused at once
         sock.bind(("127.0.0.1", 0))
@@ -477,3 +490,26 @@ def test_a_checkpoint_evaluated_on_other_data_takes_its_season(tmp_path: Path) -
     assert task.baseline_season is None and set(task.baseline_metrics) == {"last"}
     task.adopt_data({"baseline_season": 12})
     assert task.seasonal_index.tolist() == [180, 181, 182, 183] and "seasonal" in task.baseline_metrics
+
+
+def test_a_checkpoint_on_data_scaled_otherwise_is_warned_about(caplog) -> None:
+    """The model's inputs are scaled by the data's scaler: one that differs from training's (other
+    data, or a checkpoint from before constant channels were scaled by 1) is named per channel;
+    one that is the same up to float rounding says nothing (an exact comparison said so always)."""
+    from seqlab.tasks.forecasting import ForecastingTask
+
+    backbone = {"_target_": "seqlab.backbones.rnn.RNNBackbone", "cell": "gru", "d_model": 8, "num_layers": 1}
+    task = ForecastingTask(
+        backbone=backbone, num_channels=2, lookback=24, horizon=4, channel_names=["a", "OT"],
+        scaler_mean=[10.011989, 3.6996896], scaler_std=[2.5, 3.1e-4],
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="seqlab.tasks.forecasting"):
+        task.adopt_data({"scaler_mean": [10.012016, 3.6996896], "scaler_std": [2.5000001, 3.1e-4]})
+    assert not caplog.text
+    with caplog.at_level("WARNING", logger="seqlab.tasks.forecasting"):
+        task.adopt_data({"scaler_mean": [10.012016, 3.7], "scaler_std": [2.5, 1.0]})
+    assert (
+        "differs from the one the model was trained with in 1 channel(s): OT (mean 3.69969, std 0.00031"
+        in caplog.text
+    )
+    assert task.scaler_std.tolist() == [2.5, 1.0]  # the data's, for the original scale

@@ -287,3 +287,10 @@ def test_an_open_ended_run_with_a_schedule_says_what_to_set(make_cfg, tmp_path: 
         ConfigError, match=r"task.scheduler needs the run's number of optimizer steps, and it is inf"
     ):
         trainer.fit(model, datamodule=datamodule)
+    # no step at all (max_steps=0: Lightning's way to skip training) is no error
+    skipping = L.Trainer(
+        default_root_dir=tmp_path, max_steps=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    skipping.fit(model, datamodule=datamodule)
+    assert skipping.global_step == 0

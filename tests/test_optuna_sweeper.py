@@ -156,6 +156,11 @@ def test_a_new_study_in_a_sweep_directory_numbers_its_jobs_after_the_old_ones(tm
         (tmp_path / name).mkdir()
     assert first_free_job(tmp_path, 0) == 11  # a new study there
     assert first_free_job(tmp_path, 14) == 14  # a resumed one whose trials ran further
+    # job directories named by hydra.sweep.subdir: the number Hydra recorded in each
+    named = tmp_path / "model=gru,seed=1"
+    (named / ".hydra").mkdir(parents=True)
+    (named / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    num: 23\n")
+    assert first_free_job(tmp_path, 0) == 24
 
 
 def test_only_trials_whose_sweeper_is_gone_count_as_interrupted(tmp_path: Path) -> None:
@@ -515,3 +520,13 @@ def test_a_trials_job_directory_is_the_one_hydras_launcher_gives_it(tmp_path: Pa
     )
     assert Path(ran.return_value) == tmp_path / recorded
     assert recorded == ("5" if subdir == NUMBERED else "model=gru,seed=3_5")
+    # a subdir that cannot be resolved is the search's error, not each trial's "do not compose"
+    chosen.config = loader.load_configuration(
+        "train",
+        overrides=[f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${oc.env:SEQLAB_TEST_UNSET_VARIABLE}"],
+        run_mode=RunMode.MULTIRUN,
+    )
+    with pytest.raises(
+        ValueError, match=r"hydra.sweep.subdir=.*SEQLAB_TEST_UNSET_VARIABLE.* cannot be resolved for job 6"
+    ):
+        chosen.job_subdir(overrides, 6)

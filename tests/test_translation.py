@@ -636,3 +636,32 @@ def test_the_epochs_training_loss_is_a_mean_over_target_tokens(make_cfg, tmp_pat
     by_step = sum(loss for loss, _ in steps) / len(steps)
     logged = float(trainer.callback_metrics["train/loss_epoch"])
     assert abs(logged - by_token) < 1e-5 < 1e-3 < abs(logged - by_step), (logged, by_token, by_step)
+
+
+def test_a_unigram_tokenizer_without_the_special_tokens_characters_is_warned_about(caplog) -> None:
+    """One trained before seqlab put "[", "]" and the capitals in a unigram alphabet still reads a
+    text's "[EOS]" as the special token (the unknown-character path scores lower than the
+    demoted piece): said at load. A lowercasing one never meets "[EOS]" (nothing to say), and
+    keeps no capital pieces it could never produce. A vocabulary too small for the alphabet is
+    refused by its key."""
+    import json
+
+    from seqlab.data.tokenization import SPECIAL_TOKENS, tokenizer_from_json
+
+    spec = TokenizerSpec(kind="unigram", vocab_size=200, lowercase=False, max_length=None, wrap="bos_eos")
+    state = json.loads(train_tokenizer(GERMAN * 3, spec).to_str())
+    state["model"]["vocab"] = [entry for entry in state["model"]["vocab"] if entry[0] not in ("[", "]")]
+    with caplog.at_level("WARNING", logger="seqlab.data.tokenization"):
+        tokenizer_from_json(json.dumps(state))
+    assert "this unigram tokenizer has no pieces for ['[', ']']" in caplog.text
+    caplog.clear()
+    lowercase = TokenizerSpec(kind="unigram", vocab_size=200, lowercase=True, max_length=None, wrap="bos_eos")
+    with caplog.at_level("WARNING", logger="seqlab.data.tokenization"):
+        trained = train_tokenizer(["a small text"] * 3, lowercase)
+        tokenizer_from_json(trained.to_str())
+    assert "no pieces" not in caplog.text
+    pieces = {piece for piece, _ in json.loads(trained.to_str())["model"]["vocab"]} - set(SPECIAL_TOKENS)
+    assert {"[", "]", "e", "o"} <= pieces and not {"E", "O", "P"} & pieces
+    tiny = TokenizerSpec(kind="unigram", vocab_size=12, lowercase=False, max_length=None, wrap="bos_eos")
+    with pytest.raises(ConfigError, match=r"data.tokenizer.vocab_size=12 is too small for the training text"):
+        train_tokenizer(GERMAN, tiny)

@@ -266,6 +266,12 @@ def test_a_sweeps_wandb_runs_are_named_by_their_overrides(make_cfg) -> None:
     )
     assert job(RunMode.MULTIRUN, "") == "job 3"
     assert job(RunMode.RUN, "model=gru") is None
+    # W&B refuses names over 128 characters (an Optuna trial's floats, long paths): cut, kept apart
+    long = ",".join(f"task.optimizer.lr={0.000123456789 * i}" for i in range(1, 12))
+    names = {job(RunMode.MULTIRUN, long + f",seed={seed}") for seed in (1, 2)}
+    assert len(names) == 2 and all(
+        len(name) == 128 and name.startswith("task.optimizer.lr=") for name in names
+    )
 
 
 @pytest.mark.slow

@@ -115,11 +115,15 @@ def first_free_job(sweep_dir: Path, trials: int) -> int:
     directories) and after every job directory already in ``sweep_dir`` (a new study there, as the
     stored-study refusal suggests, would otherwise run its trials in the old study's finished job
     directories, which refuse them)."""
-    taken = (
-        [int(p.name) for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-        if sweep_dir.is_dir()
-        else []
-    )
+    from seqlab.utils.hydra_callbacks import sweep_jobs
+
+    taken = []
+    for job in sweep_jobs(sweep_dir):  # numbered, or named by hydra.sweep.subdir: its recorded number
+        if job.name.isdigit():
+            taken.append(int(job.name))
+            continue
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            taken.append(int(OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.job.num))
     return max([trials, *(number + 1 for number in taken)])
 
 
@@ -382,9 +386,15 @@ class OptunaSweeper(Sweeper):
             config.hydra.job.num = job
         hydra_config = HydraConfig.instance()
         before = hydra_config.cfg
-        hydra_config.set_config(config)  # for ${hydra:...} in the subdir
-        try:
+        try:  # the overrides composed: a subdir that cannot be resolved is the search's own error
+            hydra_config.set_config(config)  # for ${hydra:...} in the subdir
             return str(OmegaConf.select(config, "hydra.sweep.subdir"))
+        except Exception as error:
+            given = OmegaConf.to_container(self.config.hydra.sweep, resolve=False).get("subdir")
+            raise SweepError(
+                f"hydra.sweep.subdir={given!r} cannot be resolved for job "
+                f"{job}: {type(error).__name__}: {error}"
+            ) from None
         finally:
             hydra_config.cfg = before
 
@@ -486,6 +496,10 @@ class OptunaSweeper(Sweeper):
                 job = job_index + len(trials)
                 try:
                     subdir, why = self.job_subdir(overrides, job), None
+                except SweepError as error:  # every trial would fail so: the search stops here
+                    trial.set_user_attr("error", str(error))
+                    study.tell(trial, state=TrialState.FAIL)
+                    raise
                 except Exception as error:
                     why = f"{type(error).__name__}: {error}"
                 if why is None:

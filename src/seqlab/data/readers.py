@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seqlab.errors import DataError
+from seqlab.errors import ConfigError, DataError
 from seqlab.utils.files import atomic_file, directory_lock
 
 DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y/%m/%d %H:%M", "%Y/%m/%d")
@@ -181,8 +181,16 @@ def read_series_csv(
 def download(url: str, destination: Path, timeout: float = 30.0) -> None:
     """Fetch ``url`` into ``destination`` atomically: a failed download leaves nothing behind.
 
-    A ``.gz`` URL saved under a name without ``.gz`` is decompressed on the way.
+    A ``.gz`` URL saved under a name without ``.gz`` is decompressed on the way. A URL whose
+    password was redacted (a checkpoint's ``data.url``) is refused: it would only fail to log in.
     """
+    from seqlab.utils.secrets import REDACTED
+
+    if f":{REDACTED}@" in url:
+        raise ConfigError(
+            f"data.url={url!r}: its password was redacted where it was saved (a checkpoint's data "
+            f"settings); give data.url with the password again to download {destination.name}"
+        )
     gunzip = urllib.parse.urlparse(url).path.endswith(".gz") and destination.suffix != ".gz"
     with (
         atomic_file(destination) as tmp,

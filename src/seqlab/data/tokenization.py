@@ -107,12 +107,13 @@ def _untrained(spec: TokenizerSpec) -> tuple[Tokenizer, Any]:
         )
         tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
         tokenizer.decoder = decoders.Metaspace()
-        # the special tokens' characters are pieces, so that a text's "[EOS]" spells out (plain_text)
+        # the special tokens' characters (as normalised: a lowercasing tokenizer never sees their
+        # capitals) are pieces, so that a text's "[EOS]" spells out (plain_text)
         trainer = trainers.UnigramTrainer(
             vocab_size=spec.vocab_size,
             special_tokens=SPECIAL_TOKENS,
             unk_token=UNK,
-            initial_alphabet=sorted(set("".join(SPECIAL_TOKENS))),
+            initial_alphabet=sorted(set(tokenizer.normalizer.normalize_str("".join(SPECIAL_TOKENS)))),
             show_progress=False,
         )
         return tokenizer, trainer
@@ -163,9 +164,12 @@ def plain_text(tokenizer: Tokenizer) -> Tokenizer:
     special tokens (which only the post-processor and the model's batches put in): a corpus line
     holding "[EOS]" taught the decoder to stop mid-sentence, a "[PAD]" in a sentence to translate
     was masked as padding. The added-token matching is turned off (the setting is not saved in the
-    JSON: every load sets it); a unigram model also holds the special tokens as pieces of
-    probability 1 (score 0), which its segmentation then prefers: they are given the least
-    likely score there is (below the unknown-character path), so that no text segments into them."""
+    JSON, nor kept by pickle or deepcopy: every load sets it, and the data is encoded where it is
+    loaded); a unigram model also holds the special tokens as pieces of probability 1 (score 0),
+    which its segmentation then prefers: they are given the least likely score of any piece, so
+    that a text spells "[EOS]" out of its characters' pieces (``train_tokenizer`` puts them in the
+    alphabet). A unigram tokenizer trained before that, without them, still takes such a text
+    for the special token (its unknown-character path scores lower still): warned about."""
     import json
 
     state = json.loads(tokenizer.to_str())
@@ -178,6 +182,17 @@ def plain_text(tokenizer: Tokenizer) -> Tokenizer:
                 [piece, floor if piece in SPECIAL_TOKENS else score] for piece, score in model["vocab"]
             ]
             tokenizer = Tokenizer.from_str(json.dumps(state, ensure_ascii=False))
+        pieces = {piece for piece, _ in model["vocab"]}
+        normalized = tokenizer.normalizer.normalize_str if tokenizer.normalizer else str
+        # those a text can still spell after normalisation (a lowercasing one never meets "[EOS]")
+        reachable = [token for token in SPECIAL_TOKENS if normalized(token) == token]
+        missing = sorted(set("".join(reachable)) - pieces)
+        if missing:
+            log.warning(
+                "this unigram tokenizer has no pieces for %s (trained before seqlab put them in its "
+                "alphabet): a text's literal %s is still encoded as the special token; train it "
+                "again to read such texts as text", missing, SPECIAL_TOKENS,
+            )  # fmt: skip
     tokenizer.encode_special_tokens = True
     return tokenizer
 
@@ -185,7 +200,15 @@ def plain_text(tokenizer: Tokenizer) -> Tokenizer:
 def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec) -> Tokenizer:
     """A tokenizer of ``spec.kind`` trained on ``texts`` (the training split only)."""
     tokenizer, trainer = _untrained(spec)
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    try:
+        tokenizer.train_from_iterator(texts, trainer=trainer)
+    except Exception as error:  # the library's words, with the setting that decides it
+        if "not large enough" not in str(error):
+            raise
+        raise ConfigError(
+            f"data.tokenizer.vocab_size={spec.vocab_size} is too small for the training text's "
+            f"characters and the special tokens ({error}); raise it"
+        ) from None
     for token_id, token in enumerate(SPECIAL_TOKENS):
         assert tokenizer.token_to_id(token) == token_id, f"special token {token} did not get id {token_id}"
     return _configure(tokenizer, spec)

@@ -363,7 +363,7 @@ class SeqTask(L.LightningModule):
     def configure_optimizers(self) -> Any:
         trainer = self.trainer
         total = trainer.estimated_stepping_batches
-        if self.hparams.get("scheduler") and (math.isinf(total) or total < 1):
+        if self.hparams.get("scheduler") and (math.isinf(total) or total < 0):
             raise ConfigError(
                 f"task.scheduler needs the run's number of optimizer steps, and it is {total} "
                 "(trainer.max_epochs=-1 without trainer.max_steps, or an endless loader): set "

@@ -12,6 +12,7 @@ scale, with the repeat-last and seasonal-naive baselines on the same test window
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -233,8 +234,23 @@ class ForecastingTask(SeqTask):
         scaler maps the forecasts back to its original scale, its names label the report, and its
         period is the seasonal baseline's (a day of ETTm1's rows is 96, of ETTh1's 24)."""
         hp = self.hparams
-        if (data.get("scaler_mean"), data.get("scaler_std")) != (hp.scaler_mean, hp.scaler_std):
-            log.info("the data's scaler differs from training's: original-scale metrics use the data's")
+        then, now = (hp.scaler_mean, hp.scaler_std), (data.get("scaler_mean"), data.get("scaler_std"))
+        if None not in (*then, *now) and len(then[0]) == len(now[0]):
+            names = data.get("channel_names") or hp.channel_names or list(range(len(now[0])))
+            differ = [
+                f"{names[i]} (mean {then[0][i]:.6g}, std {then[1][i]:.6g} then; {now[0][i]:.6g}, {now[1][i]:.6g} now)"
+                for i in range(len(now[0]))
+                if not (
+                    math.isclose(then[0][i], now[0][i], rel_tol=1e-4, abs_tol=1e-4 * now[1][i])
+                    and math.isclose(then[1][i], now[1][i], rel_tol=1e-4)
+                )
+            ]
+            if differ:  # other data, or a scaler fitted otherwise (a constant channel's std is 1 now)
+                log.warning(
+                    "the data's scaler differs from the one the model was trained with in %d channel(s): "
+                    "%s; the model's inputs there are scaled otherwise than in training, and "
+                    "original-scale metrics use the data's scaler", len(differ), "; ".join(differ[:5]),
+                )  # fmt: skip
         for key in ("scaler_mean", "scaler_std", "channel_names", "target_channel", "baseline_season"):
             if key in data:
                 hp[key] = data[key]

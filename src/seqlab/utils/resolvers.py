@@ -122,10 +122,16 @@ def sweep_id(task_name: str = "train") -> str | None:
     return sweep_group(task_name, hydra.sweep.dir)
 
 
+#: the longest W&B run name (W&B refuses longer ones)
+WANDB_NAME_LIMIT = 128
+
+
 def sweep_job_name() -> str | None:
     """Inside a Hydra multirun, the job's overrides (``model=gru,seed=1``; its number when it has
-    none; credentials redacted): the W&B run's name, so the runs of a sweep's group are told
-    apart by what differs. Else None (W&B draws a name)."""
+    none; credentials redacted): the W&B run's name, so the runs of a sweep's group are told apart
+    by their settings. Longer than W&B takes (an Optuna trial's full-precision floats, long
+    paths), cut with a hash of the whole kept at the end, so names stay apart. Else None (W&B
+    draws a name)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -136,7 +142,13 @@ def sweep_job_name() -> str | None:
     hydra = HydraConfig.get()
     if hydra.mode != RunMode.MULTIRUN:
         return None
-    return redact_text(hydra.job.override_dirname) or f"job {hydra.job.num}"
+    name = redact_text(hydra.job.override_dirname) or f"job {hydra.job.num}"
+    if len(name) > WANDB_NAME_LIMIT:
+        import hashlib
+
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = f"{name[: WANDB_NAME_LIMIT - 10]}..{digest}"
+    return name
 
 
 def sweep_group(task_name: str, sweep_dir: str | Path) -> str:

@@ -160,17 +160,16 @@ def summarize_runs(loggers: list[Any], summary: dict[str, Any]) -> None:
 
     if wandb.run is None:
         return
-    figures: dict[str, float] = {}
+    from seqlab.utils.resume import flatten
 
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}{key}/", item)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            figures[prefix.rstrip("/")] = value
-
-    walk("", {k: v for k, v in summary.items() if k not in ("metrics", "best")})
-    wandb.run.summary.update(figures)
+    flat = flatten({k: v for k, v in summary.items() if k not in ("metrics", "best")})
+    wandb.run.summary.update(
+        {
+            key.replace(".", "/"): value
+            for key, value in flat.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
+    )
 
 
 def finish_runs(loggers: list[Any], failed: bool = False, preempted: bool = False) -> None:
