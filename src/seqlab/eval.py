@@ -52,7 +52,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     task.adopt_data(datamodule.task_kwargs())
     loggers = build_loggers(cfg.get("logger"), run_dir)
     trainer = build_trainer(cfg, callbacks=[], loggers=loggers)
-    failed = True
+    error: BaseException | None = None
     try:
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": redact(to_plain(cfg)), "ckpt_path": redact_text(str(given))})
@@ -70,9 +70,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             write_summary(run_dir, summary)
             summarize_runs(loggers, summary)
             print_results(model_metrics, baseline)
-        failed = False
+    except BaseException as raised:
+        error = raised
+        raise
     finally:  # each job of `eval.py -m ckpt_path=a,b` its own W&B run (the next one logged into it)
-        finish_runs(loggers, failed=failed)
+        finish_runs(loggers, error)
     return metrics, {"datamodule": datamodule, "task": task, "trainer": trainer, "summary": summary}
 
 

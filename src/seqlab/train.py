@@ -242,7 +242,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise
     objects = {"cfg": cfg, "datamodule": datamodule, "task": task, "trainer": trainer}
 
-    failed, preempted = True, False
+    error: BaseException | None = None
     try:
         for logger in trainer.loggers:  # fast_dev_run: Lightning's DummyLogger, no W&B run opened
             logger.log_hyperparams({"config": redact(to_plain(cfg)), "num_params": num_params})
@@ -313,15 +313,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             if metrics:
                 print_results(metrics, baseline)
             log.info("run directory: %s", run_dir)
-        failed = False
-    except SIGTERMException:
-        preempted = True
+    except BaseException as raised:
+        error = raised
         raise
     finally:
         try:  # first: after a failure, Lightning's watch over the other ranks is waiting on it
-            finish_job(trainer, failed=failed)
+            finish_job(trainer, failed=error is not None)
         finally:
-            finish_runs(loggers, failed=failed, preempted=preempted)
+            finish_runs(loggers, error)
             mark_stopped(run_dir)
     return {**train_metrics, **test_metrics}, {**objects, "summary": summary}
 

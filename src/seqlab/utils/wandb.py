@@ -172,19 +172,21 @@ def summarize_runs(loggers: list[Any], summary: dict[str, Any]) -> None:
     )
 
 
-def finish_runs(loggers: list[Any], failed: bool = False, preempted: bool = False) -> None:
-    """Close the W&B run of this job, marked failed if it failed, preempted if it was stopped by
-    SIGTERM (SLURM's pre-emption or time limit: the same command resumes it, into this W&B run;
-    W&B shows it preempted, not failed, and requeues it in a W&B sweep). Lightning leaves it open,
-    and the next job of a multirun (same process) would then log into it instead of starting its own."""
+def finish_runs(loggers: list[Any], error: BaseException | None = None) -> None:
+    """Close the W&B run of this job (train or eval), ended by ``error`` (None: it finished):
+    marked failed, or preempted where ``error`` is Lightning's SIGTERMException (SLURM's
+    pre-emption or time limit: the same command resumes it, into this W&B run; W&B shows it
+    preempted, not failed, and requeues it in a W&B sweep). Lightning leaves the run open, and the
+    next job of a multirun (same process) would then log into it instead of starting its own."""
     if not any(type(lg).__name__ == "WandbLogger" for lg in loggers):
         return
     import wandb
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     if wandb.run is None:
         return
-    if preempted:
+    if isinstance(error, SIGTERMException):
         wandb.run.mark_preempting()
         wandb.finish(exit_code=143)  # 128 + SIGTERM, as the process exits
     else:
-        wandb.finish(exit_code=1 if failed else 0)
+        wandb.finish(exit_code=0 if error is None else 1)
