@@ -147,7 +147,7 @@ def test_long_pairs_are_filtered_in_train_and_truncated_in_evaluation(tmp_path: 
     meta = json.loads((dm.processed_dir / "meta.json").read_text())
     assert meta["sizes"] == {"train": 20, "val": 3, "test": 2}
     assert meta["dropped"]["train"] == {"empty": 1, "too_long_or_ratio": 2}
-    assert meta["dropped"]["val"] == {"empty": 0, "empty_kept": 0, "truncated_sources": 1}
+    assert meta["dropped"]["val"] == {"empty_kept": 0, "truncated_sources": 1}
     val = dm.datasets["val"]
     assert int(val.source.lengths.max()) == 24 and dm.references("val")[2] == "Lang."
     batch = val.__getitems__([2])

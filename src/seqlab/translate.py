@@ -18,8 +18,8 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from seqlab.data.text_base import FlatSequences
 from seqlab.data.text_readers import read_lines
-from seqlab.data.tokenization import PAD_ID
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.train import build_datamodule, to_plain
 from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, load_run_info
@@ -54,19 +54,17 @@ def translate_texts(
     """Translations of ``texts`` in order, batched by length (beam search unless ``beam_size=1``)."""
     outputs = [""] * len(texts)
     todo = [i for i, text in enumerate(texts) if text.strip()]
-    ids = dict(zip(todo, datamodule.encode_sources([texts[i].strip() for i in todo])))
-    todo.sort(key=lambda i: len(ids[i]))
+    if not todo:
+        return outputs
+    ids = datamodule.encode_sources([texts[i].strip() for i in todo])
+    by_length = torch.tensor(sorted(range(len(todo)), key=lambda k: len(ids[k])))
+    batches = list(by_length.split(batch_size))
     device = next(task.parameters()).device
-    for start in range(0, len(todo), batch_size):
-        rows = todo[start : start + batch_size]
-        lengths = torch.tensor([len(ids[i]) for i in rows])
-        src = torch.full((len(rows), int(lengths.max())), PAD_ID, dtype=torch.long)
-        for r, i in enumerate(rows):
-            src[r, : len(ids[i])] = torch.tensor(ids[i])
-        padding = torch.arange(src.shape[1]) >= lengths[:, None]  # from the lengths, as in training
+    # padded and masked as training's batches are (the mask from the lengths, not the ids)
+    for rows, (src, padding) in zip(batches, FlatSequences.from_lists(ids).padded_batches(batches)):
         generated = task.generate(src.to(device), padding.to(device), beam_size)
-        for i, text in zip(rows, datamodule.detokenize(generated)):
-            outputs[i] = text
+        for k, text in zip(rows.tolist(), datamodule.detokenize(generated)):
+            outputs[todo[k]] = text
     return outputs
 
 

@@ -172,9 +172,9 @@ def plain_text(tokenizer: Tokenizer) -> Tokenizer:
     for the special token (its unknown-character path scores lower still): warned about."""
     import json
 
-    state = json.loads(tokenizer.to_str())
-    model = state["model"]
-    if model.get("type") == "Unigram":
+    if isinstance(tokenizer.model, models.Unigram):  # (read from its JSON: no accessor for scores)
+        state = json.loads(tokenizer.to_str())
+        model = state["model"]
         scores = [score for piece, score in model["vocab"] if piece not in SPECIAL_TOKENS]
         floor = min(scores, default=0.0) - UNIGRAM_SPECIAL_PENALTY
         if any(piece in SPECIAL_TOKENS and score > floor for piece, score in model["vocab"]):

@@ -304,16 +304,11 @@ class TranslationDataModule(BatchedTextDataModule):
             if not any(s and t for s, t in zip(pairs.sources, pairs.targets)):
                 raise DataError(f"{self.split_files(split)[0]}: the {split} split has no sentence pairs")
             raw[split] = pairs
-            if split == "train":
-                dropped[split] = {"empty": empty}
-                if empty:
-                    log.warning("%s: dropped %d pairs with an empty side", split, empty)
-            else:
-                dropped[split] = {"empty": 0, "empty_kept": empty}
-                if empty:
-                    log.warning(
-                        "%s: %d pairs have an empty side (kept: scored as the files are)", split, empty
-                    )
+            # dropped from train; kept in val and test, scored as their files are
+            dropped[split] = {"empty" if split == "train" else "empty_kept": empty}
+            if empty:
+                kept = "dropped" if split == "train" else "kept: scored as the files are"
+                log.warning("%s: %d pairs with an empty side (%s)", split, empty, kept)
         self.write_processed(raw, dropped, target)
 
     def train_tokenizers(self, train: ParallelTexts) -> tuple[Tokenizer, Tokenizer]:

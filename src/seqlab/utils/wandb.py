@@ -150,20 +150,26 @@ def run_id(run_dir: Path) -> str:
     return drawn
 
 
+def open_run(loggers: list[Any]) -> Any:
+    """This job's open W&B run where it logs to W&B (``logger=wandb``, rank 0), else None."""
+    if not any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        return None
+    import wandb
+
+    return wandb.run
+
+
 def summarize_runs(loggers: list[Any], summary: dict[str, Any]) -> None:
     """The figures of ``summary.json`` in this job's W&B run summary (wall and fit time, peak
     memory, throughput, MFU, parameters, the baselines...), nested keys joined by ``/``: a sweep
     group's run table then holds what ``compare.py`` reads. The metrics are there already."""
-    if not any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        return
-    import wandb
-
-    if wandb.run is None:
+    run = open_run(loggers)
+    if run is None:
         return
     from seqlab.utils.resume import flatten
 
     flat = flatten({k: v for k, v in summary.items() if k not in ("metrics", "best")})
-    wandb.run.summary.update(
+    run.summary.update(
         {
             key.replace(".", "/"): value
             for key, value in flat.items()
@@ -178,15 +184,14 @@ def finish_runs(loggers: list[Any], error: BaseException | None = None) -> None:
     pre-emption or time limit: the same command resumes it, into this W&B run; W&B shows it
     preempted, not failed, and requeues it in a W&B sweep). Lightning leaves the run open, and the
     next job of a multirun (same process) would then log into it instead of starting its own."""
-    if not any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+    run = open_run(loggers)
+    if run is None:
         return
     import wandb
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    if wandb.run is None:
-        return
     if isinstance(error, SIGTERMException):
-        wandb.run.mark_preempting()
+        run.mark_preempting()
         wandb.finish(exit_code=143)  # 128 + SIGTERM, as the process exits
     else:
         wandb.finish(exit_code=0 if error is None else 1)
