@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -403,19 +405,45 @@ def test_compiled_blocks_compute_the_same_and_keep_their_names(name: str) -> Non
     torch.testing.assert_close(compiled.encode(x), plain.encode(x), atol=1e-5, rtol=1e-5)
 
 
-def test_process_start_time_without_psutil(monkeypatch) -> None:
-    """time_to_first_step_s counts from the process start: psutil's figure, or /proc's without it."""
-    import os
+def test_process_start_time_is_the_start_of_the_process() -> None:
+    """time_to_first_step_s counts from the process start: not before the parent launched the
+    process (the boot time psutil adds the start to is cut to whole seconds: up to 1 s early),
+    not after the child's first line ran."""
+    import subprocess
+    import sys
+
+    child = (
+        "import time; first_line = time.time()\n"
+        "from seqlab.callbacks.run_stats import process_start_time\n"
+        "print(repr(first_line), repr(process_start_time()))"
+    )
+    for _ in range(3):
+        launched = time.time()
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+        first_line, started = map(float, out.stdout.split())
+        tick = 1 / os.sysconf("SC_CLK_TCK")  # the start is kept in clock ticks
+        assert launched - tick - 0.005 <= started <= first_line
+
+
+def test_process_start_time_off_linux(monkeypatch) -> None:
+    """Without /proc (macOS...): psutil's figure; without psutil as well: None, not an error."""
     import sys
 
     import psutil
 
     from seqlab.callbacks import run_stats
 
-    expected = psutil.Process(os.getpid()).create_time()
-    assert run_stats.process_start_time() == pytest.approx(expected, abs=0.05)
+    real_read_text = Path.read_text
+
+    def read_text(self: Path, *args, **kwargs) -> str:
+        if str(self).startswith("/proc"):
+            raise FileNotFoundError(self)
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert run_stats.process_start_time() == psutil.Process(os.getpid()).create_time()
     monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` now raises ImportError
-    assert run_stats.process_start_time() == pytest.approx(expected, abs=0.05)
+    assert run_stats.process_start_time() is None
 
 
 def test_the_ablation_runs_every_variant_and_restores_the_dispatch(tmp_path: Path, monkeypatch) -> None:

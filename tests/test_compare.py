@@ -136,6 +136,22 @@ def test_the_report_is_also_one_self_contained_html_page(tmp_path: Path) -> None
     assert 'src="report_' not in page  # nothing left pointing at a file next to it
 
 
+def test_the_report_says_what_its_memory_column_measures(tmp_path: Path) -> None:
+    """peak_memory_mb is a GPU's allocated peak for jobs trained on one, else the process's
+    resident peak (interpreter and libraries included): the report says which it shows, and that
+    a sweep mixing both cannot be compared on it."""
+    sweep = fake_sweep(tmp_path, {"lstm": [0.84, 0.86], "gru": [0.80, 0.81]})
+    compare(sweep)
+    text = (sweep / "report.md").read_text()
+    assert "`peak_memory_mb` the process's peak resident memory" in text and "GPU" not in text
+    for job in ("0", "1"):  # lstm's seeds trained on a GPU
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        write_summary(sweep / job, {**summary, "peak_gpu_memory_mb": 50.0, "peak_gpu_reserved_mb": 64.0})
+    compare(sweep)
+    assert "for jobs trained on a GPU" in (sweep / "report.md").read_text()
+    assert "not comparable between them" in (sweep / "report.md").read_text()
+
+
 def test_lower_is_better_for_forecasting_and_bad_sweeps_are_refused(tmp_path: Path) -> None:
     sweep = tmp_path / "forecast"
     for i, (model, mse) in enumerate((("rnn", 0.3), ("gru", 0.2))):
@@ -318,7 +334,9 @@ def test_a_compare_sweep_with_a_failed_job_still_writes_its_report(tmp_path: Pat
     assert (sweep / "report.html").is_file()
 
 
-def test_the_sweep_table_lists_every_job_whatever_its_end_or_directory_name(tmp_path: Path) -> None:
+def test_the_sweep_table_lists_every_job_whatever_its_end_or_directory_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Only numbered job directories were listed (a sweep with ``hydra.sweep.subdir=
     ${hydra.job.override_dirname}`` got no table), and a job killed without an error (out of
     memory, a time limit) had no row at all. A job still training is left out until it ends."""
@@ -343,11 +361,8 @@ def test_the_sweep_table_lists_every_job_whatever_its_end_or_directory_name(tmp_
     (sweep / "model=transformer-2" / ".hydra").mkdir(parents=True)
     (sweep / "model=transformer-2" / "config.yaml").write_text("seed: 1\n")
     (sweep / "model=transformer-2" / ".running").write_text("gpu-node-b 4242 31337\n")
-    os.environ["SLURM_JOB_ID"] = "31337"
-    try:
-        rows = write_sweep_table(sweep)
-    finally:
-        del os.environ["SLURM_JOB_ID"]
+    monkeypatch.setenv("SLURM_JOB_ID", "31337")  # a runner's own is put back after the test
+    rows = write_sweep_table(sweep)
     assert [(row["job"], row["status"]) for row in rows] == [
         ("model=gru", "ok"), ("model=lstm", "failed"), ("model=rnn", "killed")
     ]  # fmt: skip

@@ -247,7 +247,11 @@ def plot_metric_vs_time(jobs: list[dict[str, Any]], metric: str, path: Path) -> 
         points = [(t, m) for t, m in points if t is not None and m is not None]
         if points:
             ax.scatter(*zip(*points), color=colors[model], label=model)
-    ax.set_xlabel("training wall time (s)" if key == "fit_s" else "job wall time, data and test included (s)")
+    ax.set_xlabel(
+        "training wall time, validation included (s)"
+        if key == "fit_s"
+        else "job wall time, data and test included (s)"
+    )
     ax.set_ylabel(f"test {metric}")
     ax.legend(fontsize=8)
     return save(fig, path)
@@ -334,6 +338,20 @@ def failed_jobs(sweep_dir: Path) -> list[str]:
     return lines
 
 
+def memory_meaning(jobs: list[dict[str, Any]]) -> str:
+    """What ``peak_memory_mb`` measures in these jobs: a GPU's peak allocated memory where they
+    trained on one, else the process's peak resident memory (interpreter and libraries included,
+    so backbones of very different size read alike)."""
+    on_gpu = {"peak_gpu_memory_mb" in j["summary"] for j in jobs}
+    gpu = "the GPU memory allocated at the peak (`peak_gpu_reserved_mb` in summary.json: what the allocator held)"
+    host = "the process's peak resident memory (the interpreter and libraries included)"
+    if on_gpu == {True}:
+        return gpu
+    if on_gpu == {False}:
+        return host
+    return f"{gpu} for jobs trained on a GPU, {host} for the others: not comparable between them"
+
+
 def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
     """Write the report of ``sweep_dir``; returns the path of ``report.md``. With ``wandb_init``
     (``project``, ``group``, ``mode``...), the table and plots also go to W&B."""
@@ -360,6 +378,10 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
         "A gap to the best counts as beyond seed noise when Welch's t-test rejects equal means, "
         f"Holm-corrected over the comparisons with the best at {ALPHA:.0%} (p: the test's own "
         "p-value; needs two seeds or more per backbone).",
+        "",
+        "Costs: `fit_s` is `trainer.fit` (validation included: a translation model's decoding of "
+        "the validation set too), `wall_s` the whole job (data preparation and test too), "
+        f"`peak_memory_mb` {memory_meaning(jobs)}.",
         "",
         markdown_table(rows, columns),
         "",
