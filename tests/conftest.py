@@ -51,6 +51,17 @@ def data_dir_of_the_session(tmp_path_factory) -> Iterator[Path]:
         os.environ["SEQLAB_DATA_DIR"] = previous
 
 
+@pytest.fixture(autouse=True)
+def lightning_dispatch_after_each_test() -> Iterator[None]:
+    """Every Trainer train.py builds installs seqlab's hook dispatch process-wide: put Lightning's
+    back after each test, so a test with a Trainer of its own runs under the same dispatch
+    whatever ran before it."""
+    yield
+    from seqlab.utils import hooks
+
+    hooks.uninstall()
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """``make_cfg(*overrides, name="train")``: a composed config writing into ``tmp_path/run``."""

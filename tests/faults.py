@@ -1,5 +1,6 @@
 """Fault injection for the reliability tests: callbacks that make one rank fail mid-training, hold
-memory through the first training step or signal a validation."""
+memory through the first training step or signal a validation; and probes that record what a run
+did (the step it started from, its initial weights)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,65 @@ class HoldMemory(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.block = None
+
+
+class RecordFirstStep(L.Callback):
+    """Appends to ``path``, once per process (global rank 0), the optimizer step its first
+    training batch starts from: 0 for a run trained from scratch, the checkpoint's step for a
+    resumed one (a resume that trained from scratch again ends alike on a CPU: only this tells)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.done = Path(path), False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.done and trainer.global_rank == 0:
+            with self.path.open("a") as handle:
+                handle.write(f"{trainer.global_step}\n")
+        self.done = True
+
+
+class RecordInitialWeights(L.Callback):
+    """Keeps a copy of the module's weights as fit starts (``state``): what a checkpoint of an
+    untrained model would hold."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def initial_weights(trainer: L.Trainer) -> dict[str, torch.Tensor]:
+    """The weights ``RecordInitialWeights`` kept in ``trainer``'s run."""
+    (probe,) = [c for c in trainer.callbacks if isinstance(c, RecordInitialWeights)]
+    assert probe.state, "fit never started"
+    return probe.state
+
+
+class RecordBatches(L.Callback):
+    """A fingerprint of every training batch, per epoch (``epochs``): what was trained on."""
+
+    def __init__(self) -> None:
+        self.epochs: list[list[str]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epochs.append([])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import hashlib
+
+        from torch.utils._pytree import tree_leaves
+
+        digest = hashlib.sha1()
+        for leaf in tree_leaves(batch):
+            if isinstance(leaf, torch.Tensor):
+                digest.update(leaf.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        self.epochs[-1].append(digest.hexdigest())
+
+
+def first_steps(path: Path) -> list[int]:
+    """What ``RecordFirstStep`` wrote: the first step of each process that trained."""
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
 
 
 class RecordValidationRows(L.Callback):

@@ -97,13 +97,19 @@ def test_an_empty_sequence_in_a_recurrent_batch_is_a_clear_error(cell: str) -> N
         RNNBackbone(cell=cell, d_model=WIDTH).encode(x, pad)
 
 
-def test_causal_encoders_ignore_the_future(backbone: Backbone) -> None:
-    if not backbone.causal:
-        pytest.skip("not a causal encoder")
+def test_causal_encoders_ignore_the_future_and_the_others_read_it(backbone: Backbone) -> None:
+    """A causal encoder's states up to t do not change with the inputs after t; a bidirectional
+    one's (attention over the whole sequence, a backward direction) do: one that lost its
+    backward direction would pass as causal."""
     x, _ = batch([6], 6)
     changed = x.clone()
     changed[:, 4:] = torch.randn(1, 2, WIDTH)
-    torch.testing.assert_close(backbone.encode(x)[:, :4], backbone.encode(changed)[:, :4])
+    before, after = backbone.encode(x)[:, :4], backbone.encode(changed)[:, :4]
+    if backbone.causal:
+        torch.testing.assert_close(before, after)
+    else:
+        assert not torch.allclose(before, after, atol=1e-4), "a non-causal encoder ignored the future"
+        assert (before - after).abs().amax(dim=-1).min() > 1e-5, "some early position read nothing later"
 
 
 def test_step_by_step_decoding_equals_full_decoding(backbone: Backbone) -> None:

@@ -17,6 +17,7 @@ from seqlab.eval import evaluate
 from seqlab.tasks.classification import ClassificationTask, most_confident
 from seqlab.train import train
 from tests.conftest import SHARED_DATA, run_script
+from tests.faults import initial_weights
 
 BACKBONES = {
     "rnn": {"_target_": "seqlab.backbones.rnn.RNNBackbone", "cell": "rnn", "d_model": 16, "num_layers": 2},
@@ -331,7 +332,9 @@ def test_processes_with_different_tokenizers_are_refused(text_cfg) -> None:
 
 
 def test_checkpoint_reloads_to_the_same_logits(text_cfg) -> None:
-    _, objects = train(text_cfg("model=transformer", "trainer.max_epochs=1"))
+    """The best checkpoint rebuilds the model tested (its logits), not the weights fit started from."""
+    probe = "+callbacks.initial._target_=tests.faults.RecordInitialWeights"
+    _, objects = train(text_cfg("model=transformer", "trainer.max_epochs=1", probe))
     ckpt = objects["summary"]["best_checkpoint"]
     restored = ClassificationTask.load_from_checkpoint(ckpt, weights_only=True).eval()
     trained = objects["task"].eval()  # trainer.test loaded the best checkpoint's weights into it
@@ -339,9 +342,8 @@ def test_checkpoint_reloads_to_the_same_logits(text_cfg) -> None:
     with torch.no_grad():
         logits = restored(batch["input_ids"], batch["pad_mask"])
         torch.testing.assert_close(logits, trained(batch["input_ids"], batch["pad_mask"]))
-        untrained = ClassificationTask(
-            **restored.hparams
-        ).eval()  # a checkpoint of untrained weights would not do
+        untrained = ClassificationTask(**restored.hparams).eval()
+        untrained.load_state_dict(initial_weights(objects["trainer"]))  # what fit started from
         assert not torch.allclose(logits, untrained(batch["input_ids"], batch["pad_mask"]), atol=1e-3)
     assert restored.hparams.vocab_size == objects["task"].hparams.vocab_size
 

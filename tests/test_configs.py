@@ -210,18 +210,22 @@ def test_debug_overfit_trains_on_the_same_batches(make_cfg, tmp_path: Path, data
     import csv
 
     from seqlab.train import train
+    from tests.faults import RecordBatches
 
+    probe = "+callbacks.batches._target_=tests.faults.RecordBatches"
     if data == "synthetic":
-        cfg = make_cfg("debug=overfit", "trainer.max_epochs=4", "trainer.overfit_batches=2")
+        cfg = make_cfg("debug=overfit", "trainer.max_epochs=4", "trainer.overfit_batches=2", probe)
     else:
         text = ["data.num_train=400", "model.d_model=32", "extras.print_config=false"]
         cfg = make_cfg(
             "debug=overfit", f"data={data}", f"data.cache_dir={tmp_path / 'cache'}", *text,
-            "trainer.max_epochs=4", "trainer.overfit_batches=2", fast=False,
+            "trainer.max_epochs=4", "trainer.overfit_batches=2", probe, fast=False,
         )  # fmt: skip
     _, objects = train(cfg)
     assert objects["trainer"].global_step == 8
-    assert objects["datamodule"].train_dataloader().sampler.shuffle is False
+    (batches,) = [c for c in objects["trainer"].callbacks if isinstance(c, RecordBatches)]
+    assert len(batches.epochs) == 4 and len(set(batches.epochs[0])) == 2
+    assert all(epoch == batches.epochs[0] for epoch in batches.epochs), "each epoch trained on other batches"
     with (Path(cfg.paths.output_dir) / "metrics.csv").open(newline="") as handle:
         losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(handle) if r.get("train/loss_epoch")]
     assert len(losses) == 4 and losses[-1] < losses[0], losses

@@ -13,6 +13,7 @@ import torch
 
 from seqlab.utils.checkpoint_io import AtomicCheckpointIO
 from tests.conftest import FAST, ROOT, run_script
+from tests.faults import first_steps
 
 pytestmark = pytest.mark.slow
 
@@ -535,7 +536,8 @@ def test_a_ddp_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     command = [
         "train.py", *same, f"hydra.run.dir={tmp_path / 'run'}", "+callbacks.fault._target_=tests.faults.FailOnRank",
         "+callbacks.fault.rank=0", "+callbacks.fault.step=10", "+callbacks.fault.how=term",
-        f"+callbacks.fault.once={tmp_path / 'fired'}",
+        f"+callbacks.fault.once={tmp_path / 'fired'}", "+callbacks.first_step._target_=tests.faults.RecordFirstStep",
+        f"+callbacks.first_step.path={tmp_path / 'first_steps'}",
     ]  # fmt: skip
     first = run_script(*command, timeout=300)
     assert first.returncode == 143, first.stderr[-3000:]
@@ -543,6 +545,7 @@ def test_a_ddp_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     assert saved["global_step"] == 10
     again = run_script(*command, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert first_steps(tmp_path / "first_steps") == [0, 10], "trained on from the checkpoint, not afresh"
     expected, got = last_weights(tmp_path / "reference"), last_weights(tmp_path / "run")
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), f"{name} differs after the resume"

@@ -26,6 +26,7 @@ from seqlab.errors import ConfigError
 from seqlab.train import train
 from seqlab.utils.resume import config_differences, find_interrupted_run, mark_running, newest_checkpoint
 from tests.conftest import FAST, ROOT, run_script
+from tests.faults import first_steps
 
 # two epochs of 50 steps, step checkpoints by step count (the tests set how many)
 TWO_EPOCHS_BY_STEPS = [*FAST, "trainer.max_epochs=2", "callbacks.step_checkpoint.train_time_interval=null"]
@@ -40,6 +41,13 @@ def fault(how: str, step: int, marker: Path) -> list[str]:
         "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0",
         f"+callbacks.fault.step={step}", f"+callbacks.fault.how={how}", f"+callbacks.fault.once={marker}",
     ]  # fmt: skip
+
+
+def record_first_step(path: Path) -> list[str]:
+    return [
+        "+callbacks.first_step._target_=tests.faults.RecordFirstStep",
+        f"+callbacks.first_step.path={path}",
+    ]
 
 
 def final_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -86,6 +94,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> 
             *EVERY_7_STEPS,
             *fault(how, step, tmp_path / f"{how}.fired"),
             f"paths.log_dir={logs}",
+            *record_first_step(tmp_path / f"{how}.first_steps"),
         ]
         first = run_script(*command, env=env)
         assert first.returncode == exit_code, (how, first.returncode, first.stderr[-3000:])
@@ -108,6 +117,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> 
         assert again.returncode == 0, (how, again.stderr[-3000:])
         assert [p.name for p in (logs / "train" / "runs").iterdir()] == [run_dir.name], "same directory"
         assert f"resuming the interrupted run in {run_dir}" in again.stdout + again.stderr
+        assert first_steps(tmp_path / f"{how}.first_steps") == [0, saved_at], "trained on from the checkpoint"
         assert_same_run(run_dir, reference)
 
 
@@ -120,7 +130,8 @@ def interrupted_and_resumed(
     reference = tmp_path / "reference"
     assert run_script("train.py", *overrides, f"hydra.run.dir={reference}").returncode == 0
     run_dir = tmp_path / "run"
-    command = ["train.py", *overrides, f"hydra.run.dir={run_dir}", *faults]
+    steps = tmp_path / "first_steps"
+    command = ["train.py", *overrides, f"hydra.run.dir={run_dir}", *faults, *record_first_step(steps)]
     first = run_script(*command)
     assert first.returncode == exit_code, first.stderr[-3000:]
     assert said in first.stdout + first.stderr
@@ -130,6 +141,7 @@ def interrupted_and_resumed(
     )
     again = run_script(*command)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert first_steps(steps) == [0, saved_step], "trained on from the checkpoint, not afresh"
     assert_same_run(run_dir, reference)
 
 
@@ -640,16 +652,19 @@ def test_a_run_resumed_after_its_training_ended_still_reports_its_best(make_cfg,
     nothing left to do and logs nothing, yet the objective (val/*_best) is the run's."""
     from seqlab.train import run
 
-    cfg = make_cfg("trainer.max_epochs=2", "callbacks.early_stopping=null")
-    first, _ = train(cfg)
-    run_dir = Path(cfg.paths.output_dir)
+    settings = [
+        "trainer.max_epochs=2",
+        "callbacks.early_stopping=null",
+        *record_first_step(tmp_path / "steps"),
+    ]
+    first, _ = train(make_cfg(*settings))
+    run_dir = Path(make_cfg(*settings).paths.output_dir)
     (run_dir / "summary.json").unlink()  # as if stopped during the test
-    assert run(make_cfg("trainer.max_epochs=2", "callbacks.early_stopping=null")) == pytest.approx(
-        first["val/mse_best"]
-    )
+    assert run(make_cfg(*settings)) == pytest.approx(first["val/mse_best"])
+    assert first_steps(tmp_path / "steps") == [0], "the resumed run trained no step"
 
 
-def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(make_cfg) -> None:
+def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(make_cfg, tmp_path: Path) -> None:
     """Stopped while testing after early stopping ended fit, the resumed run trains no further
     epoch (Lightning checkpoints EarlyStopping's decision, not the stop) and reports the same."""
     from seqlab.train import run
@@ -659,6 +674,7 @@ def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(make_cfg) -> N
         "trainer.max_epochs=5",
         "callbacks.early_stopping.patience=1",
         "callbacks.early_stopping.min_delta=1e9",
+        *record_first_step(tmp_path / "steps"),
     ]
     cfg = make_cfg(*stops)
     first, _ = train(cfg)
@@ -667,6 +683,7 @@ def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(make_cfg) -> N
     assert ended["global_step"] == 100  # where it stopped, after its second epoch (not the first's best)
     (Path(cfg.paths.output_dir) / "summary.json").unlink()  # as if stopped during the test
     assert run(make_cfg(*stops)) == pytest.approx(first["val/mse_best"])
+    assert first_steps(tmp_path / "steps") == [0], "the resumed run trained no step"
     resumed = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == ended["global_step"]  # (Lightning saves last.ckpt again as epoch 2)
     for name, tensor in ended["state_dict"].items():

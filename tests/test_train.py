@@ -13,6 +13,7 @@ from seqlab.errors import ConfigError, DataError
 from seqlab.eval import evaluate
 from seqlab.train import train
 from tests.conftest import ROOT
+from tests.faults import initial_weights
 
 BACKBONES = ["rnn", "lstm", "gru", "transformer", "mingru", "minlstm"]
 
@@ -94,7 +95,11 @@ def test_run_directory_holds_everything(make_cfg, tmp_path: Path) -> None:
 
 
 def test_checkpoint_rebuilds_the_model_alone(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg("model=gru", "trainer.max_epochs=1")
+    """best.ckpt alone rebuilds the trained model (hyperparameters and weights): the outputs of
+    the model it was tested with, not those of the weights fit started from."""
+    cfg = make_cfg(
+        "model=gru", "trainer.max_epochs=1", "+callbacks.initial._target_=tests.faults.RecordInitialWeights"
+    )
     _, objects = train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain hyperparameters only
@@ -105,9 +110,11 @@ def test_checkpoint_rebuilds_the_model_alone(make_cfg, tmp_path: Path) -> None:
     # trainer.test(ckpt_path=best) loaded the best weights into the trained module
     model = objects["task"].eval()
     inputs = torch.randn(3, cfg.data.lookback, 4)
+    untrained = task_cls(**restored.hparams).eval()
+    untrained.load_state_dict(initial_weights(objects["trainer"]))
     with torch.no_grad():
         torch.testing.assert_close(restored(inputs), model(inputs))
-        assert not torch.allclose(restored(inputs), torch.zeros(3, cfg.data.horizon, 4))
+        assert not torch.allclose(restored(inputs), untrained(inputs), atol=1e-3), "untrained weights saved"
     assert restored.backbone.d_model == model.backbone.d_model
 
 
