@@ -117,3 +117,96 @@ def test_parallel_reader_on_arbitrary_content(source_data: bytes, target_data: b
     finally:
         source.unlink()
         target.unlink()
+
+
+# valid files, written as their writers would: every example must read back as it was written
+# (a reader that refused everything with a DataError naming the file passed the tests above)
+WORDS = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="\x85"),
+    min_size=1,
+    max_size=30,
+).filter(lambda text: text.strip())
+LABELS = st.sampled_from(["0", "1", "pos", "neg", "3.5"])
+
+
+@PROPERTY
+@given(
+    st.integers(1, 3).flatmap(
+        lambda channels: st.lists(
+            st.lists(st.floats(-1e30, 1e30, allow_nan=False, allow_subnormal=False), min_size=channels,
+                     max_size=channels),
+            min_size=1, max_size=20,
+        )
+    )
+)  # fmt: skip
+def test_a_valid_series_csv_reads_back_as_written(rows: list[list[float]]) -> None:
+    from datetime import datetime, timedelta
+
+    columns = ["OT", "load", "temp"][: len(rows[0])]
+    start = datetime(2016, 7, 1)
+    stamps = [start + timedelta(hours=i) for i in range(len(rows))]
+    lines = [",".join(["date", *columns])]
+    lines += [",".join([f"{stamp:%Y-%m-%d %H:%M:%S}", *map(repr, row)]) for stamp, row in zip(stamps, rows)]
+    path = _write(("\n".join(lines) + "\n").encode(), ".csv")
+    try:
+        series = read_series_csv(path)
+    finally:
+        path.unlink()
+    assert series.columns == columns and series.timestamps == stamps
+    np.testing.assert_array_equal(series.values, np.asarray(rows, dtype=np.float32))
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl"])
+def test_a_valid_table_reads_back_as_written(suffix: str) -> None:
+    import csv
+    import io
+    import json
+
+    from seqlab.data.text_readers import clean_text
+
+    # a TSV (GLUE's: no quoting) cannot hold a tab or a line break inside a text
+    texts = (
+        WORDS.filter(lambda t: "\t" not in t and "\n" not in t and "\r" not in t)
+        if suffix == ".tsv"
+        else WORDS
+    )
+
+    @PROPERTY
+    @given(st.lists(st.tuples(texts, LABELS), min_size=1, max_size=12))
+    def check(examples: list[tuple[str, str]]) -> None:
+        if suffix == ".jsonl":
+            content = "".join(
+                json.dumps({"label": lb, "sentence": t}, ensure_ascii=False) + "\n" for t, lb in examples
+            )
+        elif suffix == ".csv":
+            buffer = io.StringIO()
+            csv.writer(buffer).writerows([("sentence", "label"), *examples])
+            content = buffer.getvalue()
+        else:
+            content = "".join(f"{t}\t{lb}\n" for t, lb in [("sentence", "label"), *examples])
+        path = _write(content.encode(), suffix)
+        try:
+            table = read_table(path, "sentence", "label")
+        finally:
+            path.unlink()
+        assert table.texts == [clean_text(t) for t, _ in examples]
+        assert table.labels == [lb for _, lb in examples]
+
+    check()
+
+
+@PROPERTY
+@given(st.lists(st.tuples(WORDS, WORDS), min_size=1, max_size=12), st.sampled_from(["\n", "\r\n"]))
+def test_valid_parallel_files_read_back_as_written(pairs: list[tuple[str, str]], newline: str) -> None:
+    pairs = [
+        (s.replace("\n", " ").replace("\r", " "), t.replace("\n", " ").replace("\r", " ")) for s, t in pairs
+    ]
+    source = _write("".join(s + newline for s, _ in pairs).encode(), ".en")
+    target = _write("".join(t + newline for _, t in pairs).encode(), ".de")
+    try:
+        read, empty = read_parallel(source, target)
+    finally:
+        source.unlink()
+        target.unlink()
+    assert empty == 0
+    assert read.sources == [s.strip() for s, _ in pairs] and read.targets == [t.strip() for _, t in pairs]

@@ -532,6 +532,26 @@ def test_eval_and_translate_reproduce_the_run_from_the_checkpoint_alone(make_cfg
     result = run_script(str(ROOT / "translate.py"), f"ckpt_path={ckpt}", "input=-", cwd=tmp_path, input=piped)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines() == [hypotheses[0], "", *hypotheses[1:3]]
+    # output= a file: what stdout had, nothing printed; batches of one sentence translate alike
+    written = tmp_path / "out" / "test.hyp"
+    written.parent.mkdir()
+    result = run_script(
+        str(ROOT / "translate.py"), f"ckpt_path={ckpt}", f"input={tmp_path / 'in.txt'}", f"output={written}",
+        "batch_size=1", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert written.read_text().splitlines() == hypotheses and result.stdout == ""
+    # a model of another task is refused by name before anything is decoded
+    other = run_dir / "other.ckpt"
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    raw["seqlab"]["task_target"] = "seqlab.tasks.classification.ClassificationTask"
+    torch.save(raw, other)
+    result = run_script(
+        str(ROOT / "translate.py"), f"ckpt_path={other}", "input=-", cwd=tmp_path, input="a\n"
+    )
+    assert (
+        result.returncode == 1 and "a ClassificationTask checkpoint, not a translation model" in result.stderr
+    )
 
     # the same checkpoint as an FSDP2 sharded directory (what trainer=fsdp2 writes with
     # save_distributed_checkpoint): translate.py reads it too, and leaves it as it was
