@@ -65,6 +65,9 @@ def test_the_exponent_above_the_fixed_cost_sees_through_launch_overhead() -> Non
     assert above["attention"] == pytest.approx(2.0, abs=0.05) and above["scan"] == pytest.approx(
         1.0, abs=0.05
     )
+    # a cost linear in T with no fixed part is 1, not the 1.07 of subtracting T=64's whole time
+    linear = [{"backbone": "rnn", "T": T, "train_ms": 0.1 * T} for T in bench.CPU_LENGTHS]
+    assert bench.exponents(linear, above_fixed_cost=True)["rnn"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_a_slow_backbone_skips_the_longer_lengths() -> None:
@@ -81,25 +84,56 @@ def test_truncated_bptt_lengths_run() -> None:
 
 def test_running_out_of_cpu_memory_skips_the_longer_lengths(monkeypatch) -> None:
     """The CPU allocator raises a plain RuntimeError, not torch.OutOfMemoryError: the lengths
-    measured so far are kept; any other error still stops the benchmark."""
-    real = bench.timings
+    measured so far are kept, the other backbones go on; any other error stops the benchmark,
+    the rows of the lengths done before it handed to ``progress``."""
+    real = bench.training_step
 
-    def failing_at_16(fn, device, repeats):
-        if steps[-1] == 16:
-            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
-        return real(fn, device, repeats)
+    def failing(at: int, message: str):
+        """The GRU's training step at length ``at`` raises ``message``."""
 
-    steps = []
-    real_randn = torch.randn
-    monkeypatch.setattr(
-        bench.torch, "randn", lambda *shape, **kw: steps.append(shape[1]) or real_randn(*shape, **kw)
-    )
-    monkeypatch.setattr(bench, "timings", failing_at_16)
-    rows = bench.bench_lengths(backbones=("gru",), lengths=(8, 16, 32), batch=1, width=8, repeats=1)
-    assert "train_ms" in rows[0] and rows[1]["skipped"] == "out of memory" and "skipped" in rows[2]
-    monkeypatch.setattr(bench, "timings", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+        def training_step(model, x, amp=None):
+            step = real(model, x, amp)
+
+            def fails() -> None:
+                raise RuntimeError(message)
+
+            return fails if x.shape[1] == at and getattr(model, "cell", None) == "gru" else step
+
+        return training_step
+
+    oom = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB"
+    monkeypatch.setattr(bench, "training_step", failing(16, oom))
+    rows = bench.bench_lengths(backbones=("gru", "lstm"), lengths=(8, 16, 32), batch=1, width=8, repeats=1)
+    assert [(r["backbone"], r["T"], r.get("skipped")) for r in rows] == [
+        ("gru", 8, None), ("gru", 16, "out of memory"), ("gru", 32, "out of memory at a shorter T"),
+        ("lstm", 8, None), ("lstm", 16, None), ("lstm", 32, None),
+    ]  # fmt: skip
+    monkeypatch.setattr(bench, "training_step", failing(16, "shape mismatch"))
+    reported = []
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        bench.bench_lengths(backbones=("gru",), lengths=(8,), batch=1, width=8, repeats=1)
+        bench.bench_lengths(
+            backbones=("gru", "lstm"), lengths=(8, 16), batch=1, width=8, repeats=1, progress=reported.append
+        )
+    assert [(r["backbone"], r["T"]) for r in reported[-1]] == [("gru", 8), ("lstm", 8)]
+
+
+def test_round_robin_times_every_call_each_round_and_drops_one_out_of_memory() -> None:
+    order = []
+
+    def call(name: str, fail_at: int | None = None):
+        def fn() -> None:
+            order.append(name)
+            if fail_at is not None and order.count(name) == fail_at:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+        return fn
+
+    times, failed = bench.round_robin(
+        {"a": call("a"), "b": call("b", fail_at=2)}, torch.device("cpu"), repeats=3
+    )
+    assert order == ["a", "b", "a", "b", "a", "a"]  # a warm-up round, then b failed in the first timed one
+    assert failed == {"b"} and list(times) == ["a"] and len(times["a"]) == 3
+    assert bench.paired_ratios([2.0, 4.0], [1.0, 1.0]) == [2.0, 4.0]
 
 
 def test_data_overrides_come_last_and_a_chosen_data_runs_alone(monkeypatch) -> None:
@@ -355,18 +389,16 @@ def test_benchmark_cli_writes_json_and_plot(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
-def test_benchmark_cli_rejects_an_unknown_backbone_and_keeps_the_rows_so_far(tmp_path: Path) -> None:
-    """A backbone that fails after others were measured: their rows are in lengths.partial.json
-    (a one-shot GPU session loses nothing already measured)."""
+def test_benchmark_cli_rejects_an_unknown_backbone_before_measuring(tmp_path: Path) -> None:
+    """Every backbone is built before the first length is timed: a wrong name costs no device
+    time (the rows of the lengths measured before a later error go to lengths.partial.json)."""
     done = run_script(
         str(ROOT / "scripts" / "benchmark.py"), "lengths", "--backbones", "gru,lstmx", "--lengths", "8,16",
         "--batch", "2", "--width", "8", "--repeats", "2", "--out", str(tmp_path),
     )  # fmt: skip
     assert done.returncode == 1
     assert "backbone 'lstmx'" in done.stderr and "expected one of" in done.stderr
-    partial = json.loads((tmp_path / "lengths.partial.json").read_text())
-    assert [(r["backbone"], r["T"]) for r in partial["rows"]] == [("gru", 8), ("gru", 16)]
-    assert partial["width"] == 8 and not (tmp_path / "lengths.json").exists()
+    assert not (tmp_path / "lengths.json").exists() and not (tmp_path / "lengths.partial.json").exists()
 
 
 def test_the_gpu_scan_compares_at_one_float32_precision() -> None:

@@ -3,8 +3,9 @@
 - ``scan``: one minGRU / minLSTM layer (input projection, scan per method, output projection)
   against ``nn.GRU`` of the same input width, hidden width and batch: a training step
   (forward + backward) at each length.
-- ``lengths``: every backbone at T = 64 ... 2048 (longer on a GPU), one layer of the same width:
-  training-step and inference tokens/s and memory, written as JSON and a log-log plot, with the
+- ``lengths``: every backbone at T = 64 ... 2048 (longer on a GPU), one layer of the same width
+  (their parameter counts differ: each row gives its own): training-step and inference (a whole
+  sequence encoded at once) tokens/s and memory, written as JSON and a log-log plot, with the
   scaling exponent of step time in T (about 1 for a recurrence, towards 2 for attention).
 - ``overhead``: the same model, data and optimizer trained through seqlab's Trainer path (the
   default callbacks and loggers of ``python train.py``) and through a plain PyTorch loop,
@@ -13,7 +14,8 @@
 - ``startup``: ``python train.py`` from process start to its first optimizer step.
 
 Every timing is the median of several repeats after a warm-up; on CUDA each timed call ends with
-a synchronisation. Memory is the peak allocated by the timed call on CUDA; on CPU (no allocator
+a synchronisation. What is compared (backbones at one length, scan methods against ``nn.GRU``) is
+timed in turn, round by round, so that a drift of a shared host hits all alike. Memory is the peak allocated by the timed call on CUDA; on CPU (no allocator
 statistics) it is the activation memory autograd keeps for the backward pass.
 """
 
@@ -67,6 +69,42 @@ def timings(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
         synchronize(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def round_robin(
+    calls: dict[Any, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
+) -> tuple[dict[Any, list[float]], set[Any]]:
+    """Wall time of each call in each of ``repeats`` rounds, every call once a round in turn,
+    after ``warmup`` untimed rounds: a drift of the host over minutes (another process, clocks;
+    10-27% between runs on shared hosts) hits all calls alike, and a ratio taken within a round is
+    a paired comparison. A call that runs out of memory is dropped from then on: returned in the
+    second element (any other error is raised)."""
+    times: dict[Any, list[float]] = {key: [] for key in calls}
+    failed: set[Any] = set()
+    for round_index in range(warmup + repeats):
+        for key, fn in calls.items():
+            if key in failed:
+                continue
+            try:
+                synchronize(device)
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+            except RuntimeError as error:  # torch.OutOfMemoryError on a GPU, the CPU allocator's own
+                if not is_out_of_memory(error):
+                    raise
+                failed.add(key)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            if round_index >= warmup:
+                times[key].append(time.perf_counter() - start)
+    return {key: value for key, value in times.items() if key not in failed}, failed
+
+
+def paired_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
+    """Per-round ratios of two calls timed by ``round_robin``."""
+    return [a / b for a, b in zip(numerator, denominator)]
 
 
 def float32_switches(tf32: bool) -> dict[str, Any]:
@@ -274,29 +312,36 @@ def bench_scan(
     tf32: bool = False,
 ) -> list[dict[str, Any]]:
     """Training-step time of ``nn.GRU`` and of one min-RNN layer per cell and scan method; on a
-    GPU with cuDNN and matmuls at the same float32 precision (``tf32``: both at TF32)."""
+    GPU with cuDNN and matmuls at the same float32 precision (``tf32``: both at TF32). The layers
+    are timed in turn, round by round (``round_robin``): ``speedup`` is the median of the rounds'
+    ``nn.GRU`` time over the layer's (``speedup_all``: every round's)."""
     from seqlab.backbones.minrnn import MinRNN
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    gru = nn.GRU(d_in, hidden, batch_first=True).to(dev)
+    layers: dict[tuple[str, str], nn.Module] = {
+        ("nn.GRU", ""): nn.GRU(d_in, hidden, batch_first=True).to(dev)
+    }
+    for cell in cells:
+        for method in methods:
+            layers[cell, method] = MinRNN(cell, d_in, hidden, bidirectional=False, scan=method).to(dev)
     rows = []
     with float32_matmuls(tf32) if dev.type == "cuda" else nullcontext():
         for steps in lengths:
             x = torch.randn(batch, steps, d_in, device=dev)
-            gru_times = timings(training_step(gru, x), dev, repeats)
-            gru_s = statistics.median(gru_times)
-            rows.append({"T": steps, "layer": "nn.GRU", "scan": "", "train_ms": gru_s * 1e3, "speedup": 1.0,
-                         "train_ms_all": [t * 1e3 for t in gru_times]})  # fmt: skip
-            for cell in cells:
-                for method in methods:
-                    layer = MinRNN(cell, d_in, hidden, bidirectional=False, scan=method).to(dev)
-                    times = timings(training_step(layer, x), dev, repeats)
-                    seconds = statistics.median(times)
-                    rows.append(
-                        {"T": steps, "layer": cell, "scan": method, "train_ms": seconds * 1e3,
-                         "speedup": gru_s / seconds, "train_ms_all": [t * 1e3 for t in times]}
-                    )  # fmt: skip
+            times, failed = round_robin(
+                {key: training_step(layer, x) for key, layer in layers.items()}, dev, repeats
+            )
+            if failed:
+                raise RuntimeError(f"out of memory at T={steps}: {sorted(failed)}; give shorter --lengths")
+            baseline = times["nn.GRU", ""]
+            for (layer, method), layer_times in times.items():
+                ratios = paired_ratios(baseline, layer_times)
+                rows.append(
+                    {"T": steps, "layer": layer, "scan": method, "train_ms": statistics.median(layer_times) * 1e3,
+                     "speedup": statistics.median(ratios), "train_ms_all": [t * 1e3 for t in layer_times],
+                     "speedup_all": ratios}
+                )  # fmt: skip
     return rows
 
 
@@ -315,69 +360,83 @@ def bench_lengths(
     tbptt: int | None = None,
     progress: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per backbone and length: training step (forward + backward) and inference (``encode``)
-    time (the median, and every repeat's in ``*_ms_all``), tokens/s and memory. A backbone whose
-    training step exceeds ``max_step_seconds`` skips the longer lengths (recorded as
-    ``skipped``). ``compile``: as ``model.compile=true`` (the compilation happens in the untimed
-    warm-up call). ``tbptt``: as ``model.tbptt_steps`` for the RNN family (other backbones run
-    unchanged). ``progress(rows)`` after each row: the rows so far outlive an error that stops
-    the run."""
+    """Per backbone and length: training step (forward + backward) and inference (``encode`` of
+    the whole sequence at once: a prefill, not token-by-token generation) time (the median, and
+    every repeat's in ``*_ms_all``), tokens/s, memory (``memory_measure`` says which) and the
+    backbone's parameters (one width for all: their parameter counts differ, the RNN's most).
+    At each length the backbones are timed in turn, round by round (``round_robin``), so that their
+    ratios are paired. A backbone whose training step exceeds ``max_step_seconds`` or that runs out
+    of memory skips the longer lengths (recorded as ``skipped``). ``compile``: as
+    ``model.compile=true`` (compiled in the untimed warm-up round). ``tbptt``: as
+    ``model.tbptt_steps`` for the RNN family (other backbones run unchanged). ``progress(rows)``
+    after each length: the rows so far outlive an error that stops the run."""
     dev = torch.device(device)
-    rows = []
+    models, labels = {}, {}
     for name in backbones:
         torch.manual_seed(0)
-        model = build_backbone(name, width, num_layers, dev, compile=compile, tbptt=tbptt)
-        label = (
+        models[name] = build_backbone(name, width, num_layers, dev, compile=compile, tbptt=tbptt)
+        labels[name] = (
             name
             + ("+compile" if compile else "")
-            + (f"+tbptt{tbptt}" if getattr(model, "tbptt_steps", None) else "")
+            + (f"+tbptt{tbptt}" if getattr(models[name], "tbptt_steps", None) else "")
         )
-        params = list(model.parameters())
-        too_slow = False
-        for steps in lengths:
-            row: dict[str, Any] = {"backbone": label, "T": steps, "batch": batch, "width": width}
-            if too_slow:
-                rows.append({**row, "skipped": f"training step > {max_step_seconds:g} s at a shorter T"})
+    memory_measure = "peak allocated" if dev.type == "cuda" else "saved activations"
+    stopped: dict[str, str] = {}  # backbone -> why it skips the longer lengths
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def in_order() -> list[dict[str, Any]]:  # backbone by backbone, each by length
+        return [rows[name, steps] for name in backbones for steps in lengths if (name, steps) in rows]
+
+    for steps in lengths:
+        x = torch.randn(batch, steps, width, device=dev)
+        running = [name for name in backbones if name not in stopped]
+        calls: dict[tuple[str, str], Callable[[], None]] = {}
+        for name in running:
+            calls[name, "train"] = training_step(models[name], x, amp)
+            calls[name, "infer"] = inference(models[name], x, amp)
+        times, failed = round_robin(calls, dev, repeats)
+        for name in backbones:
+            row: dict[str, Any] = {"backbone": labels[name], "T": steps, "batch": batch, "width": width,
+                                   "params": sum(p.numel() for p in models[name].parameters())}  # fmt: skip
+            if name in stopped:
+                rows[name, steps] = {**row, "skipped": stopped[name]}
                 continue
-            x = torch.randn(batch, steps, width, device=dev)
-            train_step, infer = training_step(model, x, amp), inference(model, x, amp)
+            train_step, infer = calls[name, "train"], calls[name, "infer"]
             try:
-                train_times = timings(train_step, dev, repeats)
-                infer_times = timings(infer, dev, repeats)
-                train_s, infer_s = statistics.median(train_times), statistics.median(infer_times)
+                if (name, "train") in failed or (name, "infer") in failed:
+                    raise torch.OutOfMemoryError("out of memory")
                 if dev.type == "cuda":
-                    train_mem = peak_cuda_bytes(train_step, dev)
-                    infer_mem = peak_cuda_bytes(infer, dev)
+                    train_mem, infer_mem = peak_cuda_bytes(train_step, dev), peak_cuda_bytes(infer, dev)
                 else:
-                    train_mem = saved_activation_bytes(train_step, exclude=params)
-                    infer_mem = None
-            except RuntimeError as error:  # torch.OutOfMemoryError on a GPU, the CPU allocator's own
+                    train_mem, infer_mem = saved_activation_bytes(train_step, models[name].parameters()), None
+            except RuntimeError as error:
                 if not is_out_of_memory(error):
                     raise
-                rows.append({**row, "skipped": "out of memory"})
-                too_slow = True
-                torch.cuda.empty_cache()
-                if progress is not None:
-                    progress(rows)
+                rows[name, steps] = {**row, "skipped": "out of memory"}
+                stopped[name] = "out of memory at a shorter T"
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
                 continue
+            train_times, infer_times = times[name, "train"], times[name, "infer"]
+            train_s, infer_s = statistics.median(train_times), statistics.median(infer_times)
             tokens = batch * steps
-            rows.append(
-                {
-                    **row,
-                    "train_ms": train_s * 1e3,
-                    "train_tokens_per_s": tokens / train_s,
-                    "infer_ms": infer_s * 1e3,
-                    "infer_tokens_per_s": tokens / infer_s,
-                    "train_memory_mb": train_mem / 2**20,
-                    "infer_memory_mb": None if infer_mem is None else infer_mem / 2**20,
-                    "train_ms_all": [t * 1e3 for t in train_times],
-                    "infer_ms_all": [t * 1e3 for t in infer_times],
-                }
-            )
-            too_slow = train_s > max_step_seconds
-            if progress is not None:
-                progress(rows)
-    return rows
+            rows[name, steps] = {
+                **row,
+                "train_ms": train_s * 1e3,
+                "train_tokens_per_s": tokens / train_s,
+                "infer_ms": infer_s * 1e3,
+                "infer_tokens_per_s": tokens / infer_s,
+                "train_memory_mb": train_mem / 2**20,
+                "infer_memory_mb": None if infer_mem is None else infer_mem / 2**20,
+                "memory_measure": memory_measure,
+                "train_ms_all": [t * 1e3 for t in train_times],
+                "infer_ms_all": [t * 1e3 for t in infer_times],
+            }
+            if train_s > max_step_seconds:
+                stopped[name] = f"training step > {max_step_seconds:g} s at a shorter T"
+        if progress is not None:
+            progress(in_order())
+    return in_order()
 
 
 def exponents(
@@ -388,17 +447,20 @@ def exponents(
 ) -> dict[str, float]:
     """Scaling exponent of ``key`` in T per backbone, fitted over the upper half of the lengths
     measured (where the T-dependent cost dominates fixed costs). ``above_fixed_cost``: of the time
-    above the shortest length's, the estimate of what a step costs whatever its length (kernel
-    launches, Python): on a GPU that cost can exceed a quadratic term up to T of several
-    thousand, and a plain fit of 1 ms + 1e-7 ms T^2 over T = 1024-8192 reads 0.93, not 2."""
+    above what a step costs whatever its length (kernel launches, Python), estimated as the
+    intercept at T=0 of the line through the two shortest lengths: on a GPU that cost can exceed
+    a quadratic term up to T of several thousand, and a plain fit of 1 ms + 1e-7 ms T^2 over
+    T = 1024-8192 reads 0.93, not 2. (Subtracting the shortest length's whole time, its
+    T-dependent part too, read 1.07 for a cost linear in T.)"""
     fitted = {}
     for name in dict.fromkeys(r["backbone"] for r in rows):
         points = sorted((r["T"], r[key]) for r in rows if r["backbone"] == name and r.get(key))
         if above_fixed_cost:
             if len(points) < 3:
                 continue
-            fixed = points[0][1]
-            points = [(steps, value - fixed) for steps, value in points[1:] if value > fixed]
+            (t1, v1), (t2, v2) = points[:2]
+            fixed = min(max(v1 - (v2 - v1) * t1 / (t2 - t1), 0.0), v1)
+            points = [(steps, value - fixed) for steps, value in points if value > fixed]
         if upper_half:
             points = points[max(0, min(len(points) // 2, len(points) - 2)) :]
         slope = scaling_exponent([p[0] for p in points], [p[1] for p in points])
@@ -414,10 +476,11 @@ def plot_lengths(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    measure = next((r["memory_measure"] for r in rows if r.get("memory_measure")), "saved activations")
     panels = [
         ("train_tokens_per_s", "training tokens/s (fwd+bwd)"),
-        ("infer_tokens_per_s", "inference tokens/s"),
-        ("train_memory_mb", "training memory (MiB)"),
+        ("infer_tokens_per_s", "inference tokens/s (encode, whole sequence)"),
+        ("train_memory_mb", f"training memory (MiB, {measure})"),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (key, label) in zip(axes, panels):
