@@ -282,6 +282,64 @@ def test_optimizer_state_converts_between_positional_and_by_name_forms(tmp_path:
         read_sharded_checkpoint(deepspeed_dir)
 
 
+def test_fsdp_resumes_optimizer_states_saved_by_one_process_and_by_fsdp(tmp_path: Path) -> None:
+    """Lightning's FSDP loader reads a positional optimizer state as numbered in
+    ``module.parameters()`` order: FSDP's own full checkpoints are, one process's and DDP's are
+    numbered in the groups' order (weight decay first), and every trainer=fsdp resume of its own
+    checkpoints was refused for it. Both now give each parameter its own moments, through FSDP's
+    real loading calls (one gloo process on the CPU)."""
+    import torch.distributed as dist
+    from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import OptimStateKeyType
+
+    from seqlab.utils.checkpoint_io import optimizer_state_in_model_order
+
+    def build(wrap: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+        ndim = {name: p.ndim for name, p in module.named_parameters()}  # decided before wrapping
+        if wrap:
+            module = FSDP(module, use_orig_params=True, device_id=torch.device("cpu"))
+        named = [(n.replace("_fsdp_wrapped_module.", ""), p) for n, p in module.named_parameters()]
+        decay = [p for n, p in named if ndim[n] == 2]
+        no_decay = [p for n, p in named if ndim[n] == 1]
+        return module, torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+
+    def trained(wrap: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+        module, optimizer = build(wrap)
+        module(torch.ones(5, 3)).square().sum().backward()
+        optimizer.step()
+        return module, optimizer
+
+    def moments(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        return {
+            n.replace("_fsdp_wrapped_module.", ""): optimizer.state[p]["exp_avg"].clone()
+            for n, p in module.named_parameters()
+        }
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        expected = moments(*trained(wrap=False))
+        one_process = trained(wrap=False)[1].state_dict()  # numbered in the groups' order
+        fsdp_module, fsdp_optimizer = trained(wrap=True)
+        with _get_full_state_dict_context(fsdp_module, world_size=1):  # what FSDPStrategy saves
+            saved = FSDP.optim_state_dict(fsdp_module, fsdp_optimizer)
+            saved = FSDP.rekey_optim_state_dict(saved, OptimStateKeyType.PARAM_ID, fsdp_module)
+        assert [g["params"] for g in saved["param_groups"]] == [[0, 4], [1, 2, 3, 5]]  # module order
+        for state in (one_process, saved):
+            module, optimizer = build(wrap=True)
+            state = optimizer_state_in_model_order(state, module, optimizer)
+            # Lightning's FSDPStrategy.load_optimizer_state_dict, as it runs under a full state dict
+            with _get_full_state_dict_context(module, world_size=1, rank0_only=False):
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, module)
+                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(module, optimizer, state))
+            for name, moment in moments(module, optimizer).items():
+                torch.testing.assert_close(moment, expected[name], msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("weights_key", ["model", "state_dict"])
 def test_fsdp_and_fsdp2_checkpoint_directories_read_alike(tmp_path: Path, weights_key: str) -> None:
     """Lightning's FSDP1 saves a sharded checkpoint's weights under "model", FSDP2 under

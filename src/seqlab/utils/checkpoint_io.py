@@ -156,18 +156,24 @@ def optimizer_state_by_position(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def saved_keys(groups: list[dict[str, Any]], sizes: list[int]) -> list[Any]:
+    """The parameter keys of a saved optimizer's ``groups``, group after group, which pair with
+    this run's optimizer's parameters (groups of ``sizes``) by position, as torch pairs them."""
+    if [len(group["params"]) for group in groups] != sizes:
+        raise ConfigError(
+            "the checkpoint's optimizer has parameter groups of sizes "
+            f"{[len(group['params']) for group in groups]}, this run's optimizer {sizes}: "
+            "not the same model or optimizer configuration"
+        )
+    return [key for group in groups for key in group["params"]]
+
+
 def optimizer_state_by_name(state: dict[str, Any], names: list[list[str]]) -> dict[str, Any]:
     """Positional optimizer state -> keyed by parameter name, pairing the saved groups with
     ``names`` (this run's optimizer's parameter names, group by group) as torch pairs them."""
 
     groups = state.get("param_groups", [])
-    if [len(group["params"]) for group in groups] != [len(group) for group in names]:
-        raise ConfigError(
-            "the checkpoint's optimizer has parameter groups of sizes "
-            f"{[len(group['params']) for group in groups]}, this run's optimizer {[len(g) for g in names]}: "
-            "not the same model or optimizer configuration"
-        )
-    keys = [key for group in groups for key in group["params"]]
+    keys = saved_keys(groups, [len(group) for group in names])
     if keys and isinstance(keys[0], str):
         return state
     name_of = dict(zip(keys, (name for group in names for name in group)))
@@ -175,6 +181,28 @@ def optimizer_state_by_name(state: dict[str, Any], names: list[list[str]]) -> di
         **state,
         "state": {name_of[key]: value for key, value in state["state"].items()},
         "param_groups": [{**group, "params": list(group_names)} for group, group_names in zip(groups, names)],
+    }
+
+
+def optimizer_state_in_model_order(
+    state: dict[str, Any], module: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Positional optimizer state -> numbered by each parameter's position in
+    ``module.parameters()``, pairing the saved groups with ``optimizer``'s as torch pairs them:
+    the numbering Lightning's FSDP loader reads (it re-keys by ``module.parameters()`` order). A
+    file saved by one process or DDP numbers in the groups' order, one saved by FSDP or FSDP2 in
+    the module's: both load right (by-name states are returned as they are)."""
+    groups = state.get("param_groups", [])
+    keys = saved_keys(groups, [len(group["params"]) for group in optimizer.param_groups])
+    if not keys or isinstance(keys[0], str):
+        return state
+    position = {id(param): i for i, param in enumerate(module.parameters())}
+    current = [param for group in optimizer.param_groups for param in group["params"]]
+    number = {key: position[id(param)] for key, param in zip(keys, current)}
+    return {
+        **state,
+        "state": {number[key]: value for key, value in state["state"].items()},
+        "param_groups": [{**group, "params": [number[k] for k in group["params"]]} for group in groups],
     }
 
 
@@ -232,14 +260,7 @@ def load_run_info(ckpt_path: Path) -> dict[str, Any]:
             f"ckpt_path={str(ckpt_path)!r} was not written by seqlab's train.py (no 'seqlab' section)"
         )
     backbone = (checkpoint.get("hyper_parameters") or {}).get("backbone") or {}
-    # an optimizer state keyed by position (one process, DDP, FSDP2 gathered) rather than by name (FSDP)
-    positional = any(
-        isinstance(key, int)
-        for state in checkpoint.get("optimizer_states") or []
-        for group in state.get("param_groups", [])
-        for key in group.get("params", [])
-    )
-    return {**info, "backbone_target": backbone.get("_target_"), "positional_optimizer": positional}
+    return {**info, "backbone_target": backbone.get("_target_")}
 
 
 def data_settings(info: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from lightning.fabric.strategies.launchers.subprocess_script import _ChildProces
 from lightning.pytorch import strategies
 from lightning.pytorch.strategies.launchers import subprocess_script
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from seqlab.errors import ConfigError, instantiate
@@ -237,10 +238,25 @@ class SavesShardsAtomically:
 
 class FSDPStrategy(SavesShardsAtomically, strategies.FSDPStrategy):
     """Lightning's FSDP strategy (``trainer=fsdp``); ``state_dict_type: sharded`` checkpoints are
-    written atomically (``SavesShardsAtomically``)."""
+    written atomically (``SavesShardsAtomically``), and a checkpoint *file* resumes whoever saved
+    it: Lightning reads a positional optimizer state as numbered in ``module.parameters()`` order,
+    which FSDP's and FSDP2's files are, but one process's and DDP's are numbered in the order of
+    the optimizer's groups (ours reorder the parameters: weight decay or none), and their Adam
+    moments went to the wrong parameters; they are numbered anew here, pairing the saved groups
+    with this run's as torch does."""
 
     def saves_sharded(self) -> bool:
         return self._state_dict_type == "sharded"
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        from seqlab.utils.checkpoint_io import optimizer_state_in_model_order
+
+        states = checkpoint.get("optimizer_states")
+        if states and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+            module = self.model
+            states = [optimizer_state_in_model_order(s, module, o) for s, o in zip(states, self.optimizers)]
+            checkpoint = {**checkpoint, "optimizer_states": states}
+        super().load_optimizer_state_dict(checkpoint)
 
 
 class DeepSpeedStrategy(SavesShardsAtomically, strategies.DeepSpeedStrategy):

@@ -30,7 +30,6 @@ from typing import Any, ClassVar
 from omegaconf import DictConfig, OmegaConf
 
 from seqlab.errors import ConfigError
-from seqlab.utils.distributed import strategy_kind
 from seqlab.utils.files import directory_lock
 
 log = logging.getLogger(__name__)
@@ -429,12 +428,5 @@ def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | N
             f"ckpt_path={ckpt_path!r} holds a {saved[0]} with a {saved[1]} backbone, but this run trains a "
             f"{wanted[0]} with a {wanted[1]} backbone (data=/model= choose them); resume with the "
             "configuration the checkpoint was trained with"
-        )
-    if strategy_kind(cfg.trainer.get("strategy", "auto")) == "fsdp" and info["positional_optimizer"]:
-        raise ConfigError(
-            f"ckpt_path={ckpt_path!r} was saved by one process, DDP or FSDP2 (its optimizer state is "
-            "keyed by position), and trainer=fsdp would pair that state with the parameters in "
-            "model order, which seqlab's parameter groups do not follow (wrong Adam moments); "
-            "resume it under trainer=fsdp2 (pairs by name) or the strategy that saved it"
         )
     return info
