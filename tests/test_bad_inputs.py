@@ -15,12 +15,12 @@ from seqlab.utils.distributed import check_device_count
 from tests.conftest import FAST, run_script
 
 
-@pytest.mark.parametrize("value", [1, 4, -1, "auto", [0, 1], "2", "0,1"])
+@pytest.mark.parametrize("value", [1, 4, -1, "auto", [0, 1], "2", "0,1", "-1", "0,", "12"])
 def test_valid_device_counts_pass(value) -> None:
     check_device_count(value, "trainer.devices")
 
 
-@pytest.mark.parametrize("value", ["abc", 0, -2, 1.5, True, [], ["a"], None])
+@pytest.mark.parametrize("value", ["abc", 0, -2, 1.5, True, [], ["a"], None, "0", "-5", ",", "02", "1,,2"])
 def test_invalid_device_counts_name_the_key_and_value(value) -> None:
     with pytest.raises(ConfigError, match=r"trainer\.devices=.*expected a positive integer"):
         check_device_count(value, "trainer.devices")
@@ -178,6 +178,29 @@ def test_truncated_bptt_that_truncates_nothing_is_refused(make_cfg) -> None:
         ).check_trainable()
 
 
+def test_a_task_or_model_key_the_data_or_backbone_cannot_take_is_refused_before_the_data(
+    make_cfg, tmp_path: Path, monkeypatch
+) -> None:
+    """``task=classification`` on series, an experiment's ``model.nhead`` under ``model=gru``: a raw
+    TypeError after the data was read (an SST-2 download and tokenizer training first); refused
+    by name, before any data is read."""
+    from seqlab.data import forecasting
+    from seqlab.train import train
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read before the config was refused")
+
+    monkeypatch.setattr(forecasting.SyntheticSeriesDataModule, "prepare_data", no_data)
+    with pytest.raises(ConfigError, match=r"task=classification \(ClassificationTask\) cannot train on "
+                       r"data=timeseries, whose examples are for a ForecastingTask.*drop task="):  # fmt: skip
+        train(make_cfg("task=classification", fast=False, output="task"))
+    with pytest.raises(
+        ConfigError, match=r"model\.nhead: not a setting of RNNBackbone \(its settings: .*cell"
+    ):
+        train(make_cfg("model=gru", "+model.nhead=4", output="model"))
+    assert not (tmp_path / "task").exists() and not (tmp_path / "model").exists()
+
+
 def test_a_data_setting_the_datamodule_does_not_take_is_named() -> None:
     """``eval.py data_dir=...`` or ``+data.x=`` on data that has no such setting."""
     from seqlab.train import build_datamodule
@@ -250,6 +273,14 @@ def test_an_evaluation_sweep_goes_on_past_a_bad_checkpoint(tmp_path: Path) -> No
     summary = json.loads((sweep / "2" / "summary.json").read_text())
     assert summary["ckpt_path"] == str(good) and summary["metrics"]["test/mse"] > 0
     assert not (sweep / "2" / "error.txt").exists()
+    # the sweep's table tells its jobs apart: each row its checkpoint and the trained model
+    import csv
+
+    with (sweep / "sweep_summary.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["status"] for row in rows] == ["failed", "failed", "ok"]
+    assert rows[2]["overrides"] == f"ckpt_path={good}" and rows[2]["model"] == "transformer"
+    assert "a.ckpt" in rows[0]["overrides"]
 
 
 def test_eval_merges_data_settings_key_by_key_and_keeps_the_checkpoints_tokenizer() -> None:

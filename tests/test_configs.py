@@ -349,3 +349,6 @@ def test_multi_process_strategies_count_the_devices_of_their_accelerator(
     from seqlab.utils.resolvers import device_count
 
     assert device_count(3) == 4, "the one-argument form: N CPU processes, or every GPU"
+    # under torchrun --nproc_per_node=2: the processes it started, whatever the GPUs here
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert devices() == devices("trainer.accelerator=cpu") == 2 and device_count("gpu", 8) == 2

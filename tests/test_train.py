@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -447,6 +448,25 @@ def test_same_seed_and_config_give_bitwise_identical_results(make_cfg) -> None:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     if head.returncode == 0:  # a checkout (not an unpacked archive): its commit is recorded
         assert summary["git"]["commit"] == head.stdout.strip() and len(summary["git"]["commit"]) == 40
+
+
+def test_an_unseeded_job_does_not_inherit_an_earlier_jobs_seed(make_cfg, monkeypatch) -> None:
+    """seed_everything leaves its seed in the environment, where the strategies re-seed from it in
+    setup (DDP, FSDP, DeepSpeed: reset_seed) and the processes they start inherit it: in
+    ``-m seed=42,null`` the unseeded job trained as seed 42. Unseeded, it is gone."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "42")  # as the sweep's seeded job left it
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    seen, setup = {}, SingleDeviceStrategy.setup_environment
+
+    def setup_environment(self) -> None:  # where a strategy sets itself up (DDP re-seeds there)
+        seen.update({k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")})
+        setup(self)
+
+    monkeypatch.setattr(SingleDeviceStrategy, "setup_environment", setup_environment)
+    train(make_cfg("seed=null", "trainer.max_epochs=1", "test=false"))
+    assert seen == {"PL_GLOBAL_SEED": None, "PL_SEED_WORKERS": None}
 
 
 def test_a_single_run_whose_validation_never_ran_succeeds(make_cfg, tmp_path: Path, caplog) -> None:

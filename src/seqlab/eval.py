@@ -20,9 +20,9 @@ from seqlab.train import (
     to_plain,
 )
 from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, load_run_info
-from seqlab.utils.distributed import in_multirun
+from seqlab.utils.distributed import check_hardware, in_multirun
 from seqlab.utils.logging import route_lightning_logs_to_root
-from seqlab.utils.run import is_rank_zero, print_results, write_run_metadata, write_summary
+from seqlab.utils.run import hydra_overrides, is_rank_zero, print_results, write_run_metadata, write_summary
 from seqlab.utils.secrets import redact, redact_text
 from seqlab.utils.wandb import finish_runs, summarize_runs
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     route_lightning_logs_to_root()
+    check_hardware(cfg)  # trainer=gpu on a machine without one: refused before the data is built
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -62,6 +63,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         summary = {
             "ckpt_path": str(given),
             "data": info.get("data_name"),
+            # the trained model's choice (model=...), else its backbone's class
+            "model": info.get("model_name") or str(info.get("backbone_target")).rsplit(".", 1)[-1],
+            "overrides": redact(hydra_overrides()),
             "metrics": model_metrics,
             **({"test_report": task.test_report} if getattr(task, "test_report", None) else {}),
             "baseline": baseline,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -89,6 +90,23 @@ def check_settings(node: DictConfig | dict, prefix: str) -> None:
             f"{', '.join(f'{prefix}.{k}' for k in unknown)}: not a setting of {target.rsplit('.', 1)[-1]} "
             f"(its settings: {', '.join(known)})"
         )
+
+
+def check_choices(cfg: DictConfig) -> None:
+    """What the config alone decides, refused before any data is read, downloaded or tokenized
+    (an SST-2 download and tokenizer training came first): a ``task=`` of another kind than the
+    data's examples, a ``model.*`` key the backbone does not take (an experiment's ``model.nhead``
+    under ``model=gru``)."""
+    data_cls, task_cls = get_class(cfg.data._target_), get_class(cfg.task._target_)
+    wanted = getattr(data_cls, "TASK", None)
+    if wanted and not issubclass(task_cls, get_class(wanted)):
+        raise ConfigError(
+            f"task={hydra_choice('task') or cfg.task._target_} ({task_cls.__name__}) cannot train on "
+            f"data={hydra_choice('data') or cfg.data._target_}, whose examples are for a "
+            f"{wanted.rsplit('.', 1)[-1]}: the data config chooses the task; drop task="
+        )
+    # size and compile are build_backbone's, not the backbone class's
+    check_settings({k: v for k, v in to_plain(cfg.model).items() if k not in ("size", "compile")}, "model")
 
 
 def without_weight_averaging(trainer: L.Trainer) -> None:
@@ -200,9 +218,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     start_job()
     route_lightning_logs_to_root()
     check_hardware(cfg)
+    check_choices(cfg)
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+    else:  # not an earlier job's seed, which the strategies (and the processes they start) re-seed from
+        for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+            os.environ.pop(key, None)
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg, run_dir)  # refuses a directory it must not write into
     saved = check_checkpoint_fits(ckpt_path, cfg) if ckpt_path else None
@@ -231,7 +253,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         backbone_params = sum(p.numel() for p in task.backbone.parameters())
         # the data's settings, credentials redacted (a mirror's URL password): eval.py and a
         # resumed run take the data from these, given again on their command line where needed
-        task.run_info = {"data": redact(datamodule_config(datamodule)), "data_name": hydra_choice("data")}
+        task.run_info = {
+            "data": redact(datamodule_config(datamodule)),
+            "data_name": hydra_choice("data"),
+            "model_name": hydra_choice("model"),
+        }
         if hasattr(datamodule, "artifacts"):  # e.g. the tokenizer: eval needs it from the checkpoint alone
             task.run_info["data_artifacts"] = datamodule.artifacts()
         callbacks = build_callbacks(cfg.get("callbacks"))

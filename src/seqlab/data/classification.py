@@ -191,6 +191,9 @@ class TextClassificationDataModule(BatchedTextDataModule):
             (a zip or tar archive, unpacked into ``data_dir``).
     """
 
+    #: the task whose examples this data holds (train.py refuses another ``task=``)
+    TASK = "seqlab.tasks.classification.ClassificationTask"
+
     def __init__(
         self,
         data_dir: str | None = None,

@@ -114,6 +114,9 @@ class SeriesDataModule(L.LightningDataModule):
         scale: z-score every channel with train statistics.
     """
 
+    #: the task whose examples this data holds (train.py refuses another ``task=``)
+    TASK = "seqlab.tasks.forecasting.ForecastingTask"
+
     default_season_length: int | None = None
 
     def __init__(

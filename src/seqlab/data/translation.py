@@ -187,6 +187,9 @@ class TranslationDataModule(BatchedTextDataModule):
             (``train.en``); a ``.gz`` URL is decompressed.
     """
 
+    #: the task whose examples this data holds (train.py refuses another ``task=``)
+    TASK = "seqlab.tasks.translation.TranslationTask"
+
     def __init__(
         self,
         data_dir: str | None = None,

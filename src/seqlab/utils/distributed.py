@@ -90,7 +90,8 @@ def check_device_count(value: Any, key: str, allow_auto: bool = True) -> None:
     elif isinstance(value, int):
         valid = value >= 1 or (allow_auto and value == -1)
     elif isinstance(value, str):
-        valid = allow_auto and (value == "auto" or re.fullmatch(r"-?\d+(,\d+)*,?", value) is not None)
+        # "auto", "-1" (every device), a count ("2"), device ids ("0,1", "0,": device 0)
+        valid = allow_auto and re.fullmatch(r"auto|-1|[1-9]\d*|\d+(,\d+)*,|\d+(,\d+)+", value) is not None
     elif isinstance(value, list):
         valid = allow_auto and bool(value) and all(isinstance(v, int) and v >= 0 for v in value)
     else:

@@ -65,7 +65,8 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "job": job_dir.name,
             "status": "ok",
-            "overrides": " ".join(summary.get("overrides", [])),
+            # a summary without them (written before they were recorded): the job's own files
+            "overrides": " ".join(summary["overrides"]) if "overrides" in summary else job_overrides(job_dir),
             "model": summary.get("model"),
         }
         row.update({k.removeprefix("test/"): v for k, v in summary.get("metrics", {}).items()})

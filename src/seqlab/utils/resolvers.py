@@ -21,12 +21,17 @@ def project_root() -> str:
 
 def device_count(accelerator: str | int = "auto", cpu_processes: int = 2) -> int:
     """Devices for a multi-process strategy on ``accelerator`` (``trainer.accelerator``): every
-    visible GPU, or ``cpu_processes`` CPU processes with ``cpu`` or on a machine without a GPU.
-    The older one-argument form ``${device_count:N}`` (N CPU processes) still works."""
+    visible GPU, or ``cpu_processes`` CPU processes with ``cpu`` or on a machine without a GPU;
+    under torchrun, the processes it started on this node (``LOCAL_WORLD_SIZE``: Lightning refuses
+    any other count, after the run directory is written). The older one-argument form
+    ``${device_count:N}`` (N CPU processes) still works."""
     import torch
 
     if isinstance(accelerator, int):
         accelerator, cpu_processes = "auto", accelerator
+    started = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if started.isdigit() and int(started) > 0:  # torchrun's (torch.distributed.run) children
+        return int(started)
     if str(accelerator).lower() != "cpu" and torch.cuda.is_available():
         return torch.cuda.device_count()
     return int(cpu_processes)
