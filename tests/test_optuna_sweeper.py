@@ -85,7 +85,7 @@ def test_a_study_stored_without_its_settings_keeps_its_direction(tmp_path: Path)
 
 def test_sampled_values_become_the_overrides_hydra_reads_back() -> None:
     parser = OverridesParser.create()
-    for value in (None, True, False, 3, 0.5, "mean", "a b", "it's"):
+    for value in (None, True, False, 3, 0.5, "mean", "a b", "it's", "1", "true", "null", "1e-3", "nan", ""):
         override = parser.parse_override(f"key={override_value(value)}")
         assert override.value() == value, (value, override_value(value))
     choices = distribution(parser.parse_override("model.scan=null,blocked")).choices
@@ -95,6 +95,20 @@ def test_sampled_values_become_the_overrides_hydra_reads_back() -> None:
         spaced = distribution(parser.parse_override(line))
         assert spaced.choices == ("the review", "text")
         assert parser.parse_override(f"k={override_value(spaced.choices[0])}").value() == "the review"
+    # a choice of quoted numbers stays text; a float range has no float noise
+    assert [
+        override_value(c) for c in distribution(parser.parse_override("k=choice('1','true')")).choices
+    ] == ["'1'", "'true'"]
+    assert distribution(parser.parse_override("k=range(0.1,0.5,0.1)")).choices == (0.1, 0.2, 0.3, 0.4)
+    assert distribution(parser.parse_override("k=range(1,4)")).high == 3  # stop excluded, as Hydra's
+
+
+def test_a_list_choice_is_refused_by_name() -> None:
+    """Optuna stores scalars: a list choice reached every trial as the string "[1, 2]"."""
+    with pytest.raises(ValueError, match=r"task.optimizer.betas=choice.*: choice \[0.9, 0.99\] is not a str"):
+        distribution(
+            OverridesParser.create().parse_override("task.optimizer.betas=choice([0.9,0.99],[0.8,0.9])")
+        )
 
 
 @pytest.mark.parametrize(
@@ -122,6 +136,23 @@ def test_a_search_in_which_no_trial_finished_fails(tmp_path: Path) -> None:
     ):
         chosen.write_results(study, tmp_path)
     assert (tmp_path / "optimization_results.yaml").is_file()  # the failures are still listed
+    optuna.delete_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+def test_the_results_name_the_best_jobs_directory(tmp_path: Path) -> None:
+    """With a shared storage two sweeps number their jobs alike: job 0 of the best trial may be
+    another sweep's job 0. The results give its directory."""
+    chosen = sweeper()
+    study = chosen.create_study(tmp_path, [], space())
+    for sweep, value in (("/runs/a", 0.9), ("/runs/b", 0.3)):
+        trial = study.ask(space())
+        trial.set_user_attr("sweep", sweep)
+        trial.set_user_attr("job", 0)
+        trial.set_user_attr("job_dir", "0")
+        study.tell(trial, value)
+    chosen.write_results(study, tmp_path)
+    results = (tmp_path / "optimization_results.yaml").read_text()
+    assert "best_job: 0" in results and "best_job_dir: /runs/b/0" in results and "best_value: 0.3" in results
     optuna.delete_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
 
 
@@ -373,6 +404,59 @@ def test_only_config_group_options_are_checked_before_the_first_trial() -> None:
         ValueError, match=r"hydra.sweeper.params: model=lsmt cannot be composed: .*model/lsmt"
     ):
         chosen.check_choices(fixed, space(["model=choice(lstm,lsmt)", "model.nhead=choice(2,4)"]))
+
+
+def test_a_sampled_value_that_composes_with_no_option_is_refused_before_the_first_trial() -> None:
+    """``hparams_search=classification_optuna`` without classification data: every trial failed on
+    ``task.embed_dropout`` (the forecasting task has none) after the study was stored."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    def load_sweep_config(master_config, sweep_overrides):
+        if (
+            any(o.startswith("task.embed_dropout=") for o in sweep_overrides)
+            and "data=sst2" not in sweep_overrides
+        ):
+            raise ValueError("Could not override 'task.embed_dropout'")
+        if (
+            any(o.startswith("model.nhead=") for o in sweep_overrides)
+            and "model=transformer" not in sweep_overrides
+        ):
+            raise ValueError("Key 'nhead' is not in struct")
+
+    chosen = sweeper()
+    chosen.config = OmegaConf.create({})
+    chosen.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(load_sweep_config=load_sweep_config))
+    values = ["task.embed_dropout=interval(0.1,0.5)", "model.d_model=choice(128,256)"]
+    with pytest.raises(ValueError, match=r"task.embed_dropout cannot be composed with any sampled option: .*"
+                       r"Could not override.*is the data= or experiment= this search is for given"):  # fmt: skip
+        chosen.check_values([], space(values))
+    chosen.check_values(["data=sst2"], space(values))
+    # a value composing with one option of a sampled group is left to the trials
+    chosen.check_values(["data=sst2"], space(["model=choice(lstm,transformer)", "model.nhead=choice(2,4)"]))
+    with pytest.raises(ValueError, match=r"model\.nhead cannot be composed"):
+        chosen.check_values(["data=sst2"], space(["model=choice(lstm,gru)", "model.nhead=choice(2,4)"]))
+
+
+def test_another_optimized_metric_needs_its_direction() -> None:
+    """The searches' direction is ``${task.monitor_mode}``: right for ``val/acc_best``, the wrong
+    way for ``optimized_metric=val/loss`` (maximised)."""
+    from omegaconf import OmegaConf
+
+    def configured(metric: str, direction: str) -> OptunaSweeper:
+        chosen = sweeper(direction="maximize")
+        chosen.config = OmegaConf.create({
+            "task": {"monitor": "val/acc", "monitor_mode": "max"}, "optimized_metric": metric,
+            "hydra": {"sweeper": {"direction": direction}},
+        })  # fmt: skip
+        return chosen
+
+    configured("val/acc_best", "${task.monitor_mode}").check_direction()
+    configured("val/loss", "minimize").check_direction()
+    with pytest.raises(ValueError, match=r"optimized_metric='val/loss' is not the monitored val/acc_best.*"
+                       r"give hydra.sweeper.direction=minimize\|maximize"):  # fmt: skip
+        configured("val/loss", "${task.monitor_mode}").check_direction()
 
 
 @pytest.mark.parametrize("subdir", [NUMBERED, NAMED])

@@ -170,12 +170,20 @@ def _distribution(override: Override) -> Any:
             v.text if isinstance(v, QuotedString) else v
             for v in override.sweep_iterator(transformer=lambda x: x)
         ]
+        nested = [c for c in choices if isinstance(c, list | dict)]
+        if nested:  # Optuna stores scalars; a list would reach the trial as the text "[1, 2]"
+            raise SweepError(
+                f"hydra.sweeper.params: {override.input_line}: choice {nested[0]!r} is not a str, int, "
+                "float, bool or null (a list or dict cannot be sampled; sample its parts as keys of their own)"
+            )
         return optuna.distributions.CategoricalDistribution(choices)
-    if isinstance(value, RangeSweep):
+    if isinstance(value, RangeSweep):  # stop excluded, as in Hydra's basic sweeper and Python's range
         start, stop, step = value.start, value.stop, value.step
         if all(isinstance(v, int) for v in (start, stop, step)):
             return optuna.distributions.IntDistribution(int(start), int(stop) - 1, step=int(step))
-        return optuna.distributions.CategoricalDistribution(list(override.sweep_iterator()))
+        # range(0.1,0.5,0.1): 0.30000000000000004 would be a trial's value (and its override text)
+        values = [round(v, 12) for v in override.sweep_iterator()]
+        return optuna.distributions.CategoricalDistribution(values)
     if isinstance(value, IntervalSweep):
         log_scale = "log" in value.tags
         if isinstance(value.start, int) and isinstance(value.end, int):
@@ -209,9 +217,21 @@ def override_value(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, str) and not re.fullmatch(r"[\w./:+-]*", value):
+    if isinstance(value, str) and (not re.fullmatch(r"[\w./:+-]*", value) or not_a_string_to_hydra(value)):
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     return str(value)
+
+
+def not_a_string_to_hydra(text: str) -> bool:
+    """Whether Hydra reads ``text`` unquoted as another type: a number, a boolean, null, '' (a
+    choice of '1' or 'true' arrived as the int 1 or the bool true)."""
+    if text.lower() in ("true", "false", "null", "inf", "+inf", "-inf", "nan", ""):
+        return True
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def objective_value(result: JobReturn) -> tuple[float | None, str | None]:
@@ -414,6 +434,53 @@ class OptunaSweeper(Sweeper):
                     if why is not None:
                         raise SweepError(f"hydra.sweeper.params: {key}={choice} cannot be composed: {why}")
 
+    def check_direction(self) -> None:
+        """The searches' direction follows the task's monitor mode (``${task.monitor_mode}``),
+        right for the monitored metric's best: another ``optimized_metric`` (``val/loss`` under
+        accuracy's ``max``) was silently optimised the wrong way. Refused unless the direction is
+        given with it."""
+        assert self.config is not None
+        node = OmegaConf.select(self.config, "hydra.sweeper", throw_on_missing=False)
+        if not OmegaConf.is_dict(node):
+            return
+        raw = OmegaConf.to_container(node, resolve=False).get("direction")
+        metric, monitor = self.config.get("optimized_metric"), OmegaConf.select(self.config, "task.monitor")
+        if "task.monitor_mode" in str(raw) and monitor and metric != f"{monitor}_best":
+            raise SweepError(
+                f"optimized_metric={metric!r} is not the monitored {monitor}_best, and "
+                f"hydra.sweeper.direction follows task.monitor_mode ({self.direction}); give "
+                "hydra.sweeper.direction=minimize|maximize for it"
+            )
+
+    def check_values(self, fixed: list[str], space: dict[str, Any]) -> None:
+        """Refuse, before any trial, a sampled config value that composes with no option of the
+        sampled groups (with none sampled: with the fixed overrides): every trial would fail, e.g.
+        a classification search's ``task.embed_dropout`` with the default forecasting data."""
+        import itertools
+
+        import optuna
+
+        def sample(dist: Any) -> Any:
+            if isinstance(dist, optuna.distributions.CategoricalDistribution):
+                return dist.choices[0]
+            return dist.low
+
+        groups = {k: d.choices for k, d in space.items() if "." not in k.lstrip("+~")}
+        options = list(itertools.islice(itertools.product(*groups.values()), 16))
+        for key, dist in space.items():
+            if key in groups:
+                continue
+            value = f"{key}={override_value(sample(dist))}"
+            whys = [
+                self.composes([*fixed, *(f"{g}={override_value(c)}" for g, c in zip(groups, option)), value])
+                for option in options
+            ]
+            if all(why is not None for why in whys):
+                raise SweepError(
+                    f"hydra.sweeper.params: {key} cannot be composed with any sampled option: {whys[0]} "
+                    "(is the data= or experiment= this search is for given?)"
+                )
+
     def sweep(self, arguments: list[str]) -> None:
         from seqlab.utils.files import directory_lock
 
@@ -442,7 +509,9 @@ class OptunaSweeper(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         scrub_yaml(sweep_dir / "multirun.yaml")  # a search refused before its first job keeps it
         fixed, space = self.search_space(arguments)
+        self.check_direction()
         self.check_choices(fixed, space)
+        self.check_values(fixed, space)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = self.create_study(sweep_dir, fixed, space)
         here = str(sweep_dir.resolve())
@@ -585,6 +654,9 @@ class OptunaSweeper(Sweeper):
         if completed:
             best = study.best_trial
             results.update(best_trial=best.number, best_job=best.user_attrs.get("job"))
+            if best.user_attrs.get("sweep") is not None:  # a shared storage: maybe another sweep's job
+                job_dir = best.user_attrs.get("job_dir", str(best.user_attrs.get("job")))
+                results["best_job_dir"] = str(Path(best.user_attrs["sweep"]) / job_dir)
             results.update(best_value=best.value, best_params=best.params)
             log.info("best trial %d: %s = %.6g", best.number, best.params, best.value)
         results["failed"] = failed
