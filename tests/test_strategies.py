@@ -211,6 +211,8 @@ def test_slurm_launcher_submits_one_multi_gpu_job_per_sweep_job(
     ):
         assert f"#SBATCH {line}" in script, line
     assert "srun" in script
+    # a failed task ends the others (they waited in the rendezvous for 30 minutes), before srun runs
+    assert script.index("export SLURM_KILL_BAD_EXIT=1") < script.index("srun")
     assert submitted["overrides"] == (["model=lstm"], ["model=transformer"])
     # a CPU trainer's processes are no GPUs: the job asks for none
     cpu = make_cfg(
