@@ -4,6 +4,7 @@ this machine cannot run is refused before anything is prepared or spawned."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,31 @@ def test_slurm_launcher_submits_one_multi_gpu_job_per_sweep_job(
     launcher.setup(hydra_context=None, task_function=lambda cfg: None, config=cpu)
     launcher.launch([["model=lstm"]], initial_job_idx=0)
     assert "#SBATCH --ntasks-per-node=4" in submitted["script"] and "gpus" not in submitted["script"]
+
+
+def test_a_slurm_sweep_over_the_trainers_devices_is_refused_before_its_first_job() -> None:
+    """submitit asks one set of resources for all of a sweep's jobs, from the sweep's config:
+    ``trainer.devices=1,4`` asked for 1 GPU per node for both jobs."""
+    from omegaconf import OmegaConf
+
+    from seqlab.utils.hydra_callbacks import check_slurm_resources
+
+    def sweep(
+        *overrides: str,
+        launcher: str = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+    ):
+        return OmegaConf.create(
+            {"hydra": {"launcher": {"_target_": launcher}, "overrides": {"task": list(overrides)}}}
+        )
+
+    for swept in ("trainer.devices=1,4", "trainer=gpu,ddp", "trainer.num_nodes=range(1,3)"):
+        with pytest.raises(
+            ConfigError, match=rf"{re.escape(swept)}: hydra/launcher=slurm asks SLURM for one set"
+        ):
+            check_slurm_resources(sweep("model=lstm,gru", swept))
+    check_slurm_resources(sweep("model=lstm,gru", "trainer=ddp", "trainer.devices=4"))  # one setting
+    local = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    check_slurm_resources(sweep("trainer.devices=1,2", launcher=local))  # each local job composes its own
 
 
 def test_a_directory_that_is_no_checkpoint_is_refused(tmp_path: Path) -> None:

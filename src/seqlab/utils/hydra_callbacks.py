@@ -121,10 +121,43 @@ class ScrubSecrets(Callback):
             job_return.overrides = [redact_text(str(o)) for o in job_return.overrides]
 
 
+#: what the SLURM launcher asks of SLURM for every job, read from the sweep's own config
+SLURM_RESOURCE_KEYS = ("trainer", "trainer.devices", "trainer.num_nodes", "trainer.accelerator")
+
+
+def check_slurm_resources(config: DictConfig) -> None:
+    """Refuse a sweep over the trainer's devices under the SLURM launcher: submitit asks one set
+    of resources for all the sweep's jobs, resolved from the sweep's config, where no job's own
+    value is (``trainer.devices=1,4`` asked 1 GPU per node for both, and ``trainer=ddp`` jobs
+    trained on fewer devices than they were given)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from seqlab.errors import ConfigError
+
+    launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    if "submitit" not in launcher.lower() or "slurm" not in launcher.lower():
+        return
+    swept = [
+        o.input_line
+        for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        if o.is_sweep_override() and o.get_key_element().lstrip("+~") in SLURM_RESOURCE_KEYS
+    ]
+    if swept:
+        raise ConfigError(
+            f"{' '.join(swept)}: hydra/launcher=slurm asks SLURM for one set of resources for every "
+            "job of a sweep (nodes, tasks and GPUs per node from the sweep's own trainer settings), "
+            "so jobs cannot differ in them; run one sweep per trainer setting"
+        )
+
+
 class SweepSummary(Callback):
     """Tabulate every job of a multirun in the sweep directory: updated after each job (so a
     sweep that stops early still has its table; a failed job leaves ``error.txt`` and a
-    ``failed`` row) and printed at the end."""
+    ``failed`` row) and printed at the end. A sweep the SLURM launcher cannot submit as asked is
+    refused before its first job (``check_slurm_resources``)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_slurm_resources(config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
