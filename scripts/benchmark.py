@@ -2,6 +2,7 @@
 
   python scripts/benchmark.py scan       # minGRU/minLSTM layer per scan method vs nn.GRU
   python scripts/benchmark.py lengths    # six backbones, tokens/s and memory vs T, JSON + plot
+  python scripts/benchmark.py decode     # six encoder-decoders generating T tokens one at a time
   python scripts/benchmark.py overhead   # seqlab's Trainer path vs a plain PyTorch loop
   python scripts/benchmark.py ablation   # the same, taking one part of the Trainer path away at a time
   python scripts/benchmark.py data       # share of step time waiting for data, per task
@@ -26,7 +27,7 @@ from seqlab.errors import SeqlabError
 from seqlab.utils.run import print_table
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("scan", "lengths", "overhead", "ablation", "data", "startup")
+COMMANDS = ("scan", "lengths", "decode", "overhead", "ablation", "data", "startup")
 
 
 def ints(text: str) -> list[int]:
@@ -51,11 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="timed repeats per measurement (median); overhead: pairs of runs (default 10), ablation: "
         "rounds of all variants (default 6; a 95%% interval needs >= 6)",
     )
-    parser.add_argument("--lengths", type=ints, default=None, help="comma-separated sequence lengths")
+    parser.add_argument(
+        "--lengths",
+        type=ints,
+        default=None,
+        help="comma-separated sequence lengths (decode: tokens generated)",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--width", type=int, default=128, help="lengths: d_model; scan: hidden width")
     parser.add_argument("--d-in", type=int, default=64, help="scan: input width")
-    parser.add_argument("--layers", type=int, default=1, help="lengths: layers per backbone")
+    parser.add_argument("--layers", type=int, default=1, help="lengths, decode: layers per backbone")
+    parser.add_argument("--source-length", type=int, default=64, help="decode: the encoded source's length")
     parser.add_argument("--backbones", type=words, default=list(bench.BACKBONES))
     parser.add_argument(
         "--methods", type=words, default=["sequential", "blocked", "log"], help="scan methods"
@@ -130,6 +137,21 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         title = f"{meta['environment']['device_name'] or args.device}: B={args.batch}, width {args.width}"
         bench.plot_lengths(rows, out / "lengths.png", title)
         payload = {**meta, **settings, "scaling_exponents": fitted, "rows": rows}
+    elif command == "decode":
+        settings = {
+            "batch": args.batch,
+            "width": args.width,
+            "layers": args.layers,
+            "source_length": args.source_length,
+        }
+        rows = bench.bench_decode(
+            backbones=args.backbones, lengths=args.lengths or (16, 64, 256, 1024), source_length=args.source_length,
+            batch=args.batch, width=args.width, num_layers=args.layers, repeats=args.repeats or 3, device=args.device,
+        )  # fmt: skip
+        print_table(
+            shown(rows), f"generation, one token at a time: {args.device}, B={args.batch}, width={args.width}"
+        )
+        payload = {**meta, **settings, "rows": rows}
     elif command == "overhead":
         result = bench.bench_overhead(
             overrides=overrides,

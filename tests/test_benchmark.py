@@ -70,6 +70,38 @@ def test_the_exponent_above_the_fixed_cost_sees_through_launch_overhead() -> Non
     assert bench.exponents(linear, above_fixed_cost=True)["rnn"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_decode_times_generation_token_by_token_with_the_decoders_state(monkeypatch) -> None:
+    """Every backbone as the encoder-decoder translation builds, T tokens generated one at a time:
+    T decoder calls of one token each, the state handed from one to the next."""
+    calls: list[tuple[int, bool]] = []
+    real = bench.generation
+
+    def counting(model, memory, steps):
+        decode = type(model).decode.__get__(model)  # the class's: wrapped once per length
+
+        def recorded(y, memory, mask, state):
+            calls.append((y.shape[1], state is not None))
+            return decode(y, memory, mask, state)
+
+        model.decode = recorded
+        return real(model, memory, steps)
+
+    monkeypatch.setattr(bench, "generation", counting)
+    rows = bench.bench_decode(
+        backbones=("gru", "transformer"), lengths=(3, 5), source_length=6, batch=2, width=16, repeats=1
+    )
+    assert [(r["backbone"], r["T"]) for r in rows] == [
+        ("gru", 3),
+        ("gru", 5),
+        ("transformer", 3),
+        ("transformer", 5),
+    ]
+    assert all(r["ms_per_token"] > 0 and r["tokens_per_s"] > 0 and r["params"] > 0 for r in rows)
+    # per length: a warm-up and a timed round of both backbones, each step one token; the first without a state
+    assert len(calls) == 2 * 2 * (3 + 5) and {width for width, _ in calls} == {1}
+    assert calls[:3] == [(1, False), (1, True), (1, True)]
+
+
 def test_a_slow_backbone_skips_the_longer_lengths() -> None:
     rows = bench.bench_lengths(
         backbones=("rnn",), lengths=(4, 8), batch=1, width=8, repeats=1, max_step_seconds=0
@@ -376,6 +408,19 @@ def test_benchmark_cli_writes_json_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "lengths.png").stat().st_size > 10_000
     assert all(len(r["train_ms_all"]) == len(r["infer_ms_all"]) == 1 for r in payload["rows"])
     assert not (tmp_path / "lengths.partial.json").exists()  # only while it runs, or after a failure
+
+    done = run_script(
+        str(ROOT / "scripts" / "benchmark.py"), "decode", "--backbones", "lstm,transformer", "--lengths", "2,4",
+        "--batch", "2", "--width", "16", "--repeats", "1", "--source-length", "5", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    payload = json.loads((tmp_path / "decode.json").read_text())
+    assert payload["source_length"] == 5 and {(r["backbone"], r["T"]) for r in payload["rows"]} == {
+        ("lstm", 2),
+        ("lstm", 4),
+        ("transformer", 2),
+        ("transformer", 4),
+    }
 
     done = run_script(
         str(ROOT / "scripts" / "benchmark.py"), "scan", "--lengths", "16", "--batch", "2", "--d-in", "8",

@@ -7,6 +7,8 @@
   (their parameter counts differ: each row gives its own): training-step and inference (a whole
   sequence encoded at once) tokens/s and memory, written as JSON and a log-log plot, with the
   scaling exponent of step time in T (about 1 for a recurrence, towards 2 for attention).
+- ``decode``: every backbone as an encoder-decoder generating T tokens one at a time (the
+  decoder's state or key-value cache): per-token time against T, what translation's searches pay.
 - ``overhead``: the same model, data and optimizer trained through seqlab's Trainer path (the
   default callbacks and loggers of ``python train.py``) and through a plain PyTorch loop,
   in pairs of runs in one process; the median ratio of their per-step times with a 95% interval.
@@ -289,14 +291,16 @@ def build_backbone(
     device: torch.device,
     compile: bool = False,
     tbptt: int | None = None,
+    with_decoder: bool = False,
 ) -> nn.Module:
-    """``tbptt``: truncated BPTT steps for the backbones that have the option (the RNN family)."""
+    """``tbptt``: truncated BPTT steps for the backbones that have the option (the RNN family);
+    ``with_decoder``: the encoder-decoder translation builds."""
     from seqlab.tasks.base import build_backbone as build
 
     config = {**backbone_config(name, width, num_layers), "compile": compile}
     if tbptt is not None and "tbptt_steps" in config:
         config["tbptt_steps"] = tbptt
-    return build(config).to(device)
+    return build(config, **({"with_decoder": True} if with_decoder else {})).to(device)
 
 
 # ----------------------------------------------------------------------------- scan
@@ -437,6 +441,70 @@ def bench_lengths(
         if progress is not None:
             progress(in_order())
     return in_order()
+
+
+def generation(model: nn.Module, memory: Tensor, steps: int) -> Callable[[], None]:
+    """``steps`` decoder steps, one token at a time with the decoder's state (the recurrent
+    state, or the Transformer's cache of keys and values), attending over ``memory``: what
+    greedy or beam search pays per generated token (each step's output fed back as the next
+    input, in evaluation mode, without autograd)."""
+
+    def run() -> None:
+        training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                y, state = memory[:, :1], None
+                for _ in range(steps):
+                    y, state = model.decode(y, memory, None, state)
+        finally:
+            model.train(training)
+
+    return run
+
+
+def bench_decode(
+    backbones: Sequence[str] = BACKBONES,
+    lengths: Sequence[int] = (16, 64, 256, 1024),
+    source_length: int = 64,
+    batch: int = 16,
+    width: int = 128,
+    num_layers: int = 1,
+    repeats: int = 3,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Per backbone (encoder-decoder, as translation builds it) and output length T: the time to
+    generate T tokens one at a time after encoding a ``source_length`` source, per token and in
+    tokens/s. A recurrent decoder's step costs the same at every position; a Transformer's grows
+    with the tokens in its cache (O(T) a step, O(T^2) a sequence). Backbones timed in turn, round
+    by round (``round_robin``)."""
+    dev = torch.device(device)
+    models = {}
+    for name in backbones:
+        torch.manual_seed(0)
+        models[name] = build_backbone(name, width, num_layers, dev, with_decoder=True)
+    source = torch.randn(batch, source_length, width, device=dev)
+    with torch.inference_mode():
+        memories = {name: model.eval().encode(source).clone() for name, model in models.items()}
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for steps in lengths:
+        calls = {name: generation(models[name], memories[name], steps) for name in backbones}
+        times, failed = round_robin(calls, dev, repeats)
+        for name in backbones:
+            row: dict[str, Any] = {"backbone": name, "T": steps, "source_length": source_length, "batch": batch,
+                                   "width": width, "params": sum(p.numel() for p in models[name].parameters())}  # fmt: skip
+            if name in failed:
+                rows[name, steps] = {**row, "skipped": "out of memory"}
+                continue
+            seconds = statistics.median(times[name])
+            rows[name, steps] = {
+                **row,
+                "generate_ms": seconds * 1e3,
+                "ms_per_token": seconds * 1e3 / steps,
+                "tokens_per_s": batch * steps / seconds,
+                "generate_ms_all": [t * 1e3 for t in times[name]],
+            }
+    return [rows[name, steps] for name in backbones for steps in lengths]
 
 
 def exponents(
