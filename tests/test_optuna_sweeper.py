@@ -378,26 +378,36 @@ def test_a_launcher_failure_waits_for_the_jobs_of_its_batch_still_training(
     assert states == {0: ("COMPLETE", 0.25), 1: ("FAIL", None)}
 
 
-def test_only_config_group_options_are_checked_before_the_first_trial() -> None:
-    """A misspelt option (``model=lsmt``) is refused before any trial; a config value that composes
-    only with some options of a sampled group (``model.nhead`` with ``model=lstm`` under
-    ``experiment=ett_lstm``) is left to the trials, which fail only in those combinations."""
+def composing_sweeper() -> OptunaSweeper:
+    """A sweeper whose config loader composes as Hydra would with these configs: no option
+    ``model=lsmt``, ``model.nhead`` with ``model=transformer`` only, ``task.embed_dropout`` with
+    ``data=sst2`` only (a classification task)."""
     from types import SimpleNamespace
 
     from omegaconf import OmegaConf
 
     def load_sweep_config(master_config, sweep_overrides):
+        def sets(key: str) -> bool:
+            return any(o.startswith(f"{key}=") for o in sweep_overrides)
+
         if "model=lsmt" in sweep_overrides:
             raise ValueError("Could not find 'model/lsmt'")
-        if (
-            any(o.startswith("model.nhead=") for o in sweep_overrides)
-            and "model=transformer" not in sweep_overrides
-        ):
+        if sets("model.nhead") and "model=transformer" not in sweep_overrides:
             raise ValueError("Key 'nhead' is not in struct")
+        if sets("task.embed_dropout") and "data=sst2" not in sweep_overrides:
+            raise ValueError("Could not override 'task.embed_dropout'")
 
     chosen = sweeper()
     chosen.config = OmegaConf.create({})
     chosen.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(load_sweep_config=load_sweep_config))
+    return chosen
+
+
+def test_only_config_group_options_are_checked_before_the_first_trial() -> None:
+    """A misspelt option (``model=lsmt``) is refused before any trial; a config value that composes
+    only with some options of a sampled group (``model.nhead`` with ``model=lstm`` under
+    ``experiment=ett_lstm``) is left to the trials, which fail only in those combinations."""
+    chosen = composing_sweeper()
     fixed = ["experiment=ett_lstm"]
     chosen.check_choices(fixed, space(["model=choice(lstm,transformer)", "model.nhead=choice(2,4)"]))
     with pytest.raises(
@@ -409,25 +419,7 @@ def test_only_config_group_options_are_checked_before_the_first_trial() -> None:
 def test_a_sampled_value_that_composes_with_no_option_is_refused_before_the_first_trial() -> None:
     """``hparams_search=classification_optuna`` without classification data: every trial failed on
     ``task.embed_dropout`` (the forecasting task has none) after the study was stored."""
-    from types import SimpleNamespace
-
-    from omegaconf import OmegaConf
-
-    def load_sweep_config(master_config, sweep_overrides):
-        if (
-            any(o.startswith("task.embed_dropout=") for o in sweep_overrides)
-            and "data=sst2" not in sweep_overrides
-        ):
-            raise ValueError("Could not override 'task.embed_dropout'")
-        if (
-            any(o.startswith("model.nhead=") for o in sweep_overrides)
-            and "model=transformer" not in sweep_overrides
-        ):
-            raise ValueError("Key 'nhead' is not in struct")
-
-    chosen = sweeper()
-    chosen.config = OmegaConf.create({})
-    chosen.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(load_sweep_config=load_sweep_config))
+    chosen = composing_sweeper()
     values = ["task.embed_dropout=interval(0.1,0.5)", "model.d_model=choice(128,256)"]
     with pytest.raises(ValueError, match=r"task.embed_dropout cannot be composed with any sampled option: .*"
                        r"Could not override.*is the data= or experiment= this search is for given"):  # fmt: skip
