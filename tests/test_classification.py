@@ -236,22 +236,24 @@ def test_eval_reads_moved_data_from_data_dir(make_cfg, tmp_path: Path) -> None:
     (trained_on / "test.tsv").write_text("text\tlabel\n" + "\n".join(rows[160:]) + "\n")
     trained = [
         "data=text_classification", f"data.data_dir={trained_on}", "data.tokenizer.kind=word",
-        f"data.cache_dir={tmp_path / 'cache'}", "model=gru", "model.d_model=16", "trainer.max_epochs=2",
+        f"data.cache_dir={tmp_path / 'machine' / 'cache'}", "model=gru", "model.d_model=16", "trainer.max_epochs=2",
         "data.batch_size=16", "extras.print_config=false", "callbacks.rich_progress_bar=null",
     ]  # fmt: skip
     metrics, objects = train(make_cfg(*trained, fast=False))
     ckpt = objects["summary"]["best_checkpoint"]
     moved = tmp_path / "moved"
     trained_on.rename(moved)
-    shutil.rmtree(tmp_path / "cache")
+    shutil.rmtree(tmp_path / "machine")  # as on another machine: the saved cache's place is not there
     with pytest.raises(DataError, match=r"data/train.tsv"):
         evaluate(make_cfg(f"ckpt_path={ckpt}", "extras.print_config=false", name="eval", output="nowhere"))
-    evaluated, _ = evaluate(
-        make_cfg(
-            f"ckpt_path={ckpt}", f"data_dir={moved}", "extras.print_config=false", name="eval", output="eval"
-        )
+    cfg = make_cfg(
+        f"ckpt_path={ckpt}", f"data_dir={moved}", "extras.print_config=false", name="eval", output="eval"
     )
+    evaluated, objects = evaluate(cfg)
     assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    # processed into this machine's data root, not into the trained run's (gone) one
+    assert Path(objects["datamodule"].processed_dir).is_relative_to(Path(cfg.paths.data_dir) / "processed")
+    assert not (tmp_path / "machine").exists()
 
 
 def test_with_weight_averaging_train_tests_the_averaged_weights_it_selected(

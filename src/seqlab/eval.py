@@ -46,6 +46,15 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     data_cfg = data_settings(info, to_plain(cfg.get("data") or {}))
     if cfg.get("data_dir"):
         data_cfg["data_dir"] = cfg.data_dir
+    saved_cache = data_cfg.get("cache_dir")
+    if saved_cache and "cache_dir" not in (cfg.get("data") or {}) and not Path(saved_cache).parent.exists():
+        # the checkpoint came from another machine (or its data root moved): this one's cache
+        data_cfg["cache_dir"] = str(Path(cfg.paths.data_dir) / "processed")
+        log.info(
+            "the checkpoint's data cache %s is not on this machine: using %s",
+            saved_cache,
+            data_cfg["cache_dir"],
+        )
     datamodule = build_datamodule(data_cfg, info.get("data_artifacts"))
     task_cls = get_class(info["task_target"])
     task = task_cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
