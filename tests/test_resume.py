@@ -778,9 +778,10 @@ def test_a_signal_stops_training_only_where_a_checkpoint_is_whole() -> None:
     from seqlab.callbacks import SaveOnSigterm
 
     connector = SimpleNamespace(received_sigterm=False)
+    killed: list[int] = []  # the signals passed on to the processes this one launched
     trainer = SimpleNamespace(
         _signal_connector=connector, state=SimpleNamespace(fn=TrainerFn.FITTING), sanity_checking=False,
-        world_size=1,
+        world_size=1, strategy=SimpleNamespace(launcher=SimpleNamespace(kill=killed.append)),
     )  # fmt: skip
     callback = SaveOnSigterm()
     callback.on_fit_start(trainer, None)
@@ -788,6 +789,9 @@ def test_a_signal_stops_training_only_where_a_checkpoint_is_whole() -> None:
     assert not connector.received_sigterm  # no signal, no stop
     connector._sigterm_notifier_fn(15, None)  # SIGTERM while fitting: a flag only
     assert callback.signalled and not connector.received_sigterm
+    # passed on once to the other ranks this process launched (as Lightning's handler does)
+    connector._sigterm_notifier_fn(15, None)
+    assert killed == [15]
     callback.stop_if_signalled(trainer)  # a step boundary
     assert connector.received_sigterm
     callback.on_validation_start(trainer, None)  # ... but Lightning validates first
@@ -802,6 +806,7 @@ def test_a_signal_stops_training_only_where_a_checkpoint_is_whole() -> None:
     connector.received_sigterm = False
     callback.on_test_start(trainer, None)
     assert connector.received_sigterm and callback.requeue
+    assert killed == [15], "SLURM signals every task itself: its signal is not passed on"
 
 
 def test_slurm_jobs_starting_in_one_second_get_their_own_directories(monkeypatch) -> None:

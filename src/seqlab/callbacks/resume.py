@@ -224,7 +224,15 @@ class SaveOnSigterm(L.Callback):
         )
 
     def on_signal(self, trainer: L.Trainer, signum: int, requeue: bool) -> None:
-        """The signal handler: a flag, no collective and no checkpoint here."""
+        """The signal handler: a flag, no collective and no checkpoint here. A SIGTERM is passed
+        on to the processes this one launched (Lightning's script or spawn launcher: the other
+        ranks), as Lightning's handler does: a SIGTERM to the main process alone (``docker
+        stop``, ``kill``) stopped it alone during a test, the other ranks going on into the
+        test's collectives without it."""
+        if not requeue and not self.signalled:
+            launcher = getattr(trainer.strategy, "launcher", None)
+            if launcher is not None:
+                launcher.kill(signum)
         self.signalled = True
         self.requeue = self.requeue or requeue
         if trainer.state.fn != TrainerFn.FITTING:
