@@ -242,7 +242,7 @@ def test_a_failed_run_closes_its_wandb_run_as_failed(no_key, make_cfg, monkeypat
     assert codes == [1, 0, 143] and len(preempting) == 1 and wandb.run is None
 
 
-def test_a_sweeps_wandb_runs_are_named_by_their_overrides(make_cfg) -> None:
+def test_a_sweeps_wandb_runs_are_named_by_their_overrides(make_cfg, monkeypatch) -> None:
     """The jobs of a sweep's W&B group had W&B's random names; they are named by what they
     override (credentials redacted), the job's number without any. A single run keeps W&B's name."""
     from hydra.conf import HydraConf
@@ -255,11 +255,26 @@ def test_a_sweeps_wandb_runs_are_named_by_their_overrides(make_cfg) -> None:
 
     assert make_cfg("logger=wandb").logger.wandb.name is None
 
-    def job(mode: RunMode, overrides: str) -> str | None:
+    def job(mode: RunMode, overrides: str, task: list[str] | None = None) -> str | None:
         cfg = OmegaConf.create({"hydra": OmegaConf.structured(HydraConf)})
         cfg.hydra.mode, cfg.hydra.job.override_dirname, cfg.hydra.job.num = mode, overrides, 3
+        cfg.hydra.overrides.task = task or []
         HydraConfig.instance().set_config(cfg)
         return sweep_job_name()
+
+    # an Optuna trial: its fixed overrides (as on the command line) left out, its floats short
+    monkeypatch.setattr(
+        "sys.argv",
+        ["train.py", "hparams_search=classification_optuna", "experiment=sst2_gru", "data.data_dir=/d"],
+    )
+    trial = ["data.data_dir=/d", "experiment=sst2_gru", "hparams_search=classification_optuna",
+             "model.d_model=256", "task.optimizer.lr=0.0012345678901", "task.pooling=mean"]  # fmt: skip
+    assert (
+        job(RunMode.MULTIRUN, ",".join(trial), trial)
+        == "model.d_model=256,task.optimizer.lr=0.001235,task.pooling=mean"
+    )
+    monkeypatch.setattr("sys.argv", ["train.py", "-m", "model=gru,lstm", "seed=1"])
+    assert job(RunMode.MULTIRUN, "model=gru,seed=1", ["model=gru", "seed=1"]) == "model=gru"
 
     assert (
         job(RunMode.MULTIRUN, "+extras.api_key=abc123,model=gru") == f"+extras.api_key={REDACTED},model=gru"

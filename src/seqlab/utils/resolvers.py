@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from datetime import datetime
 from pathlib import Path
@@ -134,9 +135,13 @@ WANDB_NAME_LIMIT = 128
 def sweep_job_name() -> str | None:
     """Inside a Hydra multirun, the job's overrides (``model=gru,seed=1``; its number when it has
     none; credentials redacted): the W&B run's name, so the runs of a sweep's group are told apart
-    by their settings. Longer than W&B takes (an Optuna trial's full-precision floats, long
-    paths), cut with a hash of the whole kept at the end, so names stay apart. Else None (W&B
-    draws a name)."""
+    by their settings. The overrides every job shares (given as they are on the command line:
+    ``experiment=...``, ``data.data_dir=...``) are left out, and floats shown to 4 significant
+    digits: an Optuna trial's name was its fixed overrides, cut before the sampled ones. Longer
+    than W&B takes, cut with a hash of the whole kept at the end, so names stay apart. Else None
+    (W&B draws a name)."""
+    import sys
+
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -147,13 +152,23 @@ def sweep_job_name() -> str | None:
     hydra = HydraConfig.get()
     if hydra.mode != RunMode.MULTIRUN:
         return None
-    name = redact_text(hydra.job.override_dirname) or f"job {hydra.job.num}"
+    given = set(sys.argv[1:])  # a swept override is there as its sweep (model=gru,lstm), not as the job's
+    varying = sorted(short_floats(o) for o in hydra.overrides.task if o not in given)
+    name = redact_text(",".join(varying) or hydra.job.override_dirname) or f"job {hydra.job.num}"
     if len(name) > WANDB_NAME_LIMIT:
         import hashlib
 
         digest = hashlib.sha256(name.encode()).hexdigest()[:8]
         name = f"{name[: WANDB_NAME_LIMIT - 10]}..{digest}"
     return name
+
+
+def short_floats(override: str) -> str:
+    """``key=<float>`` with the float to 4 significant digits (other overrides unchanged)."""
+    key, sep, value = override.partition("=")
+    if sep and re.fullmatch(r"-?\d*\.\d+(e-?\d+)?|-?\d+e-?\d+", value):
+        return f"{key}={float(value):.4g}"
+    return override
 
 
 def sweep_group(task_name: str, sweep_dir: str | Path) -> str:
