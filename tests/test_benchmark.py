@@ -102,6 +102,24 @@ def test_decode_times_generation_token_by_token_with_the_decoders_state(monkeypa
     assert calls[:3] == [(1, False), (1, True), (1, True)]
 
 
+def test_decode_skips_the_longer_lengths_of_a_backbone_out_of_memory(monkeypatch) -> None:
+    real = bench.generation
+
+    def failing(model, memory, steps):
+        if steps >= 3 and getattr(model, "cell", None) == "gru":
+            return lambda: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory"))
+        return real(model, memory, steps)
+
+    monkeypatch.setattr(bench, "generation", failing)
+    rows = bench.bench_decode(
+        backbones=("gru", "lstm"), lengths=(2, 3, 4), source_length=4, batch=1, width=8, repeats=1
+    )
+    assert [(r["backbone"], r["T"], r.get("skipped")) for r in rows] == [
+        ("gru", 2, None), ("gru", 3, "out of memory"), ("gru", 4, "out of memory at a shorter T"),
+        ("lstm", 2, None), ("lstm", 3, None), ("lstm", 4, None),
+    ]  # fmt: skip
+
+
 def test_a_slow_backbone_skips_the_longer_lengths() -> None:
     rows = bench.bench_lengths(
         backbones=("rnn",), lengths=(4, 8), batch=1, width=8, repeats=1, max_step_seconds=0

@@ -419,6 +419,8 @@ def test_only_config_group_options_are_checked_before_the_first_trial() -> None:
 def test_a_sampled_value_that_composes_with_no_option_is_refused_before_the_first_trial() -> None:
     """``hparams_search=classification_optuna`` without classification data: every trial failed on
     ``task.embed_dropout`` (the forecasting task has none) after the study was stored."""
+    from omegaconf import OmegaConf
+
     chosen = composing_sweeper()
     values = ["task.embed_dropout=interval(0.1,0.5)", "model.d_model=choice(128,256)"]
     with pytest.raises(ValueError, match=r"task.embed_dropout cannot be composed with any sampled option: .*"
@@ -429,6 +431,14 @@ def test_a_sampled_value_that_composes_with_no_option_is_refused_before_the_firs
     chosen.check_values(["data=sst2"], space(["model=choice(lstm,transformer)", "model.nhead=choice(2,4)"]))
     with pytest.raises(ValueError, match=r"model\.nhead cannot be composed"):
         chosen.check_values(["data=sst2"], space(["model=choice(lstm,gru)", "model.nhead=choice(2,4)"]))
+    # a top-level value is no group: a range or interval of it composes as a value (it raised an
+    # AttributeError: no choices), a choice of it is not combined as options
+    chosen.check_values(["data=sst2"], space(["seed=range(1,4)", "task.embed_dropout=interval(0.1,0.5)"]))
+    chosen.config = OmegaConf.create({"hydra": {"runtime": {"choices": {"model": "lstm", "data": "sst2"}}}})
+    chosen.check_values(
+        ["data=sst2"],
+        space(["seed=choice(1,2)", "model=choice(lstm,transformer)", "model.nhead=choice(2,4)"]),
+    )
 
 
 def test_another_optimized_metric_needs_its_direction() -> None:

@@ -248,6 +248,10 @@ def test_a_slurm_sweep_over_the_trainers_devices_is_refused_before_its_first_job
         ):
             check_slurm_resources(sweep("model=lstm,gru", swept))
     check_slurm_resources(sweep("model=lstm,gru", "trainer=ddp", "trainer.devices=4"))  # one setting
+    in_params = sweep("model=lstm")
+    in_params.hydra.sweeper = {"params": {"trainer.devices": "1,2", "seed": "1,2"}}  # an experiment's sweep
+    with pytest.raises(ConfigError, match=r"trainer\.devices=1,2: hydra/launcher=slurm"):
+        check_slurm_resources(in_params)
     local = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
     check_slurm_resources(sweep("trainer.devices=1,2", launcher=local))  # each local job composes its own
 
@@ -311,17 +315,23 @@ def test_optimizer_state_converts_between_positional_and_by_name_forms(tmp_path:
 
 
 def test_fsdp_resumes_optimizer_states_saved_by_one_process_and_by_fsdp(tmp_path: Path) -> None:
-    """Lightning's FSDP loader reads a positional optimizer state as numbered in
-    ``module.parameters()`` order: FSDP's own full checkpoints are, one process's and DDP's are
-    numbered in the groups' order (weight decay first), and every trainer=fsdp resume of its own
-    checkpoints was refused for it. Both now give each parameter its own moments, through FSDP's
-    real loading calls (one gloo process on the CPU)."""
+    """Lightning's FSDP strategy reads a full checkpoint file and loads its optimizer states in
+    ``load_checkpoint``, re-keying positional states by ``module.parameters()`` order: FSDP's own
+    files are numbered so, one process's and DDP's in the groups' order (weight decay first), and
+    every ``trainer=fsdp`` resume of a positional file was refused, FSDP's own ``last.ckpt`` too.
+    Through seqlab's ``FSDPStrategy.load_checkpoint`` (one gloo process on the CPU, a real FSDP
+    module) both kinds give each parameter its own Adam moments; Lightning's gives ``0.bias``
+    another tensor's from a one-process file."""
+    from types import SimpleNamespace
+
     import torch.distributed as dist
     from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+    from lightning.pytorch.strategies import FSDPStrategy as LightningFSDP
+    from lightning.pytorch.trainer.states import TrainerFn
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import OptimStateKeyType
 
-    from seqlab.utils.checkpoint_io import optimizer_state_in_model_order
+    from seqlab.utils.distributed import FSDPStrategy
 
     def build(wrap: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)
@@ -346,24 +356,35 @@ def test_fsdp_resumes_optimizer_states_saved_by_one_process_and_by_fsdp(tmp_path
             for n, p in module.named_parameters()
         }
 
+    def resumed(strategy_class: type, path: Path) -> dict[str, torch.Tensor]:
+        module, optimizer = build(wrap=True)
+        strategy = strategy_class(state_dict_type="full")
+        strategy._model, strategy.optimizers = module, [optimizer]
+        strategy._lightning_module = SimpleNamespace(
+            trainer=SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING)), strict_loading=True
+        )
+        strategy.load_checkpoint(path)
+        return moments(module, optimizer)
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
     try:
-        expected = moments(*trained(wrap=False))
-        one_process = trained(wrap=False)[1].state_dict()  # numbered in the groups' order
+        plain_module, plain_optimizer = trained(wrap=False)
+        expected = moments(plain_module, plain_optimizer)
+        weights = plain_module.state_dict()
+        one_process = tmp_path / "one_process.ckpt"  # numbered in the groups' order
+        torch.save({"state_dict": weights, "optimizer_states": [plain_optimizer.state_dict()]}, one_process)
         fsdp_module, fsdp_optimizer = trained(wrap=True)
         with _get_full_state_dict_context(fsdp_module, world_size=1):  # what FSDPStrategy saves
             saved = FSDP.optim_state_dict(fsdp_module, fsdp_optimizer)
             saved = FSDP.rekey_optim_state_dict(saved, OptimStateKeyType.PARAM_ID, fsdp_module)
         assert [g["params"] for g in saved["param_groups"]] == [[0, 4], [1, 2, 3, 5]]  # module order
-        for state in (one_process, saved):
-            module, optimizer = build(wrap=True)
-            state = optimizer_state_in_model_order(state, module, optimizer)
-            # Lightning's FSDPStrategy.load_optimizer_state_dict, as it runs under a full state dict
-            with _get_full_state_dict_context(module, world_size=1, rank0_only=False):
-                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, module)
-                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(module, optimizer, state))
-            for name, moment in moments(module, optimizer).items():
-                torch.testing.assert_close(moment, expected[name], msg=name)
+        own = tmp_path / "fsdp.ckpt"
+        torch.save({"state_dict": weights, "optimizer_states": [saved]}, own)
+        for path in (one_process, own):
+            for name, moment in resumed(FSDPStrategy, path).items():
+                torch.testing.assert_close(moment, expected[name], msg=f"{path.name}: {name}")
+        lightnings = resumed(LightningFSDP, one_process)  # what seqlab's renumbering prevents
+        assert not torch.equal(lightnings["0.bias"], expected["0.bias"])
     finally:
         dist.destroy_process_group()
 

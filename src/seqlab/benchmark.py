@@ -487,14 +487,21 @@ def bench_decode(
     with torch.inference_mode():
         memories = {name: model.eval().encode(source).clone() for name, model in models.items()}
     rows: dict[tuple[str, int], dict[str, Any]] = {}
+    stopped: set[str] = set()  # ran out of memory at a shorter T: the longer ones are skipped
     for steps in lengths:
-        calls = {name: generation(models[name], memories[name], steps) for name in backbones}
+        calls = {
+            name: generation(models[name], memories[name], steps) for name in backbones if name not in stopped
+        }
         times, failed = round_robin(calls, dev, repeats)
         for name in backbones:
             row: dict[str, Any] = {"backbone": name, "T": steps, "source_length": source_length, "batch": batch,
                                    "width": width, "params": sum(p.numel() for p in models[name].parameters())}  # fmt: skip
+            if name in stopped:
+                rows[name, steps] = {**row, "skipped": "out of memory at a shorter T"}
+                continue
             if name in failed:
                 rows[name, steps] = {**row, "skipped": "out of memory"}
+                stopped.add(name)
                 continue
             seconds = statistics.median(times[name])
             rows[name, steps] = {

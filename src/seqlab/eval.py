@@ -72,8 +72,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         summary = {
             "ckpt_path": str(given),
             "data": info.get("data_name"),
-            # the trained model's choice (model=...), else its backbone's class
-            "model": info.get("model_name") or str(info.get("backbone_target")).rsplit(".", 1)[-1],
+            "model": model_name(info, task),
             "overrides": redact(hydra_overrides()),
             "metrics": model_metrics,
             **({"test_report": task.test_report} if getattr(task, "test_report", None) else {}),
@@ -89,6 +88,14 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     finally:  # each job of `eval.py -m ckpt_path=a,b` its own W&B run (the next one logged into it)
         finish_runs(loggers, error)
     return metrics, {"datamodule": datamodule, "task": task, "trainer": trainer, "summary": summary}
+
+
+def model_name(info: dict[str, Any], task: L.LightningModule) -> str | None:
+    """The trained model's choice (``model=gru``); for a checkpoint from before it was recorded,
+    its backbone's cell (rnn, lstm, gru, mingru, minlstm) or class; None if nothing tells."""
+    backbone = dict(task.hparams.get("backbone") or {})
+    target = backbone.get("_target_") or info.get("backbone_target") or ""
+    return info.get("model_name") or backbone.get("cell") or target.rsplit(".", 1)[-1] or None
 
 
 def check_data_fits(task: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Path) -> None:

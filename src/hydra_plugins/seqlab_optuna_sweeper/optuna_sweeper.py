@@ -453,9 +453,10 @@ class OptunaSweeper(Sweeper):
             )
 
     def check_values(self, fixed: list[str], space: dict[str, Any]) -> None:
-        """Refuse, before any trial, a sampled config value that composes with no option of the
-        sampled groups (with none sampled: with the fixed overrides): every trial would fail, e.g.
-        a classification search's ``task.embed_dropout`` with the default forecasting data."""
+        """Refuse, before any trial, a sampled config value that composes with no combination of
+        the sampled groups' options (with none sampled: with the fixed overrides): every trial
+        would fail, e.g. a classification search's ``task.embed_dropout`` with the default
+        forecasting data. Over 64 combinations, nothing is refused (the trials will tell)."""
         import itertools
 
         import optuna
@@ -465,8 +466,22 @@ class OptunaSweeper(Sweeper):
                 return dist.choices[0]
             return dist.low
 
-        groups = {k: d.choices for k, d in space.items() if "." not in k.lstrip("+~")}
-        options = list(itertools.islice(itertools.product(*groups.values()), 16))
+        assert self.config is not None
+        chosen = OmegaConf.select(self.config, "hydra.runtime.choices", throw_on_missing=False)
+        group_names = set(chosen) if OmegaConf.is_dict(chosen) else None  # None: keys without a dot
+
+        def is_group(key: str) -> bool:
+            name = key.lstrip("+~")
+            return name in group_names if group_names is not None else "." not in name
+
+        groups = {
+            k: d.choices
+            for k, d in space.items()
+            if isinstance(d, optuna.distributions.CategoricalDistribution) and is_group(k)
+        }
+        options = list(itertools.islice(itertools.product(*groups.values()), 65))
+        if len(options) > 64:
+            return  # too many combinations to compose them all: the trials will tell
         for key, dist in space.items():
             if key in groups:
                 continue

@@ -249,15 +249,28 @@ class FSDPStrategy(SavesShardsAtomically, strategies.FSDPStrategy):
     def saves_sharded(self) -> bool:
         return self._state_dict_type == "sharded"
 
-    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # Lightning reads a full checkpoint file and loads its optimizer states inside this one
+        # call (its load_optimizer_state_dict does nothing): the file's states are renumbered as
+        # they are read, before its re-keying by module order
+        from lightning.pytorch.strategies import fsdp as lightning_fsdp
+
         from seqlab.utils.checkpoint_io import optimizer_state_in_model_order
 
-        states = checkpoint.get("optimizer_states")
-        if states and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
-            module = self.model
-            states = [optimizer_state_in_model_order(s, module, o) for s, o in zip(states, self.optimizers)]
-            checkpoint = {**checkpoint, "optimizer_states": states}
-        super().load_optimizer_state_dict(checkpoint)
+        read = lightning_fsdp._lazy_load
+
+        def read_renumbered(path: Any, *args: Any, **kwargs: Any) -> Any:
+            checkpoint = read(path, *args, **kwargs)
+            states = checkpoint.get("optimizer_states")
+            if states and self.lightning_module.trainer.state.fn == TrainerFn.FITTING and self.optimizers:
+                checkpoint["optimizer_states"] = [
+                    optimizer_state_in_model_order(state, self.model, optimizer)
+                    for state, optimizer in zip(states, self.optimizers)
+                ]
+            return checkpoint
+
+        with mock.patch.object(lightning_fsdp, "_lazy_load", read_renumbered):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
 
 class DeepSpeedStrategy(SavesShardsAtomically, strategies.DeepSpeedStrategy):

@@ -137,9 +137,12 @@ def check_slurm_resources(config: DictConfig) -> None:
     launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
     if "submitit" not in launcher.lower() or "slurm" not in launcher.lower():
         return
+    # the command line's sweeps and the basic sweeper's own params (an experiment's sweep)
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    lines = [*config.hydra.overrides.task, *(f"{key}={value}" for key, value in params.items())]
     swept = [
         o.input_line
-        for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        for o in OverridesParser.create().parse_overrides(lines)
         if o.is_sweep_override() and o.get_key_element().lstrip("+~") in SLURM_RESOURCE_KEYS
     ]
     if swept:

@@ -136,10 +136,12 @@ def sweep_job_name() -> str | None:
     """Inside a Hydra multirun, the job's overrides (``model=gru,seed=1``; its number when it has
     none; credentials redacted): the W&B run's name, so the runs of a sweep's group are told apart
     by their settings. The overrides every job shares (given as they are on the command line:
-    ``experiment=...``, ``data.data_dir=...``) are left out, and floats shown to 4 significant
-    digits: an Optuna trial's name was its fixed overrides, cut before the sampled ones. Longer
-    than W&B takes, cut with a hash of the whole kept at the end, so names stay apart. Else None
-    (W&B draws a name)."""
+    ``experiment=...``, ``data.data_dir=...``) are left out where the jobs run in the sweep's own
+    process (the basic launcher; a SLURM job's command line is submitit's, and keeps them all),
+    and floats are shown to 4 significant digits: an Optuna trial's name was its fixed overrides,
+    cut before the sampled ones. Two trials may then share a name (a W&B name need not be
+    unique: the run id is). Longer than W&B takes, cut with a hash of the whole kept at the end.
+    Else None (W&B draws a name)."""
     import sys
 
     from hydra.core.hydra_config import HydraConfig
