@@ -478,3 +478,20 @@ def test_a_single_run_whose_validation_never_ran_succeeds(make_cfg, tmp_path: Pa
     assert run(cfg) is None
     assert "optimized_metric='val/mse_best' was never logged" in caplog.text
     assert "test/mse" in json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
+
+
+def test_eval_names_the_model_of_a_checkpoint_from_before_its_name_was_kept() -> None:
+    """eval.py's summary (and an ``eval.py -m`` sweep's table) names the trained model: its
+    ``model=`` choice, else (older checkpoints) the backbone's cell, not "RNNBackbone" for all three."""
+    from types import SimpleNamespace
+
+    from seqlab.eval import model_name
+
+    lstm = SimpleNamespace(
+        hparams={"backbone": {"_target_": "seqlab.backbones.rnn.RNNBackbone", "cell": "lstm"}}
+    )
+    assert model_name({"model_name": "lstm_big"}, lstm) == "lstm_big"
+    assert model_name({}, lstm) == "lstm"
+    transformer = {"backbone": {"_target_": "seqlab.backbones.transformer.TransformerBackbone"}}
+    assert model_name({}, SimpleNamespace(hparams=transformer)) == "TransformerBackbone"
+    assert model_name({}, SimpleNamespace(hparams={})) is None
