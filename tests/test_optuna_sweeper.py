@@ -396,10 +396,19 @@ def composing_sweeper() -> OptunaSweeper:
             raise ValueError("Key 'nhead' is not in struct")
         if sets("task.embed_dropout") and "data=sst2" not in sweep_overrides:
             raise ValueError("Could not override 'task.embed_dropout'")
+        if sets("model.bidirectional") and "+study_backbone=rnn64" not in sweep_overrides:
+            raise ValueError("Could not override 'model.bidirectional'")
+
+    def get_group_options(name: str) -> list[str]:
+        return {"model": ["lstm", "transformer"], "data": ["sst2"], "study_backbone": ["rnn64"]}.get(name, [])
 
     chosen = sweeper()
     chosen.config = OmegaConf.create({})
-    chosen.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(load_sweep_config=load_sweep_config))
+    chosen.hydra_context = SimpleNamespace(
+        config_loader=SimpleNamespace(
+            load_sweep_config=load_sweep_config, get_group_options=get_group_options
+        )
+    )
     return chosen
 
 
@@ -435,10 +444,26 @@ def test_a_sampled_value_that_composes_with_no_option_is_refused_before_the_firs
     # AttributeError: no choices), a choice of it is not combined as options
     chosen.check_values(["data=sst2"], space(["seed=range(1,4)", "task.embed_dropout=interval(0.1,0.5)"]))
     chosen.config = OmegaConf.create({"hydra": {"runtime": {"choices": {"model": "lstm", "data": "sst2"}}}})
+    composed = []
+    real = chosen.composes
+    chosen.composes = lambda overrides: composed.append(overrides) or real(overrides)
     chosen.check_values(
         ["data=sst2"],
         space(["seed=choice(1,2)", "model=choice(lstm,transformer)", "model.nhead=choice(2,4)"]),
     )
+    # seed is a value (composed once), not options to combine; model.nhead tried until transformer
+    assert [o[-1] for o in composed] == ["seed=1", "model.nhead=2", "model.nhead=2"]
+    assert [o[-2] for o in composed[1:]] == ["model=lstm", "model=transformer"]
+    # an appended group (+study_backbone, not among the sweep config's choices) is a group
+    appended = ["+study_backbone=choice(rnn64,transformer64)", "model.bidirectional=choice(true,false)"]
+    chosen.check_values([], space(appended))
+    # over 64 combinations of options nothing is refused: the trials will tell
+    many = ",".join(f"m{i}" for i in range(65))
+    chosen.check_values([], space([f"model=choice({many})", "task.embed_dropout=interval(0.1,0.5)"]))
+    with pytest.raises(ValueError, match=r"task\.embed_dropout cannot be composed"):
+        chosen.check_values(
+            [], space(["model=choice(lstm,transformer)", "task.embed_dropout=interval(0.1,0.5)"])
+        )
 
 
 def test_another_optimized_metric_needs_its_direction() -> None:

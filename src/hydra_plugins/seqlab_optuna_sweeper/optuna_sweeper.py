@@ -466,13 +466,25 @@ class OptunaSweeper(Sweeper):
                 return dist.choices[0]
             return dist.low
 
-        assert self.config is not None
+        assert self.config is not None and self.hydra_context is not None
         chosen = OmegaConf.select(self.config, "hydra.runtime.choices", throw_on_missing=False)
-        group_names = set(chosen) if OmegaConf.is_dict(chosen) else None  # None: keys without a dot
+        group_names = set(chosen) if OmegaConf.is_dict(chosen) else set()
+        group_options = getattr(self.hydra_context.config_loader, "get_group_options", None)
 
         def is_group(key: str) -> bool:
+            """A config group: one of the defaults list's, or one Hydra has options for (an
+            appended ``+study_backbone``, absent from the sweep config's choices)."""
             name = key.lstrip("+~")
-            return name in group_names if group_names is not None else "." not in name
+            if name in group_names:
+                return True
+            if "." in name:
+                return False
+            if group_options is None:  # no loader to ask: a key without a dot
+                return True
+            try:
+                return bool(group_options(name))
+            except Exception:
+                return False
 
         groups = {
             k: d.choices
@@ -486,13 +498,17 @@ class OptunaSweeper(Sweeper):
             if key in groups:
                 continue
             value = f"{key}={override_value(sample(dist))}"
-            whys = [
-                self.composes([*fixed, *(f"{g}={override_value(c)}" for g, c in zip(groups, option)), value])
-                for option in options
-            ]
-            if all(why is not None for why in whys):
+            first_why = None
+            for option in options:  # until one composes
+                why = self.composes(
+                    [*fixed, *(f"{g}={override_value(c)}" for g, c in zip(groups, option)), value]
+                )
+                if why is None:
+                    break
+                first_why = first_why or why
+            else:
                 raise SweepError(
-                    f"hydra.sweeper.params: {key} cannot be composed with any sampled option: {whys[0]} "
+                    f"hydra.sweeper.params: {key} cannot be composed with any sampled option: {first_why} "
                     "(is the data= or experiment= this search is for given?)"
                 )
 

@@ -137,7 +137,8 @@ def sweep_job_name() -> str | None:
     none; credentials redacted): the W&B run's name, so the runs of a sweep's group are told apart
     by their settings. The overrides every job shares (given as they are on the command line:
     ``experiment=...``, ``data.data_dir=...``) are left out where the jobs run in the sweep's own
-    process (the basic launcher; a SLURM job's command line is submitit's, and keeps them all),
+    process (the basic launcher; a SLURM job's command line is submitit's, and keeps them all; best
+    effort: a fixed value Hydra's basic sweeper re-renders, ``1e-3`` as ``0.001``, stays in),
     and floats are shown to 4 significant digits: an Optuna trial's name was its fixed overrides,
     cut before the sampled ones. Two trials may then share a name (a W&B name need not be
     unique: the run id is). Longer than W&B takes, cut with a hash of the whole kept at the end.
