@@ -59,20 +59,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timings(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
-    """Wall time of each of ``repeats`` calls of ``fn()``, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def round_robin(
     calls: dict[Any, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
 ) -> tuple[dict[Any, list[float]], set[Any]]:
@@ -350,6 +336,24 @@ def bench_scan(
 
 
 # ----------------------------------------------------------------------------- lengths
+def step_memory(
+    train_step: Callable[[], None], infer: Callable[[], None], params: Iterable[Tensor], device: torch.device
+) -> tuple[int, int | None] | None:
+    """(training, inference) bytes: each call's peak allocated on CUDA; on CPU the activations
+    autograd saves for backward (``params`` not counted) and no inference figure. None when it
+    runs out of memory."""
+    try:
+        if device.type == "cuda":
+            return peak_cuda_bytes(train_step, device), peak_cuda_bytes(infer, device)
+        return saved_activation_bytes(train_step, params), None
+    except RuntimeError as error:  # torch.OutOfMemoryError on a GPU, the CPU allocator's own
+        if not is_out_of_memory(error):
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+
 def bench_lengths(
     backbones: Sequence[str] = BACKBONES,
     lengths: Sequence[int] = CPU_LENGTHS,
@@ -384,6 +388,7 @@ def bench_lengths(
             + ("+compile" if compile else "")
             + (f"+tbptt{tbptt}" if getattr(models[name], "tbptt_steps", None) else "")
         )
+    params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     memory_measure = "peak allocated" if dev.type == "cuda" else "saved activations"
     stopped: dict[str, str] = {}  # backbone -> why it skips the longer lengths
     rows: dict[tuple[str, int], dict[str, Any]] = {}
@@ -401,26 +406,21 @@ def bench_lengths(
         times, failed = round_robin(calls, dev, repeats)
         for name in backbones:
             row: dict[str, Any] = {"backbone": labels[name], "T": steps, "batch": batch, "width": width,
-                                   "params": sum(p.numel() for p in models[name].parameters())}  # fmt: skip
+                                   "params": params[name]}  # fmt: skip
             if name in stopped:
                 rows[name, steps] = {**row, "skipped": stopped[name]}
                 continue
-            train_step, infer = calls[name, "train"], calls[name, "infer"]
-            try:
-                if (name, "train") in failed or (name, "infer") in failed:
-                    raise torch.OutOfMemoryError("out of memory")
-                if dev.type == "cuda":
-                    train_mem, infer_mem = peak_cuda_bytes(train_step, dev), peak_cuda_bytes(infer, dev)
-                else:
-                    train_mem, infer_mem = saved_activation_bytes(train_step, models[name].parameters()), None
-            except RuntimeError as error:
-                if not is_out_of_memory(error):
-                    raise
+            timed = (name, "train") not in failed and (name, "infer") not in failed
+            memory = (
+                step_memory(calls[name, "train"], calls[name, "infer"], models[name].parameters(), dev)
+                if timed
+                else None
+            )
+            if memory is None:
                 rows[name, steps] = {**row, "skipped": "out of memory"}
                 stopped[name] = "out of memory at a shorter T"
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
                 continue
+            train_mem, infer_mem = memory
             train_times, infer_times = times[name, "train"], times[name, "infer"]
             train_s, infer_s = statistics.median(train_times), statistics.median(infer_times)
             tokens = batch * steps
@@ -483,6 +483,7 @@ def bench_decode(
     for name in backbones:
         torch.manual_seed(0)
         models[name] = build_backbone(name, width, num_layers, dev, with_decoder=True)
+    params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     source = torch.randn(batch, source_length, width, device=dev)
     with torch.inference_mode():
         memories = {name: model.eval().encode(source).clone() for name, model in models.items()}
@@ -495,7 +496,7 @@ def bench_decode(
         times, failed = round_robin(calls, dev, repeats)
         for name in backbones:
             row: dict[str, Any] = {"backbone": name, "T": steps, "source_length": source_length, "batch": batch,
-                                   "width": width, "params": sum(p.numel() for p in models[name].parameters())}  # fmt: skip
+                                   "width": width, "params": params[name]}  # fmt: skip
             if name in stopped:
                 rows[name, steps] = {**row, "skipped": "out of memory at a shorter T"}
                 continue
