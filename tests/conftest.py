@@ -155,3 +155,14 @@ def run_script(
         text=True,
         timeout=timeout,
     )
+
+
+def why_failed(result: subprocess.CompletedProcess, limit: int = 3000) -> str:
+    """What a failed run printed that says why: its first traceback and the end of stderr. Under
+    DDP the last traceback is often only the consequence (the other rank's "Connection closed by
+    peer"); the first one is the process that failed."""
+    err = result.stderr
+    first = err.find("Traceback (most recent call last)")
+    if len(err) <= 2 * limit or first < 0 or first >= len(err) - limit:
+        return err[-2 * limit :]
+    return f"{err[first : first + limit]}\n[...]\n{err[-limit:]}"

@@ -16,7 +16,7 @@ from seqlab.errors import ConfigError
 from seqlab.eval import evaluate
 from seqlab.tasks.classification import ClassificationTask, most_confident
 from seqlab.train import train
-from tests.conftest import SHARED_DATA, run_script
+from tests.conftest import SHARED_DATA, run_script, why_failed
 from tests.faults import initial_weights
 
 BACKBONES = {
@@ -369,7 +369,7 @@ def test_sst2_from_the_shared_files_learns(tmp_path: Path) -> None:
         "callbacks.rich_progress_bar=null",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, why_failed(result)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["data"] == "sst2"
     assert summary["metrics"]["test/acc"] > 0.7, summary["metrics"]

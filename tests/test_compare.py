@@ -13,7 +13,7 @@ import pytest
 from seqlab.compare import aggregate, beyond_noise, compare, read_jobs, welch_p_value
 from seqlab.errors import ConfigError
 from seqlab.utils.run import write_summary
-from tests.conftest import FAST, run_script
+from tests.conftest import FAST, run_script, why_failed
 
 
 def fake_sweep(root: Path, results: dict[str, list[float]], task: str = "classification") -> Path:
@@ -181,9 +181,9 @@ def test_compare_builds_the_report_of_a_real_sweep(tmp_path: Path) -> None:
         "train.py", "-m", "model=rnn,transformer", "seed=1,2", *FAST, "trainer.max_epochs=2",
         f"hydra.sweep.dir={sweep}", timeout=400,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, why_failed(result)
     report = run_script("scripts/compare.py", str(sweep), timeout=120)
-    assert report.returncode == 0, report.stderr[-3000:]
+    assert report.returncode == 0, why_failed(report)
     text = (sweep / "report.md").read_text()
     assert "<table>" in (sweep / "report.html").read_text()
     for name in ("report_curves.png", "report_metric_vs_time.png", "report_predictions.png"):

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from seqlab.errors import ConfigError
 from seqlab.train import train
 from seqlab.utils.resume import config_differences, find_interrupted_run, mark_running, newest_checkpoint
-from tests.conftest import FAST, ROOT, run_script
+from tests.conftest import FAST, ROOT, run_script, why_failed
 from tests.faults import first_steps
 
 # two epochs of 50 steps, step checkpoints by step count (the tests set how many)
@@ -74,7 +74,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> 
     is (Lightning's handler saved its checkpoint wherever the signal found the process)."""
     reference = tmp_path / "reference"
     result = run_script("train.py", *EVERY_7_STEPS, f"hydra.run.dir={reference}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, why_failed(result)
 
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
@@ -97,7 +97,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> 
             *record_first_step(tmp_path / f"{how}.first_steps"),
         ]
         first = run_script(*command, env=env)
-        assert first.returncode == exit_code, (how, first.returncode, first.stderr[-3000:])
+        assert first.returncode == exit_code, (how, first.returncode, why_failed(first))
         (run_dir,) = (logs / "train" / "runs").iterdir()
         assert not (run_dir / "summary.json").exists()
         checkpoint = newest_checkpoint(run_dir)
@@ -114,7 +114,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> 
             assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))  # Lightning's, saved inside the handler
 
         again = run_script(*command, env=env)
-        assert again.returncode == 0, (how, again.stderr[-3000:])
+        assert again.returncode == 0, (how, why_failed(again))
         assert [p.name for p in (logs / "train" / "runs").iterdir()] == [run_dir.name], "same directory"
         assert f"resuming the interrupted run in {run_dir}" in again.stdout + again.stderr
         assert first_steps(tmp_path / f"{how}.first_steps") == [0, saved_at], "trained on from the checkpoint"
@@ -133,14 +133,14 @@ def interrupted_and_resumed(
     steps = tmp_path / "first_steps"
     command = ["train.py", *overrides, f"hydra.run.dir={run_dir}", *faults, *record_first_step(steps)]
     first = run_script(*command)
-    assert first.returncode == exit_code, first.stderr[-3000:]
+    assert first.returncode == exit_code, why_failed(first)
     assert said in first.stdout + first.stderr
     assert (
         torch.load(newest_checkpoint(run_dir), map_location="cpu", weights_only=True)["global_step"]
         == saved_step
     )
     again = run_script(*command)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, why_failed(again)
     assert first_steps(steps) == [0, saved_step], "trained on from the checkpoint, not afresh"
     assert_same_run(run_dir, reference)
 

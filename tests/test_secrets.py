@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from seqlab.utils.secrets import REDACTED, redact, redact_text
+from tests.conftest import why_failed
 
 FAKE_WANDB_KEY = "fake-wandb-key-0123456789abcdef0123"
 FAKE_TOKEN = "hf_fakeTokenValue987654321"
@@ -86,7 +87,7 @@ def test_no_secret_in_any_file_of_the_run_directory(tmp_path: Path) -> None:
         f"+extras.api_key={LITERAL}", f"hydra.run.dir={run_dir}",
         env={"WANDB_API_KEY": FAKE_WANDB_KEY, "HF_TOKEN": FAKE_TOKEN},
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, why_failed(done)
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert any(p.suffix == ".ckpt" for p in files) and any(p.name == "summary.json" for p in files)
     leaks = {
@@ -175,7 +176,7 @@ def test_a_data_urls_password_reaches_no_file(tmp_path: Path) -> None:
         env={"MIRROR_URL": f"https://alice:{password}@mirror.example.org/x.csv", "HOME": str(home),
              "NETRC": str(home / ".netrc")},
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, why_failed(done)
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert {"hparams.yaml", "best.ckpt"} <= {p.name for p in files} and list(run_dir.rglob("*.wandb"))
     leaks = [str(p.relative_to(run_dir)) for p in files if password.encode() in p.read_bytes()]

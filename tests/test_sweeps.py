@@ -10,7 +10,7 @@ import optuna
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import run_script
+from tests.conftest import run_script, why_failed
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def search(sweep: Path, *overrides: str) -> dict:
         f"hydra.sweep.dir={sweep}",
         timeout=400,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, why_failed(result)
     return OmegaConf.to_container(OmegaConf.load(sweep / "optimization_results.yaml"))
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from seqlab.utils import wandb as wandb_utils
+from tests.conftest import why_failed
 
 
 @pytest.fixture
@@ -121,7 +122,7 @@ def test_training_with_wandb_and_no_key_writes_offline_run(tmp_path: Path, logge
         "train.py", f"logger={logger}", *FAST, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}",
         env={"HOME": str(home), "NETRC": str(home / ".netrc")}, timeout=240,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, why_failed(result)
     if logger == "many":
         assert list(run_dir.rglob("events.out.tfevents.*")), "TensorBoard's event file"
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
@@ -146,7 +147,7 @@ def test_classification_sends_its_confusion_matrix_and_mistakes_table_to_wandb(t
         "extras.print_config=false", "callbacks.rich_progress_bar=null", f"hydra.run.dir={run_dir}",
         env={"HOME": str(home), "NETRC": str(home / ".netrc")}, timeout=240,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, why_failed(result)
     (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
     media = offline / "files" / "media"
     tables = list(media.rglob("*misclassified*.table.json"))
@@ -171,7 +172,7 @@ def test_runs_of_one_sweep_are_separate_wandb_runs_in_one_group(tmp_path: Path) 
         "+hydra.callbacks.compare_report._target_=seqlab.utils.hydra_callbacks.CompareReport",
         f"hydra.sweep.dir={sweep}", env={"HOME": str(home), "NETRC": str(home / ".netrc")}, timeout=300,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, why_failed(result)
     runs = [list((sweep / job / "wandb").glob("offline-run-*/*.wandb")) for job in ("0", "1")]
     assert all(len(found) == 1 for found in runs), runs
     (first,), (second,) = runs
@@ -301,14 +302,14 @@ def test_each_job_of_an_eval_multirun_is_its_own_wandb_run(tmp_path: Path) -> No
     env = {"HOME": str(home), "NETRC": str(home / ".netrc")}
     run_dir = tmp_path / "run"
     trained = run_script("train.py", *FAST, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}", env=env)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert trained.returncode == 0, why_failed(trained)
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     sweep = tmp_path / "evals"
     result = run_script(
         "eval.py", "-m", f"ckpt_path={ckpt},{run_dir / 'checkpoints' / 'last.ckpt'}", "logger=wandb",
         f"hydra.sweep.dir={sweep}", env=env, timeout=300,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, why_failed(result)
     runs = [list((sweep / job / "wandb").glob("offline-run-*/*.wandb")) for job in ("0", "1")]
     assert all(len(found) == 1 for found in runs), runs
     assert runs[0][0].parent.name != runs[1][0].parent.name, "two W&B runs, not one reused"

@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -453,6 +454,18 @@ def use_sweep_launcher(trainer: Any) -> None:
         )
 
 
+def exit_reason(code: int) -> str:
+    """A child process's exit status in words: ``exit code 1``, ``killed by SIGKILL (...)``."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    oom = " (as the kernel's out-of-memory killer does)" if -code == signal.SIGKILL else ""
+    return f"killed by {name}{oom}"
+
+
 def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> None:
     """After a sweep job: wait for its other ranks, close the process group, forget the launch
     environment, so that the next job launches its own processes. After a ``failed`` job the other
@@ -468,6 +481,11 @@ def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> No
     launcher.procs.clear()
     try:
         for rank, proc in enumerate(procs, start=1):
+            code = proc.poll()
+            if failed and code:  # ended before this process gave up: likely what failed the job
+                log.error(
+                    "rank %d of this job had ended before this process failed: %s", rank, exit_reason(code)
+                )
             if failed:
                 proc.kill()
             try:
@@ -477,7 +495,7 @@ def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> No
                 proc.kill()
                 code = proc.wait()
             if code and not failed:
-                log.warning("rank %d of this job exited with code %s", rank, code)
+                log.warning("rank %d of this job ended: %s", rank, exit_reason(code))
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
