@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,12 @@ def test_wrong_type_unknown_key_and_unknown_option_are_refused_before_training(t
     done = run_script("train.py", *FAST, "trainer.devices=abc", f"hydra.run.dir={tmp_path / 'a'}")
     _assert_clear_failure(done, "trainer.devices='abc': expected a positive integer")
     assert not (tmp_path / "a" / "config.yaml").exists()  # refused before the run wrote anything
+
+    done = run_script("train.py", *FAST, "trainer.max_epochs=abc", f"hydra.run.dir={tmp_path / 'a'}")
+    _assert_clear_failure(
+        done, "trainer.max_epochs='abc': expected an integer or null (Trainer's max_epochs)"
+    )
+    assert not (tmp_path / "a" / "config.yaml").exists()
 
     done = run_script("train.py", *FAST, "trainer.devicez=2", f"hydra.run.dir={tmp_path / 'b'}")
     _assert_clear_failure(done, "Could not override 'trainer.devicez'", "Key 'devicez' is not in struct")
@@ -198,6 +205,17 @@ def test_a_task_or_model_key_the_data_or_backbone_cannot_take_is_refused_before_
         ConfigError, match=r"model\.nhead: not a setting of RNNBackbone \(its settings: .*cell"
     ):
         train(make_cfg("model=gru", "+model.nhead=4", output="model"))
+    # a value of the wrong type, in every group
+    for override, expected in {
+        "seed=abc": "seed='abc': expected an integer, or null for an unseeded run",
+        "model.d_model=abc": "model.d_model='abc': expected an integer (TransformerBackbone's d_model)",
+        "data.lookback=1.5": "data.lookback=1.5: expected an integer (SyntheticSeriesDataModule's lookback)",
+        "task.head=7": "task.head=7: expected a string (ForecastingTask's head)",
+        "trainer.precision=17": "trainer.precision=17: expected one of 64, 32, 16, ",
+        "callbacks.early_stopping.patience=x": "callbacks.early_stopping.patience='x': expected an integer",
+    }.items():
+        with pytest.raises(ConfigError, match="^" + re.escape(expected)):
+            train(make_cfg(override, fast=False, output="model"))
     assert not (tmp_path / "task").exists() and not (tmp_path / "model").exists()
 
 

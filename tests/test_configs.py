@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqlab.train import build_callbacks, build_datamodule, build_loggers, build_task, build_trainer
+from seqlab.train import (
+    build_callbacks,
+    build_datamodule,
+    build_loggers,
+    build_task,
+    build_trainer,
+    check_choices,
+)
 from tests.conftest import CONFIGS, run_script
 
 
@@ -52,6 +59,7 @@ def test_every_data_and_model_pair_instantiates(
     make_cfg, data: str, model: str, request, tmp_path: Path
 ) -> None:
     cfg = make_cfg(f"data={data}", f"model={model}", *data_overrides(data, request, tmp_path), fast=False)
+    check_choices(cfg)  # every shipped setting passes the key and type checks
     datamodule = build_datamodule(cfg.data)
     task = build_task(cfg.task, cfg.model, datamodule)
     if cfg.task._target_.endswith("ForecastingTask"):
@@ -70,6 +78,7 @@ def test_every_data_and_model_pair_instantiates(
 @pytest.mark.parametrize("trainer", options("trainer"))
 def test_every_trainer_option_composes(make_cfg, trainer: str) -> None:
     cfg = make_cfg(f"trainer={trainer}")
+    check_choices(cfg)
     assert cfg.trainer.default_root_dir == cfg.paths.output_dir
     if trainer in ("ddp", "ddp_spawn"):
         assert cfg.trainer.strategy == trainer
@@ -79,6 +88,11 @@ def test_every_trainer_option_composes(make_cfg, trainer: str) -> None:
     if trainer in ("default", "cpu", "ddp", "ddp_spawn", "fsdp2"):
         built = build_trainer(cfg, callbacks=[], loggers=[])
         assert built.max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+def test_every_logger_option_passes_the_setting_checks(make_cfg, logger: str) -> None:
+    check_choices(make_cfg(f"logger={logger}"))
 
 
 @pytest.mark.parametrize("logger", [o for o in options("logger") if o not in ("wandb", "many")])
@@ -95,13 +109,16 @@ def test_every_logger_option_instantiates_and_csv_is_always_kept(
 
 @pytest.mark.parametrize("callbacks", options("callbacks"))
 def test_every_callbacks_option_instantiates(make_cfg, callbacks: str) -> None:
-    built = build_callbacks(make_cfg(f"callbacks={callbacks}", fast=False).get("callbacks"))
+    cfg = make_cfg(f"callbacks={callbacks}", fast=False)
+    check_choices(cfg)
+    built = build_callbacks(cfg.get("callbacks"))
     assert "RunStats" in [type(c).__name__ for c in built]
 
 
 @pytest.mark.parametrize("debug", [o for o in options("debug") if o != "default"])
 def test_every_debug_preset_composes(make_cfg, debug: str) -> None:
     cfg = make_cfg(f"debug={debug}")
+    check_choices(cfg)
     assert cfg.task_name == "debug"
     assert cfg.trainer.accelerator == "cpu"
     built = build_trainer(cfg, callbacks=[], loggers=[])
@@ -124,6 +141,7 @@ def test_every_experiment_composes(make_cfg, experiment: str, request, tmp_path:
         data = {"ett": "ett", "sst2": "sst2", "multi30k": "multi30k", "mfu": "timeseries"}[prefix]
     overrides = data_overrides(data, request, tmp_path)
     cfg = make_cfg(f"experiment={experiment}", *overrides, fast=False)
+    check_choices(cfg)
     if prefix in ("compare", "seeds"):
         assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params.seed == "1,2,3"
         assert cfg.hydra.callbacks.compare_report._target_.endswith("CompareReport")

@@ -6,7 +6,6 @@ it built. The top-level ``train.py`` is only the Hydra entry point.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ from hydra.utils import get_class
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from seqlab.callbacks import DivergenceGuard, ExactResume, RunStats, SaveOnSigterm
 from seqlab.callbacks.run_stats import start_job
@@ -57,46 +56,18 @@ from seqlab.utils.run import (
     write_summary,
 )
 from seqlab.utils.secrets import redact
+from seqlab.utils.settings import check_settings, matches, to_plain
 from seqlab.utils.wandb import finish_runs, summarize_runs
 
 log = logging.getLogger(__name__)
-
-
-def to_plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def check_settings(node: DictConfig | dict, prefix: str) -> None:
-    """Refuse, by name, a key the ``_target_`` class does not take (``+data.data_dir=`` for
-    synthetic data): instantiate would raise a TypeError inside Hydra's traceback instead."""
-    settings = to_plain(node)
-    target = settings.get("_target_")
-    if not target:
-        return
-    parameters: set[str] = set()
-    for cls in get_class(target).__mro__:  # **kwargs handed on to the base classes' __init__
-        if cls is object:
-            return  # takes anything
-        if "__init__" not in vars(cls):
-            continue
-        signature = inspect.signature(cls.__init__).parameters
-        parameters |= {name for name, p in signature.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
-            break
-    unknown = sorted(k for k in settings if not k.startswith("_") and k not in parameters)
-    if unknown:
-        known = sorted(parameters - {"self", "args"})
-        raise ConfigError(
-            f"{', '.join(f'{prefix}.{k}' for k in unknown)}: not a setting of {target.rsplit('.', 1)[-1]} "
-            f"(its settings: {', '.join(known)})"
-        )
 
 
 def check_choices(cfg: DictConfig) -> None:
     """What the config alone decides, refused before any data is read, downloaded or tokenized
     (an SST-2 download and tokenizer training came first): a ``task=`` of another kind than the
     data's examples, a ``model.*`` key the backbone does not take (an experiment's ``model.nhead``
-    under ``model=gru``)."""
+    under ``model=gru``), a value that the annotations of the class it configures rule out
+    (``seqlab.utils.settings``), or a seed that is not an integer."""
     data_cls, task_cls = get_class(cfg.data._target_), get_class(cfg.task._target_)
     wanted = getattr(data_cls, "TASK", None)
     if wanted and not issubclass(task_cls, get_class(wanted)):
@@ -105,8 +76,17 @@ def check_choices(cfg: DictConfig) -> None:
             f"data={hydra_choice('data') or cfg.data._target_}, whose examples are for a "
             f"{wanted.rsplit('.', 1)[-1]}: the data config chooses the task; drop task="
         )
-    # size and compile are build_backbone's, not the backbone class's
-    check_settings({k: v for k, v in to_plain(cfg.model).items() if k not in ("size", "compile")}, "model")
+    seed = cfg.get("seed")
+    if not matches(seed, int | None):
+        raise ConfigError(f"seed={seed!r}: expected an integer, or null for an unseeded run")
+    check_settings(cfg.data, "data")
+    check_settings(cfg.model, "model", skip=("size", "compile"))  # build_backbone's, not the class's
+    check_settings(cfg.task, "task")
+    check_settings(cfg.trainer, "trainer", skip=("strategy",))  # build_strategy's
+    for group in ("callbacks", "logger"):
+        for name, node in (cfg.get(group) or {}).items():
+            if node is not None and "_target_" in node:
+                check_settings(node, f"{group}.{name}")
 
 
 def without_weight_averaging(trainer: L.Trainer) -> None:
