@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 
 
 class FailOnRank(L.Callback):
@@ -179,3 +182,31 @@ class SigtermFlagAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             trainer._signal_connector.received_sigterm = True
+
+
+class SlowToFinish(Logger):
+    """A logger whose ``finalize`` takes ``seconds`` on rank 0 when the run failed or was stopped
+    (as W&B's upload may), then writes ``path``: whether rank 0 finished by itself."""
+
+    def __init__(self, path: str, seconds: float = 8.0) -> None:
+        super().__init__()
+        self.path, self.seconds = path, seconds
+
+    @property
+    def name(self) -> str:
+        return "slow"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def finalize(self, status: str) -> None:
+        if rank_zero_only.rank == 0 and status != "success":
+            time.sleep(self.seconds)
+            Path(self.path).write_text(status)

@@ -467,6 +467,24 @@ def test_a_failing_rank_ends_the_whole_job(tmp_path: Path, rank: int, how: str) 
 
 
 @pytest.mark.slow
+def test_after_a_sigterm_stop_rank_0_finishes_by_itself(tmp_path: Path) -> None:
+    """SIGTERM under DDP: every rank saves the checkpoint and exits 143, the other ranks first.
+    Lightning's watch over them SIGKILLed rank 0 within 5 s of seeing a 143, while rank 0 still
+    closed its loggers (a W&B upload takes that long) and its ``.running`` marker."""
+    finished = tmp_path / "finished"
+    done = run_script(
+        "train.py", "trainer=ddp", *FAST, "trainer.max_epochs=20", f"hydra.run.dir={tmp_path / 'run'}",
+        "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0",
+        "+callbacks.fault.step=5", "+callbacks.fault.how=term", "+logger.slow._target_=tests.faults.SlowToFinish",
+        f"+logger.slow.path={finished}", timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 143, why_failed(done)
+    assert finished.read_text() == "failed", "rank 0 closed its loggers"
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "run" / ".running").exists()
+
+
+@pytest.mark.slow
 def test_a_loss_that_diverges_on_one_process_stops_every_process(tmp_path: Path) -> None:
     """The divergence check is one decision for all processes: rank 1 alone raising left rank 0
     waiting in its next collective until Lightning killed it (an exit like an out-of-memory kill)."""

@@ -417,7 +417,7 @@ def test_a_dead_rank_ends_the_sweep_job_not_the_sweep(job_ends: bool) -> None:
     import sys
     import time
 
-    from seqlab.utils.distributed import SweepJobObserver
+    from seqlab.utils.distributed import RankObserver
 
     launching = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -426,7 +426,7 @@ def test_a_dead_rank_ends_the_sweep_job_not_the_sweep(job_ends: bool) -> None:
         subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]),  # a rank that died
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]),  # one left waiting
     ]
-    observer = SweepJobObserver(main_pid=launching.pid, child_processes=ranks, sleep_period=0.1)
+    observer = RankObserver(main_pid=launching.pid, child_processes=ranks, sleep_period=0.1)
     observer.grace = 3.0
     try:
         observer.start()

@@ -32,8 +32,8 @@ from seqlab.utils.distributed import (
     check_hardware,
     finish_job,
     in_multirun,
+    use_script_launcher,
     use_spawn_launcher,
-    use_sweep_launcher,
 )
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.precision import clip_fused_under_bf16
@@ -159,7 +159,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Lo
         cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
     )
     clip_fused_under_bf16(trainer.strategy)  # bf16-mixed clips a fused optimizer's gradients too
-    use_sweep_launcher(trainer)
+    use_script_launcher(trainer)
     use_spawn_launcher(trainer)
     return trainer
 

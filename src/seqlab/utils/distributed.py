@@ -369,14 +369,16 @@ def job_command(local_rank: int) -> tuple[list[str], str]:
     return command, get_original_cwd()
 
 
-class SweepJobObserver(_ChildProcessObserver):
-    """Lightning's watch over the other ranks, for a sweep job. Lightning kills the launching
-    process once a rank exits non-zero (a rank stuck in an NCCL collective would wait for ever);
-    in a sweep that process is the sweep. Here it first gives the job ``grace`` seconds to fail by
-    itself (gloo raises on a closed connection): once ``finish_job`` has taken the ranks back
-    (emptied the list), the sweep goes on to its next job. Under NCCL a rank that lost a peer
-    waits in its collective until the process group's timeout, longer than the grace: there the
-    sweep still ends, as with Lightning's own watch."""
+class RankObserver(_ChildProcessObserver):
+    """Lightning's watch over the other ranks, with a grace period. Lightning SIGKILLs the
+    launching process within 5 s of a rank exiting non-zero (a rank stuck in an NCCL collective
+    would wait for ever); that cut short a rank 0 still finishing by itself: after a SIGTERM stop
+    every rank exits 143 once the checkpoint is saved, and rank 0 was killed while it closed its
+    loggers (W&B) and its ``.running`` marker; in a sweep, the launching process is the sweep.
+    Here the other ranks are killed at once, and the launching process gets ``grace`` seconds to
+    end, or to fail, by itself: once ``finish_job`` has taken a sweep job's ranks back (emptied
+    the list), the sweep goes on to its next job. Under NCCL a rank that lost a peer waits in
+    its collective until the process group's timeout, longer than the grace: it is killed then."""
 
     grace = 60.0
 
@@ -390,16 +392,21 @@ class SweepJobObserver(_ChildProcessObserver):
             os.kill(self._main_pid, self._termination_signal)
 
 
-class SweepJobLauncher(subprocess_script._SubprocessScriptLauncher):
-    """Lightning's script launcher whose other ranks run this sweep job, not the whole sweep, and
-    whose rank failures end the job, not the sweep (``SweepJobObserver``, ``finish_job``)."""
+class ScriptLauncher(subprocess_script._SubprocessScriptLauncher):
+    """Lightning's script launcher (DDP, FSDP, DeepSpeed) whose watch over the other ranks lets
+    the launching process finish by itself first (``RankObserver``)."""
 
     def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         def observe(procs: list[Any]) -> None:
-            SweepJobObserver(main_pid=os.getpid(), child_processes=procs).start()
+            RankObserver(main_pid=os.getpid(), child_processes=procs).start()
 
         with mock.patch.object(subprocess_script, "_launch_process_observer", observe):
             return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
+class SweepJobLauncher(ScriptLauncher):
+    """The script launcher whose other ranks run this sweep job, not the whole sweep, and whose
+    rank failures end the job, not the sweep (``RankObserver``, ``finish_job``)."""
 
     def _call_children_scripts(self) -> None:
         # Lightning builds a Hydra child's command in this one function: swap in the job's
@@ -444,14 +451,14 @@ def use_spawn_launcher(trainer: Any) -> None:
         strategy._launcher = SpawnLauncher(strategy, start_method=launcher._start_method)
 
 
-def use_sweep_launcher(trainer: Any) -> None:
-    """Inside a multirun, give a script-launched strategy (DDP, FSDP, DeepSpeed) the job launcher."""
+def use_script_launcher(trainer: Any) -> None:
+    """Give a script-launched strategy (DDP, FSDP, DeepSpeed) seqlab's launcher: the sweep job's
+    inside a multirun, else the one whose watch over the ranks has a grace period."""
     strategy = trainer.strategy
     launcher = getattr(strategy, "_launcher", None)
-    if type(launcher) is subprocess_script._SubprocessScriptLauncher and in_multirun():
-        strategy._launcher = SweepJobLauncher(
-            launcher.cluster_environment, launcher.num_processes, launcher.num_nodes
-        )
+    if type(launcher) is subprocess_script._SubprocessScriptLauncher:
+        cls = SweepJobLauncher if in_multirun() else ScriptLauncher
+        strategy._launcher = cls(launcher.cluster_environment, launcher.num_processes, launcher.num_nodes)
 
 
 def exit_reason(code: int) -> str:
