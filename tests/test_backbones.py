@@ -112,21 +112,50 @@ def test_causal_encoders_ignore_the_future_and_the_others_read_it(backbone: Back
         assert (before - after).abs().amax(dim=-1).min() > 1e-5, "some early position read nothing later"
 
 
-def test_step_by_step_decoding_equals_full_decoding(backbone: Backbone) -> None:
-    """Teacher-forced decoding in one call equals decoding one step at a time with the state."""
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
+def test_step_by_step_decoding_equals_full_decoding(backbone: Backbone, grad: bool) -> None:
+    """Teacher-forced decoding in one call equals decoding one step at a time with the state, and
+    in chunks; without autograd (generation), where the Transformer's cache grows in place past
+    its first buffers (16 steps, then twice what is needed), as with it."""
+    x, pad = batch([5, 3], 5)
+    with torch.set_grad_enabled(grad):
+        memory = backbone.encode(x, pad)
+        y = torch.randn(2, 40, WIDTH)
+        full, _ = backbone.decode(y, memory, pad)
+        state, outs = None, []
+        for step in range(40):
+            out, state = backbone.decode(y[:, step : step + 1], memory, pad, state)
+            outs.append(out)
+        torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-4)
+        # chunks (a prefix, a block that overflows the cache, then one step at a time) agree as well
+        state, outs = None, []
+        for start, stop in [(0, 2), (2, 19), (19, 20), (20, 21), (21, 40)]:
+            out, state = backbone.decode(y[:, start:stop], memory, pad, state)
+            outs.append(out)
+        torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-4)
+    if grad:  # the step-by-step graph reaches the weights (nothing written in place under autograd)
+        torch.cat(outs, dim=1).sum().backward()
+        assert all(p.grad is not None for p in backbone.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def test_a_reordered_state_decodes_on_as_its_rows(backbone: Backbone) -> None:
+    """Beam search's use of a state: decode, reorder the rows (here: swap and repeat them), decode
+    on; each row continues as the row it was taken from, however the cache was grown before."""
     x, pad = batch([5, 3], 5)
     memory = backbone.encode(x, pad)
-    y = torch.randn(2, 6, WIDTH)
+    y = torch.randn(2, 24, WIDTH)
     full, _ = backbone.decode(y, memory, pad)
-    state, outs = None, []
-    for step in range(6):
-        out, state = backbone.decode(y[:, step : step + 1], memory, pad, state)
+    state = None
+    for step in range(18):
+        _, state = backbone.decode(y[:, step : step + 1], memory, pad, state)
+    rows = torch.tensor([1, 0, 0])
+    state = backbone.reorder_state(state, rows)
+    outs = []
+    for step in range(18, 24):
+        out, state = backbone.decode(y[rows, step : step + 1], memory[rows], pad[rows], state)
         outs.append(out)
-    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-4)
-    # two chunks (a prefix, then the rest) agree as well
-    first, state = backbone.decode(y[:, :2], memory, pad)
-    rest, _ = backbone.decode(y[:, 2:], memory, pad, state)
-    torch.testing.assert_close(torch.cat([first, rest], dim=1), full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full[rows, 18:], atol=1e-5, rtol=1e-4)
 
 
 def test_decoder_is_causal(backbone: Backbone) -> None:

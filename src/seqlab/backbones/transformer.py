@@ -118,27 +118,53 @@ class DecoderLayer(nn.Module):
         cache: tuple[Tensor, Tensor] | None,
         memory: Tensor | tuple[Tensor, Tensor],
         memory_attn_mask: Tensor | None,
+        write_at: int | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """-> (output, self-attention keys/values so far, memory keys/values). ``memory`` is the
         encoder output on the first call and its projected keys/values (returned then) after, so
-        every projection runs inside ``forward`` (where FSDP gathers this layer's weights)."""
+        every projection runs inside ``forward`` (where FSDP gathers this layer's weights).
+        ``cache``: the keys/values of the steps before; with ``write_at`` (decoding without
+        autograd), buffers holding ``write_at`` steps with room for the new ones, which are written
+        into them in place (returned whole) instead of a new concatenation a step."""
         memory_kv = self.cross_attn.keys_values(memory) if isinstance(memory, Tensor) else memory
         h = self.norm_self(y)
         key, value = self.self_attn.keys_values(h)
+        steps = y.shape[1]
         past = 0
-        if cache is not None:
+        if cache is not None and write_at is not None:
+            past = write_at
+            cache[0][:, :, past : past + steps] = key
+            cache[1][:, :, past : past + steps] = value
+            returned = cache
+            key, value = cache[0][:, :, : past + steps], cache[1][:, :, : past + steps]
+        elif cache is not None:
             past = cache[0].shape[2]
             key, value = torch.cat([cache[0], key], dim=2), torch.cat([cache[1], value], dim=2)
-        steps = y.shape[1]
+            returned = (key, value)
+        else:
+            returned = (key, value)
         if past == 0:  # plain causal attention over the new block
             attended = self.self_attn(h, key, value, is_causal=steps > 1)
+        elif steps == 1:  # one new step sees every step
+            attended = self.self_attn(h, key, value)
         else:  # new steps see every cached step and the new steps up to themselves
             mask = torch.ones(steps, past + steps, dtype=torch.bool, device=y.device).tril(diagonal=past)
             attended = self.self_attn(h, key, value, attn_mask=mask)
         y = y + self.dropout(attended)
         y = y + self.dropout(self.cross_attn(self.norm_cross(y), *memory_kv, attn_mask=memory_attn_mask))
         y = y + self.dropout(self.ff(self.norm_ff(y)))
-        return y, (key, value), memory_kv
+        return y, returned, memory_kv
+
+
+def with_room(buffer: Tensor, used: int, needed: int) -> Tensor:
+    """``buffer`` (keys or values, time on dim 2) if it has room for ``needed`` steps, else a
+    buffer twice that long holding its first ``used`` steps: a decoding that writes one step at a
+    time copies its cache O(log T) times, not once a step."""
+    if buffer.shape[2] >= needed:
+        return buffer
+    grown = buffer.new_empty(*buffer.shape[:2], max(2 * needed, 16), buffer.shape[3])
+    grown[:, :, :used] = buffer[:, :, :used]
+    return grown
 
 
 class TransformerBackbone(Backbone):
@@ -206,10 +232,20 @@ class TransformerBackbone(Backbone):
         h = self._add_positions(y, offset=state["position"])
         new_state: State = {"position": state["position"] + y.shape[1]}
         new_state.update(self_k=[], self_v=[], memory_k=[], memory_v=[])
+        past, needed = state["position"], state["position"] + y.shape[1]
+        # without autograd the cache grows in place; with it, a write would change tensors that
+        # earlier steps' attention saved for backward: then each step concatenates
+        in_place = not torch.is_grad_enabled()
         for i, layer in enumerate(self.decoder_layers):
-            cache = (state["self_k"][i], state["self_v"][i]) if state["self_k"] else None
+            cache, write_at = None, None
+            if state["self_k"]:
+                keys, values = state["self_k"][i], state["self_v"][i]
+                if in_place:
+                    cache, write_at = (with_room(keys, past, needed), with_room(values, past, needed)), past
+                else:
+                    cache = (keys[:, :, :past], values[:, :, :past])
             memory_in = (state["memory_k"][i], state["memory_v"][i]) if state["memory_k"] else memory
-            h, (key, value), (memory_k, memory_v) = layer(h, cache, memory_in, memory_attn_mask)
+            h, (key, value), (memory_k, memory_v) = layer(h, cache, memory_in, memory_attn_mask, write_at)
             for name, tensor in zip(
                 ("self_k", "self_v", "memory_k", "memory_v"), (key, value, memory_k, memory_v)
             ):
