@@ -79,6 +79,7 @@ def test_every_data_and_model_pair_instantiates(
 def test_every_trainer_option_composes(make_cfg, trainer: str) -> None:
     cfg = make_cfg(f"trainer={trainer}")
     check_choices(cfg)
+    check_choices(make_cfg(f"trainer={trainer}", "seed=null"))  # an unseeded run (the data's seed too)
     assert cfg.trainer.default_root_dir == cfg.paths.output_dir
     if trainer in ("ddp", "ddp_spawn"):
         assert cfg.trainer.strategy == trainer

@@ -24,6 +24,7 @@ class Settings:
         name: str | None = None,
         mode: Literal["sum", "mean"] = "sum",
         sizes: list[int] | None = None,
+        names: typing.Sequence[str] = (),
         pair: tuple[int, str] = (1, "a"),
         path: Path | None = None,
         anything=None,
@@ -46,7 +47,7 @@ TARGET = f"{__name__}.Settings"
     [
         ("width", 3), ("rate", 1), ("rate", 0.5), ("flag", True), ("name", None), ("name", "x"),
         ("mode", "mean"), ("sizes", [1, 2]), ("sizes", None), ("pair", [2, "b"]), ("path", "/tmp/x"),
-        ("anything", "whatever"), ("model", [1]), ("later", 3),
+        ("anything", "whatever"), ("model", [1]), ("later", 3), ("names", ["a"]), ("names", "ab"),
         ("width", {"_target_": "builtins.int"}),  # an object built by Hydra: the class decides
     ],
 )  # fmt: skip
@@ -58,15 +59,16 @@ def test_values_the_annotations_allow_pass(key: str, value: Any) -> None:
     ("key", "value", "expected"),
     [
         ("width", "abc", "model.width='abc': expected an integer (Settings's width)"),
-        ("width", 1.5, "model.width=1.5: expected an integer"),
+        ("width", 1.5, "model.width=1.5: expected an integer (Settings's width)"),
+        ("width", 1e4, "model.width=10000.0: expected an integer (Settings's width; write 10000)"),
         ("width", True, "model.width=True: expected an integer"),  # YAML's true is not 1 here
         ("rate", "high", "model.rate='high': expected a number"),
         ("flag", "yes", "model.flag='yes': expected true or false"),
         ("name", 3, "model.name=3: expected a string or null"),
         ("mode", "max", "model.mode='max': expected one of 'sum', 'mean'"),
-        ("sizes", [1, "b"], "model.sizes=[1, 'b']: expected a list of an integer or null"),
-        ("sizes", 4, "model.sizes=4: expected a list of an integer or null"),
-        ("pair", [1, 2], "model.pair=[1, 2]: expected a list of an integer"),
+        ("sizes", [1, "b"], "model.sizes=[1, 'b']: expected a list (each an integer) or null"),
+        ("sizes", 4, "model.sizes=4: expected a list (each an integer) or null"),
+        ("pair", [1, 2], "model.pair=[1, 2]: expected a list of 2 (an integer, a string)"),
         ("pair", [1], "model.pair=[1]: expected"),
         ("path", 3, "model.path=3: expected a path or null"),
     ],
@@ -86,6 +88,8 @@ def test_keys_handed_on_through_kwargs_are_checked_against_the_base_class() -> N
     with pytest.raises(ConfigError, match=r"^data.widht: not a setting of Extended \(its settings: .*width"):
         check_settings({"_target_": target, "widht": 4}, "data")
     check_settings({"_target_": target, "widht": "x"}, "data", skip=("widht",))
+    with pytest.raises(ConfigError, match=r"^data.self: not a setting of Extended"):
+        check_settings({"_target_": target, "self": 1}, "data")
 
 
 def test_an_annotation_in_words() -> None:

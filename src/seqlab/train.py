@@ -78,14 +78,19 @@ def check_choices(cfg: DictConfig) -> None:
         )
     seed = cfg.get("seed")
     if not matches(seed, int | None):
-        raise ConfigError(f"seed={seed!r}: expected an integer, or null for an unseeded run")
+        hint = (
+            " (from an environment variable: seed='${oc.decode:${oc.env:SEED}}')"
+            if isinstance(seed, str)
+            else ""
+        )
+        raise ConfigError(f"seed={seed!r}: expected an integer, or null for an unseeded run{hint}")
     check_settings(cfg.data, "data")
     check_settings(cfg.model, "model", skip=("size", "compile"))  # build_backbone's, not the class's
     check_settings(cfg.task, "task")
     check_settings(cfg.trainer, "trainer", skip=("strategy",))  # build_strategy's
     for group in ("callbacks", "logger"):
         for name, node in (cfg.get(group) or {}).items():
-            if node is not None and "_target_" in node:
+            if isinstance(node, dict | DictConfig) and "_target_" in node:
                 check_settings(node, f"{group}.{name}")
 
 

@@ -218,7 +218,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
         download: bool = True,
         strip_components: int = 0,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)

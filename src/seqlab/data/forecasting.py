@@ -132,7 +132,7 @@ class SeriesDataModule(L.LightningDataModule):
         season_length: int | None = None,
         scale: bool = True,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = 0,
     ) -> None:
         super().__init__()
         if features not in ("M", "S"):

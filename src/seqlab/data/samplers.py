@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from seqlab.errors import ConfigError
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
+def epoch_seed(seed: int | None, epoch: int) -> int:
     """The seed of one epoch's order, its own for every (seed, epoch) pair, the same on every
     process, machine and Python version. ``DistributedSampler``'s ``seed + epoch`` gave seed s at
     epoch e + 1 the order of seed s + 1 at epoch e: runs of consecutive seeds (a seed study)
@@ -150,7 +150,7 @@ class GlobalBatchSampler(DistributedSampler, SequentialSampler):
         num_replicas: int = 1,
         rank: int = 0,
         shuffle: bool = True,
-        seed: int = 0,
+        seed: int | None = 0,
         drop_last: bool = False,
     ) -> None:
         super().__init__(
@@ -187,7 +187,7 @@ class GlobalBatchSampler(DistributedSampler, SequentialSampler):
         """This epoch's global batches (identical on every process)."""
         legacy = self.legacy_epoch == self.epoch
         generator = torch.Generator().manual_seed(
-            self.seed + self.epoch if legacy else epoch_seed(self.seed, self.epoch)
+            (self.seed or 0) + self.epoch if legacy else epoch_seed(self.seed, self.epoch)
         )
         order = self.order(generator)
         batches = list(order.split(self.batch_size))
@@ -236,7 +236,7 @@ class BucketSampler(GlobalBatchSampler):
         num_replicas: int = 1,
         rank: int = 0,
         shuffle: bool = True,
-        seed: int = 0,
+        seed: int | None = 0,
         drop_last: bool = False,
         bucketing: bool = True,
         pool_batches: int = 50,

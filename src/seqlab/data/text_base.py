@@ -145,7 +145,7 @@ class BatchedTextDataModule(L.LightningDataModule):
     """
 
     batch_size: int
-    seed: int
+    seed: int | None
     datasets: dict[str, Dataset]
     #: contents of the processed directory's meta.json, once read
     meta: dict[str, Any] | None

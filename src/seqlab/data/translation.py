@@ -209,7 +209,7 @@ class TranslationDataModule(BatchedTextDataModule):
         url: str | None = None,
         download: bool = True,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)

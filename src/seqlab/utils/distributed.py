@@ -381,8 +381,12 @@ class RankObserver(_ChildProcessObserver):
     its collective until the process group's timeout, longer than the grace: it is killed then."""
 
     grace = 60.0
+    #: the ranks' exit codes (None: running) when this watch found one ended non-zero, before it
+    #: killed the others: what ``finish_job`` reports as the job's likely cause
+    ended_first: list[int | None] | None = None
 
     def _terminate_all(self) -> None:
+        self.ended_first = [proc.returncode for proc in self._child_processes]
         for proc in list(self._child_processes):
             proc.send_signal(self._termination_signal)
         deadline = time.monotonic() + self.grace
@@ -396,9 +400,12 @@ class ScriptLauncher(subprocess_script._SubprocessScriptLauncher):
     """Lightning's script launcher (DDP, FSDP, DeepSpeed) whose watch over the other ranks lets
     the launching process finish by itself first (``RankObserver``)."""
 
+    observer: RankObserver | None = None
+
     def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         def observe(procs: list[Any]) -> None:
-            RankObserver(main_pid=os.getpid(), child_processes=procs).start()
+            self.observer = RankObserver(main_pid=os.getpid(), child_processes=procs)
+            self.observer.start()
 
         with mock.patch.object(subprocess_script, "_launch_process_observer", observe):
             return super().launch(function, *args, trainer=trainer, **kwargs)
@@ -469,7 +476,9 @@ def exit_reason(code: int) -> str:
         name = signal.Signals(-code).name
     except ValueError:
         name = f"signal {-code}"
-    oom = " (as the kernel's out-of-memory killer does)" if -code == signal.SIGKILL else ""
+    oom = (
+        " (the signal of the kernel's out-of-memory killer, among others)" if -code == signal.SIGKILL else ""
+    )
     return f"killed by {name}{oom}"
 
 
@@ -487,9 +496,13 @@ def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> No
     # sweep) when a rank in it exits non-zero, as a killed one does: emptied, the observer ends
     launcher.procs.clear()
     try:
-        for rank, proc in enumerate(procs, start=1):
-            code = proc.poll()
-            if failed and code:  # ended before this process gave up: likely what failed the job
+        # how each rank stood when this process gave up, before any is killed here (a rank that
+        # had already ended, non-zero, is the likely cause; one killed here is not)
+        polled = [proc.poll() for proc in procs]
+        observer = getattr(launcher, "observer", None)
+        ended = observer.ended_first if observer is not None and observer.ended_first is not None else polled
+        for rank, (proc, code) in enumerate(zip(procs, ended, strict=True), start=1):
+            if failed and code:
                 log.error(
                     "rank %d of this job had ended before this process failed: %s", rank, exit_reason(code)
                 )
@@ -500,7 +513,8 @@ def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> No
             except subprocess.TimeoutExpired:
                 log.warning("rank %d of this job did not end within %.0f s: killed", rank, timeout)
                 proc.kill()
-                code = proc.wait()
+                proc.wait()
+                continue
             if code and not failed:
                 log.warning("rank %d of this job ended: %s", rank, exit_reason(code))
     finally:

@@ -103,7 +103,9 @@ def matches(value: Any, hint: Any) -> bool | None:
         return isinstance(value, str | PurePath)
     if cls in (list, tuple, collections.abc.Sequence, collections.abc.Iterable):
         if not isinstance(value, list | tuple):
-            return False
+            # a string is a sequence (of characters) and a mapping iterable: the class decides
+            generic = cls in (collections.abc.Sequence, collections.abc.Iterable)
+            return UNKNOWN if generic and isinstance(value, str | dict) else False
         if cls is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):  # tuple[int, str]
             if len(value) != len(args):
                 return False
@@ -136,8 +138,10 @@ def describe(hint: Any) -> str:
         return " or ".join(dict.fromkeys(others))
     if origin is typing.Annotated:
         return describe(args[0])
-    if origin in (list, tuple, collections.abc.Sequence) and args:
-        return f"a list of {describe(args[0])}"
+    if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        return f"a list of {len(args)} ({', '.join(describe(arg) for arg in args)})"
+    if origin in (list, tuple, collections.abc.Sequence, collections.abc.Iterable) and args:
+        return f"a list (each {describe(args[0])})"
     if isinstance(hint, type) and issubclass(hint, PurePath):
         return "a path"
     name = getattr(origin or hint, "__name__", None)
@@ -164,7 +168,7 @@ def check_settings(node: DictConfig | dict, prefix: str, skip: tuple[str, ...] =
     name = target.rsplit(".", 1)[-1]
     parameters, takes_any = signature_of(get_object(target))
     given = {k: v for k, v in settings.items() if not k.startswith("_") and k not in skip}
-    unknown = sorted(k for k in given if k not in parameters)
+    unknown = sorted(k for k in given if k not in parameters or k == "self")
     if unknown and not takes_any:
         known = sorted(set(parameters) - {"self", "args"})
         raise ConfigError(
@@ -174,6 +178,9 @@ def check_settings(node: DictConfig | dict, prefix: str, skip: tuple[str, ...] =
     for key, value in given.items():
         parameter = parameters.get(key)
         if parameter is not None and matches(value, parameter.annotation) is False:
+            hint = ""
+            if isinstance(value, float) and value.is_integer() and matches(int(value), parameter.annotation):
+                hint = f"; write {int(value)}"  # 1e4 is a float to YAML and Hydra
             raise ConfigError(
-                f"{prefix}.{key}={value!r}: expected {describe(parameter.annotation)} ({name}'s {key})"
+                f"{prefix}.{key}={value!r}: expected {describe(parameter.annotation)} ({name}'s {key}{hint})"
             )
