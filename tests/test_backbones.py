@@ -158,6 +158,28 @@ def test_a_reordered_state_decodes_on_as_its_rows(backbone: Backbone) -> None:
     torch.testing.assert_close(torch.cat(outs, dim=1), full[rows, 18:], atol=1e-5, rtol=1e-4)
 
 
+def test_a_state_continued_twice_or_in_another_mode_decodes_as_itself(backbone: Backbone) -> None:
+    """A state is handed on, but one continued twice (two candidates from one prefix) or made
+    under inference mode and continued under no_grad gives each continuation its own steps: the
+    Transformer's cache, written in place, is copied first then."""
+    x, pad = batch([5, 3], 5)
+    memory = backbone.encode(x, pad)
+    y = torch.randn(2, 14, WIDTH)
+    with torch.no_grad():
+        full, _ = backbone.decode(y, memory, pad)
+        for made_under in (torch.no_grad, torch.inference_mode):
+            with made_under():
+                state = None
+                for step in range(12):
+                    _, state = backbone.decode(y[:, step : step + 1], memory, pad, state)
+            first, first_state = backbone.decode(y[:, 12:13], memory, pad, state)
+            backbone.decode(torch.randn(2, 1, WIDTH), memory, pad, state)  # another continuation
+            after, _ = backbone.decode(y[:, 13:14], memory, pad, first_state)
+            torch.testing.assert_close(
+                torch.cat([first, after], dim=1), full[:, 12:], atol=1e-5, rtol=1e-4, msg=str(made_under)
+            )
+
+
 def test_decoder_is_causal(backbone: Backbone) -> None:
     x, _ = batch([4], 4)
     memory = backbone.encode(x)

@@ -156,11 +156,20 @@ class DecoderLayer(nn.Module):
         return y, returned, memory_kv
 
 
+#: the steps written into a cache buffer so far (an attribute of the tensor, shared by every
+#: state that holds it): a state holding fewer is a second continuation of an earlier state
+FILLED = "_seqlab_cache_filled"
+
+
 def with_room(buffer: Tensor, used: int, needed: int) -> Tensor:
-    """``buffer`` (keys or values, time on dim 2) if it has room for ``needed`` steps, else a
-    buffer twice that long holding its first ``used`` steps: a decoding that writes one step at a
-    time copies its cache O(log T) times, not once a step."""
-    if buffer.shape[2] >= needed:
+    """A buffer (keys or values, time on dim 2) this decoding step may write ``needed`` steps
+    into, its first ``used`` steps those of ``buffer``: ``buffer`` itself when it has room and
+    nothing was written past ``used`` (by another continuation of the same state), else a new
+    buffer twice that long, so a decoding one step at a time copies its cache O(log T) times,
+    not once a step. An inference-mode buffer is copied outside inference mode (it cannot be
+    written to there)."""
+    room = buffer.shape[2] >= needed and getattr(buffer, FILLED, used) == used
+    if room and not (buffer.is_inference() and not torch.is_inference_mode_enabled()):
         return buffer
     grown = buffer.new_empty(*buffer.shape[:2], max(2 * needed, 16), buffer.shape[3])
     grown[:, :, :used] = buffer[:, :, :used]
@@ -246,6 +255,9 @@ class TransformerBackbone(Backbone):
                     cache = (keys[:, :, :past], values[:, :, :past])
             memory_in = (state["memory_k"][i], state["memory_v"][i]) if state["memory_k"] else memory
             h, (key, value), (memory_k, memory_v) = layer(h, cache, memory_in, memory_attn_mask, write_at)
+            if write_at is not None:
+                setattr(key, FILLED, needed)
+                setattr(value, FILLED, needed)
             for name, tensor in zip(
                 ("self_k", "self_v", "memory_k", "memory_v"), (key, value, memory_k, memory_v)
             ):
