@@ -4,6 +4,7 @@ did (the step it started from, its initial weights)."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import time
@@ -185,12 +186,16 @@ class SigtermFlagAtStep(L.Callback):
 
 
 class SlowToFinish(Logger):
-    """A logger whose ``finalize`` takes ``seconds`` on rank 0 when the run failed or was stopped
-    (as W&B's upload may), then writes ``path``: whether rank 0 finished by itself."""
+    """A logger whose ``finalize`` on rank 0, when the run failed or was stopped, waits for rank 1
+    to have exited (it writes ``<path>.rank1`` as it exits) and then takes ``seconds`` more (as a
+    W&B upload may): longer than the 5 s in which Lightning's watch over the ranks kills rank 0
+    once it sees rank 1's exit. Then it writes ``path``: rank 0 finished by itself."""
 
-    def __init__(self, path: str, seconds: float = 8.0) -> None:
+    def __init__(self, path: str, seconds: float = 7.0) -> None:
         super().__init__()
         self.path, self.seconds = path, seconds
+        if rank_zero_only.rank == 1:
+            atexit.register(Path(f"{path}.rank1").touch)
 
     @property
     def name(self) -> str:
@@ -208,5 +213,20 @@ class SlowToFinish(Logger):
 
     def finalize(self, status: str) -> None:
         if rank_zero_only.rank == 0 and status != "success":
+            deadline = time.monotonic() + 60
+            while not Path(f"{self.path}.rank1").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
             time.sleep(self.seconds)
             Path(self.path).write_text(status)
+
+
+class FailAtEnd(L.Callback):
+    """Global rank ``rank`` raises as its test ends, after the last collective: the other ranks
+    finish the run."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "test" and trainer.global_rank == self.rank:
+            raise RuntimeError(f"injected failure at the end on rank {self.rank}")

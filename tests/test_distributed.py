@@ -485,6 +485,22 @@ def test_after_a_sigterm_stop_rank_0_finishes_by_itself(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_rank_that_fails_after_rank_0_finished_fails_the_run(tmp_path: Path) -> None:
+    """Rank 1 raises after the run's last collective, rank 0 finishes: the run exits non-zero and
+    says which rank. Lightning's watch SIGKILLed rank 0 for it; with a grace period, rank 0 would
+    otherwise have exited 0."""
+    done = run_script(
+        "train.py", "trainer=ddp", *FAST, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}",
+        "+callbacks.fault._target_=tests.faults.FailAtEnd", "+callbacks.fault.rank=1", timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 1, why_failed(done)
+    assert "rank 1 ended: exit code 1, while this process (rank 0) finished: the run failed" in (
+        done.stdout + done.stderr
+    )
+    assert "injected failure at the end on rank 1" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
 def test_a_loss_that_diverges_on_one_process_stops_every_process(tmp_path: Path) -> None:
     """The divergence check is one decision for all processes: rank 1 alone raising left rank 0
     waiting in its next collective until Lightning killed it (an exit like an out-of-memory kill)."""

@@ -328,11 +328,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         error = raised
         raise
     finally:
-        try:  # first: after a failure, Lightning's watch over the other ranks is waiting on it
-            finish_job(trainer, failed=error is not None)
+        other_ranks_failed = None
+        try:  # first: after a failure, the watch over the other ranks is waiting on it
+            problems = finish_job(trainer, failed=error is not None)
+            if problems and error is None:
+                other_ranks_failed = error = SeqlabError(
+                    f"{'; '.join(problems)}, while this process (rank 0) finished: the run failed "
+                    f"(the other ranks' logs are in {run_dir})"
+                )
         finally:
             finish_runs(loggers, error)
             mark_stopped(run_dir)
+        if other_ranks_failed is not None:
+            raise other_ranks_failed
     return {**train_metrics, **test_metrics}, {**objects, "summary": summary}
 
 

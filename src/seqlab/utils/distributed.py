@@ -482,25 +482,29 @@ def exit_reason(code: int) -> str:
     return f"killed by {name}{oom}"
 
 
-def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> None:
-    """After a sweep job: wait for its other ranks, close the process group, forget the launch
-    environment, so that the next job launches its own processes. After a ``failed`` job the other
-    ranks are killed instead: one may be waiting in a collective for a rank that has given up, and
-    the next job would otherwise reuse the broken process group and launch environment (the
-    sweep goes on to its next job; Hydra reports the failure at the end)."""
+def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> list[str]:
+    """After a run or sweep job whose other ranks seqlab's launcher started: take them back (the
+    rank watch then lets this process finish whatever it still does) and wait for them. After a
+    ``failed`` run they are killed instead: one may be waiting in a collective for a rank that has
+    given up. A sweep job then closes the process group and forgets the launch environment, so
+    that the next job launches its own processes (the sweep goes on to its next job; Hydra reports
+    the failure at the end). Returns, for a run that succeeded here, what ended wrong on the other
+    ranks (a non-zero exit, a rank that did not end): the caller fails the run with it (Lightning's
+    watch SIGKILLed this process instead)."""
     launcher = getattr(trainer.strategy, "_launcher", None)
-    if not isinstance(launcher, SweepJobLauncher) or not launcher.procs:
-        return
+    if not isinstance(launcher, ScriptLauncher) or not launcher.procs:
+        return []
     procs = list(launcher.procs)
     # Lightning's child-process observer watches this very list and kills this process (the whole
     # sweep) when a rank in it exits non-zero, as a killed one does: emptied, the observer ends
     launcher.procs.clear()
+    problems: list[str] = []
     try:
-        # how each rank stood when this process gave up, before any is killed here (a rank that
-        # had already ended, non-zero, is the likely cause; one killed here is not)
+        # how each rank stood when this process gave up or finished, before any was killed here
+        # or by the watch (a rank that had already ended non-zero is the likely cause)
         polled = [proc.poll() for proc in procs]
-        observer = getattr(launcher, "observer", None)
-        ended = observer.ended_first if observer is not None and observer.ended_first is not None else polled
+        first = launcher.observer.ended_first if launcher.observer is not None else None
+        ended = first if first is not None and len(first) == len(procs) else polled
         for rank, (proc, code) in enumerate(zip(procs, ended, strict=True), start=1):
             if failed and code:
                 log.error(
@@ -509,16 +513,22 @@ def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> No
             if failed:
                 proc.kill()
             try:
-                code = proc.wait(timeout=timeout)
+                waited = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 log.warning("rank %d of this job did not end within %.0f s: killed", rank, timeout)
                 proc.kill()
                 proc.wait()
+                if not failed:
+                    problems.append(f"rank {rank} did not end within {timeout:.0f} s of this one")
                 continue
+            code = code if code is not None else waited
             if code and not failed:
-                log.warning("rank %d of this job ended: %s", rank, exit_reason(code))
+                log.error("rank %d of this job ended: %s", rank, exit_reason(code))
+                problems.append(f"rank {rank} ended: {exit_reason(code)}")
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        for key in LAUNCH_ENV:
-            os.environ.pop(key, None)
+        if isinstance(launcher, SweepJobLauncher):
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            for key in LAUNCH_ENV:
+                os.environ.pop(key, None)
+    return problems
