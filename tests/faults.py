@@ -187,15 +187,16 @@ class SigtermFlagAtStep(L.Callback):
 
 class SlowToFinish(Logger):
     """A logger whose ``finalize`` on rank 0, when the run failed or was stopped, waits for rank 1
-    to have exited (it writes ``<path>.rank1`` as it exits) and then takes ``seconds`` more (as a
-    W&B upload may): longer than the 5 s in which Lightning's watch over the ranks kills rank 0
-    once it sees rank 1's exit. Then it writes ``path``: rank 0 finished by itself."""
+    to have exited (it writes its pid to ``<path>.rank1`` as it exits; then its process is gone
+    or a zombie) and then takes ``seconds`` more (as a W&B upload may): longer than the 5 s in
+    which Lightning's watch over the ranks kills rank 0 once it sees rank 1's exit. Then it
+    writes ``path``: rank 0 finished by itself."""
 
-    def __init__(self, path: str, seconds: float = 7.0) -> None:
+    def __init__(self, path: str, seconds: float = 6.5) -> None:
         super().__init__()
         self.path, self.seconds = path, seconds
         if rank_zero_only.rank == 1:
-            atexit.register(Path(f"{path}.rank1").touch)
+            atexit.register(Path(f"{path}.rank1").write_text, str(os.getpid()))
 
     @property
     def name(self) -> str:
@@ -213,8 +214,11 @@ class SlowToFinish(Logger):
 
     def finalize(self, status: str) -> None:
         if rank_zero_only.rank == 0 and status != "success":
-            deadline = time.monotonic() + 60
-            while not Path(f"{self.path}.rank1").exists() and time.monotonic() < deadline:
+            deadline, marker = time.monotonic() + 60, Path(f"{self.path}.rank1")
+            while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            stat = Path(f"/proc/{marker.read_text()}/stat")  # rank 1: gone, or a zombie not yet reaped
+            while stat.exists() and ") Z " not in stat.read_text() and time.monotonic() < deadline:
                 time.sleep(0.1)
             time.sleep(self.seconds)
             Path(self.path).write_text(status)

@@ -10,10 +10,10 @@ Masks are boolean and ``True`` marks padding (PyTorch's ``key_padding_mask`` con
 is on the right. ``decode`` is causal: feeding ``y`` in one call or one step at a time with the
 returned state gives the same outputs, so greedy and beam search cost O(U) decoder steps.
 A state is a dict of tensors whose first dimension is the batch (plus plain ints), which lets
-``reorder_state`` serve beam search for every backbone. A state is handed on, not shared: the
-call that takes it may write into its tensors past the steps it holds (the Transformer's cache
-grows in place when decoding without autograd), so two continuations of one state need a copy
-of it each (``reorder_state`` makes one).
+``reorder_state`` serve beam search for every backbone. A call may write into a state's tensors
+past the steps it holds (the Transformer's cache grows in place when decoding without autograd);
+a second continuation of one state copies what it would overwrite, so a state may be continued
+more than once.
 
 Positional information belongs to the backbone (the Transformer adds sinusoidal positions,
 an RNN needs none): only the backbone knows the decoding position held in its state.

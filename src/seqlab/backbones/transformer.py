@@ -163,12 +163,13 @@ FILLED = "_seqlab_cache_filled"
 
 def with_room(buffer: Tensor, used: int, needed: int) -> Tensor:
     """A buffer (keys or values, time on dim 2) this decoding step may write ``needed`` steps
-    into, its first ``used`` steps those of ``buffer``: ``buffer`` itself when it has room and
-    nothing was written past ``used`` (by another continuation of the same state), else a new
+    into, its first ``used`` steps those of ``buffer``: ``buffer`` itself when it has room and is
+    marked as holding ``used`` steps (not a buffer another continuation of the same state wrote
+    past them, nor an unmarked alias of one: a view, a ``detach()``), else a new
     buffer twice that long, so a decoding one step at a time copies its cache O(log T) times,
     not once a step. An inference-mode buffer is copied outside inference mode (it cannot be
     written to there)."""
-    room = buffer.shape[2] >= needed and getattr(buffer, FILLED, used) == used
+    room = buffer.shape[2] >= needed and getattr(buffer, FILLED, None) == used
     if room and not (buffer.is_inference() and not torch.is_inference_mode_enabled()):
         return buffer
     grown = buffer.new_empty(*buffer.shape[:2], max(2 * needed, 16), buffer.shape[3])
@@ -208,6 +209,16 @@ class TransformerBackbone(Backbone):
                 for _ in range(num_decoder_layers if num_decoder_layers is not None else num_layers)
             )
             self.decoder_norm = nn.LayerNorm(d_model)
+
+    @staticmethod
+    def reorder_state(state: State, index: Tensor) -> State:
+        """Backbone's, with the selected cache buffers marked as holding the state's steps (fresh
+        copies: the next step writes into them in place)."""
+        reordered = Backbone.reorder_state(state, index)
+        for name in ("self_k", "self_v"):
+            for buffer in reordered.get(name, []):
+                setattr(buffer, FILLED, reordered["position"])
+        return reordered
 
     def _add_positions(self, x: Tensor, offset: int = 0) -> Tensor:
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)

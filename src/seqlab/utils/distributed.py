@@ -504,7 +504,9 @@ def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> li
         # or by the watch (a rank that had already ended non-zero is the likely cause)
         polled = [proc.poll() for proc in procs]
         first = launcher.observer.ended_first if launcher.observer is not None else None
-        ended = first if first is not None and len(first) == len(procs) else polled
+        watched = first is not None and len(first) == len(procs)  # the watch killed the others
+        ended = first if watched else polled
+        deadline = time.monotonic() + timeout
         for rank, (proc, code) in enumerate(zip(procs, ended, strict=True), start=1):
             if failed and code:
                 log.error(
@@ -513,7 +515,7 @@ def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> li
             if failed:
                 proc.kill()
             try:
-                waited = proc.wait(timeout=timeout)
+                waited = proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 log.warning("rank %d of this job did not end within %.0f s: killed", rank, timeout)
                 proc.kill()
@@ -521,9 +523,9 @@ def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> li
                 if not failed:
                     problems.append(f"rank {rank} did not end within {timeout:.0f} s of this one")
                 continue
-            code = code if code is not None else waited
-            if code and not failed:
-                log.error("rank %d of this job ended: %s", rank, exit_reason(code))
+            if code is None and not watched:  # still running when polled: how it ended since
+                code = waited
+            if code and not failed:  # (one the watch killed after another failed is not a cause)
                 problems.append(f"rank {rank} ended: {exit_reason(code)}")
     finally:
         if isinstance(launcher, SweepJobLauncher):
