@@ -20,7 +20,7 @@ from seqlab.train import (
     to_plain,
 )
 from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, load_run_info
-from seqlab.utils.distributed import check_hardware, in_multirun
+from seqlab.utils.distributed import check_hardware, finish_job, in_multirun, other_ranks_failed
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.run import hydra_overrides, is_rank_zero, print_results, write_run_metadata, write_summary
 from seqlab.utils.secrets import redact, redact_text
@@ -85,8 +85,16 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     except BaseException as raised:
         error = raised
         raise
-    finally:  # each job of `eval.py -m ckpt_path=a,b` its own W&B run (the next one logged into it)
-        finish_runs(loggers, error)
+    finally:
+        ranks_error = None
+        try:  # the other ranks (trainer=ddp): waited for, or killed after a failure; a sweep's next
+            # job launches its own
+            ranks_error = other_ranks_failed(finish_job(trainer, failed=error is not None), run_dir)
+            error = error or ranks_error
+        finally:  # each job of `eval.py -m ckpt_path=a,b` its own W&B run (the next one logged into it)
+            finish_runs(loggers, error)
+        if ranks_error is not None and error is ranks_error:
+            raise ranks_error
     return metrics, {"datamodule": datamodule, "task": task, "trainer": trainer, "summary": summary}
 
 

@@ -32,6 +32,7 @@ from seqlab.utils.distributed import (
     check_hardware,
     finish_job,
     in_multirun,
+    other_ranks_failed,
     use_script_launcher,
     use_spawn_launcher,
 )
@@ -328,19 +329,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         error = raised
         raise
     finally:
-        other_ranks_failed = None
+        ranks_error = None
         try:  # first: after a failure, the watch over the other ranks is waiting on it
-            problems = finish_job(trainer, failed=error is not None)
-            if problems and error is None:
-                other_ranks_failed = error = SeqlabError(
-                    f"{'; '.join(problems)}, while this process (rank 0) finished: the run failed "
-                    f"(the other ranks' logs are in {run_dir})"
-                )
+            ranks_error = other_ranks_failed(finish_job(trainer, failed=error is not None), run_dir)
+            error = error or ranks_error
         finally:
             finish_runs(loggers, error)
             mark_stopped(run_dir)
-        if other_ranks_failed is not None:
-            raise other_ranks_failed
+        if ranks_error is not None and error is ranks_error:
+            raise ranks_error
     return {**train_metrics, **test_metrics}, {**objects, "summary": summary}
 
 

@@ -33,7 +33,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from seqlab.errors import ConfigError, instantiate
+from seqlab.errors import ConfigError, SeqlabError, instantiate
 from seqlab.utils.precision import FSDPPrecision
 
 log = logging.getLogger(__name__)
@@ -480,6 +480,17 @@ def exit_reason(code: int) -> str:
         " (the signal of the kernel's out-of-memory killer, among others)" if -code == signal.SIGKILL else ""
     )
     return f"killed by {name}{oom}"
+
+
+def other_ranks_failed(problems: list[str], run_dir: Any) -> SeqlabError | None:
+    """The error of a run that finished on rank 0 while ``finish_job`` found ``problems`` with its
+    other ranks (None without any)."""
+    if not problems:
+        return None
+    return SeqlabError(
+        f"{'; '.join(problems)}, while this process (rank 0) finished: the run failed "
+        f"(the other ranks' logs are in {run_dir})"
+    )
 
 
 def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> list[str]:
