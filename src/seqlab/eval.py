@@ -20,7 +20,7 @@ from seqlab.train import (
     to_plain,
 )
 from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, load_run_info
-from seqlab.utils.distributed import check_hardware, finish_job, in_multirun, other_ranks_failed
+from seqlab.utils.distributed import check_hardware, finish_job, in_multirun
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.run import hydra_overrides, is_rank_zero, print_results, write_run_metadata, write_summary
 from seqlab.utils.secrets import redact, redact_text
@@ -89,11 +89,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         ranks_error = None
         try:  # the other ranks (trainer=ddp): waited for, or killed after a failure; a sweep's next
             # job launches its own
-            ranks_error = other_ranks_failed(finish_job(trainer, failed=error is not None), run_dir)
-            error = error or ranks_error
+            ranks_error = finish_job(trainer, run_dir, failed=error is not None)
         finally:  # each job of `eval.py -m ckpt_path=a,b` its own W&B run (the next one logged into it)
-            finish_runs(loggers, error)
-        if ranks_error is not None and error is ranks_error:
+            finish_runs(loggers, error or ranks_error)
+        if ranks_error is not None:  # only when this process finished
             raise ranks_error
     return metrics, {"datamodule": datamodule, "task": task, "trainer": trainer, "summary": summary}
 

@@ -32,7 +32,6 @@ from seqlab.utils.distributed import (
     check_hardware,
     finish_job,
     in_multirun,
-    other_ranks_failed,
     use_script_launcher,
     use_spawn_launcher,
 )
@@ -331,12 +330,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     finally:
         ranks_error = None
         try:  # first: after a failure, the watch over the other ranks is waiting on it
-            ranks_error = other_ranks_failed(finish_job(trainer, failed=error is not None), run_dir)
-            error = error or ranks_error
+            ranks_error = finish_job(trainer, run_dir, failed=error is not None)
         finally:
-            finish_runs(loggers, error)
+            finish_runs(loggers, error or ranks_error)
             mark_stopped(run_dir)
-        if ranks_error is not None and error is ranks_error:
+        if ranks_error is not None:  # only when this process finished
             raise ranks_error
     return {**train_metrics, **test_metrics}, {**objects, "summary": summary}
 

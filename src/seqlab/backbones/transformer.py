@@ -250,9 +250,8 @@ class TransformerBackbone(Backbone):
             state = {"position": 0, "self_k": [], "self_v": [], "memory_k": [], "memory_v": []}
         memory_attn_mask = key_padding_to_attn_mask(memory_mask)
         h = self._add_positions(y, offset=state["position"])
-        new_state: State = {"position": state["position"] + y.shape[1]}
-        new_state.update(self_k=[], self_v=[], memory_k=[], memory_v=[])
         past, needed = state["position"], state["position"] + y.shape[1]
+        new_state: State = {"position": needed, "self_k": [], "self_v": [], "memory_k": [], "memory_v": []}
         # without autograd the cache grows in place; with it, a write would change tensors that
         # earlier steps' attention saved for backward: then each step concatenates
         in_place = not torch.is_grad_enabled()

@@ -482,29 +482,20 @@ def exit_reason(code: int) -> str:
     return f"killed by {name}{oom}"
 
 
-def other_ranks_failed(problems: list[str], run_dir: Any) -> SeqlabError | None:
-    """The error of a run that finished on rank 0 while ``finish_job`` found ``problems`` with its
-    other ranks (None without any)."""
-    if not problems:
-        return None
-    return SeqlabError(
-        f"{'; '.join(problems)}, while this process (rank 0) finished: the run failed "
-        f"(the other ranks' logs are in {run_dir})"
-    )
-
-
-def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> list[str]:
+def finish_job(
+    trainer: Any, run_dir: Any, failed: bool = False, timeout: float = 120.0
+) -> SeqlabError | None:
     """After a run or sweep job whose other ranks seqlab's launcher started: take them back (the
     rank watch then lets this process finish whatever it still does) and wait for them. After a
     ``failed`` run they are killed instead: one may be waiting in a collective for a rank that has
     given up. A sweep job then closes the process group and forgets the launch environment, so
     that the next job launches its own processes (the sweep goes on to its next job; Hydra reports
-    the failure at the end). Returns, for a run that succeeded here, what ended wrong on the other
-    ranks (a non-zero exit, a rank that did not end): the caller fails the run with it (Lightning's
-    watch SIGKILLed this process instead)."""
+    the failure at the end). Returns, for a run that succeeded here, the error of what ended wrong
+    on the other ranks (a non-zero exit, a rank that did not end), for the caller to raise once it
+    has closed its loggers (Lightning's watch SIGKILLed this process instead)."""
     launcher = getattr(trainer.strategy, "_launcher", None)
     if not isinstance(launcher, ScriptLauncher) or not launcher.procs:
-        return []
+        return None
     procs = list(launcher.procs)
     # Lightning's child-process observer watches this very list and kills this process (the whole
     # sweep) when a rank in it exits non-zero, as a killed one does: emptied, the observer ends
@@ -544,4 +535,9 @@ def finish_job(trainer: Any, failed: bool = False, timeout: float = 120.0) -> li
                 torch.distributed.destroy_process_group()
             for key in LAUNCH_ENV:
                 os.environ.pop(key, None)
-    return problems
+    if not problems:
+        return None
+    return SeqlabError(
+        f"{'; '.join(problems)}, while this process (rank 0) finished: the run failed "
+        f"(the other ranks' logs are in {run_dir})"
+    )

@@ -36,24 +36,19 @@ def to_plain(node: Any) -> Any:
 def signature_of(target: Any) -> tuple[dict[str, inspect.Parameter], bool]:
     """The keyword parameters of ``target(...)`` (a class's followed through ``**kwargs`` handed
     on to its base classes' ``__init__``), annotations evaluated; and whether it takes any key."""
-    if not isinstance(target, type):  # a function that builds the object
-        signature = inspect.signature(target).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
-        named = {n: p for n, p in signature.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        return {n: p.replace(annotation=annotation(target, p)) for n, p in named.items()}, takes_any
+    if isinstance(target, type):
+        owners = [(owner, owner.__init__) for owner in target.__mro__[:-1] if "__init__" in vars(owner)]
+    else:  # a function that builds the object
+        owners = [(target, target)]
     parameters: dict[str, inspect.Parameter] = {}
-    for owner in target.__mro__:
-        if owner is object:
-            return parameters, True
-        if "__init__" not in vars(owner):
-            continue
-        signature = inspect.signature(owner.__init__).parameters
+    for owner, function in owners:
+        signature = inspect.signature(function).parameters
         for name, parameter in signature.items():
-            if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
+            if name != "self" and parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
                 parameters.setdefault(name, parameter.replace(annotation=annotation(owner, parameter)))
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
             return parameters, False
-    return parameters, True
+    return parameters, True  # **kwargs all the way to object's
 
 
 def annotation(owner: Any, parameter: inspect.Parameter) -> Any:
@@ -168,9 +163,9 @@ def check_settings(node: DictConfig | dict, prefix: str, skip: tuple[str, ...] =
     name = target.rsplit(".", 1)[-1]
     parameters, takes_any = signature_of(get_object(target))
     given = {k: v for k, v in settings.items() if not k.startswith("_") and k not in skip}
-    unknown = sorted(k for k in given if k not in parameters or k == "self")
+    unknown = sorted(k for k in given if k not in parameters)
     if unknown and not takes_any:
-        known = sorted(set(parameters) - {"self", "args"})
+        known = sorted(parameters)
         raise ConfigError(
             f"{', '.join(f'{prefix}.{k}' for k in unknown)}: not a setting of {name} "
             f"(its settings: {', '.join(known)})"
