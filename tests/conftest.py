@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+# A process the tests start (a script, a rank, a spawned worker) that dies of a signal prints the
+# Python stack of each thread, so a crash in C++ (gloo, an abort at exit) says where it was.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 # small and fast, but enough for every backbone to learn the synthetic series
 FAST = [
     "data.num_steps=2400",
@@ -160,9 +164,13 @@ def run_script(
 def why_failed(result: subprocess.CompletedProcess, limit: int = 3000) -> str:
     """What a failed run printed that says why: its first traceback and the end of stderr. Under
     DDP the last traceback is often only the consequence (the other rank's "Connection closed by
-    peer"); the first one is the process that failed."""
+    peer"); the first one is the process that failed. A crash in C++ counts as a traceback
+    (``PYTHONFAULTHANDLER`` prints "Fatal Python error" and the stack)."""
     err = result.stderr
-    first = err.find("Traceback (most recent call last)")
+    starts = [
+        at for at in map(err.find, ("Traceback (most recent call last)", "Fatal Python error")) if at >= 0
+    ]
+    first = min(starts, default=-1)
     if len(err) <= 2 * limit or first < 0 or first >= len(err) - limit:
         return err[-2 * limit :]
     return f"{err[first : first + limit]}\n[...]\n{err[-limit:]}"

@@ -480,46 +480,65 @@ def test_deepspeed_consolidation_writes_a_whole_file_or_none(tmp_path: Path, mon
 
 
 def _fsdp1_process(rank: int, port: int, results) -> None:
-    """One of two gloo processes wrapping a task as Lightning's FSDPStrategy does (FULL_SHARD,
-    use_orig_params, one unit per backbone layer, seqlab's mixed-precision config), after the
-    task's ``setup``; reports the weight-decay groups and the dtype a step's target arrives in."""
+    """One of two gloo processes wrapping a task as Lightning's FSDPStrategy does (see
+    ``_fsdp1_step``); rank 0 reports what it found."""
+    import gc
+
     import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        found = _fsdp1_step()
+        if rank == 0:
+            results.put(found)
+    finally:
+        # The wrapped modules hold the process group through reference cycles: collect them, so
+        # that destroying the group joins gloo's worker threads now. A worker still alive while
+        # the interpreter shuts down aborts the process when it frees a tensor (SIGABRT,
+        # "terminate called without an active exception", about one run in twenty here).
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def _fsdp1_step() -> tuple:
+    """A task wrapped as Lightning's FSDPStrategy wraps it (FULL_SHARD, use_orig_params, one unit
+    per backbone layer, seqlab's mixed-precision config), after the task's ``setup``; returns
+    whether the parameters were flattened, the number of matrices, the number of decayed
+    parameters, and the dtype a step's target arrives in."""
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     from seqlab.tasks.classification import ClassificationTask
     from seqlab.utils.precision import FSDPPrecision
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        backbone = {
-            "_target_": "seqlab.backbones.transformer.TransformerBackbone", "d_model": 16, "nhead": 2,
-            "num_layers": 2, "dim_feedforward": 32,
-        }  # fmt: skip
-        task = ClassificationTask(backbone, vocab_size=50, num_classes=3, cls_id=2)
-        matrices = sum(p.ndim >= 2 for p in task.parameters())
-        task.remember_parameter_ranks()  # Lightning's setup hook, before the strategy wraps
-        seen = {}
+    torch.manual_seed(0)
+    backbone = {
+        "_target_": "seqlab.backbones.transformer.TransformerBackbone", "d_model": 16, "nhead": 2,
+        "num_layers": 2, "dim_feedforward": 32,
+    }  # fmt: skip
+    task = ClassificationTask(backbone, vocab_size=50, num_classes=3, cls_id=2)
+    matrices = sum(p.ndim >= 2 for p in task.parameters())
+    task.remember_parameter_ranks()  # Lightning's setup hook, before the strategy wraps
+    seen = {}
 
-        def step(batch: dict) -> torch.Tensor:  # Lightning runs every step through the root's forward
-            seen["target"] = batch["target"].dtype
-            return batch["target"].sum()
+    def step(batch: dict) -> torch.Tensor:  # Lightning runs every step through the root's forward
+        seen["target"] = batch["target"].dtype
+        return batch["target"].sum()
 
-        task.forward = step
-        mixed = FSDPPrecision("bf16-mixed", task).mixed_precision_config
-        wrapped = FullyShardedDataParallel(
-            task, sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=True,
-            device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({EncoderLayer}), mixed_precision=mixed,
-        )  # fmt: skip
-        flat = all(p.ndim <= 1 for p in task.parameters())
-        decayed, _ = task.parameter_groups(0.01)
+    task.forward = step
+    mixed = FSDPPrecision("bf16-mixed", task).mixed_precision_config
+    wrapped = FullyShardedDataParallel(
+        task, sharding_strategy=ShardingStrategy.FULL_SHARD, use_orig_params=True,
+        device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({EncoderLayer}), mixed_precision=mixed,
+    )  # fmt: skip
+    flat = all(p.ndim <= 1 for p in task.parameters())
+    decayed, _ = task.parameter_groups(0.01)
+    # Without autograd: FSDP's post-backward hooks, registered on a forward with grad, would keep
+    # the modules (and the process group) alive through C++ autograd nodes gc cannot see.
+    with torch.no_grad():
         wrapped({"target": torch.tensor([1234.567])})
-        if rank == 0:
-            results.put((flat, matrices, len(decayed["params"]), seen["target"]))
-    finally:
-        dist.destroy_process_group()
+    return flat, matrices, len(decayed["params"]), seen["target"]
 
 
 @pytest.mark.slow
