@@ -868,6 +868,21 @@ def test_only_a_multi_task_launch_shares_one_directory(monkeypatch) -> None:
     assert launch_id() is None
 
 
+@pytest.mark.parametrize("flags", [["--cfg", "all", "--resolve"], ["-c", "job"], ["--info=config"]])
+def test_printing_the_config_takes_no_run_directory(tmp_path: Path, monkeypatch, flags: list[str]) -> None:
+    """``python train.py --cfg all --resolve`` resolves hydra.run.dir and hydra.sweep.dir to print
+    them: it left an empty timestamped directory under runs/ and multiruns/ each time."""
+    from seqlab.utils.resolvers import run_stamp
+
+    for key in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(sys, "argv", ["train.py", *flags, "model=gru"])
+    assert run_stamp("stamp", str(runs)) == "stamp" and not runs.exists()
+    monkeypatch.setattr(sys, "argv", ["train.py", "model=gru"])  # a run takes it
+    assert run_stamp("stamp", str(runs)) == "stamp" and (runs / "stamp").is_dir()
+
+
 def test_runs_started_in_one_second_get_their_own_directories(make_cfg, tmp_path: Path, monkeypatch) -> None:
     """``python train.py model=a & python train.py model=b &`` named both runs after the same
     second: they trained into one directory. The later name takes the next free suffix, taken by

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -75,7 +76,8 @@ def run_stamp(pattern: str, runs_dir: str | None = None, resume: str | None = No
     and ``-2``, ``-3`` ... when ``runs_dir`` already holds that name (started in the same second):
     the name is taken by creating its directory, so of processes starting together each gets its
     own (``seqlab.utils.resume.mark_running`` still settles two that chose one by other means:
-    the same explicit ``hydra.run.dir``, or both resuming one interrupted run)."""
+    the same explicit ``hydra.run.dir``, or both resuming one interrupted run). A command that
+    only prints the config (``--cfg all --resolve``) takes no directory."""
     stamp = launch_id()
     if stamp:
         return stamp
@@ -91,8 +93,9 @@ def run_stamp(pattern: str, runs_dir: str | None = None, resume: str | None = No
     stamp = datetime.now().strftime(pattern)
     # SLURM array tasks (and jobs) starting in the same second would share the directory
     stamp = f"{stamp}-slurm{os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else stamp
-    if runs_dir:  # a run (or sweep) started earlier in the same second: the next free name, taken
-        # by creating it (two processes that both found a name free took the same one)
+    # a run (or sweep) started earlier in the same second: the next free name, taken by creating
+    # it (two processes that both found a name free took the same one)
+    if runs_dir and not only_printing_config():
         base, number = stamp, 1
         while True:
             try:
@@ -102,6 +105,15 @@ def run_stamp(pattern: str, runs_dir: str | None = None, resume: str | None = No
                 number += 1
                 stamp = f"{base}-{number}"
     return stamp
+
+
+def only_printing_config() -> bool:
+    """Whether Hydra was asked to print the config (``--cfg``/``-c``, ``--info``/``-i``) rather
+    than to run: it resolves ``hydra.run.dir`` and ``hydra.sweep.dir`` to print them."""
+    return any(
+        arg in ("--cfg", "-c", "--info", "-i") or arg.startswith(("--cfg=", "--info="))
+        for arg in sys.argv[1:]
+    )
 
 
 def rank_log_suffix() -> str:
