@@ -405,6 +405,51 @@ def test_runs_of_consecutive_seeds_share_no_epoch_order() -> None:
     assert orders(1) == orders(1)  # and each is reproducible
 
 
+def test_unseeded_runs_draw_their_own_epoch_orders() -> None:
+    """``seed=null``: every unseeded run had the same epoch orders (``epoch_seed(None, e)``), so
+    a study of unseeded runs saw one data order. Each run now draws a seed for its orders and
+    keeps it for the whole run and in its checkpoint (``state_dict``), so a resumed run goes on
+    in the same orders; under several processes rank 0's draw is broadcast."""
+    from types import SimpleNamespace
+
+    from seqlab.data.samplers import GlobalBatchSampler
+
+    def module(seed: int | None) -> SyntheticSeriesDataModule:
+        dm = SyntheticSeriesDataModule(num_steps=500, lookback=20, horizon=5, batch_size=16, seed=seed)
+        dm.setup()
+        return dm
+
+    def orders(dm: SyntheticSeriesDataModule) -> list[list[int]]:
+        sampler = dm.train_dataloader().sampler
+        out = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            out.append([i for batch in sampler for i in batch.tolist()])
+        return out
+
+    first, second = module(None), module(None)
+    assert orders(first) != orders(second)
+    assert orders(first) == orders(first)  # one draw for the whole run
+    resumed = SyntheticSeriesDataModule(num_steps=500, lookback=20, horizon=5, batch_size=16, seed=None)
+    resumed.load_state_dict(first.state_dict())
+    resumed.setup()
+    assert orders(resumed) == orders(first)
+
+    seeded = module(3)  # a seeded run's orders are its seed's, and it keeps nothing
+    expected = GlobalBatchSampler(len(seeded.datasets["train"]), batch_size=16, seed=3, drop_last=True)
+    expected.set_epoch(1)
+    assert orders(seeded)[1] == [i for batch in expected for i in batch.tolist()]
+    assert seeded.state_dict() == {}
+    seeded.load_state_dict(first.state_dict())
+    assert seeded.order_seed() == 3
+
+    sent = []
+    broadcast = lambda value, src: sent.append((value, src)) or 12345  # noqa: E731  (rank 0's draw)
+    ranked = module(None)
+    ranked.trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(broadcast=broadcast))
+    assert ranked.order_seed() == ranked.order_seed() == 12345 and len(sent) == 1 and sent[0][1] == 0
+
+
 @pytest.mark.parametrize("size,world", [(203, 1), (203, 2), (200, 4), (64, 2)])
 def test_training_batches_are_those_of_distributed_sampler(size: int, world: int) -> None:
     """The batch sampler gives each process, step by step, exactly the indices Lightning's usual

@@ -664,6 +664,22 @@ def test_a_run_resumed_after_its_training_ended_still_reports_its_best(make_cfg,
     assert first_steps(tmp_path / "steps") == [0], "the resumed run trained no step"
 
 
+def test_an_unseeded_run_resumes_in_its_own_epoch_orders(make_cfg, tmp_path: Path) -> None:
+    """``seed=null``: the epoch orders' seed drawn for the run is in its checkpoints, and a
+    resumed run orders its epochs by it, not by a new draw."""
+    settings = ["seed=null", "trainer.max_epochs=1", "callbacks.early_stopping=null"]
+    _, objects = train(make_cfg(*settings))
+    drawn = objects["datamodule"].order_seed()
+    run_dir = Path(make_cfg(*settings).paths.output_dir)
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["SyntheticSeriesDataModule"] == {"drawn_order_seed": drawn}
+    (run_dir / "summary.json").unlink()  # as if stopped during the test
+    _, resumed = train(make_cfg(*settings))
+    assert resumed["datamodule"].order_seed() == drawn  # (a new draw: one chance in 2**63)
+    _, other = train(make_cfg(*settings, output="other"))  # a run of its own draws its own
+    assert other["datamodule"].order_seed() != drawn
+
+
 def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(make_cfg, tmp_path: Path) -> None:
     """Stopped while testing after early stopping ended fit, the resumed run trains no further
     epoch (Lightning checkpoints EarlyStopping's decision, not the stop) and reports the same."""

@@ -25,6 +25,7 @@ from seqlab.data.readers import Series, ensure_file, read_series_csv
 from seqlab.data.samplers import (
     EvalShardSampler,
     GlobalBatchSampler,
+    OrderSeed,
     ResumableLoader,
     per_replica_batch_size,
     replicas,
@@ -99,7 +100,7 @@ def standard_scaler(train: np.ndarray, columns: list[str], source: str) -> tuple
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-class SeriesDataModule(L.LightningDataModule):
+class SeriesDataModule(OrderSeed, L.LightningDataModule):
     """Windows, splits, scaling and loaders for one multivariate series.
 
     Args:
@@ -310,7 +311,7 @@ class SeriesDataModule(L.LightningDataModule):
             num_replicas=world,
             rank=rank,
             shuffle=shuffles(self.trainer),
-            seed=self.seed,
+            seed=self.order_seed(),
             drop_last=True,
         )
         return ResumableLoader(

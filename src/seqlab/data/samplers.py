@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
+import secrets
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,6 +29,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from seqlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def epoch_seed(seed: int | None, epoch: int) -> int:
@@ -36,6 +40,37 @@ def epoch_seed(seed: int | None, epoch: int) -> int:
     shared most of their epoch orders, and their spread understated the noise of the data order."""
     digest = hashlib.sha256(f"seqlab epoch order {seed} {epoch}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
+
+
+class OrderSeed:
+    """The seed a data module's training epochs are ordered by (a mixin, before
+    ``LightningDataModule``): ``seed`` (``data.seed``, ``${seed}``) when given. An unseeded run
+    (``seed=null``) draws one for itself on rank 0, broadcast to every process so that all cut
+    the same global batches; before, every unseeded run had the same epoch orders
+    (``epoch_seed(None, e)``). A drawn seed is kept in the checkpoint (Lightning saves the data
+    module's ``state_dict``), so a resumed run goes on in the orders of the run it resumes."""
+
+    seed: int | None
+    trainer: Any
+    _drawn_order_seed: int | None = None
+
+    def order_seed(self) -> int | None:
+        if self.seed is not None:
+            return self.seed
+        if self._drawn_order_seed is None:
+            drawn = secrets.randbits(63)
+            if self.trainer is not None and self.trainer.world_size > 1:
+                drawn = self.trainer.strategy.broadcast(drawn, src=0)
+            self._drawn_order_seed = int(drawn)
+            log.info("seed=null: this run's training epochs are ordered by seed %d, drawn for it", drawn)
+        return self._drawn_order_seed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._drawn_order_seed is None else {"drawn_order_seed": self._drawn_order_seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.seed is None and "drawn_order_seed" in state_dict:
+            self._drawn_order_seed = int(state_dict["drawn_order_seed"])
 
 
 def replicas(trainer) -> tuple[int, int]:
@@ -266,6 +301,7 @@ __all__ = [
     "BucketSampler",
     "EvalShardSampler",
     "GlobalBatchSampler",
+    "OrderSeed",
     "ResumableLoader",
     "epoch_seed",
     "shuffles",

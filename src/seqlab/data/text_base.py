@@ -26,7 +26,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from seqlab.data.forecasting import keep_batch
-from seqlab.data.samplers import BucketSampler, ResumableLoader, per_replica_batch_size, replicas, shuffles
+from seqlab.data.samplers import (
+    BucketSampler,
+    OrderSeed,
+    ResumableLoader,
+    per_replica_batch_size,
+    replicas,
+    shuffles,
+)
 from seqlab.data.tokenization import PAD_ID
 from seqlab.errors import ConfigError, DataError
 from seqlab.utils.files import current_umask
@@ -136,7 +143,7 @@ def publish(target: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class BatchedTextDataModule(L.LightningDataModule):
+class BatchedTextDataModule(OrderSeed, L.LightningDataModule):
     """Loaders over ``self.datasets``: datasets with ``lengths`` whose ``__getitem__`` takes an
     index tensor and returns the padded batch, and whose ``batches`` does so for several.
 
@@ -252,7 +259,7 @@ class BatchedTextDataModule(L.LightningDataModule):
             num_replicas=world,
             rank=rank,
             shuffle=train and shuffles(self.trainer),
-            seed=self.seed,
+            seed=self.order_seed() if train else self.seed,
             drop_last=train,
             bucketing=self.hparams.bucketing,
             pool_batches=self.hparams.pool_batches,
