@@ -125,6 +125,10 @@ def test_bad_bounds_name_the_key(line: str) -> None:
 
 
 def test_a_search_in_which_no_trial_finished_fails(tmp_path: Path) -> None:
+    """The command fails with the first trial's error, which Hydra prints alone (a
+    ``CompactHydraException``), not under a traceback of the sweeper's frames."""
+    from hydra.errors import CompactHydraException
+
     chosen = sweeper()
     study = chosen.create_study(tmp_path, [], space())
     for _ in range(2):
@@ -133,8 +137,9 @@ def test_a_search_in_which_no_trial_finished_fails(tmp_path: Path) -> None:
         study.tell(trial, state=TrialState.FAIL)
     with pytest.raises(
         RuntimeError, match=r"no trial of Optuna study 's' finished \(2 failed: trial 0: KeyError"
-    ):
+    ) as failed:
         chosen.write_results(study, tmp_path)
+    assert isinstance(failed.value, CompactHydraException)
     assert (tmp_path / "optimization_results.yaml").is_file()  # the failures are still listed
     optuna.delete_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
 

@@ -120,6 +120,7 @@ def test_overrides_hydra_cannot_compose(tmp_path: Path) -> None:
     )  # fmt: skip
     assert refused.returncode == 1
     assert "hydra.sweeper.params: model=lsmt cannot be composed" in refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr  # the refusal alone (a CompactHydraException)
     assert not [p for p in (tmp_path / "refused").iterdir() if p.name.isdigit()]
     sweep = tmp_path / "sweep"
     results = search(

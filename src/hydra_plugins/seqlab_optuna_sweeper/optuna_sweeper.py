@@ -51,6 +51,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, QuotedString, RangeSweep
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn
+from hydra.errors import CompactHydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
@@ -146,8 +147,13 @@ def wait_for_running_jobs(job_dirs: list[Path]) -> None:
         time.sleep(JOB_POLL_S)
 
 
-class SweepError(ValueError):
-    """A search space or stored study this sweeper cannot use (the message names the key)."""
+class SweepError(CompactHydraException, ValueError):
+    """A search space or stored study this sweeper cannot use (the message names the key).
+    Hydra prints a ``CompactHydraException`` as its message alone, not as a traceback."""
+
+
+class SearchFailed(CompactHydraException, RuntimeError):
+    """No trial of the search finished (the message gives the first trial's error)."""
 
 
 def distribution(override: Override) -> Any:
@@ -694,7 +700,7 @@ class OptunaSweeper(Sweeper):
         write_text_atomic(sweep_dir / RESULTS_FILE, OmegaConf.to_yaml(OmegaConf.create(results)))
         if not completed:  # the command fails: scripts and CI see that nothing came of the search
             first = f": trial {failed[0]['trial']}: {failed[0]['error']}" if failed else ""
-            raise RuntimeError(
+            raise SearchFailed(
                 f"no trial of Optuna study {self.study_name!r} finished ({len(failed)} failed{first}); "
                 f"see {sweep_dir / RESULTS_FILE}"
             )
