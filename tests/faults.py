@@ -115,7 +115,8 @@ def initial_weights(trainer: L.Trainer) -> dict[str, torch.Tensor]:
 
 
 class RecordBatches(L.Callback):
-    """A fingerprint of every training batch, per epoch (``epochs``): what was trained on."""
+    """A fingerprint of every training batch, per epoch (``epochs``): what was trained on. A run
+    resumed mid-epoch starts with the rest of that epoch (no epoch-start hook runs for it)."""
 
     def __init__(self) -> None:
         self.epochs: list[list[str]] = []
@@ -132,6 +133,8 @@ class RecordBatches(L.Callback):
         for leaf in tree_leaves(batch):
             if isinstance(leaf, torch.Tensor):
                 digest.update(leaf.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        if not self.epochs:
+            self.epochs.append([])
         self.epochs[-1].append(digest.hexdigest())
 
 

@@ -408,8 +408,9 @@ def test_runs_of_consecutive_seeds_share_no_epoch_order() -> None:
 def test_unseeded_runs_draw_their_own_epoch_orders() -> None:
     """``seed=null``: every unseeded run had the same epoch orders (``epoch_seed(None, e)``), so
     a study of unseeded runs saw one data order. Each run now draws a seed for its orders and
-    keeps it for the whole run and in its checkpoint (``state_dict``), so a resumed run goes on
-    in the same orders; under several processes rank 0's draw is broadcast."""
+    keeps it for the whole run; the training loader's state (saved in every checkpoint) holds
+    it, and a resumed run's loader takes it back, for its later loaders too; a checkpoint from
+    before goes on in the old orders; under several processes rank 0's draw is broadcast."""
     from types import SimpleNamespace
 
     from seqlab.data.samplers import GlobalBatchSampler
@@ -419,29 +420,40 @@ def test_unseeded_runs_draw_their_own_epoch_orders() -> None:
         dm.setup()
         return dm
 
-    def orders(dm: SyntheticSeriesDataModule) -> list[list[int]]:
-        sampler = dm.train_dataloader().sampler
+    def orders(sampler) -> list[list[int]]:
         out = []
         for epoch in range(2):
             sampler.set_epoch(epoch)
             out.append([i for batch in sampler for i in batch.tolist()])
         return out
 
-    first, second = module(None), module(None)
-    assert orders(first) != orders(second)
-    assert orders(first) == orders(first)  # one draw for the whole run
-    resumed = SyntheticSeriesDataModule(num_steps=500, lookback=20, horizon=5, batch_size=16, seed=None)
-    resumed.load_state_dict(first.state_dict())
-    resumed.setup()
-    assert orders(resumed) == orders(first)
+    def seeded_by(seed: int | None) -> list[list[int]]:
+        return orders(
+            GlobalBatchSampler(len(first.datasets["train"]), batch_size=16, seed=seed, drop_last=True)
+        )
 
-    seeded = module(3)  # a seeded run's orders are its seed's, and it keeps nothing
-    expected = GlobalBatchSampler(len(seeded.datasets["train"]), batch_size=16, seed=3, drop_last=True)
-    expected.set_epoch(1)
-    assert orders(seeded)[1] == [i for batch in expected for i in batch.tolist()]
-    assert seeded.state_dict() == {}
-    seeded.load_state_dict(first.state_dict())
-    assert seeded.order_seed() == 3
+    first, second = module(None), module(None)
+    first_orders = orders(first.train_dataloader().sampler)
+    assert first_orders != orders(second.train_dataloader().sampler)
+    assert orders(first.train_dataloader().sampler) == first_orders  # one draw for the whole run
+    assert first_orders == seeded_by(first.order_seed())
+
+    saved = first.train_dataloader().state_dict()
+    resumed = module(None)
+    loader = resumed.train_dataloader()  # built before the checkpoint is restored (FSDP, DeepSpeed)
+    assert orders(loader.sampler) != first_orders
+    loader.load_state_dict(saved)
+    assert orders(loader.sampler) == first_orders == orders(resumed.train_dataloader().sampler)
+    old = module(None)  # a checkpoint from before seeds were drawn: its orders go on
+    loader = old.train_dataloader()
+    loader.load_state_dict({k: v for k, v in saved.items() if k != "seed"})
+    assert orders(loader.sampler) == seeded_by(None) == orders(old.train_dataloader().sampler)
+
+    seeded = module(3)  # a seeded run's orders are its seed's, and its loader keeps no seed
+    loader = seeded.train_dataloader()
+    assert "seed" not in loader.state_dict()
+    loader.load_state_dict(saved)
+    assert orders(loader.sampler) == seeded_by(3)
 
     sent = []
     broadcast = lambda value, src: sent.append((value, src)) or 12345  # noqa: E731  (rank 0's draw)

@@ -664,20 +664,58 @@ def test_a_run_resumed_after_its_training_ended_still_reports_its_best(make_cfg,
     assert first_steps(tmp_path / "steps") == [0], "the resumed run trained no step"
 
 
-def test_an_unseeded_run_resumes_in_its_own_epoch_orders(make_cfg, tmp_path: Path) -> None:
-    """``seed=null``: the epoch orders' seed drawn for the run is in its checkpoints, and a
-    resumed run orders its epochs by it, not by a new draw."""
-    settings = ["seed=null", "trainer.max_epochs=1", "callbacks.early_stopping=null"]
-    _, objects = train(make_cfg(*settings))
-    drawn = objects["datamodule"].order_seed()
-    run_dir = Path(make_cfg(*settings).paths.output_dir)
-    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert saved["SyntheticSeriesDataModule"] == {"drawn_order_seed": drawn}
-    (run_dir / "summary.json").unlink()  # as if stopped during the test
-    _, resumed = train(make_cfg(*settings))
-    assert resumed["datamodule"].order_seed() == drawn  # (a new draw: one chance in 2**63)
-    _, other = train(make_cfg(*settings, output="other"))  # a run of its own draws its own
-    assert other["datamodule"].order_seed() != drawn
+@pytest.mark.parametrize("restored_after_setup", [False, True], ids=["as_ddp", "as_fsdp_deepspeed"])
+def test_an_unseeded_run_resumes_in_its_own_epoch_orders(
+    make_cfg, monkeypatch, restored_after_setup: bool
+) -> None:
+    """``seed=null``: stopped mid-epoch, a run resumes in the epoch orders of the seed it drew,
+    the interrupted epoch's batches after those it trained, not in a new draw's. Also where the
+    strategy restores the checkpoint after its set-up (FSDP, DeepSpeed), when
+    ``configure_optimizers`` has already built the training loader with a new draw."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from tests.faults import RecordBatches
+
+    if restored_after_setup:
+        monkeypatch.setattr(
+            SingleDeviceStrategy, "restore_checkpoint_after_setup", property(lambda self: True)
+        )
+    settings = [
+        "seed=null", "trainer.max_epochs=2", "callbacks.early_stopping=null",
+        "+callbacks.sigterm._target_=tests.faults.SigtermFlagAtStep", "+callbacks.sigterm.step=5",
+        "+callbacks.batches._target_=tests.faults.RecordBatches",
+    ]  # fmt: skip
+
+    def recorded(trainer) -> list[list[str]]:
+        (probe,) = [c for c in trainer.callbacks if isinstance(c, RecordBatches)]
+        return probe.epochs
+
+    stopped_batches: list[list[str]] = []
+    loaders = []  # the training loader of each run, as it trained
+    original = RecordBatches.on_train_batch_start
+
+    def keep(self, trainer, pl_module, batch, batch_idx) -> None:
+        original(self, trainer, pl_module, batch, batch_idx)
+        stopped_batches[:] = self.epochs
+        loaders.append(trainer.train_dataloader)
+
+    monkeypatch.setattr(RecordBatches, "on_train_batch_start", keep)
+    with pytest.raises(SIGTERMException):
+        train(make_cfg(*settings))
+    interrupted = [list(epoch) for epoch in stopped_batches]
+    assert len(interrupted) == 1 and len(interrupted[0]) == 5
+    _, objects = train(make_cfg(*settings))  # the same command resumes
+    loader = loaders[-1]
+    rest = recorded(objects["trainer"])
+    probe = RecordBatches()  # the whole first epoch in the orders the resumed run trained in
+    loader.sampler.set_epoch(0)
+    probe.on_train_epoch_start(None, None)
+    for batch in loader:
+        original(probe, None, None, batch, 0)
+    assert interrupted[0] + rest[0] == probe.epochs[0], "the resumed epoch went on in other orders"
+    summary = json.loads((Path(make_cfg(*settings).paths.output_dir) / "summary.json").read_text())
+    assert summary["seed"] is None and summary["order_seed"] == loader.sampler.seed
 
 
 def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(make_cfg, tmp_path: Path) -> None:
@@ -884,7 +922,17 @@ def test_only_a_multi_task_launch_shares_one_directory(monkeypatch) -> None:
     assert launch_id() is None
 
 
-@pytest.mark.parametrize("flags", [["--cfg", "all", "--resolve"], ["-c", "job"], ["--info=config"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--cfg", "all", "--resolve"],
+        ["-c", "job"],
+        ["-cjob"],
+        ["--cf", "hydra"],
+        ["--info=config"],
+        ["-i", "all"],
+    ],
+)
 def test_printing_the_config_takes_no_run_directory(tmp_path: Path, monkeypatch, flags: list[str]) -> None:
     """``python train.py --cfg all --resolve`` resolves hydra.run.dir and hydra.sweep.dir to print
     them: it left an empty timestamped directory under runs/ and multiruns/ each time."""
@@ -895,8 +943,10 @@ def test_printing_the_config_takes_no_run_directory(tmp_path: Path, monkeypatch,
     runs = tmp_path / "runs"
     monkeypatch.setattr(sys, "argv", ["train.py", *flags, "model=gru"])
     assert run_stamp("stamp", str(runs)) == "stamp" and not runs.exists()
-    monkeypatch.setattr(sys, "argv", ["train.py", "model=gru"])  # a run takes it
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", "model=gru,lstm"])  # a run takes it
     assert run_stamp("stamp", str(runs)) == "stamp" and (runs / "stamp").is_dir()
+    monkeypatch.setattr(sys, "argv", ["pytest", "-c", "pyproject.toml"])  # not Hydra's: a run
+    assert run_stamp("stamp", str(runs)) == "stamp-2"
 
 
 def test_runs_started_in_one_second_get_their_own_directories(make_cfg, tmp_path: Path, monkeypatch) -> None:

@@ -287,6 +287,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
         metrics, baseline = split_baselines(test_metrics)
         memory = stats.peak_memory()
+        order_seed = getattr(datamodule, "drawn_order_seed", None)  # seed=null: the orders' drawn seed
         summary = {
             "task": hydra_choice("task") or cfg.task._target_.rsplit(".", 1)[-1],
             "data": hydra_choice("data") or cfg.data._target_.rsplit(".", 1)[-1],
@@ -298,6 +299,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 "precision": str(trainer.precision),
             },
             "seed": cfg.get("seed"),
+            **({"order_seed": order_seed} if order_seed is not None else {}),
             "overrides": redact(hydra_overrides()),
             "metrics": metrics,
             **({"test_report": task.test_report} if getattr(task, "test_report", None) else {}),

@@ -321,6 +321,7 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
             collate_fn=keep_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            seed_owner=self if self.seed is None else None,
         )
 
     def val_dataloader(self) -> DataLoader:

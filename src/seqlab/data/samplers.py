@@ -47,30 +47,36 @@ class OrderSeed:
     ``LightningDataModule``): ``seed`` (``data.seed``, ``${seed}``) when given. An unseeded run
     (``seed=null``) draws one for itself on rank 0, broadcast to every process so that all cut
     the same global batches; before, every unseeded run had the same epoch orders
-    (``epoch_seed(None, e)``). A drawn seed is kept in the checkpoint (Lightning saves the data
-    module's ``state_dict``), so a resumed run goes on in the orders of the run it resumes."""
+    (``epoch_seed(None, e)``). The training loader keeps a drawn seed in every checkpoint with
+    its position and hands it back on resume (``ResumableLoader``), so a resumed run goes on in
+    the orders of the run it resumes."""
 
     seed: int | None
     trainer: Any
-    _drawn_order_seed: int | None = None
+    _order_seed: int | None = None
+    _order_seed_set = False
 
     def order_seed(self) -> int | None:
         if self.seed is not None:
             return self.seed
-        if self._drawn_order_seed is None:
+        if not self._order_seed_set:
             drawn = secrets.randbits(63)
             if self.trainer is not None and self.trainer.world_size > 1:
                 drawn = self.trainer.strategy.broadcast(drawn, src=0)
-            self._drawn_order_seed = int(drawn)
+            self.adopt_order_seed(int(drawn))
             log.info("seed=null: this run's training epochs are ordered by seed %d, drawn for it", drawn)
-        return self._drawn_order_seed
+        return self._order_seed
 
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self._drawn_order_seed is None else {"drawn_order_seed": self._drawn_order_seed}
+    @property
+    def drawn_order_seed(self) -> int | None:
+        """The seed an unseeded run's epochs are ordered by (drawn, or its checkpoint's), once its
+        training loader is built; None for a seeded run (its ``seed`` orders them)."""
+        return self._order_seed if self.seed is None else None
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.seed is None and "drawn_order_seed" in state_dict:
-            self._drawn_order_seed = int(state_dict["drawn_order_seed"])
+    def adopt_order_seed(self, seed: int | None) -> None:
+        """The orders of the checkpoint a run resumes (None: a checkpoint of an unseeded run from
+        before seeds were drawn, ordered by ``epoch_seed(None, e)``), for every later loader."""
+        self._order_seed, self._order_seed_set = seed, True
 
 
 def replicas(trainer) -> tuple[int, int]:
@@ -105,9 +111,16 @@ class ResumableLoader(DataLoader):
     (``scripts/benchmark.py data``). The batches are the same.
     """
 
-    def __init__(self, *args: Any, gather_batches: int = 32, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, gather_batches: int = 32, seed_owner: OrderSeed | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.gather_batches = gather_batches
+        #: the unseeded data module whose drawn seed orders this loader's epochs: the seed goes
+        #: into the checkpoint with the position, and a resumed run takes it back. The position is
+        #: given back at the start of training, after every strategy restored the checkpoint
+        #: (FSDP and DeepSpeed restore it after ``configure_optimizers`` built this loader)
+        self.seed_owner = seed_owner
         if not isinstance(self.sampler, GlobalBatchSampler) or self.batch_size is not None:
             raise TypeError("ResumableLoader needs a GlobalBatchSampler and batch_size=None")
         self.batches_done = 0
@@ -144,11 +157,17 @@ class ResumableLoader(DataLoader):
         # order 2: this epoch is ordered by epoch_seed; 1: by seed + epoch (an old checkpoint's
         # epoch, resumed and not finished: stopped again, it goes on in that order again)
         legacy = self.sampler.legacy_epoch == self.sampler.epoch
-        return {"epoch": self.sampler.epoch, "batches": self.batches_done, "order": 1 if legacy else 2}
+        state = {"epoch": self.sampler.epoch, "batches": self.batches_done, "order": 1 if legacy else 2}
+        if self.seed_owner is not None:
+            state["seed"] = self.sampler.seed
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_at = (int(state["epoch"]), int(state["batches"]))
         self.legacy_order = int(state.get("order", 1)) < 2
+        if self.seed_owner is not None:
+            self.sampler.seed = state.get("seed")
+            self.seed_owner.adopt_order_seed(self.sampler.seed)
 
 
 class GlobalBatchSampler(DistributedSampler, SequentialSampler):

@@ -264,6 +264,7 @@ class BatchedTextDataModule(OrderSeed, L.LightningDataModule):
             bucketing=self.hparams.bucketing,
             pool_batches=self.hparams.pool_batches,
         )
+        owner = {"seed_owner": self if self.seed is None else None} if train else {}
         return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=None,  # the sampler hands out this process's batches as index tensors
@@ -271,6 +272,7 @@ class BatchedTextDataModule(OrderSeed, L.LightningDataModule):
             collate_fn=keep_batch,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
+            **owner,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -108,12 +108,20 @@ def run_stamp(pattern: str, runs_dir: str | None = None, resume: str | None = No
 
 
 def only_printing_config() -> bool:
-    """Whether Hydra was asked to print the config (``--cfg``/``-c``, ``--info``/``-i``) rather
-    than to run: it resolves ``hydra.run.dir`` and ``hydra.sweep.dir`` to print them."""
-    return any(
-        arg in ("--cfg", "-c", "--info", "-i") or arg.startswith(("--cfg=", "--info="))
-        for arg in sys.argv[1:]
-    )
+    """Whether Hydra was asked to print the config (``--cfg``, ``--info`` in any of the spellings
+    its parser takes) rather than to run: it resolves ``hydra.run.dir`` and ``hydra.sweep.dir``
+    to print them. False for a command line that is not Hydra's."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage message
+            args, _ = get_args_parser().parse_known_args(sys.argv[1:])
+    except SystemExit:
+        return False
+    return bool(args.cfg or args.info)
 
 
 def rank_log_suffix() -> str:
