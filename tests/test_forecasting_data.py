@@ -449,11 +449,15 @@ def test_unseeded_runs_draw_their_own_epoch_orders() -> None:
     loader.load_state_dict({k: v for k, v in saved.items() if k != "seed"})
     assert orders(loader.sampler) == seeded_by(None) == orders(old.train_dataloader().sampler)
 
-    seeded = module(3)  # a seeded run's orders are its seed's, and its loader keeps no seed
+    seeded = module(3)  # a seeded run's orders are its seed's, whatever a checkpoint says
     loader = seeded.train_dataloader()
-    assert "seed" not in loader.state_dict()
+    seeded_state = loader.state_dict()
     loader.load_state_dict(saved)
     assert orders(loader.sampler) == seeded_by(3)
+    unseeded = module(None)  # an unseeded run trained on from a seeded run's checkpoint
+    loader = unseeded.train_dataloader()
+    loader.load_state_dict(seeded_state)
+    assert orders(loader.sampler) == seeded_by(3) and unseeded.drawn_order_seed == 3
 
     sent = []
     broadcast = lambda value, src: sent.append((value, src)) or 12345  # noqa: E731  (rank 0's draw)

@@ -664,17 +664,24 @@ def test_a_run_resumed_after_its_training_ended_still_reports_its_best(make_cfg,
     assert first_steps(tmp_path / "steps") == [0], "the resumed run trained no step"
 
 
-@pytest.mark.parametrize("restored_after_setup", [False, True], ids=["as_ddp", "as_fsdp_deepspeed"])
+@pytest.mark.parametrize(
+    ("stop", "restored_after_setup"),
+    [("mid_epoch", False), ("mid_epoch", True), ("epoch_end", True)],
+    ids=["mid_epoch", "mid_epoch_as_fsdp_deepspeed", "epoch_end_as_fsdp_deepspeed"],
+)
 def test_an_unseeded_run_resumes_in_its_own_epoch_orders(
-    make_cfg, monkeypatch, restored_after_setup: bool
+    make_cfg, tmp_path: Path, monkeypatch, stop: str, restored_after_setup: bool
 ) -> None:
-    """``seed=null``: stopped mid-epoch, a run resumes in the epoch orders of the seed it drew,
-    the interrupted epoch's batches after those it trained, not in a new draw's. Also where the
-    strategy restores the checkpoint after its set-up (FSDP, DeepSpeed), when
-    ``configure_optimizers`` has already built the training loader with a new draw."""
+    """``seed=null``: a run resumes in the epoch orders of the seed it drew, not a new draw's:
+    stopped mid-epoch, the interrupted epoch's batches after those it trained; failed early in
+    its second epoch, from the first epoch's end (``last.ckpt``, where Lightning gives loaders no
+    state back), the second epoch in the interrupted run's order. Also where the strategy
+    restores the checkpoint after its set-up (FSDP, DeepSpeed), when ``configure_optimizers``
+    has already built the training loader with a new draw."""
     from lightning.pytorch.strategies import SingleDeviceStrategy
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from seqlab.train import build_datamodule
     from tests.faults import RecordBatches
 
     if restored_after_setup:
@@ -683,13 +690,22 @@ def test_an_unseeded_run_resumes_in_its_own_epoch_orders(
         )
     settings = [
         "seed=null", "trainer.max_epochs=2", "callbacks.early_stopping=null",
-        "+callbacks.sigterm._target_=tests.faults.SigtermFlagAtStep", "+callbacks.sigterm.step=5",
         "+callbacks.batches._target_=tests.faults.RecordBatches",
     ]  # fmt: skip
-
-    def recorded(trainer) -> list[list[str]]:
-        (probe,) = [c for c in trainer.callbacks if isinstance(c, RecordBatches)]
-        return probe.epochs
+    if stop == "mid_epoch":
+        settings += [
+            "+callbacks.sigterm._target_=tests.faults.SigtermFlagAtStep",
+            "+callbacks.sigterm.step=5",
+        ]
+        expected_error: type[BaseException] = SIGTERMException
+    else:  # after the first step of the second epoch, once
+        data = build_datamodule(make_cfg(*settings).data)
+        data.setup("fit")
+        settings += [
+            "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0",
+            f"+callbacks.fault.step={len(data.train_dataloader()) + 1}", f"+callbacks.fault.once={tmp_path / 'once'}",
+        ]  # fmt: skip
+        expected_error = RuntimeError
 
     stopped_batches: list[list[str]] = []
     loaders = []  # the training loader of each run, as it trained
@@ -701,21 +717,25 @@ def test_an_unseeded_run_resumes_in_its_own_epoch_orders(
         loaders.append(trainer.train_dataloader)
 
     monkeypatch.setattr(RecordBatches, "on_train_batch_start", keep)
-    with pytest.raises(SIGTERMException):
+    with pytest.raises(expected_error):
         train(make_cfg(*settings))
-    interrupted = [list(epoch) for epoch in stopped_batches]
-    assert len(interrupted) == 1 and len(interrupted[0]) == 5
+    interrupted, first_seed = [list(epoch) for epoch in stopped_batches], loaders[0].sampler.seed
+    assert [len(epoch) for epoch in interrupted][-1] == (5 if stop == "mid_epoch" else 1)
     _, objects = train(make_cfg(*settings))  # the same command resumes
     loader = loaders[-1]
-    rest = recorded(objects["trainer"])
-    probe = RecordBatches()  # the whole first epoch in the orders the resumed run trained in
-    loader.sampler.set_epoch(0)
-    probe.on_train_epoch_start(None, None)
+    assert loader.sampler.seed == first_seed
+    (recorder,) = [c for c in objects["trainer"].callbacks if isinstance(c, RecordBatches)]
+    resumed = recorder.epochs[0]  # of the epoch it resumed in
+    probe = RecordBatches()  # that whole epoch in the orders the resumed run trained in
+    loader.sampler.set_epoch(len(interrupted) - 1)
     for batch in loader:
         original(probe, None, None, batch, 0)
-    assert interrupted[0] + rest[0] == probe.epochs[0], "the resumed epoch went on in other orders"
+    if stop == "mid_epoch":
+        assert interrupted[0] + resumed == probe.epochs[0], "the resumed epoch went on in other orders"
+    else:  # retrained from the epoch's start: the same first batch as the interrupted run
+        assert resumed == probe.epochs[0] and resumed[:1] == interrupted[1], "the next epoch in other orders"
     summary = json.loads((Path(make_cfg(*settings).paths.output_dir) / "summary.json").read_text())
-    assert summary["seed"] is None and summary["order_seed"] == loader.sampler.seed
+    assert summary["seed"] is None and summary["order_seed"] == first_seed
 
 
 def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(make_cfg, tmp_path: Path) -> None:

@@ -492,7 +492,7 @@ def test_the_training_loader_gathers_blocks_of_the_same_batches(tmp_path: Path, 
     resumed.sampler.set_epoch(2)
     calls.clear()
     assert_same_batches(list(resumed), epoch[7:])
-    assert calls == [5, 1] and resumed.state_dict() == {"epoch": 2, "batches": 13, "order": 2}
+    assert calls == [5, 1] and resumed.state_dict() == {"epoch": 2, "batches": 13, "order": 2, "seed": 0}
 
 
 def test_gathering_leaves_the_random_state_as_the_dataloader_does(tmp_path: Path) -> None:
@@ -591,7 +591,7 @@ def test_a_text_loader_resumes_mid_epoch_at_the_next_batch(tmp_path: Path) -> No
     resumed.sampler.set_epoch(1)
     rest = iter(resumed)
     first = next(rest)["index"]
-    assert resumed.state_dict() == {"epoch": 1, "batches": 6, "order": 2}
+    assert resumed.state_dict() == {"epoch": 1, "batches": 6, "order": 2, "seed": 0}
     assert all(
         torch.equal(a, b) for a, b in zip([first, *(b["index"] for b in rest)], epoch[5:], strict=True)
     )
@@ -629,7 +629,7 @@ def test_a_checkpoint_from_before_epoch_seed_finishes_its_epoch_in_its_own_order
     for _ in range(3):
         next(batches)
     state = again.state_dict()
-    assert state == {"epoch": 1, "batches": 8, "order": 1}
+    assert state == {"epoch": 1, "batches": 8, "order": 1, "seed": 0}
     once_more = dm.train_dataloader()
     once_more.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(epoch_batches(once_more, 1), old_run[8:], strict=True))

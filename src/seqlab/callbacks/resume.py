@@ -27,6 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.types import _Stateful
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -86,7 +87,7 @@ class ExactResume(L.Callback):
         self.pending = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        trainer.fit_loop._load_combined_loader_states()  # no-op unless restarting with saved states
+        give_back_loader_states(trainer)
         # a checkpoint saved when early stopping ended the run holds EarlyStopping's decision (its
         # stopping_reason) but not the stop itself: without this, the resumed run trains one more
         # epoch. A run started from another run's checkpoint starts its early stopping afresh (its
@@ -103,6 +104,9 @@ class ExactResume(L.Callback):
                 stopped[0].monitor,
             )
 
+    def on_fit_end(self, trainer, pl_module) -> None:
+        give_back_loader_states(trainer)  # a resumed run whose training had ended: its order seed
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self.pending is not None and not self.pending.get("mid_epoch"):
             self.restore()
@@ -115,6 +119,22 @@ class ExactResume(L.Callback):
         # runs before the checkpoint callbacks' (Lightning orders those last); after the epoch's
         # last batch, what a checkpoint holds is the state the next epoch starts from
         self.in_epoch = batch_idx + 1 < trainer.num_training_batches
+
+
+def give_back_loader_states(trainer: L.Trainer) -> None:
+    """Hand a restored checkpoint's training-loader states to the loaders. Lightning does it only
+    when resuming mid-epoch (``fit_loop.restarting``), and not at all where the data was set up
+    before the restore (Lightning #20550, above); seqlab's loaders also carry an unseeded run's
+    order seed (``ResumableLoader``), which a checkpoint taken at an epoch's end (``last.ckpt``)
+    must give back too. The position such a checkpoint holds is its finished epoch's: the next
+    epoch skips nothing. Nothing is handed over to loaders other than those that saved them."""
+    loop = trainer.fit_loop
+    states, combined = loop._combined_loader_states_to_load, loop._combined_loader
+    if not states or combined is None:
+        return
+    if len(states) == sum(isinstance(loader, _Stateful) for loader in combined.flattened):
+        combined._load_state_dicts(states)
+    loop._combined_loader_states_to_load = []
 
 
 def early_stopped(callback: L.Callback) -> bool:

@@ -117,9 +117,10 @@ class ResumableLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.gather_batches = gather_batches
         #: the unseeded data module whose drawn seed orders this loader's epochs: the seed goes
-        #: into the checkpoint with the position, and a resumed run takes it back. The position is
+        #: into the checkpoint with the position, and a resumed run takes it back. States are
         #: given back at the start of training, after every strategy restored the checkpoint
-        #: (FSDP and DeepSpeed restore it after ``configure_optimizers`` built this loader)
+        #: (FSDP and DeepSpeed restore it after ``configure_optimizers`` built this loader), from
+        #: end-of-epoch checkpoints too (``seqlab.callbacks.resume.give_back_loader_states``)
         self.seed_owner = seed_owner
         if not isinstance(self.sampler, GlobalBatchSampler) or self.batch_size is not None:
             raise TypeError("ResumableLoader needs a GlobalBatchSampler and batch_size=None")
@@ -157,17 +158,22 @@ class ResumableLoader(DataLoader):
         # order 2: this epoch is ordered by epoch_seed; 1: by seed + epoch (an old checkpoint's
         # epoch, resumed and not finished: stopped again, it goes on in that order again)
         legacy = self.sampler.legacy_epoch == self.sampler.epoch
-        state = {"epoch": self.sampler.epoch, "batches": self.batches_done, "order": 1 if legacy else 2}
-        if self.seed_owner is not None:
-            state["seed"] = self.sampler.seed
-        return state
+        return {
+            "epoch": self.sampler.epoch,
+            "batches": self.batches_done,
+            "order": 1 if legacy else 2,
+            "seed": self.sampler.seed,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.resume_at = (int(state["epoch"]), int(state["batches"]))
         self.legacy_order = int(state.get("order", 1)) < 2
-        if self.seed_owner is not None:
+        if self.seed_owner is not None:  # (no "seed": a checkpoint from before seeds were drawn)
             self.sampler.seed = state.get("seed")
             self.seed_owner.adopt_order_seed(self.sampler.seed)
+            log.info(
+                "seed=null, resumed: the training epochs go on in the orders of seed %s", self.sampler.seed
+            )
 
 
 class GlobalBatchSampler(DistributedSampler, SequentialSampler):
