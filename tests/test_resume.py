@@ -655,19 +655,22 @@ def test_a_run_resumed_after_its_training_ended_still_reports_its_best(make_cfg,
     settings = [
         "trainer.max_epochs=2",
         "callbacks.early_stopping=null",
+        "seed=null",  # and its summary names the order seed it trained with, not a new draw
         *record_first_step(tmp_path / "steps"),
     ]
     first, _ = train(make_cfg(*settings))
     run_dir = Path(make_cfg(*settings).paths.output_dir)
+    order_seed = json.loads((run_dir / "summary.json").read_text())["order_seed"]
     (run_dir / "summary.json").unlink()  # as if stopped during the test
     assert run(make_cfg(*settings)) == pytest.approx(first["val/mse_best"])
     assert first_steps(tmp_path / "steps") == [0], "the resumed run trained no step"
+    assert json.loads((run_dir / "summary.json").read_text())["order_seed"] == order_seed
 
 
 @pytest.mark.parametrize(
     ("stop", "restored_after_setup"),
-    [("mid_epoch", False), ("mid_epoch", True), ("epoch_end", True)],
-    ids=["mid_epoch", "mid_epoch_as_fsdp_deepspeed", "epoch_end_as_fsdp_deepspeed"],
+    [("mid_epoch", False), ("epoch_end", True)],
+    ids=["mid_epoch", "epoch_end_restored_after_setup"],
 )
 def test_an_unseeded_run_resumes_in_its_own_epoch_orders(
     make_cfg, tmp_path: Path, monkeypatch, stop: str, restored_after_setup: bool
@@ -675,9 +678,9 @@ def test_an_unseeded_run_resumes_in_its_own_epoch_orders(
     """``seed=null``: a run resumes in the epoch orders of the seed it drew, not a new draw's:
     stopped mid-epoch, the interrupted epoch's batches after those it trained; failed early in
     its second epoch, from the first epoch's end (``last.ckpt``, where Lightning gives loaders no
-    state back), the second epoch in the interrupted run's order. Also where the strategy
-    restores the checkpoint after its set-up (FSDP, DeepSpeed), when ``configure_optimizers``
-    has already built the training loader with a new draw."""
+    state back), the second epoch in the interrupted run's order. In both, the loader states come
+    back after ``configure_optimizers`` has built the loader with a new draw; the second also
+    restores the model and callbacks after the strategy's set-up, as FSDP and DeepSpeed do."""
     from lightning.pytorch.strategies import SingleDeviceStrategy
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 

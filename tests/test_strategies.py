@@ -496,7 +496,7 @@ def _fsdp1_process(rank: int, port: int, results) -> None:
         # The wrapped modules hold the process group through reference cycles: collect them, so
         # that destroying the group joins gloo's worker threads now. A worker still alive while
         # the interpreter shuts down aborts the process when it frees a tensor (SIGABRT,
-        # "terminate called without an active exception", about one run in twenty here).
+        # "terminate called without an active exception", about one run in twenty-five here).
         gc.collect()
         dist.destroy_process_group()
 

@@ -577,6 +577,32 @@ def test_evaluation_gives_every_example_once_and_every_process_as_many_steps(
         assert max(sizes) - min(sizes) <= 1
 
 
+def test_an_unseeded_text_run_draws_its_own_orders_and_resumes_in_them(tmp_path: Path) -> None:
+    """``seed=null`` for text (``BatchedTextDataModule``): each run's training loader orders its
+    epochs by a seed of its own, which its state carries, and a resumed loader takes it back;
+    evaluation orders stay fixed (``tests/test_forecasting_data.py`` checks the rest)."""
+
+    def module() -> SyntheticSentimentDataModule:
+        dm = SyntheticSentimentDataModule(
+            num_train=200, num_val=10, num_test=10, batch_size=16, cache_dir=str(tmp_path), seed=None
+        )
+        dm.setup()
+        return dm
+
+    def order(loader) -> list[list[int]]:
+        loader.sampler.set_epoch(1)
+        return [batch.tolist() for batch in loader.sampler]
+
+    first, second = module(), module()
+    first_loader = first.train_dataloader()
+    assert order(first_loader) != order(second.train_dataloader())
+    assert first_loader.state_dict()["seed"] == first.drawn_order_seed is not None
+    resumed = second.train_dataloader()
+    resumed.load_state_dict(first_loader.state_dict())
+    assert order(resumed) == order(first_loader) == order(second.train_dataloader())
+    assert order(first.val_dataloader()) == order(second.val_dataloader())
+
+
 def test_a_text_loader_resumes_mid_epoch_at_the_next_batch(tmp_path: Path) -> None:
     dm = SyntheticSentimentDataModule(
         num_train=200, num_val=10, num_test=10, batch_size=16, cache_dir=str(tmp_path)

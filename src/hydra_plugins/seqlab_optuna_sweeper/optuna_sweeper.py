@@ -306,7 +306,7 @@ class OptunaSweeper(Sweeper):
         fixed = [o.input_line for o in by_key.values() if not o.is_sweep_override()]
         space = {key: distribution(o) for key, o in by_key.items() if o.is_sweep_override()}
         if not space:
-            raise ValueError(
+            raise SweepError(
                 "hydra/sweeper=optuna has nothing to search: give hydra.sweeper.params or sweep overrides "
                 "(a=1,2 | range(..) | interval(..))"
             )

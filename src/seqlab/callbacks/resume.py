@@ -4,10 +4,12 @@ uninterrupted one, and the checkpoint a pre-empted run leaves behind.
 - ``ExactResume``: the random generators' state (dropout masks, word dropout) goes into every
   checkpoint and is put back where the uninterrupted run stood (a data iterator draws a seed
   from the global generator when an epoch starts, so the place matters); and the training
-  loader's position (``seqlab.data.samplers.ResumableLoader``) is handed back to it, which
-  Lightning skips when ``configure_optimizers`` asked for ``trainer.estimated_stepping_batches``
-  (that sets the data up before the checkpoint is restored, and the later set-up returns early:
-  Lightning #20550, open in 2.6). A run that early stopping ended stays ended when resumed.
+  loader's state (``seqlab.data.samplers.ResumableLoader``: its position, and an unseeded run's
+  order seed) is handed back to it, from end-of-epoch checkpoints too, which Lightning skips
+  when ``configure_optimizers`` asked for ``trainer.estimated_stepping_batches`` (seqlab's tasks
+  always do: that sets the data up before the checkpoint is restored, and the later set-up
+  returns early: Lightning #20550, open in 2.6). A run that early stopping ended stays ended
+  when resumed.
 - ``LastCheckpoint``: ``last.ckpt`` at every epoch's end (Lightning 2.6 writes it only with a new
   best).
 - ``StepCheckpoint``: ``last.ckpt`` every N optimizer steps within an epoch; one due on a batch
@@ -41,7 +43,8 @@ class ExactResume(L.Callback):
     """Save the CPU (and CUDA) generator states with every checkpoint and put them back where the
     uninterrupted run was when it saved: before the next training step for a mid-epoch checkpoint,
     at the start of the next epoch (before its data iterator draws a seed) for an end-of-epoch one.
-    Give the training loaders their saved position before the first epoch."""
+    Give the training loaders their saved state before the first epoch (``give_back_loader_states``;
+    at the end of a resumed fit that had nothing left to train too, for its order seed)."""
 
     def __init__(self) -> None:
         self.in_epoch = False
@@ -123,17 +126,24 @@ class ExactResume(L.Callback):
 
 def give_back_loader_states(trainer: L.Trainer) -> None:
     """Hand a restored checkpoint's training-loader states to the loaders. Lightning does it only
-    when resuming mid-epoch (``fit_loop.restarting``), and not at all where the data was set up
-    before the restore (Lightning #20550, above); seqlab's loaders also carry an unseeded run's
-    order seed (``ResumableLoader``), which a checkpoint taken at an epoch's end (``last.ckpt``)
-    must give back too. The position such a checkpoint holds is its finished epoch's: the next
-    epoch skips nothing. Nothing is handed over to loaders other than those that saved them."""
+    when resuming mid-epoch or with ``max_steps`` (``fit_loop.restarting``), and not at all where
+    the data was set up before the restore (Lightning #20550, above); seqlab's loaders also carry
+    an unseeded run's order seed (``ResumableLoader``), which a checkpoint taken at an epoch's end
+    (``last.ckpt``) must give back too. The position such a checkpoint holds is its finished
+    epoch's: the next epoch skips nothing. States saved by other loaders than this run's (another
+    number of them) are dropped with a warning: the epoch starts from its first batch."""
     loop = trainer.fit_loop
     states, combined = loop._combined_loader_states_to_load, loop._combined_loader
     if not states or combined is None:
         return
-    if len(states) == sum(isinstance(loader, _Stateful) for loader in combined.flattened):
+    stateful = sum(isinstance(loader, _Stateful) for loader in combined.flattened)
+    if len(states) == stateful:
         combined._load_state_dicts(states)
+    else:
+        log.warning(
+            "the checkpoint holds the state of %d training loaders and this run has %d: their "
+            "positions (and an unseeded run's order seed) are not restored", len(states), stateful,
+        )  # fmt: skip
     loop._combined_loader_states_to_load = []
 
 

@@ -305,13 +305,14 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
         # A DistributedSampler even on one process: the global batch at each step is then the
         # same set of windows whatever the number of processes (Lightning keeps this sampler).
         # It hands out each step's indices as one tensor (no per-window Python loop).
+        shuffle = shuffles(self.trainer)
         sampler = GlobalBatchSampler(
             len(dataset),
             batch_size=self.batch_size,
             num_replicas=world,
             rank=rank,
-            shuffle=shuffles(self.trainer),
-            seed=self.order_seed(),
+            shuffle=shuffle,
+            seed=self.order_seed() if shuffle else self.seed,
             drop_last=True,
         )
         return ResumableLoader(
@@ -321,7 +322,7 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
             collate_fn=keep_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            seed_owner=self if self.seed is None else None,
+            seed_owner=self,
         )
 
     def val_dataloader(self) -> DataLoader:

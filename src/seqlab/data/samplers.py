@@ -10,10 +10,11 @@ share a batch, so little compute goes to padding, while every epoch still mixes 
 Evaluation orders are deterministic (sorted by length when bucketing).
 
 ``ResumableLoader`` over a ``GlobalBatchSampler`` makes training resumable *mid-epoch*: Lightning
-stores the loader's ``state_dict`` (epoch, batches handed out) in every checkpoint and gives it
-back on resume; the sampler then starts that epoch after those batches (skipped, nothing
-loaded). Epoch orders are seeded by (seed, epoch), so the resumed run sees exactly the batches
-the uninterrupted run saw.
+stores the loader's ``state_dict`` (epoch, batches handed out, the seed of its orders) in every
+checkpoint and it is given back on resume (``seqlab.callbacks.resume.give_back_loader_states``);
+the sampler then starts that epoch after those batches (skipped, nothing loaded). Epoch orders
+are seeded by (seed, epoch), so the resumed run sees exactly the batches the uninterrupted run
+saw; an unseeded run's drawn seed (``OrderSeed``) comes back with the position.
 """
 
 from __future__ import annotations
@@ -116,12 +117,11 @@ class ResumableLoader(DataLoader):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.gather_batches = gather_batches
-        #: the unseeded data module whose drawn seed orders this loader's epochs: the seed goes
-        #: into the checkpoint with the position, and a resumed run takes it back. States are
-        #: given back at the start of training, after every strategy restored the checkpoint
-        #: (FSDP and DeepSpeed restore it after ``configure_optimizers`` built this loader), from
-        #: end-of-epoch checkpoints too (``seqlab.callbacks.resume.give_back_loader_states``)
-        self.seed_owner = seed_owner
+        #: an unseeded data module (``seed=None``) whose drawn seed orders this loader's epochs:
+        #: the seed goes into the checkpoint with the position, and a resumed run takes it back
+        #: (the states come back after ``configure_optimizers`` has built this loader, with a new
+        #: draw: ``seqlab.callbacks.resume.give_back_loader_states``)
+        self.seed_owner = seed_owner if seed_owner is not None and seed_owner.seed is None else None
         if not isinstance(self.sampler, GlobalBatchSampler) or self.batch_size is not None:
             raise TypeError("ResumableLoader needs a GlobalBatchSampler and batch_size=None")
         self.batches_done = 0
@@ -154,7 +154,7 @@ class ResumableLoader(DataLoader):
         while chunk := list(itertools.islice(indices, self.gather_batches)):
             yield from map(self.collate_fn, self.dataset.batches(chunk))
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         # order 2: this epoch is ordered by epoch_seed; 1: by seed + epoch (an old checkpoint's
         # epoch, resumed and not finished: stopped again, it goes on in that order again)
         legacy = self.sampler.legacy_epoch == self.sampler.epoch
@@ -165,14 +165,14 @@ class ResumableLoader(DataLoader):
             "seed": self.sampler.seed,
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.resume_at = (int(state["epoch"]), int(state["batches"]))
         self.legacy_order = int(state.get("order", 1)) < 2
         if self.seed_owner is not None:  # (no "seed": a checkpoint from before seeds were drawn)
             self.sampler.seed = state.get("seed")
             self.seed_owner.adopt_order_seed(self.sampler.seed)
             log.info(
-                "seed=null, resumed: the training epochs go on in the orders of seed %s", self.sampler.seed
+                "seed=null: this run's epochs are ordered by seed %s, its checkpoint's", self.sampler.seed
             )
 
 

@@ -253,18 +253,19 @@ class BatchedTextDataModule(OrderSeed, L.LightningDataModule):
         dataset = self.datasets[split]
         world, rank = replicas(self.trainer)
         self.per_device_batch_size()  # the global batch must divide by the processes
+        shuffle = train and shuffles(self.trainer)
         sampler = BucketSampler(
             dataset.lengths,
             batch_size=self.batch_size,
             num_replicas=world,
             rank=rank,
-            shuffle=train and shuffles(self.trainer),
-            seed=self.order_seed() if train else self.seed,
+            shuffle=shuffle,
+            seed=self.order_seed() if shuffle else self.seed,
             drop_last=train,
             bucketing=self.hparams.bucketing,
             pool_batches=self.hparams.pool_batches,
         )
-        owner = {"seed_owner": self if self.seed is None else None} if train else {}
+        owner = {"seed_owner": self} if train else {}
         return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=None,  # the sampler hands out this process's batches as index tensors

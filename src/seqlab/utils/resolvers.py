@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import socket
@@ -111,17 +113,14 @@ def only_printing_config() -> bool:
     """Whether Hydra was asked to print the config (``--cfg``, ``--info`` in any of the spellings
     its parser takes) rather than to run: it resolves ``hydra.run.dir`` and ``hydra.sweep.dir``
     to print them. False for a command line that is not Hydra's."""
-    import contextlib
-    import io
-
-    from hydra._internal.utils import get_args_parser
-
     try:
-        with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage message
-            args, _ = get_args_parser().parse_known_args(sys.argv[1:])
-    except SystemExit:
+        from hydra._internal.utils import get_args_parser  # (private: a Hydra without it runs on)
+
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            args, _ = get_args_parser().parse_known_args(sys.argv[1:])  # (argparse's messages)
+    except (ImportError, SystemExit):
         return False
-    return bool(args.cfg or args.info)
+    return bool(getattr(args, "cfg", None) or getattr(args, "info", None))
 
 
 def rank_log_suffix() -> str:
