@@ -440,7 +440,7 @@ def test_unseeded_runs_draw_their_own_epoch_orders() -> None:
 
     saved = first.train_dataloader().state_dict()
     resumed = module(None)
-    loader = resumed.train_dataloader()  # built before the checkpoint is restored (FSDP, DeepSpeed)
+    loader = resumed.train_dataloader()  # built, with a draw, before the checkpoint comes back
     assert orders(loader.sampler) != first_orders
     loader.load_state_dict(saved)
     assert orders(loader.sampler) == first_orders == orders(resumed.train_dataloader().sampler)

@@ -723,7 +723,7 @@ def test_an_unseeded_run_resumes_in_its_own_epoch_orders(
     with pytest.raises(expected_error):
         train(make_cfg(*settings))
     interrupted, first_seed = [list(epoch) for epoch in stopped_batches], loaders[0].sampler.seed
-    assert [len(epoch) for epoch in interrupted][-1] == (5 if stop == "mid_epoch" else 1)
+    assert len(interrupted[-1]) == (5 if stop == "mid_epoch" else 1)
     _, objects = train(make_cfg(*settings))  # the same command resumes
     loader = loaders[-1]
     assert loader.sampler.seed == first_seed

@@ -312,7 +312,7 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
             num_replicas=world,
             rank=rank,
             shuffle=shuffle,
-            seed=self.order_seed() if shuffle else self.seed,
+            seed=self.order_seed(shuffle),
             drop_last=True,
         )
         return ResumableLoader(

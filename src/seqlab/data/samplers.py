@@ -57,8 +57,10 @@ class OrderSeed:
     _order_seed: int | None = None
     _order_seed_set = False
 
-    def order_seed(self) -> int | None:
-        if self.seed is not None:
+    def order_seed(self, shuffled: bool = True) -> int | None:
+        """The seed of the training loader's orders; nothing is drawn for one that does not
+        shuffle (``overfit_batches``)."""
+        if self.seed is not None or not shuffled:
             return self.seed
         if not self._order_seed_set:
             drawn = secrets.randbits(63)

@@ -260,7 +260,7 @@ class BatchedTextDataModule(OrderSeed, L.LightningDataModule):
             num_replicas=world,
             rank=rank,
             shuffle=shuffle,
-            seed=self.order_seed() if shuffle else self.seed,
+            seed=self.order_seed(shuffle),
             drop_last=train,
             bucketing=self.hparams.bucketing,
             pool_batches=self.hparams.pool_batches,
