@@ -299,13 +299,17 @@ def test_fsdp2_translation_generates_from_sharded_weights(tmp_path: Path) -> Non
     assert max(summary["parameters_per_rank"]) < 0.6 * summary["num_params"]
 
 
-def test_multirun_with_ddp_runs_each_job_once_in_one_sweep_dir(tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["basic", "parallel"])
+def test_multirun_with_ddp_runs_each_job_once_in_one_sweep_dir(tmp_path: Path, launcher: str) -> None:
     """Lightning re-runs the command line in rank 1; inside a sweep that used to be the whole sweep
-    (a second sweep directory, every job twice). Rank 1 must run its own job, into its directory."""
+    (a second sweep directory, every job twice). Rank 1 must run its own job, into its directory.
+    With hydra/launcher=parallel the two jobs run at once, each in a joblib worker process (whose
+    own command line is joblib's), without progress bars."""
     logs = tmp_path / "logs"
+    side_by_side = ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"] if launcher == "parallel" else []
     result = run_script(
         "train.py", "-m", "model=rnn,transformer", "trainer=ddp", *FAST, "trainer.max_epochs=1",
-        f"paths.log_dir={logs}", timeout=400,
+        f"paths.log_dir={logs}", *side_by_side, timeout=400,
     )  # fmt: skip
     assert result.returncode == 0, why_failed(result)
     assert not (logs / "train" / "runs").exists(), "no rank started a single run of its own"
@@ -320,6 +324,17 @@ def test_multirun_with_ddp_runs_each_job_once_in_one_sweep_dir(tmp_path: Path) -
         assert f"backbone <seqlab.backbones.{backbone}>" in rank1, "rank 1 ran this job's config"
     assert result.stdout.count("Seed set to") == 2, "rank 0 ran two jobs, rank 1 printed nothing"
     assert len((sweep / "sweep_summary.csv").read_text().splitlines()) == 3
+    if launcher == "parallel":
+        started, ended = zip(*(log_span(sweep / job / "train.log") for job in ("0", "1")))
+        assert max(started) < min(ended), f"the jobs ran at once: {started}, {ended}"
+        for job in ("0", "1"):
+            assert "enable_progress_bar: false" in (sweep / job / "config.yaml").read_text()
+
+
+def log_span(path: Path) -> tuple[str, str]:
+    """The times of a log's first and last line (``[2026-11-25 21:43:54,170]``, sortable)."""
+    times = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\]", path.read_text(), re.M)
+    return times[0], times[-1]
 
 
 @pytest.mark.parametrize("rendezvous", ["--standalone", "--master_port"])

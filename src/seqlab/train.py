@@ -36,6 +36,7 @@ from seqlab.utils.distributed import (
     use_spawn_launcher,
 )
 from seqlab.utils.logging import route_lightning_logs_to_root
+from seqlab.utils.parallel import job_resources
 from seqlab.utils.precision import clip_fused_under_bf16
 from seqlab.utils.resume import (
     check_checkpoint_fits,
@@ -370,7 +371,8 @@ def optimising_sweep() -> bool:
 def run(cfg: DictConfig) -> float | None:
     """Entry-point body: train, and turn seqlab's own errors into one clear line and exit code 1."""
     try:
-        metrics, _ = train(cfg)
+        with job_resources(cfg):  # a job of hydra/launcher=parallel: its GPUs, threads and terminal
+            metrics, _ = train(cfg)
         # nothing to optimise in a test-only run (train=false logs no validation best)
         return objective(metrics, cfg.get("optimized_metric") if cfg.get("train") else None)
     except SeqlabError as err:

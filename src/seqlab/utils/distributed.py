@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -144,6 +145,13 @@ def check_hardware(cfg: DictConfig) -> None:
             )
 
 
+def gpu_trainer(accelerator: Any = "auto") -> bool:
+    """Whether a trainer on ``accelerator`` (``trainer.accelerator``) trains on CUDA GPUs here:
+    ``gpu``/``cuda``, or ``auto`` when one is visible."""
+    accelerator = str(accelerator or "auto").lower()
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def process_count(trainer_cfg: DictConfig | dict) -> int:
     """Processes a trainer config starts: ``devices`` (a count, a list of ids, or -1 / "auto": every
     GPU here, or on CPU -1 every core and "auto" one process, as Lightning counts them) times
@@ -158,10 +166,8 @@ def process_count(trainer_cfg: DictConfig | dict) -> int:
     elif isinstance(devices, int) and devices > 0:
         per_node = devices
     else:
-        accelerator = trainer_cfg.get("accelerator", "auto")
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus):
-            per_node = max(gpus, 1)
+        if gpu_trainer(trainer_cfg.get("accelerator", "auto")):
+            per_node = max(torch.cuda.device_count(), 1)
         else:
             per_node = (os.cpu_count() or 1) if devices == -1 else 1
     return per_node * (nodes if isinstance(nodes, int) and nodes > 0 else 1)
@@ -345,23 +351,39 @@ def config_flags(argv: list[str]) -> list[str]:
     return flags
 
 
-def job_command(local_rank: int) -> tuple[list[str], str]:
-    """The command that runs rank ``local_rank`` of the current sweep job (a single run)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import get_original_cwd, to_absolute_path
+#: the sweep's entry point as its own process started it (a JSON list; ``SweepEntry`` sets it): the
+#: parallel launcher's worker processes, which run its jobs, were started as a module of joblib's
+ENTRY_ENV = "SEQLAB_SWEEP_ENTRY"
+
+
+def entry_command() -> list[str]:
+    """The command that started this program (``python train.py``, ``python -m pkg.module``)."""
+    from hydra.utils import to_absolute_path
 
     import __main__
 
-    hydra = HydraConfig.get()
+    if os.environ.get(ENTRY_ENV):
+        return json.loads(os.environ[ENTRY_ENV])
     if __main__.__spec__ is None:
-        command = [sys.executable, to_absolute_path(sys.argv[0])]
-    else:
-        command = [sys.executable, "-m", __main__.__spec__.name]
-    command += [
+        return [sys.executable, to_absolute_path(sys.argv[0])]
+    return [sys.executable, "-m", __main__.__spec__.name]
+
+
+def job_command(local_rank: int) -> tuple[list[str], str]:
+    """The command that runs rank ``local_rank`` of the current sweep job (a single run)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd
+
+    from seqlab.utils.parallel import child_overrides
+
+    hydra = HydraConfig.get()
+    command = [
+        *entry_command(),
         *config_flags(sys.argv[1:]),
         # where configs are found (composition), not how the sweep runs (mode, sweeper, launcher)
         *(o for o in hydra.overrides.hydra if o.lstrip("+~").startswith("hydra.searchpath")),
-        *hydra.overrides.task,
+        # a job of a parallel sweep: with the GPUs it locked
+        *child_overrides(list(hydra.overrides.task)),
         f'hydra.run.dir="{hydra.runtime.output_dir}"',
         f"hydra.job.name={hydra.job.name}_ddp_process_{local_rank}",
         "hydra.output_subdir=null",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import atexit
 import csv
 import io
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +181,22 @@ class SweepSummary(Callback):
             log.info("sweep summary: %s", sweep_dir / "sweep_summary.md")
         else:
             log.warning("no job of the sweep in %s wrote a summary.json", sweep_dir)
+
+
+class SweepEntry(Callback):
+    """Hand the sweep's entry point to its jobs (``ENTRY_ENV``): a DDP job starts its other ranks
+    with it, and a job the parallel launcher runs in a worker process cannot tell it (that
+    process's ``__main__`` is joblib's)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from seqlab.utils.distributed import ENTRY_ENV, entry_command
+
+        os.environ[ENTRY_ENV] = json.dumps(entry_command())
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from seqlab.utils.distributed import ENTRY_ENV
+
+        os.environ.pop(ENTRY_ENV, None)
 
 
 class CompareReport(Callback):

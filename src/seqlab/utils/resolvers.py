@@ -47,6 +47,14 @@ def gpus_per_node(accelerator: str, devices: int | str) -> int | None:
     return None if str(accelerator).lower() == "cpu" else devices  # type: ignore[return-value]
 
 
+def parallel_jobs(accelerator: str = "auto", devices: int | str | list = 1) -> int:
+    """``n_jobs`` of the parallel launcher (configs/hydra/launcher/parallel.yaml): jobs of
+    ``devices`` GPUs each on every GPU here, or of ``devices`` processes each on every core."""
+    from seqlab.utils.parallel import parallel_jobs
+
+    return parallel_jobs(accelerator, devices)
+
+
 def launch_id() -> str | None:
     """The id every process of an external multi-process launch shares, or None: torchrun's
     rendezvous id, or the SLURM job and step when ``srun`` started several tasks (the step's own
@@ -204,6 +212,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("project_root", project_root, replace=True)
     OmegaConf.register_new_resolver("device_count", device_count, replace=True)
     OmegaConf.register_new_resolver("gpus_per_node", gpus_per_node, replace=True)
+    OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, replace=True)
     OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("rank_log_suffix", rank_log_suffix, replace=True)
     OmegaConf.register_new_resolver("sweep_id", sweep_id, replace=True)

@@ -1,0 +1,160 @@
+"""Sweep jobs side by side on one machine: ``hydra/launcher=parallel`` (Hydra's joblib launcher).
+
+Joblib runs ``n_jobs`` jobs at once in worker processes that it reuses from job to job, and
+limits each worker to its share of the cores (``OMP_NUM_THREADS`` = cores / ``n_jobs``). What
+a job needs besides, given here for the length of the job (``job_resources``):
+
+- GPUs of its own. Each job would otherwise take GPU 0 (``trainer.devices=1``) or every GPU
+  (``trainer=ddp``), all at once. A job locks as many GPUs as its ``trainer.devices`` asks
+  (``fcntl`` locks on ``<sweep dir>/.gpus/<id>.lock``: freed when the job ends, or when its
+  process dies) and trains on their ids; one that finds too few free waits for them. A job given
+  a list of ids (``trainer.devices=[2,3]``) takes those, unlocked.
+- Its share of the worker's threads per process: a multi-process job (``trainer=ddp`` on CPU)
+  divides it among its processes, as Lightning does with the cores when it sets the threads
+  itself (which it leaves alone once ``OMP_NUM_THREADS`` is set).
+- One terminal for all: the jobs' progress bars would draw over each other, so they are off;
+  each job still logs its start, its run directory and its test metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, open_dict
+
+log = logging.getLogger(__name__)
+
+#: the GPU ids the running job locked (its other ranks' command gets them: ``child_overrides``)
+_claimed: list[int] | None = None
+#: seconds between two looks for free GPUs
+POLL_S = 1.0
+
+
+def parallel_jobs(accelerator: str = "auto", devices: Any = 1) -> int:
+    """Jobs at once (the launcher's ``n_jobs``): as many as the GPUs hold jobs of ``devices``
+    GPUs each, or on CPU as many as the cores hold jobs of ``devices`` processes each."""
+    from seqlab.utils.distributed import process_count
+
+    return max(
+        1, available_units(accelerator) // process_count({"accelerator": accelerator, "devices": devices})
+    )
+
+
+def available_units(accelerator: str) -> int:
+    """The GPUs a trainer on ``accelerator`` uses here, or the cores when it runs on CPU."""
+    from seqlab.utils.distributed import gpu_trainer
+
+    if gpu_trainer(accelerator):
+        return torch.cuda.device_count()
+    return os.cpu_count() or 1
+
+
+def parallel_sweep() -> int | None:
+    """``n_jobs`` when this process runs a job of a sweep whose jobs run side by side (the
+    joblib launcher), else None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from seqlab.utils.distributed import in_multirun
+
+    if not in_multirun():
+        return None
+    launcher = HydraConfig.get().launcher
+    if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+        return None
+    n_jobs = int(launcher.get("n_jobs") or 1)
+    return max(1, (os.cpu_count() or 1) + 1 + n_jobs) if n_jobs < 0 else n_jobs  # joblib's -1: every core
+
+
+def gpu_lock_dir() -> Path:
+    """Where the jobs of this sweep lock their GPUs."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().sweep.dir) / ".gpus"
+
+
+@contextlib.contextmanager
+def job_resources(cfg: DictConfig) -> Iterator[None]:
+    """The GPUs, threads and terminal of one job of a parallel sweep, for the length of the job
+    (nothing changes outside such a sweep). ``cfg.trainer.devices`` becomes the locked GPUs' ids."""
+    global _claimed
+    n_jobs = parallel_sweep()
+    if n_jobs is None or n_jobs == 1:
+        yield
+        return
+    from seqlab.utils.distributed import gpu_trainer, process_count
+
+    trainer = cfg.trainer
+    locks: list[IO[str]] = []
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:
+        with open_dict(trainer):
+            devices, accelerator = trainer.get("devices", "auto"), trainer.get("accelerator", "auto")
+            # ids given (a list, Lightning's "0,1"): the job takes those
+            chosen = isinstance(devices, ListConfig) or (isinstance(devices, str) and "," in devices)
+            total = torch.cuda.device_count()
+            wanted = process_count({"accelerator": accelerator, "devices": devices})
+            if gpu_trainer(accelerator) and not chosen and wanted <= total:  # (more: refused later)
+                ids, locks = lock_gpus(gpu_lock_dir(), wanted, total)
+                trainer.devices = _claimed = ids
+                log.info("GPU(s) %s of this machine's %d for this job", ids, total)
+            # the worker's share of the cores, shared by the job's processes
+            share = max(1, threads // process_count(trainer))
+            torch.set_num_threads(share)
+            os.environ["OMP_NUM_THREADS"] = str(share)
+            # the jobs share one terminal: no progress bars drawing over each other
+            for name, callback in list((cfg.get("callbacks") or {}).items()):
+                if callback is not None and "ProgressBar" in str(callback.get("_target_", "")):
+                    cfg.callbacks[name] = None
+            trainer.enable_progress_bar = False
+        yield
+    finally:
+        _claimed = None
+        for lock in locks:
+            lock.close()  # closing the file frees its lock
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+
+
+def lock_gpus(lock_dir: Path, count: int, total: int) -> tuple[list[int], list[IO[str]]]:
+    """Lock ``count`` of GPUs ``0 .. total-1`` (all or none at a time, so two waiting jobs never
+    hold a part each), waiting while fewer are free; returns their ids and the open lock files."""
+    import fcntl
+
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        held: list[tuple[int, IO[str]]] = []
+        for gpu in range(total):
+            handle = open(lock_dir / f"{gpu}.lock", "a")  # noqa: SIM115 (held open: the lock)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            held.append((gpu, handle))
+            if len(held) == count:
+                return [gpu for gpu, _ in held], [handle for _, handle in held]
+        for _, handle in held:
+            handle.close()
+        if not waited:
+            log.info("waiting for %d free GPU(s) of %d: the sweep's other jobs hold them", count, total)
+            waited = True
+        time.sleep(POLL_S)
+
+
+def child_overrides(overrides: list[str]) -> list[str]:
+    """A job's overrides for its other ranks' command, with the GPUs this job locked."""
+    if _claimed is None:
+        return overrides
+    kept = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "trainer.devices"]
+    return [*kept, f"trainer.devices=[{','.join(map(str, _claimed))}]"]
