@@ -317,7 +317,9 @@ class RunStats(L.Callback):
             metrics = {"perf/samples_per_s": samples / seconds}
             if tokens:
                 metrics.update(self.token_rates(tokens / seconds, trainer.world_size))
-            pl_module.log_dict(metrics, on_step=False, on_epoch=True, rank_zero_only=True)
+            # every process holds the sums of all (all_processes): sync_dist only silences
+            # Lightning's hint to reduce them (with rank_zero_only it reduces nothing)
+            pl_module.log_dict(metrics, on_step=False, on_epoch=True, rank_zero_only=True, sync_dist=True)
 
     def all_processes(self, trainer: L.Trainer, device: torch.device) -> tuple[int, int]:
         """The epoch's samples and tokens, summed over the processes (one collective an epoch)."""
