@@ -111,7 +111,8 @@ def test_an_interrupted_search_resumes_from_its_study(tmp_path: Path) -> None:
 
 
 def test_overrides_hydra_cannot_compose(tmp_path: Path) -> None:
-    """A choice that never composes (a misspelt option) is refused before any trial; a sampled
+    """A choice that never composes (a misspelt option), or a value every job would refuse (floats
+    for an integer), is refused before any trial; a sampled
     combination that does not (gru has no nhead) fails its trial, and the search goes on (it
     used to end the whole search)."""
     refused = run_script(
@@ -122,6 +123,19 @@ def test_overrides_hydra_cannot_compose(tmp_path: Path) -> None:
     assert "hydra.sweeper.params: model=lsmt cannot be composed" in refused.stdout + refused.stderr
     assert "Traceback" not in refused.stderr  # the refusal alone (a CompactHydraException)
     assert not [p for p in (tmp_path / "refused").iterdir() if p.name.isdigit()]
+    # a value of the wrong type for what it configures: every trial's job would refuse it
+    floats = run_script(
+        "train.py", "hparams_search=forecasting_optuna", *TINY, "model.num_layers=interval(1,3)",
+        f"hydra.sweep.dir={tmp_path / 'floats'}",
+    )  # fmt: skip
+    assert floats.returncode == 1
+    assert (
+        "hydra.sweeper.params: model.num_layers: trials would be refused: model.num_layers=1.0: expected "
+        "an integer"
+        in floats.stderr
+        and "sampled by int(interval(1, 3))" in floats.stderr
+    ), why_failed(floats)
+    assert not [p for p in (tmp_path / "floats").iterdir() if p.name.isdigit()]
     sweep = tmp_path / "sweep"
     results = search(
         sweep, "model=choice(transformer,gru)", "model.nhead=choice(2,4)", "hydra.sweeper.n_trials=4",

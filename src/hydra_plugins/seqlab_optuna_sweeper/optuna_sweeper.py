@@ -506,9 +506,8 @@ class OptunaSweeper(Sweeper):
             value = f"{key}={override_value(sample(dist))}"
             first_why = None
             for option in options:  # until one composes
-                why = self.composes(
-                    [*fixed, *(f"{g}={override_value(c)}" for g, c in zip(groups, option)), value]
-                )
+                chosen = [*fixed, *(f"{g}={override_value(c)}" for g, c in zip(groups, option))]
+                why = self.composes([*chosen, value])
                 if why is None:
                     break
                 first_why = first_why or why
@@ -517,6 +516,54 @@ class OptunaSweeper(Sweeper):
                     f"hydra.sweeper.params: {key} cannot be composed with any sampled option: {first_why} "
                     "(is the data= or experiment= this search is for given?)"
                 )
+            samples = (
+                dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution) else [dist.low]
+            )
+            for sampled in samples[:16]:
+                why = self.job_refuses([*chosen, f"{key}={override_value(sampled)}"])
+                if why is not None:
+                    hint = ""
+                    if (
+                        isinstance(dist, optuna.distributions.FloatDistribution)
+                        and "expected an integer" in why
+                    ):
+                        hint = f"; integers are sampled by int(interval({dist.low:g}, {dist.high:g}))"
+                    raise SweepError(f"hydra.sweeper.params: {key}: trials would be refused: {why}{hint}")
+
+    def job_refuses(self, overrides: list[str]) -> str | None:
+        """Why a job refuses the config ``overrides`` compose before it reads any data (a value
+        of the wrong type for the class it configures: ``seqlab.train.check_choices``), or None
+        (also when the check itself cannot run on this config: the trials will tell)."""
+        from hydra.core.hydra_config import HydraConfig
+
+        from seqlab.errors import ConfigError
+
+        assert self.hydra_context is not None and self.config is not None
+        try:
+            config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        except Exception:
+            return None
+        if not OmegaConf.is_dict(config) or "data" not in config:
+            return None  # not a training config
+        from omegaconf import open_dict
+
+        from seqlab.train import check_choices
+
+        with open_dict(config):  # (a job's own, which the launcher sets: the check writes nothing)
+            config.hydra.runtime.output_dir = str(Path(config.hydra.sweep.dir) / "0")
+            config.hydra.job.num = config.hydra.job.id = 0
+        hydra_config = HydraConfig.instance()
+        before = hydra_config.cfg
+        try:
+            hydra_config.set_config(config)
+            check_choices(config)
+        except ConfigError as error:
+            return str(error)
+        except Exception:
+            return None
+        finally:
+            hydra_config.cfg = before
+        return None
 
     def sweep(self, arguments: list[str]) -> None:
         from seqlab.utils.files import directory_lock
