@@ -327,8 +327,9 @@ def test_multirun_with_ddp_runs_each_job_once_in_one_sweep_dir(tmp_path: Path, l
     if launcher == "parallel":
         started, ended = zip(*(log_span(sweep / job / "train.log") for job in ("0", "1")))
         assert max(started) < min(ended), f"the jobs ran at once: {started}, {ended}"
-        for job in ("0", "1"):
-            assert "enable_progress_bar: false" in (sweep / job / "config.yaml").read_text()
+    # (FAST drops seqlab's progress bar: Lightning's own draws "Epoch 0: ..." unless told not to)
+    shown = "Epoch 0" in result.stdout + result.stderr
+    assert shown != (launcher == "parallel"), "no progress bars in jobs that share the terminal"
 
 
 def log_span(path: Path) -> tuple[str, str]:

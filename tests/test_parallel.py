@@ -6,13 +6,23 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from seqlab.utils import parallel
-from seqlab.utils.parallel import child_overrides, job_resources, parallel_jobs
+from seqlab.utils.parallel import GPUS_ENV, job_resources, parallel_jobs, trainer_kwargs
+
+
+@pytest.fixture(autouse=True)
+def threads_as_they_were(monkeypatch) -> Iterator[None]:
+    """A job changes the process's threads and OMP_NUM_THREADS while it runs: as they were after."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -26,83 +36,95 @@ def four_gpus(monkeypatch, tmp_path: Path) -> Path:
     return tmp_path / ".gpus"
 
 
+def in_thread(cfg, got: list) -> threading.Thread:
+    """A job in another thread (as another process, for the locks: each opens its own lock files),
+    recording the GPUs its Trainer gets."""
+
+    def job() -> None:
+        with job_resources(cfg):
+            got.append(trainer_kwargs()["devices"])
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    return thread
+
+
 def test_jobs_side_by_side_lock_gpus_of_their_own(make_cfg, four_gpus: Path) -> None:
     job_a = make_cfg("trainer.accelerator=gpu", "trainer.devices=2", output="a")
     job_b = make_cfg("trainer=ddp", "trainer.accelerator=auto", "trainer.devices=1", output="b")
     job_c = make_cfg("trainer.accelerator=gpu", "trainer.devices=2", output="c")
+    got_b: list[list[int]] = []
     got_c: list[list[int]] = []
-
-    def run_c() -> None:
-        with job_resources(job_c):
-            got_c.append(list(job_c.trainer.devices))
-
     with job_resources(job_a):
-        assert list(job_a.trainer.devices) == [0, 1]
-        with job_resources(job_b):
-            assert list(job_b.trainer.devices) == [2]
-            # its other ranks are started on its GPUs, whatever the command line said
-            assert child_overrides(["model=gru", "trainer.devices=1"]) == ["model=gru", "trainer.devices=[2]"]
-            waiting = threading.Thread(target=run_c)
-            waiting.start()
-            waiting.join(0.5)
-            assert waiting.is_alive() and not got_c, "job c waits while only GPU 3 is free"
-        # job b ended: GPUs 2 and 3 are free, and job c takes them
-        waiting.join(5)
-        assert got_c == [[2, 3]]
-    assert child_overrides(["model=gru"]) == ["model=gru"], "outside a job: the overrides as they are"
+        kwargs = trainer_kwargs()
+        assert kwargs == {"devices": [0, 1], "enable_progress_bar": False}
+        # every process of the job (its other ranks, started from here) trains on them
+        assert os.environ[GPUS_ENV] == "0,1"
+        assert job_a.trainer.devices == 2, "the config is left as it is (a resumed job is compared with it)"
+        job_b_thread = in_thread(job_b, got_b)
+        job_b_thread.join(5)
+        assert got_b == [[2]]
+        with job_resources(make_cfg("trainer.accelerator=gpu", "trainer.devices=1", output="d")):
+            # job d took GPU 2 (job b's, freed): only GPU 3 is free, and job c waits for 2
+            job_c_thread = in_thread(job_c, got_c)
+            job_c_thread.join(0.5)
+            assert job_c_thread.is_alive() and not got_c, "job c waits while no 2 GPUs are free"
+        job_c_thread.join(5)
+        assert got_c == [[2, 3]], "once job d ended"
+    assert trainer_kwargs() == {} and GPUS_ENV not in os.environ, "outside a job: Lightning's defaults"
     with job_resources(job_a):  # every lock was freed
-        assert list(job_a.trainer.devices) == [0, 1]
+        assert trainer_kwargs()["devices"] == [0, 1]
 
 
 def test_a_waiting_job_holds_no_gpu_meanwhile(make_cfg, four_gpus: Path) -> None:
     """All or none: a job waiting for 3 GPUs while 2 are free does not keep them from a job of 2."""
     big = make_cfg("trainer.accelerator=gpu", "trainer.devices=3", output="big")
     small = make_cfg("trainer.accelerator=gpu", "trainer.devices=2", output="small")
-    first = make_cfg("trainer.accelerator=gpu", "trainer.devices=2", output="first")
-    with job_resources(first):
-        waiting = threading.Thread(target=lambda: job_resources(big).__enter__(), daemon=True)
-        waiting.start()
+    got_big: list[list[int]] = []
+    with job_resources(make_cfg("trainer.accelerator=gpu", "trainer.devices=2", output="first")):
+        waiting = in_thread(big, got_big)
         waiting.join(0.3)
         assert waiting.is_alive()
-        with job_resources(small):
-            assert list(small.trainer.devices) == [2, 3]
+        got_small: list[list[int]] = []
+        in_thread(small, got_small).join(5)
+        assert got_small == [[2, 3]]
+    waiting.join(5)
+    assert got_big == [[0, 1, 2]]
 
 
 def test_a_job_given_gpu_ids_takes_them_and_cpu_jobs_share_the_threads(make_cfg, four_gpus: Path) -> None:
+    from seqlab.callbacks import RichProgressBar
+    from seqlab.train import build_callbacks
+
     # (fast=False: with the default callbacks, the progress bar among them)
     pinned = make_cfg("trainer.accelerator=gpu", "trainer.devices=[3]", output="pinned", fast=False)
-    assert pinned.callbacks.rich_progress_bar is not None
-    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     with job_resources(pinned):
-        assert list(pinned.trainer.devices) == [3]
+        assert trainer_kwargs() == {"enable_progress_bar": False}, "its own ids, from its config"
         assert not four_gpus.exists() or not any(four_gpus.iterdir()), "nothing locked"
         # one terminal for every job of the sweep: no progress bars
-        assert pinned.callbacks.rich_progress_bar is None and pinned.trainer.enable_progress_bar is False
+        assert not any(isinstance(c, RichProgressBar) for c in build_callbacks(pinned.callbacks))
+    assert any(isinstance(c, RichProgressBar) for c in build_callbacks(pinned.callbacks))
     cpu = make_cfg("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", output="cpu")
     torch.set_num_threads(2)
-    try:
-        with job_resources(cpu):
-            assert cpu.trainer.devices == 2
-            # the worker's share of the cores, divided among the job's two processes
-            assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
-        assert torch.get_num_threads() == 2 and os.environ.get("OMP_NUM_THREADS") == omp
-    finally:
-        torch.set_num_threads(threads)
+    omp = os.environ["OMP_NUM_THREADS"]
+    with job_resources(cpu):
+        assert "devices" not in trainer_kwargs()
+        # the worker's share of the cores, divided among the job's two processes
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == omp
 
 
 def test_outside_a_parallel_sweep_a_job_is_left_as_it_is(make_cfg, monkeypatch) -> None:
     cfg = make_cfg("trainer.devices=1")
     with job_resources(cfg):  # a single run
-        assert cfg.trainer.devices == 1 and cfg.callbacks.get("rich_progress_bar") is None  # (FAST's)
-        assert "enable_progress_bar" not in cfg.trainer
+        assert trainer_kwargs() == {}
     monkeypatch.setattr(parallel, "parallel_sweep", lambda: 1)  # a parallel launcher with n_jobs=1
-    cfg = make_cfg("trainer.devices=1", fast=False)
     with job_resources(cfg):
-        assert cfg.callbacks.rich_progress_bar is not None and "enable_progress_bar" not in cfg.trainer
+        assert trainer_kwargs() == {}
 
 
 def test_parallel_jobs_fill_the_machine(monkeypatch) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(parallel, "cores", lambda: 8)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert parallel_jobs("cpu", 2) == 4 and parallel_jobs("auto", 1) == 8 and parallel_jobs("cpu", 16) == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -111,38 +133,39 @@ def test_parallel_jobs_fill_the_machine(monkeypatch) -> None:
     assert parallel_jobs("gpu", [0, 1, 2]) == 1 and parallel_jobs("cpu", 1) == 8
 
 
-def test_the_ranks_of_a_parallel_sweeps_job_run_the_sweeps_program(make_cfg, monkeypatch) -> None:
+def test_the_sweeps_process_tells_its_jobs_how_the_sweep_runs(make_cfg, monkeypatch) -> None:
     """A job the parallel launcher runs in a worker process (whose __main__ is joblib's) starts its
-    other ranks with the program the sweep's own process was started with."""
-    from seqlab.utils.distributed import ENTRY_ENV, job_command
-    from seqlab.utils.hydra_callbacks import SweepEntry
-
-    make_cfg("model=gru")
-    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # python /x/my_train.py, not -m
-    monkeypatch.setattr("sys.argv", ["/x/my_train.py", "-m", "model=gru,lstm"])
-    monkeypatch.delenv(ENTRY_ENV, raising=False)
-    SweepEntry().on_multirun_start(None)  # in the sweep's process
-    monkeypatch.setattr("sys.argv", ["/elsewhere/worker.py"])  # (a worker started otherwise)
-    command, _ = job_command(1)
-    assert command[1] == "/x/my_train.py" and "model=gru" in command
-    SweepEntry().on_multirun_end(None)
-    assert ENTRY_ENV not in os.environ
-
-
-def test_the_parallel_launcher_runs_as_many_jobs_as_the_machine_holds(make_cfg, monkeypatch) -> None:
+    other ranks with the program the sweep's own process was started with, and knows the sweep's
+    n_jobs (the job's own config resolves it from the job's trainer settings: 1 for trainer=ddp
+    here, where the sweep of trainer=default jobs runs 4 at once)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import read_write
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    cfg = make_cfg("hydra/launcher=parallel", "trainer=ddp")  # 2 CPU processes a job (FAST: on CPU)
-    assert cfg.hydra.launcher.n_jobs == 4
-    assert parallel.parallel_sweep() is None, "a single run"
-    with read_write(cfg.hydra):
-        cfg.hydra.mode = RunMode.MULTIRUN
-    HydraConfig.instance().set_config(cfg)
-    assert parallel.parallel_sweep() == 4, "a job of the sweep knows it runs beside others"
-    with read_write(cfg.hydra):
-        cfg.hydra.launcher.n_jobs = -2  # joblib's: every core but one
-    HydraConfig.instance().set_config(cfg)
-    assert parallel.parallel_sweep() == 7
+    from seqlab.utils.distributed import ENTRY_ENV, job_command
+    from seqlab.utils.hydra_callbacks import SweepEntry
+    from seqlab.utils.parallel import PARALLEL_ENV
+
+    monkeypatch.setattr(parallel, "cores", lambda: 4)
+    sweep = make_cfg("hydra/launcher=parallel", output="sweep")  # trainer=default: 1 process a job
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # python /x/my_train.py, not -m
+    monkeypatch.setattr("sys.argv", ["/x/my_train.py", "-m", "model=gru,lstm", "trainer=default,ddp"])
+    for name in (ENTRY_ENV, PARALLEL_ENV):
+        monkeypatch.setenv(name, "")  # (restored after the test whatever happens)
+    SweepEntry().on_multirun_start(sweep)  # in the sweep's process
+
+    job = make_cfg("hydra/launcher=parallel", "model=gru", "trainer=ddp")  # in a worker process
+    with read_write(job.hydra):
+        job.hydra.mode = RunMode.MULTIRUN
+    HydraConfig.instance().set_config(job)
+    assert job.hydra.launcher.n_jobs == 2, "its own config's n_jobs (2 processes a job)"
+    assert parallel.parallel_sweep() == 4, "the sweep's"
+    monkeypatch.setattr("sys.argv", ["/elsewhere/worker.py"])  # (a worker started otherwise)
+    command, _ = job_command(1)
+    assert command[1] == "/x/my_train.py" and "model=gru" in command
+    SweepEntry().on_multirun_end(sweep)
+    assert ENTRY_ENV not in os.environ and PARALLEL_ENV not in os.environ
+    assert parallel.parallel_sweep() == 1
+
+    os.environ[PARALLEL_ENV] = "-2"  # joblib's: every core but one
+    assert parallel.parallel_sweep() == 3

@@ -22,6 +22,7 @@ from seqlab.train import (
 from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, load_run_info
 from seqlab.utils.distributed import check_hardware, finish_job, in_multirun
 from seqlab.utils.logging import route_lightning_logs_to_root
+from seqlab.utils.parallel import job_resources
 from seqlab.utils.run import hydra_overrides, is_rank_zero, print_results, write_run_metadata, write_summary
 from seqlab.utils.secrets import redact, redact_text
 from seqlab.utils.wandb import finish_runs, summarize_runs
@@ -122,7 +123,8 @@ def check_data_fits(task: L.LightningModule, datamodule: L.LightningDataModule, 
 
 def run(cfg: DictConfig) -> None:
     try:
-        evaluate(cfg)
+        with job_resources(cfg):  # a job of hydra/launcher=parallel: its GPUs and threads
+            evaluate(cfg)
     except SeqlabError as err:
         log.error("%s: %s", type(err).__name__, err)
         if in_multirun():

@@ -36,7 +36,7 @@ from seqlab.utils.distributed import (
     use_spawn_launcher,
 )
 from seqlab.utils.logging import route_lightning_logs_to_root
-from seqlab.utils.parallel import job_resources
+from seqlab.utils.parallel import job_resources, trainer_kwargs, without_progress_bars
 from seqlab.utils.precision import clip_fused_under_bf16
 from seqlab.utils.resume import (
     check_checkpoint_fits,
@@ -144,6 +144,7 @@ def build_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
     """The configured callbacks, plus those every run keeps (throughput, NaN guard, what resuming
     needs)."""
     callbacks = [instantiate(c) for c in (callbacks_cfg or {}).values() if c is not None and "_target_" in c]
+    callbacks = without_progress_bars(callbacks)  # a job of a parallel sweep: one terminal for all
     for required in (RunStats, DivergenceGuard, ExactResume, SaveOnSigterm):
         if not any(isinstance(c, required) for c in callbacks):
             callbacks.append(required())
@@ -162,8 +163,9 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Lo
     hooks.install()  # callbacks are called only for the hooks they implement
     strategy = build_strategy(cfg.trainer, cfg.get("model"), (cfg.get("data") or {}).get("batch_size"))
     trainer = instantiate(
-        cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
-    )
+        cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
+        **trainer_kwargs(),  # a job of a parallel sweep: its GPUs, no progress bar
+    )  # fmt: skip
     clip_fused_under_bf16(trainer.strategy)  # bf16-mixed clips a fused optimizer's gradients too
     use_script_launcher(trainer)
     use_spawn_launcher(trainer)
@@ -371,7 +373,7 @@ def optimising_sweep() -> bool:
 def run(cfg: DictConfig) -> float | None:
     """Entry-point body: train, and turn seqlab's own errors into one clear line and exit code 1."""
     try:
-        with job_resources(cfg):  # a job of hydra/launcher=parallel: its GPUs, threads and terminal
+        with job_resources(cfg):  # a job of hydra/launcher=parallel: its GPUs and threads
             metrics, _ = train(cfg)
         # nothing to optimise in a test-only run (train=false logs no validation best)
         return objective(metrics, cfg.get("optimized_metric") if cfg.get("train") else None)

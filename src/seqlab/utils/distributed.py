@@ -374,16 +374,13 @@ def job_command(local_rank: int) -> tuple[list[str], str]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd
 
-    from seqlab.utils.parallel import child_overrides
-
     hydra = HydraConfig.get()
     command = [
         *entry_command(),
         *config_flags(sys.argv[1:]),
         # where configs are found (composition), not how the sweep runs (mode, sweeper, launcher)
         *(o for o in hydra.overrides.hydra if o.lstrip("+~").startswith("hydra.searchpath")),
-        # a job of a parallel sweep: with the GPUs it locked
-        *child_overrides(list(hydra.overrides.task)),
+        *hydra.overrides.task,
         f'hydra.run.dir="{hydra.runtime.output_dir}"',
         f"hydra.job.name={hydra.job.name}_ddp_process_{local_rank}",
         "hydra.output_subdir=null",

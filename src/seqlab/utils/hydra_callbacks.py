@@ -184,19 +184,27 @@ class SweepSummary(Callback):
 
 
 class SweepEntry(Callback):
-    """Hand the sweep's entry point to its jobs (``ENTRY_ENV``): a DDP job starts its other ranks
-    with it, and a job the parallel launcher runs in a worker process cannot tell it (that
-    process's ``__main__`` is joblib's)."""
+    """Hand the jobs what only the sweep's own process knows: its entry point (``ENTRY_ENV``), with
+    which a DDP job starts its other ranks, and the parallel launcher's ``n_jobs``
+    (``PARALLEL_ENV``). A job the parallel launcher runs in a worker process cannot tell either:
+    that process's ``__main__`` is joblib's, and the job's config resolves ``n_jobs`` from the
+    job's own trainer settings."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from seqlab.utils.distributed import ENTRY_ENV, entry_command
+        from seqlab.utils.parallel import PARALLEL_ENV, sweep_parallel_jobs
 
         os.environ[ENTRY_ENV] = json.dumps(entry_command())
+        n_jobs = sweep_parallel_jobs(config)
+        if n_jobs is not None:
+            os.environ[PARALLEL_ENV] = n_jobs
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from seqlab.utils.distributed import ENTRY_ENV
+        from seqlab.utils.parallel import PARALLEL_ENV
 
         os.environ.pop(ENTRY_ENV, None)
+        os.environ.pop(PARALLEL_ENV, None)
 
 
 class CompareReport(Callback):

@@ -1,14 +1,17 @@
 """Sweep jobs side by side on one machine: ``hydra/launcher=parallel`` (Hydra's joblib launcher).
 
 Joblib runs ``n_jobs`` jobs at once in worker processes that it reuses from job to job, and
-limits each worker to its share of the cores (``OMP_NUM_THREADS`` = cores / ``n_jobs``). What
-a job needs besides, given here for the length of the job (``job_resources``):
+limits each worker to its share of the cores (``OMP_NUM_THREADS`` = cores / ``n_jobs``, unless
+the sweep's environment sets it). What a job needs besides, for the length of the job
+(``job_resources``), without changing its config (which a resumed job is compared with):
 
 - GPUs of its own. Each job would otherwise take GPU 0 (``trainer.devices=1``) or every GPU
   (``trainer=ddp``), all at once. A job locks as many GPUs as its ``trainer.devices`` asks
   (``fcntl`` locks on ``<sweep dir>/.gpus/<id>.lock``: freed when the job ends, or when its
-  process dies) and trains on their ids; one that finds too few free waits for them. A job given
-  a list of ids (``trainer.devices=[2,3]``) takes those, unlocked.
+  process dies) and its Trainer gets their ids (``trainer_kwargs``; its other ranks inherit them
+  through ``GPUS_ENV``); one that finds too few free waits for them. A job given ids
+  (``trainer.devices=[2,3]``) takes those, unlocked. The locks are the sweep's: two sweeps side by
+  side on one machine do not see each other's.
 - Its share of the worker's threads per process: a multi-process job (``trainer=ddp`` on CPU)
   divides it among its processes, as Lightning does with the cores when it sets the threads
   itself (which it leaves alone once ``OMP_NUM_THREADS`` is set).
@@ -27,14 +30,26 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, open_dict
+from omegaconf import DictConfig, ListConfig
 
 log = logging.getLogger(__name__)
 
-#: the GPU ids the running job locked (its other ranks' command gets them: ``child_overrides``)
-_claimed: list[int] | None = None
+#: the GPU ids the running job locked ("2,3"), for its Trainer in every one of its processes
+GPUS_ENV = "SEQLAB_JOB_GPUS"
+#: n_jobs of the sweep's parallel launcher, as the sweep's own config resolved it (a job's own
+#: config resolves ``${parallel_jobs:...}`` from its own trainer settings): set by ``SweepEntry``
+PARALLEL_ENV = "SEQLAB_PARALLEL_JOBS"
 #: seconds between two looks for free GPUs
 POLL_S = 1.0
+#: whether this process runs a job side by side with others (``job_resources``)
+_side_by_side = False
+
+
+def cores() -> int:
+    """The cores this process may use (its CPU affinity and cgroup quota: joblib's count)."""
+    import joblib
+
+    return joblib.cpu_count()
 
 
 def parallel_jobs(accelerator: str = "auto", devices: Any = 1) -> int:
@@ -53,7 +68,7 @@ def available_units(accelerator: str) -> int:
 
     if gpu_trainer(accelerator):
         return torch.cuda.device_count()
-    return os.cpu_count() or 1
+    return cores()
 
 
 def parallel_sweep() -> int | None:
@@ -65,11 +80,21 @@ def parallel_sweep() -> int | None:
 
     if not in_multirun():
         return None
-    launcher = HydraConfig.get().launcher
-    if not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+    if not str(HydraConfig.get().launcher.get("_target_", "")).endswith("JoblibLauncher"):
         return None
-    n_jobs = int(launcher.get("n_jobs") or 1)
-    return max(1, (os.cpu_count() or 1) + 1 + n_jobs) if n_jobs < 0 else n_jobs  # joblib's -1: every core
+    n_jobs = int(os.environ.get(PARALLEL_ENV) or 1)
+    return max(1, cores() + 1 + n_jobs) if n_jobs < 0 else n_jobs  # joblib's -1: every core
+
+
+def sweep_parallel_jobs(config: DictConfig) -> str | None:
+    """The sweep's ``hydra.launcher.n_jobs`` (from the sweep's own config, in its process) when
+    its launcher is joblib's, for ``PARALLEL_ENV``."""
+    from omegaconf import OmegaConf
+
+    launcher = OmegaConf.select(config, "hydra.launcher", default=None)
+    if launcher is None or not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+        return None
+    return str(launcher.get("n_jobs"))
 
 
 def gpu_lock_dir() -> Path:
@@ -82,8 +107,8 @@ def gpu_lock_dir() -> Path:
 @contextlib.contextmanager
 def job_resources(cfg: DictConfig) -> Iterator[None]:
     """The GPUs, threads and terminal of one job of a parallel sweep, for the length of the job
-    (nothing changes outside such a sweep). ``cfg.trainer.devices`` becomes the locked GPUs' ids."""
-    global _claimed
+    (nothing changes outside such a sweep, nor with ``n_jobs=1``)."""
+    global _side_by_side
     n_jobs = parallel_sweep()
     if n_jobs is None or n_jobs == 1:
         yield
@@ -94,28 +119,24 @@ def job_resources(cfg: DictConfig) -> Iterator[None]:
     locks: list[IO[str]] = []
     threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     try:
-        with open_dict(trainer):
-            devices, accelerator = trainer.get("devices", "auto"), trainer.get("accelerator", "auto")
-            # ids given (a list, Lightning's "0,1"): the job takes those
-            chosen = isinstance(devices, ListConfig) or (isinstance(devices, str) and "," in devices)
-            total = torch.cuda.device_count()
-            wanted = process_count({"accelerator": accelerator, "devices": devices})
-            if gpu_trainer(accelerator) and not chosen and wanted <= total:  # (more: refused later)
-                ids, locks = lock_gpus(gpu_lock_dir(), wanted, total)
-                trainer.devices = _claimed = ids
-                log.info("GPU(s) %s of this machine's %d for this job", ids, total)
-            # the worker's share of the cores, shared by the job's processes
-            share = max(1, threads // process_count(trainer))
-            torch.set_num_threads(share)
-            os.environ["OMP_NUM_THREADS"] = str(share)
-            # the jobs share one terminal: no progress bars drawing over each other
-            for name, callback in list((cfg.get("callbacks") or {}).items()):
-                if callback is not None and "ProgressBar" in str(callback.get("_target_", "")):
-                    cfg.callbacks[name] = None
-            trainer.enable_progress_bar = False
+        devices, accelerator = trainer.get("devices", "auto"), trainer.get("accelerator", "auto")
+        # ids given (a list, Lightning's "0,1"): the job takes those
+        chosen = isinstance(devices, ListConfig) or (isinstance(devices, str) and "," in devices)
+        total = torch.cuda.device_count()
+        wanted = process_count({"accelerator": accelerator, "devices": devices})
+        if gpu_trainer(accelerator) and not chosen and wanted <= total:  # (more: refused later)
+            ids, locks = lock_gpus(gpu_lock_dir(), wanted, total)
+            os.environ[GPUS_ENV] = ",".join(map(str, ids))
+            log.info("GPU(s) %s of this machine's %d for this job", ids, total)
+        # the worker's share of the cores, shared by the job's processes
+        share = max(1, threads // process_count(trainer))
+        torch.set_num_threads(share)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        _side_by_side = True
         yield
     finally:
-        _claimed = None
+        _side_by_side = False
+        os.environ.pop(GPUS_ENV, None)
         for lock in locks:
             lock.close()  # closing the file frees its lock
         torch.set_num_threads(threads)
@@ -125,10 +146,30 @@ def job_resources(cfg: DictConfig) -> Iterator[None]:
             os.environ["OMP_NUM_THREADS"] = omp
 
 
+def trainer_kwargs() -> dict[str, Any]:
+    """What a job of a parallel sweep changes in its Trainer: the GPUs it locked (in each of its
+    processes), no progress bar (the jobs share one terminal)."""
+    kwargs: dict[str, Any] = {}
+    if os.environ.get(GPUS_ENV):
+        kwargs["devices"] = [int(gpu) for gpu in os.environ[GPUS_ENV].split(",")]
+    if _side_by_side:
+        kwargs["enable_progress_bar"] = False
+    return kwargs
+
+
+def without_progress_bars(callbacks: list[Any]) -> list[Any]:
+    """``callbacks``, less the progress bars in a job of a parallel sweep."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    return [c for c in callbacks if not isinstance(c, ProgressBar)] if _side_by_side else callbacks
+
+
 def lock_gpus(lock_dir: Path, count: int, total: int) -> tuple[list[int], list[IO[str]]]:
     """Lock ``count`` of GPUs ``0 .. total-1`` (all or none at a time, so two waiting jobs never
     hold a part each), waiting while fewer are free; returns their ids and the open lock files."""
     import fcntl
+
+    from seqlab.errors import SeqlabError
 
     lock_dir.mkdir(parents=True, exist_ok=True)
     waited = False
@@ -141,6 +182,14 @@ def lock_gpus(lock_dir: Path, count: int, total: int) -> tuple[list[int], list[I
             except BlockingIOError:
                 handle.close()
                 continue
+            except OSError as error:  # a file system without flock (Lustre mounted without it)
+                handle.close()
+                for _, other in held:
+                    other.close()
+                raise SeqlabError(
+                    f"cannot lock GPUs in {lock_dir} ({error}): hydra/launcher=parallel needs a sweep "
+                    "directory on a file system with flock; give hydra.sweep.dir=<local directory>"
+                ) from None
             held.append((gpu, handle))
             if len(held) == count:
                 return [gpu for gpu, _ in held], [handle for _, handle in held]
@@ -150,11 +199,3 @@ def lock_gpus(lock_dir: Path, count: int, total: int) -> tuple[list[int], list[I
             log.info("waiting for %d free GPU(s) of %d: the sweep's other jobs hold them", count, total)
             waited = True
         time.sleep(POLL_S)
-
-
-def child_overrides(overrides: list[str]) -> list[str]:
-    """A job's overrides for its other ranks' command, with the GPUs this job locked."""
-    if _claimed is None:
-        return overrides
-    kept = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "trainer.devices"]
-    return [*kept, f"trainer.devices=[{','.join(map(str, _claimed))}]"]
