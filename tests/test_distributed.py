@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from seqlab.utils.checkpoint_io import AtomicCheckpointIO
-from tests.conftest import FAST, ROOT, run_script, why_failed
+from tests.conftest import FAST, ROOT, log_span, run_script, why_failed
 from tests.faults import first_steps
 
 pytestmark = pytest.mark.slow
@@ -330,12 +330,6 @@ def test_multirun_with_ddp_runs_each_job_once_in_one_sweep_dir(tmp_path: Path, l
     # (FAST drops seqlab's progress bar: Lightning's own draws "Epoch 0: ..." unless told not to)
     shown = "Epoch 0" in result.stdout + result.stderr
     assert shown != (launcher == "parallel"), "no progress bars in jobs that share the terminal"
-
-
-def log_span(path: Path) -> tuple[str, str]:
-    """The times of a log's first and last line (``[2026-11-25 21:43:54,170]``, sortable)."""
-    times = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\]", path.read_text(), re.M)
-    return times[0], times[-1]
 
 
 @pytest.mark.parametrize("rendezvous", ["--standalone", "--master_port"])

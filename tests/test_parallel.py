@@ -165,7 +165,7 @@ def test_the_sweeps_process_tells_its_jobs_how_the_sweep_runs(make_cfg, monkeypa
     assert command[1] == "/x/my_train.py" and "model=gru" in command
     SweepEntry().on_multirun_end(sweep)
     assert ENTRY_ENV not in os.environ and PARALLEL_ENV not in os.environ
-    assert parallel.parallel_sweep() == 1
+    assert parallel.parallel_sweep() == 2, "none handed over: the job's own config's"
 
     os.environ[PARALLEL_ENV] = "-2"  # joblib's: every core but one
     assert parallel.parallel_sweep() == 3

@@ -78,12 +78,16 @@ def parallel_sweep() -> int | None:
 
     from seqlab.utils.distributed import in_multirun
 
-    if not in_multirun():
+    if not in_multirun() or not joblib_launcher(HydraConfig.get().launcher):
         return None
-    if not str(HydraConfig.get().launcher.get("_target_", "")).endswith("JoblibLauncher"):
-        return None
-    n_jobs = int(os.environ.get(PARALLEL_ENV) or 1)
+    # (the job's own config's n_jobs where the sweep's process did not hand its own over)
+    n_jobs = int(os.environ.get(PARALLEL_ENV) or HydraConfig.get().launcher.get("n_jobs") or 1)
     return max(1, cores() + 1 + n_jobs) if n_jobs < 0 else n_jobs  # joblib's -1: every core
+
+
+def joblib_launcher(launcher: Any) -> bool:
+    """Whether ``launcher`` (``hydra.launcher``) is Hydra's joblib launcher."""
+    return launcher is not None and str(launcher.get("_target_", "")).endswith("JoblibLauncher")
 
 
 def sweep_parallel_jobs(config: DictConfig) -> str | None:
@@ -92,9 +96,7 @@ def sweep_parallel_jobs(config: DictConfig) -> str | None:
     from omegaconf import OmegaConf
 
     launcher = OmegaConf.select(config, "hydra.launcher", default=None)
-    if launcher is None or not str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
-        return None
-    return str(launcher.get("n_jobs"))
+    return str(launcher.get("n_jobs")) if joblib_launcher(launcher) else None
 
 
 def gpu_lock_dir() -> Path:
