@@ -358,8 +358,8 @@ def test_torchrun_ranks_share_one_run_directory(tmp_path: Path, rendezvous: str)
 
 
 def test_sharded_fsdp2_checkpoint_evaluates_anywhere(tmp_path: Path) -> None:
-    """Each rank writes its shard (a checkpoint directory); eval.py, one process, gathers it and
-    reproduces the run's test metric."""
+    """Each rank writes its shard (a checkpoint directory); eval.py, one process or two, gathers it
+    once and reproduces the run's test metric."""
     run_dir = tmp_path / "run"
     train = run_script(
         "train.py", "trainer=fsdp2", "trainer.strategy.save_distributed_checkpoint=true", *FAST,
@@ -378,6 +378,15 @@ def test_sharded_fsdp2_checkpoint_evaluates_anywhere(tmp_path: Path) -> None:
     # the gathered file is the evaluation run's own, a plain checkpoint any process can load
     gathered = torch.load(tmp_path / "eval" / "consolidated.ckpt", map_location="cpu", weights_only=True)
     assert gathered["state_dict"] and not list((tmp_path / "eval").glob("*.distcp"))
+    # on 2 processes: rank 1, started once rank 0 has gathered the shards, reads its file
+    ddp = run_script(
+        "eval.py", f"ckpt_path={best}", "trainer=ddp", f"hydra.run.dir={tmp_path / 'eval_ddp'}", timeout=300
+    )
+    assert ddp.returncode == 0, why_failed(ddp)
+    (rank1,) = (tmp_path / "eval_ddp").glob("*_1.log")
+    assert "reading the checkpoint rank 0 gathered" in rank1.read_text()
+    on_two = json.loads((tmp_path / "eval_ddp" / "summary.json").read_text())["metrics"]["test/mse"]
+    assert on_two == pytest.approx(trained, rel=1e-5)
 
 
 def test_training_resumes_across_strategies(tmp_path: Path) -> None:

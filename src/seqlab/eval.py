@@ -38,8 +38,16 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         L.seed_everything(cfg.seed, workers=True)
     given = Path(cfg.ckpt_path).expanduser().resolve()
     run_dir = Path(cfg.paths.output_dir)
-    # a sharded checkpoint (FSDP, FSDP2, DeepSpeed: a directory) is gathered into one file first
-    ckpt_path = consolidate_checkpoint(given, run_dir / "consolidated.ckpt")
+    # a sharded checkpoint (FSDP, FSDP2, DeepSpeed: a directory) is gathered into one file first,
+    # by rank 0: Lightning's launcher starts the other ranks after it, and they read its file (each
+    # gathering the whole model again took N times its memory); started together (torchrun), each
+    # gathers its own
+    consolidated = run_dir / "consolidated.ckpt"
+    if not is_rank_zero() and consolidated.is_file():
+        log.info("reading the checkpoint rank 0 gathered: %s", consolidated)
+        ckpt_path = consolidated
+    else:
+        ckpt_path = consolidate_checkpoint(given, consolidated)
     info = load_run_info(ckpt_path)
     if is_rank_zero():
         write_run_metadata(cfg, run_dir)
