@@ -243,7 +243,7 @@ def test_a_failed_run_closes_its_wandb_run_as_failed(no_key, make_cfg, monkeypat
     assert codes == [1, 0, 143] and len(preempting) == 1 and wandb.run is None
 
 
-def test_a_sweeps_wandb_runs_are_named_by_their_overrides(make_cfg, monkeypatch) -> None:
+def test_a_sweeps_wandb_runs_are_named_by_their_overrides(make_cfg, monkeypatch, tmp_path: Path) -> None:
     """The jobs of a sweep's W&B group had W&B's random names; they are named by what they
     override (credentials redacted), the job's number without any. A single run keeps W&B's name."""
     from hydra.conf import HydraConf
@@ -256,10 +256,13 @@ def test_a_sweeps_wandb_runs_are_named_by_their_overrides(make_cfg, monkeypatch)
 
     assert make_cfg("logger=wandb").logger.wandb.name is None
 
-    def job(mode: RunMode, overrides: str, task: list[str] | None = None) -> str | None:
+    def job(
+        mode: RunMode, overrides: str, task: list[str] | None = None, sweep: Path | None = None
+    ) -> str | None:
         cfg = OmegaConf.create({"hydra": OmegaConf.structured(HydraConf)})
         cfg.hydra.mode, cfg.hydra.job.override_dirname, cfg.hydra.job.num = mode, overrides, 3
         cfg.hydra.overrides.task = task or []
+        cfg.hydra.sweep.dir = str(sweep or tmp_path / "no_sweep")
         HydraConfig.instance().set_config(cfg)
         return sweep_job_name()
 
@@ -276,6 +279,17 @@ def test_a_sweeps_wandb_runs_are_named_by_their_overrides(make_cfg, monkeypatch)
     )
     monkeypatch.setattr("sys.argv", ["train.py", "-m", "model=gru,lstm", "seed=1"])
     assert job(RunMode.MULTIRUN, "model=gru,seed=1", ["model=gru", "seed=1"]) == "model=gru"
+    # a SLURM job runs in submitit's process, with submitit's command line: the sweep's own is
+    # read from its multirun.yaml (it was named by every override, the shared ones too)
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    OmegaConf.save(
+        {"hydra": {"overrides": {"task": ["model=gru,lstm", "data.data_dir=/d"]}}}, sweep / "multirun.yaml"
+    )
+    monkeypatch.setattr("sys.argv", ["-m", "submitit.core._submit", "/sweep/.submitit/1"])
+    task = ["model=gru", "data.data_dir=/d"]
+    assert job(RunMode.MULTIRUN, "data.data_dir=/d,model=gru", task, sweep) == "model=gru"
+    assert job(RunMode.MULTIRUN, "data.data_dir=/d,model=gru", task) == "data.data_dir=/d,model=gru"
 
     assert (
         job(RunMode.MULTIRUN, "+extras.api_key=abc123,model=gru") == f"+extras.api_key={REDACTED},model=gru"

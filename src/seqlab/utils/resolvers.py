@@ -162,9 +162,8 @@ WANDB_NAME_LIMIT = 128
 def sweep_job_name() -> str | None:
     """Inside a Hydra multirun, the job's overrides (``model=gru,seed=1``; its number when it has
     none; credentials redacted): the W&B run's name, so the runs of a sweep's group are told apart
-    by their settings. The overrides every job shares (given as they are on the command line:
-    ``experiment=...``, ``data.data_dir=...``) are left out where the jobs run in the sweep's own
-    process (the basic launcher; a SLURM job's command line is submitit's, and keeps them all; best
+    by their settings. The overrides every job shares (given as they are on the sweep's command
+    line, ``sweep_command_line``: ``experiment=...``, ``data.data_dir=...``) are left out (best
     effort: a fixed value Hydra's basic sweeper re-renders, ``1e-3`` as ``0.001``, stays in),
     and floats are shown to 4 significant digits: an Optuna trial's name was its fixed overrides,
     cut before the sampled ones. Two trials may then share a name (a W&B name need not be
@@ -182,7 +181,8 @@ def sweep_job_name() -> str | None:
     hydra = HydraConfig.get()
     if hydra.mode != RunMode.MULTIRUN:
         return None
-    given = set(sys.argv[1:])  # a swept override is there as its sweep (model=gru,lstm), not as the job's
+    # a swept override is there as its sweep (model=gru,lstm), not as the job's
+    given = set(sweep_command_line(hydra.sweep.dir) or sys.argv[1:])
     varying = sorted(short_floats(o) for o in hydra.overrides.task if o not in given)
     name = redact_text(",".join(varying) or hydra.job.override_dirname) or f"job {hydra.job.num}"
     if len(name) > WANDB_NAME_LIMIT:
@@ -191,6 +191,17 @@ def sweep_job_name() -> str | None:
         digest = hashlib.sha256(name.encode()).hexdigest()[:8]
         name = f"{name[: WANDB_NAME_LIMIT - 10]}..{digest}"
     return name
+
+
+def sweep_command_line(sweep_dir: str) -> list[str] | None:
+    """The overrides the sweep was started with (its ``multirun.yaml``, which Hydra's sweepers
+    write before the first job): a job that runs in another process than the sweep's (a SLURM
+    job, whose command line is submitit's) cannot read them from its own. None if unreadable."""
+    try:
+        task = OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra.overrides.task
+    except Exception:
+        return None
+    return [str(override) for override in task]
 
 
 def short_floats(override: str) -> str:
