@@ -76,6 +76,35 @@ def test_jobs_side_by_side_lock_gpus_of_their_own(make_cfg, four_gpus: Path) -> 
         assert trainer_kwargs()["devices"] == [0, 1]
 
 
+def test_a_job_gives_its_gpu_memory_back_before_its_gpus(make_cfg, four_gpus: Path, monkeypatch) -> None:
+    """The worker process lives on after the job: the memory its CUDA allocator keeps cached on the
+    job's GPUs is given back before their locks are, as the next job there may be another worker's."""
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("emptied"))
+    real_lock = parallel.lock_gpus
+
+    def lock_gpus(*args):
+        ids, handles = real_lock(*args)
+        return ids, [Closing(handle, events) for handle in handles]
+
+    monkeypatch.setattr(parallel, "lock_gpus", lock_gpus)
+    with job_resources(make_cfg("trainer.accelerator=gpu", "trainer.devices=1")):
+        assert events == []
+    assert events == ["emptied", "unlocked"]
+
+
+class Closing:
+    """A lock file that records when it is closed (its lock freed)."""
+
+    def __init__(self, handle, events: list[str]) -> None:
+        self.handle, self.events = handle, events
+
+    def close(self) -> None:
+        self.events.append("unlocked")
+        self.handle.close()
+
+
 def test_a_waiting_job_holds_no_gpu_meanwhile(make_cfg, four_gpus: Path) -> None:
     """All or none: a job waiting for 3 GPUs while 2 are free does not keep them from a job of 2."""
     big = make_cfg("trainer.accelerator=gpu", "trainer.devices=3", output="big")

@@ -11,7 +11,8 @@ the sweep's environment sets it). What a job needs besides, for the length of th
   process dies) and its Trainer gets their ids (``trainer_kwargs``; its other ranks inherit them
   through ``GPUS_ENV``); one that finds too few free waits for them. A job given ids
   (``trainer.devices=[2,3]``) takes those, unlocked. The locks are the sweep's: two sweeps side by
-  side on one machine do not see each other's.
+  side on one machine do not see each other's. The memory the worker's CUDA allocator keeps
+  cached goes back before the locks do.
 - Its share of the worker's threads per process: a multi-process job (``trainer=ddp`` on CPU)
   divides it among its processes, as Lightning does with the cores when it sets the threads
   itself (which it leaves alone once ``OMP_NUM_THREADS`` is set).
@@ -139,6 +140,11 @@ def job_resources(cfg: DictConfig) -> Iterator[None]:
     finally:
         _side_by_side = False
         os.environ.pop(GPUS_ENV, None)
+        if torch.cuda.is_initialized():  # the worker lives on: what its allocator keeps goes back
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()  # (the next job on these GPUs may be another worker's)
         for lock in locks:
             lock.close()  # closing the file frees its lock
         torch.set_num_threads(threads)
