@@ -23,6 +23,7 @@ from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, lo
 from seqlab.utils.distributed import check_hardware, finish_job, in_multirun
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.parallel import job_resources
+from seqlab.utils.resolvers import launch_id
 from seqlab.utils.run import hydra_overrides, is_rank_zero, print_results, write_run_metadata, write_summary
 from seqlab.utils.secrets import redact, redact_text
 from seqlab.utils.wandb import finish_runs, summarize_runs
@@ -40,10 +41,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     run_dir = Path(cfg.paths.output_dir)
     # a sharded checkpoint (FSDP, FSDP2, DeepSpeed: a directory) is gathered into one file first,
     # by rank 0: Lightning's launcher starts the other ranks after it, and they read its file (each
-    # gathering the whole model again took N times its memory); started together (torchrun), each
-    # gathers its own
+    # gathering the whole model again took N times its memory); started together (torchrun, srun:
+    # a file there may be an earlier eval's, in a reused hydra.run.dir), each gathers its own
     consolidated = run_dir / "consolidated.ckpt"
-    if not is_rank_zero() and consolidated.is_file():
+    if not is_rank_zero() and launch_id() is None and consolidated.is_file():
         log.info("reading the checkpoint rank 0 gathered: %s", consolidated)
         ckpt_path = consolidated
     else:
