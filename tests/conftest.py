@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -160,12 +159,6 @@ def run_script(
         text=True,
         timeout=timeout,
     )
-
-
-def log_span(path: Path) -> tuple[str, str]:
-    """The times of a log's first and last line (``[2026-11-25 21:43:54,170]``, sortable)."""
-    times = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\]", path.read_text(), re.M)
-    return times[0], times[-1]
 
 
 def why_failed(result: subprocess.CompletedProcess, limit: int = 3000) -> str:

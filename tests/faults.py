@@ -81,6 +81,26 @@ class HoldMemory(L.Callback):
         self.block = None
 
 
+class MeetTheOthers(L.Callback):
+    """A barrier between the jobs of a sweep: at the start of training, rank 0 of each job writes
+    ``<folder>/<its pid>`` and waits until ``jobs`` such files are there, or fails after
+    ``timeout`` seconds. Jobs that run one after the other never all meet: the first one fails."""
+
+    def __init__(self, folder: str, jobs: int, timeout: float = 120.0) -> None:
+        self.folder, self.jobs, self.timeout = Path(folder), jobs, timeout
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank != 0:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / str(os.getpid())).touch()
+        deadline = time.monotonic() + self.timeout
+        while len(list(self.folder.iterdir())) < self.jobs:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the other jobs never started beside this one ({self.folder})")
+            time.sleep(0.1)
+
+
 class RecordFirstStep(L.Callback):
     """Appends to ``path``, once per process (global rank 0), the optimizer step its first
     training batch starts from: 0 for a run trained from scratch, the checkpoint's step for a

@@ -30,7 +30,7 @@ def four_gpus(monkeypatch, tmp_path: Path) -> Path:
     """A machine with 4 GPUs, in a sweep of jobs side by side; returns where they are locked."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(parallel, "parallel_sweep", lambda: 2)
+    monkeypatch.setattr(parallel, "side_by_side", lambda: True)
     monkeypatch.setattr(parallel, "gpu_lock_dir", lambda: tmp_path / ".gpus")
     monkeypatch.setattr(parallel, "POLL_S", 0.05)
     return tmp_path / ".gpus"
@@ -71,7 +71,7 @@ def test_jobs_side_by_side_lock_gpus_of_their_own(make_cfg, four_gpus: Path) -> 
             assert job_c_thread.is_alive() and not got_c, "job c waits while no 2 GPUs are free"
         job_c_thread.join(5)
         assert got_c == [[2, 3]], "once job d ended"
-    assert trainer_kwargs() == {} and GPUS_ENV not in os.environ, "outside a job: Lightning's defaults"
+    assert "devices" not in trainer_kwargs() and GPUS_ENV not in os.environ, "the job's GPUs given back"
     with job_resources(job_a):  # every lock was freed
         assert trainer_kwargs()["devices"] == [0, 1]
 
@@ -132,7 +132,6 @@ def test_a_job_given_gpu_ids_takes_them_and_cpu_jobs_share_the_threads(make_cfg,
         assert not four_gpus.exists() or not any(four_gpus.iterdir()), "nothing locked"
         # one terminal for every job of the sweep: no progress bars
         assert not any(isinstance(c, RichProgressBar) for c in build_callbacks(pinned.callbacks))
-    assert any(isinstance(c, RichProgressBar) for c in build_callbacks(pinned.callbacks))
     cpu = make_cfg("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", output="cpu")
     torch.set_num_threads(2)
     omp = os.environ["OMP_NUM_THREADS"]
@@ -143,13 +142,14 @@ def test_a_job_given_gpu_ids_takes_them_and_cpu_jobs_share_the_threads(make_cfg,
     assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == omp
 
 
-def test_outside_a_parallel_sweep_a_job_is_left_as_it_is(make_cfg, monkeypatch) -> None:
-    cfg = make_cfg("trainer.devices=1")
+def test_outside_a_parallel_sweep_a_job_is_left_as_it_is(make_cfg) -> None:
+    from seqlab.callbacks import RichProgressBar
+    from seqlab.train import build_callbacks
+
+    cfg = make_cfg("trainer.devices=1", fast=False)
     with job_resources(cfg):  # a single run
         assert trainer_kwargs() == {}
-    monkeypatch.setattr(parallel, "parallel_sweep", lambda: 1)  # a parallel launcher with n_jobs=1
-    with job_resources(cfg):
-        assert trainer_kwargs() == {}
+        assert any(isinstance(c, RichProgressBar) for c in build_callbacks(cfg.callbacks))
 
 
 def test_parallel_jobs_fill_the_machine(monkeypatch) -> None:
@@ -162,39 +162,41 @@ def test_parallel_jobs_fill_the_machine(monkeypatch) -> None:
     assert parallel_jobs("gpu", [0, 1, 2]) == 1 and parallel_jobs("cpu", 1) == 8
 
 
-def test_the_sweeps_process_tells_its_jobs_how_the_sweep_runs(make_cfg, monkeypatch) -> None:
-    """A job the parallel launcher runs in a worker process (whose __main__ is joblib's) starts its
-    other ranks with the program the sweep's own process was started with, and knows the sweep's
-    n_jobs (the job's own config resolves it from the job's trainer settings: 1 for trainer=ddp
-    here, where the sweep of trainer=default jobs runs 4 at once)."""
+def test_the_sweeps_process_tells_its_workers_who_it_is(make_cfg, monkeypatch) -> None:
+    """A job the parallel launcher runs in a worker process knows it runs beside others, and starts
+    its other ranks with the program the sweep's own process was started with (the worker's
+    __main__ is joblib's). With n_jobs=1 joblib runs the jobs in the sweep's process: one by one."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import read_write
 
-    from seqlab.utils.distributed import ENTRY_ENV, job_command
-    from seqlab.utils.hydra_callbacks import SweepEntry
-    from seqlab.utils.parallel import PARALLEL_ENV
+    from seqlab.utils.distributed import job_command
+    from seqlab.utils.hydra_callbacks import ParallelSweep
+    from seqlab.utils.parallel import SWEEP_ENV, side_by_side
 
     monkeypatch.setattr(parallel, "cores", lambda: 4)
-    sweep = make_cfg("hydra/launcher=parallel", output="sweep")  # trainer=default: 1 process a job
+    sweep = make_cfg("hydra/launcher=parallel", output="sweep")
+    assert sweep.hydra.launcher.n_jobs == 4, "trainer=default: a process a job, a job a core"
     monkeypatch.setattr(sys.modules["__main__"], "__spec__", None)  # python /x/my_train.py, not -m
-    monkeypatch.setattr("sys.argv", ["/x/my_train.py", "-m", "model=gru,lstm", "trainer=default,ddp"])
-    for name in (ENTRY_ENV, PARALLEL_ENV):
-        monkeypatch.setenv(name, "")  # (restored after the test whatever happens)
-    SweepEntry().on_multirun_start(sweep)  # in the sweep's process
+    monkeypatch.setattr("sys.argv", ["/x/my_train.py", "-m", "model=gru,lstm"])
+    monkeypatch.setenv(SWEEP_ENV, "")  # (restored after the test whatever happens)
+    ParallelSweep().on_multirun_start(sweep)  # in the sweep's process
 
-    job = make_cfg("hydra/launcher=parallel", "model=gru", "trainer=ddp")  # in a worker process
+    job = make_cfg("hydra/launcher=parallel", "model=gru", "trainer=ddp")
+    assert job.hydra.launcher.n_jobs == 2, "trainer=ddp here: 2 processes a job"
     with read_write(job.hydra):
         job.hydra.mode = RunMode.MULTIRUN
     HydraConfig.instance().set_config(job)
-    assert job.hydra.launcher.n_jobs == 2, "its own config's n_jobs (2 processes a job)"
-    assert parallel.parallel_sweep() == 4, "the sweep's"
+    assert not side_by_side(), "in the sweep's own process (n_jobs=1)"
+    sweeps_pid = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: sweeps_pid + 1)  # in a worker process
+    assert side_by_side()
     monkeypatch.setattr("sys.argv", ["/elsewhere/worker.py"])  # (a worker started otherwise)
     command, _ = job_command(1)
     assert command[1] == "/x/my_train.py" and "model=gru" in command
-    SweepEntry().on_multirun_end(sweep)
-    assert ENTRY_ENV not in os.environ and PARALLEL_ENV not in os.environ
-    assert parallel.parallel_sweep() == 2, "none handed over: the job's own config's"
+    ParallelSweep().on_multirun_end(sweep)
+    assert SWEEP_ENV not in os.environ and not side_by_side()
 
-    os.environ[PARALLEL_ENV] = "-2"  # joblib's: every core but one
-    assert parallel.parallel_sweep() == 3
+    basic = make_cfg(output="basic")  # Hydra's basic launcher: nothing to tell
+    ParallelSweep().on_multirun_start(basic)
+    assert SWEEP_ENV not in os.environ

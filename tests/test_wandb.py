@@ -289,6 +289,9 @@ def test_a_sweeps_wandb_runs_are_named_by_their_overrides(make_cfg, monkeypatch,
     monkeypatch.setattr("sys.argv", ["-m", "submitit.core._submit", "/sweep/.submitit/1"])
     task = ["model=gru", "data.data_dir=/d"]
     assert job(RunMode.MULTIRUN, "data.data_dir=/d,model=gru", task, sweep) == "model=gru"
+    # a shared credential, redacted in multirun.yaml by the time the job reads it, stays out too
+    OmegaConf.save({"hydra": {"overrides": {"task": ["model=gru,lstm", f"+extras.api_key={REDACTED}"]}}}, sweep / "multirun.yaml")  # fmt: skip
+    assert job(RunMode.MULTIRUN, "", ["model=gru", "+extras.api_key=abc123"], sweep) == "model=gru"
     assert job(RunMode.MULTIRUN, "data.data_dir=/d,model=gru", task) == "data.data_dir=/d,model=gru"
 
     assert (

@@ -44,7 +44,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # gathering the whole model again took N times its memory); started together (torchrun, srun:
     # a file there may be an earlier eval's, in a reused hydra.run.dir), each gathers its own
     consolidated = run_dir / "consolidated.ckpt"
-    if not is_rank_zero() and launch_id() is None and consolidated.is_file():
+    if given.is_dir() and not is_rank_zero() and launch_id() is None and consolidated.is_file():
         log.info("reading the checkpoint rank 0 gathered: %s", consolidated)
         ckpt_path = consolidated
     else:

@@ -36,7 +36,7 @@ from seqlab.utils.distributed import (
     use_spawn_launcher,
 )
 from seqlab.utils.logging import route_lightning_logs_to_root
-from seqlab.utils.parallel import job_resources, trainer_kwargs, without_progress_bars
+from seqlab.utils.parallel import job_resources, side_by_side, trainer_kwargs, without_progress_bars
 from seqlab.utils.precision import clip_fused_under_bf16
 from seqlab.utils.resume import (
     check_checkpoint_fits,
@@ -176,7 +176,7 @@ def apply_extras(cfg: DictConfig) -> None:
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
-    if extras.get("print_config") and is_rank_zero():
+    if extras.get("print_config") and is_rank_zero() and not side_by_side():  # (one terminal for all)
         print_config_tree(cfg)
     if extras.get("matmul_precision"):
         torch.set_float32_matmul_precision(extras.matmul_precision)

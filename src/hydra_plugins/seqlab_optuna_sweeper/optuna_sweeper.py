@@ -44,6 +44,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -396,12 +397,11 @@ class OptunaSweeper(Sweeper):
             return f"{type(error).__name__}: {error}"
         return None
 
-    def job_subdir(self, overrides: list[str], job: int) -> str:
-        """The directory, under the sweep directory, that the launcher gives job number ``job``:
-        ``hydra.sweep.subdir`` (``${hydra.job.num}`` by default, or named by the overrides)
-        resolved as Hydra's launchers do. Raises where Hydra cannot compose ``overrides``. (A
-        subdir naming ``hydra.job.id`` resolves to the number: submitit's ids are SLURM's, known
-        only once the job is queued.)"""
+    @contextlib.contextmanager
+    def job_config(self, overrides: list[str], job: int, output: bool = False) -> Iterator[DictConfig]:
+        """The config job number ``job`` composes from ``overrides``, as Hydra's launchers give it
+        (its number; with ``output``, an output directory), made the current Hydra config (for
+        ``${hydra:...}``) while in use. Raises where Hydra cannot compose ``overrides``."""
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import open_dict
 
@@ -410,19 +410,50 @@ class OptunaSweeper(Sweeper):
         with open_dict(config):
             config.hydra.job.id = job
             config.hydra.job.num = job
+            if output:  # (nothing is written there)
+                config.hydra.runtime.output_dir = str(Path(config.hydra.sweep.dir) / str(job))
         hydra_config = HydraConfig.instance()
         before = hydra_config.cfg
-        try:  # the overrides composed: a subdir that cannot be resolved is the search's own error
-            hydra_config.set_config(config)  # for ${hydra:...} in the subdir
-            return str(OmegaConf.select(config, "hydra.sweep.subdir"))
-        except Exception as error:
-            given = OmegaConf.to_container(self.config.hydra.sweep, resolve=False).get("subdir")
-            raise SweepError(
-                f"hydra.sweep.subdir={given!r} cannot be resolved for job "
-                f"{job}: {type(error).__name__}: {error}"
-            ) from None
+        try:
+            hydra_config.set_config(config)
+            yield config
         finally:
             hydra_config.cfg = before
+
+    def job_subdir(self, overrides: list[str], job: int) -> str:
+        """The directory, under the sweep directory, that the launcher gives job number ``job``:
+        ``hydra.sweep.subdir`` (``${hydra.job.num}`` by default, or named by the overrides)
+        resolved as Hydra's launchers do. Raises where Hydra cannot compose ``overrides``. (A
+        subdir naming ``hydra.job.id`` resolves to the number: submitit's ids are SLURM's, known
+        only once the job is queued.)"""
+        with self.job_config(overrides, job) as config:
+            try:  # the overrides composed: a subdir that cannot be resolved is the search's own error
+                return str(OmegaConf.select(config, "hydra.sweep.subdir"))
+            except Exception as error:
+                given = OmegaConf.to_container(self.config.hydra.sweep, resolve=False).get("subdir")
+                raise SweepError(
+                    f"hydra.sweep.subdir={given!r} cannot be resolved for job "
+                    f"{job}: {type(error).__name__}: {error}"
+                ) from None
+
+    def job_refuses(self, overrides: list[str]) -> str | None:
+        """Why a job would refuse the config ``overrides`` compose before it reads any data (a
+        value of the wrong type for the class it configures: ``seqlab.train.check_choices``), or
+        None (also where the check cannot run on this config: the trials will tell)."""
+        from seqlab.errors import ConfigError
+
+        try:
+            with self.job_config(overrides, 0, output=True) as config:
+                if "data" not in config or "task" not in config:
+                    return None  # not a training config
+                from seqlab.train import check_choices
+
+                check_choices(config)
+        except ConfigError as error:
+            return str(error)
+        except Exception:
+            return None
+        return None
 
     def check_choices(self, fixed: list[str], space: dict[str, Any]) -> None:
         """Refuse, before any trial, a config-group option that does not compose with the fixed
@@ -504,66 +535,30 @@ class OptunaSweeper(Sweeper):
             if key in groups:
                 continue
             value = f"{key}={override_value(sample(dist))}"
-            first_why = None
-            for option in options:  # until one composes
-                chosen = [*fixed, *(f"{g}={override_value(c)}" for g, c in zip(groups, option))]
-                why = self.composes([*chosen, value])
-                if why is None:
+            samples = (
+                dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution) else [dist.low]
+            )
+            first_why = refused = None
+            for option in options:  # until one composes, and its job takes every sample
+                grouped = [*fixed, *(f"{g}={override_value(c)}" for g, c in zip(groups, option))]
+                why = self.composes([*grouped, value])
+                if why is not None:
+                    first_why = first_why or why
+                    continue
+                refusals = (self.job_refuses([*grouped, f"{key}={override_value(v)}"]) for v in samples[:8])
+                refused = next((why for why in refusals if why is not None), None)
+                if refused is None:
                     break
-                first_why = first_why or why
             else:
+                if refused is not None:
+                    hint = ""
+                    if isinstance(dist, optuna.distributions.FloatDistribution) and "an integer" in refused:
+                        hint = f"; integers are sampled by int(interval({dist.low:g}, {dist.high:g}))"
+                    raise SweepError(f"hydra.sweeper.params: {key}: trials would be refused: {refused}{hint}")
                 raise SweepError(
                     f"hydra.sweeper.params: {key} cannot be composed with any sampled option: {first_why} "
                     "(is the data= or experiment= this search is for given?)"
                 )
-            samples = (
-                dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution) else [dist.low]
-            )
-            for sampled in samples[:16]:
-                why = self.job_refuses([*chosen, f"{key}={override_value(sampled)}"])
-                if why is not None:
-                    hint = ""
-                    if (
-                        isinstance(dist, optuna.distributions.FloatDistribution)
-                        and "expected an integer" in why
-                    ):
-                        hint = f"; integers are sampled by int(interval({dist.low:g}, {dist.high:g}))"
-                    raise SweepError(f"hydra.sweeper.params: {key}: trials would be refused: {why}{hint}")
-
-    def job_refuses(self, overrides: list[str]) -> str | None:
-        """Why a job refuses the config ``overrides`` compose before it reads any data (a value
-        of the wrong type for the class it configures: ``seqlab.train.check_choices``), or None
-        (also when the check itself cannot run on this config: the trials will tell)."""
-        from hydra.core.hydra_config import HydraConfig
-
-        from seqlab.errors import ConfigError
-
-        assert self.hydra_context is not None and self.config is not None
-        try:
-            config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        except Exception:
-            return None
-        if not OmegaConf.is_dict(config) or "data" not in config:
-            return None  # not a training config
-        from omegaconf import open_dict
-
-        from seqlab.train import check_choices
-
-        with open_dict(config):  # (a job's own, which the launcher sets: the check writes nothing)
-            config.hydra.runtime.output_dir = str(Path(config.hydra.sweep.dir) / "0")
-            config.hydra.job.num = config.hydra.job.id = 0
-        hydra_config = HydraConfig.instance()
-        before = hydra_config.cfg
-        try:
-            hydra_config.set_config(config)
-            check_choices(config)
-        except ConfigError as error:
-            return str(error)
-        except Exception:
-            return None
-        finally:
-            hydra_config.cfg = before
-        return None
 
     def sweep(self, arguments: list[str]) -> None:
         from seqlab.utils.files import directory_lock

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -351,28 +350,12 @@ def config_flags(argv: list[str]) -> list[str]:
     return flags
 
 
-#: the sweep's entry point as its own process started it (a JSON list; ``SweepEntry`` sets it): the
-#: parallel launcher's worker processes, which run its jobs, were started as a module of joblib's
-ENTRY_ENV = "SEQLAB_SWEEP_ENTRY"
-
-
-def entry_command() -> list[str]:
-    """The command that started this program (``python train.py``, ``python -m pkg.module``)."""
-    from hydra.utils import to_absolute_path
-
-    import __main__
-
-    if os.environ.get(ENTRY_ENV):
-        return json.loads(os.environ[ENTRY_ENV])
-    if __main__.__spec__ is None:
-        return [sys.executable, to_absolute_path(sys.argv[0])]
-    return [sys.executable, "-m", __main__.__spec__.name]
-
-
 def job_command(local_rank: int) -> tuple[list[str], str]:
     """The command that runs rank ``local_rank`` of the current sweep job (a single run)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd
+
+    from seqlab.utils.parallel import entry_command
 
     hydra = HydraConfig.get()
     command = [

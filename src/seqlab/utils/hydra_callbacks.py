@@ -183,28 +183,22 @@ class SweepSummary(Callback):
             log.warning("no job of the sweep in %s wrote a summary.json", sweep_dir)
 
 
-class SweepEntry(Callback):
-    """Hand the jobs what only the sweep's own process knows: its entry point (``ENTRY_ENV``), with
-    which a DDP job starts its other ranks, and the parallel launcher's ``n_jobs``
-    (``PARALLEL_ENV``). A job the parallel launcher runs in a worker process cannot tell either:
-    that process's ``__main__`` is joblib's, and the job's config resolves ``n_jobs`` from the
-    job's own trainer settings."""
+class ParallelSweep(Callback):
+    """Under the joblib launcher (``hydra/launcher=parallel``), tell the jobs what only the sweep's
+    own process knows (``seqlab.utils.parallel.SWEEP_ENV``): its pid, so that a job in a worker
+    process knows it runs beside others, and its entry point, with which a DDP job starts its
+    other ranks (a worker's ``__main__`` is joblib's). The workers inherit it as they start."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from seqlab.utils.distributed import ENTRY_ENV, entry_command
-        from seqlab.utils.parallel import PARALLEL_ENV, sweep_parallel_jobs
+        from seqlab.utils.parallel import SWEEP_ENV, entry_command, joblib_launcher
 
-        os.environ[ENTRY_ENV] = json.dumps(entry_command())
-        n_jobs = sweep_parallel_jobs(config)
-        if n_jobs is not None:
-            os.environ[PARALLEL_ENV] = n_jobs
+        if joblib_launcher(OmegaConf.select(config, "hydra.launcher", default=None)):
+            os.environ[SWEEP_ENV] = json.dumps({"pid": os.getpid(), "entry": entry_command()})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from seqlab.utils.distributed import ENTRY_ENV
-        from seqlab.utils.parallel import PARALLEL_ENV
+        from seqlab.utils.parallel import SWEEP_ENV
 
-        os.environ.pop(ENTRY_ENV, None)
-        os.environ.pop(PARALLEL_ENV, None)
+        os.environ.pop(SWEEP_ENV, None)
 
 
 class CompareReport(Callback):

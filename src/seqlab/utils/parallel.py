@@ -16,34 +16,37 @@ the sweep's environment sets it). What a job needs besides, for the length of th
 - Its share of the worker's threads per process: a multi-process job (``trainer=ddp`` on CPU)
   divides it among its processes, as Lightning does with the cores when it sets the threads
   itself (which it leaves alone once ``OMP_NUM_THREADS`` is set).
-- One terminal for all: the jobs' progress bars would draw over each other, so they are off;
-  each job still logs its start, its run directory and its test metrics.
+- One terminal for all: the jobs' progress bars and config trees would draw over each other, so
+  they are off; each job still logs its start, its run directory and its test metrics.
+
+A job runs side by side with others when it runs in a worker process of the joblib launcher
+(``side_by_side``: the sweep's process tells its pid, and its entry point, which a DDP job's other
+ranks are started with, through ``SWEEP_ENV``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import torch
 from omegaconf import DictConfig, ListConfig
 
 log = logging.getLogger(__name__)
 
+#: what only the sweep's own process knows, for the jobs its launcher runs in worker processes
+#: (JSON: its pid and its entry point; set by ``seqlab.utils.hydra_callbacks.ParallelSweep``)
+SWEEP_ENV = "SEQLAB_PARALLEL_SWEEP"
 #: the GPU ids the running job locked ("2,3"), for its Trainer in every one of its processes
 GPUS_ENV = "SEQLAB_JOB_GPUS"
-#: n_jobs of the sweep's parallel launcher, as the sweep's own config resolved it (a job's own
-#: config resolves ``${parallel_jobs:...}`` from its own trainer settings): set by ``SweepEntry``
-PARALLEL_ENV = "SEQLAB_PARALLEL_JOBS"
 #: seconds between two looks for free GPUs
 POLL_S = 1.0
-#: whether this process runs a job side by side with others (``job_resources``)
-_side_by_side = False
 
 
 def cores() -> int:
@@ -56,34 +59,12 @@ def cores() -> int:
 def parallel_jobs(accelerator: str = "auto", devices: Any = 1) -> int:
     """Jobs at once (the launcher's ``n_jobs``): as many as the GPUs hold jobs of ``devices``
     GPUs each, or on CPU as many as the cores hold jobs of ``devices`` processes each."""
-    from seqlab.utils.distributed import process_count
+    import torch
 
-    return max(
-        1, available_units(accelerator) // process_count({"accelerator": accelerator, "devices": devices})
-    )
+    from seqlab.utils.distributed import gpu_trainer, process_count
 
-
-def available_units(accelerator: str) -> int:
-    """The GPUs a trainer on ``accelerator`` uses here, or the cores when it runs on CPU."""
-    from seqlab.utils.distributed import gpu_trainer
-
-    if gpu_trainer(accelerator):
-        return torch.cuda.device_count()
-    return cores()
-
-
-def parallel_sweep() -> int | None:
-    """``n_jobs`` when this process runs a job of a sweep whose jobs run side by side (the
-    joblib launcher), else None."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from seqlab.utils.distributed import in_multirun
-
-    if not in_multirun() or not joblib_launcher(HydraConfig.get().launcher):
-        return None
-    # (the job's own config's n_jobs where the sweep's process did not hand its own over)
-    n_jobs = int(os.environ.get(PARALLEL_ENV) or HydraConfig.get().launcher.get("n_jobs") or 1)
-    return max(1, cores() + 1 + n_jobs) if n_jobs < 0 else n_jobs  # joblib's -1: every core
+    units = torch.cuda.device_count() if gpu_trainer(accelerator) else cores()
+    return max(1, units // process_count({"accelerator": accelerator, "devices": devices}))
 
 
 def joblib_launcher(launcher: Any) -> bool:
@@ -91,13 +72,41 @@ def joblib_launcher(launcher: Any) -> bool:
     return launcher is not None and str(launcher.get("_target_", "")).endswith("JoblibLauncher")
 
 
-def sweep_parallel_jobs(config: DictConfig) -> str | None:
-    """The sweep's ``hydra.launcher.n_jobs`` (from the sweep's own config, in its process) when
-    its launcher is joblib's, for ``PARALLEL_ENV``."""
-    from omegaconf import OmegaConf
+def sweep_process() -> dict[str, Any]:
+    """The sweep's process, as it told its jobs (``SWEEP_ENV``): ``{"pid": ..., "entry": [...]}``,
+    or ``{}`` outside a parallel sweep."""
+    return json.loads(os.environ.get(SWEEP_ENV) or "{}")
 
-    launcher = OmegaConf.select(config, "hydra.launcher", default=None)
-    return str(launcher.get("n_jobs")) if joblib_launcher(launcher) else None
+
+def side_by_side() -> bool:
+    """Whether this process runs a job of a sweep beside others: a job of the joblib launcher in
+    one of its worker processes (with ``n_jobs=1`` joblib runs the jobs in the sweep's process)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from seqlab.utils.distributed import in_multirun
+
+    pid = sweep_process().get("pid")
+    return (
+        pid is not None
+        and pid != os.getpid()
+        and in_multirun()
+        and joblib_launcher(HydraConfig.get().launcher)
+    )
+
+
+def entry_command() -> list[str]:
+    """The command that started the sweep (in a joblib worker, whose ``__main__`` is joblib's,
+    as the sweep's process told it), or this program (``python train.py``, ``python -m pkg.mod``)."""
+    from hydra.utils import to_absolute_path
+
+    import __main__
+
+    told = sweep_process().get("entry")
+    if told:
+        return told
+    if __main__.__spec__ is None:
+        return [sys.executable, to_absolute_path(sys.argv[0])]
+    return [sys.executable, "-m", __main__.__spec__.name]
 
 
 def gpu_lock_dir() -> Path:
@@ -109,13 +118,13 @@ def gpu_lock_dir() -> Path:
 
 @contextlib.contextmanager
 def job_resources(cfg: DictConfig) -> Iterator[None]:
-    """The GPUs, threads and terminal of one job of a parallel sweep, for the length of the job
-    (nothing changes outside such a sweep, nor with ``n_jobs=1``)."""
-    global _side_by_side
-    n_jobs = parallel_sweep()
-    if n_jobs is None or n_jobs == 1:
+    """The GPUs and threads of one job of a parallel sweep, for the length of the job (nothing
+    changes outside such a sweep)."""
+    if not side_by_side():
         yield
         return
+    import torch
+
     from seqlab.utils.distributed import gpu_trainer, process_count
 
     trainer = cfg.trainer
@@ -135,10 +144,8 @@ def job_resources(cfg: DictConfig) -> Iterator[None]:
         share = max(1, threads // process_count(trainer))
         torch.set_num_threads(share)
         os.environ["OMP_NUM_THREADS"] = str(share)
-        _side_by_side = True
         yield
     finally:
-        _side_by_side = False
         os.environ.pop(GPUS_ENV, None)
         if torch.cuda.is_initialized():  # the worker lives on: what its allocator keeps goes back
             import gc
@@ -160,7 +167,7 @@ def trainer_kwargs() -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if os.environ.get(GPUS_ENV):
         kwargs["devices"] = [int(gpu) for gpu in os.environ[GPUS_ENV].split(",")]
-    if _side_by_side:
+    if side_by_side():
         kwargs["enable_progress_bar"] = False
     return kwargs
 
@@ -169,7 +176,7 @@ def without_progress_bars(callbacks: list[Any]) -> list[Any]:
     """``callbacks``, less the progress bars in a job of a parallel sweep."""
     from lightning.pytorch.callbacks import ProgressBar
 
-    return [c for c in callbacks if not isinstance(c, ProgressBar)] if _side_by_side else callbacks
+    return [c for c in callbacks if not isinstance(c, ProgressBar)] if side_by_side() else callbacks
 
 
 def lock_gpus(lock_dir: Path, count: int, total: int) -> tuple[list[int], list[IO[str]]]:

@@ -181,9 +181,10 @@ def sweep_job_name() -> str | None:
     hydra = HydraConfig.get()
     if hydra.mode != RunMode.MULTIRUN:
         return None
-    # a swept override is there as its sweep (model=gru,lstm), not as the job's
-    given = set(sweep_command_line(hydra.sweep.dir) or sys.argv[1:])
-    varying = sorted(short_floats(o) for o in hydra.overrides.task if o not in given)
+    # a swept override is there as its sweep (model=gru,lstm), not as the job's; compared redacted
+    # (multirun.yaml is, by the time a job reads it)
+    given = {redact_text(o) for o in sweep_command_line(hydra.sweep.dir) or sys.argv[1:]}
+    varying = sorted(short_floats(o) for o in map(redact_text, hydra.overrides.task) if o not in given)
     name = redact_text(",".join(varying) or hydra.job.override_dirname) or f"job {hydra.job.num}"
     if len(name) > WANDB_NAME_LIMIT:
         import hashlib
