@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -166,6 +167,24 @@ def test_missing_columns_are_listed(tmp_path: Path) -> None:
         dm.setup()
 
 
+def test_unnamed_or_repeated_columns_are_refused(tmp_path: Path) -> None:
+    """A DataFrame's index (``to_csv`` writes it under an empty name) was read as a channel, and a
+    repeated name read the first column twice (the other was dropped)."""
+    lines = write_csv(tmp_path / "x.csv", 10).read_text().splitlines()
+    (tmp_path / "index.csv").write_text(
+        "\n".join(f"{i - 1 if i else ''},{line}" for i, line in enumerate(lines))
+    )
+    with pytest.raises(DataError, match=r"index.csv: column 1 has no name .*to_csv\(index=False\)"):
+        read_series_csv(tmp_path / "index.csv")
+    assert read_series_csv(tmp_path / "index.csv", columns=["OT"]).columns == ["OT"]  # chosen: fine
+    (tmp_path / "twice.csv").write_text("\n".join([lines[0].replace(",b,", ",a,"), *lines[1:]]))
+    with pytest.raises(DataError, match=r"twice.csv: the header names column\(s\) \['a'\] more than once"):
+        read_series_csv(tmp_path / "twice.csv")
+    assert read_series_csv(tmp_path / "twice.csv", columns=["OT"]).values.shape == (10, 1)
+    with pytest.raises(DataError, match=r"x.csv: data.columns names \['OT'\] more than once"):
+        read_series_csv(tmp_path / "x.csv", columns=["OT", "a", "OT"])
+
+
 def test_missing_file_says_where_and_how(tmp_path: Path) -> None:
     dm = ett(tmp_path / "nowhere")
     with pytest.raises(DataError, match=r"data file not found: .*nowhere/ETTh1.csv.*data.data_dir"):
@@ -279,17 +298,26 @@ def test_rows_out_of_time_order_or_skipping_time(tmp_path: Path, caplog) -> None
         read_series_csv(tmp_path / "reversed.csv")
     (tmp_path / "gap.csv").write_text("\n".join([*lines[:101], *lines[149:]]) + "\n")  # 48 hours missing
     (tmp_path / "repeated.csv").write_text("\n".join([*lines[:11], lines[10], *lines[11:]]) + "\n")
-    for name, first in (("gap", "2016-07-05 03:00:00 to 2016-07-07 04:00:00"),
-                        ("repeated", "2016-07-01 09:00:00 to 2016-07-01 09:00:00")):  # fmt: skip
-        with pytest.raises(
-            DataError, match=rf"skip or repeat time in 1 place\(s\), first from {first}; fill"
-        ):
+    off_grid = lines[10].replace(" 09:00:00,", " 09:30:00,")  # a row between 09:00 and 10:00
+    (tmp_path / "off_grid.csv").write_text("\n".join([*lines[:11], off_grid, *lines[11:]]) + "\n")
+    for name, first, places in (("gap", "2016-07-05 03:00:00 to 2016-07-07 04:00:00", 1),
+                                ("repeated", "2016-07-01 09:00:00 to 2016-07-01 09:00:00", 1),
+                                ("off_grid", "2016-07-01 09:00:00 to 2016-07-01 09:30:00", 2)):  # fmt: skip
+        said = f"skip time, repeat it or leave the grid in {places} place(s), first from {first}"
+        with pytest.raises(DataError, match=re.escape(said) + "; fill"):
             ett(tmp_path, file=f"{name}.csv").setup()
         ratio = CSVSeriesDataModule(data_dir=str(tmp_path), file=f"{name}.csv", download=False)
         with caplog.at_level("WARNING", logger="seqlab.data.forecasting"):
             ratio.setup()
-        assert f"skip or repeat time in 1 place(s), first from {first.replace(' to ', ' to ')}" in caplog.text
+        assert said in caplog.text
     ett(tmp_path, file="g.csv").setup()  # the file without them splits by the calendar
+    # long format (several rows per time): the calendar split names the repeated times
+    long = [lines[0], *(f"{line},{station}" for line in lines[1:] for station in range(3))]
+    (tmp_path / "long.csv").write_text("\n".join(long).replace("OT\n", "OT,station\n", 1) + "\n")
+    with pytest.raises(
+        DataError, match=r"most rows repeat the time before them \(first 2016-07-01 00:00:00\)"
+    ):
+        ett(tmp_path, file="long.csv").setup()
 
 
 def test_steps_are_calendar_steps_whatever_the_local_time_zone(ett_dir: Path, monkeypatch) -> None:

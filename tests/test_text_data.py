@@ -12,7 +12,7 @@ import torch
 from seqlab.data import classification
 from seqlab.data.classification import SyntheticSentimentDataModule, TextClassificationDataModule
 from seqlab.data.samplers import BucketSampler
-from seqlab.data.text_base import FlatSequences
+from seqlab.data.text_base import FlatSequences, file_fingerprint
 from seqlab.data.text_readers import read_aclimdb, read_table
 from seqlab.data.tokenization import CLS_ID, PAD_ID, SPECIAL_TOKENS, TokenizerSpec, encode, train_tokenizer
 from seqlab.errors import ConfigError, DataError
@@ -88,6 +88,7 @@ def test_tsv_csv_and_jsonl_read_the_same_examples(tmp_path: Path) -> None:
         ("sentence\tlabel\nfine\t1\ttoo many\n", "line 2: 3 fields, expected 2"),
         (b"sentence\tlabel\nfine\t1\ncaf\xe9\t0\n", r"line 3: bytes b'\\xe9' are not UTF-8"),
         ("", "is empty; expected a header row"),
+        ("sentence\tlabel\tlabel\nfine\t1\t0\n", r"line 1: the header names \['label'\] more than once"),
     ],
 )
 def test_bad_table_rows_name_file_and_line(tmp_path: Path, content, message: str) -> None:
@@ -118,6 +119,13 @@ def test_bad_jsonl_line_is_named(tmp_path: Path) -> None:
     path = write(tmp_path / "nokey.jsonl", '{"text": "ok"}\n')
     with pytest.raises(DataError, match=r"line 1: no key 'label'"):
         read_table(path, "text", "label")
+    # not text: was read as its Python repr ("['great', 'film']") and trained on
+    for line, message in (('{"text": ["great", "film"], "label": 1}', r"'text' is a JSON array, expected a string"),
+                          ('{"text": 0, "label": 1}', r"'text' is a JSON number, expected a string"),
+                          ('{"text": "ok", "label": [1]}', r"'label' is a JSON array, expected one label")):  # fmt: skip
+        path = write(tmp_path / "types.jsonl", '{"text": "fine", "label": 0}\n' + line + "\n")
+        with pytest.raises(DataError, match=r"types.jsonl, line 2: " + message):
+            read_table(path, "text", "label")
 
 
 def test_aclimdb_layout(tmp_path: Path) -> None:
@@ -129,6 +137,13 @@ def test_aclimdb_layout(tmp_path: Path) -> None:
     assert examples.texts[2] == "A great film. Loved it"
     with pytest.raises(DataError, match=r"aclImdb/test/neg is not a directory"):
         read_aclimdb(tmp_path / "aclImdb", "test")
+    # a review moved to the other label keeps its size and time: the cache key still changes
+    before = file_fingerprint(tmp_path / "aclImdb" / "train")
+    (tmp_path / "aclImdb" / "train" / "pos" / "0_7.txt").rename(
+        tmp_path / "aclImdb" / "train" / "neg" / "9_7.txt"
+    )
+    assert read_aclimdb(tmp_path / "aclImdb", "train").labels == ["neg"] * 3
+    assert file_fingerprint(tmp_path / "aclImdb" / "train") != before
 
 
 # ---------------------------------------------------------------- the datamodule
@@ -224,6 +239,10 @@ def test_sentence_holdout_keeps_the_held_out_phrases_out_of_train(tmp_path: Path
         ConfigError, match=r"data.holdout='phrases'; expected one of \['random', 'sentences'\]"
     ):
         text_dm(root, tmp_path / "cache", holdout="phrases")
+    with pytest.raises(  # a typo fell through to the table reader, which did not list aclimdb
+        ConfigError, match=r"data.format='aclImdb'; expected one of \['csv', 'jsonl', 'tsv', 'aclimdb'\]"
+    ):
+        text_dm(root, tmp_path / "cache", format="aclImdb")
 
 
 def test_second_run_reuses_the_tokenizer_and_changes_invalidate_it(tmp_path: Path, monkeypatch) -> None:

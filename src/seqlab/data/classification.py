@@ -35,7 +35,7 @@ from seqlab.data.text_base import (
     generated_in_memory,
     publish,
 )
-from seqlab.data.text_readers import LabelledTexts, read_aclimdb, read_table
+from seqlab.data.text_readers import FORMATS, LabelledTexts, read_aclimdb, read_table
 from seqlab.data.tokenization import (
     BOS_ID,
     CLS_ID,
@@ -232,6 +232,9 @@ class TextClassificationDataModule(BatchedTextDataModule):
             )
         if holdout not in HOLDOUTS:
             raise ConfigError(f"data.holdout={holdout!r}; expected one of {list(HOLDOUTS)}")
+        formats = [*sorted(set(FORMATS.values())), "aclimdb"]
+        if format is not None and format not in formats:
+            raise ConfigError(f"data.format={format!r}; expected one of {formats} or null (from the suffix)")
         self.classes = [str(c) for c in classes] if classes is not None else None
         self.batch_size = batch_size
         self.seed = seed

@@ -193,6 +193,12 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
         rows = len(series.values)
         if self.split == "calendar":
             per_day = series.rows_per_day
+            if per_day is None and series.timestamps and len(series.timestamps) > 1:
+                raise DataError(
+                    f"{self.source}: data.split=calendar needs one row per time, but most rows repeat "
+                    f"the time before them (first {series.timestamps[int(np.argmin(series.steps()))]}): "
+                    "several series in long format? Give each its own column, or use data.split=ratio"
+                )
             if per_day is None:
                 raise DataError(f"{self.source}: data.split=calendar needs timestamps; use data.split=ratio")
             irregular = series.irregular()
@@ -200,7 +206,7 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
                 first = irregular[0]
                 raise DataError(
                     f"{self.source}: data.split=calendar counts {per_day:g} rows a day, but the "
-                    f"timestamps skip or repeat time in {len(irregular)} place(s), first from "
+                    f"timestamps skip time, repeat it or leave the grid in {len(irregular)} place(s), first from "
                     f"{series.timestamps[first]} to {series.timestamps[first + 1]}; fill the missing "
                     "rows and drop the repeated ones, or use data.split=ratio"
                 )
@@ -248,7 +254,7 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
         scaled = torch.from_numpy((series.values - self.mean) / self.std).float()
         if irregular := series.irregular():
             log.warning(
-                "%s: the timestamps skip or repeat time in %d place(s), first from %s to %s; windows "
+                "%s: the timestamps skip time, repeat it or leave the grid in %d place(s), first from %s to %s; windows "
                 "there are not evenly spaced in time",
                 self.source, len(irregular), series.timestamps[irregular[0]], series.timestamps[irregular[0] + 1],
             )  # fmt: skip

@@ -53,11 +53,13 @@ class Series:
     def irregular(self) -> list[int]:
         """Rows ``i`` after which the series skips time (the step to row ``i + 1`` is more than 1.5
         times the usual, median, step: rows are missing there; a monthly series' 28-31 days are
-        one step) or repeats it (a step of 0)."""
+        one step), repeats it (a step of 0) or leaves its grid (a step under 0.75 times the usual:
+        a row off the hour in hourly data, a finer-grained stretch)."""
         if not self.timestamps or len(self.timestamps) < 3:
             return []
         steps = self.steps()
-        return [int(i) for i in np.flatnonzero((steps > 1.5 * np.median(steps)) | (steps == 0))]
+        usual = np.median(steps)
+        return [int(i) for i in np.flatnonzero((steps > 1.5 * usual) | (steps < 0.75 * usual) | (steps == 0))]
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -115,10 +117,25 @@ def read_series_csv(
                 raise DataError(
                     f"{path}: no date column {date_column!r} (data.date_column); columns are {header}"
                 )
+            if columns is None and "" in header:
+                raise DataError(
+                    f"{path}: column {header.index('') + 1} has no name (a DataFrame's index written by "
+                    "to_csv?); name it, drop it (to_csv(index=False)), or choose the value columns with "
+                    "data.columns"
+                )
             wanted = columns if columns is not None else [c for c in header if c != date_column]
             missing = [c for c in wanted if c not in header]
             if missing:
                 raise DataError(f"{path}: column(s) {missing} not found; columns are {header}")
+            ambiguous = sorted({c for c in [*wanted, date_column] if c is not None and header.count(c) > 1})
+            if ambiguous:
+                raise DataError(
+                    f"{path}: the header names column(s) {ambiguous} more than once; which one is "
+                    "meant is ambiguous: rename them"
+                )
+            repeated = sorted({c for c in wanted if wanted.count(c) > 1})
+            if repeated:
+                raise DataError(f"{path}: data.columns names {repeated} more than once")
             if not wanted:
                 raise DataError(f"{path}: no value columns besides the date column {date_column!r}")
             value_idx = [header.index(c) for c in wanted]

@@ -103,15 +103,18 @@ def generated_in_memory(owner: str, settings: dict[str, Any], **fixed: Any) -> N
 
 
 def file_fingerprint(path: Path) -> list[Any]:
-    """Identity of a file or directory tree for the cache key: path, sizes and modification times."""
+    """Identity of a file or directory tree for the cache key: path, sizes and modification times;
+    for a tree, every file's relative path too (aclImdb's label is its folder: a review moved from
+    ``pos/`` to ``neg/`` keeps its size and time)."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
-        return [
-            str(path),
-            len(files),
-            sum(p.stat().st_size for p in files),
-            max((p.stat().st_mtime_ns for p in files), default=0),
-        ]
+        digest = hashlib.sha256()
+        for file in files:
+            stat = file.stat()
+            digest.update(
+                f"{file.relative_to(path).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
+            )
+        return [str(path), len(files), digest.hexdigest()]
     stat = path.stat()
     return [str(path), stat.st_size, stat.st_mtime_ns]
 

@@ -79,6 +79,12 @@ def table_format(path: Path, fmt: str | None) -> str:
     return FORMATS[suffix]
 
 
+def json_type(value: object) -> str:
+    """A parsed JSON value's type in JSON's words (array, object, number, boolean, string)."""
+    names = {list: "array", dict: "object", bool: "boolean", int: "number", float: "number", str: "string"}
+    return names.get(type(value), type(value).__name__)
+
+
 def read_lines(path: Path) -> list[str]:
     """Lines of a UTF-8 file (``split_lines``)."""
     return split_lines(read_utf8(path))
@@ -118,9 +124,19 @@ def read_table(path: Path, text_column: str, label_column: str, fmt: str | None 
                         f"{path}, line {line_no}: no key {column!r} (keys: {sorted(record)}); "
                         "set data.text_column / data.label_column"
                     )
-            label = record[label_column]
+            text, label = record[text_column], record[label_column]
+            if not isinstance(text, str | None):
+                raise DataError(
+                    f"{path}, line {line_no}: {text_column!r} is a JSON {json_type(text)}, expected a "
+                    "string (pre-tokenized text: join its tokens with spaces)"
+                )
+            if isinstance(label, list | dict):
+                raise DataError(
+                    f"{path}, line {line_no}: {label_column!r} is a JSON {json_type(label)}, expected "
+                    "one label (a string, number or boolean)"
+                )
             out.add(
-                clean_text(str(record[text_column] or "")),
+                clean_text(text or ""),
                 "" if label is None else str(label),
                 f"{path}, line {line_no}",
             )
@@ -143,6 +159,12 @@ def read_table(path: Path, text_column: str, label_column: str, fmt: str | None 
                     f"{path}, line 1: no column {column!r} in the header {header}; "
                     "set data.text_column / data.label_column"
                 )
+        repeated = sorted({c for c in (text_column, label_column) if header.count(c) > 1})
+        if repeated:
+            raise DataError(
+                f"{path}, line 1: the header names {repeated} more than once ({header}); which column "
+                "is meant is ambiguous: rename them"
+            )
         text_idx, label_idx = header.index(text_column), header.index(label_column)
         line_no = 1
         for row in reader:
