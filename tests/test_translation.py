@@ -658,6 +658,41 @@ def test_the_epochs_training_loss_is_a_mean_over_target_tokens(make_cfg, tmp_pat
     assert abs(logged - by_token) < 1e-5 < 1e-3 < abs(logged - by_step), (logged, by_token, by_step)
 
 
+def test_a_process_logs_its_own_mean_loss_and_steps_on_the_global_one() -> None:
+    """Under N processes the step's loss is this process's token sum over the global batch's
+    tokens, times N (DDP divides the gradients by N again): right for the step, but logged as
+    ``train/loss`` it was the process's share of the tokens, 0.88 for a mean of 4.0 here."""
+    from types import SimpleNamespace
+
+    task = tiny_task("transformer")
+    torch.manual_seed(2)
+
+    def batch(length: int) -> dict[str, torch.Tensor]:
+        src, tgt = torch.randint(5, 23, (2, 6)), torch.randint(5, 23, (2, length))
+        tgt[:, 0] = BOS_ID
+        return {"src_ids": src, "src_mask": src == PAD_ID, "tgt_ids": tgt}
+
+    mine = batch(4)  # this process holds short targets (3 tokens a row), the other long ones (29)
+    with torch.no_grad():
+        own_mean = task.loss(mine, 0.1)
+        other_tokens = 2 * 29
+
+        class TwoProcesses:  # the other process's tokens join this one's in the reduction
+            def reduce(self, tensor, reduce_op):
+                assert reduce_op == "sum"
+                return tensor + other_tokens
+
+        task._trainer = SimpleNamespace(world_size=2, strategy=TwoProcesses())
+        logged = {}
+        task.log = lambda name, value, **kwargs: logged.update({name: float(value)})
+        task._logging_step = lambda: True
+        step = task.training_step(mine, 0)
+    assert float(step) == pytest.approx(float(own_mean) * 6 * 2 / (6 + other_tokens), rel=1e-5)
+    assert logged == {"train/loss": pytest.approx(float(own_mean), rel=1e-6)}
+    assert float(task._train_loss["sum"]) == pytest.approx(float(own_mean) * 6 * 2, rel=1e-5)
+    assert "step_shown" not in task._train_loss and "step_weight" not in task._train_loss
+
+
 def test_a_unigram_tokenizer_without_the_special_tokens_characters_is_warned_about(caplog) -> None:
     """One trained before seqlab put "[", "]" and the capitals in a unigram alphabet still reads a
     text's "[EOS]" as the special token (the unknown-character path scores lower than the

@@ -320,18 +320,20 @@ class SeqTask(L.LightningModule):
         after *every* step (``.item()``, a device synchronisation on a GPU); seqlab's progress
         bar shows it from the callback metrics when it redraws. ``train/loss_epoch`` is the mean
         over the epoch (over its steps, or the count each step's loss averages, ``step_weight``),
-        reduced once at its end."""
+        reduced once at its end. A ``step_loss`` scaled for the gradient (translation's share of
+        the global batch's tokens) leaves the step's own mean to show in ``step_shown``."""
         loss = self.step_loss(batch)
         # summed in float32: a bf16 model's loss is bf16, whose sum stops growing past 128
         detached = loss.detach().float()
         epoch = self._train_loss
         weight = epoch.pop("step_weight", None)
+        shown = epoch.pop("step_shown", loss)
         if weight is not None:
             detached = detached * weight
         epoch["sum"] = detached if epoch["sum"] is None else epoch["sum"] + detached
         epoch["weight"] = epoch["weight"] + (1 if weight is None else weight)
         if self._logging_step():
-            self.log("train/loss", loss, on_step=True, on_epoch=False)
+            self.log("train/loss", shown, on_step=True, on_epoch=False)
         return loss
 
     def _logging_step(self) -> bool:

@@ -165,6 +165,8 @@ class TranslationTask(SeqTask):
         tokens = (labels != self.hparams.pad_id).sum().float()
         world = self.trainer.world_size if self._trainer is not None else 1
         if global_mean and world > 1:
+            # train/loss shows this process's mean, as the other tasks' (not its scaled share)
+            self._train_loss["step_shown"] = total.detach() / tokens.clamp_min(1.0)
             tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
             self._train_loss["step_weight"] = tokens  # the epoch's loss: a mean over tokens too
             return total * world / tokens
