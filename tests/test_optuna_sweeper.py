@@ -471,13 +471,16 @@ def test_a_sampled_value_that_composes_with_no_option_is_refused_before_the_firs
         )
 
 
-def test_another_optimized_metric_needs_its_direction() -> None:
+def test_another_optimized_metric_needs_its_direction(make_cfg) -> None:
     """The searches' direction is ``${task.monitor_mode}``: right for ``val/acc_best``, the wrong
-    way for ``optimized_metric=val/loss`` (maximised)."""
+    way for ``optimized_metric=val/loss`` (maximised). ``hydra/sweeper=optuna`` alone minimised
+    every task's objective, accuracy and BLEU too: it follows the monitor mode by default, and a
+    direction against it for the monitored metric's best is refused."""
     from omegaconf import OmegaConf
 
     def configured(metric: str, direction: str) -> OptunaSweeper:
-        chosen = sweeper(direction="maximize")
+        follows = "task.monitor_mode" in direction
+        chosen = sweeper(direction="maximize" if follows else direction)
         chosen.config = OmegaConf.create({
             "task": {"monitor": "val/acc", "monitor_mode": "max"}, "optimized_metric": metric,
             "hydra": {"sweeper": {"direction": direction}},
@@ -486,9 +489,16 @@ def test_another_optimized_metric_needs_its_direction() -> None:
 
     configured("val/acc_best", "${task.monitor_mode}").check_direction()
     configured("val/loss", "minimize").check_direction()
+    configured("val/acc_best", "maximize").check_direction()
     with pytest.raises(ValueError, match=r"optimized_metric='val/loss' is not the monitored val/acc_best.*"
                        r"give hydra.sweeper.direction=minimize\|maximize"):  # fmt: skip
         configured("val/loss", "${task.monitor_mode}").check_direction()
+    with pytest.raises(ValueError, match=r"hydra.sweeper.direction=minimize for optimized_metric='val/acc_best'.*"
+                       r"would look for the worst trials"):  # fmt: skip
+        configured("val/acc_best", "minimize").check_direction()
+    for data, mode in (("data=sentiment_synthetic", "max"), ("data=timeseries", "min")):
+        composed = make_cfg("hydra/sweeper=optuna", data, fast=False)
+        assert composed.hydra.sweeper.direction == mode, data
 
 
 @pytest.mark.parametrize("subdir", [NUMBERED, NAMED])

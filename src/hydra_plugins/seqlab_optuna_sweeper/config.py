@@ -11,8 +11,9 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.seqlab_optuna_sweeper.optuna_sweeper.OptunaSweeper"
-    # minimize | maximize, or min | max (seqlab's hparams_search configs use task.monitor_mode)
-    direction: str = "minimize"
+    # minimize | maximize, or min | max; by default the task's monitor mode, right for the
+    # default optimized_metric (the monitored metric's best: accuracy and BLEU are maximised)
+    direction: str = "${task.monitor_mode}"
     study_name: str = "seqlab"
     # an Optuna storage URL; null: SQLite file in the sweep directory (resumable)
     storage: Optional[str] = None  # noqa: UP045

@@ -475,18 +475,30 @@ class OptunaSweeper(Sweeper):
         """The searches' direction follows the task's monitor mode (``${task.monitor_mode}``),
         right for the monitored metric's best: another ``optimized_metric`` (``val/loss`` under
         accuracy's ``max``) was silently optimised the wrong way. Refused unless the direction is
-        given with it."""
+        given with it. A direction given against the monitor mode for the monitored metric's
+        best (``minimize`` for ``val/acc_best``) is refused too."""
         assert self.config is not None
         node = OmegaConf.select(self.config, "hydra.sweeper", throw_on_missing=False)
         if not OmegaConf.is_dict(node):
             return
         raw = OmegaConf.to_container(node, resolve=False).get("direction")
         metric, monitor = self.config.get("optimized_metric"), OmegaConf.select(self.config, "task.monitor")
-        if "task.monitor_mode" in str(raw) and monitor and metric != f"{monitor}_best":
+        if not monitor:
+            return
+        if "task.monitor_mode" in str(raw) and metric != f"{monitor}_best":
             raise SweepError(
                 f"optimized_metric={metric!r} is not the monitored {monitor}_best, and "
                 f"hydra.sweeper.direction follows task.monitor_mode ({self.direction}); give "
                 "hydra.sweeper.direction=minimize|maximize for it"
+            )
+        mode = OmegaConf.select(self.config, "task.monitor_mode")
+        wanted = {"min": "minimize", "max": "maximize"}.get(mode)
+        if metric == f"{monitor}_best" and wanted and self.direction != wanted:
+            raise SweepError(
+                f"hydra.sweeper.direction={self.direction} for optimized_metric={metric!r}, the best "
+                f"of {monitor}, which task.monitor_mode={mode} makes the highest value if max, the "
+                f"lowest if min: the search would look for the worst trials; leave "
+                f"hydra.sweeper.direction out (it follows task.monitor_mode)"
             )
 
     def check_values(self, fixed: list[str], space: dict[str, Any]) -> None:
