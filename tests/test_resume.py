@@ -4,6 +4,7 @@ kill while a checkpoint is being written leaves the previous one intact."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
 import json
@@ -119,6 +120,35 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> 
         assert f"resuming the interrupted run in {run_dir}" in again.stdout + again.stderr
         assert first_steps(tmp_path / f"{how}.first_steps") == [0, saved_at], "trained on from the checkpoint"
         assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_a_sweep_run_again_resumes_its_failed_job_and_keeps_its_finished_ones(tmp_path: Path) -> None:
+    """The sweep table tells a user to run a sweep again with its ``hydra.sweep.dir`` to resume a
+    job: its finished jobs refused to run ("holds a finished run"), each a failed job with an
+    ``error.txt``, and the sweep exited non-zero. They are kept untouched and report their
+    results; the resumed job's error from its first attempt goes."""
+    sweep = tmp_path / "sweep"
+    command = [
+        "train.py", "-m", "model=rnn,gru", *FAST, "trainer.max_epochs=1",
+        "callbacks.step_checkpoint.train_time_interval=null", "callbacks.step_checkpoint.every_n_train_steps=7",
+        *fault("raise", 20, tmp_path / "fired"), f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    first = run_script(*command)
+    assert first.returncode != 0  # job 0 failed at step 20, job 1 finished
+    assert "injected failure" in (sweep / "0" / "error.txt").read_text()
+    finished = {name: (sweep / "1" / name).read_bytes() for name in ("summary.json", "metrics.csv")}
+    again = run_script(*command)
+    assert again.returncode == 0, why_failed(again)
+    output = again.stdout + again.stderr
+    assert f"resuming the interrupted run in {sweep / '0'}" in output
+    assert f"{sweep / '1'} finished earlier with this configuration (summary.json): kept" in output
+    assert {name: (sweep / "1" / name).read_bytes() for name in finished} == finished
+    assert (sweep / "0" / "summary.json").is_file() and not (sweep / "0" / "error.txt").exists()
+    with open(sweep / "sweep_summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["job"], row["status"]) for row in rows] == [("0", "ok"), ("1", "ok")]
+    assert all(float(row["mse"]) > 0 for row in rows)  # the kept job's results are in the table
 
 
 def interrupted_and_resumed(

@@ -41,6 +41,7 @@ from seqlab.utils.precision import clip_fused_under_bf16
 from seqlab.utils.resume import (
     check_checkpoint_fits,
     check_same_data_dir,
+    finished_job,
     mark_running,
     mark_stopped,
     own_checkpoint,
@@ -207,13 +208,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     route_lightning_logs_to_root()
     check_hardware(cfg)
     check_choices(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    kept = finished_job(cfg, run_dir)
+    if kept is not None:  # a sweep run again: this job finished with this configuration earlier
+        log.info("%s finished earlier with this configuration (summary.json): kept, not run again", run_dir)
+        return {**kept.get("best", {}), **kept.get("metrics", {})}, {"cfg": cfg, "summary": kept}
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     else:  # not an earlier job's seed, which the strategies (and the processes they start) re-seed from
         for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
             os.environ.pop(key, None)
-    run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg, run_dir)  # refuses a directory it must not write into
     saved = check_checkpoint_fits(ckpt_path, cfg) if ckpt_path else None
     # a resumed run encodes with the checkpoint's tokenizers: trained again (its cache entry

@@ -171,6 +171,8 @@ class SweepSummary(Callback):
         error = job_error(job_return)
         if error is not None:
             write_text_atomic(job_dir / ERROR_FILE, f"{type(error).__name__}: {error}\n")
+        else:  # an earlier attempt's error (the sweep run again resumed the job, which finished)
+            (job_dir / ERROR_FILE).unlink(missing_ok=True)
         write_sweep_table(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -11,6 +11,8 @@
   equals this one (apart from ``RESUME_IGNORES``); a live run, a finished run or a different
   configuration is refused with the differing keys, so two configurations are never mixed and
   a good run is never written over. ``resume=never`` refuses any directory that holds a run.
+- A sweep run again with its ``hydra.sweep.dir`` (``finished_job``): a job that finished with
+  the same configuration is kept as it is, its summary its result, instead of being refused.
 
 The checkpoint resumed is the newest of ``checkpoints/last.ckpt`` (end of epoch, every
 ``callbacks.step_checkpoint`` interval, on SIGTERM) and Lightning's SLURM ``hpc_ckpt_<n>.ckpt``.
@@ -329,13 +331,46 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys]
 
 
+def saved_differences(cfg: DictConfig, saved_config: Path) -> tuple[Any, list[str]]:
+    """A run directory's saved configuration and how ``cfg`` differs from it (``config_differences``)."""
+    from seqlab.utils.secrets import redact
+
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(saved_config))
+    except Exception as error:
+        raise ConfigError(
+            f"{saved_config}: cannot read the saved configuration of this run directory: {error}"
+        ) from None
+    return saved, config_differences(saved, redact(OmegaConf.to_container(cfg, resolve=True)))
+
+
+def finished_job(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a sweep job that already finished in ``run_dir`` with this configuration,
+    or None. A sweep run again with its ``hydra.sweep.dir`` (``resume=auto``) resumes its killed
+    jobs and keeps its finished ones as they are: they were refused ("holds a finished run"),
+    each a failed job, and the sweep exited non-zero."""
+    import json
+
+    from seqlab.utils.distributed import in_multirun
+
+    summary_file = run_dir / "summary.json"
+    if not (in_multirun() and check_mode(cfg.get("resume", "auto")) == "auto" and summary_file.is_file()):
+        return None
+    if not (run_dir / "config.yaml").is_file() or saved_differences(cfg, run_dir / "config.yaml")[1]:
+        return None  # another configuration: resume_checkpoint refuses it, naming the differences
+    try:
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     """What this run does with ``run_dir`` (see the module docstring): the checkpoint to resume
     from, or None for a fresh start; ConfigError when the directory holds a run it must not touch.
     An explicit ``ckpt_path`` is where a run starts: an interrupted run that started from it
     continues from its own newest checkpoint, as any other."""
     from seqlab.utils.run import is_rank_zero
-    from seqlab.utils.secrets import redact
 
     mode = check_mode(cfg.get("resume", "auto"))
     saved_config = run_dir / "config.yaml"
@@ -358,13 +393,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
             f"{run_dir} already holds a run (config.yaml) and resume=never: choose another hydra.run.dir, "
             "or resume=auto to continue it"
         )
-    try:
-        saved = OmegaConf.to_container(OmegaConf.load(saved_config))
-    except Exception as error:
-        raise ConfigError(
-            f"{saved_config}: cannot read the saved configuration of this run directory: {error}"
-        ) from None
-    differences = config_differences(saved, redact(OmegaConf.to_container(cfg, resolve=True)))
+    saved, differences = saved_differences(cfg, saved_config)
     if differences:
         shown = "; ".join(differences[:12]) + (
             f"; and {len(differences) - 12} more" if len(differences) > 12 else ""
