@@ -350,7 +350,13 @@ def test_the_sweep_table_lists_every_job_whatever_its_end_or_directory_name(
         (sweep / name / ".hydra").mkdir(parents=True)
         (sweep / name / ".hydra" / "overrides.yaml").write_text(f"- {name}\n")
     write_summary(
-        sweep / "model=gru", {"model": "gru", "overrides": ["model=gru"], "metrics": {"test/mse": 0.4}}
+        sweep / "model=gru",
+        {
+            "model": "gru",
+            "overrides": ["model=gru"],
+            "metrics": {"test/mse": 0.4},
+            "best": {"val/mse_best": 0.3},
+        },
     )
     (sweep / "model=lstm" / "error.txt").write_text("ConfigError: model.d_model=30\n")
     (sweep / "model=rnn" / "config.yaml").write_text("seed: 1\n")  # started, then killed
@@ -366,7 +372,8 @@ def test_the_sweep_table_lists_every_job_whatever_its_end_or_directory_name(
     assert [(row["job"], row["status"]) for row in rows] == [
         ("model=gru", "ok"), ("model=lstm", "failed"), ("model=rnn", "killed")
     ]  # fmt: skip
-    assert rows[0]["mse"] == 0.4 and "model.d_model=30" in rows[1]["error"]
+    # the validation best too: an Optuna search's objective (its trials run no test)
+    assert rows[0]["mse"] == 0.4 and rows[0]["val/mse_best"] == 0.3 and "model.d_model=30" in rows[1]["error"]
     assert rows[2]["overrides"] == "model=rnn" and "resumes it" in rows[2]["error"]
     with open(sweep / "sweep_summary.csv", newline="") as f:
         assert [row["status"] for row in csv.DictReader(f)] == ["ok", "failed", "killed"]

@@ -42,7 +42,8 @@ def sweep_jobs(sweep_dir: Path) -> list[Path]:
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job: its status, overrides, final test metrics, time, throughput and size;
+    """One row per job: its status, overrides, final test metrics, validation bests, time,
+    throughput and size;
     a failed job (no summary.json) gets its error instead, and one that started training and
     ended with neither (killed: out of memory, a time limit) is listed as such."""
     from seqlab.utils.resume import running_process
@@ -72,6 +73,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             "model": summary.get("model"),
         }
         row.update({k.removeprefix("test/"): v for k, v in summary.get("metrics", {}).items()})
+        row.update(summary.get("best") or {})  # val/<monitor>_best: a search's objective (trials run no test)
         for key in ("wall_s", "train_samples_per_s", "peak_memory_mb", "num_params"):
             row[key] = summary.get(key)
         rows.append(row)
