@@ -133,7 +133,7 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         print_table(shown(rows), f"{args.device}, B={args.batch}, width={args.width}, layers={args.layers}")
         print_table([{"backbone": k, **{p: fitted[p].get(k) for p in fitted}} for k in fitted["train"]],
                     "scaling exponent of time in T (upper half of the lengths; *_above_fixed: of the "
-                    "time above the shortest length's)")  # fmt: skip
+                    "time above the fixed cost, the T=0 intercept of the two shortest lengths' line)")  # fmt: skip
         title = f"{meta['environment']['device_name'] or args.device}: B={args.batch}, width {args.width}"
         bench.plot_lengths(rows, out / "lengths.png", title)
         payload = {**meta, **settings, "scaling_exponents": fitted, "rows": rows}

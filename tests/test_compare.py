@@ -134,6 +134,14 @@ def test_the_report_is_also_one_self_contained_html_page(tmp_path: Path) -> None
     images = (sweep / "report.md").read_text().count("![")
     assert images == 2 and page.count('src="data:image/png;base64,') == images
     assert 'src="report_' not in page  # nothing left pointing at a file next to it
+    # a failed job's error is text: "<absent>" was passed through as a tag the browser hides
+    (sweep / "4").mkdir()
+    (sweep / "4" / "error.txt").write_text("ConfigError: differs: model.nhead: '<absent>' -> 4\n")
+    (sweep / "3" / "error.txt").write_text("RuntimeError: an earlier attempt\n")  # failed once, then finished
+    compare(sweep)
+    page = (sweep / "report.html").read_text()
+    assert "model.nhead: '&lt;absent&gt;' -&gt; 4" in page and "<absent>" not in page
+    assert "an earlier attempt" not in page and "Failed jobs, not in the table (1)" in page
 
 
 def test_the_report_says_what_its_memory_column_measures(tmp_path: Path) -> None:

@@ -101,6 +101,8 @@ def test_sampled_values_become_the_overrides_hydra_reads_back() -> None:
     ] == ["'1'", "'true'"]
     assert distribution(parser.parse_override("k=range(0.1,0.5,0.1)")).choices == (0.1, 0.2, 0.3, 0.4)
     assert distribution(parser.parse_override("k=range(1,4)")).high == 3  # stop excluded, as Hydra's
+    down = distribution(parser.parse_override("k=range(8,1,-2)"))  # 8, 6, 4, 2 in Hydra's basic sweeper
+    assert (down.low, down.high, down.step) == (2, 8, 2)
 
 
 def test_a_list_choice_is_refused_by_name() -> None:
@@ -114,7 +116,7 @@ def test_a_list_choice_is_refused_by_name() -> None:
 @pytest.mark.parametrize(
     "line",
     [
-        "model.num_layers=range(10,0,-2)",
+        "model.num_layers=range(0,10,-2)",
         "model.dropout=interval(0.5,0.1)",
         "task.optimizer.lr=tag(log, interval(0, 1))",
     ],

@@ -728,6 +728,12 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     # the precision plugin of seqlab's Trainer on one device, asked as configure_optimizers asks it
     plugin = BF16MixedPrecision(device.type) if precision == "bf16-mixed" else Precision()
     optimizer, scheduler = task.build_optimizer(epochs * len(loader), fusable_here=fusable(plugin, clip))
+    # what the loop below does: an optimizer step on every batch, whole epochs
+    for key, mirrored in (("accumulate_grad_batches", (1,)), ("limit_train_batches", (None, 1.0))):
+        if cfg.trainer.get(key) not in mirrored:
+            raise ValueError(
+                f"the plain loop steps on every batch of whole epochs, not trainer.{key}={cfg.trainer[key]}"
+            )
     if clip and (cfg.trainer.get("gradient_clip_algorithm") or "norm") != "norm":
         raise ValueError(
             f"the plain loop clips by norm, not trainer.gradient_clip_algorithm="

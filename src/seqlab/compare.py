@@ -310,7 +310,8 @@ def write_html(markdown: Path, path: Path, title: str) -> Path:
     """``markdown`` rendered to one HTML page, its PNG images embedded as data URIs."""
     from markdown_it import MarkdownIt
 
-    body = MarkdownIt("commonmark").enable("table").render(markdown.read_text())
+    # html=False: an error text's "<absent>" is text, not a tag the browser hides
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown.read_text())
     for image in sorted(markdown.parent.glob("*.png")):
         data = base64.b64encode(image.read_bytes()).decode("ascii")
         body = body.replace(f'src="{image.name}"', f'src="data:image/png;base64,{data}"')

@@ -187,7 +187,10 @@ def _distribution(override: Override) -> Any:
     if isinstance(value, RangeSweep):  # stop excluded, as in Hydra's basic sweeper and Python's range
         start, stop, step = value.start, value.stop, value.step
         if all(isinstance(v, int) for v in (start, stop, step)):
-            return optuna.distributions.IntDistribution(int(start), int(stop) - 1, step=int(step))
+            values = range(int(start), int(stop), int(step))  # a descending one too: range(8,1,-2)
+            if not values:
+                raise SweepError(f"hydra.sweeper.params: {override.input_line}: the range holds no value")
+            return optuna.distributions.IntDistribution(min(values), max(values), step=abs(int(step)))
         # range(0.1,0.5,0.1): 0.30000000000000004 would be a trial's value (and its override text)
         values = [round(v, 12) for v in override.sweep_iterator()]
         return optuna.distributions.CategoricalDistribution(values)
