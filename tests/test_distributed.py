@@ -301,21 +301,25 @@ def test_fsdp2_translation_generates_from_sharded_weights(tmp_path: Path) -> Non
     assert max(summary["parameters_per_rank"]) < 0.6 * summary["num_params"]
 
 
-@pytest.mark.parametrize("launcher", ["basic", "parallel"])
+@pytest.mark.parametrize("launcher", ["basic", "parallel", "from_config"])
 def test_multirun_with_ddp_runs_each_job_once_in_one_sweep_dir(tmp_path: Path, launcher: str) -> None:
     """Lightning re-runs the command line in rank 1; inside a sweep that used to be the whole sweep
     (a second sweep directory, every job twice). Rank 1 must run its own job, into its directory.
     With hydra/launcher=parallel the two jobs run at once, each in a joblib worker process (whose
-    own command line is joblib's), without progress bars."""
+    own command line is joblib's), without progress bars. A sweep its config makes one
+    (``hydra.mode: MULTIRUN``: ``experiment=compare_*``, ``hparams_search=*``, no ``-m``) made
+    rank 1 run a sweep of its own too."""
     logs = tmp_path / "logs"
     meet = ["+callbacks.meet._target_=tests.faults.MeetTheOthers", f"+callbacks.meet.folder={tmp_path / 'met'}",
             "+callbacks.meet.jobs=2"]  # fmt: skip
-    side_by_side = (
-        ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2", *meet] if launcher == "parallel" else []
-    )
+    sweep_of = {
+        "basic": ["-m"],
+        "parallel": ["-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", *meet],
+        "from_config": ["experiment=compare_forecasting", "seed=1"],
+    }[launcher]
     result = run_script(
-        "train.py", "-m", "model=rnn,transformer", "trainer=ddp", *FAST, "trainer.max_epochs=1",
-        f"paths.log_dir={logs}", *side_by_side, timeout=400,
+        "train.py", *sweep_of, "model=rnn,transformer", "trainer=ddp", *FAST, "trainer.max_epochs=1",
+        f"paths.log_dir={logs}", timeout=400,
     )  # fmt: skip
     assert result.returncode == 0, why_failed(result)
     assert not (logs / "train" / "runs").exists(), "no rank started a single run of its own"

@@ -364,6 +364,9 @@ def job_command(local_rank: int) -> tuple[list[str], str]:
         # where configs are found (composition), not how the sweep runs (mode, sweeper, launcher)
         *(o for o in hydra.overrides.hydra if o.lstrip("+~").startswith("hydra.searchpath")),
         *hydra.overrides.task,
+        # a single run, even where the config makes a sweep (hydra.mode: MULTIRUN in
+        # experiment=compare_*, hparams_search=*): rank 1 ran a sweep of its own
+        "hydra.mode=RUN",
         f'hydra.run.dir="{hydra.runtime.output_dir}"',
         f"hydra.job.name={hydra.job.name}_ddp_process_{local_rank}",
         "hydra.output_subdir=null",
