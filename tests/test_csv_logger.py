@@ -35,6 +35,33 @@ def test_metrics_survive_a_second_writer(tmp_path: Path) -> None:
     assert lines[1:] == ["0,,1.0", "1,0.5,"]
 
 
+def test_a_failure_while_widening_the_header_keeps_the_rows(tmp_path: Path, monkeypatch) -> None:
+    """A new column rewrites metrics.csv under a wider header. Lightning's writer truncated the
+    file first: a full disk (or a kill) there left the header alone, every earlier row lost."""
+    logger = CSVLogger(save_dir=str(tmp_path), name="", version="", flush_interval_s=0)
+    for step in range(100):
+        logger.log_metrics({"train/loss": float(step)}, step=step)
+        logger.save()
+    path = tmp_path / "metrics.csv"
+    before = path.read_bytes()
+    writerows = csv.DictWriter.writerows
+
+    def disk_full(self, rows):
+        if len(rows) == 100:  # the rewrite of the rows written so far
+            raise OSError(28, "No space left on device")
+        return writerows(self, rows)
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", disk_full)
+    logger.log_metrics({"val/loss": 0.5}, step=100)
+    with pytest.raises(OSError, match="No space left"):
+        logger.save()
+    assert path.read_bytes() == before and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.setattr(csv.DictWriter, "writerows", writerows)
+    logger.save()  # the disk has room again: the row is still buffered
+    assert [r["step"] for r in rows(path)] == [str(step) for step in range(101)]
+    assert rows(path)[-1]["val/loss"] == "0.5" and rows(path)[0]["val/loss"] == ""
+
+
 def test_save_writes_only_when_the_interval_has_passed(tmp_path: Path, monkeypatch) -> None:
     clock = [100.0]
     monkeypatch.setattr(csv_logger.time, "monotonic", lambda: clock[0])

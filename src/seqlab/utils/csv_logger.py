@@ -3,7 +3,7 @@
 Lightning's writer deletes an existing ``metrics.csv`` when it is created and, when a second
 writer (a ``ddp_spawn`` test stage, a resumed run) adds new columns, rewrites the file with its
 own columns only and fails ("dict contains fields not in fieldnames"). This one keeps every row
-and widens the header to the union of all columns.
+and widens the header to the union of all columns, in a new file renamed over the old one.
 
 It also writes less often. Lightning's Trainer calls ``save()`` after every ``log_metrics``, so its
 CSV logger opens and appends to the file at every logging step (which makes its
@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import csv
 import time
+from pathlib import Path
 from typing import Any
 
+from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from seqlab.utils.files import atomic_file
 
 
 class AppendingExperimentWriter(ExperimentWriter):
@@ -38,6 +42,21 @@ class AppendingExperimentWriter(ExperimentWriter):
             return []
         with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
             return next(csv.reader(handle), [])
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        """The rows written so far under a widened header, into a new file renamed over the old
+        one: Lightning's truncates the file and writes it again, so a failure in between (a full
+        disk, a kill) left a header and no rows."""
+        if not isinstance(self._fs, LocalFileSystem):  # an fsspec URL: no rename to do it with
+            super()._rewrite_with_new_header(fieldnames)
+            return
+        path = Path(self.metrics_file_path)
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        with atomic_file(path) as tmp, tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
 
     def save(self) -> None:
         if not self.metrics:
