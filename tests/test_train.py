@@ -495,3 +495,27 @@ def test_eval_names_the_model_of_a_checkpoint_from_before_its_name_was_kept() ->
     transformer = {"backbone": {"_target_": "seqlab.backbones.transformer.TransformerBackbone"}}
     assert model_name({}, SimpleNamespace(hparams=transformer)) == "TransformerBackbone"
     assert model_name({}, SimpleNamespace(hparams={})) is None
+
+
+def test_a_jobs_extras_end_with_it(make_cfg, monkeypatch) -> None:
+    """``extras.matmul_precision`` and ``extras.ignore_warnings`` are process-wide: the next job
+    of a multirun in the same process, asking for the defaults, kept the earlier job's."""
+    import warnings
+
+    from seqlab import train as entry
+
+    seen = []
+
+    def job(cfg):  # train() up to its extras, then what the job would run under
+        entry.apply_extras(cfg)
+        seen.append(
+            (torch.get_float32_matmul_precision(), ("ignore", None, Warning, None, 0) in warnings.filters)
+        )
+        return {}, {}
+
+    monkeypatch.setattr(entry, "train", job)
+    before = torch.get_float32_matmul_precision(), list(warnings.filters)
+    entry.run(make_cfg("extras.matmul_precision=medium", "extras.ignore_warnings=true"))
+    entry.run(make_cfg())
+    assert seen == [("medium", True), (before[0], False)]
+    assert (torch.get_float32_matmul_precision(), list(warnings.filters)) == before

@@ -6,10 +6,12 @@ it built. The top-level ``train.py`` is only the Hydra entry point.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +183,19 @@ def apply_extras(cfg: DictConfig) -> None:
         print_config_tree(cfg)
     if extras.get("matmul_precision"):
         torch.set_float32_matmul_precision(extras.matmul_precision)
+
+
+@contextlib.contextmanager
+def extras_restored() -> Iterator[None]:
+    """The process-wide settings ``apply_extras`` changes (warning filters, float32 matmul
+    precision) put back when a job ends: the next job of a multirun in this process (Hydra's basic
+    launcher, a reused joblib worker) asking for the defaults got the earlier job's."""
+    precision = torch.get_float32_matmul_precision()
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
 
 def best_checkpoint(trainer: L.Trainer) -> str | None:
@@ -378,7 +393,8 @@ def optimising_sweep() -> bool:
 def run(cfg: DictConfig) -> float | None:
     """Entry-point body: train, and turn seqlab's own errors into one clear line and exit code 1."""
     try:
-        with job_resources(cfg):  # a job of hydra/launcher=parallel: its GPUs and threads
+        # a job of hydra/launcher=parallel: its GPUs and threads; extras for this job only
+        with job_resources(cfg), extras_restored():
             metrics, _ = train(cfg)
         # nothing to optimise in a test-only run (train=false logs no validation best)
         return objective(metrics, cfg.get("optimized_metric") if cfg.get("train") else None)
