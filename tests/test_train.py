@@ -519,3 +519,18 @@ def test_a_jobs_extras_end_with_it(make_cfg, monkeypatch) -> None:
     entry.run(make_cfg())
     assert seen == [("medium", True), (before[0], False)]
     assert (torch.get_float32_matmul_precision(), list(warnings.filters)) == before
+
+
+def test_a_resumed_runs_git_record_is_its_own(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """git.diff was written only for a dirty tree and never removed: resumed from a clean tree, the
+    run had git.txt saying ``dirty: False`` beside the first attempt's diff."""
+    from seqlab.utils import run
+
+    cfg = make_cfg()
+    trees = iter([({"commit": "aaa", "dirty": True}, "+hack\n"), ({"commit": "bbb", "dirty": False}, "")])
+    monkeypatch.setattr(run, "git_info", lambda root: next(trees))
+    run_dir = tmp_path / "run"
+    run.write_run_metadata(cfg, run_dir)
+    assert (run_dir / "git.diff").read_text() == "+hack\n"
+    assert run.write_run_metadata(cfg, run_dir) == {"commit": "bbb", "dirty": False}
+    assert "commit: bbb" in (run_dir / "git.txt").read_text() and not (run_dir / "git.diff").exists()

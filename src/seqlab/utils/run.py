@@ -76,6 +76,8 @@ def write_run_metadata(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     write_text_atomic(run_dir / "git.txt", "".join(f"{k}: {v}\n" for k, v in info.items() if k != "status"))
     if diff:
         write_text_atomic(run_dir / "git.diff", redact_text(diff))
+    else:  # a resumed run's tree is clean now: an earlier attempt's diff would contradict git.txt
+        (run_dir / "git.diff").unlink(missing_ok=True)
     return {key: info.get(key) for key in ("commit", "dirty")}
 
 
