@@ -1095,11 +1095,22 @@ def test_of_processes_that_chose_one_directory_one_trains_there(tmp_path: Path, 
 
 def test_a_run_refused_while_it_is_set_up_leaves_no_marker(make_cfg, tmp_path: Path) -> None:
     """In a sweep the process lives on: a marker left by a job refused at set-up named a live
-    process, and that job's directory read as in use to the sweep run again."""
+    process, and that job's directory read as in use to the sweep run again. Its config.yaml
+    goes too (Hydra's .hydra/ keeps the record): the fixed command run into the same directory
+    was refused as an interrupted run with another configuration, and with resume=never as a
+    directory holding a run, each message pointing at the other."""
     cfg = make_cfg("+data.split_ratios=[0.5,0.6,0.1]")
     with pytest.raises(ConfigError, match=r"data\.split_ratios"):
         train(cfg)
-    assert (tmp_path / "run" / "config.yaml").is_file() and not (tmp_path / "run" / ".running").exists()
+    run_dir = tmp_path / "run"
+    assert (run_dir / "git.txt").is_file(), "the set-up had written the run's metadata"
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / ".running").exists()
+    metrics, _ = train(make_cfg("+data.split_ratios=[0.5,0.3,0.2]", "trainer.max_epochs=1"))
+    assert metrics["test/mse"] > 0 and (run_dir / "summary.json").is_file()
+    assert "split_ratios" in (run_dir / "config.yaml").read_text()
+    # a run that trained keeps its record whatever fails after
+    with pytest.raises(ConfigError, match="holds a finished run"):
+        train(make_cfg("+data.split_ratios=[0.5,0.6,0.1]"))
 
 
 def test_last_checkpoint_is_the_newest_state_whether_or_not_the_epoch_improved(

@@ -44,6 +44,7 @@ from seqlab.utils.resume import (
     check_checkpoint_fits,
     check_same_data_dir,
     finished_job,
+    forget_failed_setup,
     mark_running,
     mark_stopped,
     own_checkpoint,
@@ -272,6 +273,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         loggers = build_loggers(cfg.get("logger"), run_dir)
         trainer = build_trainer(cfg, callbacks, loggers)
     except BaseException:
+        if is_rank_zero():
+            forget_failed_setup(run_dir)
         mark_stopped(run_dir)
         raise
     objects = {"cfg": cfg, "datamodule": datamodule, "task": task, "trainer": trainer}

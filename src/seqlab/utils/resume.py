@@ -195,6 +195,17 @@ def mark_stopped(run_dir: Path) -> None:
         marker.unlink()
 
 
+def forget_failed_setup(run_dir: Path) -> None:
+    """A run that failed while it was set up (a missing data file, a bad value), with nothing
+    trained in its directory (no checkpoint, no metrics, no summary), takes back its
+    ``config.yaml`` (Hydra's ``.hydra/config.yaml`` keeps the record): the fixed command run into
+    the same directory starts there afresh. It was refused as an interrupted run with another
+    configuration, and with ``resume=never`` as a directory holding a run."""
+    trained = ("metrics.csv", "summary.json")
+    if newest_checkpoint(run_dir) is None and not any((run_dir / name).exists() for name in trained):
+        (run_dir / "config.yaml").unlink(missing_ok=True)
+
+
 def running_process(run_dir: Path, this_job_gone: bool = True) -> str | None:
     """Who is training in ``run_dir`` (``process <pid> on this host``, ``process <pid> on
     <host>``), while they are: see ``marker_owner``; else None."""
@@ -391,7 +402,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     if mode == "never":
         raise ConfigError(
             f"{run_dir} already holds a run (config.yaml) and resume=never: choose another hydra.run.dir, "
-            "or resume=auto to continue it"
+            "or resume=auto to continue it (with its configuration)"
         )
     saved, differences = saved_differences(cfg, saved_config)
     if differences:
@@ -401,7 +412,8 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         raise ConfigError(
             f"{run_dir} holds an interrupted run with another configuration ({saved_config}): {shown}. "
             "resume=auto never mixes two configurations: run with the same settings to resume it, "
-            "or start a fresh run: resume=never (a new timestamped directory) or another hydra.run.dir"
+            "or start a fresh run in another directory: another hydra.run.dir (or, where none is given, "
+            "resume=never: a new timestamped one)"
         )
     checkpoint = newest_checkpoint(run_dir)
     started_from = saved.get("ckpt_path") if isinstance(saved, dict) else None
