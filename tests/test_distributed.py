@@ -114,6 +114,33 @@ def test_ddp_spawn_runs(tmp_path: Path) -> None:
     assert summary["test_report"]["plotted_windows"][0] == 0
 
 
+def test_a_sigterm_to_the_spawning_process_stops_its_workers(tmp_path: Path) -> None:
+    """Under ddp_spawn only the workers had a SIGTERM handler: ``kill <main pid>`` ended the main
+    process at once (no summary, its marker left) while the workers trained on, unwatched, in a
+    directory that read as free to resume. The signal reaches them: they save at the next step
+    boundary and end, and the main process exits 143; the same command resumes the run."""
+    run_dir, fired = tmp_path / "spawn", tmp_path / "fired"
+    command = [
+        "train.py", "trainer=ddp_spawn", *FAST, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}",
+        "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0", "+callbacks.fault.step=10",
+        "+callbacks.fault.how=term_parent", f"+callbacks.fault.once={fired}",
+    ]  # fmt: skip
+    first = run_script(*command)
+    assert first.returncode == 143, why_failed(first)
+    assert "stopped by SIGTERM" in first.stdout + first.stderr
+    worker = int(fired.read_text())
+    status = Path(f"/proc/{worker}/status")
+    gone = not status.exists() or "\nState:\tZ" in status.read_text()  # (a zombie has ended)
+    assert gone, "the worker ended with the main process"
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert 10 <= saved["global_step"] < 15 and not (run_dir / "summary.json").exists()
+    assert not (run_dir / ".running").exists()
+    again = run_script(*command)
+    assert again.returncode == 0, why_failed(again)
+    assert f"resuming the interrupted run in {run_dir}" in again.stdout + again.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["global_step"] > saved["global_step"]
+
+
 def test_multirun_writes_a_table_of_every_job(tmp_path: Path) -> None:
     """...and each job's own start-up time and peak memory, although the jobs share a process:
     job 0 holds 600 MiB through its first step, job 1 nothing."""

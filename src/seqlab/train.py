@@ -30,6 +30,7 @@ from seqlab.utils import hooks
 from seqlab.utils.checkpoint_io import AtomicCheckpointIO, check_same_tokenizer
 from seqlab.utils.csv_logger import CSVLogger
 from seqlab.utils.distributed import (
+    STOPPED_BY_SIGTERM,
     build_strategy,
     check_hardware,
     finish_job,
@@ -409,4 +410,4 @@ def run(cfg: DictConfig) -> float | None:
     except SIGTERMException:
         # SaveOnSigterm wrote last.ckpt; 128 + SIGTERM, as a shell reports a terminated process
         log.warning("stopped by SIGTERM; the same command resumes this run (resume=auto)")
-        raise SystemExit(143) from None
+        raise SystemExit(STOPPED_BY_SIGTERM) from None

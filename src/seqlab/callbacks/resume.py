@@ -304,8 +304,10 @@ class SaveOnSigterm(L.Callback):
             trainer._signal_connector.received_sigterm = True
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
-            return
+        from seqlab.utils.distributed import WorkersStopped
+
+        if not isinstance(exception, SIGTERMException) or isinstance(exception, WorkersStopped):
+            return  # (ddp_spawn's main process: its workers saved; its own weights never trained)
         try:
             self.save(trainer)
         finally:

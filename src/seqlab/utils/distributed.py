@@ -31,6 +31,7 @@ from lightning.pytorch import strategies
 from lightning.pytorch.strategies.launchers import subprocess_script
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from seqlab.errors import ConfigError, SeqlabError, instantiate
@@ -426,12 +427,70 @@ class SweepJobLauncher(ScriptLauncher):
             super()._call_children_scripts()
 
 
+#: the exit code of a process stopped by SIGTERM (128 + 15, as a shell reports it)
+STOPPED_BY_SIGTERM = 143
+
+
+class WorkersStopped(SIGTERMException):
+    """The spawned workers stopped for a SIGTERM (and saved where they stopped): raised in the
+    main process of ``ddp_spawn``, whose own weights never trained."""
+
+
 class SpawnLauncher(_MultiProcessingLauncher):
     """Lightning's spawn launcher (``trainer=ddp_spawn``) that also hands back what ``summary.json``
     reads: the fit loop's progress (global step, epochs), ``RunStats``' figures (throughput,
     time to the first step, the worker's peak memory) and the task's ``test_report``. Lightning
     returns the weights, the best checkpoint's path and the logged metrics only: the summary gave
     0 steps and epochs and no throughput."""
+
+    def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        """Lightning's launch, with SIGTERM passed on to the workers while they run: only they
+        had a handler (``SaveOnSigterm``), so a SIGTERM to the main process (``kill``, ``docker
+        stop``) ended it at once and left them training, unwatched, in a directory that read as
+        free to resume. The workers save and stop at the next step boundary; then the main
+        process stops as a single run does (``SIGTERMException``: exit 143, resumable)."""
+        import threading
+
+        received: list[int] = []
+
+        def forward(signum: int, frame: Any) -> None:
+            received.append(signum)
+            self.kill(signum)
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, forward) if main_thread else None
+        try:
+            result = super().launch(function, *args, trainer=trainer, **kwargs)
+        except Exception as error:
+            # the workers stopped for it: each exits 143 (``_wrapping_function``)
+            if received or getattr(error, "exit_code", None) == STOPPED_BY_SIGTERM:
+                raise WorkersStopped() from None
+            raise
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+        if received:
+            raise WorkersStopped()
+        return result
+
+    def _wrapping_function(self, process_idx: int, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        """A worker ends with the main process: it gets SIGTERM when that dies (Linux; a SIGKILL
+        to the main process left the workers training on as orphans). A worker stopped by a
+        SIGTERM runs the callbacks' ``on_exception`` (``SaveOnSigterm`` saves there: Lightning
+        calls them around the launch, in the main process, whose weights never trained) and
+        exits 143: Lightning's ``SIGTERMException`` is a ``SystemExit`` without a code, so the
+        worker exited 0 without handing back its results, and the main process waited for them
+        for ever."""
+        from lightning.pytorch.trainer.call import _interrupt
+
+        die_with_parent()
+        try:
+            super()._wrapping_function(process_idx, trainer, *args, **kwargs)
+        except SIGTERMException as stop:
+            if trainer is not None:
+                _interrupt(trainer, stop)
+                trainer._teardown()
+            sys.exit(STOPPED_BY_SIGTERM)
 
     def get_extra_results(self, trainer: Any) -> dict[str, Any]:
         from seqlab.callbacks.run_stats import RunStats
@@ -453,6 +512,22 @@ class SpawnLauncher(_MultiProcessingLauncher):
             stats.take_over(figures)
         if extra["seqlab_test_report"] is not None:
             trainer.lightning_module.test_report = extra["seqlab_test_report"]
+
+
+def die_with_parent() -> None:
+    """SIGTERM to this process when its parent dies (``PR_SET_PDEATHSIG``, Linux; elsewhere a
+    no-op): a worker the main process spawned stops with it, saving where a checkpoint is whole."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request: nobody would send the signal
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def use_spawn_launcher(trainer: Any) -> None:
