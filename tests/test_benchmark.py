@@ -327,6 +327,7 @@ def test_the_plain_loop_trains_exactly_what_the_trainer_trains(tmp_path: Path, p
         ("+trainer.gradient_clip_algorithm=value", "gradient_clip_algorithm"),
         ("trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4"),
         ("trainer.limit_train_batches=10", "trainer.limit_train_batches=10"),
+        ("trainer.limit_train_batches=1", "trainer.limit_train_batches=1"),  # one batch, not 1.0
     ],
 )
 def test_the_plain_loop_refuses_what_it_does_not_mirror(tmp_path: Path, override: str, expected: str) -> None:

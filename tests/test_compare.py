@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -137,11 +138,16 @@ def test_the_report_is_also_one_self_contained_html_page(tmp_path: Path) -> None
     # a failed job's error is text: "<absent>" was passed through as a tag the browser hides
     (sweep / "4").mkdir()
     (sweep / "4" / "error.txt").write_text("ConfigError: differs: model.nhead: '<absent>' -> 4\n")
-    (sweep / "3" / "error.txt").write_text("RuntimeError: an earlier attempt\n")  # failed once, then finished
+    earlier = sweep / "3" / "error.txt"  # failed once, then resumed and finished: not a failed job
+    earlier.write_text("RuntimeError: an earlier attempt\n")
+    finished = (sweep / "3" / "summary.json").stat().st_mtime_ns
+    os.utime(earlier, ns=(finished - 10**9, finished - 10**9))
+    (sweep / "2" / "error.txt").write_text("ConfigError: a later refusal\n")  # after its summary: listed
     compare(sweep)
     page = (sweep / "report.html").read_text()
     assert "model.nhead: '&lt;absent&gt;' -&gt; 4" in page and "<absent>" not in page
-    assert "an earlier attempt" not in page and "Failed jobs, not in the table (1)" in page
+    assert "an earlier attempt" not in page and "a later refusal" in page
+    assert "Failed jobs, not in the table (2)" in page
 
 
 def test_the_report_says_what_its_memory_column_measures(tmp_path: Path) -> None:

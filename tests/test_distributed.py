@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -139,6 +142,58 @@ def test_a_sigterm_to_the_spawning_process_stops_its_workers(tmp_path: Path) -> 
     assert again.returncode == 0, why_failed(again)
     assert f"resuming the interrupted run in {run_dir}" in again.stdout + again.stderr
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] > saved["global_step"]
+
+
+CHILD_OF = """
+import multiprocessing, os, sys, time
+from seqlab.utils.distributed import die_with_parent
+
+def child(parent, said):
+    die_with_parent(parent)
+    said.put(os.getpid())
+    time.sleep(60)
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    said = context.SimpleQueue()
+    parent = os.getpid() if sys.argv[1] == "parent" else os.getpid() + 10**6  # a pid that is not its parent
+    process = context.Process(target=child, args=(parent, said))
+    process.start()
+    if sys.argv[1] == "parent":
+        print(said.get(), flush=True)
+        os._exit(0)  # the main process dies at once (as by SIGKILL): no clean-up of its children
+    process.join()
+    print(process.exitcode, flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_spawned_worker_ends_with_its_parent_and_only_then(tmp_path: Path) -> None:
+    """ddp_spawn's workers trained on as orphans after a SIGKILL to the main process; they now
+    get SIGTERM when it dies. The check that the parent is gone compares with the parent's pid:
+    "the parent is pid 1" killed every worker of a main process that is pid 1 (a container
+    without an init)."""
+    import signal as signals
+
+    script = tmp_path / "child_of.py"
+    script.write_text(CHILD_OF)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    wrong = subprocess.run(
+        [sys.executable, str(script), "other"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert wrong.stdout.split() == [str(-signals.SIGTERM)], wrong.stderr  # not its parent: as if it had died
+    done = subprocess.run(
+        [sys.executable, str(script), "parent"], capture_output=True, text=True, timeout=60, env=env
+    )
+    child = int(done.stdout.split()[0])
+    for _ in range(100):  # the child got SIGTERM as its parent died
+        status = Path(f"/proc/{child}/status")
+        if not status.exists() or "\nState:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signals.SIGKILL)
+        raise AssertionError("the child outlived its parent")
 
 
 def test_multirun_writes_a_table_of_every_job(tmp_path: Path) -> None:

@@ -501,6 +501,7 @@ def test_another_optimized_metric_needs_its_direction(make_cfg) -> None:
     for data, mode in (("data=sentiment_synthetic", "max"), ("data=timeseries", "min")):
         composed = make_cfg("hydra/sweeper=optuna", data, fast=False)
         assert composed.hydra.sweeper.direction == mode, data
+    assert make_cfg("hydra/sweeper=optuna", name="eval").hydra.sweeper.direction == "minimize"  # no task
 
 
 @pytest.mark.parametrize("subdir", [NUMBERED, NAMED])

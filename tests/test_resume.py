@@ -151,6 +151,26 @@ def test_a_sweep_run_again_resumes_its_failed_job_and_keeps_its_finished_ones(tm
     assert all(float(row["mse"]) > 0 for row in rows)  # the kept job's results are in the table
 
 
+def test_a_finished_sweep_job_is_kept_only_for_the_same_run(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """A sweep run again keeps a job that finished with this configuration; not one that differs,
+    nor one whose ckpt_path or loggers differ (a resumed run may change those; a finished result
+    kept for another checkpoint, or for loggers it never logged to, would not be this run's)."""
+    from seqlab.utils.resume import finished_job
+
+    train(make_cfg("trainer.max_epochs=1"))
+    run_dir = tmp_path / "run"
+    assert finished_job(make_cfg("trainer.max_epochs=1"), run_dir) is None, (
+        "a single run is refused, not kept"
+    )
+    monkeypatch.setattr("seqlab.utils.distributed.in_multirun", lambda: True)
+    assert finished_job(make_cfg("trainer.max_epochs=1"), run_dir)["global_step"] > 0
+    shown_otherwise = make_cfg("trainer.max_epochs=1", "extras.print_config=true", "tags=[again]")
+    assert finished_job(shown_otherwise, run_dir) is not None
+    for other in ("trainer.max_epochs=2", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                  "logger=tensorboard", "resume=never"):  # fmt: skip
+        assert finished_job(make_cfg("trainer.max_epochs=1", other), run_dir) is None, other
+
+
 def interrupted_and_resumed(
     tmp_path: Path, overrides: list[str], faults: list[str], exit_code: int, saved_step: int, said: str = ""
 ) -> None:
@@ -1111,6 +1131,18 @@ def test_a_run_refused_while_it_is_set_up_leaves_no_marker(make_cfg, tmp_path: P
     # a run that trained keeps its record whatever fails after
     with pytest.raises(ConfigError, match="holds a finished run"):
         train(make_cfg("+data.split_ratios=[0.5,0.6,0.1]"))
+    # an interrupted run whose resume fails while it is set up (its data file gone) stays
+    # resumable: its checkpoint, or rows it logged before one, keep config.yaml
+    from seqlab.utils.resume import forget_failed_setup
+
+    for trained in ("checkpoints/last.ckpt", "metrics.csv", None):
+        directory = tmp_path / f"interrupted-{trained}"
+        (directory / "checkpoints").mkdir(parents=True)
+        (directory / "config.yaml").write_text("seed: 1\n")
+        if trained:
+            (directory / trained).write_text("x")
+        forget_failed_setup(directory)
+        assert (directory / "config.yaml").exists() == bool(trained), trained
 
 
 def test_last_checkpoint_is_the_newest_state_whether_or_not_the_epoch_improved(

@@ -728,9 +728,15 @@ def _plain_run(overrides: Sequence[str], epochs: int, timer: StepTimer, workdir:
     # the precision plugin of seqlab's Trainer on one device, asked as configure_optimizers asks it
     plugin = BF16MixedPrecision(device.type) if precision == "bf16-mixed" else Precision()
     optimizer, scheduler = task.build_optimizer(epochs * len(loader), fusable_here=fusable(plugin, clip))
-    # what the loop below does: an optimizer step on every batch, whole epochs
-    for key, mirrored in (("accumulate_grad_batches", (1,)), ("limit_train_batches", (None, 1.0))):
-        if cfg.trainer.get(key) not in mirrored:
+    # what the loop below does: an optimizer step on every batch, whole epochs (an int
+    # limit_train_batches is a count of batches: 1 is one batch, 1.0 the whole epoch)
+    limit = cfg.trainer.get("limit_train_batches")
+    mirrored = {
+        "accumulate_grad_batches": cfg.trainer.get("accumulate_grad_batches") in (None, 1),
+        "limit_train_batches": limit is None or (isinstance(limit, float) and limit == 1.0),
+    }
+    for key, same in mirrored.items():
+        if not same:
             raise ValueError(
                 f"the plain loop steps on every batch of whole epochs, not trainer.{key}={cfg.trainer[key]}"
             )

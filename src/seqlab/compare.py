@@ -334,8 +334,9 @@ def failed_jobs(sweep_dir: Path) -> list[str]:
 
     lines = []
     for error in sorted(sweep_dir.glob(f"*/{ERROR_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name)):
-        if (error.parent / "summary.json").is_file():  # failed once, resumed and finished
-            continue
+        summary = error.parent / "summary.json"
+        if summary.is_file() and summary.stat().st_mtime_ns > error.stat().st_mtime_ns:
+            continue  # failed once, then resumed and finished (a later refusal is listed)
         first = (error.read_text().strip().splitlines() or ["(no message)"])[0]
         lines.append(f"- job {error.parent.name} (`{job_overrides(error.parent)}`): {first}")
     return lines

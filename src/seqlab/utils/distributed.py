@@ -457,6 +457,7 @@ class SpawnLauncher(_MultiProcessingLauncher):
             received.append(signum)
             self.kill(signum)
 
+        self.main_pid = os.getpid()  # the workers' parent (they watch for its end)
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, forward) if main_thread else None
         try:
@@ -483,7 +484,7 @@ class SpawnLauncher(_MultiProcessingLauncher):
         for ever."""
         from lightning.pytorch.trainer.call import _interrupt
 
-        die_with_parent()
+        die_with_parent(getattr(self, "main_pid", None))
         try:
             super()._wrapping_function(process_idx, trainer, *args, **kwargs)
         except SIGTERMException as stop:
@@ -514,10 +515,11 @@ class SpawnLauncher(_MultiProcessingLauncher):
             trainer.lightning_module.test_report = extra["seqlab_test_report"]
 
 
-def die_with_parent() -> None:
-    """SIGTERM to this process when its parent dies (``PR_SET_PDEATHSIG``, Linux; elsewhere a
-    no-op): a worker the main process spawned stops with it, saving where a checkpoint is whole."""
-    if not sys.platform.startswith("linux"):
+def die_with_parent(parent_pid: int | None) -> None:
+    """SIGTERM to this process when its parent, ``parent_pid``, dies (``PR_SET_PDEATHSIG``,
+    Linux; elsewhere a no-op): a worker the main process spawned stops with it, saving where a
+    checkpoint is whole."""
+    if not sys.platform.startswith("linux") or parent_pid is None:
         return
     import ctypes
 
@@ -526,7 +528,9 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the parent died before the request: nobody would send the signal
+    # the parent died before the request (reparented: nobody would send the signal). Not "the
+    # parent is pid 1": in a container without an init, the main process is pid 1 itself
+    if os.getppid() != parent_pid:
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -61,6 +61,10 @@ RESUME_IGNORES = (
     "task.optimizer.fused",
 )
 
+#: what may differ for a finished sweep job to be kept as its result: narrower than a resumed
+#: run's, since the result is the finished run's (its ckpt_path, the loggers it logged to)
+KEPT_IGNORES = tuple(key for key in RESUME_IGNORES if key not in ("ckpt_path", "logger"))
+
 
 def check_mode(value: Any) -> str:
     if value not in RESUME_MODES:
@@ -327,8 +331,10 @@ RESUME_SAME = {
 }
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key: <saved> -> <current>`` for every key that differs, ignored keys left out."""
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], ignores: tuple[str, ...] = RESUME_IGNORES
+) -> list[str]:
+    """``key: <saved> -> <current>`` for every key that differs, ``ignores`` left out."""
     old, new = flatten(saved), flatten(current)
     for key, same in RESUME_SAME.items():
         for values in (old, new):
@@ -337,12 +343,14 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     keys = sorted(
         k
         for k in old.keys() | new.keys()
-        if not under(k, RESUME_IGNORES) and old.get(k, "<absent>") != new.get(k, "<absent>")
+        if not under(k, ignores) and old.get(k, "<absent>") != new.get(k, "<absent>")
     )
     return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys]
 
 
-def saved_differences(cfg: DictConfig, saved_config: Path) -> tuple[Any, list[str]]:
+def saved_differences(
+    cfg: DictConfig, saved_config: Path, ignores: tuple[str, ...] = RESUME_IGNORES
+) -> tuple[Any, list[str]]:
     """A run directory's saved configuration and how ``cfg`` differs from it (``config_differences``)."""
     from seqlab.utils.secrets import redact
 
@@ -352,7 +360,7 @@ def saved_differences(cfg: DictConfig, saved_config: Path) -> tuple[Any, list[st
         raise ConfigError(
             f"{saved_config}: cannot read the saved configuration of this run directory: {error}"
         ) from None
-    return saved, config_differences(saved, redact(OmegaConf.to_container(cfg, resolve=True)))
+    return saved, config_differences(saved, redact(OmegaConf.to_container(cfg, resolve=True)), ignores)
 
 
 def finished_job(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
@@ -367,7 +375,10 @@ def finished_job(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     summary_file = run_dir / "summary.json"
     if not (in_multirun() and check_mode(cfg.get("resume", "auto")) == "auto" and summary_file.is_file()):
         return None
-    if not (run_dir / "config.yaml").is_file() or saved_differences(cfg, run_dir / "config.yaml")[1]:
+    if (
+        not (run_dir / "config.yaml").is_file()
+        or saved_differences(cfg, run_dir / "config.yaml", KEPT_IGNORES)[1]
+    ):
         return None  # another configuration: resume_checkpoint refuses it, naming the differences
     try:
         summary = json.loads(summary_file.read_text(encoding="utf-8"))
