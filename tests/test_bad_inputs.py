@@ -327,3 +327,21 @@ def test_eval_merges_data_settings_key_by_key_and_keeps_the_checkpoints_tokenize
     assert data_settings({"data": saved}, {"tokenizer": {"max_length": 64}})["tokenizer"] == {
         "kind": "bpe", "max_length": 64, "wrap": "cls"
     }  # fmt: skip
+
+
+def test_another_file_at_eval_is_not_fetched_from_the_training_files_url() -> None:
+    """A checkpoint saves its data settings resolved: ETT's ``url: .../ETT-small/${.file}`` as the
+    ETTh1 address. ``eval.py +data.file=ETTm1.csv`` with the file missing fetched ETTh1 under the
+    name ETTm1.csv (scored on the wrong series, and kept there for every later run)."""
+    from seqlab.utils.checkpoint_io import data_settings
+
+    saved = {"file": "ETTh1.csv", "url": "https://example.org/ETT-small/ETTh1.csv", "data_dir": "/d"}
+    assert (
+        data_settings({"data": saved}, {"file": "ETTm1.csv"})["url"]
+        == "https://example.org/ETT-small/ETTm1.csv"
+    )
+    elsewhere = {**saved, "url": "https://example.org/archive.zip"}  # not named after the file: none
+    assert data_settings({"data": elsewhere}, {"file": "ETTm1.csv"})["url"] is None
+    given = {"file": "ETTm1.csv", "url": "https://mirror.org/m1.csv"}  # given with it: as given
+    assert data_settings({"data": saved}, given)["url"] == "https://mirror.org/m1.csv"
+    assert data_settings({"data": saved}, {"data_dir": "/e"})["url"] == saved["url"]  # same file: kept

@@ -806,3 +806,20 @@ def test_the_sentence_holdout_refuses_long_texts_with_the_numbers(tmp_path: Path
         match=r"data.holdout=sentences .* 9,455 word spans of 5 texts of up to 61 words .*use data.holdout=random",
     ):
         dm.prepare_data()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"vocab_size": 1e4}, r"data.tokenizer.vocab_size=10000.0: expected an integer \(write 10000\)"),
+        ({"vocab_size": None}, r"data.tokenizer.vocab_size=None: expected an integer$"),
+        ({"min_frequency": None}, r"data.tokenizer.min_frequency=None: expected an integer$"),
+        ({"max_length": "long"}, r"data.tokenizer.max_length='long': expected an integer or null"),
+        ({"lowercase": "yes"}, r"data.tokenizer.lowercase='yes': expected true or false"),
+    ],
+)
+def test_tokenizer_settings_of_the_wrong_type_are_named(setting: dict, message: str) -> None:
+    """``data.tokenizer`` is a dict, whose values the config check does not reach: ``1e4`` failed
+    later with Python's "'float' object cannot be interpreted as an integer", naming no key."""
+    with pytest.raises(ConfigError, match=message):
+        TokenizerSpec.from_config(setting)

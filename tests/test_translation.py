@@ -584,6 +584,27 @@ def test_an_input_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path, c
             )
         )
     assert re.search(r"in.txt, line 2: bytes b'\\xe9' are not UTF-8", caplog.text), caplog.text
+    # from stdin too: the locale's decoding let the byte through, and the encoder failed with a
+    # TypeError naming nothing, after the model had loaded
+    import io
+    from types import SimpleNamespace
+
+    stdin = SimpleNamespace(buffer=io.BytesIO(b"a b c\ncaf\xe9\n"))
+    with pytest.raises(SystemExit), pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.stdin", stdin)
+        run(OmegaConf.create({"ckpt_path": str(tmp_path / "never-read.ckpt"), "input": "-", "data": {}}))
+    assert re.search(r"<stdin>, line 2: bytes b'\\xe9' are not UTF-8", caplog.text), caplog.text
+
+
+def test_a_generated_line_break_stays_inside_its_line() -> None:
+    """Byte-level BPE keeps the byte tokens of ``\\n`` and ``\\r`` (its initial alphabet), and a
+    unigram model may keep U+2028: a hypothesis holding one took two lines of test.hyp and of
+    translate.py's output, misaligning every later line."""
+    from seqlab.data.tokenization import decode
+
+    tokenizer = train_tokenizer(["a b c", "line one"] * 20, TokenizerSpec(kind="bpe", vocab_size=300))
+    ids = [tokenizer.encode(text, add_special_tokens=False).ids for text in ("a b\nc", "a\u2028b", " a b ")]
+    assert decode(tokenizer, ids) == ["a b c", "a b", "a b"]
 
 
 @pytest.mark.parametrize(
@@ -591,6 +612,8 @@ def test_an_input_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path, c
     [
         ({"beam_size": 0}, r"beam_size=0: expected a positive integer or null"),
         ({"batch_size": 0}, r"batch_size=0: expected a positive integer"),
+        ({"batch_size": None}, r"batch_size=None: expected a positive integer$"),
+        ({"output": "."}, r"output='\.' is a directory; expected a file to write"),
         ({"output": "/no/such/dir/out.de"}, r"output='/no/such/dir/out.de': its directory does not exist"),
     ],
 )
@@ -720,3 +743,46 @@ def test_a_unigram_tokenizer_without_the_special_tokens_characters_is_warned_abo
     tiny = TokenizerSpec(kind="unigram", vocab_size=12, lowercase=False, max_length=None, wrap="bos_eos")
     with pytest.raises(ConfigError, match=r"data.tokenizer.vocab_size=12 is too small for the training text"):
         train_tokenizer(GERMAN, tiny)
+
+
+def test_translate_writes_only_translations_to_stdout(tmp_path: Path, capfd, monkeypatch) -> None:
+    """Loading a DeepSpeed checkpoint prints its conversion (Lightning's and DeepSpeed's print()
+    and logger lines): they went to stdout, above the translations."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from seqlab import translate
+
+    def noisy_loader(*args, **kwargs):
+        os.write(1, b"Processing zero checkpoint\n")  # a logger holding the original stdout
+        print("Reconstructed fp32 state dict")
+        return None, None
+
+    monkeypatch.setattr(translate, "load_translator", noisy_loader)
+    monkeypatch.setattr(translate, "translate_texts", lambda task, dm, texts, *a: [t.upper() for t in texts])
+    (tmp_path / "in.txt").write_text("a b\nc\n")
+    translate.run(OmegaConf.create({"ckpt_path": "x", "input": str(tmp_path / "in.txt"), "output": None,
+                                    "beam_size": None, "batch_size": 8, "device": "cpu", "data": {}}))  # fmt: skip
+    out, err = capfd.readouterr()
+    assert out == "A B\nC\n" and "Processing zero checkpoint" in err and "Reconstructed" in err
+
+
+def test_an_empty_source_is_scored_with_an_empty_hypothesis() -> None:
+    """Evaluation keeps pairs with an empty side (test.hyp lines up with the test files); an empty
+    source was translated from its [EOS], whatever the model said to nothing, while translate.py
+    leaves its line empty: the same file scored two ways. Both leave it empty now."""
+    from types import SimpleNamespace
+
+    task = tiny_task("gru")
+    data = SimpleNamespace(
+        sources=lambda split: ["ein Haus", "", "ein Hund"],
+        references=lambda split: ["a house", "empty", "a dog"],
+    )
+    task._trainer = SimpleNamespace(datamodule=data)
+    task._hypotheses = [(2, "a dog"), (0, "a house"), (1, "something the model said")]
+    scores = task.score("test")
+    assert task._scored == ("test", [(0, "a house"), (1, ""), (2, "a dog")])
+    assert scores["bleu"] == pytest.approx(
+        corpus_scores(["a house", "", "a dog"], ["a house", "empty", "a dog"])["bleu"]
+    )

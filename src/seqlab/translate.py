@@ -8,9 +8,12 @@ One sentence per input line (``input=-`` or unset: stdin); one translation per o
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from seqlab.data.text_base import FlatSequences
-from seqlab.data.text_readers import read_lines
+from seqlab.data.text_readers import decode_utf8, read_lines, split_lines
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.train import build_datamodule, to_plain
 from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, load_run_info
@@ -68,13 +71,27 @@ def translate_texts(
     return outputs
 
 
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 onto 2 for the block (a logger holding the original stdout stream too),
+    and ``sys.stdout`` onto ``sys.stderr`` (where it is not fd 1's writer), then back."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def run(cfg: DictConfig) -> None:
     try:
         source = cfg.get("input")
-        if source in (None, "-"):
-            lines = sys.stdin.read().removeprefix("\ufeff").split("\n")
-            if lines and lines[-1] == "":
-                lines.pop()
+        if source in (None, "-"):  # bytes: the locale's decoding let bad bytes through as surrogates
+            lines = split_lines(decode_utf8(sys.stdin.buffer.read(), "<stdin>"))
         else:
             path = Path(source).expanduser()
             if not path.is_file():
@@ -82,15 +99,24 @@ def run(cfg: DictConfig) -> None:
             lines = read_lines(path)  # a byte that is not UTF-8 is named by its line
         for key in ("beam_size", "batch_size"):  # checked before the model is loaded
             value = cfg.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(
-                    f"{key}={value!r}: expected a positive integer"
-                    + (" or null" if key == "beam_size" else "")
-                )
-        if cfg.get("output") and not Path(cfg.output).expanduser().parent.is_dir():
-            raise ConfigError(f"output={cfg.output!r}: its directory does not exist")
+            if (value is None and key == "beam_size") or (
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            ):
+                continue
+            raise ConfigError(
+                f"{key}={value!r}: expected a positive integer" + (" or null" if key == "beam_size" else "")
+            )
+        if cfg.get("output"):
+            output = Path(cfg.output).expanduser()
+            if output.is_dir():
+                raise ConfigError(f"output={cfg.output!r} is a directory; expected a file to write")
+            if not output.parent.is_dir():
+                raise ConfigError(f"output={cfg.output!r}: its directory does not exist")
         device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        task, datamodule = load_translator(cfg.ckpt_path, to_plain(cfg.get("data") or {}), device)
+        # the translations alone on stdout: what loading prints (DeepSpeed's checkpoint
+        # conversion, its logger) goes to stderr
+        with stdout_to_stderr() if not cfg.get("output") else contextlib.nullcontext():
+            task, datamodule = load_translator(cfg.ckpt_path, to_plain(cfg.get("data") or {}), device)
         translations = translate_texts(task, datamodule, lines, cfg.get("beam_size"), int(cfg.batch_size))
         text = "".join(f"{line}\n" for line in translations)
         if cfg.get("output"):

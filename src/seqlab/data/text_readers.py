@@ -50,14 +50,19 @@ def read_utf8(path: Path) -> str:
     """The file's text; undecodable bytes are reported with their line and the bytes themselves."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    data = path.read_bytes()
+    return decode_utf8(path.read_bytes(), str(path))
+
+
+def decode_utf8(data: bytes, name: str) -> str:
+    """``data`` as UTF-8 (a byte-order mark dropped); undecodable bytes are reported with
+    ``name``, their line and the bytes themselves."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         bad = data[err.start : err.end]
         raise DataError(
-            f"{path}, line {line}: bytes {bad!r} are not UTF-8 ({err.reason}); re-encode the file"
+            f"{name}, line {line}: bytes {bad!r} are not UTF-8 ({err.reason}); re-encode the file"
         ) from None
 
 
@@ -199,6 +204,7 @@ def read_aclimdb(root: Path, split: str) -> LabelledTexts:
 __all__ = [
     "LabelledTexts",
     "clean_text",
+    "decode_utf8",
     "read_aclimdb",
     "read_lines",
     "read_table",

@@ -50,6 +50,19 @@ class TokenizerSpec:
     wrap: str = "cls"
 
     def __post_init__(self) -> None:
+        for key in ("vocab_size", "min_frequency", "max_length"):  # (a dict's values: unchecked)
+            value = getattr(self, key)
+            if (value is None and key == "max_length") or (
+                isinstance(value, int) and not isinstance(value, bool)
+            ):
+                continue
+            hint = f" (write {int(value)})" if isinstance(value, float) and value.is_integer() else ""
+            raise ConfigError(
+                f"data.tokenizer.{key}={value!r}: expected an integer"
+                + (" or null" if key == "max_length" else "") + hint
+            )  # fmt: skip
+        if not isinstance(self.lowercase, bool):
+            raise ConfigError(f"data.tokenizer.lowercase={self.lowercase!r}: expected true or false")
         if self.kind not in KINDS:
             raise ConfigError(f"data.tokenizer.kind={self.kind!r}: expected one of {list(KINDS)}")
         if self.wrap not in WRAPS:
@@ -242,8 +255,11 @@ def encode_counting(
 
 
 def decode(tokenizer: Tokenizer, ids: list[list[int]]) -> list[str]:
-    """Plain text of every id sequence: special tokens dropped, subwords joined (detokenised)."""
-    return [text.strip() for text in tokenizer.decode_batch(ids, skip_special_tokens=True)]
+    """Plain text of every id sequence: special tokens dropped, subwords joined (detokenised), on
+    one line (a generated line break, byte-level BPE's ``Ċ`` or a U+2028, becomes a space: one
+    hypothesis a line in ``test.hyp`` and translate.py's output)."""
+    texts = tokenizer.decode_batch(ids, skip_special_tokens=True)
+    return [" ".join(part.strip() for part in text.splitlines() if part.strip()) for text in texts]
 
 
 __all__ = [

@@ -262,7 +262,7 @@ class TranslationDataModule(BatchedTextDataModule):
     def read_pairs(self, split: str) -> tuple[ParallelTexts, int]:
         """The split's pairs, and how many have an empty side: dropped from train; kept in val and
         test, whose hypotheses (``translations/test.hyp``) then line up with the test files, and
-        whose BLEU is that of the whole files (an empty source is translated from its [EOS])."""
+        whose BLEU is that of the whole files (an empty source's hypothesis is empty, as translate.py's)."""
         source, target = self.split_files(split)
         return read_parallel(source, target, keep_empty=split != "train")
 

@@ -32,6 +32,7 @@ from seqlab.tasks.base import SeqTask, build_backbone
 from seqlab.tasks.generation import Agree, alone, beam_search, greedy_search
 from seqlab.utils.distributed import gather_indexed, shards_parameters
 from seqlab.utils.figures import log_table
+from seqlab.utils.files import write_text_atomic
 
 
 def corpus_scores(
@@ -310,10 +311,13 @@ class TranslationTask(SeqTask):
     def score(self, split: str) -> dict[str, Any]:
         """sacreBLEU over this split's translated sentences (all processes' shares)."""
         pairs = gather_indexed(self._hypotheses)
+        datamodule = self.trainer.datamodule
+        if pairs and hasattr(datamodule, "sources"):  # an empty source's translation is empty, as
+            sources = datamodule.sources(split)  # translate.py's (not what the model says to [EOS])
+            pairs = [(i, hyp if sources[i] else "") for i, hyp in pairs]
         self._scored = (split, pairs)
         if not pairs:
             return {"bleu": 0.0, "chrf": 0.0, "bleu_signature": "", "chrf_signature": ""}
-        datamodule = self.trainer.datamodule
         references = datamodule.references(split)
         return corpus_scores(
             [hyp for _, hyp in pairs],
@@ -326,9 +330,10 @@ class TranslationTask(SeqTask):
         datamodule = self.trainer.datamodule
         run_dir = Path(self.trainer.default_root_dir) / "translations"
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / f"{split}.hyp").write_text("".join(f"{hyp}\n" for _, hyp in pairs), encoding="utf-8")
-        (run_dir / f"{split}.signature").write_text(
-            f"BLEU {scores['bleu']:.2f} {scores['bleu_signature']}\nchrF {scores['chrf']:.2f} {scores['chrf_signature']}\n"
+        write_text_atomic(run_dir / f"{split}.hyp", "".join(f"{hyp}\n" for _, hyp in pairs))
+        write_text_atomic(
+            run_dir / f"{split}.signature",
+            f"BLEU {scores['bleu']:.2f} {scores['bleu_signature']}\nchrF {scores['chrf']:.2f} {scores['chrf_signature']}\n",
         )
         sources, references = datamodule.sources(split), datamodule.references(split)
         rows = [[i, sources[i], references[i], hyp] for i, hyp in pairs[: self.hparams.sample_translations]]

@@ -271,6 +271,13 @@ def data_settings(info: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]
     and ignored."""
     saved = info["data"]
     merged = OmegaConf.to_container(OmegaConf.merge(saved, given))
+    url, file = saved.get("url"), saved.get("file")
+    if "file" in given and "url" not in given and url and given["file"] != file:
+        # the saved URL is resolved (ETT's .../ETT-small/${.file}): another file fetched from it
+        # would be the training file under the new name. Its own name where the URL ends in the
+        # file's, else none (a missing file is then named, not fetched)
+        base, _, name = str(url).rpartition("/")
+        merged["url"] = f"{base}/{given['file']}" if base and name == file else None
     if "tokenizer" in given:
         check_same_tokenizer(info, merged, "evaluation does not change tokenizer settings")
     return merged
