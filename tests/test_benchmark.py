@@ -657,3 +657,32 @@ def test_inference_is_timed_in_evaluation_mode() -> None:
     model.encode = lambda x, *args: seen.append(model.training) or encode(x, *args)
     bench.inference(model, torch.randn(1, 4, 8))()
     assert seen == [False] and model.training  # and the model is handed back as it was
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"),
+    [
+        ("bf16-mixed", torch.bfloat16),
+        ("16-mixed", torch.float16),
+        ("bf16-true", torch.bfloat16),
+        ("32-true", torch.float32),
+    ],
+)
+def test_mfu_under_fsdp_counts_against_the_compute_dtypes_peak(precision: str, dtype) -> None:
+    """Lightning's helper reads FSDP's gradient-reduction dtype, which seqlab's FSDP plugin keeps
+    in float32 under bf16-mixed: MFU was taken against the float32 peak (67 TFLOP/s on an H100,
+    not bf16's 989), about 15x too high."""
+    import warnings
+    from types import SimpleNamespace
+
+    from seqlab.callbacks.run_stats import compute_dtype
+    from seqlab.utils.precision import FSDPPrecision
+
+    class Strategy:  # (held by a weak reference)
+        pass
+
+    strategy = Strategy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a GradScaler without CUDA, bf16-true's own note)
+        plugin = FSDPPrecision(precision, strategy)
+    assert compute_dtype(SimpleNamespace(precision_plugin=plugin)) == dtype

@@ -571,6 +571,23 @@ def test_bucketing_cuts_padding_and_keeps_every_example() -> None:
     assert len(list(evaluation)) == len(evaluation) == 32
 
 
+def test_the_examples_drop_last_leaves_out_are_drawn_at_random_not_the_longest() -> None:
+    """Sorted by length within a pool, the short last batch held the last pool's longest
+    examples, and drop_last (every training loader of text) dropped them: in a dataset of one
+    pool the same 40 longest were never trained on, epoch after epoch."""
+    lengths = list(range(1000))  # length = index: the longest are the last
+    sampler = BucketSampler(lengths, 64, shuffle=True, seed=0, drop_last=True, pool_batches=50)
+    seen = torch.zeros(1000, dtype=torch.long)
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 15 and all(len(b) == 64 for b in batches)
+        seen += torch.bincount(torch.cat(batches), minlength=1000)
+    assert seen.max() <= 20 and seen[-40:].min() > 0, "every one of the longest was trained on"
+    # the left-out examples are spread: the longest 100 are left out about as often as the others
+    assert abs(seen[-100:].float().mean() - seen[:-100].float().mean()) < 1.5
+
+
 @pytest.mark.parametrize(
     ("size", "batch", "world", "steps"),
     [(11, 4, 2, 3), (9, 4, 2, 2), (13, 4, 4, 3), (12, 4, 2, 3), (5, 8, 2, 1), (1, 4, 2, 1), (2, 6, 3, 1)],

@@ -54,11 +54,18 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 def compute_dtype(trainer: L.Trainer) -> torch.dtype:
-    """The dtype the precision plugin computes in (Lightning's private helper; float32 if it moves)."""
+    """The dtype the precision plugin computes in (Lightning's private helper; float32 if it moves).
+    Under FSDP, the parameters' dtype: Lightning's helper reads the gradient reduction's, which
+    seqlab's FSDP plugin keeps in float32 under bf16-mixed (MFU came out against the float32 peak,
+    about 15x too high on an H100)."""
+    plugin = trainer.precision_plugin
+    mixed = getattr(plugin, "mixed_precision_config", None)
+    if mixed is not None and getattr(mixed, "param_dtype", None) is not None:
+        return mixed.param_dtype
     try:
         from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 
-        return _plugin_to_compute_dtype(trainer.precision_plugin)
+        return _plugin_to_compute_dtype(plugin)
     except (ImportError, RuntimeError):
         return torch.float32
 

@@ -312,6 +312,10 @@ class BucketSampler(GlobalBatchSampler):
         order = super().order(generator)
         if not self.bucketing:
             return order
+        if self.shuffle and self.drop_last:
+            # the examples left over by whole batches, dropped at random: once sorted, the short
+            # last batch was the last pool's longest examples, and were never trained on
+            order = order[: len(order) - len(order) % self.batch_size]
         pool = self.pool_batches * self.batch_size if self.shuffle else max(self.size, 1)
         pieces = [chunk[torch.argsort(self.lengths[chunk], stable=True)] for chunk in order.split(pool)]
         return torch.cat(pieces) if pieces else order
