@@ -1173,3 +1173,22 @@ def test_last_checkpoint_is_the_newest_state_whether_or_not_the_epoch_improved(
         ]
         == 60
     )
+
+
+def test_a_run_resumed_in_its_last_epoch_reports_its_throughput(make_cfg) -> None:
+    """Lightning skips ``on_train_epoch_start`` for an epoch it resumes mid-way: RunStats never
+    opened that epoch's window, and a run resumed in its last epoch reported no samples/s,
+    tokens/s or MFU at all."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    settings = ["trainer.max_epochs=1", "+callbacks.sigterm._target_=tests.faults.SigtermFlagAtStep",
+                "+callbacks.sigterm.step=5"]  # fmt: skip
+    with pytest.raises(SIGTERMException):
+        train(make_cfg(*settings))
+    _, objects = train(make_cfg(*settings))  # resumed at step 5 of its only epoch
+    summary = objects["summary"]
+    assert (
+        summary["global_step"] > 5
+        and summary["train_samples_per_s"] > 0
+        and summary["train_tokens_per_s"] > 0
+    )

@@ -276,6 +276,8 @@ class RunStats(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         self.saved()
         self._hook_end = None
+        if self._epoch_start is None:  # resumed mid-epoch: Lightning skips on_train_epoch_start
+            self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         # this process's share, summed over the processes at the epoch's end: their padded text
