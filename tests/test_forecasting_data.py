@@ -115,6 +115,34 @@ def test_the_training_loader_gathers_blocks_of_the_same_batches() -> None:
         assert inputs.is_contiguous() and targets.is_contiguous()
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_every_epoch_draws_once_from_the_global_random_state(num_workers: int) -> None:
+    """A loader's iterator draws its workers' base seed from the global random state when it is
+    made; a persistent one (``num_workers > 0``) is made once and reused, drawing nothing in
+    later epochs, while a run resumed from an epoch's end makes a new one: its dropout went on
+    from another random state than the run that was not interrupted."""
+
+    def loader():
+        dm = SyntheticSeriesDataModule(num_steps=300, num_channels=2, lookback=20, horizon=5, batch_size=16,
+                                       num_workers=num_workers)  # fmt: skip
+        dm.setup()
+        return dm.train_dataloader()
+
+    torch.manual_seed(0)
+    through = loader()
+    for epoch in range(2):
+        through.sampler.set_epoch(epoch)
+        list(through)
+        if epoch == 0:
+            after_first = torch.get_rng_state()
+    uninterrupted = torch.get_rng_state()
+    torch.set_rng_state(after_first)  # resumed at the first epoch's end: a new loader, a new iterator
+    resumed = loader()
+    resumed.sampler.set_epoch(1)
+    list(resumed)
+    assert torch.equal(torch.get_rng_state(), uninterrupted)
+
+
 def test_synthetic_series_is_seeded() -> None:
     first = SyntheticSeriesDataModule(num_steps=300, generator_seed=5).load_series().values
     again = SyntheticSeriesDataModule(num_steps=300, generator_seed=5).load_series().values

@@ -144,14 +144,24 @@ class ResumableLoader(DataLoader):
         self.sampler.legacy_epoch = epoch if legacy else None
         self.batches_done = skip
         gathered = self.num_workers == 0 and not self.pin_memory and hasattr(self.dataset, "batches")
+        if not gathered and self.persistent_workers and self._iterator is not None:
+            # a persistent iterator is reused and draws nothing: one draw every epoch, as a new
+            # iterator makes, so a run resumed from an epoch's end (whose loader starts a new
+            # one) goes on in the random state (dropout) of the run that was not interrupted
+            self._draw_like_a_new_iterator()
         for batch in self._gathered() if gathered else super().__iter__():
             self.batches_done += 1
             yield batch
 
-    def _gathered(self) -> Iterator[Any]:
-        # the draw of DataLoader's own iterator (its workers' base seed): the global random state,
-        # and with it dropout and whatever else a run draws, stays that of the DataLoader path
+    def _draw_like_a_new_iterator(self) -> None:
+        """The draw of DataLoader's own iterator (its workers' base seed), from the global random
+        state where no ``generator`` is given."""
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+
+    def _gathered(self) -> Iterator[Any]:
+        # the global random state, and with it dropout and whatever else a run draws, stays that
+        # of the DataLoader path
+        self._draw_like_a_new_iterator()
         indices = iter(self.sampler)
         while chunk := list(itertools.islice(indices, self.gather_batches)):
             yield from map(self.collate_fn, self.dataset.batches(chunk))
