@@ -345,3 +345,10 @@ def test_another_file_at_eval_is_not_fetched_from_the_training_files_url() -> No
     given = {"file": "ETTm1.csv", "url": "https://mirror.org/m1.csv"}  # given with it: as given
     assert data_settings({"data": saved}, given)["url"] == "https://mirror.org/m1.csv"
     assert data_settings({"data": saved}, {"data_dir": "/e"})["url"] == saved["url"]  # same file: kept
+    query = {**saved, "url": "https://example.org/ETT-small/ETTh1.csv?raw=true"}
+    assert (
+        data_settings({"data": query}, {"file": "ETTm1.csv"})["url"]
+        == "https://example.org/ETT-small/ETTm1.csv?raw=true"
+    )
+    for other in ("/data/ETTm1.csv", "sub/ETTm1.csv", None):  # not a name in data_dir: nothing fetched
+        assert data_settings({"data": saved}, {"file": other})["url"] is None, other

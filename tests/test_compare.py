@@ -147,7 +147,8 @@ def test_the_report_is_also_one_self_contained_html_page(tmp_path: Path) -> None
     page = (sweep / "report.html").read_text()
     assert "model.nhead: '&lt;absent&gt;' -&gt; 4" in page and "<absent>" not in page
     assert "an earlier attempt" not in page and "a later refusal" in page
-    assert "Failed jobs, not in the table (2)" in page
+    assert "Failed jobs, not in the table (1)" in page  # job 4, which has no result
+    assert "Jobs run again that failed; the table has their earlier result (1)" in page  # job 2
 
 
 def test_the_report_says_what_its_memory_column_measures(tmp_path: Path) -> None:

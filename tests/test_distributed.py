@@ -196,6 +196,24 @@ def test_a_spawned_worker_ends_with_its_parent_and_only_then(tmp_path: Path) -> 
         raise AssertionError("the child outlived its parent")
 
 
+@pytest.mark.parametrize(
+    ("start_method", "watched"), [("spawn", True), ("fork", True), ("forkserver", False)]
+)
+def test_workers_watch_their_parent_only_where_it_is_the_main_process(
+    monkeypatch, start_method: str, watched: bool
+) -> None:
+    """Under forkserver a worker's parent is the server, not the main process: comparing with the
+    main process's pid, every worker took its parent for dead and stopped itself."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    from seqlab.utils.distributed import SpawnLauncher
+
+    monkeypatch.setattr(_MultiProcessingLauncher, "launch", lambda self, *a, **k: self.main_pid)
+    launcher = SpawnLauncher.__new__(SpawnLauncher)
+    launcher._start_method = start_method
+    assert launcher.launch(print) == (os.getpid() if watched else None)
+
+
 def test_multirun_writes_a_table_of_every_job(tmp_path: Path) -> None:
     """...and each job's own start-up time and peak memory, although the jobs share a process:
     job 0 holds 600 MiB through its first step, job 1 nothing."""

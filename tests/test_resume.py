@@ -166,6 +166,14 @@ def test_a_finished_sweep_job_is_kept_only_for_the_same_run(make_cfg, tmp_path: 
     assert finished_job(make_cfg("trainer.max_epochs=1"), run_dir)["global_step"] > 0
     shown_otherwise = make_cfg("trainer.max_epochs=1", "extras.print_config=true", "tags=[again]")
     assert finished_job(shown_otherwise, run_dir) is not None
+    from seqlab.utils.resume import KEPT_IGNORES, config_differences
+
+    tagged = {
+        "tags": ["dev"],
+        "logger": {"wandb": {"tags": ["dev"], "project": "seqlab"}},
+    }  # wandb.yaml: ${tags}
+    retagged = {"tags": ["again"], "logger": {"wandb": {"tags": ["again"], "project": "seqlab"}}}
+    assert config_differences(tagged, retagged, KEPT_IGNORES) == []
     for other in ("trainer.max_epochs=2", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
                   "logger=tensorboard", "resume=never"):  # fmt: skip
         assert finished_job(make_cfg("trainer.max_epochs=1", other), run_dir) is None, other

@@ -507,11 +507,11 @@ def test_the_training_loader_gathers_blocks_of_the_same_batches(tmp_path: Path, 
     assert_same_batches(epoch, [dataset[index] for index in loader.sampler])
     resumed = dm.train_dataloader()
     resumed.gather_batches = 5
-    resumed.load_state_dict({"epoch": 2, "batches": 7, "order": 2})
+    resumed.load_state_dict({"epoch": 2, "batches": 7, "order": 3})
     resumed.sampler.set_epoch(2)
     calls.clear()
     assert_same_batches(list(resumed), epoch[7:])
-    assert calls == [5, 1] and resumed.state_dict() == {"epoch": 2, "batches": 13, "order": 2, "seed": 0}
+    assert calls == [5, 1] and resumed.state_dict() == {"epoch": 2, "batches": 13, "order": 3, "seed": 0}
 
 
 def test_gathering_leaves_the_random_state_as_the_dataloader_does(tmp_path: Path) -> None:
@@ -649,14 +649,41 @@ def test_a_text_loader_resumes_mid_epoch_at_the_next_batch(tmp_path: Path) -> No
     epoch = [batch["index"] for batch in loader]
     assert len(epoch) == len(loader) == 12 and all(len(index) == 16 for index in epoch)
     resumed = dm.train_dataloader()
-    resumed.load_state_dict({"epoch": 1, "batches": 5, "order": 2})
+    resumed.load_state_dict({"epoch": 1, "batches": 5, "order": 3})
     resumed.sampler.set_epoch(1)
     rest = iter(resumed)
     first = next(rest)["index"]
-    assert resumed.state_dict() == {"epoch": 1, "batches": 6, "order": 2, "seed": 0}
+    assert resumed.state_dict() == {"epoch": 1, "batches": 6, "order": 3, "seed": 0}
     assert all(
         torch.equal(a, b) for a, b in zip([first, *(b["index"] for b in rest)], epoch[5:], strict=True)
     )
+
+
+def test_a_checkpoint_from_before_the_random_left_overs_finishes_its_epoch_in_its_own_order(
+    tmp_path: Path,
+) -> None:
+    """Bucketing with drop_last now drops an epoch's left-over examples at random before sorting
+    its pools (order 3); a checkpoint taken mid-epoch before that (order 2) goes on in the order
+    its epoch began in: with the new order, the batches it skips are not those it trained, and
+    some examples would be trained twice in that epoch, others not at all."""
+    dm = SyntheticSentimentDataModule(
+        num_train=200, num_val=10, num_test=10, batch_size=16, cache_dir=str(tmp_path)
+    )
+    dm.setup()
+    old = dm.train_dataloader()
+    old.sampler.drop_last = False  # order 2 sorted every example, then dropped the short last batch
+    old.sampler.set_epoch(1)
+    old_run = [batch["index"] for batch in old][:12]
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict({"epoch": 1, "batches": 5, "order": 2})
+    resumed.sampler.set_epoch(1)
+    rest = [batch["index"] for batch in resumed]
+    assert all(torch.equal(a, b) for a, b in zip(rest, old_run[5:], strict=True))
+    assert resumed.state_dict()["order"] == 2  # stopped again in that epoch: still its order
+    fresh = dm.train_dataloader()
+    fresh.sampler.set_epoch(1)
+    new_run = [batch["index"] for batch in fresh]
+    assert len(new_run) == 12 and not all(torch.equal(a, b) for a, b in zip(new_run, old_run))
 
 
 def test_a_checkpoint_from_before_epoch_seed_finishes_its_epoch_in_its_own_order(
@@ -678,7 +705,9 @@ def test_a_checkpoint_from_before_epoch_seed_finishes_its_epoch_in_its_own_order
 
     with monkeypatch.context() as old_rule:
         old_rule.setattr(samplers, "epoch_seed", lambda seed, epoch: seed + epoch)
-        old_run = epoch_batches(dm.train_dataloader(), 1)
+        old_loader = dm.train_dataloader()
+        old_loader.sampler.drop_last = False  # nothing dropped before the pools are sorted, then
+        old_run = epoch_batches(old_loader, 1)[:-1]  # and the short last batch dropped
     resumed = dm.train_dataloader()
     resumed.load_state_dict({"epoch": 1, "batches": 5})  # an old checkpoint's loader state
     rest = epoch_batches(resumed, 1)

@@ -328,18 +328,24 @@ def write_html(markdown: Path, path: Path, title: str) -> Path:
     return path
 
 
-def failed_jobs(sweep_dir: Path) -> list[str]:
-    """A markdown line per job of the sweep that failed (its ``error.txt``), with its overrides."""
+def failed_jobs(sweep_dir: Path) -> tuple[list[str], list[str]]:
+    """A markdown line per job of the sweep that failed (its ``error.txt``), with its overrides:
+    those with no result, and those whose later attempt failed after an earlier one finished
+    (their ``summary.json``, in the table, is older than the error). An error older than the
+    summary is an attempt that failed before the job was resumed and finished: not listed."""
     from seqlab.utils.hydra_callbacks import ERROR_FILE, job_overrides
 
-    lines = []
+    unfinished, again = [], []
     for error in sorted(sweep_dir.glob(f"*/{ERROR_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name)):
         summary = error.parent / "summary.json"
-        if summary.is_file() and summary.stat().st_mtime_ns > error.stat().st_mtime_ns:
-            continue  # failed once, then resumed and finished (a later refusal is listed)
+        finished = summary.is_file()
+        if finished and summary.stat().st_mtime_ns > error.stat().st_mtime_ns:
+            continue
         first = (error.read_text().strip().splitlines() or ["(no message)"])[0]
-        lines.append(f"- job {error.parent.name} (`{job_overrides(error.parent)}`): {first}")
-    return lines
+        (again if finished else unfinished).append(
+            f"- job {error.parent.name} (`{job_overrides(error.parent)}`): {first}"
+        )
+    return unfinished, again
 
 
 def memory_meaning(jobs: list[dict[str, Any]]) -> str:
@@ -390,9 +396,16 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
         markdown_table(rows, columns),
         "",
     ]
-    failed = failed_jobs(sweep_dir)
+    failed, again = failed_jobs(sweep_dir)
     if failed:
         lines += [f"Failed jobs, not in the table ({len(failed)}):", "", *failed, ""]
+    if again:
+        lines += [
+            f"Jobs run again that failed; the table has their earlier result ({len(again)}):",
+            "",
+            *again,
+            "",
+        ]
     lines += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
     report = sweep_dir / "report.md"
     write_text_atomic(report, "\n".join(lines) + "\n")

@@ -103,6 +103,13 @@ def per_replica_batch_size(batch_size: int, trainer) -> int:
     return batch_size // world
 
 
+#: how epochs are ordered, saved with a training loader's position: 1, by ``seed + epoch``; 2, by
+#: ``epoch_seed``; 3, with bucketing and ``drop_last``, the left-over examples dropped at random
+#: before the pools are sorted (in 2, the last pool's longest). An epoch resumed from an older
+#: checkpoint goes on in the order it began in.
+ORDER = 3
+
+
 class ResumableLoader(DataLoader):
     """A training ``DataLoader(batch_size=None)`` over a ``GlobalBatchSampler`` that resumes where
     a checkpoint was taken, mid-epoch included (Lightning calls ``state_dict``/``load_state_dict``).
@@ -128,20 +135,19 @@ class ResumableLoader(DataLoader):
             raise TypeError("ResumableLoader needs a GlobalBatchSampler and batch_size=None")
         self.batches_done = 0
         self.resume_at: tuple[int, int] | None = None
-        #: the checkpoint resumed from ordered its epochs by ``seed + epoch`` (no ``order`` entry)
-        self.legacy_order = False
+        #: how the checkpoint resumed from ordered its epochs (``ORDER``: its ``order`` entry)
+        self.resumed_order = ORDER
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.sampler.epoch
-        skip = 0
-        legacy = False
+        skip, order = 0, ORDER
         if self.resume_at is not None and self.resume_at[0] == epoch:
             skip = min(self.resume_at[1], len(self))
-            legacy = self.legacy_order
+            order = self.resumed_order
         self.resume_at = None
         self.sampler.skip = skip
-        # the interrupted epoch of a checkpoint from before epoch_seed goes on in its own order
-        self.sampler.legacy_epoch = epoch if legacy else None
+        # the interrupted epoch of an older seqlab's checkpoint goes on in the order it began in
+        self.sampler.legacy = (epoch, order) if order < ORDER else None
         self.batches_done = skip
         gathered = self.num_workers == 0 and not self.pin_memory and hasattr(self.dataset, "batches")
         if not gathered and self.persistent_workers and self._iterator is not None:
@@ -167,19 +173,18 @@ class ResumableLoader(DataLoader):
             yield from map(self.collate_fn, self.dataset.batches(chunk))
 
     def state_dict(self) -> dict[str, Any]:
-        # order 2: this epoch is ordered by epoch_seed; 1: by seed + epoch (an old checkpoint's
-        # epoch, resumed and not finished: stopped again, it goes on in that order again)
-        legacy = self.sampler.legacy_epoch == self.sampler.epoch
+        # how this epoch is ordered (``ORDER``; an older checkpoint's epoch, resumed and not
+        # finished, stopped again goes on in that order again)
         return {
             "epoch": self.sampler.epoch,
             "batches": self.batches_done,
-            "order": 1 if legacy else 2,
+            "order": self.sampler.order_version(),
             "seed": self.sampler.seed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.resume_at = (int(state["epoch"]), int(state["batches"]))
-        self.legacy_order = int(state.get("order", 1)) < 2
+        self.resumed_order = int(state.get("order", 1))
         if self.seed_owner is not None:  # (no "seed": a checkpoint from before seeds were drawn)
             self.sampler.seed = state.get("seed")
             self.seed_owner.adopt_order_seed(self.sampler.seed)
@@ -244,8 +249,12 @@ class GlobalBatchSampler(DistributedSampler, SequentialSampler):
         self.batch_size = batch_size
         #: batches the next epoch starts after (a mid-epoch resume), then back to 0
         self.skip = 0
-        #: an epoch ordered by seed + epoch, as before ``epoch_seed`` (an old checkpoint's, resumed)
-        self.legacy_epoch: int | None = None
+        #: (epoch, order version) of an epoch resumed from an older seqlab's checkpoint (``ORDER``)
+        self.legacy: tuple[int, int] | None = None
+
+    def order_version(self) -> int:
+        """How this epoch is ordered: ``ORDER``, or the older order of an epoch resumed in it."""
+        return self.legacy[1] if self.legacy is not None and self.legacy[0] == self.epoch else ORDER
 
     def order(self, generator: torch.Generator) -> torch.Tensor:
         """The epoch's order of the examples."""
@@ -257,9 +266,8 @@ class GlobalBatchSampler(DistributedSampler, SequentialSampler):
 
     def global_batches(self) -> list[torch.Tensor]:
         """This epoch's global batches (identical on every process)."""
-        legacy = self.legacy_epoch == self.epoch
         generator = torch.Generator().manual_seed(
-            (self.seed or 0) + self.epoch if legacy else epoch_seed(self.seed, self.epoch)
+            (self.seed or 0) + self.epoch if self.order_version() < 2 else epoch_seed(self.seed, self.epoch)
         )
         order = self.order(generator)
         batches = list(order.split(self.batch_size))
@@ -322,7 +330,7 @@ class BucketSampler(GlobalBatchSampler):
         order = super().order(generator)
         if not self.bucketing:
             return order
-        if self.shuffle and self.drop_last:
+        if self.shuffle and self.drop_last and self.order_version() >= 3:
             # the examples left over by whole batches, dropped at random: once sorted, the short
             # last batch was the last pool's longest examples, and were never trained on
             order = order[: len(order) - len(order) % self.batch_size]

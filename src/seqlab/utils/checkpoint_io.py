@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -274,10 +275,13 @@ def data_settings(info: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]
     url, file = saved.get("url"), saved.get("file")
     if "file" in given and "url" not in given and url and given["file"] != file:
         # the saved URL is resolved (ETT's .../ETT-small/${.file}): another file fetched from it
-        # would be the training file under the new name. Its own name where the URL ends in the
-        # file's, else none (a missing file is then named, not fetched)
-        base, _, name = str(url).rpartition("/")
-        merged["url"] = f"{base}/{given['file']}" if base and name == file else None
+        # would be the training file under the new name. Its own name where the URL's path ends
+        # in the file's and the new one is a plain name, else none (a missing file is then
+        # named, not fetched)
+        parts, new = urllib.parse.urlsplit(str(url)), given["file"]
+        base, _, name = parts.path.rpartition("/")
+        plain = isinstance(new, str) and new and Path(new).name == new
+        merged["url"] = parts._replace(path=f"{base}/{new}").geturl() if plain and name == file else None
     if "tokenizer" in given:
         check_same_tokenizer(info, merged, "evaluation does not change tokenizer settings")
     return merged

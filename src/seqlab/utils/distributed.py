@@ -457,7 +457,8 @@ class SpawnLauncher(_MultiProcessingLauncher):
             received.append(signum)
             self.kill(signum)
 
-        self.main_pid = os.getpid()  # the workers' parent (they watch for its end)
+        # the workers' parent, whose end they watch for (under forkserver it is the server: none)
+        self.main_pid = os.getpid() if self._start_method in ("spawn", "fork") else None
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, forward) if main_thread else None
         try:

@@ -63,7 +63,10 @@ RESUME_IGNORES = (
 
 #: what may differ for a finished sweep job to be kept as its result: narrower than a resumed
 #: run's, since the result is the finished run's (its ckpt_path, the loggers it logged to)
-KEPT_IGNORES = tuple(key for key in RESUME_IGNORES if key not in ("ckpt_path", "logger"))
+KEPT_IGNORES = (
+    *(key for key in RESUME_IGNORES if key not in ("ckpt_path", "logger")),
+    "logger.wandb.tags",  # (the top-level tags: ignored)
+)
 
 
 def check_mode(value: Any) -> str:
