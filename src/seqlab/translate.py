@@ -97,15 +97,14 @@ def run(cfg: DictConfig) -> None:
             if not path.is_file():
                 raise ConfigError(f"input={source!r}: no such file")
             lines = read_lines(path)  # a byte that is not UTF-8 is named by its line
-        for key in ("beam_size", "batch_size"):  # checked before the model is loaded
+        for key, nullable in (("beam_size", True), ("batch_size", False)):  # before the model loads
             value = cfg.get(key)
-            if (value is None and key == "beam_size") or (
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1
-            ):
+            if value is None and nullable:
                 continue
-            raise ConfigError(
-                f"{key}={value!r}: expected a positive integer" + (" or null" if key == "beam_size" else "")
-            )
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"{key}={value!r}: expected a positive integer" + (" or null" if nullable else "")
+                )
         if cfg.get("output"):
             output = Path(cfg.output).expanduser()
             if output.is_dir():

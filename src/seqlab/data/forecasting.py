@@ -100,6 +100,15 @@ def standard_scaler(train: np.ndarray, columns: list[str], source: str) -> tuple
     return mean.astype(np.float32), std.astype(np.float32)
 
 
+def irregular_places(series: Series, irregular: list[int]) -> str:
+    """Where the timestamps leave their usual step (``irregular``: ``series.irregular()``), in words."""
+    first = irregular[0]
+    return (
+        f"timestamps skip time, repeat it or leave the grid in {len(irregular)} place(s), first from "
+        f"{series.timestamps[first]} to {series.timestamps[first + 1]}"
+    )
+
+
 class SeriesDataModule(OrderSeed, L.LightningDataModule):
     """Windows, splits, scaling and loaders for one multivariate series.
 
@@ -201,14 +210,12 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
                 )
             if per_day is None:
                 raise DataError(f"{self.source}: data.split=calendar needs timestamps; use data.split=ratio")
-            irregular = series.irregular()
-            if irregular:  # months are counted as rows: each missing or repeated row moves the borders
-                first = irregular[0]
+            # months are counted as rows: each missing or repeated row moves the borders
+            if irregular := series.irregular():
                 raise DataError(
                     f"{self.source}: data.split=calendar counts {per_day:g} rows a day, but the "
-                    f"timestamps skip time, repeat it or leave the grid in {len(irregular)} place(s), first from "
-                    f"{series.timestamps[first]} to {series.timestamps[first + 1]}; fill the missing "
-                    "rows and drop the repeated ones, or use data.split=ratio"
+                    f"{irregular_places(series, irregular)}; fill the missing rows and drop the repeated ones, or use "
+                    "data.split=ratio"
                 )
             sizes = [round(m * DAYS_PER_MONTH * per_day) for m in self.split_months]
             if sum(sizes) > rows:
@@ -254,10 +261,10 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
         scaled = torch.from_numpy((series.values - self.mean) / self.std).float()
         if irregular := series.irregular():
             log.warning(
-                "%s: the timestamps skip time, repeat it or leave the grid in %d place(s), first from %s to %s; windows "
-                "there are not evenly spaced in time",
-                self.source, len(irregular), series.timestamps[irregular[0]], series.timestamps[irregular[0] + 1],
-            )  # fmt: skip
+                "%s: the %s; windows there are not evenly spaced in time",
+                self.source,
+                irregular_places(series, irregular),
+            )
         for name, (start, end) in zip(SPLITS, borders):
             dataset = WindowDataset(scaled[start:end], self.lookback, self.horizon)
             if len(dataset) < 1:

@@ -50,17 +50,14 @@ class TokenizerSpec:
     wrap: str = "cls"
 
     def __post_init__(self) -> None:
-        for key in ("vocab_size", "min_frequency", "max_length"):  # (a dict's values: unchecked)
+        # a dict's values: the config check does not reach them
+        for key, nullable in (("vocab_size", False), ("min_frequency", False), ("max_length", True)):
             value = getattr(self, key)
-            if (value is None and key == "max_length") or (
-                isinstance(value, int) and not isinstance(value, bool)
-            ):
+            if (value is None and nullable) or (isinstance(value, int) and not isinstance(value, bool)):
                 continue
             hint = f" (write {int(value)})" if isinstance(value, float) and value.is_integer() else ""
-            raise ConfigError(
-                f"data.tokenizer.{key}={value!r}: expected an integer"
-                + (" or null" if key == "max_length" else "") + hint
-            )  # fmt: skip
+            expected = "an integer or null" if nullable else "an integer"
+            raise ConfigError(f"data.tokenizer.{key}={value!r}: expected {expected}{hint}")
         if not isinstance(self.lowercase, bool):
             raise ConfigError(f"data.tokenizer.lowercase={self.lowercase!r}: expected true or false")
         if self.kind not in KINDS:

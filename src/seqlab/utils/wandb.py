@@ -190,8 +190,10 @@ def finish_runs(loggers: list[Any], error: BaseException | None = None) -> None:
     import wandb
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from seqlab.utils.distributed import STOPPED_BY_SIGTERM
+
     if isinstance(error, SIGTERMException):
         run.mark_preempting()
-        wandb.finish(exit_code=143)  # 128 + SIGTERM, as the process exits
+        wandb.finish(exit_code=STOPPED_BY_SIGTERM)  # as the process exits
     else:
         wandb.finish(exit_code=0 if error is None else 1)
