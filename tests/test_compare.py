@@ -147,7 +147,7 @@ def test_the_report_is_also_one_self_contained_html_page(tmp_path: Path) -> None
     page = (sweep / "report.html").read_text()
     assert "model.nhead: '&lt;absent&gt;' -&gt; 4" in page and "<absent>" not in page
     assert "an earlier attempt" not in page and "a later refusal" in page
-    assert "Failed jobs, not in the table (1)" in page  # job 4, which has no result
+    assert "Jobs without a result, not in the table (1)" in page  # job 4, which has no result
     assert "Jobs run again that failed; the table has their earlier result (1)" in page  # job 2
 
 
@@ -263,6 +263,36 @@ def test_jobs_that_differ_in_more_than_the_seed_are_not_averaged(tmp_path: Path)
     ]
 
 
+def test_backbones_are_ranked_within_their_setting(tmp_path: Path) -> None:
+    """rnn and lstm x ``data.horizon=24,96``: every backbone was compared with one global best
+    (an MSE at horizon 96 with one at 24), so the two backbones of a horizon were never
+    compared. An override a resumed job may add (``tags=``) split a backbone's seeds. A
+    backbone whose seeds have no result, or a best with one seed, was "one seed"."""
+    mse = {("rnn", 24): [0.30, 0.31, 0.32], ("lstm", 24): [0.20, 0.21, 0.22],
+           ("rnn", 96): [0.60, 0.61, 0.62], ("lstm", 96): [0.50, 0.505, 0.51]}  # fmt: skip
+    sweep = fake_sweep(tmp_path, {f"{m}@{h}": v for (m, h), v in mse.items()}, task="forecasting")
+    for job in range(12):
+        path = sweep / str(job) / "summary.json"
+        summary = json.loads(path.read_text())
+        model, horizon = summary["model"].split("@")
+        summary.update(model=model, metrics={"test/mse": summary["metrics"]["test/acc"]})
+        summary["overrides"] = [f"model={model}", f"data.horizon={horizon}", f"seed={job % 3}"]
+        summary["overrides"] += ["tags=[rerun]", "logger=csv"] if job == 4 else []  # resumed
+        path.write_text(json.dumps(summary))
+    rows, _ = aggregate(read_jobs(sweep), "forecasting")
+    assert [(r["backbone"], r["seeds"], r["vs best mse"].split(" (")[0]) for r in rows] == [
+        ("lstm (data.horizon=24)", 3, "best"),
+        ("rnn (data.horizon=24)", 3, "worse"),
+        ("lstm (data.horizon=96)", 3, "best"),
+        ("rnn (data.horizon=96)", 3, "worse"),
+    ]
+    others = fake_sweep(tmp_path / "others", {"lstm": [0.9], "gru": [0.8, 0.81], "rnn": [math.nan] * 2})
+    verdicts = {r["backbone"]: r["vs best acc"] for r in aggregate(read_jobs(others), "classification")[0]}
+    assert verdicts == {"lstm": "best", "gru": "the best has one seed: noise unknown", "rnn": "no acc"}
+    compare(sweep)
+    assert "are ranked and compared within their setting only" in (sweep / "report.md").read_text()
+
+
 def captured_figures(monkeypatch) -> dict[str, object]:
     """compare's figures by file name, kept open instead of written."""
     import seqlab.compare
@@ -343,8 +373,8 @@ def test_a_compare_sweep_with_a_failed_job_still_writes_its_report(tmp_path: Pat
     assert result.returncode != 0  # the sweep still says a job failed
     text = (sweep / "report.md").read_text()
     assert text.startswith("# forecasting: rnn") and "transformer" not in text.splitlines()[0]
-    assert "Failed jobs, not in the table (1):" in text
-    assert "- job 1 (`model=transformer seed=1 experiment=compare_forecasting" in text
+    assert "Jobs without a result, not in the table (1):" in text
+    assert "- job 1 (failed, `model=transformer seed=1 experiment=compare_forecasting" in text
     assert "ConfigError: model.d_model=30 must be a multiple of model.nhead=4" in text
     assert (sweep / "report.html").is_file()
 
@@ -393,3 +423,51 @@ def test_the_sweep_table_lists_every_job_whatever_its_end_or_directory_name(
     with open(sweep / "sweep_summary.csv", newline="") as f:
         assert [row["status"] for row in csv.DictReader(f)] == ["ok", "failed", "killed"]
     assert not [p.name for p in sweep.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_failed_and_killed_jobs_are_reported_with_credentials_redacted(tmp_path: Path) -> None:
+    """A failed job's error (which may quote a download URL with its password) went into
+    error.txt, the sweep table and the report unredacted; a finished job whose later attempt
+    failed was ``ok`` in the sweep table; a job killed without an error was missing from the
+    report (it only lowered its backbone's seed count)."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from seqlab.errors import DataError
+    from seqlab.utils.hydra_callbacks import FAILED_AGAIN, SweepSummary, sweep_rows
+
+    sweep = fake_sweep(tmp_path, {"lstm": [0.84, 0.86], "gru": [0.80, 0.81]})
+
+    def fail(job: str, url: str) -> None:
+        job_dir = sweep / job
+        job_dir.mkdir(exist_ok=True)
+        config = {
+            "mode": RunMode.MULTIRUN,
+            "runtime": {"output_dir": str(job_dir)},
+            "sweep": {"dir": str(sweep)},
+        }
+        error = DataError(f"x.csv: downloading it from {url} failed")
+        SweepSummary().on_job_end(
+            OmegaConf.create({"hydra": config}), JobReturn(status=JobStatus.FAILED, _return_value=error)
+        )
+
+    fail("4", "https://bob:hunter2@mirror.example/x.csv")
+    fail("1", "https://bob:swordfish@mirror.example/x.csv")  # after its summary: a later attempt
+    summary = (sweep / "1" / "summary.json").stat().st_mtime_ns
+    os.utime(sweep / "1" / "error.txt", ns=(summary + 10**9, summary + 10**9))
+    (sweep / "5").mkdir()
+    (sweep / "5" / "config.yaml").write_text("seed: 1\n")  # started, then killed without an error
+    statuses = {row["job"]: row["status"] for row in sweep_rows(sweep)}
+    assert statuses == {"0": "ok", "1": FAILED_AGAIN, "2": "ok", "3": "ok", "4": "failed", "5": "killed"}
+    compare(sweep)
+    written = [
+        (sweep / name).read_text() for name in ("4/error.txt", "sweep_summary.md", "report.md", "report.html")
+    ]
+    assert not [text for text in written if "hunter2" in text or "swordfish" in text]
+    assert all("bob:***@mirror.example" in text for text in written)
+    report = (sweep / "report.md").read_text()
+    assert "Jobs without a result, not in the table (2):" in report
+    assert "- job 4 (failed, " in report and "- job 5 (killed, " in report
+    assert "Jobs run again that failed; the table has their earlier result (1):" in report
+    assert "- job 1 (``): DataError: x.csv: downloading it from https://bob:***@mirror" in report

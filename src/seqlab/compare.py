@@ -106,16 +106,24 @@ def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     return jobs
 
 
+#: overrides that change the question rather than the contender: the data (set, horizon, length)
+#: and the hardware; backbones are ranked against the best of their setting only
+SETTING_KEYS = ("data", "trainer")
+
+
 def label_settings(jobs: list[dict[str, Any]]) -> None:
     """Jobs are averaged as seeds of one setting only when nothing but ``seed`` tells them apart:
     any other override that differs between the jobs (``data.horizon=24,96``, a data set) joins
-    the backbone's name in ``job["model"]``, the key the report groups and plots by."""
+    the backbone's name in ``job["model"]``, the key the report groups and plots by; those under
+    ``SETTING_KEYS`` also go into ``job["setting"]``, within which ``aggregate`` ranks. What a
+    resumed run may add (``tags=``, ``logger=``, ``extras.*``: ``comparable``) tells no jobs apart."""
+    from seqlab.utils.resume import comparable, under
 
     def parse(override: str) -> tuple[str, str]:  # ~key (a deletion) has no value
         key, equals, value = override.lstrip("+~").partition("=")
         return key, value if equals else "<deleted>"
 
-    overrides = [dict(map(parse, job["summary"].get("overrides") or [])) for job in jobs]
+    overrides = [dict(map(parse, comparable(job["summary"].get("overrides") or []))) for job in jobs]
     keys = sorted(set().union(*overrides) - {"seed", "model"})
     models = {str(job["model"]) for job in jobs}
     # a key that varies within a backbone's jobs (one that follows the backbone, as the seeds'
@@ -126,10 +134,14 @@ def label_settings(jobs: list[dict[str, Any]]) -> None:
     for job, given in zip(jobs, overrides):
         extra = " ".join(f"{k}={given[k]}" for k in varying if k in given)
         job["model"] = f"{job['model']} ({extra})" if extra else job["model"]
+        job["setting"] = " ".join(
+            f"{k}={given.get(k, '<default>')}" for k in varying if under(k, SETTING_KEYS)
+        )
 
 
 def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any]], str]:
-    """One row per backbone (jobs grouped by ``model``), best first; and the main metric's name."""
+    """One row per backbone (jobs grouped by ``model``), best first within each setting (settings
+    in the order of their first job); and the main metric's name."""
     metric, higher = MAIN_METRIC.get(task, (next(iter(jobs[0]["metrics"]), ""), True))
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for job in jobs:
@@ -138,15 +150,17 @@ def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any
         name: [j["metrics"][metric] for j in group if metric in j["metrics"]]
         for name, group in groups.items()
     }
+    setting_of = {name: group[0].get("setting", "") for name, group in groups.items()}
+    settings = list(dict.fromkeys(setting_of.values()))
 
-    def rank(name: str) -> float:  # best first; a backbone without the metric last
+    def rank(name: str) -> tuple[int, float]:  # by setting; best first; a backbone without the metric last
         if not samples[name]:
-            return math.inf
+            return settings.index(setting_of[name]), math.inf
         mean = statistics.fmean(samples[name])
-        return -mean if higher else mean
+        return settings.index(setting_of[name]), -mean if higher else mean
 
     ranked = sorted(groups, key=rank)
-    best = ranked[0]
+    best = {setting: next(n for n in ranked if setting_of[n] == setting) for setting in settings}
     rows = []
     for name in ranked:
         group = groups[name]
@@ -162,19 +176,31 @@ def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any
             values = [j["summary"][key] for j in group if j["summary"].get(key) is not None]
             row[key] = statistics.fmean(values) if values else None
         rows.append(row)
-    p_values = {name: welch_p_value(samples[name], samples[best]) for name in ranked[1:]}
-    verdicts = beyond_noise(p_values)
+    p_values: dict[str, float | None] = {}
+    verdicts: dict[str, bool | None] = {}
+    for setting, top in best.items():  # Holm's correction over the comparisons of one setting
+        within = {
+            n: welch_p_value(samples[n], samples[top])
+            for n in ranked
+            if setting_of[n] == setting and n != top
+        }
+        p_values.update(within)
+        verdicts.update(beyond_noise(within))
     for row in rows:
         name = row["backbone"]
-        if name == best:
-            row[f"vs best {metric}"] = "best"
-        elif verdicts[name] is None:
-            row[f"vs best {metric}"] = "one seed: noise unknown"
-        else:
+        top = best[setting_of[name]]
+        if name == top:
+            verdict = "best" if samples[name] else f"no {metric}"
+        elif verdicts[name] is not None:
             p = f"p={p_values[name]:.2g}"
-            row[f"vs best {metric}"] = (
-                f"worse (beyond seed noise, {p})" if verdicts[name] else f"within seed noise ({p})"
-            )
+            verdict = f"worse (beyond seed noise, {p})" if verdicts[name] else f"within seed noise ({p})"
+        elif not samples[name]:
+            verdict = f"no {metric}"
+        elif len(samples[name]) < 2:
+            verdict = "one seed: noise unknown"
+        else:
+            verdict = "the best has one seed: noise unknown"
+        row[f"vs best {metric}"] = verdict
     return rows, metric
 
 
@@ -329,22 +355,18 @@ def write_html(markdown: Path, path: Path, title: str) -> Path:
 
 
 def failed_jobs(sweep_dir: Path) -> tuple[list[str], list[str]]:
-    """A markdown line per job of the sweep that failed (its ``error.txt``), with its overrides:
-    those with no result, and those whose later attempt failed after an earlier one finished
-    (their ``summary.json``, in the table, is older than the error). An error older than the
-    summary is an attempt that failed before the job was resumed and finished: not listed."""
-    from seqlab.utils.hydra_callbacks import ERROR_FILE, job_overrides
+    """A markdown line per job of the sweep without a result (failed: its ``error.txt``; killed
+    without one: out of memory, a time limit), with its overrides; and one per job whose later
+    attempt failed after an earlier one finished (``FAILED_AGAIN``: the table has the earlier
+    result). The statuses are the sweep table's (``sweep_rows``)."""
+    from seqlab.utils.hydra_callbacks import FAILED_AGAIN, job_overrides, sweep_rows
 
     unfinished, again = [], []
-    for error in sorted(sweep_dir.glob(f"*/{ERROR_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name)):
-        summary = error.parent / "summary.json"
-        finished = summary.is_file()
-        if finished and summary.stat().st_mtime_ns > error.stat().st_mtime_ns:
-            continue
-        first = (error.read_text().strip().splitlines() or ["(no message)"])[0]
-        (again if finished else unfinished).append(
-            f"- job {error.parent.name} (`{job_overrides(error.parent)}`): {first}"
-        )
+    for row in sweep_rows(sweep_dir):
+        if row["status"] == FAILED_AGAIN:  # the overrides of the attempt that failed
+            again.append(f"- job {row['job']} (`{job_overrides(sweep_dir / row['job'])}`): {row['error']}")
+        elif row["status"] != "ok":
+            unfinished.append(f"- job {row['job']} ({row['status']}, `{row['overrides']}`): {row['error']}")
     return unfinished, again
 
 
@@ -387,7 +409,13 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
         f"ranked by test {metric} ({'higher' if MAIN_METRIC.get(task, ('', True))[1] else 'lower'} is better). "
         "A gap to the best counts as beyond seed noise when Welch's t-test rejects equal means, "
         f"Holm-corrected over the comparisons with the best at {ALPHA:.0%} (p: the test's own "
-        "p-value; needs two seeds or more per backbone).",
+        "p-value; needs two seeds or more per backbone)."
+        + (
+            f" Jobs of different settings ({', '.join(sorted({k.partition('=')[0] for j in jobs for k in j['setting'].split()}))}) "
+            "are ranked and compared within their setting only."
+            if len({j["setting"] for j in jobs}) > 1
+            else ""
+        ),
         "",
         "Costs: `fit_s` is `trainer.fit` (validation included: a translation model's decoding of "
         "the validation set too), `wall_s` the whole job (data preparation and test too), "
@@ -398,7 +426,7 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
     ]
     failed, again = failed_jobs(sweep_dir)
     if failed:
-        lines += [f"Failed jobs, not in the table ({len(failed)}):", "", *failed, ""]
+        lines += [f"Jobs without a result, not in the table ({len(failed)}):", "", *failed, ""]
     if again:
         lines += [
             f"Jobs run again that failed; the table has their earlier result ({len(again)}):",

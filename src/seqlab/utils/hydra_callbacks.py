@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqlab.utils.files import write_text_atomic
 from seqlab.utils.resolvers import sweep_group
-from seqlab.utils.run import markdown_table, print_table, read_summaries
+from seqlab.utils.run import SUMMARY_FILE, markdown_table, print_table, read_summaries
 from seqlab.utils.secrets import redact_text, scrub_hydra_files, scrub_yaml
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,26 @@ ERROR_FILE = "error.txt"
 def job_overrides(job_dir: Path) -> str:
     path = job_dir / ".hydra" / "overrides.yaml"
     return redact_text(" ".join(str(o) for o in (OmegaConf.load(path) or []))) if path.is_file() else ""
+
+
+#: the status of a job whose summary.json is an earlier attempt's: the sweep run again failed
+#: on it after it had finished (a changed config refused, ``logger=wandb`` added), and the table
+#: keeps the earlier result
+FAILED_AGAIN = "failed again (earlier result kept)"
+
+
+def error_line(job_dir: Path) -> str:
+    """The first line of a job's ``error.txt``, credentials redacted (error messages quote values:
+    a download URL with its password; files from before this was redacted on writing too)."""
+    text = (job_dir / ERROR_FILE).read_text(errors="replace").strip()
+    return redact_text(next(iter(text.splitlines()), "(no message)"))
+
+
+def failed_again(job_dir: Path) -> bool:
+    """Whether the job's ``error.txt`` is newer than its ``summary.json``: a later attempt failed
+    (an older one is an attempt that failed before the job was resumed and finished)."""
+    error, summary = job_dir / ERROR_FILE, job_dir / SUMMARY_FILE
+    return error.is_file() and summary.is_file() and error.stat().st_mtime_ns > summary.stat().st_mtime_ns
 
 
 def sweep_jobs(sweep_dir: Path) -> list[Path]:
@@ -45,7 +65,8 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job: its status, overrides, final test metrics, validation bests, time,
     throughput and size;
     a failed job (no summary.json) gets its error instead, and one that started training and
-    ended with neither (killed: out of memory, a time limit) is listed as such."""
+    ended with neither (killed: out of memory, a time limit) is listed as such; a finished job
+    whose later attempt failed keeps its result, with ``FAILED_AGAIN`` and the error."""
     from seqlab.utils.resume import running_process
 
     rows = []
@@ -53,11 +74,9 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     for job_dir in sweep_jobs(sweep_dir):
         summary = summaries.get(job_dir)
         if summary is None:
-            error = job_dir / ERROR_FILE
-            if error.is_file():
-                reason = next(iter(error.read_text().strip().splitlines()), "")
+            if (job_dir / ERROR_FILE).is_file():
                 rows.append({"job": job_dir.name, "status": "failed", "overrides": job_overrides(job_dir),
-                             "error": reason})  # fmt: skip
+                             "error": error_line(job_dir)})  # fmt: skip
             elif (job_dir / "config.yaml").is_file() and running_process(
                 job_dir, this_job_gone=False
             ) is None:
@@ -72,6 +91,8 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             "overrides": " ".join(summary["overrides"]) if "overrides" in summary else job_overrides(job_dir),
             "model": summary.get("model"),
         }
+        if failed_again(job_dir):
+            row.update(status=FAILED_AGAIN, error=error_line(job_dir))
         row.update({k.removeprefix("test/"): v for k, v in summary.get("metrics", {}).items()})
         row.update(summary.get("best") or {})  # val/<monitor>_best: a search's objective (trials run no test)
         for key in ("wall_s", "train_samples_per_s", "peak_memory_mb", "num_params"):
@@ -172,7 +193,7 @@ class SweepSummary(Callback):
         job_dir = Path(config.hydra.runtime.output_dir)
         error = job_error(job_return)
         if error is not None:
-            write_text_atomic(job_dir / ERROR_FILE, f"{type(error).__name__}: {error}\n")
+            write_text_atomic(job_dir / ERROR_FILE, redact_text(f"{type(error).__name__}: {error}\n"))
         else:  # an earlier attempt's error (the sweep run again resumed the job, which finished)
             (job_dir / ERROR_FILE).unlink(missing_ok=True)
         write_sweep_table(Path(config.hydra.sweep.dir))
