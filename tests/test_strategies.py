@@ -560,3 +560,44 @@ def test_fsdp_keeps_weight_decay_and_the_batchs_precision() -> None:
     assert flat, "FSDP flattened the parameters (the case this guards)"
     assert decayed == matrices > 4
     assert target == torch.float32
+
+
+def test_a_one_process_ddp_sweep_job_leaves_nothing_to_the_next(monkeypatch, tmp_path: Path) -> None:
+    """``-m trainer=ddp trainer.devices=1,2``: the one-process job started no ranks, so its end
+    left Lightning's launch environment and the one-process group in place; the next job took
+    them as started from outside, started no ranks, and trained as rank 0 of 2 on half the data.
+    And Lightning's launcher set the threads and ``OMP_NUM_THREADS`` for its processes: the next
+    job of the sweep's process kept them (a single-process job after a 2-process one, half the
+    cores)."""
+    import lightning as L
+    import torch.distributed as dist
+
+    from seqlab.utils import distributed
+    from seqlab.utils.distributed import LAUNCH_ENV, finish_job, use_script_launcher
+    from seqlab.utils.parallel import job_resources
+
+    monkeypatch.setattr(distributed, "in_multirun", lambda: True)
+    for key in (*LAUNCH_ENV, "OMP_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with job_resources(None):  # (outside a parallel sweep it reads no config)
+            trainer = L.Trainer(
+                strategy="ddp", accelerator="cpu", devices=1, logger=False, enable_checkpointing=False
+            )
+            use_script_launcher(trainer)
+            trainer.strategy._launcher.launch(trainer.strategy.setup_environment, trainer=trainer)
+            assert (
+                dist.is_initialized() and os.environ["LOCAL_RANK"] == "0" and "OMP_NUM_THREADS" in os.environ
+            )
+            assert finish_job(trainer, tmp_path) is None
+        assert not dist.is_initialized()
+        assert [key for key in LAUNCH_ENV if key in os.environ] == []
+        assert torch.get_num_threads() == 1 and "OMP_NUM_THREADS" not in os.environ
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for key in LAUNCH_ENV:
+            os.environ.pop(key, None)
+        torch.set_num_threads(threads)

@@ -421,7 +421,12 @@ class SweepJobLauncher(ScriptLauncher):
     """The script launcher whose other ranks run this sweep job, not the whole sweep, and whose
     rank failures end the job, not the sweep (``RankObserver``, ``finish_job``)."""
 
+    #: whether this process set the launch environment (``LAUNCH_ENV``) and started the ranks
+    #: (none with ``trainer.devices=1``), not torchrun or srun
+    launched_here: bool = False
+
     def _call_children_scripts(self) -> None:
+        self.launched_here = True
         # Lightning builds a Hydra child's command in this one function: swap in the job's
         with mock.patch.object(subprocess_script, "_hydra_subprocess_cmd", job_command):
             super()._call_children_scripts()
@@ -579,8 +584,11 @@ def finish_job(
     on the other ranks (a non-zero exit, a rank that did not end), for the caller to raise once it
     has closed its loggers (Lightning's watch SIGKILLed this process instead)."""
     launcher = getattr(trainer.strategy, "_launcher", None)
-    if not isinstance(launcher, ScriptLauncher) or not launcher.procs:
+    if not isinstance(launcher, ScriptLauncher):
         return None
+    # none with trainer.devices=1: Lightning still set the launch environment and DDP opened a
+    # one-process group, which the next sweep job's launcher took as started from outside (it
+    # started no ranks, and trained as rank 0 of N on its 1/N share)
     procs = list(launcher.procs)
     # Lightning's child-process observer watches this very list and kills this process (the whole
     # sweep) when a rank in it exits non-zero, as a killed one does: emptied, the observer ends
@@ -615,7 +623,7 @@ def finish_job(
             if code and not failed:  # (one the watch killed after another failed is not a cause)
                 problems.append(f"rank {rank} ended: {exit_reason(code)}")
     finally:
-        if isinstance(launcher, SweepJobLauncher):
+        if isinstance(launcher, SweepJobLauncher) and launcher.launched_here:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
             for key in LAUNCH_ENV:

@@ -117,19 +117,46 @@ def gpu_lock_dir() -> Path:
 
 
 @contextlib.contextmanager
+def threads_restored() -> Iterator[None]:
+    """torch's threads and ``OMP_NUM_THREADS`` put back as they were when the block ends: a job
+    changes them in this process (its share of the cores in a parallel sweep; Lightning's launcher
+    divides them among a DDP job's processes), and the next job of a multirun in this process
+    would train with what is left."""
+    import torch
+
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+
+
+@contextlib.contextmanager
 def job_resources(cfg: DictConfig) -> Iterator[None]:
     """The GPUs and threads of one job of a parallel sweep, for the length of the job (nothing
-    changes outside such a sweep)."""
-    if not side_by_side():
-        yield
-        return
+    changes outside such a sweep); the threads, whatever changed them, as they were after any job
+    (``threads_restored``)."""
+    with threads_restored():
+        if not side_by_side():
+            yield
+            return
+        with _parallel_job_resources(cfg):
+            yield
+
+
+@contextlib.contextmanager
+def _parallel_job_resources(cfg: DictConfig) -> Iterator[None]:
     import torch
 
     from seqlab.utils.distributed import gpu_trainer, process_count
 
     trainer = cfg.trainer
     locks: list[IO[str]] = []
-    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    threads = torch.get_num_threads()
     try:
         devices, accelerator = trainer.get("devices", "auto"), trainer.get("accelerator", "auto")
         # ids given (a list, Lightning's "0,1"): the job takes those
@@ -154,11 +181,6 @@ def job_resources(cfg: DictConfig) -> Iterator[None]:
             torch.cuda.empty_cache()  # (the next job on these GPUs may be another worker's)
         for lock in locks:
             lock.close()  # closing the file frees its lock
-        torch.set_num_threads(threads)
-        if omp is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = omp
 
 
 def trainer_kwargs() -> dict[str, Any]:
