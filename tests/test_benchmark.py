@@ -633,6 +633,25 @@ def test_run_stats_waits_for_the_device_at_each_timing_boundary(make_cfg, monkey
     assert len(calls) == 2 * 4 + 1 + 1, calls
 
 
+def test_a_cpu_job_reports_no_gpu_memory_of_an_earlier_job(monkeypatch) -> None:
+    """``-m trainer=gpu,cpu`` runs both jobs in one process: the CPU job reported the GPU job's
+    peak as its own ``peak_memory_mb`` (and the report called the column GPU memory)."""
+    import lightning as L
+
+    from seqlab.callbacks.run_stats import RunStats
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # the earlier GPU job's
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 4 * 2**30)
+    stats = RunStats()
+    assert "peak_gpu_memory_mb" in stats.peak_memory(), "not set up: where it trained is not known"
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    stats.setup(trainer, torch.nn.Linear(1, 1), "fit")
+    assert set(stats.peak_memory()) == {"peak_host_memory_mb"}
+    assert set(stats.handover()["worker_memory"]) == {"peak_host_memory_mb"}
+
+
 def test_gpu_results_record_the_float32_math_mode(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     info = bench.environment(torch.device("cuda", 0))

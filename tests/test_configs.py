@@ -258,6 +258,18 @@ def test_eval_keeps_its_own_settings_over_the_groups(make_cfg) -> None:
 
 
 @pytest.mark.slow
+def test_the_data_root_comes_from_seqlab_data_dir_unless_it_is_empty(
+    make_cfg, monkeypatch, tmp_path: Path
+) -> None:
+    """``SEQLAB_DATA_DIR=`` (set, empty) put every data set and cache under ``/``."""
+    monkeypatch.setenv("SEQLAB_DATA_DIR", str(tmp_path / "shared"))
+    assert make_cfg().paths.data_dir == str(tmp_path / "shared")
+    monkeypatch.setenv("SEQLAB_DATA_DIR", "")
+    cfg = make_cfg("data=sst2", fast=False)
+    assert cfg.paths.data_dir == f"{cfg.paths.root_dir}/data"
+    assert cfg.data.data_dir == f"{cfg.paths.root_dir}/data/sst2"
+
+
 def test_help_lists_groups_and_unknown_options_list_the_choices() -> None:
     helped = run_script("train.py", "--help")
     assert helped.returncode == 0

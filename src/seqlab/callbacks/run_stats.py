@@ -219,6 +219,9 @@ class RunStats(L.Callback):
         #: follows (the checkpoint callbacks run after it) began there
         self._hook_end: float | None = None
         self.worker_memory: dict[str, float] | None = None
+        #: the type of the device this run trains on (``setup``): GPU memory is reported for
+        #: ``cuda`` only (a CPU job after a GPU job in one multirun process got the GPU job's peak)
+        self.device_type: str | None = None
         #: seconds of ``trainer.fit`` this run spent before the process that resumed it (saved in
         #: its checkpoints); 0 for a fresh run and for one started from another run's checkpoint
         self.earlier_fit_s = 0.0
@@ -229,7 +232,8 @@ class RunStats(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.peak_flops is None:
             self.peak_flops = peak_flops(trainer.strategy.root_device, compute_dtype(trainer))
-        if stage == "fit" and trainer.strategy.root_device.type == "cuda":
+        self.device_type = trainer.strategy.root_device.type
+        if stage == "fit" and self.device_type == "cuda":
             # a multirun trains its jobs in one process: each job's own peak, not the sweep's so far
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
@@ -396,10 +400,10 @@ class RunStats(L.Callback):
         """The job's peak memory: measured here, or by the spawned worker that trained."""
         return self.worker_memory or self.peak_memory_mb()
 
-    @staticmethod
-    def peak_memory_mb() -> dict[str, float]:
+    def peak_memory_mb(self) -> dict[str, float]:
         stats = {"peak_host_memory_mb": round(peak_host_memory_mb(), 1)}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        on_gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if on_gpu and self.device_type in ("cuda", None):  # (None: set up elsewhere, not known)
             stats["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             # what the caching allocator held at its peak: allocated plus its free blocks (an
             # out-of-memory error comes when this, with the CUDA context, fills the device)

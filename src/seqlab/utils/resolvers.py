@@ -23,6 +23,12 @@ def project_root() -> str:
     return str(root if (root / "configs").is_dir() else Path.cwd())
 
 
+def env_or(name: str, default: str = "") -> str:
+    """``$name``, or ``default`` when it is unset or empty (``oc.env`` takes an empty value as
+    given: ``SEQLAB_DATA_DIR=`` put the data under ``/``)."""
+    return os.environ.get(name) or default
+
+
 def device_count(accelerator: str | int = "auto", cpu_processes: int = 2) -> int:
     """Devices for a multi-process strategy on ``accelerator`` (``trainer.accelerator``): every
     visible GPU, or ``cpu_processes`` CPU processes with ``cpu`` or on a machine without a GPU;
@@ -222,6 +228,7 @@ def sweep_group(task_name: str, sweep_dir: str | Path) -> str:
 
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("project_root", project_root, replace=True)
+    OmegaConf.register_new_resolver("env_or", env_or, replace=True)
     OmegaConf.register_new_resolver("device_count", device_count, replace=True)
     OmegaConf.register_new_resolver("gpus_per_node", gpus_per_node, replace=True)
     OmegaConf.register_new_resolver("parallel_jobs", parallel_jobs, replace=True)
