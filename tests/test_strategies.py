@@ -142,6 +142,21 @@ def test_gpu_only_choices_fail_fast_naming_what_works(make_cfg, tmp_path: Path, 
     assert not (tmp_path / "run").exists(), "refused before anything was written"
 
 
+@pytest.mark.parametrize(
+    "overrides", [["trainer=fsdp", "debug=limit"], ["trainer=deepspeed", "trainer.accelerator=cpu"]]
+)
+def test_gpu_only_strategies_are_refused_on_the_cpu_of_a_gpu_machine(
+    make_cfg, monkeypatch, overrides
+) -> None:
+    """On a GPU machine, FSDP1 or DeepSpeed with ``trainer.accelerator=cpu`` (which ``debug=*`` and
+    the ``*_cpu`` recipes set) passed the check: DeepSpeed then failed in ``fit`` after the run
+    directory was written, and FSDP1 ran an untested path on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    with pytest.raises(ConfigError, match=r"needs CUDA GPUs, but trainer.accelerator='cpu'.*trainer=ddp"):
+        check_hardware(make_cfg(*overrides, fast=False))
+
+
 @NO_GPU
 def test_more_gpus_than_exist_and_cpu_devices(make_cfg) -> None:
     with pytest.raises(ConfigError, match="no CUDA GPU"):

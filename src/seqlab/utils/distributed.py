@@ -121,6 +121,11 @@ def check_hardware(cfg: DictConfig) -> None:
             f"trainer.strategy: {GPU_ONLY[kind]} needs CUDA GPUs and none is visible here "
             f"(Lightning refuses it on CPU). On this machine use {CPU_STRATEGIES}."
         )
+    if kind in GPU_ONLY and accelerator == "cpu":  # (debug=*, experiment=*_cpu set it)
+        raise ConfigError(
+            f"trainer.strategy: {GPU_ONLY[kind]} needs CUDA GPUs, but trainer.accelerator='cpu'; "
+            f"on the CPU use {CPU_STRATEGIES}, or set trainer.accelerator=gpu"
+        )
     if kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(
             "trainer.strategy: DeepSpeed is an optional dependency and is not installed: "
