@@ -114,6 +114,8 @@ def test_every_callbacks_option_instantiates(make_cfg, callbacks: str) -> None:
     check_choices(cfg)
     built = build_callbacks(cfg.get("callbacks"))
     assert "RunStats" in [type(c).__name__ for c in built]
+    if callbacks == "none":  # not Lightning's own ModelCheckpoint either (no last.ckpt, a file per epoch)
+        assert build_trainer(cfg, callbacks=built, loggers=[]).checkpoint_callback is None
 
 
 @pytest.mark.parametrize("debug", [o for o in options("debug") if o != "default"])

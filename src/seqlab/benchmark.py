@@ -873,10 +873,7 @@ class Ablation:
 #: with ``bare=True``, a Trainer with nothing of seqlab's around the step: no callback (not even
 #: RunStats, DivergenceGuard and the resume callbacks), logger, checkpointing, progress bar or
 #: summary (the floor of Lightning's own loop)
-_BARE = (
-    "callbacks=none", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
-    "+trainer.enable_checkpointing=false",
-)  # fmt: skip
+_BARE = ("callbacks=none", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false")
 
 #: what the ablation takes away from the default Trainer path, one thing at a time, and the bare
 #: Lightning loop with either dispatch
@@ -884,9 +881,7 @@ OVERHEAD_ABLATIONS: dict[str, Ablation] = {
     "Lightning's hook dispatch": Ablation(seqlab_hooks=False),
     "no progress bar": Ablation(("callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false")),
     "no per-step logging": Ablation(("trainer.log_every_n_steps=1000000",)),
-    "no optional callbacks": Ablation(
-        ("callbacks=none", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false")
-    ),
+    "no optional callbacks": Ablation(_BARE),
     "bare Lightning loop": Ablation(_BARE, bare=True),
     "bare Lightning loop, Lightning's dispatch": Ablation(_BARE, seqlab_hooks=False, bare=True),
 }
