@@ -119,7 +119,7 @@ def test_checkpoint_rebuilds_the_model_alone(make_cfg, tmp_path: Path) -> None:
     assert restored.backbone.d_model == model.backbone.d_model
 
 
-def test_eval_reproduces_the_training_test_metrics(make_cfg, tmp_path: Path) -> None:
+def test_eval_reproduces_the_training_test_metrics(make_cfg, tmp_path: Path, monkeypatch) -> None:
     cfg = make_cfg("model=lstm", "trainer.max_epochs=2")
     train_metrics, objects = train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
@@ -130,7 +130,14 @@ def test_eval_reproduces_the_training_test_metrics(make_cfg, tmp_path: Path) -> 
     )
     assert again[0]["val/mse"] == pytest.approx(objects["summary"]["best"]["val/mse_best"], rel=1e-6)
     eval_cfg = make_cfg(f"ckpt_path={ckpt}", "extras.print_config=false", name="eval", output="eval")
+    import seqlab.train
+
+    strategies, build_strategy = [], seqlab.train.build_strategy
+    monkeypatch.setattr(seqlab.train, "build_strategy", lambda *a: strategies.append(a) or build_strategy(*a))
     eval_metrics, _ = evaluate(eval_cfg)
+    # the checkpoint's backbone and batch (trainer=fsdp wrapped the whole model as one unit)
+    (_, backbone, batch_size), *_ = strategies
+    assert backbone._target_ == cfg.model._target_ and batch_size == cfg.data.batch_size
     for key in ("test/mse", "test/mae", "test/orig_mse", "test/baseline_seasonal_mse"):
         assert eval_metrics[key] == pytest.approx(train_metrics[key], rel=1e-6), key
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["metrics"][

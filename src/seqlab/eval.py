@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import get_class
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.train import (
@@ -71,7 +71,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     check_data_fits(task, datamodule, given)
     task.adopt_data(datamodule.task_kwargs())
     loggers = build_loggers(cfg.get("logger"), run_dir)
-    trainer = build_trainer(cfg, callbacks=[], loggers=loggers)
+    # the checkpoint's backbone: FSDP wraps its layers one by one (not the whole model as one unit)
+    target = backbone_target(info, task)
+    backbone = OmegaConf.create({"_target_": target}) if target else None
+    trainer = build_trainer(
+        cfg, callbacks=[], loggers=loggers, model_cfg=backbone, batch_size=data_cfg.get("batch_size")
+    )
     error: BaseException | None = None
     try:
         for logger in trainer.loggers:
@@ -107,12 +112,16 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, {"datamodule": datamodule, "task": task, "trainer": trainer, "summary": summary}
 
 
+def backbone_target(info: dict[str, Any], task: L.LightningModule) -> str:
+    """The class path of the checkpoint's backbone ("" if nothing tells)."""
+    return dict(task.hparams.get("backbone") or {}).get("_target_") or info.get("backbone_target") or ""
+
+
 def model_name(info: dict[str, Any], task: L.LightningModule) -> str | None:
     """The trained model's choice (``model=gru``); for a checkpoint from before it was recorded,
     its backbone's cell (rnn, lstm, gru, mingru, minlstm) or class; None if nothing tells."""
-    backbone = dict(task.hparams.get("backbone") or {})
-    target = backbone.get("_target_") or info.get("backbone_target") or ""
-    return info.get("model_name") or backbone.get("cell") or target.rsplit(".", 1)[-1] or None
+    cell = dict(task.hparams.get("backbone") or {}).get("cell")
+    return info.get("model_name") or cell or backbone_target(info, task).rsplit(".", 1)[-1] or None
 
 
 def check_data_fits(task: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Path) -> None:

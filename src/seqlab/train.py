@@ -164,9 +164,20 @@ def build_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger]) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig,
+    callbacks: list[L.Callback],
+    loggers: list[Logger],
+    model_cfg: DictConfig | None = None,
+    batch_size: int | None = None,
+) -> L.Trainer:
+    """The Trainer of ``cfg.trainer``; ``model_cfg`` and ``batch_size`` (the backbone, which FSDP
+    wraps layer by layer, and the global batch) where ``cfg`` has no ``model`` or ``data`` of its
+    own (eval.py: the checkpoint's)."""
     hooks.install()  # callbacks are called only for the hooks they implement
-    strategy = build_strategy(cfg.trainer, cfg.get("model"), (cfg.get("data") or {}).get("batch_size"))
+    model_cfg = model_cfg if model_cfg is not None else cfg.get("model")
+    batch_size = batch_size if batch_size is not None else (cfg.get("data") or {}).get("batch_size")
+    strategy = build_strategy(cfg.trainer, model_cfg, batch_size)
     trainer = instantiate(
         cfg.trainer, strategy=strategy, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
         **trainer_kwargs(),  # a job of a parallel sweep: its GPUs, no progress bar
