@@ -292,6 +292,26 @@ def test_truncated_bptt_keeps_the_outputs_and_cuts_the_gradient(cell: str) -> No
         truncated.float().train().encode(torch.randn(2, 9, 16), unpadded)
 
 
+@torch.no_grad()
+def test_a_float64_model_computes_in_float64(backbone: Backbone) -> None:
+    """minGRU/minLSTM scanned in float32 whatever the model's dtype: a float64 model (a
+    ``64-true`` run, a float64 check) matched its padding-free and step-by-step forms to 2e-7 only,
+    and handed float32 states from step to step."""
+    model = backbone.double()
+    x, pad = batch([5, 3], 5)
+    x = x.double()
+    memory = model.encode(x, pad)
+    assert memory.dtype == torch.float64
+    torch.testing.assert_close(memory[1, :3], model.encode(x[1:2, :3])[0], atol=1e-12, rtol=1e-12)
+    y = torch.randn(2, 6, WIDTH, dtype=torch.float64)
+    full, _ = model.decode(y, memory, pad)
+    _, state = model.decode(y[:, :2], memory, pad)
+    rest, state = model.decode(y[:, 2:], memory, pad, state)
+    torch.testing.assert_close(rest, full[:, 2:], atol=1e-12, rtol=1e-12)
+    tensors = [t for value in state.values() for t in (value if isinstance(value, list) else [value])]
+    assert {t.dtype for t in tensors if torch.is_tensor(t) and t.is_floating_point()} <= {torch.float64}
+
+
 @pytest.mark.parametrize("name", ["mingru", "minlstm-blocked"])
 def test_min_rnn_decoding_carries_float32_states_under_bf16_autocast(name: str) -> None:
     """Decoding one step at a time hands the state from call to call: in bfloat16 it would be

@@ -71,10 +71,12 @@ class MinRNN(nn.Module):
                 gate = gate.masked_fill(pad_mask.transpose(0, 1)[..., None], _CLOSED)
             if direction == 1:  # right to left: padding comes first and leaves the zero state alone
                 gate, candidate = gate.flip(0), candidate.flip(0)
-            # scanned in float32 (as gated_scan would under bf16-mixed), and the final state kept so:
-            # decoding carries it from step to step, where rounding it each time would add up
-            h0 = state.float() if state is not None and direction == 0 else None
-            h = gated_scan(gate.float(), candidate.float(), h0, self.scan)
+            # scanned in float32 at least (as gated_scan would under bf16-mixed; a float64 model in
+            # float64), and the final state kept so: decoding carries it from step to step, where
+            # rounding it each time would add up
+            work = torch.promote_types(candidate.dtype, torch.float32)
+            h0 = state.to(work) if state is not None and direction == 0 else None
+            h = gated_scan(gate.to(work), candidate.to(work), h0, self.scan)
             finals.append(h[-1])
             h = h.to(candidate.dtype)
             outputs.append(h.flip(0) if direction == 1 else h)
