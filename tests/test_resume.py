@@ -1200,3 +1200,30 @@ def test_a_run_resumed_in_its_last_epoch_reports_its_throughput(make_cfg) -> Non
         and summary["train_samples_per_s"] > 0
         and summary["train_tokens_per_s"] > 0
     )
+
+
+def test_a_run_resumed_mid_epoch_logs_the_whole_epochs_training_loss(make_cfg, tmp_path: Path) -> None:
+    """The epoch's running training loss was not in the checkpoint: a run resumed at step 5 of a
+    20-step epoch logged a ``train/loss_epoch`` over steps 5-19 only (the curves compare.py draws
+    from it when few steps are logged); now the uninterrupted run's, as are the weights."""
+    import csv
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    settings = ["trainer.max_epochs=1", "trainer.limit_train_batches=20", "trainer.limit_val_batches=2"]
+    stop = ["+callbacks.sigterm._target_=tests.faults.SigtermFlagAtStep", "+callbacks.sigterm.step=5"]
+    train(make_cfg(*settings, output="reference"))
+    with pytest.raises(SIGTERMException):
+        train(make_cfg(*settings, *stop))
+    train(make_cfg(*settings, *stop))  # resumed at step 5 of its only epoch
+
+    def epoch_loss(run_dir: Path) -> list[float]:
+        with (run_dir / "metrics.csv").open(newline="") as handle:
+            return [
+                float(row["train/loss_epoch"])
+                for row in csv.DictReader(handle)
+                if row.get("train/loss_epoch")
+            ]
+
+    reference = epoch_loss(tmp_path / "reference")
+    assert len(reference) == 1 and epoch_loss(tmp_path / "run") == pytest.approx(reference, rel=1e-6)

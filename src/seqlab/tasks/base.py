@@ -216,6 +216,9 @@ class SeqTask(L.LightningModule):
         self.run_info: dict[str, Any] = {}
         #: ``{monitor}_best`` of the run's own checkpoint it resumed from (None on a fresh start)
         self.restored_best: Tensor | None = None
+        #: every process's (loss sum, weight) of the epoch so far, from a mid-epoch checkpoint of
+        #: this run: taken back at the resumed epoch's first step (``on_train_batch_start``)
+        self._restored_train_loss: list[list[float]] | None = None
 
     # ----------------------------------------------------------------- precision
     def setup(self, stage: str) -> None:
@@ -286,6 +289,21 @@ class SeqTask(L.LightningModule):
         own = resumes_own_run(self._trainer)  # no trainer under load_from_checkpoint (eval.py, translate.py)
         if own and isinstance(saved, dict) and saved.get("monitor") == self.hparams.monitor:
             self.restored_best = saved["value"]
+        train_loss = checkpoint.get("seqlab_train_loss")
+        self._restored_train_loss = train_loss if own and isinstance(train_loss, list) else None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A run resumed mid-epoch takes back the epoch's training loss so far: its
+        ``train/loss_epoch`` was the mean over the steps since the resume only. Not at an epoch's
+        first batch (the checkpoint was the end of the epoch before), nor from a checkpoint of
+        another number of processes."""
+        restored, self._restored_train_loss = self._restored_train_loss, None
+        if restored is not None and batch_idx > 0 and len(restored) == self.trainer.world_size:
+            total, weight = restored[self.global_rank]
+            # (summed in float32, as the uninterrupted run does: the saved value is exact in it)
+            self._train_loss.update(
+                sum=torch.tensor(total, dtype=torch.float32, device=self.device), weight=weight
+            )
 
     def log_monitor_best(self, values: dict[str, torch.Tensor]) -> None:
         """Log ``{monitor}_best`` from the epoch's validation ``values`` (already reduced)."""
@@ -453,6 +471,18 @@ class SeqTask(L.LightningModule):
                 "monitor": self.hparams.monitor,
                 "value": best.detach().float().cpu(),
             }
+
+        # mid-epoch (a step checkpoint, SIGTERM): the epoch's training loss so far, every process's
+        # (a collective: every process saves a checkpoint together, Lightning's rule)
+        if self._train_loss["sum"] is not None:
+            checkpoint["seqlab_train_loss"] = self.train_loss_so_far()
+
+    def train_loss_so_far(self) -> list[list[float]]:
+        """(loss sum, weight) of the epoch so far, one pair per process."""
+        total = self._train_loss["sum"].detach().double()
+        mine = torch.stack([total, torch.as_tensor(self._train_loss["weight"], device=total.device).double()])
+        gathered = self.all_gather(mine) if self.trainer.world_size > 1 else mine[None]
+        return gathered.cpu().tolist()
 
     def task_class(self) -> type[SeqTask]:
         """The task's own class: FSDP2 swaps in a generated subclass (FSDP<Task>) when it shards."""
