@@ -329,6 +329,22 @@ def test_optimizer_state_converts_between_positional_and_by_name_forms(tmp_path:
         read_sharded_checkpoint(deepspeed_dir)
 
 
+@pytest.mark.parametrize("trainer", ["fsdp2", "ddp"])
+def test_a_deepspeed_checkpoint_is_refused_before_training_under_another_strategy(
+    make_cfg, tmp_path: Path, trainer: str
+) -> None:
+    """Under trainer=fsdp* a DeepSpeed directory went to Lightning's own reader, which failed on
+    every process after the launch with "does not point to a valid checkpoint"."""
+    from seqlab.utils.resume import check_checkpoint_fits
+
+    deepspeed_dir = tmp_path / "ds.ckpt"
+    deepspeed_dir.mkdir()
+    (deepspeed_dir / "latest").write_text("global_step10")
+    cfg = make_cfg(f"trainer={trainer}", f"ckpt_path={deepspeed_dir}")
+    with pytest.raises(ConfigError, match="is a DeepSpeed ZeRO checkpoint: training resumes from it under"):
+        check_checkpoint_fits(str(deepspeed_dir), cfg)
+
+
 def test_fsdp_resumes_optimizer_states_saved_by_one_process_and_by_fsdp(tmp_path: Path) -> None:
     """Lightning's FSDP strategy reads a full checkpoint file and loads its optimizer states in
     ``load_checkpoint``, re-keying positional states by ``module.parameters()`` order: FSDP's own

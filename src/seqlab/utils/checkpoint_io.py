@@ -108,6 +108,14 @@ def is_deepspeed_checkpoint(path: Path) -> bool:
     return (path / "latest").is_file() or (path / "checkpoint").is_dir()
 
 
+def deepspeed_only(path: Path) -> ConfigError:
+    """The refusal of a DeepSpeed directory to train on under another strategy."""
+    return ConfigError(
+        f"ckpt_path={str(path)!r} is a DeepSpeed ZeRO checkpoint: training resumes from it under "
+        "trainer=deepspeed* only; eval.py and translate.py read its weights anywhere"
+    )
+
+
 def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
     """An FSDP/FSDP2 checkpoint directory (``torch.distributed.checkpoint`` shards) as the dict an
     ordinary checkpoint file holds: full weights, metadata and ``optimizer_states`` in torch's
@@ -115,10 +123,7 @@ def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
     from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
 
     if is_deepspeed_checkpoint(path):
-        raise ConfigError(
-            f"ckpt_path={str(path)!r} is a DeepSpeed ZeRO checkpoint: training resumes from it under "
-            "trainer=deepspeed* only; eval.py and translate.py read its weights anywhere"
-        )
+        raise deepspeed_only(path)
     if not (path / _METADATA_FILENAME).is_file():
         raise ConfigError(
             f"ckpt_path={str(path)!r} is a directory but not a sharded checkpoint (no {_METADATA_FILENAME} "

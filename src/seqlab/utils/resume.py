@@ -464,13 +464,19 @@ def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | N
     checkpoint's run information (``load_run_info``: its tokenizers, which the resumed run encodes
     with); None for a DeepSpeed directory whose model-states file does not load safely (its
     strategy reads it, unchecked here)."""
-    from seqlab.utils.checkpoint_io import is_deepspeed_checkpoint, load_run_info
+    from seqlab.utils.checkpoint_io import deepspeed_only, is_deepspeed_checkpoint, load_run_info
+    from seqlab.utils.distributed import strategy_kind
 
     path = Path(ckpt_path)
+    deepspeed = path.is_dir() and is_deepspeed_checkpoint(path)
+    if deepspeed and strategy_kind(cfg.trainer.get("strategy", "auto")) != "deepspeed":
+        # (refused here, before the run starts: under trainer=fsdp* Lightning's own reader failed
+        # on every process after the launch)
+        raise deepspeed_only(path)
     try:
         info = load_run_info(path)
     except ConfigError as error:
-        if not (path.is_dir() and is_deepspeed_checkpoint(path)):
+        if not deepspeed:
             raise
         log.warning(
             "%s; resuming without checking it, and the data's tokenizer is rebuilt from the data", error
