@@ -83,6 +83,27 @@ def test_a_corrupt_or_truncated_checkpoint_is_named(make_cfg, tmp_path: Path) ->
     assert good.stat().st_size > 0 and good.read_bytes()[:2] == b"PK"  # the good checkpoint is untouched
 
 
+def test_a_checkpoint_refused_by_the_safe_loader_names_what_it_refused(tmp_path: Path) -> None:
+    """torch's own reason was dropped (only its type was kept): a checkpoint holding a NumPy
+    scalar read as "truncated or corrupt", with nothing naming the object to allow."""
+    import numpy as np
+    import torch
+
+    from seqlab.utils.checkpoint_io import load_run_info
+
+    path = tmp_path / "numpy.ckpt"
+    torch.save({"seqlab": {"task_target": "x", "data": {}}, "loss": np.float64(0.5)}, path)
+    with pytest.raises(
+        ConfigError, match=r"\(UnpicklingError: Unsupported global: GLOBAL numpy\S*scalar was not"
+    ):
+        load_run_info(path)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(
+        ConfigError, match=r"\(RuntimeError: PytorchStreamReader failed reading zip archive[^.]*\): the"
+    ):
+        load_run_info(path)
+
+
 def test_more_devices_than_this_machine_has_are_refused(make_cfg, tmp_path: Path) -> None:
     from seqlab.train import train
 

@@ -246,6 +246,15 @@ def metadata_file(ckpt_path: Path) -> Path:
     return ckpt_path / _METADATA_FILENAME
 
 
+def load_error_gist(err: BaseException) -> str:
+    """What ``torch.load`` says went wrong, in one line: for a weights-only refusal the object it
+    refused (``Unsupported global: GLOBAL numpy...scalar ...``), which names what to allow; else
+    the message's first sentence."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    refused = re.search(r"WeightsUnpickler error: ([^\n]+?)(?:\. |\.?$)", text, re.MULTILINE)
+    return refused[1] if refused else re.split(r"\.\s|\n", text, maxsplit=1)[0]
+
+
 def load_run_info(ckpt_path: Path) -> dict[str, Any]:
     """The ``seqlab`` section every seqlab checkpoint carries (task class, data config, the
     tokenizers), with the backbone's class as ``backbone_target``; from a checkpoint file, or from
@@ -256,7 +265,8 @@ def load_run_info(ckpt_path: Path) -> dict[str, Any]:
         checkpoint = torch.load(source, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:  # unpickling errors come in many types
         raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r} is not a readable checkpoint ({type(err).__name__}): the file "
+            f"ckpt_path={str(ckpt_path)!r} is not a readable checkpoint ({type(err).__name__}: "
+            f"{load_error_gist(err)}): the file "
             "is truncated or corrupt, was not written by torch.save, or holds objects that cannot be "
             "loaded safely (seqlab loads checkpoints with weights_only=True)"
         ) from None
