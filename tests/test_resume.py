@@ -865,6 +865,14 @@ def test_an_explicit_checkpoint_never_takes_over_another_run(make_cfg, tmp_path:
         resume_checkpoint(make_cfg("model=lstm", "ckpt_path=/b.ckpt"), run_dir)
     (run_dir / "checkpoints" / "last.ckpt").unlink()  # interrupted before its first checkpoint
     assert resume_checkpoint(cfg, run_dir) == "/a.ckpt"
+    # a crash between the two renames that replace a sharded best.ckpt (or last.ckpt): the set-aside
+    # best is put back where the run's ModelCheckpoint looks for it; the last is read where it lies
+    for name in ("best", "last"):
+        (run_dir / "checkpoints" / f".{name}.ckpt.old").mkdir()
+        (run_dir / "checkpoints" / f".{name}.ckpt.old" / "meta.pt").write_bytes(b"x")
+    assert resume_checkpoint(cfg, run_dir) == str(run_dir / "checkpoints" / ".last.ckpt.old")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [".last.ckpt.old", "best.ckpt"]
+    assert (run_dir / "checkpoints" / "best.ckpt" / "meta.pt").is_file()
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,8 @@ def save_directory_atomically(strategy: Any, path: Path, save: Callable[[Path], 
     directory is cleared by the next save), where saving in place left a mix of two steps'
     shards that ``resume=auto`` then tried to load. The old one is renamed aside, the new one in,
     the old one removed: two renames in which a crash leaves ``.<name>.old`` and no ``path``,
-    which then stays until the next checkpoint is in its place."""
+    which then stays until the next checkpoint is in its place (a resumed run reads
+    ``.last.ckpt.old`` there and puts the others back: ``restore_set_aside``)."""
     path = Path(strategy.broadcast(str(path)))
     partial = path.with_name(f".{path.name}.partial")
     if strategy.is_global_zero:
@@ -73,6 +74,22 @@ def save_directory_atomically(strategy: Any, path: Path, save: Callable[[Path], 
         fsync_directory(path.parent)
         remove_path(old)
     strategy.barrier("seqlab.save_directory.replaced")
+
+
+def restore_set_aside(checkpoint_dir: Path, keep: tuple[str, ...] = ("last.ckpt",)) -> list[Path]:
+    """Put back every sharded checkpoint a crash between ``save_directory_atomically``'s two
+    renames left set aside (``.<name>.old``, no ``<name>``), but those named in ``keep``: a
+    resumed run's best checkpoint is restored as ``best.ckpt``, where the run's ModelCheckpoint
+    looks for it (it tested the current weights instead, and eval.py found no file).
+    ``last.ckpt``'s is read where it lies (``newest_checkpoint``): the other processes of a run
+    started together may be reading it."""
+    restored = []
+    for aside in sorted(checkpoint_dir.glob(".*.old")):
+        path = aside.with_name(aside.name[1 : -len(".old")])
+        if path.name not in keep and not path.exists():
+            os.replace(aside, path)
+            restored.append(path)
+    return restored
 
 
 def remove_path(path: Path) -> None:

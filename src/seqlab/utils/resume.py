@@ -395,6 +395,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     from, or None for a fresh start; ConfigError when the directory holds a run it must not touch.
     An explicit ``ckpt_path`` is where a run starts: an interrupted run that started from it
     continues from its own newest checkpoint, as any other."""
+    from seqlab.utils.checkpoint_io import restore_set_aside
     from seqlab.utils.run import is_rank_zero
 
     mode = check_mode(cfg.get("resume", "auto"))
@@ -429,6 +430,8 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
             "or start a fresh run in another directory: another hydra.run.dir (or, where none is given, "
             "resume=never: a new timestamped one)"
         )
+    for path in restore_set_aside(run_dir / "checkpoints"):
+        log.warning("%s: put back from where a crash during its replacement had left it", path)
     checkpoint = newest_checkpoint(run_dir)
     started_from = saved.get("ckpt_path") if isinstance(saved, dict) else None
     if checkpoint is not None and cfg.get("ckpt_path") and cfg.ckpt_path != started_from:
