@@ -345,6 +345,28 @@ def test_a_deepspeed_checkpoint_is_refused_before_training_under_another_strateg
         check_checkpoint_fits(str(deepspeed_dir), cfg)
 
 
+def test_fsdp_and_fsdp2_shards_are_refused_by_name_under_the_other(make_cfg, tmp_path: Path) -> None:
+    """Lightning's FSDP1 keeps a sharded checkpoint's weights under "model", FSDP2 under
+    "state_dict", and neither reads the other's (torch.distributed.checkpoint's "Missing key"
+    on every process, after the launch); DDP reads both whole."""
+    from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
+
+    from seqlab.utils.checkpoint_io import sharded_by
+    from seqlab.utils.resume import check_checkpoint_fits
+
+    for saved_by, key in (("fsdp", "model"), ("fsdp2", "state_dict")):
+        _distributed_checkpoint_save({key: nn.Linear(3, 2).state_dict()}, tmp_path / saved_by)
+        torch.save({"epoch": 3}, tmp_path / saved_by / "meta.pt")  # Lightning's metadata file
+        assert sharded_by(tmp_path / saved_by) == saved_by
+    with pytest.raises(ConfigError, match=r"holds the shards of trainer=fsdp, which trainer=fsdp2 cannot"):
+        check_checkpoint_fits(str(tmp_path / "fsdp"), make_cfg("trainer=fsdp2"))
+    with pytest.raises(ConfigError, match=r"holds the shards of trainer=fsdp2, which trainer=fsdp cannot"):
+        check_checkpoint_fits(str(tmp_path / "fsdp2"), make_cfg("trainer=fsdp", output="fsdp1"))
+    with pytest.raises(ConfigError, match="not written by seqlab"):  # read whole: on to its metadata
+        check_checkpoint_fits(str(tmp_path / "fsdp"), make_cfg("trainer=ddp", output="ddp"))
+    assert sharded_by(tmp_path) is None
+
+
 def test_fsdp_resumes_optimizer_states_saved_by_one_process_and_by_fsdp(tmp_path: Path) -> None:
     """Lightning's FSDP strategy reads a full checkpoint file and loads its optimizer states in
     ``load_checkpoint``, re-keying positional states by ``module.parameters()`` order: FSDP's own

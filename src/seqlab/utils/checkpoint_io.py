@@ -133,6 +133,20 @@ def deepspeed_only(path: Path) -> ConfigError:
     )
 
 
+def sharded_by(path: Path) -> str | None:
+    """Which FSDP saved a ``torch.distributed.checkpoint`` directory: ``fsdp`` (Lightning's FSDP1
+    keeps the weights under "model") or ``fsdp2`` (under "state_dict"); None if not such a one."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception:  # no .metadata: not a torch.distributed.checkpoint directory
+        return None
+    if any(key.startswith("model.") for key in keys):
+        return "fsdp"
+    return "fsdp2" if any(key.startswith("state_dict.") for key in keys) else None
+
+
 def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
     """An FSDP/FSDP2 checkpoint directory (``torch.distributed.checkpoint`` shards) as the dict an
     ordinary checkpoint file holds: full weights, metadata and ``optimizer_states`` in torch's

@@ -467,15 +467,22 @@ def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | N
     checkpoint's run information (``load_run_info``: its tokenizers, which the resumed run encodes
     with); None for a DeepSpeed directory whose model-states file does not load safely (its
     strategy reads it, unchecked here)."""
-    from seqlab.utils.checkpoint_io import deepspeed_only, is_deepspeed_checkpoint, load_run_info
+    from seqlab.utils.checkpoint_io import deepspeed_only, is_deepspeed_checkpoint, load_run_info, sharded_by
     from seqlab.utils.distributed import strategy_kind
 
     path = Path(ckpt_path)
+    kind = strategy_kind(cfg.trainer.get("strategy", "auto"))
     deepspeed = path.is_dir() and is_deepspeed_checkpoint(path)
-    if deepspeed and strategy_kind(cfg.trainer.get("strategy", "auto")) != "deepspeed":
-        # (refused here, before the run starts: under trainer=fsdp* Lightning's own reader failed
-        # on every process after the launch)
+    # refused here, before the run starts: under trainer=fsdp* Lightning's own reader failed on
+    # every process after the launch (another strategy reads FSDP and FSDP2 shards whole)
+    if deepspeed and kind != "deepspeed":
         raise deepspeed_only(path)
+    saved_by = sharded_by(path) if path.is_dir() and not deepspeed else None
+    if saved_by is not None and kind in ("fsdp", "fsdp2") and kind != saved_by:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} holds the shards of trainer={saved_by}, which trainer={kind} cannot "
+            f"read: train on from it under trainer={saved_by}, or under trainer=ddp (which reads it whole)"
+        )
     try:
         info = load_run_info(path)
     except ConfigError as error:
