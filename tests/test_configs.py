@@ -259,7 +259,6 @@ def test_eval_keeps_its_own_settings_over_the_groups(make_cfg) -> None:
     assert make_cfg("ckpt_path=x", "extras.print_config=true", name="eval").extras.print_config is True
 
 
-@pytest.mark.slow
 def test_the_data_root_comes_from_seqlab_data_dir_unless_it_is_empty(
     make_cfg, monkeypatch, tmp_path: Path
 ) -> None:
@@ -272,6 +271,7 @@ def test_the_data_root_comes_from_seqlab_data_dir_unless_it_is_empty(
     assert cfg.data.data_dir == f"{cfg.paths.root_dir}/data/sst2"
 
 
+@pytest.mark.slow
 def test_help_lists_groups_and_unknown_options_list_the_choices() -> None:
     helped = run_script("train.py", "--help")
     assert helped.returncode == 0

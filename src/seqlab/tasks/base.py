@@ -217,7 +217,7 @@ class SeqTask(L.LightningModule):
         #: ``{monitor}_best`` of the run's own checkpoint it resumed from (None on a fresh start)
         self.restored_best: Tensor | None = None
         #: every process's (loss sum, weight) of the epoch so far, from a mid-epoch checkpoint of
-        #: this run: taken back at the resumed epoch's first step (``on_train_batch_start``)
+        #: this run: taken back as training starts (``on_train_start``)
         self._restored_train_loss: list[list[float]] | None = None
 
     # ----------------------------------------------------------------- precision
@@ -281,6 +281,18 @@ class SeqTask(L.LightningModule):
         self.monitor_best.reset()  # forget values from the sanity check
         if self.restored_best is not None:  # a resumed run: the best of the epochs before it too
             self.monitor_best.update(self.restored_best.to(self.device))
+        # a run resumed mid-epoch: the epoch's training loss so far (its train/loss_epoch was the
+        # mean over the steps since the resume only); not at an epoch's end (the next epoch starts
+        # afresh), nor from a checkpoint of another number of processes
+        restored, self._restored_train_loss = self._restored_train_loss, None
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        mid_epoch = 0 < done < self.trainer.num_training_batches
+        if restored is not None and mid_epoch and len(restored) == self.trainer.world_size:
+            total, weight = restored[self.global_rank]
+            # (summed in float32, as the uninterrupted run does: the saved value is exact in it)
+            self._train_loss.update(
+                sum=torch.tensor(total, dtype=torch.float32, device=self.device), weight=weight
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # only when resuming this run (a checkpoint in its own directory), and for the same metric:
@@ -291,19 +303,6 @@ class SeqTask(L.LightningModule):
             self.restored_best = saved["value"]
         train_loss = checkpoint.get("seqlab_train_loss")
         self._restored_train_loss = train_loss if own and isinstance(train_loss, list) else None
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """A run resumed mid-epoch takes back the epoch's training loss so far: its
-        ``train/loss_epoch`` was the mean over the steps since the resume only. Not at an epoch's
-        first batch (the checkpoint was the end of the epoch before), nor from a checkpoint of
-        another number of processes."""
-        restored, self._restored_train_loss = self._restored_train_loss, None
-        if restored is not None and batch_idx > 0 and len(restored) == self.trainer.world_size:
-            total, weight = restored[self.global_rank]
-            # (summed in float32, as the uninterrupted run does: the saved value is exact in it)
-            self._train_loss.update(
-                sum=torch.tensor(total, dtype=torch.float32, device=self.device), weight=weight
-            )
 
     def log_monitor_best(self, values: dict[str, torch.Tensor]) -> None:
         """Log ``{monitor}_best`` from the epoch's validation ``values`` (already reduced)."""
@@ -472,15 +471,17 @@ class SeqTask(L.LightningModule):
                 "value": best.detach().float().cpu(),
             }
 
-        # mid-epoch (a step checkpoint, SIGTERM): the epoch's training loss so far, every process's
-        # (a collective: every process saves a checkpoint together, Lightning's rule)
+        # during an epoch (a step checkpoint, SIGTERM; best.ckpt at the epoch's validation too):
+        # the epoch's training loss so far, every process's (a collective: every process saves a
+        # checkpoint together, Lightning's rule)
         if self._train_loss["sum"] is not None:
             checkpoint["seqlab_train_loss"] = self.train_loss_so_far()
 
     def train_loss_so_far(self) -> list[list[float]]:
-        """(loss sum, weight) of the epoch so far, one pair per process."""
-        total = self._train_loss["sum"].detach().double()
-        mine = torch.stack([total, torch.as_tensor(self._train_loss["weight"], device=total.device).double()])
+        """(loss sum, weight) of the epoch so far, one pair per process (float32: no float64 on
+        every device, MPS's; exact for the weight's step or token counts below 2**24)."""
+        total = self._train_loss["sum"].detach().float()
+        mine = torch.stack([total, torch.as_tensor(self._train_loss["weight"], device=total.device).float()])
         gathered = self.all_gather(mine) if self.trainer.world_size > 1 else mine[None]
         return gathered.cpu().tolist()
 
