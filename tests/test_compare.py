@@ -236,7 +236,8 @@ def test_curves_keep_the_later_row_of_a_step_logged_twice(tmp_path: Path) -> Non
 
 
 def test_jobs_that_differ_in_more_than_the_seed_are_not_averaged(tmp_path: Path) -> None:
-    """A sweep over ``data.horizon=24,96`` x seeds: two settings of one backbone, not six seeds."""
+    """A sweep over ``data.horizon=24,96`` x seeds: two settings of one backbone, not six seeds
+    (each alone in its setting: "best" of nothing)."""
     fake_sweep(tmp_path, {"lstm": [0.8, 0.81, 0.82, 0.6, 0.61, 0.62]})
     for job in range(6):
         path = tmp_path / str(job) / "summary.json"
@@ -245,9 +246,9 @@ def test_jobs_that_differ_in_more_than_the_seed_are_not_averaged(tmp_path: Path)
         summary["overrides"] = ["experiment=x", f"data.horizon={horizon}", f"seed={job % 3}"]
         path.write_text(json.dumps(summary))
     rows, _ = aggregate(read_jobs(tmp_path), "classification")
-    assert [(row["backbone"], row["seeds"]) for row in rows] == [
-        ("lstm (data.horizon=24)", 3),
-        ("lstm (data.horizon=96)", 3),
+    assert [(row["backbone"], row["seeds"], row["vs best acc"]) for row in rows] == [
+        ("lstm (data.horizon=24)", 3, "alone in its setting"),
+        ("lstm (data.horizon=96)", 3, "alone in its setting"),
     ]
     # an override that follows the backbone (the seeds' study's +study_backbone) says nothing more
     study = tmp_path / "study"
@@ -286,6 +287,26 @@ def test_backbones_are_ranked_within_their_setting(tmp_path: Path) -> None:
         ("lstm (data.horizon=96)", 3, "best"),
         ("rnn (data.horizon=96)", 3, "worse"),
     ]
+    # how the data is fed, or the optimizer's kernel, makes contenders of one ranking (not merged,
+    # not settings); a backbone alone in its setting is not "best" of anything
+    feeding = fake_sweep(tmp_path / "feeding", {"lstm": [0.80, 0.81, 0.90, 0.91]})
+    for job in range(4):
+        path = feeding / str(job) / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["overrides"] = [
+            f"data.batch_size={32 * (1 + job // 2)}",
+            f"task.optimizer.fused={job % 2 == 0}",
+        ]
+        path.write_text(json.dumps(summary))
+    rows, _ = aggregate(read_jobs(feeding), "classification")
+    assert [(r["backbone"], r["vs best acc"]) for r in rows] == [
+        ("lstm (data.batch_size=64 task.optimizer.fused=False)", "best"),
+        ("lstm (data.batch_size=64 task.optimizer.fused=True)", "one seed: noise unknown"),
+        ("lstm (data.batch_size=32 task.optimizer.fused=False)", "one seed: noise unknown"),
+        ("lstm (data.batch_size=32 task.optimizer.fused=True)", "one seed: noise unknown"),
+    ]
+    lone = {r["backbone"]: r["vs best mse"] for r in aggregate(read_jobs(sweep), "forecasting")[0]}
+    assert lone["lstm (data.horizon=24)"] == "best"  # (two backbones a horizon)
     others = fake_sweep(tmp_path / "others", {"lstm": [0.9], "gru": [0.8, 0.81], "rnn": [math.nan] * 2})
     verdicts = {r["backbone"]: r["vs best acc"] for r in aggregate(read_jobs(others), "classification")[0]}
     assert verdicts == {"lstm": "best", "gru": "the best has one seed: noise unknown", "rnn": "no acc"}

@@ -106,24 +106,56 @@ def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     return jobs
 
 
-#: overrides that change the question rather than the contender: the data (set, horizon, length)
-#: and the hardware; backbones are ranked against the best of their setting only
-SETTING_KEYS = ("data", "trainer")
+#: overrides that change the question rather than the contender: the data (the set, its files,
+#: horizon, look-back, lengths) and the hardware; backbones are ranked against the best of their
+#: setting only. How the data is fed (``DATA_PROCEDURE``) and every other key (``model.*``,
+#: ``task.*``, ``trainer.precision``, ``trainer.max_epochs``...) make contenders of one ranking.
+SETTING_KEYS = (
+    "data",
+    "trainer",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+)
+DATA_PROCEDURE = (
+    "data.batch_size", "data.num_workers", "data.pool_batches", "data.bucketing", "data.cache_dir",
+    "data.download", "data.url", "data.seed", "data.tokenizer",
+)  # fmt: skip
+#: overrides that tell no jobs apart: how a run is shown, logged or resumed (what a resumed job
+#: may add: ``tags=``, ``logger=wandb``)
+PRESENTATION_KEYS = (
+    "hydra", "resume", "paths.work_dir", "logger", "tags", "callbacks.rich_progress_bar",
+    "callbacks.model_summary", "extras.print_config", "extras.ignore_warnings",
+)  # fmt: skip
+
+
+def is_setting(key: str) -> bool:
+    from seqlab.utils.resume import under
+
+    return key in SETTING_KEYS or (key.startswith("data.") and not under(key, DATA_PROCEDURE))
 
 
 def label_settings(jobs: list[dict[str, Any]]) -> None:
     """Jobs are averaged as seeds of one setting only when nothing but ``seed`` tells them apart:
     any other override that differs between the jobs (``data.horizon=24,96``, a data set) joins
     the backbone's name in ``job["model"]``, the key the report groups and plots by; those under
-    ``SETTING_KEYS`` also go into ``job["setting"]``, within which ``aggregate`` ranks. What a
-    resumed run may add (``tags=``, ``logger=``, ``extras.*``: ``comparable``) tells no jobs apart."""
-    from seqlab.utils.resume import comparable, under
+    ``is_setting`` also go into ``job["setting"]``, within which ``aggregate`` ranks. What a
+    resumed run may add (``tags=``, ``logger=``: ``PRESENTATION_KEYS``) tells no jobs apart."""
+    from seqlab.utils.resume import override_key, under
 
     def parse(override: str) -> tuple[str, str]:  # ~key (a deletion) has no value
         key, equals, value = override.lstrip("+~").partition("=")
         return key, value if equals else "<deleted>"
 
-    overrides = [dict(map(parse, comparable(job["summary"].get("overrides") or []))) for job in jobs]
+    overrides = [
+        dict(
+            parse(o)
+            for o in job["summary"].get("overrides") or []
+            if not under(override_key(o), PRESENTATION_KEYS)
+        )
+        for job in jobs
+    ]
     keys = sorted(set().union(*overrides) - {"seed", "model"})
     models = {str(job["model"]) for job in jobs}
     # a key that varies within a backbone's jobs (one that follows the backbone, as the seeds'
@@ -134,9 +166,7 @@ def label_settings(jobs: list[dict[str, Any]]) -> None:
     for job, given in zip(jobs, overrides):
         extra = " ".join(f"{k}={given[k]}" for k in varying if k in given)
         job["model"] = f"{job['model']} ({extra})" if extra else job["model"]
-        job["setting"] = " ".join(
-            f"{k}={given.get(k, '<default>')}" for k in varying if under(k, SETTING_KEYS)
-        )
+        job["setting"] = tuple(f"{k}={given.get(k, '<default>')}" for k in varying if is_setting(k))
 
 
 def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any]], str]:
@@ -150,7 +180,7 @@ def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any
         name: [j["metrics"][metric] for j in group if metric in j["metrics"]]
         for name, group in groups.items()
     }
-    setting_of = {name: group[0].get("setting", "") for name, group in groups.items()}
+    setting_of = {name: group[0].get("setting", ()) for name, group in groups.items()}
     settings = list(dict.fromkeys(setting_of.values()))
 
     def rank(name: str) -> tuple[int, float]:  # by setting; best first; a backbone without the metric last
@@ -189,7 +219,9 @@ def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any
     for row in rows:
         name = row["backbone"]
         top = best[setting_of[name]]
-        if name == top:
+        if name == top and len(settings) > 1 and list(setting_of.values()).count(setting_of[name]) == 1:
+            verdict = "alone in its setting" if samples[name] else f"no {metric}"
+        elif name == top:
             verdict = "best" if samples[name] else f"no {metric}"
         elif verdicts[name] is not None:
             p = f"p={p_values[name]:.2g}"
@@ -411,7 +443,7 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
         f"Holm-corrected over the comparisons with the best at {ALPHA:.0%} (p: the test's own "
         "p-value; needs two seeds or more per backbone)."
         + (
-            f" Jobs of different settings ({', '.join(sorted({k.partition('=')[0] for j in jobs for k in j['setting'].split()}))}) "
+            f" Jobs of different settings ({', '.join(sorted({k.partition('=')[0] for j in jobs for k in j['setting']}))}) "
             "are ranked and compared within their setting only."
             if len({j["setting"] for j in jobs}) > 1
             else ""
