@@ -148,7 +148,7 @@ def test_the_report_is_also_one_self_contained_html_page(tmp_path: Path) -> None
     assert "model.nhead: '&lt;absent&gt;' -&gt; 4" in page and "<absent>" not in page
     assert "an earlier attempt" not in page and "a later refusal" in page
     assert "Jobs without a result, not in the table (1)" in page  # job 4, which has no result
-    assert "Jobs run again that failed; the table has their earlier result (1)" in page  # job 2
+    assert "Jobs that failed after writing a result, which the table has (1)" in page  # job 2
 
 
 def test_the_report_says_what_its_memory_column_measures(tmp_path: Path) -> None:
@@ -456,7 +456,7 @@ def test_failed_and_killed_jobs_are_reported_with_credentials_redacted(tmp_path:
     from omegaconf import OmegaConf
 
     from seqlab.errors import DataError
-    from seqlab.utils.hydra_callbacks import FAILED_AGAIN, SweepSummary, sweep_rows
+    from seqlab.utils.hydra_callbacks import FAILED_AFTER_SUMMARY, FAILED_AGAIN, SweepSummary, sweep_rows
 
     sweep = fake_sweep(tmp_path, {"lstm": [0.84, 0.86], "gru": [0.80, 0.81]})
 
@@ -479,8 +479,23 @@ def test_failed_and_killed_jobs_are_reported_with_credentials_redacted(tmp_path:
     os.utime(sweep / "1" / "error.txt", ns=(summary + 10**9, summary + 10**9))
     (sweep / "5").mkdir()
     (sweep / "5" / "config.yaml").write_text("seed: 1\n")  # started, then killed without an error
+    # job 2 failed after writing its summary in the same attempt (its .hydra files, written as
+    # an attempt starts, are older than the summary): not "again"
+    (sweep / "2" / ".hydra").mkdir()
+    (sweep / "2" / ".hydra" / "overrides.yaml").write_text("- model=gru\n")
+    summary = (sweep / "2" / "summary.json").stat().st_mtime_ns
+    os.utime(sweep / "2" / ".hydra" / "overrides.yaml", ns=(summary - 10**9, summary - 10**9))
+    (sweep / "2" / "error.txt").write_text("ConfigError: optimized_metric='val/nope' was never logged\n")
+    os.utime(sweep / "2" / "error.txt", ns=(summary + 10**9, summary + 10**9))
     statuses = {row["job"]: row["status"] for row in sweep_rows(sweep)}
-    assert statuses == {"0": "ok", "1": FAILED_AGAIN, "2": "ok", "3": "ok", "4": "failed", "5": "killed"}
+    assert statuses == {
+        "0": "ok",
+        "1": FAILED_AGAIN,
+        "2": FAILED_AFTER_SUMMARY,
+        "3": "ok",
+        "4": "failed",
+        "5": "killed",
+    }
     compare(sweep)
     written = [
         (sweep / name).read_text() for name in ("4/error.txt", "sweep_summary.md", "report.md", "report.html")
@@ -490,5 +505,9 @@ def test_failed_and_killed_jobs_are_reported_with_credentials_redacted(tmp_path:
     report = (sweep / "report.md").read_text()
     assert "Jobs without a result, not in the table (2):" in report
     assert "- job 4 (failed, " in report and "- job 5 (killed, " in report
-    assert "Jobs run again that failed; the table has their earlier result (1):" in report
-    assert "- job 1 (``): DataError: x.csv: downloading it from https://bob:***@mirror" in report
+    assert "Jobs that failed after writing a result, which the table has (2):" in report
+    assert (
+        f"- job 1 ({FAILED_AGAIN}, ``): DataError: x.csv: downloading it from https://bob:***@mirror"
+        in report
+    )
+    assert f"- job 2 ({FAILED_AFTER_SUMMARY}, `model=gru`): ConfigError: optimized_metric=" in report

@@ -388,18 +388,21 @@ def write_html(markdown: Path, path: Path, title: str) -> Path:
 
 def failed_jobs(sweep_dir: Path) -> tuple[list[str], list[str]]:
     """A markdown line per job of the sweep without a result (failed: its ``error.txt``; killed
-    without one: out of memory, a time limit), with its overrides; and one per job whose later
-    attempt failed after an earlier one finished (``FAILED_AGAIN``: the table has the earlier
-    result). The statuses are the sweep table's (``sweep_rows``)."""
-    from seqlab.utils.hydra_callbacks import FAILED_AGAIN, job_overrides, sweep_rows
+    without one: out of memory, a time limit), with its overrides; and one per job that failed
+    after its ``summary.json`` was written (in a later attempt, ``FAILED_AGAIN``, or in the same
+    one), whose result the table has. The statuses are the sweep table's (``sweep_rows``)."""
+    from seqlab.utils.hydra_callbacks import FAILED_AFTER_SUMMARY, FAILED_AGAIN, job_overrides, sweep_rows
 
-    unfinished, again = [], []
+    unfinished, with_result = [], []
     for row in sweep_rows(sweep_dir):
-        if row["status"] == FAILED_AGAIN:  # the overrides of the attempt that failed
-            again.append(f"- job {row['job']} (`{job_overrides(sweep_dir / row['job'])}`): {row['error']}")
-        elif row["status"] != "ok":
+        if row["status"] == "ok":
+            continue
+        if row["status"] in (FAILED_AGAIN, FAILED_AFTER_SUMMARY):  # the overrides of the attempt that failed
+            overrides = job_overrides(sweep_dir / row["job"])
+            with_result.append(f"- job {row['job']} ({row['status']}, `{overrides}`): {row['error']}")
+        else:
             unfinished.append(f"- job {row['job']} ({row['status']}, `{row['overrides']}`): {row['error']}")
-    return unfinished, again
+    return unfinished, with_result
 
 
 def memory_meaning(jobs: list[dict[str, Any]]) -> str:
@@ -461,7 +464,7 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
         lines += [f"Jobs without a result, not in the table ({len(failed)}):", "", *failed, ""]
     if again:
         lines += [
-            f"Jobs run again that failed; the table has their earlier result ({len(again)}):",
+            f"Jobs that failed after writing a result, which the table has ({len(again)}):",
             "",
             *again,
             "",

@@ -36,6 +36,9 @@ def job_overrides(job_dir: Path) -> str:
 #: on it after it had finished (a changed config refused, ``logger=wandb`` added), and the table
 #: keeps the earlier result
 FAILED_AGAIN = "failed again (earlier result kept)"
+#: the status of a job that failed after writing its summary.json, in the same attempt (another
+#: rank failed after rank 0 finished, a search's objective missing, its loggers failing to close)
+FAILED_AFTER_SUMMARY = "failed after its summary"
 
 
 def error_line(job_dir: Path) -> str:
@@ -45,11 +48,21 @@ def error_line(job_dir: Path) -> str:
     return redact_text(next(iter(text.splitlines()), "(no message)"))
 
 
-def failed_again(job_dir: Path) -> bool:
-    """Whether the job's ``error.txt`` is newer than its ``summary.json``: a later attempt failed
-    (an older one is an attempt that failed before the job was resumed and finished)."""
+def failure_after_summary(job_dir: Path) -> str | None:
+    """For a job with a ``summary.json`` and a newer ``error.txt`` (an older one is an attempt
+    that failed before the job was resumed and finished): ``FAILED_AGAIN`` when the summary is
+    older than the attempt that failed (its ``.hydra`` files, written as each attempt starts),
+    else ``FAILED_AFTER_SUMMARY``; None when no failure came after the summary."""
     error, summary = job_dir / ERROR_FILE, job_dir / SUMMARY_FILE
-    return error.is_file() and summary.is_file() and error.stat().st_mtime_ns > summary.stat().st_mtime_ns
+    if not (error.is_file() and summary.is_file()):
+        return None
+    written = summary.stat().st_mtime_ns
+    if error.stat().st_mtime_ns <= written:
+        return None
+    started = job_dir / ".hydra" / "overrides.yaml"
+    if started.is_file() and started.stat().st_mtime_ns <= written:
+        return FAILED_AFTER_SUMMARY
+    return FAILED_AGAIN
 
 
 def sweep_jobs(sweep_dir: Path) -> list[Path]:
@@ -65,8 +78,9 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job: its status, overrides, final test metrics, validation bests, time,
     throughput and size;
     a failed job (no summary.json) gets its error instead, and one that started training and
-    ended with neither (killed: out of memory, a time limit) is listed as such; a finished job
-    whose later attempt failed keeps its result, with ``FAILED_AGAIN`` and the error."""
+    ended with neither (killed: out of memory, a time limit) is listed as such; a job that
+    failed after its summary was written keeps that result, with the error and
+    ``failure_after_summary``'s status."""
     from seqlab.utils.resume import running_process
 
     rows = []
@@ -91,8 +105,9 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             "overrides": " ".join(summary["overrides"]) if "overrides" in summary else job_overrides(job_dir),
             "model": summary.get("model"),
         }
-        if failed_again(job_dir):
-            row.update(status=FAILED_AGAIN, error=error_line(job_dir))
+        failure = failure_after_summary(job_dir)
+        if failure is not None:
+            row.update(status=failure, error=error_line(job_dir))
         row.update({k.removeprefix("test/"): v for k, v in summary.get("metrics", {}).items()})
         row.update(summary.get("best") or {})  # val/<monitor>_best: a search's objective (trials run no test)
         for key in ("wall_s", "train_samples_per_s", "peak_memory_mb", "num_params"):
