@@ -80,7 +80,8 @@ def restore_set_aside(checkpoint_dir: Path, keep: tuple[str, ...] = ("last.ckpt"
     """Put back every sharded checkpoint a crash between ``save_directory_atomically``'s two
     renames left set aside (``.<name>.old``, no ``<name>``), but those named in ``keep``: a
     resumed run's best checkpoint is restored as ``best.ckpt``, where the run's ModelCheckpoint
-    looks for it (it tested the current weights instead, and eval.py found no file).
+    looks for it (it tested the current weights instead). Only a resumed run does this: until
+    then ``eval.py`` wants the set-aside path itself.
     ``last.ckpt``'s is read where it lies (``newest_checkpoint``): the other processes of a run
     started together may be reading it."""
     restored = []
