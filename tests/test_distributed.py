@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -194,6 +195,49 @@ def test_a_spawned_worker_ends_with_its_parent_and_only_then(tmp_path: Path) -> 
     else:
         os.kill(child, signals.SIGKILL)
         raise AssertionError("the child outlived its parent")
+
+
+LAUNCHED_BY = """
+import os, subprocess, sys, time
+from seqlab.utils.distributed import LAUNCHER_PID_ENV
+
+rank = "from seqlab.utils.distributed import follow_launcher; follow_launcher(); print('ready', flush=True); __import__('time').sleep(60)"
+env = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid())} if sys.argv[1] == "launched" else dict(os.environ)
+child = subprocess.Popen([sys.executable, "-c", rank], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+child.stdout.readline()
+print(child.pid, flush=True)
+os._exit(0)  # rank 0 dies at once (as by the out-of-memory killer's SIGKILL)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_ranks_the_script_launcher_started_end_with_rank_0(tmp_path: Path) -> None:
+    """Rank 0 killed: the ranks it started waited in their next collective until its timeout
+    (30 min under NCCL), holding their GPUs. They now end with it (SIGKILL); a process not
+    started by seqlab's launcher is left alone."""
+    script = tmp_path / "launched_by.py"
+    script.write_text(LAUNCHED_BY)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def child_after_parent_died(how: str, wait_s: float) -> tuple[int, bool]:
+        done = subprocess.run(
+            [sys.executable, str(script), how], capture_output=True, text=True, timeout=60, env=env
+        )
+        child = int(done.stdout.split()[0])
+        for _ in range(int(wait_s * 10)):
+            status = Path(f"/proc/{child}/status")
+            if not status.exists() or "\nState:\tZ" in status.read_text():
+                return child, False
+            time.sleep(0.1)
+        return child, True
+
+    child, alive = child_after_parent_died("launched", wait_s=10)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "the rank outlived the process that launched it"
+    child, alive = child_after_parent_died("other", wait_s=2)
+    os.kill(child, signal.SIGKILL)
+    assert alive, "a process seqlab's launcher did not start is left alone"
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from seqlab.train import (
     to_plain,
 )
 from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, load_run_info
-from seqlab.utils.distributed import check_hardware, finish_job, in_multirun
+from seqlab.utils.distributed import check_hardware, finish_job, follow_launcher, in_multirun
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.parallel import job_resources
 from seqlab.utils.resolvers import launch_id
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     route_lightning_logs_to_root()
     check_hardware(cfg)  # trainer=gpu on a machine without one: refused before the data is built
+    follow_launcher()  # a rank the script launcher started ends with rank 0
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)

@@ -34,6 +34,7 @@ from seqlab.utils.distributed import (
     build_strategy,
     check_hardware,
     finish_job,
+    follow_launcher,
     in_multirun,
     use_script_launcher,
     use_spawn_launcher,
@@ -235,6 +236,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     start_job()
     route_lightning_logs_to_root()
     check_hardware(cfg)
+    follow_launcher()  # a rank the script launcher started ends with rank 0
     check_choices(cfg)
     run_dir = Path(cfg.paths.output_dir)
     kept = finished_job(cfg, run_dir)

@@ -407,11 +407,24 @@ class RankObserver(_ChildProcessObserver):
             os.kill(self._main_pid, self._termination_signal)
 
 
+#: in the environment of the ranks seqlab's script launcher starts: the launching process's pid
+#: (``follow_launcher``)
+LAUNCHER_PID_ENV = "SEQLAB_LAUNCHER_PID"
+
+
 class ScriptLauncher(subprocess_script._SubprocessScriptLauncher):
     """Lightning's script launcher (DDP, FSDP, DeepSpeed) whose watch over the other ranks lets
-    the launching process finish by itself first (``RankObserver``)."""
+    the launching process finish by itself first (``RankObserver``), and whose ranks end with it
+    (``follow_launcher``)."""
 
     observer: RankObserver | None = None
+
+    def _call_children_scripts(self) -> None:
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # (Lightning copies the environment)
+        try:
+            super()._call_children_scripts()
+        finally:
+            os.environ.pop(LAUNCHER_PID_ENV, None)
 
     def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         def observe(procs: list[Any]) -> None:
@@ -526,23 +539,34 @@ class SpawnLauncher(_MultiProcessingLauncher):
             trainer.lightning_module.test_report = extra["seqlab_test_report"]
 
 
-def die_with_parent(parent_pid: int | None) -> None:
-    """SIGTERM to this process when its parent, ``parent_pid``, dies (``PR_SET_PDEATHSIG``,
+def die_with_parent(parent_pid: int | None, signum: int = signal.SIGTERM) -> None:
+    """``signum`` to this process when its parent, ``parent_pid``, dies (``PR_SET_PDEATHSIG``,
     Linux; elsewhere a no-op): a worker the main process spawned stops with it, saving where a
-    checkpoint is whole."""
+    checkpoint is whole (SIGTERM)."""
     if not sys.platform.startswith("linux") or parent_pid is None:
         return
     import ctypes
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        libc.prctl(1, signum)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         return
     # the parent died before the request (reparented: nobody would send the signal). Not "the
     # parent is pid 1": in a container without an init, the main process is pid 1 itself
     if os.getppid() != parent_pid:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
+
+
+def follow_launcher() -> None:
+    """In a rank seqlab's script launcher started: end at once (SIGKILL) when the launching
+    process, rank 0, dies. Killed (the kernel's out-of-memory killer), it left the others waiting
+    in their next collective until its timeout (30 min under NCCL), holding their GPUs, which a
+    parallel sweep's next job was then given. Not SIGTERM: stopping cleanly is itself a
+    collective, with a rank that is gone; the run resumes from its last checkpoint."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    if launcher.isdigit() and os.getpid() != int(launcher):
+        die_with_parent(int(launcher), signal.SIGKILL)
 
 
 def use_spawn_launcher(trainer: Any) -> None:
