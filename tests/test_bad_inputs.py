@@ -152,15 +152,20 @@ def test_a_checkpoint_of_another_task_or_backbone_is_refused_by_name(make_cfg, t
     )
     # an MoE expert's file, which sorts first, holds no Lightning entries
     torch.save({"module": {}}, deepspeed_dir / "checkpoint" / "layer_0_expert_0_mp_rank_00_model_states.pt")
-    info = check_checkpoint_fits(str(deepspeed_dir), make_cfg("model=gru", output="o6"))
+    info = check_checkpoint_fits(str(deepspeed_dir), make_cfg("model=gru", "trainer=deepspeed", output="o6"))
     assert info is not None and info["data"] == saved["seqlab"]["data"]
     with pytest.raises(ConfigError, match=r"holds a ForecastingTask with a RNNBackbone backbone"):
-        check_checkpoint_fits(str(deepspeed_dir), make_cfg("model=transformer", output="o7"))
+        check_checkpoint_fits(
+            str(deepspeed_dir), make_cfg("model=transformer", "trainer=deepspeed", output="o7")
+        )
     # one that does not load with weights_only: not checked, and resumed by its strategy as before
     torch.save(
         {"module": {}, "ds_config": object()}, deepspeed_dir / "checkpoint" / "mp_rank_00_model_states.pt"
     )
-    assert check_checkpoint_fits(str(deepspeed_dir), make_cfg("model=gru", output="o8")) is None
+    assert (
+        check_checkpoint_fits(str(deepspeed_dir), make_cfg("model=gru", "trainer=deepspeed", output="o8"))
+        is None
+    )
 
 
 def test_windows_longer_than_the_model_was_built_for_are_refused_by_name(make_cfg, tmp_path: Path) -> None:
