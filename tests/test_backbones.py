@@ -217,6 +217,29 @@ def test_reorder_state_selects_beams(backbone: Backbone) -> None:
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
+def test_beam_reordering_keeps_the_sources_entries_and_equals_reorder_state(backbone: Backbone) -> None:
+    """Beam search's reordering (rows among each sentence's beams, which share the source) leaves
+    the source's entries as they are, and the next step decodes as with ``reorder_state``."""
+    x, pad = batch([4, 2], 4)
+    memory, pad = backbone.encode(x, pad).repeat_interleave(3, dim=0), pad.repeat_interleave(3, dim=0)
+    y = torch.randn(6, 2, WIDTH)
+    index = torch.tensor([2, 2, 0, 4, 3, 3])  # sentence 0's beams, then sentence 1's
+    _, state = backbone.decode(y, memory, pad)
+    by_beams = backbone.reorder_beams(state, index)
+    _, state = backbone.decode(y, memory, pad)
+    by_state = backbone.reorder_state(state, index)
+    assert set(by_beams) == set(by_state)
+    nxt = torch.randn(6, 1, WIDTH)
+    torch.testing.assert_close(
+        backbone.decode(nxt, memory, pad, by_beams)[0], backbone.decode(nxt, memory, pad, by_state)[0]
+    )
+    kept = [key for key in backbone.source_state_keys if key in state]
+    assert kept or isinstance(backbone, RNNBackbone)  # (Luong attention keeps no projected memory)
+    for key in kept:
+        _, fresh = backbone.decode(y, memory, pad)
+        assert backbone.reorder_beams(fresh, index)[key] is fresh[key], f"{key} copied"
+
+
 def test_gradients_reach_every_parameter(backbone: Backbone) -> None:
     backbone.train()
     x, pad = batch([5, 3], 5)

@@ -144,6 +144,7 @@ class MinRNNBackbone(Backbone):
 
     supports_parallel_time = True
     layer_classes = (MinRNNEncoderLayer, MinRNNDecoderLayer)
+    source_state_keys = ("memory_k", "memory_v")
 
     def __init__(
         self,

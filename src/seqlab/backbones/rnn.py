@@ -70,6 +70,7 @@ class RNNBackbone(Backbone):
 
     # the encoder and decoder recurrences (each one fused multi-layer module)
     layer_classes = (nn.RNNBase,)
+    source_state_keys = ("memory_keys",)  # Bahdanau attention's projected memory
 
     def __init__(
         self,

@@ -182,6 +182,7 @@ class TransformerBackbone(Backbone):
 
     supports_parallel_time = True
     layer_classes = (EncoderLayer, DecoderLayer)
+    source_state_keys = ("memory_k", "memory_v")
 
     def __init__(
         self,

@@ -202,7 +202,7 @@ class TranslationTask(SeqTask):
             return greedy_search(step, src_ids.shape[0], max_lengths=max_lengths, **common)
         return beam_search(
             step,
-            self.backbone.reorder_state,
+            self.backbone.reorder_beams,  # (its rows stay among each sentence's beams)
             src_ids.shape[0],
             beam_size,
             max_lengths=max_lengths,
