@@ -477,6 +477,9 @@ def test_failed_and_killed_jobs_are_reported_with_credentials_redacted(tmp_path:
     fail("1", "https://bob:swordfish@mirror.example/x.csv")  # after its summary: a later attempt
     summary = (sweep / "1" / "summary.json").stat().st_mtime_ns
     os.utime(sweep / "1" / "error.txt", ns=(summary + 10**9, summary + 10**9))
+    (sweep / "1" / ".hydra").mkdir()  # written as the failed attempt started, after the summary
+    (sweep / "1" / ".hydra" / "overrides.yaml").write_text("[]\n")
+    os.utime(sweep / "1" / ".hydra" / "overrides.yaml", ns=(summary + 10**8, summary + 10**8))
     (sweep / "5").mkdir()
     (sweep / "5" / "config.yaml").write_text("seed: 1\n")  # started, then killed without an error
     # job 2 failed after writing its summary in the same attempt (its .hydra files, written as

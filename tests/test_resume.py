@@ -1213,17 +1213,12 @@ def test_a_run_resumed_in_its_last_epoch_reports_its_throughput(make_cfg) -> Non
 def test_a_run_resumed_mid_epoch_logs_the_whole_epochs_training_loss(make_cfg, tmp_path: Path) -> None:
     """The epoch's running training loss was not in the checkpoint: a run resumed at step 5 of a
     20-step epoch logged a ``train/loss_epoch`` over steps 5-19 only (the curves compare.py draws
-    from it when few steps are logged); now the uninterrupted run's, as are the weights."""
+    from it when few steps are logged); now the uninterrupted run's, as are the weights. Also
+    from a step checkpoint due at an epoch's last batch, taken at the next epoch's first one
+    (its batch is counted completed only after the save)."""
     import csv
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    settings = ["trainer.max_epochs=1", "trainer.limit_train_batches=20", "trainer.limit_val_batches=2"]
-    stop = ["+callbacks.sigterm._target_=tests.faults.SigtermFlagAtStep", "+callbacks.sigterm.step=5"]
-    train(make_cfg(*settings, output="reference"))
-    with pytest.raises(SIGTERMException):
-        train(make_cfg(*settings, *stop))
-    train(make_cfg(*settings, *stop))  # resumed at step 5 of its only epoch
 
     def epoch_loss(run_dir: Path) -> list[float]:
         with (run_dir / "metrics.csv").open(newline="") as handle:
@@ -1233,5 +1228,29 @@ def test_a_run_resumed_mid_epoch_logs_the_whole_epochs_training_loss(make_cfg, t
                 if row.get("train/loss_epoch")
             ]
 
+    settings = [
+        "trainer.limit_train_batches=20",
+        "trainer.limit_val_batches=2",
+        "callbacks.step_checkpoint.train_time_interval=null",
+    ]
+    stop = ["+callbacks.sigterm._target_=tests.faults.SigtermFlagAtStep", "+callbacks.sigterm.step=5"]
+    train(make_cfg("trainer.max_epochs=1", *settings, output="reference"))
+    with pytest.raises(SIGTERMException):
+        train(make_cfg("trainer.max_epochs=1", *settings, *stop))
+    train(make_cfg("trainer.max_epochs=1", *settings, *stop))  # resumed at step 5 of its only epoch
     reference = epoch_loss(tmp_path / "reference")
     assert len(reference) == 1 and epoch_loss(tmp_path / "run") == pytest.approx(reference, rel=1e-6)
+
+    two = ["trainer.max_epochs=2", *settings, "callbacks.step_checkpoint.every_n_train_steps=20"]
+    fail = ["+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0", "+callbacks.fault.step=25",
+            f"+callbacks.fault.once={tmp_path / 'fired'}"]  # fmt: skip
+    train(make_cfg(*two, output="reference2"))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(make_cfg(*two, *fail, output="failed"))
+    saved = torch.load(
+        tmp_path / "failed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert saved["global_step"] == 21  # the first batch of the second epoch
+    train(make_cfg(*two, *fail, output="failed"))
+    reference = epoch_loss(tmp_path / "reference2")
+    assert len(reference) == 2 and epoch_loss(tmp_path / "failed") == pytest.approx(reference, rel=1e-6)

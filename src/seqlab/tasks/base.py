@@ -285,7 +285,9 @@ class SeqTask(L.LightningModule):
         # mean over the steps since the resume only); not at an epoch's end (the next epoch starts
         # afresh), nor from a checkpoint of another number of processes
         restored, self._restored_train_loss = self._restored_train_loss, None
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        # (processed, not completed: a step checkpoint is saved in on_train_batch_end, before
+        # Lightning counts its batch completed)
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         mid_epoch = 0 < done < self.trainer.num_training_batches
         if restored is not None and mid_epoch and len(restored) == self.trainer.world_size:
             total, weight = restored[self.global_rank]

@@ -52,15 +52,15 @@ def failure_after_summary(job_dir: Path) -> str | None:
     """For a job with a ``summary.json`` and a newer ``error.txt`` (an older one is an attempt
     that failed before the job was resumed and finished): ``FAILED_AGAIN`` when the summary is
     older than the attempt that failed (its ``.hydra`` files, written as each attempt starts),
-    else ``FAILED_AFTER_SUMMARY``; None when no failure came after the summary."""
+    else (or without them) ``FAILED_AFTER_SUMMARY``; None when no failure came after the summary."""
     error, summary = job_dir / ERROR_FILE, job_dir / SUMMARY_FILE
     if not (error.is_file() and summary.is_file()):
         return None
     written = summary.stat().st_mtime_ns
     if error.stat().st_mtime_ns <= written:
         return None
-    started = job_dir / ".hydra" / "overrides.yaml"
-    if started.is_file() and started.stat().st_mtime_ns <= written:
+    started = job_dir / ".hydra" / "overrides.yaml"  # (none with hydra.output_subdir=null: not told)
+    if not started.is_file() or started.stat().st_mtime_ns <= written:
         return FAILED_AFTER_SUMMARY
     return FAILED_AGAIN
 
