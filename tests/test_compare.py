@@ -108,6 +108,25 @@ def test_a_diverged_or_incomplete_job_leaves_the_others_ranked(tmp_path: Path) -
     assert by_name["gru"]["seeds"] == 2 and by_name["gru"]["acc"] == pytest.approx(0.805)
 
 
+def test_a_sweep_without_task_names_is_ranked_by_its_main_metric(tmp_path: Path) -> None:
+    """``eval.py -m`` summaries named no task: the report was titled "None", ranked by the first
+    metric (``mae``) with higher taken as better, and called the worse model best."""
+    sweep = fake_sweep(tmp_path, {"rnn": [0.99], "transformer": [0.92]}, task="forecasting")
+    for job in range(2):
+        path = sweep / str(job) / "summary.json"
+        summary = json.loads(path.read_text())
+        del summary["task"]
+        summary["metrics"] = {
+            "test/mae": summary["metrics"]["test/acc"],
+            "test/mse": summary["metrics"]["test/acc"] ** 2,
+        }
+        path.write_text(json.dumps(summary))
+    jobs = read_jobs(sweep)
+    rows, metric = aggregate(jobs, jobs[0]["summary"]["task"])
+    assert metric == "mse" and [r["backbone"] for r in rows] == ["transformer", "rnn"]
+    assert (compare(sweep)).read_text().startswith("# forecasting: transformer, rnn")
+
+
 def test_summary_json_is_strict_json(tmp_path: Path) -> None:
     """A diverged run's NaN and infinite figures are written ``null``: ``jq``, JavaScript and Go
     refuse Python's ``NaN``. Tensors and NumPy numbers are written as plain numbers."""

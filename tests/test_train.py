@@ -140,9 +140,10 @@ def test_eval_reproduces_the_training_test_metrics(make_cfg, tmp_path: Path, mon
     assert backbone._target_ == cfg.model._target_ and batch_size == cfg.data.batch_size
     for key in ("test/mse", "test/mae", "test/orig_mse", "test/baseline_seasonal_mse"):
         assert eval_metrics[key] == pytest.approx(train_metrics[key], rel=1e-6), key
-    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["metrics"][
-        "test/mse"
-    ] == pytest.approx(train_metrics["test/mse"], rel=1e-6)
+    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert evaluated["metrics"]["test/mse"] == pytest.approx(train_metrics["test/mse"], rel=1e-6)
+    # named as train.py names it: compare.py ranks an `eval.py -m` sweep by the task's metric
+    assert evaluated["task"] == objects["summary"]["task"] == "forecasting"
     # train.py train=false tests the given checkpoint too (not freshly initialised weights), and
     # has no objective to report
     from seqlab.train import run

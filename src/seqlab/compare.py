@@ -97,6 +97,10 @@ def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         jobs.append({"dir": job_dir, "summary": summary, "metrics": metrics, "model": summary.get("model")})
     if not jobs:
         raise ConfigError(f"{sweep_dir}: no job of the sweep wrote a summary.json (nothing to compare)")
+    for job in jobs:  # an eval.py summary from before it named its task: known by its main metric
+        if job["summary"].get("task") is None:
+            named = [task for task, (metric, _) in MAIN_METRIC.items() if metric in job["metrics"]]
+            job["summary"]["task"] = named[0] if len(named) == 1 else None
     tasks = {job["summary"].get("task") for job in jobs}
     if len(tasks) > 1:
         raise ConfigError(

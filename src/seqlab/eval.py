@@ -86,6 +86,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         model_metrics, baseline = split_baselines(metrics)
         summary = {
+            # as train.py names it (``forecasting``...): compare.py ranks an eval.py -m sweep by it
+            "task": info["task_target"].rsplit(".", 1)[-1].removesuffix("Task").lower(),
             "ckpt_path": str(given),
             "data": info.get("data_name"),
             "model": model_name(info, task),
