@@ -104,6 +104,21 @@ def test_a_checkpoint_refused_by_the_safe_loader_names_what_it_refused(tmp_path:
         load_run_info(path)
 
 
+def test_eval_without_a_checkpoint_or_with_a_model_of_its_own_is_refused(make_cfg, tmp_path: Path) -> None:
+    """No ``ckpt_path``: OmegaConf's ``MissingMandatoryValue`` came as a traceback. ``+model=lstm``
+    (Hydra's own hint for ``model=lstm``): the checkpoint's model was evaluated, and the given one
+    recorded in the run's config.yaml."""
+    from seqlab.eval import evaluate
+
+    with pytest.raises(
+        ConfigError, match=r"ckpt_path: expected the checkpoint to use: python eval.py ckpt_path="
+    ):
+        evaluate(make_cfg(name="eval", output="none"))
+    with pytest.raises(ConfigError, match=r"\+model=: the checkpoint fixes the model and the task"):
+        evaluate(make_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", "+model=lstm", name="eval", output="model"))
+    assert not (tmp_path / "model" / "config.yaml").exists()
+
+
 def test_more_devices_than_this_machine_has_are_refused(make_cfg, tmp_path: Path) -> None:
     from seqlab.train import train
 

@@ -552,6 +552,12 @@ def test_eval_and_translate_reproduce_the_run_from_the_checkpoint_alone(make_cfg
     assert (
         result.returncode == 1 and "a ClassificationTask checkpoint, not a translation model" in result.stderr
     )
+    # no checkpoint at all: one line (OmegaConf's MissingMandatoryValue came as a traceback)
+    result = run_script(str(ROOT / "translate.py"), "input=-", cwd=tmp_path, input="a\n")
+    assert (
+        result.returncode == 1 and "ConfigError: ckpt_path: expected the checkpoint to use" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
 
     # the same checkpoint as an FSDP2 sharded directory (what trainer=fsdp2 writes with
     # save_distributed_checkpoint): translate.py reads it too, and leaves it as it was

@@ -19,7 +19,7 @@ from seqlab.train import (
     split_baselines,
     to_plain,
 )
-from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, load_run_info
+from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, given_checkpoint, load_run_info
 from seqlab.utils.distributed import check_hardware, finish_job, follow_launcher, in_multirun
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.parallel import job_resources
@@ -38,8 +38,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    given = Path(cfg.ckpt_path).expanduser().resolve()
+    given = given_checkpoint(cfg, "eval.py")
     run_dir = Path(cfg.paths.output_dir)
+    if is_rank_zero():
+        log.info("run directory: %s", run_dir)
     # a sharded checkpoint (FSDP, FSDP2, DeepSpeed: a directory) is gathered into one file first,
     # by rank 0: Lightning's launcher starts the other ranks after it, and they read its file (each
     # gathering the whole model again took N times its memory); started together (torchrun, srun:

@@ -25,7 +25,7 @@ from seqlab.data.text_base import FlatSequences
 from seqlab.data.text_readers import decode_utf8, read_lines, split_lines
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.train import build_datamodule, to_plain
-from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, load_run_info
+from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, given_checkpoint, load_run_info
 from seqlab.utils.files import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ def run(cfg: DictConfig) -> None:
             if not path.is_file():
                 raise ConfigError(f"input={source!r}: no such file")
             lines = read_lines(path)  # a byte that is not UTF-8 is named by its line
+        ckpt_path = given_checkpoint(cfg, "translate.py")
         for key, nullable in (("beam_size", True), ("batch_size", False)):  # before the model loads
             value = cfg.get(key)
             if value is None and nullable:
@@ -115,7 +116,7 @@ def run(cfg: DictConfig) -> None:
         # the translations alone on stdout: what loading prints (DeepSpeed's checkpoint
         # conversion, its logger) goes to stderr
         with stdout_to_stderr() if not cfg.get("output") else contextlib.nullcontext():
-            task, datamodule = load_translator(cfg.ckpt_path, to_plain(cfg.get("data") or {}), device)
+            task, datamodule = load_translator(ckpt_path, to_plain(cfg.get("data") or {}), device)
         translations = translate_texts(task, datamodule, lines, cfg.get("beam_size"), int(cfg.batch_size))
         text = "".join(f"{line}\n" for line in translations)
         if cfg.get("output"):

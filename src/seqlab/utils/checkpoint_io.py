@@ -278,6 +278,27 @@ def metadata_file(ckpt_path: Path) -> Path:
     return ckpt_path / _METADATA_FILENAME
 
 
+def given_checkpoint(cfg: Any, command: str) -> Path:
+    """The ``ckpt_path`` eval.py / translate.py were given, resolved; a clear ConfigError without
+    one (OmegaConf's ``MissingMandatoryValue`` came as a traceback), and for ``+model=`` /
+    ``+task=``, which the checkpoint fixes (eval.py ran the checkpoint's model and recorded the
+    given one in its config.yaml)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
+        raise ConfigError(
+            f"ckpt_path: expected the checkpoint to use: python {command} "
+            "ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt"
+        )
+    fixed = [key for key in ("model", "task") if cfg.get(key) is not None]
+    if fixed:
+        raise ConfigError(
+            f"{', '.join(f'+{key}=' for key in fixed)}: the checkpoint fixes the model and the task; "
+            f"{command} takes only data settings (+data.<key>=<value>, data_dir=)"
+        )
+    return Path(cfg.ckpt_path).expanduser().resolve()
+
+
 def load_error_gist(err: BaseException) -> str:
     """What ``torch.load`` says went wrong, in one line: for a weights-only refusal the object it
     refused (``Unsupported global: GLOBAL numpy...scalar ...``), which names what to allow; else
