@@ -148,6 +148,15 @@ def test_a_checkpoint_of_another_task_or_backbone_is_refused_by_name(make_cfg, t
         (tmp_path / "junk.ckpt").write_bytes(b"junk")
         train(make_cfg(f"ckpt_path={tmp_path / 'junk.ckpt'}", output="other3"))
     assert not (tmp_path / "other" / "config.yaml").exists()
+    # the same backbone of another width or depth: Lightning's strict loading raised a 70-line
+    # traceback after the run had started; refused by name, the run directory left without a run
+    for override, shown in (("model.d_model=16", r"\[96(, \d+)?\] in the checkpoint, \[48(, \d+)?\] here"),
+                            ("model.num_layers=3", r"not in the checkpoint \(first backbone\.")):  # fmt: skip
+        with pytest.raises(
+            ConfigError, match=rf"holds weights of another shape than this run's model: .*{shown}"
+        ):
+            train(make_cfg("model=gru", override, f"ckpt_path={checkpoint}", output="shape"))
+        assert not (tmp_path / "shape" / "config.yaml").exists()
     # one process's checkpoint resumes under FSDP and FSDP2 (their loaders pair its optimizer
     # state with the groups: test_strategies), as theirs do elsewhere
     from seqlab.utils.resume import check_checkpoint_fits

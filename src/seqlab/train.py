@@ -27,7 +27,7 @@ from seqlab.callbacks import DivergenceGuard, ExactResume, RunStats, SaveOnSigte
 from seqlab.callbacks.run_stats import start_job
 from seqlab.errors import ConfigError, SeqlabError, instantiate
 from seqlab.utils import hooks
-from seqlab.utils.checkpoint_io import AtomicCheckpointIO, check_same_tokenizer
+from seqlab.utils.checkpoint_io import AtomicCheckpointIO, check_same_tokenizer, check_weights_fit
 from seqlab.utils.csv_logger import CSVLogger
 from seqlab.utils.distributed import (
     STOPPED_BY_SIGTERM,
@@ -272,6 +272,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)
         task = build_task(cfg.task, cfg.model, datamodule)
         task.check_trainable()
+        if ckpt_path:
+            check_weights_fit(ckpt_path, task)
         num_params = task.num_parameters  # before any sharding strategy splits the parameters
         backbone_params = sum(p.numel() for p in task.backbone.parameters())
         # the data's settings, credentials redacted (a mirror's URL password): eval.py and a

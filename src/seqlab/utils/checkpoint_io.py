@@ -148,6 +148,56 @@ def sharded_by(path: Path) -> str | None:
     return "fsdp2" if any(key.startswith("state_dict.") for key in keys) else None
 
 
+def saved_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """The shape of every tensor of a checkpoint's weights: a file's ``state_dict`` (memory-mapped,
+    nothing read but the index) or an FSDP/FSDP2 directory's metadata; None where not read here
+    (DeepSpeed's)."""
+    if path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        weights = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+        return {key: tuple(value.shape) for key, value in (weights or {}).items() if hasattr(value, "shape")}
+    kind = sharded_by(path) if path.is_dir() else None
+    if kind is None:
+        return None
+    from torch.distributed.checkpoint import FileSystemReader
+
+    prefix = "model." if kind == "fsdp" else "state_dict."
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {
+        key.removeprefix(prefix): tuple(entry.size)
+        for key, entry in metadata.items()
+        if key.startswith(prefix) and hasattr(entry, "size")
+    }
+
+
+def check_weights_fit(ckpt_path: str | Path, module: torch.nn.Module) -> None:
+    """A checkpoint to train on from must hold the weights of the model this run built: another
+    width or depth (``model.d_model``, ``model.num_layers``) came out of Lightning's strict loading
+    as a 70-line traceback after the run had started."""
+    saved = saved_shapes(Path(ckpt_path))
+    if not saved:
+        return
+    built = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    differing = [
+        f"{key}: {list(saved[key])} in the checkpoint, {list(built[key])} here"
+        for key in sorted(saved.keys() & built.keys())
+        if saved[key] != built[key]
+    ]
+    missing, unexpected = sorted(built.keys() - saved.keys()), sorted(saved.keys() - built.keys())
+    if differing or missing or unexpected:
+        shown = "; ".join(differing[:3]) + (f" (and {len(differing) - 3} more)" if len(differing) > 3 else "")
+        counts = ", ".join(
+            f"{len(names)} {what} (first {names[0]})"
+            for names, what in ((missing, "not in the checkpoint"), (unexpected, "not in this model"))
+            if names
+        )
+        raise ConfigError(
+            f"ckpt_path={str(ckpt_path)!r} holds weights of another shape than this run's model: "
+            f"{'; '.join(part for part in (shown, counts) if part)}. Give the model settings it was "
+            "trained with (model.d_model, model.num_layers, model.size...: its run's config.yaml)"
+        )
+
+
 def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
     """An FSDP/FSDP2 checkpoint directory (``torch.distributed.checkpoint`` shards) as the dict an
     ordinary checkpoint file holds: full weights, metadata and ``optimizer_states`` in torch's
