@@ -127,6 +127,25 @@ def test_a_sweep_without_task_names_is_ranked_by_its_main_metric(tmp_path: Path)
     assert (compare(sweep)).read_text().startswith("# forecasting: transformer, rnn")
 
 
+def test_a_search_whose_trials_ran_no_test_is_ranked_by_the_validation_best(tmp_path: Path) -> None:
+    """An Optuna search's trials run no test: every row was "0 of 1 (mse missing ...)", "no mse"."""
+    sweep = fake_sweep(tmp_path, {"lstm": [0.5, 0.52], "gru": [0.3, 0.31]}, task="forecasting")
+    for job in range(4):
+        path = sweep / str(job) / "summary.json"
+        summary = json.loads(path.read_text())
+        summary.update(metrics={}, best={"val/mse_best": summary["metrics"]["test/acc"]})
+        path.write_text(json.dumps(summary))
+    rows, metric = aggregate(read_jobs(sweep), "forecasting")
+    assert metric == "val/mse_best" and [(r["backbone"], r["seeds"]) for r in rows] == [
+        ("gru", 2),
+        ("lstm", 2),
+    ]
+    assert rows[1]["vs best val/mse_best"].startswith("worse (beyond seed noise")
+    assert (
+        "ranked by val/mse_best (the best validation; these jobs ran no test)" in compare(sweep).read_text()
+    )
+
+
 def test_summary_json_is_strict_json(tmp_path: Path) -> None:
     """A diverged run's NaN and infinite figures are written ``null``: ``jq``, JavaScript and Go
     refuse Python's ``NaN``. Tensors and NumPy numbers are written as plain numbers."""

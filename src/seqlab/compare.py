@@ -84,10 +84,21 @@ def beyond_noise(p_values: dict[str, float | None], alpha: float = ALPHA) -> dic
     return verdicts
 
 
+def described(metric: str) -> str:
+    """``test mse``, or ``val/mse_best (the best validation; these jobs ran no test)``."""
+    return (
+        f"{metric} (the best validation; these jobs ran no test)"
+        if metric.startswith("val/")
+        else f"test {metric}"
+    )
+
+
 def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     jobs = []
     for job_dir, summary in read_summaries(sweep_dir):
         metrics = {k.removeprefix("test/"): v for k, v in summary.get("metrics", {}).items()}
+        if not metrics:  # a search's trials run no test: their validation bests (val/mse_best)
+            metrics = dict(summary.get("best") or {})
         broken = sorted(
             k for k, v in metrics.items() if not isinstance(v, (int, float)) or not math.isfinite(v)
         )
@@ -177,6 +188,10 @@ def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any
     """One row per backbone (jobs grouped by ``model``), best first within each setting (settings
     in the order of their first job); and the main metric's name."""
     metric, higher = MAIN_METRIC.get(task, (next(iter(jobs[0]["metrics"]), ""), True))
+    if not any(metric in j["metrics"] for j in jobs) and any(
+        f"val/{metric}_best" in j["metrics"] for j in jobs
+    ):
+        metric = f"val/{metric}_best"  # (an Optuna search: no test)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for job in jobs:
         groups[str(job["model"])].append(job)
@@ -314,7 +329,7 @@ def plot_metric_vs_time(jobs: list[dict[str, Any]], metric: str, path: Path) -> 
         if key == "fit_s"
         else "job wall time, data and test included (s)"
     )
-    ax.set_ylabel(f"test {metric}")
+    ax.set_ylabel(described(metric))
     ax.legend(fontsize=8)
     return save(fig, path)
 
@@ -445,7 +460,7 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
         f"# {task}: {', '.join(r['backbone'] for r in rows)}",
         "",
         f"Sweep `{sweep_dir}`, {len(jobs)} jobs. Means over seeds (`_std`: standard deviation); "
-        f"ranked by test {metric} ({'higher' if MAIN_METRIC.get(task, ('', True))[1] else 'lower'} is better). "
+        f"ranked by {described(metric)} ({'higher' if MAIN_METRIC.get(task, ('', True))[1] else 'lower'} is better). "
         "A gap to the best counts as beyond seed noise when Welch's t-test rejects equal means, "
         f"Holm-corrected over the comparisons with the best at {ALPHA:.0%} (p: the test's own "
         "p-value; needs two seeds or more per backbone)."
