@@ -377,6 +377,13 @@ def test_eval_merges_data_settings_key_by_key_and_keeps_the_checkpoints_tokenize
     assert data_settings({"data": saved}, {"tokenizer": {"max_length": 64}})["tokenizer"] == {
         "kind": "bpe", "max_length": 64, "wrap": "cls"
     }  # fmt: skip
+    # +data=sst2 (another data module): refused as such, not as a list of the checkpoint's keys
+    # that the other module does not take
+    with pytest.raises(
+        ConfigError, match=r"\+data=: Sst2 is not the data the checkpoint was trained on \(Data\)"
+    ):
+        data_settings({"data": saved}, {"_target_": "y.Sst2", "batch_size": 8})
+    assert data_settings({"data": saved}, {"_target_": "x.Data"})["batch_size"] == 32  # (the same one)
 
 
 def test_another_file_at_eval_is_not_fetched_from_the_training_files_url() -> None:

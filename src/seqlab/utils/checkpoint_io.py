@@ -389,6 +389,13 @@ def data_settings(info: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]
     tokenizer setting that differs is refused by name rather than written in the run's record
     and ignored."""
     saved = info["data"]
+    target = given.get("_target_")
+    if target is not None and target != saved.get("_target_"):  # +data=sst2: another data module
+        raise ConfigError(
+            f"+data=: {str(target).rsplit('.', 1)[-1]} is not the data the checkpoint was trained on "
+            f"({str(saved.get('_target_')).rsplit('.', 1)[-1]}); the checkpoint fixes the data module, "
+            "whose settings change key by key (+data.<key>=<value>, data_dir=)"
+        )
     merged = OmegaConf.to_container(OmegaConf.merge(saved, given))
     url, file = saved.get("url"), saved.get("file")
     if "file" in given and "url" not in given and url and given["file"] != file:
