@@ -285,11 +285,13 @@ class SeqTask(L.LightningModule):
         # mean over the steps since the resume only); not at an epoch's end (the next epoch starts
         # afresh), nor from a checkpoint of another number of processes
         restored, self._restored_train_loss = self._restored_train_loss, None
+        if restored is None:
+            return
         # (processed, not completed: a step checkpoint is saved in on_train_batch_end, before
         # Lightning counts its batch completed)
         done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         mid_epoch = 0 < done < self.trainer.num_training_batches
-        if restored is not None and mid_epoch and len(restored) == self.trainer.world_size:
+        if mid_epoch and len(restored) == self.trainer.world_size:
             total, weight = restored[self.global_rank]
             # (summed in float32, as the uninterrupted run does: the saved value is exact in it)
             self._train_loss.update(
