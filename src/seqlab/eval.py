@@ -24,7 +24,14 @@ from seqlab.utils.distributed import check_hardware, finish_job, follow_launcher
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.parallel import job_resources
 from seqlab.utils.resolvers import launch_id
-from seqlab.utils.run import hydra_overrides, is_rank_zero, print_results, write_run_metadata, write_summary
+from seqlab.utils.run import (
+    hydra_overrides,
+    is_rank_zero,
+    print_results,
+    task_name,
+    write_run_metadata,
+    write_summary,
+)
 from seqlab.utils.secrets import redact, redact_text
 from seqlab.utils.wandb import finish_runs, summarize_runs
 
@@ -88,8 +95,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         model_metrics, baseline = split_baselines(metrics)
         summary = {
-            # as train.py names it (``forecasting``...): compare.py ranks an eval.py -m sweep by it
-            "task": info["task_target"].rsplit(".", 1)[-1].removesuffix("Task").lower(),
+            "task": task_name(info["task_target"]),  # compare.py ranks an eval.py -m sweep by it
             "ckpt_path": str(given),
             "data": info.get("data_name"),
             "model": model_name(info, task),

@@ -58,6 +58,7 @@ from seqlab.utils.run import (
     is_rank_zero,
     print_config_tree,
     print_results,
+    task_name,
     versions,
     write_run_metadata,
     write_summary,
@@ -331,7 +332,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         memory = stats.peak_memory()
         order_seed = getattr(datamodule, "drawn_order_seed", None)  # seed=null: the orders' drawn seed
         summary = {
-            "task": hydra_choice("task") or cfg.task._target_.rsplit(".", 1)[-1],
+            "task": hydra_choice("task") or task_name(cfg.task._target_),
             "data": hydra_choice("data") or cfg.data._target_.rsplit(".", 1)[-1],
             "model": hydra_choice("model") or cfg.model._target_.rsplit(".", 1)[-1],
             "trainer": {

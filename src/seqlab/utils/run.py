@@ -115,6 +115,12 @@ def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
+def task_name(target: str) -> str:
+    """A task's name as ``task=`` chooses it (``forecasting``), from its class path
+    (``seqlab.tasks.forecasting.ForecastingTask``): what summaries record and compare.py ranks by."""
+    return target.rsplit(".", 1)[-1].removesuffix("Task").lower()
+
+
 def hydra_choice(group: str) -> str | None:
     """The option chosen for a config group (``model=gru`` -> ``gru``), when Hydra composed the run."""
     from hydra.core.hydra_config import HydraConfig
