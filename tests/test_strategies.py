@@ -345,6 +345,26 @@ def test_a_deepspeed_checkpoint_is_refused_before_training_under_another_strateg
         check_checkpoint_fits(str(deepspeed_dir), cfg)
 
 
+def test_deepspeed_refuses_a_checkpoint_not_its_own_before_training(make_cfg, tmp_path: Path) -> None:
+    """Lightning's DeepSpeed strategy resumes from its own ZeRO directories only: a DDP file or
+    FSDP2 shards failed on every process after the launch ("not a valid DeepSpeed checkpoint"),
+    unless ZeRO-3 takes a file's weights alone (``load_full_weights``)."""
+    from lightning.fabric.strategies.fsdp import _distributed_checkpoint_save
+
+    from seqlab.utils.resume import check_checkpoint_fits
+
+    file = tmp_path / "ddp.ckpt"
+    torch.save({"state_dict": {}}, file)
+    _distributed_checkpoint_save({"state_dict": nn.Linear(3, 2).state_dict()}, tmp_path / "fsdp2")
+    with pytest.raises(ConfigError, match=r"ddp.ckpt' holds a file, not a DeepSpeed ZeRO checkpoint"):
+        check_checkpoint_fits(str(file), make_cfg("trainer=deepspeed"))
+    with pytest.raises(ConfigError, match=r"holds the shards of trainer=fsdp2, not a DeepSpeed ZeRO"):
+        check_checkpoint_fits(str(tmp_path / "fsdp2"), make_cfg("trainer=deepspeed", output="shards"))
+    full = make_cfg("trainer=deepspeed_stage_3", "+trainer.strategy.load_full_weights=true", output="full")
+    with pytest.raises(ConfigError, match="not written by seqlab"):  # past the strategy check: its metadata
+        check_checkpoint_fits(str(file), full)
+
+
 def test_fsdp_and_fsdp2_shards_are_refused_by_name_under_the_other(make_cfg, tmp_path: Path) -> None:
     """Lightning's FSDP1 keeps a sharded checkpoint's weights under "model", FSDP2 under
     "state_dict", and neither reads the other's (torch.distributed.checkpoint's "Missing key"

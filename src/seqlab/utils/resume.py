@@ -461,6 +461,14 @@ def check_same_data_dir(saved: dict[str, Any], data: Any, ckpt_path: str) -> Non
         )
 
 
+def reads_full_weights(strategy: Any, path: Path) -> bool:
+    """Lightning's DeepSpeed strategy reads a checkpoint *file* (weights only) under ZeRO-3 with
+    ``load_full_weights``; anything else it refuses, after the launch, on every process."""
+    if not isinstance(strategy, dict | DictConfig):
+        return False
+    return path.is_file() and bool(strategy.get("load_full_weights")) and strategy.get("stage") == 3
+
+
 def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | None:
     """A checkpoint given to (or found for) a training run must hold this run's task and
     backbone: anything else is refused by name before any weight is loaded. Returns the
@@ -478,6 +486,15 @@ def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | N
     if deepspeed and kind != "deepspeed":
         raise deepspeed_only(path)
     saved_by = sharded_by(path) if path.is_dir() and not deepspeed else None
+    if kind == "deepspeed" and not deepspeed and not reads_full_weights(cfg.trainer.get("strategy"), path):
+        what = "a directory" if path.is_dir() else "a file"
+        what = what if saved_by is None else f"the shards of trainer={saved_by}"
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} holds {what}, not a DeepSpeed ZeRO checkpoint directory, which "
+            "trainer=deepspeed* resumes from only: train on from it under trainer=ddp or trainer=fsdp2, "
+            "or take a file's weights alone (no optimizer state) under trainer=deepspeed_stage_3 "
+            "+trainer.strategy.load_full_weights=true"
+        )
     if saved_by is not None and kind in ("fsdp", "fsdp2") and kind != saved_by:
         raise ConfigError(
             f"ckpt_path={ckpt_path!r} holds the shards of trainer={saved_by}, which trainer={kind} cannot "
