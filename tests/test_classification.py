@@ -133,6 +133,21 @@ def test_the_validation_loss_is_plain_cross_entropy_over_examples() -> None:
     torch.testing.assert_close(task.val_loss.compute(), expected)
 
 
+def test_a_validation_batch_whose_loss_is_nan_makes_the_validation_loss_nan() -> None:
+    """torchmetrics' mean dropped NaN values with a warning: a model overflowing on some batches
+    (float16) reported the finite mean of the others, a better val/loss than its own."""
+    torch.manual_seed(0)
+    task = ClassificationTask(BACKBONES["gru"], vocab_size=50, num_classes=3).eval()
+    ids, labels = torch.randint(5, 50, (4, 6)), torch.tensor([0, 1, 2, 1])
+    batch = {"input_ids": ids, "pad_mask": torch.zeros_like(ids, dtype=torch.bool), "labels": labels}
+    with torch.no_grad():
+        task.validation_step(batch, 0)
+        assert torch.isfinite(task.val_loss.compute())
+        next(task.backbone.parameters()).fill_(float("nan"))  # the next batch's forward overflows
+        task.validation_step(batch, 1)
+    assert torch.isnan(task.val_loss.compute())
+
+
 def test_bad_task_settings_are_named() -> None:
     from seqlab.errors import ConfigError
 

@@ -284,6 +284,51 @@ def tiny_task(name: str, vocab: int = 23) -> TranslationTask:
     return task.eval()
 
 
+def reversal_batch(lengths: list[int], seed: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Sentences of these lengths and their reversals, padded to ``width`` target tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    width = width if width is not None else max(lengths) + 2
+    src, tgt = torch.full((len(lengths), width - 1), PAD_ID), torch.full((len(lengths), width), PAD_ID)
+    for row, length in enumerate(lengths):
+        words = torch.randint(5, 23, (length,), generator=generator)
+        src[row, : length + 1] = torch.cat([words.flip(0), torch.tensor([EOS_ID])])
+        tgt[row, : length + 2] = torch.cat([torch.tensor([BOS_ID]), words, torch.tensor([EOS_ID])])
+    return {"src_ids": src, "src_mask": src == PAD_ID, "tgt_ids": tgt}
+
+
+@pytest.mark.parametrize(("name", "clip"), [("gru", None), ("transformer", None), ("transformer", 0.05)])
+def test_accumulated_micro_batches_weigh_every_target_token_alike(
+    tmp_path: Path, name: str, clip: float | None
+) -> None:
+    """``trainer.accumulate_grad_batches=2`` over a micro-batch of 6 target tokens and one of 42
+    takes the step one batch of both takes (a mean over its 48 tokens; clipped after): Lightning
+    averaged the two micro-batches' means, weighting a short sentence's token 7 times more."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    short, long = reversal_batch([2, 2], seed=0), reversal_batch([20, 20], seed=1)
+    both = {key: torch.cat([reversal_batch([2, 2], 0, width=22)[key], long[key]]) for key in long}
+
+    def step(batches: list[dict[str, torch.Tensor]], accumulate: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        task = TranslationTask(
+            {**BACKBONES[name], "dropout": 0.0}, src_vocab_size=23, tgt_vocab_size=23, shared_vocab=True,
+            embed_dropout=0.0, optimizer={"_target_": "torch.optim.SGD", "lr": 1.0}, scheduler=None,
+        )  # fmt: skip
+        trainer = L.Trainer(
+            default_root_dir=tmp_path, max_steps=1, accumulate_grad_batches=accumulate, gradient_clip_val=clip,
+            limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu", devices=1,
+        )  # fmt: skip
+        trainer.fit(task, train_dataloaders=DataLoader(batches, batch_size=None))
+        return {key: value.clone() for key, value in task.state_dict().items()}
+
+    one, accumulated = step([both], accumulate=1), step([short, long], accumulate=2)
+    assert one.keys() == accumulated.keys()
+    for key in one:
+        torch.testing.assert_close(accumulated[key], one[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
 def source_batch(vocab: int = 23) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(1)
     src = torch.randint(5, vocab, (3, 7))
@@ -478,6 +523,12 @@ def test_synthetic_reversal_is_learned_to_near_perfect_bleu(make_cfg, tmp_path: 
     assert summary["test_report"]["bleu_signature"].startswith("nrefs:1|case:mixed")
     hypotheses = (run_dir / "translations" / "test.hyp").read_text().splitlines()
     assert len(hypotheses) == 200
+    # beside the hypotheses, the scores with their signatures (what a paper quotes)
+    report = summary["test_report"]
+    assert (run_dir / "translations" / "test.signature").read_text().splitlines() == [
+        f"BLEU {metrics['test/bleu']:.2f} {report['bleu_signature']}",
+        f"chrF {metrics['test/chrf']:.2f} {report['chrf_signature']}",
+    ]
     table = (run_dir / "tables" / "test_translations.csv").read_text().splitlines()
     assert table[0] == "index,source,reference,hypothesis" and len(table) == 21
 
@@ -583,12 +634,13 @@ def test_an_input_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path, c
     from seqlab.translate import run
 
     source = write(tmp_path / "in.txt", b"a b c\ncaf\xe9\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         run(
             OmegaConf.create(
                 {"ckpt_path": str(tmp_path / "never-read.ckpt"), "input": str(source), "data": {}}
             )
         )
+    assert exit_.value.code == 1
     assert re.search(r"in.txt, line 2: bytes b'\\xe9' are not UTF-8", caplog.text), caplog.text
     # from stdin too: the locale's decoding let the byte through, and the encoder failed with a
     # TypeError naming nothing, after the model had loaded
@@ -596,9 +648,10 @@ def test_an_input_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path, c
     from types import SimpleNamespace
 
     stdin = SimpleNamespace(buffer=io.BytesIO(b"a b c\ncaf\xe9\n"))
-    with pytest.raises(SystemExit), pytest.MonkeyPatch.context() as patch:
+    with pytest.raises(SystemExit) as exit_, pytest.MonkeyPatch.context() as patch:
         patch.setattr("sys.stdin", stdin)
         run(OmegaConf.create({"ckpt_path": str(tmp_path / "never-read.ckpt"), "input": "-", "data": {}}))
+    assert exit_.value.code == 1
     assert re.search(r"<stdin>, line 2: bytes b'\\xe9' are not UTF-8", caplog.text), caplog.text
 
 
@@ -633,8 +686,9 @@ def test_translate_options_are_checked_before_the_model_loads(
     (tmp_path / "in.txt").write_text("a b c\n")
     settings = {"ckpt_path": str(tmp_path / "never-read.ckpt"), "input": str(tmp_path / "in.txt"), "output": None,
                 "beam_size": None, "batch_size": 64, "device": "cpu", "data": {}}  # fmt: skip
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         run(OmegaConf.create({**settings, **override}))
+    assert exit_.value.code == 1
     assert any(re.search(message, record.getMessage()) for record in caplog.records), caplog.text
 
 

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from hydra.utils import get_class
 from torch import Tensor
-from torchmetrics import MaxMetric, MinMetric
+from torchmetrics import MaxMetric, MeanMetric, MinMetric
 
 from seqlab.backbones.base import Backbone
 from seqlab.errors import ConfigError, instantiate
@@ -67,6 +67,13 @@ def sized(config: dict[str, Any], size: str) -> dict[str, Any]:
     candidates = [k * step for k in (low - 1, low) if k >= 1]
     best = min(candidates, key=lambda w: abs(count_parameters(with_width(w)) - SIZES[size]))
     return with_width(best)
+
+
+def mean_loss() -> MeanMetric:
+    """A validation loss's mean over the epoch (weighted by examples or tokens). NaN batches
+    count: torchmetrics' default drops them with a warning, and a model that overflowed on some
+    batches (float16) showed a finite ``val/loss`` better than its own."""
+    return MeanMetric(nan_strategy="disable")
 
 
 def build_backbone(config: dict[str, Any], padded: bool = False, **task_requirements: Any) -> Backbone:
@@ -342,13 +349,15 @@ class SeqTask(L.LightningModule):
         bar shows it from the callback metrics when it redraws. ``train/loss_epoch`` is the mean
         over the epoch (over its steps, or the count each step's loss averages, ``step_weight``),
         reduced once at its end. A ``step_loss`` scaled for the gradient (translation's share of
-        the global batch's tokens) leaves the step's own mean to show in ``step_shown``."""
+        the global batch's tokens) leaves the step's own mean to show in ``step_shown``, and the
+        value the epoch's mean weighs by ``step_weight`` in ``step_value`` where that is not the
+        loss returned."""
         loss = self.step_loss(batch)
-        # summed in float32: a bf16 model's loss is bf16, whose sum stops growing past 128
-        detached = loss.detach().float()
         epoch = self._train_loss
         weight = epoch.pop("step_weight", None)
         shown = epoch.pop("step_shown", loss)
+        # summed in float32: a bf16 model's loss is bf16, whose sum stops growing past 128
+        detached = epoch.pop("step_value", loss).detach().float()
         if weight is not None:
             detached = detached * weight
         epoch["sum"] = detached if epoch["sum"] is None else epoch["sum"] + detached

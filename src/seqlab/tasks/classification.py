@@ -17,12 +17,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from seqlab.backbones.base import POOLINGS, pool
 from seqlab.errors import ConfigError
-from seqlab.tasks.base import SeqTask, build_backbone
+from seqlab.tasks.base import SeqTask, build_backbone, mean_loss
 from seqlab.utils.distributed import gather_indexed
 from seqlab.utils.figures import log_figure, log_table
 
@@ -112,7 +112,7 @@ class ClassificationTask(SeqTask):
         layers.append(nn.Linear(head_hidden or width, num_classes))
         self.head = nn.Sequential(*layers)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.val_loss = MeanMetric()
+        self.val_loss = mean_loss()
         self.val_metrics = metric_set("val/", num_classes)
         self.test_metrics = metric_set("test/", num_classes)
         self.confusion = MulticlassConfusionMatrix(num_classes)

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
 from seqlab.backbones.base import pool
 from seqlab.data.samplers import EvalShardSampler
 from seqlab.errors import ConfigError, DataError
-from seqlab.tasks.base import SeqTask, build_backbone
+from seqlab.tasks.base import SeqTask, build_backbone, mean_loss
 from seqlab.utils.distributed import gather_indexed
 from seqlab.utils.figures import log_figure, log_table
 
@@ -135,7 +135,7 @@ class ForecastingTask(SeqTask):
         for name, value in self.scaler_statistics().items():
             self.register_buffer(name, value, persistent=False)
         # epoch-level values go through torchmetrics, which reduce across processes themselves
-        self.val_loss = MeanMetric()
+        self.val_loss = mean_loss()
         self.val_metrics = metric_set("val/")
         self.test_metrics = metric_set("test/")
         self.test_orig_metrics = metric_set("test/orig_")

@@ -24,11 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from seqlab.data.translation import sacrebleu_metrics
 from seqlab.errors import ConfigError
-from seqlab.tasks.base import SeqTask, build_backbone
+from seqlab.tasks.base import SeqTask, build_backbone, mean_loss
 from seqlab.tasks.generation import Agree, alone, beam_search, greedy_search
 from seqlab.utils.distributed import gather_indexed, shards_parameters
 from seqlab.utils.figures import log_table
@@ -122,11 +121,13 @@ class TranslationTask(SeqTask):
         self.output = nn.Linear(width, tgt_vocab_size, bias=False)
         if tie_output:
             self.output.weight = self.tgt_embed.weight
-        self.val_loss = MeanMetric()
+        self.val_loss = mean_loss()
         self.banned = sorted({pad_id, bos_id})
         self._hypotheses: list[tuple[int, str]] = []
         #: extra test results for summary.json (the sacreBLEU signatures)
         self.test_report: dict[str, Any] = {}
+        #: the optimizer step's micro-batches under gradient accumulation (``loss``)
+        self._window: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ model
     def encode(self, src_ids: Tensor, src_mask: Tensor) -> Tensor:
@@ -151,7 +152,16 @@ class TranslationTask(SeqTask):
         ``global_mean`` divides by the target tokens of the whole global batch (summed over
         processes, times the world size that DDP's gradient averaging divides by again), so N
         processes take exactly the step one process takes on the same global batch; a per-process
-        mean would weight a process's tokens by how many its share happened to hold.
+        mean would weight a process's tokens by how many its share happened to hold. With
+        ``trainer.accumulate_grad_batches`` k > 1 the global batch is the k micro-batches of an
+        optimizer step, whose tokens are counted only once all have run: each micro-batch's sum
+        is divided by one constant of the window (k times its first micro-batch's tokens; times
+        k again for Lightning's division by k), and ``on_before_optimizer_step`` rescales the
+        gradients by that constant over the window's tokens, as fairseq's ``--update-freq``
+        does. (Each micro-batch's own mean, Lightning's way, weighted a token of a short
+        micro-batch by how few tokens it held: length bucketing makes them differ tenfold.)
+        Under DeepSpeed, whose gradients live in its own buffers, each micro-batch keeps its
+        own mean.
         """
         tgt = batch["tgt_ids"]
         labels = tgt[:, 1:]
@@ -165,15 +175,49 @@ class TranslationTask(SeqTask):
         )
         tokens = (labels != self.hparams.pad_id).sum().float()
         world = self.trainer.world_size if self._trainer is not None else 1
-        if global_mean and world > 1:
+        accumulate = self._accumulated_window() if global_mean else 1
+        if global_mean and (world > 1 or accumulate > 1):
             # train/loss shows this process's mean, as the other tasks' (not its scaled share)
             self._train_loss["step_shown"] = total.detach() / tokens.clamp_min(1.0)
-            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+            if world > 1:
+                tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
             self._train_loss["step_weight"] = tokens  # the epoch's loss: a mean over tokens too
-            return total * world / tokens
+            self._train_loss["step_value"] = total.detach() * world / tokens.clamp_min(1.0)
+            if accumulate == 1:
+                return total * world / tokens
+            window = self._window  # (a dict kept: a module attribute assigned costs ~2-3 us a step)
+            if not window:  # the first micro-batch of an optimizer step
+                window.update(scale=accumulate * tokens.clamp_min(1.0), tokens=tokens * 0)
+            window["tokens"] = window["tokens"] + tokens
+            return total * world * accumulate / window["scale"]
         if global_mean:
             self._train_loss["step_weight"] = tokens
         return total / tokens.clamp_min(1.0)
+
+    def _accumulated_window(self) -> int:
+        """k of ``trainer.accumulate_grad_batches`` where ``loss`` weights the k micro-batches'
+        tokens alike (every strategy whose gradients are the parameters' ``.grad``), else 1."""
+        if self._trainer is None or self.trainer.accumulate_grad_batches == 1:
+            return 1
+        names = {cls.__name__ for cls in type(self.trainer.strategy).__mro__}
+        return 1 if "DeepSpeedStrategy" in names else self.trainer.accumulate_grad_batches
+
+    def on_train_epoch_start(self) -> None:
+        self._window.clear()  # (a window never spans epochs: Lightning steps at an epoch's end)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """The accumulated gradients, each micro-batch's sum over the window's constant, made
+        the mean over the window's target tokens (``loss``); before Lightning clips them."""
+        window = self._window
+        if not window:
+            return
+        from torch.distributed.tensor import DTensor
+
+        factor = window.pop("scale") / window.pop("tokens").clamp_min(1.0)
+        with torch.no_grad():
+            for param in self.parameters():
+                if param.grad is not None:  # a sharding strategy's local shard, in place
+                    (param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad).mul_(factor)
 
     @torch.no_grad()
     def generate(self, src_ids: Tensor, src_mask: Tensor, beam_size: int | None = None) -> list[list[int]]:
