@@ -759,6 +759,7 @@ def test_an_unseeded_run_resumes_in_its_own_epoch_orders(
             "+callbacks.sigterm.step=5",
         ]
         expected_error: type[BaseException] = SIGTERMException
+        expected_message = ""
     else:  # after the first step of the second epoch, once
         data = build_datamodule(make_cfg(*settings).data)
         data.setup("fit")
@@ -766,7 +767,7 @@ def test_an_unseeded_run_resumes_in_its_own_epoch_orders(
             "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0",
             f"+callbacks.fault.step={len(data.train_dataloader()) + 1}", f"+callbacks.fault.once={tmp_path / 'once'}",
         ]  # fmt: skip
-        expected_error = RuntimeError
+        expected_error, expected_message = RuntimeError, "injected failure on rank 0"
 
     stopped_batches: list[list[str]] = []
     loaders = []  # the training loader of each run, as it trained
@@ -778,7 +779,7 @@ def test_an_unseeded_run_resumes_in_its_own_epoch_orders(
         loaders.append(trainer.train_dataloader)
 
     monkeypatch.setattr(RecordBatches, "on_train_batch_start", keep)
-    with pytest.raises(expected_error):
+    with pytest.raises(expected_error, match=expected_message):
         train(make_cfg(*settings))
     interrupted, first_seed = [list(epoch) for epoch in stopped_batches], loaders[0].sampler.seed
     assert len(interrupted[-1]) == (5 if stop == "mid_epoch" else 1)
