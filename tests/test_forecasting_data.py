@@ -371,6 +371,17 @@ def test_a_csv_with_a_byte_order_mark_reads_its_header(tmp_path: Path) -> None:
     assert series.columns == ["OT"] and series.values.tolist() == [[1.5]]
 
 
+def test_blank_lines_before_the_header_are_skipped(tmp_path: Path) -> None:
+    """A file opening with a blank line was refused as "empty: expected a header line"."""
+    path = tmp_path / "blank.csv"
+    path.write_text("\n \ndate,OT\n2020-01-01 00:00:00,1.5\n")
+    series = read_series_csv(path)
+    assert series.columns == ["OT"] and series.values.tolist() == [[1.5]]
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match="is empty: expected a header line"):
+        read_series_csv(path)
+
+
 def test_windows_longer_than_a_split_give_the_numbers(tmp_path: Path) -> None:
     write_csv(tmp_path / "short.csv", 30 * 24 * 21)
     dm = ett(tmp_path, file="short.csv", lookback=2000, horizon=3000)

@@ -98,6 +98,64 @@ def test_bad_table_rows_name_file_and_line(tmp_path: Path, content, message: str
     assert str(path) in str(err.value)
 
 
+def test_a_tsv_written_by_pandas_is_read_with_quoting_minimal_and_named_without(
+    tmp_path: Path, caplog
+) -> None:
+    """pandas' ``to_csv(sep="\t")`` and spreadsheets wrap a field holding a quote in quotes and
+    double the inner ones; read GLUE's way (quotes ordinary) such texts kept the wrapping and the
+    doubled quotes, silently: ``data.quoting=minimal`` reads them, and without it the reader
+    says which lines look so."""
+    import csv
+
+    rows = [('He said "great" film', "1"), ("plain text", "1"), ("a\ttab", "0"), ("bad", "0")]
+    path = tmp_path / "pandas.tsv"
+    with path.open("w", newline="") as handle:
+        csv.writer(handle, delimiter="\t", lineterminator="\n").writerows([("text", "label"), *rows])
+    examples = read_table(path, "text", "label", quoting="minimal")
+    assert examples.texts == ['He said "great" film', "plain text", "a tab", "bad"]  # (whitespace cleaned)
+    assert examples.origins[3] == f"{path}, line 5"
+    # GLUE's way: the quoted tab splits its row
+    with pytest.raises(DataError, match=r"line 4: 3 fields, expected 2 .*data.quoting=minimal reads one in"):
+        read_table(path, "text", "label")
+    path.write_text('text\tlabel\n"He said ""great"" film"\t1\n"quoted" speech\t1\n"whole"\t0\n')
+    with caplog.at_level("WARNING"):
+        examples = read_table(path, "text", "label")
+    assert examples.texts == ['"He said ""great"" film"', '"quoted" speech', '"whole"']
+    assert "1 texts (lines 2) are wrapped in quotes with their inner quotes doubled" in caplog.text
+    assert "set data.quoting=minimal" in caplog.text
+    with pytest.raises(ConfigError, match=r"data.quoting='csv'; expected one of \['none', 'minimal'\]"):
+        TextClassificationDataModule(data_dir=str(tmp_path), quoting="csv")
+
+
+def test_a_quoted_record_over_several_lines_is_named_by_its_first_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "multi.csv", 'text,label\nfine,1\n"two\nlines",\n')
+    with pytest.raises(DataError, match=r"multi.csv, line 3: missing label"):
+        read_table(path, "text", "label")
+
+
+def test_blank_lines_before_the_header_are_skipped(tmp_path: Path) -> None:
+    """A leading blank line was read as the header: "no column 'text' in the header []"."""
+    for name in ("blank.tsv", "blank.csv"):
+        sep = "\t" if name.endswith("tsv") else ","
+        path = write(tmp_path / name, f"\n\ntext{sep}label\nfine{sep}1\n")
+        examples = read_table(path, "text", "label")
+        assert examples.texts == ["fine"] and examples.origins == [f"{path}, line 4"]
+
+
+def test_a_whole_json_number_is_one_label_however_written(tmp_path: Path) -> None:
+    """A float column written out (1.0) beside integers (1) made two classes of one label: a
+    binary task trained as four classes."""
+    lines = [
+        json.dumps({"text": f"text {i}", "label": label}) for i, label in enumerate([1, 0, 1.0, 0.0, 1, 0.5])
+    ]
+    path = write(tmp_path / "mixed.jsonl", "\n".join(lines) + "\n")
+    assert read_table(path, "text", "label").labels == ["1", "0", "1", "0", "1", "0.5"]
+    data = TextClassificationDataModule(data_dir=str(tmp_path), classes=[0.0, 1.0, 0.5])
+    assert data.classes == ["0", "1", "0.5"]
+    with pytest.raises(ConfigError, match="has duplicates"):
+        TextClassificationDataModule(data_dir=str(tmp_path), classes=[1, 1.0])
+
+
 def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path: Path) -> None:
     """JSON lets a string hold U+2028, U+2029 and U+0085 unescaped (json.dumps(...,
     ensure_ascii=False) writes them so; scraped web text has them): lines are cut at line feeds

@@ -35,7 +35,7 @@ from seqlab.data.text_base import (
     generated_in_memory,
     publish,
 )
-from seqlab.data.text_readers import FORMATS, LabelledTexts, read_aclimdb, read_table
+from seqlab.data.text_readers import FORMATS, TSV_QUOTING, LabelledTexts, label_text, read_aclimdb, read_table
 from seqlab.data.tokenization import (
     BOS_ID,
     CLS_ID,
@@ -58,7 +58,8 @@ SPLITS = ("train", "val", "test")
 # 3: a fractional test_size is a share of all training examples (it was of those left after val);
 # the truncated texts are counted
 # 4: "[CLS]", "[PAD]" ... in a text are encoded as text, not as the special tokens
-CACHE_VERSION = 4
+# 5: a JSON label that is a whole number is one class however written (1 and 1.0)
+CACHE_VERSION = 5
 HOLDOUTS = ("random", "sentences")
 
 
@@ -171,6 +172,9 @@ class TextClassificationDataModule(BatchedTextDataModule):
             With ``format=aclimdb`` they name split directories holding ``pos/`` and ``neg/``.
         text_column, label_column: column names (TSV/CSV header) or keys (JSONL).
         format: ``tsv``, ``csv``, ``jsonl`` (default: from the file suffix) or ``aclimdb``.
+        quoting: how a TSV file writes its fields: ``none`` (GLUE's: quotes are ordinary
+            characters) or ``minimal`` (pandas' and spreadsheets': a field holding a quote, tab
+            or line break in quotes, its quotes doubled). CSV files are always read the latter way.
         classes: the label values, in class-id order; a label outside them is an error. ``null``
             takes the sorted labels found in train.
         label_names: display names of the classes (confusion matrix, tables); default the labels.
@@ -203,6 +207,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
         text_column: str = "text",
         label_column: str = "label",
         format: str | None = None,
+        quoting: str = "none",
         classes: list[Any] | None = None,
         label_names: list[str] | None = None,
         val_size: float = 0.1,
@@ -224,7 +229,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
         self.save_hyperparameters(logger=False)
         self._absolute_paths()
         self.spec = TokenizerSpec.from_config(tokenizer)
-        if classes is not None and len(set(map(str, classes))) != len(classes):
+        if classes is not None and len(set(map(label_text, classes))) != len(classes):
             raise ConfigError(f"data.classes={list(classes)} has duplicates")
         if label_names is not None and classes is not None and len(label_names) != len(classes):
             raise ConfigError(
@@ -235,7 +240,11 @@ class TextClassificationDataModule(BatchedTextDataModule):
         formats = [*sorted(set(FORMATS.values())), "aclimdb"]
         if format is not None and format not in formats:
             raise ConfigError(f"data.format={format!r}; expected one of {formats} or null (from the suffix)")
-        self.classes = [str(c) for c in classes] if classes is not None else None
+        if quoting not in TSV_QUOTING:
+            raise ConfigError(
+                f"data.quoting={quoting!r}; expected one of {list(TSV_QUOTING)} (how a TSV quotes)"
+            )
+        self.classes = [label_text(c) for c in classes] if classes is not None else None
         self.batch_size = batch_size
         self.seed = seed
         self.datasets: dict[str, TokenizedTexts] = {}
@@ -272,7 +281,8 @@ class TextClassificationDataModule(BatchedTextDataModule):
             return None
         if self.hparams.format == "aclimdb":
             return read_aclimdb(path.parent, path.name)
-        return read_table(path, self.hparams.text_column, self.hparams.label_column, self.hparams.format)
+        hp = self.hparams
+        return read_table(path, hp.text_column, hp.label_column, hp.format, hp.quoting)
 
     def source_fingerprint(self) -> Any:
         """Each split's file (None: carved out of train), so a file given as val or as test differ."""
@@ -291,7 +301,9 @@ class TextClassificationDataModule(BatchedTextDataModule):
             "version": CACHE_VERSION,
             "class": type(self).__qualname__,
             "sources": self.source_fingerprint(),
-            "columns": [hp.text_column, hp.label_column, hp.format],
+            # (quoting named only where it is not GLUE's: the caches of the files read so keep their key)
+            "columns": [hp.text_column, hp.label_column, hp.format]
+            + ([hp.quoting] if hp.quoting != "none" else []),
             "classes": self.classes,
             # what carves the splits that have no file (settings that carve nothing leave it alone)
             "holdout": [{s: hp[f"{s}_size"] for s in carved}, hp.split_seed, hp.holdout] if carved else None,

@@ -109,7 +109,7 @@ def read_series_csv(
     with handle:
         try:
             reader = csv.reader(handle)
-            header = next(reader, None)
+            header = next((row for row in reader if any(cell.strip() for cell in row)), None)  # (blank lines)
             if not header:
                 raise DataError(f"{path} is empty: expected a header line with column names")
             header = [name.strip() for name in header]

@@ -9,11 +9,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from seqlab.errors import DataError
+
+log = logging.getLogger(__name__)
 
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 _HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
@@ -105,7 +108,25 @@ def split_lines(text: str) -> list[str]:
     return [line.rstrip("\r") for line in lines]
 
 
-def read_table(path: Path, text_column: str, label_column: str, fmt: str | None = None) -> LabelledTexts:
+#: how a TSV file writes its fields: ``none`` (GLUE's: a quote is an ordinary character) or
+#: ``minimal`` (pandas' ``to_csv(sep="\t")`` and spreadsheets': a field holding a quote, tab or
+#: line break is wrapped in quotes, its quotes doubled)
+TSV_QUOTING = {"none": csv.QUOTE_NONE, "minimal": csv.QUOTE_MINIMAL}
+#: a field as ``quoting=minimal`` writes one holding quotes: wrapped in them, each inner one doubled
+QUOTED_FIELD = re.compile(r'"(?:[^"]|"")*""(?:[^"]|"")*"')
+
+
+def label_text(value: object) -> str:
+    """A label as text: a JSON number that is whole reads as an integer (``1.0`` and ``1`` are one
+    class, as a float column written out makes them); the rest as ``str`` gives it."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def read_table(
+    path: Path, text_column: str, label_column: str, fmt: str | None = None, quoting: str = "none"
+) -> LabelledTexts:
     """Texts and labels from a TSV/CSV file with a header row, or from JSON lines."""
     path = Path(path)
     fmt = table_format(path, fmt)
@@ -142,17 +163,19 @@ def read_table(path: Path, text_column: str, label_column: str, fmt: str | None 
                 )
             out.add(
                 clean_text(text or ""),
-                "" if label is None else str(label),
+                "" if label is None else label_text(label),
                 f"{path}, line {line_no}",
             )
         return out
 
-    if fmt == "tsv":  # GLUE-style: tab-separated, quotes are ordinary characters
-        reader = csv.reader(io.StringIO(content), delimiter="\t", quoting=csv.QUOTE_NONE)
+    unquoted = fmt == "tsv" and quoting == "none"
+    if fmt == "tsv":  # GLUE-style: tab-separated, quotes are ordinary characters (quoting=none)
+        reader = csv.reader(io.StringIO(content), delimiter="\t", quoting=TSV_QUOTING[quoting])
     else:
         reader = csv.reader(io.StringIO(content))
+    looks_quoted: list[int] = []  # lines whose text reads as quoting=minimal writes it
     try:
-        header = next(reader, None)
+        header = next((row for row in reader if any(cell.strip() for cell in row)), None)  # (blank lines)
         if header is None:
             raise DataError(
                 f"{path} is empty; expected a header row with {text_column!r} and {label_column!r}"
@@ -171,19 +194,32 @@ def read_table(path: Path, text_column: str, label_column: str, fmt: str | None 
                 "is meant is ambiguous: rename them"
             )
         text_idx, label_idx = header.index(text_column), header.index(label_column)
-        line_no = 1
-        for row in reader:
-            line_no = reader.line_num
+        next_line = reader.line_num + 1
+        for row in reader:  # line_no: the row's first line (a quoted field may hold line breaks)
+            line_no, next_line = next_line, reader.line_num + 1
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
                 raise DataError(
                     f"{path}, line {line_no}: {len(row)} fields, expected {len(header)} ({header})"
-                    + (" -- a tab inside the text?" if fmt == "tsv" else "")
+                    + (
+                        " -- a tab inside the text? (data.quoting=minimal reads one in quotes)"
+                        if unquoted
+                        else ""
+                    )
                 )
+            if unquoted and QUOTED_FIELD.fullmatch(row[text_idx]):
+                looks_quoted.append(line_no)
             out.add(clean_text(row[text_idx]), row[label_idx].strip(), f"{path}, line {line_no}")
     except csv.Error as err:
         raise DataError(f"{path}, line {reader.line_num}: malformed {fmt.upper()} ({err})") from None
+    if looks_quoted:
+        log.warning(
+            "%s: %d texts (lines %s) are wrapped in quotes with their inner quotes doubled, as pandas and "
+            "spreadsheets write a TSV field; they are read as written (quotes kept, data.quoting=none, "
+            "GLUE's way): set data.quoting=minimal if the file quotes its fields",
+            path, len(looks_quoted), ", ".join(map(str, looks_quoted[:5])) + (", ..." if len(looks_quoted) > 5 else ""),
+        )  # fmt: skip
     return out
 
 
