@@ -20,7 +20,7 @@ class FailOnRank(L.Callback):
     """At optimizer step ``step``, global rank ``rank`` raises (``how=raise``), is killed with
     SIGKILL (``how=kill``, as a crash or an out-of-memory kill would) or gets SIGTERM / SIGUSR1
     (``how=term`` / ``usr1``, a pre-emption or SLURM's requeue signal: Lightning stops at the end of
-    the step; ``term_parent``: SIGTERM to the parent, the main process of ``ddp_spawn``) or reports a NaN training loss and sets a weight to NaN
+    the step; ``how=int``: SIGINT, Ctrl-C; ``term_parent``: SIGTERM to the parent, the main process of ``ddp_spawn``) or reports a NaN training loss and sets a weight to NaN
     (``how=diverge``, to the callbacks after it: a batch that diverged on that rank alone) or
     sets a weight to NaN (``how=poison``: every later loss is NaN) or reports a NaN loss and makes
     the epoch's running loss NaN with the weights intact (``how=skipped``, as a step 16-mixed's
@@ -62,7 +62,12 @@ class FailOnRank(L.Callback):
             Path(self.once or os.devnull).write_text(f"{os.getpid()}\n")  # this worker, to look for later
             os.kill(os.getppid(), signal.SIGTERM)
             return
-        signals = {"kill": [signal.SIGKILL], "term": [signal.SIGTERM], "usr1": [signal.SIGUSR1]}
+        signals = {
+            "kill": [signal.SIGKILL],
+            "term": [signal.SIGTERM],
+            "usr1": [signal.SIGUSR1],
+            "int": [signal.SIGINT],
+        }
         if self.how in signals:
             for sig in signals[self.how]:  # a Python handler runs before the next line does
                 os.kill(os.getpid(), sig)

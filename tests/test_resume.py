@@ -213,6 +213,15 @@ def test_a_run_killed_after_an_epoch_resumes_from_its_end(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_at_once_and_the_same_command_resumes_from_the_newest_checkpoint(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) is Lightning's: the run stops where it is, with no checkpoint there (exit
+    1), and the same command resumes from the newest one, as the README says."""
+    faults = fault("int", 10, tmp_path / "fired")
+    said = "Detected KeyboardInterrupt"
+    interrupted_and_resumed(tmp_path, EVERY_7_STEPS, faults, 1, saved_step=7, said=said)
+
+
+@pytest.mark.slow
 def test_sigterm_during_validation_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """A checkpoint taken between validation batches counted the epoch as trained and its
     validation as never due: every resume then failed (early stopping's metric never logged).
@@ -277,6 +286,37 @@ def test_sigterm_while_accumulating_gradients_resumes_to_the_uninterrupted_resul
     faults = [*fault("term", 10, tmp_path / "fired"), "+callbacks.fault.mid_window=true"]
     said = "SIGTERM: stopped at step 11"
     interrupted_and_resumed(tmp_path, accumulating, faults, 143, saved_step=11, said=said)
+
+
+@pytest.mark.parametrize(("failed_at", "saved_step"), [(23, 20), (53, 51)])
+def test_step_checkpoints_by_time_and_one_due_at_an_epoch_end_taken_after_it(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failed_at: int, saved_step: int
+) -> None:
+    """``train_time_interval`` (10 minutes; a clock at 60 s per optimizer step): a step
+    checkpoint every 10 steps, and the one due at step 50, the epoch's last batch, at step 51
+    (taken before the epoch's end it would be resumed past the epoch's validation)."""
+    from lightning.pytorch.callbacks import model_checkpoint
+
+    from seqlab.callbacks import StepCheckpoint
+
+    now = [0.0]
+    monkeypatch.setattr(model_checkpoint, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    original = StepCheckpoint.on_train_batch_end
+
+    def ticking(self, trainer, *args) -> None:
+        now[0] = 60.0 * trainer.global_step
+        original(self, trainer, *args)
+
+    monkeypatch.setattr(StepCheckpoint, "on_train_batch_end", ticking)
+    by_time = [
+        *TWO_EPOCHS_BY_STEPS, "callbacks.step_checkpoint.every_n_train_steps=null",
+        "callbacks.step_checkpoint.train_time_interval={_target_: datetime.timedelta, minutes: 10}",
+    ]  # fmt: skip
+    with pytest.raises(RuntimeError, match=f"injected failure on rank 0 at step {failed_at}"):
+        train(make_cfg(*by_time, *fault("raise", failed_at, tmp_path / "fired")))
+    checkpoint = newest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None and checkpoint.name == "last.ckpt"
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] == saved_step
 
 
 def test_a_run_directory_is_resumed_only_by_its_own_configuration(
