@@ -18,7 +18,19 @@ from seqlab.train import build_datamodule, build_trainer, train
 from seqlab.utils.distributed import build_strategy, check_hardware, offloads_optimizer
 from tests.conftest import run_script
 
-NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a CPU-only machine")
+
+@pytest.fixture
+def cpu_only(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """This process sees no CUDA GPU, as on a CPU-only machine (on a GPU machine too, where these
+    refusals were skipped); returns the environment that hides them from a child process."""
+    from lightning.fabric.accelerators import cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(cuda, "num_cuda_devices", lambda: 0)
+    return {"CUDA_VISIBLE_DEVICES": ""}
+
+
 TRAINERS = ["default", "cpu", "gpu", "ddp", "ddp_spawn", "fsdp", "fsdp2"]
 DEEPSPEED = ["deepspeed", "deepspeed_stage_3", "deepspeed_offload"]
 
@@ -131,9 +143,8 @@ def test_lightnings_own_fsdp_and_deepspeed_names_are_refused(make_cfg, name: str
         build_strategy(cfg.trainer, cfg.model)
 
 
-@NO_GPU
 @pytest.mark.parametrize("name", ["fsdp", "deepspeed", "deepspeed_stage_3", "deepspeed_offload", "gpu"])
-def test_gpu_only_choices_fail_fast_naming_what_works(make_cfg, tmp_path: Path, name: str) -> None:
+def test_gpu_only_choices_fail_fast_naming_what_works(make_cfg, tmp_path: Path, cpu_only, name: str) -> None:
     cfg = make_cfg(f"trainer={name}", fast=False)
     with pytest.raises(ConfigError) as err:
         train(cfg)
@@ -157,8 +168,7 @@ def test_gpu_only_strategies_are_refused_on_the_cpu_of_a_gpu_machine(
         check_hardware(make_cfg(*overrides, fast=False))
 
 
-@NO_GPU
-def test_more_gpus_than_exist_and_cpu_devices(make_cfg) -> None:
+def test_more_gpus_than_exist_and_cpu_devices(make_cfg, cpu_only) -> None:
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         check_hardware(make_cfg("trainer=gpu", "trainer.devices=8", fast=False))
     cfg = make_cfg("trainer=ddp")  # on a CPU-only machine: 2 gloo processes
@@ -168,11 +178,12 @@ def test_more_gpus_than_exist_and_cpu_devices(make_cfg) -> None:
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2
 
 
-@NO_GPU
-def test_the_refusal_comes_before_any_process_or_file(tmp_path: Path) -> None:
+def test_the_refusal_comes_before_any_process_or_file(tmp_path: Path, cpu_only) -> None:
     """As a user sees it: one line, exit code 1, nothing spawned, no run directory."""
     run_dir = tmp_path / "run"
-    result = run_script("train.py", "trainer=deepspeed", f"hydra.run.dir={run_dir}", timeout=120)
+    result = run_script(
+        "train.py", "trainer=deepspeed", f"hydra.run.dir={run_dir}", timeout=120, env=cpu_only
+    )
     assert result.returncode == 1
     assert "ConfigError: trainer.strategy: DeepSpeed needs CUDA GPUs" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
