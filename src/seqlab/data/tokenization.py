@@ -44,6 +44,8 @@ class TokenizerSpec:
     kind: str = "word"
     vocab_size: int = 30000
     min_frequency: int = 1
+    #: ``word`` and ``wordpiece`` also strip accents when they lowercase (BERT's uncased
+    #: normaliser: "Résumé über" reads as "resume uber"); ``bpe`` and ``unigram`` only lowercase
     lowercase: bool = True
     max_length: int | None = 128
     #: ``cls`` prepends [CLS]; ``bos_eos`` wraps in [BOS] ... [EOS]; ``none`` adds nothing
