@@ -151,6 +151,31 @@ def test_a_sweep_run_again_resumes_its_failed_job_and_keeps_its_finished_ones(tm
     assert all(float(row["mse"]) > 0 for row in rows)  # the kept job's results are in the table
 
 
+@pytest.mark.slow
+def test_a_sigterm_in_a_sweep_names_the_command_that_resumes_it(tmp_path: Path) -> None:
+    """Run again as it was, a sweep starts every job afresh in a new directory: the message names
+    its ``hydra.sweep.dir``, and that command resumes the stopped job."""
+    sweep = tmp_path / "sweep"
+    command = [
+        "train.py",
+        "-m",
+        "model=rnn",
+        *FAST,
+        "trainer.max_epochs=1",
+        *fault("term", 5, tmp_path / "fired"),
+    ]
+    first = run_script(*command, f"hydra.sweep.dir={sweep}")
+    assert first.returncode == 143, why_failed(first)
+    said = first.stdout + first.stderr
+    assert (
+        f"saved {sweep / '0' / 'checkpoints' / 'last.ckpt'}; the same command with hydra.sweep.dir={sweep} resumes"
+        in said
+    )
+    again = run_script(*command, f"hydra.sweep.dir={sweep}")
+    assert again.returncode == 0, why_failed(again)
+    assert f"resuming the interrupted run in {sweep / '0'}" in again.stdout + again.stderr
+
+
 def test_a_finished_sweep_job_is_kept_only_for_the_same_run(make_cfg, tmp_path: Path, monkeypatch) -> None:
     """A sweep run again keeps a job that finished with this configuration; not one that differs,
     nor one whose ckpt_path or loggers differ (a resumed run may change those; a finished result

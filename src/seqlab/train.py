@@ -51,6 +51,7 @@ from seqlab.utils.resume import (
     mark_stopped,
     own_checkpoint,
     resume_checkpoint,
+    same_command,
 )
 from seqlab.utils.run import (
     hydra_choice,
@@ -425,5 +426,5 @@ def run(cfg: DictConfig) -> float | None:
         raise SystemExit(1) from None
     except SIGTERMException:
         # SaveOnSigterm wrote last.ckpt; 128 + SIGTERM, as a shell reports a terminated process
-        log.warning("stopped by SIGTERM; the same command resumes this run (resume=auto)")
+        log.warning("stopped by SIGTERM; %s resumes this run (resume=auto)", same_command())
         raise SystemExit(STOPPED_BY_SIGTERM) from None

@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from seqlab.utils.resume import resumes_own_run
+from seqlab.utils.resume import resumes_own_run, same_command
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +324,8 @@ class SaveOnSigterm(L.Callback):
             # so the resumed window would step on part of its batches
             log.warning(
                 "SIGTERM while accumulating gradients (trainer.accumulate_grad_batches=%d) at step %d: "
-                "no checkpoint taken there; the same command resumes from the newest one before it",
-                trainer.accumulate_grad_batches, trainer.global_step,
+                "no checkpoint taken there; %s resumes from the newest one before it",
+                trainer.accumulate_grad_batches, trainer.global_step, same_command(),
             )  # fmt: skip
             return
         if trainer.validating:
@@ -334,16 +334,16 @@ class SaveOnSigterm(L.Callback):
             # on a metric never logged, the best checkpoint misses the epoch); the newest
             # checkpoint before it is where the same command resumes, consistently
             log.warning(
-                "SIGTERM during validation at step %d: no checkpoint taken there; the same command "
-                "resumes from the newest one before it",
-                trainer.global_step,
-            )
+                "SIGTERM during validation at step %d: no checkpoint taken there; %s resumes from the "
+                "newest one before it",
+                trainer.global_step, same_command(),
+            )  # fmt: skip
             return
         directory = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
         path = Path(directory) / "last.ckpt"
         trainer.save_checkpoint(path)
         log.warning(
-            "SIGTERM: stopped at step %d, saved %s; the same command resumes it", trainer.global_step, path
+            "SIGTERM: stopped at step %d, saved %s; %s resumes it", trainer.global_step, path, same_command()
         )
 
 

@@ -69,6 +69,18 @@ KEPT_IGNORES = (
 )
 
 
+def same_command() -> str:
+    """What resumes this run: the same command; a sweep's job, the same command with its sweep's
+    directory (run again without it, a new sweep directory starts every job afresh)."""
+    from seqlab.utils.distributed import in_multirun
+
+    if in_multirun():
+        from hydra.core.hydra_config import HydraConfig
+
+        return f"the same command with hydra.sweep.dir={HydraConfig.get().sweep.dir}"
+    return "the same command"
+
+
 def check_mode(value: Any) -> str:
     if value not in RESUME_MODES:
         raise ConfigError(f"resume={value!r}: expected one of {', '.join(RESUME_MODES)}")
