@@ -214,8 +214,11 @@ def test_unnamed_or_repeated_columns_are_refused(tmp_path: Path) -> None:
 
 
 def test_missing_file_says_where_and_how(tmp_path: Path) -> None:
+    """Naming eval.py's key too: its ``data.data_dir=`` is refused by Hydra (``+data.`` there)."""
     dm = ett(tmp_path / "nowhere")
-    with pytest.raises(DataError, match=r"data file not found: .*nowhere/ETTh1.csv.*data.data_dir"):
+    with pytest.raises(
+        DataError, match=r"data file not found: .*nowhere/ETTh1.csv.*data.data_dir \(eval.py: data_dir\)"
+    ):
         dm.prepare_data()
 
 

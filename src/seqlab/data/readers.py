@@ -226,11 +226,16 @@ def download_lock(directory: Path) -> contextlib.AbstractContextManager[None]:
     return directory_lock(directory, "fetching")
 
 
+#: where a run is told to read its data from: train.py's key, and eval.py's, which rebuilds the
+#: data from a checkpoint (its ``data.`` keys come with a ``+``)
+DATA_DIR_KEYS = "data.data_dir (eval.py: data_dir)"
+
+
 def ensure_file(path: Path, url: str | None, allow_download: bool) -> Path:
     """Return ``path``; download it first when it is missing and a URL is known."""
     if path.is_file():
         return path
-    hint = f"put the file there, or point data.data_dir at the directory that holds {path.name}"
+    hint = f"put the file there, or point {DATA_DIR_KEYS} at the directory that holds {path.name}"
     if url and allow_download:
         try:
             with download_lock(path.parent):
@@ -265,7 +270,7 @@ def ensure_extracted(
 
     if not missing():
         return
-    hint = f"point data.data_dir at a directory that holds {[p.name for p in needed]}"
+    hint = f"point {DATA_DIR_KEYS} at a directory that holds {[p.name for p in needed]}"
     if not (url and allow_download):
         if missing() == [unfinished]:
             raise DataError(

@@ -72,8 +72,9 @@ def sized(config: dict[str, Any], size: str) -> dict[str, Any]:
 def mean_loss() -> MeanMetric:
     """A validation loss's mean over the epoch (weighted by examples or tokens). NaN batches
     count: torchmetrics' default drops them with a warning, and a model that overflowed on some
-    batches (float16) showed a finite ``val/loss`` better than its own."""
-    return MeanMetric(nan_strategy="disable")
+    batches (float16) showed a finite ``val/loss`` better than its own. (A NaN is replaced by
+    NaN: torchmetrics 1.9's ``nan_strategy="disable"`` also drops the weights.)"""
+    return MeanMetric(nan_strategy=float("nan"))
 
 
 def build_backbone(config: dict[str, Any], padded: bool = False, **task_requirements: Any) -> Backbone:
