@@ -219,6 +219,8 @@ def test_lower_is_better_for_forecasting_and_bad_sweeps_are_refused(tmp_path: Pa
     assert metric == "mse" and [row["backbone"] for row in rows] == ["gru", "rnn", "lstm"]
     with pytest.raises(ConfigError, match=r"no job of the sweep wrote a summary\.json"):
         read_jobs(tmp_path / "forecast" / "0" / "missing")
+    with pytest.raises(ConfigError, match=r"forecast/0 is one run \(its own summary.json\), not a sweep"):
+        read_jobs(sweep / "0")  # a run's directory: it was "no job of the sweep wrote a summary.json"
     (sweep / "2").mkdir()
     (sweep / "2" / "summary.json").write_text(
         json.dumps({"task": "translation", "model": "lstm", "metrics": {}})

@@ -398,7 +398,9 @@ def test_windows_longer_than_a_split_give_the_numbers(tmp_path: Path) -> None:
 
 def test_too_few_rows_for_the_calendar_split(tmp_path: Path) -> None:
     write_csv(tmp_path / "month.csv", 30 * 24)
-    with pytest.raises(DataError, match=r"split_months=\[12, 4, 4\] needs 14400 rows .* the file has 720"):
+    with pytest.raises(
+        DataError, match=r"split_months=\[12, 4, 4\] needs 14400 rows .* the file has 720: .*data.split=ratio"
+    ):
         ett(tmp_path, file="month.csv").setup()
 
 

@@ -127,6 +127,23 @@ def test_a_tsv_written_by_pandas_is_read_with_quoting_minimal_and_named_without(
         TextClassificationDataModule(data_dir=str(tmp_path), quoting="csv")
 
 
+def test_a_header_read_with_the_wrong_separator_says_so(tmp_path: Path) -> None:
+    from seqlab.data.readers import read_series_csv
+
+    tsv_as_csv = write(tmp_path / "reviews.csv", "review\tsentiment\ngood\t1\n")
+    with pytest.raises(DataError, match=r"holding a tab: the file is read as comma-separated\)"):
+        read_table(tsv_as_csv, "review", "sentiment")
+    semicolons = write(tmp_path / "sales.csv", "date;sales\n2020-01-01 00:00:00;1\n")
+    with pytest.raises(
+        DataError, match=r"no date column 'date'.* holding a semicolon: the file is read as comma-sep"
+    ):
+        read_series_csv(semicolons)
+    with pytest.raises(
+        DataError, match=r"no column 'text' in the header \['review', 'sentiment'\]; set [^(]*$"
+    ):
+        read_table(write(tmp_path / "ok.tsv", "review\tsentiment\ngood\t1\n"), "text", "label")
+
+
 def test_a_quoted_record_over_several_lines_is_named_by_its_first_line(tmp_path: Path) -> None:
     path = write(tmp_path / "multi.csv", 'text,label\nfine,1\n"two\nlines",\n')
     with pytest.raises(DataError, match=r"multi.csv, line 3: missing label"):

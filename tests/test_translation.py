@@ -674,14 +674,22 @@ def test_a_generated_line_break_stays_inside_its_line() -> None:
         ({"batch_size": None}, r"batch_size=None: expected a positive integer$"),
         ({"output": "."}, r"output='\.' is a directory; expected a file to write"),
         ({"output": "/no/such/dir/out.de"}, r"output='/no/such/dir/out.de': its directory does not exist"),
+        ({"input": "."}, r"input='\.': a directory; expected a file"),
+        ({"device": "tpu"}, r"device='tpu': expected cpu, cuda or cuda:<index>"),
+        ({"device": "cuda:x"}, r"device='cuda:x': expected cpu, cuda or cuda:<index>"),
+        ({"device": "gpu"}, r"device='gpu': this machine has no CUDA GPU; use device=cpu"),
+        ({"device": "cuda:1"}, r"device='cuda:1': this machine has no CUDA GPU"),
     ],
 )
 def test_translate_options_are_checked_before_the_model_loads(
-    tmp_path: Path, caplog, override, message
+    tmp_path: Path, caplog, monkeypatch, override, message
 ) -> None:
+    """A device this machine lacks was a 20-line traceback from the checkpoint's loading."""
     from omegaconf import OmegaConf
 
     from seqlab.translate import run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (a GPU machine too)
 
     (tmp_path / "in.txt").write_text("a b c\n")
     settings = {"ckpt_path": str(tmp_path / "never-read.ckpt"), "input": str(tmp_path / "in.txt"), "output": None,

@@ -107,6 +107,11 @@ def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
             metrics = {k: v for k, v in metrics.items() if k not in broken}
         jobs.append({"dir": job_dir, "summary": summary, "metrics": metrics, "model": summary.get("model")})
     if not jobs:
+        if (Path(sweep_dir) / "summary.json").is_file():
+            raise ConfigError(
+                f"{sweep_dir} is one run (its own summary.json), not a sweep: give the directory of a "
+                "sweep (logs/<task_name>/multiruns/<time>), whose jobs compare.py compares"
+            )
         raise ConfigError(f"{sweep_dir}: no job of the sweep wrote a summary.json (nothing to compare)")
     for job in jobs:  # an eval.py summary from before it named its task: known by its main metric
         if job["summary"].get("task") is None:

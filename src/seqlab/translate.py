@@ -22,7 +22,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from seqlab.data.text_base import FlatSequences
-from seqlab.data.text_readers import decode_utf8, read_lines, split_lines
+from seqlab.data.text_readers import decode_utf8, split_lines
 from seqlab.errors import ConfigError, SeqlabError
 from seqlab.train import build_datamodule, to_plain
 from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, given_checkpoint, load_run_info
@@ -87,6 +87,30 @@ def stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+def checked_device(value: Any) -> str:
+    """``device=``: cpu, cuda (or gpu), cuda:<index>; null: cuda where there is one, else cpu."""
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    expected = "expected cpu, cuda or cuda:<index> (null: cuda where there is one, else cpu)"
+    try:
+        device = torch.device("cuda" if str(value) == "gpu" else str(value))
+    except RuntimeError:
+        raise ConfigError(f"device={value!r}: {expected}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={value!r}: {expected}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"device={value!r}: this machine has no CUDA GPU; use device=cpu (or leave it unset)"
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"device={value!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    return str(device)
+
+
 def run(cfg: DictConfig) -> None:
     try:
         source = cfg.get("input")
@@ -94,9 +118,13 @@ def run(cfg: DictConfig) -> None:
             lines = split_lines(decode_utf8(sys.stdin.buffer.read(), "<stdin>"))
         else:
             path = Path(source).expanduser()
-            if not path.is_file():
-                raise ConfigError(f"input={source!r}: no such file")
-            lines = read_lines(path)  # a byte that is not UTF-8 is named by its line
+            if not path.exists() or path.is_dir():
+                raise ConfigError(
+                    f"input={source!r}: "
+                    + ("a directory; expected a file" if path.is_dir() else "no such file")
+                )
+            # (a pipe too: input=<(command)); a byte that is not UTF-8 is named by its line
+            lines = split_lines(decode_utf8(path.read_bytes(), str(path)))
         ckpt_path = given_checkpoint(cfg, "translate.py")
         for key, nullable in (("beam_size", True), ("batch_size", False)):  # before the model loads
             value = cfg.get(key)
@@ -112,7 +140,7 @@ def run(cfg: DictConfig) -> None:
                 raise ConfigError(f"output={cfg.output!r} is a directory; expected a file to write")
             if not output.parent.is_dir():
                 raise ConfigError(f"output={cfg.output!r}: its directory does not exist")
-        device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = checked_device(cfg.get("device"))
         # the translations alone on stdout: what loading prints (DeepSpeed's checkpoint
         # conversion, its logger) goes to stderr
         with stdout_to_stderr() if not cfg.get("output") else contextlib.nullcontext():

@@ -221,7 +221,8 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
             if sum(sizes) > rows:
                 raise DataError(
                     f"{self.source}: data.split_months={list(self.split_months)} needs {sum(sizes)} rows "
-                    f"at {per_day:g} rows/day, the file has {rows}"
+                    f"at {per_day:g} rows/day, the file has {rows}: give months that fit, or split by "
+                    "shares with data.split=ratio (data.split_ratios, 0.7/0.1/0.2 by default)"
                 )
         else:
             n_train = int(rows * self.split_ratios[0])

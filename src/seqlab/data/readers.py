@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from seqlab.data.text_readers import separator_hint
 from seqlab.errors import ConfigError, DataError
 from seqlab.utils.files import atomic_file, directory_lock
 
@@ -116,6 +117,7 @@ def read_series_csv(
             if date_column is not None and date_column not in header:
                 raise DataError(
                     f"{path}: no date column {date_column!r} (data.date_column); columns are {header}"
+                    + separator_hint(header, ",")
                 )
             if columns is None and "" in header:
                 raise DataError(
@@ -126,7 +128,10 @@ def read_series_csv(
             wanted = columns if columns is not None else [c for c in header if c != date_column]
             missing = [c for c in wanted if c not in header]
             if missing:
-                raise DataError(f"{path}: column(s) {missing} not found; columns are {header}")
+                raise DataError(
+                    f"{path}: column(s) {missing} not found; columns are {header}"
+                    + separator_hint(header, ",")
+                )
             ambiguous = sorted({c for c in [*wanted, date_column] if c is not None and header.count(c) > 1})
             if ambiguous:
                 raise DataError(

@@ -116,6 +116,22 @@ TSV_QUOTING = {"none": csv.QUOTE_NONE, "minimal": csv.QUOTE_MINIMAL}
 QUOTED_FIELD = re.compile(r'"(?:[^"]|"")*""(?:[^"]|"")*"')
 
 
+def separator_hint(header: list[str], separator: str) -> str:
+    """Where a header read with ``separator`` is one field holding another separator (a
+    semicolon-separated CSV, a TSV read as CSV): a hint naming it, else ""."""
+    if len(header) != 1:
+        return ""
+    found = [
+        name
+        for name, sep in (("tab", "\t"), ("semicolon", ";"), ("comma", ","), ("|", "|"))
+        if sep in header[0]
+    ]
+    if not found or separator in header[0]:
+        return ""
+    expected = {"\t": "tab", ",": "comma"}[separator]
+    return f" (the header is one field holding a {found[0]}: the file is read as {expected}-separated)"
+
+
 def label_text(value: object) -> str:
     """A label as text: a JSON number that is whole reads as an integer (``1.0`` and ``1`` are one
     class, as a float column written out makes them); the rest as ``str`` gives it."""
@@ -186,6 +202,7 @@ def read_table(
                 raise DataError(
                     f"{path}, line 1: no column {column!r} in the header {header}; "
                     "set data.text_column / data.label_column"
+                    + separator_hint(header, reader.dialect.delimiter)
                 )
         repeated = sorted({c for c in (text_column, label_column) if header.count(c) > 1})
         if repeated:
