@@ -378,8 +378,9 @@ def test_a_run_directory_is_resumed_only_by_its_own_configuration(
     # attempt, so the resumed part alone could not reach it)
     checkpoint = newest_checkpoint(run_dir)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    assert 0 < state["callbacks"]["RunStats"]["fit_s"] < 600
-    state["callbacks"]["RunStats"]["fit_s"] = 1000.0
+    saved = state["callbacks"]["RunStats"]
+    assert 0 < saved["fit_s"] < saved["wall_s"] < 600  # the job's time so far, its set-up included
+    saved["fit_s"], saved["wall_s"] = 1000.0, 1500.0
     torch.save(state, checkpoint)
     started = time.perf_counter()
     (tmp_path / "elsewhere").mkdir()
@@ -387,6 +388,8 @@ def test_a_run_directory_is_resumed_only_by_its_own_configuration(
     metrics, objects = train(make_cfg(*crash))  # the same configuration: resumed and finished
     assert objects["summary"]["global_step"] == 50 and "test/mse" in metrics
     assert 1000 < objects["summary"]["fit_s"] < 1000 + time.perf_counter() - started
+    # wall_s as well: it was this attempt's alone, below fit_s (compare.py's job costs then disagreed)
+    assert 1500 < objects["summary"]["wall_s"] < 1500 + time.perf_counter() - started
     finished = snapshot()
     with pytest.raises(ConfigError, match="holds a finished run"):
         train(make_cfg(*crash))
@@ -893,11 +896,13 @@ def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(make_cfg, tmp_
     assert summary["metrics"]["test/mse"] == pytest.approx(first["test/mse"])
     # another run started from that checkpoint is not bound by the first run's decision
     onward = make_cfg(*stops, f"ckpt_path={checkpoints / 'last.ckpt'}", output="onward")
-    resumed["callbacks"]["RunStats"]["fit_s"] = 1000.0  # nor does it count the first run's time
+    resumed["callbacks"]["RunStats"].update(
+        fit_s=1000.0, wall_s=1500.0
+    )  # nor does it count the first run's time
     torch.save(resumed, checkpoints / "last.ckpt")
     started = time.perf_counter()
     _, objects = train(onward)
-    assert 0 < objects["summary"]["fit_s"] < time.perf_counter() - started
+    assert 0 < objects["summary"]["fit_s"] < objects["summary"]["wall_s"] < time.perf_counter() - started
     continued = torch.load(Path(onward.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
     # its own early stopping, afresh: an improving first epoch (on no best yet), then its patience
     # of 1 (the first run's restored wait count would have stopped it after one epoch)

@@ -350,8 +350,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "baseline": baseline,
             "best": {k: v for k, v in train_metrics.items() if k.endswith("_best")},
             "best_checkpoint": best_checkpoint(trainer),
-            # the whole job (data preparation and test included) and training alone (with validation)
-            "wall_s": round(time.perf_counter() - start, 2),
+            # the whole job (data preparation and test included) and training alone (with validation),
+            # each with a resumed run's earlier attempts up to the checkpoint it continued from
+            "wall_s": round(stats.earlier_wall_s + time.perf_counter() - start, 2),
             "fit_s": fit_s,
             **stats.summary(trainer.world_size),
             "peak_memory_mb": memory.get("peak_gpu_memory_mb", memory["peak_host_memory_mb"]),

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch.distributed.tensor import DTensor
 
@@ -102,7 +103,7 @@ def process_start_time() -> float | None:
 
 #: when the current job of this process began, for a multirun's second and later jobs (its first
 #: job, like a single run, is timed from the process start: imports and config included)
-_job_start: dict[str, Any] = {"jobs": 0, "time": None}
+_job_start: dict[str, Any] = {"jobs": 0, "time": None, "counter": None}
 
 
 def start_job() -> None:
@@ -112,6 +113,7 @@ def start_job() -> None:
         _job_start["time"] = time.time()
         reset_peak_host_memory()
     _job_start["jobs"] += 1
+    _job_start["counter"] = time.perf_counter()
 
 
 def job_start_time() -> float | None:
@@ -225,9 +227,13 @@ class RunStats(L.Callback):
         #: seconds of ``trainer.fit`` this run spent before the process that resumed it (saved in
         #: its checkpoints); 0 for a fresh run and for one started from another run's checkpoint
         self.earlier_fit_s = 0.0
+        #: the same for the whole job (``wall_s``): the earlier attempts' time up to the checkpoint
+        self.earlier_wall_s = 0.0
         self._fit_start: float | None = None
         #: read here, in the process that builds the run: a spawned worker (ddp_spawn) started later
         self.job_started = job_start_time()
+        #: ``start_job``'s ``perf_counter`` (``wall_s``'s start; one clock for the host's processes)
+        self.job_counter = _job_start["counter"]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.peak_flops is None:
@@ -242,13 +248,20 @@ class RunStats(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         since = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
-        return {"fit_s": self.earlier_fit_s + since}
+        fit_s = self.earlier_fit_s + since
+        wall = time.perf_counter() - self.job_counter if self.job_counter is not None else since
+        return {"fit_s": fit_s, "wall_s": max(self.earlier_wall_s + wall, fit_s)}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # a resumed (or requeued) run's training time is its attempts' up to the checkpoint plus
         # this one's; a run started from another run's checkpoint starts its own count
+        if trainer.state.fn != TrainerFn.FITTING:  # the best checkpoint, loaded to be tested
+            return
         saved = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
-        self.earlier_fit_s = float(saved.get("fit_s", 0.0)) if resumes_own_run(trainer) else 0.0
+        own = resumes_own_run(trainer)
+        self.earlier_fit_s = float(saved.get("fit_s", 0.0)) if own else 0.0
+        # (a checkpoint from before wall_s was saved: at least its training time)
+        self.earlier_wall_s = float(saved.get("wall_s", self.earlier_fit_s)) if own else 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         local = sum(local_numel(p) for p in pl_module.parameters())
@@ -377,7 +390,7 @@ class RunStats(L.Callback):
 
     #: what ``summary`` and ``peak_memory`` report, handed from a spawned worker to the main process
     FIGURES = ("samples", "tokens", "train_seconds", "flops_per_token", "time_to_first_step_s",
-               "parameters_per_rank", "peak_flops", "worker_memory", "earlier_fit_s")  # fmt: skip
+               "parameters_per_rank", "peak_flops", "worker_memory", "earlier_fit_s", "earlier_wall_s")  # fmt: skip
 
     def handover(self) -> dict[str, Any]:
         """This process's figures (and its peak memory) for the process that reports them:
