@@ -299,7 +299,9 @@ def test_data_errors_end_the_run_with_one_clear_line(tmp_path: Path) -> None:
         f"hydra.run.dir={tmp_path / 'run'}",
     )  # fmt: skip
     assert result.returncode == 1
-    assert f"DataError: data file not found: {tmp_path / 'nope' / 'ETTh1.csv'}" in result.stdout
+    # on stderr, as warnings are (kept by 2>errors.log, shown on a terminal under > out.log)
+    assert f"DataError: data file not found: {tmp_path / 'nope' / 'ETTh1.csv'}" in result.stderr
+    assert "DataError" not in result.stdout and "[INFO]" in result.stdout and "[INFO]" not in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -22,6 +22,14 @@ class RankZeroFilter(logging.Filter):
         return process_rank() == 0
 
 
+class BelowWarning(logging.Filter):
+    """The stdout console handler's: information there, warnings and errors on stderr (what
+    ``2>errors.log`` keeps, and what a terminal still shows under ``> out.log``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
 def route_lightning_logs_to_root() -> None:
     """``import lightning`` gives its logger a console handler of its own; with Hydra's handlers on
     the root logger that prints every Lightning line twice (and on every rank). Drop it, so
