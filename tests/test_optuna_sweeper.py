@@ -146,6 +146,42 @@ def test_a_search_in_which_no_trial_finished_fails(tmp_path: Path) -> None:
     optuna.delete_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
 
 
+@pytest.mark.parametrize("alike", [True, False])
+def test_a_search_whose_first_trials_fail_alike_stops(tmp_path: Path, alike: bool) -> None:
+    """Data not found failed every trial of a search alike, each after its own set-up (online, a
+    download tried again): three trials with other parameters failing with one error stop it;
+    errors that differ (they depend on the parameters) do not."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from seqlab.errors import DataError
+
+    sweep = tmp_path / "sweep"
+    chosen = sweeper_in(sweep, n_trials=6, n_jobs=1)
+    launched: list[int] = []
+
+    class Launcher:
+        def launch(self, batch: list, initial_job_idx: int) -> list:
+            launched.append(initial_job_idx)
+            error = DataError("data not found: /data/sst2/train.tsv" + ("" if alike else f" ({batch[0]})"))
+            return [JobReturn(status=JobStatus.FAILED, _return_value=error)]
+
+    chosen.launcher = Launcher()
+    with pytest.raises(RuntimeError) as failed:
+        chosen.sweep(["model.d_model=choice(16,32,64,128)", "model.dropout=interval(0,0.5)"])
+    if alike:
+        assert launched == [0, 1, 2]
+        assert re.search(
+            r"the first 3 trials of Optuna study 's' failed alike, whatever their parameters \(DataError: data "
+            rf"not found: /data/sst2/train.tsv\): the search stops .*hydra.sweep.dir={sweep}",
+            str(failed.value),
+        ), failed.value
+    else:
+        assert launched == [0, 1, 2, 3, 4, 5] and "no trial of Optuna study 's' finished (6 failed" in str(
+            failed.value
+        )
+    assert (sweep / "optimization_results.yaml").is_file()
+
+
 def test_the_results_name_the_best_jobs_directory(tmp_path: Path) -> None:
     """With a shared storage two sweeps number their jobs alike: job 0 of the best trial may be
     another sweep's job 0. The results give its directory."""

@@ -64,6 +64,26 @@ RESULTS_FILE = "optimization_results.yaml"
 #: record after which another sweeper takes the trial for interrupted
 HEARTBEAT_S = 60.0
 STALE_S = 600.0
+#: a search whose first trials, this many, all failed with one error, whatever their parameters,
+#: stops there: the rest would fail alike (data not found, a bad fixed override), each after its
+#: own set-up (a download tried again, a data set tokenized again)
+FAIL_FAST = 3
+
+
+def failing_alike(study: Any) -> tuple[int, str] | None:
+    """(how many, the error) where no trial of the study finished and at least ``FAIL_FAST``
+    failed, all with one error and each with other parameters; else None."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+    if any(trial.state == TrialState.COMPLETE for trial in trials):
+        return None
+    failed = [trial for trial in trials if not trial.user_attrs.get("interrupted")]
+    errors = {trial.user_attrs.get("error") for trial in failed}
+    params = {repr(sorted(trial.params.items())) for trial in failed}
+    if len(failed) >= FAIL_FAST and len(errors) == 1 and None not in errors and len(params) == len(failed):
+        return len(failed), errors.pop()
+    return None
 
 
 def is_interrupted(trial: Any, now: float, sweep_dir: str | None = None) -> bool:
@@ -705,6 +725,8 @@ class OptunaSweeper(Sweeper):
                         "trial %d (job %d) was failed by another sweeper meanwhile", trial.number, job
                     )
             job_index += len(jobs)
+            if (alike := failing_alike(study)) is not None:
+                self.write_results(study, sweep_dir, alike)
         self.write_results(study, sweep_dir)
 
     def result_from_summary(self, job_dir: Path, error: Exception) -> JobReturn:
@@ -723,7 +745,9 @@ class OptunaSweeper(Sweeper):
             return JobReturn(status=JobStatus.FAILED, _return_value=error)
         return JobReturn(status=JobStatus.COMPLETED, _return_value=value)
 
-    def write_results(self, study: Any, sweep_dir: Path) -> None:
+    def write_results(self, study: Any, sweep_dir: Path, alike: tuple[int, str] | None = None) -> None:
+        """``optimization_results.yaml``; ``SearchFailed`` where no trial finished (``alike``: the
+        search stopped after that many trials failed with one error, ``failing_alike``)."""
         from optuna.trial import TrialState
 
         from seqlab.utils.files import write_text_atomic
@@ -752,9 +776,21 @@ class OptunaSweeper(Sweeper):
                 job_dir = best.user_attrs.get("job_dir", str(best.user_attrs.get("job")))
                 results["best_job_dir"] = str(Path(best.user_attrs["sweep"]) / job_dir)
             results.update(best_value=best.value, best_params=best.params)
-            log.info("best trial %d: %s = %.6g", best.number, best.params, best.value)
+            run = Path(best.user_attrs.get("sweep", sweep_dir)) / best.user_attrs.get(
+                "job_dir", str(best.user_attrs.get("job"))
+            )
+            log.info(
+                "best trial %d: %s = %.6g; its run: %s (python eval.py ckpt_path=%s)",
+                best.number, best.params, best.value, run, run / "checkpoints" / "best.ckpt",
+            )  # fmt: skip
         results["failed"] = failed
         write_text_atomic(sweep_dir / RESULTS_FILE, OmegaConf.to_yaml(OmegaConf.create(results)))
+        if not completed and alike is not None:
+            raise SearchFailed(
+                f"the first {alike[0]} trials of Optuna study {self.study_name!r} failed alike, whatever "
+                f"their parameters ({alike[1]}): the search stops here, as would every other trial; fix "
+                f"that and run the same command again (hydra.sweep.dir={sweep_dir}); see {sweep_dir / RESULTS_FILE}"
+            )
         if not completed:  # the command fails: scripts and CI see that nothing came of the search
             first = f": trial {failed[0]['trial']}: {failed[0]['error']}" if failed else ""
             raise SearchFailed(
