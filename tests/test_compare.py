@@ -146,6 +146,68 @@ def test_a_search_whose_trials_ran_no_test_is_ranked_by_the_validation_best(tmp_
     )
 
 
+def test_a_searchs_report_labels_its_trials_shortly_and_legends_them_below(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """An Optuna search's trials were labelled with full-precision floats
+    (``model.dropout=0.13015249665719064``), and their many long labels made a legend over both
+    curve plots, cut off at the figure's edge; the sweep table repeated the search's fixed
+    overrides on every row."""
+    from seqlab import compare as compare_module
+    from seqlab.utils.hydra_callbacks import write_sweep_table
+
+    dropouts = ["0.13015249665719064", "0.2870414378941934", "0.13015249665719066", "0.4"]
+    sweep = fake_sweep(tmp_path, {"gru": [0.8] * 4}, task="forecasting")
+    for job, dropout in enumerate(dropouts):
+        path = sweep / str(job) / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["overrides"] = [
+            "data=timeseries",
+            "trainer.max_epochs=2",
+            f"model.dropout={dropout}",
+            f"model.d_model={16 * (job + 1)}",
+        ]
+        summary.update(metrics={}, best={"val/mse_best": 0.1 * (job + 1)})
+        path.write_text(json.dumps(summary))
+        (sweep / str(job) / "metrics.csv").write_text("step,train/loss,val/loss\n1,1.0,\n1,,0.9\n")
+    jobs = read_jobs(sweep)
+    # two values that 4 digits would merge keep theirs (they are two contenders)
+    assert [job["model"] for job in jobs] == [
+        f"gru (model.d_model={16 * (i + 1)} model.dropout={dropout})" for i, dropout in enumerate(dropouts)
+    ]
+    for job in (0, 1, 3):  # job 2 gone: 4 digits tell the others apart
+        path = sweep / str(job) / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["overrides"][3] = "model.d_model=32"
+        path.write_text(json.dumps(summary))
+    (sweep / "2" / "summary.json").unlink()
+    assert [job["model"] for job in read_jobs(sweep)] == [
+        "gru (model.dropout=0.1302)",
+        "gru (model.dropout=0.287)",
+        "gru (model.dropout=0.4)",
+    ]
+    legends = []
+    monkeypatch.setattr(
+        compare_module,
+        "save",
+        lambda fig, path: legends.append((fig.legends, [ax.get_legend() for ax in fig.axes])) or path,
+    )
+    many = [dict(job, model=f"{job['model']} {i}") for i, job in enumerate(read_jobs(sweep) * 3)]  # 9 labels
+    compare_module.plot_curves(many, tmp_path / "curves.png")
+    compare_module.plot_curves(read_jobs(sweep), tmp_path / "few.png")
+    (figure_legends, own), (few_figure, few_own) = legends
+    assert len(figure_legends) == 1 and own == [None, None]  # one, below both plots
+    assert few_figure == [] and all(legend is not None for legend in few_own)
+    rows = write_sweep_table(sweep)
+    assert (
+        rows[0]["overrides"]
+        == "data=timeseries trainer.max_epochs=2 model.dropout=0.13015249665719064 model.d_model=32"
+    )
+    table = (sweep / "sweep_summary.md").read_text()
+    assert table.startswith("Every job: `data=timeseries trainer.max_epochs=2 model.d_model=32`\n")
+    assert "| model.dropout=0.13015249665719064 |" in table
+
+
 def test_summary_json_is_strict_json(tmp_path: Path) -> None:
     """A diverged run's NaN and infinite figures are written ``null``: ``jq``, JavaScript and Go
     refuse Python's ``NaN``. Tensors and NumPy numbers are written as plain numbers."""

@@ -156,6 +156,22 @@ def is_setting(key: str) -> bool:
     return key in SETTING_KEYS or (key.startswith("data.") and not under(key, DATA_PROCEDURE))
 
 
+def short_values(values: list[str]) -> dict[str, str]:
+    """Each value as a label shows it: numbers to 4 significant digits (a search's sampled
+    ``model.dropout=0.13015249665719064``), where that still tells every value apart; else as given."""
+
+    def short(value: str) -> str:
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return f"{number:.4g}" if math.isfinite(number) and not value.isdigit() else value
+
+    distinct = set(values)
+    shorts = {value: short(value) for value in distinct}
+    return shorts if len(set(shorts.values())) == len(distinct) else {value: value for value in distinct}
+
+
 def label_settings(jobs: list[dict[str, Any]]) -> None:
     """Jobs are averaged as seeds of one setting only when nothing but ``seed`` tells them apart:
     any other override that differs between the jobs (``data.horizon=24,96``, a data set) joins
@@ -183,8 +199,9 @@ def label_settings(jobs: list[dict[str, Any]]) -> None:
     varying = [
         k for k in keys if len({(str(j["model"]), o.get(k)) for j, o in zip(jobs, overrides)}) > len(models)
     ]
+    shown = {key: short_values([o[key] for o in overrides if key in o]) for key in varying}
     for job, given in zip(jobs, overrides):
-        extra = " ".join(f"{k}={given[k]}" for k in varying if k in given)
+        extra = " ".join(f"{k}={shown[k][given[k]]}" for k in varying if k in given)
         job["model"] = f"{job['model']} ({extra})" if extra else job["model"]
         job["setting"] = tuple(f"{k}={given.get(k, '<default>')}" for k in varying if is_setting(k))
 
@@ -292,11 +309,28 @@ def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
     return plt.subplots(*args, **kwargs)
 
 
+def legend(fig: Any, axes: Any) -> None:
+    """A legend in each plot; where the labels are many or long (a search's trials, several
+    settings), one below the plots instead, which it would cover (and be cut off by)."""
+    axes = list(getattr(axes, "flat", axes))
+    labelled: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
+    if len(labelled) <= 6 and max(map(len, labelled), default=0) <= 40:
+        for ax in axes:
+            ax.legend(fontsize=8)
+        return
+    wide = max(map(len, labelled)) > 60
+    fig.legend(labelled.values(), labelled.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=1 if wide else 2, fontsize=7, frameon=False)  # fmt: skip
+
+
 def save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # (a legend below the plots included)
     plt.close(fig)
     return path
 
@@ -315,7 +349,7 @@ def plot_curves(jobs: list[dict[str, Any]], path: Path) -> Path:
     for ax, key in zip(axes, ("training loss", "validation loss")):
         ax.set_title(key)
         ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=8)
+    legend(fig, axes)
     return save(fig, path)
 
 
@@ -335,7 +369,7 @@ def plot_metric_vs_time(jobs: list[dict[str, Any]], metric: str, path: Path) -> 
         else "job wall time, data and test included (s)"
     )
     ax.set_ylabel(described(metric))
-    ax.legend(fontsize=8)
+    legend(fig, [ax])
     return save(fig, path)
 
 
@@ -361,7 +395,7 @@ def plot_predictions(jobs: list[dict[str, Any]], path: Path) -> Path | None:
             ax.plot(values, color=colors[model], label=model)
         ax.set_xlabel("test window")
         ax.set_ylabel("first forecast step (target, original scale)")
-        ax.legend(fontsize=8)
+    legend(fig, axes)
     return save(fig, path)
 
 

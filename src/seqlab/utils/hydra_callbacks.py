@@ -116,8 +116,22 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def without_shared_overrides(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The rows with the overrides every job was given taken out of theirs, and those (a
+    search's fixed overrides, repeated on every row, made each wrap over many console lines)."""
+    if len(rows) < 2:
+        return rows, ""
+    given = [str(row.get("overrides") or "").split(" ") for row in rows]
+    shared = [o for o in given[0] if o and all(o in others for others in given[1:])]
+    if not shared:
+        return rows, ""
+    own = [" ".join(o for o in overrides if o not in shared) for overrides in given]
+    return [{**row, "overrides": overrides} for row, overrides in zip(rows, own)], " ".join(shared)
+
+
 def write_sweep_table(sweep_dir: Path) -> list[dict[str, Any]]:
-    """``sweep_summary.csv`` and ``sweep_summary.md`` in the sweep directory."""
+    """``sweep_summary.csv`` (every job's whole overrides) and ``sweep_summary.md`` (those every
+    job shares once, above the table) in the sweep directory."""
     rows = sweep_rows(sweep_dir)
     if not rows:
         return rows
@@ -128,7 +142,9 @@ def write_sweep_table(sweep_dir: Path) -> list[dict[str, Any]]:
     writer.writerows(rows)
     # whole files only: under submitit every job's processes rewrite these at once
     write_text_atomic(sweep_dir / "sweep_summary.csv", table.getvalue())
-    write_text_atomic(sweep_dir / "sweep_summary.md", markdown_table(rows, columns) + "\n")
+    shown, shared = without_shared_overrides(rows)
+    header = f"Every job: `{shared}`\n\n" if shared else ""
+    write_text_atomic(sweep_dir / "sweep_summary.md", header + markdown_table(shown, columns) + "\n")
     return rows
 
 
@@ -217,7 +233,8 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_sweep_table(sweep_dir)
         if rows:
-            print_table(rows, title=f"sweep {sweep_dir}")
+            shown, shared = without_shared_overrides(rows)
+            print_table(shown, title=f"sweep {sweep_dir}" + (f" (every job: {shared})" if shared else ""))
             log.info("sweep summary: %s", sweep_dir / "sweep_summary.md")
         else:
             log.warning("no job of the sweep in %s wrote a summary.json", sweep_dir)
