@@ -537,6 +537,8 @@ def test_the_sweep_table_lists_every_job_whatever_its_end_or_directory_name(
     (sweep / "model=transformer-2" / ".running").write_text("gpu-node-b 4242 31337\n")
     monkeypatch.setenv("SLURM_JOB_ID", "31337")  # a runner's own is put back after the test
     rows = write_sweep_table(sweep)
+    # no column that no job has a value for (an eval sweep's times, a sweep of failures' metrics)
+    assert "wall_s" not in (sweep / "sweep_summary.csv").read_text().splitlines()[0]
     assert [(row["job"], row["status"]) for row in rows] == [
         ("model=gru", "ok"), ("model=lstm", "failed"), ("model=rnn", "killed")
     ]  # fmt: skip

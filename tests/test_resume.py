@@ -118,6 +118,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(tmp_path: Path) -> 
         assert again.returncode == 0, (how, why_failed(again))
         assert [p.name for p in (logs / "train" / "runs").iterdir()] == [run_dir.name], "same directory"
         assert f"resuming the interrupted run in {run_dir}" in again.stdout + again.stderr
+        assert "exists and is not empty" not in again.stderr  # (Lightning's warning: its own directory)
         assert first_steps(tmp_path / f"{how}.first_steps") == [0, saved_at], "trained on from the checkpoint"
         assert_same_run(run_dir, reference)
 

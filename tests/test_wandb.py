@@ -129,6 +129,11 @@ def test_training_with_wandb_and_no_key_writes_offline_run(tmp_path: Path, logge
     assert offline_runs, "an offline W&B run directory"
     assert list(offline_runs[0].glob("*.wandb")), "the run's data file"
     assert "wandb sync" in result.stdout + result.stderr
+    # Lightning passed anonymous=None, which W&B warned of on every run; nor Lightning's adverts
+    assert (
+        "anonymous setting" not in result.stdout + result.stderr
+        and "Tip:" not in result.stdout + result.stderr
+    )
     assert (run_dir / "metrics.csv").is_file(), "CSV stays on beside W&B"
     # the run's W&B id is kept with it: a resumed run continues the same W&B run
     assert offline_runs[0].name.endswith("-" + (run_dir / wandb_utils.RUN_ID_FILE).read_text().strip())

@@ -31,7 +31,7 @@ from typing import Any
 
 from seqlab.errors import ConfigError
 from seqlab.utils.files import write_text_atomic
-from seqlab.utils.run import markdown_table, read_summaries
+from seqlab.utils.run import markdown_table, read_summaries, table_columns
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +414,7 @@ def publish_to_wandb(report_dir: Path, rows: list[dict[str, Any]], plots: list[P
     from seqlab.utils.wandb import resolve_mode
 
     mode, _ = resolve_mode(init.pop("mode", "auto"))
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    columns = table_columns(rows)
     with wandb.init(dir=str(report_dir), job_type="compare", mode=mode, **init) as run:
         run.log(
             {"comparison": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])}
@@ -486,9 +486,9 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
     jobs = read_jobs(sweep_dir)
     task = str(jobs[0]["summary"].get("task"))
     rows, metric = aggregate(jobs, task)
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    columns = table_columns(rows)
     with (sweep_dir / "report.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     plots = [plot_curves(jobs, sweep_dir / "report_curves.png")]

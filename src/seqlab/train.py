@@ -263,6 +263,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         )  # fmt: skip
     if saved and own_checkpoint(ckpt_path, run_dir):
         check_same_data_dir(saved, cfg.data, ckpt_path)
+    if ckpt_path and own_checkpoint(ckpt_path, run_dir):  # (in the job's warnings context: extras_restored)
+        # a resumed run writes on into its own checkpoint directory: nothing to warn of
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # (refused above, a run directory is left as it was: nothing is written before this line)
     if is_rank_zero():
         mark_running(run_dir)  # claimed before anything is written into it

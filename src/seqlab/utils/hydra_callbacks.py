@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqlab.utils.files import write_text_atomic
 from seqlab.utils.resolvers import sweep_group
-from seqlab.utils.run import SUMMARY_FILE, markdown_table, print_table, read_summaries
+from seqlab.utils.run import SUMMARY_FILE, markdown_table, print_table, read_summaries, table_columns
 from seqlab.utils.secrets import redact_text, scrub_hydra_files, scrub_yaml
 
 log = logging.getLogger(__name__)
@@ -135,9 +135,9 @@ def write_sweep_table(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = sweep_rows(sweep_dir)
     if not rows:
         return rows
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    columns = table_columns(rows)
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=columns)
+    writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     # whole files only: under submitit every job's processes rewrite these at once

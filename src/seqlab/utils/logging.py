@@ -30,10 +30,21 @@ class BelowWarning(logging.Filter):
         return record.levelno < logging.WARNING
 
 
+class NoAdvertisement(logging.Filter):
+    """Lightning 2.6's "Tip: ... try installing litlogger / litmodels" lines, printed by every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
 def route_lightning_logs_to_root() -> None:
     """``import lightning`` gives its logger a console handler of its own; with Hydra's handlers on
     the root logger that prints every Lightning line twice (and on every rank). Drop it, so
-    Lightning's records reach the console once (rank 0) and every rank's log file."""
+    Lightning's records reach the console once (rank 0) and every rank's log file; without its
+    advertisements (``NoAdvertisement``)."""
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, NoAdvertisement) for f in tips.filters):
+        tips.addFilter(NoAdvertisement())
     if not logging.getLogger().handlers:
         return
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):

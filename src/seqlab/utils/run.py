@@ -186,13 +186,23 @@ def print_results(metrics: Mapping[str, float], baseline: Mapping[str, Mapping[s
     Console().print(table)
 
 
+def table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The keys of ``rows`` in order, but those no row has a value for (an ``eval.py -m`` sweep's
+    time and throughput: it trains nothing)."""
+    return [
+        key
+        for key in dict.fromkeys(k for row in rows for k in row)
+        if any(row.get(key) not in (None, "") for row in rows)
+    ]
+
+
 def print_table(rows: Sequence[Mapping[str, Any]], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
     if not rows:
         return
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    columns = table_columns(rows)
     table = Table(title=title, title_justify="left")
     for column in columns:
         table.add_column(column, overflow="fold")

@@ -133,7 +133,13 @@ def wandb_logger(save_dir: str, mode: str = "auto", **kwargs: Any):
         # instead of appearing twice in its group
         kwargs["id"] = run_id(Path(save_dir))
         kwargs.setdefault("resume", "allow")
-    return WandbLogger(save_dir=save_dir, offline=resolved == "offline", mode=resolved, **kwargs)
+    logger = WandbLogger(save_dir=save_dir, offline=resolved == "offline", mode=resolved, **kwargs)
+    # Lightning passes anonymous=None to wandb.init, which warns on every run that the setting
+    # "has no effect and will be removed"
+    init = getattr(logger, "_wandb_init", {})
+    if init.get("anonymous", "") is None:
+        del init["anonymous"]
+    return logger
 
 
 def run_id(run_dir: Path) -> str:
