@@ -609,6 +609,12 @@ def test_eval_and_translate_reproduce_the_run_from_the_checkpoint_alone(make_cfg
         result.returncode == 1 and "ConfigError: ckpt_path: expected the checkpoint to use" in result.stderr
     )
     assert "Traceback" not in result.stderr
+    # a misspelt key, with the + Hydra asks for: it was ignored, the sentences read from stdin
+    result = run_script(
+        str(ROOT / "translate.py"), f"ckpt_path={ckpt}", "+inptu=in.txt", cwd=tmp_path, input="a\n"
+    )
+    assert result.returncode == 1 and "+inptu=in.txt: not a key of translate.py" in result.stderr
+    assert result.stdout == ""
 
     # the same checkpoint as an FSDP2 sharded directory (what trainer=fsdp2 writes with
     # save_distributed_checkpoint): translate.py reads it too, and leaves it as it was
