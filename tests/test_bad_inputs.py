@@ -409,3 +409,17 @@ def test_another_file_at_eval_is_not_fetched_from_the_training_files_url() -> No
     )
     for other in ("/data/ETTm1.csv", "sub/ETTm1.csv", None):  # not a name in data_dir: nothing fetched
         assert data_settings({"data": saved}, {"file": other})["url"] is None, other
+    # data=ett's own address: its four files only (a user's sales.csv is not looked for there)
+    from seqlab.utils.resolvers import ETT_URL
+
+    ett = {**saved, "url": ETT_URL + "ETTh1.csv"}
+    assert data_settings({"data": ett}, {"file": "ETTm2.csv"})["url"] == ETT_URL + "ETTm2.csv"
+    assert data_settings({"data": ett}, {"file": "sales.csv"})["url"] is None
+
+
+def test_data_ett_downloads_only_the_ett_files(make_cfg) -> None:
+    """A user's own CSV under data=ett, missing, was said to be tried at ETDataset's address."""
+    from seqlab.utils.resolvers import ETT_URL
+
+    assert make_cfg("data=ett", fast=False).data.url == ETT_URL + "ETTh1.csv"
+    assert make_cfg("data=ett", "data.file=sales.csv", fast=False).data.url is None

@@ -157,18 +157,13 @@ def is_setting(key: str) -> bool:
 
 
 def short_values(values: list[str]) -> dict[str, str]:
-    """Each value as a label shows it: numbers to 4 significant digits (a search's sampled
-    ``model.dropout=0.13015249665719064``), where that still tells every value apart; else as given."""
-
-    def short(value: str) -> str:
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        return f"{number:.4g}" if math.isfinite(number) and not value.isdigit() else value
+    """Each value as a label shows it: floats to 4 significant digits (a search's sampled
+    ``model.dropout=0.13015249665719064``; ``short_floats``, as W&B run names), where that still
+    tells every value apart; else as given."""
+    from seqlab.utils.resolvers import short_floats
 
     distinct = set(values)
-    shorts = {value: short(value) for value in distinct}
+    shorts = {value: short_floats(f"_={value}").removeprefix("_=") for value in distinct}
     return shorts if len(set(shorts.values())) == len(distinct) else {value: value for value in distinct}
 
 

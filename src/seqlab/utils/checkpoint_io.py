@@ -403,10 +403,14 @@ def data_settings(info: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]
         # would be the training file under the new name. Its own name where the URL's path ends
         # in the file's and the new one is a plain name, else none (a missing file is then
         # named, not fetched)
+        from seqlab.utils.resolvers import ett_url
+
         parts, new = urllib.parse.urlsplit(str(url)), given["file"]
         base, _, name = parts.path.rpartition("/")
         plain = isinstance(new, str) and new and Path(new).name == new
         merged["url"] = parts._replace(path=f"{base}/{new}").geturl() if plain and name == file else None
+        if url == ett_url(str(file)):  # ETDataset's: its files only (data=ett's resolver)
+            merged["url"] = ett_url(str(new))
     if "tokenizer" in given:
         check_same_tokenizer(info, merged, "evaluation does not change tokenizer settings")
     return merged

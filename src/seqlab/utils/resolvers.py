@@ -226,6 +226,17 @@ def sweep_group(task_name: str, sweep_dir: str | Path) -> str:
     return f"{task_name}-{Path(sweep_dir).name}"
 
 
+#: the files of the ETT benchmark and where they are published
+ETT_FILES = ("ETTh1.csv", "ETTh2.csv", "ETTm1.csv", "ETTm2.csv")
+ETT_URL = "https://raw.githubusercontent.com/zhouhaoyi/ETDataset/main/ETT-small/"
+
+
+def ett_url(file: str) -> str | None:
+    """Where an ETT file is downloaded from; None for any other file (``data=ett`` with a user's own
+    ``data.file=sales.csv``, which a missing file's error said was looked for at ETDataset)."""
+    return ETT_URL + file if file in ETT_FILES else None
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("project_root", project_root, replace=True)
     OmegaConf.register_new_resolver("env_or", env_or, replace=True)
@@ -236,3 +247,4 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("rank_log_suffix", rank_log_suffix, replace=True)
     OmegaConf.register_new_resolver("sweep_id", sweep_id, replace=True)
     OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name, replace=True)
+    OmegaConf.register_new_resolver("ett_url", ett_url, replace=True)
