@@ -71,10 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tf32",
         action="store_true",
-        help="scan on a GPU: cuDNN and matmuls both at TF32 (default: both float32)",
+        help="scan, lengths on a GPU: cuDNN and matmuls both at TF32 (default: both float32)",
     )
     parser.add_argument("--compile", action="store_true", help="lengths: torch.compile each block")
     parser.add_argument("--tbptt", type=int, default=None, help="lengths: model.tbptt_steps for rnn/lstm/gru")
+    parser.add_argument(
+        "--with-baseline", action="store_true",
+        help="lengths with --compile/--tbptt: the plain backbones timed in the same rounds (paired *_speedup)",
+    )  # fmt: skip
     parser.add_argument("--max-step-seconds", type=float, default=30.0)
     parser.add_argument("--epochs", type=int, default=2, help="overhead/ablation: epochs per repeat")
     parser.add_argument(
@@ -115,7 +119,7 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
     elif command == "lengths":
         default = bench.GPU_LENGTHS if device.type == "cuda" else bench.CPU_LENGTHS
         settings = {"batch": args.batch, "width": args.width, "layers": args.layers, "amp": args.amp,
-                    "compile": args.compile, "tbptt": args.tbptt}  # fmt: skip
+                    "compile": args.compile, "tbptt": args.tbptt, "with_baseline": args.with_baseline}  # fmt: skip
         partial = out / "lengths.partial.json"  # the rows so far, should a later backbone fail
 
         def progress(rows_so_far: list) -> None:
@@ -124,9 +128,12 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         rows = bench.bench_lengths(
             backbones=args.backbones, lengths=args.lengths or default, batch=args.batch, width=args.width,
             num_layers=args.layers, repeats=args.repeats or 3, device=args.device, amp=args.amp,
-            max_step_seconds=args.max_step_seconds, compile=args.compile, tbptt=args.tbptt, progress=progress,
+            max_step_seconds=args.max_step_seconds, compile=args.compile, tbptt=args.tbptt,
+            with_baseline=args.with_baseline, tf32=args.tf32, progress=progress,
         )  # fmt: skip
         partial.unlink(missing_ok=True)
+        if device.type == "cuda":  # the switches the lengths ran with, not those at start
+            meta["environment"].update(bench.float32_switches(args.tf32))
         fitted = {"train": bench.exponents(rows, "train_ms"), "inference": bench.exponents(rows, "infer_ms"),
                   "train_above_fixed": bench.exponents(rows, "train_ms", above_fixed_cost=True),
                   "inference_above_fixed": bench.exponents(rows, "infer_ms", above_fixed_cost=True)}  # fmt: skip
@@ -174,7 +181,7 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
     elif command == "data":  # --overrides come after the defaults (data=X: that data alone)
         rows = bench.bench_data(extra=args.overrides or (), epochs=args.epochs, repeats=args.repeats or 1)
         print_table(rows, "share of the training step waiting for data (plain loop)")
-        payload = {**meta, "rows": rows}
+        payload = {**meta, "overrides": list(overrides), "rows": rows}  # (which model: the command's)
     else:
         result = bench.bench_startup(overrides=overrides, repeats=args.repeats or 3)
         print_table([{k: v for k, v in result.items() if not isinstance(v, list)}], "start-up")

@@ -65,12 +65,17 @@ def round_robin(
     """Wall time of each call in each of ``repeats`` rounds, every call once a round in turn,
     after ``warmup`` untimed rounds: a drift of the host over minutes (another process, clocks;
     10-27% between runs on shared hosts) hits all calls alike, and a ratio taken within a round is
-    a paired comparison. A call that runs out of memory is dropped from then on: returned in the
-    second element (any other error is raised)."""
+    a paired comparison. Each round starts one call later than the one before (the first call of
+    a round does not always meet the host as the previous round's last left it). A call that runs
+    out of memory is dropped from then on: returned in the second element (any other error is
+    raised)."""
     times: dict[Any, list[float]] = {key: [] for key in calls}
     failed: set[Any] = set()
+    keys = list(calls)
     for round_index in range(warmup + repeats):
-        for key, fn in calls.items():
+        shift = round_index % len(keys) if keys else 0
+        for key in keys[shift:] + keys[:shift]:
+            fn = calls[key]
             if key in failed:
                 continue
             try:
@@ -366,6 +371,8 @@ def bench_lengths(
     max_step_seconds: float = 30.0,
     compile: bool = False,
     tbptt: int | None = None,
+    with_baseline: bool = False,
+    tf32: bool = False,
     progress: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Per backbone and length: training step (forward + backward) and inference (``encode`` of
@@ -376,36 +383,50 @@ def bench_lengths(
     ratios are paired. A backbone whose training step exceeds ``max_step_seconds`` or that runs out
     of memory skips the longer lengths (recorded as ``skipped``). ``compile``: as
     ``model.compile=true`` (compiled in the untimed warm-up round). ``tbptt``: as
-    ``model.tbptt_steps`` for the RNN family (other backbones run unchanged). ``progress(rows)``
-    after each length: the rows so far outlive an error that stops the run."""
+    ``model.tbptt_steps`` for the RNN family (other backbones run unchanged). ``with_baseline``:
+    each backbone so changed is also timed as it is, in the same rounds, and its row gets
+    ``train_speedup`` / ``infer_speedup``: the median over the rounds of the plain backbone's time
+    over its own (``*_speedup_all``: every round's); two runs of the harness differ by 10-27% on
+    a shared host, more than such a change. On a GPU cuDNN's recurrences and the matmuls run at
+    one float32 precision (``tf32``: both at TF32; ``float32_matmuls``), as in ``bench_scan``.
+    ``progress(rows)`` after each length: the rows so far outlive an error that stops the run."""
     dev = torch.device(device)
-    models, labels = {}, {}
+    models: dict[str, nn.Module] = {}  # by label: "gru", "gru+tbptt256", "transformer+compile"
+    baseline_of: dict[str, str] = {}  # a changed backbone's label -> its plain one's
     for name in backbones:
-        torch.manual_seed(0)
-        models[name] = build_backbone(name, width, num_layers, dev, compile=compile, tbptt=tbptt)
-        labels[name] = (
-            name
-            + ("+compile" if compile else "")
-            + (f"+tbptt{tbptt}" if getattr(models[name], "tbptt_steps", None) else "")
-        )
-    params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+        variants = [(compile, tbptt)] + ([(False, None)] if with_baseline and (compile or tbptt) else [])
+        for variant_compile, variant_tbptt in variants:
+            torch.manual_seed(0)
+            model = build_backbone(name, width, num_layers, dev, compile=variant_compile, tbptt=variant_tbptt)
+            label = (
+                name
+                + ("+compile" if variant_compile else "")
+                + (f"+tbptt{variant_tbptt}" if getattr(model, "tbptt_steps", None) else "")
+            )
+            if label not in models:  # (tbptt leaves the other backbones as they are: one of them)
+                models[label] = model
+            if label != name and with_baseline:
+                baseline_of[label] = name
+    labels = list(models)
+    params = {label: sum(p.numel() for p in model.parameters()) for label, model in models.items()}
     memory_measure = "peak allocated" if dev.type == "cuda" else "saved activations"
     stopped: dict[str, str] = {}  # backbone -> why it skips the longer lengths
     rows: dict[tuple[str, int], dict[str, Any]] = {}
 
     def in_order() -> list[dict[str, Any]]:  # backbone by backbone, each by length
-        return [rows[name, steps] for name in backbones for steps in lengths if (name, steps) in rows]
+        return [rows[name, steps] for name in labels for steps in lengths if (name, steps) in rows]
 
     for steps in lengths:
         x = torch.randn(batch, steps, width, device=dev)
-        running = [name for name in backbones if name not in stopped]
+        running = [name for name in labels if name not in stopped]
         calls: dict[tuple[str, str], Callable[[], None]] = {}
         for name in running:
             calls[name, "train"] = training_step(models[name], x, amp)
             calls[name, "infer"] = inference(models[name], x, amp)
-        times, failed = round_robin(calls, dev, repeats)
-        for name in backbones:
-            row: dict[str, Any] = {"backbone": labels[name], "T": steps, "batch": batch, "width": width,
+        with float32_matmuls(tf32) if dev.type == "cuda" else nullcontext():
+            times, failed = round_robin(calls, dev, repeats)
+        for name in labels:
+            row: dict[str, Any] = {"backbone": name, "T": steps, "batch": batch, "width": width,
                                    "params": params[name]}  # fmt: skip
             if name in stopped:
                 rows[name, steps] = {**row, "skipped": stopped[name]}
@@ -436,6 +457,12 @@ def bench_lengths(
                 "train_ms_all": [t * 1e3 for t in train_times],
                 "infer_ms_all": [t * 1e3 for t in infer_times],
             }
+            plain = baseline_of.get(name)
+            for kind in ("train", "infer") if plain is not None else ():
+                if (plain, kind) in times and (name, kind) in times:
+                    ratios = paired_ratios(times[plain, kind], times[name, kind])
+                    rows[name, steps][f"{kind}_speedup"] = statistics.median(ratios)
+                    rows[name, steps][f"{kind}_speedup_all"] = ratios
             if train_s > max_step_seconds:
                 stopped[name] = f"training step > {max_step_seconds:g} s at a shorter T"
         if progress is not None:
@@ -476,8 +503,11 @@ def bench_decode(
     """Per backbone (encoder-decoder, as translation builds it) and output length T: the time to
     generate T tokens one at a time after encoding a ``source_length`` source, per token and in
     tokens/s. A recurrent decoder's step costs the same at every position; a Transformer's grows
-    with the tokens in its cache (O(T) a step, O(T^2) a sequence). Backbones timed in turn, round
-    by round (``round_robin``)."""
+    with the tokens in its cache (O(T) a step, O(T^2) a sequence). Every (backbone, T) is timed in
+    turn, round by round (``round_robin``): lengths too, so that ``per_token_vs_shortest``, the
+    median over the rounds of the per-token time at T over that at the shortest T, is a paired
+    ratio (timed one length after another, a host's drift made every backbone's per-token time
+    at T=256 longer than at T=1024). A (backbone, T) that runs out of memory is ``skipped``."""
     dev = torch.device(device)
     models = {}
     for name in backbones:
@@ -487,31 +517,34 @@ def bench_decode(
     source = torch.randn(batch, source_length, width, device=dev)
     with torch.inference_mode():
         memories = {name: model.eval().encode(source).clone() for name, model in models.items()}
+    calls = {
+        (name, steps): generation(models[name], memories[name], steps)
+        for name in backbones
+        for steps in lengths
+    }
+    times, failed = round_robin(calls, dev, repeats)
+    shortest = min(lengths)
     rows: dict[tuple[str, int], dict[str, Any]] = {}
-    stopped: set[str] = set()  # ran out of memory at a shorter T: the longer ones are skipped
-    for steps in lengths:
-        calls = {
-            name: generation(models[name], memories[name], steps) for name in backbones if name not in stopped
-        }
-        times, failed = round_robin(calls, dev, repeats)
-        for name in backbones:
+    for name in backbones:
+        for steps in lengths:
             row: dict[str, Any] = {"backbone": name, "T": steps, "source_length": source_length, "batch": batch,
                                    "width": width, "params": params[name]}  # fmt: skip
-            if name in stopped:
-                rows[name, steps] = {**row, "skipped": "out of memory at a shorter T"}
-                continue
-            if name in failed:
+            if (name, steps) in failed:
                 rows[name, steps] = {**row, "skipped": "out of memory"}
-                stopped.add(name)
                 continue
-            seconds = statistics.median(times[name])
+            seconds = statistics.median(times[name, steps])
             rows[name, steps] = {
                 **row,
                 "generate_ms": seconds * 1e3,
                 "ms_per_token": seconds * 1e3 / steps,
                 "tokens_per_s": batch * steps / seconds,
-                "generate_ms_all": [t * 1e3 for t in times[name]],
+                "generate_ms_all": [t * 1e3 for t in times[name, steps]],
             }
+            if (name, shortest) in times:
+                ratios = paired_ratios(
+                    [t / steps for t in times[name, steps]], [t / shortest for t in times[name, shortest]]
+                )
+                rows[name, steps]["per_token_vs_shortest"] = statistics.median(ratios)
     return [rows[name, steps] for name in backbones for steps in lengths]
 
 
