@@ -134,7 +134,8 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         partial.unlink(missing_ok=True)
         if device.type == "cuda":  # the switches the lengths ran with, not those at start
             meta["environment"].update(bench.float32_switches(args.tf32))
-        fitted = {"train": bench.exponents(rows, "train_ms"), "inference": bench.exponents(rows, "infer_ms"),
+        spans: dict[str, list[int]] = {}  # the lengths each training exponent was fitted over
+        fitted = {"train": bench.exponents(rows, "train_ms", spans=spans), "inference": bench.exponents(rows, "infer_ms"),
                   "train_above_fixed": bench.exponents(rows, "train_ms", above_fixed_cost=True),
                   "inference_above_fixed": bench.exponents(rows, "infer_ms", above_fixed_cost=True)}  # fmt: skip
         print_table(shown(rows), f"{args.device}, B={args.batch}, width={args.width}, layers={args.layers}")
@@ -143,7 +144,7 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
                     "time above the fixed cost, the T=0 intercept of the two shortest lengths' line)")  # fmt: skip
         title = f"{meta['environment']['device_name'] or args.device}: B={args.batch}, width {args.width}"
         bench.plot_lengths(rows, out / "lengths.png", title)
-        payload = {**meta, **settings, "scaling_exponents": fitted, "rows": rows}
+        payload = {**meta, **settings, "scaling_exponents": fitted, "exponent_lengths": spans, "rows": rows}
     elif command == "decode":
         settings = {
             "batch": args.batch,

@@ -38,6 +38,14 @@ def test_scaling_exponent_recovers_the_power() -> None:
     assert bench.scaling_exponent(lengths, [3e-6 * t**2 for t in lengths]) == pytest.approx(2.0)
     assert bench.scaling_exponent(lengths, [0.1 * t for t in lengths]) == pytest.approx(1.0)
     assert bench.scaling_exponent([64], [1.0]) is None
+    # each backbone's fitted lengths recorded: one that skipped the longer ones is fitted shorter
+    rows = [{"backbone": "a", "T": t, "train_ms": 0.1 * t} for t in (64, 128, 256, 512)]
+    rows += [{"backbone": "b", "T": t, "train_ms": 0.1 * t} for t in (64, 128, 256)] + [
+        {"backbone": "b", "T": 512}
+    ]
+    spans: dict[str, list[int]] = {}
+    assert bench.exponents(rows, spans=spans) == {"a": 1.0, "b": 1.0}
+    assert spans == {"a": [256, 512], "b": [128, 256]}
 
 
 def test_lengths_rows_and_memory_grow_with_length() -> None:

@@ -553,6 +553,7 @@ def exponents(
     key: str = "train_ms",
     upper_half: bool = True,
     above_fixed_cost: bool = False,
+    spans: dict[str, list[int]] | None = None,
 ) -> dict[str, float]:
     """Scaling exponent of ``key`` in T per backbone, fitted over the upper half of the lengths
     measured (where the T-dependent cost dominates fixed costs). ``above_fixed_cost``: of the time
@@ -560,7 +561,9 @@ def exponents(
     intercept at T=0 of the line through the two shortest lengths: on a GPU that cost can exceed
     a quadratic term up to T of several thousand, and a plain fit of 1 ms + 1e-7 ms T^2 over
     T = 1024-8192 reads 0.93, not 2. (Subtracting the shortest length's whole time, its
-    T-dependent part too, read 1.07 for a cost linear in T.)"""
+    T-dependent part too, read 1.07 for a cost linear in T.) ``spans``, where given, gets each
+    backbone's first and last T fitted: one that skipped the longer lengths is fitted over
+    shorter ones than the others."""
     fitted = {}
     for name in dict.fromkeys(r["backbone"] for r in rows):
         points = sorted((r["T"], r[key]) for r in rows if r["backbone"] == name and r.get(key))
@@ -575,6 +578,8 @@ def exponents(
         slope = scaling_exponent([p[0] for p in points], [p[1] for p in points])
         if slope is not None:
             fitted[name] = round(slope, 2)
+            if spans is not None:
+                spans[name] = [points[0][0], points[-1][0]]
     return fitted
 
 
