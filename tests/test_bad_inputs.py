@@ -117,6 +117,17 @@ def test_eval_without_a_checkpoint_or_with_a_model_of_its_own_is_refused(make_cf
     with pytest.raises(ConfigError, match=r"\+model=: the checkpoint fixes the model and the task"):
         evaluate(make_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", "+model=lstm", name="eval", output="model"))
     assert not (tmp_path / "model" / "config.yaml").exists()
+    # a key eval.py does not have, added with the + Hydra's error asks for: it was ignored
+    with pytest.raises(
+        ConfigError, match=r"\+data_dri=/d: not a key of eval.py, which takes .*ckpt_path, data_dir"
+    ):
+        evaluate(make_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", "+data_dri=/d", name="eval", output="typo"))
+    with pytest.raises(
+        ConfigError, match=r"x.ckpt"
+    ):  # what eval.py adds under trainer. passes: on to the file
+        evaluate(
+            make_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", "+trainer.profiler=simple", name="eval", output="ok")
+        )
 
 
 def test_more_devices_than_this_machine_has_are_refused(make_cfg, tmp_path: Path) -> None:

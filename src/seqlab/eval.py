@@ -45,7 +45,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    given = given_checkpoint(cfg, "eval.py")
+    given = given_checkpoint(
+        cfg, "eval.py", takes=("data", "trainer", "logger", "callbacks", "extras", "paths")
+    )
     run_dir = Path(cfg.paths.output_dir)
     if is_rank_zero():
         log.info("run directory: %s", run_dir)

@@ -27,7 +27,6 @@ from seqlab.errors import ConfigError, SeqlabError
 from seqlab.train import build_datamodule, to_plain
 from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, given_checkpoint, load_run_info
 from seqlab.utils.files import write_text_atomic
-from seqlab.utils.run import hydra_overrides
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +126,6 @@ def run(cfg: DictConfig) -> None:
             # (a pipe too: input=<(command)); a byte that is not UTF-8 is named by its line
             lines = split_lines(decode_utf8(path.read_bytes(), str(path)))
         ckpt_path = given_checkpoint(cfg, "translate.py")
-        added = [o for o in hydra_overrides() if o.startswith("+") and not o[1:].startswith("data.")]
-        if added:  # (a misspelt key, given with the + Hydra's error asks for, was ignored)
-            raise ConfigError(
-                f"{added[0]}: not a key of translate.py, which takes ckpt_path, input, output, "
-                "beam_size, batch_size and device, and data settings as +data.<key>=<value>"
-            )
         for key, nullable in (("beam_size", True), ("batch_size", False)):  # before the model loads
             value = cfg.get(key)
             if value is None and nullable:

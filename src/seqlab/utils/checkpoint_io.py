@@ -328,12 +328,15 @@ def metadata_file(ckpt_path: Path) -> Path:
     return ckpt_path / _METADATA_FILENAME
 
 
-def given_checkpoint(cfg: Any, command: str) -> Path:
+def given_checkpoint(cfg: Any, command: str, takes: tuple[str, ...] = ("data",)) -> Path:
     """The ``ckpt_path`` eval.py / translate.py were given, resolved; a clear ConfigError without
-    one (OmegaConf's ``MissingMandatoryValue`` came as a traceback), and for ``+model=`` /
+    one (OmegaConf's ``MissingMandatoryValue`` came as a traceback), for ``+model=`` /
     ``+task=``, which the checkpoint fixes (eval.py ran the checkpoint's model and recorded the
-    given one in its config.yaml)."""
+    given one in its config.yaml), and for any other key added with ``+`` outside ``takes`` (a
+    misspelt ``+inptu=``, the form Hydra's error asks for, was ignored)."""
     from omegaconf import OmegaConf
+
+    from seqlab.utils.run import hydra_overrides
 
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
         raise ConfigError(
@@ -345,6 +348,16 @@ def given_checkpoint(cfg: Any, command: str) -> Path:
         raise ConfigError(
             f"{', '.join(f'+{key}=' for key in fixed)}: the checkpoint fixes the model and the task; "
             f"{command} takes only data settings (+data.<key>=<value>, data_dir=)"
+        )
+    roots = {o: o[1:].split(".")[0].split("=")[0] for o in hydra_overrides() if o.startswith("+")}
+    added = {override: root for override, root in roots.items() if root not in takes}
+    if added:
+        keys = ", ".join(
+            k for k in OmegaConf.to_container(cfg) if k not in ("hydra", *added.values(), *takes)
+        )
+        raise ConfigError(
+            f"{next(iter(added))}: not a key of {command}, which takes {keys}, and adds with a + only "
+            "under " + ", ".join(f"{root}." for root in takes)
         )
     return Path(cfg.ckpt_path).expanduser().resolve()
 
