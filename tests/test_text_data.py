@@ -159,16 +159,41 @@ def test_blank_lines_before_the_header_are_skipped(tmp_path: Path) -> None:
         assert examples.texts == ["fine"] and examples.origins == [f"{path}, line 4"]
 
 
-def test_a_whole_json_number_is_one_label_however_written(tmp_path: Path) -> None:
+def test_a_whole_number_is_one_label_however_written(tmp_path: Path) -> None:
     """A float column written out (1.0) beside integers (1) made two classes of one label: a
-    binary task trained as four classes."""
+    binary task trained as four classes. One class, in every format, with data.classes written
+    either way, and with a checkpoint's classes from such a file."""
+    rows = list(enumerate([1, 0, 1.0, 0.0] * 6 + [1, 0]))
     lines = [
-        json.dumps({"text": f"text {i}", "label": label}) for i, label in enumerate([1, 0, 1.0, 0.0, 1, 0.5])
+        json.dumps({"text": f"text {i} {'good' if label else 'bad'}", "label": label}) for i, label in rows
     ]
-    path = write(tmp_path / "mixed.jsonl", "\n".join(lines) + "\n")
-    assert read_table(path, "text", "label").labels == ["1", "0", "1", "0", "1", "0.5"]
-    data = TextClassificationDataModule(data_dir=str(tmp_path), classes=[0.0, 1.0, 0.5])
-    assert data.classes == ["0", "1", "0.5"]
+    write(tmp_path / "raw" / "train.jsonl", "\n".join(lines) + "\n")
+    write(tmp_path / "raw" / "test.jsonl", lines[0] + "\n" + lines[3] + "\n")
+    assert read_table(tmp_path / "raw" / "train.jsonl", "text", "label").labels[:4] == [
+        "1",
+        "0",
+        "1.0",
+        "0.0",
+    ]
+    columns = {"text_column": "text", "label_column": "label"}
+    dm = text_dm(
+        tmp_path / "raw", tmp_path / "cache", train_file="train.jsonl", test_file="test.jsonl", **columns
+    )
+    dm.setup()
+    assert dm.task_kwargs()["num_classes"] == 2 and dm.datasets["test"].labels.tolist() == [1, 0]
+    # a TSV's float labels with data.classes given as numbers, and a checkpoint's float classes
+    write(
+        tmp_path / "tsv" / "train.tsv",
+        "text\tlabel\n" + "".join(f"t {i}\t{float(i % 2)}\n" for i in range(30)),
+    )
+    write(tmp_path / "tsv" / "test.tsv", "text\tlabel\nt 1\t1.0\nt 2\t0\n")
+    for classes in ([0, 1], [0.0, 1.0], ["0.0", "1.0"]):
+        cache = tmp_path / f"cache-{len(str(classes))}"
+        dm = text_dm(
+            tmp_path / "tsv", cache, train_file="train.tsv", test_file="test.tsv", classes=classes, **columns
+        )
+        dm.setup()
+        assert dm.datasets["test"].labels.tolist() == [1, 0], classes
     with pytest.raises(ConfigError, match="has duplicates"):
         TextClassificationDataModule(data_dir=str(tmp_path), classes=[1, 1.0])
 

@@ -35,7 +35,7 @@ from seqlab.data.text_base import (
     generated_in_memory,
     publish,
 )
-from seqlab.data.text_readers import FORMATS, TSV_QUOTING, LabelledTexts, label_text, read_aclimdb, read_table
+from seqlab.data.text_readers import FORMATS, TSV_QUOTING, LabelledTexts, label_key, read_aclimdb, read_table
 from seqlab.data.tokenization import (
     BOS_ID,
     CLS_ID,
@@ -229,7 +229,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
         self.save_hyperparameters(logger=False)
         self._absolute_paths()
         self.spec = TokenizerSpec.from_config(tokenizer)
-        if classes is not None and len(set(map(label_text, classes))) != len(classes):
+        if classes is not None and len(set(map(label_key, classes))) != len(classes):
             raise ConfigError(f"data.classes={list(classes)} has duplicates")
         if label_names is not None and classes is not None and len(label_names) != len(classes):
             raise ConfigError(
@@ -244,7 +244,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
             raise ConfigError(
                 f"data.quoting={quoting!r}; expected one of {list(TSV_QUOTING)} (how a TSV quotes)"
             )
-        self.classes = [label_text(c) for c in classes] if classes is not None else None
+        self.classes = [str(c) for c in classes] if classes is not None else None
         self.batch_size = batch_size
         self.seed = seed
         self.datasets: dict[str, TokenizedTexts] = {}
@@ -384,27 +384,32 @@ class TextClassificationDataModule(BatchedTextDataModule):
         if self.classes is not None:
             return self.classes
         carved = [split for split in ("val", "test") if self.split_path(split) is None]
-        labels = set(raw["train"].labels).union(*(raw[split].labels for split in carved))
-        missing = sorted(labels - set(raw["train"].labels), key=_numeric_order)
+        labels: dict[str, str] = {}  # one class a label_key (1 and 1.0), named as first sorted
+        for label in sorted(
+            set(raw["train"].labels).union(*(raw[split].labels for split in carved)), key=_numeric_order
+        ):
+            labels.setdefault(label_key(label), label)
+        trained = {label_key(label) for label in raw["train"].labels}
+        missing = [label for key, label in labels.items() if key not in trained]
         if missing:
             log.warning(
                 "%s: every example of class %s was held out for %s (data.split_seed=%s): the model "
                 "never trains on it; use a larger train file or set data.val_file/data.test_file",
                 self.split_path("train"), ", ".join(map(repr, missing)), " and ".join(carved), self.hparams.split_seed,
             )  # fmt: skip
-        return sorted(labels, key=_numeric_order)
+        return sorted(labels.values(), key=_numeric_order)
 
     def write_processed(self, raw: dict[str, LabelledTexts], target: Path) -> None:
         classes = self.class_list(raw)
-        class_id = {label: i for i, label in enumerate(classes)}
+        class_id = {label_key(label): i for i, label in enumerate(classes)}
         label_ids: dict[str, list[int]] = {}
         for split, examples in raw.items():
             ids = []
             for label, origin in zip(examples.labels, examples.origins):
-                if label not in class_id:
+                if label_key(label) not in class_id:
                     expected = "data.classes" if self.classes is not None else "the labels found in train"
                     raise DataError(f"{origin}: label {label!r} is not one of {classes} ({expected})")
-                ids.append(class_id[label])
+                ids.append(class_id[label_key(label)])
             label_ids[split] = ids
         if self.fixed is not None:
             tokenizer = tokenizer_from_json(self.fixed["tokenizer"])

@@ -132,12 +132,13 @@ def separator_hint(header: list[str], separator: str) -> str:
     return f" (the header is one field holding a {found[0]}: the file is read as {expected}-separated)"
 
 
-def label_text(value: object) -> str:
-    """A label as text: a JSON number that is whole reads as an integer (``1.0`` and ``1`` are one
-    class, as a float column written out makes them); the rest as ``str`` gives it."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
+def label_key(label: object) -> str:
+    """What tells labels (and ``data.classes``) apart: their text, a whole number written as a
+    float (``1.0``, ``-2.00``) as the integer (``1``, ``-2``), so that a float column written out
+    beside integers, or a checkpoint's classes from such a file, name one class once."""
+    text = str(label)
+    whole = re.fullmatch(r"(-?\d+)\.0+", text)
+    return str(int(whole.group(1))) if whole else text
 
 
 def read_table(
@@ -179,7 +180,7 @@ def read_table(
                 )
             out.add(
                 clean_text(text or ""),
-                "" if label is None else label_text(label),
+                "" if label is None else str(label),
                 f"{path}, line {line_no}",
             )
         return out
