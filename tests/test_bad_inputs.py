@@ -122,12 +122,9 @@ def test_eval_without_a_checkpoint_or_with_a_model_of_its_own_is_refused(make_cf
         ConfigError, match=r"\+data_dri=/d: not a key of eval.py, which takes .*ckpt_path, data_dir"
     ):
         evaluate(make_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", "+data_dri=/d", name="eval", output="typo"))
-    with pytest.raises(
-        ConfigError, match=r"x.ckpt"
-    ):  # what eval.py adds under trainer. passes: on to the file
-        evaluate(
-            make_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", "+trainer.profiler=simple", name="eval", output="ok")
-        )
+    for added in ("+trainer.profiler=simple", "++data.batch_size=8"):  # what eval.py adds: on to the file
+        with pytest.raises(ConfigError, match=re.escape(str(tmp_path / "x.ckpt"))):
+            evaluate(make_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", added, name="eval", output="ok"))
 
 
 def test_more_devices_than_this_machine_has_are_refused(make_cfg, tmp_path: Path) -> None:

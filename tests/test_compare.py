@@ -206,6 +206,14 @@ def test_a_searchs_report_labels_its_trials_shortly_and_legends_them_below(
     table = (sweep / "sweep_summary.md").read_text()
     assert table.startswith("Every job: `data=timeseries trainer.max_epochs=2 model.d_model=32`\n")
     assert "| model.dropout=0.13015249665719064 |" in table
+    for job in (0, 1, 3):  # overrides holding spaces are compared whole (split, they were torn apart)
+        path = sweep / str(job) / "summary.json"
+        path.write_text(
+            json.dumps({**json.loads(path.read_text()), "overrides": ["tags=[a, b]", f"+note=run {job}"]})
+        )
+    write_sweep_table(sweep)
+    table = (sweep / "sweep_summary.md").read_text()
+    assert table.startswith("Every job: `tags=[a, b]`\n") and "| +note=run 3 |" in table
 
 
 def test_summary_json_is_strict_json(tmp_path: Path) -> None:

@@ -116,6 +116,11 @@ def test_ddp_spawn_runs(tmp_path: Path) -> None:
     assert summary["epochs"] == 1 and summary["global_step"] > 0 and summary["fit_s"] > 0
     assert summary["train_samples_per_s"] > 0 and summary["time_to_first_step_s"] > 0
     assert summary["test_report"]["plotted_windows"][0] == 0
+    # the workers log as trainer=ddp's ranks do: rank 1 to its own file, only rank 0 on the console
+    # (spawned, they inherited no logging: both ranks wrote to stderr, unformatted, and no file)
+    assert "GLOBAL_RANK: 1" in (run_dir / "train_ddp_process_1.log").read_text()
+    assert "GLOBAL_RANK: 0" in (run_dir / "train.log").read_text()
+    assert "GLOBAL_RANK: 1" not in result.stdout + result.stderr
 
 
 def test_a_sigterm_to_the_spawning_process_stops_its_workers(tmp_path: Path) -> None:
@@ -142,6 +147,7 @@ def test_a_sigterm_to_the_spawning_process_stops_its_workers(tmp_path: Path) -> 
     again = run_script(*command)
     assert again.returncode == 0, why_failed(again)
     assert f"resuming the interrupted run in {run_dir}" in again.stdout + again.stderr
+    assert "exists and is not empty" not in again.stderr  # (train.py's filter reaches the workers)
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] > saved["global_step"]
 
 

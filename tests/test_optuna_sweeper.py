@@ -146,11 +146,12 @@ def test_a_search_in_which_no_trial_finished_fails(tmp_path: Path) -> None:
     optuna.delete_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
 
 
-@pytest.mark.parametrize("alike", [True, False])
-def test_a_search_whose_first_trials_fail_alike_stops(tmp_path: Path, alike: bool) -> None:
+@pytest.mark.parametrize("alike", [True, False, "diverged"])
+def test_a_search_whose_first_trials_fail_alike_stops(tmp_path: Path, alike: bool | str) -> None:
     """Data not found failed every trial of a search alike, each after its own set-up (online, a
-    download tried again): three trials with other parameters failing with one error stop it;
-    errors that differ (they depend on the parameters) do not."""
+    download tried again): three trials with other parameters failing with one set-up error stop
+    it; errors that differ (they depend on the parameters) do not, nor one the parameters cause
+    alike (three high learning rates, each diverged)."""
     from hydra.core.utils import JobReturn, JobStatus
 
     from seqlab.errors import DataError
@@ -162,13 +163,15 @@ def test_a_search_whose_first_trials_fail_alike_stops(tmp_path: Path, alike: boo
     class Launcher:
         def launch(self, batch: list, initial_job_idx: int) -> list:
             launched.append(initial_job_idx)
+            if alike == "diverged":
+                return [JobReturn(status=JobStatus.COMPLETED, _return_value=float("nan"))]
             error = DataError("data not found: /data/sst2/train.tsv" + ("" if alike else f" ({batch[0]})"))
             return [JobReturn(status=JobStatus.FAILED, _return_value=error)]
 
     chosen.launcher = Launcher()
     with pytest.raises(RuntimeError) as failed:
         chosen.sweep(["model.d_model=choice(16,32,64,128)", "model.dropout=interval(0,0.5)"])
-    if alike:
+    if alike is True:
         assert launched == [0, 1, 2]
         assert re.search(
             r"the first 3 trials of Optuna study 's' failed alike, whatever their parameters \(DataError: data "

@@ -96,8 +96,6 @@ def checked_device(value: Any) -> str:
         device = torch.device("cuda" if str(value) == "gpu" else str(value))
     except RuntimeError:
         raise ConfigError(f"device={value!r}: {expected}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device={value!r}: {expected}")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -113,6 +111,7 @@ def checked_device(value: Any) -> str:
 
 def run(cfg: DictConfig) -> None:
     try:
+        ckpt_path = given_checkpoint(cfg, "translate.py")  # (its refusals before stdin is read)
         source = cfg.get("input")
         if source in (None, "-"):  # bytes: the locale's decoding let bad bytes through as surrogates
             lines = split_lines(decode_utf8(sys.stdin.buffer.read(), "<stdin>"))
@@ -125,7 +124,6 @@ def run(cfg: DictConfig) -> None:
                 )
             # (a pipe too: input=<(command)); a byte that is not UTF-8 is named by its line
             lines = split_lines(decode_utf8(path.read_bytes(), str(path)))
-        ckpt_path = given_checkpoint(cfg, "translate.py")
         for key, nullable in (("beam_size", True), ("batch_size", False)):  # before the model loads
             value = cfg.get(key)
             if value is None and nullable:

@@ -70,9 +70,17 @@ STALE_S = 600.0
 FAIL_FAST = 3
 
 
+#: the errors a trial's parameters cannot be the cause of when trials with others fail alike: a
+#: job's set-up refusing its data or configuration. (A diverged training, a NaN objective, say the
+#: same thing for different parameters that all caused it: a search over the learning rate
+#: whose first trials drew high ones goes on.)
+SET_UP_ERRORS = ("DataError:", "ConfigError:", "FileNotFoundError:")
+
+
 def failing_alike(study: Any) -> tuple[int, str] | None:
     """(how many, the error) where no trial of the study finished and at least ``FAIL_FAST``
-    failed, all with one error and each with other parameters; else None."""
+    failed, all with one set-up error (``SET_UP_ERRORS``) and each with other parameters; else
+    None."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
@@ -81,9 +89,10 @@ def failing_alike(study: Any) -> tuple[int, str] | None:
     failed = [trial for trial in trials if not trial.user_attrs.get("interrupted")]
     errors = {trial.user_attrs.get("error") for trial in failed}
     params = {repr(sorted(trial.params.items())) for trial in failed}
-    if len(failed) >= FAIL_FAST and len(errors) == 1 and None not in errors and len(params) == len(failed):
-        return len(failed), errors.pop()
-    return None
+    if len(failed) < FAIL_FAST or len(errors) != 1 or len(params) != len(failed):
+        return None
+    error = errors.pop()
+    return (len(failed), error) if isinstance(error, str) and error.startswith(SET_UP_ERRORS) else None
 
 
 def is_interrupted(trial: Any, now: float, sweep_dir: str | None = None) -> bool:

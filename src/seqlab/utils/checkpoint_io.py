@@ -349,7 +349,8 @@ def given_checkpoint(cfg: Any, command: str, takes: tuple[str, ...] = ("data",))
             f"{', '.join(f'+{key}=' for key in fixed)}: the checkpoint fixes the model and the task; "
             f"{command} takes only data settings (+data.<key>=<value>, data_dir=)"
         )
-    roots = {o: o[1:].split(".")[0].split("=")[0] for o in hydra_overrides() if o.startswith("+")}
+    # (++key= adds or overrides; +group/option= a config group's option)
+    roots = {o: re.split(r"[./=]", o.lstrip("+"))[0] for o in hydra_overrides() if o.startswith("+")}
     added = {override: root for override, root in roots.items() if root not in takes}
     if added:
         keys = ", ".join(

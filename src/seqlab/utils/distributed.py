@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from typing import Any
 from unittest import mock
 
@@ -35,6 +36,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from seqlab.errors import ConfigError, SeqlabError, instantiate
+from seqlab.utils.logging import configure_worker_logging, job_logging_config
 from seqlab.utils.precision import FSDPPrecision
 
 log = logging.getLogger(__name__)
@@ -484,6 +486,18 @@ class SpawnLauncher(_MultiProcessingLauncher):
         self.main_pid = os.getpid() if self._start_method in ("spawn", "fork") else None
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, forward) if main_thread else None
+        # for the workers, which inherit neither (spawned: a fresh interpreter)
+        self.logging_config = job_logging_config()
+        self.warning_filters = [
+            (
+                action,
+                getattr(message, "pattern", message or ""),
+                category,
+                getattr(module, "pattern", module or ""),
+                lineno,
+            )
+            for action, message, category, module, lineno in warnings.filters
+        ]
         try:
             result = super().launch(function, *args, trainer=trainer, **kwargs)
         except Exception as error:
@@ -509,6 +523,9 @@ class SpawnLauncher(_MultiProcessingLauncher):
         from lightning.pytorch.trainer.call import _interrupt
 
         die_with_parent(getattr(self, "main_pid", None))
+        configure_worker_logging(getattr(self, "logging_config", None), process_idx)
+        for action, message, category, module, lineno in reversed(getattr(self, "warning_filters", [])):
+            warnings.filterwarnings(action, message, category, module, lineno)  # (train.py's, extras')
         try:
             super()._wrapping_function(process_idx, trainer, *args, **kwargs)
         except SIGTERMException as stop:

@@ -27,9 +27,14 @@ log = logging.getLogger(__name__)
 ERROR_FILE = "error.txt"
 
 
-def job_overrides(job_dir: Path) -> str:
+def attempt_overrides(job_dir: Path) -> list[str]:
+    """The overrides of a job's last attempt, as Hydra recorded them (redacted)."""
     path = job_dir / ".hydra" / "overrides.yaml"
-    return redact_text(" ".join(str(o) for o in (OmegaConf.load(path) or []))) if path.is_file() else ""
+    return [redact_text(str(o)) for o in (OmegaConf.load(path) or [])] if path.is_file() else []
+
+
+def job_overrides(job_dir: Path) -> str:
+    return " ".join(attempt_overrides(job_dir))
 
 
 #: the status of a job whose summary.json is an earlier attempt's: the sweep run again failed
@@ -116,13 +121,25 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def without_shared_overrides(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+def override_list(job_dir: Path) -> list[str]:
+    """A job's overrides, one by one (its summary's, else Hydra's record of them; redacted)."""
+    try:
+        summary = json.loads((job_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+        if isinstance(summary.get("overrides"), list):
+            return [str(o) for o in summary["overrides"]]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return attempt_overrides(job_dir)
+
+
+def without_shared_overrides(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """The rows with the overrides every job was given taken out of theirs, and those (a
-    search's fixed overrides, repeated on every row, made each wrap over many console lines)."""
+    search's fixed overrides, repeated on every row, made each wrap over many console lines).
+    Whole overrides are compared (``'tags=[a, b]'`` holds a space)."""
     if len(rows) < 2:
         return rows, ""
-    given = [str(row.get("overrides") or "").split(" ") for row in rows]
-    shared = [o for o in given[0] if o and all(o in others for others in given[1:])]
+    given = [override_list(Path(sweep_dir) / str(row["job"])) for row in rows]
+    shared = [o for o in given[0] if all(o in others for others in given[1:])]
     if not shared:
         return rows, ""
     own = [" ".join(o for o in overrides if o not in shared) for overrides in given]
@@ -142,7 +159,7 @@ def write_sweep_table(sweep_dir: Path) -> list[dict[str, Any]]:
     writer.writerows(rows)
     # whole files only: under submitit every job's processes rewrite these at once
     write_text_atomic(sweep_dir / "sweep_summary.csv", table.getvalue())
-    shown, shared = without_shared_overrides(rows)
+    shown, shared = without_shared_overrides(sweep_dir, rows)
     header = f"Every job: `{shared}`\n\n" if shared else ""
     write_text_atomic(sweep_dir / "sweep_summary.md", header + markdown_table(shown, columns) + "\n")
     return rows
@@ -233,7 +250,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_sweep_table(sweep_dir)
         if rows:
-            shown, shared = without_shared_overrides(rows)
+            shown, shared = without_shared_overrides(sweep_dir, rows)
             print_table(shown, title=f"sweep {sweep_dir}" + (f" (every job: {shared})" if shared else ""))
             log.info("sweep summary: %s", sweep_dir / "sweep_summary.md")
         else:
