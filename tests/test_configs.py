@@ -250,6 +250,14 @@ def test_debug_overfit_trains_on_the_same_batches(make_cfg, tmp_path: Path, data
     with (Path(cfg.paths.output_dir) / "metrics.csv").open(newline="") as handle:
         losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(handle) if r.get("train/loss_epoch")]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
+    assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt")), "the preset saves no checkpoint"
+
+
+def test_debug_profiler_times_the_model_not_anomaly_detection(make_cfg) -> None:
+    """It inherited the debug presets' detect_anomaly=true, which was most of what it timed."""
+    cfg = make_cfg("debug=profiler", fast=False)
+    assert cfg.trainer.detect_anomaly is False and cfg.trainer.profiler.filename == "profile"
+    assert make_cfg("debug=limit", fast=False, output="limit").trainer.detect_anomaly is True
 
 
 def test_eval_keeps_its_own_settings_over_the_groups(make_cfg) -> None:

@@ -1263,6 +1263,30 @@ def test_last_checkpoint_is_the_newest_state_whether_or_not_the_epoch_improved(
     )
 
 
+def test_last_checkpoint_is_written_once_a_step_and_never_under_fast_dev_run(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning 2.6's ``on_train_end`` wrote last.ckpt again at the end of every run shorter than
+    the step checkpoint's interval (the state the epoch's end had just written), and under
+    ``debug=fdr`` (fast_dev_run: "no checkpoints") too."""
+    from seqlab.utils.checkpoint_io import AtomicCheckpointIO
+
+    saved: list[tuple[str, int]] = []
+    original = AtomicCheckpointIO.save_checkpoint
+
+    def counting(self, checkpoint, path, *args, **kwargs):
+        saved.append((Path(path).name, checkpoint["global_step"]))
+        return original(self, checkpoint, path, *args, **kwargs)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", counting)
+    train(make_cfg("trainer.max_epochs=2", "callbacks.early_stopping=null"))
+    assert [step for name, step in saved if name == "last.ckpt"] == [50, 100]
+    saved.clear()
+    cfg = make_cfg("debug=fdr", output="fdr")
+    train(cfg)
+    assert saved == [] and not (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").exists()
+
+
 def test_a_run_resumed_in_its_last_epoch_reports_its_throughput(make_cfg) -> None:
     """Lightning skips ``on_train_epoch_start`` for an epoch it resumes mid-way: RunStats never
     opened that epoch's window, and a run resumed in its last epoch reported no samples/s,

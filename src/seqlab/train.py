@@ -322,7 +322,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             # train=false tests the given checkpoint (it used to test freshly initialised weights)
             ckpt = best_checkpoint(trainer) if cfg.get("train") else ckpt_path
             if ckpt is None:
-                log.warning(
+                # a warning unless the run saves none by design (debug=fdr, debug=overfit)
+                saves = trainer.checkpoint_callback is not None and not trainer.fast_dev_run
+                (log.warning if saves or not cfg.get("train") else log.info)(
                     "no best checkpoint was saved; testing the current weights"
                     if cfg.get("train")
                     else "train=false without ckpt_path: testing freshly initialised weights"

@@ -153,7 +153,28 @@ def early_stopped(callback: L.Callback) -> bool:
     return reason is not None and reason.name != "NOT_STOPPED"
 
 
-class LastCheckpoint(ModelCheckpoint):
+class SavesLastOnce(ModelCheckpoint):
+    """Lightning 2.6's ``ModelCheckpoint.on_train_end`` writes ``last.ckpt`` (``save_last``) for
+    a callback that has not written one yet, whatever the run: under ``fast_dev_run`` too
+    (``debug=fdr``, "no checkpoints", left one), and at the end of every run shorter than
+    ``StepCheckpoint``'s interval, the state ``LastCheckpoint`` had just written there again."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run or last_written(trainer, self):
+            return
+        super().on_train_end(trainer, pl_module)
+
+
+def last_written(trainer: L.Trainer, callback: ModelCheckpoint) -> bool:
+    """Whether a checkpoint callback of ``callback``'s directory wrote its ``last.ckpt`` at this step."""
+    return any(
+        isinstance(other, ModelCheckpoint) and other.save_last and other.dirpath == callback.dirpath
+        and other._last_global_step_saved == trainer.global_step and other._last_checkpoint_saved
+        for other in trainer.checkpoint_callbacks
+    )  # fmt: skip
+
+
+class LastCheckpoint(SavesLastOnce):
     """``last.ckpt`` at the end of every training epoch, whether or not the monitored metric
     improved: Lightning 2.6 writes ``save_last`` only alongside a top-k checkpoint, so a killed
     run resumed from its last improving epoch, and a run that early stopping ended never had its
@@ -176,7 +197,7 @@ class LastCheckpoint(ModelCheckpoint):
         pass  # at the epoch's end instead (above); mid-epoch, the step checkpoint's
 
 
-class StepCheckpoint(ModelCheckpoint):
+class StepCheckpoint(SavesLastOnce):
     """``ModelCheckpoint(every_n_train_steps=N)`` (or ``train_time_interval``) that takes no
     checkpoint on a batch after which the epoch ends or a validation runs, nor inside a
     gradient-accumulation window. Lightning 2.6 saves in ``on_train_batch_end``, before the
