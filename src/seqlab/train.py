@@ -111,7 +111,25 @@ def without_weight_averaging(trainer: L.Trainer) -> None:
     weights than those it selected and eval.py tests."""
     from lightning.pytorch.callbacks import WeightAveraging
 
-    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
+    kept = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
+    if len(kept) < len(trainer.callbacks):  # dropped on purpose: Lightning's "please add" says otherwise
+        warnings.filterwarnings("ignore", r"Be aware that when using `ckpt_path`, callbacks used to create")
+    trainer.callbacks = kept
+
+
+def quiet_weight_averaging(trainer: L.Trainer) -> None:
+    """Lightning warns that weight averaging "doesn't support sharding" for any module overriding
+    ``configure_model``, as every seqlab task does for FSDP2 alone: said under every strategy
+    but that one (in the job's warning filters, ``extras_restored``)."""
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    from seqlab.utils.distributed import strategy_kind
+
+    averaging = any(isinstance(c, WeightAveraging) for c in trainer.callbacks)
+    if averaging and strategy_kind(trainer.strategy) != "ModelParallelStrategy":
+        warnings.filterwarnings(
+            "ignore", r"You're using the WeightAveraging callback with a model that overrides"
+        )
 
 
 def build_datamodule(
@@ -293,6 +311,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         callbacks = build_callbacks(cfg.get("callbacks"))
         loggers = build_loggers(cfg.get("logger"), run_dir)
         trainer = build_trainer(cfg, callbacks, loggers)
+        quiet_weight_averaging(trainer)
     except BaseException:
         if is_rank_zero():
             forget_failed_setup(run_dir)
