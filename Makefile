@@ -21,6 +21,7 @@ help:
 	@echo "make test       install if needed, then the whole test suite"
 	@echo "make test-fast  the fast tier only (-m 'not slow')"
 	@echo "make lint       ruff check + ruff format --check"
+	@echo "make format     ruff check --fix + ruff format"
 	@echo "make clean      the tools' caches; make clean-logs: every run under logs/"
 
 install: $(STAMP)

@@ -143,7 +143,7 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
                     "scaling exponent of time in T (upper half of the lengths; *_above_fixed: of the "
                     "time above the fixed cost, the T=0 intercept of the two shortest lengths' line)")  # fmt: skip
         title = f"{meta['environment']['device_name'] or args.device}: B={args.batch}, width {args.width}"
-        bench.plot_lengths(rows, out / "lengths.png", title)
+        print(f"wrote {bench.plot_lengths(rows, out / 'lengths.png', title)}")
         payload = {**meta, **settings, "scaling_exponents": fitted, "exponent_lengths": spans, "rows": rows}
     elif command == "decode":
         settings = {

@@ -75,6 +75,15 @@ class FailOnRank(L.Callback):
         raise RuntimeError(f"injected failure on rank {self.rank} at step {trainer.global_step}")
 
 
+class WarnOnEveryRank(L.Callback):
+    """Every rank warns (``warnings.warn``) at the start of training, naming itself."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import warnings
+
+        warnings.warn(f"a warning of rank {trainer.global_rank}", UserWarning, stacklevel=1)
+
+
 class HoldMemory(L.Callback):
     """Touches ``mb`` MiB of host memory at the start of training and frees it after the first
     step: a peak that is this job's own."""

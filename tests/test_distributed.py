@@ -57,6 +57,7 @@ def test_ddp_writes_one_run_dir_and_matches_one_process(tmp_path: Path) -> None:
         *SAME_FUNCTION,
         plots,
         f"paths.log_dir={logs}",
+        "+callbacks.warn._target_=tests.faults.WarnOnEveryRank",
         cwd=launch,
         timeout=300,
     )
@@ -72,6 +73,9 @@ def test_ddp_writes_one_run_dir_and_matches_one_process(tmp_path: Path) -> None:
     assert not list(launch.iterdir()), "nothing lands in the launch directory"
     assert ddp.stdout.count("Seed set to 42") == 1
     assert ddp.stdout.count("run directory:") == 1
+    # a warning: rank 0's on the console, rank 1's in its log file only (it was printed twice)
+    assert "a warning of rank 0" in ddp.stderr and "a warning of rank 1" not in ddp.stdout + ddp.stderr
+    assert "a warning of rank 1" in (run_dir / "train_ddp_process_1.log").read_text()
     # the throughput every process already summed: no hint from Lightning to reduce it
     assert "sync_dist=True" not in ddp.stdout + ddp.stderr
 
@@ -106,8 +110,9 @@ def test_ddp_writes_one_run_dir_and_matches_one_process(tmp_path: Path) -> None:
 def test_ddp_spawn_runs(tmp_path: Path) -> None:
     run_dir = tmp_path / "spawn"
     result = run_script(
-        "train.py", "trainer=ddp_spawn", *FAST, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"
-    )
+        "train.py", "trainer=ddp_spawn", *FAST, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}",
+        "+callbacks.warn._target_=tests.faults.WarnOnEveryRank",
+    )  # fmt: skip
     assert result.returncode == 0, why_failed(result)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["trainer"]["world_size"] == 2
@@ -121,6 +126,10 @@ def test_ddp_spawn_runs(tmp_path: Path) -> None:
     assert "GLOBAL_RANK: 1" in (run_dir / "train_ddp_process_1.log").read_text()
     assert "GLOBAL_RANK: 0" in (run_dir / "train.log").read_text()
     assert "GLOBAL_RANK: 1" not in result.stdout + result.stderr
+    assert (
+        "a warning of rank 0" in result.stderr and "a warning of rank 1" not in result.stdout + result.stderr
+    )
+    assert "a warning of rank 1" in (run_dir / "train_ddp_process_1.log").read_text()
 
 
 def test_a_sigterm_to_the_spawning_process_stops_its_workers(tmp_path: Path) -> None:
