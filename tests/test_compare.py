@@ -206,6 +206,14 @@ def test_a_searchs_report_labels_its_trials_shortly_and_legends_them_below(
     table = (sweep / "sweep_summary.md").read_text()
     assert table.startswith("Every job: `data=timeseries trainer.max_epochs=2 model.d_model=32`\n")
     assert "| model.dropout=0.13015249665719064 |" in table
+    # with the sweep's command line known, a value every trial drew alike stays in the rows
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    task: [data=timeseries, trainer.max_epochs=2, 'tags=[a, b]']\n"
+    )
+    write_sweep_table(sweep)
+    table = (sweep / "sweep_summary.md").read_text()
+    assert table.startswith("Every job: `data=timeseries trainer.max_epochs=2`\n")
+    assert "| model.dropout=0.13015249665719064 model.d_model=32 |" in table
     for job in (0, 1, 3):  # overrides holding spaces are compared whole (split, they were torn apart)
         path = sweep / str(job) / "summary.json"
         path.write_text(

@@ -135,11 +135,18 @@ def override_list(job_dir: Path) -> list[str]:
 def without_shared_overrides(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """The rows with the overrides every job was given taken out of theirs, and those (a
     search's fixed overrides, repeated on every row, made each wrap over many console lines).
-    Whole overrides are compared (``'tags=[a, b]'`` holds a space)."""
+    Whole overrides are compared (``'tags=[a, b]'`` holds a space), and only those on the
+    sweep's command line (``multirun.yaml``) count as given to every job: a value each trial of
+    a search happened to draw alike stays in its rows."""
+    from seqlab.utils.resolvers import sweep_command_line
+
     if len(rows) < 2:
         return rows, ""
     given = [override_list(Path(sweep_dir) / str(row["job"])) for row in rows]
-    shared = [o for o in given[0] if all(o in others for others in given[1:])]
+    command = sweep_command_line(str(sweep_dir))
+    shared = [
+        o for o in given[0] if all(o in others for others in given[1:]) and (command is None or o in command)
+    ]
     if not shared:
         return rows, ""
     own = [" ".join(o for o in overrides if o not in shared) for overrides in given]
