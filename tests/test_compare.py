@@ -198,7 +198,7 @@ def test_a_searchs_report_labels_its_trials_shortly_and_legends_them_below(
     (figure_legends, own), (few_figure, few_own) = legends
     assert len(figure_legends) == 1 and own == [None, None]  # one, below both plots
     assert few_figure == [] and all(legend is not None for legend in few_own)
-    rows = write_sweep_table(sweep)
+    rows, _, _ = write_sweep_table(sweep)
     assert (
         rows[0]["overrides"]
         == "data=timeseries trainer.max_epochs=2 model.dropout=0.13015249665719064 model.d_model=32"
@@ -552,7 +552,7 @@ def test_the_sweep_table_lists_every_job_whatever_its_end_or_directory_name(
     (sweep / "model=transformer-2" / "config.yaml").write_text("seed: 1\n")
     (sweep / "model=transformer-2" / ".running").write_text("gpu-node-b 4242 31337\n")
     monkeypatch.setenv("SLURM_JOB_ID", "31337")  # a runner's own is put back after the test
-    rows = write_sweep_table(sweep)
+    rows, _, _ = write_sweep_table(sweep)
     # no column that no job has a value for (an eval sweep's times, a sweep of failures' metrics)
     assert "wall_s" not in (sweep / "sweep_summary.csv").read_text().splitlines()[0]
     assert [(row["job"], row["status"]) for row in rows] == [

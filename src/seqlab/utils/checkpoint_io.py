@@ -422,9 +422,10 @@ def data_settings(info: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]
         parts, new = urllib.parse.urlsplit(str(url)), given["file"]
         base, _, name = parts.path.rpartition("/")
         plain = isinstance(new, str) and new and Path(new).name == new
-        merged["url"] = parts._replace(path=f"{base}/{new}").geturl() if plain and name == file else None
-        if url == ett_url(str(file)):  # ETDataset's: its files only (data=ett's resolver)
+        if url == ett_url(str(file)):  # ETDataset's: its four files only (data=ett's resolver)
             merged["url"] = ett_url(str(new))
+        else:
+            merged["url"] = parts._replace(path=f"{base}/{new}").geturl() if plain and name == file else None
     if "tokenizer" in given:
         check_same_tokenizer(info, merged, "evaluation does not change tokenizer settings")
     return merged

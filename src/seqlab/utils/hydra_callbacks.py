@@ -37,6 +37,11 @@ def job_overrides(job_dir: Path) -> str:
     return " ".join(attempt_overrides(job_dir))
 
 
+def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """``sweep_table``'s rows (its overrides joined)."""
+    return sweep_table(sweep_dir)[0]
+
+
 #: the status of a job whose summary.json is an earlier attempt's: the sweep run again failed
 #: on it after it had finished (a changed config refused, ``logger=wandb`` added), and the table
 #: keeps the earlier result
@@ -79,37 +84,38 @@ def sweep_jobs(sweep_dir: Path) -> list[Path]:
     return sorted(jobs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
 
 
-def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+def sweep_table(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[list[str]]]:
     """One row per job: its status, overrides, final test metrics, validation bests, time,
     throughput and size;
     a failed job (no summary.json) gets its error instead, and one that started training and
     ended with neither (killed: out of memory, a time limit) is listed as such; a job that
     failed after its summary was written keeps that result, with the error and
-    ``failure_after_summary``'s status."""
+    ``failure_after_summary``'s status. And each row's overrides one by one (``'tags=[a, b]'``
+    holds a space)."""
     from seqlab.utils.resume import running_process
 
-    rows = []
+    rows, overrides = [], []
     summaries = dict(read_summaries(sweep_dir))
     for job_dir in sweep_jobs(sweep_dir):
         summary = summaries.get(job_dir)
         if summary is None:
             if (job_dir / ERROR_FILE).is_file():
-                rows.append({"job": job_dir.name, "status": "failed", "overrides": job_overrides(job_dir),
+                overrides.append(attempt_overrides(job_dir))
+                rows.append({"job": job_dir.name, "status": "failed", "overrides": " ".join(overrides[-1]),
                              "error": error_line(job_dir)})  # fmt: skip
             elif (job_dir / "config.yaml").is_file() and running_process(
                 job_dir, this_job_gone=False
             ) is None:
-                rows.append({"job": job_dir.name, "status": "killed", "overrides": job_overrides(job_dir),
+                overrides.append(attempt_overrides(job_dir))
+                rows.append({"job": job_dir.name, "status": "killed", "overrides": " ".join(overrides[-1]),
                              "error": "ended without a summary or an error (killed: out of memory, "
                                       "a time limit?); the sweep run again with this hydra.sweep.dir resumes it"})  # fmt: skip
             continue  # still running, or not a job
-        row: dict[str, Any] = {
-            "job": job_dir.name,
-            "status": "ok",
-            # a summary without them (written before they were recorded): the job's own files
-            "overrides": " ".join(summary["overrides"]) if "overrides" in summary else job_overrides(job_dir),
-            "model": summary.get("model"),
-        }
+        # a summary without them (written before they were recorded): the job's own files
+        given = summary.get("overrides")
+        overrides.append([str(o) for o in given] if isinstance(given, list) else attempt_overrides(job_dir))
+        row: dict[str, Any] = {"job": job_dir.name, "status": "ok", "overrides": " ".join(overrides[-1]),
+                               "model": summary.get("model")}  # fmt: skip
         failure = failure_after_summary(job_dir)
         if failure is not None:
             row.update(status=failure, error=error_line(job_dir))
@@ -118,21 +124,12 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         for key in ("wall_s", "train_samples_per_s", "peak_memory_mb", "num_params"):
             row[key] = summary.get(key)
         rows.append(row)
-    return rows
+    return rows, overrides
 
 
-def override_list(job_dir: Path) -> list[str]:
-    """A job's overrides, one by one (its summary's, else Hydra's record of them; redacted)."""
-    try:
-        summary = json.loads((job_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-        if isinstance(summary.get("overrides"), list):
-            return [str(o) for o in summary["overrides"]]
-    except (OSError, ValueError, AttributeError):
-        pass
-    return attempt_overrides(job_dir)
-
-
-def without_shared_overrides(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+def without_shared_overrides(
+    sweep_dir: Path, rows: list[dict[str, Any]], given: list[list[str]]
+) -> tuple[list[dict[str, Any]], str]:
     """The rows with the overrides every job was given taken out of theirs, and those (a
     search's fixed overrides, repeated on every row, made each wrap over many console lines).
     Whole overrides are compared (``'tags=[a, b]'`` holds a space), and only those on the
@@ -142,7 +139,6 @@ def without_shared_overrides(sweep_dir: Path, rows: list[dict[str, Any]]) -> tup
 
     if len(rows) < 2:
         return rows, ""
-    given = [override_list(Path(sweep_dir) / str(row["job"])) for row in rows]
     command = sweep_command_line(str(sweep_dir))
     shared = [
         o for o in given[0] if all(o in others for others in given[1:]) and (command is None or o in command)
@@ -153,12 +149,13 @@ def without_shared_overrides(sweep_dir: Path, rows: list[dict[str, Any]]) -> tup
     return [{**row, "overrides": overrides} for row, overrides in zip(rows, own)], " ".join(shared)
 
 
-def write_sweep_table(sweep_dir: Path) -> list[dict[str, Any]]:
+def write_sweep_table(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """``sweep_summary.csv`` (every job's whole overrides) and ``sweep_summary.md`` (those every
-    job shares once, above the table) in the sweep directory."""
-    rows = sweep_rows(sweep_dir)
+    job shares once, above the table) in the sweep directory. Returns the rows, the rows as the
+    table shows them and the shared overrides."""
+    rows, overrides = sweep_table(sweep_dir)
     if not rows:
-        return rows
+        return rows, rows, ""
     columns = table_columns(rows)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
@@ -166,10 +163,10 @@ def write_sweep_table(sweep_dir: Path) -> list[dict[str, Any]]:
     writer.writerows(rows)
     # whole files only: under submitit every job's processes rewrite these at once
     write_text_atomic(sweep_dir / "sweep_summary.csv", table.getvalue())
-    shown, shared = without_shared_overrides(sweep_dir, rows)
+    shown, shared = without_shared_overrides(sweep_dir, rows, overrides)
     header = f"Every job: `{shared}`\n\n" if shared else ""
     write_text_atomic(sweep_dir / "sweep_summary.md", header + markdown_table(shown, columns) + "\n")
-    return rows
+    return rows, shown, shared
 
 
 def job_error(job_return: JobReturn) -> BaseException | None:
@@ -255,9 +252,8 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = write_sweep_table(sweep_dir)
+        rows, shown, shared = write_sweep_table(sweep_dir)
         if rows:
-            shown, shared = without_shared_overrides(sweep_dir, rows)
             print_table(shown, title=f"sweep {sweep_dir}" + (f" (every job: {shared})" if shared else ""))
             log.info("sweep summary: %s", sweep_dir / "sweep_summary.md")
         else:
