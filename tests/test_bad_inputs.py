@@ -230,6 +230,45 @@ def test_patches_with_gaps_between_them_are_refused(make_cfg) -> None:
     build_task(cfg.task, cfg.model, build_datamodule(cfg.data))  # builds (and loads) as before
 
 
+def test_patches_that_leave_the_latest_steps_out_are_refused(make_cfg) -> None:
+    """Without PatchTST's end padding, patches that do not tile the look-back drop its last steps
+    (the most recent, the ones that matter most) silently."""
+    from seqlab.train import train
+
+    # look-back 48, patches of 16 every 8: 48 - 16 = 32 is tiled (5 patches); 12 every 8 is not
+    for patches in (["task.patch_len=16"], ["task.padding_patch=end", "task.patch_len=12"]):
+        make_cfg(*patches, "task.patch_stride=8", "task.padding_patch=null")  # composes
+    with pytest.raises(ConfigError, match=r"task.padding_patch=null: patches of 12 steps every 8 leave the last 4 of "
+                       r"data.lookback=48 steps out; use task.padding_patch=end"):  # fmt: skip
+        train(make_cfg("task.patch_len=12", "task.patch_stride=8", "task.padding_patch=null"))
+    with pytest.raises(ConfigError, match=r"task.padding_patch='start': expected one of \['end', None\]"):
+        train(make_cfg("task.padding_patch=start"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.num_layers=0", r"model.num_layers=0: expected at least 1 layer"),
+        ("model.dropout=1.5", r"model.dropout=1.5: expected a probability in \[0, 1\]"),
+        ("model.d_model=0", r"model.d_model=0: expected a width >= 1"),
+        ("model=mingru model.expansion=0", r"model.expansion=0: expected a width factor > 0"),
+        (
+            "model=transformer model.num_decoder_layers=0",
+            r"model.num_decoder_layers=0: expected at least 1 layer",
+        ),
+        ("model.num_layers=two", r"model.num_layers='two': expected an integer"),
+        ("task.head_dropout=-0.1", r"task.head_dropout=-0.1: expected a probability in \[0, 1\]"),
+    ],
+)
+def test_backbone_and_task_sizes_out_of_range_are_named(make_cfg, override: str, message: str) -> None:
+    """No layers built an embedding-to-head linear model without a word (a search range's 0, a
+    typo); PyTorch's own messages for a dropout of 1.5 or 0 layers of nn.GRU named no key."""
+    from seqlab.train import train
+
+    with pytest.raises(ConfigError, match=message):
+        train(make_cfg(*override.split()))
+
+
 def test_truncated_bptt_that_truncates_nothing_is_refused(make_cfg) -> None:
     """model.tbptt_steps counts the encoder's steps, patch tokens in forecasting: 48 meant as
     time steps truncated nothing of a 48-step look-back in 7 tokens, silently."""

@@ -87,6 +87,29 @@ def test_last_pooling_of_a_bidirectional_encoder_takes_each_direction_final_stat
     assert torch.equal(pool(states, pad_mask, "first"), states[:, 0])
 
 
+@pytest.mark.parametrize("how", ["last", "first"])
+def test_end_pooling_of_a_bidirectional_min_rnn_reads_both_directions_summaries(how: str) -> None:
+    # one layer, the direction that has read the whole text at the pooled step silenced: what is
+    # left there has read only that step's token (the other direction's summary is at the other end)
+    torch.manual_seed(0)
+    task = ClassificationTask(
+        {**BACKBONES["biminlstm"], "num_layers": 1, "dropout": 0.0}, vocab_size=50, num_classes=3,
+        cls_id=2, pooling=how, embed_dropout=0.0,
+    ).eval()  # fmt: skip
+    rnn = task.backbone.encoder_layers[0].rnn
+    with torch.no_grad():
+        silenced = slice(None, rnn.hidden) if how == "last" else slice(rnn.hidden, None)
+        rnn.out.weight[:, silenced] = 0
+    ids = torch.randint(5, 50, (1, 9))
+    ids[0, 0] = 2
+    changed = ids.clone()
+    changed[0, 1:-1] = torch.randint(5, 50, (7,))  # the [CLS] and the last token kept
+    with torch.no_grad():
+        logits, changed_logits = task(ids, None), task(changed, None)
+    # the other end's summary reaches the pooled features: the middle tokens count
+    assert (logits - changed_logits).abs().max() > 1e-3
+
+
 def test_word_dropout_replaces_only_text_tokens_and_only_in_training() -> None:
     torch.manual_seed(0)
     task = ClassificationTask(

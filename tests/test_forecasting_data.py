@@ -646,3 +646,26 @@ def test_a_checkpoint_on_data_scaled_otherwise_is_warned_about(caplog) -> None:
         in caplog.text
     )
     assert task.scaler_std.tolist() == [2.5, 1.0]  # the data's, for the original scale
+
+
+@pytest.mark.parametrize(("padding_patch", "tokens"), [("end", 13), (None, 12)])
+def test_the_padding_patch_is_one_token_of_the_last_value_repeated_or_none(padding_patch, tokens) -> None:
+    """PatchTST's end padding adds a token (with patch_len=1 the last step again); null gives the
+    look-back's own tokens, one per step (a step-by-step RNN, as the seeds' study had it)."""
+    from seqlab.tasks.forecasting import ForecastingTask
+
+    backbone = {"_target_": "seqlab.backbones.rnn.RNNBackbone", "cell": "gru", "d_model": 8, "num_layers": 1}
+    task = ForecastingTask(
+        backbone=backbone, num_channels=2, lookback=12, horizon=3, patch_len=1, patch_stride=1,
+        padding_patch=padding_patch,
+    )  # fmt: skip
+    seen = []
+    encode = task.backbone.encode
+    task.backbone.encode = lambda x, *args: seen.append(x) or encode(x, *args)
+    x = torch.randn(4, 12, 2)
+    assert task(x).shape == (4, 3, 2) and task.num_tokens == tokens
+    embedded = task.embed(task.revin.normalize(x)[0].permute(0, 2, 1).reshape(8, 12, 1))
+    torch.testing.assert_close(seen[0][:, :12], embedded)
+    assert seen[0].shape[1] == tokens
+    if padding_patch == "end":
+        torch.testing.assert_close(seen[0][:, 12], embedded[:, 11])

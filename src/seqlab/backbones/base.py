@@ -39,6 +39,10 @@ class Backbone(nn.Module):
     #: the second half of the ``encode`` features reads right to left (bidirectional nn.RNN,
     #: LSTM, GRU), so it has seen the whole sequence at the first step (see ``pool``)
     reversed_half: bool = False
+    #: bidirectional with the directions mixed at every step (minGRU/minLSTM project both back to
+    #: ``d_model``): the left-to-right summary sits at the last step, the right-to-left one at the
+    #: first, so ``last`` and ``first`` pooling average the two (see ``pool``)
+    summary_at_ends: bool = False
     #: the training step processes all time steps in parallel (documents the compute pattern)
     supports_parallel_time: bool = False
     #: the repeated blocks: the units FSDP shards (``trainer=fsdp`` wraps them, ``trainer=fsdp2``
@@ -60,6 +64,10 @@ class Backbone(nn.Module):
     #: decoding-state entries computed from the source alone (the memory's keys and values): the
     #: same rows for every beam of a sentence, so beam search leaves them as they are
     source_state_keys: tuple[str, ...] = ()
+
+    def pool(self, states: Tensor, pad_mask: Tensor | None, how: str) -> Tensor:
+        """``pool`` of this backbone's ``encode`` output (its direction layout taken into account)."""
+        return pool(states, pad_mask, how, self.reversed_half, self.summary_at_ends)
 
     @classmethod
     def reorder_beams(cls, state: State, index: Tensor) -> State:
@@ -111,12 +119,20 @@ def masked_mean(x: Tensor, pad_mask: Tensor | None) -> Tensor:
 POOLINGS = ("mean", "max", "last", "first")
 
 
-def pool(states: Tensor, pad_mask: Tensor | None, how: str, reversed_half: bool = False) -> Tensor:
+def pool(
+    states: Tensor,
+    pad_mask: Tensor | None,
+    how: str,
+    reversed_half: bool = False,
+    summary_at_ends: bool = False,
+) -> Tensor:
     """[B,T,D] encoder states -> [B,D], ignoring padded steps (``pad_mask`` True = padding).
 
     ``last``: the last real step; ``first``: the first (a [CLS] token, for a non-causal
     encoder). With ``reversed_half`` (the backbone's) both take each direction's final state:
-    the first half at the last step, the second half at the first step.
+    the first half at the last step, the second half at the first step. With
+    ``summary_at_ends`` both are the mean of the first and the last real steps (a bidirectional
+    encoder whose directions share each step's features: each end holds one direction's summary).
     Every sequence holds at least one step (the datasets drop empty texts; an empty one is an
     error on the CPU, unchecked on an accelerator: see ``lengths_from_mask``)."""
     if how == "mean":
@@ -125,7 +141,7 @@ def pool(states: Tensor, pad_mask: Tensor | None, how: str, reversed_half: bool 
         if pad_mask is None:
             return states.max(dim=1).values
         return states.masked_fill(pad_mask.unsqueeze(-1), float("-inf")).max(dim=1).values
-    if how == "first" and not reversed_half:
+    if how == "first" and not (reversed_half or summary_at_ends):
         return states[:, 0]
     last = (
         lengths_from_mask(pad_mask) - 1
@@ -136,6 +152,8 @@ def pool(states: Tensor, pad_mask: Tensor | None, how: str, reversed_half: bool 
     if reversed_half:
         half = states.shape[-1] // 2
         final = torch.cat([final[:, :half], states[:, 0, half:]], dim=-1)
+    elif summary_at_ends:
+        final = (final + states[:, 0]) / 2
     return final
 
 

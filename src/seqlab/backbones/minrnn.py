@@ -175,7 +175,10 @@ class MinRNNBackbone(Backbone):
         self.cell = cell
         self.d_model = d_model
         self.causal = not bidirectional
-        # each layer's output projection and residual mix the directions: no half reads right to left
+        # each layer's output projection mixes the directions: no half of the output reads right
+        # to left, but the right-to-left summary is at the first step (a 1-layer encoder's last
+        # step has read only the last token right to left)
+        self.summary_at_ends = bidirectional
         self.hidden = hidden
         per_direction = hidden // 2 if bidirectional else hidden
         self.encoder_layers = nn.ModuleList(

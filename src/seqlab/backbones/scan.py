@@ -71,7 +71,7 @@ def _scan_blocked_(a: Tensor, h: Tensor, reverse: bool = False) -> Tensor:
         h = torch.cat([h, h.new_zeros((pad, *h.shape[1:]))])
     a_blocks = a.view(blocks, block, *a.shape[1:])
     h_blocks = h.view(blocks, block, *h.shape[1:])
-    decay = a_blocks.clone()  # decay[k, i] = a[k, 1] * ... * a[k, i]: product within block k
+    decay = a_blocks.clone()  # decay[k, i] = a[k, 0] * ... * a[k, i]: product within block k
     for i in range(1, block):  # local scans of every block at once, each from a zero state
         h_blocks[:, i].addcmul_(a_blocks[:, i], h_blocks[:, i - 1])
         decay[:, i].mul_(decay[:, i - 1])

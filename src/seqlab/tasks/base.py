@@ -69,6 +69,32 @@ def sized(config: dict[str, Any], size: str) -> dict[str, Any]:
     return with_width(best)
 
 
+#: ranges of the backbone arguments seqlab's backbones share (any backbone that takes one, a
+#: user's included): key -> (is valid, what is expected). PyTorch accepts some out-of-range values
+#: silently (no layers: an embedding-to-head linear model) and names no key for the others
+_BACKBONE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "d_model": (lambda v: v >= 1, "a width >= 1"),
+    "num_layers": (lambda v: v >= 1, "at least 1 layer"),
+    "num_decoder_layers": (lambda v: v is None or v >= 1, "at least 1 layer, or null (num_layers)"),
+    "dim_feedforward": (lambda v: v >= 1, "a width >= 1"),
+    "nhead": (lambda v: v >= 1, "at least 1 head"),
+    "expansion": (lambda v: v > 0, "a width factor > 0"),
+    "dropout": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+}
+
+
+def check_range(key: str, value: Any, valid: Callable[[Any], bool], expected: str) -> None:
+    """ConfigError naming ``key`` unless ``value`` is a number (or None) that ``valid`` accepts."""
+    number = value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+    if not number or not valid(value):
+        raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
+def check_probability(key: str, value: Any) -> None:
+    """A dropout-like rate: ConfigError naming ``key`` outside [0, 1]."""
+    check_range(key, value, lambda v: v is not None and 0 <= v <= 1, "a probability in [0, 1]")
+
+
 def mean_loss() -> MeanMetric:
     """A validation loss's mean over the epoch (weighted by examples or tokens). NaN batches
     count: torchmetrics' default drops them with a warning, and a model that overflowed on some
@@ -92,6 +118,9 @@ def build_backbone(config: dict[str, Any], padded: bool = False, **task_requirem
         )
     size = config.pop("size", None)
     compile_layers = config.pop("compile", False)
+    for key, (valid, expected) in _BACKBONE_RANGES.items():
+        if key in config and not (key == "d_model" and size is not None):  # size solves d_model
+            check_range(f"model.{key}", config[key], valid, expected)
     if size is not None:
         config = sized(config, size)
     backbone = instantiate(config, _convert_="all")

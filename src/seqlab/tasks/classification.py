@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from seqlab.backbones.base import POOLINGS, pool
+from seqlab.backbones.base import POOLINGS
 from seqlab.errors import ConfigError
-from seqlab.tasks.base import SeqTask, build_backbone, mean_loss
+from seqlab.tasks.base import SeqTask, build_backbone, check_probability, mean_loss
 from seqlab.utils.distributed import gather_indexed
 from seqlab.utils.figures import log_figure, log_table
 
@@ -86,6 +86,8 @@ class ClassificationTask(SeqTask):
     ) -> None:
         super().__init__(monitor=monitor, monitor_mode=monitor_mode)
         self.save_hyperparameters(logger=False)
+        for key in ("embed_dropout", "word_dropout", "head_dropout", "label_smoothing"):
+            check_probability(f"task.{key}", self.hparams[key])
         if pooling not in POOLINGS:
             raise ConfigError(f"task.pooling={pooling!r}: expected one of {list(POOLINGS)}")
         if pooling == "first" and cls_id is None:
@@ -123,7 +125,7 @@ class ClassificationTask(SeqTask):
         """input_ids [B,T] (right-padded), pad_mask [B,T] (True = padding) -> logits [B,C]."""
         x = self.embed_dropout(self.embed(input_ids))
         states = self.backbone.encode(x, pad_mask)
-        pooled = pool(states, pad_mask, self.hparams.pooling, self.backbone.reversed_half)
+        pooled = self.backbone.pool(states, pad_mask, self.hparams.pooling)
         return self.head(pooled)
 
     def drop_words(self, input_ids: Tensor, pad_mask: Tensor) -> Tensor:

@@ -21,16 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
-from seqlab.backbones.base import pool
 from seqlab.data.samplers import EvalShardSampler
 from seqlab.errors import ConfigError, DataError
-from seqlab.tasks.base import SeqTask, build_backbone, mean_loss
+from seqlab.tasks.base import SeqTask, build_backbone, check_probability, mean_loss
 from seqlab.utils.distributed import gather_indexed
 from seqlab.utils.figures import log_figure, log_table
 
 log = logging.getLogger(__name__)
 
 HEADS = ("flatten", "mean", "last")
+PADDING_PATCHES = ("end", None)
 
 
 class RevIN(nn.Module):
@@ -84,6 +84,9 @@ class ForecastingTask(SeqTask):
             (``target_channel``: the channel the report plots and tabulates, ``data.target``).
         patch_len, patch_stride: steps per input token and the step between tokens
             (1 and 1 give one token per time step).
+        padding_patch: ``end`` (PatchTST's): the series is extended by one stride of its last
+            value, so the last steps get a full patch (one token more: 1/1 repeats the last step);
+            null: the patches of the look-back alone.
         channel_independence: model each channel as its own univariate sequence.
         revin, revin_affine: reversible instance normalisation, with learnable affine terms.
         head: ``flatten`` (all tokens -> H steps), ``mean`` or ``last`` (one pooled token -> H steps).
@@ -101,6 +104,7 @@ class ForecastingTask(SeqTask):
         scaler_std: list[float] | None = None,
         patch_len: int = 16,
         patch_stride: int = 8,
+        padding_patch: str | None = "end",
         channel_independence: bool = True,
         revin: bool = True,
         revin_affine: bool = False,
@@ -115,6 +119,11 @@ class ForecastingTask(SeqTask):
     ) -> None:
         super().__init__(monitor=monitor, monitor_mode=monitor_mode)
         self.save_hyperparameters(logger=False)
+        check_probability("task.head_dropout", head_dropout)
+        if padding_patch not in PADDING_PATCHES:
+            raise ConfigError(
+                f"task.padding_patch={padding_patch!r}: expected one of {list(PADDING_PATCHES)}"
+            )
         if head not in HEADS:
             raise ConfigError(f"task.head={head!r}: expected one of {list(HEADS)}")
         if patch_len < 1 or patch_stride < 1 or patch_len > lookback:
@@ -127,7 +136,8 @@ class ForecastingTask(SeqTask):
         channels_in = 1 if channel_independence else num_channels
         self.channels_out = channels_in
         # PatchTST pads the end by one stride so that the last steps get a full patch
-        self.num_tokens = (lookback + patch_stride - patch_len) // patch_stride + 1
+        self.padding = patch_stride if padding_patch == "end" else 0
+        self.num_tokens = (lookback + self.padding - patch_len) // patch_stride + 1
         self.revin = RevIN(num_channels, revin_affine) if revin else None
         self.embed = nn.Linear(patch_len * channels_in, width)
         head_in = width * self.num_tokens if head == "flatten" else width
@@ -161,6 +171,13 @@ class ForecastingTask(SeqTask):
                 f"{hp.patch_stride - hp.patch_len} steps between patches would never reach the model; "
                 "use patch_len >= patch_stride"
             )
+        uncovered = (hp.lookback - hp.patch_len) % hp.patch_stride if not self.padding else 0
+        if uncovered:  # the latest steps, the ones that matter most
+            raise ConfigError(
+                f"task.padding_patch=null: patches of {hp.patch_len} steps every {hp.patch_stride} leave "
+                f"the last {uncovered} of data.lookback={hp.lookback} steps out; use task.padding_patch=end "
+                "or a look-back that the patches tile"
+            )
         keep = getattr(self.backbone, "tbptt_steps", None)
         if keep is not None and keep >= self.num_tokens:  # it would truncate nothing, silently
             raise ConfigError(
@@ -186,18 +203,16 @@ class ForecastingTask(SeqTask):
             x, stats = self.revin.normalize(x)
         if hp.channel_independence:  # [B, L, C] -> [B*C, L, 1]
             x = x.permute(0, 2, 1).reshape(batch * channels, -1, 1)
-        series = F.pad(x.transpose(1, 2), (0, hp.patch_stride), mode="replicate")  # [B', C', L + S]
+        series = x.transpose(1, 2)  # [B', C', L]
+        if self.padding:
+            series = F.pad(series, (0, self.padding), mode="replicate")  # [B', C', L + S]
         patches = series.unfold(-1, hp.patch_len, hp.patch_stride)  # [B', C', N, P]
         # the model's precision (bf16-true, DeepSpeed): cast here, after RevIN's statistics (convert_batch)
         tokens = self.embed(patches.permute(0, 2, 1, 3).flatten(2).to(self.embed.weight.dtype))  # [B', N, D]
         states = self.backbone.encode(tokens)
-        # "last" of a bidirectional RNN: each direction's final state (a backward half at the last
-        # token has read only that patch)
-        pooled = (
-            states.flatten(1)
-            if hp.head == "flatten"
-            else pool(states, None, hp.head, self.backbone.reversed_half)
-        )
+        # "last" of a bidirectional encoder: each direction's summary (Backbone.pool; a right-to-left
+        # direction at the last token has read only that patch)
+        pooled = states.flatten(1) if hp.head == "flatten" else self.backbone.pool(states, None, hp.head)
         out = self.head(pooled).view(-1, hp.horizon, self.channels_out)
         if hp.channel_independence:  # [B*C, H, 1] -> [B, H, C]
             out = out.view(batch, channels, hp.horizon).transpose(1, 2)

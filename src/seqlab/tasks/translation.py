@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from seqlab.data.translation import sacrebleu_metrics
 from seqlab.errors import ConfigError
-from seqlab.tasks.base import SeqTask, build_backbone, mean_loss
+from seqlab.tasks.base import SeqTask, build_backbone, check_probability, mean_loss
 from seqlab.tasks.generation import Agree, alone, beam_search, greedy_search
 from seqlab.utils.distributed import gather_indexed, shards_parameters
 from seqlab.utils.figures import log_table
@@ -96,6 +96,8 @@ class TranslationTask(SeqTask):
     ) -> None:
         super().__init__(monitor=monitor, monitor_mode=monitor_mode)
         self.save_hyperparameters(logger=False)
+        for key in ("embed_dropout", "label_smoothing"):
+            check_probability(f"task.{key}", self.hparams[key])
         if beam_size < 1 or val_beam_size < 1:
             raise ConfigError(
                 f"task.beam_size={beam_size}, task.val_beam_size={val_beam_size}: expected >= 1"
