@@ -269,6 +269,20 @@ def test_backbone_and_task_sizes_out_of_range_are_named(make_cfg, override: str,
         train(make_cfg(*override.split()))
 
 
+def test_a_target_that_cannot_be_imported_is_named(make_cfg) -> None:
+    """Hydra's three chained tracebacks (AttributeError, ModuleNotFoundError, ImportError) named
+    no key; one line names it and what Python said."""
+    from seqlab.train import train
+
+    with pytest.raises(ConfigError, match=r"model._target_='mybb.nosuch.CNN' cannot be imported \(ModuleNotFoundError: "
+                       r"\"No module named 'mybb'\"\): expected a class on the Python path"):  # fmt: skip
+        train(make_cfg("model._target_=mybb.nosuch.CNN"))
+    with pytest.raises(
+        ConfigError, match=r"data._target_='seqlab.data.forecasting.NoSuch' cannot be imported"
+    ):
+        train(make_cfg("data._target_=seqlab.data.forecasting.NoSuch"))
+
+
 def test_truncated_bptt_that_truncates_nothing_is_refused(make_cfg) -> None:
     """model.tbptt_steps counts the encoder's steps, patch tokens in forecasting: 48 meant as
     time steps truncated nothing of a 48-step look-back in 7 tokens, silently."""

@@ -159,6 +159,10 @@ def test_synthetic_series_is_seeded() -> None:
         ("date,a,b\n", "no data rows"),
         ("time,a,b\n2016-07-01 00:00:00,1,2\n", "no date column 'date'"),
         ("date,a,b\n2016-07-01 00:00:00,1,x\n", r"line 2, column 'b': 'x' is not a number"),
+        (
+            "date,a,b\n2016-07-01 00:00:00,1,2\n2016-07-01 01:00:00, ,2\n",
+            r"line 3, column 'a': '' is empty \(a missing value\); fill or drop missing values first",
+        ),
         ("date,a,b\n2016-07-01 00:00:00,1,2\n2016-07-01 01:00:00,nan,2\n", r"line 3, column 'a'.*not finite"),
         ("date,a,b\n2016-07-01 00:00:00,1,-inf\n", r"line 2, column 'b'.*not finite"),
         (

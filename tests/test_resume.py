@@ -177,6 +177,18 @@ def test_a_sigterm_in_a_sweep_names_the_command_that_resumes_it(tmp_path: Path) 
     assert f"resuming the interrupted run in {sweep / '0'}" in again.stdout + again.stderr
 
 
+def test_a_sigterm_to_a_run_that_saves_no_checkpoint_says_it_starts_over(tmp_path: Path) -> None:
+    """``callbacks=none``: nothing is saved, and "the same command resumes this run" was untrue."""
+    run_dir = tmp_path / "run"
+    fast = [o for o in FAST if not o.startswith("callbacks.")]
+    command = ["train.py", *fast, "callbacks=none", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"]
+    first = run_script(*command, *fault("term", 5, tmp_path / "fired"))
+    assert first.returncode == 143, why_failed(first)
+    said = first.stdout + first.stderr
+    assert "stopped by SIGTERM, with no checkpoint saved (no checkpoint callback" in said
+    assert "resumes this run" not in said and not (run_dir / "checkpoints").exists()
+
+
 def test_a_finished_sweep_job_is_kept_only_for_the_same_run(make_cfg, tmp_path: Path, monkeypatch) -> None:
     """A sweep run again keeps a job that finished with this configuration; not one that differs,
     nor one whose ckpt_path or loggers differ (a resumed run may change those; a finished result
@@ -776,7 +788,8 @@ def test_the_best_monitored_value_survives_a_resume(make_cfg) -> None:
 
 def test_a_run_resumed_after_its_training_ended_still_reports_its_best(make_cfg, tmp_path: Path) -> None:
     """Stopped while testing, a run resumes from last.ckpt at the end of training: fit has
-    nothing left to do and logs nothing, yet the objective (val/*_best) is the run's."""
+    nothing left to do and logs nothing, yet the objective (val/*_best) is the run's, and so is
+    the throughput of its epochs (summary.json had none: compare.py's table a blank)."""
     from seqlab.train import run
 
     settings = [
@@ -787,11 +800,15 @@ def test_a_run_resumed_after_its_training_ended_still_reports_its_best(make_cfg,
     ]
     first, _ = train(make_cfg(*settings))
     run_dir = Path(make_cfg(*settings).paths.output_dir)
-    order_seed = json.loads((run_dir / "summary.json").read_text())["order_seed"]
+    summary = json.loads((run_dir / "summary.json").read_text())
     (run_dir / "summary.json").unlink()  # as if stopped during the test
     assert run(make_cfg(*settings)) == pytest.approx(first["val/mse_best"])
     assert first_steps(tmp_path / "steps") == [0], "the resumed run trained no step"
-    assert json.loads((run_dir / "summary.json").read_text())["order_seed"] == order_seed
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["order_seed"] == summary["order_seed"]
+    figures = ("train_samples_per_s", "time_to_first_step_s", "parameters_per_rank", "global_step")
+    assert summary["train_samples_per_s"] > 0
+    assert {key: resumed.get(key) for key in figures} == {key: summary.get(key) for key in figures}
 
 
 @pytest.mark.parametrize(
@@ -942,6 +959,8 @@ def test_an_explicit_checkpoint_never_takes_over_another_run(make_cfg, tmp_path:
     for name in ("best", "last"):
         (run_dir / "checkpoints" / f".{name}.ckpt.old").mkdir()
         (run_dir / "checkpoints" / f".{name}.ckpt.old" / "meta.pt").write_bytes(b"x")
+    # and a save killed while writing (SIGKILL) left its whole-model temporary file: removed
+    (run_dir / "checkpoints" / ".last.ckpt.k3x9_q.tmp").write_bytes(b"half a checkpoint")
     assert resume_checkpoint(cfg, run_dir) == str(run_dir / "checkpoints" / ".last.ckpt.old")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [".last.ckpt.old", "best.ckpt"]
     assert (run_dir / "checkpoints" / "best.ckpt" / "meta.pt").is_file()
@@ -1350,3 +1369,47 @@ def test_a_run_resumed_mid_epoch_logs_the_whole_epochs_training_loss(make_cfg, t
     train(make_cfg(*two, *fail, output="failed"))
     reference = epoch_loss(tmp_path / "reference2")
     assert len(reference) == 2 and epoch_loss(tmp_path / "failed") == pytest.approx(reference, rel=1e-6)
+
+
+def test_a_run_continued_from_another_runs_checkpoint_takes_its_own_settings_seed_and_order(
+    make_cfg, tmp_path: Path
+) -> None:
+    """``ckpt_path=`` of another run with ``task.optimizer.lr=2e-4 weight_decay=0``: Lightning put
+    back that run's learning rate, weight decay and schedule peak while config.yaml recorded these;
+    its random state and (seed=null) order seed too, so runs of seed=1,2,3 (or unseeded ones)
+    started from one checkpoint shared its dropout stream (or all of it). The moments, the schedule
+    position and the epoch count stay the checkpoint's."""
+    from seqlab.callbacks.resume import ExactResume
+    from seqlab.train import train
+
+    first = make_cfg("trainer.max_epochs=1", "seed=null", "test=false", "task.scheduler.name=constant")
+    _, objects = train(first)
+    checkpoint = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert [group["lr"] for group in saved["optimizer_states"][0]["param_groups"]] == [1e-3, 1e-3]
+    onward = make_cfg(
+        "trainer.max_epochs=2", "seed=null", "test=false", "task.scheduler.name=constant",
+        "task.optimizer.lr=2e-4", "task.optimizer.weight_decay=0", f"ckpt_path={checkpoint}", output="onward",
+    )  # fmt: skip
+    _, continued = train(onward)
+    groups = continued["trainer"].optimizers[0].param_groups
+    assert [(group["lr"], group["weight_decay"]) for group in groups] == [(2e-4, 0.0), (2e-4, 0.0)]
+    assert continued["trainer"].lr_scheduler_configs[0].scheduler.base_lrs == [2e-4, 2e-4]
+    assert continued["trainer"].global_step == 2 * saved["global_step"]  # the epoch count goes on
+    state = continued["trainer"].optimizers[0].state
+    assert all(int(entry["step"]) == continued["trainer"].global_step for entry in state.values())
+    # its own order seed (drawn), not the checkpoint's
+    assert continued["summary"]["order_seed"] != objects["summary"]["order_seed"]  # (a 64-bit draw)
+
+    # the generators: put back for the run's own checkpoint only
+    run_dir = Path(first.paths.output_dir)
+    for given, own in ((checkpoint, True), (tmp_path / "elsewhere" / "last.ckpt", False)):
+        callback = ExactResume()
+        callback.trainer = SimpleNamespace(ckpt_path=str(given), default_root_dir=str(run_dir), global_rank=0)
+        callback.load_state_dict(saved["callbacks"]["ExactResume"])
+        torch.manual_seed(12345)
+        own_state = torch.get_rng_state()
+        callback.restore()
+        assert torch.equal(
+            torch.get_rng_state(), saved["callbacks"]["ExactResume"]["cpu"] if own else own_state
+        )

@@ -13,6 +13,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from seqlab.backbones.base import Backbone
 from seqlab.data.tokenization import BOS_ID, EOS_ID, PAD_ID, TokenizerSpec, decode, encode, train_tokenizer
 from seqlab.data.translation import TranslationDataModule, read_parallel
 from seqlab.errors import ConfigError, DataError
@@ -207,9 +208,23 @@ def test_translated_sources_are_masked_by_their_lengths_and_cut_ones_reported(tm
     assert "1 of 2 sentences are longer than data.max_length=12 tokens" in caplog.text
 
 
+class EncoderOnly(Backbone):
+    """A user's backbone for forecasting and classification: no ``decode``."""
+
+    def __init__(self, d_model: int = 8, with_decoder: bool = False) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.mix = torch.nn.Linear(d_model, d_model)
+
+    def encode(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mix(x)
+
+
 def test_bad_splits_and_settings_are_named(tmp_path: Path) -> None:
     root = parallel_files(tmp_path / "raw", {"train": PAIRS, "val": PAIRS})
-    with pytest.raises(DataError, match=r"data file not found: .*test.en"):
+    # the setting that names the files too (a corpus's dev.en, newstest2014.en)
+    with pytest.raises(DataError, match=r"data file not found: .*test.en; .*, or name yours with data.test_prefix "
+                       r"\(now 'test': test.en and test.de, e.g. data.test_prefix=dev\)"):  # fmt: skip
         translation_dm(root, tmp_path / "cache").prepare_data()
     parallel_files(root, {"test": [("", "")]})
     with pytest.raises(DataError, match=r"test.en: the test split has no sentence pairs"):
@@ -222,6 +237,15 @@ def test_bad_splits_and_settings_are_named(tmp_path: Path) -> None:
         translation_dm(root, tmp_path / "cache", target_lang="en")
     with pytest.raises(ConfigError, match=r"task.share_embeddings=true needs one vocabulary"):
         TranslationTask(BACKBONES["gru"], src_vocab_size=10, tgt_vocab_size=12, shared_vocab=False)
+    # a backbone without decode: refused when the task is built (a bare NotImplementedError came at
+    # the sanity check, after the tokenizers were trained)
+    with pytest.raises(ConfigError, match=r"model._target_='tests.test_translation.EncoderOnly': translation decodes "
+                       r"with the backbone's decode, which EncoderOnly does not implement"):  # fmt: skip
+        TranslationTask(
+            {"_target_": f"{__name__}.EncoderOnly"}, src_vocab_size=10, tgt_vocab_size=10, shared_vocab=True
+        )
+    with pytest.raises(NotImplementedError, match=r"EncoderOnly.decode: translation decodes with it"):
+        EncoderOnly().decode(torch.zeros(1, 1, 8), torch.zeros(1, 1, 8))
     with pytest.raises(ConfigError, match=r"task.val_bleu_samples=-1: expected 0 \(all\) or a count"):
         TranslationTask(
             BACKBONES["gru"], src_vocab_size=10, tgt_vocab_size=10, shared_vocab=True, val_bleu_samples=-1

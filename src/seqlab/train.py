@@ -49,6 +49,7 @@ from seqlab.utils.resume import (
     forget_failed_setup,
     mark_running,
     mark_stopped,
+    newest_checkpoint,
     own_checkpoint,
     resume_checkpoint,
     same_command,
@@ -65,7 +66,7 @@ from seqlab.utils.run import (
     write_summary,
 )
 from seqlab.utils.secrets import redact
-from seqlab.utils.settings import check_settings, matches, to_plain
+from seqlab.utils.settings import check_settings, matches, target_object, to_plain
 from seqlab.utils.wandb import finish_runs, summarize_runs
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def check_choices(cfg: DictConfig) -> None:
     data's examples, a ``model.*`` key the backbone does not take (an experiment's ``model.nhead``
     under ``model=gru``), a value that the annotations of the class it configures rule out
     (``seqlab.utils.settings``), or a seed that is not an integer."""
-    data_cls, task_cls = get_class(cfg.data._target_), get_class(cfg.task._target_)
+    data_cls, task_cls = target_object(cfg.data._target_, "data"), target_object(cfg.task._target_, "task")
     wanted = getattr(data_cls, "TASK", None)
     if wanted and not issubclass(task_cls, get_class(wanted)):
         raise ConfigError(
@@ -451,5 +452,12 @@ def run(cfg: DictConfig) -> float | None:
         raise SystemExit(1) from None
     except SIGTERMException:
         # SaveOnSigterm wrote last.ckpt; 128 + SIGTERM, as a shell reports a terminated process
-        log.warning("stopped by SIGTERM; %s resumes this run (resume=auto)", same_command())
+        if newest_checkpoint(Path(cfg.paths.output_dir)) is None:  # callbacks=none: none saved, ever
+            log.warning(
+                "stopped by SIGTERM, with no checkpoint saved (no checkpoint callback: callbacks=none, "
+                "callbacks.epoch_checkpoint=null ...): %s starts this run over",
+                same_command(),
+            )
+        else:
+            log.warning("stopped by SIGTERM; %s resumes this run (resume=auto)", same_command())
         raise SystemExit(STOPPED_BY_SIGTERM) from None

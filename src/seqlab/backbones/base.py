@@ -50,7 +50,9 @@ class Backbone(nn.Module):
     layer_classes: tuple[type[nn.Module], ...] = ()
 
     def encode(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__}.encode: every backbone implements it (seqlab.backbones.base)"
+        )
 
     def decode(
         self,
@@ -59,7 +61,15 @@ class Backbone(nn.Module):
         memory_mask: Tensor | None = None,
         state: State | None = None,
     ) -> tuple[Tensor, State]:
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__}.decode: translation decodes with it (seqlab.backbones.base); "
+            "forecasting and classification need encode only"
+        )
+
+    @classmethod
+    def decodes(cls) -> bool:
+        """Whether this backbone implements ``decode`` (translation needs it)."""
+        return cls.decode is not Backbone.decode
 
     #: decoding-state entries computed from the source alone (the memory's keys and values): the
     #: same rows for every beam of a sentence, so beam search leaves them as they are

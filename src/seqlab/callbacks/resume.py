@@ -78,8 +78,13 @@ class ExactResume(L.Callback):
         self.pending = dict(state_dict)
 
     def restore(self) -> None:
-        """This process's own generators (rank 0's from a checkpoint of another world size)."""
+        """This process's own generators (rank 0's from a checkpoint of another world size). A run
+        started from another run's checkpoint keeps the state its own seed gave it: runs of
+        ``seed=1,2,3`` from one checkpoint drew one dropout stream, that run's."""
         state = self.pending
+        if self.trainer is not None and not resumes_own_run(self.trainer):
+            self.pending = None
+            return
         rank = self.trainer.global_rank if self.trainer is not None else 0
         per_rank = state.get("per_rank") or []
         if 0 < rank < len(per_rank):
@@ -137,6 +142,8 @@ def give_back_loader_states(trainer: L.Trainer) -> None:
     if not states or combined is None:
         return
     stateful = sum(isinstance(loader, _Stateful) for loader in combined.flattened)
+    if not resumes_own_run(trainer):  # another run's order seed: this run's own (seed=null: drawn)
+        states = [{**state, "own_seed": True} if isinstance(state, dict) else state for state in states]
     if len(states) == stateful:
         combined._load_state_dicts(states)
     else:

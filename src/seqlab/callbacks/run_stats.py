@@ -250,7 +250,15 @@ class RunStats(L.Callback):
         since = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
         fit_s = self.earlier_fit_s + since
         wall = time.perf_counter() - self.job_counter if self.job_counter is not None else since
-        return {"fit_s": fit_s, "wall_s": max(self.earlier_wall_s + wall, fit_s)}
+        # the throughput of the epochs done so far: a run resumed after its training ended (stopped
+        # while testing) trains no epoch, and reported none
+        counted = {key: getattr(self, key) for key in self.COUNTED}
+        return {
+            "fit_s": fit_s,
+            "wall_s": max(self.earlier_wall_s + wall, fit_s),
+            **counted,
+            "tokens": int(self.tokens),
+        }
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # a resumed (or requeued) run's training time is its attempts' up to the checkpoint plus
@@ -262,6 +270,9 @@ class RunStats(L.Callback):
         self.earlier_fit_s = float(saved.get("fit_s", 0.0)) if own else 0.0
         # (a checkpoint from before wall_s was saved: at least its training time)
         self.earlier_wall_s = float(saved.get("wall_s", self.earlier_fit_s)) if own else 0.0
+        for key in self.COUNTED if own else ():  # (absent from checkpoints before they were saved)
+            if key in saved:
+                setattr(self, key, saved[key])
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         local = sum(local_numel(p) for p in pl_module.parameters())
@@ -306,7 +317,8 @@ class RunStats(L.Callback):
             self._first_step_done = True
             settled(pl_module.device)
             started = self.job_started
-            self.time_to_first_step_s = round(time.time() - started, 3) if started else None
+            if self.time_to_first_step_s is None:  # a resumed run's: its first attempt's
+                self.time_to_first_step_s = round(time.time() - started, 3) if started else None
             self.flops_per_token = flops_per_token(pl_module, batch)
             # throughput leaves out the steps up to here (compilation, autotuning, this count on
             # the meta device, which queues no device work): the epoch's window starts again
@@ -387,6 +399,16 @@ class RunStats(L.Callback):
             "mfu": rates.get("perf/mfu"),
             "time_to_first_step_s": self.time_to_first_step_s,
         }
+
+    #: the figures of the epochs done, saved in checkpoints and continued by the run that resumes
+    COUNTED = (
+        "samples",
+        "tokens",
+        "train_seconds",
+        "flops_per_token",
+        "time_to_first_step_s",
+        "parameters_per_rank",
+    )
 
     #: what ``summary`` and ``peak_memory`` report, handed from a spawned worker to the main process
     FIGURES = ("samples", "tokens", "train_seconds", "flops_per_token", "time_to_first_step_s",

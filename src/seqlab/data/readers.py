@@ -161,9 +161,12 @@ def read_series_csv(
                     try:
                         value = float(cell)
                     except ValueError:
-                        raise DataError(
-                            f"{path}, line {line_no}, column {name!r}: {cell!r} is not a number"
-                        ) from None
+                        what = (
+                            "is empty (a missing value); fill or drop missing values first"
+                            if not cell
+                            else "is not a number"
+                        )
+                        raise DataError(f"{path}, line {line_no}, column {name!r}: {cell!r} {what}") from None
                     if not math.isfinite(value):
                         raise DataError(
                             f"{path}, line {line_no}, column {name!r}: value {cell!r} is not finite "
@@ -236,11 +239,14 @@ def download_lock(directory: Path) -> contextlib.AbstractContextManager[None]:
 DATA_DIR_KEYS = "data.data_dir (eval.py: data_dir)"
 
 
-def ensure_file(path: Path, url: str | None, allow_download: bool) -> Path:
-    """Return ``path``; download it first when it is missing and a URL is known."""
+def ensure_file(path: Path, url: str | None, allow_download: bool, named_by: str | None = None) -> Path:
+    """Return ``path``; download it first when it is missing and a URL is known. ``named_by``: the
+    setting that names the file, which the error offers too (``data.val_prefix=dev``)."""
     if path.is_file():
         return path
     hint = f"put the file there, or point {DATA_DIR_KEYS} at the directory that holds {path.name}"
+    if named_by:
+        hint += f", or {named_by}"
     if url and allow_download:
         try:
             with download_lock(path.parent):

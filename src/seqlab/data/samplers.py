@@ -185,7 +185,8 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.resume_at = (int(state["epoch"]), int(state["batches"]))
         self.resumed_order = int(state.get("order", 1))
-        if self.seed_owner is not None:  # (no "seed": a checkpoint from before seeds were drawn)
+        # (no "seed": a checkpoint from before seeds were drawn; "own_seed": another run's checkpoint)
+        if self.seed_owner is not None and not state.get("own_seed"):
             self.sampler.seed = state.get("seed")
             self.seed_owner.adopt_order_seed(self.sampler.seed)
             log.info(

@@ -291,9 +291,14 @@ class TranslationDataModule(BatchedTextDataModule):
     def download_raw(self) -> None:
         hp = self.hparams
         for split in SPLITS:
+            prefix = f"{split}_prefix"
+            named_by = (
+                f"name yours with data.{prefix} (now {hp[prefix]!r}: {hp[prefix]}.{hp.source_lang} and "
+                f"{hp[prefix]}.{hp.target_lang}, e.g. data.{prefix}=dev)"
+            )
             for path in self.split_files(split):
                 url = hp.url.format(name=path.name) if hp.url else None
-                ensure_file(path, url, hp.download)
+                ensure_file(path, url, hp.download, named_by)
 
     def prepare_data(self) -> None:
         self.download_raw()

@@ -203,18 +203,27 @@ def fused_by_default(optimizer_cls: type, groups: list[dict[str, Any]], config: 
     )
 
 
-def keep_fused_on_load(optimizer: torch.optim.Optimizer) -> None:
-    """Restoring an optimizer's state replaces its parameter groups' settings with the saved ones,
-    ``fused`` included: a checkpoint saved before ``fused: auto`` (or with another setting) would
-    silently switch the kernel. The kernel chosen when the optimizer was built stays, and for a
-    fused one each parameter's ``step`` counter goes where that kernel wants it (float32, on the
-    parameter's device), as torch places it when the saved state is fused: a state saved unfused
-    keeps it on the CPU, and a fused CUDA step would fail on it."""
+def keep_settings_on_load(optimizer: torch.optim.Optimizer, scheduled: bool) -> None:
+    """Restoring an optimizer's state replaces its parameter groups' settings with the saved ones:
+    a run continued from another run's checkpoint (``ckpt_path=``, ``task.optimizer.lr=1e-4``)
+    trained at that run's learning rate and weight decay while its config.yaml recorded this one's,
+    and a checkpoint saved before ``fused: auto`` (or with another setting) silently switched the
+    kernel. The settings the optimizer was built with (this run's config) stay, its moments and
+    step counts are the checkpoint's (fairseq's ``--restore-file``); the learning rate too where a
+    schedule sets it (``ConfiguredLambdaLR``). A run resuming its own checkpoint has the same
+    settings (resume=auto refuses others). For a fused optimizer each parameter's ``step`` counter
+    goes where that kernel wants it (float32, on the parameter's device), as torch places it when
+    the saved state is fused: a state saved unfused keeps it on the CPU, and a fused CUDA step
+    would fail on it."""
     fused = optimizer.defaults.get("fused")
+    built = [
+        {key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups
+    ]
+    scheduled_keys = ("lr", "initial_lr") if scheduled else ()
 
     def restore(opt: torch.optim.Optimizer) -> None:
-        for group in opt.param_groups:
-            group["fused"] = fused
+        for group, settings in zip(opt.param_groups, built, strict=True):
+            group.update({key: value for key, value in settings.items() if key not in scheduled_keys})
             if not fused:
                 continue
             for param in group["params"]:
@@ -223,6 +232,22 @@ def keep_fused_on_load(optimizer: torch.optim.Optimizer) -> None:
                     opt.state[param]["step"] = step.to(dtype=torch.float32, device=param.device)
 
     optimizer.register_load_state_dict_post_hook(restore)
+
+
+class ConfiguredLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` whose restored state keeps the peak learning rates it was built with (this
+    run's ``task.optimizer.lr``): the position in the schedule is the checkpoint's, the rate at
+    each step this run's schedule of this run's rate. Restoring a plain ``LambdaLR`` put back the
+    saved run's ``base_lrs``. Its own run's checkpoint gives back the very rates it saved."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        peaks = list(self.base_lrs)
+        super().load_state_dict(state_dict)
+        self.base_lrs = peaks
+        for group, peak, factor in zip(self.optimizer.param_groups, peaks, self.lr_lambdas, strict=True):
+            group["initial_lr"] = peak
+            group["lr"] = peak * factor(self.last_epoch)  # LambdaLR.get_lr's own product
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 class SeqTask(L.LightningModule):
@@ -473,9 +498,8 @@ class SeqTask(L.LightningModule):
                 else:
                     del config["fused"]  # torch's own choice (foreach on CUDA, a loop elsewhere)
             optimizer = optimizer_cls(groups, **config)
-            if "fused" in optimizer.defaults:
-                keep_fused_on_load(optimizer)
         schedule = self.hparams.get("scheduler")
+        keep_settings_on_load(optimizer, scheduled=bool(schedule))
         if not schedule:
             return optimizer, None
         floor = schedule.get("min_lr_ratio") or 0.0
@@ -485,7 +509,7 @@ class SeqTask(L.LightningModule):
             )
         warmup = warmup_steps(schedule, total_steps)
         factor = warmup_schedule(schedule["name"], total_steps, max(warmup, 1), floor)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return optimizer, ConfiguredLambdaLR(optimizer, factor)
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -110,6 +110,12 @@ class TranslationTask(SeqTask):
                 "data.shared_vocab=true, or task.share_embeddings=false"
             )
         self.backbone = build_backbone(backbone, padded=True, with_decoder=True)
+        if not self.backbone.decodes():  # (it failed at the sanity check, a bare NotImplementedError)
+            raise ConfigError(
+                f"model._target_={backbone.get('_target_')!r}: translation decodes with the backbone's "
+                f"decode, which {type(self.backbone).__name__} does not implement (seqlab.backbones.base); "
+                "forecasting and classification need encode only"
+            )
         width = self.backbone.d_model
         self.scale = math.sqrt(width)
         self.tgt_embed = nn.Embedding(tgt_vocab_size, width, padding_idx=pad_id)

@@ -444,6 +444,11 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         )
     for path in restore_set_aside(run_dir / "checkpoints"):
         log.warning("%s: put back from where a crash during its replacement had left it", path)
+    # a save killed while writing (SIGKILL, the OOM killer) leaves its whole-model temporary file:
+    # one per pre-emption, piling up; no process of the run is alive (running_process above)
+    for partial in sorted(p for p in (run_dir / "checkpoints").glob(".*.tmp") if p.is_file()):
+        log.warning("%s: removed, a checkpoint save killed before it was complete", partial)
+        partial.unlink(missing_ok=True)
     checkpoint = newest_checkpoint(run_dir)
     started_from = saved.get("ckpt_path") if isinstance(saved, dict) else None
     if checkpoint is not None and cfg.get("ckpt_path") and cfg.ckpt_path != started_from:

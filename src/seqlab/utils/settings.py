@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import logging
 import os
 import sys
 import types
@@ -150,6 +151,24 @@ def describe(hint: Any) -> str:
     return words.get(name, name or str(hint))
 
 
+def target_object(target: str, prefix: str) -> Any:
+    """What ``{prefix}._target_`` names, imported; a ConfigError naming the key where it cannot be
+    (Hydra's three chained tracebacks named none)."""
+    hydra_log = logging.getLogger("hydra.utils")  # which logs the error it raises, on its own lines
+    hydra_log.disabled, was = True, hydra_log.disabled
+    try:
+        return get_object(target)
+    except Exception as err:  # Hydra's ImportError, chained over the module's own errors
+        cause = err.__cause__ or err
+        raise ConfigError(
+            f"{prefix}._target_={target!r} cannot be imported ({type(cause).__name__}: "
+            f"{str(cause).splitlines()[0] if str(cause) else cause!r}): expected a class on the Python "
+            "path, as package.module.Class (your own: a package under src/, or one on PYTHONPATH)"
+        ) from None
+    finally:
+        hydra_log.disabled = was
+
+
 def check_settings(node: DictConfig | dict, prefix: str, skip: tuple[str, ...] = ()) -> None:
     """Refuse, by name, a key the ``_target_`` class does not take (``+data.data_dir=`` for
     synthetic data) and a value its annotation rules out (``model.d_model=abc``); ``skip``: keys
@@ -161,7 +180,7 @@ def check_settings(node: DictConfig | dict, prefix: str, skip: tuple[str, ...] =
     if not target:
         return
     name = target.rsplit(".", 1)[-1]
-    parameters, takes_any = signature_of(get_object(target))
+    parameters, takes_any = signature_of(target_object(target, prefix))
     given = {k: v for k, v in settings.items() if not k.startswith("_") and k not in skip}
     unknown = sorted(k for k in given if k not in parameters)
     if unknown and not takes_any:
