@@ -407,3 +407,15 @@ def test_bfloat16_weights_under_autocast_keep_autocasts_dtype(cell: str, wrapped
     with torch.autocast("cpu", dtype=torch.bfloat16):
         encoded = model.encode(x.bfloat16())
     assert encoded.dtype == torch.bfloat16 and torch.isfinite(encoded.float()).all()
+
+
+def test_a_backbone_setting_left_null_is_the_backbones_to_read() -> None:
+    """A user's backbone with ``dim_feedforward: int | None = None`` (null derives it) met the
+    range check with a bare TypeError; a task dropout of null is still refused by name."""
+    from seqlab.errors import ConfigError
+    from seqlab.tasks.base import _BACKBONE_RANGES, check_probability, check_range
+
+    for key in ("dim_feedforward", "num_layers", "dropout", "num_decoder_layers", "expansion"):
+        check_range(f"model.{key}", None, *_BACKBONE_RANGES[key])
+    with pytest.raises(ConfigError, match=r"task.head_dropout=None: expected a probability in \[0, 1\]"):
+        check_probability("task.head_dropout", None)

@@ -233,11 +233,14 @@ def test_patches_with_gaps_between_them_are_refused(make_cfg) -> None:
 def test_patches_that_leave_the_latest_steps_out_are_refused(make_cfg) -> None:
     """Without PatchTST's end padding, patches that do not tile the look-back drop its last steps
     (the most recent, the ones that matter most) silently."""
-    from seqlab.train import train
+    from seqlab.train import build_datamodule, build_task, train
 
     # look-back 48, patches of 16 every 8: 48 - 16 = 32 is tiled (5 patches); 12 every 8 is not
-    for patches in (["task.patch_len=16"], ["task.padding_patch=end", "task.patch_len=12"]):
-        make_cfg(*patches, "task.patch_stride=8", "task.padding_patch=null")  # composes
+    for padding, patch, tokens in (("null", 16, 5), ("end", 12, 6)):
+        cfg = make_cfg(f"task.padding_patch={padding}", f"task.patch_len={patch}", "task.patch_stride=8")
+        task = build_task(cfg.task, cfg.model, build_datamodule(cfg.data))
+        task.check_trainable()
+        assert task.num_tokens == tokens
     with pytest.raises(ConfigError, match=r"task.padding_patch=null: patches of 12 steps every 8 leave the last 4 of "
                        r"data.lookback=48 steps out; use task.padding_patch=end"):  # fmt: skip
         train(make_cfg("task.patch_len=12", "task.patch_stride=8", "task.padding_patch=null"))
@@ -267,6 +270,19 @@ def test_backbone_and_task_sizes_out_of_range_are_named(make_cfg, override: str,
 
     with pytest.raises(ConfigError, match=message):
         train(make_cfg(*override.split()))
+
+
+def test_a_value_the_config_leaves_to_be_given_is_named_before_anything_is_written(
+    make_cfg, tmp_path: Path
+) -> None:
+    """``data=csv`` without its file: OmegaConf's MissingMandatoryValue came as a traceback from
+    inside the data module's construction, after the run directory's files were written."""
+    from seqlab.train import train
+
+    with pytest.raises(ConfigError, match=r"^data.data_dir, data.file: expected a value on the command line \(the "
+                       r"config leaves it to be given: data.data_dir=... data.file=...\)"):  # fmt: skip
+        train(make_cfg("data=csv", "trainer.accelerator=cpu", fast=False))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_target_that_cannot_be_imported_is_named(make_cfg) -> None:

@@ -444,3 +444,19 @@ def test_word_dropout_replaces_words_only(text_cfg, wrap: str, kept: tuple[int, 
     assert special.sum() == len(kept) * 8  # each text wrapped once
     assert torch.equal(dropped[special | pad], ids[special | pad])
     assert (dropped[~special & ~pad] == UNK_ID).all() and (ids[pad] == PAD_ID).all()
+
+
+def test_a_bidirectional_min_rnn_checkpoint_from_before_both_ends_pools_as_it_was_trained(caplog) -> None:
+    """Checkpoints saved before last/first pooling read both ends evaluate the function they were
+    trained to compute (no key changed, so nothing else would have told them apart)."""
+    task = ClassificationTask(BACKBONES["biminlstm"], vocab_size=50, num_classes=3, cls_id=2, pooling="last")
+    saved: dict = {}
+    task.on_save_checkpoint(saved)
+    assert saved["seqlab"]["summary_at_ends"] is True
+    task.on_load_checkpoint(saved)
+    assert task.backbone.summary_at_ends and not caplog.text
+    del saved["seqlab"]["summary_at_ends"]
+    with caplog.at_level("WARNING", logger="seqlab.tasks.base"):
+        task.on_load_checkpoint(saved)
+    assert not task.backbone.summary_at_ends
+    assert "bidirectional MinRNNBackbone pools its last or first step alone, as it was trained" in caplog.text

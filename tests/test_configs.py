@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,13 @@ def data_overrides(data: str, request, tmp_path: Path) -> list[str]:
         return [f"data.data_dir={request.getfixturevalue('ett_dir')}"]
     if data in ("timeseries",):
         return []
+    if data == "csv":  # one's own series: hourly rows, a date column named as data.date_column
+        rows = [
+            f"{datetime(2024, 1, 1) + timedelta(hours=i):%Y-%m-%d %H:%M:%S},{i % 24},{(i * 7) % 11}"
+            for i in range(1500)
+        ]
+        (tmp_path / "own.csv").write_text("date,a,b\n" + "\n".join(rows) + "\n")
+        return [f"data.data_dir={tmp_path}", "data.file=own.csv"]
     cache = [f"data.cache_dir={request.getfixturevalue('text_cache')}"]
     if data == "sst2":
         return [*cache, f"data.data_dir={request.getfixturevalue('sst2_dir')}"]

@@ -784,3 +784,31 @@ def test_a_ddp_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     expected, got = last_weights(tmp_path / "reference"), last_weights(tmp_path / "run")
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), f"{name} differs after the resume"
+
+
+def test_an_interrupted_ddp_run_resumes_in_place_on_another_number_of_devices(tmp_path: Path) -> None:
+    """Requeued on a node with fewer devices, ``resume=auto`` refused the run ("another
+    configuration: trainer.devices: 2 -> 1"); data.batch_size is the global batch, so it trains on
+    from its checkpoint to the uninterrupted run's step count and loss (one process's reductions
+    differ from two's in the last bits only)."""
+    same = [*SAME_FUNCTION, "callbacks.step_checkpoint.every_n_train_steps=7"]
+    reference = run_script(
+        "train.py", "trainer=ddp", *same, f"hydra.run.dir={tmp_path / 'reference'}", timeout=300
+    )
+    assert reference.returncode == 0, why_failed(reference)
+    stop = [
+        "+callbacks.fault._target_=tests.faults.FailOnRank", "+callbacks.fault.rank=0", "+callbacks.fault.step=10",
+        "+callbacks.fault.how=term", f"+callbacks.fault.once={tmp_path / 'fired'}",
+        "+callbacks.first_step._target_=tests.faults.RecordFirstStep", f"+callbacks.first_step.path={tmp_path / 'steps'}",
+    ]  # fmt: skip
+    run_dir = f"hydra.run.dir={tmp_path / 'run'}"
+    first = run_script("train.py", "trainer=ddp", "trainer.devices=2", *same, *stop, run_dir, timeout=300)
+    assert first.returncode == 143, why_failed(first)
+    again = run_script("train.py", "trainer=ddp", "trainer.devices=1", *same, *stop, run_dir, timeout=300)
+    assert again.returncode == 0, why_failed(again)
+    assert "trainer.devices: 2 -> 1 (the global batch stays data.batch_size)" in again.stdout + again.stderr
+    assert first_steps(tmp_path / "steps") == [0, 10], "trained on from the checkpoint, not afresh"
+    expected = json.loads((tmp_path / "reference" / "summary.json").read_text())
+    got = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert got["trainer"]["world_size"] == 1 and got["global_step"] == expected["global_step"]
+    assert got["metrics"]["test/mse"] == pytest.approx(expected["metrics"]["test/mse"], rel=1e-3)

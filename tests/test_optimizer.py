@@ -294,3 +294,28 @@ def test_an_open_ended_run_with_a_schedule_says_what_to_set(make_cfg, tmp_path: 
     )  # fmt: skip
     skipping.fit(model, datamodule=datamodule)
     assert skipping.global_step == 0
+
+
+def test_a_checkpoint_without_a_schedule_leaves_this_runs_schedule_its_first_rate() -> None:
+    """Loaded into a run with a warm-up schedule, an optimizer state saved without one (the other
+    run's ``task.scheduler=null``, so no scheduler state to load) put back that run's rate: the
+    first step ran at 5x this run's peak, with no warm-up."""
+    from seqlab.tasks.base import ConfiguredLambdaLR, keep_settings_on_load
+
+    weights = [torch.nn.Parameter(torch.ones(3))]
+    other = torch.optim.AdamW(weights, lr=5e-3, weight_decay=0.1)
+    weights[0].grad = torch.ones(3)
+    other.step()
+    mine = torch.optim.AdamW(weights, lr=1e-3, weight_decay=0.0)
+    keep_settings_on_load(mine)
+    schedule = ConfiguredLambdaLR(mine, lambda step: min(1.0, (step + 1) / 10))
+    before = dict(mine.param_groups[0], params=None)
+    mine.load_state_dict(other.state_dict())
+    group = mine.param_groups[0]
+    assert (group["lr"], group["initial_lr"], group["weight_decay"]) == (1e-4, 1e-3, 0.0) == (
+        before["lr"], before["initial_lr"], before["weight_decay"]
+    )  # fmt: skip
+    assert int(mine.state[weights[0]]["step"]) == 1  # the moments are the checkpoint's
+    saved = schedule.state_dict()
+    schedule.load_state_dict({**saved, "last_epoch": 4, "base_lrs": [5e-3]})  # another run's position
+    assert schedule.base_lrs == [1e-3] and group["lr"] == pytest.approx(1e-3 * 0.5)

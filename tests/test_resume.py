@@ -1413,3 +1413,44 @@ def test_a_run_continued_from_another_runs_checkpoint_takes_its_own_settings_see
         assert torch.equal(
             torch.get_rng_state(), saved["callbacks"]["ExactResume"]["cpu"] if own else own_state
         )
+
+
+def test_a_key_added_to_the_configs_since_a_run_was_saved_does_not_refuse_it(
+    make_cfg, tmp_path: Path
+) -> None:
+    """``task.padding_patch`` came after runs were saved without it: resume=auto refused them as
+    another configuration ('<absent>' -> 'end'), and a sweep run again its finished jobs; absent
+    counts as the value that trains as they did, and another value still differs."""
+    from seqlab.utils.resume import config_differences
+
+    saved = {"task": {"patch_len": 16, "patch_stride": 8}, "seed": 1}
+    assert (
+        config_differences(
+            saved, {"task": {"patch_len": 16, "patch_stride": 8, "padding_patch": "end"}, "seed": 1}
+        )
+        == []
+    )
+    assert config_differences(
+        saved, {"task": {"patch_len": 16, "patch_stride": 8, "padding_patch": None}, "seed": 1}
+    ) == ["task.padding_patch: 'end' -> None"]
+
+
+def test_a_deepspeed_run_is_resumed_on_its_own_number_of_devices_only(make_cfg, tmp_path: Path) -> None:
+    """Other strategies' checkpoints load at any world size; DeepSpeed's optimizer partitions at
+    theirs only ("used a DP world size of 2 but the current world size is 1", after the launch)."""
+    from omegaconf import OmegaConf
+
+    from seqlab.utils.resume import resume_checkpoint
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "last.ckpt").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt" / "latest").write_text("global_step10")
+    (run_dir / "config.yaml").write_text(
+        OmegaConf.to_yaml(make_cfg("trainer=ddp", "trainer.devices=2"), resolve=True)
+    )
+    with pytest.raises(ConfigError, match=r"holds an interrupted DeepSpeed run saved with trainer.devices=2: .* resume "
+                       r"it with trainer.devices=2"):  # fmt: skip
+        resume_checkpoint(make_cfg("trainer=ddp", "trainer.devices=1"), run_dir)
+    assert resume_checkpoint(make_cfg("trainer=ddp", "trainer.devices=2"), run_dir) == str(
+        run_dir / "checkpoints" / "last.ckpt"
+    )

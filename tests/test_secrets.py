@@ -45,6 +45,10 @@ def test_credential_keys_are_redacted_and_ordinary_keys_kept(monkeypatch) -> Non
         f'+extras.api_key=\'{REDACTED}\' x="y" token="{REDACTED}"'
     )
     assert redact_text("password=pa)s]s{x} next") == f"password={REDACTED} next"  # brackets are the secret's
+    # YAML and JSON mappings (an untracked config copied into git.diff); not unk_token or a count
+    assert redact_text('+  api_key: abc123\n+"password": "hunter2", "max_tokens": 5\n+unk_token: [UNK]') == (
+        f'+  api_key: {REDACTED}\n+"password": "{REDACTED}", "max_tokens": 5\n+unk_token: [UNK]'
+    )
     # a URL's password (an Optuna storage), not its user, host or port
     assert (
         redact_text("storage=postgresql+psycopg2://bob:pa55word@db.example:5432/optuna, http://host:8080/x")

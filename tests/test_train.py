@@ -542,3 +542,33 @@ def test_a_resumed_runs_git_record_is_its_own(make_cfg, tmp_path: Path, monkeypa
     assert (run_dir / "git.diff").read_text() == "+hack\n"
     assert run.write_run_metadata(cfg, run_dir) == {"commit": "bbb", "dirty": False}
     assert "commit: bbb" in (run_dir / "git.txt").read_text() and not (run_dir / "git.diff").exists()
+
+
+def test_git_diff_holds_the_untracked_files_a_run_trained_with(tmp_path: Path) -> None:
+    """A backbone of one's own under src/ and its config, not yet committed: ``git diff HEAD``
+    left them out, so git.diff (or no git.diff, with only new files) did not hold what trained."""
+    from seqlab.utils import run
+
+    repo = tmp_path / "repo"
+    (repo / "src" / "mine").mkdir(parents=True)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("logs/\n")
+    (repo / "tracked.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "first"], check=True)
+    (repo / "src" / "mine" / "cnn.py").write_text("class CNN:\n    pass\n")
+    (repo / "logs").mkdir()
+    (repo / "configs").mkdir()
+    (repo / "configs" / "mine.yaml").write_text("_target_: mine.cnn.CNN\napi_key: sk-1234\n")
+    (repo / "logs" / "big.ckpt").write_bytes(b"0" * 10)  # ignored: not copied
+    (repo / "huge.py").write_bytes(b"#" * (run.UNTRACKED_LIMIT + 1))
+    (repo / "notes.bin").write_bytes(b"\0" * 10)  # neither code nor config: counted
+    (repo / "data").symlink_to(tmp_path / "gone")  # a dangling link cost the whole record
+    info, diff = run.git_info(repo)
+    assert info["dirty"] is True and info["branch"]
+    assert "+++ b/src/mine/cnn.py" in diff and "+class CNN:" in diff
+    assert "+_target_: mine.cnn.CNN" in diff and "sk-1234" not in run.redact_text(diff)  # as written
+    assert "big.ckpt" not in diff and "notes.bin" not in diff
+    assert f"# untracked huge.py: {run.UNTRACKED_LIMIT + 1} bytes, not copied (over the size limits)" in diff
+    assert "# 2 other untracked file(s) not copied (only .py, .yaml, .yml files are)" in diff

@@ -21,7 +21,7 @@ from hydra.utils import get_class
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from seqlab.callbacks import DivergenceGuard, ExactResume, RunStats, SaveOnSigterm
 from seqlab.callbacks.run_stats import start_job
@@ -72,12 +72,34 @@ from seqlab.utils.wandb import finish_runs, summarize_runs
 log = logging.getLogger(__name__)
 
 
+def missing_keys(cfg: DictConfig) -> list[str]:
+    """The dotted keys whose value is OmegaConf's ``???`` (Hydra's own settings aside), found
+    without resolving anything (an interpolation that fails has its own error, where it is read)."""
+
+    def walk(node: Any, prefix: str) -> Iterator[str]:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            elif value == "???":
+                yield f"{prefix}{key}"
+
+    plain = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+    return list(walk({key: value for key, value in plain.items() if key != "hydra"}, ""))
+
+
 def check_choices(cfg: DictConfig) -> None:
     """What the config alone decides, refused before any data is read, downloaded or tokenized
     (an SST-2 download and tokenizer training came first): a ``task=`` of another kind than the
     data's examples, a ``model.*`` key the backbone does not take (an experiment's ``model.nhead``
     under ``model=gru``), a value that the annotations of the class it configures rule out
-    (``seqlab.utils.settings``), or a seed that is not an integer."""
+    (``seqlab.utils.settings``), a seed that is not an integer, or a value the config leaves to
+    be given (``???``: ``data=csv``'s file)."""
+    missing = missing_keys(cfg)
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)}: expected a value on the command line (the config leaves it to be "
+            f"given: {' '.join(f'{key}=...' for key in missing)})"
+        )
     data_cls, task_cls = target_object(cfg.data._target_, "data"), target_object(cfg.task._target_, "task")
     wanted = getattr(data_cls, "TASK", None)
     if wanted and not issubclass(task_cls, get_class(wanted)):

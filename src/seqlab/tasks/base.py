@@ -84,8 +84,17 @@ _BACKBONE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def check_range(key: str, value: Any, valid: Callable[[Any], bool], expected: str) -> None:
-    """ConfigError naming ``key`` unless ``value`` is a number (or None) that ``valid`` accepts."""
-    number = value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+    """ConfigError naming ``key`` unless ``value`` is a number that ``valid`` accepts, or None
+    where ``valid`` takes None (a backbone's optional setting: null derives it)."""
+    if value is None:
+        try:
+            accepted = valid(None)
+        except TypeError:  # a range of numbers: null is the backbone's to read
+            return
+        if accepted:
+            return
+        raise ConfigError(f"{key}=None: expected {expected}")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
     if not number or not valid(value):
         raise ConfigError(f"{key}={value!r}: expected {expected}")
 
@@ -203,27 +212,30 @@ def fused_by_default(optimizer_cls: type, groups: list[dict[str, Any]], config: 
     )
 
 
-def keep_settings_on_load(optimizer: torch.optim.Optimizer, scheduled: bool) -> None:
+def keep_settings_on_load(optimizer: torch.optim.Optimizer) -> None:
     """Restoring an optimizer's state replaces its parameter groups' settings with the saved ones:
     a run continued from another run's checkpoint (``ckpt_path=``, ``task.optimizer.lr=1e-4``)
     trained at that run's learning rate and weight decay while its config.yaml recorded this one's,
     and a checkpoint saved before ``fused: auto`` (or with another setting) silently switched the
-    kernel. The settings the optimizer was built with (this run's config) stay, its moments and
-    step counts are the checkpoint's (fairseq's ``--restore-file``); the learning rate too where a
-    schedule sets it (``ConfiguredLambdaLR``). A run resuming its own checkpoint has the same
-    settings (resume=auto refuses others). For a fused optimizer each parameter's ``step`` counter
+    kernel. The settings the optimizer holds when the state is loaded (this run's config, and the
+    schedule's first rate) stay, its moments and step counts are the checkpoint's (fairseq's
+    ``--restore-file``); a saved schedule then sets the rate of its position
+    (``ConfiguredLambdaLR``). A run resuming its own checkpoint has the same settings (resume=auto
+    refuses others). For a fused optimizer each parameter's ``step`` counter
     goes where that kernel wants it (float32, on the parameter's device), as torch places it when
     the saved state is fused: a state saved unfused keeps it on the CPU, and a fused CUDA step
     would fail on it."""
     fused = optimizer.defaults.get("fused")
-    built = [
-        {key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups
-    ]
-    scheduled_keys = ("lr", "initial_lr") if scheduled else ()
+    held: list[dict[str, Any]] = []
+
+    def remember(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+        held[:] = [
+            {key: value for key, value in group.items() if key != "params"} for group in opt.param_groups
+        ]
 
     def restore(opt: torch.optim.Optimizer) -> None:
-        for group, settings in zip(opt.param_groups, built, strict=True):
-            group.update({key: value for key, value in settings.items() if key not in scheduled_keys})
+        for group, settings in zip(opt.param_groups, held, strict=True):
+            group.update(settings)
             if not fused:
                 continue
             for param in group["params"]:
@@ -231,6 +243,7 @@ def keep_settings_on_load(optimizer: torch.optim.Optimizer, scheduled: bool) -> 
                 if isinstance(step, Tensor):
                     opt.state[param]["step"] = step.to(dtype=torch.float32, device=param.device)
 
+    optimizer.register_load_state_dict_pre_hook(remember)
     optimizer.register_load_state_dict_post_hook(restore)
 
 
@@ -369,6 +382,17 @@ class SeqTask(L.LightningModule):
             self.restored_best = saved["value"]
         train_loss = checkpoint.get("seqlab_train_loss")
         self._restored_train_loss = train_loss if own and isinstance(train_loss, list) else None
+        info = checkpoint.get("seqlab") or {}
+        if self.backbone.summary_at_ends and info and "summary_at_ends" not in info:
+            # saved before a bidirectional min-RNN's last/first pooling read both ends (2026-11-26):
+            # the model computes what it was trained to (its last step alone)
+            self.backbone.summary_at_ends = False
+            if self.hparams.get("pooling", self.hparams.get("head")) in ("last", "first"):
+                log.warning(
+                    "the checkpoint's bidirectional %s pools its last or first step alone, as it was "
+                    "trained (saved before pooling read both directions' summaries)",
+                    type(self.backbone).__name__,
+                )
 
     def log_monitor_best(self, values: dict[str, torch.Tensor]) -> None:
         """Log ``{monitor}_best`` from the epoch's validation ``values`` (already reduced)."""
@@ -499,7 +523,7 @@ class SeqTask(L.LightningModule):
                     del config["fused"]  # torch's own choice (foreach on CUDA, a loop elsewhere)
             optimizer = optimizer_cls(groups, **config)
         schedule = self.hparams.get("scheduler")
-        keep_settings_on_load(optimizer, scheduled=bool(schedule))
+        keep_settings_on_load(optimizer)
         if not schedule:
             return optimizer, None
         floor = schedule.get("min_lr_ratio") or 0.0
@@ -516,6 +540,7 @@ class SeqTask(L.LightningModule):
         cls = self.task_class()
         checkpoint["seqlab"] = {"task_target": f"{cls.__module__}.{cls.__qualname__}"}
         checkpoint["seqlab"].update(self.run_info)
+        checkpoint["seqlab"]["summary_at_ends"] = self.backbone.summary_at_ends
         if checkpoint.get("datamodule_hyper_parameters"):  # Lightning's copy of the data's arguments
             from seqlab.utils.secrets import redact
 

@@ -59,12 +59,20 @@ RESUME_IGNORES = (
     "callbacks.model_summary",
     # the optimizer's kernel, not its update rule (a run from before `fused: auto` resumes)
     "task.optimizer.fused",
+    # the hardware: data.batch_size is the global batch, so a run requeued on a node with
+    # another number of GPUs trains on the same batches (its checkpoints load at any world size)
+    "trainer.devices",
+    "trainer.num_nodes",
 )
 
 #: what may differ for a finished sweep job to be kept as its result: narrower than a resumed
 #: run's, since the result is the finished run's (its ckpt_path, the loggers it logged to)
 KEPT_IGNORES = (
-    *(key for key in RESUME_IGNORES if key not in ("ckpt_path", "logger")),
+    *(
+        key
+        for key in RESUME_IGNORES
+        if key not in ("ckpt_path", "logger", "trainer.devices", "trainer.num_nodes")
+    ),
     "logger.wandb.tags",  # (the top-level tags: ignored)
 )
 
@@ -346,11 +354,19 @@ RESUME_SAME = {
 }
 
 
+#: keys added to the configs after runs were saved with them absent, with the value that trains as
+#: those runs did: an interrupted run resumes, a finished sweep job is kept, as before the key came
+RESUME_ADDED = {"task.padding_patch": "end"}
+
+
 def config_differences(
     saved: dict[str, Any], current: dict[str, Any], ignores: tuple[str, ...] = RESUME_IGNORES
 ) -> list[str]:
     """``key: <saved> -> <current>`` for every key that differs, ``ignores`` left out."""
     old, new = flatten(saved), flatten(current)
+    for key, value in RESUME_ADDED.items():
+        if key in new and key not in old:
+            old[key] = value
     for key, same in RESUME_SAME.items():
         for values in (old, new):
             if key in values:
@@ -459,6 +475,24 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
         )
     if checkpoint is not None:  # its own progress, also for a run that started from ckpt_path
         log.info("resuming the interrupted run in %s from %s (resume=auto)", run_dir, checkpoint)
+        before = (saved.get("trainer") or {}) if isinstance(saved, dict) else {}
+        for key in ("devices", "num_nodes"):
+            if key in before and before[key] != cfg.trainer.get(key):
+                from seqlab.utils.checkpoint_io import is_deepspeed_checkpoint
+
+                if checkpoint.is_dir() and is_deepspeed_checkpoint(checkpoint):
+                    raise ConfigError(
+                        f"{run_dir} holds an interrupted DeepSpeed run saved with trainer.{key}="
+                        f"{before[key]}: DeepSpeed reads its optimizer partitions at that world size only; "
+                        f"resume it with trainer.{key}={before[key]} (or convert the checkpoint with "
+                        "DeepSpeed's universal-checkpoint tool and train from it with ckpt_path=)"
+                    )
+                log.info(
+                    "trainer.%s: %s -> %s (the global batch stays data.batch_size)",
+                    key,
+                    before[key],
+                    cfg.trainer.get(key),
+                )
         return str(checkpoint)
     return cfg.get("ckpt_path")
 

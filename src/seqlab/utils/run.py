@@ -32,8 +32,48 @@ def is_rank_zero() -> bool:
     return process_rank() == 0
 
 
+#: untracked files copied into ``git.diff``: code and configs (what trains), sources and configs
+#: first, each up to ``UNTRACKED_LIMIT`` bytes and ``UNTRACKED_BUDGET`` in all; the rest counted
+UNTRACKED_SUFFIXES = (".py", ".yaml", ".yml")
+UNTRACKED_LIMIT = 200_000
+UNTRACKED_BUDGET = 1_000_000
+
+
+def untracked_diff(root: Path, names: list[str]) -> str:
+    """The untracked files ``names`` as new-file diffs, within the limits above; a line counts
+    what was left out. A file that cannot be read (a dangling link) is left out, never an error."""
+    ranked = sorted(names, key=lambda name: (not name.startswith(("src/", "configs/")), name))
+    diff, spent, left = "", 0, 0
+    for name in ranked:
+        path = root / name
+        try:
+            size = path.lstat().st_size
+        except OSError:
+            size = None
+        if size is None or not path.is_file() or path.suffix not in UNTRACKED_SUFFIXES:
+            left += 1
+            continue
+        if size > UNTRACKED_LIMIT or spent + size > UNTRACKED_BUDGET:
+            diff += f"# untracked {name}: {size} bytes, not copied (over the size limits)\n"
+            continue
+        spent += size
+        # exit status 1: the files differ (always, against /dev/null)
+        diff += subprocess.run(
+            ["git", "diff", "--no-index", "--", "/dev/null", name],
+            cwd=root, capture_output=True, text=True, timeout=20, check=False,
+        ).stdout  # fmt: skip
+    if left:
+        diff += (
+            f"# {left} other untracked file(s) not copied (only {', '.join(UNTRACKED_SUFFIXES)} files are)\n"
+        )
+    return diff
+
+
 def git_info(root: Path) -> tuple[dict[str, Any], str]:
-    """Commit, branch and dirty flag of the checkout, and its uncommitted diff."""
+    """Commit, branch and dirty flag of the checkout, and its uncommitted diff: the tracked files'
+    changes, and the untracked files (not ignored) as new files, e.g. a backbone of one's own
+    under ``src/`` and its config (``git diff HEAD`` leaves them out, and with them what the run
+    trained)."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -48,6 +88,9 @@ def git_info(root: Path) -> tuple[dict[str, Any], str]:
         branch = git("rev-parse", "--abbrev-ref", "HEAD").strip()
         status = git("status", "--porcelain")
         diff = git("diff", "HEAD")
+        diff += untracked_diff(
+            root, list(filter(None, git("ls-files", "--others", "--exclude-standard", "-z").split("\0")))
+        )
     except (OSError, subprocess.SubprocessError) as err:
         return {"commit": commit, "error": f"{type(err).__name__}: {err}"}, ""
     return {"commit": commit, "branch": branch, "dirty": bool(status.strip()), "status": status}, diff

@@ -37,6 +37,10 @@ _SECRET_ENV = re.compile(r"(?:_KEY|_TOKEN|_SECRET|_PASSWORD|_PASSWD)$|API_KEY", 
 #: ``key=value`` (a Hydra override, a command-line argument) whose key names a credential; the
 #: value ends at a quote (a list's repr, a quoted value) but takes brackets: a password may hold them
 _ASSIGNMENT = re.compile(r"(?P<key>[\w.+~/-]+)=(?P<quote>['\"]?)(?P<value>[^\s,'\"]+)")
+#: ``key: value`` (YAML, JSON: an untracked config copied into git.diff) whose key names a credential
+_MAPPING = re.compile(
+    r"(?P<head>(?P<q>[\"']?)(?P<key>[\w.-]+)(?P=q)\s*:\s*(?P<quote>[\"']?))(?P<value>[^\s,'\"#}]+)"
+)
 #: the password of a URL's user information: ``scheme://user:password@host``
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][\w+.-]*://[^\s:/@'\"]*:)(?P<password>[^\s/@'\"]+)(?=@)")
 
@@ -60,8 +64,11 @@ def redact_text(text: str, env_values: list[str] | None = None) -> str:
     def assignment(match: re.Match[str]) -> str:
         return f"{match['key']}={match['quote']}{REDACTED}" if is_secret_key(match["key"]) else match[0]
 
+    def mapping(match: re.Match[str]) -> str:
+        return f"{match['head']}{REDACTED}" if is_secret_key(match["key"]) else match[0]
+
     text = _URL_PASSWORD.sub(lambda match: match["head"] + REDACTED, text)
-    return _ASSIGNMENT.sub(assignment, text)
+    return _MAPPING.sub(mapping, _ASSIGNMENT.sub(assignment, text))
 
 
 class RedactFilter(logging.Filter):
