@@ -113,6 +113,7 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
             methods=args.methods, repeats=args.repeats or 5, device=args.device, tf32=args.tf32,
         )  # fmt: skip
         print_table(shown(rows), f"training step, B={args.batch}, d_in={args.d_in}, hidden={args.width}")
+        meta["warnings"] = warn(bench.timing_warnings(rows))
         if device.type == "cuda":  # the switches the scan ran with, not those at start
             meta["environment"].update(bench.float32_switches(args.tf32))
         payload = {**meta, "batch": args.batch, "d_in": args.d_in, "hidden": args.width, "rows": rows}
@@ -145,6 +146,8 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         title = f"{meta['environment']['device_name'] or args.device}: B={args.batch}, width {args.width}"
         print(f"wrote {bench.plot_lengths(rows, out / 'lengths.png', title)}")
         payload = {**meta, **settings, "scaling_exponents": fitted, "exponent_lengths": spans, "rows": rows}
+        inference = {f"{name} (inference)": value for name, value in fitted["inference"].items()}
+        payload["warnings"] = warn(bench.timing_warnings(rows, {**fitted["train"], **inference}))
     elif command == "decode":
         settings = {
             "batch": args.batch,
@@ -159,7 +162,7 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         print_table(
             shown(rows), f"generation, one token at a time: {args.device}, B={args.batch}, width={args.width}"
         )
-        payload = {**meta, **settings, "rows": rows}
+        payload = {**meta, **settings, "rows": rows, "warnings": warn(bench.timing_warnings(rows))}
     elif command == "overhead":
         result = bench.bench_overhead(
             overrides=overrides,
@@ -189,6 +192,17 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
         payload = {**meta, **result}
     path = bench.write_json(out / f"{command}.json", payload)
     print(f"wrote {path}")
+
+
+def warn(found: list[str]) -> list[str]:
+    """Print what says the machine was busy (``bench.timing_warnings``); kept in the JSON too."""
+    if found:
+        print(
+            "warning: these figures measured a busy machine, not the backbones (run again on an idle "
+            "one, e.g. OMP_NUM_THREADS=1 with nothing else running):\n  " + "\n  ".join(found),
+            file=sys.stderr,
+        )
+    return found
 
 
 def shown(rows: list[dict]) -> list[dict]:

@@ -770,3 +770,25 @@ def test_mfu_under_fsdp_counts_against_the_compute_dtypes_peak(precision: str, d
         warnings.simplefilter("ignore")  # (a GradScaler without CUDA, bf16-true's own note)
         plugin = FSDPPrecision(precision, strategy)
     assert compute_dtype(SimpleNamespace(precision_plugin=plugin)) == dtype
+
+
+def test_figures_of_a_busy_machine_are_called_so() -> None:
+    """Under load, one of two repeats took 4.4 s and the other 73 ms (their "median" 2.2 s), and
+    the fitted exponents came out negative (gru -1.48): printed as figures, without a word."""
+    from seqlab.benchmark import timing_warnings
+
+    rows = [
+        {
+            "backbone": "rnn",
+            "T": 256,
+            "train_ms": 2248.8,
+            "train_ms_all": [4424.7, 72.9],
+            "infer_ms_all": [10.0, 11.0],
+        },
+        {"backbone": "gru", "T": 64, "train_ms": 5.0, "train_ms_all": [5.0, 5.5, 6.0]},
+    ]
+    assert timing_warnings(rows, {"rnn": 0.98, "gru": -1.48, "transformer": None}) == [
+        "rnn T=256: train_ms repeats from 72.9 to 4425 ms (60.7x)",
+        "gru: scaling exponent -1.48 (time falling as T grows)",
+    ]
+    assert timing_warnings(rows[1:], {"gru": 1.1}) == []

@@ -283,6 +283,37 @@ def test_the_report_says_what_its_memory_column_measures(tmp_path: Path) -> None
     assert "not comparable between them" in (sweep / "report.md").read_text()
 
 
+def test_the_report_says_where_its_costs_were_measured_and_when_they_measured_the_load(
+    tmp_path: Path,
+) -> None:
+    """On a busy 2-core machine two seeds of one configuration ran at 357 and 2,464 samples/s and
+    the cost columns reversed which backbone was faster, without a word; and nothing said on which
+    CPU, with how many threads, the figures were taken. Two seeds a side "within seed noise" read
+    as "equal" where such a test can only show large gaps."""
+    sweep = fake_sweep(tmp_path, {"lstm": [0.84, 0.86], "gru": [0.80, 0.81]})
+    machine = {"cpu": "Intel Xeon", "threads": 2, "cpu_cores": 2, "host": "box"}
+    compare(sweep)
+    text = (sweep / "report.md").read_text()
+    assert "Hardware not recorded (summaries from before 2026-11-26)." in text
+    for job in ("0", "1", "2", "3"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        write_summary(sweep / job, {**summary, "hardware": machine})
+    compare(sweep)
+    text = (sweep / "report.md").read_text()
+    assert "Measured on Intel Xeon, 2 thread(s) of 2 cores (box)." in text
+    assert "not a measurement of the backbones" not in text  # fit_s 8-11 s: the same work alike
+    assert "within seed noise (p=0.092; 2 seeds: not told apart, not shown equal)" in text
+    busy = json.loads((sweep / "1" / "summary.json").read_text())
+    write_summary(
+        sweep / "1", {**busy, "train_samples_per_s": 357.0, "hardware": {**machine, "host": "other"}}
+    )
+    compare(sweep)
+    text = (sweep / "report.md").read_text()
+    assert "**The timings are not a measurement of the backbones**: lstm's seeds, the same work, differ by 3.6x in " \
+        "`train_samples_per_s` (100 to 357)" in text  # fmt: skip
+    assert "Measured on different hardware, so the costs compare machines as much as backbones" in text
+
+
 def test_lower_is_better_for_forecasting_and_bad_sweeps_are_refused(tmp_path: Path) -> None:
     sweep = tmp_path / "forecast"
     for i, (model, mse) in enumerate((("rnn", 0.3), ("gru", 0.2))):

@@ -572,3 +572,23 @@ def test_git_diff_holds_the_untracked_files_a_run_trained_with(tmp_path: Path) -
     assert "big.ckpt" not in diff and "notes.bin" not in diff
     assert f"# untracked huge.py: {run.UNTRACKED_LIMIT + 1} bytes, not copied (over the size limits)" in diff
     assert "# 2 other untracked file(s) not copied (only .py, .yaml, .yml files are)" in diff
+
+
+def test_a_summary_says_where_it_was_measured_and_when_its_test_was_partial(
+    make_cfg, tmp_path: Path, caplog
+) -> None:
+    """Timings without the machine they were taken on could not be compared or questioned; and a
+    test of 2 batches (``trainer.limit_test_batches=2``) was reported as the test set's."""
+    import torch
+
+    from seqlab.train import train
+
+    with caplog.at_level("WARNING", logger="seqlab.train"):
+        _, objects = train(make_cfg("trainer.max_epochs=1", "trainer.limit_test_batches=2"))
+    summary = objects["summary"]
+    assert summary["test_limited"] == 2 and "test/mse" in summary["metrics"]
+    assert "trainer.limit_test_batches=2: the test metrics are of part of the test set" in caplog.text
+    assert summary["hardware"]["threads"] == torch.get_num_threads() and summary["hardware"]["cpu"]
+    assert summary["hardware"]["cpu_cores"] == os.cpu_count()
+    _, whole = train(make_cfg("trainer.max_epochs=1", output="whole"))
+    assert "test_limited" not in whole["summary"]

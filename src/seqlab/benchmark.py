@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from seqlab.errors import ConfigError
 from seqlab.utils.resolvers import project_root
+from seqlab.utils.run import cpu_name
 
 BACKBONES = ("rnn", "lstm", "gru", "transformer", "mingru", "minlstm")
 CPU_LENGTHS = (64, 128, 256, 512, 1024, 2048)
@@ -160,12 +161,34 @@ def scaling_exponent(lengths: Sequence[int], seconds: Sequence[float]) -> float 
     return sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys)) / denominator
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+#: a repeat this many times slower than another of the same measurement: the machine's load, not
+#: the backbone's cost, set the figure (two runs of the harness otherwise differ by 10-27%)
+UNSTEADY = 2.0
+
+
+def timing_warnings(
+    rows: Sequence[dict[str, Any]], exponents: dict[str, float | None] | None = None
+) -> list[str]:
+    """What says a run measured a busy machine: a measurement whose repeats differ by more than
+    ``UNSTEADY``x (one of two repeats took 4.4 s, the other 73 ms: their "median" 2.2 s), and a
+    negative scaling exponent (time falling as T grows)."""
+    found = []
+    for row in rows:
+        for key, values in row.items():
+            if (
+                key.endswith("_ms_all")
+                and values
+                and min(values) > 0
+                and max(values) / min(values) > UNSTEADY
+            ):
+                found.append(
+                    f"{row.get('backbone')} T={row.get('T')}: {key.removesuffix('_all')} repeats from "
+                    f"{min(values):.4g} to {max(values):.4g} ms ({max(values) / min(values):.1f}x)"
+                )
+    for name, value in (exponents or {}).items():
+        if value is not None and value < 0:
+            found.append(f"{name}: scaling exponent {value:.2f} (time falling as T grows)")
+    return found
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -501,8 +524,8 @@ def bench_decode(
     device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Per backbone (encoder-decoder, as translation builds it) and output length T: the time to
-    generate T tokens one at a time after encoding a ``source_length`` source, per token and in
-    tokens/s. A recurrent decoder's step costs the same at every position; a Transformer's grows
+    generate T tokens one at a time after encoding a ``source_length`` source, per decoding step
+    (``ms_per_token``: one token of each of the ``batch`` sequences) and in tokens/s (all of them). A recurrent decoder's step costs the same at every position; a Transformer's grows
     with the tokens in its cache (O(T) a step, O(T^2) a sequence). Every (backbone, T) is timed in
     turn, round by round (``round_robin``): lengths too, so that ``per_token_vs_shortest``, the
     median over the rounds of the per-token time at T over that at the shortest T, is a paired

@@ -261,7 +261,13 @@ def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any
             verdict = "best" if samples[name] else f"no {metric}"
         elif verdicts[name] is not None:
             p = f"p={p_values[name]:.2g}"
-            verdict = f"worse (beyond seed noise, {p})" if verdicts[name] else f"within seed noise ({p})"
+            few = min(len(samples[name]), len(samples[top]))
+            if verdicts[name]:
+                verdict = f"worse (beyond seed noise, {p})"
+            elif few < 3:  # a t-test of 2 against 2 has 1-2 degrees of freedom: only large gaps show
+                verdict = f"within seed noise ({p}; {few} seeds: not told apart, not shown equal)"
+            else:
+                verdict = f"within seed noise ({p})"
         elif not samples[name]:
             verdict = f"no {metric}"
         elif len(samples[name]) < 2:
@@ -458,13 +464,69 @@ def failed_jobs(sweep_dir: Path) -> tuple[list[str], list[str]]:
     return unfinished, with_result
 
 
+#: the spread of one backbone's training time over its seeds (the same work) above which the
+#: report says the timings measured the machine's load rather than the backbone
+TIMING_SPREAD = 1.5
+
+
+def timing_note(jobs: list[dict[str, Any]]) -> str | None:
+    """A warning where one backbone's seeds took very different times (a busy or shared machine:
+    two jobs of one configuration ran at 357 and 2,464 samples/s), else None."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for job in jobs:
+        groups[str(job["model"])].append(job)
+    worst = None
+    for name, group in groups.items():
+        for key in ("train_samples_per_s", "fit_s"):
+            values = [j["summary"][key] for j in group if (j["summary"].get(key) or 0) > 0]
+            if len(values) > 1 and max(values) / min(values) > (worst[0] if worst else TIMING_SPREAD):
+                worst = (max(values) / min(values), name, key, min(values), max(values))
+    if worst is None:
+        return None
+    ratio, name, key, low, high = worst
+    return (
+        f"**The timings are not a measurement of the backbones**: {name}'s seeds, the same work, differ "
+        f"by {ratio:.1f}x in `{key}` ({low:,.4g} to {high:,.4g}): the machine was busy or shared while "
+        "they ran. Time them on an otherwise idle machine, one thread per process "
+        "(`OMP_NUM_THREADS=1 python train.py -m ...`), before reading the cost columns."
+    )
+
+
+UNRECORDED = "not recorded (summaries from before 2026-11-26)"
+
+
+def hardware_line(jobs: list[dict[str, Any]]) -> str:
+    """Where the jobs' costs were measured (summary.json's ``hardware``)."""
+
+    def described(found: dict[str, Any] | None) -> str:
+        if not found:
+            return UNRECORDED
+        parts = [str(found.get("cpu")), f"{found.get('threads')} thread(s) of {found.get('cpu_cores')} cores"]
+        parts += [f"{len(found['gpus'])}x {found['gpus'][0]}"] if found.get("gpus") else []
+        return ", ".join(parts) + f" ({found.get('host')})"
+
+    seen = list(dict.fromkeys(described(j["summary"].get("hardware")) for j in jobs))
+    if seen == [UNRECORDED]:
+        return f"Hardware {UNRECORDED}."
+    if len(seen) == 1:
+        return f"Measured on {seen[0]}."
+    return (
+        "Measured on different hardware, so the costs compare machines as much as backbones: "
+        + "; ".join(seen)
+        + "."
+    )
+
+
 def memory_meaning(jobs: list[dict[str, Any]]) -> str:
     """What ``peak_memory_mb`` measures in these jobs: a GPU's peak allocated memory where they
     trained on one, else the process's peak resident memory (interpreter and libraries included,
     so backbones of very different size read alike)."""
     on_gpu = {"peak_gpu_memory_mb" in j["summary"] for j in jobs}
     gpu = "the GPU memory allocated at the peak (`peak_gpu_reserved_mb` in summary.json: what the allocator held)"
-    host = "the process's peak resident memory (the interpreter and libraries included)"
+    host = (
+        "the process's peak resident memory (the interpreter and libraries included; a multirun's "
+        "jobs share one process, so a job's peak includes what earlier jobs left allocated)"
+    )
     if on_gpu == {True}:
         return gpu
     if on_gpu == {False}:
@@ -506,9 +568,14 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
         ),
         "",
         "Costs: `fit_s` is `trainer.fit` (validation included: a translation model's decoding of "
-        "the validation set too), `wall_s` the whole job (data preparation and test too), "
-        f"`peak_memory_mb` {memory_meaning(jobs)}.",
+        "the validation set too), `wall_s` the whole job (data preparation and test too: the first job "
+        "of a data setting also prepares and caches the data the others read), `train_samples_per_s` "
+        "the training steps alone (validation and the steps up to the first optimizer step left "
+        "out), `num_params` the whole model (embeddings and heads too) and `backbone_params` the "
+        f"backbone alone (what `model.size` equalises), `peak_memory_mb` {memory_meaning(jobs)}, "
+        "in MiB. " + hardware_line(jobs),
         "",
+        *([note, ""] if (note := timing_note(jobs)) else []),
         markdown_table(rows, columns),
         "",
     ]

@@ -55,6 +55,7 @@ from seqlab.utils.resume import (
     same_command,
 )
 from seqlab.utils.run import (
+    hardware,
     hydra_choice,
     hydra_overrides,
     is_rank_zero,
@@ -375,6 +376,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             without_weight_averaging(trainer)
             trainer.test(task, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False)
             test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+            if trainer.limit_test_batches != 1.0 and not trainer.fast_dev_run:
+                log.warning(
+                    "trainer.limit_test_batches=%s: the test metrics are of part of the test set, not "
+                    "comparable with a whole test set's (summary.json: test_limited)",
+                    trainer.limit_test_batches,
+                )
 
         metrics, baseline = split_baselines(test_metrics)
         memory = stats.peak_memory()
@@ -393,6 +400,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             **({"order_seed": order_seed} if order_seed is not None else {}),
             "overrides": redact(hydra_overrides()),
             "metrics": metrics,
+            **(
+                {"test_limited": trainer.limit_test_batches}
+                if metrics and trainer.limit_test_batches != 1.0
+                else {}
+            ),
             **({"test_report": task.test_report} if getattr(task, "test_report", None) else {}),
             "baseline": baseline,
             "best": {k: v for k, v in train_metrics.items() if k.endswith("_best")},
@@ -411,6 +423,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "global_step": trainer.global_step,
             "git": git,
             "versions": versions(),
+            "hardware": hardware(),
         }
         if trainer.is_global_zero:
             write_summary(run_dir, summary)

@@ -96,6 +96,30 @@ def git_info(root: Path) -> tuple[dict[str, Any], str]:
     return {"commit": commit, "branch": branch, "dirty": bool(status.strip()), "status": status}, diff
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def hardware() -> dict[str, Any]:
+    """What a run's timings were measured on: the CPU model, this process's threads (intra-op, as
+    ``OMP_NUM_THREADS`` or torch set them) and the machine's cores, the GPUs, the host."""
+    import os
+
+    import torch
+
+    found: dict[str, Any] = {
+        "cpu": cpu_name(), "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(), "host": platform.node(),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        found["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return found
+
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for package in ("torch", "lightning", "hydra-core", "omegaconf", "torchmetrics", "numpy"):
