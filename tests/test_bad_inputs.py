@@ -3,6 +3,7 @@ a non-zero exit, no traceback, and nothing written into an existing good run."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -134,6 +135,29 @@ def test_more_devices_than_this_machine_has_are_refused(make_cfg, tmp_path: Path
     with pytest.raises(ConfigError, match=rf"trainer\.devices={too_many} but this machine has \d+ CPU cores"):
         train(make_cfg("trainer=ddp", f"trainer.devices={too_many}", "trainer.accelerator=cpu"))
     assert not (tmp_path / "run").exists(), "refused before anything was written or spawned"
+
+
+def test_an_interrupted_run_whose_model_code_changed_is_told_so(
+    make_cfg, tmp_path: Path, monkeypatch
+) -> None:
+    """resume=auto found the run's own checkpoint, with the configuration it saved, and the error
+    blamed ckpt_path (never given) and the model settings (unchanged): the code had changed."""
+    from seqlab.tasks.forecasting import ForecastingTask
+    from seqlab.train import train
+
+    train(make_cfg("trainer.max_epochs=1", "test=false"))
+    (tmp_path / "run" / "summary.json").unlink()  # as if killed before it finished
+    built = ForecastingTask.__init__  # the code now builds one token fewer: another head shape
+
+    @functools.wraps(built)  # (its signature: the settings check reads it)
+    def changed(self, *args, **kwargs):
+        built(self, *args, **{**kwargs, "padding_patch": None})
+
+    monkeypatch.setattr(ForecastingTask, "__init__", changed)
+    with pytest.raises(ConfigError, match=r"the interrupted run's '.*last.ckpt' \(resume=auto, its own configuration\) "
+                       r"holds weights of another shape than the model this code builds: .*The model's code "
+                       r"changed since it was saved: .* or start afresh with resume=never"):  # fmt: skip
+        train(make_cfg("trainer.max_epochs=1", "test=false"))
 
 
 def test_a_checkpoint_of_another_task_or_backbone_is_refused_by_name(make_cfg, tmp_path: Path) -> None:

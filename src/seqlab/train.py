@@ -320,7 +320,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         task = build_task(cfg.task, cfg.model, datamodule)
         task.check_trainable()
         if ckpt_path:
-            check_weights_fit(ckpt_path, task)
+            check_weights_fit(ckpt_path, task, resumed=own_checkpoint(ckpt_path, run_dir))
         num_params = task.num_parameters  # before any sharding strategy splits the parameters
         backbone_params = sum(p.numel() for p in task.backbone.parameters())
         # the data's settings, credentials redacted (a mirror's URL password): eval.py and a

@@ -170,10 +170,11 @@ def saved_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     }
 
 
-def check_weights_fit(ckpt_path: str | Path, module: torch.nn.Module) -> None:
+def check_weights_fit(ckpt_path: str | Path, module: torch.nn.Module, resumed: bool = False) -> None:
     """A checkpoint to train on from must hold the weights of the model this run built: another
     width or depth (``model.d_model``, ``model.num_layers``) came out of Lightning's strict loading
-    as a 70-line traceback after the run had started."""
+    as a 70-line traceback after the run had started. ``resumed``: the checkpoint is the run's own,
+    found by resume=auto with the configuration it saved, so the model's code changed since."""
     saved = saved_shapes(Path(ckpt_path))
     if not saved:
         return
@@ -191,10 +192,18 @@ def check_weights_fit(ckpt_path: str | Path, module: torch.nn.Module) -> None:
             for names, what in ((missing, "not in the checkpoint"), (unexpected, "not in this model"))
             if names
         )
+        found = "; ".join(part for part in (shown, counts) if part)
+        if resumed:
+            raise ConfigError(
+                f"the interrupted run's {str(ckpt_path)!r} (resume=auto, its own configuration) holds "
+                f"weights of another shape than the model this code builds: {found}. The model's code "
+                "changed since it was saved: run the code it trained with to resume it, or start "
+                "afresh with resume=never (a new directory)"
+            )
         raise ConfigError(
             f"ckpt_path={str(ckpt_path)!r} holds weights of another shape than this run's model: "
-            f"{'; '.join(part for part in (shown, counts) if part)}. Give the model settings it was "
-            "trained with (model.d_model, model.num_layers, model.size...: its run's config.yaml)"
+            f"{found}. Give the model settings it was trained with (model.d_model, model.num_layers, "
+            "model.size...: its run's config.yaml)"
         )
 
 
