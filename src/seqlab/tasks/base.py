@@ -75,7 +75,7 @@ def sized(config: dict[str, Any], size: str) -> dict[str, Any]:
 _BACKBONE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "d_model": (lambda v: v >= 1, "a width >= 1"),
     "num_layers": (lambda v: v >= 1, "at least 1 layer"),
-    "num_decoder_layers": (lambda v: v is None or v >= 1, "at least 1 layer, or null (num_layers)"),
+    "num_decoder_layers": (lambda v: v >= 1, "at least 1 layer, or null (num_layers)"),
     "dim_feedforward": (lambda v: v >= 1, "a width >= 1"),
     "nhead": (lambda v: v >= 1, "at least 1 head"),
     "expansion": (lambda v: v > 0, "a width factor > 0"),
@@ -84,24 +84,21 @@ _BACKBONE_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def check_range(key: str, value: Any, valid: Callable[[Any], bool], expected: str) -> None:
-    """ConfigError naming ``key`` unless ``value`` is a number that ``valid`` accepts, or None
-    where ``valid`` takes None (a backbone's optional setting: null derives it)."""
+    """ConfigError naming ``key`` unless ``value`` is a number that ``valid`` accepts; None is the
+    backbone's to read (an optional setting: null derives it)."""
     if value is None:
-        try:
-            accepted = valid(None)
-        except TypeError:  # a range of numbers: null is the backbone's to read
-            return
-        if accepted:
-            return
-        raise ConfigError(f"{key}=None: expected {expected}")
+        return
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if not number or not valid(value):
         raise ConfigError(f"{key}={value!r}: expected {expected}")
 
 
 def check_probability(key: str, value: Any) -> None:
-    """A dropout-like rate: ConfigError naming ``key`` outside [0, 1]."""
-    check_range(key, value, lambda v: v is not None and 0 <= v <= 1, "a probability in [0, 1]")
+    """A dropout-like rate: ConfigError naming ``key`` outside [0, 1] (or null)."""
+    expected = "a probability in [0, 1]"
+    if value is None:
+        raise ConfigError(f"{key}=None: expected {expected}")
+    check_range(key, value, lambda v: 0 <= v <= 1, expected)
 
 
 def mean_loss() -> MeanMetric:
