@@ -27,7 +27,14 @@ from seqlab.callbacks import DivergenceGuard, ExactResume, RunStats, SaveOnSigte
 from seqlab.callbacks.run_stats import start_job
 from seqlab.errors import ConfigError, SeqlabError, instantiate
 from seqlab.utils import hooks
-from seqlab.utils.checkpoint_io import AtomicCheckpointIO, check_same_tokenizer, check_weights_fit
+from seqlab.utils.checkpoint_io import (
+    AtomicCheckpointIO,
+    check_init_from,
+    check_same_tokenizer,
+    check_weights_fit,
+    init_patterns,
+    load_initial_weights,
+)
 from seqlab.utils.csv_logger import CSVLogger
 from seqlab.utils.distributed import (
     STOPPED_BY_SIGTERM,
@@ -161,17 +168,21 @@ def build_datamodule(
     artifacts: dict[str, Any] | None = None,
     prepare: bool = True,
     check_trainable: bool = False,
+    tokenizers: dict[str, Any] | None = None,
 ) -> L.LightningDataModule:
     """Instantiate and prepare the data; ``artifacts`` (a checkpoint's tokenizer...) are reused, not
     rebuilt. ``prepare=False``: no data files are read or written (what needs only the artifacts).
     ``check_trainable``: the datamodule's own refusals for a new training run, before any file
-    is read (and on every process)."""
+    is read (and on every process). ``tokenizers``: a checkpoint's artifacts whose tokenizers alone
+    are reused (``init_from``), the rest built from the data."""
     check_settings(data_cfg, "data")
     datamodule = instantiate(data_cfg, _convert_="all")
     if check_trainable and hasattr(datamodule, "check_trainable"):
         datamodule.check_trainable()
     if artifacts and hasattr(datamodule, "use_artifacts"):
         datamodule.use_artifacts(artifacts)
+    elif tokenizers and hasattr(datamodule, "use_tokenizers"):
+        datamodule.use_tokenizers(tokenizers)
     if prepare:
         datamodule.prepare_data()  # every process: downloads are atomic, and no process group exists yet
     return datamodule
@@ -274,6 +285,33 @@ def split_baselines(metrics: dict[str, float]) -> tuple[dict[str, float], dict[s
     return model, baseline
 
 
+def start_from_weights(
+    task: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    path: Path,
+    info: dict[str, Any],
+    exclude: list[str],
+) -> None:
+    """``init_from``: the task starts from the weights of the checkpoint ``path`` (``info``: its run
+    information), those matching ``exclude`` left at their initialisation; a classifier's classes
+    that differ from the checkpoint's are named (its head's rows are taken by position)."""
+    kept = load_initial_weights(path, task, exclude)
+    shown = ", ".join(kept[:4]) + (", ..." if len(kept) > 4 else "")
+    log.info(
+        "init_from=%s: %s", path,
+        f"weights taken from it, {len(kept)} left at their initialisation ({shown})" if kept
+        else "every weight taken from it",
+    )  # fmt: skip
+    before = (info.get("data_artifacts") or {}).get("classes")
+    now = datamodule.artifacts().get("classes") if before and hasattr(datamodule, "artifacts") else None
+    if before and now and before != now and not any(name.startswith("head.") for name in kept):
+        log.warning(
+            "init_from=%s was trained on the classes %s, this data has %s: its head's rows are "
+            "taken by position (class %r starts as its %r); init_exclude=[head.*] starts the head afresh",
+            path, before, now, now[0], before[0],
+        )  # fmt: skip
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train and test one configuration; returns (metrics, objects)."""
     start = time.perf_counter()
@@ -293,8 +331,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     else:  # not an earlier job's seed, which the strategies (and the processes they start) re-seed from
         for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
             os.environ.pop(key, None)
+    if cfg.get("init_from") and cfg.get("ckpt_path"):
+        raise ConfigError(
+            f"init_from={cfg.init_from!r} and ckpt_path={cfg.ckpt_path!r}: ckpt_path trains on from a "
+            "checkpoint (its weights, optimizer, schedule and epoch), init_from starts a new run from "
+            "a checkpoint's weights alone; give one"
+        )
+    exclude = init_patterns(cfg.get("init_exclude"))
+    if exclude and not cfg.get("init_from"):
+        raise ConfigError(f"init_exclude={exclude}: without init_from there are no weights to leave out")
     ckpt_path = resume_checkpoint(cfg, run_dir)  # refuses a directory it must not write into
     saved = check_checkpoint_fits(ckpt_path, cfg) if ckpt_path else None
+    init = None
+    if cfg.get("init_from") and ckpt_path:  # its own interrupted run, resumed
+        log.info(
+            "init_from=%s: its weights started this run, which resumes from %s", cfg.init_from, ckpt_path
+        )
+    elif cfg.get("init_from"):
+        init = check_init_from(cfg)
     # a resumed run encodes with the checkpoint's tokenizers: trained again (its cache entry
     # gone, or keyed anew by a data file's new modification time) they may number the tokens
     # otherwise, under the trained embeddings (WordPiece and Unigram training is not deterministic)
@@ -315,12 +369,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         git = write_run_metadata(cfg, run_dir) if is_rank_zero() else {}
 
         log.info("data <%s>", cfg.data._target_)
-        datamodule = build_datamodule(cfg.data, (saved or {}).get("data_artifacts"), check_trainable=True)
+        datamodule = build_datamodule(
+            cfg.data,
+            (saved or {}).get("data_artifacts"),
+            check_trainable=True,
+            tokenizers=init[1].get("data_artifacts") if init else None,
+        )
         log.info("task <%s>, backbone <%s>", cfg.task._target_, cfg.model._target_)
         task = build_task(cfg.task, cfg.model, datamodule)
         task.check_trainable()
         if ckpt_path:
             check_weights_fit(ckpt_path, task, resumed=own_checkpoint(ckpt_path, run_dir))
+        if init:
+            start_from_weights(task, datamodule, *init, exclude)
         num_params = task.num_parameters  # before any sharding strategy splits the parameters
         backbone_params = sum(p.numel() for p in task.backbone.parameters())
         # the data's settings, credentials redacted (a mirror's URL password): eval.py and a
@@ -367,10 +428,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             if ckpt is None:
                 # a warning unless the run saves none by design (debug=fdr, debug=overfit)
                 saves = trainer.checkpoint_callback is not None and not trainer.fast_dev_run
-                (log.warning if saves or not cfg.get("train") else log.info)(
+                (log.warning if saves or not (cfg.get("train") or init) else log.info)(
                     "no best checkpoint was saved; testing the current weights"
                     if cfg.get("train")
                     else "train=false without ckpt_path: testing freshly initialised weights"
+                    if not init
+                    else f"train=false: testing the weights of init_from={cfg.init_from}"
                 )
             log.info("testing %s", ckpt or "the current weights")
             without_weight_averaging(trainer)

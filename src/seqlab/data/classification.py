@@ -379,7 +379,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
         """The classes in class-id order: a checkpoint's, ``data.classes``, or the labels of the
         train file, val/test carved out of it included (a rare class whose every example was held
         out is still a class, with a warning; it was refused as not found in train)."""
-        if self.fixed is not None:
+        if self.fixed is not None and "classes" in self.fixed:
             return list(self.fixed["classes"])
         if self.classes is not None:
             return self.classes
@@ -490,7 +490,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
         """Display names of the classes, in class-id order: ``data.label_names`` (display only, not
         part of the cache key), a checkpoint's, or the labels themselves."""
         classes = self.load_meta()["classes"]
-        if self.fixed is not None:
+        if self.fixed is not None and "class_names" in self.fixed:
             return list(self.fixed["class_names"])
         names = self.hparams.label_names
         if names is None:
@@ -512,11 +512,18 @@ class TextClassificationDataModule(BatchedTextDataModule):
         self.datasets = {}
         self._processed_dir = None  # another cache entry, or the config's where it holds these
 
+    def use_tokenizers(self, artifacts: dict[str, Any]) -> None:
+        """Encode with a checkpoint's tokenizer alone (``init_from``); the classes, and the held-out
+        splits, are this data's own."""
+        self.use_artifacts(artifacts)
+        self.fixed = {"tokenizer": self.fixed["tokenizer"], "holdout_shares": "of_all"}
+
     def holds_fixed(self, entry: Path) -> bool:
         fixed = self.fixed
+        saved = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
         return (
             fixed["holdout_shares"] == "of_all"  # how this cache version carves
-            and json.loads((entry / "meta.json").read_text(encoding="utf-8"))["classes"] == fixed["classes"]
+            and saved["classes"] == fixed.get("classes", saved["classes"])
             and (entry / "tokenizer.json").read_text(encoding="utf-8") == fixed["tokenizer"]
         )
 

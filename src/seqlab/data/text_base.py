@@ -209,6 +209,15 @@ class BatchedTextDataModule(OrderSeed, L.LightningDataModule):
         """Whether the cache entry ``entry`` holds the tokenizers (and classes) in ``self.fixed``."""
         raise NotImplementedError
 
+    def use_artifacts(self, artifacts: dict[str, Any]) -> None:
+        """Encode as a checkpoint's model was trained (its ``artifacts()``: a resumed run, eval.py)."""
+        raise NotImplementedError
+
+    def use_tokenizers(self, artifacts: dict[str, Any]) -> None:
+        """Encode with a checkpoint's tokenizers alone (``init_from``: its embeddings are of their
+        tokens), everything else this data's own; a translation model's artifacts are its tokenizers."""
+        self.use_artifacts(artifacts)
+
     # ------------------------------------------------------------------ loading
     def load_meta(self) -> dict[str, Any]:
         if self.meta is None:

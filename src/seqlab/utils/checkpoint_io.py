@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 import urllib.parse
 from collections.abc import Callable
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +172,24 @@ def saved_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     }
 
 
+def weight_mismatch(saved: dict[str, tuple[int, ...]], built: dict[str, tuple[int, ...]]) -> str:
+    """How a checkpoint's weight shapes (``saved``) differ from a model's (``built``), in one line
+    (the first few by name); empty where every name and shape agrees."""
+    differing = [
+        f"{key}: {list(saved[key])} in the checkpoint, {list(built[key])} here"
+        for key in sorted(saved.keys() & built.keys())
+        if saved[key] != built[key]
+    ]
+    missing, unexpected = sorted(built.keys() - saved.keys()), sorted(saved.keys() - built.keys())
+    shown = "; ".join(differing[:3]) + (f" (and {len(differing) - 3} more)" if len(differing) > 3 else "")
+    counts = ", ".join(
+        f"{len(names)} {what} (first {names[0]})"
+        for names, what in ((missing, "not in the checkpoint"), (unexpected, "not in this model"))
+        if names
+    )
+    return "; ".join(part for part in (shown, counts) if part)
+
+
 def check_weights_fit(ckpt_path: str | Path, module: torch.nn.Module, resumed: bool = False) -> None:
     """A checkpoint to train on from must hold the weights of the model this run built: another
     width or depth (``model.d_model``, ``model.num_layers``) came out of Lightning's strict loading
@@ -178,21 +198,8 @@ def check_weights_fit(ckpt_path: str | Path, module: torch.nn.Module, resumed: b
     saved = saved_shapes(Path(ckpt_path))
     if not saved:
         return
-    built = {key: tuple(value.shape) for key, value in module.state_dict().items()}
-    differing = [
-        f"{key}: {list(saved[key])} in the checkpoint, {list(built[key])} here"
-        for key in sorted(saved.keys() & built.keys())
-        if saved[key] != built[key]
-    ]
-    missing, unexpected = sorted(built.keys() - saved.keys()), sorted(saved.keys() - built.keys())
-    if differing or missing or unexpected:
-        shown = "; ".join(differing[:3]) + (f" (and {len(differing) - 3} more)" if len(differing) > 3 else "")
-        counts = ", ".join(
-            f"{len(names)} {what} (first {names[0]})"
-            for names, what in ((missing, "not in the checkpoint"), (unexpected, "not in this model"))
-            if names
-        )
-        found = "; ".join(part for part in (shown, counts) if part)
+    found = weight_mismatch(saved, {key: tuple(value.shape) for key, value in module.state_dict().items()})
+    if found:
         if resumed:
             raise ConfigError(
                 f"the interrupted run's {str(ckpt_path)!r} (resume=auto, its own configuration) holds "
@@ -205,6 +212,96 @@ def check_weights_fit(ckpt_path: str | Path, module: torch.nn.Module, resumed: b
             f"{found}. Give the model settings it was trained with (model.d_model, model.num_layers, "
             "model.size...: its run's config.yaml)"
         )
+
+
+def check_same_model(info: dict[str, Any], cfg: Any, given: str, remedy: str) -> None:
+    """A checkpoint (``info``: ``load_run_info``) that ``given`` (``ckpt_path=...``) names must hold
+    the task and backbone this run (``cfg``) trains: anything else is refused by name, before any
+    weight is loaded."""
+    saved = (info["task_target"].rsplit(".", 1)[-1], str(info.get("backbone_target")).rsplit(".", 1)[-1])
+    wanted = (cfg.task._target_.rsplit(".", 1)[-1], cfg.model._target_.rsplit(".", 1)[-1])
+    if saved != wanted:
+        raise ConfigError(
+            f"{given} holds a {saved[0]} with a {saved[1]} backbone, but this run trains a {wanted[0]} "
+            f"with a {wanted[1]} backbone (data=/model= choose them); {remedy}"
+        )
+
+
+def check_init_from(cfg: Any) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint ``init_from`` names, resolved, and its run information (``load_run_info``):
+    refused by name before anything is written where it is not a seqlab checkpoint, holds another
+    task or backbone, or was trained with a tokenizer this run's ``data.tokenizer`` settings
+    contradict (the run encodes with the checkpoint's: its embeddings are of those tokens)."""
+    path = Path(str(cfg.init_from)).expanduser().resolve()
+    info = load_run_info(path, "init_from")
+    given = f"init_from={str(cfg.init_from)!r}"
+    check_same_model(info, cfg, given, "fine-tuning starts from weights of the task and backbone it trains")
+    check_same_tokenizer(
+        info, cfg.data, f"{given} is fine-tuned with it (its embeddings are of its tokens): give the "
+        "settings it was trained with, or leave init_from unset for a tokenizer of this data's own",
+    )  # fmt: skip
+    return path, info
+
+
+def init_patterns(value: Any) -> list[str]:
+    """``init_exclude`` as a list of fnmatch patterns (one pattern may be given as a string)."""
+    patterns = [value] if isinstance(value, str) else list(value or [])
+    wrong = [pattern for pattern in patterns if not isinstance(pattern, str) or not pattern]
+    if wrong:
+        raise ConfigError(
+            f"init_exclude: {wrong[0]!r} is not a pattern; expected weight names' fnmatch patterns, "
+            "init_exclude=[head.*] or init_exclude='[head.*,*.bias]'"
+        )
+    return patterns
+
+
+def load_initial_weights(path: Path, module: torch.nn.Module, exclude: list[str]) -> list[str]:
+    """A fine-tuning run's start (``init_from``): the weights of the checkpoint ``path`` (a file, or
+    a sharded directory of any strategy) loaded into ``module``, all but those whose names match a
+    pattern of ``exclude`` (``init_exclude``, fnmatch patterns: ``head.*``), which keep their fresh
+    initialisation. Nothing else is taken: the optimizer, its schedule, the epoch and step counts
+    and the RNG start afresh (fairseq's ``--restore-file`` with ``--reset-optimizer
+    --reset-lr-scheduler --reset-meters --reset-dataloader``; NeMo's ``init_from_*``). A weight of
+    another shape, one the checkpoint lacks or holds besides, and a pattern that matches no weight
+    are refused by name. Returns the names left at their initialisation."""
+    built = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    unused = [pattern for pattern in exclude if not any(fnmatchcase(key, pattern) for key in built)]
+    if unused:
+        roots = sorted({key.split(".", 1)[0] for key in built})
+        raise ConfigError(
+            f"init_exclude: {unused[0]!r} matches no weight of this model, whose weights are named "
+            f"{', '.join(f'{root}.*' for root in roots)} (fnmatch patterns of the state_dict's names: "
+            "'head.*', '*.bias')"
+        )
+    kept = sorted(key for key in built if any(fnmatchcase(key, pattern) for pattern in exclude))
+    with tempfile.TemporaryDirectory(prefix="seqlab-init-") as tmp:
+        file = consolidate_checkpoint(path, Path(tmp) / "init.ckpt")  # a sharded directory gathered
+        checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        weights = {key: value for key, value in checkpoint["state_dict"].items() if key not in kept}
+        found = weight_mismatch(
+            {key: tuple(value.shape) for key, value in weights.items()},
+            {key: shape for key, shape in built.items() if key not in kept},
+        )
+        if found:
+            other = sorted(
+                {
+                    key.rsplit(".", 1)[0] + ".*"
+                    for key in weights.keys() & built.keys()
+                    if weights[key].shape != built[key]
+                }
+            )
+            hint = (
+                f"Weights of another shape (a new number of classes, another horizon) start afresh where "
+                f"init_exclude names them (init_exclude=[{','.join(other)}]). "
+                if other
+                else ""
+            )
+            raise ConfigError(
+                f"init_from={str(path)!r} holds weights that do not fit this run's model: {found}. {hint}"
+                "The other model settings must be those it was trained with (its run's config.yaml)"
+            )
+        module.load_state_dict(weights, strict=False)
+    return kept
 
 
 def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
@@ -309,16 +406,17 @@ def optimizer_param_names(module: torch.nn.Module, optimizer: torch.optim.Optimi
     return [[name_of[id(param)] for param in group["params"]] for group in optimizer.param_groups]
 
 
-def metadata_file(ckpt_path: Path) -> Path:
+def metadata_file(ckpt_path: Path, key: str = "ckpt_path") -> Path:
     """The file of a checkpoint that holds its metadata (the ``seqlab`` section, the hyper-parameters):
     a checkpoint file itself; a sharded FSDP/FSDP2 directory's ``meta.pt``; a DeepSpeed
     directory's model-states file of its latest tag, where DeepSpeed keeps Lightning's
-    checkpoint entries (ZeRO-3: ``zero_pp_rank_0_mp_rank_00_model_states.pt``)."""
+    checkpoint entries (ZeRO-3: ``zero_pp_rank_0_mp_rank_00_model_states.pt``). ``key``: the
+    setting that named it, in the errors."""
     from lightning.fabric.utilities.load import _METADATA_FILENAME
 
     if not ckpt_path.is_dir():
         if not ckpt_path.is_file():
-            raise ConfigError(f"ckpt_path={str(ckpt_path)!r}: no such file")
+            raise ConfigError(f"{key}={str(ckpt_path)!r}: no such file")
         return ckpt_path
     if is_deepspeed_checkpoint(ckpt_path):
         latest = ckpt_path / "latest"
@@ -328,11 +426,11 @@ def metadata_file(ckpt_path: Path) -> Path:
             if (ckpt_path / tag / name).is_file():
                 return ckpt_path / tag / name
         raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r}: DeepSpeed checkpoint without {tag}/mp_rank_00_model_states.pt"
+            f"{key}={str(ckpt_path)!r}: DeepSpeed checkpoint without {tag}/mp_rank_00_model_states.pt"
         )
     if not (ckpt_path / _METADATA_FILENAME).is_file():
         raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r} is a directory but not a sharded checkpoint (no {_METADATA_FILENAME})"
+            f"{key}={str(ckpt_path)!r} is a directory but not a sharded checkpoint (no {_METADATA_FILENAME})"
         )
     return ckpt_path / _METADATA_FILENAME
 
@@ -381,17 +479,17 @@ def load_error_gist(err: BaseException) -> str:
     return refused[1] if refused else re.split(r"\.\s|\n", text, maxsplit=1)[0]
 
 
-def load_run_info(ckpt_path: Path) -> dict[str, Any]:
+def load_run_info(ckpt_path: Path, key: str = "ckpt_path") -> dict[str, Any]:
     """The ``seqlab`` section every seqlab checkpoint carries (task class, data config, the
     tokenizers), with the backbone's class as ``backbone_target``; from a checkpoint file, or from
     the file of a checkpoint directory that holds it (``metadata_file``); a clear ConfigError for
     a missing, corrupt or foreign file."""
-    source = metadata_file(ckpt_path)
+    source = metadata_file(ckpt_path, key)
     try:
         checkpoint = torch.load(source, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:  # unpickling errors come in many types
         raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r} is not a readable checkpoint ({type(err).__name__}: "
+            f"{key}={str(ckpt_path)!r} is not a readable checkpoint ({type(err).__name__}: "
             f"{load_error_gist(err)}): the file "
             "is truncated or corrupt, was not written by torch.save, or holds objects that cannot be "
             "loaded safely (seqlab loads checkpoints with weights_only=True)"
@@ -399,7 +497,7 @@ def load_run_info(ckpt_path: Path) -> dict[str, Any]:
     info = checkpoint.get("seqlab") if isinstance(checkpoint, dict) else None
     if not info or "task_target" not in info or "data" not in info:
         raise ConfigError(
-            f"ckpt_path={str(ckpt_path)!r} was not written by seqlab's train.py (no 'seqlab' section)"
+            f"{key}={str(ckpt_path)!r} was not written by seqlab's train.py (no 'seqlab' section)"
         )
     backbone = (checkpoint.get("hyper_parameters") or {}).get("backbone") or {}
     return {**info, "backbone_target": backbone.get("_target_")}

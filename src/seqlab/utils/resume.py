@@ -356,7 +356,7 @@ RESUME_SAME = {
 
 #: keys added to the configs after runs were saved with them absent, with the value that trains as
 #: those runs did: an interrupted run resumes, a finished sweep job is kept, as before the key came
-RESUME_ADDED = {"task.padding_patch": "end"}
+RESUME_ADDED = {"task.padding_patch": "end", "init_from": None, "init_exclude": []}
 
 
 def config_differences(
@@ -526,7 +526,13 @@ def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | N
     checkpoint's run information (``load_run_info``: its tokenizers, which the resumed run encodes
     with); None for a DeepSpeed directory whose model-states file does not load safely (its
     strategy reads it, unchecked here)."""
-    from seqlab.utils.checkpoint_io import deepspeed_only, is_deepspeed_checkpoint, load_run_info, sharded_by
+    from seqlab.utils.checkpoint_io import (
+        check_same_model,
+        deepspeed_only,
+        is_deepspeed_checkpoint,
+        load_run_info,
+        sharded_by,
+    )
     from seqlab.utils.distributed import strategy_kind
 
     path = Path(ckpt_path)
@@ -560,12 +566,7 @@ def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | N
             "%s; resuming without checking it, and the data's tokenizer is rebuilt from the data", error
         )
         return None
-    saved = (info["task_target"].rsplit(".", 1)[-1], str(info.get("backbone_target")).rsplit(".", 1)[-1])
-    wanted = (cfg.task._target_.rsplit(".", 1)[-1], cfg.model._target_.rsplit(".", 1)[-1])
-    if saved != wanted:
-        raise ConfigError(
-            f"ckpt_path={ckpt_path!r} holds a {saved[0]} with a {saved[1]} backbone, but this run trains a "
-            f"{wanted[0]} with a {wanted[1]} backbone (data=/model= choose them); resume with the "
-            "configuration the checkpoint was trained with"
-        )
+    check_same_model(
+        info, cfg, f"ckpt_path={ckpt_path!r}", "resume with the configuration the checkpoint was trained with"
+    )
     return info
