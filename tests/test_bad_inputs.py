@@ -296,6 +296,59 @@ def test_backbone_and_task_sizes_out_of_range_are_named(make_cfg, override: str,
         train(make_cfg(*override.split()))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("task.optimizer.lr=[0.001,0.01]", r"task.optimizer.lr=\[0.001, 0.01\]: expected a finite number >= 0"),
+        ("task.optimizer.lr=abc", r"task.optimizer.lr='abc': expected a finite number >= 0"),
+        ("task.optimizer.lr=-1e-3", r"task.optimizer.lr=-0.001: expected a finite number >= 0"),
+        ("task.optimizer.weight_decay=[0.1]", r"task.optimizer.weight_decay=\[0.1\]: expected a number"),
+        ("+task.optimizer.betas=[0.9]", r"task.optimizer.betas=\[0.9\]: expected a list of 2"),
+        ("+task.optimizer.betas=[0.9,1.5]", r"task.optimizer.betas\[1\]=1.5: expected a number in \[0, 1\)"),
+        ("+task.optimizer.momentum=0.9", r"task.optimizer.momentum: not a setting of AdamW"),
+        ("data.batch_size=0", r"data.batch_size=0: expected a positive integer"),
+        ("data=sentiment_synthetic data.batch_size=-4", r"data.batch_size=-4: expected a positive integer"),
+        ("data=translation_synthetic data.batch_size=0", r"data.batch_size=0: expected a positive integer"),
+        ("data=translation_synthetic task.max_len_b=-20", r"task.max_len_b=-20: expected an integer >= 1"),
+        ("data=translation_synthetic task.max_len_a=-1", r"task.max_len_a=-1: expected a number >= 0"),
+        ("data=translation_synthetic task.sample_translations=-1", r"task.sample_translations=-1: expected a row"),
+        ("data=sentiment_synthetic task.misclassified_samples=-1", r"task.misclassified_samples=-1: expected a row"),
+        ("data=sentiment_synthetic data.tokenizer.min_frequency=-1", r"min_frequency=-1: expected a count >= 0"),
+    ],
+)  # fmt: skip
+def test_optimizer_data_and_decoding_settings_out_of_range_are_named_before_the_run(
+    make_cfg, tmp_path: Path, override: str, message: str
+) -> None:
+    """torch's own checks failed at the first step (``'<=' not supported between 'float' and
+    'list'``) or inside the fused kernel; a batch size of 0 divided by zero in the sampler; negative
+    decoding limits made every hypothesis empty (BLEU 0, exit 0); the tokenizer trainer's
+    ``can't convert negative int to unsigned`` named no key."""
+    from seqlab.train import train
+
+    with pytest.raises(ConfigError, match=message):
+        text = "data=" in override  # (FAST is forecasting's)
+        train(
+            make_cfg(
+                *override.split(), f"data.cache_dir={tmp_path / 'cache'}" if text else "seed=1", fast=not text
+            )
+        )
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_fractional_holdout_of_one_or_more_is_refused() -> None:
+    """``data.val_size=1.5`` held out one example (``int(1.5)``), as did ``1.0`` meant as 100%."""
+    from seqlab.data.classification import SyntheticSentimentDataModule, TextClassificationDataModule
+
+    with pytest.raises(
+        ConfigError, match=r"data.val_size=1.5: expected a share .* \(0 < x < 1\) or a number"
+    ):
+        TextClassificationDataModule(data_dir="/nowhere", val_size=1.5)
+    with pytest.raises(ConfigError, match=r"data.test_size=2.5"):
+        TextClassificationDataModule(data_dir="/nowhere", test_size=2.5)
+    TextClassificationDataModule(data_dir="/nowhere", val_size=2.0)  # a whole number: a count
+    assert SyntheticSentimentDataModule  # (its holdouts are generated: not carved)
+
+
 def test_a_value_the_config_leaves_to_be_given_is_named_before_anything_is_written(
     make_cfg, tmp_path: Path
 ) -> None:

@@ -665,3 +665,20 @@ def test_failed_and_killed_jobs_are_reported_with_credentials_redacted(tmp_path:
         in report
     )
     assert f"- job 2 ({FAILED_AFTER_SUMMARY}, `model=gru`): ConfigError: optimized_metric=" in report
+
+
+def test_a_seed_run_twice_counts_once(tmp_path: Path) -> None:
+    """A job of the same backbone and seed again (a sweep run again with ``tags=`` added, or an
+    old grid's job kept beside the new one) was averaged as another seed: gru's 3 seeds from
+    {0, 1, 1} and a noise estimate narrowed by the copy."""
+    sweep = fake_sweep(tmp_path, {"lstm": [0.84, 0.85, 0.86], "gru": [0.80, 0.70]})
+    again = tmp_path / "5"
+    again.mkdir()
+    summary = json.loads((tmp_path / "4" / "summary.json").read_text())  # gru, seed 1
+    write_summary(again, {**summary, "overrides": ["model=gru", "seed=1", "tags=[again]"]})
+    rows, _ = aggregate(read_jobs(sweep), "classification")
+    by_name = {row["backbone"]: row for row in rows}
+    assert by_name["gru"]["seeds"] == 2
+    assert by_name["gru"]["acc"] == pytest.approx(0.75)
+    report = compare(sweep).read_text()
+    assert "Seeds run more than once, counted once (the first job's result): gru seed=1: 4 (kept), 5." in report

@@ -137,6 +137,9 @@ def test_a_sweep_run_again_resumes_its_failed_job_and_keeps_its_finished_ones(tm
     ]  # fmt: skip
     first = run_script(*command)
     assert first.returncode != 0  # job 0 failed at step 20, job 1 finished
+    said = first.stdout + first.stderr  # the table, and how to go on (Hydra skips on_multirun_end)
+    assert f"sweep summary: {sweep / 'sweep_summary.md'}" in said
+    assert f"the same command with hydra.sweep.dir={sweep} runs its unfinished jobs again" in said
     assert "injected failure" in (sweep / "0" / "error.txt").read_text()
     finished = {name: (sweep / "1" / name).read_bytes() for name in ("summary.json", "metrics.csv")}
     again = run_script(*command)
@@ -150,6 +153,49 @@ def test_a_sweep_run_again_resumes_its_failed_job_and_keeps_its_finished_ones(tm
         rows = list(csv.DictReader(f))
     assert [(row["job"], row["status"]) for row in rows] == [("0", "ok"), ("1", "ok")]
     assert all(float(row["mse"]) > 0 for row in rows)  # the kept job's results are in the table
+
+
+@pytest.mark.slow
+def test_a_sweep_run_again_with_another_grid_keeps_each_job_in_its_own_directory(tmp_path: Path) -> None:
+    """Hydra numbers a sweep's jobs by their place in the grid: run again with a seed added in
+    front, every job fell on another's directory, refused there as its finished run (and its
+    ``.hydra`` rewritten), the new seed never trained. Each job now takes the directory of its
+    overrides, and a new one the next free number."""
+    sweep = tmp_path / "sweep"
+    common = [*FAST, "trainer.max_epochs=1", "model=rnn", "test=false", f"hydra.sweep.dir={sweep}"]
+    first = run_script("train.py", "-m", "seed=1,2", *common)
+    assert first.returncode == 0, why_failed(first)
+    finished = {job: (sweep / job / "summary.json").read_bytes() for job in ("0", "1")}
+    again = run_script("train.py", "-m", "seed=0,1,2", *common)
+    assert again.returncode == 0, why_failed(again)
+    assert {job: (sweep / job / "summary.json").read_bytes() for job in finished} == finished
+    seeds = {job: OmegaConf.load(sweep / job / "config.yaml").seed for job in ("0", "1", "2")}
+    assert seeds == {"0": 1, "1": 2, "2": 0}
+    for job, seed in seeds.items():  # Hydra's record of each directory's job is its own
+        assert f"seed={seed}" in OmegaConf.load(sweep / job / ".hydra" / "overrides.yaml")
+    with open(sweep / "sweep_summary.csv", newline="") as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["ok", "ok", "ok"]
+
+
+def test_a_sweep_job_takes_the_directory_of_its_overrides_or_a_free_one(tmp_path: Path) -> None:
+    from seqlab.utils import resolvers
+    from seqlab.utils.resolvers import sweep_subdir
+
+    for job, seed in (("0", 1), ("1", 2), ("3", 9)):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "overrides.yaml").write_text(f"- seed={seed}\n- logger=csv\n")
+    (tmp_path / "2" / ".hydra").mkdir(parents=True)  # a job that failed before it was accepted
+    (tmp_path / "2" / ".hydra" / "overrides.yaml").write_text("- seed=5\n")
+    resolvers._SWEEP_SUBDIRS.clear()
+    assert sweep_subdir(0, tmp_path, ["seed=1", "logger=wandb"]) == "0"  # its own (a logger changes no run)
+    assert sweep_subdir(1, tmp_path, ["seed=1"]) == "0"  # the directory of its overrides
+    assert sweep_subdir(0, tmp_path, ["seed=5"]) == "2"
+    assert sweep_subdir(2, tmp_path, ["seed=7"]) == "4"  # the next number free, taken
+    assert sweep_subdir(4, tmp_path, ["seed=8"]) == "5"  # its own was taken just before
+    assert sweep_subdir(2, tmp_path, ["seed=7"]) == "4"  # resolved again in the process: the same
+    resolvers._SWEEP_SUBDIRS.clear()  # in another process (a sweeper, then the launcher's worker)
+    assert sweep_subdir(2, tmp_path, ["seed=7"]) == "4"
+    assert sweep_subdir(6, tmp_path / "new", ["seed=1"]) == "6"
 
 
 @pytest.mark.slow

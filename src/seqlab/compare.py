@@ -123,7 +123,45 @@ def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
             f"{sweep_dir}: jobs of different tasks {sorted(map(str, tasks))} cannot be compared"
         )
     label_settings(jobs)
-    return jobs
+    return without_repeated_seeds(jobs)
+
+
+def without_repeated_seeds(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One job per seed of a contender (``model``, after ``label_settings``): a later job of the
+    same seed is the same experiment run again (its overrides differ in what changes no run:
+    ``tags=``, ``logger=``), and averaged as another seed it narrowed the noise the verdicts rest
+    on. It is left out, named in the first job's ``repeats`` (the report lists them); unseeded jobs
+    (``seed=null``) are each their own draw."""
+    first: dict[tuple[str, Any], dict[str, Any]] = {}
+    kept = []
+    for job in jobs:
+        seed = job["summary"].get("seed")
+        earlier = first.get((str(job["model"]), seed)) if seed is not None else None
+        if earlier is None:
+            first[(str(job["model"]), seed)] = job
+            kept.append(job)
+            continue
+        earlier.setdefault("repeats", []).append(job["dir"])
+        log.warning(
+            "%s: %s with seed=%s again (as %s): a seed counts once",
+            job["dir"],
+            job["model"],
+            seed,
+            earlier["dir"],
+        )
+    return kept
+
+
+def repeats_note(jobs: list[dict[str, Any]]) -> str | None:
+    repeated = [
+        f"{job['model']} seed={job['summary'].get('seed')}: {Path(job['dir']).name} (kept), "
+        + ", ".join(Path(d).name for d in job["repeats"])
+        for job in jobs
+        if job.get("repeats")
+    ]
+    if not repeated:
+        return None
+    return "Seeds run more than once, counted once (the first job's result): " + "; ".join(repeated) + "."
 
 
 #: overrides that change the question rather than the contender: the data (the set, its files,
@@ -576,6 +614,7 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
         "in MiB. " + hardware_line(jobs),
         "",
         *([note, ""] if (note := timing_note(jobs)) else []),
+        *([repeats, ""] if (repeats := repeats_note(jobs)) else []),
         markdown_table(rows, columns),
         "",
     ]

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqlab.callbacks import DivergenceGuard, ExactResume, RunStats, SaveOnSigterm
 from seqlab.callbacks.run_stats import start_job
 from seqlab.errors import ConfigError, SeqlabError, instantiate
+from seqlab.tasks.base import check_optimizer
 from seqlab.utils import hooks
 from seqlab.utils.checkpoint_io import (
     AtomicCheckpointIO,
@@ -100,7 +101,7 @@ def check_choices(cfg: DictConfig) -> None:
     (an SST-2 download and tokenizer training came first): a ``task=`` of another kind than the
     data's examples, a ``model.*`` key the backbone does not take (an experiment's ``model.nhead``
     under ``model=gru``), a value that the annotations of the class it configures rule out
-    (``seqlab.utils.settings``), a seed that is not an integer, or a value the config leaves to
+    (``seqlab.utils.settings``), ``task.optimizer`` settings out of range, a seed that is not an integer, or a value the config leaves to
     be given (``???``: ``data=csv``'s file)."""
     missing = missing_keys(cfg)
     if missing:
@@ -127,6 +128,7 @@ def check_choices(cfg: DictConfig) -> None:
     check_settings(cfg.data, "data")
     check_settings(cfg.model, "model", skip=("size", "compile"))  # build_backbone's, not the class's
     check_settings(cfg.task, "task")
+    check_optimizer(cfg.task.get("optimizer"))
     check_settings(cfg.trainer, "trainer", skip=("strategy",))  # build_strategy's
     for group in ("callbacks", "logger"):
         for name, node in (cfg.get(group) or {}).items():

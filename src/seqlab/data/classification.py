@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from seqlab.data.readers import ensure_extracted
+from seqlab.data.samplers import check_batch_size
 from seqlab.data.text_base import (
     BatchedTextDataModule,
     FlatSequences,
@@ -235,6 +236,12 @@ class TextClassificationDataModule(BatchedTextDataModule):
             raise ConfigError(
                 f"data.label_names has {len(label_names)} names for {len(classes)} data.classes"
             )
+        for split, size in (("val", val_size), ("test", test_size)):
+            if isinstance(size, float) and size >= 1 and not size.is_integer():  # 1.5 held out 1
+                raise ConfigError(
+                    f"data.{split}_size={size}: expected a share of the training examples (0 < x < 1) "
+                    "or a number of them (an integer)"
+                )
         if holdout not in HOLDOUTS:
             raise ConfigError(f"data.holdout={holdout!r}; expected one of {list(HOLDOUTS)}")
         formats = [*sorted(set(FORMATS.values())), "aclimdb"]
@@ -245,7 +252,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
                 f"data.quoting={quoting!r}; expected one of {list(TSV_QUOTING)} (how a TSV quotes)"
             )
         self.classes = [str(c) for c in classes] if classes is not None else None
-        self.batch_size = batch_size
+        self.batch_size = check_batch_size(batch_size)
         self.seed = seed
         self.datasets: dict[str, TokenizedTexts] = {}
         self.meta: dict[str, Any] | None = None

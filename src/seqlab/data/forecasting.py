@@ -27,6 +27,7 @@ from seqlab.data.samplers import (
     GlobalBatchSampler,
     OrderSeed,
     ResumableLoader,
+    check_batch_size,
     per_replica_batch_size,
     replicas,
     shuffles,
@@ -163,8 +164,7 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
             )
         if lookback < 1 or horizon < 1:
             raise ConfigError(f"data.lookback={lookback} and data.horizon={horizon} must be positive")
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size}: expected a positive integer")
+        check_batch_size(batch_size)
         if season_length is not None and season_length < 1:
             raise ConfigError(
                 f"data.season_length={season_length}: expected a positive number of rows (the "

@@ -93,9 +93,18 @@ def shuffles(trainer) -> bool:
     return not (trainer is not None and trainer.overfit_batches)
 
 
+def check_batch_size(batch_size: Any) -> int:
+    """``data.batch_size``, refused by name unless a positive integer (0 divided by zero in the
+    sampler's length, a negative one failed inside the DataLoader)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"data.batch_size={batch_size!r}: expected a positive integer (the global batch)")
+    return batch_size
+
+
 def per_replica_batch_size(batch_size: int, trainer) -> int:
     """Each process's share of the global ``data.batch_size``."""
     world, _ = replicas(trainer)
+    check_batch_size(batch_size)
     if batch_size % world:
         raise ConfigError(
             f"data.batch_size={batch_size} is the global batch and must divide by the {world} processes of this run"

@@ -60,6 +60,11 @@ class TokenizerSpec:
             hint = f" (write {int(value)})" if isinstance(value, float) and value.is_integer() else ""
             expected = "an integer or null" if nullable else "an integer"
             raise ConfigError(f"data.tokenizer.{key}={value!r}: expected {expected}{hint}")
+        if self.min_frequency < 0:  # the Rust trainer's "can't convert negative int to unsigned"
+            raise ConfigError(
+                f"data.tokenizer.min_frequency={self.min_frequency}: expected a count >= 0 (how often a "
+                "token must occur in the training texts to enter the vocabulary)"
+            )
         if not isinstance(self.lowercase, bool):
             raise ConfigError(f"data.tokenizer.lowercase={self.lowercase!r}: expected true or false")
         if self.kind not in KINDS:

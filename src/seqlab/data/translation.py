@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from seqlab.data.readers import ensure_file
+from seqlab.data.samplers import check_batch_size
 from seqlab.data.text_base import (
     BatchedTextDataModule,
     FlatSequences,
@@ -234,7 +235,7 @@ class TranslationDataModule(BatchedTextDataModule):
         if max_length_ratio < 1:
             raise ConfigError(f"data.max_length_ratio={max_length_ratio}: expected at least 1")
         self._absolute_paths()
-        self.batch_size = batch_size
+        self.batch_size = check_batch_size(batch_size)
         self.seed = seed
         self.datasets: dict[str, ParallelDataset] = {}
         self.meta: dict[str, Any] | None = None

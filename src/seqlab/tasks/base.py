@@ -101,6 +101,33 @@ def check_probability(key: str, value: Any) -> None:
     check_range(key, value, lambda v: 0 <= v <= 1, expected)
 
 
+def check_optimizer(config: Any) -> None:
+    """``task.optimizer`` refused by name before a run starts: a key its class does not take
+    (``weight_decy``), a value its signature rules out, and the rates every torch optimizer reads
+    out of range. torch's own checks failed at the first step (``'<=' not supported between
+    'float' and 'list'`` for ``lr=[0.001,0.01]``) or inside the fused kernel (``weight_decay=[0.1]``)."""
+    from seqlab.utils.settings import check_settings, to_plain
+
+    config = to_plain(config) or {}
+    if not config.get("_target_"):
+        return
+    check_settings(config, "task.optimizer", skip=("fused",))  # (fused: auto is seqlab's to read)
+    finite = "a finite number"
+    check_range("task.optimizer.lr", config.get("lr"), lambda v: 0 <= v < math.inf, f"{finite} >= 0")
+    check_range(
+        "task.optimizer.weight_decay",
+        config.get("weight_decay"),
+        lambda v: 0 <= v < math.inf,
+        f"{finite} >= 0",
+    )
+    check_range("task.optimizer.eps", config.get("eps"), lambda v: 0 <= v < math.inf, f"{finite} >= 0")
+    betas = config.get("betas")
+    if betas is not None and not (isinstance(betas, list | tuple) and len(betas) == 2):
+        raise ConfigError(f"task.optimizer.betas={betas!r}: expected two numbers in [0, 1), [beta1, beta2]")
+    for i, beta in enumerate(betas or []):
+        check_range(f"task.optimizer.betas[{i}]", beta, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
 def mean_loss() -> MeanMetric:
     """A validation loss's mean over the epoch (weighted by examples or tokens). NaN batches
     count: torchmetrics' default drops them with a warning, and a model that overflowed on some

@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from seqlab.backbones.base import POOLINGS
 from seqlab.errors import ConfigError
-from seqlab.tasks.base import SeqTask, build_backbone, check_probability, mean_loss
+from seqlab.tasks.base import SeqTask, build_backbone, check_probability, check_range, mean_loss
 from seqlab.utils.distributed import gather_indexed
 from seqlab.utils.figures import log_figure, log_table
 
@@ -88,6 +88,7 @@ class ClassificationTask(SeqTask):
         self.save_hyperparameters(logger=False)
         for key in ("embed_dropout", "word_dropout", "head_dropout", "label_smoothing"):
             check_probability(f"task.{key}", self.hparams[key])
+        check_range("task.misclassified_samples", misclassified_samples, lambda v: v >= 0, "a row count >= 0")
         if pooling not in POOLINGS:
             raise ConfigError(f"task.pooling={pooling!r}: expected one of {list(POOLINGS)}")
         if pooling == "first" and cls_id is None:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from seqlab.data.translation import sacrebleu_metrics
 from seqlab.errors import ConfigError
-from seqlab.tasks.base import SeqTask, build_backbone, check_probability, mean_loss
+from seqlab.tasks.base import SeqTask, build_backbone, check_probability, check_range, mean_loss
 from seqlab.tasks.generation import Agree, alone, beam_search, greedy_search
 from seqlab.utils.distributed import gather_indexed, shards_parameters
 from seqlab.utils.figures import log_table
@@ -104,6 +104,15 @@ class TranslationTask(SeqTask):
             )
         if val_bleu_samples < 0:
             raise ConfigError(f"task.val_bleu_samples={val_bleu_samples}: expected 0 (all) or a count")
+        # negative limits made every hypothesis empty (EOS forced at the first step): BLEU 0, unsaid
+        check_range(
+            "task.max_len_a",
+            max_len_a,
+            lambda v: 0 <= v < math.inf,
+            "a number >= 0 (tokens per source token)",
+        )
+        check_range("task.max_len_b", max_len_b, lambda v: v >= 1, "an integer >= 1 (tokens besides)")
+        check_range("task.sample_translations", sample_translations, lambda v: v >= 0, "a row count >= 0")
         if share_embeddings and not shared_vocab:
             raise ConfigError(
                 "task.share_embeddings=true needs one vocabulary for both languages: set "

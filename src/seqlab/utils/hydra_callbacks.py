@@ -238,6 +238,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_slurm_resources(config)
+        atexit.register(self.stopped, config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
@@ -251,13 +252,29 @@ class SweepSummary(Callback):
         write_sweep_table(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+        atexit.unregister(self.stopped)
+        self.show(Path(config.hydra.sweep.dir))
+
+    def show(self, sweep_dir: Path) -> None:
         rows, shown, shared = write_sweep_table(sweep_dir)
         if rows:
             print_table(shown, title=f"sweep {sweep_dir}" + (f" (every job: {shared})" if shared else ""))
             log.info("sweep summary: %s", sweep_dir / "sweep_summary.md")
         else:
             log.warning("no job of the sweep in %s wrote a summary.json", sweep_dir)
+
+    def stopped(self, config: DictConfig) -> None:
+        """A sweep that ended before its last job (one failed: Hydra ends the sweep with its error
+        and never calls ``on_multirun_end``; Ctrl-C): its table as it stands (it was written, but
+        never shown nor named), and the command that goes on with it."""
+        sweep_dir = Path(config.hydra.sweep.dir)
+        self.show(sweep_dir)
+        log.warning(
+            "the sweep ended early (a job failed, or it was stopped): the same command with "
+            "hydra.sweep.dir=%s runs its unfinished jobs again (those with a checkpoint resume) and "
+            "keeps its finished ones",
+            sweep_dir,
+        )
 
 
 class ParallelSweep(Callback):

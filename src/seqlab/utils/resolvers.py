@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
+import logging
 import os
 import re
 import socket
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 def project_root() -> str:
@@ -165,6 +170,62 @@ def sweep_id(task_name: str = "train") -> str | None:
 WANDB_NAME_LIMIT = 128
 
 
+#: job directories chosen in this process: ``(sweep dir, job number, overrides)`` -> name (the
+#: subdir is resolved more than once per job, and a directory it claimed holds no record yet)
+_SWEEP_SUBDIRS: dict[tuple[str, int, tuple[str, ...]], str] = {}
+
+
+def sweep_subdir(num: Any, sweep_dir: Any, overrides: Any) -> str:
+    """A sweep job's directory (``hydra.sweep.subdir``): its number, as Hydra's, unless the sweep
+    directory holds another job there, started with other overrides: a sweep run again with
+    another grid (``seed=1,2`` -> ``seed=1,2,3``) numbers its jobs anew by position, and its job 2
+    was refused as the finished run of the old job 2, the seed it was to train never trained and
+    another trained twice. Such a job takes the directory of the earlier job with its overrides
+    (kept when finished, resumed when interrupted), else the next number free in the sweep. Each
+    directory is taken by creating it, so jobs running side by side never share one."""
+    from seqlab.utils.resume import same_overrides
+
+    wanted = tuple(str(o) for o in overrides)
+    key = (str(sweep_dir), int(num), wanted)
+    if key in _SWEEP_SUBDIRS:
+        return _SWEEP_SUBDIRS[key]
+    root = Path(str(sweep_dir))
+    if only_printing_config():
+        return str(num)
+    own = root / str(num)
+    if claimed(own, wanted) or same_overrides(own, list(wanted), hydras=True):
+        name = str(num)
+    else:
+        jobs = sorted(
+            (p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+        )
+        earlier = next((p.name for p in jobs if same_overrides(p, list(wanted), hydras=True)), None)
+        free = (n for n in itertools.count(int(jobs[-1].name) + 1) if claimed(root / str(n), wanted))
+        name = earlier or str(next(free))
+        log.info(
+            "sweep job %s (%s) runs in %s: %s holds another job", num, " ".join(wanted), root / name, own
+        )
+    _SWEEP_SUBDIRS[key] = name
+    return name
+
+
+def claimed(path: Path, overrides: tuple[str, ...]) -> bool:
+    """Whether this process took the job directory ``path`` by creating it (False: it exists),
+    recording the job's ``overrides`` there at once, as Hydra does when the job starts
+    (``.hydra/overrides.yaml``, redacted): another process resolving the job's directory (a
+    search's sweeper, before its launcher's worker does) finds it the job's."""
+    from seqlab.utils.files import write_text_atomic
+    from seqlab.utils.secrets import redact
+
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        return False
+    record = OmegaConf.to_yaml(OmegaConf.create(redact(list(overrides))))
+    write_text_atomic(path / ".hydra" / "overrides.yaml", record)
+    return True
+
+
 def sweep_job_name() -> str | None:
     """Inside a Hydra multirun, the job's overrides (``model=gru,seed=1``; its number when it has
     none; credentials redacted): the W&B run's name, so the runs of a sweep's group are told apart
@@ -247,4 +308,5 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("rank_log_suffix", rank_log_suffix, replace=True)
     OmegaConf.register_new_resolver("sweep_id", sweep_id, replace=True)
     OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name, replace=True)
+    OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir, replace=True)
     OmegaConf.register_new_resolver("ett_url", ett_url, replace=True)

@@ -302,22 +302,37 @@ def stamp_order(name: str) -> list[str | int]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def find_interrupted_run(runs_dir: Path, overrides: list[str]) -> Path | None:
-    """The newest interrupted run in ``runs_dir`` started with the same overrides."""
-    from seqlab.utils.secrets import redact
-
-    if not runs_dir.is_dir():
-        return None
-    wanted = comparable(redact(list(overrides)))
-    for run_dir in sorted(runs_dir.iterdir(), key=lambda path: stamp_order(path.name), reverse=True):
-        saved = run_dir / "overrides.yaml"
-        if not saved.is_file() or not is_interrupted(run_dir):
+def recorded_overrides(run_dir: Path, hydras: bool = False) -> list[str] | None:
+    """The overrides a run directory was started with: the record train.py writes once the run
+    is accepted (``overrides.yaml``), or with ``hydras`` Hydra's of the directory's last attempt
+    (``.hydra/overrides.yaml``, written before anything is checked) where it has none; None
+    without a readable one."""
+    for saved in (run_dir / "overrides.yaml", *([run_dir / ".hydra" / "overrides.yaml"] if hydras else [])):
+        if not saved.is_file():
             continue
         try:
             previous = OmegaConf.to_container(OmegaConf.load(saved))
-        except Exception:  # an unreadable record is not a run to resume
-            continue
-        if isinstance(previous, list) and comparable([str(o) for o in previous]) == wanted:
+        except Exception:  # an unreadable record is not a run's
+            return None
+        return [str(o) for o in previous] if isinstance(previous, list) else None
+    return None
+
+
+def same_overrides(run_dir: Path, overrides: list[str], hydras: bool = False) -> bool:
+    """Whether ``run_dir`` was started with ``overrides`` (``recorded_overrides``), up to those a
+    resumed run may change (``comparable``); compared redacted, as the records are."""
+    from seqlab.utils.secrets import redact
+
+    previous = recorded_overrides(run_dir, hydras)
+    return previous is not None and comparable(redact(previous)) == comparable(redact(list(overrides)))
+
+
+def find_interrupted_run(runs_dir: Path, overrides: list[str]) -> Path | None:
+    """The newest interrupted run in ``runs_dir`` started with the same overrides."""
+    if not runs_dir.is_dir():
+        return None
+    for run_dir in sorted(runs_dir.iterdir(), key=lambda path: stamp_order(path.name), reverse=True):
+        if is_interrupted(run_dir) and same_overrides(run_dir, overrides):
             return run_dir
     return None
 
