@@ -285,6 +285,10 @@ def test_patches_that_leave_the_latest_steps_out_are_refused(make_cfg) -> None:
         ),
         ("model.num_layers=two", r"model.num_layers='two': expected an integer"),
         ("task.head_dropout=-0.1", r"task.head_dropout=-0.1: expected a probability in \[0, 1\]"),
+        (
+            "task.revin=false task.revin_affine=true",
+            r"task.revin_affine=true with task.revin=false: the affine",
+        ),
     ],
 )
 def test_backbone_and_task_sizes_out_of_range_are_named(make_cfg, override: str, message: str) -> None:

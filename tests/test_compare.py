@@ -681,4 +681,6 @@ def test_a_seed_run_twice_counts_once(tmp_path: Path) -> None:
     assert by_name["gru"]["seeds"] == 2
     assert by_name["gru"]["acc"] == pytest.approx(0.75)
     report = compare(sweep).read_text()
-    assert "Seeds run more than once, counted once (the first job's result): gru seed=1: 4 (kept), 5." in report
+    assert (
+        "Seeds run more than once, counted once (the first job's result): gru seed=1: 4 (kept), 5." in report
+    )

@@ -145,7 +145,20 @@ def test_overrides_hydra_cannot_compose(tmp_path: Path) -> None:
     assert refused.returncode == 1
     assert "hydra.sweeper.params: model=lsmt cannot be composed" in refused.stdout + refused.stderr
     assert "Traceback" not in refused.stderr  # the refusal alone (a CompactHydraException)
-    assert not [p for p in (tmp_path / "refused").iterdir() if p.name.isdigit()]
+    # refused before its first job, a sweep leaves no directory (it held Hydra's multirun.yaml)
+    assert not (tmp_path / "refused").exists()
+    misspelt = run_script(
+        "train.py", "hparams_search=forecasting_optuna", *TINY, "model.d_modle=choice(16,32)",
+        f"hydra.sweep.dir={tmp_path / 'misspelt'}",
+    )  # fmt: skip
+    assert misspelt.returncode == 1
+    assert "(did you mean model.d_model? or is the data= or experiment=" in misspelt.stderr, why_failed(
+        misspelt
+    )
+    assert not (tmp_path / "misspelt").exists()
+    grid = run_script("train.py", "-m", "model.d_modle=16,32", f"hydra.sweep.dir={tmp_path / 'grid'}")
+    assert grid.returncode == 1 and "Could not override 'model.d_modle'" in grid.stderr, why_failed(grid)
+    assert not (tmp_path / "grid").exists() and "the sweep ended early" not in grid.stderr
     # a value of the wrong type for what it configures: every trial's job would refuse it
     floats = run_script(
         "train.py", "hparams_search=forecasting_optuna", *TINY, "model.num_layers=interval(1,3)",
@@ -158,7 +171,7 @@ def test_overrides_hydra_cannot_compose(tmp_path: Path) -> None:
         in floats.stderr
         and "sampled by int(interval(1, 3))" in floats.stderr
     ), why_failed(floats)
-    assert not [p for p in (tmp_path / "floats").iterdir() if p.name.isdigit()]
+    assert not (tmp_path / "floats").exists()
     sweep = tmp_path / "sweep"
     results = search(
         sweep, "model=choice(transformer,gru)", "model.nhead=choice(2,4)", "hydra.sweeper.n_trials=4",

@@ -429,6 +429,26 @@ class OptunaSweeper(Sweeper):
             return f"{type(error).__name__}: {error}"
         return None
 
+    def misspelt(self, fixed: list[str], key: str) -> str | None:
+        """For a searched ``key`` whose parent is in the config ``fixed`` composes but not the key
+        itself: the question whether it is one of that parent's keys it resembles (a typo was
+        asked only whether the search's data= was given); None where none is alike."""
+        import difflib
+
+        parent, _, leaf = key.lstrip("+~").rpartition(".")
+        try:
+            with self.job_config(fixed, 0) as config:
+                node = OmegaConf.select(config, parent) if parent else config
+                names = [str(name) for name in node] if isinstance(node, DictConfig) else None
+        except Exception:  # the fixed overrides do not compose: the trials will say why
+            return None
+        if names is None or leaf in names:
+            return None
+        close = [
+            f"{parent}.{name}" if parent else name for name in difflib.get_close_matches(leaf, names, n=3)
+        ]
+        return f"did you mean {' or '.join(close)}? or is" if close else None
+
     @contextlib.contextmanager
     def job_config(self, overrides: list[str], job: int, output: bool = False) -> Iterator[DictConfig]:
         """The config job number ``job`` composes from ``overrides``, as Hydra's launchers give it
@@ -601,7 +621,7 @@ class OptunaSweeper(Sweeper):
                     raise SweepError(f"hydra.sweeper.params: {key}: trials would be refused: {refused}{hint}")
                 raise SweepError(
                     f"hydra.sweeper.params: {key} cannot be composed with any sampled option: {first_why} "
-                    "(is the data= or experiment= this search is for given?)"
+                    f"({self.misspelt(fixed, key) or 'is'} the data= or experiment= this search is for given?)"
                 )
 
     def sweep(self, arguments: list[str]) -> None:

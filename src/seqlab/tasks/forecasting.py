@@ -165,6 +165,11 @@ class ForecastingTask(SeqTask):
         # at training only (train.py, before it writes anything): a checkpoint trained so before
         # this check still evaluates
         hp = self.hparams
+        if hp.revin_affine and not hp.revin:  # it was ignored
+            raise ConfigError(
+                "task.revin_affine=true with task.revin=false: the affine terms are RevIN's; set "
+                "task.revin=true, or task.revin_affine=false"
+            )
         if hp.patch_len < hp.patch_stride:
             raise ConfigError(
                 f"task.patch_len={hp.patch_len} < task.patch_stride={hp.patch_stride}: the "

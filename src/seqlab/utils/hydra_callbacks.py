@@ -266,8 +266,15 @@ class SweepSummary(Callback):
     def stopped(self, config: DictConfig) -> None:
         """A sweep that ended before its last job (one failed: Hydra ends the sweep with its error
         and never calls ``on_multirun_end``; Ctrl-C): its table as it stands (it was written, but
-        never shown nor named), and the command that goes on with it."""
+        never shown nor named), and the command that goes on with it. A sweep refused before its
+        first job (a misspelt key, a search space that cannot compose) leaves no directory behind:
+        Hydra's ``multirun.yaml`` alone is taken back."""
         sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_jobs(sweep_dir):
+            if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+                (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
+                sweep_dir.rmdir()
+            return
         self.show(sweep_dir)
         log.warning(
             "the sweep ended early (a job failed, or it was stopped): the same command with "
