@@ -177,6 +177,23 @@ def test_a_sweep_run_again_with_another_grid_keeps_each_job_in_its_own_directory
         assert [row["status"] for row in csv.DictReader(f)] == ["ok", "ok", "ok"]
 
 
+@pytest.mark.slow
+def test_a_command_refused_a_runs_directory_leaves_its_hydra_record_and_log_as_they_were(
+    tmp_path: Path,
+) -> None:
+    """Hydra writes ``.hydra/*.yaml`` and opens the log before the job: a command refused
+    ``hydra.run.dir`` of a finished run rewrote the run's record of its config (``seed: 9``
+    beside the run's summary of seed 42) and appended its refusal to the run's train.log."""
+    run_dir = tmp_path / "run"
+    command = ["train.py", *FAST, "trainer.max_epochs=1", "test=false", f"hydra.run.dir={run_dir}"]
+    assert run_script(*command).returncode == 0
+    kept = {p: p.read_bytes() for p in [*(run_dir / ".hydra").iterdir(), run_dir / "train.log"]}
+    refused = run_script(*command, "seed=9")
+    assert refused.returncode == 1 and "holds a finished run" in refused.stdout + refused.stderr
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert sorted((run_dir / ".hydra").iterdir()) == sorted(p for p in kept if p.parent.name == ".hydra")
+
+
 def test_a_sweep_job_takes_the_directory_of_its_overrides_or_a_free_one(tmp_path: Path) -> None:
     from seqlab.utils import resolvers
     from seqlab.utils.resolvers import sweep_subdir

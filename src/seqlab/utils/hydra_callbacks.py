@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from seqlab.utils.files import write_text_atomic
+from seqlab.utils.files import atomic_file, write_text_atomic
 from seqlab.utils.resolvers import sweep_group
 from seqlab.utils.run import SUMMARY_FILE, markdown_table, print_table, read_summaries, table_columns
 from seqlab.utils.secrets import redact_text, scrub_hydra_files, scrub_yaml
@@ -196,6 +196,61 @@ class ScrubSecrets(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if job_return.overrides is not None:
             job_return.overrides = [redact_text(str(o)) for o in job_return.overrides]
+
+
+class LeaveRefusedRunsAlone(Callback):
+    """Hydra writes ``.hydra/*.yaml`` into the run directory, and opens its log file there, before
+    the job runs: a command refused a directory that holds a run (``hydra.run.dir`` of a finished
+    run, of one with another configuration) rewrote that run's record of its config and appended
+    its refusal to the run's log. What they held is read as the command starts and put back as it
+    exits if its run never took the directory (the run's own ``config.yaml`` untouched: a run
+    that took it, and failed later, keeps its attempt's record). A directory named by the run stamp (the default,
+    whose ``resume=auto`` lookup needs the job's Hydra config) is one this command chose for
+    itself: left to it, as are DDP's other ranks."""
+
+    def __init__(self) -> None:
+        self.saved: tuple[Path, int | None, dict[Path, bytes], dict[Path, int]] | None = None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from seqlab.utils.run import is_rank_zero
+
+        self.saved = None
+        given = OmegaConf.to_container(config.hydra.run, resolve=False).get("dir")
+        if not is_rank_zero() or "run_stamp" in str(given):
+            return
+        try:
+            run_dir = Path(str(config.hydra.run.dir))
+            record = run_dir / "config.yaml"
+            if record.is_file():
+                hydra_files = {p: p.read_bytes() for p in sorted((run_dir / ".hydra").glob("*.yaml"))}
+                logs = {p: p.stat().st_size for p in sorted(run_dir.glob("*.log"))}
+                self.saved = (run_dir, record.stat().st_mtime_ns, hydra_files, logs)
+                atexit.register(self.put_back)
+        except Exception as error:  # never in the way of the run
+            log.debug("run directory not recorded before the run: %s", error)
+
+    def put_back(self) -> None:
+        """At exit (a refused run ends in ``SystemExit``, which Hydra lets through: no
+        ``on_run_end``)."""
+        if self.saved is None:
+            return
+        run_dir, written, hydra_files, logs = self.saved
+        record = run_dir / "config.yaml"
+        if not record.is_file() or record.stat().st_mtime_ns != written:
+            return  # this command took the directory (a resumed run that failed): its record stays
+        for path in (run_dir / ".hydra").glob("*.yaml"):
+            if path not in hydra_files:
+                path.unlink(missing_ok=True)
+        for path, content in hydra_files.items():
+            if not path.is_file() or path.read_bytes() != content:
+                with atomic_file(path) as tmp:
+                    tmp.write_bytes(content)
+        for path in run_dir.glob("*.log"):
+            if path not in logs:
+                path.unlink(missing_ok=True)
+            elif path.stat().st_size > logs[path]:
+                with path.open("r+b") as handle:
+                    handle.truncate(logs[path])
 
 
 #: what the SLURM launcher asks of SLURM for every job, read from the sweep's own config
