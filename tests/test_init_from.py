@@ -205,3 +205,44 @@ def test_a_text_model_is_fine_tuned_with_its_tokenizer_on_data_of_other_classes(
 
     with pytest.raises(ConfigError, match=r"data.tokenizer.kind='bpe' \(trained with 'word'\).*init_from="):
         train(make_cfg(*tuned, "data.tokenizer.kind=bpe", fast=False, output="bpe"))
+
+
+def test_init_exclude_leaves_out_the_checkpoints_extra_weights_and_never_splits_tied_ones(
+    tmp_path: Path,
+) -> None:
+    """A pattern also drops weights the checkpoint alone has (a head with a hidden layer before,
+    none now: it was refused, with no remedy); excluding one name of a tied tensor (translation's
+    output layer, which is the target embedding) was defeated by loading the other."""
+    from torch import nn
+
+    from seqlab.utils.checkpoint_io import load_initial_weights
+
+    def model(hidden: bool) -> nn.Module:
+        torch.manual_seed(0)
+        net = nn.Module()
+        net.embed = nn.Embedding(10, 4)
+        net.head = (
+            nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+            if hidden
+            else nn.Sequential(nn.Linear(4, 3))
+        )
+        net.output = nn.Linear(4, 10, bias=False)
+        net.output.weight = net.embed.weight  # tied
+        return net
+
+    path = tmp_path / "pre.ckpt"
+    torch.save({"state_dict": {k: v + 1 for k, v in model(hidden=True).state_dict().items()}}, path)
+    with pytest.raises(
+        ConfigError,
+        match=r"2 not in this model \(first head.2.bias\).*init_exclude=\[head\.0\.\*,head\.2\.\*\]",
+    ):
+        load_initial_weights(path, model(hidden=False), [])
+    fresh = model(hidden=False)
+    kept = load_initial_weights(path, fresh, ["head.2.*", "head.0.*"])
+    assert kept == ["head.0.bias", "head.0.weight"]
+    torch.testing.assert_close(fresh.embed.weight, model(hidden=True).embed.weight + 1)
+    torch.testing.assert_close(fresh.head[0].weight, model(hidden=False).head[0].weight)  # its own
+    with pytest.raises(ConfigError, match=r"init_exclude: output.weight is one tensor with embed.weight"):
+        load_initial_weights(path, model(hidden=False), ["output.*", "head.2.*"])
+    with pytest.raises(ConfigError, match=r"'tail.\*' matches no weight of this model or of init_from's"):
+        load_initial_weights(path, model(hidden=False), ["tail.*"])

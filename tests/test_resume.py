@@ -198,21 +198,54 @@ def test_a_sweep_job_takes_the_directory_of_its_overrides_or_a_free_one(tmp_path
     from seqlab.utils import resolvers
     from seqlab.utils.resolvers import sweep_subdir
 
+    def subdir(num: int, overrides: list[str], root: Path = tmp_path, mode: str = "RunMode.MULTIRUN") -> str:
+        return sweep_subdir(num, root, overrides, mode)
+
     for job, seed in (("0", 1), ("1", 2), ("3", 9)):
         (tmp_path / job).mkdir()
         (tmp_path / job / "overrides.yaml").write_text(f"- seed={seed}\n- logger=csv\n")
     (tmp_path / "2" / ".hydra").mkdir(parents=True)  # a job that failed before it was accepted
     (tmp_path / "2" / ".hydra" / "overrides.yaml").write_text("- seed=5\n")
     resolvers._SWEEP_SUBDIRS.clear()
-    assert sweep_subdir(0, tmp_path, ["seed=1", "logger=wandb"]) == "0"  # its own (a logger changes no run)
-    assert sweep_subdir(1, tmp_path, ["seed=1"]) == "0"  # the directory of its overrides
-    assert sweep_subdir(0, tmp_path, ["seed=5"]) == "2"
-    assert sweep_subdir(2, tmp_path, ["seed=7"]) == "4"  # the next number free, taken
-    assert sweep_subdir(4, tmp_path, ["seed=8"]) == "5"  # its own was taken just before
-    assert sweep_subdir(2, tmp_path, ["seed=7"]) == "4"  # resolved again in the process: the same
+    assert subdir(0, ["seed=1", "logger=wandb"]) == "0"  # its own (a logger changes no run)
+    assert subdir(1, ["seed=1"]) == "0"  # the directory of its overrides
+    assert subdir(7, ["seed=2"]) == "1"  # looked for first: side-by-side jobs start in any order
+    assert subdir(0, ["seed=5"]) == "2"
+    assert subdir(2, ["seed=7"]) == "4"  # the next number free, taken
+    assert subdir(4, ["seed=8"]) == "5"  # its own was taken just before
+    assert subdir(2, ["seed=7"]) == "4"  # resolved again in the process: the same
     resolvers._SWEEP_SUBDIRS.clear()  # in another process (a sweeper, then the launcher's worker)
-    assert sweep_subdir(2, tmp_path, ["seed=7"]) == "4"
-    assert sweep_subdir(6, tmp_path / "new", ["seed=1"]) == "6"
+    assert subdir(2, ["seed=7"]) == "4"
+    # jobs that differ in the hardware alone are jobs of their own (a resumed run may change it)
+    assert subdir(6, ["seed=1", "trainer.devices=2"]) == "6"
+    assert subdir(6, ["seed=1"], root=tmp_path / "new") == "6"
+    # a single run's config resolved whole: no directory
+    assert subdir(0, ["seed=3"], root=tmp_path / "single", mode="RUN") == "0"
+    assert not (tmp_path / "single").exists()
+
+
+def test_the_ranks_of_one_job_that_resolve_its_directory_at_once_agree(tmp_path: Path) -> None:
+    """srun starts a SLURM job's tasks together, each resolving the subdir: a rank that finds the
+    directory just created by another, its record not yet written, waits for the record rather
+    than moving on to the next number (the ranks of one job in two directories)."""
+    import threading
+
+    from seqlab.utils import resolvers
+    from seqlab.utils.resolvers import sweep_subdir
+
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "overrides.yaml").write_text("- seed=1\n")
+    for job, record in (("1", "- seed=2\n"), ("2", "- seed=8\n")):  # another rank's mkdir, then its record
+        (tmp_path / job).mkdir()
+        writer = threading.Timer(0.5, lambda job=job, record=record: (
+            (tmp_path / job / ".hydra").mkdir(), (tmp_path / job / ".hydra" / "overrides.yaml").write_text(record)
+        ))  # fmt: skip
+        writer.start()
+        resolvers._SWEEP_SUBDIRS.clear()
+        assert sweep_subdir(1, tmp_path, ["seed=2"], "RunMode.MULTIRUN") == "1"
+        writer.join()
+    resolvers._SWEEP_SUBDIRS.clear()  # "2" holds another job's record: the next free number
+    assert sweep_subdir(2, tmp_path, ["seed=3"], "RunMode.MULTIRUN") == "3"
 
 
 @pytest.mark.slow

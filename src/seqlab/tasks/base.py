@@ -120,7 +120,8 @@ def check_optimizer(config: Any) -> None:
         lambda v: 0 <= v < math.inf,
         f"{finite} >= 0",
     )
-    check_range("task.optimizer.eps", config.get("eps"), lambda v: 0 <= v < math.inf, f"{finite} >= 0")
+    if not isinstance(config.get("eps"), list | tuple):  # (Adafactor's is a pair: its class's to check)
+        check_range("task.optimizer.eps", config.get("eps"), lambda v: 0 <= v < math.inf, f"{finite} >= 0")
     betas = config.get("betas")
     if betas is not None and not (isinstance(betas, list | tuple) and len(betas) == 2):
         raise ConfigError(f"task.optimizer.betas={betas!r}: expected two numbers in [0, 1), [beta1, beta2]")

@@ -111,7 +111,7 @@ class TranslationTask(SeqTask):
             lambda v: 0 <= v < math.inf,
             "a number >= 0 (tokens per source token)",
         )
-        check_range("task.max_len_b", max_len_b, lambda v: v >= 1, "an integer >= 1 (tokens besides)")
+        check_range("task.max_len_b", max_len_b, lambda v: v >= 0, "a number >= 0 (tokens besides)")
         check_range("task.sample_translations", sample_translations, lambda v: v >= 0, "a row count >= 0")
         if share_embeddings and not shared_vocab:
             raise ConfigError(

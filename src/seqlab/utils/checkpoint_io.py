@@ -261,39 +261,52 @@ def load_initial_weights(path: Path, module: torch.nn.Module, exclude: list[str]
     pattern of ``exclude`` (``init_exclude``, fnmatch patterns: ``head.*``), which keep their fresh
     initialisation. Nothing else is taken: the optimizer, its schedule, the epoch and step counts
     and the RNG start afresh (fairseq's ``--restore-file`` with ``--reset-optimizer
-    --reset-lr-scheduler --reset-meters --reset-dataloader``; NeMo's ``init_from_*``). A weight of
-    another shape, one the checkpoint lacks or holds besides, and a pattern that matches no weight
-    are refused by name. Returns the names left at their initialisation."""
-    built = {key: tuple(value.shape) for key, value in module.state_dict().items()}
-    unused = [pattern for pattern in exclude if not any(fnmatchcase(key, pattern) for key in built)]
-    if unused:
-        roots = sorted({key.split(".", 1)[0] for key in built})
-        raise ConfigError(
-            f"init_exclude: {unused[0]!r} matches no weight of this model, whose weights are named "
-            f"{', '.join(f'{root}.*' for root in roots)} (fnmatch patterns of the state_dict's names: "
-            "'head.*', '*.bias')"
-        )
-    kept = sorted(key for key in built if any(fnmatchcase(key, pattern) for pattern in exclude))
+    --reset-lr-scheduler --reset-meters --reset-dataloader``; NeMo's ``init_from_*``): a pattern
+    also leaves out the checkpoint's weights this model has not. A weight of another shape, one
+    the checkpoint lacks or holds besides, a pattern that matches no weight of either, and one
+    that splits tied weights are refused by name. Returns the names left at their initialisation."""
+    state = module.state_dict(keep_vars=True)  # (tied weights: one Parameter under two names)
+    built = {key: tuple(value.shape) for key, value in state.items()}
+
+    def excluded(key: str) -> bool:
+        return any(fnmatchcase(key, pattern) for pattern in exclude)
+
+    tied: dict[int, list[str]] = {}
+    for key, value in state.items():
+        tied.setdefault(id(value), []).append(key)
+    for names in tied.values():
+        if len(names) > 1 and any(map(excluded, names)) and not all(map(excluded, names)):
+            left, loaded = [n for n in names if excluded(n)], [n for n in names if not excluded(n)]
+            raise ConfigError(
+                f"init_exclude: {', '.join(left)} is one tensor with {', '.join(loaded)} (tied weights: "
+                "task.share_embeddings, task.tie_output): loading the one fills the other; exclude all "
+                "of them, or none"
+            )
     with tempfile.TemporaryDirectory(prefix="seqlab-init-") as tmp:
         file = consolidate_checkpoint(path, Path(tmp) / "init.ckpt")  # a sharded directory gathered
         checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        weights = {key: value for key, value in checkpoint["state_dict"].items() if key not in kept}
-        found = weight_mismatch(
-            {key: tuple(value.shape) for key, value in weights.items()},
-            {key: shape for key, shape in built.items() if key not in kept},
-        )
-        if found:
-            other = sorted(
-                {
-                    key.rsplit(".", 1)[0] + ".*"
-                    for key in weights.keys() & built.keys()
-                    if weights[key].shape != built[key]
-                }
+        saved = checkpoint["state_dict"]
+        unused = [p for p in exclude if not any(fnmatchcase(key, p) for key in (*built, *saved))]
+        if unused:
+            roots = sorted({key.split(".", 1)[0] for key in built})
+            raise ConfigError(
+                f"init_exclude: {unused[0]!r} matches no weight of this model or of init_from's, whose "
+                f"weights are named {', '.join(f'{root}.*' for root in roots)} (fnmatch patterns of the "
+                "state_dict's names: 'head.*', '*.bias')"
             )
+        weights = {key: value for key, value in saved.items() if not excluded(key)}
+        wanted = {key: shape for key, shape in built.items() if not excluded(key)}
+        found = weight_mismatch({key: tuple(value.shape) for key, value in weights.items()}, wanted)
+        if found:
+            apart = (weights.keys() ^ wanted.keys()) | {
+                key for key in weights.keys() & wanted.keys() if tuple(weights[key].shape) != wanted[key]
+            }
+            other = sorted({key.rsplit(".", 1)[0] + ".*" for key in apart})
             hint = (
-                f"Weights of another shape (a new number of classes, another horizon) start afresh where "
-                f"init_exclude names them (init_exclude=[{','.join(other)}]). "
-                if other
+                "Weights of another shape, or in one model only (a new number of classes, another "
+                "horizon, another head), start afresh (or are left out) where init_exclude names them "
+                f"(init_exclude=[{','.join(other)}]). "
+                if 0 < len(other) <= 4
                 else ""
             )
             raise ConfigError(
@@ -301,7 +314,7 @@ def load_initial_weights(path: Path, module: torch.nn.Module, exclude: list[str]
                 "The other model settings must be those it was trained with (its run's config.yaml)"
             )
         module.load_state_dict(weights, strict=False)
-    return kept
+    return sorted(key for key in built if excluded(key))
 
 
 def read_sharded_checkpoint(path: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +294,8 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_slurm_resources(config)
+        atexit.unregister(self.stopped)  # (an earlier multirun of this process)
+        self.started = time.time()
         atexit.register(self.stopped, config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
@@ -318,6 +321,11 @@ class SweepSummary(Callback):
         else:
             log.warning("no job of the sweep in %s wrote a summary.json", sweep_dir)
 
+    def ran_here(self, job_dir: Path) -> bool:
+        """Whether a job of this sweep started in ``job_dir`` (Hydra's record of it written since)."""
+        record = job_dir / ".hydra" / "overrides.yaml"
+        return record.is_file() and record.stat().st_mtime >= getattr(self, "started", 0.0) - 1
+
     def stopped(self, config: DictConfig) -> None:
         """A sweep that ended before its last job (one failed: Hydra ends the sweep with its error
         and never calls ``on_multirun_end``; Ctrl-C): its table as it stands (it was written, but
@@ -325,10 +333,12 @@ class SweepSummary(Callback):
         first job (a misspelt key, a search space that cannot compose) leaves no directory behind:
         Hydra's ``multirun.yaml`` alone is taken back."""
         sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_jobs(sweep_dir):
-            if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
-                (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
-                sweep_dir.rmdir()
+        jobs = sweep_jobs(sweep_dir)
+        if not jobs and sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+            (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
+            sweep_dir.rmdir()
+        started = [job for job in jobs if self.ran_here(job)]
+        if not started:  # refused before its first job (another sweeper holds the search...)
             return
         self.show(sweep_dir)
         log.warning(

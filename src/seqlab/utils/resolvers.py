@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -175,33 +176,45 @@ WANDB_NAME_LIMIT = 128
 _SWEEP_SUBDIRS: dict[tuple[str, int, tuple[str, ...]], str] = {}
 
 
-def sweep_subdir(num: Any, sweep_dir: Any, overrides: Any) -> str:
+def sweep_subdir(num: Any, sweep_dir: Any, overrides: Any, mode: Any = "MULTIRUN") -> str:
     """A sweep job's directory (``hydra.sweep.subdir``): its number, as Hydra's, unless the sweep
     directory holds another job there, started with other overrides: a sweep run again with
-    another grid (``seed=1,2`` -> ``seed=1,2,3``) numbers its jobs anew by position, and its job 2
-    was refused as the finished run of the old job 2, the seed it was to train never trained and
-    another trained twice. Such a job takes the directory of the earlier job with its overrides
-    (kept when finished, resumed when interrupted), else the next number free in the sweep. Each
-    directory is taken by creating it, so jobs running side by side never share one."""
-    from seqlab.utils.resume import same_overrides
+    another grid (``seed=1,2`` -> ``seed=0,1,2``) numbers its jobs anew by position, and its job 0
+    was refused as the finished run of the old job 0, the seed it was to train never trained and
+    another trained twice. A job takes the directory of an earlier job with its overrides (kept
+    when finished, resumed when interrupted; looked for first, whatever order side-by-side jobs
+    start in), else its number, else the next number free in the sweep. A directory is taken by
+    creating it, with the job's overrides recorded in it, and one found without its record yet
+    is waited for (the ranks of one SLURM job resolve this at once). Outside a multirun (``mode``:
+    ``hydra.mode``; a config resolved whole in a single run) it is the number, nothing created."""
+    from seqlab.utils.resume import SWEEP_JOB_IGNORES, same_overrides
 
     wanted = tuple(str(o) for o in overrides)
     key = (str(sweep_dir), int(num), wanted)
     if key in _SWEEP_SUBDIRS:
         return _SWEEP_SUBDIRS[key]
     root = Path(str(sweep_dir))
-    if only_printing_config():
+    if "MULTIRUN" not in str(mode) or only_printing_config():
         return str(num)
-    own = root / str(num)
-    if claimed(own, wanted) or same_overrides(own, list(wanted), hydras=True):
-        name = str(num)
-    else:
-        jobs = sorted(
+
+    def ours(path: Path) -> bool:
+        return same_overrides(path, list(wanted), hydras=True, ignores=SWEEP_JOB_IGNORES)
+
+    def numbered() -> list[Path]:
+        return sorted(
             (p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
         )
-        earlier = next((p.name for p in jobs if same_overrides(p, list(wanted), hydras=True)), None)
-        free = (n for n in itertools.count(int(jobs[-1].name) + 1) if claimed(root / str(n), wanted))
-        name = earlier or str(next(free))
+
+    own = root / str(num)
+    earlier = next((p for p in numbered() if ours(p)), None) if root.is_dir() else None
+    if earlier is not None:
+        name = earlier.name
+    elif taken(own, wanted, ours):
+        name = str(num)
+    else:
+        start = max((int(p.name) for p in numbered()), default=int(num)) + 1
+        name = str(next(n for n in itertools.count(start) if taken(root / str(n), wanted, ours)))
+    if name != str(num):
         log.info(
             "sweep job %s (%s) runs in %s: %s holds another job", num, " ".join(wanted), root / name, own
         )
@@ -209,18 +222,26 @@ def sweep_subdir(num: Any, sweep_dir: Any, overrides: Any) -> str:
     return name
 
 
-def claimed(path: Path, overrides: tuple[str, ...]) -> bool:
-    """Whether this process took the job directory ``path`` by creating it (False: it exists),
-    recording the job's ``overrides`` there at once, as Hydra does when the job starts
-    (``.hydra/overrides.yaml``, redacted): another process resolving the job's directory (a
-    search's sweeper, before its launcher's worker does) finds it the job's."""
+def taken(path: Path, overrides: tuple[str, ...], ours: Callable[[Path], bool], wait_s: float = 10.0) -> bool:
+    """Whether the job directory ``path`` is this job's: created here, the job's ``overrides``
+    recorded in it at once as Hydra does when the job starts (``.hydra/overrides.yaml``,
+    redacted), so another process resolving the job's directory (its other ranks; a search's
+    sweeper, then the launcher's worker) finds it the job's; or found holding them (``ours``),
+    waiting up to ``wait_s`` for the record of a directory another process has just created."""
+    import time
+
     from seqlab.utils.files import write_text_atomic
     from seqlab.utils.secrets import redact
 
     try:
         path.mkdir(parents=True)
     except FileExistsError:
-        return False
+        deadline = time.monotonic() + wait_s
+        while not (path / ".hydra" / "overrides.yaml").exists() and not (path / "overrides.yaml").exists():
+            if time.monotonic() > deadline or not path.is_dir():
+                return False
+            time.sleep(0.1)
+        return ours(path)
     record = OmegaConf.to_yaml(OmegaConf.create(redact(list(overrides))))
     write_text_atomic(path / ".hydra" / "overrides.yaml", record)
     return True

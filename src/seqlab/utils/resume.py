@@ -287,12 +287,19 @@ def under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
 
 
-def comparable(overrides: list[str]) -> list[str]:
+#: what may differ between the overrides of a sweep's job and those its directory was started
+#: with: what only presents a run (a sweep run again with ``logger=wandb``); not the hardware,
+#: which the jobs of one sweep may differ in (``trainer.devices=1,2``)
+SWEEP_JOB_IGNORES = ("extras", "logger", "tags", "callbacks.rich_progress_bar", "callbacks.model_summary")
+
+
+def comparable(overrides: list[str], ignores: tuple[str, ...] | None = None) -> list[str]:
     """The overrides that make two commands the same run: all but those a resumed run may change
     (``RESUME_IGNORES``: the same command with ``logger=wandb`` or other ``tags`` continues its
     run), except ``ckpt_path``: a run started from ``ckpt_path=A`` is continued only by a command
-    with the same ``ckpt_path``, never taken over by one without it or with another."""
-    ignored = tuple(key for key in RESUME_IGNORES if key != "ckpt_path")
+    with the same ``ckpt_path``, never taken over by one without it or with another. ``ignores``:
+    other keys to leave out instead."""
+    ignored = tuple(key for key in RESUME_IGNORES if key != "ckpt_path") if ignores is None else ignores
     return sorted(o for o in overrides if not under(override_key(o), ignored))
 
 
@@ -318,13 +325,18 @@ def recorded_overrides(run_dir: Path, hydras: bool = False) -> list[str] | None:
     return None
 
 
-def same_overrides(run_dir: Path, overrides: list[str], hydras: bool = False) -> bool:
+def same_overrides(
+    run_dir: Path, overrides: list[str], hydras: bool = False, ignores: tuple[str, ...] | None = None
+) -> bool:
     """Whether ``run_dir`` was started with ``overrides`` (``recorded_overrides``), up to those a
-    resumed run may change (``comparable``); compared redacted, as the records are."""
+    resumed run may change (``comparable``; ``ignores``: other keys); compared redacted, as the
+    records are."""
     from seqlab.utils.secrets import redact
 
     previous = recorded_overrides(run_dir, hydras)
-    return previous is not None and comparable(redact(previous)) == comparable(redact(list(overrides)))
+    if previous is None:
+        return False
+    return comparable(redact(previous), ignores) == comparable(redact(list(overrides)), ignores)
 
 
 def find_interrupted_run(runs_dir: Path, overrides: list[str]) -> Path | None:
