@@ -99,7 +99,7 @@ def test_a_sharded_checkpoint_directory_initialises_as_its_file(
     ("overrides", "expected"),
     [
         (["model=transformer"], r"holds a ForecastingTask with a RNNBackbone backbone, but this run trains a ForecastingTask with a TransformerBackbone"),
-        (["init_exclude=[haed.*]"], r"init_exclude: 'haed\.\*' matches no weight of this model, whose weights are named .*head\.\*"),
+        (["init_exclude=[haed.*]"], r"init_exclude: 'haed\.\*' matches no weight of this model or of init_from's, whose weights are named .*head\.\*"),
         (["init_exclude=[1]"], r"init_exclude: 1 is not a pattern"),
         (["ckpt_path=PRETRAINED"], r"init_from=.* and ckpt_path=.*: .* give one"),
         (["model.d_model=16"], r"holds weights that do not fit this run's model: .*The other model settings must be"),
