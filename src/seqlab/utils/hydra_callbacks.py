@@ -246,6 +246,10 @@ class LeaveRefusedRunsAlone(Callback):
             if not path.is_file() or path.read_bytes() != content:
                 with atomic_file(path) as tmp:
                     tmp.write_bytes(content)
+        from seqlab.utils.resume import running_process
+
+        if running_process(run_dir) is not None:
+            return  # refused as in use: the live run writes on into its log
         for path in run_dir.glob("*.log"):
             if path not in logs:
                 path.unlink(missing_ok=True)
