@@ -222,6 +222,18 @@ def test_a_searchs_report_labels_its_trials_shortly_and_legends_them_below(
     write_sweep_table(sweep)
     table = (sweep / "sweep_summary.md").read_text()
     assert table.startswith("Every job: `tags=[a, b]`\n") and "| +note=run 3 |" in table
+    # the command line's value as Hydra re-renders it in each job's record (false -> False, 1e-3)
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    task: [extras.print_config=false, task.optimizer.lr=1e-3, 'model=gru,lstm']\n"
+    )
+    for job in (0, 1, 3):
+        path = sweep / str(job) / "summary.json"
+        given = ["extras.print_config=False", "task.optimizer.lr=0.001", f"model={'gru' if job else 'lstm'}"]
+        path.write_text(json.dumps({**json.loads(path.read_text()), "overrides": given}))
+    write_sweep_table(sweep)
+    table = (sweep / "sweep_summary.md").read_text()
+    assert table.startswith("Every job: `extras.print_config=False task.optimizer.lr=0.001`\n"), table[:200]
+    assert "| model=gru |" in table and "print_config=False |" not in table
 
 
 def test_summary_json_is_strict_json(tmp_path: Path) -> None:

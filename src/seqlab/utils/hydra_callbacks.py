@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import csv
+import functools
 import io
 import json
 import logging
@@ -141,13 +142,34 @@ def without_shared_overrides(
     if len(rows) < 2:
         return rows, ""
     command = sweep_command_line(str(sweep_dir))
+    # compared as Hydra reads them: a job's record holds the value re-rendered (the command
+    # line's extras.print_config=false is the job's extras.print_config=False)
+    on_command = None if command is None else {canonical_override(o) for o in command}
+    jobs = [{canonical_override(o) for o in overrides} for overrides in given]
     shared = [
-        o for o in given[0] if all(o in others for others in given[1:]) and (command is None or o in command)
+        o
+        for o in given[0]
+        if all(canonical_override(o) in others for others in jobs[1:])
+        and (on_command is None or canonical_override(o) in on_command)
     ]
     if not shared:
         return rows, ""
-    own = [" ".join(o for o in overrides if o not in shared) for overrides in given]
+    alike = {canonical_override(o) for o in shared}
+    own = [" ".join(o for o in overrides if canonical_override(o) not in alike) for overrides in given]
     return [{**row, "overrides": overrides} for row, overrides in zip(rows, own)], " ".join(shared)
+
+
+@functools.lru_cache(maxsize=4096)
+def canonical_override(override: str) -> str:
+    """An override as Hydra parses it (``key=false`` and ``key=False`` alike, ``1e-3`` and
+    ``0.001``); as written where Hydra's parser does not take it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+        return f"{parsed.get_key_element()}={json.dumps(parsed.value(), sort_keys=True, default=str)}"
+    except Exception:
+        return override
 
 
 def write_sweep_table(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
