@@ -341,7 +341,7 @@ def test_optimizer_data_and_decoding_settings_out_of_range_are_named_before_the_
 
 def test_a_fractional_holdout_of_one_or_more_is_refused() -> None:
     """``data.val_size=1.5`` held out one example (``int(1.5)``), as did ``1.0`` meant as 100%."""
-    from seqlab.data.classification import SyntheticSentimentDataModule, TextClassificationDataModule
+    from seqlab.data.classification import TextClassificationDataModule
 
     with pytest.raises(
         ConfigError, match=r"data.val_size=1.5: expected a share .* \(0 < x < 1\) or a number"
@@ -350,7 +350,6 @@ def test_a_fractional_holdout_of_one_or_more_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"data.test_size=2.5"):
         TextClassificationDataModule(data_dir="/nowhere", test_size=2.5)
     TextClassificationDataModule(data_dir="/nowhere", val_size=2.0)  # a whole number: a count
-    assert SyntheticSentimentDataModule  # (its holdouts are generated: not carved)
 
 
 def test_a_value_the_config_leaves_to_be_given_is_named_before_anything_is_written(

@@ -104,7 +104,6 @@ def check_batch_size(batch_size: Any) -> int:
 def per_replica_batch_size(batch_size: int, trainer) -> int:
     """Each process's share of the global ``data.batch_size``."""
     world, _ = replicas(trainer)
-    check_batch_size(batch_size)
     if batch_size % world:
         raise ConfigError(
             f"data.batch_size={batch_size} is the global batch and must divide by the {world} processes of this run"

@@ -318,6 +318,9 @@ class SweepSummary(Callback):
     ``failed`` row) and printed at the end. A sweep the SLURM launcher cannot submit as asked is
     refused before its first job (``check_slurm_resources``)."""
 
+    #: when this process's sweep started (``ran_here``)
+    started = 0.0
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_slurm_resources(config)
         atexit.unregister(self.stopped)  # (an earlier multirun of this process)
@@ -350,7 +353,7 @@ class SweepSummary(Callback):
     def ran_here(self, job_dir: Path) -> bool:
         """Whether a job of this sweep started in ``job_dir`` (Hydra's record of it written since)."""
         record = job_dir / ".hydra" / "overrides.yaml"
-        return record.is_file() and record.stat().st_mtime >= getattr(self, "started", 0.0) - 1
+        return record.is_file() and record.stat().st_mtime >= self.started - 1
 
     def stopped(self, config: DictConfig) -> None:
         """A sweep that ended before its last job (one failed: Hydra ends the sweep with its error
