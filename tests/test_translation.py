@@ -394,6 +394,22 @@ def test_beam_of_one_is_greedy_and_wider_beams_score_at_least_as_well(name: str)
         )
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_task_min_len_reaches_the_search(beam_size: int) -> None:
+    """A model whose first choice is always [EOS]: ``task.min_len`` (1 by default) decides whether
+    its translations are empty."""
+    task = tiny_task("gru")
+
+    def eos_first(module, args, logits: torch.Tensor) -> torch.Tensor:
+        return logits + 50.0 * torch.nn.functional.one_hot(torch.tensor(EOS_ID), logits.shape[-1])
+
+    task.output.register_forward_hook(eos_first)
+    src, src_mask = source_batch()
+    assert all(len(seq) == 1 for seq in task.generate(src, src_mask, beam_size=beam_size))
+    task.hparams.min_len = 0
+    assert task.generate(src, src_mask, beam_size=beam_size) == [[], [], []]
+
+
 def beam_search_with(task: TranslationTask, src, src_mask, beam_size: int) -> list[list[int]]:
     """``task.generate``'s beam search forced even for a beam of one (it picks greedy search then)."""
     memory = task.encode(src, src_mask)
@@ -435,9 +451,11 @@ def test_a_wide_beam_finds_the_exhaustive_optimum() -> None:
             previous = token
         return total / len(sequence) ** penalty
 
-    for penalty in (0.0, 1.0):
+    for penalty, min_length in itertools.product((0.0, 1.0), (0, 1, 2)):
         candidates = [
-            (*body, EOS_ID) for n in range(steps) for body in itertools.product([5, 6, 7], repeat=n)
+            (*body, EOS_ID)
+            for n in range(min_length, steps)
+            for body in itertools.product([5, 6, 7], repeat=n)
         ]
         best = max(candidates, key=lambda seq: score(seq, penalty))
         found = beam_search(
@@ -451,11 +469,39 @@ def test_a_wide_beam_finds_the_exhaustive_optimum() -> None:
             banned,
             "cpu",
             penalty,
+            min_length=min_length,
         )
         assert (*found[0], EOS_ID) == best
         assert math.isfinite(score(best, penalty))
     greedy = greedy_search(step, 1, BOS_ID, EOS_ID, torch.tensor([steps]), banned, "cpu")
     assert len(greedy[0]) <= steps - 1
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_an_empty_translation_is_refused_unless_allowed(beam_size: int) -> None:
+    """[EOS] is the most probable first token of a model that has not learnt much (or of a source it
+    cannot place): fairseq's --min-len 1 refuses it, so no hypothesis is empty unless task.min_len=0
+    or the length limit comes first."""
+    vocab, banned = 8, [PAD_ID, BOS_ID]
+    table = torch.full((vocab, vocab), -3.0)
+    table[:, EOS_ID] = 2.0  # [EOS] first, always
+    table[BOS_ID, 6] = 1.0  # then the best first word
+
+    def step(tokens, state):
+        return table[tokens[:, -1]].log_softmax(-1), state
+
+    def decode(limit: int, **kwargs) -> list[int]:
+        if beam_size == 1:
+            return greedy_search(step, 1, BOS_ID, EOS_ID, torch.tensor([limit]), banned, "cpu", **kwargs)[0]
+        return beam_search(
+            step, lambda state, rows: state, 1, beam_size, BOS_ID, EOS_ID, torch.tensor([limit]), banned,
+            "cpu", **kwargs,
+        )[0]  # fmt: skip
+
+    assert decode(5) == [6]
+    assert decode(5, min_length=0) == []
+    assert len(decode(5, min_length=3)) == 3
+    assert decode(1, min_length=3) == [], "the length limit wins over the minimum"
 
 
 @pytest.mark.parametrize("beam_size", [1, 3])

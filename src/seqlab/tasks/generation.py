@@ -35,10 +35,17 @@ def alone(value: int) -> int:
     return value
 
 
-def _mask_scores(log_probs: Tensor, banned: list[int], eos_id: int, at_limit: Tensor) -> Tensor:
-    """Forbid ``banned`` tokens everywhere and everything but [EOS] where ``at_limit`` [N]."""
+def _mask_scores(
+    log_probs: Tensor, banned: list[int], eos_id: int, at_limit: Tensor, too_short: bool = False
+) -> Tensor:
+    """Forbid ``banned`` tokens everywhere, [EOS] while the hypotheses are ``too_short`` and
+    everything but [EOS] where ``at_limit`` [N] (the limit wins over the minimum)."""
     log_probs = log_probs.clone()
     log_probs[:, banned] = float("-inf")
+    if too_short:
+        eos = log_probs[at_limit, eos_id].clone()
+        log_probs[:, eos_id] = float("-inf")
+        log_probs[at_limit, eos_id] = eos
     if bool(at_limit.any()):
         eos = log_probs[at_limit, eos_id].clone()
         log_probs[at_limit] = float("-inf")
@@ -56,8 +63,12 @@ def greedy_search(
     banned: list[int],
     device,
     agree: Agree = alone,
+    min_length: int = 1,
 ) -> list[list[int]]:
-    """The most probable next token at every step; returns each sentence's tokens without [EOS]."""
+    """The most probable next token at every step; returns each sentence's tokens without [EOS].
+
+    [EOS] is refused before ``min_length`` tokens (fairseq's ``--min-len``, 1 by default: an empty
+    translation is never the answer) unless a sentence's ``max_lengths`` comes first."""
     tokens = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
     finished = [False] * batch_size  # on the host: one copy of the step's tokens, not one per row
     outputs: list[list[int]] = [[] for _ in range(batch_size)]
@@ -65,7 +76,7 @@ def greedy_search(
     max_lengths = max_lengths.to(device)
     for t in range(agree(int(max_lengths.max()))):
         log_probs, state = step(tokens, state)
-        log_probs = _mask_scores(log_probs, banned, eos_id, t + 1 >= max_lengths)
+        log_probs = _mask_scores(log_probs, banned, eos_id, t + 1 >= max_lengths, t < min_length)
         tokens = log_probs.argmax(dim=-1, keepdim=True)
         for i, token in enumerate(tokens.view(-1).tolist()):
             if finished[i]:
@@ -92,8 +103,10 @@ def beam_search(
     device,
     length_penalty: float = 1.0,
     agree: Agree = alone,
+    min_length: int = 1,
 ) -> list[list[int]]:
-    """The best finished hypothesis of each sentence (without [EOS]).
+    """The best finished hypothesis of each sentence (without [EOS]); ``min_length`` as in
+    ``greedy_search``.
 
     ``step`` sees ``batch_size * beam_size`` rows, sentence-major (rows ``b*K ... b*K+K-1`` are
     sentence b's beams): the caller repeats the encoder memory that way before calling.
@@ -109,7 +122,7 @@ def beam_search(
     base = torch.arange(batch_size, device=device)[:, None] * k
     for t in range(agree(int(max_lengths.max()))):
         log_probs, state = step(tokens[:, -1:], state)
-        log_probs = _mask_scores(log_probs.float(), banned, eos_id, t + 1 >= limits)
+        log_probs = _mask_scores(log_probs.float(), banned, eos_id, t + 1 >= limits, t < min_length)
         vocab = log_probs.shape[-1]
         candidates = (scores.view(-1, 1) + log_probs).view(batch_size, k * vocab)
         top_scores, top_index = candidates.topk(2 * k, dim=-1)  # at most k of them end in [EOS]

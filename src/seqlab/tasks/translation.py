@@ -61,6 +61,7 @@ class TranslationTask(SeqTask):
             again, with the positions added, at its own ``dropout``).
         label_smoothing: of the training cross-entropy (0.1 in Vaswani et al. 2017).
         beam_size, length_penalty, max_len_a, max_len_b: test-time search (beam 1 = greedy).
+        min_len: [EOS] is refused before this many target tokens (fairseq's ``--min-len``).
         val_beam_size: search used for the validation BLEU (1: greedy, cheap).
         val_bleu_samples: the first N validation sentences (in the split's order) translated each
             epoch for ``val/bleu`` (0: all).
@@ -86,6 +87,7 @@ class TranslationTask(SeqTask):
         length_penalty: float = 1.0,
         max_len_a: float = 1.5,
         max_len_b: int = 10,
+        min_len: int = 1,
         val_beam_size: int = 1,
         val_bleu_samples: int = 0,
         sample_translations: int = 20,
@@ -112,6 +114,7 @@ class TranslationTask(SeqTask):
             "a number >= 0 (tokens per source token)",
         )
         check_range("task.max_len_b", max_len_b, lambda v: v >= 0, "a number >= 0 (tokens besides)")
+        check_range("task.min_len", min_len, lambda v: v >= 0, "a token count >= 0")
         check_range("task.sample_translations", sample_translations, lambda v: v >= 0, "a row count >= 0")
         if share_embeddings and not shared_vocab:
             raise ConfigError(
@@ -258,6 +261,7 @@ class TranslationTask(SeqTask):
             "banned": self.banned,
             "device": src_ids.device,
             "agree": self._decoding_agreement(),
+            "min_length": hp.min_len,
         }
         if beam_size == 1:
             return greedy_search(step, src_ids.shape[0], max_lengths=max_lengths, **common)

@@ -383,7 +383,13 @@ RESUME_SAME = {
 
 #: keys added to the configs after runs were saved with them absent, with the value that trains as
 #: those runs did: an interrupted run resumes, a finished sweep job is kept, as before the key came
-RESUME_ADDED = {"task.padding_patch": "end", "init_from": None, "init_exclude": []}
+RESUME_ADDED = {
+    "task.padding_patch": "end",
+    "init_from": None,
+    "init_exclude": [],
+    # (runs before it decoded with 0; it changes decoding only, so they resume with the new default)
+    "task.min_len": 1,
+}
 
 
 def config_differences(
