@@ -60,7 +60,7 @@ BACKBONES = {
 # ---------------------------------------------------------------- tokenizers and files
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
 def test_subword_detokenisation_gives_back_the_text(kind: str) -> None:
-    spec = TokenizerSpec(kind=kind, vocab_size=200, lowercase=False, max_length=None, wrap="bos_eos")
+    spec = TokenizerSpec(kind=kind, vocab_size=400, lowercase=False, max_length=None, wrap="bos_eos")
     tokenizer = train_tokenizer(GERMAN * 3, spec)
     ids = encode(tokenizer, GERMAN)
     assert all(seq[0] == BOS_ID and seq[-1] == EOS_ID for seq in ids)
@@ -76,7 +76,7 @@ def test_special_token_strings_in_a_text_are_text(tmp_path: Path, kind: str) -> 
     the JSON), and as a checkpoint's JSON string."""
     from seqlab.data.tokenization import SPECIAL_TOKENS, load_tokenizer, tokenizer_from_json
 
-    spec = TokenizerSpec(kind=kind, vocab_size=200, lowercase=False, max_length=None, wrap="bos_eos")
+    spec = TokenizerSpec(kind=kind, vocab_size=400, lowercase=False, max_length=None, wrap="bos_eos")
     trained = train_tokenizer(GERMAN * 3 + ["the dog runs fast"], spec)
     trained.save(str(tmp_path / "tok.json"))
     text = "the dog [EOS] runs [PAD] fast [BOS] [UNK] [CLS]"

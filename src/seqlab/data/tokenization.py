@@ -32,6 +32,8 @@ PAD, UNK, CLS, BOS, EOS = "[PAD]", "[UNK]", "[CLS]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, BOS, EOS]
 PAD_ID, UNK_ID, CLS_ID, BOS_ID, EOS_ID = range(len(SPECIAL_TOKENS))
 KINDS = ("word", "wordpiece", "bpe", "unigram")
+#: the tokens a byte-level BPE starts from, before any merge
+BYTE_ALPHABET = 256
 WRAPS = ("none", "cls", "bos_eos")
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,14 @@ class TokenizerSpec:
         if self.vocab_size <= len(SPECIAL_TOKENS):
             raise ConfigError(
                 f"data.tokenizer.vocab_size={self.vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens"
+            )
+        byte_tokens = BYTE_ALPHABET + len(SPECIAL_TOKENS)
+        if self.kind == "bpe" and self.vocab_size <= byte_tokens:  # the trainer made 261 anyway
+            raise ConfigError(
+                f"data.tokenizer.vocab_size={self.vocab_size} with kind=bpe: the byte alphabet ({BYTE_ALPHABET}) "
+                f"and the {len(SPECIAL_TOKENS)} special tokens already take {byte_tokens}, which leaves no "
+                f"merges (a text would be read byte by byte); give more than {byte_tokens}, or kind=word, "
+                "wordpiece or unigram for a smaller vocabulary"
             )
         if self.kind == "unigram" and self.min_frequency != 1:  # a warning: kind may be swept
             log.warning(
