@@ -154,6 +154,18 @@ def test_eval_reproduces_the_training_test_metrics(make_cfg, tmp_path: Path, mon
     assert tested["test/mse"] == pytest.approx(train_metrics["test/mse"], rel=1e-6)
 
 
+def test_eval_takes_a_univariate_forecaster_of_the_synthetic_series(make_cfg, tmp_path: Path) -> None:
+    """``data.features=S`` forecasts one of the 4 generated channels: eval.py refused the checkpoint
+    (``data.num_channels=4 (the model was built for 1) ... drop the override``) that no one overrode."""
+    metrics, _ = train(make_cfg("data.features=S", "data.target=x2", "trainer.max_epochs=1"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    evaluated, objects = evaluate(make_cfg(f"ckpt_path={ckpt}", name="eval", output="eval"))
+    assert objects["task"].hparams.num_channels == 1
+    assert evaluated["test/mse"] == pytest.approx(metrics["test/mse"], rel=1e-6)
+    with pytest.raises(ConfigError, match=r"data.lookback=96 \(the model was built for 48\)"):
+        evaluate(make_cfg(f"ckpt_path={ckpt}", "+data.lookback=96", name="eval", output="eval2"))
+
+
 def test_eval_on_other_data_maps_back_with_that_datas_scaler(make_cfg, tmp_path: Path) -> None:
     """A forecaster evaluated on another series: its forecasts are on that data's z-scale, so the
     original-scale metrics and reports use that data's scaler, not the training data's."""

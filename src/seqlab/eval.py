@@ -139,9 +139,13 @@ def model_name(info: dict[str, Any], task: L.LightningModule) -> str | None:
 
 def check_data_fits(task: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Path) -> None:
     """Settings both the data and the model carry (look-back, horizon, vocabulary...) must agree:
-    the model's layers were sized by them at training."""
+    the model's layers were sized by them at training. The data's side is what it gives a model
+    (``task_kwargs``) where it says so: the synthetic series' ``num_channels`` is what it generates,
+    of which ``features=S`` forecasts one."""
     shared = set(datamodule.hparams) & set(task.hparams)
-    differing = sorted(key for key in shared if datamodule.hparams[key] != task.hparams[key])
+    given = getattr(datamodule, "task_kwargs", dict)()
+    data = {key: given.get(key, datamodule.hparams[key]) for key in shared}
+    differing = sorted(key for key in shared if data[key] != task.hparams[key])
     if differing:
         shown = ", ".join(
             f"data.{k}={datamodule.hparams[k]!r} (the model was built for {task.hparams[k]!r})"
