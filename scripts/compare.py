@@ -1,5 +1,6 @@
 """Compare the backbones of a sweep: `python scripts/compare.py <sweep dir>` writes report.md,
-report.csv and the plots into that directory (see seqlab.compare)."""
+report.csv and the plots into that directory; `python scripts/compare.py <dir> <dir> ... --out <dir>`
+compares the jobs of several sweeps and runs together and writes into --out (see seqlab.compare)."""
 
 import argparse
 import sys
@@ -13,10 +14,20 @@ from seqlab.errors import SeqlabError
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (logs/<task>/multiruns/<time>)")
+    parser.add_argument(
+        "dirs",
+        type=Path,
+        nargs="+",
+        metavar="dir",
+        help="a multirun directory (logs/<task>/multiruns/<time>); several: sweeps and single runs "
+        "(logs/<task>/runs/<time>) compared as one sweep",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where the report goes (needed with several directories)"
+    )
     args = parser.parse_args()
     try:
-        report = compare(args.sweep_dir)
+        report = compare(args.dirs[0] if len(args.dirs) == 1 else args.dirs, out=args.out)
     except SeqlabError as err:
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         return 1

@@ -377,7 +377,49 @@ def test_compare_builds_the_report_of_a_real_sweep(tmp_path: Path) -> None:
     # every job saved the first test windows for the predictions plot
     assert len((sweep / "0" / "tables" / "test_first_predictions.csv").read_text().splitlines()) == 51
     missing = run_script("scripts/compare.py", str(tmp_path / "nowhere"), timeout=60)
-    assert missing.returncode == 1 and "no such sweep directory" in missing.stderr
+    assert missing.returncode == 1 and "nowhere: no such sweep or run directory" in missing.stderr
+
+
+def test_several_sweeps_and_runs_are_compared_as_one_sweep(tmp_path: Path) -> None:
+    """A backbone swept later on its own, or trained in single runs, joins the others' report:
+    jobs are named by their sweep, a seed run in two of them counts once, and the report goes to
+    ``--out``, a directory of its own."""
+    first = fake_sweep(tmp_path / "first", {"lstm": [0.85, 0.86], "gru": [0.80, 0.81]})
+    later = fake_sweep(tmp_path / "later", {"transformer": [0.90, 0.91], "lstm": [0.5]})
+    run = tmp_path / "run"
+    run.mkdir()
+    write_summary(run, {"task": "classification", "model": "rnn", "seed": 0, "metrics": {"test/acc": 0.7}})
+    out = tmp_path / "both"
+    with pytest.raises(ConfigError, match=r"3 directories compared together: .*--out <dir>"):
+        compare([first, later, run])
+    report = compare([first, later, run], out=out)
+    assert report == out / "report.md" and not (first / "report.md").exists()
+    text = report.read_text()
+    assert f"Runs and sweeps `{first}`, `{later}`, `{run}`, 7 jobs." in text
+    assert "lstm seed=0: first/0 (kept), later/2." in text  # the later lstm's 0.5 is not averaged in
+    with (out / "report.csv").open(newline="") as handle:
+        rows = {row["backbone"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["transformer", "lstm", "gru", "rnn"]
+    assert float(rows["lstm"]["acc"]) == pytest.approx(0.855) and rows["rnn"]["seeds"] == "1"
+
+    with pytest.raises(ConfigError, match=r"a directory is given twice"):
+        compare([first, tmp_path / "later" / ".." / "first"], out=out)
+    with pytest.raises(ConfigError, match=r"--out .*first/report: inside a compared directory"):
+        compare([first, later], out=first / "report")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"empty: neither a run with a summary.json nor a sweep"):
+        compare([first, tmp_path / "empty"], out=out)
+    other = fake_sweep(tmp_path / "other", {"gru": [30.0]}, task="translation")
+    with pytest.raises(
+        ConfigError, match=rf"different tasks .*{first}/0: classification, {other}/0: translation"
+    ):
+        compare([first, other], out=out)
+
+    cli = run_script(
+        "scripts/compare.py", str(first), str(later), "--out", str(tmp_path / "cli"), timeout=120
+    )
+    assert cli.returncode == 0, why_failed(cli)
+    assert cli.stdout.strip().endswith("cli/report.md") and (tmp_path / "cli" / "report.html").is_file()
 
 
 def test_curves_keep_the_later_row_of_a_step_logged_twice(tmp_path: Path) -> None:

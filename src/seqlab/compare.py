@@ -2,7 +2,9 @@
 
 ``python scripts/compare.py <sweep dir>`` (or ``experiment=compare_<task>``, which runs the
 backbones and then this) reads every job's ``summary.json`` and ``metrics.csv`` and writes into
-the sweep directory:
+the sweep directory; ``python scripts/compare.py <dir> <dir> ... --out <dir>`` compares the jobs of
+several sweeps (a backbone swept later, on its own) and single runs (``logs/<task>/runs/<time>``)
+as one sweep, and writes into ``--out``:
 
 - ``report.md``: per backbone, parameters, the test metrics (mean and standard deviation over
   seeds), training wall time (``fit_s``: ``trainer.fit``, validation included, a resumed run's
@@ -26,12 +28,13 @@ import logging
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from seqlab.errors import ConfigError
 from seqlab.utils.files import write_text_atomic
-from seqlab.utils.run import markdown_table, read_summaries, table_columns
+from seqlab.utils.run import SELF, markdown_table, read_summaries, table_columns
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +96,44 @@ def described(metric: str) -> str:
     )
 
 
-def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
+def is_run(directory: Path) -> bool:
+    """A single run's directory (its own ``summary.json``), not a sweep's."""
+    return (Path(directory) / "summary.json").is_file()
+
+
+def job_summaries(sources: Sequence[Path]) -> list[tuple[Path, str, dict[str, Any]]]:
+    """The jobs of several sources, in their order, each with the name the report gives it: a
+    sweep directory's jobs (``<sweep>/<job>``), or a run directory as one job (``<run>``). Each
+    source must hold a result: a run that wrote none (it failed, or still runs) or a directory of
+    neither kind is named."""
+    found = []
+    for source in sources:
+        if is_run(source):
+            found += [(source, source.name, summary) for _, summary in read_summaries(source, SELF)]
+            continue
+        jobs = [
+            (job_dir, f"{source.name}/{job_dir.name}", summary) for job_dir, summary in read_summaries(source)
+        ]
+        if not jobs:
+            raise ConfigError(
+                f"{source}: neither a run with a summary.json nor a sweep with jobs that wrote one "
+                "(a run that failed or is still running has none: nothing to compare from it)"
+            )
+        found += jobs
+    return found
+
+
+def read_jobs(sources: Path | Sequence[Path]) -> list[dict[str, Any]]:
+    """The jobs of a sweep directory, or of several sources (``job_summaries``) together."""
+    several = not isinstance(sources, (str, Path))
+    sweep_dir = None if several else Path(sources)
     jobs = []
-    for job_dir, summary in read_summaries(sweep_dir):
+    found = (
+        job_summaries(sources)
+        if several
+        else [(job_dir, job_dir.name, summary) for job_dir, summary in read_summaries(sweep_dir)]
+    )
+    for job_dir, name, summary in found:
         metrics = {k.removeprefix("test/"): v for k, v in summary.get("metrics", {}).items()}
         if not metrics:  # a search's trials run no test: their validation bests (val/mse_best)
             metrics = dict(summary.get("best") or {})
@@ -105,9 +143,17 @@ def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         if broken:  # a diverged run's NaN would make every mean and ranking NaN
             log.warning("%s: leaving out its non-finite metrics %s", job_dir, broken)
             metrics = {k: v for k, v in metrics.items() if k not in broken}
-        jobs.append({"dir": job_dir, "summary": summary, "metrics": metrics, "model": summary.get("model")})
+        jobs.append(
+            {
+                "dir": job_dir,
+                "name": name,
+                "summary": summary,
+                "metrics": metrics,
+                "model": summary.get("model"),
+            }
+        )
     if not jobs:
-        if (Path(sweep_dir) / "summary.json").is_file():
+        if is_run(sweep_dir):
             raise ConfigError(
                 f"{sweep_dir} is one run (its own summary.json), not a sweep: give the directory of a "
                 "sweep (logs/<task_name>/multiruns/<time>), whose jobs compare.py compares"
@@ -119,11 +165,18 @@ def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
             job["summary"]["task"] = named[0] if len(named) == 1 else None
     tasks = {job["summary"].get("task") for job in jobs}
     if len(tasks) > 1:
+        where = ", ".join(f"{job['dir']}: {job['summary'].get('task')}" for job in unlike(jobs, "task"))
         raise ConfigError(
-            f"{sweep_dir}: jobs of different tasks {sorted(map(str, tasks))} cannot be compared"
+            f"{sweep_dir or 'these directories'}: jobs of different tasks {sorted(map(str, tasks))} "
+            f"cannot be compared ({where})"
         )
     label_settings(jobs)
     return without_repeated_seeds(jobs)
+
+
+def unlike(jobs: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """The first job of each value of summary ``key``."""
+    return list({str(job["summary"].get(key)): job for job in reversed(jobs)}.values())[::-1]
 
 
 def without_repeated_seeds(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -141,7 +194,7 @@ def without_repeated_seeds(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             first[(str(job["model"]), seed)] = job
             kept.append(job)
             continue
-        earlier.setdefault("repeats", []).append(job["dir"])
+        earlier.setdefault("repeats", []).append(job["name"])
         log.warning(
             "%s: %s with seed=%s again (as %s): a seed counts once",
             job["dir"],
@@ -154,8 +207,8 @@ def without_repeated_seeds(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def repeats_note(jobs: list[dict[str, Any]]) -> str | None:
     repeated = [
-        f"{job['model']} seed={job['summary'].get('seed')}: {Path(job['dir']).name} (kept), "
-        + ", ".join(Path(d).name for d in job["repeats"])
+        f"{job['model']} seed={job['summary'].get('seed')}: {job['name']} (kept), "
+        + ", ".join(job["repeats"])
         for job in jobs
         if job.get("repeats")
     ]
@@ -483,22 +536,26 @@ def write_html(markdown: Path, path: Path, title: str) -> Path:
     return path
 
 
-def failed_jobs(sweep_dir: Path) -> tuple[list[str], list[str]]:
+def failed_jobs(sweep_dir: Path, prefix: str = "") -> tuple[list[str], list[str]]:
     """A markdown line per job of the sweep without a result (failed: its ``error.txt``; killed
     without one: out of memory, a time limit), with its overrides; and one per job that failed
     after its ``summary.json`` was written (in a later attempt, ``FAILED_AGAIN``, or in the same
-    one), whose result the table has. The statuses are the sweep table's (``sweep_rows``)."""
+    one), whose result the table has. The statuses are the sweep table's (``sweep_rows``); each
+    job is named ``prefix`` + its number. A run directory (``is_run``) has none."""
     from seqlab.utils.hydra_callbacks import FAILED_AFTER_SUMMARY, FAILED_AGAIN, job_overrides, sweep_rows
 
     unfinished, with_result = [], []
+    if is_run(sweep_dir):
+        return unfinished, with_result
     for row in sweep_rows(sweep_dir):
         if row["status"] == "ok":
             continue
+        job = f"{prefix}{row['job']}"
         if row["status"] in (FAILED_AGAIN, FAILED_AFTER_SUMMARY):  # the overrides of the attempt that failed
             overrides = job_overrides(sweep_dir / row["job"])
-            with_result.append(f"- job {row['job']} ({row['status']}, `{overrides}`): {row['error']}")
+            with_result.append(f"- job {job} ({row['status']}, `{overrides}`): {row['error']}")
         else:
-            unfinished.append(f"- job {row['job']} ({row['status']}, `{row['overrides']}`): {row['error']}")
+            unfinished.append(f"- job {job} ({row['status']}, `{row['overrides']}`): {row['error']}")
     return unfinished, with_result
 
 
@@ -572,28 +629,66 @@ def memory_meaning(jobs: list[dict[str, Any]]) -> str:
     return f"{gpu} for jobs trained on a GPU, {host} for the others: not comparable between them"
 
 
-def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
-    """Write the report of ``sweep_dir``; returns the path of ``report.md``. With ``wandb_init``
-    (``project``, ``group``, ``mode``...), the table and plots also go to W&B."""
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise ConfigError(f"{sweep_dir}: no such sweep directory")
-    jobs = read_jobs(sweep_dir)
+def report_sources(sources: Path | Sequence[Path], out: Path | None) -> tuple[list[Path], Path, str]:
+    """The directories to read, the one to write into, and how the report names its jobs' origin.
+    One sweep directory is read and written into; several sources (sweeps or runs) need ``out``."""
+    several = not isinstance(sources, (str, Path))
+    paths = [Path(p) for p in sources] if several else [Path(sources)]
+    if not paths:
+        raise ConfigError("no sweep or run directory given to compare")
+    for path in paths:
+        if not path.is_dir():
+            raise ConfigError(f"{path}: no such sweep or run directory")
+    if len(set(map(Path.resolve, paths))) < len(paths):
+        raise ConfigError(
+            f"{[str(p) for p in paths]}: a directory is given twice (its jobs would count twice)"
+        )
+    if len(paths) == 1 and out is None:
+        return paths, paths[0], f"Sweep `{paths[0]}`"
+    if out is None:
+        raise ConfigError(
+            f"{len(paths)} directories compared together: give the directory the report goes to "
+            "(--out <dir>; it is created), as the report belongs to none of them"
+        )
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file, not a directory")
+    if any(out.resolve() == path.resolve() or path.resolve() in out.resolve().parents for path in paths):
+        raise ConfigError(
+            f"--out {out}: inside a compared directory; a report there would be read as one of its jobs' "
+            "neighbours and overwrite its own report: give a directory outside them"
+        )  # (a sweep's own report is written with one directory and no --out)
+    out.mkdir(parents=True, exist_ok=True)
+    return (
+        paths,
+        out,
+        ("Runs and sweeps " if len(paths) > 1 else "Sweep ") + ", ".join(f"`{p}`" for p in paths),
+    )
+
+
+def compare(
+    sources: Path | Sequence[Path], wandb_init: dict[str, Any] | None = None, out: Path | None = None
+) -> Path:
+    """Write the report of a sweep directory (into it), or of several sweeps' and runs' jobs
+    together (into ``out``); returns the path of ``report.md``. With ``wandb_init`` (``project``,
+    ``group``, ``mode``...), the table and plots also go to W&B."""
+    paths, report_dir, origin = report_sources(sources, out)
+    jobs = read_jobs(paths if len(paths) > 1 or out is not None else paths[0])
     task = str(jobs[0]["summary"].get("task"))
     rows, metric = aggregate(jobs, task)
     columns = table_columns(rows)
-    with (sweep_dir / "report.csv").open("w", newline="") as handle:
+    with (report_dir / "report.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    plots = [plot_curves(jobs, sweep_dir / "report_curves.png")]
-    plots.append(plot_metric_vs_time(jobs, metric, sweep_dir / "report_metric_vs_time.png"))
+    plots = [plot_curves(jobs, report_dir / "report_curves.png")]
+    plots.append(plot_metric_vs_time(jobs, metric, report_dir / "report_metric_vs_time.png"))
     if task == "forecasting":
-        plots.append(plot_predictions(jobs, sweep_dir / "report_predictions.png"))
+        plots.append(plot_predictions(jobs, report_dir / "report_predictions.png"))
     lines = [
         f"# {task}: {', '.join(r['backbone'] for r in rows)}",
         "",
-        f"Sweep `{sweep_dir}`, {len(jobs)} jobs. Means over seeds (`_std`: standard deviation); "
+        f"{origin}, {len(jobs)} jobs. Means over seeds (`_std`: standard deviation); "
         f"ranked by {described(metric)} ({'higher' if MAIN_METRIC.get(task, ('', True))[1] else 'lower'} is better). "
         "A gap to the best counts as beyond seed noise when Welch's t-test rejects equal means, "
         f"Holm-corrected over the comparisons with the best at {ALPHA:.0%} (p: the test's own "
@@ -618,7 +713,10 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
         markdown_table(rows, columns),
         "",
     ]
-    failed, again = failed_jobs(sweep_dir)
+    failed, again = [], []
+    for path in paths:
+        more = failed_jobs(path, f"{path.name}/" if len(paths) > 1 else "")
+        failed, again = failed + more[0], again + more[1]
     if failed:
         lines += [f"Jobs without a result, not in the table ({len(failed)}):", "", *failed, ""]
     if again:
@@ -629,9 +727,9 @@ def compare(sweep_dir: Path, wandb_init: dict[str, Any] | None = None) -> Path:
             "",
         ]
     lines += [f"![{p.stem}]({p.name})" for p in plots if p is not None]
-    report = sweep_dir / "report.md"
+    report = report_dir / "report.md"
     write_text_atomic(report, "\n".join(lines) + "\n")
-    write_html(report, sweep_dir / "report.html", title=lines[0].removeprefix("# "))
+    write_html(report, report_dir / "report.html", title=lines[0].removeprefix("# "))
     if wandb_init is not None:
-        publish_to_wandb(sweep_dir, rows, [p for p in plots if p is not None], **wandb_init)
+        publish_to_wandb(report_dir, rows, [p for p in plots if p is not None], **wandb_init)
     return report

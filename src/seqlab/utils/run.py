@@ -203,11 +203,16 @@ def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
     return path
 
 
-def read_summaries(sweep_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Every job's summary below a multirun directory, in job order."""
+#: ``read_summaries``' pattern for a run directory's own summary
+SELF = "."
+
+
+def read_summaries(sweep_dir: Path, jobs: str = "*") -> list[tuple[Path, dict[str, Any]]]:
+    """Every job's summary below a multirun directory, in job order (``jobs=SELF``: the run
+    directory's own)."""
     found = []
     for path in sorted(
-        sweep_dir.glob(f"*/{SUMMARY_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name)
+        Path(sweep_dir).glob(f"{jobs}/{SUMMARY_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name)
     ):
         try:
             found.append((path.parent, json.loads(path.read_text())))
