@@ -288,6 +288,24 @@ def test_string_labels_become_saved_class_ids_and_val_is_held_out(tmp_path: Path
     assert again.texts("val") == dm.texts("val")
 
 
+def test_evaluation_texts_that_are_also_training_texts_are_counted(tmp_path: Path, caplog) -> None:
+    """A file with duplicates keeps copies on both sides of a random holdout, and a test file may
+    repeat training texts: the evaluation then partly measures recall. Counted and said."""
+    dm = text_dm(three_class_files(tmp_path / "raw"), tmp_path / "cache")
+    dm.prepare_data()
+    assert json.loads((dm.processed_dir / "meta.json").read_text())["also_in_train"] == {"val": 0, "test": 0}
+    rows = [f"review number {i % 10},{'good' if i % 2 else 'bad'}" for i in range(40)]  # each text 4 times
+    write(tmp_path / "dup" / "train.csv", "review,sentiment\n" + "\n".join(rows) + "\n")
+    write(tmp_path / "dup" / "test.csv", "review,sentiment\nreview  number 3,good\nunseen text,bad\n")
+    dm = text_dm(tmp_path / "dup", tmp_path / "cache", val_size=8)
+    with caplog.at_level("WARNING", logger="seqlab.data.classification"):
+        dm.prepare_data()
+    in_train = json.loads((dm.processed_dir / "meta.json").read_text())["also_in_train"]
+    assert in_train["test"] == 1  # spacing aside
+    assert in_train["val"] == sum(text in set(dm.texts("train")) for text in dm.texts("val")) > 0
+    assert f"'val': '{in_train['val']} of 8', 'test': '1 of 2'" in caplog.text
+
+
 def phrase_treebank(root: Path) -> Path:
     """An SST-like train file: every sentence and, with their own labels, its phrases."""
     lines = []

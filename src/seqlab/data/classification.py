@@ -89,6 +89,16 @@ def maximal_examples(texts: list[str]) -> list[int]:
     return [i for i, text in enumerate(texts) if " ".join(text.split()) not in inside]
 
 
+def also_in_train(raw: dict[str, LabelledTexts]) -> dict[str, int]:
+    """How many texts of val and test are, but for their spacing, texts of train: a data set with
+    duplicates keeps copies on both sides of a random holdout (scraped reviews, tweets), and a
+    given test file may repeat training texts."""
+    seen = {" ".join(text.split()) for text in raw["train"].texts}
+    return {
+        split: sum(" ".join(text.split()) in seen for text in raw[split].texts) for split in ("val", "test")
+    }
+
+
 #: word spans ``holdout=sentences`` may enumerate: SST-2's train (67 K phrases of at most 52 words)
 #: has 5.5 M; IMDB's 25 K reviews of ~230 words would have ~1,000 M (hours and tens of GB)
 MAX_SPANS = 50_000_000
@@ -433,11 +443,21 @@ class TextClassificationDataModule(BatchedTextDataModule):
                     "remove such texts, or keep data.tokenizer.wrap=cls"
                 )
             splits[split] = TokenizedTexts.from_lists(ids, label_ids[split], examples.texts).state()
+        in_train = also_in_train(raw)
+        if any(in_train.values()):
+            log.warning(
+                "%s: texts of the evaluation splits that are also training texts (the same text, "
+                "spacing aside): %s; their scores partly measure recall of training examples "
+                "(counted in meta.json as also_in_train): remove the duplicates from the files to "
+                "measure generalisation alone",
+                self.name, {split: f"{count} of {len(raw[split])}" for split, count in in_train.items() if count},
+            )  # fmt: skip
         meta = {
             "classes": classes,
             "vocab_size": tokenizer.get_vocab_size(),
             "tokenizer": self.spec.to_dict(),
             "sizes": {split: len(examples) for split, examples in raw.items()},
+            "also_in_train": in_train,
             # texts cut to data.tokenizer.max_length (the checkpoint's tokenizer's, when it has one)
             "truncated": truncated,
             "class_counts": {
