@@ -86,6 +86,85 @@ def test_any_csv_with_a_ratio_split(tmp_path: Path) -> None:
     assert len(dm.datasets["test"]) == 200 - 12 + 1
 
 
+def to_long(wide: Path, long: Path, seed: int = 0, id_column: str = "unique_id") -> list[str]:
+    """The wide CSV's channels as long-format rows (``unique_id,ds,y``), shuffled."""
+    header, *rows = [line.split(",") for line in wide.read_text().splitlines()]
+    out = [
+        f"{id_column},ds,y",
+        *(f"{name},{row[0]},{value}" for row in rows for name, value in zip(header[1:], row[1:])),
+    ]
+    body = out[1:]
+    np.random.default_rng(seed).shuffle(body)
+    long.write_text("\n".join([out[0], *body]) + "\n")
+    return [line.split(",")[0] for line in body]
+
+
+def test_a_long_format_file_is_read_as_a_channel_per_series(tmp_path: Path) -> None:
+    """neuralforecast's ``unique_id,ds,y`` (a row per series and time, in any order) reads as the
+    wide file it was made from, a channel per series in the order the ids first appear."""
+    wide = read_series_csv(write_csv(tmp_path / "wide.csv", 300, columns=("MT_1", "MT_2", "OT")))
+    ids = to_long(tmp_path / "wide.csv", tmp_path / "long.csv")
+    long = read_series_csv(tmp_path / "long.csv", date_column="ds", id_column="unique_id")
+    order = list(dict.fromkeys(ids))
+    assert long.columns == order and sorted(order) == sorted(wide.columns)
+    np.testing.assert_array_equal(long.values, wide.values[:, [wide.columns.index(c) for c in order]])
+    assert long.timestamps == wide.timestamps and long.rows_per_day == 24
+    # several value columns: a channel per series and column
+    lines = (tmp_path / "long.csv").read_text().splitlines()
+    (tmp_path / "two.csv").write_text(
+        "\n".join([lines[0] + ",z", *(f"{line},1.5" for line in lines[1:])]) + "\n"
+    )
+    two = read_series_csv(tmp_path / "two.csv", date_column="ds", id_column="unique_id")
+    assert two.columns[:2] == [f"{order[0]}/y", f"{order[0]}/z"] and two.values.shape == (300, 6)
+    np.testing.assert_array_equal(two.values[:, 0::2], long.values)
+
+    dm = CSVSeriesDataModule(
+        data_dir=str(tmp_path), file="long.csv", date_column="ds", id_column="unique_id",
+        lookback=24, horizon=12, features="S", target="MT_2",
+    )  # fmt: skip
+    dm.setup()
+    assert dm.task_kwargs()["channel_names"] == ["MT_2"]
+    _, target = dm.datasets["test"][0]  # the first test forecast starts at row 0.7 * 300 + 0.1 * 300
+    column = wide.values[:, wide.columns.index("MT_2")]
+    np.testing.assert_allclose(target[:, 0].numpy(), (column[240:252] - dm.mean[0]) / dm.std[0], rtol=1e-5)
+
+
+def test_a_long_format_file_that_does_not_line_up_is_refused_by_series_and_time(tmp_path: Path) -> None:
+    write_csv(tmp_path / "wide.csv", 50, columns=("A", "B"))
+    to_long(tmp_path / "wide.csv", tmp_path / "long.csv")
+    header, *rows = (tmp_path / "long.csv").read_text().splitlines()
+    gone = next(i for i, row in enumerate(rows) if row.startswith("B,2016-07-01 05:00:00"))
+    (tmp_path / "gap.csv").write_text("\n".join([header, *rows[:gone], *rows[gone + 1 :]]) + "\n")
+    with pytest.raises(DataError, match=r"gap.csv: series 'B' \(unique_id\) has no row at 1 of the file's 50 times, "
+                       r"first 2016-07-01 05:00:00; .*fill the missing values"):  # fmt: skip
+        read_series_csv(tmp_path / "gap.csv", date_column="ds", id_column="unique_id")
+    (tmp_path / "twice.csv").write_text("\n".join([header, *rows, rows[gone]]) + "\n")
+    with pytest.raises(DataError, match=rf"twice.csv, line 102: series 'B' \(unique_id\) has a second row at "
+                       rf"2016-07-01 05:00:00 \(the first on line {gone + 2}\)"):  # fmt: skip
+        read_series_csv(tmp_path / "twice.csv", date_column="ds", id_column="unique_id")
+    (tmp_path / "blank.csv").write_text(f"{header}\n,2016-07-01 00:00:00,1.0\n")
+    with pytest.raises(DataError, match=r"blank.csv, line 2: the id column 'unique_id' is empty"):
+        read_series_csv(tmp_path / "blank.csv", date_column="ds", id_column="unique_id")
+    with pytest.raises(
+        DataError, match=r"no id column 'series' \(data.id_column\); columns are \['unique_id', 'ds', 'y'\]"
+    ):
+        read_series_csv(tmp_path / "long.csv", date_column="ds", id_column="series")
+    with pytest.raises(
+        ConfigError, match=r"data.id_column='unique_id' \(long format\) needs data.date_column"
+    ):
+        read_series_csv(tmp_path / "long.csv", date_column=None, id_column="unique_id")
+    # read as a wide file, a long one says where to look
+    with pytest.raises(DataError, match=r"'unique_id': '[AB]' is not a number \(a column of names; several series in "
+                       r"long format\? name their id column \(data.id_column=<column>\)"):  # fmt: skip
+        read_series_csv(tmp_path / "long.csv", date_column="ds")
+    by_series = sorted(rows, key=lambda row: (row[0], row[2:]))
+    (tmp_path / "sorted.csv").write_text("\n".join([header, *by_series]) + "\n")
+    with pytest.raises(
+        DataError, match=r"line 52: date 2016-07-01 00:00:00 comes before .*name their id column"
+    ):
+        read_series_csv(tmp_path / "sorted.csv", date_column="ds", columns=["y"])
+
+
 def test_batches_gather_windows_in_one_step() -> None:
     dm = SyntheticSeriesDataModule(num_steps=500, num_channels=3, lookback=20, horizon=5)
     dm.setup()

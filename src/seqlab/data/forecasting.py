@@ -206,7 +206,8 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
                 raise DataError(
                     f"{self.source}: data.split=calendar needs one row per time, but most rows repeat "
                     f"the time before them (first {series.timestamps[int(np.argmin(series.steps()))]}): "
-                    "several series in long format? Give each its own column, or use data.split=ratio"
+                    "several series in long format? Name their id column (data.id_column=<column>): each "
+                    "becomes a channel"
                 )
             if per_day is None:
                 raise DataError(f"{self.source}: data.split=calendar needs timestamps; use data.split=ratio")
@@ -421,7 +422,9 @@ class CSVSeriesDataModule(SeriesDataModule):
     """Any CSV with a date column and numeric columns; ETT with ``data=ett``.
 
     Offline it reads ``data_dir/file``; when the file is missing and ``url`` is set,
-    ``prepare_data`` downloads it first (atomically, on one process per node).
+    ``prepare_data`` downloads it first (atomically, on one process per node). With
+    ``id_column`` the file is in long format (``unique_id,ds,y``), a channel per series
+    (``read_series_csv``).
     """
 
     def __init__(
@@ -433,6 +436,7 @@ class CSVSeriesDataModule(SeriesDataModule):
         date_column: str | None = "date",
         columns: list[str] | None = None,
         date_format: str | None = None,
+        id_column: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -445,6 +449,7 @@ class CSVSeriesDataModule(SeriesDataModule):
         self.date_column = date_column
         self.columns = list(columns) if columns is not None else None
         self.date_format = date_format
+        self.id_column = id_column
 
     @property
     def source(self) -> str:
@@ -455,4 +460,4 @@ class CSVSeriesDataModule(SeriesDataModule):
 
     def load_series(self) -> Series:
         ensure_file(self.path, None, allow_download=False)
-        return read_series_csv(self.path, self.date_column, self.columns, self.date_format)
+        return read_series_csv(self.path, self.date_column, self.columns, self.date_format, self.id_column)

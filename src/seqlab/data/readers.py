@@ -89,18 +89,54 @@ def parse_date(text: str, path: Path, line: int, date_format: str | None) -> dat
     )
 
 
+def parse_value(cell: str, path: Path, line: int, name: str, text_hint: str = "") -> float:
+    """A value cell as a float: empty cells, text (``text_hint`` appended), NaN, infinities and
+    values beyond float32 are errors naming the line and column."""
+    cell = cell.strip()
+    try:
+        value = float(cell)
+    except ValueError:
+        what = (
+            "is empty (a missing value); fill or drop missing values first"
+            if not cell
+            else f"is not a number{text_hint}"
+        )
+        raise DataError(f"{path}, line {line}, column {name!r}: {cell!r} {what}") from None
+    if not math.isfinite(value):
+        raise DataError(
+            f"{path}, line {line}, column {name!r}: value {cell!r} is not finite "
+            "(NaN or infinite); fill or drop missing values first"
+        )
+    if abs(value) > FLOAT32_MAX:  # stored as float32: it would become infinite
+        raise DataError(
+            f"{path}, line {line}, column {name!r}: value {cell!r} is beyond float32's "
+            f"range (|x| <= {FLOAT32_MAX:.4g}); rescale the column"
+        )
+    return value
+
+
 def read_series_csv(
     path: str | Path,
     date_column: str | None = "date",
     columns: list[str] | None = None,
     date_format: str | None = None,
+    id_column: str | None = None,
 ) -> Series:
     """Read a CSV with a date column and numeric columns (ETT, weather, electricity, ...).
 
-    ``columns`` selects and orders the value columns; by default every column but the date.
-    Empty cells, text, NaN and infinite values are errors naming the line and column.
+    ``columns`` selects and orders the value columns; by default every column but the date (and
+    the id). Empty cells, text, NaN and infinite values are errors naming the line and column.
+    With ``id_column`` the file is in long format (neuralforecast's ``unique_id,ds,y``: one row per
+    series and time, in any order): each series becomes a channel (``<id>``, or ``<id>/<column>``
+    with several value columns), in the order the ids first appear; every series needs a row at
+    every time of the file.
     """
     path = Path(path)
+    if id_column is not None and date_column is None:
+        raise ConfigError(
+            f"data.id_column={id_column!r} (long format) needs data.date_column: the series' rows are "
+            "lined up by their times"
+        )
     try:
         handle = path.open(newline="", encoding="utf-8-sig")  # a spreadsheet's byte-order mark too
     except FileNotFoundError:
@@ -114,25 +150,27 @@ def read_series_csv(
             if not header:
                 raise DataError(f"{path} is empty: expected a header line with column names")
             header = [name.strip() for name in header]
-            if date_column is not None and date_column not in header:
-                raise DataError(
-                    f"{path}: no date column {date_column!r} (data.date_column); columns are {header}"
-                    + separator_hint(header, ",")
-                )
+            for key, name in (("date_column", date_column), ("id_column", id_column)):
+                if name is not None and name not in header:
+                    raise DataError(
+                        f"{path}: no {key.split('_')[0]} column {name!r} (data.{key}); columns are {header}"
+                        + separator_hint(header, ",")
+                    )
             if columns is None and "" in header:
                 raise DataError(
                     f"{path}: column {header.index('') + 1} has no name (a DataFrame's index written by "
                     "to_csv?); name it, drop it (to_csv(index=False)), or choose the value columns with "
                     "data.columns"
                 )
-            wanted = columns if columns is not None else [c for c in header if c != date_column]
+            keys = [c for c in (date_column, id_column) if c is not None]
+            wanted = columns if columns is not None else [c for c in header if c not in keys]
             missing = [c for c in wanted if c not in header]
             if missing:
                 raise DataError(
                     f"{path}: column(s) {missing} not found; columns are {header}"
                     + separator_hint(header, ",")
                 )
-            ambiguous = sorted({c for c in [*wanted, date_column] if c is not None and header.count(c) > 1})
+            ambiguous = sorted({c for c in [*wanted, *keys] if header.count(c) > 1})
             if ambiguous:
                 raise DataError(
                     f"{path}: the header names column(s) {ambiguous} more than once; which one is "
@@ -142,11 +180,20 @@ def read_series_csv(
             if repeated:
                 raise DataError(f"{path}: data.columns names {repeated} more than once")
             if not wanted:
-                raise DataError(f"{path}: no value columns besides the date column {date_column!r}")
+                raise DataError(f"{path}: no value columns besides the columns {keys}")
             value_idx = [header.index(c) for c in wanted]
             date_idx = header.index(date_column) if date_column is not None else None
+            id_idx = header.index(id_column) if id_column is not None else None
+            long_hint = (
+                "; several series in long format? name their id column (data.id_column=<column>)"
+                if id_column is None
+                else ""
+            )
+            text_hint = f" (a column of names{long_hint}, or choose the value columns with data.columns)"
             rows: list[list[float]] = []
             stamps: list[datetime] = []
+            ids: list[str] = []
+            lines: list[int] = []
             for line_no, row in enumerate(reader, start=2):
                 if not row or all(not cell.strip() for cell in row):
                     continue
@@ -155,30 +202,18 @@ def read_series_csv(
                         f"{path}, line {line_no}: {len(row)} fields, expected {len(header)} "
                         "(truncated or malformed line)"
                     )
-                values = []
-                for name, idx in zip(wanted, value_idx):
-                    cell = row[idx].strip()
-                    try:
-                        value = float(cell)
-                    except ValueError:
-                        what = (
-                            "is empty (a missing value); fill or drop missing values first"
-                            if not cell
-                            else "is not a number"
-                        )
-                        raise DataError(f"{path}, line {line_no}, column {name!r}: {cell!r} {what}") from None
-                    if not math.isfinite(value):
-                        raise DataError(
-                            f"{path}, line {line_no}, column {name!r}: value {cell!r} is not finite "
-                            "(NaN or infinite); fill or drop missing values first"
-                        )
-                    if abs(value) > FLOAT32_MAX:  # stored as float32: it would become infinite
-                        raise DataError(
-                            f"{path}, line {line_no}, column {name!r}: value {cell!r} is beyond float32's "
-                            f"range (|x| <= {FLOAT32_MAX:.4g}); rescale the column"
-                        )
-                    values.append(value)
-                rows.append(values)
+                rows.append(
+                    [
+                        parse_value(row[idx], path, line_no, name, text_hint)
+                        for name, idx in zip(wanted, value_idx)
+                    ]
+                )
+                if id_idx is not None:
+                    series_id = row[id_idx].strip()
+                    if not series_id:
+                        raise DataError(f"{path}, line {line_no}: the id column {id_column!r} is empty")
+                    ids.append(series_id)
+                    lines.append(line_no)
                 if date_idx is not None:
                     stamp = parse_date(row[date_idx].strip(), path, line_no, date_format)
                     try:  # splits take the earliest rows for training: the file must be in time order
@@ -188,10 +223,11 @@ def read_series_csv(
                             f"{path}, line {line_no}: date {stamp} and the previous row's {stamps[-1]}: "
                             "expected every date with a UTC offset or none without"
                         ) from None
-                    if earlier:
+                    if earlier and id_idx is None:
                         raise DataError(
                             f"{path}, line {line_no}: date {stamp} comes before the previous row's "
-                            f"{stamps[-1]}; expected rows in time order, oldest first"
+                            f"{stamps[-1]}; expected rows in time order, oldest first (several series "
+                            "in long format, one after another? name their id column: data.id_column)"
                         )
                     stamps.append(stamp)
         except UnicodeDecodeError as err:
@@ -200,7 +236,51 @@ def read_series_csv(
             raise DataError(f"{path}: malformed CSV ({err})") from None
     if not rows:
         raise DataError(f"{path} has a header but no data rows")
+    if id_column is not None:
+        return long_to_wide(path, id_column, wanted, ids, stamps, rows, lines)
     return Series(np.asarray(rows, dtype=np.float32), list(wanted), stamps or None)
+
+
+def long_to_wide(
+    path: Path,
+    id_column: str,
+    wanted: list[str],
+    ids: list[str],
+    stamps: list[datetime],
+    rows: list[list[float]],
+    lines: list[int],
+) -> Series:
+    """Long-format rows (one per series and time) as one multivariate series: a channel per
+    series (and value column), on the times of the file. A series without a row at one of those
+    times, or with two rows at one, is an error naming the series, the time and the line."""
+    times = sorted(set(stamps))
+    at = {stamp: i for i, stamp in enumerate(times)}
+    order = list(dict.fromkeys(ids))
+    slot = {series_id: i for i, series_id in enumerate(order)}
+    width = len(wanted)
+    values = np.zeros((len(times), len(order) * width), dtype=np.float32)
+    seen = np.zeros((len(times), len(order)), dtype=np.int64)  # the line that filled it (0: none)
+    for series_id, stamp, row, line in zip(ids, stamps, rows, lines):
+        t, s = at[stamp], slot[series_id]
+        if seen[t, s]:
+            raise DataError(
+                f"{path}, line {line}: series {series_id!r} ({id_column}) has a second row at {stamp} "
+                f"(the first on line {seen[t, s]}); keep one row per series and time"
+            )
+        seen[t, s] = line
+        values[t, s * width : (s + 1) * width] = row
+    for s, series_id in enumerate(order):
+        absent = np.flatnonzero(seen[:, s] == 0)
+        if len(absent):
+            raise DataError(
+                f"{path}: series {series_id!r} ({id_column}) has no row at {len(absent)} of the file's "
+                f"{len(times)} times, first {times[absent[0]]}; every series is a channel of one "
+                "multivariate series, on one time axis: give each series a row at every time (fill "
+                "the missing values), or keep the series that cover the same span"
+            )
+    names = order if width == 1 else [f"{series_id}/{column}" for series_id in order for column in wanted]
+    log.info("%s: %d series (%s) of %d times, in long format", path, len(order), id_column, len(times))
+    return Series(values, names, times)
 
 
 def download(url: str, destination: Path, timeout: float = 30.0) -> None:
