@@ -41,6 +41,25 @@ FAST = [
 ]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("seqlab")
+    group.addoption(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run the backbone contract tests (tests/test_backbones.py) on configs/model/NAME.yaml "
+        "instead of the built-in backbones (repeatable)",
+    )
+    group.addoption(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="a Hydra override for those models (model.d_model=64; repeatable)",
+    )
+
+
 @pytest.fixture(autouse=True, scope="session")
 def data_dir_of_the_session(tmp_path_factory) -> Iterator[Path]:
     """Generated datasets and processed caches (``paths.data_dir``) go to a directory of the test

@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from seqlab.backbones.base import Backbone
+
 
 class FailOnRank(L.Callback):
     """At optimizer step ``step``, global rank ``rank`` raises (``how=raise``), is killed with
@@ -275,3 +277,25 @@ class FailAtEnd(L.Callback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "test" and trainer.global_rank == self.rank:
             raise RuntimeError(f"injected failure at the end on rank {self.rank}")
+
+
+class RunningMeanBackbone(Backbone):
+    """A user's encoder-only backbone, as the README's "Your own backbone" describes it: each step
+    the linear map of the mean of the steps up to it (causal, so padding on the right changes
+    nothing before it). ``leak=True`` breaks the contract: every step also reads the mean of the
+    whole sequence, padding included, while the class still says it is causal."""
+
+    causal = True
+
+    def __init__(self, d_model: int = 16, leak: bool = False, with_decoder: bool = False) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.leak = leak
+        self.proj = torch.nn.Linear(d_model, d_model)
+
+    def encode(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[None, :, None]
+        context = x.cumsum(dim=1) / steps
+        if self.leak:
+            context = context + x.mean(dim=1, keepdim=True)
+        return self.proj(context)

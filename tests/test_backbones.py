@@ -1,6 +1,15 @@
-"""The backbone contract, for every backbone: shapes, padding, causal decoding with state."""
+"""The backbone contract, for every backbone: shapes, padding, causal decoding with state.
+
+Your own backbone (``configs/model/<name>.yaml``) meets the same checks with
+``pytest tests/test_backbones.py --model=<name> [--model-arg model.d_model=64 ...]``: the tests
+that take the ``backbone`` fixture then run on it (built as the translation task builds it, with a
+decoder), those of ``decode`` skipped where it implements none.
+"""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,29 +37,97 @@ def backbones(with_decoder: bool = True) -> dict[str, Backbone]:
     }
 
 
-@pytest.fixture(params=list(backbones()))
-def backbone(request) -> Backbone:
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The ``backbone`` fixture's backbones: the built-in ones, or the ``--model`` configs."""
+    if "backbone" in metafunc.fixturenames:
+        metafunc.parametrize(
+            "backbone", metafunc.config.getoption("--model") or list(backbones()), indirect=True
+        )
+
+
+def user_backbone(name: str, overrides: list[str], output: Path) -> Backbone:
+    """``model=<name>`` (with ``overrides``) composed and built as the translation task builds it."""
+    from seqlab.tasks.base import build_backbone
+    from seqlab.utils.run import compose_config
+    from seqlab.utils.settings import to_plain
+
+    cfg = compose_config("train", [f"model={name}", *overrides], output)
+    return build_backbone(to_plain(cfg.model), with_decoder=True)
+
+
+@pytest.fixture
+def backbone(request, tmp_path: Path) -> Backbone:
     torch.manual_seed(0)
+    if request.config.getoption("--model"):
+        return user_backbone(request.param, request.config.getoption("--model-arg"), tmp_path).eval()
     return backbones()[request.param].eval()
 
 
-def batch(lengths: list[int], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(len(lengths), steps, WIDTH)
+@pytest.mark.slow
+def test_a_users_backbone_is_checked_against_the_contract(tmp_path: Path) -> None:
+    """``--model=<name>`` runs these tests on a backbone of one's own (here found through
+    ``hydra.searchpath``, as a config of another package): one that meets the contract passes, its
+    decoding tests skipped when it has no decoder; one that reads padding and the future while it
+    says it is causal fails where it breaks the contract, named."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, why_failed
+
+    (tmp_path / "model").mkdir()
+    for name, leak in (("running_mean", False), ("leaky", True)):
+        (tmp_path / "model" / f"{name}.yaml").write_text(
+            f"_target_: tests.faults.RunningMeanBackbone\nd_model: 12\nleak: {str(leak).lower()}\n"
+            "size: null\ncompile: false\n"
+        )
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/test_backbones.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-rfs",
+    ]
+    command += ["-m", "not slow"]  # (not this test again)
+    command += ["--model=running_mean", "--model=leaky", f"--model-arg=hydra.searchpath=[file://{tmp_path}]"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, why_failed(result)
+    failed = sorted(set(re.findall(r"FAILED tests/test_backbones.py::(\w+)\[(\w+)", result.stdout)))
+    assert failed == [
+        ("test_a_float64_model_computes_in_float64", "leaky"),  # (its padding check)
+        ("test_causal_encoders_ignore_the_future_and_the_others_read_it", "leaky"),
+        ("test_padding_changes_nothing", "leaky"),
+    ], result.stdout
+    assert "RunningMeanBackbone implements no decode (translation refuses it)" in result.stdout
+    assert re.search(r"\b(\d+) passed", result.stdout) and "running_mean" not in "".join(f for f, _ in failed)
+
+
+def needs_decode(backbone: Backbone) -> None:
+    """Skip a test of ``decode`` for a backbone that implements none (encoder only)."""
+    if not backbone.decodes():
+        pytest.skip(f"{type(backbone).__name__} implements no decode (translation refuses it)")
+
+
+def batch(lengths: list[int], steps: int, width: int = WIDTH) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(len(lengths), steps, width)
     pad = torch.arange(steps)[None, :] >= torch.tensor(lengths)[:, None]
     return x, pad
 
 
 def test_encode_shape_and_width(backbone: Backbone) -> None:
-    x, pad = batch([7, 3, 1], 7)
+    width = backbone.d_model
+    x, pad = batch([7, 3, 1], 7, width)
     memory = backbone.encode(x, pad)
-    assert memory.shape == (3, 7, WIDTH)
-    assert backbone.d_model == WIDTH
+    assert memory.shape == (3, 7, width)  # the width it declares (the tasks size their layers by it)
     assert torch.isfinite(memory).all()
 
 
 def test_padding_changes_nothing(backbone: Backbone) -> None:
     """Valid positions of a padded sequence equal the same sequence encoded alone."""
-    x, pad = batch([7, 4], 7)
+    width = backbone.d_model
+    x, pad = batch([7, 4], 7, width)
     x[1, 4:] = 1e3  # garbage in the padding must not leak
     memory = backbone.encode(x, pad)
     alone = backbone.encode(x[1:2, :4])
@@ -58,7 +135,8 @@ def test_padding_changes_nothing(backbone: Backbone) -> None:
 
 
 def test_a_mask_without_padding_encodes_as_no_mask(backbone: Backbone) -> None:
-    x, pad = batch([6, 6], 6)
+    width = backbone.d_model
+    x, pad = batch([6, 6], 6, width)
     torch.testing.assert_close(backbone.encode(x, pad), backbone.encode(x), atol=1e-6, rtol=1e-5)
 
 
@@ -101,9 +179,10 @@ def test_causal_encoders_ignore_the_future_and_the_others_read_it(backbone: Back
     """A causal encoder's states up to t do not change with the inputs after t; a bidirectional
     one's (attention over the whole sequence, a backward direction) do: one that lost its
     backward direction would pass as causal."""
-    x, _ = batch([6], 6)
+    width = backbone.d_model
+    x, _ = batch([6], 6, width)
     changed = x.clone()
-    changed[:, 4:] = torch.randn(1, 2, WIDTH)
+    changed[:, 4:] = torch.randn(1, 2, width)
     before, after = backbone.encode(x)[:, :4], backbone.encode(changed)[:, :4]
     if backbone.causal:
         torch.testing.assert_close(before, after)
@@ -117,10 +196,12 @@ def test_step_by_step_decoding_equals_full_decoding(backbone: Backbone, grad: bo
     """Teacher-forced decoding in one call equals decoding one step at a time with the state, and
     in chunks; without autograd (generation), where the Transformer's cache grows in place past
     its first buffers (16 steps, then twice what is needed), as with it."""
-    x, pad = batch([5, 3], 5)
+    needs_decode(backbone)
+    width = backbone.d_model
+    x, pad = batch([5, 3], 5, width)
     with torch.set_grad_enabled(grad):
         memory = backbone.encode(x, pad)
-        y = torch.randn(2, 40, WIDTH)
+        y = torch.randn(2, 40, width)
         full, _ = backbone.decode(y, memory, pad)
         state, outs = None, []
         for step in range(40):
@@ -142,9 +223,11 @@ def test_step_by_step_decoding_equals_full_decoding(backbone: Backbone, grad: bo
 def test_a_reordered_state_decodes_on_as_its_rows(backbone: Backbone) -> None:
     """Beam search's use of a state: decode, reorder the rows (here: swap and repeat them), decode
     on; each row continues as the row it was taken from, however the cache was grown before."""
-    x, pad = batch([5, 3], 5)
+    needs_decode(backbone)
+    width = backbone.d_model
+    x, pad = batch([5, 3], 5, width)
     memory = backbone.encode(x, pad)
-    y = torch.randn(2, 24, WIDTH)
+    y = torch.randn(2, 24, width)
     full, _ = backbone.decode(y, memory, pad)
     state = None
     for step in range(18):
@@ -162,9 +245,11 @@ def test_a_state_continued_twice_or_in_another_mode_decodes_as_itself(backbone: 
     """A state is handed on, but one continued twice (two candidates from one prefix) or made
     under inference mode and continued under no_grad gives each continuation its own steps: the
     Transformer's cache, written in place, is copied first then."""
-    x, pad = batch([5, 3], 5)
+    needs_decode(backbone)
+    width = backbone.d_model
+    x, pad = batch([5, 3], 5, width)
     memory = backbone.encode(x, pad)
-    y = torch.randn(2, 14, WIDTH)
+    y = torch.randn(2, 14, width)
     with torch.no_grad():
         full, _ = backbone.decode(y, memory, pad)
         for made_under in (torch.no_grad, torch.inference_mode):
@@ -173,7 +258,7 @@ def test_a_state_continued_twice_or_in_another_mode_decodes_as_itself(backbone: 
                 for step in range(12):
                     _, state = backbone.decode(y[:, step : step + 1], memory, pad, state)
             first, first_state = backbone.decode(y[:, 12:13], memory, pad, state)
-            backbone.decode(torch.randn(2, 1, WIDTH), memory, pad, state)  # another continuation
+            backbone.decode(torch.randn(2, 1, width), memory, pad, state)  # another continuation
             after, _ = backbone.decode(y[:, 13:14], memory, pad, first_state)
             torch.testing.assert_close(
                 torch.cat([first, after], dim=1), full[:, 12:], atol=1e-5, rtol=1e-4, msg=str(made_under)
@@ -181,20 +266,24 @@ def test_a_state_continued_twice_or_in_another_mode_decodes_as_itself(backbone: 
 
 
 def test_decoder_is_causal(backbone: Backbone) -> None:
-    x, _ = batch([4], 4)
+    needs_decode(backbone)
+    width = backbone.d_model
+    x, _ = batch([4], 4, width)
     memory = backbone.encode(x)
-    y = torch.randn(1, 5, WIDTH)
+    y = torch.randn(1, 5, width)
     changed = y.clone()
-    changed[:, 3:] = torch.randn(1, 2, WIDTH)
+    changed[:, 3:] = torch.randn(1, 2, width)
     torch.testing.assert_close(
         backbone.decode(y, memory)[0][:, :3], backbone.decode(changed, memory)[0][:, :3]
     )
 
 
 def test_decoder_ignores_padded_memory(backbone: Backbone) -> None:
-    x, pad = batch([5, 2], 5)
+    needs_decode(backbone)
+    width = backbone.d_model
+    x, pad = batch([5, 2], 5, width)
     memory = backbone.encode(x, pad)
-    y = torch.randn(2, 3, WIDTH)
+    y = torch.randn(2, 3, width)
     out, _ = backbone.decode(y, memory, pad)
     noisy = memory.clone()
     noisy[1, 2:] = 1e3
@@ -204,13 +293,15 @@ def test_decoder_ignores_padded_memory(backbone: Backbone) -> None:
 
 def test_reorder_state_selects_beams(backbone: Backbone) -> None:
     """Reordering the state equals decoding the reordered batch (what beam search relies on)."""
-    x, pad = batch([4, 4, 2], 4)
+    needs_decode(backbone)
+    width = backbone.d_model
+    x, pad = batch([4, 4, 2], 4, width)
     memory = backbone.encode(x, pad)
-    y = torch.randn(3, 2, WIDTH)
+    y = torch.randn(3, 2, width)
     _, state = backbone.decode(y, memory, pad)
     index = torch.tensor([2, 2, 0])
     reordered = backbone.reorder_state(state, index)
-    nxt = torch.randn(3, 1, WIDTH)
+    nxt = torch.randn(3, 1, width)
     out, _ = backbone.decode(nxt, memory[index], pad[index], reordered)
     _, ref_state = backbone.decode(y[index], memory[index], pad[index])
     ref, _ = backbone.decode(nxt, memory[index], pad[index], ref_state)
@@ -220,31 +311,35 @@ def test_reorder_state_selects_beams(backbone: Backbone) -> None:
 def test_beam_reordering_keeps_the_sources_entries_and_equals_reorder_state(backbone: Backbone) -> None:
     """Beam search's reordering (rows among each sentence's beams, which share the source) leaves
     the source's entries as they are, and the next step decodes as with ``reorder_state``."""
-    x, pad = batch([4, 2], 4)
+    needs_decode(backbone)
+    width = backbone.d_model
+    x, pad = batch([4, 2], 4, width)
     memory, pad = backbone.encode(x, pad).repeat_interleave(3, dim=0), pad.repeat_interleave(3, dim=0)
-    y = torch.randn(6, 2, WIDTH)
+    y = torch.randn(6, 2, width)
     index = torch.tensor([2, 2, 0, 4, 3, 3])  # sentence 0's beams, then sentence 1's
     _, state = backbone.decode(y, memory, pad)
     by_beams = backbone.reorder_beams(state, index)
     _, state = backbone.decode(y, memory, pad)
     by_state = backbone.reorder_state(state, index)
     assert set(by_beams) == set(by_state)
-    nxt = torch.randn(6, 1, WIDTH)
+    nxt = torch.randn(6, 1, width)
     torch.testing.assert_close(
         backbone.decode(nxt, memory, pad, by_beams)[0], backbone.decode(nxt, memory, pad, by_state)[0]
     )
     kept = [key for key in backbone.source_state_keys if key in state]
-    assert kept or isinstance(backbone, RNNBackbone)  # (Luong attention keeps no projected memory)
+    if type(backbone) in (TransformerBackbone, MinRNNBackbone):  # (built-in ones; Luong attention keeps none)
+        assert kept
     for key in kept:
         _, fresh = backbone.decode(y, memory, pad)
         assert backbone.reorder_beams(fresh, index)[key] is fresh[key], f"{key} copied"
 
 
 def test_gradients_reach_every_parameter(backbone: Backbone) -> None:
+    width = backbone.d_model
     backbone.train()
-    x, pad = batch([5, 3], 5)
+    x, pad = batch([5, 3], 5, width)
     memory = backbone.encode(x, pad)
-    out, _ = backbone.decode(torch.randn(2, 3, WIDTH), memory, pad)
+    out = backbone.decode(torch.randn(2, 3, width), memory, pad)[0] if backbone.decodes() else memory
     out.sum().backward()
     missing = [name for name, p in backbone.named_parameters() if p.grad is None]
     assert not missing
@@ -320,13 +415,16 @@ def test_a_float64_model_computes_in_float64(backbone: Backbone) -> None:
     """minGRU/minLSTM scanned in float32 whatever the model's dtype: a float64 model (a
     ``64-true`` run, a float64 check) matched its padding-free and step-by-step forms to 2e-7 only,
     and handed float32 states from step to step."""
+    width = backbone.d_model
     model = backbone.double()
-    x, pad = batch([5, 3], 5)
+    x, pad = batch([5, 3], 5, width)
     x = x.double()
     memory = model.encode(x, pad)
     assert memory.dtype == torch.float64
     torch.testing.assert_close(memory[1, :3], model.encode(x[1:2, :3])[0], atol=1e-12, rtol=1e-12)
-    y = torch.randn(2, 6, WIDTH, dtype=torch.float64)
+    if not model.decodes():
+        return
+    y = torch.randn(2, 6, width, dtype=torch.float64)
     full, _ = model.decode(y, memory, pad)
     _, state = model.decode(y[:, :2], memory, pad)
     rest, state = model.decode(y[:, 2:], memory, pad, state)
