@@ -136,7 +136,7 @@ def test_a_long_format_file_that_does_not_line_up_is_refused_by_series_and_time(
     gone = next(i for i, row in enumerate(rows) if row.startswith("B,2016-07-01 05:00:00"))
     (tmp_path / "gap.csv").write_text("\n".join([header, *rows[:gone], *rows[gone + 1 :]]) + "\n")
     with pytest.raises(DataError, match=r"gap.csv: series 'B' \(unique_id\) has no row at 1 of the file's 50 times, "
-                       r"first 2016-07-01 05:00:00; .*fill the missing values"):  # fmt: skip
+                       r"first 2016-07-01 05:00:00; .*data.fill_missing \(one of ffill, linear, zero\)"):  # fmt: skip
         read_series_csv(tmp_path / "gap.csv", date_column="ds", id_column="unique_id")
     (tmp_path / "twice.csv").write_text("\n".join([header, *rows, rows[gone]]) + "\n")
     with pytest.raises(DataError, match=rf"twice.csv, line 102: series 'B' \(unique_id\) has a second row at "
@@ -163,6 +163,57 @@ def test_a_long_format_file_that_does_not_line_up_is_refused_by_series_and_time(
         DataError, match=r"line 52: date 2016-07-01 00:00:00 comes before .*name their id column"
     ):
         read_series_csv(tmp_path / "sorted.csv", date_column="ds", columns=["y"])
+
+
+def test_missing_values_are_refused_or_filled_as_asked(tmp_path: Path, caplog) -> None:
+    """Real series have holes (a sensor down, a series that starts later): refused by line, or with
+    data.fill_missing carried forward (the past only), interpolated or zeroed; in long format the
+    absent times of a series too."""
+    from seqlab.data.readers import fill_missing
+
+    path = tmp_path / "holes.csv"
+    path.write_text(
+        "date,a,b\n2016-07-01 00:00:00,,1\n2016-07-01 01:00:00,2,NaN\n2016-07-01 02:00:00,NA,3\n"
+        "2016-07-01 03:00:00,8,\n2016-07-01 04:00:00,10,9\n"
+    )
+    with pytest.raises(DataError, match=r"line 2, column 'a': '' is empty .*or set data.fill_missing"):
+        read_series_csv(path)
+    raw = read_series_csv(path, missing=True)
+    assert np.isnan(raw.values).sum() == 4
+    expected = {
+        "ffill": [[2, 1], [2, 1], [2, 3], [8, 3], [10, 9]],  # a's first value before it
+        "linear": [[2, 1], [2, 2], [5, 3], [8, 6], [10, 9]],
+        "zero": [[0, 1], [2, 0], [0, 3], [8, 0], [10, 9]],
+    }
+    for how, values in expected.items():
+        with caplog.at_level("WARNING", logger="seqlab.data.readers"):
+            filled = fill_missing(raw, how, str(path))
+        np.testing.assert_array_equal(filled.values, np.array(values, dtype=np.float32), err_msg=how)
+        assert f"filled 4 missing value(s) (data.fill_missing={how}): {{'a': 2, 'b': 2}}" in caplog.text
+    assert np.isnan(raw.values).sum() == 4  # (the series read is left as it was)
+
+    write_csv(tmp_path / "wide.csv", 50, columns=("A", "B"))
+    to_long(tmp_path / "wide.csv", tmp_path / "long.csv")
+    header, *rows = (tmp_path / "long.csv").read_text().splitlines()
+    (tmp_path / "gap.csv").write_text(
+        "\n".join([header, *(r for r in rows if not r.startswith("B,2016-07-01 0"))]) + "\n"
+    )
+    dm = CSVSeriesDataModule(
+        data_dir=str(tmp_path), file="gap.csv", date_column="ds", id_column="unique_id", fill_missing="ffill",
+        lookback=8, horizon=4, batch_size=4,
+    )  # fmt: skip
+    series = dm.load_series()
+    wide = read_series_csv(tmp_path / "wide.csv")
+    b = series.columns.index("B")
+    np.testing.assert_array_equal(series.values[:10, b], np.full(10, wide.values[10, 1]))  # its first value
+    np.testing.assert_array_equal(series.values[10:, b], wide.values[10:, 1])
+    with pytest.raises(
+        ConfigError, match=r"data.fill_missing='mean': expected null \(refuse missing values\) or one of"
+    ):
+        CSVSeriesDataModule(data_dir=str(tmp_path), file="gap.csv", fill_missing="mean")
+    path.write_text("date,a,b\n2016-07-01 00:00:00,,1\n2016-07-01 01:00:00,,2\n")
+    with pytest.raises(DataError, match=r"channel\(s\) \['a'\] have no value at all"):
+        fill_missing(read_series_csv(path, missing=True), "linear", str(path))
 
 
 def test_batches_gather_windows_in_one_step() -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from seqlab.data.readers import Series, ensure_file, read_series_csv
+from seqlab.data.readers import Series, check_fill, ensure_file, fill_missing, read_series_csv
 from seqlab.data.samplers import (
     EvalShardSampler,
     GlobalBatchSampler,
@@ -424,7 +424,8 @@ class CSVSeriesDataModule(SeriesDataModule):
     Offline it reads ``data_dir/file``; when the file is missing and ``url`` is set,
     ``prepare_data`` downloads it first (atomically, on one process per node). With
     ``id_column`` the file is in long format (``unique_id,ds,y``), a channel per series
-    (``read_series_csv``).
+    (``read_series_csv``). Missing values are refused, or filled with ``fill_missing``
+    (``seqlab.data.readers.fill_missing``).
     """
 
     def __init__(
@@ -437,9 +438,11 @@ class CSVSeriesDataModule(SeriesDataModule):
         columns: list[str] | None = None,
         date_format: str | None = None,
         id_column: str | None = None,
+        fill_missing: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        check_fill(fill_missing)
         self.save_hyperparameters(logger=False)
         # stored absolute, so a checkpoint rebuilds its data from any working directory
         self.hparams.data_dir = str(Path(data_dir).expanduser().resolve())
@@ -450,6 +453,7 @@ class CSVSeriesDataModule(SeriesDataModule):
         self.columns = list(columns) if columns is not None else None
         self.date_format = date_format
         self.id_column = id_column
+        self.fill_missing = fill_missing
 
     @property
     def source(self) -> str:
@@ -460,4 +464,12 @@ class CSVSeriesDataModule(SeriesDataModule):
 
     def load_series(self) -> Series:
         ensure_file(self.path, None, allow_download=False)
-        return read_series_csv(self.path, self.date_column, self.columns, self.date_format, self.id_column)
+        series = read_series_csv(
+            self.path,
+            self.date_column,
+            self.columns,
+            self.date_format,
+            self.id_column,
+            missing=self.fill_missing is not None,
+        )
+        return fill_missing(series, self.fill_missing, self.source) if self.fill_missing else series

@@ -89,23 +89,31 @@ def parse_date(text: str, path: Path, line: int, date_format: str | None) -> dat
     )
 
 
-def parse_value(cell: str, path: Path, line: int, name: str, text_hint: str = "") -> float:
+#: cells read as a missing value under ``data.fill_missing`` (pandas' ``read_csv`` reads these
+#: among others; an empty cell is the usual one)
+MISSING_CELLS = frozenset({"", "nan", "NaN", "NAN", "NA", "N/A", "n/a", "null", "NULL", "None"})
+FILLS = ("ffill", "linear", "zero")
+FILL_HINT = "fill or drop missing values first, or set data.fill_missing (one of ffill, linear, zero)"
+
+
+def parse_value(
+    cell: str, path: Path, line: int, name: str, text_hint: str = "", missing: bool = False
+) -> float:
     """A value cell as a float: empty cells, text (``text_hint`` appended), NaN, infinities and
-    values beyond float32 are errors naming the line and column."""
+    values beyond float32 are errors naming the line and column; with ``missing``, an empty or
+    NaN cell (``MISSING_CELLS``) is NaN, to be filled."""
     cell = cell.strip()
+    if missing and cell in MISSING_CELLS:
+        return math.nan
     try:
         value = float(cell)
     except ValueError:
-        what = (
-            "is empty (a missing value); fill or drop missing values first"
-            if not cell
-            else f"is not a number{text_hint}"
-        )
+        what = f"is empty (a missing value); {FILL_HINT}" if not cell else f"is not a number{text_hint}"
         raise DataError(f"{path}, line {line}, column {name!r}: {cell!r} {what}") from None
     if not math.isfinite(value):
         raise DataError(
             f"{path}, line {line}, column {name!r}: value {cell!r} is not finite "
-            "(NaN or infinite); fill or drop missing values first"
+            f"(NaN or infinite); {FILL_HINT}"
         )
     if abs(value) > FLOAT32_MAX:  # stored as float32: it would become infinite
         raise DataError(
@@ -121,6 +129,7 @@ def read_series_csv(
     columns: list[str] | None = None,
     date_format: str | None = None,
     id_column: str | None = None,
+    missing: bool = False,
 ) -> Series:
     """Read a CSV with a date column and numeric columns (ETT, weather, electricity, ...).
 
@@ -129,7 +138,8 @@ def read_series_csv(
     With ``id_column`` the file is in long format (neuralforecast's ``unique_id,ds,y``: one row per
     series and time, in any order): each series becomes a channel (``<id>``, or ``<id>/<column>``
     with several value columns), in the order the ids first appear; every series needs a row at
-    every time of the file.
+    every time of the file. With ``missing``, empty and NaN cells, and a long-format series' absent
+    times, are NaN, for ``fill_missing`` to fill.
     """
     path = Path(path)
     if id_column is not None and date_column is None:
@@ -164,10 +174,10 @@ def read_series_csv(
                 )
             keys = [c for c in (date_column, id_column) if c is not None]
             wanted = columns if columns is not None else [c for c in header if c not in keys]
-            missing = [c for c in wanted if c not in header]
-            if missing:
+            not_found = [c for c in wanted if c not in header]
+            if not_found:
                 raise DataError(
-                    f"{path}: column(s) {missing} not found; columns are {header}"
+                    f"{path}: column(s) {not_found} not found; columns are {header}"
                     + separator_hint(header, ",")
                 )
             ambiguous = sorted({c for c in [*wanted, *keys] if header.count(c) > 1})
@@ -204,7 +214,7 @@ def read_series_csv(
                     )
                 rows.append(
                     [
-                        parse_value(row[idx], path, line_no, name, text_hint)
+                        parse_value(row[idx], path, line_no, name, text_hint, missing)
                         for name, idx in zip(wanted, value_idx)
                     ]
                 )
@@ -237,7 +247,7 @@ def read_series_csv(
     if not rows:
         raise DataError(f"{path} has a header but no data rows")
     if id_column is not None:
-        return long_to_wide(path, id_column, wanted, ids, stamps, rows, lines)
+        return long_to_wide(path, id_column, wanted, ids, stamps, rows, lines, missing)
     return Series(np.asarray(rows, dtype=np.float32), list(wanted), stamps or None)
 
 
@@ -249,16 +259,18 @@ def long_to_wide(
     stamps: list[datetime],
     rows: list[list[float]],
     lines: list[int],
+    missing: bool = False,
 ) -> Series:
     """Long-format rows (one per series and time) as one multivariate series: a channel per
     series (and value column), on the times of the file. A series without a row at one of those
-    times, or with two rows at one, is an error naming the series, the time and the line."""
+    times (unless ``missing``: NaN there), or with two rows at one, is an error naming the series,
+    the time and the line."""
     times = sorted(set(stamps))
     at = {stamp: i for i, stamp in enumerate(times)}
     order = list(dict.fromkeys(ids))
     slot = {series_id: i for i, series_id in enumerate(order)}
     width = len(wanted)
-    values = np.zeros((len(times), len(order) * width), dtype=np.float32)
+    values = np.full((len(times), len(order) * width), np.nan if missing else 0.0, dtype=np.float32)
     seen = np.zeros((len(times), len(order)), dtype=np.int64)  # the line that filled it (0: none)
     for series_id, stamp, row, line in zip(ids, stamps, rows, lines):
         t, s = at[stamp], slot[series_id]
@@ -271,16 +283,58 @@ def long_to_wide(
         values[t, s * width : (s + 1) * width] = row
     for s, series_id in enumerate(order):
         absent = np.flatnonzero(seen[:, s] == 0)
-        if len(absent):
+        if len(absent) and not missing:
             raise DataError(
                 f"{path}: series {series_id!r} ({id_column}) has no row at {len(absent)} of the file's "
                 f"{len(times)} times, first {times[absent[0]]}; every series is a channel of one "
-                "multivariate series, on one time axis: give each series a row at every time (fill "
-                "the missing values), or keep the series that cover the same span"
+                "multivariate series, on one time axis: give each series a row at every time, keep "
+                "the series that cover the same span, or fill the absent times with "
+                "data.fill_missing (one of ffill, linear, zero)"
             )
     names = order if width == 1 else [f"{series_id}/{column}" for series_id in order for column in wanted]
     log.info("%s: %d series (%s) of %d times, in long format", path, len(order), id_column, len(times))
     return Series(values, names, times)
+
+
+def check_fill(how: str | None) -> None:
+    """``data.fill_missing`` is null or one of ``FILLS``."""
+    if how is not None and how not in FILLS:
+        raise ConfigError(
+            f"data.fill_missing={how!r}: expected null (refuse missing values) or one of {list(FILLS)}"
+        )
+
+
+def fill_missing(series: Series, how: str, source: str) -> Series:
+    """``series`` with its NaN values filled, channel by channel: ``ffill`` carries the last value
+    forward (only the past: no value of a later split reaches an earlier one; values missing
+    before a channel's first are its first), ``linear`` interpolates between the neighbours in
+    time (the ends held), ``zero`` writes 0. The counts are logged; a channel with no value at
+    all is an error."""
+    check_fill(how)
+    values = series.values.astype(np.float64)
+    gaps = np.isnan(values)
+    if not gaps.any():
+        return series
+    empty = [name for name, column in zip(series.columns, gaps.T) if column.all()]
+    if empty:
+        raise DataError(f"{source}: channel(s) {empty} have no value at all; nothing to fill them from")
+    steps = np.arange(len(values))
+    for c in np.flatnonzero(gaps.any(axis=0)):
+        column, known = values[:, c], ~gaps[:, c]
+        if how == "zero":
+            column[~known] = 0.0
+        elif how == "linear":
+            column[~known] = np.interp(steps[~known], steps[known], column[known])
+        else:
+            last = np.maximum.accumulate(np.where(known, steps, -1))
+            first = int(np.argmax(known))
+            column[:] = column[np.where(last >= 0, last, first)]
+    counts = {name: int(n) for name, n in zip(series.columns, gaps.sum(axis=0)) if n}
+    log.warning(
+        "%s: filled %d missing value(s) (data.fill_missing=%s): %s",
+        source, int(gaps.sum()), how, counts,
+    )  # fmt: skip
+    return Series(values.astype(np.float32), series.columns, series.timestamps)
 
 
 def download(url: str, destination: Path, timeout: float = 30.0) -> None:

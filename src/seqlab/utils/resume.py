@@ -390,6 +390,7 @@ RESUME_ADDED = {
     # (runs before it decoded with 0; it changes decoding only, so they resume with the new default)
     "task.min_len": 1,
     "data.id_column": None,
+    "data.fill_missing": None,
 }
 
 
