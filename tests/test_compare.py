@@ -415,6 +415,17 @@ def test_several_sweeps_and_runs_are_compared_as_one_sweep(tmp_path: Path) -> No
     ):
         compare([first, other], out=out)
 
+    with pytest.raises(ConfigError, match=r"--out .*later: a run's or a sweep's directory, whose own report"):
+        compare([first, run], out=later)
+    # two sweeps of one name (one time, two task names): named by as much of their path as tells them apart
+    twin = fake_sweep(tmp_path / "other_task" / "first", {"lstm": [0.7]})
+    text = compare([first, twin], out=tmp_path / "twins").read_text()
+    assert f"lstm seed=0: {tmp_path.name}/first/0 (kept), other_task/first/0." in text
+    (run / "summary.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"run/summary.json cannot be read"):
+        compare([first, run], out=tmp_path / "broken")
+    assert not (tmp_path / "broken").exists()  # (nothing made for a report that is not written)
+
     cli = run_script(
         "scripts/compare.py", str(first), str(later), "--out", str(tmp_path / "cli"), timeout=120
     )

@@ -129,6 +129,18 @@ def test_a_long_format_file_is_read_as_a_channel_per_series(tmp_path: Path) -> N
     np.testing.assert_allclose(target[:, 0].numpy(), (column[240:252] - dm.mean[0]) / dm.std[0], rtol=1e-5)
 
 
+def test_series_ids_that_look_like_numbers_are_targeted_by_them(tmp_path: Path) -> None:
+    """Hydra reads data.target=7 as the integer 7; the ids are text: the target was not found."""
+    write_csv(tmp_path / "wide.csv", 200, columns=("7", "007"))
+    to_long(tmp_path / "wide.csv", tmp_path / "long.csv")
+    dm = CSVSeriesDataModule(
+        data_dir=str(tmp_path), file="long.csv", date_column="ds", id_column="unique_id",
+        lookback=12, horizon=4, features="S", target=7,
+    )  # fmt: skip
+    dm.setup()
+    assert dm.task_kwargs()["channel_names"] == ["7"]  # (not "007")
+
+
 def test_a_long_format_file_that_does_not_line_up_is_refused_by_series_and_time(tmp_path: Path) -> None:
     write_csv(tmp_path / "wide.csv", 50, columns=("A", "B"))
     to_long(tmp_path / "wide.csv", tmp_path / "long.csv")
@@ -149,6 +161,10 @@ def test_a_long_format_file_that_does_not_line_up_is_refused_by_series_and_time(
         DataError, match=r"no id column 'series' \(data.id_column\); columns are \['unique_id', 'ds', 'y'\]"
     ):
         read_series_csv(tmp_path / "long.csv", date_column="ds", id_column="series")
+    with pytest.raises(
+        ConfigError, match=r"data.id_column and data.date_column are both 'ds': name two columns"
+    ):
+        read_series_csv(tmp_path / "long.csv", date_column="ds", id_column="ds")
     with pytest.raises(
         ConfigError, match=r"data.id_column='unique_id' \(long format\) needs data.date_column"
     ):
@@ -202,7 +218,9 @@ def test_missing_values_are_refused_or_filled_as_asked(tmp_path: Path, caplog) -
         data_dir=str(tmp_path), file="gap.csv", date_column="ds", id_column="unique_id", fill_missing="ffill",
         lookback=8, horizon=4, batch_size=4,
     )  # fmt: skip
-    series = dm.load_series()
+    with caplog.at_level("WARNING", logger="seqlab.data.readers"):
+        series = dm.load_series()
+    assert "channel(s) {'B': 10} start later than the file" in caplog.text  # filled from a later time
     wide = read_series_csv(tmp_path / "wide.csv")
     b = series.columns.index("B")
     np.testing.assert_array_equal(series.values[:10, b], np.full(10, wide.values[10, 1]))  # its first value
@@ -289,6 +307,10 @@ def test_synthetic_series_is_seeded() -> None:
         ("date,a,b\n", "no data rows"),
         ("time,a,b\n2016-07-01 00:00:00,1,2\n", "no date column 'date'"),
         ("date,a,b\n2016-07-01 00:00:00,1,x\n", r"line 2, column 'b': 'x' is not a number"),
+        (
+            "date,a,b\n2016-07-01 00:00:00,1,NA\n",
+            r"line 2, column 'b': 'NA' is a missing value; fill or drop",
+        ),
         (
             "date,a,b\n2016-07-01 00:00:00,1,2\n2016-07-01 01:00:00, ,2\n",
             r"line 3, column 'a': '' is empty \(a missing value\); fill or drop missing values first",

@@ -993,9 +993,10 @@ def test_tokenizer_settings_of_the_wrong_type_are_named(setting: dict, message: 
 def test_a_byte_level_bpe_vocabulary_too_small_for_any_merge_is_refused(vocab_size: int) -> None:
     """The byte alphabet and the special tokens take 261 ids: the trainer made that many whatever
     was asked (a vocabulary 4x the requested 64, every text read byte by byte), and said nothing."""
+    spec = TokenizerSpec(kind="bpe", vocab_size=vocab_size)  # (a checkpoint's, trained so before, loads)
     with pytest.raises(
         ConfigError, match=rf"vocab_size={vocab_size} with kind=bpe: .* take 261.*more than 261"
     ):
-        TokenizerSpec(kind="bpe", vocab_size=vocab_size)
+        train_tokenizer(["the dog runs fast"] * 5, spec)
     merged = train_tokenizer(["the dog runs fast"] * 5, TokenizerSpec(kind="bpe", vocab_size=262))
     assert merged.get_vocab_size() == 262

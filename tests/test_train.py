@@ -164,6 +164,13 @@ def test_eval_takes_a_univariate_forecaster_of_the_synthetic_series(make_cfg, tm
     assert evaluated["test/mse"] == pytest.approx(metrics["test/mse"], rel=1e-6)
     with pytest.raises(ConfigError, match=r"data.lookback=96 \(the model was built for 48\)"):
         evaluate(make_cfg(f"ckpt_path={ckpt}", "+data.lookback=96", name="eval", output="eval2"))
+    # a forecaster of all 4 channels on one: the message gives the data's 1 (not the generator's 4)
+    train(make_cfg("trainer.max_epochs=1", "test=false", output="multi"))
+    multi = tmp_path / "multi" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"data.num_channels=1 \(the model was built for 4\)"):
+        evaluate(
+            make_cfg(f"ckpt_path={multi}", "+data.features=S", "+data.target=x0", name="eval", output="e3")
+        )
 
 
 def test_eval_on_other_data_maps_back_with_that_datas_scaler(make_cfg, tmp_path: Path) -> None:

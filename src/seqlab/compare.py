@@ -107,13 +107,16 @@ def job_summaries(sources: Sequence[Path]) -> list[tuple[Path, str, dict[str, An
     source must hold a result: a run that wrote none (it failed, or still runs) or a directory of
     neither kind is named."""
     found = []
+    names = source_names(sources)
     for source in sources:
+        name = names[Path(source)]
         if is_run(source):
-            found += [(source, source.name, summary) for _, summary in read_summaries(source, SELF)]
+            own = [(source, name, summary) for _, summary in read_summaries(source, SELF)]
+            if not own:
+                raise ConfigError(f"{source}/summary.json cannot be read (the warning above says why)")
+            found += own
             continue
-        jobs = [
-            (job_dir, f"{source.name}/{job_dir.name}", summary) for job_dir, summary in read_summaries(source)
-        ]
+        jobs = [(job_dir, f"{name}/{job_dir.name}", summary) for job_dir, summary in read_summaries(source)]
         if not jobs:
             raise ConfigError(
                 f"{source}: neither a run with a summary.json nor a sweep with jobs that wrote one "
@@ -121,6 +124,18 @@ def job_summaries(sources: Sequence[Path]) -> list[tuple[Path, str, dict[str, An
             )
         found += jobs
     return found
+
+
+def source_names(sources: Sequence[Path]) -> dict[Path, str]:
+    """Each source's name in the report: its directory's name, with as many parent directories as
+    tell it apart from the others' (two sweeps of one time under two task names, jobs ``0`` of
+    several sweeps)."""
+    paths = [Path(source) for source in sources]
+    for depth in range(1, max(len(p.resolve().parts) for p in paths) + 1):
+        names = {path: "/".join(path.resolve().parts[-depth:]) for path in paths}
+        if len(set(names.values())) == len(paths):
+            return names
+    return {path: str(path) for path in paths}
 
 
 def read_jobs(sources: Path | Sequence[Path]) -> list[dict[str, Any]]:
@@ -153,10 +168,11 @@ def read_jobs(sources: Path | Sequence[Path]) -> list[dict[str, Any]]:
             }
         )
     if not jobs:
-        if is_run(sweep_dir):
+        if sweep_dir is not None and is_run(sweep_dir):
             raise ConfigError(
                 f"{sweep_dir} is one run (its own summary.json), not a sweep: give the directory of a "
-                "sweep (logs/<task_name>/multiruns/<time>), whose jobs compare.py compares"
+                "sweep (logs/<task_name>/multiruns/<time>), whose jobs compare.py compares, or runs and "
+                "sweeps to compare together with --out <dir>"
             )
         raise ConfigError(f"{sweep_dir}: no job of the sweep wrote a summary.json (nothing to compare)")
     for job in jobs:  # an eval.py summary from before it named its task: known by its main metric
@@ -658,12 +674,16 @@ def report_sources(sources: Path | Sequence[Path], out: Path | None) -> tuple[li
             f"--out {out}: inside a compared directory; a report there would be read as one of its jobs' "
             "neighbours and overwrite its own report: give a directory outside them"
         )  # (a sweep's own report is written with one directory and no --out)
-    out.mkdir(parents=True, exist_ok=True)
-    return (
-        paths,
-        out,
-        ("Runs and sweeps " if len(paths) > 1 else "Sweep ") + ", ".join(f"`{p}`" for p in paths),
+    if out.is_dir() and (is_run(out) or read_summaries(out)):
+        raise ConfigError(
+            f"--out {out}: a run's or a sweep's directory, whose own report this one would replace: "
+            "give a directory of its own"
+        )
+    kinds = {"run" if is_run(path) else "sweep" for path in paths}
+    origin = {frozenset({"run"}): "Runs", frozenset({"sweep"}): "Sweeps"}.get(
+        frozenset(kinds), "Runs and sweeps"
     )
+    return paths, out, f"{origin} " + ", ".join(f"`{p}`" for p in paths)
 
 
 def compare(
@@ -674,6 +694,7 @@ def compare(
     ``group``, ``mode``...), the table and plots also go to W&B."""
     paths, report_dir, origin = report_sources(sources, out)
     jobs = read_jobs(paths if len(paths) > 1 or out is not None else paths[0])
+    report_dir.mkdir(parents=True, exist_ok=True)  # (--out, once its sources are read)
     task = str(jobs[0]["summary"].get("task"))
     rows, metric = aggregate(jobs, task)
     columns = table_columns(rows)
@@ -714,8 +735,9 @@ def compare(
         "",
     ]
     failed, again = [], []
+    names = source_names(paths)
     for path in paths:
-        more = failed_jobs(path, f"{path.name}/" if len(paths) > 1 else "")
+        more = failed_jobs(path, f"{names[path]}/" if len(paths) > 1 else "")
         failed, again = failed + more[0], again + more[1]
     if failed:
         lines += [f"Jobs without a result, not in the table ({len(failed)}):", "", *failed, ""]

@@ -148,8 +148,7 @@ def check_data_fits(task: L.LightningModule, datamodule: L.LightningDataModule, 
     differing = sorted(key for key in shared if data[key] != task.hparams[key])
     if differing:
         shown = ", ".join(
-            f"data.{k}={datamodule.hparams[k]!r} (the model was built for {task.hparams[k]!r})"
-            for k in differing
+            f"data.{k}={data[k]!r} (the model was built for {task.hparams[k]!r})" for k in differing
         )
         raise ConfigError(
             f"{shown}: the checkpoint {str(ckpt_path)!r} cannot run on these data settings; drop the override"

@@ -174,7 +174,8 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
         self.horizon = horizon
         self.batch_size = batch_size
         self.features = features
-        self.target = target
+        # a column's or series' name: ids read as text (data.target=2 comes from Hydra as the integer 2)
+        self.target = None if target is None else str(target)
         self.split = split
         self.split_months = tuple(split_months)
         self.split_ratios = tuple(split_ratios)

@@ -108,7 +108,11 @@ def parse_value(
     try:
         value = float(cell)
     except ValueError:
-        what = f"is empty (a missing value); {FILL_HINT}" if not cell else f"is not a number{text_hint}"
+        what = (
+            f"is {'empty (a missing value)' if not cell else 'a missing value'}; {FILL_HINT}"
+            if cell in MISSING_CELLS
+            else f"is not a number{text_hint}"
+        )
         raise DataError(f"{path}, line {line}, column {name!r}: {cell!r} {what}") from None
     if not math.isfinite(value):
         raise DataError(
@@ -142,6 +146,8 @@ def read_series_csv(
     times, are NaN, for ``fill_missing`` to fill.
     """
     path = Path(path)
+    if id_column is not None and id_column == date_column:
+        raise ConfigError(f"data.id_column and data.date_column are both {id_column!r}: name two columns")
     if id_column is not None and date_column is None:
         raise ConfigError(
             f"data.id_column={id_column!r} (long format) needs data.date_column: the series' rows are "
@@ -306,9 +312,9 @@ def check_fill(how: str | None) -> None:
 
 def fill_missing(series: Series, how: str, source: str) -> Series:
     """``series`` with its NaN values filled, channel by channel: ``ffill`` carries the last value
-    forward (only the past: no value of a later split reaches an earlier one; values missing
-    before a channel's first are its first), ``linear`` interpolates between the neighbours in
-    time (the ends held), ``zero`` writes 0. The counts are logged; a channel with no value at
+    forward (the past only, except before a channel's first value: those rows take that value, a
+    later one, with a warning naming the channel), ``linear`` interpolates between the neighbours
+    in time (the ends held), ``zero`` writes 0. The counts are logged; a channel with no value at
     all is an error."""
     check_fill(how)
     values = series.values.astype(np.float64)
@@ -319,6 +325,7 @@ def fill_missing(series: Series, how: str, source: str) -> Series:
     if empty:
         raise DataError(f"{source}: channel(s) {empty} have no value at all; nothing to fill them from")
     steps = np.arange(len(values))
+    leading: dict[str, int] = {}  # ffill: the rows before a channel's first value
     for c in np.flatnonzero(gaps.any(axis=0)):
         column, known = values[:, c], ~gaps[:, c]
         if how == "zero":
@@ -329,11 +336,20 @@ def fill_missing(series: Series, how: str, source: str) -> Series:
             last = np.maximum.accumulate(np.where(known, steps, -1))
             first = int(np.argmax(known))
             column[:] = column[np.where(last >= 0, last, first)]
+            if first:
+                leading[series.columns[c]] = first
     counts = {name: int(n) for name, n in zip(series.columns, gaps.sum(axis=0)) if n}
     log.warning(
         "%s: filled %d missing value(s) (data.fill_missing=%s): %s",
         source, int(gaps.sum()), how, counts,
     )  # fmt: skip
+    if leading:
+        log.warning(
+            "%s: channel(s) %s start later than the file (rows before their first value): those rows "
+            "hold their first value, a later time's (if it lies past the training rows, a later "
+            "split's value is in training); trim the file to the times every channel covers",
+            source, leading,
+        )  # fmt: skip
     return Series(values.astype(np.float32), series.columns, series.timestamps)
 
 

@@ -77,14 +77,6 @@ class TokenizerSpec:
             raise ConfigError(
                 f"data.tokenizer.vocab_size={self.vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens"
             )
-        byte_tokens = BYTE_ALPHABET + len(SPECIAL_TOKENS)
-        if self.kind == "bpe" and self.vocab_size <= byte_tokens:  # the trainer made 261 anyway
-            raise ConfigError(
-                f"data.tokenizer.vocab_size={self.vocab_size} with kind=bpe: the byte alphabet ({BYTE_ALPHABET}) "
-                f"and the {len(SPECIAL_TOKENS)} special tokens already take {byte_tokens}, which leaves no "
-                f"merges (a text would be read byte by byte); give more than {byte_tokens}, or kind=word, "
-                "wordpiece or unigram for a smaller vocabulary"
-            )
         if self.kind == "unigram" and self.min_frequency != 1:  # a warning: kind may be swept
             log.warning(
                 "data.tokenizer.min_frequency=%d has no effect with kind=unigram (the unigram model "
@@ -226,6 +218,15 @@ def plain_text(tokenizer: Tokenizer) -> Tokenizer:
 
 def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec) -> Tokenizer:
     """A tokenizer of ``spec.kind`` trained on ``texts`` (the training split only)."""
+    byte_tokens = BYTE_ALPHABET + len(SPECIAL_TOKENS)
+    if spec.kind == "bpe" and spec.vocab_size <= byte_tokens:  # the trainer made 261 anyway
+        # (checked where a tokenizer is trained: a checkpoint's or cache's, trained so before, still loads)
+        raise ConfigError(
+            f"data.tokenizer.vocab_size={spec.vocab_size} with kind=bpe: the byte alphabet ({BYTE_ALPHABET}) "
+            f"and the {len(SPECIAL_TOKENS)} special tokens already take {byte_tokens}, which leaves no "
+            f"merges (a text would be read byte by byte); give more than {byte_tokens}, or kind=word, "
+            "wordpiece or unigram for a smaller vocabulary"
+        )
     tokenizer, trainer = _untrained(spec)
     try:
         tokenizer.train_from_iterator(texts, trainer=trainer)

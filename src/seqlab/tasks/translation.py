@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seqlab.data.tokenization import CLS_ID
 from seqlab.data.translation import sacrebleu_metrics
 from seqlab.errors import ConfigError
 from seqlab.tasks.base import SeqTask, build_backbone, check_probability, check_range, mean_loss
@@ -142,7 +143,8 @@ class TranslationTask(SeqTask):
         if tie_output:
             self.output.weight = self.tgt_embed.weight
         self.val_loss = mean_loss()
-        self.banned = sorted({pad_id, bos_id})
+        # never a target token: [CLS] too (forced past a refused [EOS], it detokenised to nothing)
+        self.banned = sorted({pad_id, bos_id, CLS_ID})
         self._hypotheses: list[tuple[int, str]] = []
         #: extra test results for summary.json (the sacreBLEU signatures)
         self.test_report: dict[str, Any] = {}
