@@ -606,8 +606,21 @@ def test_a_summary_says_where_it_was_measured_and_when_its_test_was_partial(
         _, objects = train(make_cfg("trainer.max_epochs=1", "trainer.limit_test_batches=2"))
     summary = objects["summary"]
     assert summary["test_limited"] == 2 and "test/mse" in summary["metrics"]
-    assert "trainer.limit_test_batches=2: the test metrics are of part of the test set" in caplog.text
+    assert (
+        "trainer.limit_test_batches=2: the test metrics are of 2 of the test set's 15 batches" in caplog.text
+    )
     assert summary["hardware"]["threads"] == torch.get_num_threads() and summary["hardware"]["cpu"]
     assert summary["hardware"]["cpu_cores"] == os.cpu_count()
-    _, whole = train(make_cfg("trainer.max_epochs=1", output="whole"))
+    _, whole = train(make_cfg("trainer.max_epochs=1", "trainer.limit_test_batches=1.0", output="whole"))
     assert "test_limited" not in whole["summary"]
+    # an int 1 is one batch (1 == 1.0 read it as the whole set); as many batches as there are is all
+    _, one = train(make_cfg("trainer.max_epochs=1", "trainer.limit_test_batches=1", output="one"))
+    assert one["summary"]["test_limited"] == 1
+    _, enough = train(make_cfg("trainer.max_epochs=1", "trainer.limit_test_batches=50", output="enough"))
+    assert "test_limited" not in enough["summary"]
+    # eval.py says so too
+    ckpt = tmp_path / "whole" / "checkpoints" / "last.ckpt"
+    evaluated = evaluate(
+        make_cfg(f"ckpt_path={ckpt}", "trainer.limit_test_batches=0.5", name="eval", output="ev")
+    )
+    assert evaluated[1]["summary"]["test_limited"] == 0.5

@@ -18,6 +18,7 @@ from seqlab.train import (
     build_trainer,
     split_baselines,
     to_plain,
+    warn_partial_test,
 )
 from seqlab.utils.checkpoint_io import consolidate_checkpoint, data_settings, given_checkpoint, load_run_info
 from seqlab.utils.distributed import check_hardware, finish_job, follow_launcher, in_multirun
@@ -95,6 +96,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             logger.log_hyperparams({"config": redact(to_plain(cfg)), "ckpt_path": redact_text(str(given))})
         trainer.test(task, datamodule=datamodule, verbose=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        limited = warn_partial_test(trainer)
         model_metrics, baseline = split_baselines(metrics)
         summary = {
             "task": task_name(info["task_target"]),  # compare.py ranks an eval.py -m sweep by it
@@ -103,6 +105,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "model": model_name(info, task),
             "overrides": redact(hydra_overrides()),
             "metrics": model_metrics,
+            **({"test_limited": limited} if model_metrics and limited is not None else {}),
             **({"test_report": task.test_report} if getattr(task, "test_report", None) else {}),
             "baseline": baseline,
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 import warnings
@@ -275,6 +276,29 @@ def best_checkpoint(trainer: L.Trainer) -> str | None:
     return path if path and Path(path).exists() else None  # a file, or a sharded checkpoint's directory
 
 
+def warn_partial_test(trainer: L.Trainer) -> int | float | None:
+    """``trainer.limit_test_batches`` where the test just run left batches out, with a warning
+    (summary.json's ``test_limited``), else None. ``1`` (an int) is one batch, ``1.0`` all of them:
+    both compare equal to 1.0, and a one-batch test read as the whole set."""
+    limit = trainer.limit_test_batches
+    if trainer.fast_dev_run or (isinstance(limit, float) and limit >= 1.0):
+        return None
+    loaders = trainer.test_dataloaders
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    try:
+        total = sum(len(loader) for loader in loaders)
+    except TypeError:  # a loader without a length: the limit is taken as cutting it
+        total = math.inf
+    if sum(trainer.num_test_batches) >= total:
+        return None
+    log.warning(
+        "trainer.limit_test_batches=%s: the test metrics are of %d of the test set's %s batches, not "
+        "comparable with a whole test set's (summary.json: test_limited)",
+        limit, sum(trainer.num_test_batches), total,
+    )  # fmt: skip
+    return limit
+
+
 def split_baselines(metrics: dict[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """``test/baseline_<name>_<metric>`` keys -> {name: {metric: value}}; the rest stay metrics."""
     model, baseline = {}, {}
@@ -424,6 +448,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             train_metrics[best_key] = float(task.restored_best)
 
         test_metrics: dict[str, float] = {}
+        limited = None  # trainer.limit_test_batches where the test left batches out
         if cfg.get("test"):
             # train=false tests the given checkpoint (it used to test freshly initialised weights)
             ckpt = best_checkpoint(trainer) if cfg.get("train") else ckpt_path
@@ -441,12 +466,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             without_weight_averaging(trainer)
             trainer.test(task, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, verbose=False)
             test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-            if trainer.limit_test_batches != 1.0 and not trainer.fast_dev_run:
-                log.warning(
-                    "trainer.limit_test_batches=%s: the test metrics are of part of the test set, not "
-                    "comparable with a whole test set's (summary.json: test_limited)",
-                    trainer.limit_test_batches,
-                )
+            limited = warn_partial_test(trainer)
 
         metrics, baseline = split_baselines(test_metrics)
         memory = stats.peak_memory()
@@ -465,11 +485,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             **({"order_seed": order_seed} if order_seed is not None else {}),
             "overrides": redact(hydra_overrides()),
             "metrics": metrics,
-            **(
-                {"test_limited": trainer.limit_test_batches}
-                if metrics and trainer.limit_test_batches != 1.0
-                else {}
-            ),
+            **({"test_limited": limited} if metrics and limited is not None else {}),
             **({"test_report": task.test_report} if getattr(task, "test_report", None) else {}),
             "baseline": baseline,
             "best": {k: v for k, v in train_metrics.items() if k.endswith("_best")},
