@@ -460,3 +460,24 @@ def test_a_bidirectional_min_rnn_checkpoint_from_before_both_ends_pools_as_it_wa
         task.on_load_checkpoint(saved)
     assert not task.backbone.summary_at_ends
     assert "bidirectional MinRNNBackbone pools its last or first step alone, as it was trained" in caplog.text
+
+
+@pytest.mark.parametrize("classes", [3, 280])
+def test_the_confusion_matrix_of_many_classes_is_drawn_without_a_number_per_cell(
+    classes: int, monkeypatch
+) -> None:
+    """280 classes (a float label column read as classes) took 133 s to draw, a number in each of
+    78,400 cells, into a 10 MB image, in every train and eval."""
+    import seqlab.tasks.classification as classification
+
+    drawn = {}
+    monkeypatch.setattr(classification, "log_figure", lambda trainer, fig, name: drawn.update(fig=fig))
+    task = ClassificationTask(
+        {"_target_": "seqlab.backbones.RNNBackbone", "cell": "gru", "d_model": 8},
+        vocab_size=20, num_classes=classes, class_names=[f"c{i}" for i in range(classes)],
+    )  # fmt: skip
+    task._trainer = object()  # (log_figure is stubbed)
+    task.report_confusion(torch.randint(0, 5, (classes, classes)))
+    fig = drawn["fig"]
+    assert len(fig.axes[0].texts) == (9 if classes == 3 else 0)
+    assert max(fig.get_size_inches()) <= classification.MAX_FIGURE_INCHES

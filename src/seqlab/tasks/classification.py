@@ -43,6 +43,12 @@ def most_confident(mistakes: list[tuple[int, tuple[float, float, float]]], n: in
     return sorted(mistakes, key=lambda m: (-m[1][2], m[0]))[:n]
 
 
+#: the most classes whose confusion matrix gets a number in every cell; the most with tick labels
+ANNOTATED_CLASSES = 30
+MAX_TICK_LABELS = 100
+MAX_FIGURE_INCHES = 20.0
+
+
 class ClassificationTask(SeqTask):
     """Text (or any token sequence) classifier around any backbone's ``encode``.
 
@@ -207,9 +213,18 @@ class ClassificationTask(SeqTask):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        size = max(4.0, 0.6 * len(self.class_names) + 2)
+        classes = len(self.class_names)
+        # a cell of text per pair of classes: 280 classes took 133 s to draw, into a 10 MB image;
+        # past ANNOTATED_CLASSES the matrix is drawn as an image alone, in a figure of bounded size
+        annotated = classes <= ANNOTATED_CLASSES
+        size = max(4.0, 0.6 * classes + 2) if annotated else MAX_FIGURE_INCHES
         fig, ax = plt.subplots(figsize=(size, size))
-        self.confusion.plot(val=confusion.cpu(), ax=ax, labels=self.class_names)
+        self.confusion.plot(
+            val=confusion.cpu(),
+            ax=ax,
+            add_text=annotated,
+            labels=self.class_names if classes <= MAX_TICK_LABELS else None,
+        )
         ax.set_title("test confusion matrix", fontsize=10)
         fig.tight_layout()
         log_figure(self.trainer, fig, "test/confusion_matrix")
