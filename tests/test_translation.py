@@ -751,6 +751,7 @@ def test_a_generated_line_break_stays_inside_its_line() -> None:
         ({"output": "."}, r"output='\.' is a directory; expected a file to write"),
         ({"output": "/no/such/dir/out.de"}, r"output='/no/such/dir/out.de': its directory does not exist"),
         ({"input": "."}, r"input='\.': a directory; expected a file"),
+        ({"output": "SAME"}, r"output='.*in.txt' is the input file: its sources would be replaced"),
         ({"device": "tpu"}, r"device='tpu': expected cpu, cuda or cuda:<index>"),
         ({"device": "cuda:x"}, r"device='cuda:x': expected cpu, cuda or cuda:<index>"),
         ({"device": "gpu"}, r"device='gpu': this machine has no CUDA GPU; use device=cpu"),
@@ -770,10 +771,14 @@ def test_translate_options_are_checked_before_the_model_loads(
     (tmp_path / "in.txt").write_text("a b c\n")
     settings = {"ckpt_path": str(tmp_path / "never-read.ckpt"), "input": str(tmp_path / "in.txt"), "output": None,
                 "beam_size": None, "batch_size": 64, "device": "cpu", "data": {}}  # fmt: skip
+    if override.get("output") == "SAME":  # the input file again, by another path
+        override = {"output": str(tmp_path / "sub" / ".." / "in.txt")}
+        (tmp_path / "sub").mkdir()
     with pytest.raises(SystemExit) as exit_:
         run(OmegaConf.create({**settings, **override}))
     assert exit_.value.code == 1
     assert any(re.search(message, record.getMessage()) for record in caplog.records), caplog.text
+    assert (tmp_path / "in.txt").read_text() == "a b c\n"
 
 
 def test_wordpiece_is_refused_before_a_training_run_reads_anything(make_cfg, tmp_path: Path) -> None:

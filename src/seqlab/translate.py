@@ -138,6 +138,11 @@ def run(cfg: DictConfig) -> None:
                 raise ConfigError(f"output={cfg.output!r} is a directory; expected a file to write")
             if not output.parent.is_dir():
                 raise ConfigError(f"output={cfg.output!r}: its directory does not exist")
+            if source not in (None, "-") and output.exists() and output.samefile(Path(source).expanduser()):
+                raise ConfigError(
+                    f"output={cfg.output!r} is the input file: its sources would be replaced by their "
+                    "translations; write to another file"
+                )
         device = checked_device(cfg.get("device"))
         # the translations alone on stdout: what loading prints (DeepSpeed's checkpoint
         # conversion, its logger) goes to stderr
