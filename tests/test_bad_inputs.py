@@ -165,9 +165,14 @@ def test_a_checkpoint_of_another_task_or_backbone_is_refused_by_name(make_cfg, t
 
     train(make_cfg("trainer.max_epochs=1", "test=false", "model=gru", output="gru"))
     checkpoint = tmp_path / "gru" / "checkpoints" / "last.ckpt"
-    with pytest.raises(ConfigError, match=r"holds a ForecastingTask with a RNNBackbone backbone, but this run "
-                       r"trains a ForecastingTask with a TransformerBackbone"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"holds a ForecastingTask with a RNNBackbone \(cell=gru\) backbone, but "
+                       r"this run trains a ForecastingTask with a TransformerBackbone backbone"):  # fmt: skip
         train(make_cfg("model=transformer", f"ckpt_path={checkpoint}", output="other"))
+    # rnn, lstm and gru share a class: an lstm run on a gru checkpoint was a weight-shape error whose
+    # init_exclude remedy would have dropped the whole encoder
+    with pytest.raises(ConfigError, match=r"RNNBackbone \(cell=gru\) backbone, but this run trains a "
+                       r"ForecastingTask with a RNNBackbone \(cell=lstm\) backbone"):  # fmt: skip
+        train(make_cfg("model=lstm", f"ckpt_path={checkpoint}", output="lstm"))
     with pytest.raises(
         ConfigError, match=r"holds a ForecastingTask .* but this run trains a ClassificationTask"
     ):
@@ -210,7 +215,9 @@ def test_a_checkpoint_of_another_task_or_backbone_is_refused_by_name(make_cfg, t
     torch.save({"module": {}}, deepspeed_dir / "checkpoint" / "layer_0_expert_0_mp_rank_00_model_states.pt")
     info = check_checkpoint_fits(str(deepspeed_dir), make_cfg("model=gru", "trainer=deepspeed", output="o6"))
     assert info is not None and info["data"] == saved["seqlab"]["data"]
-    with pytest.raises(ConfigError, match=r"holds a ForecastingTask with a RNNBackbone backbone"):
+    with pytest.raises(
+        ConfigError, match=r"holds a ForecastingTask with a RNNBackbone \(cell=gru\) backbone"
+    ):
         check_checkpoint_fits(
             str(deepspeed_dir), make_cfg("model=transformer", "trainer=deepspeed", output="o7")
         )

@@ -98,7 +98,8 @@ def test_a_sharded_checkpoint_directory_initialises_as_its_file(
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["model=transformer"], r"holds a ForecastingTask with a RNNBackbone backbone, but this run trains a ForecastingTask with a TransformerBackbone"),
+        (["model=transformer"], r"holds a ForecastingTask with a RNNBackbone \(cell=gru\) backbone, but this run trains a ForecastingTask with a TransformerBackbone"),
+        (["model=lstm"], r"RNNBackbone \(cell=gru\) backbone, but this run trains a ForecastingTask with a RNNBackbone \(cell=lstm\)"),
         (["init_exclude=[haed.*]"], r"init_exclude: 'haed\.\*' matches no weight of this model or of init_from's, whose weights are named .*head\.\*"),
         (["init_exclude=[1]"], r"init_exclude: 1 is not a pattern"),
         (["ckpt_path=PRETRAINED"], r"init_from=.* and ckpt_path=.*: .* give one"),

@@ -218,8 +218,18 @@ def check_same_model(info: dict[str, Any], cfg: Any, given: str, remedy: str) ->
     """A checkpoint (``info``: ``load_run_info``) that ``given`` (``ckpt_path=...``) names must hold
     the task and backbone this run (``cfg``) trains: anything else is refused by name, before any
     weight is loaded."""
-    saved = (info["task_target"].rsplit(".", 1)[-1], str(info.get("backbone_target")).rsplit(".", 1)[-1])
-    wanted = (cfg.task._target_.rsplit(".", 1)[-1], cfg.model._target_.rsplit(".", 1)[-1])
+
+    def backbone(target: Any, cell: Any) -> str:  # RNNBackbone (cell=gru): rnn, lstm and gru share a class
+        return str(target).rsplit(".", 1)[-1] + (f" (cell={cell})" if cell is not None else "")
+
+    saved = (
+        info["task_target"].rsplit(".", 1)[-1],
+        backbone(info.get("backbone_target"), info.get("backbone_cell")),
+    )
+    wanted = (
+        cfg.task._target_.rsplit(".", 1)[-1],
+        backbone(cfg.model._target_, cfg.model.get("cell") if "backbone_cell" in info else None),
+    )
     if saved != wanted:
         raise ConfigError(
             f"{given} holds a {saved[0]} with a {saved[1]} backbone, but this run trains a {wanted[0]} "
@@ -513,7 +523,7 @@ def load_run_info(ckpt_path: Path, key: str = "ckpt_path") -> dict[str, Any]:
             f"{key}={str(ckpt_path)!r} was not written by seqlab's train.py (no 'seqlab' section)"
         )
     backbone = (checkpoint.get("hyper_parameters") or {}).get("backbone") or {}
-    return {**info, "backbone_target": backbone.get("_target_")}
+    return {**info, "backbone_target": backbone.get("_target_"), "backbone_cell": backbone.get("cell")}
 
 
 def data_settings(info: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
