@@ -131,11 +131,19 @@ def test_a_header_read_with_the_wrong_separator_says_so(tmp_path: Path) -> None:
     from seqlab.data.readers import read_series_csv
 
     tsv_as_csv = write(tmp_path / "reviews.csv", "review\tsentiment\ngood\t1\n")
-    with pytest.raises(DataError, match=r"holding a tab: the file is read as comma-separated\)"):
+    with pytest.raises(
+        DataError, match=r"holding a tab: the file is read as comma-separated; set data.format=tsv\)$"
+    ):
         read_table(tsv_as_csv, "review", "sentiment")
+    semicolons = write(tmp_path / "reviews2.csv", "review;sentiment\ngood;1\n")
+    with pytest.raises(
+        DataError, match=r"holding a semicolon: the file is read as comma-separated; rewrite it comma"
+    ):
+        read_table(semicolons, "review", "sentiment")
     semicolons = write(tmp_path / "sales.csv", "date;sales\n2020-01-01 00:00:00;1\n")
     with pytest.raises(
-        DataError, match=r"no date column 'date'.* holding a semicolon: the file is read as comma-sep"
+        DataError,
+        match=r"no date column 'date'.* holding a semicolon: the file is read as comma-sep.*; rewrite it",
     ):
         read_series_csv(semicolons)
     with pytest.raises(
@@ -455,6 +463,20 @@ def test_labels_outside_the_classes_are_named(tmp_path: Path) -> None:
     write(root / "test.csv", "review,sentiment\nfine,mixed\n")
     with pytest.raises(DataError, match=r"test.csv, line 2: label 'mixed' .*labels found in train"):
         text_dm(root, tmp_path / "cache").prepare_data()
+    # a checkpoint's data (eval.py, init_from): its classes, not this train file's, are the ones
+    fixed = text_dm(root, tmp_path / "cache")
+    fixed.use_artifacts(
+        {
+            "tokenizer": train_tokenizer(["fine"], fixed.spec).to_str(),
+            "classes": ["0", "1"],
+            "class_names": ["0", "1"],
+        }
+    )
+    with pytest.raises(
+        DataError,
+        match=r"train.csv, line 2: label '\w+' is not one of \['0', '1'\] \(the checkpoint's classes\)",
+    ):
+        fixed.prepare_data()
 
 
 def test_a_class_held_out_whole_is_still_a_class(tmp_path: Path, caplog) -> None:

@@ -424,7 +424,13 @@ class TextClassificationDataModule(BatchedTextDataModule):
             ids = []
             for label, origin in zip(examples.labels, examples.origins):
                 if label_key(label) not in class_id:
-                    expected = "data.classes" if self.classes is not None else "the labels found in train"
+                    expected = (
+                        "the checkpoint's classes"
+                        if self.fixed is not None and "classes" in self.fixed
+                        else "data.classes"
+                        if self.classes is not None
+                        else "the labels found in train"
+                    )
                     raise DataError(f"{origin}: label {label!r} is not one of {classes} ({expected})")
                 ids.append(class_id[label_key(label)])
             label_ids[split] = ids

@@ -116,9 +116,11 @@ TSV_QUOTING = {"none": csv.QUOTE_NONE, "minimal": csv.QUOTE_MINIMAL}
 QUOTED_FIELD = re.compile(r'"(?:[^"]|"")*""(?:[^"]|"")*"')
 
 
-def separator_hint(header: list[str], separator: str) -> str:
+def separator_hint(header: list[str], separator: str, readable: dict[str, str] | None = None) -> str:
     """Where a header read with ``separator`` is one field holding another separator (a
-    semicolon-separated CSV, a TSV read as CSV): a hint naming it, else ""."""
+    semicolon-separated CSV, a TSV read as CSV): a hint naming it and what to do, else "".
+    ``readable``: the separators the reader takes another way, and the setting that says so
+    (``{"tab": "data.format=tsv"}``); any other is rewritten."""
     if len(header) != 1:
         return ""
     found = [
@@ -129,7 +131,11 @@ def separator_hint(header: list[str], separator: str) -> str:
     if not found or separator in header[0]:
         return ""
     expected = {"\t": "tab", ",": "comma"}[separator]
-    return f" (the header is one field holding a {found[0]}: the file is read as {expected}-separated)"
+    setting = (readable or {}).get(found[0])
+    remedy = f"set {setting}" if setting else f"rewrite it {expected}-separated"
+    return (
+        f" (the header is one field holding a {found[0]}: the file is read as {expected}-separated; {remedy})"
+    )
 
 
 def label_key(label: object) -> str:
@@ -200,10 +206,11 @@ def read_table(
         header = [name.strip() for name in header]
         for column in (text_column, label_column):
             if column not in header:
+                readable = {"tab": "data.format=tsv", "comma": "data.format=csv"}
+                hint = separator_hint(header, reader.dialect.delimiter, readable)
                 raise DataError(
-                    f"{path}, line 1: no column {column!r} in the header {header}; "
-                    "set data.text_column / data.label_column"
-                    + separator_hint(header, reader.dialect.delimiter)
+                    f"{path}, line 1: no column {column!r} in the header {header}"
+                    + (hint or "; set data.text_column / data.label_column")
                 )
         repeated = sorted({c for c in (text_column, label_column) if header.count(c) > 1})
         if repeated:
