@@ -273,7 +273,7 @@ def test_eval_reads_moved_data_from_data_dir(make_cfg, tmp_path: Path) -> None:
     (trained_on / "train.tsv").write_text("text\tlabel\n" + "\n".join(rows[:160]) + "\n")
     (trained_on / "test.tsv").write_text("text\tlabel\n" + "\n".join(rows[160:]) + "\n")
     trained = [
-        "data=text_classification", f"data.data_dir={trained_on}", "data.tokenizer.kind=word",
+        "data=text_classification", f"data.data_dir={trained_on}", "data.test_file=test.tsv", "data.tokenizer.kind=word",
         f"data.cache_dir={tmp_path / 'machine' / 'cache'}", "model=gru", "model.d_model=16", "trainer.max_epochs=2",
         "data.batch_size=16", "extras.print_config=false", "callbacks.rich_progress_bar=null",
     ]  # fmt: skip
@@ -282,8 +282,9 @@ def test_eval_reads_moved_data_from_data_dir(make_cfg, tmp_path: Path) -> None:
     moved = tmp_path / "moved"
     trained_on.rename(moved)
     shutil.rmtree(tmp_path / "machine")  # as on another machine: the saved cache's place is not there
-    with pytest.raises(DataError, match=r"data/train.tsv"):
+    with pytest.raises(DataError, match=r"data/test.tsv"):  # (the test split alone is read)
         evaluate(make_cfg(f"ckpt_path={ckpt}", "extras.print_config=false", name="eval", output="nowhere"))
+    (moved / "train.tsv").unlink()  # a run directory sent with its test file alone: that is all eval reads
     cfg = make_cfg(
         f"ckpt_path={ckpt}", f"data_dir={moved}", "extras.print_config=false", name="eval", output="eval"
     )
@@ -292,6 +293,7 @@ def test_eval_reads_moved_data_from_data_dir(make_cfg, tmp_path: Path) -> None:
     # processed into this machine's data root, not into the trained run's (gone) one
     assert Path(objects["datamodule"].processed_dir).is_relative_to(Path(cfg.paths.data_dir) / "processed")
     assert not (tmp_path / "machine").exists()
+    assert set(objects["datamodule"].datasets) == {"test"}
 
 
 def test_with_weight_averaging_train_tests_the_averaged_weights_it_selected(

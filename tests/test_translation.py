@@ -133,6 +133,38 @@ def translation_dm(root: Path, cache: Path, **kwargs) -> TranslationDataModule:
     return TranslationDataModule(**{**settings, **kwargs})
 
 
+def test_evaluation_reads_and_encodes_the_test_files_alone(tmp_path: Path) -> None:
+    """eval.py (a checkpoint's tokenizers) needs the test split alone: a run directory moved with
+    its test files only was refused for want of train.en, and a large corpus's training side was
+    read and encoded to be left unused. The training run's own entry, where it is, is read as is."""
+    root = parallel_files(tmp_path / "raw", {"train": PAIRS * 10, "val": PAIRS, "test": PAIRS[::-1]})
+    trained = translation_dm(root, tmp_path / "cache")
+    trained.setup()
+    artifacts = trained.artifacts()
+
+    again = translation_dm(root, tmp_path / "cache")
+    again.use_artifacts(artifacts)
+    again.evaluate_only()
+    assert again.processed_dir == trained.processed_dir  # (the training run's entry, as before)
+
+    for name in ("train.en", "train.de", "val.en", "val.de"):
+        (root / name).unlink()
+    alone = translation_dm(root, tmp_path / "elsewhere")
+    alone.use_artifacts(artifacts)
+    alone.evaluate_only()
+    alone.setup()
+    assert set(alone.datasets) == {"test"} and alone.references("test") == trained.references("test")
+    mine, theirs = alone.datasets["test"].state(), trained.datasets["test"].state()
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        assert (
+            torch.equal(mine[key], theirs[key]) if torch.is_tensor(mine[key]) else mine[key] == theirs[key]
+        ), key
+    without = translation_dm(root, tmp_path / "other")  # a training run needs them, and says so
+    with pytest.raises(DataError, match=r"train.en"):
+        without.prepare_data()
+
+
 def test_long_pairs_are_filtered_in_train_and_truncated_in_evaluation(tmp_path: Path) -> None:
     long_en = " ".join(["word"] * 40)
     root = parallel_files(

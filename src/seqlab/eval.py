@@ -78,7 +78,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             saved_cache,
             data_cfg["cache_dir"],
         )
-    datamodule = build_datamodule(data_cfg, info.get("data_artifacts"))
+    datamodule = build_datamodule(data_cfg, info.get("data_artifacts"), evaluate_only=True)
     task_cls = get_class(info["task_target"])
     task = task_cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     check_data_fits(task, datamodule, given)

@@ -172,18 +172,22 @@ def build_datamodule(
     prepare: bool = True,
     check_trainable: bool = False,
     tokenizers: dict[str, Any] | None = None,
+    evaluate_only: bool = False,
 ) -> L.LightningDataModule:
     """Instantiate and prepare the data; ``artifacts`` (a checkpoint's tokenizer...) are reused, not
     rebuilt. ``prepare=False``: no data files are read or written (what needs only the artifacts).
     ``check_trainable``: the datamodule's own refusals for a new training run, before any file
     is read (and on every process). ``tokenizers``: a checkpoint's artifacts whose tokenizers alone
-    are reused (``init_from``), the rest built from the data."""
+    are reused (``init_from``), the rest built from the data. ``evaluate_only``: with
+    ``artifacts``, the test split alone is read where it has files of its own (eval.py)."""
     check_settings(data_cfg, "data")
     datamodule = instantiate(data_cfg, _convert_="all")
     if check_trainable and hasattr(datamodule, "check_trainable"):
         datamodule.check_trainable()
     if artifacts and hasattr(datamodule, "use_artifacts"):
         datamodule.use_artifacts(artifacts)
+        if evaluate_only and hasattr(datamodule, "evaluate_only"):
+            datamodule.evaluate_only()
     elif tokenizers and hasattr(datamodule, "use_tokenizers"):
         datamodule.use_tokenizers(tokenizers)
     if prepare:

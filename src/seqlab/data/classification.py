@@ -303,8 +303,11 @@ class TextClassificationDataModule(BatchedTextDataModule):
 
     def source_fingerprint(self) -> Any:
         """Each split's file (None: carved out of train), so a file given as val or as test differ."""
-        paths = {split: self.split_path(split) for split in SPLITS}
+        paths = {split: self.split_path(split) for split in self.splits_read()}
         return {split: file_fingerprint(path) if path is not None else None for split, path in paths.items()}
+
+    def test_from_file(self) -> bool:
+        return self.split_path("test") is not None
 
     @property
     def name(self) -> str:
@@ -330,7 +333,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
     # ------------------------------------------------------------------ preparation
     def download_raw(self) -> None:
         hp = self.hparams
-        needed = [path for path in (self.split_path(s) for s in SPLITS) if path is not None]
+        needed = [path for path in (self.split_path(s) for s in self.splits_read()) if path is not None]
         if needed:
             ensure_extracted(self.data_dir, needed, hp.url, hp.download, hp.strip_components)
 
@@ -346,6 +349,11 @@ class TextClassificationDataModule(BatchedTextDataModule):
     def raw_splits(self) -> dict[str, LabelledTexts]:
         """Every split read, empty splits refused, missing val/test carved out of train."""
         hp = self.hparams
+        if self.only_test:  # (evaluate_only: the test file alone)
+            test = self.read_split("test")
+            if len(test) == 0:
+                raise DataError(f"{self.split_path('test')}: the test split has no examples")
+            return {"test": test}
         raw = {split: self.read_split(split) for split in SPLITS}
         train = raw["train"]
         if train is None or len(train) == 0:
@@ -449,7 +457,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
                     "remove such texts, or keep data.tokenizer.wrap=cls"
                 )
             splits[split] = TokenizedTexts.from_lists(ids, label_ids[split], examples.texts).state()
-        in_train = also_in_train(raw)
+        in_train = also_in_train(raw) if "train" in raw else {}
         if any(in_train.values()):
             log.warning(
                 "%s: texts of the evaluation splits that are also training texts (the same text, "

@@ -156,6 +156,8 @@ class BatchedTextDataModule(OrderSeed, L.LightningDataModule):
 
     batch_size: int
     seed: int | None
+    #: eval.py: the test split alone is read and encoded (``evaluate_only``)
+    only_test: bool = False
     datasets: dict[str, Dataset]
     #: contents of the processed directory's meta.json, once read
     meta: dict[str, Any] | None
@@ -173,12 +175,35 @@ class BatchedTextDataModule(OrderSeed, L.LightningDataModule):
 
     def cache_key(self, fixed: dict[str, Any] | None = None) -> str:
         """The cache entry's key: the settings, and the checkpoint's tokenizers ``fixed`` encodes
-        with (none: those the entry trains itself)."""
+        with (none: those the entry trains itself); an entry of the test split alone (``only_test``)
+        has a key of its own."""
         settings = self.cache_settings()
         settings["fixed"] = (
             hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest() if fixed else None
         )
+        if self.only_test:
+            settings["only"] = "test"
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    def test_from_file(self) -> bool:
+        """Whether the test split is read from files of its own (not carved out of train, nor
+        generated with the others)."""
+        return False
+
+    def splits_read(self) -> tuple[str, ...]:
+        """The splits ``prepare_data`` reads and encodes."""
+        return ("test",) if self.only_test else ("train", "val", "test")
+
+    def evaluate_only(self) -> None:
+        """Read and encode the test split alone (eval.py, with a checkpoint's tokenizers and
+        classes), where it comes from files of its own: a run directory moved to another machine
+        may come without the training files, and a large corpus's training side was read and
+        encoded only to be left unused. The entry the training run built, where it is here, is
+        read as before."""
+        if getattr(self, "fixed", None) is None or not self.test_from_file():
+            return
+        self.only_test = True
+        self.meta, self.datasets, self._processed_dir = None, {}, None
 
     @property
     def processed_dir(self) -> Path:
@@ -199,7 +224,13 @@ class BatchedTextDataModule(OrderSeed, L.LightningDataModule):
         resumed run or ``eval.py`` reads it instead of encoding everything into a second entry."""
         if getattr(self, "fixed", None) is None:
             return None
-        entry = self.cache_dir / f"{self.name}-{self.cache_key()}"
+        only_test, self.only_test = self.only_test, False  # the entry of every split
+        try:
+            entry = self.cache_dir / f"{self.name}-{self.cache_key()}"
+        except OSError:  # its files are not all here (eval.py of the test split alone)
+            return None
+        finally:
+            self.only_test = only_test
         if (entry / "meta.json").is_file() and self.holds_fixed(entry):
             log.info("processed data: %s (built with the checkpoint's tokenizer)", entry)
             return entry

@@ -268,7 +268,10 @@ class TranslationDataModule(BatchedTextDataModule):
         return read_parallel(source, target, keep_empty=split != "train")
 
     def source_fingerprint(self) -> list[Any]:
-        return [file_fingerprint(path) for split in SPLITS for path in self.split_files(split)]
+        return [file_fingerprint(path) for split in self.splits_read() for path in self.split_files(split)]
+
+    def test_from_file(self) -> bool:
+        return True
 
     @property
     def name(self) -> str:
@@ -291,7 +294,7 @@ class TranslationDataModule(BatchedTextDataModule):
     # ------------------------------------------------------------------ preparation
     def download_raw(self) -> None:
         hp = self.hparams
-        for split in SPLITS:
+        for split in self.splits_read():
             prefix = f"{split}_prefix"
             named_by = (
                 f"name yours with data.{prefix} (now {hp[prefix]!r}: {hp[prefix]}.{hp.source_lang} and "
@@ -308,7 +311,7 @@ class TranslationDataModule(BatchedTextDataModule):
             log.info("processed data: %s (cached)", target)
             return
         raw, dropped = {}, {}
-        for split in SPLITS:
+        for split in self.splits_read():
             pairs, empty = self.read_pairs(split)
             if not any(s and t for s, t in zip(pairs.sources, pairs.targets)):
                 raise DataError(f"{self.split_files(split)[0]}: the {split} split has no sentence pairs")
@@ -320,7 +323,7 @@ class TranslationDataModule(BatchedTextDataModule):
                 log.warning("%s: %d pairs with an empty side (%s)", split, empty, kept)
         self.write_processed(raw, dropped, target)
 
-    def train_tokenizers(self, train: ParallelTexts) -> tuple[Tokenizer, Tokenizer]:
+    def train_tokenizers(self, train: ParallelTexts | None) -> tuple[Tokenizer, Tokenizer]:
         if self.fixed is not None:
             return tokenizer_from_json(self.fixed["source_tokenizer"]), tokenizer_from_json(
                 self.fixed["target_tokenizer"]
@@ -359,8 +362,8 @@ class TranslationDataModule(BatchedTextDataModule):
         self, raw: dict[str, ParallelTexts], dropped: dict[str, dict[str, int]], target: Path
     ) -> None:
         hp = self.hparams
-        source_tok, target_tok = self.train_tokenizers(raw["train"])
-        if self.spec.kind == "word":
+        source_tok, target_tok = self.train_tokenizers(raw.get("train"))
+        if self.spec.kind == "word" and "val" in raw:
             self.warn_if_words_lose_text(target_tok, raw["val"].targets)
         splits = {}
         for split, pairs in raw.items():
@@ -557,6 +560,9 @@ class SyntheticTranslationDataModule(TranslationDataModule):
 
     def download_raw(self) -> None:
         pass
+
+    def test_from_file(self) -> bool:
+        return False  # (generated with the others)
 
     def split_files(self, split: str) -> tuple[Path, Path]:
         return Path(f"synthetic/{split}.src"), Path(f"synthetic/{split}.tgt")
