@@ -624,3 +624,14 @@ def test_a_summary_says_where_it_was_measured_and_when_its_test_was_partial(
         make_cfg(f"ckpt_path={ckpt}", "trainer.limit_test_batches=0.5", name="eval", output="ev")
     )
     assert evaluated[1]["summary"]["test_limited"] == 0.5
+
+
+def test_lightnings_refusal_of_a_setting_is_one_line(make_cfg, caplog) -> None:
+    """``trainer.limit_test_batches=0.001`` of a 15-batch test set: Lightning's refusal came as a
+    44-line traceback; it is one line and exit code 1, as seqlab's own refusals."""
+    from seqlab.train import run
+
+    with caplog.at_level("ERROR", logger="seqlab.train"), pytest.raises(SystemExit) as exit_:
+        run(make_cfg("trainer.max_epochs=1", "trainer.limit_test_batches=0.001"))
+    assert exit_.value.code == 1
+    assert "MisconfigurationException: You requested to check 0.001 of the `test_dataloader`" in caplog.text

@@ -10,8 +10,9 @@ import lightning as L
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from seqlab.errors import ConfigError, SeqlabError
+from seqlab.errors import ConfigError
 from seqlab.train import (
+    REFUSALS,
     apply_extras,
     build_datamodule,
     build_loggers,
@@ -162,7 +163,7 @@ def run(cfg: DictConfig) -> None:
     try:
         with job_resources(cfg):  # a job of hydra/launcher=parallel: its GPUs and threads
             evaluate(cfg)
-    except SeqlabError as err:
+    except REFUSALS as err:
         log.error("%s: %s", type(err).__name__, err)
         if in_multirun():
             raise  # `eval.py -m ckpt_path=a,b`: the sweep records this job as failed and goes on

@@ -21,7 +21,7 @@ import torch
 from hydra.utils import get_class
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from seqlab.callbacks import DivergenceGuard, ExactResume, RunStats, SaveOnSigterm
@@ -557,6 +557,11 @@ def optimising_sweep() -> bool:
     return not str(sweeper).endswith("BasicSweeper")
 
 
+#: what a command refuses with one line and exit code 1: seqlab's errors, and Lightning's refusals
+#: of its settings (``trainer.limit_test_batches=0.5`` of a one-batch test set was a 44-line traceback)
+REFUSALS = (SeqlabError, MisconfigurationException)
+
+
 def run(cfg: DictConfig) -> float | None:
     """Entry-point body: train, and turn seqlab's own errors into one clear line and exit code 1."""
     try:
@@ -565,7 +570,7 @@ def run(cfg: DictConfig) -> float | None:
             metrics, _ = train(cfg)
         # nothing to optimise in a test-only run (train=false logs no validation best)
         return objective(metrics, cfg.get("optimized_metric") if cfg.get("train") else None)
-    except SeqlabError as err:
+    except REFUSALS as err:
         log.error("%s: %s", type(err).__name__, err)
         if in_multirun():
             raise  # the sweep records this job as failed and goes on
