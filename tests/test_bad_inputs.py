@@ -118,6 +118,10 @@ def test_eval_without_a_checkpoint_or_with_a_model_of_its_own_is_refused(make_cf
     with pytest.raises(ConfigError, match=r"\+model=: the checkpoint fixes the model and the task"):
         evaluate(make_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", "+model=lstm", name="eval", output="model"))
     assert not (tmp_path / "model" / "config.yaml").exists()
+    with pytest.raises(ConfigError, match=r"\+task=: the checkpoint fixes the model and the task"):
+        evaluate(
+            make_cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", "+task=forecasting", name="eval", output="task")
+        )
     # a key eval.py does not have, added with the + Hydra's error asks for: it was ignored
     with pytest.raises(
         ConfigError, match=r"\+data_dri=/d: not a key of eval.py, which takes .*ckpt_path, data_dir"

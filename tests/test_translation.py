@@ -967,3 +967,34 @@ def test_an_empty_source_is_scored_with_an_empty_hypothesis() -> None:
     assert scores["bleu"] == pytest.approx(
         corpus_scores(["a house", "", "a dog"], ["a house", "empty", "a dog"])["bleu"]
     )
+
+
+def test_eval_changes_how_a_model_is_tested_and_nothing_else(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """fairseq-generate's --beam, --lenpen and --min-len on a trained model: ``eval.py
+    +task.beam_size=... +task.min_len=...``, checked as when training; a setting of the model or of
+    its training is the checkpoint's, refused by name."""
+    from seqlab.eval import evaluate
+    from seqlab.train import train
+
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    train(make_cfg(*TRANSLATION_FAST, "model=gru", "model.d_model=16", "trainer.max_epochs=1",
+                   "+trainer.limit_train_batches=2", "test=false", cache, fast=False))  # fmt: skip
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    import seqlab.tasks.translation as translation
+
+    searches = []
+    monkeypatch.setattr(translation, "beam_search", lambda *a, **k: searches.append(("beam", k)) or [])
+    greedy = translation.greedy_search
+    monkeypatch.setattr(
+        translation, "greedy_search", lambda *a, **k: searches.append(("greedy", k)) or greedy(*a, **k)
+    )
+    _, objects = evaluate(
+        make_cfg(f"ckpt_path={ckpt}", "+task.beam_size=1", "+task.min_len=0", name="eval", output="greedy")
+    )
+    assert objects["task"].hparams.beam_size == 1 and objects["task"].hparams.min_len == 0
+    assert searches and all(kind == "greedy" and k["min_length"] == 0 for kind, k in searches)
+    with pytest.raises(ConfigError, match=r"task.label_smoothing: not a setting eval.py changes on a trained "
+                       r"TranslationTask .* \['task.beam_size', 'task.length_penalty'"):  # fmt: skip
+        evaluate(make_cfg(f"ckpt_path={ckpt}", "+task.label_smoothing=0.2", name="eval", output="other"))
+    with pytest.raises(ConfigError, match=r"task.beam_size=0, task.val_beam_size=1: expected >= 1"):
+        evaluate(make_cfg(f"ckpt_path={ckpt}", "+task.beam_size=0", name="eval", output="zero"))

@@ -48,7 +48,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     given = given_checkpoint(
-        cfg, "eval.py", takes=("data", "trainer", "logger", "callbacks", "extras", "paths")
+        cfg, "eval.py", takes=("data", "task", "trainer", "logger", "callbacks", "extras", "paths")
     )
     run_dir = Path(cfg.paths.output_dir)
     if is_rank_zero():
@@ -81,7 +81,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         )
     datamodule = build_datamodule(data_cfg, info.get("data_artifacts"), evaluate_only=True)
     task_cls = get_class(info["task_target"])
-    task = task_cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    task = task_cls.load_from_checkpoint(
+        ckpt_path, map_location="cpu", weights_only=True, **test_settings(cfg, task_cls)
+    )
     check_data_fits(task, datamodule, given)
     task.adopt_data(datamodule.task_kwargs())
     loggers = build_loggers(cfg.get("logger"), run_dir)
@@ -139,6 +141,22 @@ def model_name(info: dict[str, Any], task: L.LightningModule) -> str | None:
     its backbone's cell (rnn, lstm, gru, mingru, minlstm) or class; None if nothing tells."""
     cell = dict(task.hparams.get("backbone") or {}).get("cell")
     return info.get("model_name") or cell or backbone_target(info, task).rsplit(".", 1)[-1] or None
+
+
+def test_settings(cfg: DictConfig, task_cls: type) -> dict[str, Any]:
+    """``+task.<key>=<value>``: settings of how the checkpoint's model is tested (a translation's
+    beam, length penalty and limits, as fairseq-generate's ``--beam`` and ``--lenpen``), checked by
+    the task's own constructor; any other task setting is the checkpoint's, and refused."""
+    given = to_plain(cfg.get("task") or {})  # (+task=<option>: refused by given_checkpoint)
+    allowed = getattr(task_cls, "test_settings", ())
+    other = sorted(set(given) - set(allowed))
+    if other:
+        raise ConfigError(
+            f"task.{other[0]}: not a setting eval.py changes on a trained {task_cls.__name__} (the model "
+            f"and what it learned are the checkpoint's); the test settings are "
+            f"{[f'task.{key}' for key in allowed] or 'none'}"
+        )
+    return given
 
 
 def check_data_fits(task: L.LightningModule, datamodule: L.LightningDataModule, ckpt_path: Path) -> None:

@@ -300,6 +300,9 @@ class SeqTask(L.LightningModule):
     #: methods that run the model without ``forward`` (e.g. generation); under FSDP2 they
     #: all-gather the sharded weights as ``forward`` does
     forward_methods: tuple[str, ...] = ()
+    #: settings eval.py may change on a trained model (``+task.<key>=``): how it is tested, not
+    #: what it learned (a translation's search, a report's length)
+    test_settings: tuple[str, ...] = ()
 
     def __init__(self, monitor: str, monitor_mode: str) -> None:
         super().__init__()

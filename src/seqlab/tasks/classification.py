@@ -68,6 +68,8 @@ class ClassificationTask(SeqTask):
         misclassified_samples: rows of the test table of the most confident mistakes.
     """
 
+    test_settings = ("misclassified_samples",)
+
     def __init__(
         self,
         backbone: dict[str, Any],

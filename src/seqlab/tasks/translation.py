@@ -70,6 +70,14 @@ class TranslationTask(SeqTask):
     """
 
     forward_methods = ("generate",)
+    test_settings = (
+        "beam_size",
+        "length_penalty",
+        "max_len_a",
+        "max_len_b",
+        "min_len",
+        "sample_translations",
+    )
 
     def __init__(
         self,

@@ -462,7 +462,8 @@ def given_checkpoint(cfg: Any, command: str, takes: tuple[str, ...] = ("data",))
     """The ``ckpt_path`` eval.py / translate.py were given, resolved; a clear ConfigError without
     one (OmegaConf's ``MissingMandatoryValue`` came as a traceback), for ``+model=`` /
     ``+task=``, which the checkpoint fixes (eval.py ran the checkpoint's model and recorded the
-    given one in its config.yaml), and for any other key added with ``+`` outside ``takes`` (a
+    given one in its config.yaml; a ``task`` in ``takes`` is checked by the command: eval.py's test
+    settings), and for any other key added with ``+`` outside ``takes`` (a
     misspelt ``+inptu=``, the form Hydra's error asks for, was ignored)."""
     from omegaconf import OmegaConf
 
@@ -473,11 +474,16 @@ def given_checkpoint(cfg: Any, command: str, takes: tuple[str, ...] = ("data",))
             f"ckpt_path: expected the checkpoint to use: python {command} "
             "ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt"
         )
-    fixed = [key for key in ("model", "task") if cfg.get(key) is not None]
+    fixed = [  # (a taken ``task``: settings of its own, not a task: +task=<option> has a _target_)
+        key
+        for key in ("model", "task")
+        if cfg.get(key) is not None and (key not in takes or "_target_" in cfg[key])
+    ]
     if fixed:
         raise ConfigError(
             f"{', '.join(f'+{key}=' for key in fixed)}: the checkpoint fixes the model and the task; "
             f"{command} takes only data settings (+data.<key>=<value>, data_dir=)"
+            + (" and the task's test settings (+task.beam_size=...)" if "task" in takes else "")
         )
     # (++key= adds or overrides; +group/option= a config group's option)
     roots = {o: re.split(r"[./=]", o.lstrip("+"))[0] for o in hydra_overrides() if o.startswith("+")}
