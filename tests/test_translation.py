@@ -599,6 +599,21 @@ def test_sacrebleu_scores_detokenised_text_with_its_signature() -> None:
         corpus_scores(["a"], ["a"], target_lang="ja")
 
 
+def test_a_missing_bleu_tokenizer_is_named_before_the_data_is_read(tmp_path: Path, monkeypatch) -> None:
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.en").write_text("a cat\n", encoding="utf-8")
+        (tmp_path / f"{split}.ja").write_text("猫\n", encoding="utf-8")
+    data = TranslationDataModule(data_dir=str(tmp_path), target_lang="ja", cache_dir=str(tmp_path / "cache"))
+
+    def read_pairs(split: str):
+        raise AssertionError(f"the {split} files were read before sacreBLEU's tokenizer was checked")
+
+    monkeypatch.setattr(data, "read_pairs", read_pairs)
+    with pytest.raises(ConfigError, match=r"data.target_lang='ja': sacreBLEU's tokenizer for it is not installed"):
+        data.prepare_data()
+    assert not (tmp_path / "cache").exists()
+
+
 # ---------------------------------------------------------------- training end to end
 TRANSLATION_FAST = [
     "data=translation_synthetic",

@@ -305,6 +305,7 @@ class TranslationDataModule(BatchedTextDataModule):
                 ensure_file(path, url, hp.download, named_by)
 
     def prepare_data(self) -> None:
+        sacrebleu_metrics(**self.scoring())  # a missing BLEU tokenizer named before the data is processed
         self.download_raw()
         target = self.processed_dir
         if (target / "meta.json").is_file():

@@ -483,6 +483,11 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
             "or resume=auto to continue it (with its configuration)"
         )
     saved, differences = saved_differences(cfg, saved_config)
+    if not isinstance(saved, dict) or not {"model", "data", "trainer"} <= saved.keys():
+        raise ConfigError(
+            f"{saved_config} is not a seqlab run's configuration (it has no model, data and trainer "
+            "keys): this directory holds something else, left as it is; choose another hydra.run.dir"
+        )
     if differences:
         shown = "; ".join(differences[:12]) + (
             f"; and {len(differences) - 12} more" if len(differences) > 12 else ""
