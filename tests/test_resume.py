@@ -453,14 +453,18 @@ def test_step_checkpoints_by_time_and_one_due_at_an_epoch_end_taken_after_it(
     assert torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] == saved_step
 
 
-def test_a_directory_holding_another_programs_config_yaml_is_refused_untouched(make_cfg, tmp_path: Path) -> None:
+def test_a_directory_holding_another_programs_config_yaml_is_refused_untouched(
+    make_cfg, tmp_path: Path
+) -> None:
     """hydra.run.dir pointed at a directory whose config.yaml is not a seqlab run's: refused as
     such (not as an interrupted run differing in every key), and nothing there is changed."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text("lr: 0.1\nlayers: 3\n", encoding="utf-8")
     (run_dir / "results.txt").write_text("keep me\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"config.yaml is not a seqlab run's configuration .*another hydra.run.dir"):
+    with pytest.raises(
+        ConfigError, match=r"config.yaml is not a seqlab run's configuration .*another hydra.run.dir"
+    ):
         train(make_cfg())
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "results.txt"]
     assert (run_dir / "config.yaml").read_text(encoding="utf-8") == "lr: 0.1\nlayers: 3\n"

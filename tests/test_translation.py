@@ -609,7 +609,9 @@ def test_a_missing_bleu_tokenizer_is_named_before_the_data_is_read(tmp_path: Pat
         raise AssertionError(f"the {split} files were read before sacreBLEU's tokenizer was checked")
 
     monkeypatch.setattr(data, "read_pairs", read_pairs)
-    with pytest.raises(ConfigError, match=r"data.target_lang='ja': sacreBLEU's tokenizer for it is not installed"):
+    with pytest.raises(
+        ConfigError, match=r"data.target_lang='ja': sacreBLEU's tokenizer for it is not installed"
+    ):
         data.prepare_data()
     assert not (tmp_path / "cache").exists()
 
