@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from seqlab.train import (
     build_callbacks,
@@ -333,6 +334,17 @@ def test_every_hparams_search_composes_for_its_task(make_cfg, search: str) -> No
     assert cfg.hydra.sweeper.direction == cfg.task.monitor_mode
     assert cfg.optimized_metric == f"{cfg.task.monitor}_best"
     assert cfg.hydra.sweeper.params, "a search space"
+
+
+@pytest.mark.parametrize("data", ["timeseries", "sentiment_synthetic", "translation_synthetic"])
+def test_the_general_search_fits_every_task_and_backbone(make_cfg, data: str) -> None:
+    """``hparams_search=optuna`` (DESIGN.md's ``python train.py -m hparams_search=optuna
+    data=ett``) searches what every task and backbone has, in the direction of the data's task."""
+    for model in ("rnn", "lstm", "gru", "transformer", "mingru", "minlstm"):
+        cfg = make_cfg("hparams_search=optuna", f"data={data}", f"model={model}", fast=False)
+        assert cfg.hydra.sweeper.direction == ("min" if data == "timeseries" else "max")
+        for key in cfg.hydra.sweeper.params:
+            assert OmegaConf.select(cfg, key) is not None, f"{key} is not a setting of {model} on {data}"
 
 
 @pytest.mark.parametrize("data", ["timeseries", "sentiment_synthetic", "translation_synthetic"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -229,14 +230,60 @@ def test_eval_rejects_what_is_not_a_seqlab_checkpoint(make_cfg, tmp_path: Path) 
         evaluate(make_cfg(f"ckpt_path={foreign}", name="eval", output="eval3"))
 
 
-def test_the_validation_loss_can_be_monitored_and_a_typo_is_named(make_cfg) -> None:
-    metrics, _ = train(make_cfg("task.monitor=val/loss", "task.monitor_mode=min", "trainer.max_epochs=2"))
+def test_the_validation_loss_can_be_monitored_and_a_typo_is_named(make_cfg, tmp_path: Path) -> None:
+    metrics, _ = train(make_cfg("task.monitor=val/loss", "trainer.max_epochs=2"))
     assert metrics["val/loss"] == pytest.approx(metrics["val/mse"])  # the loss is the MSE
     assert metrics["val/loss_best"] <= metrics["val/loss"] + 1e-7
     with pytest.raises(
-        ConfigError, match=r"task.monitor='val/accuracy': expected one of \['val/loss', 'val/mae'"
+        ConfigError, match=r"task.monitor='val/accuracy' is none of the tasks' metrics \(val/acc,"
     ):
         train(make_cfg("task.monitor=val/accuracy", output="typo"))
+    # a metric of another name is taken with its mode given (and named at the first validation)
+    with pytest.raises(
+        ConfigError, match=r"task.monitor='val/accuracy': expected one of \['val/loss', 'val/mae'"
+    ):
+        train(make_cfg("task.monitor=val/accuracy", "task.monitor_mode=max", output="typo2"))
+    assert not (tmp_path / "typo" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("data", ["sentiment_synthetic", "translation_synthetic"])
+def test_the_monitor_mode_follows_the_monitored_metric(make_cfg, data: str) -> None:
+    """classification and translation pick their best epoch by the highest val/acc or val/bleu;
+    monitoring val/loss there kept ``max``: the worst epoch's checkpoint was tested, and early
+    stopping stopped on improvement. The mode now follows the metric, and one given against it is
+    refused before anything is read or written."""
+    assert make_cfg(f"data={data}", fast=False).task.monitor_mode == "max"
+    for metric, mode in (("val/loss", "min"), ("val/f1", "max"), ("val/chrf", "max"), ("val/ppl", "min")):
+        cfg = make_cfg(f"data={data}", f"task.monitor={metric}", fast=False)
+        assert cfg.task.monitor_mode == mode
+        assert cfg.callbacks.model_checkpoint.mode == cfg.callbacks.early_stopping.mode == mode
+    with pytest.raises(
+        ConfigError, match=r"task.monitor_mode=max for task.monitor=val/loss, whose best is its lowest"
+    ):
+        train(make_cfg(f"data={data}", "task.monitor=val/loss", "task.monitor_mode=max", fast=False))
+
+
+def test_keeping_several_checkpoints_needs_a_name_for_each(make_cfg, tmp_path: Path) -> None:
+    """save_top_k above 1 under the fixed filename 'best' wrote every one of the top k into
+    best.ckpt, a worse epoch over the best, which the test then read: refused, naming the fix;
+    with the fix, the run tests the best of them."""
+    with pytest.raises(
+        ConfigError,
+        match=r"callbacks.model_checkpoint.save_top_k=3 with callbacks.model_checkpoint.filename='best'",
+    ):
+        train(make_cfg("callbacks.model_checkpoint.save_top_k=3", output="refused"))
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+    named = [
+        "callbacks.model_checkpoint.filename='best-{epoch:03d}-{step}'",
+        "callbacks.model_checkpoint.save_top_k=2",
+    ]
+    _, objects = train(make_cfg(*named))
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+    assert len(saved) == 2
+    rows = [r for r in csv.DictReader((tmp_path / "run" / "metrics.csv").open()) if r.get("val/mse")]
+    best = min(rows, key=lambda r: float(r["val/mse"]))
+    tested = torch.load(objects["summary"]["best_checkpoint"], map_location="cpu", weights_only=False)
+    assert tested["epoch"] == int(best["epoch"])
 
 
 def test_missing_ett_file_is_a_clear_error(make_cfg, tmp_path: Path) -> None:
@@ -505,6 +552,16 @@ def test_a_single_run_whose_validation_never_ran_succeeds(make_cfg, tmp_path: Pa
     assert run(cfg) is None
     assert "optimized_metric='val/mse_best' was never logged" in caplog.text
     assert "test/mse" in json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
+
+
+def test_a_run_without_validation_trains_and_tests_its_last_weights(make_cfg, tmp_path: Path, caplog) -> None:
+    """``trainer.limit_val_batches=0`` skips validation (Lightning's way): early stopping, which
+    follows a validation metric, raised at the first epoch's end (a traceback, no checkpoint)."""
+    metrics, objects = train(make_cfg("trainer.limit_val_batches=0", "trainer.max_epochs=2"))
+    assert "no validation, so no early stopping" in caplog.text
+    assert objects["summary"]["global_step"] == 2 * objects["trainer"].num_training_batches
+    assert "test/mse" in metrics and not any(key.startswith("val/") for key in metrics)
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_eval_names_the_model_of_a_checkpoint_from_before_its_name_was_kept() -> None:

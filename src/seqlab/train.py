@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqlab.callbacks import DivergenceGuard, ExactResume, RunStats, SaveOnSigterm
 from seqlab.callbacks.run_stats import start_job
 from seqlab.errors import ConfigError, SeqlabError, instantiate
-from seqlab.tasks.base import check_optimizer
+from seqlab.tasks.base import check_monitor, check_optimizer
 from seqlab.utils import hooks
 from seqlab.utils.checkpoint_io import (
     AtomicCheckpointIO,
@@ -128,6 +128,8 @@ def check_choices(cfg: DictConfig) -> None:
         raise ConfigError(f"seed={seed!r}: expected an integer, or null for an unseeded run{hint}")
     check_settings(cfg.data, "data")
     check_settings(cfg.model, "model", skip=("size", "compile"))  # build_backbone's, not the class's
+    if "monitor" in cfg.task:
+        check_monitor(cfg.task.monitor, cfg.task.get("monitor_mode"))
     check_settings(cfg.task, "task")
     check_optimizer(cfg.task.get("optimizer"))
     check_settings(cfg.trainer, "trainer", skip=("strategy",))  # build_strategy's
@@ -135,6 +137,8 @@ def check_choices(cfg: DictConfig) -> None:
         for name, node in (cfg.get(group) or {}).items():
             if isinstance(node, dict | DictConfig) and "_target_" in node:
                 check_settings(node, f"{group}.{name}")
+                if group == "callbacks":
+                    check_top_k_names(name, node)
 
 
 def without_weight_averaging(trainer: L.Trainer) -> None:
@@ -208,6 +212,28 @@ def build_task(task_cfg: DictConfig, model_cfg: DictConfig, datamodule: L.Lightn
     return task_cls(backbone=to_plain(model_cfg), **task_kwargs, **datamodule.task_kwargs())
 
 
+def check_top_k_names(name: str, node: DictConfig) -> None:
+    """A ModelCheckpoint keeping several checkpoints (``save_top_k`` -1 or above 1) must name
+    each: with one fixed ``filename`` (``best``) and no version counter, every checkpoint of the
+    top k is written to that one file, a worse one over the best, which the test, eval.py and
+    compare.py then read as the best weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cls = target_object(node._target_, f"callbacks.{name}")
+    if not (isinstance(cls, type) and issubclass(cls, ModelCheckpoint)):
+        return
+    top_k, filename = node.get("save_top_k", 1), node.get("filename")
+    if top_k in (0, 1) or not node.get("monitor") or filename is None or "{" in str(filename):
+        return
+    if not node.get("enable_version_counter", True):
+        raise ConfigError(
+            f"callbacks.{name}.save_top_k={top_k} with callbacks.{name}.filename={filename!r}: "
+            f"each of the top checkpoints would be written to {filename}.ckpt, a worse one over the best; "
+            f"give each its own name, e.g. callbacks.{name}.filename='best-{{epoch:03d}}-{{step}}' "
+            "(the test and summary.json's best checkpoint then follow the best of them)"
+        )
+
+
 def build_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
     """The configured callbacks, plus those every run keeps (throughput, NaN guard, what resuming
     needs)."""
@@ -217,6 +243,23 @@ def build_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
         if not any(isinstance(c, required) for c in callbacks):
             callbacks.append(required())
     return callbacks
+
+
+def without_early_stopping(callbacks: list[L.Callback], trainer_cfg: DictConfig) -> list[L.Callback]:
+    """``trainer.limit_val_batches=0`` (Lightning's way to skip validation) leaves early stopping
+    no metric to follow: it raised at the first epoch's end, a traceback and no checkpoint. Left
+    out, said once; the run then tests its last weights (no best checkpoint either)."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    limit = trainer_cfg.get("limit_val_batches")
+    if limit is None or float(limit) != 0 or not any(isinstance(c, EarlyStopping) for c in callbacks):
+        return callbacks
+    log.warning(
+        "trainer.limit_val_batches=%s: no validation, so no early stopping (left out) and no best "
+        "checkpoint; the last weights are tested",
+        limit,
+    )
+    return [c for c in callbacks if not isinstance(c, EarlyStopping)]
 
 
 def build_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list[Logger]:
@@ -423,7 +466,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         }
         if hasattr(datamodule, "artifacts"):  # e.g. the tokenizer: eval needs it from the checkpoint alone
             task.run_info["data_artifacts"] = datamodule.artifacts()
-        callbacks = build_callbacks(cfg.get("callbacks"))
+        callbacks = without_early_stopping(build_callbacks(cfg.get("callbacks")), cfg.trainer)
         loggers = build_loggers(cfg.get("logger"), run_dir)
         trainer = build_trainer(cfg, callbacks, loggers)
         quiet_weight_averaging(trainer)

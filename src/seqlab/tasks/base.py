@@ -22,6 +22,7 @@ from seqlab.backbones.base import Backbone
 from seqlab.errors import ConfigError, instantiate
 from seqlab.utils.distributed import offloads_optimizer
 from seqlab.utils.precision import fusable, keep_measurements_precise
+from seqlab.utils.resolvers import METRIC_MODES, metric_mode
 from seqlab.utils.resume import resumes_own_run
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,30 @@ def keep_settings_on_load(optimizer: torch.optim.Optimizer) -> None:
     optimizer.register_load_state_dict_post_hook(restore)
 
 
+def check_monitor(monitor: str, monitor_mode: str | None, trained: bool = True) -> None:
+    """``task.monitor_mode`` must say which way ``task.monitor`` improves: its default follows a
+    known metric (``${monitor_mode:${task.monitor}}``: ``min`` for ``val/loss``), and a mode
+    against a known metric's direction is refused for a run to be trained (the best checkpoint
+    and early stopping would keep the worst epochs: ``task.monitor=val/loss`` under
+    classification's ``max``); a checkpoint trained so still loads (``trained=False``)."""
+    known = metric_mode(monitor)
+    if monitor_mode is None:  # the default, for a metric of another name
+        names = ", ".join(f"val/{name}" for name in sorted(METRIC_MODES))
+        raise ConfigError(
+            f"task.monitor={monitor!r} is none of the tasks' metrics ({names}), so which way it "
+            "improves is not known: give task.monitor_mode=min or max for a metric of your own"
+        )
+    if monitor_mode not in ("min", "max"):
+        raise ConfigError(f"task.monitor_mode={monitor_mode!r}: expected 'min' or 'max'")
+    if trained and known is not None and known != monitor_mode:
+        raise ConfigError(
+            f"task.monitor_mode={monitor_mode} for task.monitor={monitor}, whose best is its "
+            f"{'lowest' if known == 'min' else 'highest'} value: the best checkpoint and early stopping "
+            f"would keep the worst epochs; give task.monitor_mode={known} (or leave it out: it follows "
+            "task.monitor)"
+        )
+
+
 class ConfiguredLambdaLR(torch.optim.lr_scheduler.LambdaLR):
     """``LambdaLR`` whose restored state keeps the peak learning rates it was built with (this
     run's ``task.optimizer.lr``): the position in the schedule is the checkpoint's, the rate at
@@ -304,10 +329,9 @@ class SeqTask(L.LightningModule):
     #: what it learned (a translation's search, a report's length)
     test_settings: tuple[str, ...] = ()
 
-    def __init__(self, monitor: str, monitor_mode: str) -> None:
+    def __init__(self, monitor: str, monitor_mode: str | None) -> None:
         super().__init__()
-        if monitor_mode not in ("min", "max"):
-            raise ConfigError(f"task.monitor_mode={monitor_mode!r}: expected 'min' or 'max'")
+        check_monitor(monitor, monitor_mode, trained=False)  # train.py refuses a mode against the metric
         self.monitor_best = MinMetric() if monitor_mode == "min" else MaxMetric()
         # the epoch's summed training loss and step count: one tensor add per step (a torchmetrics
         # MeanMetric.update costs ~20 us of Python per step, ~0.3% of a small model's step),

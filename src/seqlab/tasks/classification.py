@@ -89,7 +89,7 @@ class ClassificationTask(SeqTask):
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         monitor: str = "val/acc",
-        monitor_mode: str = "max",
+        monitor_mode: str | None = "max",
         misclassified_samples: int = 50,
     ) -> None:
         super().__init__(monitor=monitor, monitor_mode=monitor_mode)

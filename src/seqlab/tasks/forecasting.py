@@ -113,7 +113,7 @@ class ForecastingTask(SeqTask):
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         monitor: str = "val/mse",
-        monitor_mode: str = "min",
+        monitor_mode: str | None = "min",
         plot_samples: int = 4,
         target_channel: int = -1,
     ) -> None:

@@ -103,7 +103,7 @@ class TranslationTask(SeqTask):
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         monitor: str = "val/bleu",
-        monitor_mode: str = "max",
+        monitor_mode: str | None = "max",
     ) -> None:
         super().__init__(monitor=monitor, monitor_mode=monitor_mode)
         self.save_hyperparameters(logger=False)

@@ -319,6 +319,31 @@ def ett_url(file: str) -> str | None:
     return ETT_URL + file if file in ETT_FILES else None
 
 
+#: which way each task's validation metrics improve (``val/<name>``): the checkpoint, early
+#: stopping and a search follow ``task.monitor_mode``, which follows these
+METRIC_MODES = {
+    "loss": "min",
+    "mse": "min",
+    "mae": "min",
+    "ppl": "min",
+    "acc": "max",
+    "f1": "max",
+    "bleu": "max",
+    "chrf": "max",
+}
+
+
+def metric_mode(monitor: str) -> str | None:
+    """``min`` or ``max`` for a known metric (``val/loss``: ``min``), None for another."""
+    return METRIC_MODES.get(str(monitor).rsplit("/", 1)[-1])
+
+
+def monitor_mode(monitor: str) -> str | None:
+    """``task.monitor_mode``'s default: the direction ``task.monitor`` improves in; None for a
+    metric of another name, which is refused, asking for the mode (``seqlab.tasks.base.check_monitor``)."""
+    return metric_mode(monitor)
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("project_root", project_root, replace=True)
     OmegaConf.register_new_resolver("env_or", env_or, replace=True)
@@ -331,3 +356,4 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name, replace=True)
     OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir, replace=True)
     OmegaConf.register_new_resolver("ett_url", ett_url, replace=True)
+    OmegaConf.register_new_resolver("monitor_mode", monitor_mode, replace=True)
