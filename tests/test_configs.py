@@ -158,7 +158,7 @@ def test_every_experiment_composes(make_cfg, experiment: str, request, tmp_path:
         assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params.seed == "1,2,3"
         assert cfg.hydra.callbacks.compare_report._target_.endswith("CompareReport")
         if prefix == "compare":
-            assert cfg.hydra.sweeper.params.model == "rnn,lstm,gru,transformer"
+            assert cfg.hydra.sweeper.params.model == "rnn,lstm,gru,transformer,mingru,minlstm"
     else:
         assert cfg.model._target_.endswith("TransformerBackbone") == ("transformer" in experiment)
     datamodule = build_datamodule(cfg.data)
