@@ -301,9 +301,10 @@ def test_help_lists_groups_and_unknown_options_list_the_choices() -> None:
     assert "transformer" in unknown.stderr  # Hydra lists the available options
     typo = run_script("train.py", "trainer.max_epoch=3")
     assert typo.returncode != 0 and "max_epoch" in typo.stderr
-    # eval.py's and translate.py's help: their own usage and keys, not train.py's groups they refuse
+    # eval.py's, translate.py's and predict.py's help: their own usage and keys, not train.py's groups they refuse
     for script, usage, key in (("eval.py", "Usage: python eval.py ckpt_path=", "data_dir: null"),
-                               ("translate.py", "Usage: python translate.py ckpt_path=", "beam_size: null")):  # fmt: skip
+                               ("translate.py", "Usage: python translate.py ckpt_path=", "beam_size: null"),
+                               ("predict.py", "Usage: python predict.py ckpt_path=", "batch_size: 64")):  # fmt: skip
         helped = run_script(script, "--help")
         assert helped.returncode == 0 and usage in helped.stdout and key in helped.stdout, helped.stdout[:500]
         assert "python train.py model=" not in helped.stdout and "experiment:" not in helped.stdout

@@ -109,21 +109,44 @@ def checked_device(value: Any) -> str:
     return str(device)
 
 
+def input_path(source: str) -> Path:
+    """``input=``'s file (a pipe too: ``input=<(command)``), refused by name where there is none."""
+    path = Path(source).expanduser()
+    if not path.exists() or path.is_dir():
+        raise ConfigError(
+            f"input={source!r}: " + ("a directory; expected a file" if path.is_dir() else "no such file")
+        )
+    return path
+
+
+def read_input_lines(source: str | None) -> list[str]:
+    """The lines of ``input=`` (null or ``-``: stdin), read as UTF-8 bytes (the locale's decoding
+    let bad bytes through as surrogates); a byte that is not UTF-8 is named by its line."""
+    if source in (None, "-"):
+        return split_lines(decode_utf8(sys.stdin.buffer.read(), "<stdin>"))
+    path = input_path(source)
+    return split_lines(decode_utf8(path.read_bytes(), str(path)))
+
+
+def check_output(output: str | None, source: str | None, lost: str) -> None:
+    """``output=``: a file in an existing directory, not the input file (``lost``: what writing
+    over it would lose)."""
+    if not output:
+        return
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"output={output!r} is a directory; expected a file to write")
+    if not path.parent.is_dir():
+        raise ConfigError(f"output={output!r}: its directory does not exist")
+    if source not in (None, "-") and path.exists() and path.samefile(Path(source).expanduser()):
+        raise ConfigError(f"output={output!r} is the input file: {lost}; write to another file")
+
+
 def run(cfg: DictConfig) -> None:
     try:
         ckpt_path = given_checkpoint(cfg, "translate.py")  # (its refusals before stdin is read)
         source = cfg.get("input")
-        if source in (None, "-"):  # bytes: the locale's decoding let bad bytes through as surrogates
-            lines = split_lines(decode_utf8(sys.stdin.buffer.read(), "<stdin>"))
-        else:
-            path = Path(source).expanduser()
-            if not path.exists() or path.is_dir():
-                raise ConfigError(
-                    f"input={source!r}: "
-                    + ("a directory; expected a file" if path.is_dir() else "no such file")
-                )
-            # (a pipe too: input=<(command)); a byte that is not UTF-8 is named by its line
-            lines = split_lines(decode_utf8(path.read_bytes(), str(path)))
+        lines = read_input_lines(source)
         for key, nullable in (("beam_size", True), ("batch_size", False)):  # before the model loads
             value = cfg.get(key)
             if value is None and nullable:
@@ -132,17 +155,7 @@ def run(cfg: DictConfig) -> None:
                 raise ConfigError(
                     f"{key}={value!r}: expected a positive integer" + (" or null" if nullable else "")
                 )
-        if cfg.get("output"):
-            output = Path(cfg.output).expanduser()
-            if output.is_dir():
-                raise ConfigError(f"output={cfg.output!r} is a directory; expected a file to write")
-            if not output.parent.is_dir():
-                raise ConfigError(f"output={cfg.output!r}: its directory does not exist")
-            if source not in (None, "-") and output.exists() and output.samefile(Path(source).expanduser()):
-                raise ConfigError(
-                    f"output={cfg.output!r} is the input file: its sources would be replaced by their "
-                    "translations; write to another file"
-                )
+        check_output(cfg.get("output"), source, "its sources would be replaced by their translations")
         device = checked_device(cfg.get("device"))
         # the translations alone on stdout: what loading prints (DeepSpeed's checkpoint
         # conversion, its logger) goes to stderr

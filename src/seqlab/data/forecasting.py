@@ -235,9 +235,9 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
         ends = [n_train, n_train + n_val, n_train + n_val + n_test]
         return [(max(s, 0), e) for s, e in zip(starts, ends)]
 
-    def _load(self) -> None:
-        if self._series is not None:
-            return
+    def model_series(self) -> Series:
+        """The series as the model reads it: ``load_series``, the ``target`` channel alone under
+        ``features=S`` (unscaled, unsplit; ``predict.py`` forecasts after its end)."""
         series = self.load_series()
         if self.target is not None and self.target not in series.columns:
             missing = (
@@ -253,6 +253,12 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
         if self.features == "S":
             index = series.columns.index(self.target)
             series = Series(series.values[:, index : index + 1], [self.target], series.timestamps)
+        return series
+
+    def _load(self) -> None:
+        if self._series is not None:
+            return
+        series = self.model_series()
         borders = self.split_borders(series)
         train_start, train_end = borders[0]
         train = series.values[train_start:train_end]
