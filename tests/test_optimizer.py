@@ -258,6 +258,21 @@ def test_warmup_steps_when_set_win_over_the_configs_ratio(make_cfg) -> None:
     assert learning_rates(model.build_optimizer(100)[1], 1) == pytest.approx([1.0])
 
 
+def test_the_inverse_square_root_schedule_is_fairseqs(make_cfg) -> None:
+    """fairseq's inverse_sqrt: a linear warm-up to the peak, then peak * sqrt(warmup / step)."""
+    model, _ = build(
+        make_cfg, "task.scheduler.name=inverse_sqrt", "task.scheduler.warmup_steps=4", "task.optimizer.lr=1.0",
+        "task.scheduler.min_lr_ratio=0.0",
+    )  # fmt: skip
+    rates = learning_rates(model.build_optimizer(100)[1], 100)
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert rates[15] == pytest.approx(0.5) and rates[99] == pytest.approx(0.2)  # sqrt(4 / 16), sqrt(4 / 100)
+    with pytest.raises(
+        ConfigError, match=r"task.scheduler.name='rsqrt': expected one of \[.*'inverse_sqrt'\]"
+    ):
+        build(make_cfg, "task.scheduler.name=rsqrt")[0].build_optimizer(100)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

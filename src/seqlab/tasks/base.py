@@ -27,7 +27,7 @@ from seqlab.utils.resume import resumes_own_run
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "inverse_sqrt")
 
 
 #: backbone parameter budgets of ``model.size`` (the width that comes closest is solved per
@@ -174,7 +174,9 @@ def build_backbone(config: dict[str, Any], padded: bool = False, **task_requirem
 
 
 def warmup_schedule(name: str, total_steps: int, warmup_steps: int, min_lr_ratio: float):
-    """Learning-rate multiplier per optimizer step: linear warm-up, then constant/cosine/linear decay."""
+    """Learning-rate multiplier per optimizer step: linear warm-up, then constant, cosine or linear
+    decay to ``min_lr_ratio`` at ``total_steps``, or fairseq's ``inverse_sqrt`` (the warm-up's end
+    times ``sqrt(warmup / step)``, open-ended; ``min_lr_ratio`` its floor)."""
     if name not in SCHEDULES:
         raise ConfigError(f"task.scheduler.name={name!r}: expected one of {list(SCHEDULES)}")
 
@@ -183,6 +185,8 @@ def warmup_schedule(name: str, total_steps: int, warmup_steps: int, min_lr_ratio
             return (step + 1) / warmup_steps
         if name == "constant":
             return 1.0
+        if name == "inverse_sqrt":
+            return max(min_lr_ratio, math.sqrt(max(1, warmup_steps) / (step + 1)))
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         decay = 0.5 * (1 + math.cos(math.pi * progress)) if name == "cosine" else 1 - progress
         return min_lr_ratio + (1 - min_lr_ratio) * decay
