@@ -84,6 +84,16 @@ def test_the_seed_noise_verdict_is_a_t_test_corrected_for_the_comparisons() -> N
     assert beyond_noise({"a": 0.01, "b": 0.03, "c": 0.04}) == {"a": True, "b": False, "c": False}
     assert beyond_noise({"a": 0.02, "b": 0.001}) == {"a": True, "b": True}
     assert beyond_noise({"a": 0.03, "b": 0.04}) == {"a": False, "b": False}  # 0.03 > alpha / 2
+    # seeds all alike on both sides (a small test set's accuracy): no spread, no verdict (was p = 0)
+    assert welch_p_value([0.5, 0.5], [0.6, 0.6]) is None and welch_p_value([0.5, 0.5], [0.5, 0.5]) == 1.0
+    alike = aggregate(
+        [
+            {"model": m, "metrics": {"acc": v}, "summary": {}}
+            for m, v in [("a", 0.6), ("a", 0.6), ("b", 0.5), ("b", 0.5)]
+        ],
+        "classification",
+    )[0]
+    assert [r["vs best acc"] for r in alike] == ["best", "every seed alike on both sides: noise unknown"]
     # four backbones of one mean, three seeds each: some gap to the best was called real in
     # about a third of such sweeps; now at most alpha of them
     rng = random.Random(0)
@@ -526,6 +536,31 @@ def test_backbones_are_ranked_within_their_setting(tmp_path: Path) -> None:
     assert verdicts == {"lstm": "best", "gru": "the best has one seed: noise unknown", "rnn": "no acc"}
     compare(sweep)
     assert "are ranked and compared within their setting only" in (sweep / "report.md").read_text()
+
+
+def test_jobs_tested_on_part_of_the_test_set_are_a_setting_of_their_own(tmp_path: Path) -> None:
+    """A job tested on 2 of the test set's batches (``debug=limit``, ``trainer.limit_test_batches``;
+    summary.json's ``test_limited``) was ranked against whole-test jobs, without a word."""
+    sweep = fake_sweep(tmp_path, {"gru": [0.80, 0.81], "rnn": [0.70, 0.71], "lstm": [0.95, 0.96]})
+    for job in (4, 5):  # lstm's: a partial test
+        path = sweep / str(job) / "summary.json"
+        summary = json.loads(path.read_text())
+        path.write_text(json.dumps({**summary, "test_limited": 2}))
+    rows, _ = aggregate(read_jobs(sweep), "classification")
+    assert [(r["backbone"], r["vs best acc"].split(" (")[0]) for r in rows] == [
+        ("gru", "best"),
+        ("rnn", "worse"),
+        ("lstm", "alone in its setting"),  # its 0.95 on 2 batches beat no one
+    ]
+    report = compare(sweep).read_text()
+    assert "Tested on part of the test set" in report and "lstm: 2 batches" in report
+    assert "are ranked and compared within their setting only" in report
+    # a backbone tested both ways is not averaged over the two
+    mixed = fake_sweep(tmp_path / "mixed", {"gru": [0.80, 0.81, 0.99]})
+    path = mixed / "2" / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "test_limited": 0.25}))
+    names = sorted(r["backbone"] for r in aggregate(read_jobs(mixed), "classification")[0])
+    assert names == ["gru (test=25%)", "gru (test=whole)"]
 
 
 def captured_figures(monkeypatch) -> dict[str, object]:

@@ -56,15 +56,16 @@ def welch_p_value(a: list[float], b: list[float]) -> float | None:
     """Two-sided p-value of Welch's t-test that two seed samples have one mean (variances not
     assumed equal; Welch-Satterthwaite degrees of freedom: with 3 seeds a side, 2 to 4, where
     "twice the standard error" was a 12% test, not 5%; 18% with 2 seeds); None with a single seed on either
-    side (noise unknown)."""
+    side, or with every seed alike on both sides (no spread to measure the noise by: two equal
+    accuracies of a small test set a side are no proof of a gap, which ``p = 0`` called beyond noise)."""
     import mpmath  # torch's own dependency (through sympy): Student's t without scipy
 
     if len(a) < 2 or len(b) < 2:
         return None
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     gap = abs(statistics.fmean(a) - statistics.fmean(b))
-    if va + vb == 0:  # every seed alike on both sides
-        return 0.0 if gap > 0 else 1.0
+    if va + vb == 0:  # every seed alike on both sides: the noise is unknown
+        return None if gap > 0 else 1.0
     t = gap / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     # P(|T| > t) for Student's t with df degrees of freedom: a regularised incomplete beta
@@ -302,10 +303,38 @@ def label_settings(jobs: list[dict[str, Any]]) -> None:
         k for k in keys if len({(str(j["model"]), o.get(k)) for j, o in zip(jobs, overrides)}) > len(models)
     ]
     shown = {key: short_values([o[key] for o in overrides if key in o]) for key in varying}
-    for job, given in zip(jobs, overrides):
-        extra = " ".join(f"{k}={shown[k][given[k]]}" for k in varying if k in given)
+    # a test of part of the test set (summary.json's test_limited: debug=limit,
+    # trainer.limit_test_batches) is another test set: a setting of its own, whatever set it
+    tested = [tested_on(job) for job in jobs]
+    partial = len({(str(j["model"]), t) for j, t in zip(jobs, tested)}) > len(models)
+    for job, given, test in zip(jobs, overrides, tested):
+        extra = " ".join(
+            [f"{k}={shown[k][given[k]]}" for k in varying if k in given]
+            + ([f"test={test}"] if partial else [])
+        )
         job["model"] = f"{job['model']} ({extra})" if extra else job["model"]
         job["setting"] = tuple(f"{k}={given.get(k, '<default>')}" for k in varying if is_setting(k))
+        if len(set(tested)) > 1:
+            job["setting"] += (f"test={test}",)
+
+
+def tested_on(job: dict[str, Any]) -> str:
+    """``whole`` or how much of the test set a job's test read (``2 batches``, ``25%``)."""
+    limited = job["summary"].get("test_limited")
+    if limited is None:
+        return "whole"
+    return f"{limited} batches" if isinstance(limited, int) else f"{float(limited):.0%}"
+
+
+def partial_test_note(jobs: list[dict[str, Any]]) -> str | None:
+    """Which jobs were tested on part of the test set (their metrics are not a whole test set's)."""
+    partial = sorted({f"{job['model']}: {tested_on(job)}" for job in jobs if tested_on(job) != "whole"})
+    if not partial:
+        return None
+    return (
+        "Tested on part of the test set (trainer.limit_test_batches, debug=limit), not comparable with "
+        f"a whole test set's figures: {'; '.join(partial)}."
+    )
 
 
 def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any]], str]:
@@ -379,6 +408,8 @@ def aggregate(jobs: list[dict[str, Any]], task: str) -> tuple[list[dict[str, Any
             verdict = f"no {metric}"
         elif len(samples[name]) < 2:
             verdict = "one seed: noise unknown"
+        elif len(samples[top]) >= 2:
+            verdict = "every seed alike on both sides: noise unknown"
         else:
             verdict = "the best has one seed: noise unknown"
         row[f"vs best {metric}"] = verdict
@@ -731,6 +762,7 @@ def compare(
         "",
         *([note, ""] if (note := timing_note(jobs)) else []),
         *([repeats, ""] if (repeats := repeats_note(jobs)) else []),
+        *([limited, ""] if (limited := partial_test_note(jobs)) else []),
         markdown_table(rows, columns),
         "",
     ]

@@ -474,8 +474,9 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     if (run_dir / "summary.json").exists():
         raise ConfigError(
             f"{run_dir} holds a finished run (summary.json); it is left as it is. Train into a new "
-            "directory (leave hydra.run.dir unset for a timestamped one), or continue from its "
-            f"weights there with ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"
+            "directory (leave hydra.run.dir unset for a timestamped one, or give another); to go on "
+            f"from its weights (its task and backbone), add ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'} "
+            "to that command"
         )
     if mode == "never":
         raise ConfigError(
