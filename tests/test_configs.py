@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from seqlab.errors import ConfigError
 from seqlab.train import (
     build_callbacks,
     build_datamodule,
@@ -346,6 +347,20 @@ def test_the_general_search_fits_every_task_and_backbone(make_cfg, data: str) ->
         assert cfg.hydra.sweeper.direction == ("min" if data == "timeseries" else "max")
         for key in cfg.hydra.sweeper.params:
             assert OmegaConf.select(cfg, key) is not None, f"{key} is not a setting of {model} on {data}"
+
+
+def test_model_size_and_a_width_of_ones_own_are_not_given_together(make_cfg) -> None:
+    """model.size solves d_model: a d_model given beside it was dropped without a word, while the
+    run's config.yaml, overrides and W&B config showed it (a sweep of model.d_model=64,128 under
+    model.size=tiny trained one model twice). Refused; the width built is in summary.json."""
+    with pytest.raises(
+        ConfigError, match=r"model.size=tiny solves the width itself, and model.d_model=256 would be ignored"
+    ):
+        check_choices(make_cfg("model=gru", "model.size=tiny", "model.d_model=256", fast=False))
+    check_choices(
+        make_cfg("model=gru", "model.size=tiny", fast=False)
+    )  # the config's own d_model is replaced quietly
+    check_choices(make_cfg("model=gru", "model.size=null", "model.d_model=256", fast=False))
 
 
 @pytest.mark.parametrize("data", ["timeseries", "sentiment_synthetic", "translation_synthetic"])

@@ -128,6 +128,12 @@ def check_choices(cfg: DictConfig) -> None:
         raise ConfigError(f"seed={seed!r}: expected an integer, or null for an unseeded run{hint}")
     check_settings(cfg.data, "data")
     check_settings(cfg.model, "model", skip=("size", "compile"))  # build_backbone's, not the class's
+    given = [o for o in hydra_overrides() if o.lstrip("+~").partition("=")[0] == "model.d_model"]
+    if cfg.model.get("size") is not None and given:
+        raise ConfigError(
+            f"model.size={cfg.model.size} solves the width itself, and {given[-1]} would be ignored (the "
+            "run's records would show it): give one of them (model.size=null for a width of your own)"
+        )
     if "monitor" in cfg.task:
         check_monitor(cfg.task.monitor, cfg.task.get("monitor_mode"))
     check_settings(cfg.task, "task")
@@ -546,6 +552,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             **memory,
             "num_params": num_params,
             "backbone_params": backbone_params,
+            # the width it was built with: model.size's solved one, not the config's d_model
+            **(
+                {"d_model": task.backbone.built_from["d_model"]}
+                if "d_model" in task.backbone.built_from
+                else {}
+            ),
             "parameters_per_rank": stats.parameters_per_rank,
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,

@@ -158,6 +158,9 @@ def build_backbone(config: dict[str, Any], padded: bool = False, **task_requirem
             check_range(f"model.{key}", config[key], valid, expected)
     if size is not None:
         config = sized(config, size)
+        log.info(
+            "model.size=%s: d_model %s (the width of that parameter budget)", size, config.get("d_model")
+        )
     backbone = instantiate(config, _convert_="all")
     if not isinstance(backbone, Backbone):
         raise ConfigError(f"model._target_={config.get('_target_')!r} is not a seqlab Backbone")
