@@ -322,7 +322,24 @@ def test_data_errors_end_the_run_with_one_clear_line(tmp_path: Path) -> None:
     assert f"DataError: data file not found: {tmp_path / 'nope' / 'ETTh1.csv'}" in result.stderr
     assert "DataError" not in result.stdout and "[INFO]" in result.stdout and "[INFO]" not in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists(), "a refused run left its directory (Hydra's record and log alone)"
+
+
+def test_a_refused_command_leaves_no_run_directory(tmp_path: Path) -> None:
+    """Every refused command left a logs/<task>/runs/<time> of Hydra's record and log; one that
+    holds a run, or files of its own, is left as it is."""
+    logs = tmp_path / "logs"
+    refused = run_script("train.py", "trainer=gpu", f"paths.log_dir={logs}")
+    assert refused.returncode == 1 and "no CUDA GPU is visible here" in refused.stderr
+    assert not any((logs / "train" / "runs").glob("*"))
+    refused = run_script("eval.py", f"ckpt_path={tmp_path / 'absent.ckpt'}", f"paths.log_dir={logs}")
+    assert refused.returncode == 1 and "no such file or checkpoint directory" in refused.stderr
+    assert not any((logs / "eval" / "runs").glob("*"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep\n")
+    refused = run_script("train.py", "trainer=gpu", f"hydra.run.dir={mine}")
+    assert refused.returncode == 1 and (mine / "notes.txt").read_text() == "keep\n"
 
 
 @pytest.mark.parametrize("search", options("hparams_search"))

@@ -26,6 +26,7 @@ from seqlab.utils.distributed import check_hardware, finish_job, follow_launcher
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.parallel import job_resources
 from seqlab.utils.resolvers import launch_id
+from seqlab.utils.resume import drop_refused_run_dir
 from seqlab.utils.run import (
     hydra_overrides,
     is_rank_zero,
@@ -185,4 +186,6 @@ def run(cfg: DictConfig) -> None:
         log.error("%s: %s", type(err).__name__, err)
         if in_multirun():
             raise  # `eval.py -m ckpt_path=a,b`: the sweep records this job as failed and goes on
+        if is_rank_zero():
+            drop_refused_run_dir(Path(cfg.paths.output_dir))
         raise SystemExit(1) from None

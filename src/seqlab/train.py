@@ -54,6 +54,7 @@ from seqlab.utils.precision import clip_fused_under_bf16
 from seqlab.utils.resume import (
     check_checkpoint_fits,
     check_same_data_dir,
+    drop_refused_run_dir,
     finished_job,
     forget_failed_setup,
     mark_running,
@@ -629,6 +630,8 @@ def run(cfg: DictConfig) -> float | None:
         log.error("%s: %s", type(err).__name__, err)
         if in_multirun():
             raise  # the sweep records this job as failed and goes on
+        if is_rank_zero():
+            drop_refused_run_dir(Path(cfg.paths.output_dir))
         raise SystemExit(1) from None
     except SIGTERMException:
         # SaveOnSigterm wrote last.ckpt; 128 + SIGTERM, as a shell reports a terminated process

@@ -233,6 +233,27 @@ def forget_failed_setup(run_dir: Path) -> None:
         (run_dir / "config.yaml").unlink(missing_ok=True)
 
 
+#: what a command refused while it was set up leaves in a run directory: Hydra's record and log,
+#: the run's record of its command (``write_run_metadata`` without its config.yaml); eval.py's too
+SETUP_FILES = frozenset({".hydra", "train.log", "eval.log", "cmd.txt", "git.txt", "git.diff", "overrides.yaml"})
+
+
+def drop_refused_run_dir(run_dir: Path) -> None:
+    """A single run refused while it was set up (``trainer=gpu`` on a CPU machine, a bad value, a
+    missing file) leaves no directory behind: one under ``logs/<task>/runs`` per refused command
+    piled up, each with Hydra's record and log alone (the refusal is on the terminal). Only a
+    directory that holds nothing else: not one with a run in it (``config.yaml``, a checkpoint)
+    or files of its own (``hydra.run.dir`` given)."""
+    import shutil
+
+    try:
+        entries = {path.name for path in run_dir.iterdir()}
+    except OSError:
+        return
+    if ".hydra" in entries and entries <= SETUP_FILES:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def running_process(run_dir: Path, this_job_gone: bool = True) -> str | None:
     """Who is training in ``run_dir`` (``process <pid> on this host``, ``process <pid> on
     <host>``), while they are: see ``marker_owner``; else None."""
