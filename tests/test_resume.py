@@ -166,9 +166,17 @@ def test_a_sweep_run_again_with_another_grid_keeps_each_job_in_its_own_directory
     first = run_script("train.py", "-m", "seed=1,2", *common)
     assert first.returncode == 0, why_failed(first)
     finished = {job: (sweep / job / "summary.json").read_bytes() for job in ("0", "1")}
+    records = {
+        p: p.read_bytes()
+        for job in finished
+        for p in [*(sweep / job / ".hydra").iterdir(), sweep / job / "train.log"]
+    }
     again = run_script("train.py", "-m", "seed=0,1,2", *common)
     assert again.returncode == 0, why_failed(again)
     assert {job: (sweep / job / "summary.json").read_bytes() for job in finished} == finished
+    # kept untouched: Hydra's record (.hydra/hydra.yaml held the new attempt's job number and
+    # overrides) and log ("finished earlier ... kept" appended) are put back
+    assert {p: p.read_bytes() for p in records} == records
     seeds = {job: OmegaConf.load(sweep / job / "config.yaml").seed for job in ("0", "1", "2")}
     assert seeds == {"0": 1, "1": 2, "2": 0}
     for job, seed in seeds.items():  # Hydra's record of each directory's job is its own

@@ -221,6 +221,47 @@ class ScrubSecrets(Callback):
             job_return.overrides = [redact_text(str(o)) for o in job_return.overrides]
 
 
+#: a run directory's record as a command found it: (directory, config.yaml's modification time,
+#: Hydra's .hydra/*.yaml contents, the logs' sizes)
+RunRecord = tuple[Path, int, dict[Path, bytes], dict[Path, int]]
+
+
+def run_record(run_dir: Path) -> RunRecord | None:
+    """``run_dir``'s record, where a run took it (its ``config.yaml``); else None."""
+    record = run_dir / "config.yaml"
+    if not record.is_file():
+        return None
+    hydra_files = {p: p.read_bytes() for p in sorted((run_dir / ".hydra").glob("*.yaml"))}
+    logs = {p: p.stat().st_size for p in sorted(run_dir.glob("*.log"))}
+    return run_dir, record.stat().st_mtime_ns, hydra_files, logs
+
+
+def put_back(saved: RunRecord) -> None:
+    """A run directory's Hydra record and logs as they were, unless this command's run took the
+    directory (its ``config.yaml`` rewritten: a resumed run, which keeps its attempt's record)."""
+    run_dir, written, hydra_files, logs = saved
+    record = run_dir / "config.yaml"
+    if not record.is_file() or record.stat().st_mtime_ns != written:
+        return
+    for path in (run_dir / ".hydra").glob("*.yaml"):
+        if path not in hydra_files:
+            path.unlink(missing_ok=True)
+    for path, content in hydra_files.items():
+        if not path.is_file() or path.read_bytes() != content:
+            with atomic_file(path) as tmp:
+                tmp.write_bytes(content)
+    from seqlab.utils.resume import running_process
+
+    if running_process(run_dir) is not None:
+        return  # refused as in use: the live run writes on into its log
+    for path in run_dir.glob("*.log"):
+        if path not in logs:
+            path.unlink(missing_ok=True)
+        elif path.stat().st_size > logs[path]:
+            with path.open("r+b") as handle:
+                handle.truncate(logs[path])
+
+
 class LeaveRefusedRunsAlone(Callback):
     """Hydra writes ``.hydra/*.yaml`` into the run directory, and opens its log file there, before
     the job runs: a command refused a directory that holds a run (``hydra.run.dir`` of a finished
@@ -229,55 +270,49 @@ class LeaveRefusedRunsAlone(Callback):
     exits if its run never took the directory (the run's own ``config.yaml`` untouched: a run
     that took it, and failed later, keeps its attempt's record). A directory named by the run stamp (the default,
     whose ``resume=auto`` lookup needs the job's Hydra config) is one this command chose for
-    itself: left to it, as are DDP's other ranks."""
+    itself: left to it, as are DDP's other ranks. The same for the jobs of a sweep run again
+    in its directory (``hydra.sweep.dir=``): a finished job kept as it is, or one refused, keeps
+    its record (its ``.hydra/hydra.yaml`` held the new attempt's job number and overrides), put
+    back as the sweep's process exits."""
 
     def __init__(self) -> None:
-        self.saved: tuple[Path, int | None, dict[Path, bytes], dict[Path, int]] | None = None
+        self.saved: list[RunRecord] = []
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.saved = []
+        given = OmegaConf.to_container(config.hydra.run, resolve=False).get("dir")
+        self.remember(config, lambda: [Path(str(config.hydra.run.dir))], given)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.saved = []
+        given = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir")
+
+        def job_dirs() -> list[Path]:
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+            return [p.parent for p in sorted(sweep_dir.rglob("config.yaml")) if p.parent.name != ".hydra"]
+
+        self.remember(config, job_dirs, given)
+
+    def remember(self, config: DictConfig, run_dirs: Any, given: Any) -> None:
         from seqlab.utils.run import is_rank_zero
 
-        self.saved = None
-        given = OmegaConf.to_container(config.hydra.run, resolve=False).get("dir")
         if not is_rank_zero() or "run_stamp" in str(given):
             return
         try:
-            run_dir = Path(str(config.hydra.run.dir))
-            record = run_dir / "config.yaml"
-            if record.is_file():
-                hydra_files = {p: p.read_bytes() for p in sorted((run_dir / ".hydra").glob("*.yaml"))}
-                logs = {p: p.stat().st_size for p in sorted(run_dir.glob("*.log"))}
-                self.saved = (run_dir, record.stat().st_mtime_ns, hydra_files, logs)
+            self.saved = [record for run_dir in run_dirs() if (record := run_record(run_dir)) is not None]
+            if self.saved:
                 atexit.register(self.put_back)
         except Exception as error:  # never in the way of the run
-            log.debug("run directory not recorded before the run: %s", error)
+            log.debug("run directories not recorded before the run: %s", error)
 
     def put_back(self) -> None:
         """At exit (a refused run ends in ``SystemExit``, which Hydra lets through: no
-        ``on_run_end``)."""
-        if self.saved is None:
-            return
-        run_dir, written, hydra_files, logs = self.saved
-        record = run_dir / "config.yaml"
-        if not record.is_file() or record.stat().st_mtime_ns != written:
-            return  # this command took the directory (a resumed run that failed): its record stays
-        for path in (run_dir / ".hydra").glob("*.yaml"):
-            if path not in hydra_files:
-                path.unlink(missing_ok=True)
-        for path, content in hydra_files.items():
-            if not path.is_file() or path.read_bytes() != content:
-                with atomic_file(path) as tmp:
-                    tmp.write_bytes(content)
-        from seqlab.utils.resume import running_process
-
-        if running_process(run_dir) is not None:
-            return  # refused as in use: the live run writes on into its log
-        for path in run_dir.glob("*.log"):
-            if path not in logs:
-                path.unlink(missing_ok=True)
-            elif path.stat().st_size > logs[path]:
-                with path.open("r+b") as handle:
-                    handle.truncate(logs[path])
+        ``on_run_end``; a sweep whose job failed ends in its error)."""
+        for saved in self.saved:
+            try:
+                put_back(saved)
+            except OSError as error:
+                log.warning("%s: its record was not put back (%s)", saved[0], error)
 
 
 #: what the SLURM launcher asks of SLURM for every job, read from the sweep's own config

@@ -235,7 +235,9 @@ def forget_failed_setup(run_dir: Path) -> None:
 
 #: what a command refused while it was set up leaves in a run directory: Hydra's record and log,
 #: the run's record of its command (``write_run_metadata`` without its config.yaml); eval.py's too
-SETUP_FILES = frozenset({".hydra", "train.log", "eval.log", "cmd.txt", "git.txt", "git.diff", "overrides.yaml"})
+SETUP_FILES = frozenset(
+    {".hydra", "train.log", "eval.log", "cmd.txt", "git.txt", "git.diff", "overrides.yaml"}
+)
 
 
 def drop_refused_run_dir(run_dir: Path) -> None:
