@@ -541,6 +541,14 @@ def test_another_optimized_metric_needs_its_direction(make_cfg) -> None:
         composed = make_cfg("hydra/sweeper=optuna", data, fast=False)
         assert composed.hydra.sweeper.direction == mode, data
     assert make_cfg("hydra/sweeper=optuna", name="eval").hydra.sweeper.direction == "minimize"  # no task
+    # a metric of one's own: no known direction (task.monitor_mode null), named (was OmegaConf's
+    # "Incompatible value 'None'" traceback)
+    unknown = make_cfg(
+        "hparams_search=optuna", "data=sentiment_synthetic", "task.monitor=val/foo", fast=False
+    )
+    assert unknown.hydra.sweeper.direction is None
+    with pytest.raises(ValueError, match=r"follows task.monitor_mode, which task.monitor leaves unknown"):
+        sweeper(direction=None)
 
 
 @pytest.mark.parametrize("subdir", [NUMBERED, NAMED])

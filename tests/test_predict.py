@@ -38,6 +38,7 @@ def test_the_labels_of_new_texts_are_those_the_test_gave(make_cfg, tmp_path: Pat
         assert accuracy == pytest.approx(metrics["test/acc"], abs=1e-6)
         assert all(0.0 <= float(line.split("\t")[1]) <= 1.0 for line in lines)
 
+    assert classify_texts(task, info, ["", "  "]) == ["", ""]  # no text at all: no batch to run
     source = tmp_path / "in.txt"
     source.write_text(f"{texts[0]}\n\n  {texts[1]}  \n", encoding="utf-8")
     result = run_script("predict.py", f"ckpt_path={ckpt}", f"input={source}")
@@ -85,11 +86,23 @@ def test_a_forecast_after_a_files_end_is_the_tests_forecast_of_that_window(make_
     after = list(csv.reader(forecast_series(task, info).splitlines()))
     assert len(after) == 1 + horizon and after[1][0] == "2016-07-26 00:00:00"  # 600 hours after the start
 
-    write_csv(tmp_path / "other.csv", 300, columns=("a", "OT", "b"))
+    # the same channels in another order (a long file's ids in another order): put in the model's
+    swapped = tmp_path / "swapped.csv"
+    rows_cut = [line.split(",") for line in cut.read_text().splitlines()]
+    swapped.write_text("\n".join(",".join([r[0], r[3], r[1], r[2]]) for r in rows_cut) + "\n")
+    assert forecast_series(task, info, str(swapped)) == forecast_series(task, info, str(cut))
+    write_csv(tmp_path / "other.csv", 300, columns=("a", "OT", "c"))
     with pytest.raises(
-        DataError, match=r"other.csv: columns \['a', 'OT', 'b'\], but the model was trained on"
+        DataError, match=r"other.csv: columns \['a', 'OT', 'c'\], but the model was trained on"
     ):
         forecast_series(task, info, str(tmp_path / "other.csv"))
+    # the file read is never the one written (unset input reads the training file)
+    before = (data_dir / "series.csv").read_bytes()
+    with pytest.raises(ConfigError, match=r"is the file the forecast reads"):
+        forecast_series(task, info, output=str(data_dir / "series.csv"))
+    assert (data_dir / "series.csv").read_bytes() == before
+    with pytest.raises(ConfigError, match=r"\+data.lookback: the model fixes it"):
+        forecast_series(task, info, data={"lookback": 12})
     write_csv(tmp_path / "short.csv", 20)
     with pytest.raises(DataError, match=r"short.csv: 20 rows, fewer than the model's look-back of 48"):
         forecast_series(task, info, str(tmp_path / "short.csv"))
@@ -98,3 +111,26 @@ def test_a_forecast_after_a_files_end_is_the_tests_forecast_of_that_window(make_
     result = run_script("predict.py", f"ckpt_path={ckpt}", f"output={tmp_path / 'forecast.csv'}")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "forecast.csv").read_text().splitlines()[1:] == [",".join(row) for row in after[1:]]
+
+
+def test_forecast_timestamps_follow_the_calendar_of_the_series() -> None:
+    """A monthly series' forecast steps by calendar months (month ends stay month ends), a series
+    of weekdays by weekdays; else by the median step (a fixed 30.4 days put a monthly forecast on
+    the 2nd, then the 3rd of the months, and a business-day one on weekends)."""
+    from datetime import datetime, timedelta
+
+    from seqlab.data.readers import Series
+    from seqlab.predict import future_stamps
+
+    def future(stamps: list[datetime], horizon: int = 3) -> list[datetime]:
+        return future_stamps(Series(np.zeros((len(stamps), 1)), ["y"], stamps), horizon, "test")
+
+    assert future([datetime(2022, m, 1) for m in range(1, 13)]) == [datetime(2023, m, 1) for m in (1, 2, 3)]
+    ends = [datetime(2022, 1, 31), datetime(2022, 2, 28), datetime(2022, 3, 31), datetime(2022, 4, 30)]
+    assert future(ends) == [datetime(2022, 5, 31), datetime(2022, 6, 30), datetime(2022, 7, 31)]
+    weekdays = [d for d in (datetime(2021, 7, 1) + timedelta(days=i) for i in range(14)) if d.weekday() < 5]
+    assert future(weekdays) == [datetime(2021, 7, 15), datetime(2021, 7, 16), datetime(2021, 7, 19)]
+    hours = [datetime(2021, 7, 1) + timedelta(hours=i) for i in range(10)]
+    assert future(hours, 2) == [datetime(2021, 7, 1, 10), datetime(2021, 7, 1, 11)]
+    with pytest.raises(DataError, match=r"test: one timestamp"):
+        future(hours[:1])

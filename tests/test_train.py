@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -261,6 +260,11 @@ def test_the_monitor_mode_follows_the_monitored_metric(make_cfg, data: str) -> N
         ConfigError, match=r"task.monitor_mode=max for task.monitor=val/loss, whose best is its lowest"
     ):
         train(make_cfg(f"data={data}", "task.monitor=val/loss", "task.monitor_mode=max", fast=False))
+    with pytest.raises(
+        ConfigError,
+        match=r"task.monitor_mode is null: expected min or max \(val/\w+ is best at its highest: max",
+    ):
+        train(make_cfg(f"data={data}", "task.monitor_mode=null", fast=False))
 
 
 def test_keeping_several_checkpoints_needs_a_name_for_each(make_cfg, tmp_path: Path) -> None:
@@ -276,14 +280,16 @@ def test_keeping_several_checkpoints_needs_a_name_for_each(make_cfg, tmp_path: P
     named = [
         "callbacks.model_checkpoint.filename='best-{epoch:03d}-{step}'",
         "callbacks.model_checkpoint.save_top_k=2",
+        # the last of the 3 epochs worse than the best but within the top 2: saved after the best
+        "+callbacks.worse._target_=tests.faults.WorseLastValidation",
     ]
     _, objects = train(make_cfg(*named))
+    seen = next(c for c in objects["trainer"].callbacks if type(c).__name__ == "WorseLastValidation").seen
+    assert len(seen) == 3 and seen[1] < seen[2] < seen[0]  # best: epoch 1; epoch 2 in the top 2
     saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
-    assert len(saved) == 2
-    rows = [r for r in csv.DictReader((tmp_path / "run" / "metrics.csv").open()) if r.get("val/mse")]
-    best = min(rows, key=lambda r: float(r["val/mse"]))
+    assert [name[:8] for name in saved] == ["best-001", "best-002"]
     tested = torch.load(objects["summary"]["best_checkpoint"], map_location="cpu", weights_only=False)
-    assert tested["epoch"] == int(best["epoch"])
+    assert tested["epoch"] == 1
 
 
 def test_missing_ett_file_is_a_clear_error(make_cfg, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import io
 import logging
 import sys
 import tempfile
-from datetime import timedelta
+from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from seqlab.data.readers import Series
 from seqlab.data.text_base import FlatSequences
 from seqlab.data.text_readers import clean_text
 from seqlab.data.tokenization import encode, tokenizer_from_json
@@ -90,6 +91,8 @@ def classify_texts(task, info: dict[str, Any], texts: list[str], batch_size: int
     names = list(artifacts.get("class_names") or artifacts["classes"])
     outputs = [""] * len(texts)
     todo = [i for i, text in enumerate(texts) if clean_text(text)]
+    if not todo:  # no text at all (an empty file, blank lines): as many empty lines
+        return outputs
     ids = encode(tokenizer, [clean_text(texts[i]) for i in todo])
     empty = [todo[k] + 1 for k, seq in enumerate(ids) if not seq]
     if empty:  # only without [CLS] (data.tokenizer.wrap=none)
@@ -108,13 +111,64 @@ def classify_texts(task, info: dict[str, Any], texts: list[str], batch_size: int
     return outputs
 
 
+#: ``+data.<key>=`` a forecaster's predictions may change: where its file is and how it is read
+#: (the window, the channels and the scaling are the model's)
+FORECAST_DATA_KEYS = ("data_dir", "file", "url", "download", "date_format", "fill_missing")
+
+
+def add_months(stamp: datetime, months: int) -> datetime:
+    """``stamp`` ``months`` calendar months on (the day kept, or the month's last where it has
+    fewer days; a month's last day stays its last)."""
+    import calendar
+
+    year, month = divmod(stamp.month - 1 + months, 12)
+    year, month = stamp.year + year, month + 1
+    last = calendar.monthrange(year, month)[1]
+    day = last if stamp.day == calendar.monthrange(stamp.year, stamp.month)[1] else min(stamp.day, last)
+    return stamp.replace(year=year, month=month, day=day)
+
+
+def future_stamps(series: Series, horizon: int, where: str) -> list[datetime]:
+    """The ``horizon`` timestamps after ``stamps``: by calendar months for a monthly series, by
+    weekdays for a daily one without weekend days (business days), else by the median step."""
+    stamps, steps = series.timestamps or [], series.steps()
+    if not len(steps):
+        raise DataError(f"{where}: one timestamp; the spacing of the forecast's steps is not known")
+    days = steps / 86400
+    if np.all((days >= 28) & (days <= 31)):
+        return [add_months(stamps[-1], k + 1) for k in range(horizon)]
+    usual = float(np.median(steps))
+    if usual == 86400 and len(stamps) >= 7 and all(stamp.weekday() < 5 for stamp in stamps):
+        out, stamp = [], stamps[-1]
+        while len(out) < horizon:
+            stamp += timedelta(days=1)
+            if stamp.weekday() < 5:
+                out.append(stamp)
+        return out
+    if np.any((steps > 1.5 * usual) | (steps < 0.75 * usual)):
+        log.warning("%s: its timestamps are not evenly spaced; the forecast's follow the median step", where)
+    return [stamps[-1] + timedelta(seconds=usual) * (k + 1) for k in range(horizon)]
+
+
 @torch.no_grad()
 def forecast_series(
-    task, info: dict[str, Any], source: str | None = None, data: dict[str, Any] | None = None
+    task,
+    info: dict[str, Any],
+    source: str | None = None,
+    data: dict[str, Any] | None = None,
+    output: str | None = None,
 ) -> str:
     """The CSV of the ``horizon`` steps after the series' end: the training series (its file,
-    or the synthetic series regenerated), or ``source``, a CSV of the same layout."""
+    or the synthetic series regenerated), or ``source``, a CSV of the same layout. ``data``:
+    ``+data.<key>=`` overrides (``FORECAST_DATA_KEYS``); ``output``: the file to be written,
+    refused where it is the file read."""
     hp = task.hparams
+    fixed = sorted(set(data or {}) - set(FORECAST_DATA_KEYS))
+    if fixed:
+        raise ConfigError(
+            f"{', '.join(f'+data.{key}' for key in fixed)}: the model fixes it (its window, channels and "
+            f"scaling); predict.py takes {', '.join(f'+data.{key}' for key in FORECAST_DATA_KEYS)}"
+        )
     settings = data_settings(info, data or {})
     if source == "-":
         raise ConfigError(
@@ -130,13 +184,20 @@ def forecast_series(
         path = input_path(source).resolve()
         settings.update(data_dir=str(path.parent), file=path.name)
     datamodule = build_datamodule(settings, prepare=False)
+    read, written = getattr(datamodule, "path", None), Path(output).expanduser() if output else None
+    if read is not None and written is not None and written.exists() and written.samefile(read):
+        raise ConfigError(
+            f"output={output!r} is the file the forecast reads ({read}): it would be replaced by the "
+            "forecast; write to another file"
+        )
     series = datamodule.model_series()
     where = getattr(datamodule, "source", "the series")
-    if list(series.columns) != list(hp.channel_names):
-        raise DataError(
-            f"{where}: columns {series.columns}, but the model was trained on {list(hp.channel_names)} "
-            "(in this order)"
-        )
+    names = list(hp.channel_names)
+    if sorted(series.columns) != sorted(names):
+        raise DataError(f"{where}: columns {series.columns}, but the model was trained on {names}")
+    if list(series.columns) != names:  # the same channels in another order (a long file's ids)
+        order = [series.columns.index(name) for name in names]
+        series = Series(series.values[:, order], names, series.timestamps)
     if len(series.values) < hp.lookback:
         raise DataError(
             f"{where}: {len(series.values)} rows, fewer than the model's look-back of {hp.lookback} "
@@ -151,11 +212,14 @@ def forecast_series(
     buffer = io.StringIO()
     date_column = settings.get("date_column") or "date"
     if series.timestamps:
-        steps = series.steps()
-        if not len(steps):
-            raise DataError(f"{where}: one timestamp; the spacing of the forecast's steps is not known")
-        step = timedelta(seconds=float(np.median(steps)))
-        stamps = [str(series.timestamps[-1] + step * (k + 1)) for k in range(hp.horizon)]
+        future = future_stamps(series, hp.horizon, where)
+        date_format = settings.get("date_format")
+        if date_format:  # written as the file writes its dates, so it reads back
+            stamps = [stamp.strftime(date_format) for stamp in future]
+        elif all(stamp.time() == time(0) for stamp in series.timestamps):  # dates alone
+            stamps = [stamp.date().isoformat() for stamp in future]
+        else:
+            stamps = [str(stamp) for stamp in future]
         header = [date_column, *series.columns]
     else:
         stamps = [str(len(series.values) + k) for k in range(hp.horizon)]
@@ -176,6 +240,12 @@ def run(cfg: DictConfig) -> None:
         source = cfg.get("input")
         check_output(cfg.get("output"), source, "it would be replaced by the predictions")
         kind = model_kind(ckpt_path)  # refused (a translation model) before stdin is read
+        data = to_plain(cfg.get("data") or {})
+        if kind == "classification" and data:
+            raise ConfigError(
+                f"{', '.join(f'+data.{key}' for key in sorted(data))}: a classifier's predictions take "
+                "nothing from the data settings (its tokenizer and classes are the checkpoint's)"
+            )
         texts = read_input_lines(source) if kind == "classification" else None
         device = checked_device(cfg.get("device"))
         with stdout_to_stderr() if not cfg.get("output") else contextlib.nullcontext():
@@ -183,7 +253,7 @@ def run(cfg: DictConfig) -> None:
             if texts is not None:
                 text = "".join(f"{line}\n" for line in classify_texts(task, info, texts, batch_size))
             else:
-                text = forecast_series(task, info, source, to_plain(cfg.get("data") or {}))
+                text = forecast_series(task, info, source, data, cfg.get("output"))
         if cfg.get("output"):
             write_text_atomic(Path(cfg.output).expanduser(), text)
             log.info("predictions written to %s", cfg.output)

@@ -13,7 +13,8 @@ class OptunaSweeperConf:
     _target_: str = "hydra_plugins.seqlab_optuna_sweeper.optuna_sweeper.OptunaSweeper"
     # minimize | maximize, or min | max; by default the task's monitor mode, right for the
     # default optimized_metric (the monitored metric's best: accuracy and BLEU are maximised)
-    direction: str = "${oc.select:task.monitor_mode,minimize}"  # (minimize in a config without a task)
+    # (null: a task.monitor of no known direction, whose task.monitor_mode is to be given)
+    direction: Optional[str] = "${oc.select:task.monitor_mode,minimize}"  # noqa: UP045  (minimize without a task)
     study_name: str = "seqlab"
     # an Optuna storage URL; null: SQLite file in the sweep directory (resumable)
     storage: Optional[str] = None  # noqa: UP045

@@ -295,7 +295,7 @@ def objective_value(result: JobReturn) -> tuple[float | None, str | None]:
 class OptunaSweeper(Sweeper):
     def __init__(
         self,
-        direction: str,
+        direction: str | None,
         study_name: str,
         storage: str | None,
         n_trials: int,
@@ -305,6 +305,12 @@ class OptunaSweeper(Sweeper):
         n_startup_trials: int,
         params: dict[str, str] | None,
     ) -> None:
+        if direction is None:  # ${task.monitor_mode} of a metric whose direction is not known
+            raise ValueError(
+                "hydra.sweeper.direction follows task.monitor_mode, which task.monitor leaves unknown (a "
+                "metric of your own): give task.monitor_mode=min or max, or hydra.sweeper.direction="
+                "minimize or maximize"
+            )
         direction = {"min": "minimize", "max": "maximize"}.get(direction, direction)  # a task's monitor_mode
         if direction not in ("minimize", "maximize"):
             raise ValueError(f"hydra.sweeper.direction={direction!r}: expected 'minimize' or 'maximize'")

@@ -287,6 +287,11 @@ def check_monitor(monitor: str, monitor_mode: str | None, trained: bool = True) 
     and early stopping would keep the worst epochs: ``task.monitor=val/loss`` under
     classification's ``max``); a checkpoint trained so still loads (``trained=False``)."""
     known = metric_mode(monitor)
+    if monitor_mode is None and known is not None:  # task.monitor_mode=null, ~task.monitor_mode
+        raise ConfigError(
+            f"task.monitor_mode is null: expected min or max ({monitor} is best at its "
+            f"{'lowest' if known == 'min' else 'highest'}: {known}; the configs' default follows task.monitor)"
+        )
     if monitor_mode is None:  # the default, for a metric of another name
         names = ", ".join(f"val/{name}" for name in sorted(METRIC_MODES))
         raise ConfigError(
@@ -300,7 +305,7 @@ def check_monitor(monitor: str, monitor_mode: str | None, trained: bool = True) 
             f"task.monitor_mode={monitor_mode} for task.monitor={monitor}, whose best is its "
             f"{'lowest' if known == 'min' else 'highest'} value: the best checkpoint and early stopping "
             f"would keep the worst epochs; give task.monitor_mode={known} (or leave it out: it follows "
-            "task.monitor)"
+            "task.monitor). An interrupted run trained so cannot go on: start it afresh in another directory"
         )
 
 
