@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def search(sweep: Path, *overrides: str) -> dict:
         timeout=400,
     )
     assert result.returncode == 0, why_failed(result)
-    return OmegaConf.to_container(OmegaConf.load(sweep / "optimization_results.yaml"))
+    results = OmegaConf.to_container(OmegaConf.load(sweep / "optimization_results.yaml"))
+    return {**results, "output": result.stdout + result.stderr}
 
 
 def job_objective(job_dir: Path) -> float:
@@ -90,8 +92,12 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path: Path) -> N
     sweep = tmp_path / "sweep"
     results = search(
         sweep, "model.nhead=choice(4,5)", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler=random",
-        "hydra.sweeper.seed=0",
+        "hydra.sweeper.seed=0", "callbacks.model_checkpoint.filename='best-{epoch}'",
     )  # fmt: skip
+    # the eval.py command it gives names the best trial's own best checkpoint (not best.ckpt)
+    hint = re.search(r"python eval\.py ckpt_path=(\S+)\)", results["output"])
+    assert hint and Path(hint.group(1)).is_file() and Path(hint.group(1)).name.startswith("best-")
+    assert Path(hint.group(1)).parent.parent == sweep / str(results["best_job"])
     failed = results["failed"]
     assert 1 <= results["n_failed"] == len(failed) < 4 and results["n_trials"] == 4
     assert all(

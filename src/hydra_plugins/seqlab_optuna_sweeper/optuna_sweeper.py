@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -814,9 +815,14 @@ class OptunaSweeper(Sweeper):
             run = Path(best.user_attrs.get("sweep", sweep_dir)) / best.user_attrs.get(
                 "job_dir", str(best.user_attrs.get("job"))
             )
+            checkpoint = run / "checkpoints" / "best.ckpt"  # its summary's, where it names one
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                checkpoint = Path(
+                    json.loads((run / "summary.json").read_text())["best_checkpoint"] or checkpoint
+                )
             log.info(
                 "best trial %d: %s = %.6g; its run: %s (python eval.py ckpt_path=%s)",
-                best.number, best.params, best.value, run, run / "checkpoints" / "best.ckpt",
+                best.number, best.params, best.value, run, checkpoint,
             )  # fmt: skip
         results["failed"] = failed
         write_text_atomic(sweep_dir / RESULTS_FILE, OmegaConf.to_yaml(OmegaConf.create(results)))
