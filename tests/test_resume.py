@@ -364,6 +364,27 @@ def test_ctrl_c_stops_at_once_and_the_same_command_resumes_from_the_newest_check
 
 
 @pytest.mark.slow
+def test_a_sweep_job_stopped_by_ctrl_c_is_named_so(tmp_path: Path) -> None:
+    """Lightning ends a Ctrl-C'd job with SystemExit(1), which ends the sweep before Hydra
+    records the job: the sweep table called it killed ("out of memory, a time limit?")."""
+    sweep = tmp_path / "sweep"
+    command = [
+        "train.py",
+        "-m",
+        "model=rnn",
+        *FAST,
+        *fault("int", 5, tmp_path / "fired"),
+        f"hydra.sweep.dir={sweep}",
+    ]
+    stopped = run_script(*command)
+    assert stopped.returncode != 0 and "Detected KeyboardInterrupt" in stopped.stdout + stopped.stderr
+    assert (sweep / "0" / "error.txt").read_text().startswith("KeyboardInterrupt: stopped by Ctrl-C")
+    with open(sweep / "sweep_summary.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["status"] == "failed" and "Ctrl-C" in row["error"]
+
+
+@pytest.mark.slow
 def test_sigterm_during_validation_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """A checkpoint taken between validation batches counted the epoch as trained and its
     validation as never due: every resume then failed (early stopping's metric never logged).

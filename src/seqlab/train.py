@@ -48,6 +48,7 @@ from seqlab.utils.distributed import (
     use_script_launcher,
     use_spawn_launcher,
 )
+from seqlab.utils.files import write_text_atomic
 from seqlab.utils.logging import route_lightning_logs_to_root
 from seqlab.utils.parallel import job_resources, side_by_side, trainer_kwargs, without_progress_bars
 from seqlab.utils.precision import clip_fused_under_bf16
@@ -267,6 +268,18 @@ def without_early_stopping(callbacks: list[L.Callback], trainer_cfg: DictConfig)
         limit,
     )
     return [c for c in callbacks if not isinstance(c, EarlyStopping)]
+
+
+def record_interruption(run_dir: Path) -> None:
+    """A sweep job stopped by Ctrl-C: Lightning ends it with ``SystemExit(1)``, which ends the
+    sweep before Hydra records the job; its table called it killed ("out of memory, a time
+    limit?"). Its ``error.txt`` says what stopped it."""
+    from seqlab.utils.hydra_callbacks import ERROR_FILE
+
+    write_text_atomic(
+        run_dir / ERROR_FILE,
+        "KeyboardInterrupt: stopped by Ctrl-C (SIGINT); the sweep run again with its hydra.sweep.dir resumes it\n",
+    )
 
 
 def build_loggers(logger_cfg: DictConfig | None, run_dir: Path) -> list[Logger]:
@@ -492,7 +505,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         fit_s = None
         if cfg.get("train"):
             fit_start = time.perf_counter()
-            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            try:
+                trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            except SystemExit:
+                if trainer.interrupted and in_multirun() and is_rank_zero():
+                    record_interruption(run_dir)
+                raise
             # a resumed run: its earlier attempts' time up to the checkpoint it continued from too
             fit_s = round(stats.earlier_fit_s + time.perf_counter() - fit_start, 2)
         train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
