@@ -160,7 +160,10 @@ def run(command: str, args: argparse.Namespace, out: Path) -> None:
             batch=args.batch, width=args.width, num_layers=args.layers, repeats=args.repeats or 3, device=args.device,
         )  # fmt: skip
         print_table(
-            shown(rows), f"generation, one token at a time: {args.device}, B={args.batch}, width={args.width}"
+            shown(rows),
+            f"generation, one token at a time: {args.device}, B={args.batch}, width={args.width} "
+            "(per_token_vs_shortest: the median over the rounds of each round's ratio to the shortest "
+            "length, paired; under noise it can disagree with the ratio of the ms_per_token medians)",
         )
         payload = {**meta, **settings, "rows": rows, "warnings": warn(bench.timing_warnings(rows))}
     elif command == "overhead":
