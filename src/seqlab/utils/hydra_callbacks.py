@@ -281,19 +281,14 @@ class LeaveRefusedRunsAlone(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.saved = []
         given = OmegaConf.to_container(config.hydra.run, resolve=False).get("dir")
-        self.remember(config, lambda: [Path(str(config.hydra.run.dir))], given)
+        self.remember(lambda: [Path(str(config.hydra.run.dir))], given)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.saved = []
         given = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir")
+        self.remember(lambda: sweep_jobs(Path(str(config.hydra.sweep.dir))), given)
 
-        def job_dirs() -> list[Path]:
-            sweep_dir = Path(str(config.hydra.sweep.dir))
-            return [p.parent for p in sorted(sweep_dir.rglob("config.yaml")) if p.parent.name != ".hydra"]
-
-        self.remember(config, job_dirs, given)
-
-    def remember(self, config: DictConfig, run_dirs: Any, given: Any) -> None:
+    def remember(self, run_dirs: Any, given: Any) -> None:
         from seqlab.utils.run import is_rank_zero
 
         if not is_rank_zero() or "run_stamp" in str(given):

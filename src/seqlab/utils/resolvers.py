@@ -334,14 +334,10 @@ METRIC_MODES = {
 
 
 def metric_mode(monitor: str) -> str | None:
-    """``min`` or ``max`` for a known metric (``val/loss``: ``min``), None for another."""
+    """``min`` or ``max`` for a known metric (``val/loss``: ``min``), None for another: the
+    ``${monitor_mode:${task.monitor}}`` default of ``task.monitor_mode`` (None is refused, asking
+    for the mode: ``seqlab.tasks.base.check_monitor``)."""
     return METRIC_MODES.get(str(monitor).rsplit("/", 1)[-1])
-
-
-def monitor_mode(monitor: str) -> str | None:
-    """``task.monitor_mode``'s default: the direction ``task.monitor`` improves in; None for a
-    metric of another name, which is refused, asking for the mode (``seqlab.tasks.base.check_monitor``)."""
-    return metric_mode(monitor)
 
 
 def register_resolvers() -> None:
@@ -356,4 +352,4 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name, replace=True)
     OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir, replace=True)
     OmegaConf.register_new_resolver("ett_url", ett_url, replace=True)
-    OmegaConf.register_new_resolver("monitor_mode", monitor_mode, replace=True)
+    OmegaConf.register_new_resolver("monitor_mode", metric_mode, replace=True)
