@@ -26,6 +26,7 @@ def test_every_backbone_beats_the_naive_baselines(make_cfg, model: str) -> None:
     summary = objects["summary"]
     mse = summary["metrics"]["test/mse"]
     assert summary["model"] == model
+    assert summary["d_model"] == 32  # the width built (FAST's model.d_model; model.size's solved one)
     # clearly better than both baselines, not just marginally
     assert mse < 0.5 * summary["baseline"]["last"]["mse"]
     assert mse < 0.5 * summary["baseline"]["seasonal"]["mse"]
