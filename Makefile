@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.seqlab-installed
-# Extra pip arguments, e.g. PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple"
-# for a CPU-only machine that has no local CPU wheel of torch. Not given: those of the last install
+# Extra pip arguments, e.g. PIP_ARGS="--index-url <a mirror>". Not given: those of the last install
 # (`make test` after `make install PIP_ARGS=...` keeps that package index); PIP_ARGS= resets them.
+# Without them, a machine without an NVIDIA GPU gets torch's CPU build (see the install recipe).
 PIP_ARGS_USED := $(VENV)/.seqlab-pip-args
 ifeq ($(origin PIP_ARGS),undefined)
 PIP_ARGS := $(shell cat $(PIP_ARGS_USED) 2>/dev/null)
 endif
+# where a CPU-only machine without a local torch wheel gets torch's CPU build
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS   ?=
 PYTEST_ARGS ?=
 
@@ -33,6 +35,14 @@ $(PIP_ARGS_USED): FORCE
 
 $(STAMP): pyproject.toml constraints.txt $(PIP_ARGS_USED)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# no NVIDIA GPU and no package index chosen: torch's CPU build (a local wheel in pip's find-links,
+	@# else PyTorch's CPU index) before PyPI's default CUDA build (several GB) is pulled in
+	@if [ -z '$(strip $(PIP_ARGS))' ] && ! nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install --quiet --no-deps --no-index -c constraints.txt torch >/dev/null 2>&1 \
+		|| { echo "no NVIDIA GPU: torch's CPU build from $(TORCH_CPU_INDEX)"; \
+		$(PY) -m pip install --quiet --no-deps --index-url $(TORCH_CPU_INDEX) -c constraints.txt torch \
+		|| echo "warning: $(TORCH_CPU_INDEX) did not answer; PyPI's torch (the CUDA build) follows"; }; \
+	fi
 	$(PY) -m pip install --quiet --disable-pip-version-check $(PIP_ARGS) -c constraints.txt -e ".[loggers,deepspeed,slurm,dev]"
 	@# a GPU machine whose pip finds a local CPU wheel (find-links) would get it: say so
 	@if nvidia-smi -L >/dev/null 2>&1 && ! $(PY) -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then \

@@ -45,20 +45,44 @@ def make(checkout: Path, *args: str) -> list[str]:
     return calls.read_text().splitlines() if calls.is_file() else []
 
 
+#: the first pip run of a machine without an NVIDIA GPU: torch's CPU build from pip's local wheels
+LOCAL_CPU_TORCH = "-m pip install --quiet --no-deps --no-index -c constraints.txt torch"
+CPU_INDEX = "--index-url https://download.pytorch.org/whl/cpu"
+
+
 def test_make_install_is_idempotent_and_keeps_its_package_index(checkout: Path) -> None:
-    index = "--index-url https://download.pytorch.org/whl/cpu"
-    assert len(make(checkout, "install")) == 1
-    assert len(make(checkout, "install")) == 1, "nothing changed: no second pip run"
+    index = "--index-url https://mirror.example/simple"
+    calls = make(checkout, "install")
+    # no GPU: torch's CPU build first (found locally: PyTorch's CPU index not asked), then the rest
+    assert calls[0] == LOCAL_CPU_TORCH and len(calls) == 2 and "-e .[" in calls[1], calls
+    assert len(make(checkout, "install")) == 2, "nothing changed: no second pip run"
     calls = make(checkout, "install", f"PIP_ARGS={index}")
-    assert len(calls) == 2 and index in calls[-1], "another package index installs again"
+    # a package index of one's own: no CPU build chosen for it
+    assert len(calls) == 3 and index in calls[-1], "another package index installs again"
     # `make test` after `make install PIP_ARGS=...` keeps that index: no pip run without it
     calls = make(checkout, "test")
-    assert calls[2:] == ["-m pytest"], calls
+    assert calls[3:] == ["-m pytest"], calls
     (checkout / "constraints.txt").write_text((checkout / "constraints.txt").read_text() + "\n")
     calls = make(checkout, "install")
-    assert len(calls) == 4 and "pip install" in calls[-1] and index in calls[-1], "new pins, the same index"
+    assert len(calls) == 5 and "pip install" in calls[-1] and index in calls[-1], "new pins, the same index"
     calls = make(checkout, "install", "PIP_ARGS=")
-    assert len(calls) == 5 and index not in calls[-1], "PIP_ARGS= resets the index"
+    assert calls[5:] == [LOCAL_CPU_TORCH, calls[-1]] and index not in calls[-1], "PIP_ARGS= resets the index"
+
+
+def test_a_cpu_machine_without_a_local_wheel_gets_torchs_cpu_build(checkout: Path) -> None:
+    """PyPI's torch for Linux is the CUDA build (several GB): a machine without an NVIDIA GPU whose
+    pip has no local torch wheel takes the CPU build from PyTorch's CPU index, before the rest."""
+    python = checkout / ".venv" / "bin" / "python"
+    # nothing local: the --no-index run fails
+    python.write_text(
+        f'#!/bin/sh\necho "$*" >> {checkout / "calls"}\ncase "$*" in *--no-index*) exit 1;; esac\n'
+    )
+    done = run_make(checkout, "install")
+    calls = (checkout / "calls").read_text().splitlines()
+    assert calls[0] == LOCAL_CPU_TORCH and len(calls) == 3, calls
+    assert calls[1] == f"-m pip install --quiet --no-deps {CPU_INDEX} -c constraints.txt torch"
+    assert CPU_INDEX not in calls[2] and "-e .[" in calls[2]  # the rest from the usual index
+    assert "no NVIDIA GPU: torch's CPU build from https://download.pytorch.org/whl/cpu" in done.stdout
 
 
 def test_a_gpu_machine_with_a_cpu_torch_is_warned(checkout: Path) -> None:
@@ -69,6 +93,7 @@ def test_a_gpu_machine_with_a_cpu_torch_is_warned(checkout: Path) -> None:
     python.write_text(f'#!/bin/sh\necho "$*" >> {checkout / "calls"}\ncase "$1" in -c) exit 1;; esac\n')
     done = run_make(checkout, "install")
     assert "has an NVIDIA GPU but .venv got a CPU-only torch" in done.stdout
+    assert "--no-index" not in (checkout / "calls").read_text()  # a GPU machine: PyPI's CUDA build
     assert (
         "PIP_FIND_LINKS= PIP_CONFIG_FILE=/dev/null .venv/bin/python -m pip install --force-reinstall"
         in done.stdout
