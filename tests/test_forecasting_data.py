@@ -65,6 +65,24 @@ def test_univariate_mode_reads_the_target_column(ett_dir: Path) -> None:
     )
 
 
+def test_features_ms_reads_every_channel_and_targets_one(ett_dir: Path) -> None:
+    """``MS``: the windows' inputs are ``M``'s (every channel, the same scaling); their targets the
+    target column's horizon alone. Without a target, or another mode, the key is named."""
+    multi, ms = (ett(ett_dir, features=f, target="HUFL", lookback=96, horizon=24) for f in ("M", "MS"))
+    multi.setup(), ms.setup()
+    assert ms.num_channels == 7 and ms.task_kwargs()["target_only"] and not multi.task_kwargs()["target_only"]
+    channel = ms.task_kwargs()["target_channel"]
+    assert channel == 0  # HUFL, the first column: not the last one (OT) by default
+    for split in ("train", "test"):
+        (x_m, y_m), (x_ms, y_ms) = multi.datasets[split][5], ms.datasets[split][5]
+        torch.testing.assert_close(x_ms, x_m)
+        torch.testing.assert_close(y_ms, y_m[:, channel : channel + 1])
+    with pytest.raises(ConfigError, match=r"data.features=MS needs data.target"):
+        ett(ett_dir, features="MS")
+    with pytest.raises(ConfigError, match=r"data.features='SM': expected 'M' .*'S' .*or 'MS'"):
+        ett(ett_dir, features="SM", target="OT")
+
+
 def test_fifteen_minute_files_get_four_times_the_rows(tmp_path: Path) -> None:
     rows = 20 * 30 * 96
     write_csv(tmp_path / "ETTm1.csv", rows, step=timedelta(minutes=15))

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from seqlab.errors import ConfigError, DataError
 from seqlab.eval import evaluate
 from seqlab.train import train
-from tests.conftest import ROOT
+from tests.conftest import FAST, ROOT, run_script
 from tests.faults import initial_weights
 
 BACKBONES = ["rnn", "lstm", "gru", "transformer", "mingru", "minlstm"]
@@ -172,6 +174,60 @@ def test_eval_takes_a_univariate_forecaster_of_the_synthetic_series(make_cfg, tm
         evaluate(
             make_cfg(f"ckpt_path={multi}", "+data.features=S", "+data.target=x0", name="eval", output="e3")
         )
+
+
+def write_leading_covariate(path: Path, rows: int, lead: int) -> np.ndarray:
+    """A CSV whose target ``y`` is the covariate ``x`` ``lead`` steps later, both white noise: ``y``'s
+    own past says nothing of its next ``lead`` steps, ``x``'s says all. Returns ``x``."""
+    x = np.random.default_rng(0).normal(size=rows + lead)
+    start = datetime(2020, 1, 1)
+    lines = ["date,x,y"] + [
+        f"{start + timedelta(hours=i)},{x[i + lead]:.6f},{x[i]:.6f}" for i in range(rows)
+    ]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    return x[lead:]
+
+
+def test_features_ms_forecasts_the_target_from_the_other_channels(make_cfg, tmp_path: Path) -> None:
+    """``data.features=MS`` (Informer's): every channel in, the target alone out, scored on it. On
+    a target that repeats its covariate 12 steps later it learns what the target's own past
+    (``S``) cannot tell; eval.py reproduces it and refuses other features or another target;
+    predict.py writes the target's column alone, which is the covariate's last 12 values."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    lead = 12
+    x = write_leading_covariate(data_dir / "lead.csv", 3000, lead)
+    data = ["data=csv", f"data.data_dir={data_dir}", "data.file=lead.csv", "data.target=y"]
+    fast = [o for o in FAST if not o.startswith(("data.num_steps", "trainer.max_epochs"))]
+    common = [*data, *fast, "model=gru", "task.channel_independence=false"]
+    with pytest.raises(ConfigError, match=r"data.features=MS with task.channel_independence=true"):
+        train(make_cfg(*data, *fast, "data.features=MS", fast=False, output="refused"))
+    ms_metrics, objects = train(make_cfg(*common, "data.features=MS", "trainer.max_epochs=6", fast=False))
+    task = objects["task"]
+    assert task.hparams.target_only and task.head[-1].out_features == lead  # one channel's horizon
+    inputs, targets = objects["datamodule"].datasets["test"][0]
+    assert inputs.shape == (48, 2) and targets.shape == (lead, 1)
+    s_metrics, _ = train(make_cfg(*common, "data.features=S", "trainer.max_epochs=6", fast=False, output="s"))
+    # measured: MS 0.24, S 0.94 (white noise: its variance, 1, is the best its own past gives)
+    assert ms_metrics["test/mse"] < 0.5 * s_metrics["test/mse"], (ms_metrics, s_metrics)
+    assert s_metrics["test/mse"] > 0.8
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    evaluated, _ = evaluate(make_cfg(f"ckpt_path={ckpt}", name="eval", output="eval"))
+    assert evaluated["test/mse"] == pytest.approx(ms_metrics["test/mse"], rel=1e-6)
+    for override in ("+data.features=M", "+data.target=x"):
+        with pytest.raises(ConfigError, match=r"this model forecasts channel 'y' alone \(data.features=MS\)"):
+            evaluate(make_cfg(f"ckpt_path={ckpt}", override, name="eval", output="eval_refused"))
+    univariate = tmp_path / "s" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"this model forecasts channel 'y' alone \(data.features=S\)"):
+        evaluate(make_cfg(f"ckpt_path={univariate}", "+data.features=MS", name="eval", output="eval_s"))
+    result = run_script("predict.py", f"ckpt_path={ckpt}", f"output={tmp_path / 'forecast.csv'}")
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "forecast.csv").read_text().splitlines()
+    assert table[0] == "date,y" and len(table) == 1 + lead
+    forecast = np.array([float(line.split(",")[1]) for line in table[1:]])
+    # y's next 12 values are x's last 12: far closer than the variance (1) a guess would miss by
+    assert np.mean((forecast - x[-lead:]) ** 2) < 0.5
 
 
 def test_eval_on_other_data_maps_back_with_that_datas_scaler(make_cfg, tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ DeepSpeed checkpoint): the model, its data settings, its tokenizer and classes, 
   ``predict()``: by default the series the model was trained on (its file, read with its
   settings: columns, long format, missing values), or ``input=`` another CSV of the same layout
   whose last ``lookback`` rows are read. Out: a CSV of the timestamps (the series' median spacing
-  after its last one; without dates, the step numbers) and one column per channel, on the data's
-  own scale.
+  after its last one; without dates, the step numbers) and one column per channel forecast (the
+  target alone under ``data.features=MS``), on the data's own scale.
 
 Translation: translate.py.
 """
@@ -208,7 +208,10 @@ def forecast_series(
     window = (series.values[-hp.lookback :] - mean) / std
     device = next(task.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(window, dtype=np.float32))[None].to(device)
-    out = task(x)[0].float().cpu().numpy() * std + mean  # [H, C], on the data's scale
+    # [H, C] on the data's scale: every channel, or the target alone (data.features=MS)
+    channels = task.forecast_channels
+    out = task(x)[0].float().cpu().numpy() * std[channels] + mean[channels]
+    columns = series.columns[channels]
     buffer = io.StringIO()
     date_column = settings.get("date_column") or "date"
     if series.timestamps:
@@ -220,10 +223,10 @@ def forecast_series(
             stamps = [stamp.date().isoformat() for stamp in future]
         else:
             stamps = [str(stamp) for stamp in future]
-        header = [date_column, *series.columns]
+        header = [date_column, *columns]
     else:
         stamps = [str(len(series.values) + k) for k in range(hp.horizon)]
-        header = ["step", *series.columns]
+        header = ["step", *columns]
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for stamp, row in zip(stamps, out):

@@ -37,16 +37,20 @@ from seqlab.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+#: M: every channel in and out; S: the target channel alone; MS: every channel in, the target out
+FEATURES = ("M", "S", "MS")
 DAYS_PER_MONTH = 30  # the ETT protocol's month
 
 
 class WindowDataset(Dataset):
-    """All (look-back, horizon) windows of one split; batches are gathered in one indexing op."""
+    """All (look-back, horizon) windows of one split; batches are gathered in one indexing op.
+    ``target``: the channel whose horizon is the target (``features=MS``); None: every channel's."""
 
-    def __init__(self, series: Tensor, lookback: int, horizon: int) -> None:
+    def __init__(self, series: Tensor, lookback: int, horizon: int, target: int | None = None) -> None:
         self.series = series
         self.lookback = lookback
         self.horizon = horizon
+        self.target = slice(None) if target is None else slice(target, target + 1)
         span = lookback + horizon
         # every window as a view [N, C, L + H] (no copy): a batch is one index_select, ~10x faster
         # than gathering rows with an index tensor (scripts/benchmark.py data)
@@ -60,7 +64,8 @@ class WindowDataset(Dataset):
         return self.windows.shape[0]
 
     def __getitem__(self, index: int | Tensor) -> tuple[Tensor, Tensor]:
-        """One window (look-back [L, C], horizon [H, C]), or a batch of them for an index tensor."""
+        """One window (look-back [L, C], horizon [H, C], or [H, 1] of the ``target``), or a batch of
+        them for an index tensor."""
         if isinstance(index, Tensor) and index.ndim == 1:
             return self.__getitems__(index)
         inputs, targets = self.__getitems__([index])
@@ -74,7 +79,7 @@ class WindowDataset(Dataset):
         window = self.windows.index_select(0, torch.cat(indices)).transpose(1, 2)  # [B, L + H, C]
         sizes = [len(index) for index in indices]
         inputs = window[:, : self.lookback].contiguous().split(sizes)
-        targets = window[:, self.lookback :].contiguous().split(sizes)
+        targets = window[:, self.lookback :, self.target].contiguous().split(sizes)
         return list(zip(inputs, targets))
 
 
@@ -117,8 +122,9 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
         lookback: input window length L.
         horizon: forecast length H.
         batch_size: the global batch; each of N processes gets ``batch_size / N``.
-        features: ``M`` (all channels in, all out) or ``S`` (the ``target`` channel alone).
-        target: the channel forecast in ``S`` mode.
+        features: ``M`` (all channels in, all out), ``S`` (the ``target`` channel alone) or ``MS``
+            (all channels in, the ``target`` channel out: the others are its covariates).
+        target: the channel forecast in ``S`` and ``MS`` modes.
         split: ``calendar`` (``split_months`` of 30 days; rows per day from the timestamps)
             or ``ratio`` (``split_ratios`` of the rows).
         season_length: period of the seasonal-naive baseline; default one day of rows.
@@ -146,10 +152,13 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
         seed: int | None = 0,
     ) -> None:
         super().__init__()
-        if features not in ("M", "S"):
-            raise ConfigError(f"data.features={features!r}: expected 'M' (multivariate) or 'S' (univariate)")
-        if features == "S" and not target:
-            raise ConfigError("data.features=S needs data.target, the column to forecast")
+        if features not in FEATURES:
+            raise ConfigError(
+                f"data.features={features!r}: expected 'M' (all channels in and out), 'S' (the target "
+                "alone) or 'MS' (all channels in, the target out)"
+            )
+        if features in ("S", "MS") and not target:
+            raise ConfigError(f"data.features={features} needs data.target, the column to forecast")
         if split not in ("calendar", "ratio"):
             raise ConfigError(f"data.split={split!r}: expected 'calendar' or 'ratio'")
         if len(split_ratios) != 3 or min(split_ratios) <= 0 or abs(sum(split_ratios) - 1) > 1e-6:
@@ -237,14 +246,15 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
 
     def model_series(self) -> Series:
         """The series as the model reads it: ``load_series``, the ``target`` channel alone under
-        ``features=S`` (unscaled, unsplit; ``predict.py`` forecasts after its end)."""
+        ``features=S`` (unscaled, unsplit; ``predict.py`` forecasts after its end). Under
+        ``features=MS`` every channel is read and the ``target`` forecast."""
         series = self.load_series()
         if self.target is not None and self.target not in series.columns:
             missing = (
                 f"{self.source}: target column {self.target!r} (data.target) not found; columns are "
                 f"{series.columns}"
             )
-            if self.features == "S":
+            if self.features != "M":
                 raise DataError(missing)
             # M: the target is only the channel the report plots and tabulates
             log.warning(
@@ -274,8 +284,9 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
                 self.source,
                 irregular_places(series, irregular),
             )
+        target = series.columns.index(self.target) if self.features == "MS" else None
         for name, (start, end) in zip(SPLITS, borders):
-            dataset = WindowDataset(scaled[start:end], self.lookback, self.horizon)
+            dataset = WindowDataset(scaled[start:end], self.lookback, self.horizon, target)
             if len(dataset) < 1:
                 # val and test start a look-back early: only their horizon has to fit in their rows
                 shorten = "data.lookback or data.horizon" if name == "train" else "data.horizon"
@@ -310,6 +321,8 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
                 if self.target in self._series.columns
                 else self.num_channels - 1
             ),
+            # features=MS: the model forecasts the target channel alone
+            "target_only": self.features == "MS",
             "scaler_mean": [float(v) for v in self.mean],
             "scaler_std": [float(v) for v in self.std],
         }

@@ -50,11 +50,12 @@ class RevIN(nn.Module):
             x = x * self.weight + self.bias
         return x, (mean, std)
 
-    def denormalize(self, x: Tensor, stats: tuple[Tensor, Tensor]) -> Tensor:
+    def denormalize(self, x: Tensor, stats: tuple[Tensor, Tensor], channels: slice = slice(None)) -> Tensor:
+        """``x``: the normalised ``channels`` of the windows ``stats`` were taken from."""
         if self.weight is not None:
-            x = (x - self.bias) / (self.weight + self.eps * self.eps)
+            x = (x - self.bias[channels]) / (self.weight[channels] + self.eps * self.eps)
         mean, std = stats
-        return x * std + mean
+        return x * std[..., channels] + mean[..., channels]
 
 
 #: test windows whose first-step forecast is saved (tables/test_first_predictions.csv) for compare.py
@@ -80,8 +81,9 @@ class ForecastingTask(SeqTask):
     Args:
         backbone: the backbone's plain config (``_target_`` and arguments), from ``model=``.
         num_channels, lookback, horizon, baseline_season, channel_names, scaler_mean, scaler_std,
-            target_channel: from the datamodule (``task_kwargs()``), never set by hand
-            (``target_channel``: the channel the report plots and tabulates, ``data.target``).
+            target_channel, target_only: from the datamodule (``task_kwargs()``), never set by hand
+            (``target_channel``: the channel the report plots and tabulates, ``data.target``;
+            ``target_only``: ``data.features=MS``, every channel in and that channel alone out).
         patch_len, patch_stride: steps per input token and the step between tokens
             (1 and 1 give one token per time step).
         padding_patch: ``end`` (PatchTST's): the series is extended by one stride of its last
@@ -116,6 +118,7 @@ class ForecastingTask(SeqTask):
         monitor_mode: str | None = "min",
         plot_samples: int = 4,
         target_channel: int = -1,
+        target_only: bool = False,
     ) -> None:
         super().__init__(monitor=monitor, monitor_mode=monitor_mode)
         self.save_hyperparameters(logger=False)
@@ -131,17 +134,28 @@ class ForecastingTask(SeqTask):
                 f"task.patch_len={patch_len} and task.patch_stride={patch_stride} must be >= 1 "
                 f"and patch_len <= data.lookback={lookback}"
             )
+        if target_only and channel_independence:
+            raise ConfigError(
+                "data.features=MS with task.channel_independence=true: each channel would be read as a "
+                "sequence of its own, so the other channels would never reach the target's forecast "
+                "(that is data.features=S); add task.channel_independence=false"
+            )
         self.backbone = build_backbone(backbone)
         width = self.backbone.d_model
         channels_in = 1 if channel_independence else num_channels
-        self.channels_out = channels_in
+        #: the channels forecast, of the C read: all, or the target's alone (data.features=MS)
+        self.forecast_channels = slice(None)
+        if target_only:
+            target = target_channel % num_channels
+            self.forecast_channels = slice(target, target + 1)
+        self.channels_out = 1 if target_only else channels_in
         # PatchTST pads the end by one stride so that the last steps get a full patch
         self.padding = patch_stride if padding_patch == "end" else 0
         self.num_tokens = (lookback + self.padding - patch_len) // patch_stride + 1
         self.revin = RevIN(num_channels, revin_affine) if revin else None
         self.embed = nn.Linear(patch_len * channels_in, width)
         head_in = width * self.num_tokens if head == "flatten" else width
-        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(head_in, horizon * channels_in))
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(head_in, horizon * self.channels_out))
         for name, value in self.scaler_statistics().items():
             self.register_buffer(name, value, persistent=False)
         # epoch-level values go through torchmetrics, which reduce across processes themselves
@@ -194,7 +208,7 @@ class ForecastingTask(SeqTask):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [B, L, C] on the dataset scale -> forecast [B, H, C]."""
+        """x [B, L, C] on the dataset scale -> forecast [B, H, C] (``target_only``: [B, H, 1])."""
         batch, length, channels = x.shape
         hp = self.hparams
         if length != hp.lookback or channels != hp.num_channels:
@@ -222,7 +236,7 @@ class ForecastingTask(SeqTask):
         if hp.channel_independence:  # [B*C, H, 1] -> [B, H, C]
             out = out.view(batch, channels, hp.horizon).transpose(1, 2)
         if stats is not None:
-            out = self.revin.denormalize(out, stats)
+            out = self.revin.denormalize(out, stats, self.forecast_channels)
         return out.contiguous()
 
     def scaler_statistics(self) -> dict[str, Tensor]:
@@ -271,6 +285,20 @@ class ForecastingTask(SeqTask):
                     "%s; the model's inputs there are scaled otherwise than in training, and "
                     "original-scale metrics use the data's scaler", len(differ), "; ".join(differ[:5]),
                 )  # fmt: skip
+        if data.get("target_only", False) != hp.target_only or (
+            hp.target_only and data.get("target_channel", hp.target_channel) != hp.target_channel
+        ):
+            names = hp.channel_names or [f"channel {i}" for i in range(hp.num_channels)]
+            if hp.target_only:
+                trained = f"channel {names[hp.target_channel]!r} alone (data.features=MS)"
+            elif hp.num_channels == 1:  # the only channel read
+                trained = f"channel {names[0]!r} alone (data.features=S)"
+            else:
+                trained = "every channel (data.features=M)"
+            raise ConfigError(
+                f"this model forecasts {trained}: evaluate it with the data.features and data.target it "
+                "was trained with"
+            )
         for key in ("scaler_mean", "scaler_std", "channel_names", "target_channel", "baseline_season"):
             if key in data:
                 hp[key] = data[key]
@@ -279,13 +307,14 @@ class ForecastingTask(SeqTask):
         if "baseline_season" in data:
             self.use_baseline_season(data["baseline_season"])
 
-    def to_original_scale(self, x: Tensor) -> Tensor:
+    def to_original_scale(self, x: Tensor, channels: slice = slice(None)) -> Tensor:
+        """``x``: the ``channels`` (``self.forecast_channels``: those forecast) of windows on the dataset's scale."""
         if self.scaler_std.dtype != torch.float32:
             # a precision that casts the model (bf16-true, DeepSpeed's engine) rounded these data
             # statistics with it: rebuilt from the data's, once
             for name, value in self.scaler_statistics().items():
                 setattr(self, name, value.to(self.scaler_std.device))
-        return x.float() * self.scaler_std + self.scaler_mean
+        return x.float() * self.scaler_std[channels] + self.scaler_mean[channels]
 
     def convert_batch(self, batch: tuple[Tensor, Tensor], convert: Any) -> tuple[Tensor, Tensor]:
         """Nothing cast: ``forward`` casts the inputs to the model's dtype once RevIN has
@@ -320,11 +349,13 @@ class ForecastingTask(SeqTask):
         inputs, targets = batch
         preds = self(inputs)
         self.test_metrics.update(preds, targets)
-        self.test_orig_metrics.update(self.to_original_scale(preds), self.to_original_scale(targets))
-        horizon = self.hparams.horizon
-        self.baseline_metrics["last"].update(inputs[:, -1:].repeat(1, horizon, 1), targets)
+        out, horizon = self.forecast_channels, self.hparams.horizon
+        self.test_orig_metrics.update(
+            self.to_original_scale(preds, out), self.to_original_scale(targets, out)
+        )
+        self.baseline_metrics["last"].update(inputs[:, -1:, out].repeat(1, horizon, 1), targets)
         if self.baseline_season:
-            self.baseline_metrics["seasonal"].update(inputs[:, self.seasonal_index], targets)
+            self.baseline_metrics["seasonal"].update(inputs[:, self.seasonal_index, out], targets)
         # process r of N evaluates windows r, r + N, r + 2N, ... (EvalShardSampler), in order
         world, rank = self.trainer.world_size, self.trainer.global_rank
         windows = range(rank + self._seen * world, rank + (self._seen + len(inputs)) * world, world)
@@ -336,10 +367,15 @@ class ForecastingTask(SeqTask):
                 self._plot_rows.append((window, tuple(t.detach().cpu().clone() for t in rows)))
         missing = -(-FIRST_WINDOWS // world) - len(self._first_windows)
         if missing > 0:
-            channel = self.hparams.target_channel
-            truth = self.to_original_scale(targets[:missing, :1])[:, 0, channel].float().tolist()
-            forecast = self.to_original_scale(preds[:missing, :1])[:, 0, channel].float().tolist()
+            channel = self.forecast_index
+            truth = self.to_original_scale(targets[:missing, :1], out)[:, 0, channel].float().tolist()
+            forecast = self.to_original_scale(preds[:missing, :1], out)[:, 0, channel].float().tolist()
             self._first_windows += list(zip(windows, zip(truth, forecast)))
+
+    @property
+    def forecast_index(self) -> int:
+        """Where the target channel is in a forecast (the first and only under ``target_only``)."""
+        return 0 if self.hparams.target_only else self.hparams.target_channel
 
     def on_test_epoch_start(self) -> None:
         # the windows plotted: spread evenly over those evaluated, whatever the number of processes
@@ -386,16 +422,18 @@ class ForecastingTask(SeqTask):
         channel = self.hparams.target_channel
         names = self.hparams.channel_names or [f"channel {i}" for i in range(self.hparams.num_channels)]
         device = self.scaler_std.device  # the rows come gathered on the host; the scaler is the model's
-        inputs, targets, preds = (
-            self.to_original_scale(t.to(device)).float().cpu() for t in (inputs, targets, preds)
+        inputs = self.to_original_scale(inputs.to(device)).cpu()
+        targets, preds = (
+            self.to_original_scale(t.to(device), self.forecast_channels).cpu() for t in (targets, preds)
         )
+        out = self.forecast_index
         lookback, horizon = inputs.shape[1], targets.shape[1]
         fig, axes = plt.subplots(len(inputs), 1, figsize=(9, 2.2 * len(inputs)), squeeze=False)
         for i, ax in enumerate(axes[:, 0]):
             ax.plot(range(lookback), inputs[i, :, channel], color="0.4", label="look-back")
             future = range(lookback, lookback + horizon)
-            ax.plot(future, targets[i, :, channel], color="tab:blue", label="truth")
-            ax.plot(future, preds[i, :, channel], color="tab:orange", label="forecast")
+            ax.plot(future, targets[i, :, out], color="tab:blue", label="truth")
+            ax.plot(future, preds[i, :, out], color="tab:orange", label="forecast")
             ax.axvline(lookback - 0.5, color="0.8", linewidth=1)
             if i == 0:
                 ax.legend(loc="upper left", fontsize=8)
