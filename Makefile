@@ -36,12 +36,17 @@ $(PIP_ARGS_USED): FORCE
 $(STAMP): pyproject.toml constraints.txt $(PIP_ARGS_USED)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# no NVIDIA GPU and no package index chosen: torch's CPU build (a local wheel in pip's find-links,
-	@# else PyTorch's CPU index) before PyPI's default CUDA build (several GB) is pulled in
+	@# else PyTorch's CPU index, unless pip has an index of its own: a mirror) before PyPI's default
+	@# CUDA build (several GB) is pulled in
 	@if [ -z '$(strip $(PIP_ARGS))' ] && ! nvidia-smi -L >/dev/null 2>&1; then \
 		$(PY) -m pip install --quiet --no-deps --no-index -c constraints.txt torch >/dev/null 2>&1 \
-		|| { echo "no NVIDIA GPU: torch's CPU build from $(TORCH_CPU_INDEX)"; \
-		$(PY) -m pip install --quiet --no-deps --index-url $(TORCH_CPU_INDEX) -c constraints.txt torch \
-		|| echo "warning: $(TORCH_CPU_INDEX) did not answer; PyPI's torch (the CUDA build) follows"; }; \
+		|| if [ -n "$$PIP_INDEX_URL" ] || $(PY) -m pip config get global.index-url >/dev/null 2>&1; then \
+			echo "no NVIDIA GPU: torch from pip's own index (PIP_ARGS='--index-url $(TORCH_CPU_INDEX) --extra-index-url <yours>' for the CPU build)"; \
+		else \
+			echo "no NVIDIA GPU: torch's CPU build from $(TORCH_CPU_INDEX)"; \
+			$(PY) -m pip install --quiet --retries 1 --timeout 30 --no-deps --index-url $(TORCH_CPU_INDEX) -c constraints.txt torch \
+			|| echo "warning: no CPU build of torch from $(TORCH_CPU_INDEX); pip's default index follows (on Linux, the CUDA build)"; \
+		fi; \
 	fi
 	$(PY) -m pip install --quiet --disable-pip-version-check $(PIP_ARGS) -c constraints.txt -e ".[loggers,deepspeed,slurm,dev]"
 	@# a GPU machine whose pip finds a local CPU wheel (find-links) would get it: say so

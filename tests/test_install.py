@@ -29,9 +29,9 @@ def checkout(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run_make(checkout: Path, *args: str) -> subprocess.CompletedProcess:
+def run_make(checkout: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     # a bare environment: `make test PYTEST_ARGS=...` (CI) exports its variables to the tests
-    env = {"HOME": os.environ.get("HOME", str(checkout)), "LANG": "C.UTF-8"}
+    env = {"HOME": os.environ.get("HOME", str(checkout)), "LANG": "C.UTF-8", **(env or {})}
     env["PATH"] = f"{checkout / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"  # the stand-in nvidia-smi
     done = subprocess.run(["make", *args], cwd=checkout, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -73,16 +73,26 @@ def test_a_cpu_machine_without_a_local_wheel_gets_torchs_cpu_build(checkout: Pat
     """PyPI's torch for Linux is the CUDA build (several GB): a machine without an NVIDIA GPU whose
     pip has no local torch wheel takes the CPU build from PyTorch's CPU index, before the rest."""
     python = checkout / ".venv" / "bin" / "python"
-    # nothing local: the --no-index run fails
+    # nothing local (the --no-index run fails), no index of pip's own (`pip config get` fails)
     python.write_text(
-        f'#!/bin/sh\necho "$*" >> {checkout / "calls"}\ncase "$*" in *--no-index*) exit 1;; esac\n'
+        f'#!/bin/sh\necho "$*" >> {checkout / "calls"}\ncase "$*" in *--no-index*|*"config get"*) exit 1;; esac\n'
     )
     done = run_make(checkout, "install")
     calls = (checkout / "calls").read_text().splitlines()
-    assert calls[0] == LOCAL_CPU_TORCH and len(calls) == 3, calls
-    assert calls[1] == f"-m pip install --quiet --no-deps {CPU_INDEX} -c constraints.txt torch"
-    assert CPU_INDEX not in calls[2] and "-e .[" in calls[2]  # the rest from the usual index
+    assert calls[0] == LOCAL_CPU_TORCH and calls[1] == "-m pip config get global.index-url", calls
+    assert (
+        calls[2]
+        == f"-m pip install --quiet --retries 1 --timeout 30 --no-deps {CPU_INDEX} -c constraints.txt torch"
+    )
+    assert CPU_INDEX not in calls[3] and "-e .[" in calls[3] and len(calls) == 4  # the rest as usual
     assert "no NVIDIA GPU: torch's CPU build from https://download.pytorch.org/whl/cpu" in done.stdout
+    # a mirror of one's own (PIP_INDEX_URL, or pip's config): PyTorch's index is not asked behind it
+    (checkout / ".venv" / ".seqlab-installed").unlink()
+    (checkout / "calls").unlink()
+    done = run_make(checkout, "install", env={"PIP_INDEX_URL": "https://mirror.example/simple"})
+    calls = (checkout / "calls").read_text().splitlines()
+    assert calls[0] == LOCAL_CPU_TORCH and not any(CPU_INDEX in call for call in calls), calls
+    assert "no NVIDIA GPU: torch from pip's own index" in done.stdout
 
 
 def test_a_gpu_machine_with_a_cpu_torch_is_warned(checkout: Path) -> None:
