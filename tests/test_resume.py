@@ -629,6 +629,9 @@ def test_the_same_overrides_find_the_newest_interrupted_run(tmp_path: Path) -> N
     assert config_differences(before, {"task": {"optimizer": {"lr": 2e-3, "fused": "auto"}}}) == [
         "task.optimizer.lr: 0.001 -> 0.002"
     ]
+    # a run saved before callbacks.recent_checkpoints existed resumes, keeping them or not
+    recent = {"callbacks": {"recent_checkpoints": {"save_top_k": 5}, "early_stopping": {"patience": 5}}}
+    assert config_differences({"callbacks": {"early_stopping": {"patience": 5}}}, recent) == []
     # a trainer=fsdp / deepspeed run configured with Lightning's class resumes under seqlab's
     for name in ("FSDPStrategy", "DeepSpeedStrategy"):
         lightning = {"trainer": {"strategy": {"_target_": f"lightning.pytorch.strategies.{name}"}}}

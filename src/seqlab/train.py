@@ -338,7 +338,12 @@ def extras_restored() -> Iterator[None]:
 
 
 def best_checkpoint(trainer: L.Trainer) -> str | None:
-    callback = trainer.checkpoint_callback
+    """The best checkpoint by a metric: not one of those that keep the latest epochs or steps
+    (``callbacks.recent_checkpoints``, monitor ``epoch``), which Lightning's ``checkpoint_callback``
+    (its first) is without ``callbacks.model_checkpoint``."""
+    callback = next(
+        (c for c in trainer.checkpoint_callbacks if c.monitor not in (None, "epoch", "step")), None
+    )
     path = getattr(callback, "best_model_path", "") if callback is not None else ""
     return path if path and Path(path).exists() else None  # a file, or a sharded checkpoint's directory
 

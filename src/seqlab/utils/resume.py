@@ -57,6 +57,8 @@ RESUME_IGNORES = (
     "tags",
     "callbacks.rich_progress_bar",
     "callbacks.model_summary",
+    # which recent epochs' checkpoints are kept besides (none before this key existed)
+    "callbacks.recent_checkpoints",
     # the optimizer's kernel, not its update rule (a run from before `fused: auto` resumes)
     "task.optimizer.fused",
     # the hardware: data.batch_size is the global batch, so a run requeued on a node with
