@@ -1,19 +1,23 @@
 """Checkpoint averaging: a run keeps its last epochs, scripts/average_checkpoints.py averages them
-into a checkpoint eval.py reads; checkpoints of other models, runs or files are named."""
+into a checkpoint eval.py reads; checkpoints of other runs, the same weights twice or foreign
+files are named."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from seqlab.average import average_checkpoints
+from seqlab.callbacks import RecentCheckpoints
 from seqlab.errors import ConfigError
 from seqlab.eval import evaluate
 from seqlab.train import train
 from tests.conftest import run_script
+
+EMA = ["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging", "+callbacks.ema.decay=0.9"]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -22,9 +26,9 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_the_last_epochs_average_into_a_checkpoint_eval_reads(make_cfg, tmp_path: Path) -> None:
     """``callbacks.recent_checkpoints.save_top_k=2`` keeps the last two epochs (epoch_001, epoch_002
-    of 3); their average is the mean of their parameters, holds no training state, and tests;
-    a copy of one checkpoint averaged with itself tests exactly as that checkpoint."""
-    metrics, objects = train(make_cfg("callbacks.recent_checkpoints.save_top_k=2"))
+    of 3); their average is the mean of their parameters (under EMA, of the averaged weights, not
+    of the raw ones Lightning keeps beside them), holds no training state, and tests."""
+    _, objects = train(make_cfg("callbacks.recent_checkpoints.save_top_k=2", *EMA))
     run = tmp_path / "run"
     kept = sorted(p.name for p in (run / "checkpoints").glob("epoch_*.ckpt"))
     assert kept == ["epoch_001.ckpt", "epoch_002.ckpt"]
@@ -39,29 +43,37 @@ def test_the_last_epochs_average_into_a_checkpoint_eval_reads(make_cfg, tmp_path
     assert set(averaged["state_dict"]) == set(a)
     for key, value in averaged["state_dict"].items():
         torch.testing.assert_close(value, (a[key] + b[key]) / 2, msg=key)
-    assert not {"optimizer_states", "lr_schedulers", "loops"} & set(averaged)
+    raw = torch.load(run / "checkpoints" / kept[0], map_location="cpu", weights_only=True)
+    assert "current_model_state" in raw  # (EMA's raw weights: in each epoch's checkpoint)
+    assert not {"optimizer_states", "lr_schedulers", "loops", "current_model_state"} & set(averaged)
     assert averaged["seqlab"]["averaged_from"] == [str(run / "checkpoints" / name) for name in kept]
     evaluated, _ = evaluate(make_cfg(f"ckpt_path={tmp_path / 'avg.ckpt'}", name="eval", output="eval"))
     assert evaluated["test/mse"] < objects["summary"]["baseline"]["seasonal"]["mse"]
 
-    # one checkpoint averaged with a copy of itself: the same model, the same test to the last digit
-    best = run / "checkpoints" / "best.ckpt"
-    copy = tmp_path / "copy.ckpt"
-    shutil.copy(best, copy)
-    average_checkpoints([best, copy], tmp_path / "same.ckpt")
-    again, _ = evaluate(make_cfg(f"ckpt_path={tmp_path / 'same.ckpt'}", name="eval", output="eval_same"))
-    assert again["test/mse"] == metrics["test/mse"]
-
 
 def test_what_cannot_be_averaged_is_named(make_cfg, tmp_path: Path) -> None:
-    train(make_cfg("callbacks.recent_checkpoints.save_top_k=2", "trainer.max_epochs=2"))
+    """Every epoch is kept whatever the validation schedule (validated every 2nd here: epoch 0
+    was never saved when the checkpoint followed the validation)."""
+    train(
+        make_cfg(
+            "callbacks.recent_checkpoints.save_top_k=2",
+            "trainer.max_epochs=2",
+            "trainer.check_val_every_n_epoch=2",
+        )
+    )
     ckpts = tmp_path / "run" / "checkpoints"
     first, second = ckpts / "epoch_000.ckpt", ckpts / "epoch_001.ckpt"
+    assert first.is_file() and second.is_file()
     out = tmp_path / "avg.ckpt"
     with pytest.raises(ConfigError, match=r"1 checkpoint .*epoch_001.ckpt\): nothing to average"):
         average_checkpoints([ckpts], out, last=1)
     with pytest.raises(ConfigError, match=r"epoch_000.ckpt is given twice"):
         average_checkpoints([first, first], out)
+    # best.ckpt of the last epoch (its validation's) is epoch_001.ckpt's weights
+    with pytest.raises(
+        ConfigError, match=r"were saved at the same point \(epoch 1, step \d+\): the same weights"
+    ):
+        average_checkpoints([first, second, ckpts / "best.ckpt"], out)
     (tmp_path / "empty").mkdir()
     before = second.read_bytes()
     with pytest.raises(ConfigError, match=r"--output .*epoch_001.ckpt is one of the checkpoints averaged"):
@@ -74,15 +86,40 @@ def test_what_cannot_be_averaged_is_named(make_cfg, tmp_path: Path) -> None:
     (tmp_path / "foreign.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match=r"checkpoint='.*foreign.ckpt' is not a readable checkpoint"):
         average_checkpoints([first, tmp_path / "foreign.ckpt"], out)
-    # another model (an LSTM, not the Transformer): its settings differ
-    train(make_cfg("model=lstm", "trainer.max_epochs=1", "test=false", output="lstm"))
-    with pytest.raises(ConfigError, match=r"differ in their model settings \(hyper_parameters.backbone"):
-        average_checkpoints([first, tmp_path / "lstm" / "checkpoints" / "last.ckpt"], out)
-    # the same configuration trained apart (another seed): unrelated weights, refused too
+    # the same configuration trained apart (another seed): unrelated weights, refused by run
     train(make_cfg("seed=7", "trainer.max_epochs=1", "test=false", output="seed7"))
-    with pytest.raises(ConfigError, match=r"only checkpoints of one run average into a model"):
-        average_checkpoints([first, tmp_path / "seed7" / "checkpoints" / "last.ckpt"], out)
+    other_run = tmp_path / "seed7" / "checkpoints" / "last.ckpt"
+    with pytest.raises(
+        ConfigError, match=r"last.ckpt is a checkpoint of the run .*seed7, .*only checkpoints of one run"
+    ):
+        average_checkpoints([first, other_run], out)
+    # checkpoints saved before runs recorded their directory: compared by their settings
+    train(make_cfg("model=lstm", "trainer.max_epochs=1", "test=false", output="lstm"))
+    for path in (first, tmp_path / "lstm" / "checkpoints" / "last.ckpt"):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        del checkpoint["seqlab"]["run_dir"]
+        torch.save(checkpoint, tmp_path / f"old_{path.parents[1].name}.ckpt")
+    with pytest.raises(ConfigError, match=r"differ in their model settings \(hyper_parameters.backbone"):
+        average_checkpoints([tmp_path / "old_run.ckpt", tmp_path / "old_lstm.ckpt"], out)
     assert not out.exists()
     result = run_script("scripts/average_checkpoints.py", str(first), "--output", str(out))
     assert result.returncode == 1 and "ConfigError: 1 checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_resumed_keeping_fewer_epochs_removes_the_older_ones(tmp_path: Path) -> None:
+    """Resumed with a smaller ``save_top_k``, the older checkpoints go at once (Lightning removes
+    one only while it holds exactly k: with more it kept every later epoch too)."""
+    files = [tmp_path / f"epoch_{epoch:03d}.ckpt" for epoch in range(5)]
+    for path in files:
+        path.write_bytes(b"x")
+    saved = RecentCheckpoints(str(tmp_path), save_top_k=5)
+    saved.best_k_models = {str(path): torch.tensor(float(epoch)) for epoch, path in enumerate(files)}
+    resumed = RecentCheckpoints(str(tmp_path), save_top_k=2)
+    resumed.load_state_dict({**saved.state_dict(), "best_model_path": str(files[-1])})
+    trainer = SimpleNamespace(strategy=SimpleNamespace(remove_checkpoint=lambda path: Path(path).unlink()))
+    resumed.on_train_start(trainer, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_003.ckpt", "epoch_004.ckpt"]
+    assert set(resumed.best_k_models) == {str(files[3]), str(files[4])}
+    assert resumed.kth_best_model_path == str(files[3]) and float(resumed.kth_value) == 3.0
+    assert resumed.best_model_path == str(files[4])

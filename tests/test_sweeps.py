@@ -68,6 +68,12 @@ def test_optuna_search_finds_the_objective_and_keeps_its_study(tmp_path: Path) -
     with (sweep / "sweep_summary.csv").open(newline="") as handle:
         rows = {row["job"]: row for row in csv.DictReader(handle)}
     assert float(rows[str(results["best_job"])]["val/mse_best"]) == pytest.approx(results["best_value"])
+    # what the search says after its last trial is the sweep's, not that trial's: its log closes
+    # with the trial (the best trial's line and the table's path were appended to it)
+    assert "best trial" in results["output"] and "sweep summary:" in results["output"]
+    last_log = (sweep / "2" / "train.log").read_text()
+    assert "[seqlab.train][INFO] - data <" in last_log  # the job's own lines are there
+    assert "best trial" not in last_log and "sweep summary:" not in last_log
 
 
 def test_trials_asked_together_run_side_by_side(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ costs nothing while training and can be tried on any run that kept its checkpoin
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import tempfile
@@ -23,22 +24,27 @@ from typing import Any
 import torch
 
 from seqlab.errors import ConfigError
-from seqlab.utils.checkpoint_io import consolidate_checkpoint, load_run_info, sharded_by
+from seqlab.utils.checkpoint_io import (
+    consolidate_checkpoint,
+    is_deepspeed_checkpoint,
+    load_run_info,
+    metadata_file,
+    sharded_by,
+)
 from seqlab.utils.files import atomic_file
 
 log = logging.getLogger(__name__)
 
 #: the file name the ``recent_checkpoints`` callback gives each epoch's checkpoint
 EPOCH_NAME = re.compile(r"^epoch_(\d+)\.ckpt$")
-#: training state that belongs to one checkpoint's run, not to an average of several
+#: training state that belongs to one checkpoint's run, not to an average of several (Lightning's
+#: weight averaging keeps the raw weights beside its average, which is ``state_dict``)
 TRAINING_STATE = (
-    "optimizer_states",
-    "lr_schedulers",
-    "loops",
-    "callbacks",
-    "seqlab_monitor_best",
-    "seqlab_train_loss",
-)
+    "optimizer_states", "lr_schedulers", "loops", "callbacks", "seqlab_monitor_best", "seqlab_train_loss",
+    "current_model_state", "averaging_state",
+)  # fmt: skip
+#: what the ``seqlab`` section records of a run's course, not of its model
+RUN_RECORDS = ("summary_at_ends", "averaged_from", "run_dir")
 
 
 def recent_checkpoints(directory: Path) -> list[Path]:
@@ -61,7 +67,7 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     paths: list[Path] = []
     for given in inputs:
         path = given.expanduser().resolve()
-        if path.is_file() or (path.is_dir() and sharded_by(path)):
+        if path.is_file() or (path.is_dir() and (is_deepspeed_checkpoint(path) or sharded_by(path))):
             paths.append(path)
         elif path.is_dir():
             paths.extend(recent_checkpoints(path))
@@ -87,19 +93,23 @@ def first_difference(a: Any, b: Any, where: str = "") -> str | None:
 
 
 def check_same_model(base: dict[str, Any], other: dict[str, Any], base_path: Path, path: Path) -> None:
-    """Averaged element by element, the checkpoints must be one model: the same task settings (the
-    backbone, its width, the data's sizes and scaler), the same tokenizers and classes, the same
+    """Averaged element by element, the checkpoints must be of one model: for checkpoints saved
+    before runs recorded their directory (``check_one_run``), the same task settings (the
+    backbone, its width, the data's sizes and scaler), tokenizers and classes; for all, the same
     parameters and shapes."""
-    for section, what in (("hyper_parameters", "model settings"), ("seqlab", "data and tokenizers")):
-        theirs, ours = other.get(section) or {}, base.get(section) or {}
-        if section == "seqlab":  # what the runs reported at their ends is theirs alone
-            theirs, ours = ({k: v for k, v in d.items() if k != "summary_at_ends"} for d in (theirs, ours))
-        if (key := first_difference(ours, theirs)) is not None:
-            raise ConfigError(
-                f"{path} and {base_path} differ in their {what} ({section}.{key}): only checkpoints "
-                "of one run average into a model (runs trained apart, even of one configuration, "
-                "learned unrelated weights); give checkpoints of one run"
+    ours, theirs = base["seqlab"].get("run_dir"), other["seqlab"].get("run_dir")
+    if ours is None or theirs is None:
+        for section, what in (("hyper_parameters", "model settings"), ("seqlab", "data and tokenizers")):
+            mine, yours = (
+                {k: v for k, v in (c.get(section) or {}).items() if k not in RUN_RECORDS}
+                for c in (base, other)
             )
+            if (key := first_difference(mine, yours)) is not None:
+                raise ConfigError(
+                    f"{path} and {base_path} differ in their {what} ({section}.{key}): only checkpoints "
+                    "of one run average into a model (runs trained apart, even of one configuration, "
+                    "learned unrelated weights); give checkpoints of one run"
+                )
     ours, theirs = base["state_dict"], other["state_dict"]
     if set(ours) != set(theirs):
         key = sorted(set(ours) ^ set(theirs))[0]
@@ -112,57 +122,99 @@ def check_same_model(base: dict[str, Any], other: dict[str, Any], base_path: Pat
             )
 
 
+def saved_position(path: Path) -> tuple[int, int]:
+    """(epoch, global step) a checkpoint was saved at, read from its metadata alone (a sharded
+    directory is not gathered for it)."""
+    meta = torch.load(metadata_file(path, "checkpoint"), map_location="cpu", mmap=True, weights_only=True)
+    return int(meta.get("epoch", -1)), int(meta.get("global_step", -1))
+
+
+def check_one_run(paths: list[Path]) -> bool:
+    """The checkpoints are of one run (``seqlab.run_dir``, kept by a resumed run): runs trained
+    apart, even of one configuration and data, learned unrelated weights, whose average is no
+    model. Checkpoints from before runs recorded it are compared by their settings instead
+    (``check_same_model``). A foreign or corrupt file is named. Returns whether every one
+    recorded its run."""
+    runs: dict[str, Path] = {}
+    recorded = True
+    for path in paths:
+        run = load_run_info(path, key="checkpoint").get("run_dir")
+        recorded = recorded and run is not None
+        if run is not None:
+            runs.setdefault(run, path)
+    if len(runs) > 1:
+        (one, first), (other, second) = list(runs.items())[:2]
+        raise ConfigError(
+            f"{second} is a checkpoint of the run {other}, {first} of {one}: only checkpoints of one "
+            "run average into a model (runs trained apart, even of one configuration, learned "
+            "unrelated weights); give checkpoints of one run"
+        )
+    return recorded
+
+
 def average_checkpoints(inputs: list[Path], output: Path, last: int | None = None) -> dict[str, Any]:
     """Average the checkpoints ``inputs`` (expanded by ``expand_inputs``; ``last``: the latest
     ``last`` of them by epoch and step) into ``output``, written atomically. Floating-point
     tensors are averaged in float64 and stored in their own dtype; integer buffers (counters)
-    are the latest checkpoint's. Returns the checkpoint written."""
+    are the latest checkpoint's. Sharded checkpoints are gathered one at a time, beside
+    ``output``. Returns the checkpoint written."""
+    if last is not None and last < 1:
+        raise ConfigError(f"--last {last}: expected a positive number of checkpoints")
     paths = expand_inputs(inputs)
     output = output.expanduser().resolve()
     if output in paths:
         raise ConfigError(f"--output {output} is one of the checkpoints averaged: write to another file")
-    with tempfile.TemporaryDirectory(prefix="seqlab-average-") as scratch:
-        checkpoints = []
-        for i, path in enumerate(paths):
-            load_run_info(path, key="checkpoint")  # a foreign or corrupt file is named here
-            file = consolidate_checkpoint(path, Path(scratch) / f"{i}.ckpt")
-            checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-            checkpoints.append(((checkpoint.get("epoch", -1), checkpoint.get("global_step", -1)), path, file))
-        checkpoints.sort(key=lambda item: item[0])
-        if last is not None:
-            if last < 1:
-                raise ConfigError(f"--last {last}: expected a positive number of checkpoints")
-            checkpoints = checkpoints[-last:]
-        if len(checkpoints) < 2:
+    one_run = check_one_run(paths)
+    checkpoints = sorted((saved_position(path), path) for path in paths)
+    for (position, first), (again, second) in itertools.pairwise(checkpoints):
+        if (
+            one_run and position == again
+        ):  # best.ckpt beside the same epoch's epoch_NNN.ckpt: one set of weights
             raise ConfigError(
-                f"{len(checkpoints)} checkpoint ({', '.join(str(p) for _, p, _ in checkpoints)}): nothing "
-                "to average; give two or more"
+                f"{first} and {second} were saved at the same point (epoch {position[0]}, step "
+                f"{position[1]}): the same weights, which would weigh twice in the average; give one"
             )
-        (_, base_path, base_file) = checkpoints[-1]
-        base = torch.load(base_file, map_location="cpu", weights_only=True)
+    if last is not None:
+        checkpoints = checkpoints[-last:]
+    if len(checkpoints) < 2:
+        raise ConfigError(
+            f"{len(checkpoints)} checkpoint ({', '.join(str(p) for _, p in checkpoints)}): nothing "
+            "to average; give two or more"
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".seqlab-average-", dir=output.parent) as scratch:
+        gathered = Path(scratch) / "gathered.ckpt"
+
+        def read(path: Path) -> dict[str, Any]:
+            file = consolidate_checkpoint(path, gathered)
+            return torch.load(file, map_location="cpu", weights_only=True)
+
+        (_, base_path), others = checkpoints[-1], checkpoints[:-1]
+        base = read(base_path)
         sums = {
-            key: value.to(torch.float64)
+            key: value.to(torch.float64, copy=True)
             for key, value in base["state_dict"].items()
             if value.is_floating_point()
         }
-        for _, path, file in checkpoints[:-1]:
-            other = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        for _, path in others:
+            other = read(path)
             check_same_model(base, other, base_path, path)
             for key, total in sums.items():
                 total += other["state_dict"][key].to(torch.float64)
-        count = len(checkpoints)
-        state = base["state_dict"]
-        for key, total in sums.items():
-            state[key] = (total / count).to(state[key].dtype)
+            del other
+    count = len(checkpoints)
+    state = base["state_dict"]
+    for key, total in sums.items():
+        state[key] = (total / count).to(state[key].dtype)
     for key in TRAINING_STATE:
         base.pop(key, None)
-    base["seqlab"]["averaged_from"] = [str(path) for _, path, _ in checkpoints]
+    base["seqlab"]["averaged_from"] = [str(path) for _, path in checkpoints]
     with atomic_file(output) as tmp:
         torch.save(base, tmp)
     log.info(
         "averaged %d checkpoints (epochs %s) into %s",
         count,
-        ", ".join(str(epoch) for (epoch, _), _, _ in checkpoints),
+        ", ".join(str(epoch) for (epoch, _), _ in checkpoints),
         output,
     )
     return base

@@ -488,6 +488,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             "data": redact(datamodule_config(datamodule)),
             "data_name": hydra_choice("data"),
             "model_name": hydra_choice("model"),
+            # which run the weights are of (a resumed run's too): checkpoints of one run average
+            "run_dir": str(run_dir),
         }
         if hasattr(datamodule, "artifacts"):  # e.g. the tokenizer: eval needs it from the checkpoint alone
             task.run_info["data_artifacts"] = datamodule.artifacts()

@@ -204,6 +204,42 @@ class LastCheckpoint(SavesLastOnce):
         pass  # at the epoch's end instead (above); mid-epoch, the step checkpoint's
 
 
+class RecentCheckpoints(ModelCheckpoint):
+    """The checkpoints of the last ``save_top_k`` epochs, ``epoch_NNN.ckpt`` (to average with
+    ``scripts/average_checkpoints.py``): a ``ModelCheckpoint`` monitoring ``epoch`` (the latest
+    kept), saved at each training epoch's end whatever the validation schedule (after a validation,
+    Lightning's default elsewhere, it saved only the validated epochs of
+    ``check_val_every_n_epoch`` > 1, and a mid-epoch validation's weights under the epoch's name).
+    A run resumed with a smaller ``save_top_k`` removes the older ones at once: Lightning removes
+    one only while it holds exactly k, so with more it removed none again. Listed before
+    ``epoch_checkpoint`` (``last.ckpt``, saved after it at the epoch's end), whose checkpoint then
+    records this epoch's among the kept: resumed from it, none is forgotten on disk."""
+
+    def __init__(
+        self, dirpath: str, save_top_k: int = 0, filename: str = "epoch_{epoch:03d}", **kwargs: Any
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath, filename=filename, monitor="epoch", mode="max", save_top_k=save_top_k,
+            save_last=False, auto_insert_metric_name=False, enable_version_counter=False,
+            save_on_train_epoch_end=True, **kwargs,
+        )  # fmt: skip
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        keep = self.save_top_k
+        if keep < 0 or len(self.best_k_models) <= keep:
+            return
+        latest = sorted(self.best_k_models, key=lambda path: float(self.best_k_models[path]), reverse=True)
+        for path in latest[keep:]:
+            del self.best_k_models[path]
+            self._remove_checkpoint(trainer, path)
+        kept = latest[:keep]
+        self.best_model_path = kept[0] if kept else ""
+        self.best_model_score = self.best_k_models[kept[0]] if kept else None
+        self.kth_best_model_path = kept[-1] if kept else ""
+        self.kth_value = self.best_k_models[kept[-1]] if kept else self.kth_value
+
+
 class StepCheckpoint(SavesLastOnce):
     """``ModelCheckpoint(every_n_train_steps=N)`` (or ``train_time_interval``) that takes no
     checkpoint on a batch after which the epoch ends or a validation runs, nor inside a

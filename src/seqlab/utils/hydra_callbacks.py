@@ -342,6 +342,32 @@ def check_slurm_resources(config: DictConfig) -> None:
         )
 
 
+class CloseJobLog(Callback):
+    """A sweep job's log file (``<job>/train.log``, Hydra's job logging) closed when the job ends:
+    Hydra leaves it attached until the next job replaces it, so what the sweep said after its
+    last job (the table's path, the comparison report, the best Optuna trial, how to go on after
+    a failure) went into that job's log as if the job had said it. Console only from then on.
+    Listed first under ``hydra.callbacks``: Hydra calls ``on_job_end`` in reverse order, so the
+    other callbacks' words about the job still reach its log."""
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            close_file_logs(Path(config.hydra.runtime.output_dir))
+
+
+def close_file_logs(directory: Path) -> None:
+    """Remove and close the root logger's file handlers that write inside ``directory``."""
+    root = logging.getLogger()
+    inside = directory.resolve()
+    for handler in list(root.handlers):
+        if (
+            isinstance(handler, logging.FileHandler)
+            and inside in Path(handler.baseFilename).resolve().parents
+        ):
+            root.removeHandler(handler)
+            handler.close()
+
+
 class SweepSummary(Callback):
     """Tabulate every job of a multirun in the sweep directory: updated after each job (so a
     sweep that stops early still has its table; a failed job leaves ``error.txt`` and a
