@@ -668,19 +668,38 @@ def test_a_jobs_extras_end_with_it(make_cfg, monkeypatch) -> None:
     assert (torch.get_float32_matmul_precision(), list(warnings.filters)) == before
 
 
-def test_a_resumed_runs_git_record_is_its_own(make_cfg, tmp_path: Path, monkeypatch) -> None:
+def test_a_resumed_runs_git_record_is_its_own(make_cfg, tmp_path: Path, monkeypatch, caplog) -> None:
     """git.diff was written only for a dirty tree and never removed: resumed from a clean tree, the
-    run had git.txt saying ``dirty: False`` beside the first attempt's diff."""
+    run had git.txt saying ``dirty: False`` beside the first attempt's diff. And overwritten, the
+    record lost the code the earlier attempt trained with: kept as git.1.txt / git.1.diff."""
     from seqlab.utils import run
 
     cfg = make_cfg()
-    trees = iter([({"commit": "aaa", "dirty": True}, "+hack\n"), ({"commit": "bbb", "dirty": False}, "")])
+    trees = iter(
+        [
+            ({"commit": "aaa", "dirty": True}, "+hack\n"),
+            ({"commit": "bbb", "dirty": False}, ""),
+            ({"commit": "bbb", "dirty": False}, ""),  # resumed again on the same code
+            ({"commit": "ccc", "dirty": False}, ""),
+        ]
+    )
     monkeypatch.setattr(run, "git_info", lambda root: next(trees))
     run_dir = tmp_path / "run"
     run.write_run_metadata(cfg, run_dir)
-    assert (run_dir / "git.diff").read_text() == "+hack\n"
+    assert (run_dir / "git.diff").read_text() == "+hack\n" and not (run_dir / "git.1.txt").exists()
     assert run.write_run_metadata(cfg, run_dir) == {"commit": "bbb", "dirty": False}
     assert "commit: bbb" in (run_dir / "git.txt").read_text() and not (run_dir / "git.diff").exists()
+    assert "commit: aaa" in (run_dir / "git.1.txt").read_text()
+    assert (run_dir / "git.1.diff").read_text() == "+hack\n"
+    assert "that attempt's record is kept as git.1.txt and git.1.diff" in caplog.text
+    run.write_run_metadata(cfg, run_dir)
+    assert not (run_dir / "git.2.txt").exists()  # the same code: nothing to keep
+    run.write_run_metadata(cfg, run_dir)
+    assert (
+        "commit: bbb" in (run_dir / "git.2.txt").read_text()
+        and "commit: ccc" in (run_dir / "git.txt").read_text()
+    )
+    assert not (run_dir / "git.2.diff").exists()
 
 
 def test_git_diff_holds_the_untracked_files_a_run_trained_with(tmp_path: Path) -> None:

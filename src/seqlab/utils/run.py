@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -130,6 +131,32 @@ def versions() -> dict[str, str]:
     return found
 
 
+def keep_earlier_git_record(run_dir: Path, record: str, diff: str) -> None:
+    """A run resumed on other code than its earlier attempt's (another commit, other local
+    changes: a requeued job after a ``git pull``) keeps that attempt's ``git.txt`` and
+    ``git.diff`` as ``git.<n>.txt`` and ``git.<n>.diff`` (n = 1, 2, ... in order), and says so:
+    overwritten, the record named only the last code, not the one most of the run may have
+    trained with."""
+    earlier, earlier_diff = run_dir / "git.txt", run_dir / "git.diff"
+    if not earlier.is_file():
+        return
+    before = earlier_diff.read_text() if earlier_diff.is_file() else ""
+    if earlier.read_text() == record and before == diff:
+        return
+    n = 1
+    while (run_dir / f"git.{n}.txt").exists():
+        n += 1
+    os.replace(earlier, run_dir / f"git.{n}.txt")
+    if earlier_diff.is_file():
+        os.replace(earlier_diff, run_dir / f"git.{n}.diff")
+    log.warning(
+        "this run resumes on other code than its earlier attempt (git.txt, git.diff): that attempt's "
+        "record is kept as git.%d.txt%s",
+        n,
+        f" and git.{n}.diff" if before else "",
+    )
+
+
 def write_run_metadata(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Resolved config, command-line overrides and git state, credentials redacted
     (``seqlab.utils.secrets``); returns the git facts."""
@@ -140,9 +167,12 @@ def write_run_metadata(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     write_text_atomic(run_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
     write_text_atomic(run_dir / "cmd.txt", redact_text(" ".join([sys.executable, *sys.argv])) + "\n")
     info, diff = git_info(Path(cfg.paths.root_dir))
-    write_text_atomic(run_dir / "git.txt", "".join(f"{k}: {v}\n" for k, v in info.items() if k != "status"))
+    record = "".join(f"{k}: {v}\n" for k, v in info.items() if k != "status")
+    diff = redact_text(diff) if diff else ""
+    keep_earlier_git_record(run_dir, record, diff)
+    write_text_atomic(run_dir / "git.txt", record)
     if diff:
-        write_text_atomic(run_dir / "git.diff", redact_text(diff))
+        write_text_atomic(run_dir / "git.diff", diff)
     else:  # a resumed run's tree is clean now: an earlier attempt's diff would contradict git.txt
         (run_dir / "git.diff").unlink(missing_ok=True)
     return {key: info.get(key) for key in ("commit", "dirty")}
