@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml constraints.txt $(PIP_ARGS_USED)
 	@# (a container without nvidia-smi)
 	@if [ -z '$(strip $(PIP_ARGS))' ] && ! nvidia-smi -L >/dev/null 2>&1 && [ ! -e /dev/nvidia0 ]; then \
 		$(PY) -m pip install --quiet --no-deps --no-index -c constraints.txt torch >/dev/null 2>&1 \
-		|| if [ -n "$$PIP_INDEX_URL" ] || $(PY) -m pip config get global.index-url >/dev/null 2>&1; then \
+		|| if [ -n "$$PIP_INDEX_URL" ] || $(PY) -m pip config list 2>/dev/null | grep -Eq '(^|\.)index-url='; then \
 			echo "no NVIDIA GPU: torch from pip's own index (PIP_ARGS='--index-url $(TORCH_CPU_INDEX) --extra-index-url <yours>' for the CPU build)"; \
 		else \
 			echo "no NVIDIA GPU: torch's CPU build from $(TORCH_CPU_INDEX)"; \

@@ -49,6 +49,16 @@ def test_the_last_epochs_average_into_a_checkpoint_eval_reads(make_cfg, tmp_path
     assert averaged["seqlab"]["averaged_from"] == [str(run / "checkpoints" / name) for name in kept]
     evaluated, _ = evaluate(make_cfg(f"ckpt_path={tmp_path / 'avg.ckpt'}", name="eval", output="eval"))
     assert evaluated["test/mse"] < objects["summary"]["baseline"]["seasonal"]["mse"]
+    # weights alone: train.py tests them (train=false), and refuses to train on from them
+    tested, _ = train(make_cfg("train=false", f"ckpt_path={tmp_path / 'avg.ckpt'}", output="tested"))
+    assert tested["test/mse"] == pytest.approx(evaluated["test/mse"], rel=1e-6)
+    with pytest.raises(
+        ConfigError, match=r"holds a model's weights alone \(an average of checkpoints\).*init_from="
+    ):
+        train(make_cfg(f"ckpt_path={tmp_path / 'avg.ckpt'}", output="resumed"))
+    # an average averaged again with its inputs would weigh them unevenly
+    with pytest.raises(ConfigError, match=r"avg.ckpt is itself an average of 2 checkpoints"):
+        average_checkpoints([tmp_path / "avg.ckpt", run / "checkpoints" / kept[0]], tmp_path / "again.ckpt")
 
 
 def test_what_cannot_be_averaged_is_named(make_cfg, tmp_path: Path) -> None:
@@ -67,6 +77,14 @@ def test_what_cannot_be_averaged_is_named(make_cfg, tmp_path: Path) -> None:
     out = tmp_path / "avg.ckpt"
     with pytest.raises(ConfigError, match=r"1 checkpoint .*epoch_001.ckpt\): nothing to average"):
         average_checkpoints([ckpts], out, last=1)
+    with pytest.raises(ConfigError, match=r"--last 5, but 2 checkpoints were found"):
+        average_checkpoints([ckpts], out, last=5)
+    with pytest.raises(ConfigError, match=r"--output .* is a directory"):
+        average_checkpoints([ckpts], tmp_path)
+    last = (ckpts / "last.ckpt").read_bytes()
+    with pytest.raises(ConfigError, match=r"--output .*last.ckpt is a training checkpoint"):
+        average_checkpoints([first, second], ckpts / "last.ckpt")
+    assert (ckpts / "last.ckpt").read_bytes() == last
     with pytest.raises(ConfigError, match=r"epoch_000.ckpt is given twice"):
         average_checkpoints([first, first], out)
     # best.ckpt of the last epoch (its validation's) is epoch_001.ckpt's weights
@@ -123,3 +141,17 @@ def test_a_run_resumed_keeping_fewer_epochs_removes_the_older_ones(tmp_path: Pat
     assert set(resumed.best_k_models) == {str(files[3]), str(files[4])}
     assert resumed.kth_best_model_path == str(files[3]) and float(resumed.kth_value) == 3.0
     assert resumed.best_model_path == str(files[4])
+
+
+def test_settings_of_a_callback_that_is_not_there_are_said(caplog) -> None:
+    """``callbacks=none +callbacks.recent_checkpoints.save_top_k=3``: settings without a
+    ``_target_`` build no callback; they were dropped without a word."""
+    from omegaconf import OmegaConf
+
+    from seqlab.train import build_callbacks
+
+    built = build_callbacks(
+        OmegaConf.create({"recent_checkpoints": {"save_top_k": 3}, "model_summary": None})
+    )
+    assert not any(isinstance(c, RecentCheckpoints) for c in built)
+    assert "callbacks.recent_checkpoints has settings (save_top_k) but no _target_" in caplog.text

@@ -157,6 +157,20 @@ def test_series_ids_that_look_like_numbers_are_targeted_by_them(tmp_path: Path) 
     )  # fmt: skip
     dm.setup()
     assert dm.task_kwargs()["channel_names"] == ["7"]  # (not "007")
+    # as train.py builds it from the command line (data.target=7: an integer to Hydra), the
+    # settings check let it through (it refused a target that was not a string)
+    from seqlab.train import build_datamodule
+
+    built = build_datamodule(
+        {
+            "_target_": "seqlab.data.forecasting.CSVSeriesDataModule", "data_dir": str(tmp_path),
+            "file": "long.csv", "date_column": "ds", "id_column": "unique_id", "lookback": 12,
+            "horizon": 4, "features": "MS", "target": 7,
+        },
+        prepare=False,
+    )  # fmt: skip
+    built.setup()
+    assert built.task_kwargs()["channel_names"][built.task_kwargs()["target_channel"]] == "7"
 
 
 def test_a_long_format_file_that_does_not_line_up_is_refused_by_series_and_time(tmp_path: Path) -> None:

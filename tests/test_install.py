@@ -73,26 +73,46 @@ def test_a_cpu_machine_without_a_local_wheel_gets_torchs_cpu_build(checkout: Pat
     """PyPI's torch for Linux is the CUDA build (several GB): a machine without an NVIDIA GPU whose
     pip has no local torch wheel takes the CPU build from PyTorch's CPU index, before the rest."""
     python = checkout / ".venv" / "bin" / "python"
-    # nothing local (the --no-index run fails), no index of pip's own (`pip config get` fails)
+    # nothing local (the --no-index run fails), no index of pip's own (`pip config list` names none)
     python.write_text(
-        f'#!/bin/sh\necho "$*" >> {checkout / "calls"}\ncase "$*" in *--no-index*|*"config get"*) exit 1;; esac\n'
+        f'#!/bin/sh\necho "$*" >> {checkout / "calls"}\ncase "$*" in *--no-index*) exit 1;; esac\n'
     )
     done = run_make(checkout, "install")
     calls = (checkout / "calls").read_text().splitlines()
-    assert calls[0] == LOCAL_CPU_TORCH and calls[1] == "-m pip config get global.index-url", calls
+    assert calls[0] == LOCAL_CPU_TORCH and calls[1] == "-m pip config list", calls
     assert (
         calls[2]
         == f"-m pip install --quiet --retries 1 --timeout 30 --no-deps {CPU_INDEX} -c constraints.txt torch"
     )
     assert CPU_INDEX not in calls[3] and "-e .[" in calls[3] and len(calls) == 4  # the rest as usual
     assert "no NVIDIA GPU: torch's CPU build from https://download.pytorch.org/whl/cpu" in done.stdout
-    # a mirror of one's own (PIP_INDEX_URL, or pip's config): PyTorch's index is not asked behind it
+    # a mirror of one's own (PIP_INDEX_URL, or an index-url in any of pip's config files, which
+    # `pip config list` shows; an extra-index-url is no mirror): PyTorch's index is not asked
+    for env, listed in (
+        ({"PIP_INDEX_URL": "https://mirror.example/simple"}, ""),
+        (
+            {},
+            "global.extra-index-url='file:///opt/pypi/simple'\\ninstall.index-url='https://mirror.example/simple'",
+        ),
+    ):
+        python.write_text(
+            f'#!/bin/sh\necho "$*" >> {checkout / "calls"}\n'
+            f'case "$*" in *--no-index*) exit 1;; *"config list"*) printf "{listed}\\n";; esac\n'
+        )
+        (checkout / ".venv" / ".seqlab-installed").unlink()
+        (checkout / "calls").unlink()
+        done = run_make(checkout, "install", env=env)
+        calls = (checkout / "calls").read_text().splitlines()
+        assert calls[0] == LOCAL_CPU_TORCH and not any(CPU_INDEX in call for call in calls), (env, calls)
+        assert "no NVIDIA GPU: torch from pip's own index" in done.stdout
+    # only an extra index (this machine's pip.conf): PyTorch's CPU index is asked
+    python.write_text(
+        f'#!/bin/sh\necho "$*" >> {checkout / "calls"}\n'
+        f'case "$*" in *--no-index*) exit 1;; *"config list"*) printf "global.extra-index-url=\'x\'\\n";; esac\n'
+    )
     (checkout / ".venv" / ".seqlab-installed").unlink()
-    (checkout / "calls").unlink()
-    done = run_make(checkout, "install", env={"PIP_INDEX_URL": "https://mirror.example/simple"})
-    calls = (checkout / "calls").read_text().splitlines()
-    assert calls[0] == LOCAL_CPU_TORCH and not any(CPU_INDEX in call for call in calls), calls
-    assert "no NVIDIA GPU: torch from pip's own index" in done.stdout
+    run_make(checkout, "install")
+    assert any(CPU_INDEX in call for call in (checkout / "calls").read_text().splitlines())
 
 
 def test_a_gpu_machine_with_a_cpu_torch_is_warned(checkout: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import zipfile
 from pathlib import Path
@@ -726,6 +727,65 @@ def test_the_examples_drop_last_leaves_out_are_drawn_at_random_not_the_longest()
     assert seen.max() <= 20 and seen[-40:].min() > 0, "every one of the longest was trained on"
     # the left-out examples are spread: the longest 100 are left out about as often as the others
     assert abs(seen[-100:].float().mean() - seen[:-100].float().mean()) < 1.5
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_batches_by_tokens_hold_every_example_once_within_the_budget(world: int) -> None:
+    """``max_tokens`` (fairseq's ``--max-tokens``): the examples sorted by length, cut once into
+    global batches of at most ``max_tokens`` padded tokens and ``batch_size`` examples; each epoch
+    shuffles their order. Short examples share a batch by the dozen, long ones by a few; every
+    process gets its share of each batch; the batches are the same whatever the number of
+    processes (the budget is the global batch's)."""
+    lengths = torch.randint(2, 120, (997,), generator=torch.Generator().manual_seed(0)).tolist()
+    budget = 1200
+
+    def samplers(epoch: int, shuffle: bool = True) -> list[BucketSampler]:
+        made = [
+            BucketSampler(lengths, 96, num_replicas=world, rank=r, shuffle=shuffle, seed=5, drop_last=shuffle, max_tokens=budget)
+            for r in range(world)
+        ]  # fmt: skip
+        for sampler in made:
+            sampler.set_epoch(epoch)
+        return made
+
+    shares = [list(s) for s in samplers(0)]
+    steps = len(shares[0])
+    assert all(len(share) == steps == len(samplers(0)[r]) for r, share in enumerate(shares))
+    batches = [torch.cat([share[step] for share in shares]) for step in range(steps)]
+    assert sorted(torch.cat(batches).tolist()) == list(range(997)), "every example once an epoch"
+    sizes = []
+    for batch in batches:
+        longest = max(lengths[i] for i in batch.tolist())
+        assert len(batch) * longest <= budget and len(batch) <= 96
+        sizes.append(len(batch))
+    assert max(sizes) >= 5 * min(sizes)  # short examples by the many, long ones by a few
+    assert all(min(len(share[step]) for share in shares) >= 1 for step in range(steps))
+    # a new order of the same batches every epoch, the same set of batches whatever the processes
+    again = [torch.cat([share[step] for share in (list(s) for s in samplers(1))]) for step in range(steps)]
+    key = lambda batch: tuple(sorted(batch.tolist()))  # noqa: E731
+    assert sorted(map(key, again)) == sorted(map(key, batches)) and list(map(key, again)) != list(
+        map(key, batches)
+    )
+    alone = BucketSampler(lengths, 96, shuffle=True, seed=5, drop_last=True, max_tokens=budget)
+    assert sorted(map(key, alone.global_batches())) == sorted(map(key, batches))
+    # evaluation: the batches in length order
+    ordered = [[list(s) for s in samplers(0, shuffle=False)][r] for r in range(world)]
+    spans = [[lengths[i] for share in ordered for i in share[step].tolist()] for step in range(steps)]
+    assert all(max(a) <= min(b) for a, b in itertools.pairwise(spans))
+
+
+def test_a_token_budget_below_the_longest_example_is_named() -> None:
+    with pytest.raises(
+        ConfigError, match=r"data.max_tokens=50 is less than the longest training example's 80 tokens"
+    ):
+        BucketSampler([10, 80, 30], 4, drop_last=True, max_tokens=50)
+    # evaluation takes such an example in a batch of its own
+    assert [b.tolist() for b in BucketSampler([10, 80, 30], 4, shuffle=False, max_tokens=50)] == [[0, 2], [1]]
+    for bad in (0, -5, 2.5, True, "many"):
+        with pytest.raises(
+            ConfigError, match=r"data.max_tokens=.*: expected a positive number of tokens, or null"
+        ):
+            BucketSampler([10, 20], 2, max_tokens=bad)
 
 
 @pytest.mark.parametrize(

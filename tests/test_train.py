@@ -215,9 +215,15 @@ def test_features_ms_forecasts_the_target_from_the_other_channels(make_cfg, tmp_
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     evaluated, _ = evaluate(make_cfg(f"ckpt_path={ckpt}", name="eval", output="eval"))
     assert evaluated["test/mse"] == pytest.approx(ms_metrics["test/mse"], rel=1e-6)
+    # the columns read in another order are put in the model's (each channel is read by its place:
+    # fed as given, the test scored another model's input)
+    swapped, _ = evaluate(make_cfg(f"ckpt_path={ckpt}", "+data.columns=[y,x]", name="eval", output="eval_yx"))
+    assert swapped["test/mse"] == pytest.approx(ms_metrics["test/mse"], rel=1e-6)
     for override in ("+data.features=M", "+data.target=x"):
         with pytest.raises(ConfigError, match=r"this model forecasts channel 'y' alone \(data.features=MS\)"):
             evaluate(make_cfg(f"ckpt_path={ckpt}", override, name="eval", output="eval_refused"))
+        # refused before anything is written (eval.py then leaves no run directory behind)
+        assert not (tmp_path / "eval_refused" / "config.yaml").exists()
     univariate = tmp_path / "s" / "checkpoints" / "last.ckpt"
     with pytest.raises(ConfigError, match=r"this model forecasts channel 'y' alone \(data.features=S\)"):
         evaluate(make_cfg(f"ckpt_path={univariate}", "+data.features=MS", name="eval", output="eval_s"))

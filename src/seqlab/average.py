@@ -122,6 +122,24 @@ def check_same_model(base: dict[str, Any], other: dict[str, Any], base_path: Pat
             )
 
 
+def check_output(output: Path) -> None:
+    """``--output`` is a file to write, and never a training checkpoint (``last.ckpt``, which
+    ``resume=auto`` trains on from, ``best.ckpt``, which summary.json names): replaced by an
+    average, its run would lose it."""
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a directory: name the checkpoint file to write")
+    if output.is_file():
+        try:
+            existing = torch.load(output, map_location="cpu", mmap=True, weights_only=True)
+        except Exception:  # not a checkpoint: any file may be replaced
+            return
+        if isinstance(existing, dict) and "optimizer_states" in existing:
+            raise ConfigError(
+                f"--output {output} is a training checkpoint (with its optimizer state): replaced by "
+                "the average, its run would lose it; write to another file"
+            )
+
+
 def saved_position(path: Path) -> tuple[int, int]:
     """(epoch, global step) a checkpoint was saved at, read from its metadata alone (a sharded
     directory is not gathered for it)."""
@@ -138,7 +156,13 @@ def check_one_run(paths: list[Path]) -> bool:
     runs: dict[str, Path] = {}
     recorded = True
     for path in paths:
-        run = load_run_info(path, key="checkpoint").get("run_dir")
+        info = load_run_info(path, key="checkpoint")
+        if info.get("averaged_from"):
+            raise ConfigError(
+                f"{path} is itself an average of {len(info['averaged_from'])} checkpoints: averaged "
+                "again, its inputs would weigh unevenly; average the epoch checkpoints themselves"
+            )
+        run = info.get("run_dir")
         recorded = recorded and run is not None
         if run is not None:
             runs.setdefault(run, path)
@@ -164,6 +188,7 @@ def average_checkpoints(inputs: list[Path], output: Path, last: int | None = Non
     output = output.expanduser().resolve()
     if output in paths:
         raise ConfigError(f"--output {output} is one of the checkpoints averaged: write to another file")
+    check_output(output)
     one_run = check_one_run(paths)
     checkpoints = sorted((saved_position(path), path) for path in paths)
     for (position, first), (again, second) in itertools.pairwise(checkpoints):
@@ -175,6 +200,11 @@ def average_checkpoints(inputs: list[Path], output: Path, last: int | None = Non
                 f"{position[1]}): the same weights, which would weigh twice in the average; give one"
             )
     if last is not None:
+        if last > len(checkpoints):
+            raise ConfigError(
+                f"--last {last}, but {len(checkpoints)} checkpoints were found: give --last "
+                f"{len(checkpoints)} or fewer (a run keeps callbacks.recent_checkpoints.save_top_k epochs)"
+            )
         checkpoints = checkpoints[-last:]
     if len(checkpoints) < 2:
         raise ConfigError(

@@ -247,14 +247,14 @@ SETTING_KEYS = (
     "trainer.strategy",
 )
 DATA_PROCEDURE = (
-    "data.batch_size", "data.num_workers", "data.pool_batches", "data.bucketing", "data.cache_dir",
+    "data.batch_size", "data.max_tokens", "data.num_workers", "data.pool_batches", "data.bucketing", "data.cache_dir",
     "data.download", "data.url", "data.seed", "data.tokenizer",
 )  # fmt: skip
 #: overrides that tell no jobs apart: how a run is shown, logged or resumed (what a resumed job
 #: may add: ``tags=``, ``logger=wandb``)
 PRESENTATION_KEYS = (
     "hydra", "resume", "paths.work_dir", "logger", "tags", "callbacks.rich_progress_bar",
-    "callbacks.model_summary", "extras.print_config", "extras.ignore_warnings",
+    "callbacks.model_summary", "callbacks.recent_checkpoints", "extras.print_config", "extras.ignore_warnings",
 )  # fmt: skip
 
 

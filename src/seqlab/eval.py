@@ -65,8 +65,6 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     else:
         ckpt_path = consolidate_checkpoint(given, consolidated)
     info = load_run_info(ckpt_path)
-    if is_rank_zero():
-        write_run_metadata(cfg, run_dir)
 
     data_cfg = data_settings(info, to_plain(cfg.get("data") or {}))
     if cfg.get("data_dir"):
@@ -85,8 +83,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     task = task_cls.load_from_checkpoint(
         ckpt_path, map_location="cpu", weights_only=True, **test_settings(cfg, task_cls)
     )
+    if hasattr(datamodule, "follow_model"):  # the channels in the model's order
+        datamodule.follow_model(task.hparams)
     check_data_fits(task, datamodule, given)
     task.adopt_data(datamodule.task_kwargs())
+    if is_rank_zero():  # (a refusal above leaves no run directory: drop_refused_run_dir)
+        write_run_metadata(cfg, run_dir)
     loggers = build_loggers(cfg.get("logger"), run_dir)
     # the checkpoint's backbone: FSDP wraps its layers one by one (not the whole model as one unit)
     target = backbone_target(info, task)

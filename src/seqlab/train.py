@@ -245,6 +245,15 @@ def check_top_k_names(name: str, node: DictConfig) -> None:
 def build_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
     """The configured callbacks, plus those every run keeps (throughput, NaN guard, what resuming
     needs)."""
+    for name, node in (callbacks_cfg or {}).items():
+        if node is not None and "_target_" not in node and is_rank_zero():
+            # settings of a callback that is not there (callbacks=none left it out): said, not
+            # silently dropped (an experiment's early_stopping.patience under callbacks=none too)
+            log.warning(
+                "callbacks.%s has settings (%s) but no _target_: no callback is built from them "
+                "(callbacks=none leaves the default callbacks out); give callbacks.%s._target_ to have it",
+                name, ", ".join(map(str, node)), name,
+            )  # fmt: skip
     callbacks = [instantiate(c) for c in (callbacks_cfg or {}).values() if c is not None and "_target_" in c]
     callbacks = without_progress_bars(callbacks)  # a job of a parallel sweep: one terminal for all
     for required in (RunStats, DivergenceGuard, ExactResume, SaveOnSigterm):

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from seqlab.data.readers import ensure_extracted
-from seqlab.data.samplers import check_batch_size
+from seqlab.data.samplers import check_batch_size, check_max_tokens
 from seqlab.data.text_base import (
     BatchedTextDataModule,
     FlatSequences,
@@ -201,6 +201,8 @@ class TextClassificationDataModule(BatchedTextDataModule):
             lowercase, max_length (tokens, including [CLS]; longer texts are truncated), wrap.
         batch_size: the global batch; each of N processes gets ``batch_size / N``.
         bucketing, pool_batches: batch texts of similar length together (see ``BucketSampler``).
+        max_tokens: batch by tokens instead: global batches of at most this many padded tokens
+            (texts x the longest) and ``batch_size`` texts; null: ``batch_size`` texts a batch.
         cache_dir: where processed data and the tokenizer are stored.
         url, download, strip_components: where ``prepare_data`` fetches missing raw files
             (a zip or tar archive, unpacked into ``data_dir``).
@@ -229,6 +231,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
         batch_size: int = 64,
         bucketing: bool = True,
         pool_batches: int = 50,
+        max_tokens: int | None = None,
         cache_dir: str = "data/processed",
         url: str | None = None,
         download: bool = True,
@@ -263,6 +266,7 @@ class TextClassificationDataModule(BatchedTextDataModule):
             )
         self.classes = [str(c) for c in classes] if classes is not None else None
         self.batch_size = check_batch_size(batch_size)
+        check_max_tokens(max_tokens)
         self.seed = seed
         self.datasets: dict[str, TokenizedTexts] = {}
         self.meta: dict[str, Any] | None = None

@@ -142,7 +142,7 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
         horizon: int = 96,
         batch_size: int = 32,
         features: str = "M",
-        target: str | None = None,
+        target: str | int | None = None,
         split: str = "ratio",
         split_months: tuple[int, int, int] = (12, 4, 4),
         split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2),
@@ -193,6 +193,9 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.datasets: dict[str, WindowDataset] = {}
+        #: the channels in a trained model's order (``follow_model``): the same ones read in
+        #: another order (a long file's ids, ``data.columns``) are put in it
+        self.channel_order: list[str] | None = None
         self._series: Series | None = None
         self.mean: np.ndarray | None = None
         self.std: np.ndarray | None = None
@@ -263,7 +266,18 @@ class SeriesDataModule(OrderSeed, L.LightningDataModule):
         if self.features == "S":
             index = series.columns.index(self.target)
             series = Series(series.values[:, index : index + 1], [self.target], series.timestamps)
+        order = self.channel_order
+        if order and list(series.columns) != order and sorted(series.columns) == sorted(order):
+            log.info("%s: channels %s read in the model's order %s", self.source, series.columns, order)
+            places = [series.columns.index(name) for name in order]
+            series = Series(series.values[:, places], list(order), series.timestamps)
         return series
+
+    def follow_model(self, hparams: Any) -> None:
+        """Read the channels in the order of the model that will read them (eval.py: a model reads
+        each channel by its place), before the data is loaded."""
+        names = hparams.get("channel_names")
+        self.channel_order = list(names) if names else None
 
     def _load(self) -> None:
         if self._series is not None:

@@ -101,6 +101,15 @@ def check_batch_size(batch_size: Any) -> int:
     return batch_size
 
 
+def check_max_tokens(max_tokens: Any) -> int | None:
+    """``data.max_tokens``: null, or a positive integer (tokens a global batch holds at most)."""
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise ConfigError(f"data.max_tokens={max_tokens!r}: expected a positive number of tokens, or null")
+    return max_tokens
+
+
 def per_replica_batch_size(batch_size: int, trainer) -> int:
     """Each process's share of the global ``data.batch_size``."""
     world, _ = replicas(trainer)
@@ -315,6 +324,14 @@ class BucketSampler(GlobalBatchSampler):
         lengths: length (tokens) of every example.
         bucketing: group examples of similar length into batches.
         pool_batches: how many global batches are sorted together (larger: less padding, less mixing).
+        max_tokens: batches by tokens instead (fairseq's ``--max-tokens``): the examples sorted by
+            length are cut once into global batches of at most ``max_tokens`` padded tokens
+            (examples x the longest, over all processes: each gets about ``max_tokens / N``) and
+            at most ``batch_size`` examples; each epoch shuffles the order of those batches. Short
+            examples then share a batch by the hundred, long ones by a few, and every step holds
+            about as many tokens. A batch holds at least one example per process (the longest
+            examples may then exceed the budget on more than one process); a last batch with fewer
+            joins the one before it. ``drop_last`` drops nothing: every example is in a batch.
         batch_size, num_replicas, rank, shuffle, seed, drop_last: as for ``GlobalBatchSampler``.
     """
 
@@ -329,11 +346,57 @@ class BucketSampler(GlobalBatchSampler):
         drop_last: bool = False,
         bucketing: bool = True,
         pool_batches: int = 50,
+        max_tokens: int | None = None,
     ) -> None:
         super().__init__(len(lengths), batch_size, num_replicas, rank, shuffle, seed, drop_last)
         self.lengths = torch.as_tensor(lengths)
         self.bucketing = bucketing
         self.pool_batches = max(1, pool_batches)
+        self.max_tokens = max_tokens
+        #: the batches of ``max_tokens`` (cut once; each epoch orders them)
+        self.token_batches: list[torch.Tensor] = []
+        if max_tokens is not None:
+            check_max_tokens(max_tokens)
+            longest = int(self.lengths.max()) if len(self.lengths) else 0
+            if drop_last and longest > max_tokens:  # (training: evaluation batches one alone)
+                raise ConfigError(
+                    f"data.max_tokens={max_tokens} is less than the longest training example's {longest} "
+                    f"tokens: it would fit in no batch; give data.max_tokens >= {longest}, or a smaller "
+                    "data.max_length"
+                )
+            self.token_batches = self.cut_by_tokens()
+
+    def cut_by_tokens(self) -> list[torch.Tensor]:
+        """The examples, shortest first, cut into global batches of at most ``max_tokens`` padded
+        tokens and ``batch_size`` examples, at least ``num_replicas`` each."""
+        order = torch.argsort(self.lengths, stable=True)
+        batches, current = [], []
+        for index, length in zip(order.tolist(), self.lengths[order].tolist()):
+            grown = len(current) + 1  # ascending lengths: the newcomer is the batch's longest
+            full = grown * length > self.max_tokens or grown > self.batch_size
+            if full and len(current) >= self.num_replicas:
+                batches.append(current)
+                current = []
+            current.append(index)
+        if current:
+            if len(current) < self.num_replicas and batches:
+                batches[-1] += current
+            elif len(current) < self.num_replicas:  # fewer examples than processes: each gets one
+                batches.append((current * self.num_replicas)[: self.num_replicas])
+            else:
+                batches.append(current)
+        return [torch.tensor(batch, dtype=torch.int64) for batch in batches]
+
+    def global_batches(self) -> list[torch.Tensor]:
+        if self.max_tokens is None:
+            return super().global_batches()
+        if not self.shuffle:
+            return list(self.token_batches)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return [self.token_batches[i] for i in torch.randperm(len(self.token_batches), generator=generator)]
+
+    def __len__(self) -> int:
+        return len(self.token_batches) if self.max_tokens is not None else super().__len__()
 
     def order(self, generator: torch.Generator) -> torch.Tensor:
         order = super().order(generator)

@@ -307,6 +307,7 @@ class BatchedTextDataModule(OrderSeed, L.LightningDataModule):
             drop_last=train,
             bucketing=self.hparams.bucketing,
             pool_batches=self.hparams.pool_batches,
+            max_tokens=self.hparams.get("max_tokens"),
         )
         owner = {"seed_owner": self} if train else {}
         return (ResumableLoader if train else DataLoader)(

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from seqlab.data.readers import ensure_file
-from seqlab.data.samplers import check_batch_size
+from seqlab.data.samplers import check_batch_size, check_max_tokens
 from seqlab.data.text_base import (
     BatchedTextDataModule,
     FlatSequences,
@@ -183,6 +183,9 @@ class TranslationDataModule(BatchedTextDataModule):
             (misaligned lines, usually) are dropped.
         batch_size: the global batch (sentence pairs); each of N processes gets ``batch_size / N``.
         bucketing, pool_batches: batch pairs of similar length together (``BucketSampler``).
+        max_tokens: batch by tokens instead (fairseq's ``--max-tokens``): global batches of at most
+            this many padded tokens (pairs x the longer side of the longest, over all processes)
+            and ``batch_size`` pairs; null: ``batch_size`` pairs a batch (``BucketSampler``).
         cache_dir: where the processed data and the tokenizers are stored.
         url: where ``prepare_data`` fetches a missing file; ``{name}`` is the file name
             (``train.en``); a ``.gz`` URL is decompressed.
@@ -206,6 +209,7 @@ class TranslationDataModule(BatchedTextDataModule):
         batch_size: int = 128,
         bucketing: bool = True,
         pool_batches: int = 50,
+        max_tokens: int | None = None,
         cache_dir: str = "data/processed",
         url: str | None = None,
         download: bool = True,
@@ -234,6 +238,11 @@ class TranslationDataModule(BatchedTextDataModule):
             raise ConfigError(f"data.max_length={max_length} leaves no room for [BOS], a token and [EOS]")
         if max_length_ratio < 1:
             raise ConfigError(f"data.max_length_ratio={max_length_ratio}: expected at least 1")
+        if check_max_tokens(max_tokens) is not None and max_tokens < max_length:
+            raise ConfigError(
+                f"data.max_tokens={max_tokens} is less than data.max_length={max_length}: a training "
+                f"pair that long would fit in no batch; give data.max_tokens >= {max_length}"
+            )
         self._absolute_paths()
         self.batch_size = check_batch_size(batch_size)
         self.seed = seed

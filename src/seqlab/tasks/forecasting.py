@@ -268,6 +268,17 @@ class ForecastingTask(SeqTask):
         scaler maps the forecasts back to its original scale, its names label the report, and its
         period is the seasonal baseline's (a day of ETTm1's rows is 96, of ETTh1's 24)."""
         hp = self.hparams
+        names = data.get("channel_names")
+        if (
+            names
+            and hp.channel_names
+            and list(names) != list(hp.channel_names)
+            and sorted(names) == sorted(hp.channel_names)
+        ):
+            raise ConfigError(
+                f"the data's channels {list(names)} are the model's in another order ({list(hp.channel_names)}): "
+                "it reads each channel by its place; give data.columns in the model's order"
+            )
         then, now = (hp.scaler_mean, hp.scaler_std), (data.get("scaler_mean"), data.get("scaler_std"))
         if None not in (*then, *now) and len(then[0]) == len(now[0]):
             names = data.get("channel_names") or hp.channel_names or list(range(len(now[0])))

@@ -416,6 +416,7 @@ RESUME_ADDED = {
     "task.min_len": 1,
     "data.id_column": None,
     "data.fill_missing": None,
+    "data.max_tokens": None,
 }
 
 
@@ -635,4 +636,15 @@ def check_checkpoint_fits(ckpt_path: str, cfg: DictConfig) -> dict[str, Any] | N
     check_same_model(
         info, cfg, f"ckpt_path={ckpt_path!r}", "resume with the configuration the checkpoint was trained with"
     )
+    if path.is_file() and cfg.get("train", True):  # (train=false tests it: weights alone do)
+        import torch
+
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if not {"optimizer_states", "loops"} <= set(saved):
+            what = "an average of checkpoints" if info.get("averaged_from") else "weights saved without it"
+            raise ConfigError(
+                f"ckpt_path={ckpt_path!r} holds a model's weights alone ({what}): no optimizer, "
+                f"schedule or loop state to train on from; start a run from its weights with "
+                f"init_from={ckpt_path}, or test it with eval.py ckpt_path={ckpt_path}"
+            )
     return info
