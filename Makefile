@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml constraints.txt $(PIP_ARGS_USED)
 	@# else PyTorch's CPU index, unless pip has an index of its own: a mirror) before PyPI's default
 	@# CUDA build (several GB) is pulled in. A GPU: nvidia-smi lists one, or its device file is there
 	@# (a container without nvidia-smi)
-	@if [ -z '$(strip $(PIP_ARGS))' ] && ! nvidia-smi -L >/dev/null 2>&1 && [ ! -e /dev/nvidia0 ]; then \
+	@if [ -z '$(strip $(PIP_ARGS))' ] && ! nvidia-smi -L >/dev/null 2>&1 && ! ls /dev/nvidia[0-9]* >/dev/null 2>&1; then \
 		$(PY) -m pip install --quiet --no-deps --no-index -c constraints.txt torch >/dev/null 2>&1 \
 		|| if [ -n "$$PIP_INDEX_URL" ] || $(PY) -m pip config list 2>/dev/null | grep -Eq '(^|\.)index-url='; then \
 			echo "no NVIDIA GPU: torch from pip's own index (PIP_ARGS='--index-url $(TORCH_CPU_INDEX) --extra-index-url <yours>' for the CPU build)"; \
@@ -51,7 +51,7 @@ $(STAMP): pyproject.toml constraints.txt $(PIP_ARGS_USED)
 	fi
 	$(PY) -m pip install --quiet --disable-pip-version-check $(PIP_ARGS) -c constraints.txt -e ".[loggers,deepspeed,slurm,dev]"
 	@# a GPU machine whose pip finds a local CPU wheel (find-links) would get it: say so
-	@if { nvidia-smi -L >/dev/null 2>&1 || [ -e /dev/nvidia0 ]; } && ! $(PY) -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then \
+	@if { nvidia-smi -L >/dev/null 2>&1 || ls /dev/nvidia[0-9]* >/dev/null 2>&1; } && ! $(PY) -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then \
 		echo "warning: this machine has an NVIDIA GPU but $(VENV) got a CPU-only torch (a local CPU wheel in pip's find-links?);"; \
 		echo "  reinstall it from PyPI, without the local wheels: PIP_FIND_LINKS= PIP_CONFIG_FILE=/dev/null $(PY) -m pip install --force-reinstall -c constraints.txt torch"; \
 	fi

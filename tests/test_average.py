@@ -82,9 +82,11 @@ def test_what_cannot_be_averaged_is_named(make_cfg, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--output .* is a directory"):
         average_checkpoints([ckpts], tmp_path)
     last = (ckpts / "last.ckpt").read_bytes()
-    with pytest.raises(ConfigError, match=r"--output .*last.ckpt is a training checkpoint"):
+    with pytest.raises(ConfigError, match=r"--output .*last.ckpt is a checkpoint of a run"):
         average_checkpoints([first, second], ckpts / "last.ckpt")
     assert (ckpts / "last.ckpt").read_bytes() == last
+    with pytest.raises(ConfigError, match=r"--output .*best.ckpt is a checkpoint of a run"):
+        average_checkpoints([first, second], ckpts / "best.ckpt")
     with pytest.raises(ConfigError, match=r"epoch_000.ckpt is given twice"):
         average_checkpoints([first, first], out)
     # best.ckpt of the last epoch (its validation's) is epoch_001.ckpt's weights
@@ -97,6 +99,8 @@ def test_what_cannot_be_averaged_is_named(make_cfg, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--output .*epoch_001.ckpt is one of the checkpoints averaged"):
         average_checkpoints([first, second], second)
     assert second.read_bytes() == before and not out.exists()
+    average_checkpoints([first, second], out)
+    average_checkpoints([first, second], out)  # an earlier average is replaced
     with pytest.raises(
         ConfigError, match=r"no epoch_NNN.ckpt to average; .*callbacks.recent_checkpoints.save_top_k=N"
     ):
@@ -119,7 +123,6 @@ def test_what_cannot_be_averaged_is_named(make_cfg, tmp_path: Path) -> None:
         torch.save(checkpoint, tmp_path / f"old_{path.parents[1].name}.ckpt")
     with pytest.raises(ConfigError, match=r"differ in their model settings \(hyper_parameters.backbone"):
         average_checkpoints([tmp_path / "old_run.ckpt", tmp_path / "old_lstm.ckpt"], out)
-    assert not out.exists()
     result = run_script("scripts/average_checkpoints.py", str(first), "--output", str(out))
     assert result.returncode == 1 and "ConfigError: 1 checkpoint" in result.stderr
     assert "Traceback" not in result.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import zipfile
 from pathlib import Path
@@ -731,47 +730,51 @@ def test_the_examples_drop_last_leaves_out_are_drawn_at_random_not_the_longest()
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_batches_by_tokens_hold_every_example_once_within_the_budget(world: int) -> None:
-    """``max_tokens`` (fairseq's ``--max-tokens``): the examples sorted by length, cut once into
-    global batches of at most ``max_tokens`` padded tokens and ``batch_size`` examples; each epoch
-    shuffles their order. Short examples share a batch by the dozen, long ones by a few; every
-    process gets its share of each batch; the batches are the same whatever the number of
-    processes (the budget is the global batch's)."""
+    """``max_tokens`` (fairseq's ``--max-tokens``): each epoch the examples sorted by length (ties
+    mixed) are cut into global batches of at most ``max_tokens`` padded tokens and ``batch_size``
+    examples, in multiples of 8 where more fit, then shuffled. Short examples share a batch by the
+    dozen, long ones by a few; each process gets its share of each batch; the batches are the same
+    whatever the number of processes (the budget is the global batch's), and as many every epoch."""
     lengths = torch.randint(2, 120, (997,), generator=torch.Generator().manual_seed(0)).tolist()
     budget = 1200
 
-    def samplers(epoch: int, shuffle: bool = True) -> list[BucketSampler]:
+    def epoch(epoch: int, processes: int = world) -> list[torch.Tensor]:
+        """The epoch's global batches, put together from every process's shares."""
         made = [
-            BucketSampler(lengths, 96, num_replicas=world, rank=r, shuffle=shuffle, seed=5, drop_last=shuffle, max_tokens=budget)
-            for r in range(world)
+            BucketSampler(lengths, 96, num_replicas=processes, rank=r, shuffle=True, seed=5, drop_last=True, max_tokens=budget)
+            for r in range(processes)
         ]  # fmt: skip
         for sampler in made:
             sampler.set_epoch(epoch)
-        return made
+        shares = [list(sampler) for sampler in made]
+        assert all(len(share) == len(made[0]) for share in shares), "as many steps on every process"
+        assert all(len(part) >= 1 for share in shares for part in share)
+        return [torch.cat(parts) for parts in zip(*shares)]
 
-    shares = [list(s) for s in samplers(0)]
-    steps = len(shares[0])
-    assert all(len(share) == steps == len(samplers(0)[r]) for r, share in enumerate(shares))
-    batches = [torch.cat([share[step] for share in shares]) for step in range(steps)]
+    batches = epoch(0)
     assert sorted(torch.cat(batches).tolist()) == list(range(997)), "every example once an epoch"
-    sizes = []
+    sizes = [len(batch) for batch in batches]
     for batch in batches:
-        longest = max(lengths[i] for i in batch.tolist())
-        assert len(batch) * longest <= budget and len(batch) <= 96
-        sizes.append(len(batch))
+        assert len(batch) * max(lengths[i] for i in batch.tolist()) <= budget and len(batch) <= 96
     assert max(sizes) >= 5 * min(sizes)  # short examples by the many, long ones by a few
-    assert all(min(len(share[step]) for share in shares) >= 1 for step in range(steps))
-    # a new order of the same batches every epoch, the same set of batches whatever the processes
-    again = [torch.cat([share[step] for share in (list(s) for s in samplers(1))]) for step in range(steps)]
+    assert sum(size % 8 == 0 for size in sizes) >= len(sizes) - 2 - sum(size < 8 for size in sizes)
     key = lambda batch: tuple(sorted(batch.tolist()))  # noqa: E731
-    assert sorted(map(key, again)) == sorted(map(key, batches)) and list(map(key, again)) != list(
-        map(key, batches)
-    )
-    alone = BucketSampler(lengths, 96, shuffle=True, seed=5, drop_last=True, max_tokens=budget)
-    assert sorted(map(key, alone.global_batches())) == sorted(map(key, batches))
-    # evaluation: the batches in length order
-    ordered = [[list(s) for s in samplers(0, shuffle=False)][r] for r in range(world)]
-    spans = [[lengths[i] for share in ordered for i in share[step].tolist()] for step in range(steps)]
-    assert all(max(a) <= min(b) for a, b in itertools.pairwise(spans))
+    # the same batches on one process as on several; another cut and order the next epoch, as many
+    assert list(map(key, epoch(0, processes=1))) == list(map(key, batches))
+    again = epoch(1)
+    assert len(again) == len(batches) and list(map(key, again)) != list(map(key, batches))
+
+
+def test_batches_by_tokens_mix_examples_of_equal_length() -> None:
+    """Ties broken by the file's order put a file sorted by label into one-label batches (IMDB's
+    reader reads neg/ then pos/; truncation makes thousands of reviews equally long)."""
+    sampler = BucketSampler([10] * 40, 40, shuffle=True, seed=1, drop_last=True, max_tokens=80)
+    batches = [batch.tolist() for batch in sampler.global_batches()]
+    assert all(len(batch) == 8 for batch in batches) and len(batches) == len(sampler) == 5
+    assert sorted(i for batch in batches for i in batch) == list(range(40))
+    assert not all(max(batch) - min(batch) == 7 for batch in batches), "not runs of the file's order"
+    # batch_size is a cap under max_tokens: more than the examples is no refusal
+    assert len(BucketSampler([10] * 40, 4096, shuffle=True, drop_last=True, max_tokens=80)) == 5
 
 
 def test_a_token_budget_below_the_longest_example_is_named() -> None:
@@ -779,8 +782,17 @@ def test_a_token_budget_below_the_longest_example_is_named() -> None:
         ConfigError, match=r"data.max_tokens=50 is less than the longest training example's 80 tokens"
     ):
         BucketSampler([10, 80, 30], 4, drop_last=True, max_tokens=50)
-    # evaluation takes such an example in a batch of its own
-    assert [b.tolist() for b in BucketSampler([10, 80, 30], 4, shuffle=False, max_tokens=50)] == [[0, 2], [1]]
+    # evaluation takes such an example in a batch of its own; two processes get one each of a
+    # batch of one (repeated)
+    assert [b.tolist() for b in BucketSampler([10, 80, 30], 4, shuffle=False, max_tokens=60)] == [[0, 2], [1]]
+    shares = [list(BucketSampler([10, 80, 30], 4, 2, r, shuffle=False, max_tokens=60)) for r in (0, 1)]
+    assert [[b.tolist() for b in share] for share in shares] == [[[0], [1]], [[2], [1]]]
+    # a classifier's budget below its texts' longest is refused as the data is configured, before
+    # the run starts (the sampler refused it inside fit, its run directory written)
+    with pytest.raises(ConfigError, match=r"data.max_tokens=16 is less than data.tokenizer.max_length=32"):
+        SyntheticSentimentDataModule(
+            max_tokens=16, tokenizer={"kind": "word", "vocab_size": 64, "max_length": 32}
+        )
     for bad in (0, -5, 2.5, True, "many"):
         with pytest.raises(
             ConfigError, match=r"data.max_tokens=.*: expected a positive number of tokens, or null"

@@ -683,6 +683,7 @@ def test_a_resumed_runs_git_record_is_its_own(make_cfg, tmp_path: Path, monkeypa
     cfg = make_cfg()
     trees = iter(
         [
+            ({"commit": "000", "dirty": False}, ""),  # refused while set up: nothing trained
             ({"commit": "aaa", "dirty": True}, "+hack\n"),
             ({"commit": "bbb", "dirty": False}, ""),
             ({"commit": "bbb", "dirty": False}, ""),  # resumed again on the same code
@@ -692,7 +693,10 @@ def test_a_resumed_runs_git_record_is_its_own(make_cfg, tmp_path: Path, monkeypa
     monkeypatch.setattr(run, "git_info", lambda root: next(trees))
     run_dir = tmp_path / "run"
     run.write_run_metadata(cfg, run_dir)
+    run.write_run_metadata(cfg, run_dir)  # no checkpoint of commit 000's: its record is not kept
     assert (run_dir / "git.diff").read_text() == "+hack\n" and not (run_dir / "git.1.txt").exists()
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"trained on aaa")
     assert run.write_run_metadata(cfg, run_dir) == {"commit": "bbb", "dirty": False}
     assert "commit: bbb" in (run_dir / "git.txt").read_text() and not (run_dir / "git.diff").exists()
     assert "commit: aaa" in (run_dir / "git.1.txt").read_text()

@@ -123,9 +123,10 @@ def check_same_model(base: dict[str, Any], other: dict[str, Any], base_path: Pat
 
 
 def check_output(output: Path) -> None:
-    """``--output`` is a file to write, and never a training checkpoint (``last.ckpt``, which
-    ``resume=auto`` trains on from, ``best.ckpt``, which summary.json names): replaced by an
-    average, its run would lose it."""
+    """``--output`` is a file to write, and never a run's checkpoint (``last.ckpt``, which
+    ``resume=auto`` trains on from, ``best.ckpt``, which summary.json names, saved with or without
+    the optimizer's state): replaced by an average, its run would lose it. An earlier average,
+    or any other file, may be replaced."""
     if output.is_dir():
         raise ConfigError(f"--output {output} is a directory: name the checkpoint file to write")
     if output.is_file():
@@ -133,10 +134,12 @@ def check_output(output: Path) -> None:
             existing = torch.load(output, map_location="cpu", mmap=True, weights_only=True)
         except Exception:  # not a checkpoint: any file may be replaced
             return
-        if isinstance(existing, dict) and "optimizer_states" in existing:
+        averaged = isinstance(existing, dict) and (existing.get("seqlab") or {}).get("averaged_from")
+        if isinstance(existing, dict) and "state_dict" in existing and not averaged:
             raise ConfigError(
-                f"--output {output} is a training checkpoint (with its optimizer state): replaced by "
-                "the average, its run would lose it; write to another file"
+                f"--output {output} is a checkpoint of a run (not an earlier average): replaced by the "
+                "average, its run would lose it (last.ckpt resumes it, best.ckpt is its result); write "
+                "to another file"
             )
 
 

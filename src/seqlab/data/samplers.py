@@ -101,6 +101,11 @@ def check_batch_size(batch_size: Any) -> int:
     return batch_size
 
 
+#: under ``max_tokens``, batches hold a multiple of this many examples where more fit (fairseq's
+#: ``required_batch_size_multiple``): 2, 4 or 8 processes then get equal shares of each
+BATCH_MULTIPLE = 8
+
+
 def check_max_tokens(max_tokens: Any) -> int | None:
     """``data.max_tokens``: null, or a positive integer (tokens a global batch holds at most)."""
     if max_tokens is not None and (
@@ -324,14 +329,17 @@ class BucketSampler(GlobalBatchSampler):
         lengths: length (tokens) of every example.
         bucketing: group examples of similar length into batches.
         pool_batches: how many global batches are sorted together (larger: less padding, less mixing).
-        max_tokens: batches by tokens instead (fairseq's ``--max-tokens``): the examples sorted by
-            length are cut once into global batches of at most ``max_tokens`` padded tokens
-            (examples x the longest, over all processes: each gets about ``max_tokens / N``) and
-            at most ``batch_size`` examples; each epoch shuffles the order of those batches. Short
-            examples then share a batch by the hundred, long ones by a few, and every step holds
-            about as many tokens. A batch holds at least one example per process (the longest
-            examples may then exceed the budget on more than one process); a last batch with fewer
-            joins the one before it. ``drop_last`` drops nothing: every example is in a batch.
+        max_tokens: batches by tokens instead (fairseq's ``--max-tokens``): each epoch the examples,
+            sorted by length (ties in the epoch's random order), are cut into global batches of at
+            most ``max_tokens`` padded tokens (examples x the longest, over all processes: each
+            gets about ``max_tokens / N``) and ``batch_size`` examples, in multiples of
+            ``BATCH_MULTIPLE`` examples where more fit (fairseq's ``required_batch_size_multiple``:
+            2, 4 or 8 processes get equal shares), and the batches are shuffled. Short examples
+            then share a batch by the hundred, long ones by a few, and every step holds about as
+            many tokens. The cut does not depend on the number of processes (a run resumed on
+            another device count goes on in the same batches); a batch with fewer examples than
+            processes repeats some so that each gets one. ``bucketing`` and ``pool_batches`` do
+            not apply, and nothing is dropped.
         batch_size, num_replicas, rank, shuffle, seed, drop_last: as for ``GlobalBatchSampler``.
     """
 
@@ -348,15 +356,16 @@ class BucketSampler(GlobalBatchSampler):
         pool_batches: int = 50,
         max_tokens: int | None = None,
     ) -> None:
-        super().__init__(len(lengths), batch_size, num_replicas, rank, shuffle, seed, drop_last)
+        # (under max_tokens batch_size is a cap, not a batch every epoch must fill)
+        full_batches = drop_last and max_tokens is None
+        super().__init__(len(lengths), batch_size, num_replicas, rank, shuffle, seed, full_batches)
         self.lengths = torch.as_tensor(lengths)
         self.bucketing = bucketing
         self.pool_batches = max(1, pool_batches)
-        self.max_tokens = max_tokens
-        #: the batches of ``max_tokens`` (cut once; each epoch orders them)
-        self.token_batches: list[torch.Tensor] = []
+        self.max_tokens = check_max_tokens(max_tokens)
+        #: batches an epoch of ``max_tokens`` has (the same every epoch: the lengths decide it)
+        self.token_steps = 0
         if max_tokens is not None:
-            check_max_tokens(max_tokens)
             longest = int(self.lengths.max()) if len(self.lengths) else 0
             if drop_last and longest > max_tokens:  # (training: evaluation batches one alone)
                 raise ConfigError(
@@ -364,39 +373,50 @@ class BucketSampler(GlobalBatchSampler):
                     f"tokens: it would fit in no batch; give data.max_tokens >= {longest}, or a smaller "
                     "data.max_length"
                 )
-            self.token_batches = self.cut_by_tokens()
+            self.token_steps = len(self.cut_by_tokens(torch.argsort(self.lengths, stable=True).tolist()))
 
-    def cut_by_tokens(self) -> list[torch.Tensor]:
-        """The examples, shortest first, cut into global batches of at most ``max_tokens`` padded
-        tokens and ``batch_size`` examples, at least ``num_replicas`` each."""
-        order = torch.argsort(self.lengths, stable=True)
-        batches, current = [], []
-        for index, length in zip(order.tolist(), self.lengths[order].tolist()):
-            grown = len(current) + 1  # ascending lengths: the newcomer is the batch's longest
-            full = grown * length > self.max_tokens or grown > self.batch_size
-            if full and len(current) >= self.num_replicas:
-                batches.append(current)
-                current = []
+    def cut_by_tokens(self, order: list[int]) -> list[list[int]]:
+        """``order`` (ascending lengths) cut into global batches of at most ``max_tokens`` padded
+        tokens and ``batch_size`` examples: a full batch keeps the largest multiple of
+        ``BATCH_MULTIPLE`` it holds (all of it where fewer fit) and hands the rest on."""
+        lengths = self.lengths.tolist()
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for index in order:
+            length = lengths[index]  # ascending: the newcomer is the longest
+            while current and (
+                (len(current) + 1) * length > self.max_tokens or len(current) + 1 > self.batch_size
+            ):
+                keep = (
+                    len(current) - len(current) % BATCH_MULTIPLE
+                    if len(current) >= BATCH_MULTIPLE
+                    else len(current)
+                )
+                batches.append(current[:keep])
+                current = current[keep:]
             current.append(index)
         if current:
-            if len(current) < self.num_replicas and batches:
-                batches[-1] += current
-            elif len(current) < self.num_replicas:  # fewer examples than processes: each gets one
-                batches.append((current * self.num_replicas)[: self.num_replicas])
-            else:
-                batches.append(current)
-        return [torch.tensor(batch, dtype=torch.int64) for batch in batches]
+            batches.append(current)
+        return batches
 
     def global_batches(self) -> list[torch.Tensor]:
         if self.max_tokens is None:
             return super().global_batches()
-        if not self.shuffle:
-            return list(self.token_batches)
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        return [self.token_batches[i] for i in torch.randperm(len(self.token_batches), generator=generator)]
+        mixed = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        order = mixed[torch.argsort(self.lengths[mixed], stable=True)]  # by length, ties mixed
+        batches = [torch.tensor(batch, dtype=torch.int64) for batch in self.cut_by_tokens(order.tolist())]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+        world = self.num_replicas
+        # fewer examples than processes (the longest, where fewer fit): each process gets one
+        return [
+            batch if len(batch) >= world else batch.repeat(-(-world // len(batch)))[:world]
+            for batch in batches
+        ]
 
     def __len__(self) -> int:
-        return len(self.token_batches) if self.max_tokens is not None else super().__len__()
+        return self.token_steps if self.max_tokens is not None else super().__len__()
 
     def order(self, generator: torch.Generator) -> torch.Tensor:
         order = super().order(generator)

@@ -307,7 +307,8 @@ class BatchedTextDataModule(OrderSeed, L.LightningDataModule):
             drop_last=train,
             bucketing=self.hparams.bucketing,
             pool_batches=self.hparams.pool_batches,
-            max_tokens=self.hparams.get("max_tokens"),
+            # (training: evaluation batches, no gradients kept, stay data.batch_size examples)
+            max_tokens=self.hparams.get("max_tokens") if train else None,
         )
         owner = {"seed_owner": self} if train else {}
         return (ResumableLoader if train else DataLoader)(

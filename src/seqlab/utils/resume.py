@@ -238,7 +238,8 @@ def forget_failed_setup(run_dir: Path) -> None:
 #: what a command refused while it was set up leaves in a run directory: Hydra's record and log,
 #: the run's record of its command (``write_run_metadata`` without its config.yaml); eval.py's too
 SETUP_FILES = frozenset(
-    {".hydra", "train.log", "eval.log", "cmd.txt", "git.txt", "git.diff", "overrides.yaml"}
+    # (consolidated.ckpt: eval.py's gathering of a sharded checkpoint, before its checks)
+    {".hydra", "train.log", "eval.log", "cmd.txt", "git.txt", "git.diff", "overrides.yaml", "consolidated.ckpt"}
 )
 
 

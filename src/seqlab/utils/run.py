@@ -138,10 +138,11 @@ def keep_earlier_git_record(run_dir: Path, record: str, diff: str) -> None:
     overwritten, the record named only the last code, not the one most of the run may have
     trained with."""
     earlier, earlier_diff = run_dir / "git.txt", run_dir / "git.diff"
-    if not earlier.is_file():
-        return
-    before = earlier_diff.read_text() if earlier_diff.is_file() else ""
-    if earlier.read_text() == record and before == diff:
+    checkpoints = run_dir / "checkpoints"
+    if not earlier.is_file() or not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return  # nothing trained on the earlier code (refused while set up): nothing to keep
+    before = earlier_diff.read_text(encoding="utf-8") if earlier_diff.is_file() else ""
+    if earlier.read_text(encoding="utf-8") == record and before == diff:
         return
     n = 1
     while (run_dir / f"git.{n}.txt").exists():
