@@ -239,7 +239,16 @@ def forget_failed_setup(run_dir: Path) -> None:
 #: the run's record of its command (``write_run_metadata`` without its config.yaml); eval.py's too
 SETUP_FILES = frozenset(
     # (consolidated.ckpt: eval.py's gathering of a sharded checkpoint, before its checks)
-    {".hydra", "train.log", "eval.log", "cmd.txt", "git.txt", "git.diff", "overrides.yaml", "consolidated.ckpt"}
+    {
+        ".hydra",
+        "train.log",
+        "eval.log",
+        "cmd.txt",
+        "git.txt",
+        "git.diff",
+        "overrides.yaml",
+        "consolidated.ckpt",
+    }
 )
 
 
