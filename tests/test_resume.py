@@ -364,24 +364,34 @@ def test_ctrl_c_stops_at_once_and_the_same_command_resumes_from_the_newest_check
 
 
 @pytest.mark.slow
-def test_a_sweep_job_stopped_by_ctrl_c_is_named_so(tmp_path: Path) -> None:
-    """Lightning ends a Ctrl-C'd job with SystemExit(1), which ends the sweep before Hydra
-    records the job: the sweep table called it killed ("out of memory, a time limit?")."""
+@pytest.mark.parametrize(
+    ("signal", "said", "recorded"),
+    [
+        ("int", "Detected KeyboardInterrupt", "KeyboardInterrupt: stopped by Ctrl-C"),
+        ("term", "SIGTERM: stopped at step", "SIGTERMException: stopped by SIGTERM at a step boundary"),
+    ],
+)
+def test_a_sweep_job_stopped_by_ctrl_c_or_sigterm_is_named_so(
+    tmp_path: Path, signal: str, said: str, recorded: str
+) -> None:
+    """Lightning ends a Ctrl-C'd job with SystemExit(1), a SIGTERM'd one with SIGTERMException (a
+    SystemExit too), either ending the sweep before Hydra records the job: the sweep table called
+    it killed ("out of memory, a time limit?"), and then a SIGTERM a Ctrl-C."""
     sweep = tmp_path / "sweep"
     command = [
         "train.py",
         "-m",
         "model=rnn",
         *FAST,
-        *fault("int", 5, tmp_path / "fired"),
+        *fault(signal, 5, tmp_path / "fired"),
         f"hydra.sweep.dir={sweep}",
     ]
     stopped = run_script(*command)
-    assert stopped.returncode != 0 and "Detected KeyboardInterrupt" in stopped.stdout + stopped.stderr
-    assert (sweep / "0" / "error.txt").read_text().startswith("KeyboardInterrupt: stopped by Ctrl-C")
+    assert stopped.returncode != 0 and said in stopped.stdout + stopped.stderr
+    assert (sweep / "0" / "error.txt").read_text().startswith(recorded)
     with open(sweep / "sweep_summary.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
-    assert row["status"] == "failed" and "Ctrl-C" in row["error"]
+    assert row["status"] == "failed" and recorded.split(": ", 1)[1] in row["error"]
 
 
 @pytest.mark.slow

@@ -279,15 +279,20 @@ def without_early_stopping(callbacks: list[L.Callback], trainer_cfg: DictConfig)
     return [c for c in callbacks if not isinstance(c, EarlyStopping)]
 
 
-def record_interruption(run_dir: Path) -> None:
-    """A sweep job stopped by Ctrl-C: Lightning ends it with ``SystemExit(1)``, which ends the
-    sweep before Hydra records the job; its table called it killed ("out of memory, a time
-    limit?"). Its ``error.txt`` says what stopped it."""
+def record_interruption(run_dir: Path, stop: SystemExit) -> None:
+    """A sweep job stopped by Ctrl-C (Lightning ends it with ``SystemExit(1)``) or by SIGTERM
+    (``SIGTERMException``, a ``SystemExit`` too, after ``SaveOnSigterm``'s checkpoint): either ends
+    the sweep before Hydra records the job, and its table called it killed ("out of memory, a
+    time limit?"). Its ``error.txt`` says what stopped it (a SIGTERM was called a Ctrl-C)."""
     from seqlab.utils.hydra_callbacks import ERROR_FILE
 
+    what = (
+        "SIGTERMException: stopped by SIGTERM at a step boundary, its checkpoint saved"
+        if isinstance(stop, SIGTERMException)
+        else "KeyboardInterrupt: stopped by Ctrl-C (SIGINT)"
+    )
     write_text_atomic(
-        run_dir / ERROR_FILE,
-        "KeyboardInterrupt: stopped by Ctrl-C (SIGINT); the sweep run again with its hydra.sweep.dir resumes it\n",
+        run_dir / ERROR_FILE, f"{what}; the sweep run again with its hydra.sweep.dir resumes it\n"
     )
 
 
@@ -523,9 +528,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             fit_start = time.perf_counter()
             try:
                 trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-            except SystemExit:
+            except SystemExit as stop:
                 if trainer.interrupted and in_multirun() and is_rank_zero():
-                    record_interruption(run_dir)
+                    record_interruption(run_dir, stop)
                 raise
             # a resumed run: its earlier attempts' time up to the checkpoint it continued from too
             fit_s = round(stats.earlier_fit_s + time.perf_counter() - fit_start, 2)
