@@ -789,7 +789,9 @@ def test_a_token_budget_below_the_longest_example_is_named() -> None:
     assert [[b.tolist() for b in share] for share in shares] == [[[0], [1]], [[2], [1]]]
     # a classifier's budget below its texts' longest is refused as the data is configured, before
     # the run starts (the sampler refused it inside fit, its run directory written)
-    with pytest.raises(ConfigError, match=r"data.max_tokens=16 is less than data.tokenizer.max_length=32"):
+    with pytest.raises(
+        ConfigError, match=r"data.max_tokens=16 is less than data.tokenizer.max_length.s 32 tokens"
+    ):
         SyntheticSentimentDataModule(
             max_tokens=16, tokenizer={"kind": "word", "vocab_size": 64, "max_length": 32}
         )

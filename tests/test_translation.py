@@ -670,7 +670,7 @@ def test_batches_by_tokens_learn_the_reversal(make_cfg, tmp_path: Path) -> None:
         assert len(batch) * int(lengths[batch].max()) <= 600
         sizes.append(len(batch))
     assert sum(sizes) == len(lengths) and max(sizes) >= 2 * min(sizes)
-    with pytest.raises(ConfigError, match=r"data.max_tokens=16 is less than data.max_length=32"):
+    with pytest.raises(ConfigError, match=r"data.max_tokens=16 is less than data.max_length.s 32 tokens"):
         train(make_cfg(*TRANSLATION_FAST, "data.max_tokens=16", fast=False, output="refused"))
 
 

@@ -195,9 +195,8 @@ def average_checkpoints(inputs: list[Path], output: Path, last: int | None = Non
     one_run = check_one_run(paths)
     checkpoints = sorted((saved_position(path), path) for path in paths)
     for (position, first), (again, second) in itertools.pairwise(checkpoints):
-        if (
-            one_run and position == again
-        ):  # best.ckpt beside the same epoch's epoch_NNN.ckpt: one set of weights
+        # best.ckpt beside the same epoch's epoch_NNN.ckpt: one set of weights
+        if one_run and position == again:
             raise ConfigError(
                 f"{first} and {second} were saved at the same point (epoch {position[0]}, step "
                 f"{position[1]}): the same weights, which would weigh twice in the average; give one"

@@ -190,14 +190,12 @@ def forecast_series(
             f"output={output!r} is the file the forecast reads ({read}): it would be replaced by the "
             "forecast; write to another file"
         )
+    datamodule.follow_model(hp)  # the same channels in another order (a long file's ids): the model's
     series = datamodule.model_series()
     where = getattr(datamodule, "source", "the series")
     names = list(hp.channel_names)
-    if sorted(series.columns) != sorted(names):
+    if list(series.columns) != names:
         raise DataError(f"{where}: columns {series.columns}, but the model was trained on {names}")
-    if list(series.columns) != names:  # the same channels in another order (a long file's ids)
-        order = [series.columns.index(name) for name in names]
-        series = Series(series.values[:, order], names, series.timestamps)
     if len(series.values) < hp.lookback:
         raise DataError(
             f"{where}: {len(series.values)} rows, fewer than the model's look-back of {hp.lookback} "

@@ -266,12 +266,8 @@ class TextClassificationDataModule(BatchedTextDataModule):
             )
         self.classes = [str(c) for c in classes] if classes is not None else None
         self.batch_size = check_batch_size(batch_size)
-        longest = self.spec.max_length
-        if check_max_tokens(max_tokens) is not None and longest is not None and max_tokens < longest:
-            raise ConfigError(  # (before the run starts: the sampler would refuse it inside fit)
-                f"data.max_tokens={max_tokens} is less than data.tokenizer.max_length={longest}: a text "
-                f"that long would fit in no batch; give data.max_tokens >= {longest}"
-            )
+        # before the run starts (the training sampler would refuse it inside fit)
+        check_max_tokens(max_tokens, self.spec.max_length, "data.tokenizer.max_length")
         self.seed = seed
         self.datasets: dict[str, TokenizedTexts] = {}
         self.meta: dict[str, Any] | None = None

@@ -106,12 +106,18 @@ def check_batch_size(batch_size: Any) -> int:
 BATCH_MULTIPLE = 8
 
 
-def check_max_tokens(max_tokens: Any) -> int | None:
-    """``data.max_tokens``: null, or a positive integer (tokens a global batch holds at most)."""
+def check_max_tokens(max_tokens: Any, longest: int | None = None, what: str = "") -> int | None:
+    """``data.max_tokens``: null, or a positive integer (tokens a global batch holds at most), and
+    at least ``longest``, the longest example's tokens (``what`` says where that comes from)."""
     if max_tokens is not None and (
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
     ):
         raise ConfigError(f"data.max_tokens={max_tokens!r}: expected a positive number of tokens, or null")
+    if max_tokens is not None and longest is not None and max_tokens < longest:
+        raise ConfigError(
+            f"data.max_tokens={max_tokens} is less than {what or 'the longest example'}'s {longest} tokens: "
+            f"it would fit in no batch; give data.max_tokens >= {longest}"
+        )
     return max_tokens
 
 
@@ -362,17 +368,12 @@ class BucketSampler(GlobalBatchSampler):
         self.lengths = torch.as_tensor(lengths)
         self.bucketing = bucketing
         self.pool_batches = max(1, pool_batches)
-        self.max_tokens = check_max_tokens(max_tokens)
+        # (training: evaluation batches an example over the budget alone)
+        longest = int(self.lengths.max()) if drop_last and len(self.lengths) else None
+        self.max_tokens = check_max_tokens(max_tokens, longest, "the longest training example")
         #: batches an epoch of ``max_tokens`` has (the same every epoch: the lengths decide it)
         self.token_steps = 0
         if max_tokens is not None:
-            longest = int(self.lengths.max()) if len(self.lengths) else 0
-            if drop_last and longest > max_tokens:  # (training: evaluation batches one alone)
-                raise ConfigError(
-                    f"data.max_tokens={max_tokens} is less than the longest training example's {longest} "
-                    f"tokens: it would fit in no batch; give data.max_tokens >= {longest}, or a smaller "
-                    "data.max_length"
-                )
             self.token_steps = len(self.cut_by_tokens(torch.argsort(self.lengths, stable=True).tolist()))
 
     def cut_by_tokens(self, order: list[int]) -> list[list[int]]:

@@ -238,11 +238,7 @@ class TranslationDataModule(BatchedTextDataModule):
             raise ConfigError(f"data.max_length={max_length} leaves no room for [BOS], a token and [EOS]")
         if max_length_ratio < 1:
             raise ConfigError(f"data.max_length_ratio={max_length_ratio}: expected at least 1")
-        if check_max_tokens(max_tokens) is not None and max_tokens < max_length:
-            raise ConfigError(
-                f"data.max_tokens={max_tokens} is less than data.max_length={max_length}: a training "
-                f"pair that long would fit in no batch; give data.max_tokens >= {max_length}"
-            )
+        check_max_tokens(max_tokens, max_length, "data.max_length")
         self._absolute_paths()
         self.batch_size = check_batch_size(batch_size)
         self.seed = seed
